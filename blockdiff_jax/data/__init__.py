@@ -1,0 +1,1 @@
+"""data package of blockdiff_jax."""

@@ -1,0 +1,1 @@
+"""diffusion package of blockdiff_jax."""

@@ -1,0 +1,1 @@
+"""model package of blockdiff_jax."""

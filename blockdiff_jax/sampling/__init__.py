@@ -1,0 +1,1 @@
+"""sampling package of blockdiff_jax."""

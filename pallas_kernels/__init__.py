@@ -1,0 +1,1 @@
+"""Pallas kernels: one folder per op (ops.py, kernel.py, reference.py)."""
