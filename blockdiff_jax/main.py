@@ -1,0 +1,34 @@
+r"""Command-line entry point: train, sample, evaluate.
+
+  python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart \
+      --mode=train --config.train.steps=100
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == "train":
+    from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+    trainer.run(config, workdir)
+  elif _MODE.value == "sample":
+    from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
+    sample.run(config, workdir)
+  else:
+    from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

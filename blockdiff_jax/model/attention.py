@@ -1,0 +1,93 @@
+"""Grouped-query attention whose mask comes from token metadata, with an optional KV cache."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from blockdiff_jax.model import attention_ops
+from blockdiff_jax.model import layers
+from blockdiff_jax.model import masks
+from blockdiff_jax.model import rope
+
+Array = Any
+
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+class Attention(nn.Module):
+  """Multi-head attention with GQA, optional QKV bias, QK-norm and RoPE.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (divides num_heads).
+    head_dim: per-head dimension.
+    qkv_bias: bias on the q/k/v projections (Qwen2).
+    qk_norm: RMSNorm on q and k per head (Qwen3).
+    rope_theta: RoPE base.
+    rope_scaling: context-extension scaling.
+    mask_spec: static mask options.
+    impl: "xla" (materialized mask) or "pallas" (tiled kernel).
+    interpret: run the Pallas kernel in interpret mode (CPU).
+    dtype: compute dtype.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  rope_theta: float = 10000.0
+  rope_scaling: rope.RopeScaling = rope.RopeScaling()
+  mask_spec: masks.MaskSpec = masks.MaskSpec()
+  impl: str = "xla"
+  interpret: bool = True
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, meta: masks.TokenMeta, cache=None):
+    """Attends x's tokens to the cache (if any) and to themselves.
+
+    Args:
+      x: [B, T, D] activations.
+      meta: metadata of x's tokens [B, T].
+      cache: optional ``(k [B, S, Hkv, Dh], v [B, S, Hkv, Dh], meta [B, S])`` of
+        previously committed tokens (already rotated).
+
+    Returns:
+      (output [B, T, D], (k, v) of x's tokens after RoPE, to be cached by the caller).
+    """
+    h, hk, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    proj = lambda n, heads_axis, name: layers.DenseGeneral(
+        (n, dh), ("embed", heads_axis, "head_dim"), use_bias=self.qkv_bias, dtype=self.dtype,
+        name=name)(x)
+    q = proj(h, "heads", "query")
+    k = proj(hk, "kv_heads", "key")
+    v = proj(hk, "kv_heads", "value")
+    if self.qk_norm:
+      q = layers.RMSNorm(self.norm_eps, self.dtype, "head_dim", name="query_norm")(q)
+      k = layers.RMSNorm(self.norm_eps, self.dtype, "head_dim", name="key_norm")(k)
+    inv_freq, attn_factor = rope.inverse_frequencies(dh, self.rope_theta, self.rope_scaling)
+    q = rope.apply_rope(q, meta.positions, inv_freq)
+    k = rope.apply_rope(k, meta.positions, inv_freq)
+    if attn_factor != 1.0:
+      q, k = q * attn_factor, k * attn_factor
+    q = layers.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+    new_kv = (k, v)
+
+    kv_meta = meta
+    if cache is not None:
+      ck, cv, cmeta = cache
+      k = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
+      kv_meta = cmeta.concat(meta)
+    if self.impl == "pallas":
+      from pallas_kernels import block_attention  # pylint: disable=g-import-not-at-top
+      out = block_attention.block_attention(q, k, v, meta, kv_meta, spec=self.mask_spec,
+                                            interpret=self.interpret)
+    else:
+      out = attention_ops.masked_attention(q, k, v, meta, kv_meta, self.mask_spec)
+    out = layers.DenseGeneral(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
+                              dtype=self.dtype, name="out")(out)
+    return out, new_kv

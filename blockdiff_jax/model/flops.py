@@ -1,0 +1,67 @@
+"""Parameter counts and model FLOPs, derived from shapes alone (no allocation)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdiff_jax.model import masks
+from blockdiff_jax.model import transformer
+
+
+def param_shapes(cfg: transformer.TransformerConfig, length: int = 8) -> Any:
+  """Unboxed ShapeDtypeStructs of the parameters, via ``jax.eval_shape``."""
+  model = transformer.Transformer(cfg)
+  tokens = jnp.zeros((1, length), jnp.int32)
+  meta = masks.make_meta(jnp.arange(length)[None], 1, masks.CLEAN)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, meta))["params"]
+  return nn.unbox(shapes)
+
+
+def count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def expert_params(cfg: transformer.TransformerConfig) -> int:
+  """Parameters of all routed experts (excluding routers and shared experts)."""
+  if cfg.moe is None:
+    return 0
+  return cfg.num_moe_layers * cfg.moe.num_experts * 3 * cfg.d_model * cfg.moe.expert_dim
+
+
+def param_counts(cfg: transformer.TransformerConfig) -> dict:
+  """Total, embedding and active-per-token parameter counts."""
+  total = count(param_shapes(cfg))
+  embed = cfg.vocab_size * cfg.d_model
+  experts = expert_params(cfg)
+  active_experts = experts * cfg.moe.top_k // cfg.moe.num_experts if cfg.moe else 0
+  return {"total": total, "embedding": embed, "experts": experts,
+          "active": total - experts + active_experts}
+
+
+def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
+                            with_head: bool = True) -> float:
+  """Matmul FLOPs of one token's forward pass attending to ``kv_length`` keys.
+
+  Counts 2 FLOPs per multiply-add of the active weights (the input embedding is a
+  lookup, not a matmul) plus QK^T and PV over all ``kv_length`` keys.
+  """
+  counts = param_counts(cfg)
+  head = cfg.vocab_size * cfg.d_model
+  trunk = counts["active"] - counts["embedding"] - (0 if cfg.tie_embeddings else head)
+  matmul = trunk + (head if with_head else 0)
+  attn = 2 * 2 * kv_length * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  return 2.0 * matmul + attn
+
+
+def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int) -> float:
+  """Model FLOPs of one BD3-LM train step (forward + backward = 3x forward).
+
+  The vectorized pass runs 2L tokens through the trunk with dense 2L-key attention
+  (what the XLA path computes) and the head only on the L noisy tokens.
+  """
+  trunk = forward_flops_per_token(cfg, 2 * seq_len, with_head=False) * 2 * seq_len
+  head = 2.0 * cfg.vocab_size * cfg.d_model * seq_len
+  return 3.0 * batch * (trunk + head)

@@ -1,0 +1,205 @@
+"""Mixture-of-Experts feed-forward: fp32 router, token or block (dMoE) routing, dropless dispatch.
+
+Dispatch implementations (``MoEConfig.impl``):
+
+* ``ragged_dot``: dropless. Every token is repeated top_k times, the copies are sorted
+  by expert, each expert's contiguous group is multiplied by its weights with
+  ``jax.lax.ragged_dot``, and the results are unsorted and combined by router weight.
+* ``pallas``: the same, with the grouped matmul from ``pallas_kernels.gmm``.
+* ``dense``: the one-hot reference: every expert runs on every token and the combine
+  weights zero out the unselected ones. E times the FLOPs; used by tests.
+
+Block routing (dMoE): within each block of the forward pass (one row, one stream, one
+block id) every token's top-k router scores are summed per expert and normalized into
+shares; the block keeps the smallest set of experts whose cumulative share reaches
+``block_coverage`` (at least ``block_min_experts``), and every token then routes top-k
+inside that set.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blockdiff_jax.model import layers
+from blockdiff_jax.model import masks
+
+Array = Any
+
+ROUTER_MODES = ("token", "block")
+ROUTER_FUNCS = ("softmax", "sigmoid")
+MOE_IMPLS = ("ragged_dot", "dense", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Static MoE options (see configs for the meaning of each field)."""
+
+  num_experts: int
+  top_k: int = 2
+  expert_dim: int = 256
+  shared_expert_dim: int = 0
+  router_func: str = "softmax"
+  router_mode: str = "token"
+  normalize_topk: bool = True
+  block_coverage: float = 0.9
+  block_min_experts: int = 2
+  impl: str = "ragged_dot"
+  interpret: bool = True
+
+  def __post_init__(self):
+    if self.num_experts < 1:
+      raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+    if self.router_mode not in ROUTER_MODES:
+      raise ValueError(f"moe.router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
+    if self.router_func not in ROUTER_FUNCS:
+      raise ValueError(f"moe.router_func must be one of {ROUTER_FUNCS}, got {self.router_func!r}")
+    if self.impl not in MOE_IMPLS:
+      raise ValueError(f"moe.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
+    if not 0.0 < self.block_coverage <= 1.0:
+      raise ValueError(f"moe.block_coverage must be in (0, 1], got {self.block_coverage}")
+    if not self.top_k <= self.block_min_experts <= self.num_experts:
+      raise ValueError(f"moe.block_min_experts={self.block_min_experts} must be in "
+                       f"[top_k={self.top_k}, num_experts={self.num_experts}]")
+
+
+def block_group_ids(meta: masks.TokenMeta) -> Array:
+  """Index of each token's routing block within its row: stream * T + relative block id."""
+  t = meta.block_ids.shape[-1]
+  rel = meta.block_ids - jnp.min(meta.block_ids, axis=-1, keepdims=True)
+  return meta.stream * t + jnp.clip(rel, 0, t - 1)
+
+
+def block_coreset(scores: Array, meta: masks.TokenMeta, top_k: int, coverage: float,
+                  min_experts: int) -> Array:
+  """Allowed-expert mask [B, T, E] of dMoE block routing.
+
+  Args:
+    scores: router probabilities [B, T, E] (fp32).
+    meta: token metadata [B, T] defining the blocks.
+    top_k: experts per token.
+    coverage: cumulative share p the kept experts must reach.
+    min_experts: minimum coreset size.
+  """
+  b, t, e = scores.shape
+  topv, topi = jax.lax.top_k(scores, top_k)
+  votes = jnp.sum(jax.nn.one_hot(topi, e, dtype=scores.dtype) * topv[..., None], axis=-2)
+  valid = (meta.segment_ids >= 0)[..., None]
+  votes = jnp.where(valid, votes, 0.0)
+  groups = block_group_ids(meta) + (jnp.arange(b) * 2 * t)[:, None]
+  shares = jax.ops.segment_sum(votes.reshape(b * t, e), groups.reshape(-1),
+                               num_segments=b * 2 * t)
+  shares = shares / jnp.maximum(jnp.sum(shares, axis=-1, keepdims=True), 1e-30)
+  order = jnp.argsort(-shares, axis=-1, stable=True)
+  sorted_shares = jnp.take_along_axis(shares, order, axis=-1)
+  before = jnp.cumsum(sorted_shares, axis=-1) - sorted_shares
+  # Keep an expert while the experts ranked above it still fall short of p.
+  keep_sorted = (before < coverage - 1e-6) | (jnp.arange(e) < min_experts)
+  keep = jnp.zeros_like(keep_sorted).at[
+      jnp.arange(keep_sorted.shape[0])[:, None], order].set(keep_sorted)
+  return keep[groups.reshape(-1)].reshape(b, t, e)
+
+
+def route(logits: Array, meta: masks.TokenMeta, cfg: MoEConfig):
+  """Router probabilities, chosen experts and combine weights.
+
+  Returns:
+    probs [B, T, E], weights [B, T, k], experts [B, T, k] (int32), allowed [B, T, E].
+  """
+  if cfg.router_func == "softmax":
+    probs = jax.nn.softmax(logits, axis=-1)
+  else:
+    probs = jax.nn.sigmoid(logits)
+  if cfg.router_mode == "block":
+    allowed = block_coreset(probs, meta, cfg.top_k, cfg.block_coverage, cfg.block_min_experts)
+  else:
+    allowed = jnp.ones(probs.shape, bool)
+  weights, experts = jax.lax.top_k(jnp.where(allowed, probs, -1.0), cfg.top_k)
+  if cfg.normalize_topk:
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
+  return probs, weights, experts.astype(jnp.int32), allowed
+
+
+def _grouped_matmul(x: Array, w: Array, group_sizes: Array, cfg: MoEConfig) -> Array:
+  if cfg.impl == "pallas":
+    from pallas_kernels import gmm  # pylint: disable=g-import-not-at-top
+    return gmm.gmm(x, w, group_sizes, preferred_element_type=x.dtype, interpret=cfg.interpret)
+  return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype)
+
+
+def dropless_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
+                     cfg: MoEConfig) -> Array:
+  """Sort-based dropless dispatch. x [N, D], experts/weights [N, k] -> [N, D]."""
+  n, d = x.shape
+  k = experts.shape[-1]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  xs = x[order // k]
+  group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+  h = nn.silu(_grouped_matmul(xs, wg, group_sizes, cfg)) * _grouped_matmul(xs, wu, group_sizes, cfg)
+  ys = _grouped_matmul(h, wd, group_sizes, cfg)
+  y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, d)
+  return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
+
+
+def dense_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
+                  cfg: MoEConfig) -> Array:
+  """One-hot reference: all experts on all tokens, combined by sparse weights."""
+  combine = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts, dtype=x.dtype)
+                    * weights[..., None].astype(x.dtype), axis=-2)  # [N, E]
+  h = nn.silu(jnp.einsum("nd,edf->nef", x, wg)) * jnp.einsum("nd,edf->nef", x, wu)
+  y = jnp.einsum("nef,efd->ned", h, wd)
+  return jnp.einsum("ned,ne->nd", y, combine)
+
+
+class MoEFeedForward(nn.Module):
+  """Top-k MoE SwiGLU layer with an optional shared expert.
+
+  Returns ``(y, stats)`` where stats holds the load-balance loss, the router z-loss,
+  tokens per expert and the number of experts used in this forward.
+  """
+
+  cfg: MoEConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, meta: masks.TokenMeta):
+    cfg = self.cfg
+    b, t, d = x.shape
+    e, f = cfg.num_experts, cfg.expert_dim
+    router = self.param("router", layers.logical_init(
+        nn.initializers.normal(stddev=d ** -0.5), ("embed", "expert")), (d, e), jnp.float32)
+    init = lambda axes: layers.logical_init(
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                         in_axis=-2, out_axis=-1), axes)
+    wg = self.param("wi_gate", init(("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
+    wu = self.param("wi_up", init(("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
+    wd = self.param("wo", init(("expert", "expert_mlp", "embed")), (e, f, d), jnp.float32)
+
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
+    probs, weights, experts, _ = route(logits, meta, cfg)
+    xf = x.reshape(b * t, d).astype(self.dtype)
+    args = (xf, experts.reshape(b * t, -1), weights.reshape(b * t, -1),
+            wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype), cfg)
+    y = dense_experts(*args) if cfg.impl == "dense" else dropless_experts(*args)
+    y = y.reshape(b, t, d)
+    if cfg.shared_expert_dim:
+      y = y + layers.SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared")(x)
+
+    valid = (meta.segment_ids >= 0).astype(jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(valid), 1.0)
+    counts = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts, e, dtype=jnp.float32), valid)
+    fraction = counts / (n_valid * cfg.top_k)
+    mean_prob = jnp.einsum("bte,bt->e", probs, valid) / n_valid
+    z = jax.nn.logsumexp(logits, axis=-1)
+    stats = {
+        "load_balance_loss": e * jnp.sum(fraction * mean_prob),
+        "router_z_loss": jnp.sum(z * z * valid) / n_valid,
+        "tokens_per_expert": counts,
+        "unique_experts": jnp.sum(counts > 0).astype(jnp.float32),
+    }
+    return y.astype(x.dtype), stats

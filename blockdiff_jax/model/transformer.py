@@ -1,0 +1,220 @@
+"""Decoder transformer with MoE feed-forward layers for block diffusion."""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from blockdiff_jax.model import attention
+from blockdiff_jax.model import layers
+from blockdiff_jax.model import masks
+from blockdiff_jax.model import moe as moe_lib
+from blockdiff_jax.model import rope
+
+Array = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static architecture of the model (built from ``config.model`` by ``from_config``)."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  moe: moe_lib.MoEConfig | None = None
+  moe_every: int = 1
+  first_dense_layers: int = 0
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  rope_scaling: rope.RopeScaling = rope.RopeScaling()
+  norm_eps: float = 1e-6
+  mask_spec: masks.MaskSpec = masks.MaskSpec()
+  attention_impl: str = "xla"
+  interpret: bool = True
+  dtype: str = "float32"
+  scan_layers: bool = False
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "moe_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be one of {attention.ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if not 0 <= self.first_dense_layers <= self.num_layers:
+      raise ValueError(f"model.first_dense_layers={self.first_dense_layers} must be in "
+                       f"[0, num_layers={self.num_layers}]")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def is_moe_layer(self, i: int) -> bool:
+    return (self.moe is not None and i >= self.first_dense_layers
+            and (i - self.first_dense_layers) % self.moe_every == 0)
+
+  def layer_segments(self) -> list[tuple[bool, int]]:
+    """Runs of consecutive layers of the same kind: [(is_moe, count), ...]."""
+    segments = []
+    for i in range(self.num_layers):
+      kind = self.is_moe_layer(i)
+      if segments and segments[-1][0] == kind:
+        segments[-1] = (kind, segments[-1][1] + 1)
+      else:
+        segments.append((kind, 1))
+    return segments
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int | None = None,
+                  mask_spec: masks.MaskSpec = masks.MaskSpec()) -> "TransformerConfig":
+    """Builds the static config from ``config.model`` (vocab from the tokenizer if 0)."""
+    m = model
+    moe_cfg = None
+    if m.moe.num_experts:
+      moe_cfg = moe_lib.MoEConfig(
+          num_experts=m.moe.num_experts, top_k=m.moe.top_k, expert_dim=m.moe.expert_dim,
+          shared_expert_dim=m.moe.shared_expert_dim, router_func=m.moe.router_func,
+          router_mode=m.moe.router_mode, normalize_topk=m.moe.normalize_topk,
+          block_coverage=m.moe.block_coverage, block_min_experts=m.moe.block_min_experts,
+          impl=m.moe.impl, interpret=m.interpret)
+    vocab = m.vocab_size or vocab_size
+    if not vocab:
+      raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary was given")
+    return cls(
+        vocab_size=vocab, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, moe=moe_cfg,
+        moe_every=m.moe.moe_every, first_dense_layers=m.moe.first_dense_layers,
+        qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
+        rope_theta=m.rope_theta,
+        rope_scaling=rope.RopeScaling(
+            type=m.rope_scaling.type, factor=m.rope_scaling.factor,
+            original_max_position=m.rope_scaling.original_max_position),
+        norm_eps=m.norm_eps, mask_spec=mask_spec, attention_impl=m.attention_impl,
+        interpret=m.interpret, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: attention then dense or MoE SwiGLU."""
+
+  cfg: TransformerConfig
+  use_moe: bool
+  return_kv: bool = False
+
+  @nn.compact
+  def __call__(self, x, meta, layer_cache, cache_meta):
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
+    cache = None if layer_cache is None else (*layer_cache, cache_meta)
+    a, kv = attention.Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling, mask_spec=cfg.mask_spec, impl=cfg.attention_impl,
+        interpret=cfg.interpret, norm_eps=cfg.norm_eps, dtype=dtype, name="attention")(
+            h, meta, cache)
+    x = x + a
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
+    if self.use_moe:
+      m, stats = moe_lib.MoEFeedForward(cfg.moe, dtype=dtype, name="moe")(h, meta)
+    else:
+      m, stats = layers.SwiGLU(cfg.mlp_dim, dtype=dtype, name="mlp")(h), {}
+    x = layers.constrain(x + m, ("activation_batch", "activation_length", "activation_embed"))
+    return x, (kv if self.return_kv else None, stats)
+
+
+class Transformer(nn.Module):
+  """The MoE block-diffusion transformer.
+
+  Call with tokens [B, T] and their metadata; returns fp32 logits and an aux dict with
+  ``moe`` (per-MoE-layer statistics stacked on axis 0) and, if ``return_kv``, ``kv``
+  (keys and values of the input tokens, [num_layers, B, T, Hkv, Dh] each).
+  """
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, meta: masks.TokenMeta, cache: dict | None = None,
+               return_kv: bool = False, logits_slice: tuple[int, int] | None = None):
+    """Forward pass.
+
+    Args:
+      tokens: int32 [B, T].
+      meta: token metadata [B, T].
+      cache: optional ``{"k": [L, B, S, Hkv, Dh], "v": ..., "meta": TokenMeta [B, S]}``.
+      return_kv: also return the rotated keys/values of ``tokens`` for caching.
+      logits_slice: static ``(start, length)``: compute the head only there.
+    """
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=dtype,
+                     embedding_init=layers.logical_init(
+                         nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)
+    x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    cache_meta = None if cache is None else cache["meta"]
+
+    kvs, moe_stats, start = [], [], 0
+    for seg, (use_moe, count) in enumerate(cfg.layer_segments()):
+      seg_cache = None
+      if cache is not None:
+        seg_cache = (cache["k"][start:start + count], cache["v"][start:start + count])
+      block_cls = Block
+      if cfg.remat:
+        block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+      if cfg.scan_layers:
+        stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, 0, nn.broadcast), length=count,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, (kv, stats) = stack(cfg, use_moe, return_kv, name=f"stack_{seg}")(
+            x, meta, seg_cache, cache_meta)
+        kvs.append(kv)
+        if use_moe:
+          moe_stats.append(stats)
+      else:
+        for i in range(count):
+          layer_cache = None if seg_cache is None else jax.tree.map(lambda c: c[i], seg_cache)
+          x, (kv, stats) = block_cls(cfg, use_moe, return_kv, name=f"layer_{start + i}")(
+              x, meta, layer_cache, cache_meta)
+          kvs.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
+          if use_moe:
+            moe_stats.append(jax.tree.map(lambda a: a[None], stats))
+      start += count
+
+    x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
+    if logits_slice is not None:
+      x = x[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = layers.DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                                   name="lm_head")(x).astype(jnp.float32)
+    aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_stats) if moe_stats else {}}
+    if return_kv:
+      aux["kv"] = jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
+    return logits, aux

@@ -1,0 +1,72 @@
+"""Metrics to a JSONL file, TensorBoard event files (tensorboardX) and a console line."""
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any) -> float:
+  return float(np.asarray(v))
+
+
+class MetricsWriter:
+  """Writes one JSON object per logged step to ``workdir/metrics.jsonl``.
+
+  TensorBoard event files go to ``workdir/tensorboard`` when enabled (tensorboardX,
+  so no TensorFlow is needed).
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, filename)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
+    """Writes scalar metrics (arrays of size 1 or python numbers) for a step."""
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      if np.size(v) == 1:
+        row[prefix + k] = _scalar(v)
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step":
+          self._tb.add_scalar(k, v, int(step))
+    return row
+
+  def close(self):
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A console progress line with rate and ETA."""
+
+  def __init__(self, total: int, start: int = 0, unit: str = "step", stream=None):
+    self.total, self.start, self.unit = total, start, unit
+    self.t0 = time.time()
+    self.stream = stream or sys.stdout
+
+  def rate(self, done: int) -> float:
+    return (done - self.start) / max(time.time() - self.t0, 1e-9)
+
+  def line(self, done: int, extra: str = "") -> str:
+    rate = self.rate(done)
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    pct = 100.0 * done / max(self.total, 1)
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+    return (f"[{done}/{self.total} {pct:5.1f}%] {rate:.2f} {self.unit}/s "
+            f"ETA {eta_s} {extra}").rstrip()
+
+  def print(self, done: int, extra: str = ""):
+    print(self.line(done, extra), file=self.stream, flush=True)

@@ -1,0 +1,28 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to the peak, cosine decay to ``min_lr_ratio`` of it at ``steps``."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate,
+      warmup_steps=min(train.warmup_steps, train.steps - 1),
+      decay_steps=train.steps, end_value=train.learning_rate * train.min_lr_ratio)
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: norms' scales and biases are left alone."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer described by ``config.train``."""
+  parts = []
+  if train.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2,
+                           weight_decay=train.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
