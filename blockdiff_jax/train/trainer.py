@@ -172,3 +172,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     writer.close()
   return {**last, **last_val}
+
+
+def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """(model, tokenizer) of a config; the tokenizer may come from the workdir (BPE)."""
+  config_lib.validate(config)
+  tokenizer = tokenizers.get_tokenizer(config.data, workdir)
+  model = transformer.Transformer(config_lib.model_config(config, tokenizer.vocab_size))
+  return model, tokenizer
+
+
+def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
+                       step: int | None = None, use_ema: bool = True):
+  """Loads (config, model, tokenizer, params) from a training workdir.
+
+  Args:
+    workdir: a directory written by ``run``.
+    config: overrides the saved config (e.g. to switch the attention implementation);
+      architecture fields must match the checkpoint.
+    step: checkpoint step; None = the latest.
+    use_ema: return the EMA parameters when the run kept them.
+  """
+  config = load_config(workdir) if config is None else config
+  model, tokenizer = build_model(config, workdir)
+  tx = optimizer.make_optimizer(config.train)
+  abstract = jax.eval_shape(
+      lambda: state_lib.create(init_params(model, config.seed), tx, config.train.ema_decay > 0))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
+  try:
+    state, _ = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+  return config, model, tokenizer, params
