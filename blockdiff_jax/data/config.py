@@ -1,0 +1,35 @@
+"""Default ``data`` section of an experiment config."""
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Returns the data settings that config files start from and override."""
+  c = ml_collections.ConfigDict()
+  # "stdlib" (this interpreter's standard-library .py files), "files" (see
+  # `paths`) or "synthetic" (verifiable prompt/answer tasks).
+  c.corpus = "stdlib"
+  # corpus="files": comma-separated files, folders (recursive .py .txt .md
+  # .jsonl .json) or globs.
+  c.paths = ""
+  # Field holding the text in each line of a .jsonl file.
+  c.text_field = "text"
+  # "byte", "bpe" (trained on the train split, cached in workdir) or the path
+  # of a tokenizer.json.
+  c.tokenizer = "byte"
+  # Vocabulary size (specials included) when tokenizer="bpe".
+  c.bpe_vocab_size = 4096
+  # Share of documents (by sha1 of their path) held out for validation.
+  c.validation_fraction = 0.02
+  # Per-split cap on the UTF-8 bytes loaded, in sorted order; 0 = no cap.
+  c.max_bytes = 0
+  # corpus="synthetic": comma-separated tasks (sort, add, copy_edit), mixed
+  # uniformly.
+  c.synthetic_tasks = "sort,add,copy_edit"
+  # Difficulty of the synthetic tasks: list length / operand digits / string
+  # length.
+  c.synthetic_digits = 5
+  # Seed of the synthetic example streams (validation uses its own stream).
+  # Window shuffling uses the seed passed to build_dataset.
+  c.seed = 0
+  return c

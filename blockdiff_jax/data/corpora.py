@@ -1,0 +1,248 @@
+"""Text corpora: the Python standard library, user files, synthetic tasks.
+
+Default corpus (``corpus="stdlib"``): every ``*.py`` file under
+``sysconfig.get_paths()["stdlib"]`` of the running interpreter, skipping any
+``site-packages``/``dist-packages`` folder, in sorted order of their relative
+POSIX paths. It needs no download and is the same on every machine with the
+same Python build (CPython 3.11: ~1.8k files, ~31 MB).
+
+Train/validation split: a document with key ``k`` (its relative path) is in
+validation iff ``int(sha1(k)) % 1000 < 1000 * validation_fraction`` (default
+0.02). The split of a file therefore never changes when other files are added
+or removed.
+
+``max_bytes > 0`` keeps, within a split and in sorted key order, documents
+until their UTF-8 size reaches ``max_bytes`` (the last one may cross it), so
+small runs load fast and always see the same prefix.
+
+User files (``corpus="files"``): ``paths`` is a comma-separated list of files,
+folders (searched recursively for ``.py .txt .md .jsonl .json``) and globs.
+Keys are paths relative to a listed folder, or the path as listed/matched for
+files and globs. Each line of a ``.jsonl`` file is one document taken from its
+``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
+file is split by line; other files are read whole as UTF-8 (invalid bytes
+replaced).
+
+Synthetic (``corpus="synthetic"``): ``load_documents`` returns
+``"prompt\\nanswer"`` texts of the first examples of the split (enough to
+train a BPE tokenizer); training itself uses ``pipeline.SyntheticDataset``.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Any, Iterable, Iterator
+
+from blockdiff_jax.data import synthetic
+
+CORPORA = ("stdlib", "files", "synthetic")
+SPLITS = ("train", "validation")
+FOLDER_EXTENSIONS = (".py", ".txt", ".md", ".jsonl", ".json")
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_SYNTHETIC_DOCUMENTS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One text document.
+
+  Attributes:
+    key: stable name used for the split hash (a relative path).
+    text: the document text.
+  """
+  key: str
+  text: str
+
+
+def validate_split(split: str) -> str:
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+  return split
+
+
+def split_of(key: str, validation_fraction: float) -> str:
+  """``"validation"`` or ``"train"`` for a document key (see module doc)."""
+  if not 0.0 <= validation_fraction <= 1.0:
+    raise ValueError("validation_fraction must be in [0, 1], got "
+                     f"{validation_fraction!r}.")
+  h = int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16)
+  return "validation" if h % 1000 < 1000 * validation_fraction else "train"
+
+
+def _read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", errors="replace")
+
+
+def _take(docs: Iterable[Document], max_bytes: int) -> list[Document]:
+  """Takes docs in order until their UTF-8 size reaches max_bytes (0: all)."""
+  if max_bytes < 0:
+    raise ValueError(f"max_bytes must be >= 0, got {max_bytes}.")
+  out, total = [], 0
+  for doc in docs:
+    if max_bytes and total >= max_bytes:
+      break
+    out.append(doc)
+    total += len(doc.text.encode("utf-8"))
+  return out
+
+
+def _walk(root: str, extensions: tuple[str, ...]) -> list[str]:
+  """Relative POSIX paths of files under root with the given extensions."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+    for name in filenames:
+      if name.endswith(extensions):
+        rel = os.path.relpath(os.path.join(dirpath, name), root)
+        found.append(rel.replace(os.sep, "/"))
+  return sorted(found)
+
+
+def stdlib_root() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+  """Sorted relative paths of the standard library's ``.py`` files."""
+  root = root or stdlib_root()
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"Standard library folder {root!r} not found.")
+  return _walk(root, (".py",))
+
+
+def stdlib_documents(split: str, validation_fraction: float = 0.02,
+                     max_bytes: int = 0,
+                     root: str | None = None) -> list[Document]:
+  """The standard-library corpus of ``split`` (see module docstring)."""
+  validate_split(split)
+  root = root or stdlib_root()
+  keys = [k for k in stdlib_files(root)
+          if split_of(k, validation_fraction) == split]
+  # Lazily read so a max_bytes cap stops reading early.
+  docs = (Document(k, _read_text(os.path.join(root, k))) for k in keys)
+  return _take(docs, max_bytes)
+
+
+def _expand_paths(paths: str) -> list[tuple[str, str]]:
+  """(key, filesystem path) pairs for a comma-separated path list."""
+  entries = [p.strip() for p in paths.split(",") if p.strip()]
+  if not entries:
+    raise ValueError("data.paths is empty; corpus='files' needs at least one "
+                     "file, folder or glob.")
+  pairs: dict[str, tuple[str, str]] = {}  # Real path -> (key, path).
+  for entry in entries:
+    entry = os.path.expanduser(entry)
+    if os.path.isfile(entry):
+      matches = [(os.path.normpath(entry), entry)]
+    elif os.path.isdir(entry):
+      matches = [(rel, os.path.join(entry, rel))
+                 for rel in _walk(entry, FOLDER_EXTENSIONS)]
+    else:
+      matches = []
+      for m in sorted(glob.glob(entry, recursive=True)):
+        if os.path.isfile(m):
+          matches.append((os.path.normpath(m), m))
+        elif os.path.isdir(m):
+          matches.extend((os.path.normpath(os.path.join(m, rel)),
+                          os.path.join(m, rel))
+                         for rel in _walk(m, FOLDER_EXTENSIONS))
+    if not matches:
+      raise FileNotFoundError(
+          f"data.paths entry {entry!r} matches no file (folders are searched "
+          f"for {FOLDER_EXTENSIONS}).")
+    for key, path in matches:
+      pairs.setdefault(os.path.realpath(path),
+                       (key.replace(os.sep, "/"), path))
+  return sorted(pairs.values())
+
+
+def _jsonl_documents(key: str, path: str,
+                     text_field: str) -> Iterator[Document]:
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      line = raw.decode("utf-8", errors="replace").strip()
+      if not line:
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e}).") from e
+      if not isinstance(record, dict) or text_field not in record:
+        raise ValueError(f"{path}:{line_no}: no text field {text_field!r}.")
+      text = record[text_field]
+      if not isinstance(text, str):
+        raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
+                         f"{type(text).__name__}, not a string.")
+      yield Document(f"{key}:{line_no}", text)
+
+
+def file_documents(paths: str, split: str, validation_fraction: float = 0.02,
+                   max_bytes: int = 0,
+                   text_field: str = "text") -> list[Document]:
+  """User documents of ``split`` from files, folders and globs."""
+  validate_split(split)
+  docs = []
+  for key, path in _expand_paths(paths):
+    if path.endswith(".jsonl"):
+      docs.extend(d for d in _jsonl_documents(key, path, text_field)
+                  if split_of(d.key, validation_fraction) == split)
+    elif split_of(key, validation_fraction) == split:
+      docs.append(Document(key, _read_text(path)))
+  docs.sort(key=lambda d: d.key)
+  return _take(docs, max_bytes)
+
+
+def synthetic_documents(tasks: str, split: str, seed: int = 0,
+                        digits: int = synthetic.DEFAULT_DIGITS,
+                        max_bytes: int = 0) -> list[Document]:
+  """``"prompt\\nanswer"`` texts of the first synthetic examples of a split."""
+  validate_split(split)
+  task_list = synthetic.parse_tasks(tasks)
+
+  def gen():
+    for i in range(_SYNTHETIC_DOCUMENTS):
+      _, prompt, answer = synthetic.mixed_example(
+          task_list, seed, i, split=split, digits=digits)
+      yield Document(f"{split}:{i}", f"{prompt}\n{answer}")
+
+  return _take(gen(), max_bytes)
+
+
+def load_documents(data_config: Any, split: str) -> list[str]:
+  """Document texts of ``split`` for the corpus named by ``data_config``.
+
+  Args:
+    data_config: the ``data`` ConfigDict (see ``config.default_data_config``).
+    split: ``"train"`` or ``"validation"``.
+
+  Returns:
+    The texts, in deterministic order.
+
+  Raises:
+    ValueError: for an unknown corpus or split, or an empty result.
+    FileNotFoundError: if a ``paths`` entry matches nothing.
+  """
+  validate_split(split)
+  corpus = data_config.corpus
+  fraction = data_config.validation_fraction
+  max_bytes = data_config.max_bytes
+  if corpus == "stdlib":
+    docs = stdlib_documents(split, fraction, max_bytes)
+  elif corpus == "files":
+    docs = file_documents(data_config.paths, split, fraction, max_bytes,
+                          data_config.text_field)
+  elif corpus == "synthetic":
+    docs = synthetic_documents(data_config.synthetic_tasks, split,
+                               data_config.seed, data_config.synthetic_digits,
+                               max_bytes)
+  else:
+    raise ValueError(f"Unknown corpus {corpus!r}; expected one of {CORPORA}.")
+  if not docs:
+    raise ValueError(f"Split {split!r} of corpus {corpus!r} is empty "
+                     f"(validation_fraction={fraction}); add documents or "
+                     "change validation_fraction.")
+  return [d.text for d in docs]

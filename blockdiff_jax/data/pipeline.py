@@ -1,0 +1,420 @@
+"""Batches for training and evaluation: packed LM windows and SFT rows.
+
+Every dataset returns batches as dicts of numpy arrays:
+
+* ``tokens`` [B, L] int32;
+* ``segment_ids`` [B, L] int32: document index within the row, from 0, so
+  attention can stay inside a document;
+* ``loss_mask`` [B, L] float32: 1 where a position may be corrupted and
+  scored, 0 where it is always given clean (BOS, prompts, separators).
+
+Datasets are seekable: ``get_batch(index)`` is a pure function of the dataset
+arguments and ``index``, and ``DatasetIterator`` saves and restores its
+position as ``{"index": n}``.
+
+Packed LM: each document becomes ``BOS doc EOS``; the documents are
+concatenated in corpus order and cut into ``num_windows`` windows of
+``seq_len`` (the tail is dropped). Row ``j = index * B + b`` reads window
+``perm_e[j % num_windows]`` where ``e = j // num_windows`` is the epoch and
+``perm_e`` a permutation seeded by ``(seed, e)``.
+
+SFT: row ``j`` is example ``j`` laid out as ``BOS prompt SEP answer EOS...``,
+padded with EOS to ``seq_len`` so the model learns to end; only the answer
+and the EOS padding are scored.
+"""
+
+import abc
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from blockdiff_jax.data import corpora
+from blockdiff_jax.data import synthetic
+from blockdiff_jax.data import tokenizers
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+  """Statistics for bits-per-byte.
+
+  Attributes:
+    num_documents: documents (or examples) measured.
+    num_bytes: UTF-8 bytes of their text.
+    num_tokens: their non-special tokens.
+    bytes_per_token: ``num_bytes / num_tokens``.
+    unigram_entropy_bits: entropy in bits/token of their token unigram
+      distribution; ``unigram_entropy_bits / bytes_per_token`` is the
+      bits-per-byte of the best context-free model.
+  """
+  num_documents: int
+  num_bytes: int
+  num_tokens: int
+  bytes_per_token: float
+  unigram_entropy_bits: float
+
+  @property
+  def unigram_bits_per_byte(self) -> float:
+    return self.unigram_entropy_bits / self.bytes_per_token
+
+
+def token_stats(texts: Sequence[str], counts: np.ndarray) -> TokenStats:
+  """``TokenStats`` of texts given the per-id counts of their tokens.
+
+  Args:
+    texts: the measured texts.
+    counts: [vocab_size] counts of their non-special tokens.
+
+  Returns:
+    The statistics.
+  """
+  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  num_tokens = int(counts.sum())
+  if num_tokens == 0:
+    raise ValueError(f"No tokens in {len(texts)} texts; cannot compute stats.")
+  p = counts[counts > 0] / num_tokens
+  entropy = float(-(p * np.log2(p)).sum())
+  return TokenStats(len(texts), num_bytes, num_tokens, num_bytes / num_tokens,
+                    entropy)
+
+
+def _unigram_counts(ids: np.ndarray,
+                    tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  counts = np.bincount(ids, minlength=tokenizer.vocab_size).astype(np.int64)
+  counts[tokenizer.special_ids] = 0
+  return counts
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _check_index(index: Any) -> int:
+  if not isinstance(index, (int, np.integer)) or index < 0:
+    raise ValueError(f"Batch index must be a non-negative int, got {index!r}.")
+  return int(index)
+
+
+def _check_shape(seq_len: int, batch_size: int) -> None:
+  if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+    raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}.")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+
+
+class Dataset(abc.ABC):
+  """A seekable, infinite stream of fixed-shape batches."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, seq_len: int,
+               batch_size: int):
+    _check_shape(seq_len, batch_size)
+    self.tokenizer = tokenizer
+    self.seq_len = int(seq_len)
+    self.batch_size = int(batch_size)
+
+  @abc.abstractmethod
+  def get_batch(self, index: int) -> Batch:
+    """Batch ``index`` (>= 0); a pure function of the dataset and index."""
+
+  @property
+  @abc.abstractmethod
+  def stats(self) -> TokenStats:
+    """Bits-per-byte statistics of the split."""
+
+  @property
+  def bytes_per_token(self) -> float:
+    return self.stats.bytes_per_token
+
+  @property
+  def unigram_entropy_bits(self) -> float:
+    return self.stats.unigram_entropy_bits
+
+  def iterator(self, index: int = 0) -> "DatasetIterator":
+    return DatasetIterator(self, index)
+
+  def __iter__(self) -> "DatasetIterator":
+    return self.iterator()
+
+
+class DatasetIterator:
+  """Iterates ``dataset.get_batch(0), get_batch(1), ...`` with a savable state.
+
+  ``get_state()`` returns ``{"index": n}``, the index of the next batch; it is
+  JSON-serializable and ``set_state`` resumes exactly there.
+  """
+
+  def __init__(self, dataset: Dataset, index: int = 0):
+    self._dataset = dataset
+    self._index = _check_index(index)
+
+  def __iter__(self) -> "DatasetIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    batch = self._dataset.get_batch(self._index)
+    self._index += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"index": self._index}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or set(state) != {"index"}:
+      raise ValueError(f"Iterator state must be {{'index': n}}, got {state!r}.")
+    self._index = _check_index(state["index"])
+
+
+class PackedLMDataset(Dataset):
+  """Documents packed into ``seq_len`` windows (see module docstring)."""
+
+  def __init__(self, documents: Sequence[str],
+               tokenizer: tokenizers.Tokenizer, seq_len: int, batch_size: int,
+               seed: int = 0, shuffle: bool = True):
+    """Tokenizes and packs ``documents``.
+
+    Args:
+      documents: the texts of the split, in a deterministic order.
+      tokenizer: the tokenizer.
+      seq_len: window length L.
+      batch_size: windows per batch B.
+      seed: seed of the per-epoch window permutations.
+      shuffle: permute windows per epoch; otherwise read them in order.
+
+    Raises:
+      ValueError: if the documents do not fill a single window.
+    """
+    super().__init__(tokenizer, seq_len, batch_size)
+    self.seed = int(seed)
+    self.shuffle = bool(shuffle)
+    encoded = tokenizer.encode_batch(list(documents))
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    lengths = np.array([len(t) + 2 for t in encoded], np.int64)
+    ends = np.cumsum(lengths)
+    # Start of each document's BOS in the stream, for segment ids.
+    self._doc_starts = ends - lengths
+    self._stream = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    for start, end, toks in zip(self._doc_starts, ends, encoded):
+      self._stream[start] = bos
+      self._stream[start + 1:end - 1] = toks
+      self._stream[end - 1] = eos
+    self._stats = token_stats(documents,
+                              _unigram_counts(self._stream, tokenizer))
+    self.num_windows = len(self._stream) // self.seq_len
+    if self.num_windows == 0:
+      raise ValueError(f"{len(documents)} documents give {len(self._stream)} "
+                       f"tokens, fewer than one window of seq_len="
+                       f"{self.seq_len}.")
+
+  @property
+  def stats(self) -> TokenStats:
+    return self._stats
+
+  @property
+  def num_tokens(self) -> int:
+    """Length of the packed BOS/doc/EOS stream, tail included."""
+    return len(self._stream)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    """Full batches per pass over the windows (the rest spills over)."""
+    return self.num_windows // self.batch_size
+
+  def stream(self) -> np.ndarray:
+    """The packed token stream as int32 (for inspection and tests)."""
+    return self._stream.astype(np.int32)
+
+  def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and segment ids of window ``w`` (in stream order)."""
+    if not 0 <= w < self.num_windows:
+      raise ValueError(f"Window {w} out of range [0, {self.num_windows}).")
+    pos = w * self.seq_len + np.arange(self.seq_len)
+    doc = np.searchsorted(self._doc_starts, pos, side="right") - 1
+    return self._stream[pos].astype(np.int32), (doc - doc[0]).astype(np.int32)
+
+  def window_index(self, row: int) -> int:
+    """The window read by global row ``row`` (= index * batch_size + b)."""
+    epoch, pos = divmod(row, self.num_windows)
+    if not self.shuffle:
+      return pos
+    return int(_permutation(self.seed, epoch, self.num_windows)[pos])
+
+  def get_batch(self, index: int) -> Batch:
+    index = _check_index(index)
+    rows = [self.window(self.window_index(index * self.batch_size + b))
+            for b in range(self.batch_size)]
+    tokens = np.stack([r[0] for r in rows])
+    return {
+        "tokens": tokens,
+        "segment_ids": np.stack([r[1] for r in rows]),
+        # BOS is always given: it marks where a document starts.
+        "loss_mask": (tokens != self.tokenizer.bos_id).astype(np.float32),
+    }
+
+
+class SFTDataset(Dataset):
+  """Prompt/answer rows ``BOS prompt SEP answer EOS...`` (module docstring)."""
+
+  # Examples measured for `stats` and checked to fit at construction.
+  STATS_EXAMPLES = 1000
+  CHECKED_EXAMPLES = 16
+
+  def __init__(self, example_fn: Callable[[int], tuple[str, str]],
+               tokenizer: tokenizers.Tokenizer, seq_len: int, batch_size: int,
+               num_examples: int | None = None, seed: int = 0,
+               shuffle: bool = False):
+    """Creates the dataset.
+
+    Args:
+      example_fn: maps an example index to ``(prompt, answer)``; must be
+        deterministic.
+      tokenizer: the tokenizer.
+      seq_len: row length L.
+      batch_size: rows per batch B.
+      num_examples: number of distinct examples; None for an infinite stream
+        (row j is example j).
+      seed: seed of the per-epoch permutations when ``shuffle``.
+      shuffle: permute a finite set of examples per epoch.
+
+    Raises:
+      ValueError: if one of the first examples does not fit in ``seq_len``.
+    """
+    super().__init__(tokenizer, seq_len, batch_size)
+    if num_examples is not None and num_examples < 1:
+      raise ValueError(f"num_examples must be >= 1 or None, got "
+                       f"{num_examples!r}.")
+    self._example_fn = example_fn
+    self.num_examples = num_examples
+    self.seed = int(seed)
+    self.shuffle = bool(shuffle)
+    for j in range(min(self.CHECKED_EXAMPLES, num_examples or 1 << 62)):
+      self.row(j)  # Fail at construction if examples are too long.
+
+  def example(self, j: int) -> tuple[str, str]:
+    """The raw ``(prompt, answer)`` of example ``j``, for evaluation."""
+    j = _check_index(j)
+    if self.num_examples is not None and j >= self.num_examples:
+      raise ValueError(f"Example {j} out of range [0, {self.num_examples}).")
+    return self._example_fn(j)
+
+  def examples(self, count: int, start: int = 0) -> list[tuple[str, str]]:
+    return [self.example(j) for j in range(start, start + count)]
+
+  def prompt_tokens(self, prompt: str) -> np.ndarray:
+    """``BOS prompt SEP``: what a sampler conditions on to answer ``prompt``."""
+    tok = self.tokenizer
+    return np.concatenate([[tok.bos_id], tok.encode(prompt),
+                           [tok.sep_id]]).astype(np.int32)
+
+  def row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and loss mask of example ``j``."""
+    prompt, answer = self.example(j)
+    head = self.prompt_tokens(prompt)
+    body = self.tokenizer.encode(answer)
+    pad = self.seq_len - len(head) - len(body)
+    if pad < 1:  # At least one EOS, so the model sees the answer end.
+      raise ValueError(f"Example {j} needs {len(head) + len(body) + 1} tokens "
+                       f"(prompt {prompt[:40]!r}..., answer {len(body)} "
+                       f"tokens) but seq_len={self.seq_len}.")
+    tokens = np.concatenate(
+        [head, body, np.full(pad, self.tokenizer.eos_id, np.int32)])
+    mask = np.zeros(self.seq_len, np.float32)
+    mask[len(head):] = 1.0
+    return tokens.astype(np.int32), mask
+
+  def example_index(self, row: int) -> int:
+    """The example read by global row ``row`` (= index * batch_size + b)."""
+    if self.num_examples is None:
+      return row
+    epoch, pos = divmod(row, self.num_examples)
+    if not self.shuffle:
+      return pos
+    return int(_permutation(self.seed, epoch, self.num_examples)[pos])
+
+  def get_batch(self, index: int) -> Batch:
+    index = _check_index(index)
+    rows = [self.row(self.example_index(index * self.batch_size + b))
+            for b in range(self.batch_size)]
+    tokens = np.stack([r[0] for r in rows])
+    return {
+        "tokens": tokens,
+        "segment_ids": np.zeros_like(tokens),
+        "loss_mask": np.stack([r[1] for r in rows]),
+    }
+
+  @functools.cached_property
+  def stats(self) -> TokenStats:
+    """Statistics of the answers (the scored text) of the first examples."""
+    n = min(self.STATS_EXAMPLES, self.num_examples or self.STATS_EXAMPLES)
+    answers = [self.example(j)[1] for j in range(n)]
+    ids = np.concatenate(self.tokenizer.encode_batch(answers))
+    return token_stats(answers, _unigram_counts(ids, self.tokenizer))
+
+
+class SyntheticDataset(SFTDataset):
+  """An infinite uniform mix of synthetic tasks (see ``synthetic``)."""
+
+  def __init__(self, tasks: Sequence[str], tokenizer: tokenizers.Tokenizer,
+               seq_len: int, batch_size: int, split: str = "train",
+               seed: int = 0, digits: int = synthetic.DEFAULT_DIGITS):
+    """Creates the dataset; example j is ``synthetic.mixed_example(..., j)``.
+
+    Args:
+      tasks: task names, mixed round-robin.
+      tokenizer: the tokenizer.
+      seq_len: row length L.
+      batch_size: rows per batch B.
+      split: ``"train"`` or ``"validation"`` (disjoint prompts).
+      seed: base seed of the example streams.
+      digits: task difficulty.
+    """
+    self.tasks = tuple(synthetic.validate_task(t) for t in tasks)
+    if not self.tasks:
+      raise ValueError("SyntheticDataset needs at least one task.")
+    self.split = corpora.validate_split(split)
+    self.digits = digits
+
+    def example_fn(j):
+      return synthetic.mixed_example(self.tasks, seed, j, split=split,
+                                     digits=digits)[1:]
+
+    super().__init__(example_fn, tokenizer, seq_len, batch_size, seed=seed)
+
+  def task(self, j: int) -> str:
+    """Task of example ``j``, to pass to ``synthetic.check``."""
+    return self.tasks[_check_index(j) % len(self.tasks)]
+
+
+def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
+                  split: str, seq_len: int, batch_size: int,
+                  seed: int) -> Dataset:
+  """Builds the dataset of ``split`` described by ``data_config``.
+
+  Args:
+    data_config: the ``data`` ConfigDict (see ``config.default_data_config``).
+    tokenizer: from ``tokenizers.get_tokenizer``.
+    split: ``"train"`` or ``"validation"``.
+    seq_len: row length.
+    batch_size: rows per batch.
+    seed: shuffling seed of the training windows. Validation windows are
+      shuffled with ``data_config.seed`` instead, so every run evaluates the
+      same windows; synthetic examples always come from ``data_config.seed``.
+
+  Returns:
+    A ``SyntheticDataset`` for ``corpus="synthetic"``, else a
+    ``PackedLMDataset``.
+  """
+  corpora.validate_split(split)
+  if data_config.corpus == "synthetic":
+    return SyntheticDataset(
+        synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,
+        seq_len, batch_size, split=split, seed=data_config.seed,
+        digits=data_config.synthetic_digits)
+  documents = corpora.load_documents(data_config, split)
+  window_seed = seed if split == "train" else data_config.seed
+  return PackedLMDataset(documents, tokenizer, seq_len, batch_size,
+                         seed=window_seed, shuffle=True)

@@ -1,0 +1,362 @@
+"""Tokenizers: a byte-level default and a locally trained byte-level BPE.
+
+Every tokenizer exposes the same eight special tokens, named ``<|pad|>``,
+``<|bos|>``, ``<|eos|>``, ``<|mask|>`` (the diffusion absorbing state),
+``<|fim_prefix|>``, ``<|fim_middle|>``, ``<|fim_suffix|>`` (fill-in-the-middle)
+and ``<|sep|>`` (prompt/answer separator). ``encode`` never emits them: text
+that happens to spell ``<|eos|>`` is encoded as ordinary bytes, so a corpus
+cannot inject control tokens. Specials are added explicitly by the data
+pipeline.
+"""
+
+import abc
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import tokenizers as hf_tokenizers
+
+from blockdiff_jax.data import corpora
+
+PAD = "<|pad|>"
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+MASK = "<|mask|>"
+FIM_PREFIX = "<|fim_prefix|>"
+FIM_MIDDLE = "<|fim_middle|>"
+FIM_SUFFIX = "<|fim_suffix|>"
+SEP = "<|sep|>"
+
+# Order matters: ByteTokenizer assigns ids 256.. in this order and BPE training
+# puts them first in the vocabulary in this order.
+SPECIAL_TOKEN_NAMES = (PAD, BOS, EOS, MASK, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX,
+                       SEP)
+
+TOKENIZER_FILENAME = "tokenizer.json"
+
+
+class Tokenizer(abc.ABC):
+  """Interface shared by all tokenizers of the data layer."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Number of token ids, specials included; all ids are < vocab_size."""
+
+  @property
+  @abc.abstractmethod
+  def special_tokens(self) -> dict[str, int]:
+    """Maps each name in ``SPECIAL_TOKEN_NAMES`` (and maybe more) to its id."""
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> np.ndarray:
+    """Encodes text to an int32 array of ids; never adds special tokens."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Any, skip_special: bool = True) -> str:
+    """Decodes ids to text.
+
+    Args:
+      ids: a sequence or 1-D array of token ids.
+      skip_special: drop special tokens; otherwise render them by name.
+
+    Returns:
+      The decoded text; invalid UTF-8 is replaced by U+FFFD.
+    """
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """Encodes several texts; subclasses may parallelize."""
+    return [self.encode(t) for t in texts]
+
+  def token_id(self, name: str) -> int:
+    """Returns the id of a special token, e.g. ``"<|eos|>"`` or ``"eos"``.
+
+    Raises:
+      KeyError: if ``name`` is not a special token of this tokenizer.
+    """
+    specials = self.special_tokens
+    if name in specials:
+      return specials[name]
+    full = f"<|{name}|>"
+    if full in specials:
+      return specials[full]
+    raise KeyError(f"Unknown special token {name!r}; known special tokens: "
+                   f"{sorted(specials)}")
+
+  @property
+  def special_ids(self) -> np.ndarray:
+    """Sorted int32 array of all special token ids."""
+    return np.array(sorted(set(self.special_tokens.values())), np.int32)
+
+  def is_special(self, ids: Any) -> Any:
+    """True where ``ids`` is a special token id (works on ints and arrays)."""
+    result = np.isin(ids, self.special_ids)
+    return bool(result) if np.ndim(ids) == 0 else result
+
+  @property
+  def pad_id(self) -> int:
+    return self.token_id(PAD)
+
+  @property
+  def bos_id(self) -> int:
+    return self.token_id(BOS)
+
+  @property
+  def eos_id(self) -> int:
+    return self.token_id(EOS)
+
+  @property
+  def mask_id(self) -> int:
+    return self.token_id(MASK)
+
+  @property
+  def fim_prefix_id(self) -> int:
+    return self.token_id(FIM_PREFIX)
+
+  @property
+  def fim_middle_id(self) -> int:
+    return self.token_id(FIM_MIDDLE)
+
+  @property
+  def fim_suffix_id(self) -> int:
+    return self.token_id(FIM_SUFFIX)
+
+  @property
+  def sep_id(self) -> int:
+    return self.token_id(SEP)
+
+
+def _as_id_array(ids: Any) -> np.ndarray:
+  arr = np.asarray(ids)
+  if arr.ndim != 1:
+    raise ValueError(f"Expected a 1-D sequence of ids, got shape {arr.shape}.")
+  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"Expected integer token ids, got dtype {arr.dtype}.")
+  return arr.astype(np.int64)
+
+
+class ByteTokenizer(Tokenizer):
+  """Ids 0..255 are raw UTF-8 bytes; the eight specials follow (256..263)."""
+
+  _SPECIALS = {name: 256 + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + len(SPECIAL_TOKEN_NAMES)
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    return dict(self._SPECIALS)
+
+  def encode(self, text: str) -> np.ndarray:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}.")
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Any, skip_special: bool = True) -> str:
+    arr = _as_id_array(ids)
+    bad = (arr < 0) | (arr >= self.vocab_size)
+    if bad.any():
+      raise ValueError(f"Token id {int(arr[bad][0])} out of range "
+                       f"[0, {self.vocab_size}).")
+    names = {v: k for k, v in self._SPECIALS.items()}
+    # Decode runs of bytes together so multi-byte characters survive.
+    pieces, run = [], []
+    for i in arr.tolist():
+      if i < 256:
+        run.append(i)
+        continue
+      pieces.append(bytes(run).decode("utf-8", errors="replace"))
+      run = []
+      if not skip_special:
+        pieces.append(names[i])
+    pieces.append(bytes(run).decode("utf-8", errors="replace"))
+    return "".join(pieces)
+
+  def __repr__(self) -> str:
+    return "ByteTokenizer()"
+
+
+class BPETokenizer(Tokenizer):
+  """Wraps a Hugging Face ``tokenizers.Tokenizer`` (byte-level BPE)."""
+
+  def __init__(self, tokenizer: hf_tokenizers.Tokenizer, source: str = ""):
+    """Wraps ``tokenizer``, adding any missing special token (see from_file).
+
+    Args:
+      tokenizer: the library tokenizer; it is modified in place.
+      source: where it came from, for messages.
+    """
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    missing = [n for n in SPECIAL_TOKEN_NAMES if n not in vocab]
+    if missing:
+      logging.warning("Tokenizer %s lacks %s; adding them as new tokens.",
+                      source or "<in-memory>", missing)
+      tokenizer.add_special_tokens(missing)
+      # The library numbers new tokens from the vocabulary's entry count, so
+      # a file with holes in its ids would get an id that is already taken.
+      used = set(vocab.values())
+      for name in missing:
+        if tokenizer.token_to_id(name) in used:
+          raise ValueError(
+              f"Cannot add {name!r} to tokenizer {source or '<in-memory>'}: "
+              f"id {tokenizer.token_to_id(name)} is taken (non-contiguous "
+              "ids); add the special tokens to the file instead.")
+    # Not stored in tokenizer.json; without it literal "<|eos|>" text in a
+    # document would become the EOS id.
+    tokenizer.encode_special_tokens = True
+    self._tok = tokenizer
+    self._source = source
+    self._specials = {}
+    for token_id, added in tokenizer.get_added_tokens_decoder().items():
+      if added.special:
+        self._specials[added.content] = int(token_id)
+    for name in SPECIAL_TOKEN_NAMES:  # Also when present but not flagged.
+      self._specials[name] = int(tokenizer.token_to_id(name))
+
+  @classmethod
+  def from_file(cls, path: str) -> "BPETokenizer":
+    """Loads a ``tokenizer.json``.
+
+    Any of the eight required special tokens that the file lacks is appended
+    to the vocabulary as a new special token (the library allows adding
+    tokens after training), so ``vocab_size`` may grow; a model trained with
+    the original file then needs a larger embedding table.
+
+    Args:
+      path: the ``tokenizer.json`` file, or a folder holding one.
+
+    Returns:
+      The loaded tokenizer.
+
+    Raises:
+      FileNotFoundError: if there is no such file.
+      ValueError: if the file cannot be parsed as a tokenizer.
+    """
+    if os.path.isdir(path):
+      path = os.path.join(path, TOKENIZER_FILENAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"No tokenizer file at {path!r}.")
+    try:
+      tok = hf_tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # The library raises a bare Exception.
+      raise ValueError(f"Cannot load tokenizer from {path!r}: {e}") from e
+    return cls(tok, source=path)
+
+  def save(self, path: str) -> None:
+    """Writes the tokenizer as JSON to ``path`` (parent folders created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    self._tok.save(path)
+
+  @property
+  def hf_tokenizer(self) -> hf_tokenizers.Tokenizer:
+    return self._tok
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    return dict(self._specials)
+
+  def encode(self, text: str) -> np.ndarray:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}.")
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return np.asarray(ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encs]
+
+  def decode(self, ids: Any, skip_special: bool = True) -> str:
+    arr = _as_id_array(ids)
+    bad = (arr < 0) | (arr >= self.vocab_size)
+    if bad.any():
+      raise ValueError(f"Token id {int(arr[bad][0])} out of range "
+                       f"[0, {self.vocab_size}).")
+    return self._tok.decode(arr.tolist(), skip_special_tokens=skip_special)
+
+  def __repr__(self) -> str:
+    return (f"BPETokenizer(vocab_size={self.vocab_size}, "
+            f"source={self._source!r})")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int,
+              path: str | None = None) -> BPETokenizer:
+  """Trains a byte-level BPE tokenizer locally with the ``tokenizers`` library.
+
+  The eight special tokens take ids 0..7; all 256 byte symbols are in the
+  initial alphabet, so any text round-trips exactly.
+
+  Args:
+    texts: training documents.
+    vocab_size: target vocabulary size including specials; the result may be
+      smaller when the corpus runs out of merges.
+    path: if given, the ``tokenizer.json`` file to write.
+
+  Returns:
+    The trained tokenizer.
+
+  Raises:
+    ValueError: if ``vocab_size`` cannot hold the byte alphabet and specials.
+  """
+  min_size = 256 + len(SPECIAL_TOKEN_NAMES)
+  if vocab_size < min_size:
+    raise ValueError(f"bpe vocab_size={vocab_size} is below the minimum "
+                     f"{min_size} (256 bytes + {len(SPECIAL_TOKEN_NAMES)} "
+                     "specials).")
+  tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+  tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  trainer = hf_tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIAL_TOKEN_NAMES),
+      initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  result = BPETokenizer(tok, source=path or "")
+  if path:
+    result.save(path)
+  return result
+
+
+def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
+  """Builds the tokenizer named by ``data_config.tokenizer``.
+
+  Args:
+    data_config: the ``data`` ConfigDict. ``tokenizer`` is ``"byte"``,
+      ``"bpe"`` (trained on the training split with ``bpe_vocab_size`` and
+      saved to ``workdir/tokenizer.json``, or reused from there if that file
+      exists) or the path of a ``tokenizer.json``.
+    workdir: run folder; without it a ``"bpe"`` tokenizer is trained but not
+      saved.
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    ValueError: if ``data_config.tokenizer`` is empty or names no file.
+  """
+  name = data_config.tokenizer
+  if not name:
+    raise ValueError("data.tokenizer is empty; use 'byte', 'bpe' or a path.")
+  if name == "byte":
+    return ByteTokenizer()
+  if name == "bpe":
+    path = os.path.join(workdir, TOKENIZER_FILENAME) if workdir else None
+    if path and os.path.isfile(path):
+      logging.info("Reusing BPE tokenizer %s.", path)
+      return BPETokenizer.from_file(path)
+    texts = corpora.load_documents(data_config, "train")
+    logging.info("Training BPE (vocab %d) on %d documents.",
+                 data_config.bpe_vocab_size, len(texts))
+    return train_bpe(texts, data_config.bpe_vocab_size, path)
+  if os.path.exists(name):
+    return BPETokenizer.from_file(name)
+  raise ValueError(f"data.tokenizer={name!r} is neither 'byte', 'bpe' nor an "
+                   "existing tokenizer.json path.")
