@@ -52,7 +52,7 @@ def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):
 
 
 def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
-                         obj: BlockDiffusionObjective):
+                         obj: BlockDiffusionObjective, corrupted: tuple | None = None):
   """BD3-LM loss and metrics for one batch.
 
   Args:
@@ -62,13 +62,15 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
       scored), optional ``segment_ids`` [B, L].
     rng: PRNG key for t and the masks.
     obj: objective options.
+    corrupted: optional precomputed ``corrupt(rng, batch, obj)`` (so micro-batches of
+      an accumulated step see exactly the noise of the full batch).
 
   Returns:
     (scalar loss, metrics dict). ``nelbo`` is in nats per scored token.
   """
   x0 = batch["tokens"]
   b, length = x0.shape
-  xt, is_masked, t_tok = corrupt(rng, batch, obj)
+  xt, is_masked, t_tok = corrupt(rng, batch, obj) if corrupted is None else corrupted
   meta = masks.training_meta(length, obj.block_size, b, batch.get("segment_ids"))
   logits, aux = apply_fn(params, jnp.concatenate([xt, x0], axis=1), meta,
                          logits_slice=(0, length))

@@ -27,8 +27,8 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   ``finite = 0`` so the host can stop the run.
   """
 
-  def loss_fn(params, batch, rng):
-    return losses.block_diffusion_loss(apply_fn, params, batch, rng, obj)
+  def loss_fn(params, batch, rng, corrupted=None):
+    return losses.block_diffusion_loss(apply_fn, params, batch, rng, obj, corrupted)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -37,23 +37,24 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, batch, rng)
     else:
+      # Noise is drawn for the full batch, so accumulation changes no random draw.
+      corrupted = losses.corrupt(rng, batch, obj)
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
-          batch)
+          (batch, corrupted))
 
-      def body(carry, inputs):
-        i, mb = inputs
-        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      def body(carry, mb):
+        (_, m), g = grad_fn(state.params, mb[0], rng, mb[1])
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
-      metric_shapes = jax.eval_shape(loss_fn, state.params,
-                                     jax.tree.map(lambda x: x[0], micro), rng)[1]
+      first = jax.tree.map(lambda x: x[0], micro)
+      metric_shapes = jax.eval_shape(loss_fn, state.params, first[0], rng, first[1])[1]
       zeros = (jax.tree.map(jnp.zeros_like, state.params),
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params

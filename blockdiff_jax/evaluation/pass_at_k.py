@@ -1,0 +1,75 @@
+"""Unbiased pass@k estimator (Chen et al., 2021, "Evaluating Large Language
+Models Trained on Code").
+
+For a problem with n samples of which c pass,
+
+  pass@k = 1 - C(n - c, k) / C(n, k)
+
+is the probability that a random size-k subset of the n samples contains at
+least one passing sample. The binomials overflow floats for realistic n, so the
+ratio is computed as the product prod_{i = n-c+1}^{n} (1 - k / i), which equals
+C(n - c, k) / C(n, k) and only multiplies numbers in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k estimate for one problem.
+
+  Args:
+    n: number of samples drawn for the problem.
+    c: number of those samples that passed.
+    k: subset size; must satisfy 1 <= k <= n.
+
+  Returns:
+    The estimate in [0, 1].
+
+  Raises:
+    ValueError: on inconsistent arguments.
+  """
+  if not 0 <= c <= n:
+    raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+  if not 1 <= k <= n:
+    raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+  if n - c < k:
+    # Every size-k subset must contain a passing sample.
+    return 1.0
+  ratio = 1.0
+  for i in range(n - c + 1, n + 1):
+    ratio *= 1.0 - k / i
+  return 1.0 - ratio
+
+
+def mean_pass_at_k(counts: Iterable[tuple[int, int]],
+                   ks: Sequence[int]) -> dict[str, float]:
+  """pass@k averaged over problems, for every k that all problems support.
+
+  Args:
+    counts: (n, c) per problem.
+    ks: candidate k values; those larger than the smallest n are skipped,
+      because pass@k is undefined for a problem with fewer than k samples.
+
+  Returns:
+    {"pass@k": mean estimate} for the usable ks, in the order given.
+
+  Raises:
+    ValueError: if `counts` is empty.
+  """
+  counts = list(counts)
+  if not counts:
+    raise ValueError("no problems to average over")
+  min_n = min(n for n, _ in counts)
+  return {
+      f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
+      for k in ks if k <= min_n
+  }
+
+
+def counts_from_results(passed_by_task: Mapping[str, Sequence[bool]]
+                        ) -> list[tuple[int, int]]:
+  """(n, c) per task from lists of per-sample pass flags."""
+  return [(len(flags), sum(bool(f) for f in flags))
+          for flags in passed_by_task.values()]

@@ -1,0 +1,100 @@
+"""Multi-process (multi-host) start-up: ``jax.distributed.initialize`` from flags or environment.
+
+Every process runs the same program. Call ``initialize()`` before anything else
+touches JAX devices; afterwards ``jax.devices()`` lists the devices of all
+processes and ``partitioning.make_mesh`` builds the global mesh from them.
+
+Settings come from the arguments, else from the environment:
+
+* ``JAX_COORDINATOR_ADDRESS``: ``host:port`` of process 0's coordinator service;
+* ``JAX_NUM_PROCESSES``: how many processes take part;
+* ``JAX_PROCESS_ID``: this process's index in ``[0, num_processes)``.
+
+With one process (or none of the settings) it does nothing, so single-host
+runs need no flags. On clusters that JAX detects by itself (SLURM, Open MPI,
+Cloud TPU) pass ``auto=True`` to let ``jax.distributed.initialize`` find them.
+"""
+
+import os
+
+from absl import logging
+import jax
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError as e:
+    raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
+
+
+def settings(coordinator_address: str | None = None, num_processes: int | None = None,
+             process_id: int | None = None) -> tuple[str | None, int, int]:
+  """(coordinator, num_processes, process_id) from the arguments, else the environment.
+
+  Raises:
+    ValueError: naming the inconsistent setting (e.g. process_id out of range or a
+      multi-process run without a coordinator).
+  """
+  coordinator = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  n = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+  pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+  n = 1 if n is None else n
+  pid = 0 if pid is None else pid
+  if n < 1:
+    raise ValueError(f"num_processes must be >= 1, got {n}")
+  if not 0 <= pid < n:
+    raise ValueError(f"process_id={pid} must be in [0, num_processes={n})")
+  if n > 1 and not coordinator:
+    raise ValueError(f"num_processes={n} needs a coordinator address (host:port): pass "
+                     f"coordinator_address or set {ENV_COORDINATOR}")
+  if coordinator and ":" not in coordinator:
+    raise ValueError(f"coordinator address {coordinator!r} must be host:port")
+  return coordinator, n, pid
+
+
+_initialized = False
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False,
+               timeout_s: int = 300) -> bool:
+  """Joins the processes into one JAX runtime; a no-op for a single process.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0 (default ``$JAX_COORDINATOR_ADDRESS``).
+    num_processes: processes in the job (default ``$JAX_NUM_PROCESSES``, else 1).
+    process_id: this process (default ``$JAX_PROCESS_ID``, else 0).
+    auto: let JAX detect the cluster (SLURM, MPI, TPU) when nothing is given.
+    timeout_s: how long to wait for all processes to join.
+
+  Returns:
+    True when ``jax.distributed.initialize`` ran (now or earlier), False for one process.
+  """
+  global _initialized
+  if _initialized:
+    return True
+  coordinator, n, pid = settings(coordinator_address, num_processes, process_id)
+  if n == 1 and not auto:
+    return False
+  if n == 1:
+    jax.distributed.initialize(initialization_timeout=timeout_s)
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=n,
+                               process_id=pid, initialization_timeout=timeout_s)
+  _initialized = True
+  logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main_process() -> bool:
+  """True on process 0 (the one that prints and writes metrics)."""
+  return jax.process_index() == 0

@@ -1,0 +1,157 @@
+"""Memory plan: per-device bytes of params, gradients, optimizer state and activations.
+
+Everything is derived from shapes on an abstract mesh (``jax.eval_shape`` and
+``jax.sharding.AbstractMesh``): nothing is allocated and no accelerator is
+needed, so a 7B plan for 8 GPUs runs on a laptop:
+
+  python -m blockdiff_jax.main --config=configs/chatdlm_7b.py --workdir=/tmp/plan \
+      --mode=plan --config.mesh.plan_devices=8
+
+Parameter, gradient and optimizer bytes are exact per-device shard sizes under
+the sharding rules. Activation bytes are an estimate of the peak of one
+micro-batch (see ``activation_bytes``); XLA's real peak also depends on fusion,
+buffer reuse and communication buffers, so leave headroom.
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.model import transformer
+from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import partitioning
+
+GIB = 2 ** 30
+
+
+def _tree_bytes(abstract: Any, shardings: Any) -> int:
+  return int(sum(partitioning.shard_bytes(a.shape, a.dtype, s)
+                 for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
+
+
+def _div(n: int, mesh: jax.sharding.AbstractMesh, axes) -> int:
+  """n divided by the mesh axes (only when they divide it, as ``fit_spec`` does)."""
+  spec = partitioning.fit_spec(jax.sharding.PartitionSpec(axes), (n,), mesh)
+  return n // math.prod(mesh.shape[a] for a in partitioning._axes(spec[0]))  # pylint: disable=protected-access
+
+
+def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.AbstractMesh,
+                     rules: partitioning.Rules) -> dict[str, int]:
+  """Estimated activation bytes of one device for one micro-batch of a train step.
+
+  The BD3-LM pass runs T = 2 * seq_len tokens ([x_t ; x_0]) through the trunk.
+  With b sequences per device:
+
+  * ``saved``: what the backward pass keeps. With remat, each layer's input
+    [b, T, D]; without, also q/k/v, the attention probabilities (XLA path) and
+    the MLP/expert hidden activations of every layer.
+  * ``layer``: the working set of the one layer being (re)computed: attention
+    logits and probabilities in fp32 ([b, H, T, T] x 2, XLA path; the Pallas
+    kernel keeps per-tile state only) and the dispatched expert activations.
+  * ``logits``: fp32 [b, seq_len, V] logits, their log-softmax and its gradient.
+  """
+  t, d = config.train, config.data
+  spec = lambda name: dict(rules).get(name)
+  b = _div(d.batch_size // t.grad_accum_steps, mesh, spec("activation_batch"))
+  seq = 2 * d.seq_len
+  act = np.dtype(cfg.compute_dtype).itemsize
+  heads = _div(cfg.num_heads, mesh, spec("heads"))
+  kv_heads = _div(cfg.num_kv_heads, mesh, spec("kv_heads"))
+  vocab = _div(cfg.vocab_size, mesh, spec("vocab"))
+  if cfg.moe is not None:
+    hidden = cfg.moe.top_k * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp"))
+    routed = cfg.moe.top_k * cfg.d_model  # Sorted token copies in and out of the experts.
+  else:
+    hidden, routed = _div(cfg.mlp_dim, mesh, spec("mlp")), 0
+  scores = 0 if cfg.attention_impl == "pallas" else 2 * b * heads * seq * seq * 4
+  qkv = b * seq * (heads + 2 * kv_heads) * cfg.head_dim * act
+  mlp = b * seq * (3 * hidden + 2 * routed) * act
+  residual = b * seq * cfg.d_model * act
+  per_layer = residual * 4 + qkv + mlp + scores // 2  # Norm outputs, attention out, probs.
+  saved = cfg.num_layers * (residual if cfg.remat else per_layer)
+  layer = scores + 2 * (qkv + mlp)  # Forward values and their gradients.
+  logits = 3 * b * d.seq_len * vocab * 4
+  return {"saved": saved, "layer": layer, "logits": logits}
+
+
+def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
+         memory_gib: float | None = None) -> dict:
+  """Per-device memory of a config on an abstract mesh.
+
+  Args:
+    config: experiment config; ``config.mesh`` (default ``default_mesh_config()``)
+      gives the axis sizes and rules; ``model.vocab_size`` must be set.
+    num_devices: devices of the mesh; default ``config.mesh.plan_devices``, else the
+      product of the fixed axis sizes, else ``jax.device_count()``.
+    memory_gib: memory per device; default ``config.mesh.plan_memory_gib``.
+
+  Returns:
+    {"mesh": axis sizes, "bytes": {part: bytes per device}, "total_bytes",
+     "memory_bytes", "fits", "params": parameter count}.
+  """
+  mesh_config = config.get("mesh") or partitioning.default_mesh_config()
+  if not config.model.vocab_size:
+    raise ValueError("model.vocab_size is 0: set it (the plan does not load a tokenizer)")
+  config_lib.validate(config)
+  if num_devices is None:
+    num_devices = mesh_config.get("plan_devices", 0) or None
+  if num_devices is None:
+    sizes = [mesh_config[a] for a in partitioning.MESH_AXES]
+    num_devices = math.prod(sizes) if -1 not in sizes else jax.device_count()
+  memory_gib = mesh_config.get("plan_memory_gib", 80.0) if memory_gib is None else memory_gib
+  mesh = partitioning.abstract_mesh(mesh_config, num_devices)
+  rules = partitioning.logical_rules(mesh_config)
+  cfg = config_lib.model_config(config)
+  model = transformer.Transformer(cfg)
+  boxed = partitioning.abstract_params(model)
+  params = nn.unbox(boxed)
+  p_sharding = partitioning.param_shardings(boxed, mesh, rules)
+  tx = optimizer.make_optimizer(config.train)
+  opt = jax.eval_shape(tx.init, params)
+  o_sharding = partitioning.opt_state_shardings(tx, opt, p_sharding, mesh)
+  param_bytes = _tree_bytes(params, p_sharding)
+  acts = activation_bytes(cfg, config, mesh, rules)
+  parts = {
+      "params (fp32)": param_bytes,
+      "gradients (fp32)": param_bytes,
+      "optimizer state": _tree_bytes(opt, o_sharding),
+      "ema params": param_bytes if config.train.ema_decay > 0 else 0,
+      "activations: saved for backward": acts["saved"],
+      "activations: one layer working set": acts["layer"],
+      "activations: logits + loss": acts["logits"],
+  }
+  total = sum(parts.values())
+  return {"mesh": dict(mesh.shape), "num_devices": num_devices, "bytes": parts,
+          "total_bytes": total, "memory_bytes": int(memory_gib * GIB),
+          "fits": total <= memory_gib * GIB,
+          "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+
+
+def format_table(result: dict) -> str:
+  """The plan as a fixed-width table (GiB per device)."""
+  lines = [f"mesh {result['mesh']} ({result['num_devices']} devices), "
+           f"{result['params']:,} parameters", f"{'per device':<38}{'GiB':>10}"]
+  for name, n in result["bytes"].items():
+    lines.append(f"  {name:<36}{n / GIB:>10.2f}")
+  lines.append(f"  {'total':<36}{result['total_bytes'] / GIB:>10.2f}")
+  verdict = "fits" if result["fits"] else "does NOT fit"
+  lines.append(f"{verdict} in {result['memory_bytes'] / GIB:.1f} GiB per device")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``--mode=plan``: prints the table and writes ``plan.json`` to the workdir."""
+  result = plan(config)
+  print(format_table(result), flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "plan.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  return result

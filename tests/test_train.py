@@ -1,0 +1,142 @@
+"""The training loop: resume equivalence, NaN handling, metrics, gradient accumulation."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.data import pipeline
+from blockdiff_jax.train import checkpoints
+from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import state as state_lib
+from blockdiff_jax.train import step as step_lib
+from blockdiff_jax.train import trainer
+
+
+def _small(cfg, steps):
+  cfg.data.max_bytes = 40_000
+  cfg.data.seq_len = 32
+  cfg.data.batch_size = 4
+  cfg.model.d_model = 32
+  cfg.model.moe.expert_dim = 32
+  cfg.train.steps = steps
+  cfg.train.log_every = 2
+  cfg.train.eval_every = 0
+  cfg.train.checkpoint_every = 2
+  cfg.train.async_checkpoints = False
+  cfg.train.tensorboard = True
+  return cfg
+
+
+def _params(workdir):
+  return trainer.load_for_inference(workdir, use_ema=False)[3]
+
+
+class Preempted(Exception):
+  pass
+
+
+def test_resume_gives_identical_parameters(tiny_config, tmp_path, monkeypatch):
+  """A run of 4 steps equals one preempted after step 2 and restarted (same config)."""
+  straight = str(tmp_path / "straight")
+  resumed = str(tmp_path / "resumed")
+  trainer.run(_small(tiny_config, 4), straight)
+  original_next = pipeline.DatasetIterator.__next__
+
+  def preempting_next(self):
+    if self.get_state()["index"] == 2:  # The third batch: after the step-2 checkpoint.
+      raise Preempted()
+    return original_next(self)
+
+  monkeypatch.setattr(pipeline.DatasetIterator, "__next__", preempting_next)
+  with pytest.raises(Preempted):
+    trainer.run(_small(tiny_config, 4), resumed)
+  monkeypatch.setattr(pipeline.DatasetIterator, "__next__", original_next)
+  assert checkpoints.Checkpointer(os.path.join(resumed, "checkpoints"), 1, 1).latest_step() == 2
+  trainer.run(_small(tiny_config, 4), resumed)  # Picks up at step 2 with the data position.
+  a, b = _params(straight), _params(resumed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Metrics: JSONL rows with the promised fields, TensorBoard events, the config.
+  rows = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [2, 4]
+  for key in ("loss", "nelbo", "nelbo_bits_per_byte", "grad_norm", "learning_rate",
+              "load_balance_loss", "router_z_loss", "unique_experts", "tokens_per_s", "mfu"):
+    assert np.isfinite(rows[-1][key]), key
+  assert os.listdir(os.path.join(straight, "tensorboard"))
+  assert json.load(open(os.path.join(straight, "config.json")))["train"]["steps"] == 4
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_config, tmp_path,
+                                                                    monkeypatch):
+  make = step_lib.make_train_step
+
+  def poisoned(*args, **kwargs):
+    inner = make(*args, **kwargs)
+
+    def train_step(state, batch, rng):
+      # From step 3 on, poison the batch's loss mask so the loss becomes NaN.
+      bad = state.step >= 3
+      batch = dict(batch, loss_mask=jnp.where(bad, jnp.nan, batch["loss_mask"]))
+      return inner(state, batch, rng)
+    return train_step
+
+  monkeypatch.setattr(step_lib, "make_train_step", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(trainer.NonFiniteError, match="NaN/Inf at step 4"):
+    trainer.run(_small(tiny_config, 8), workdir)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  assert ckpt.latest_step() == 2
+  params = _params(workdir)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_non_finite_step_leaves_state_unchanged(tiny_config):
+  cfg = _small(tiny_config, 2)
+  model, _ = trainer.build_model(cfg)
+  obj = config_lib.objective(cfg, 259)
+  tx = optimizer.make_optimizer(cfg.train)
+  state = state_lib.create(trainer.init_params(model, 0), tx, False)
+  step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, tx,
+                                          optimizer.learning_rate_schedule(cfg.train)))
+  batch = {"tokens": jnp.zeros((4, 32), jnp.int32), "loss_mask": jnp.full((4, 32), jnp.nan)}
+  new, metrics = step(state, batch, jax.random.key(0))
+  assert float(metrics["finite"]) == 0.0
+  assert int(new.step) == 0
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_config):
+  cfg = _small(tiny_config, 2)
+  cfg.model.moe.load_balance_weight = 0.0  # A batch statistic: not additive over micro-batches.
+  model, _ = trainer.build_model(cfg)
+  obj = config_lib.objective(cfg, 259)
+  tx = optimizer.make_optimizer(cfg.train)
+  lr = optimizer.learning_rate_schedule(cfg.train)
+  params = trainer.init_params(model, 0)
+  batch = {"tokens": jax.random.randint(jax.random.key(0), (4, 32), 0, 256),
+           "loss_mask": jnp.ones((4, 32)), "segment_ids": jnp.zeros((4, 32), jnp.int32)}
+  outs = []
+  for accum in (1, 2):
+    step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, tx, lr, accum))
+    outs.append(step(state_lib.create(params, tx, False), batch, jax.random.key(1)))
+  np.testing.assert_allclose(outs[0][1]["nelbo"], outs[1][1]["nelbo"], rtol=1e-5)
+  np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-4)
+  for x, y in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(outs[1][0].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_tracks_parameters(tiny_config, tmp_path):
+  cfg = _small(tiny_config, 2)
+  cfg.train.ema_decay = 0.5
+  trainer.run(cfg, str(tmp_path / "ema"))
+  _, _, _, ema = trainer.load_for_inference(str(tmp_path / "ema"))
+  raw = _params(str(tmp_path / "ema"))
+  diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))]
+  assert max(diffs) > 0
