@@ -14,6 +14,7 @@ from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
+from blockdiff_jax.sampling import sample as sample_lib
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.normalize_topk = True  # Renormalize the k combine weights to sum to 1.
   e.block_coverage = 0.9  # Block routing: cumulative router share p the coreset covers.
   e.block_min_experts = 2  # Block routing: minimum coreset size (>= top_k).
-  e.impl = "ragged_dot"  # Dispatch: ragged_dot (dropless) | pallas (GMM kernel) | dense.
+  e.impl = "ragged_dot"  # Dispatch: ragged_dot | tiled (CPU) | pallas (GMM kernel) | dense.
+  e.tile_size = 128  # Rows per tile of the tiled dispatch (groups are padded to it).
   e.load_balance_weight = 0.01  # Weight of E * sum_e fraction_e * mean_prob_e.
   e.z_loss_weight = 1e-3  # Weight of mean logsumexp(router logits)^2.
 
@@ -70,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = data_config.default_data_config()
   c.data.seq_len = 64  # Tokens per training sequence (multiple of block_size).
   c.data.batch_size = 8  # Sequences per step (global, across all devices).
+
+  c.sample = sample_lib.default_sample_config()  # Decoding policy, limits, prompts.
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 100  # Optimizer steps.

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "plan"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -19,7 +19,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if _MODE.value == "train":
+  from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()  # From $JAX_COORDINATOR_ADDRESS etc.; no-op for one process.
+  if _MODE.value == "plan":
+    from blockdiff_jax.train import plan  # pylint: disable=g-import-not-at-top
+    plan.run(config, workdir)
+  elif _MODE.value == "train":
     from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
     trainer.run(config, workdir)
   elif _MODE.value == "sample":

@@ -3,10 +3,12 @@
 ChatDLM's report gives the class (7B, 32-64 experts, top-2, ~512-token blocks, RoPE
 extended 4,096 -> 131,072) but no layer-by-layer architecture, so the numbers here are
 ours: 6,917,031,936 parameters in total, 1,065,977,856 active per token.
+  python -m blockdiff_jax.main --config=configs/chatdlm_7b.py --workdir=runs/c7 --mode=plan
   python -m blockdiff_jax.main --config=configs/chatdlm_7b.py --workdir=runs/c7 --mode=train
 """
 
 from blockdiff_jax import config as config_lib
+from blockdiff_jax.train import partitioning
 
 
 def get_config():
@@ -35,6 +37,10 @@ def get_config():
   c.data.seq_len = 4096  # Training context.
   c.data.batch_size = 64  # Global batch.
   c.diffusion.block_size = 512  # ChatDLM's ~512-token blocks.
+  c.train.grad_accum_steps = 8  # 1 sequence per device per micro-batch on 8 GPUs.
   c.train.learning_rate = 3e-4  # Peak LR.
   c.train.steps = 100000  # Optimizer steps.
+  c.mesh = partitioning.default_mesh_config()  # fsdp=-1: ZeRO-3 over all devices.
+  c.mesh.plan_devices = 8  # --mode=plan checks one 8xH100 node.
+  c.mesh.plan_memory_gib = 80.0  # H100 80GB.
   return c

@@ -101,7 +101,7 @@ def test_scan_and_unrolled_layers_agree():
   assert aux_a["moe"]["tokens_per_expert"].shape == (2, 4)
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["dense", "ragged_dot", "tiled"])
 @pytest.mark.parametrize("mode", ["token", "block"])
 def test_moe_impls_agree_in_the_model(impl, mode):
   ref = transformer.Transformer(_cfg(moe=moe.MoEConfig(num_experts=4, expert_dim=16,

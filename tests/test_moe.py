@@ -16,10 +16,12 @@ def _weights(key, e, d, f):
           jax.random.normal(k3, (e, f, d)) * f ** -0.5)
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
 @pytest.mark.parametrize("n,e,k", [(16, 4, 2), (33, 8, 2), (20, 8, 1), (12, 3, 3)])
-def test_dropless_dispatch_matches_dense_reference(n, e, k):
+def test_dropless_dispatch_matches_dense_reference(impl, n, e, k):
   d, f = 8, 16
-  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_min_experts=k)
+  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_min_experts=k, tile_size=4)
+  dispatch = {"ragged_dot": moe.dropless_experts, "tiled": moe.tiled_experts}[impl]
   x = jax.random.normal(jax.random.key(0), (n, d))
   logits = jax.random.normal(jax.random.key(1), (n, e))
   w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
@@ -28,9 +30,9 @@ def test_dropless_dispatch_matches_dense_reference(n, e, k):
   def run(fn):
     return lambda x, ws: fn(x, idx, w, *ws, cfg)
 
-  np.testing.assert_allclose(run(moe.dropless_experts)(x, ws), run(moe.dense_experts)(x, ws),
+  np.testing.assert_allclose(run(dispatch)(x, ws), run(moe.dense_experts)(x, ws),
                              rtol=1e-5, atol=1e-5)
-  g1 = jax.grad(lambda x, ws: run(moe.dropless_experts)(x, ws).sum(), argnums=(0, 1))(x, ws)
+  g1 = jax.grad(lambda x, ws: run(dispatch)(x, ws).sum(), argnums=(0, 1))(x, ws)
   g2 = jax.grad(lambda x, ws: run(moe.dense_experts)(x, ws).sum(), argnums=(0, 1))(x, ws)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

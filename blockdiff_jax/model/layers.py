@@ -10,9 +10,29 @@ Array = Any
 Dtype = Any
 
 
+class LogicalAxes(nn.LogicallyPartitioned):
+  """Logical axis names whose unbox applies no sharding constraint.
+
+  flax's ``nn.DenseGeneral`` creates a multi-axis kernel flat (2-D), unboxes it and
+  reshapes it, and ``Scope.param`` re-runs that init under ``eval_shape`` on every
+  apply: with a mesh and logical rules active (sharded training), the N-D
+  constraint would land on the 2-D kernel and fail. Parameters take their layout
+  from jit's in/out shardings (``train/partitioning.py``) instead.
+  """
+
+  def unbox(self, apply_constraint=True):
+    del apply_constraint
+    return self.value
+
+
 def logical_init(init, axes: Sequence[str]):
   """Wraps an initializer so the parameter is boxed with logical axis names."""
-  return nn.with_logical_partitioning(init, tuple(axes))
+  axes = tuple(axes)
+
+  def wrapped(*args, **kwargs):
+    return LogicalAxes(init(*args, **kwargs), axes)
+
+  return wrapped
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:

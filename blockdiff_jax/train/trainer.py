@@ -23,6 +23,7 @@ from blockdiff_jax.model import transformer
 from blockdiff_jax.train import checkpoints
 from blockdiff_jax.train import metrics_writer
 from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import partitioning
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 
@@ -58,11 +59,12 @@ def make_apply(model: transformer.Transformer):
   return apply_fn
 
 
-def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int) -> dict:
+def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
+                   put_batch=lambda b: b) -> dict:
   """Mean validation metrics over the first ``num_batches`` batches (fixed noise)."""
   totals = {}
   for i in range(num_batches):
-    m = eval_step(params, dataset.get_batch(i), jax.random.key(seed + i))
+    m = eval_step(params, put_batch(dataset.get_batch(i)), jax.random.key(seed + i))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + float(v) / num_batches
   return totals
@@ -90,7 +92,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   obj = config_lib.objective(config, tokenizer.mask_id)
   tx = optimizer.make_optimizer(t)
   lr_schedule = optimizer.learning_rate_schedule(t)
-  state = state_lib.create(init_params(model, config.seed), tx, t.ema_decay > 0)
+  sharded = None
+  if config.get("mesh") is not None:
+    # Params and optimizer state are created in their shards (ZeRO-3/TP/EP rules).
+    sharded = partitioning.make_sharded_train(
+        config, partitioning.make_mesh(config.mesh), model, obj, tx, lr_schedule)
+    state = sharded.init_state(config.seed)
+    print(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
+  else:
+    state = state_lib.create(init_params(model, config.seed), tx, t.ema_decay > 0)
   counts = flops.param_counts(mcfg)
   logging.info("parameters: %s", counts)
   print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
@@ -100,13 +110,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   t.keep_checkpoints, t.async_checkpoints)
   data_it = train_ds.iterator(0)
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(checkpoints.abstract_like(state))
+    abstract = sharded.abstract_state if sharded else checkpoints.abstract_like(state)
+    state, data_state = ckpt.restore(abstract)
     data_it.set_state(data_state)
     print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(
-      apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay))
-  eval_step = jax.jit(step_lib.make_eval_step(apply_fn, obj))
+  if sharded is not None:
+    train_step, eval_step = sharded.train_step, sharded.eval_step
+    put_batch = sharded.put_batch
+  else:
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(
+        apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay))
+    eval_step = jax.jit(step_lib.make_eval_step(apply_fn, obj))
+    put_batch = lambda b: b
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
@@ -124,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending = None  # Metrics of the previous step, read one step late to keep dispatch async.
   try:
     for step in range(start, t.steps):
-      batch = next(data_it)
+      batch = put_batch(next(data_it))
       state, metrics = train_step(state, batch, base_rng)
       window_steps += 1
       if pending is not None and float(pending[1]["finite"]) == 0.0:
@@ -153,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{last['tokens_per_s']:.0f} tok/s mfu {100 * last['mfu']:.1f}%")
       if val_ds is not None and (done % t.eval_every == 0 or done == t.steps):
         params = state.ema_params if state.ema_params is not None else state.params
-        val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed)
+        val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed, put_batch)
         val["nelbo_bits_per_byte"] = val["nelbo"] * bits / val_ds.bytes_per_token
         val["unigram_entropy_bits_per_byte"] = val_ds.unigram_entropy_bits / val_ds.bytes_per_token
         last_val = writer.write(done, val, prefix="val_")

@@ -1,0 +1,190 @@
+"""Turning prompts and infilling requests into decoder canvases.
+
+Prompt text may name special tokens as ``<|name|>`` (``<|bos|>``, ``<|sep|>``,
+``<|fim_prefix|>`` ...); an unknown name is an error rather than silently becoming bytes.
+``<|mask:N|>`` marks a span of N tokens to generate in place (infilling / local editing).
+
+Infilling layout: the text is laid out at its own positions with MASK slots for the spans
+and decoded block by block; every token outside a span is fixed (never written), so the
+output outside the spans is byte-identical by construction. A span sees all context to its
+left and the context to its right *inside its own block* (the noisy block is
+bidirectional; later blocks are not visible to a block-diffusion model). For code
+infilling with a long right context, use the fill-in-the-middle prompt (``fim_prompt``):
+``<|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>``, after which the model
+writes the middle and stops with EOS -- the format ``evaluation.infilling`` builds.
+"""
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+from blockdiff_jax.data import tokenizers
+from blockdiff_jax.sampling import decoder
+
+_MARKER = re.compile(r"<\|([a-z_]+)(?::(\d+))?\|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+  """A prompt as token ids plus the slots to generate in place.
+
+  Attributes:
+    ids: int32 token ids (MASK inside spans).
+    maskable: bool, True inside ``<|mask:N|>`` spans.
+    pieces: the text split into ``(kind, text)`` with kind "text" (copied verbatim into
+      the output), "special" or "span" (regenerated).
+  """
+
+  ids: np.ndarray
+  maskable: np.ndarray
+  pieces: tuple[tuple[str, str], ...]
+
+
+def parse(tokenizer: tokenizers.Tokenizer, text: str) -> Parsed:
+  """Parses prompt text with ``<|special|>`` names and ``<|mask:N|>`` spans."""
+  if not isinstance(text, str):
+    raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+  ids, maskable, pieces, pos = [], [], [], 0
+  for m in _MARKER.finditer(text):
+    if m.start() > pos:
+      _append_text(tokenizer, text[pos:m.start()], ids, maskable, pieces)
+    name, count = m.group(1), m.group(2)
+    if name == "mask" and count is not None:
+      n = int(count)
+      if n < 1:
+        raise ValueError(f"span {m.group(0)!r} must ask for at least 1 token")
+      ids.append(np.full((n,), tokenizer.mask_id, np.int32))
+      maskable.append(np.ones((n,), bool))
+      pieces.append(("span", m.group(0)))
+    else:
+      if count is not None:
+        raise ValueError(f"only <|mask:N|> takes a count, got {m.group(0)!r}")
+      try:
+        tid = tokenizer.token_id(name)
+      except KeyError as e:
+        raise ValueError(f"unknown special token {m.group(0)!r} in prompt; known: "
+                         f"{sorted(tokenizer.special_tokens)} and <|mask:N|>") from e
+      ids.append(np.array([tid], np.int32))
+      maskable.append(np.zeros((1,), bool))
+      pieces.append(("special", m.group(0)))
+    pos = m.end()
+  if pos < len(text):
+    _append_text(tokenizer, text[pos:], ids, maskable, pieces)
+  if not ids:
+    return Parsed(np.zeros((0,), np.int32), np.zeros((0,), bool), ())
+  return Parsed(np.concatenate(ids).astype(np.int32), np.concatenate(maskable),
+                tuple(pieces))
+
+
+def _append_text(tokenizer, text, ids, maskable, pieces):
+  t = np.asarray(tokenizer.encode(text), np.int32)
+  ids.append(t)
+  maskable.append(np.zeros(t.shape, bool))
+  pieces.append(("text", text))
+
+
+def spans_to_markers(tokenizer: tokenizers.Tokenizer, text: str,
+                     spans: Sequence[tuple[int, int]],
+                     lengths: Sequence[int] | None = None) -> str:
+  """Rewrites explicit character spans ``[start, end)`` as ``<|mask:N|>`` markers.
+
+  Args:
+    tokenizer: gives N = the token count of the span's current text, unless ``lengths``.
+    text: the document.
+    spans: sorted, non-overlapping character ranges to regenerate.
+    lengths: optional token count of each span's replacement.
+  """
+  out, pos = [], 0
+  for i, (a, b) in enumerate(spans):
+    if not 0 <= a < b <= len(text) or a < pos:
+      raise ValueError(f"span {i} = ({a}, {b}) is empty, out of [0, {len(text)}] or "
+                       "overlaps the previous one")
+    n = lengths[i] if lengths is not None else len(tokenizer.encode(text[a:b]))
+    out += [text[pos:a], f"<|mask:{max(int(n), 1)}|>"]
+    pos = b
+  out.append(text[pos:])
+  return "".join(out)
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+  """The fill-in-the-middle prompt (PSM order) whose continuation is the middle."""
+  return (f"{tokenizers.FIM_PREFIX}{prefix}{tokenizers.FIM_SUFFIX}{suffix}"
+          f"{tokenizers.FIM_MIDDLE}")
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def generation_canvas(prompts: Sequence[np.ndarray], max_new_tokens: int, block_size: int,
+                      mask_id: int, max_len: int, width: int | None = None) -> decoder.Canvas:
+  """Canvas for continuing each prompt by up to ``max_new_tokens`` tokens.
+
+  Args:
+    prompts: token ids per row (specials already resolved; no MASK inside).
+    max_new_tokens: generated tokens per row at most.
+    block_size: the model's block size.
+    mask_id: the MASK id.
+    max_len: the model's context (prompt + new tokens must fit).
+    width: canvas width (a multiple of block_size); default: the smallest that fits.
+      Fix it to get identical shapes (and compiles) across batches.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not prompts:
+    raise ValueError("no prompts given")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|bos|>)")
+    if len(p) + max_new_tokens > max_len:
+      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens="
+                       f"{max_new_tokens} it exceeds the context of {max_len} tokens")
+    if np.any(np.asarray(p) == mask_id):
+      raise ValueError(f"prompt {i} contains MASK tokens; use infill() for spans")
+  need = _round_up(max(len(p) for p in prompts) + max_new_tokens, block_size)
+  width = need if width is None else width
+  if width % block_size or width < need:
+    raise ValueError(f"width={width} must be a multiple of block_size={block_size} "
+                     f"and >= {need}")
+  n = len(prompts)
+  tokens = np.full((n, width), mask_id, np.int32)
+  maskable = np.zeros((n, width), bool)
+  length = np.zeros((n,), np.int32)
+  start = np.zeros((n,), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+    maskable[i, len(p):len(p) + max_new_tokens] = True
+    length[i] = len(p) + max_new_tokens
+    start[i] = len(p) // block_size
+  return decoder.Canvas(tokens, maskable, length, start)
+
+
+def infill_canvas(parsed: Sequence[Parsed], block_size: int, max_len: int,
+                  width: int | None = None) -> decoder.Canvas:
+  """Canvas for regenerating the ``<|mask:N|>`` spans of each parsed text in place."""
+  if not parsed:
+    raise ValueError("no texts given")
+  for i, p in enumerate(parsed):
+    if not p.maskable.any():
+      raise ValueError(f"text {i} has no <|mask:N|> span to fill")
+    if len(p.ids) > max_len:
+      raise ValueError(f"text {i} has {len(p.ids)} tokens, more than the context of "
+                       f"{max_len} tokens")
+  need = _round_up(max(len(p.ids) for p in parsed), block_size)
+  width = need if width is None else width
+  if width % block_size or width < need:
+    raise ValueError(f"width={width} must be a multiple of block_size={block_size} "
+                     f"and >= {need}")
+  n = len(parsed)
+  tokens = np.zeros((n, width), np.int32)
+  maskable = np.zeros((n, width), bool)
+  length = np.zeros((n,), np.int32)
+  start = np.zeros((n,), np.int32)
+  for i, p in enumerate(parsed):
+    tokens[i, :len(p.ids)] = p.ids
+    maskable[i, :len(p.ids)] = p.maskable
+    length[i] = len(p.ids)
+    start[i] = int(np.argmax(p.maskable)) // block_size
+  return decoder.Canvas(tokens, maskable, length, start)

@@ -1,0 +1,103 @@
+r"""Tokens/s and MFU of a config's train step, against the device peak measured in the same run.
+
+The peak is the best of several timed large matmuls in the compute dtype (on a GPU the
+datasheet dense peak when the device is known). Model FLOPs count the vectorized
+[x_t ; x_0] pass as the XLA path computes it (2L tokens through the trunk, dense 2L-key
+attention, the head on L tokens), times 3 for forward + backward.
+
+  python experiments/train_throughput.py --config=configs/quickstart.py --steps=10
+  python experiments/train_throughput.py --config=configs/quickstart.py \
+      --config.model.moe.impl=dense   # compare dispatch implementations
+"""
+
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.evaluation import hardware
+from blockdiff_jax.model import flops
+from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import state as state_lib
+from blockdiff_jax.train import step as step_lib
+from blockdiff_jax.train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.",
+                                          lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile step).")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Where JSON and Markdown go.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the result files.")
+
+
+def measure(config, steps: int) -> dict:
+  """Times ``steps`` train steps of ``config`` on random tokens; returns the figures."""
+  config_lib.validate(config)
+  d = config.data
+  model, tokenizer = trainer.build_model(config)
+  obj = config_lib.objective(config, tokenizer.mask_id)
+  tx = optimizer.make_optimizer(config.train)
+  state = state_lib.create(trainer.init_params(model, config.seed), tx, False)
+  step = step_lib.jit_train_step(step_lib.make_train_step(
+      trainer.make_apply(model), obj, tx, optimizer.learning_rate_schedule(config.train),
+      config.train.grad_accum_steps))
+  batch = {"tokens": jax.random.randint(jax.random.key(0), (d.batch_size, d.seq_len), 0, 256),
+           "loss_mask": jnp.ones((d.batch_size, d.seq_len)),
+           "segment_ids": jnp.zeros((d.batch_size, d.seq_len), jnp.int32)}
+  rng = jax.random.key(1)
+  t0 = time.perf_counter()
+  state, m = step(state, batch, rng)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, batch, rng)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = sorted(times)[len(times) // 2]
+  peak, peak_how = hardware.peak_flops(config.model.dtype)
+  mcfg = model.cfg
+  step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
+  return {
+      "device": jax.devices()[0].device_kind, "platform": platform.platform(),
+      "cpu_count": os.cpu_count(), "params": flops.param_counts(mcfg),
+      "batch_size": d.batch_size, "seq_len": d.seq_len, "moe_impl": config.model.moe.impl,
+      "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
+      "compile_s": compile_s, "median_step_s": step_s,
+      "tokens_per_s": d.batch_size * d.seq_len / step_s,
+      "model_tflops_per_step": step_flops / 1e12,
+      "achieved_gflops": step_flops / step_s / 1e9,
+      "peak_gflops": peak / 1e9, "peak_source": peak_how, "mfu": step_flops / step_s / peak,
+  }
+
+
+def main(argv):
+  del argv
+  r = measure(_CONFIG.value, _STEPS.value)
+  os.makedirs(_OUT.value, exist_ok=True)
+  name = "train_throughput" + (f"_{_TAG.value}" if _TAG.value else "")
+  with open(os.path.join(_OUT.value, name + ".json"), "w", encoding="utf-8") as f:
+    json.dump(r, f, indent=2)
+  rows = [("device", r["device"]), ("moe impl / attention", f"{r['moe_impl']} / "
+                                    f"{r['attention_impl']}"),
+          ("batch x seq_len", f"{r['batch_size']} x {r['seq_len']}"),
+          ("median step", f"{r['median_step_s'] * 1e3:.1f} ms"),
+          ("tokens/s", f"{r['tokens_per_s']:.0f}"),
+          ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"),
+          ("peak (same run)", f"{r['peak_gflops']:.1f} GFLOP/s ({r['peak_source']})"),
+          ("MFU", f"{100 * r['mfu']:.1f}%")]
+  table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+  with open(os.path.join(_OUT.value, name + ".md"), "w", encoding="utf-8") as f:
+    f.write(f"# Train-step throughput\n\n{table}\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,137 @@
+"""Two processes on localhost (4 CPU devices each) train on one global mesh and checkpoint.
+
+Each process runs this file as a worker: ``distributed.initialize`` from the
+environment, a data=2 x fsdp=2 x expert=2 mesh over the 8 global devices, three
+AdamW steps, an Orbax save and a restore. Both must report the same losses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+if __name__ == "__main__":
+  # Must precede the first jax import of the worker process.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, MASK_ID = 128, 127
+
+
+def _worker(out_path: str, workdir: str) -> None:
+  """One process of the job: train 3 steps, save, restore, write a JSON report."""
+  from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  assert distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  from blockdiff_jax import config as config_lib
+  from blockdiff_jax.model import transformer
+  from blockdiff_jax.train import checkpoints
+  from blockdiff_jax.train import partitioning
+  sys.path.insert(0, REPO)
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  config = tiny.get_config()
+  config.model.vocab_size = VOCAB
+  config.train.warmup_steps = 0
+  config.mesh = partitioning.default_mesh_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.expert = 2, 2, 2
+  model = transformer.Transformer(config_lib.model_config(config))
+  obj = config_lib.objective(config, MASK_ID)
+  mesh = partitioning.make_mesh(config.mesh)
+  sharded = partitioning.make_sharded_train(config, mesh, model, obj)
+  state = sharded.init_state(config.seed)
+  base_rng = jax.random.key(1)
+  losses = []
+  for step in range(3):
+    # Every process builds the same global batch; put_batch copies its own shards.
+    rng = np.random.default_rng(step)
+    batch = {"tokens": rng.integers(0, MASK_ID, (8, 64)).astype(np.int32),
+             "loss_mask": np.ones((8, 64), np.float32)}
+    state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
+    losses.append(float(metrics["loss"]))
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
+  ckpt.save(3, state, {"index": 3}, force=True)
+  ckpt.wait()
+  restored, data = ckpt.restore(sharded.abstract_state)
+  ckpt.close()
+  diff = jax.jit(lambda a, b: jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(
+      jax.tree.leaves(a), jax.tree.leaves(b))])), out_shardings=partitioning.replicated(mesh))(
+          restored, state)
+  report = {"process": jax.process_index(), "processes": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "losses": losses, "restored_step": int(restored.step), "data": data,
+            "restore_diff": float(diff)}
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(report, f)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint_together(tmp_path):
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path / f"p{pid}.json"), str(tmp_path)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-5000:]
+  r0, r1 = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2))
+  assert (r0["process"], r1["process"]) == (0, 1)
+  assert r0["processes"] == 2 and r0["devices"] == 8 and r0["local_devices"] == 4
+  assert r0["losses"] == r1["losses"]
+  assert all(np.isfinite(r0["losses"]))
+  for r in (r0, r1):
+    assert r["restored_step"] == 3 and r["data"] == {"index": 3}
+    assert r["restore_diff"] == 0.0
+
+
+@pytest.mark.parametrize("env,error", [
+    ({"JAX_NUM_PROCESSES": "2"}, "coordinator"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2",
+      "JAX_COORDINATOR_ADDRESS": "localhost:1"}, "process_id=2"),
+    ({"JAX_NUM_PROCESSES": "x"}, "JAX_NUM_PROCESSES='x'"),
+])
+def test_settings_errors_name_the_bad_value(monkeypatch, env, error):
+  from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError, match=error):
+    distributed.settings()
+
+
+def test_single_process_is_a_noop(monkeypatch):
+  from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  assert distributed.settings() == (None, 1, 0)
+  assert not distributed.initialize()
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1], sys.argv[2])

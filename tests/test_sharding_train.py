@@ -1,0 +1,250 @@
+"""Sharded init, train step, sampling forward and resharding checkpoints on 8 CPU devices.
+
+The checks run in one subprocess that sees 8 simulated devices
+(``--xla_force_host_platform_device_count=8``), so the rest of the suite keeps
+one device; each pytest test below asserts on one part of its JSON report.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+if __name__ == "__main__":
+  # Must precede the first jax import of the worker process.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = ((8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
+VOCAB, MASK_ID = 128, 127
+
+
+def _worker(out_path: str, tmp: str) -> None:
+  """Runs every check and writes {check: result or "error: ..."} to out_path."""
+  import traceback  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from blockdiff_jax import config as config_lib
+  from blockdiff_jax.model import masks
+  from blockdiff_jax.model import transformer
+  from blockdiff_jax.train import checkpoints
+  from blockdiff_jax.train import partitioning
+  from blockdiff_jax.train import state as state_lib
+  from blockdiff_jax.train import step as step_lib
+  from blockdiff_jax.train import trainer
+  sys.path.insert(0, REPO)
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  results = {"num_devices": jax.device_count()}
+
+  def check(name):
+    def deco(fn):
+      try:
+        results[name] = fn()
+      except Exception:  # pylint: disable=broad-except
+        results[name] = "error: " + traceback.format_exc()[-3000:]
+      return fn
+    return deco
+
+  config = tiny.get_config()
+  config.model.vocab_size = VOCAB
+  config.mesh = partitioning.default_mesh_config()
+  model = transformer.Transformer(config_lib.model_config(config))
+  obj = config_lib.objective(config, MASK_ID)
+  # SGD, not AdamW: Adam's first update is ~lr*sign(g), which turns fp32 noise in
+  # near-zero gradients into lr-sized differences; SGD keeps them proportional.
+  sgd = optax.sgd(0.5)
+  lr = optax.constant_schedule(0.5)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, MASK_ID, (8, 64)).astype(np.int32),
+           "loss_mask": np.ones((8, 64), np.float32)}
+  base_rng = jax.random.key(1)
+
+  def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  def set_mesh(sizes):
+    for axis, size in zip(partitioning.MESH_AXES, sizes):
+      config.mesh[axis] = size
+
+  ref_params = trainer.init_params(model, config.seed)
+  ref_step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, sgd, lr))
+  ref_state, ref_metrics = ref_step(state_lib.create(ref_params, sgd, False), batch, base_rng)
+  states = {}
+
+  for sizes in MESHES:
+    @check(f"train/{sizes}")
+    def _(sizes=sizes):
+      set_mesh(sizes)
+      mesh = partitioning.make_mesh(config.mesh)
+      sharded = partitioning.make_sharded_train(config, mesh, model, obj, tx=sgd, lr_schedule=lr)
+      state = sharded.init_state(config.seed)
+      init_diff = max_diff(state.params, ref_params)
+      state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
+      states[sizes] = (sharded, state)
+      return {"init_diff": init_diff,
+              "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
+              "grad_norm": float(metrics["grad_norm"]),
+              "ref_grad_norm": float(ref_metrics["grad_norm"]),
+              "param_diff": max_diff(state.params, ref_state.params)}
+
+  @check("specs")
+  def _():
+    set_mesh((1, 2, 2, 2))
+    mesh = partitioning.make_mesh(config.mesh)
+    sharded = partitioning.make_sharded_train(config, mesh, model, obj)  # AdamW.
+    state = sharded.init_state(config.seed)
+    specs = lambda tree: {partitioning._path_str(p): str(x.sharding.spec)  # pylint: disable=protected-access
+                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    adam = state.opt_state[1][0]
+    non_param = [str(x.sharding.spec) for x in (state.step, adam.count)]
+    return {"params": specs(state.params), "mu": specs(adam.mu), "nu": specs(adam.nu),
+            "non_param": non_param,
+            "rules": {partitioning._path_str(p): str(partitioning.fit_spec(s, x.shape, mesh))  # pylint: disable=protected-access
+                      for (p, s), x in zip(
+                          jax.tree_util.tree_leaves_with_path(
+                              partitioning.param_specs(partitioning.abstract_params(model),
+                                                       sharded.rules),
+                              is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+                          jax.tree.leaves(state.params))}}
+
+  @check("sampling_forward")
+  def _():
+    # Prompt -> KV cache, then one noisy block attending to it, sharded vs one device.
+    sharded, state = states[(2, 2, 2, 1)]
+    params = state.params
+    prompt = jnp.asarray(batch["tokens"][:, :16])
+    block = jnp.full((8, 8), MASK_ID, jnp.int32)
+    pmeta = masks.make_meta(jnp.broadcast_to(jnp.arange(16), (8, 16)), 8, masks.CLEAN)
+    bmeta = masks.make_meta(jnp.broadcast_to(jnp.arange(16, 24), (8, 8)), 8, masks.NOISY)
+
+    def sample_fn(params, prompt, block):
+      _, aux = model.apply({"params": params}, prompt, pmeta, return_kv=True)
+      cache = {"k": aux["kv"][0], "v": aux["kv"][1], "meta": pmeta}
+      return model.apply({"params": params}, block, bmeta, cache=cache)[0]
+
+    with sharded.context():
+      logits = jax.jit(sample_fn, in_shardings=(sharded.param_sharding, sharded.batch_sharding,
+                                                sharded.batch_sharding))(params, prompt, block)
+    ref = jax.jit(sample_fn)(jax.device_get(params), prompt, block)
+    return {"diff": max_diff(logits, ref), "spec": str(logits.sharding.spec)}
+
+  @check("checkpoint_reshard")
+  def _():
+    out = {}
+    cases = {"8->1": ((1, 8, 1, 1), (1, 1, 1, 1)), "2x4->4x2": ((1, 2, 1, 4), (1, 4, 1, 2))}
+    for name, (src, dst) in cases.items():
+      set_mesh(src)
+      src_mesh = partitioning.make_mesh(config.mesh)
+      src_train = partitioning.make_sharded_train(config, src_mesh, model, obj)
+      # A fresh state (no train step: that would cost a compile per source mesh).
+      state = src_train.init_state(config.seed)
+      directory = os.path.join(tmp, name)
+      ckpt = checkpoints.Checkpointer(directory, 1, 1, use_async=False)
+      ckpt.save(1, state, {"index": 1}, force=True)
+      set_mesh(dst)
+      n = int(np.prod(dst))
+      dst_mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n])
+      dst_train = partitioning.make_sharded_train(config, dst_mesh, model, obj)
+      restored, data = ckpt.restore(dst_train.abstract_state)
+      ckpt.close()
+      params_only = partitioning.restore_params(
+          directory, jax.tree.map(lambda a: a, dst_train.abstract_state.params))
+      out[name] = {
+          "state_diff": max_diff(restored, state), "data": data,
+          "devices": len(jax.tree.leaves(restored.params)[0].sharding.device_set),
+          "spec_ok": all(r.sharding == s for r, s in zip(
+              jax.tree.leaves(restored), jax.tree.leaves(dst_train.state_sharding))),
+          "params_diff": max_diff(params_only, state.params),
+          "params_spec_ok": all(r.sharding == s for r, s in zip(
+              jax.tree.leaves(params_only), jax.tree.leaves(dst_train.param_sharding)))}
+    # A config whose shapes differ from the checkpoint must name the path and both shapes.
+    bad = config.copy_and_resolve_references()
+    bad.model.moe.expert_dim = 32
+    bad_model = transformer.Transformer(config_lib.model_config(bad))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            __import__("flax").linen.unbox(
+                                partitioning.abstract_params(bad_model)))
+    try:
+      partitioning.restore_params(os.path.join(tmp, "8->1"), abstract)
+      out["mismatch"] = "no error"
+    except ValueError as e:
+      out["mismatch"] = str(e)
+    return out
+
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sharding")
+  out = tmp / "report.json"
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, __file__, str(out), str(tmp)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=420, check=False)
+  assert proc.returncode == 0 and out.exists(), proc.stderr[-5000:]
+  data = json.loads(out.read_text())
+  assert data["num_devices"] == 8
+  return data
+
+
+def _get(report, name):
+  value = report[name]
+  assert not (isinstance(value, str) and value.startswith("error")), value
+  return value
+
+
+@pytest.mark.parametrize("sizes", MESHES, ids=["8x1x1x1", "2x2x2x1", "1x2x2x2"])
+def test_train_step_matches_one_device(report, sizes):
+  r = _get(report, f"train/{sizes}")
+  assert r["init_diff"] == 0.0  # The partitionable PRNG gives the same init in shards.
+  assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-5)
+  assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)
+  assert r["param_diff"] < 1e-5
+
+
+def test_param_and_optimizer_shardings_follow_rules(report):
+  r = _get(report, "specs")
+  assert r["params"] == r["rules"]
+  assert r["mu"] == r["params"] and r["nu"] == r["params"]
+  assert r["non_param"] == ["P()", "P()"]  # Step and Adam count: replicated.
+  p = r["params"]
+  assert p["embed/embedding"] == "P('tensor', 'fsdp')"
+  assert p["layer_0/moe/wi_gate"] == "P('expert', 'fsdp', 'tensor')"
+  assert p["layer_0/moe/wo"] == "P('expert', 'tensor', 'fsdp')"
+  assert p["layer_0/moe/router"] == "P('fsdp', 'expert')"
+  assert p["layer_0/attention/query/DenseGeneral_0/kernel"] == "P('fsdp', 'tensor', None)"
+  assert p["layer_0/attention/out/DenseGeneral_0/kernel"] == "P('tensor', None, 'fsdp')"
+  assert p["layer_0/attn_norm/scale"] == "P('fsdp',)"
+
+
+def test_sharded_sampling_forward_with_kv_cache(report):
+  r = _get(report, "sampling_forward")
+  assert r["diff"] < 1e-4
+  assert r["spec"] != "P()"  # The logits stay batch-sharded.
+
+
+@pytest.mark.parametrize("case", ["8->1", "2x4->4x2"])
+def test_checkpoint_restores_onto_other_mesh(report, case):
+  r = _get(report, "checkpoint_reshard")[case]
+  assert r["state_diff"] == 0.0 and r["spec_ok"]
+  assert r["data"] == {"index": 1}
+  assert r["devices"] == (1 if case == "8->1" else 8)
+  assert r["params_diff"] == 0.0 and r["params_spec_ok"]
+
+
+def test_restore_params_names_mismatched_shape(report):
+  msg = _get(report, "checkpoint_reshard")["mismatch"]
+  assert "layer_0/moe/wi_gate" in msg or "moe/wi_gate" in msg, msg
+  assert "(4, 64, 64)" in msg and "(4, 64, 32)" in msg, msg
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1], sys.argv[2])
