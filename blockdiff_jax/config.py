@@ -10,6 +10,7 @@ import ml_collections
 from blockdiff_jax.data import config as data_config
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
+from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 8  # Sequences per step (global, across all devices).
 
   c.sample = sample_lib.default_sample_config()  # Decoding policy, limits, prompts.
+  c.eval = eval_config.default_eval_config()  # Tasks and settings of --mode=eval.
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 100  # Optimizer steps.

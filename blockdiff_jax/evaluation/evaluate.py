@@ -1,0 +1,289 @@
+r"""``--mode=eval``: the tasks of ``config.eval`` on a trained workdir.
+
+  python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart \
+      --mode=eval --config.eval.tasks=likelihood,throughput
+
+Tasks (comma-separated in ``eval.tasks``):
+  likelihood           NELBO ± standard error and bits/byte on the validation split.
+  synthetic            exact match on the synthetic tasks, per decoder.
+  humaneval            pass@k on HumanEval's problems, completions from each decoder.
+  humaneval_infilling  HumanEval-infilling (single-/multi-line spans of the canonical
+                       solutions), filled by the in-place infilling decoder with the
+                       reference span length, or by FIM prompting (``infilling_mode``).
+  throughput           NFE, TPF, generated tokens/s, steps per block and latency per
+                       decoder, and unique experts per layer per forward with token
+                       routing vs dMoE block routing on the same weights.
+
+Decoders (``eval.decoders``): ``policy:value`` items such as ``threshold:0.9``,
+``topk:2`` or ``entropy:0.5``, and ``ar`` for the autoregressive baseline. Results go
+to ``WORKDIR/eval/eval_<time>.json`` and ``.md`` and into ``metrics.jsonl``.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.data import pipeline
+from blockdiff_jax.data import synthetic
+from blockdiff_jax.evaluation import eval_config
+from blockdiff_jax.evaluation import humaneval
+from blockdiff_jax.evaluation import infilling
+from blockdiff_jax.evaluation import likelihood
+from blockdiff_jax.evaluation import sandbox
+from blockdiff_jax.model import transformer
+from blockdiff_jax.sampling import sample as sample_lib
+from blockdiff_jax.train import checkpoints
+from blockdiff_jax.train import metrics_writer
+from blockdiff_jax.train import trainer
+
+def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
+  out = []
+  for item in (s.strip() for s in spec.split(",") if s.strip()):
+    if item == "ar":
+      out.append(("ar", None))
+    else:
+      name, _, value = item.partition(":")
+      out.append((name, float(value) if value else None))
+  if not out:
+    raise ValueError(f"eval.decoders is empty: {spec!r}")
+  return out
+
+
+def _decoder_name(policy: str, value: float | None) -> str:
+  return policy if value is None else f"{policy}:{value:g}"
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """A loaded model plus the decoding settings shared by the tasks."""
+
+  config: ml_collections.ConfigDict
+  model: transformer.Transformer
+  tokenizer: Any
+  params: Any
+
+  def options(self, policy: str, value: float | None):
+    s = ml_collections.ConfigDict(self.config.sample.to_dict())
+    s.policy, s.policy_value = policy, (value if value is not None else s.policy_value)
+    return sample_lib.options_from_config(s, self.config.diffusion.block_size, self.tokenizer)
+
+  def generate(self, prompts: Sequence[str], policy: str, value: float | None,
+               max_new_tokens: int, max_len: int, batch_size: int, model=None,
+               warmup: bool = True) -> tuple[list[dict], dict]:
+    """Decodes prompts in fixed-size batches (one compile); returns rows and a summary."""
+    rows, wall, n_gen, nfe, unique = [], 0.0, 0, 0, []
+    options = self.options(policy, value)
+    for start in range(0, len(prompts), batch_size):
+      chunk = list(prompts[start:start + batch_size])
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+      out, summary = sample_lib.generate(
+          model or self.model, self.params, self.tokenizer, padded, options, max_new_tokens,
+          max_len, width=max_len, ar=policy == "ar", rng=jax.random.key(start),
+          warmup=warmup and start == 0)
+      rows.extend(out[:len(chunk)])
+      wall += summary["wall_s"]
+      n_gen += sum(r["generated_tokens"] for r in out[:len(chunk)])
+      nfe += sum(r["nfe"] for r in out[:len(chunk)])
+      unique.append(summary["unique_experts"])
+    steps = [s for r in rows for s in r["steps_per_block"]]
+    return rows, {
+        "decoder": _decoder_name(policy, value), "sequences": len(rows),
+        "generated_tokens": n_gen, "nfe": nfe, "tpf": n_gen / max(nfe, 1),
+        "tokens_per_s": n_gen / wall if wall else float("nan"),
+        "latency_s_per_batch": wall / max(1, -(-len(rows) // batch_size)),
+        "mean_steps_per_block": float(np.mean(steps)) if steps else float("nan"),
+        "unique_experts_per_layer": (float(np.mean(unique)) if np.isfinite(unique).all()
+                                     else float("nan")),
+    }
+
+
+def _synthetic_prompts(config, n: int) -> tuple[list[str], list[str], list[str]]:
+  tasks = synthetic.parse_tasks(config.data.synthetic_tasks)
+  items = [synthetic.mixed_example(tasks, config.data.seed, i, split="validation",
+                                   digits=config.data.synthetic_digits) for i in range(n)]
+  return ([t for t, _, _ in items], [p for _, p, _ in items],
+          [f"<|bos|>{p}<|sep|>" for _, p, _ in items])
+
+
+def task_likelihood(ev: Evaluator) -> dict:
+  c = ev.config
+  ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
+                              c.data.batch_size, c.seed)
+  apply_fn = trainer.make_apply(ev.model)
+  obj = config_lib.objective(c, ev.tokenizer.mask_id)
+  res = likelihood.evaluate(apply_fn, ev.params, ds, obj, c.eval.likelihood_batches,
+                            c.eval.noise_samples, c.seed)
+  res["unigram_entropy_bits_per_token"] = ds.unigram_entropy_bits
+  return res
+
+
+def task_synthetic(ev: Evaluator) -> dict:
+  c = ev.config
+  tasks, raw, prompts = _synthetic_prompts(c, c.eval.num_examples)
+  out = {}
+  for policy, value in _parse_decoders(c.eval.decoders):
+    rows, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens,
+                                c.sample.max_len or c.data.seq_len, c.eval.batch_size)
+    ok = [synthetic.check(t, p, r["completion"]) for t, p, r in zip(tasks, raw, rows)]
+    by_task = {t: float(np.mean([o for tt, o in zip(tasks, ok) if tt == t])) for t in set(tasks)}
+    out[summary["decoder"]] = {"exact_match": float(np.mean(ok)), "by_task": by_task,
+                               "tpf": summary["tpf"], "tokens_per_s": summary["tokens_per_s"]}
+  return out
+
+
+def _limits(c) -> sandbox.SandboxLimits:
+  return dataclasses.replace(humaneval.DEFAULT_LIMITS, timeout_s=c.eval.timeout_s)
+
+
+def task_humaneval(ev: Evaluator) -> dict:
+  c = ev.config
+  problems = dict(list(humaneval.load_problems().items())[:c.eval.humaneval_problems])
+  ks = [int(k) for k in c.eval.ks.split(",")]
+  out = {}
+  for policy, value in _parse_decoders(c.eval.decoders):
+    def generate_fn(prompts, policy=policy, value=value):
+      rows, _ = ev.generate([f"<|bos|>{p}" for p in prompts], policy, value,
+                            c.eval.max_new_tokens, c.eval.max_len, c.eval.batch_size)
+      return [r["completion"] for r in rows]
+    res = humaneval.generate_and_score(
+        generate_fn, problems, num_samples=c.eval.samples_per_problem,
+        batch_size=c.eval.batch_size, ks=ks, workers=c.eval.workers, limits=_limits(c))
+    out[_decoder_name(policy, value)] = {
+        "pass_at_k": res["pass_at_k"], "num_problems": res["num_problems"],
+        "status_counts": res["status_counts"]}
+  return out
+
+
+def task_humaneval_infilling(ev: Evaluator) -> dict:
+  c = ev.config
+  problems = dict(list(humaneval.load_problems().items())[:c.eval.humaneval_problems])
+  kinds = tuple(k.strip() for k in c.eval.infilling_kinds.split(",") if k.strip())
+  tasks = infilling.make_tasks(problems, infilling.InfillOptions(kinds=kinds))
+  policy, value = next((d for d in _parse_decoders(c.eval.decoders) if d[0] != "ar"),
+                       ("threshold", 0.9))
+  middles = []
+  if c.eval.infilling_mode == "inplace":
+    options = ev.options(policy, value)
+    for start in range(0, len(tasks), c.eval.batch_size):
+      chunk = tasks[start:start + c.eval.batch_size]
+      texts = [f"<|bos|>{t.prefix}<|mask:{len(ev.tokenizer.encode(t.middle))}|>{t.suffix}"
+               for t in chunk]
+      res = sample_lib.infill(ev.model, ev.params, ev.tokenizer, texts, options,
+                              c.eval.max_len, width=c.eval.max_len)
+      middles.extend(r["spans"][0].replace("<|eos|>", "") for r in res)
+  elif c.eval.infilling_mode == "fim":
+    prompts = ["<|bos|>" + infilling.build_fim_prompt(t.prefix, t.suffix) for t in tasks]
+    rows, _ = ev.generate(prompts, policy, value, c.eval.max_new_tokens, c.eval.max_len,
+                          c.eval.batch_size)
+    middles = [r["completion"] for r in rows]
+  else:
+    raise ValueError(f"eval.infilling_mode must be inplace or fim, got {c.eval.infilling_mode!r}")
+  res = infilling.score_infills(tasks, middles, workers=c.eval.workers, limits=_limits(c))
+  return {"decoder": _decoder_name(policy, value), "mode": c.eval.infilling_mode,
+          "tasks": len(tasks), "pass_rate": res["pass_rate"],
+          "pass_rate_by_kind": res["pass_rate_by_kind"]}
+
+
+def task_throughput(ev: Evaluator) -> dict:
+  c = ev.config
+  if c.data.corpus == "synthetic":
+    prompts = _synthetic_prompts(c, c.eval.num_examples)[2]
+  else:
+    ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
+                                c.eval.num_examples, c.seed)
+    half = c.data.seq_len // 2
+    prompts = ["<|bos|>" + ev.tokenizer.decode(row[1:half]).replace("<|", "< |")
+               for row in ds.get_batch(0)["tokens"]]
+  max_len = c.sample.max_len or c.data.seq_len
+  out = {"decoders": {}}
+  for policy, value in _parse_decoders(c.eval.decoders):
+    _, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens, max_len,
+                             c.eval.batch_size)
+    out["decoders"][summary["decoder"]] = summary
+  if ev.model.cfg.moe is not None:
+    policy, value = next((d for d in _parse_decoders(c.eval.decoders) if d[0] != "ar"),
+                         ("threshold", 0.9))
+    for mode in ("token", "block"):
+      cfg = dataclasses.replace(ev.model.cfg,
+                                moe=dataclasses.replace(ev.model.cfg.moe, router_mode=mode))
+      _, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens, max_len,
+                               c.eval.batch_size, model=transformer.Transformer(cfg))
+      out[f"unique_experts_{mode}_routing"] = summary["unique_experts_per_layer"]
+    out["num_experts"] = ev.model.cfg.moe.num_experts
+  return out
+
+
+TASK_FNS = {"likelihood": task_likelihood, "synthetic": task_synthetic,
+            "humaneval": task_humaneval, "humaneval_infilling": task_humaneval_infilling,
+            "throughput": task_throughput}
+
+
+def _flatten(prefix: str, tree: Any, out: dict) -> dict:
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    out[prefix] = float(tree)
+  return out
+
+
+def _finite_or_none(tree: Any) -> Any:
+  """NaN/Inf -> None, so the JSON file is strict JSON."""
+  if isinstance(tree, dict):
+    return {k: _finite_or_none(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_finite_or_none(v) for v in tree]
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return None
+  return tree
+
+
+def markdown(results: dict) -> str:
+  """One table of every scalar result: task / metric / value."""
+  flat = _flatten("", results, {})
+  lines = ["| metric | value |", "|---|---|"]
+  lines += [f"| {k} | {v:.4g} |" for k, v in flat.items()]
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs ``config.eval.tasks`` on the latest checkpoint of ``workdir``."""
+  e = config.get("eval") or eval_config.default_eval_config()
+  tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
+  unknown = [t for t in tasks if t not in eval_config.TASKS]
+  if unknown:
+    raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {eval_config.TASKS}")
+  _parse_decoders(e.decoders)
+  config, model, tokenizer, params = trainer.load_for_inference(workdir, config)
+  config.eval = e
+  ev = Evaluator(config, model, tokenizer, params)
+  results = {}
+  for name in tasks:
+    t0 = time.time()
+    print(f"eval: {name} ...", flush=True)
+    results[name] = TASK_FNS[name](ev)
+    print(f"eval: {name} done in {time.time() - t0:.1f}s", flush=True)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f"eval_{time.strftime('%Y%m%d_%H%M%S')}")
+  with open(stem + ".json", "w", encoding="utf-8") as f:
+    json.dump(_finite_or_none(results), f, indent=2)
+  table = markdown(results)
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(f"# Evaluation of {workdir}\n\n{table}\n")
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
+  step = ckpt.latest_step() or 0
+  ckpt.close()
+  writer.write(step, _flatten("", results, {}), prefix="eval/")
+  writer.close()
+  print(table)
+  print(f"wrote {stem}.json and {stem}.md", flush=True)
+  return results
