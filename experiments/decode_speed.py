@@ -69,6 +69,8 @@ def main():
   ap.add_argument("--max_new_tokens", type=int, default=24)
   ap.add_argument("--out", default=os.path.join(_HERE, "results", "decode_speed"))
   ap.add_argument("--quick", action="store_true", help="only a few policies")
+  ap.add_argument("--policies", default="",
+                  help="comma-separated name:value list replacing the sweep, e.g. threshold:0.9")
   args = ap.parse_args()
 
   config = _load_config(args.config)
@@ -84,7 +86,10 @@ def main():
   max_len = config.data.seq_len
   base = decoder.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id)
 
-  results = {"machine": f"{os.cpu_count()}-core CPU, jax {jax.__version__}",
+  dev = jax.devices()[0]
+  machine = (f"{dev.device_kind}, jax {jax.__version__}" if dev.platform == "gpu"
+             else f"{os.cpu_count()}-core CPU, jax {jax.__version__}")
+  results = {"machine": machine,
              "train_steps": int(config.train.steps), "n": args.n, "block_size": block,
              "max_new_tokens": args.max_new_tokens, "runs": []}
   ar = _evaluate(model, params, tok, examples, base, args.max_new_tokens, max_len, ar=True)
@@ -93,6 +98,8 @@ def main():
   print(f"AR: {ar}", flush=True)
   sweep = SWEEP if not args.quick else [("threshold", 0.9), ("threshold", 0.7),
                                          ("factor", 1.0), ("topk", 1)]
+  if args.policies:
+    sweep = [(p.split(":")[0], float(p.split(":")[1])) for p in args.policies.split(",")]
   for name, value in sweep:
     opts = decoder.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
                                  policy=policies.make_policy(name, value))

@@ -74,17 +74,21 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
 def autoregressive_nll(apply_fn: Callable, params: Any, tokens: Array, mask_id: int) -> Array:
   """Exact AR NLL per token [B, L] by predicting each token from its clean prefix.
 
-  An independent path for tests: position i is a single MASK in its own noisy block
-  after the clean tokens < i, run without the vectorized [x_t ; x_0] layout.
+  An independent path for tests: for each i the input holds the clean tokens < i, a
+  single MASK at i in its own noisy block (block size 1), and empty slots after it
+  (negative segment ids), without the vectorized [x_t ; x_0] layout.
   """
   b, length = tokens.shape
-  out = []
-  for i in range(length):
-    pos = jnp.broadcast_to(jnp.arange(i + 1), (b, i + 1))
-    stream = jnp.where(jnp.arange(i + 1) == i, masks.NOISY, masks.CLEAN)
-    meta = masks.make_meta(pos, 1, stream)
-    inp = jnp.concatenate([tokens[:, :i], jnp.full((b, 1), mask_id, tokens.dtype)], 1)
+  pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+
+  @jax.jit
+  def nll_at(i):
+    stream = jnp.where(pos == i, masks.NOISY, masks.CLEAN)
+    segments = jnp.where(pos <= i, 0, -1)
+    meta = masks.make_meta(pos, 1, stream, segments)
+    inp = jnp.where(pos == i, mask_id, jnp.where(pos < i, tokens, 0))
     logits, _ = apply_fn(params, inp, meta)
-    logits = logits[:, -1].at[:, mask_id].set(-jnp.inf)
-    out.append(-jax.nn.log_softmax(logits)[jnp.arange(b), tokens[:, i]])
-  return jnp.stack(out, 1)
+    logits = logits[:, i].at[:, mask_id].set(-jnp.inf)
+    return -jax.nn.log_softmax(logits)[jnp.arange(b), tokens[:, i]]
+
+  return jnp.stack([nll_at(i) for i in range(length)], 1)
