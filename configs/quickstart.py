@@ -34,5 +34,9 @@ def get_config():
   c.train.eval_every = 100  # Steps between validation NELBO evaluations.
   c.train.eval_batches = 4  # Validation batches per evaluation.
   c.train.checkpoint_every = 100  # Steps between checkpoints.
+  c.sample.prompts = ("<|bos|>import os\nimport sys\n\n\ndef main(argv):\n    "
+                      ";<|bos|>class Config:\n    def __init__(self, ")  # ';'-separated.
+  c.sample.max_new_tokens = 64  # Four blocks of 16.
+  c.eval.tasks = "likelihood,throughput"  # What --mode=eval runs by default here.
   c.model.moe.impl = "tiled"  # The fastest dropless dispatch on CPUs (see model/moe.py).
   return c
