@@ -101,8 +101,9 @@ def test_scan_and_unrolled_layers_agree():
   assert aux_a["moe"]["tokens_per_expert"].shape == (2, 4)
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged_dot", "tiled"])
-@pytest.mark.parametrize("mode", ["token", "block"])
+@pytest.mark.parametrize("impl,mode", [("ragged_dot", "token"), ("ragged_dot", "block"),
+                                       ("tiled", "token"), ("tiled", "block"),
+                                       ("pallas", "block")])
 def test_moe_impls_agree_in_the_model(impl, mode):
   ref = transformer.Transformer(_cfg(moe=moe.MoEConfig(num_experts=4, expert_dim=16,
                                                        impl="dense", router_mode=mode)))
@@ -113,6 +114,23 @@ def test_moe_impls_agree_in_the_model(impl, mode):
   params = ref.init(jax.random.key(1), tokens, meta)
   np.testing.assert_allclose(ref.apply(params, tokens, meta)[0],
                              other.apply(params, tokens, meta)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [4])
+def test_pallas_attention_agrees_with_xla_in_the_model(block_size):
+  """The interpret-mode kernel inside the whole model: logits and gradients."""
+  xla = transformer.Transformer(_cfg())
+  pallas = transformer.Transformer(_cfg(attention_impl="pallas"))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 15)
+  meta = masks.training_meta(8, block_size, 2)
+  params = nn.unbox(xla.init(jax.random.key(1), tokens, meta)["params"])
+  loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, tokens, meta)[0] ** 2)
+  np.testing.assert_allclose(xla.apply({"params": params}, tokens, meta)[0],
+                             pallas.apply({"params": params}, tokens, meta)[0],
+                             rtol=1e-4, atol=1e-4)
+  g1, g2 = jax.grad(loss(xla))(params), jax.grad(loss(pallas))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():
