@@ -159,6 +159,51 @@ def test_mixed_prompt_lengths_equal_rows_alone(tiny):
     assert both["nfe"][i] == alone["nfe"][0]
 
 
+def test_rows_progress_independently(tiny):
+  """Per-row blocks: the batch takes max row NFE forwards, not sum over blocks of max."""
+  model, tok, params = tiny
+  prompts = PROMPTS + ["<|bos|>abcdefghi"]  # 10 tokens: a third start offset.
+  opt = _options(tok)
+  cv = _canvas(tok, prompts)
+  out = decoder.decode(model, params, cv, opt, prefill_width=16)
+  assert out["forwards"] == out["nfe"].max()
+  assert len(set(out["nfe"].tolist())) > 1  # Rows of different speeds were batched.
+  for i in range(len(prompts)):
+    ref = _reference_decode(model, params, opt, cv.tokens[i], cv.maskable[i],
+                            int(cv.length[i]), int(cv.start_block[i]))
+    np.testing.assert_array_equal(out["tokens"][i], ref)
+
+
+def test_left_to_right_equals_reference_one_token_per_forward(tiny):
+  model, tok, params = tiny
+  opt = _options(tok, policy=policies.make_policy("l2r"))
+  cv = _canvas(tok)
+  out = decoder.decode(model, params, cv, opt, prefill_width=16)
+  np.testing.assert_array_equal(out["nfe"], [MAX_NEW, MAX_NEW])
+  for i in range(len(PROMPTS)):
+    ref = _reference_decode(model, params, opt, cv.tokens[i], cv.maskable[i],
+                            int(cv.length[i]), int(cv.start_block[i]))
+    np.testing.assert_array_equal(out["tokens"][i], ref)
+
+
+def test_on_block_streams_each_rows_blocks_in_order(tiny):
+  model, tok, params = tiny
+  got = {}
+
+  def on_block(block_index, tokens, active):
+    for row in np.flatnonzero(np.asarray(active)):
+      got.setdefault(int(row), []).append((int(block_index[row]), np.asarray(tokens[row])))
+
+  cv = _canvas(tok)
+  out = decoder.decode(model, params, cv, _options(tok), on_block=on_block, prefill_width=16)
+  for row, blocks in got.items():
+    idx = [c for c, _ in blocks]
+    assert idx == list(range(int(cv.start_block[row]), idx[-1] + 1))
+    for c, toks in blocks:
+      np.testing.assert_array_equal(toks, out["tokens"][row, c * BLOCK:(c + 1) * BLOCK])
+  assert sorted(got) == [0, 1]
+
+
 def test_tau_one_decodes_one_token_per_step(tiny):
   model, tok, params = tiny
   rows, summary = sample.generate(model, params, tok, PROMPTS,

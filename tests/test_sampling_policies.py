@@ -74,6 +74,13 @@ def test_margin():
   np.testing.assert_array_equal(got, [True, False, True, False])
 
 
+def test_left_to_right_accepts_only_the_leftmost_candidate():
+  got = _select(policies.LeftToRight(), [0.1, 0.99, 0.2, 0.3],
+                candidates=[False, True, True, False])
+  np.testing.assert_array_equal(got, [False, True, False, False])
+  assert not _select(policies.LeftToRight(), [0.5, 0.5], candidates=[False, False]).any()
+
+
 def test_scores_entropy_and_margin():
   probs = jnp.array([[0.7, 0.2, 0.1, 0.0]])
   entropy, margin = policies.scores(probs)
@@ -104,7 +111,9 @@ def test_top_k_and_top_p_filters():
                                             ("factor", 1.0, policies.Factor),
                                             ("topk", 2, policies.TopK),
                                             ("entropy", 0.3, policies.EntropyBounded),
-                                            ("margin", 0.2, policies.Margin)])
+                                            ("margin", 0.2, policies.Margin),
+                                            ("l2r", None, policies.LeftToRight),
+                                            ("l2r", 0.9, policies.LeftToRight)])
 def test_make_policy(name, value, cls):
   assert isinstance(policies.make_policy(name, value), cls)
 

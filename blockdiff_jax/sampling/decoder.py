@@ -12,16 +12,29 @@ not depend on its batch mates. Slots at or past a row's ``length`` get a negativ
 id and are never attended.
 
 Cache. ``k``/``v`` of shape [L, B, S(+block), Hkv, Dh]; slot i holds position i (so the
-cache needs no per-row offsets). Blocks before a row's ``start_block`` are prefilled in
-one block-causal clean pass. A finished block is committed exactly once (exact block
-cache): its clean K/V are computed in the first forward of the *next* block, whose input
-is ``[finished block as CLEAN ; new block as NOISY]`` -- the noisy block sees the clean
-block through the ordinary mask, so the commit costs no extra forward (``commit_passes``
-is 0 and TPF needs no caveat). The last block is never committed (nothing reads it).
+cache needs no per-row offsets; writes are per-row dynamic-update-slices at the row's own
+block). Blocks before a row's ``start_block`` are prefilled in one block-causal clean
+pass. A finished block is committed exactly once (exact block cache): its clean K/V are
+computed in the first forward of the row's *next* block, whose input is ``[finished
+block as CLEAN ; new block as NOISY]`` -- the noisy block sees the clean block through
+the ordinary mask, so the commit costs no extra forward (``commit_passes`` is 0 and TPF
+needs no caveat). The last block is never committed (nothing reads it).
+
+Per-row progress (whole-block steps). Each row has its own current block, step count and
+done flag, and every forward of the batch (one ``while_loop`` iteration) runs, per row,
+the fixed-shape window ``[previous block CLEAN ; current block NOISY]``. The clean half
+is real only on the forward right after the row finished its previous block; otherwise
+its slots get negative segment ids (nothing attends to them, nothing is written). So a
+fast row moves on at once instead of idling until the slowest row finishes the same
+block index: the batch takes ``forwards == max over rows of NFE`` sequential forwards
+rather than the sum over block indices of the slowest row's steps. The price is a
+2-block window on every forward instead of 1 block on the non-first steps of a block.
 
 Sub-blocks (Fast-dLLM v2). With ``sub_block_size = b < block_size`` the block is filled
-sub-block by sub-block. The first step of each sub-block runs the whole noisy block and
-stores its K/V in a block buffer (the last ``block_size`` cache slots, stream NOISY);
+sub-block by sub-block, on a separate *lockstep* path: all rows move through the same
+block index together (a ``while_loop`` over blocks, then over sub-blocks and steps), so
+a block costs the slowest row's steps and a finished row waits frozen. The first step
+of each sub-block runs the whole noisy block and stores its K/V in a block buffer (the last ``block_size`` cache slots, stream NOISY);
 the following steps run only the b tokens of the current sub-block and read the rest of
 the block (the finished sub-blocks and the still-masked later ones) from that buffer.
 This is the Fast-dLLM approximation: the buffered K/V are those of the sub-block's first
@@ -32,16 +45,18 @@ proposed), the policy picks which MASK positions of the current (sub-)block to f
 with editing enabled (LLaDA 2.1) an already generated token is rewritten when the argmax
 differs and its probability exceeds ``edit_threshold``. A (sub-)block exits early when
 no MASK is left (and, with editing, nothing changed for ``patience`` steps), and at the
-latest after its step cap, whose last step fills every remaining MASK. The rows of a
-batch move to the next (sub-)block together; a row that is finished waits frozen (it
-still occupies its batch slot in the forward, which is all it costs).
+latest after its step cap, whose last step fills every remaining MASK. A row that is
+finished is frozen (it still occupies its batch slot in the forward, which is all it
+costs).
 
 Stopping: a row stops after the block in which it produced EOS (``stop_at_eos``) or whose
 end reaches its ``length``; the loop stops when every row has stopped.
 
 Streaming: ``on_block`` (a host function) is called with ``jax.debug.callback(...,
-ordered=True)`` once per block, i.e. one host round trip per block and none per step;
-the alternative, a jitted per-block function driven by a Python loop, would add a
+ordered=True)`` when blocks finish: on the lockstep path once per block index; on the
+per-row path inside a ``lax.cond``, only on forwards where some row finished a block
+(``active`` marks those rows), so there is no host round trip on the other steps; the
+alternative, a jitted per-block function driven by a Python loop, would add a
 dispatch and a sync per block as well but cannot overlap them, so the callback wins.
 """
 
@@ -183,6 +198,46 @@ def _moe_unique(aux: dict) -> Array:
   return jnp.mean(moe["unique_experts"])
 
 
+def _propose_and_select(opt: DecodeOptions, x: Array, logits: Array, cand_region: Array,
+                        rng: Array, step: Array, active: Array) -> tuple[Array, Array, Array]:
+  """One policy step on a (sub-)block of every row.
+
+  Args:
+    opt: decoding options.
+    x: [B, n] current tokens of the (sub-)block.
+    logits: [B, n, V] logits of those positions.
+    cand_region: [B, n] bool, positions the decoder may fill or edit.
+    rng: sampling key of this step.
+    step: scalar or [B], steps this (sub-)block already took (the cap fills the rest).
+    active: [B] bool, rows that take this step.
+
+  Returns:
+    (new x, changed [B], edits [B]).
+  """
+  b = x.shape[0]
+  logits = logits.at[..., opt.mask_id].set(_NEG)
+  toks, conf, probs = opt.sampling.propose(logits, rng)
+  entropy, margin = policies.scores(probs)
+  is_mask = x == opt.mask_id
+  cand = is_mask & cand_region & active[:, None]
+  slots = jnp.sum(cand_region, axis=-1, keepdims=True)
+  accept = opt.policy.select(conf, entropy, margin, cand, slots)
+  last = jnp.reshape(jnp.asarray(step) + 1 >= opt.step_cap, (-1, 1))
+  accept = jnp.where(last, cand, accept)
+  new = jnp.where(accept, toks, x)
+  edits = jnp.zeros((b,), jnp.int32)
+  if opt.editing:
+    p_all = jax.nn.softmax(logits, axis=-1)
+    top = jnp.argmax(p_all, axis=-1).astype(jnp.int32)
+    p_top = jnp.max(p_all, axis=-1)
+    edit = (~is_mask & cand_region & active[:, None] & (top != x)
+            & (p_top > opt.edit_threshold))
+    new = jnp.where(edit, top, new)
+    edits = jnp.sum(edit, axis=-1).astype(jnp.int32)
+  changed = jnp.any(new != x, axis=-1)
+  return new, changed, edits
+
+
 def decode(model, params, canvas: Canvas, options: DecodeOptions, rng: Array | None = None,
            on_block: Callable[..., None] | None = None,
            prefill_width: int | None = None,
@@ -196,7 +251,8 @@ def decode(model, params, canvas: Canvas, options: DecodeOptions, rng: Array | N
     options: static decoding options.
     rng: PRNG key for sampling (default key 0).
     on_block: optional host callback ``on_block(block_index [B], tokens [B, block],
-      active [B])`` invoked once per decoded block, in order.
+      active [B])`` invoked when decoded blocks finish; each row's blocks arrive once
+      each, in order, on calls where that row is ``active``.
     on_step: optional host callback ``on_step(block_index [B], tokens [B, block])``
       after every denoising step (for visualizing; it syncs with the host per step).
     prefill_width: static width of the prefill pass (default: the largest start
@@ -241,9 +297,141 @@ def _decode_fn(model, options, prefill_len, on_block, on_step):
   return _CACHE[key]
 
 
-def _decode(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, params, tokens, maskable,
-            length, start_block, rng):
-  """Traced body of ``decode``."""
+def _decode(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, *args):
+  """Traced body of ``decode``: per-row blocks, or lockstep blocks with sub-blocks."""
+  if opt.num_sub > 1:
+    return _decode_lockstep(model, opt, prefill_len, on_block, on_step, *args)
+  return _decode_async(model, opt, prefill_len, on_block, on_step, *args)
+
+
+def _prefill(model, opt, prefill_len, params, tokens, length, start_block, width):
+  """Clean block-causal pass over the blocks before each row's start block.
+
+  Returns:
+    (k cache, v cache, valid [B, S]) with the prefilled slots written.
+  """
+  cfg = model.cfg
+  b, s = tokens.shape
+  bk = opt.block_size
+  dtype = cfg.compute_dtype
+  kv_shape = (cfg.num_layers, b, width, cfg.num_kv_heads, cfg.head_dim)
+  slot_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  k_cache = jnp.zeros(kv_shape, dtype)
+  v_cache = jnp.zeros(kv_shape, dtype)
+  seg_valid = jnp.zeros((b, s), bool)
+  if prefill_len:
+    valid = ((slot_pos[:, :prefill_len] < (start_block * bk)[:, None])
+             & (slot_pos[:, :prefill_len] < length[:, None]))
+    meta = _meta(slot_pos[:, :prefill_len], bk, masks.CLEAN, valid)
+    _, aux = _apply(model, params, tokens[:, :prefill_len], meta, logits_slice=(0, 1))
+    k_cache = k_cache.at[:, :, :prefill_len].set(aux["kv"][0].astype(dtype))
+    v_cache = v_cache.at[:, :, :prefill_len].set(aux["kv"][1].astype(dtype))
+    seg_valid = seg_valid.at[:, :prefill_len].set(valid)
+  return k_cache, v_cache, seg_valid
+
+
+def _decode_async(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, params,
+                  tokens, maskable, length, start_block, rng):
+  """Whole-block decoding where every row moves through its blocks at its own pace.
+
+  One ``while_loop`` iteration is one forward of the batch. Each row's window is
+  ``[previous block CLEAN ; current block NOISY]``; the clean half is real only on the
+  forward right after the row finished that block (it is committed to the cache then,
+  once), and otherwise has negative segment ids, so nothing attends to it and its K/V
+  slots are left as they were. A row that finishes its block takes one policy step on
+  this forward and enters the next block on the following one, so a row never waits for
+  its batch mates: the batch takes max over rows of the row's NFE forwards instead of
+  the sum over blocks of the slowest row's steps.
+  """
+  cfg = model.cfg
+  b, s = tokens.shape
+  bk = opt.block_size
+  n_blocks = s // bk
+  dtype = cfg.compute_dtype
+  slot_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  exists = slot_pos < length[:, None]
+  ar_bk = jnp.arange(bk, dtype=jnp.int32)
+  k_cache, v_cache, seg_valid = _prefill(model, opt, prefill_len, params, tokens, length,
+                                         start_block, s)
+
+  def body(carry):
+    (canvas, k_c, v_c, valid, cur, step, still, commit, done, steps, nfe, fwd, ue,
+     edits_tot, rng) = carry
+    active = ~done
+    blk_start = cur * bk
+    blk_pos = blk_start[:, None] + ar_bk
+    x = _row_slice(canvas, blk_start, bk)
+    blk_mask = _row_slice(maskable, blk_start, bk)
+    blk_exists = blk_pos < length[:, None]
+    prev_start = jnp.maximum(blk_start - bk, 0)
+    prev_pos = prev_start[:, None] + ar_bk
+    do_commit = commit & active
+    prev_ok = do_commit[:, None] & (prev_pos < length[:, None])
+    meta = _meta(prev_pos, bk, masks.CLEAN, prev_ok).concat(
+        _meta(blk_pos, bk, masks.NOISY, blk_exists))
+    inp = jnp.concatenate([_row_slice(canvas, prev_start, bk), x], axis=1)
+    cache = {"k": k_c, "v": v_c, "meta": _meta(slot_pos, bk, masks.CLEAN, valid)}
+    logits, aux = _apply(model, params, inp, meta, cache, logits_slice=(bk, bk))
+    k_new, v_new = aux["kv"]
+    # Per-row scatter of the committed block; rows not committing rewrite their own slots.
+    keep = lambda c, new: jnp.where(do_commit[None, :, None, None, None], new,
+                                    _cache_slice(c, prev_start, bk))
+    k_c = _cache_update(k_c, keep(k_c, k_new[:, :, :bk].astype(dtype)), prev_start)
+    v_c = _cache_update(v_c, keep(v_c, v_new[:, :, :bk].astype(dtype)), prev_start)
+    valid = valid | ((slot_pos // bk == (prev_start // bk)[:, None]) & do_commit[:, None]
+                     & exists)
+    fwd = fwd + 1
+    ue = ue + _moe_unique(aux)
+    nfe = nfe + active.astype(jnp.int32)
+
+    region = blk_mask & blk_exists
+    new, changed, n_edits = _propose_and_select(opt, x, logits, region,
+                                                jax.random.fold_in(rng, fwd), step, active)
+    edits_tot = edits_tot + n_edits
+    step = step + active.astype(jnp.int32)
+    if on_step is not None:
+      jax.debug.callback(on_step, cur, new, ordered=True)
+    still = jnp.where(changed, 0, still + 1)
+    no_mask = ~jnp.any(region & (new == opt.mask_id), axis=-1)
+    finished = active & ((no_mask & ((still >= opt.patience) if opt.editing else True))
+                         | (step >= opt.step_cap))
+    canvas = jnp.where(active[:, None], _row_update(canvas, new, blk_start), canvas)
+    steps = jnp.where(finished[:, None] & (jnp.arange(n_blocks) == cur[:, None]),
+                      step[:, None], steps)
+    if on_block is not None:
+      # Ordered callbacks inside ``cond``: a host round trip only on forwards that finish
+      # some row's block.
+      jax.lax.cond(jnp.any(finished),
+                   lambda: jax.debug.callback(on_block, cur, new, finished, ordered=True),
+                   lambda: None)
+    # A row ends at its last slot or once nothing is left to fill after this block.
+    later = slot_pos >= ((cur + 1) * bk)[:, None]
+    ended = ((cur + 1) * bk >= length) | ~jnp.any(maskable & exists & later, axis=-1)
+    if opt.stop_at_eos:
+      ended = ended | jnp.any((new == opt.eos_id) & region, axis=-1)
+    advance = finished & ~ended
+    done = done | (finished & ended)
+    cur = jnp.where(advance, cur + 1, cur)
+    step = jnp.where(advance, 0, step)
+    still = jnp.where(advance, 0, still)
+    commit = advance
+    return (canvas, k_c, v_c, valid, cur, step, still, commit, done, steps, nfe, fwd, ue,
+            edits_tot, rng)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  init = (tokens, k_cache, v_cache, seg_valid, start_block, zeros, zeros,
+          jnp.zeros((b,), bool), start_block * bk >= length,
+          jnp.zeros((b, n_blocks), jnp.int32), zeros, jnp.int32(0), jnp.float32(0.0), zeros,
+          rng)
+  out = jax.lax.while_loop(lambda c: jnp.any(~c[8]), body, init)
+  (canvas, _, _, _, _, _, _, _, _, steps, nfe, fwd, ue, edits_tot, _) = out
+  return {"tokens": canvas, "steps": steps, "nfe": nfe, "forwards": fwd, "edits": edits_tot,
+          "unique_experts": ue / jnp.maximum(fwd, 1).astype(jnp.float32)}
+
+
+def _decode_lockstep(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, params,
+                     tokens, maskable, length, start_block, rng):
+  """Sub-block decoding: all rows move through the same block index together."""
   cfg = model.cfg
   b, s = tokens.shape
   bk, sb, n_sub = opt.block_size, opt.sub, opt.num_sub
@@ -251,22 +439,11 @@ def _decode(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, para
   use_buffer = n_sub > 1
   width = s + (bk if use_buffer else 0)
   dtype = cfg.compute_dtype
-  kv_shape = (cfg.num_layers, b, width, cfg.num_kv_heads, cfg.head_dim)
   slot = jnp.arange(s, dtype=jnp.int32)
   slot_pos = jnp.broadcast_to(slot, (b, s))
   exists = slot_pos < length[:, None]
-
-  # Prefill: every block before the row's start block, as clean block-causal context.
-  k_cache = jnp.zeros(kv_shape, dtype)
-  v_cache = jnp.zeros(kv_shape, dtype)
-  seg_valid = jnp.zeros((b, s), bool)
-  if prefill_len:
-    valid = (slot_pos[:, :prefill_len] < (start_block * bk)[:, None]) & exists[:, :prefill_len]
-    meta = _meta(slot_pos[:, :prefill_len], bk, masks.CLEAN, valid)
-    _, aux = _apply(model, params, tokens[:, :prefill_len], meta, logits_slice=(0, 1))
-    k_cache = k_cache.at[:, :, :prefill_len].set(aux["kv"][0].astype(dtype))
-    v_cache = v_cache.at[:, :, :prefill_len].set(aux["kv"][1].astype(dtype))
-    seg_valid = seg_valid.at[:, :prefill_len].set(valid)
+  k_cache, v_cache, seg_valid = _prefill(model, opt, prefill_len, params, tokens, length,
+                                         start_block, width)
 
   def cache_dict(k_c, v_c, valid, buffer_valid=None, cur=None):
     meta = _meta(slot_pos, bk, masks.CLEAN, valid)
@@ -277,27 +454,7 @@ def _decode(model, opt: DecodeOptions, prefill_len: int, on_block, on_step, para
     return {"k": k_c, "v": v_c, "meta": meta}
 
   def propose_and_select(x_sub, logits, cand_region, first_rng, step, active):
-    """One policy step on a sub-block: returns (new x_sub, changed [B], edits [B])."""
-    logits = logits.at[..., opt.mask_id].set(_NEG)
-    toks, conf, probs = opt.sampling.propose(logits, first_rng)
-    entropy, margin = policies.scores(probs)
-    is_mask = x_sub == opt.mask_id
-    cand = is_mask & cand_region & active[:, None]
-    slots = jnp.sum(cand_region, axis=-1, keepdims=True)
-    accept = opt.policy.select(conf, entropy, margin, cand, slots)
-    accept = jnp.where(step + 1 >= opt.step_cap, cand, accept)
-    new = jnp.where(accept, toks, x_sub)
-    edits = jnp.zeros((b,), jnp.int32)
-    if opt.editing:
-      p_all = jax.nn.softmax(logits, axis=-1)
-      top = jnp.argmax(p_all, axis=-1).astype(jnp.int32)
-      p_top = jnp.max(p_all, axis=-1)
-      edit = (~is_mask & cand_region & active[:, None] & (top != x_sub)
-              & (p_top > opt.edit_threshold))
-      new = jnp.where(edit, top, new)
-      edits = jnp.sum(edit, axis=-1).astype(jnp.int32)
-    changed = jnp.any(new != x_sub, axis=-1)
-    return new, changed, edits
+    return _propose_and_select(opt, x_sub, logits, cand_region, first_rng, step, active)
 
   def block_body(carry):
     (j, canvas, k_c, v_c, valid, done, steps, nfe, fwd, ue, edits_tot, rng) = carry

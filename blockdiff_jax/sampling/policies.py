@@ -210,10 +210,24 @@ class Margin:
     return _at_least_one(accept & candidates, margin, candidates)
 
 
-Policy = Threshold | Factor | TopK | EntropyBounded | Margin
+@dataclasses.dataclass(frozen=True)
+class LeftToRight:
+  """Accept exactly the leftmost candidate: one token per forward, in order.
+
+  This is autoregressive order inside the block-diffusion layout (noisy block, MASKs to
+  the right), so it shows the accuracy of one-token-per-forward decoding without the
+  one-token-block layout that a model trained with larger blocks never saw.
+  """
+
+  def select(self, conf, entropy, margin, candidates, slots):
+    del conf, entropy, margin, slots
+    return candidates & (jnp.cumsum(candidates.astype(jnp.int32), axis=-1) == 1)
+
+
+Policy = Threshold | Factor | TopK | EntropyBounded | Margin | LeftToRight
 
 POLICIES = {"threshold": Threshold, "factor": Factor, "topk": TopK,
-            "entropy": EntropyBounded, "margin": Margin}
+            "entropy": EntropyBounded, "margin": Margin, "l2r": LeftToRight}
 
 
 def make_policy(name: str, value: float | None = None) -> Policy:
@@ -221,13 +235,13 @@ def make_policy(name: str, value: float | None = None) -> Policy:
 
   Args:
     name: one of ``POLICIES``: threshold (tau), factor (f), topk (steps per block),
-      entropy (gamma), margin (threshold).
-    value: the policy's parameter.
+      entropy (gamma), margin (threshold), l2r (no parameter).
+    value: the policy's parameter (ignored by l2r).
   """
   if name not in POLICIES:
     raise ValueError(f"sample.policy must be one of {sorted(POLICIES)}, got {name!r}")
   cls = POLICIES[name]
-  if value is None:
+  if value is None or cls is LeftToRight:
     return cls()
   if cls is TopK:
     return cls(int(value))

@@ -33,8 +33,8 @@ from blockdiff_jax.sampling import policies
 def default_sample_config() -> ml_collections.ConfigDict:
   """Defaults of the ``sample`` config section (the lead attaches it as config.sample)."""
   s = ml_collections.ConfigDict()
-  s.policy = "threshold"  # threshold | factor | topk | entropy | margin | ar.
-  s.policy_value = 0.9  # tau | f | steps per block | gamma | margin threshold.
+  s.policy = "threshold"  # threshold | factor | topk | entropy | margin | l2r | ar.
+  s.policy_value = 0.9  # tau | f | steps per block | gamma | margin threshold (l2r: unused).
   s.max_new_tokens = 32  # Generated tokens per prompt at most.
   s.sub_block_size = 0  # 0 = whole-block steps; else sub-block size (divides block_size).
   s.temperature = 0.0  # 0 = greedy.
@@ -139,7 +139,11 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
   rows = _results(tokenizer, canvas, out, wall, options.block_size)
   n_gen = sum(r["generated_tokens"] for r in rows)
   nfe = sum(r["nfe"] for r in rows)
-  summary = {"forwards": int(out["forwards"]), "prefill_passes": out["prefill_passes"],
+  row_nfe = [r["nfe"] for r in rows]
+  # ``forwards`` (sequential forwards of the batch) is what wall time follows; the per-row
+  # NFE is what TPF counts. With per-row blocks, forwards == max row NFE.
+  summary = {"forwards": int(out["forwards"]), "mean_row_nfe": float(np.mean(row_nfe)),
+             "max_row_nfe": int(np.max(row_nfe)), "prefill_passes": out["prefill_passes"],
              "commit_passes": out["commit_passes"], "generated_tokens": n_gen,
              "wall_s": wall, "tokens_per_s": n_gen / wall,
              "tpf": n_gen / max(nfe, 1),

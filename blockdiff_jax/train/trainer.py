@@ -137,25 +137,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   last, last_val = {}, {}
   window_t0, window_steps = time.time(), 0
-  pending = None  # Metrics of the previous step, read one step late to keep dispatch async.
+
+  def check_finite(step_done, metrics):
+    if float(metrics["finite"]) == 0.0:
+      raise NonFiniteError(
+          f"loss or gradient is NaN/Inf at step {step_done}; the update was dropped and the "
+          f"last checkpoint (step {ckpt.latest_step()}) is intact")
+
+  pending = None  # The previous step's metrics, read one step late to keep dispatch async.
   try:
     for step in range(start, t.steps):
       batch = put_batch(next(data_it))
       state, metrics = train_step(state, batch, base_rng)
       window_steps += 1
-      if pending is not None and float(pending[1]["finite"]) == 0.0:
-        raise NonFiniteError(
-            f"loss or gradient is NaN/Inf at step {pending[0]}; the update was dropped and "
-            f"the last checkpoint (step {ckpt.latest_step()}) is intact")
-      pending = (step + 1, metrics)
+      if pending is not None:
+        check_finite(*pending)
       done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
+      pending = (done, metrics)
+      log_due = done % t.log_every == 0 or done == t.steps
+      eval_due = val_ds is not None and (done % t.eval_every == 0 or done == t.steps)
+      save_due = done % t.checkpoint_every == 0 or done == t.steps
+      if log_due or eval_due or save_due:
+        # Never log, evaluate or checkpoint a state whose last update was dropped.
         metrics = jax.device_get(metrics)
-        if float(metrics["finite"]) == 0.0:
-          continue  # Reported at the next step (or after the loop).
-        dt = time.time() - window_t0
-        step_time = dt / window_steps
-        row = {k: v for k, v in metrics.items()}
+        check_finite(done, metrics)
+      if log_due:
+        step_time = (time.time() - window_t0) / window_steps
+        row = dict(metrics)
         row.update({
             "nelbo_bits_per_byte": float(metrics["nelbo"]) * bits / train_ds.bytes_per_token,
             "tokens_per_s": d.batch_size * d.seq_len / step_time,
@@ -167,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.print(done, f"loss {last['loss']:.4f} nelbo {last['nelbo']:.4f} "
                        f"({last['nelbo_bits_per_byte']:.3f} bits/byte) "
                        f"{last['tokens_per_s']:.0f} tok/s mfu {100 * last['mfu']:.1f}%")
-      if val_ds is not None and (done % t.eval_every == 0 or done == t.steps):
+      if eval_due:
         params = state.ema_params if state.ema_params is not None else state.params
         val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed, put_batch)
         val["nelbo_bits_per_byte"] = val["nelbo"] * bits / val_ds.bytes_per_token
@@ -176,14 +184,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"  validation nelbo {val['nelbo']:.4f} nats/token = "
               f"{val['nelbo_bits_per_byte']:.3f} bits/byte (unigram entropy "
               f"{val['unigram_entropy_bits_per_byte']:.3f} bits/byte)", flush=True)
-      if ckpt.save(done, state, data_it.get_state(), force=done == t.steps) or (
-          val_ds is not None and done % t.eval_every == 0):
+      if save_due:
+        ckpt.save(done, state, data_it.get_state(), force=done == t.steps)
+      if eval_due or save_due:
         # Keep evaluation and checkpoint time out of the throughput figures.
         jax.block_until_ready(state)
         window_t0, window_steps = time.time(), 0
-    if pending is not None and float(pending[1]["finite"]) == 0.0:
-      raise NonFiniteError(f"loss or gradient is NaN/Inf at step {pending[0]}; the update was "
-                           f"dropped and the last checkpoint (step {ckpt.latest_step()}) is intact")
   finally:
     ckpt.close()
     writer.close()
