@@ -34,11 +34,12 @@ Sub-blocks (Fast-dLLM v2). With ``sub_block_size = b < block_size`` the block is
 sub-block by sub-block, on a separate *lockstep* path: all rows move through the same
 block index together (a ``while_loop`` over blocks, then over sub-blocks and steps), so
 a block costs the slowest row's steps and a finished row waits frozen. The first step
-of each sub-block runs the whole noisy block and stores its K/V in a block buffer (the last ``block_size`` cache slots, stream NOISY);
-the following steps run only the b tokens of the current sub-block and read the rest of
-the block (the finished sub-blocks and the still-masked later ones) from that buffer.
-This is the Fast-dLLM approximation: the buffered K/V are those of the sub-block's first
-step and are not updated while the current sub-block changes.
+of each sub-block runs the whole noisy block and stores its K/V in a block buffer (the
+last ``block_size`` cache slots, stream NOISY); the following steps run only the b
+tokens of the current sub-block and read the rest of the block (the finished sub-blocks
+and the still-masked later ones) from that buffer. This is the Fast-dLLM approximation:
+the buffered K/V are those of the sub-block's first step and are not updated while the
+current sub-block changes.
 
 Steps. Each step proposes a token for every position (greedy or sampled, MASK never
 proposed), the policy picks which MASK positions of the current (sub-)block to fill, and
