@@ -50,8 +50,11 @@ latest after its step cap, whose last step fills every remaining MASK. A row tha
 finished is frozen (it still occupies its batch slot in the forward, which is all it
 costs).
 
-Stopping: a row stops after the block in which it produced EOS (``stop_at_eos``) or whose
-end reaches its ``length``; the loop stops when every row has stopped.
+Stopping: a row stops once its block reaches its ``length``, or, with ``stop_at_eos``,
+after the block in which it produced EOS. On the per-row path without editing a row
+stops as soon as its block holds an EOS with no MASK before it: the slots after that EOS
+may stay MASK, since output is cut at the first EOS. The loop stops when every row has
+stopped.
 
 Streaming: ``on_block`` (a host function) is called with ``jax.debug.callback(...,
 ordered=True)`` when blocks finish: on the lockstep path once per block index; on the
@@ -393,9 +396,16 @@ def _decode_async(model, opt: DecodeOptions, prefill_len: int, on_block, on_step
     if on_step is not None:
       jax.debug.callback(on_step, cur, new, ordered=True)
     still = jnp.where(changed, 0, still + 1)
-    no_mask = ~jnp.any(region & (new == opt.mask_id), axis=-1)
+    is_mask = region & (new == opt.mask_id)
+    no_mask = ~jnp.any(is_mask, axis=-1)
     finished = active & ((no_mask & ((still >= opt.patience) if opt.editing else True))
                          | (step >= opt.step_cap))
+    if opt.stop_at_eos and not opt.editing:
+      # An EOS with nothing masked before it settles the row: what follows it is never
+      # read, so filling it would only cost forwards.
+      masks_before = jnp.cumsum(is_mask, axis=-1) - is_mask
+      finished = finished | (active & jnp.any((new == opt.eos_id) & region & (masks_before == 0),
+                                              axis=-1))
     canvas = jnp.where(active[:, None], _row_update(canvas, new, blk_start), canvas)
     steps = jnp.where(finished[:, None] & (jnp.arange(n_blocks) == cur[:, None]),
                       step[:, None], steps)
