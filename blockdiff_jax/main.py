@@ -1,4 +1,4 @@
-r"""Command-line entry point: train, sample, evaluate.
+r"""Command-line entry point: train, sample, evaluate, plan (memory per device).
 
   python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart \
       --mode=train --config.train.steps=100
