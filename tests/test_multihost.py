@@ -57,8 +57,8 @@ def _worker(out_path: str, workdir: str) -> None:
     state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
     losses.append(float(metrics["loss"]))
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
-  ckpt.save(3, state, {"index": 3}, force=True)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+  ckpt.save(3, state, {"index": 3})
   ckpt.wait()
   restored, data = ckpt.restore(sharded.abstract_state)
   ckpt.close()

@@ -146,8 +146,8 @@ def _worker(out_path: str, tmp: str) -> None:
       # A fresh state (no train step: that would cost a compile per source mesh).
       state = src_train.init_state(config.seed)
       directory = os.path.join(tmp, name)
-      ckpt = checkpoints.Checkpointer(directory, 1, 1, use_async=False)
-      ckpt.save(1, state, {"index": 1}, force=True)
+      ckpt = checkpoints.Checkpointer(directory, use_async=False)
+      ckpt.save(1, state, {"index": 1})
       set_mesh(dst)
       n = int(np.prod(dst))
       dst_mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n])

@@ -57,7 +57,7 @@ def test_resume_gives_identical_parameters(tiny_config, tmp_path, monkeypatch):
   with pytest.raises(Preempted):
     trainer.run(_small(tiny_config, 4), resumed)
   monkeypatch.setattr(pipeline.DatasetIterator, "__next__", original_next)
-  assert checkpoints.Checkpointer(os.path.join(resumed, "checkpoints"), 1, 1).latest_step() == 2
+  assert checkpoints.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 2
   trainer.run(_small(tiny_config, 4), resumed)  # Picks up at step 2 with the data position.
   a, b = _params(straight), _params(resumed)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_config
   workdir = str(tmp_path / "nan")
   with pytest.raises(trainer.NonFiniteError, match="NaN/Inf at step 4"):
     trainer.run(_small(tiny_config, 8), workdir)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == 2
   params = _params(workdir)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -279,7 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(f"# Evaluation of {workdir}\n\n{table}\n")
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
   step = ckpt.latest_step() or 0
   ckpt.close()
   writer.write(step, _flatten("", results, {}), prefix="eval/")

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence, TextIO
 
 from blockdiff_jax.evaluation import pass_at_k as pass_at_k_lib
 from blockdiff_jax.evaluation import sandbox
+from blockdiff_jax.train import metrics_writer
 
 Problem = Mapping[str, str]
 
@@ -127,34 +128,6 @@ def truncate_completion(text: str,
   return text[:cut]
 
 
-class Progress:
-  """Prints "label: done/total, rate/s, ETA" at most every `interval_s`."""
-
-  def __init__(self, total: int, label: str, stream: TextIO | None = sys.stderr,
-               interval_s: float = 5.0):
-    self.total, self.label, self.stream = total, label, stream
-    self.interval_s = interval_s
-    self.done = 0
-    self._start = self._last = time.monotonic()
-
-  def update(self, n: int = 1) -> None:
-    self.done += n
-    now = time.monotonic()
-    if self.done >= self.total or now - self._last >= self.interval_s:
-      self._last = now
-      self._print(now)
-
-  def _print(self, now: float) -> None:
-    if self.stream is None:
-      return
-    elapsed = max(now - self._start, 1e-9)
-    rate = self.done / elapsed
-    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-    print(f"[{self.label}] {self.done}/{self.total}  {rate:.2f}/s  "
-          f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s", file=self.stream,
-          flush=True)
-
-
 def score_samples(samples: Sequence[Mapping],
                   problems: Mapping[str, Problem] | None = None,
                   ks: Sequence[int] = (1, 10, 100),
@@ -197,7 +170,8 @@ def score_samples(samples: Sequence[Mapping],
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
 
-  meter = Progress(len(samples), "execute", progress)
+  meter = metrics_writer.Progress(len(samples), unit="programs", stream=progress,
+                                 label="execute")
   results: list[sandbox.Result | None] = [None] * len(samples)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     futures = {
@@ -264,7 +238,8 @@ def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
   if num_samples < 1 or batch_size < 1:
     raise ValueError("num_samples and batch_size must be >= 1")
   jobs = [task_id for task_id in problems for _ in range(num_samples)]
-  meter = Progress(len(jobs), "generate", progress)
+  meter = metrics_writer.Progress(len(jobs), unit="prompts", stream=progress,
+                                 label="generate")
   samples = []
   for start in range(0, len(jobs), batch_size):
     batch = jobs[start:start + batch_size]

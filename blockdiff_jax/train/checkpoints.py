@@ -8,16 +8,15 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves every N steps (and on demand), keeps K, optionally writes in the background.
+  """Saves on demand (the trainer decides when), keeps K, optionally in the background.
 
   Each checkpoint holds two items: ``state`` (the TrainState pytree, restored onto the
   shardings of an abstract target) and ``data`` (the JSON position of the data
   iterator), so a resumed run continues with exactly the batches it would have seen.
   """
 
-  def __init__(self, directory: str, every: int, keep: int, use_async: bool = True):
+  def __init__(self, directory: str, keep: int = 1, use_async: bool = True):
     self.directory = os.path.abspath(directory)
-    self.every = every
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -26,10 +25,8 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
-    """Saves when ``step`` is a multiple of ``every`` (or when forced)."""
-    if not force and step % self.every:
-      return False
+  def save(self, step: int, state: Any, data_state: dict) -> bool:
+    """Saves ``step`` unless a checkpoint of that step exists already."""
     if step in self.manager.all_steps():
       return False
     return self.manager.save(

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -50,12 +49,19 @@ class MetricsWriter:
 
 
 class Progress:
-  """A console progress line with rate and ETA."""
+  """A console progress line with rate and ETA.
 
-  def __init__(self, total: int, start: int = 0, unit: str = "step", stream=None):
-    self.total, self.start, self.unit = total, start, unit
-    self.t0 = time.time()
-    self.stream = stream or sys.stdout
+  Either call ``print(done, extra)`` at chosen points (the trainer), or count with
+  ``update(n)``, which prints at most every ``interval_s`` seconds and at the end.
+  """
+
+  def __init__(self, total: int, start: int = 0, unit: str = "step", stream=None,
+               label: str = "", interval_s: float = 5.0):
+    self.total, self.start, self.unit, self.label = total, start, unit, label
+    self.interval_s = interval_s
+    self.done = start
+    self.t0 = self._last = time.time()
+    self.stream = stream  # None = silent.
 
   def rate(self, done: int) -> float:
     return (done - self.start) / max(time.time() - self.t0, 1e-9)
@@ -65,8 +71,18 @@ class Progress:
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     pct = 100.0 * done / max(self.total, 1)
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
-    return (f"[{done}/{self.total} {pct:5.1f}%] {rate:.2f} {self.unit}/s "
+    label = f"{self.label} " if self.label else ""
+    return (f"[{label}{done}/{self.total} {pct:5.1f}%] {rate:.2f} {self.unit}/s "
             f"ETA {eta_s} {extra}").rstrip()
 
   def print(self, done: int, extra: str = ""):
-    print(self.line(done, extra), file=self.stream, flush=True)
+    if self.stream:
+      print(self.line(done, extra), file=self.stream, flush=True)
+
+  def update(self, n: int = 1) -> None:
+    """Counts ``n`` more items done; prints when due."""
+    self.done += n
+    now = time.time()
+    if self.done >= self.total or now - self._last >= self.interval_s:
+      self._last = now
+      self.print(self.done)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -106,8 +107,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
         flush=True)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
-                                  t.keep_checkpoints, t.async_checkpoints)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                  t.async_checkpoints)
   data_it = train_ds.iterator(0)
   if ckpt.latest_step() is not None:
     abstract = sharded.abstract_state if sharded else checkpoints.abstract_like(state)
@@ -129,7 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   writer = metrics_writer.MetricsWriter(workdir, t.tensorboard)
   start = int(state.step)
-  progress = metrics_writer.Progress(t.steps, start)
+  progress = metrics_writer.Progress(t.steps, start, stream=sys.stdout)
   bits = 1.0 / math.log(2)
   unigram = train_ds.unigram_entropy_bits
   print(f"data: {train_ds.bytes_per_token:.3f} bytes/token, unigram entropy "
@@ -185,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{val['nelbo_bits_per_byte']:.3f} bits/byte (unigram entropy "
               f"{val['unigram_entropy_bits_per_byte']:.3f} bits/byte)", flush=True)
       if save_due:
-        ckpt.save(done, state, data_it.get_state(), force=done == t.steps)
+        ckpt.save(done, state, data_it.get_state())
       if eval_due or save_due:
         # Keep evaluation and checkpoint time out of the throughput figures.
         jax.block_until_ready(state)
@@ -220,7 +221,7 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
   tx = optimizer.make_optimizer(config.train)
   abstract = jax.eval_shape(
       lambda: state_lib.create(init_params(model, config.seed), tx, config.train.ema_decay > 0))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, use_async=False)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
   try:
     state, _ = ckpt.restore(abstract, step)
   finally:
