@@ -6,6 +6,7 @@ r"""Command-line entry point: train, sample, evaluate, plan (memory per device).
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -18,6 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint step at INFO; the progress lines say what matters.
+    logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()  # From $JAX_COORDINATOR_ADDRESS etc.; no-op for one process.
