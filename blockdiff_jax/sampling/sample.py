@@ -198,7 +198,9 @@ def _console_streamer(tokenizer):
   """Host callback printing each row's block as it is committed."""
   def on_block(block_index, tokens, active):
     for row in np.flatnonzero(np.asarray(active)):
-      text = tokenizer.decode(np.asarray(tokens[row]), skip_special=False)
+      ids = np.asarray(tokens[row])
+      # MASKs left in a committed block lie past the row's end or after its EOS.
+      text = tokenizer.decode(ids[ids != tokenizer.mask_id], skip_special=False)
       print(f"[row {row} block {int(block_index[row])}] {text!r}", flush=True)
   return on_block
 
