@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.data import pipeline

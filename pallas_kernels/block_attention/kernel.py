@@ -236,7 +236,7 @@ def forward(q: Array, k: Array, v: Array, q_meta: Array, kv_meta: Array, *,
   b, tq, h, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   groups = h // hkv
-  nq, nk = tq // block_q, tk // block_k
+  nk = tk // block_k
   states = tile_map(q_meta, kv_meta, spec, block_q, block_k)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_k=block_k,
                              num_k_tiles=nk)
