@@ -3,6 +3,7 @@
 import os
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +24,15 @@ def load_config_file(name):
 @pytest.fixture
 def tiny_config():
   return load_config_file("tiny")
+
+
+# Kernel tests: on a GPU the same tests run the compiled Triton kernels.
+INTERPRET = jax.default_backend() != "gpu"
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.fixture
+def full_precision_matmuls():
+  """XLA's default fp32 matmul on GPU is TF32; the kernels' fp32 path is exact."""
+  with jax.default_matmul_precision("highest"):
+    yield

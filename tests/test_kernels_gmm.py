@@ -6,20 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import INTERPRET, TRITON_CALL
 from pallas_kernels import gmm as gmm_lib
 
 SMALL = gmm_lib.GmmBlockSizes(block_m=16, block_k=16, block_n=16, num_warps=4,
                               num_stages=2)
-TRITON_CALL = "__gpu$xla.gpu.triton"
-# On a GPU the same tests run the compiled Triton kernels.
-INTERPRET = jax.default_backend() != "gpu"
-
-
-@pytest.fixture(autouse=True)
-def _full_precision_references():
-  # XLA's default fp32 matmul on GPU is TF32; the kernels' fp32 path is exact.
-  with jax.default_matmul_precision("highest"):
-    yield
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
 def _loop_gmm(lhs, rhs, group_sizes):
