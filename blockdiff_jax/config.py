@@ -11,7 +11,6 @@ from blockdiff_jax.data import config as data_config
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 from blockdiff_jax.evaluation import eval_config
-from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
@@ -98,14 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def mask_spec(config: ml_collections.ConfigDict) -> masks.MaskSpec:
-  return masks.MaskSpec()
-
-
 def model_config(config: ml_collections.ConfigDict,
                  vocab_size: int | None = None) -> transformer.TransformerConfig:
   """The static TransformerConfig of an experiment config."""
-  return transformer.TransformerConfig.from_config(config.model, vocab_size, mask_spec(config))
+  return transformer.TransformerConfig.from_config(config.model, vocab_size)
 
 
 def objective(config: ml_collections.ConfigDict, mask_id: int) -> losses.BlockDiffusionObjective:
