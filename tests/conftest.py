@@ -36,3 +36,54 @@ def full_precision_matmuls():
   """XLA's default fp32 matmul on GPU is TF32; the kernels' fp32 path is exact."""
   with jax.default_matmul_precision("highest"):
     yield
+
+
+def run_multidevice_worker(script: str, tmp, timeout: int = 420) -> dict:
+  """Runs ``python script OUT TMP`` with 8 simulated CPU devices and returns its JSON report.
+
+  The script sets ``XLA_FLAGS`` before importing jax (so this pytest process keeps
+  one device) and writes ``{check: result or "error: ..."}`` to OUT.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = os.path.join(str(tmp), "report.json")
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, script, out, str(tmp)], env=env, cwd=repo,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0 and os.path.exists(out), proc.stderr[-5000:]
+  with open(out, encoding="utf-8") as f:
+    data = json.load(f)
+  assert data["num_devices"] == 8
+  return data
+
+
+def report_value(report: dict, name: str):
+  """One check of a worker report; fails the test with the worker's traceback."""
+  value = report[name]
+  assert not (isinstance(value, str) and value.startswith("error")), value
+  return value
+
+
+class WorkerReport:
+  """Collects a multi-device worker's checks: ``@report.check("name")`` runs a function."""
+
+  def __init__(self, out_path: str):
+    self.out_path = out_path
+    self.results = {"num_devices": jax.device_count()}
+
+  def check(self, name: str):
+    """Decorator: runs the function now, storing its result or its traceback."""
+    def deco(fn):
+      import traceback  # pylint: disable=g-import-not-at-top
+      try:
+        self.results[name] = fn()
+      except Exception:  # pylint: disable=broad-except
+        self.results[name] = "error: " + traceback.format_exc()[-3000:]
+      return fn
+    return deco
+
+  def write(self) -> None:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(self.out_path, "w", encoding="utf-8") as f:
+      json.dump(self.results, f, indent=1)

@@ -20,27 +20,28 @@ def _weights(key, e, d, f):
 @pytest.mark.parametrize("n,e,k", [(16, 4, 2), (33, 8, 2), (20, 8, 1), (12, 3, 3)])
 def test_dropless_dispatch_matches_dense_reference(impl, n, e, k):
   d, f = 8, 16
-  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_min_experts=k, tile_size=4)
-  dispatch = {"ragged_dot": moe.dropless_experts, "tiled": moe.tiled_experts}[impl]
+  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_min_experts=k, tile_size=4,
+                      impl=impl)
+  dense_cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_min_experts=k,
+                            impl="dense")
   x = jax.random.normal(jax.random.key(0), (n, d))
   logits = jax.random.normal(jax.random.key(1), (n, e))
   w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
   ws = _weights(jax.random.key(2), e, d, f)
 
-  def run(fn):
-    return lambda x, ws: fn(x, idx, w, *ws, cfg)
+  def run(c):
+    return lambda x, ws: moe.local_experts(x, idx, w, *ws, c)
 
-  np.testing.assert_allclose(run(dispatch)(x, ws), run(moe.dense_experts)(x, ws),
-                             rtol=1e-5, atol=1e-5)
-  g1 = jax.grad(lambda x, ws: run(dispatch)(x, ws).sum(), argnums=(0, 1))(x, ws)
-  g2 = jax.grad(lambda x, ws: run(moe.dense_experts)(x, ws).sum(), argnums=(0, 1))(x, ws)
+  np.testing.assert_allclose(run(cfg)(x, ws), run(dense_cfg)(x, ws), rtol=1e-5, atol=1e-5)
+  g1 = jax.grad(lambda x, ws: run(cfg)(x, ws).sum(), argnums=(0, 1))(x, ws)
+  g2 = jax.grad(lambda x, ws: run(dense_cfg)(x, ws).sum(), argnums=(0, 1))(x, ws)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dense_reference_matches_per_token_loop():
   e, k, d, f, n = 4, 2, 6, 10, 7
-  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f)
+  cfg = moe.MoEConfig(num_experts=e, top_k=k, expert_dim=f, impl="dense")
   x = np.asarray(jax.random.normal(jax.random.key(0), (n, d)))
   idx = np.array([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [0, 2], [3, 1]])
   w = np.asarray(jax.random.uniform(jax.random.key(1), (n, k)))
@@ -51,7 +52,24 @@ def test_dense_reference_matches_per_token_loop():
     for j in range(k):
       ex = idx[i, j]
       want[i] += w[i, j] * ((silu(x[i] @ wg[ex]) * (x[i] @ wu[ex])) @ wd[ex])
-  got = moe.dense_experts(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, cfg)
+  got = moe.local_experts(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, cfg)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "dense"])
+def test_void_rows_give_zeros_and_leave_the_rest_unchanged(impl):
+  # Expert-parallel receive buffers mark unfilled slots with id >= G.
+  g, d, f, m = 3, 8, 16, 19
+  cfg = moe.MoEConfig(num_experts=g, top_k=1, expert_dim=f, block_min_experts=1, tile_size=4,
+                      impl=impl)
+  xs = np.asarray(jax.random.normal(jax.random.key(0), (m, d)))
+  ids = np.asarray(jax.random.randint(jax.random.key(1), (m,), 0, g + 2))
+  wg, wu, wd = (np.asarray(a) for a in _weights(jax.random.key(2), g, d, f))
+  silu = lambda z: z / (1 + np.exp(-z))
+  want = np.stack([np.zeros(d) if i >= g else (silu(x @ wg[i]) * (x @ wu[i])) @ wd[i]
+                   for x, i in zip(xs, ids)])
+  got = moe.expert_ffn(jnp.asarray(xs), jnp.asarray(ids), wg, wu, wd, cfg)
+  assert (ids >= g).sum() >= 3
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -5,9 +5,7 @@ The checks run in one subprocess that sees 8 simulated devices
 one device; each pytest test below asserts on one part of its JSON report.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 if __name__ == "__main__":
@@ -17,6 +15,10 @@ if __name__ == "__main__":
 
 import pytest
 
+from conftest import report_value
+from conftest import run_multidevice_worker
+from conftest import WorkerReport
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
 VOCAB, MASK_ID = 128, 127
@@ -24,7 +26,6 @@ VOCAB, MASK_ID = 128, 127
 
 def _worker(out_path: str, tmp: str) -> None:
   """Runs every check and writes {check: result or "error: ..."} to out_path."""
-  import traceback  # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -40,16 +41,8 @@ def _worker(out_path: str, tmp: str) -> None:
   sys.path.insert(0, REPO)
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
-  results = {"num_devices": jax.device_count()}
-
-  def check(name):
-    def deco(fn):
-      try:
-        results[name] = fn()
-      except Exception:  # pylint: disable=broad-except
-        results[name] = "error: " + traceback.format_exc()[-3000:]
-      return fn
-    return deco
+  report = WorkerReport(out_path)
+  check = report.check
 
   config = tiny.get_config()
   config.model.vocab_size = VOCAB
@@ -178,27 +171,15 @@ def _worker(out_path: str, tmp: str) -> None:
       out["mismatch"] = str(e)
     return out
 
-  with open(out_path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
+  report.write()
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sharding")
-  out = tmp / "report.json"
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, __file__, str(out), str(tmp)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=420, check=False)
-  assert proc.returncode == 0 and out.exists(), proc.stderr[-5000:]
-  data = json.loads(out.read_text())
-  assert data["num_devices"] == 8
-  return data
+  return run_multidevice_worker(__file__, tmp_path_factory.mktemp("sharding"))
 
 
-def _get(report, name):
-  value = report[name]
-  assert not (isinstance(value, str) and value.startswith("error")), value
-  return value
+_get = report_value
 
 
 @pytest.mark.parametrize("sizes", MESHES, ids=["8x1x1x1", "2x2x2x1", "1x2x2x2"])

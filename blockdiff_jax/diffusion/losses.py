@@ -99,6 +99,7 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
         "load_balance_loss": lb,
         "router_z_loss": z,
         "unique_experts": jnp.mean(moe_stats["unique_experts"]),
+        "dropped_fraction": jnp.mean(moe_stats["dropped_fraction"]),
         # max/mean expert load: 1 = perfectly balanced.
         "expert_load_max_over_mean": jnp.mean(
             jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9)),

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blockdiff_jax.model import expert_parallel
 from blockdiff_jax.model import layers
 from blockdiff_jax.model import masks
 
@@ -53,6 +54,8 @@ class MoEConfig:
   block_min_experts: int = 2
   impl: str = "ragged_dot"
   tile_size: int = 128
+  expert_parallel: str = "all_to_all"
+  capacity_factor: float = 0.0
   interpret: bool = True
 
   def __post_init__(self):
@@ -66,6 +69,12 @@ class MoEConfig:
       raise ValueError(f"moe.router_func must be one of {ROUTER_FUNCS}, got {self.router_func!r}")
     if self.impl not in MOE_IMPLS:
       raise ValueError(f"moe.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
+    if self.expert_parallel not in expert_parallel.EXPERT_PARALLEL_MODES:
+      raise ValueError(f"moe.expert_parallel must be one of "
+                       f"{expert_parallel.EXPERT_PARALLEL_MODES}, got {self.expert_parallel!r}")
+    if self.capacity_factor < 0:
+      raise ValueError(f"moe.capacity_factor must be >= 0 (0 = dropless), "
+                       f"got {self.capacity_factor}")
     if self.tile_size < 1:
       raise ValueError(f"moe.tile_size must be >= 1, got {self.tile_size}")
     if not 0.0 < self.block_coverage <= 1.0:
@@ -139,54 +148,69 @@ def _grouped_matmul(x: Array, w: Array, group_sizes: Array, cfg: MoEConfig) -> A
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype)
 
 
-def dropless_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
-                     cfg: MoEConfig) -> Array:
-  """Sort-based dropless dispatch. x [N, D], experts/weights [N, k] -> [N, D]."""
-  n, d = x.shape
-  k = experts.shape[-1]
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  xs = x[order // k]
-  group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
-  h = nn.silu(_grouped_matmul(xs, wg, group_sizes, cfg)) * _grouped_matmul(xs, wu, group_sizes, cfg)
+def expert_ffn(xs: Array, ids: Array, wg: Array, wu: Array, wd: Array,
+                      cfg: MoEConfig) -> Array:
+  """Grouped SwiGLU over rows. xs [M, D], ids [M] -> [M, D].
+
+  Row m goes through expert ``ids[m]`` of the G experts in the weights' leading
+  axis; rows whose id is G or more are void and give zeros (the unfilled slots of
+  an expert-parallel receive buffer). Implemented per ``cfg.impl``.
+  """
+  g = wg.shape[0]
+  if cfg.impl == "dense":
+    onehot = jax.nn.one_hot(ids, g, dtype=xs.dtype)  # Void rows: all zeros.
+    h = nn.silu(jnp.einsum("md,edf->mef", xs, wg)) * jnp.einsum("md,edf->mef", xs, wu)
+    return jnp.einsum("mef,efd,me->md", h, wd, onehot)
+  if cfg.impl == "tiled":
+    return _tiled_ffn(xs, ids, wg, wu, wd, cfg.tile_size)
+  ids = jnp.minimum(ids, g)
+  order = jnp.argsort(ids, stable=True)  # Void rows last, past sum(group_sizes).
+  group_sizes = jnp.bincount(ids, length=g + 1)[:g].astype(jnp.int32)
+  x_sorted = xs[order]
+  h = nn.silu(_grouped_matmul(x_sorted, wg, group_sizes, cfg)) * _grouped_matmul(
+      x_sorted, wu, group_sizes, cfg)
   ys = _grouped_matmul(h, wd, group_sizes, cfg)
-  y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, d)
-  return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
+  return jnp.zeros_like(ys).at[order].set(ys)
 
 
-def tiled_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
-                  cfg: MoEConfig) -> Array:
-  """Dropless dispatch over expert groups padded to whole tiles. x [N, D] -> [N, D]."""
-  n, d = x.shape
-  k = experts.shape[-1]
-  e, tile = cfg.num_experts, cfg.tile_size
-  flat = experts.reshape(-1)
-  sizes = jnp.bincount(flat, length=e)
+def _tiled_ffn(xs: Array, ids: Array, wg: Array, wu: Array, wd: Array, tile: int) -> Array:
+  """``expert_ffn`` over expert groups padded to whole tiles (see module docstring)."""
+  m, d = xs.shape
+  g = wg.shape[0]
+  ids = jnp.minimum(ids, g)
+  sizes = jnp.bincount(ids, length=g + 1)[:g]
   padded = (sizes + tile - 1) // tile * tile
   padded_start = jnp.cumsum(padded) - padded
-  order = jnp.argsort(flat, stable=True)
-  sorted_experts = flat[order]
-  rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
-  dest = jnp.zeros(n * k, jnp.int32).at[order].set(padded_start[sorted_experts] + rank)
-  num_tiles = -(-(n * k + e * (tile - 1)) // tile)
-  x_pad = jnp.zeros((num_tiles * tile, d), x.dtype).at[dest].set(x[jnp.arange(n * k) // k])
+  order = jnp.argsort(ids, stable=True)
+  sorted_ids = ids[order]
+  rank = jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[jnp.minimum(sorted_ids, g - 1)]
+  num_tiles = -(-(m + g * (tile - 1)) // tile)
+  # Void rows go one past the last tile and are dropped by the scatter.
+  sorted_dest = jnp.where(sorted_ids < g, padded_start[jnp.minimum(sorted_ids, g - 1)] + rank,
+                          num_tiles * tile)
+  dest = jnp.zeros(m, jnp.int32).at[order].set(sorted_dest.astype(jnp.int32))
+  x_pad = jnp.zeros((num_tiles * tile, d), xs.dtype).at[dest].set(xs, mode="drop")
   tile_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile,
-                                          side="right"), 0, e - 1)
+                                          side="right"), 0, g - 1)
   xt = x_pad.reshape(num_tiles, tile, d)
   h = nn.silu(jnp.einsum("tmd,tdf->tmf", xt, wg[tile_expert])) * jnp.einsum(
       "tmd,tdf->tmf", xt, wu[tile_expert])
   y = jnp.einsum("tmf,tfd->tmd", h, wd[tile_expert]).reshape(num_tiles * tile, d)
-  return jnp.einsum("nkd,nk->nd", y[dest].reshape(n, k, d), weights.astype(y.dtype))
+  return y.at[dest].get(mode="fill", fill_value=0)
 
 
-def dense_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
+def combine(ys: Array, weights: Array) -> Array:
+  """Copies [N*k, D] (token-major) weighted by the router: -> [N, D]."""
+  n, k = weights.shape
+  return jnp.einsum("nkd,nk->nd", ys.reshape(n, k, -1), weights.astype(ys.dtype))
+
+
+def local_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
                   cfg: MoEConfig) -> Array:
-  """One-hot reference: all experts on all tokens, combined by sparse weights."""
-  combine = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts, dtype=x.dtype)
-                    * weights[..., None].astype(x.dtype), axis=-2)  # [N, E]
-  h = nn.silu(jnp.einsum("nd,edf->nef", x, wg)) * jnp.einsum("nd,edf->nef", x, wu)
-  y = jnp.einsum("nef,efd->ned", h, wd)
-  return jnp.einsum("ned,ne->nd", y, combine)
+  """Dropless dispatch of every token copy to its expert on this device. x [N, D] -> [N, D]."""
+  n, k = experts.shape
+  copies = x[jnp.arange(n * k) // k]
+  return combine(expert_ffn(copies, experts.reshape(-1), wg, wu, wd, cfg), weights)
 
 
 class MoEFeedForward(nn.Module):
@@ -215,12 +239,18 @@ class MoEFeedForward(nn.Module):
 
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
     probs, weights, experts, _ = route(logits, meta, cfg)
-    xf = x.reshape(b * t, d).astype(self.dtype)
-    args = (xf, experts.reshape(b * t, -1), weights.reshape(b * t, -1),
-            wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype), cfg)
-    dispatch = {"dense": dense_experts, "tiled": tiled_experts}.get(cfg.impl, dropless_experts)
-    y = dispatch(*args)
-    y = y.reshape(b, t, d)
+    wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
+    plan = None
+    if cfg.expert_parallel == "all_to_all":
+      plan = expert_parallel.make_plan((b, t, d), e, cfg.top_k, f, cfg.capacity_factor)
+    if plan is not None:
+      ffn = lambda *a: expert_ffn(*a, cfg=cfg)
+      y, dropped = expert_parallel.all_to_all_experts(
+          plan, x.astype(self.dtype), experts, weights, wg, wu, wd, ffn)
+    else:
+      y = local_experts(x.reshape(b * t, d).astype(self.dtype), experts.reshape(b * t, -1),
+                        weights.reshape(b * t, -1), wg, wu, wd, cfg).reshape(b, t, d)
+      dropped = jnp.zeros((), jnp.float32)
     if cfg.shared_expert_dim:
       y = y + layers.SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared")(x)
 
@@ -235,5 +265,7 @@ class MoEFeedForward(nn.Module):
         "router_z_loss": jnp.sum(z * z * valid) / n_valid,
         "tokens_per_expert": counts,
         "unique_experts": jnp.sum(counts > 0).astype(jnp.float32),
+        # Token copies an expert-parallel capacity limit dropped, over all copies.
+        "dropped_fraction": dropped / (b * t * cfg.top_k),
     }
     return y.astype(x.dtype), stats

@@ -100,7 +100,8 @@ class TransformerConfig:
           shared_expert_dim=m.moe.shared_expert_dim, router_func=m.moe.router_func,
           router_mode=m.moe.router_mode, normalize_topk=m.moe.normalize_topk,
           block_coverage=m.moe.block_coverage, block_min_experts=m.moe.block_min_experts,
-          impl=m.moe.impl, tile_size=m.moe.tile_size, interpret=m.interpret)
+          impl=m.moe.impl, tile_size=m.moe.tile_size, expert_parallel=m.moe.expert_parallel,
+          capacity_factor=m.moe.capacity_factor, interpret=m.interpret)
     vocab = m.vocab_size or vocab_size
     if not vocab:
       raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary was given")

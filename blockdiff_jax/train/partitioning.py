@@ -21,17 +21,14 @@ is not currently implemented", ``argsort`` over a sharded axis raises
 ShardingTypeError), so every MoE op would need an ``out_sharding``. With Auto
 axes the same model code runs on 1 device and on any mesh.
 
-MoE expert parallelism. We let GSPMD partition the sort-based dropless dispatch
-(``moe.dropless_experts``) with expert weights sharded over ``expert`` (and
-``fsdp``/``tensor``) instead of a hand-written ``shard_map`` + all-to-all. Why:
-the dispatch is data-dependent (``argsort`` + ``ragged_dot`` group sizes), and
-a capacity-free all-to-all needs either a worst-case buffer (top_k x tokens per
-shard) or a two-pass size exchange; GSPMD instead gathers the weights a layer
-needs at use (like the ``fsdp`` axis), which keeps the model code unchanged,
-keeps it dropless and bit-for-bit the same math. The cost is communication: the
-expert axis behaves like an extra FSDP axis for expert weights rather than
-moving tokens. ``tests/test_sharding_train.py`` checks that losses and updated
-parameters match the single-device step.
+MoE expert parallelism. Each MoE layer dispatches inside a ``shard_map``
+(``model/expert_parallel.py``): tokens stay on their device, token copies travel
+to the shard holding their expert by ``all_to_all`` over ``expert`` and come
+back the same way (dropless by default; ``moe.capacity_factor`` bounds the
+buffers GShard-style). ``moe.expert_parallel = "gather"`` instead lets GSPMD
+partition the local sort-based dispatch, all-gathering expert weights where used.
+``tests/test_sharding_train.py`` and ``tests/test_expert_parallel.py`` check that
+losses, outputs and gradients match a single device.
 """
 
 import contextlib
@@ -51,12 +48,14 @@ import optax
 
 from blockdiff_jax.model import layers
 from blockdiff_jax.model import masks
+from blockdiff_jax.model import sharding as sharding_lib
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 
 P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
+fit_spec = sharding_lib.fit_spec
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -150,29 +149,6 @@ def abstract_mesh(mesh_config: ml_collections.ConfigDict,
   """The same mesh without devices, for planning (nothing is allocated)."""
   return jax.sharding.AbstractMesh(mesh_shape(mesh_config, num_devices), MESH_AXES,
                                    axis_types=(jax.sharding.AxisType.Auto,) * 4)
-
-
-def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
-  """Drops mesh axes that do not divide their dimension (e.g. 2 kv heads on tensor=4).
-
-  Keeps the longest prefix of each dimension's axes whose size product divides the
-  dimension, so every shard has the same shape (what Orbax and donation expect).
-  """
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is None:
-      out.append(None)
-      continue
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    kept, prod = [], 1
-    for a in axes:
-      if dim % (prod * sizes[a]):
-        break
-      kept.append(a)
-      prod *= sizes[a]
-    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-  return P(*out)
 
 
 def _is_boxed(x) -> bool:
@@ -391,7 +367,7 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
   b_sharding = batch_sharding(mesh, rules)
   rep = replicated(mesh)
   d = config.data
-  n_batch = math.prod(mesh.shape[a] for a in _axes(b_sharding.spec[0]))
+  n_batch = math.prod(mesh.shape[a] for a in sharding_lib.axes_of(b_sharding.spec[0]))
   micro = d.batch_size // t.grad_accum_steps
   if micro % n_batch:
     raise ValueError(f"data.batch_size={d.batch_size} / train.grad_accum_steps="
@@ -420,19 +396,13 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
       eval_step=_in_context(jitted_eval, mesh, rules))
 
 
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def shard_bytes(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
   """Bytes of one device's shard (ceil division, as padded uneven shards)."""
   sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
   n = 1
   for i, dim in enumerate(shape):
     entry = sharding.spec[i] if i < len(sharding.spec) else None
-    n *= -(-dim // math.prod(sizes[a] for a in _axes(entry)))
+    n *= -(-dim // math.prod(sizes[a] for a in sharding_lib.axes_of(entry)))
   return n * np.dtype(dtype).itemsize
 
 

@@ -1,0 +1,69 @@
+"""Mesh PartitionSpecs from logical axis names, fitted to array shapes.
+
+The model names every weight and activation axis logically (``embed``,
+``expert``, ``activation_batch``...); the rules table that maps them to mesh
+axes is set by ``train.partitioning.mesh_context`` (flax's logical-axis-rules
+context). These helpers turn names into specs the model can hand to
+``shard_map``, and the partitioner uses the same ``fit_spec`` for jit shardings,
+so both always agree on a layout.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+P = jax.sharding.PartitionSpec
+
+
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple) as a tuple."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
+  """Drops mesh axes that do not divide their dimension (e.g. 2 kv heads on tensor=4).
+
+  Keeps the longest prefix of each dimension's axes whose size product divides the
+  dimension, so every shard has the same shape (what Orbax and donation expect).
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    kept, prod = [], 1
+    for a in axes_of(entry):
+      if dim % (prod * sizes[a]):
+        break
+      kept.append(a)
+      prod *= sizes[a]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> P:
+  """The fitted mesh spec of an array with logical axis ``names`` under the active rules."""
+  spec = nn.logical_to_mesh_axes(tuple(names), nn.get_logical_axis_rules())
+  return fit_spec(spec, shape, mesh)
+
+
+def varying_axes(x) -> frozenset[str]:
+  """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def same_varying_axes(*arrays):
+  """Casts arrays inside ``shard_map`` to vary over the union of their mesh axes.
+
+  JAX 0.10.2 does not insert this cast everywhere it is needed: rows of a
+  replicated operand gathered by a permutation that varies over the mesh got a
+  cotangent without the ``psum`` over those axes (wrong gradients, found by
+  ``tests/test_expert_parallel.py``). Casting up front makes the transpose of the
+  cast supply that ``psum``. Outside ``shard_map`` it is a no-op.
+  """
+  vmas = [varying_axes(a) for a in arrays]
+  union = frozenset().union(*vmas)
+  return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+          for a, v in zip(arrays, vmas)]
