@@ -58,6 +58,29 @@ def test_plan_expert_and_tensor_axes_shrink_their_parts():
   assert tp["activations: logits + loss"] == base["activations: logits + loss"]  # 8 seqs/8 vocab.
 
 
+def test_plan_counts_all_to_all_buffers():
+  working = "activations: one layer working set"
+
+  def layer_bytes(capacity, **mesh):
+    c = _config_7b(**mesh)
+    c.model.moe.capacity_factor = capacity
+    return plan.plan(c, num_devices=8)["bytes"][working]
+
+  # Without an expert axis there is no buffer: the capacity changes nothing.
+  assert layer_bytes(0.0) == layer_bytes(1.25)
+  # With 8 expert shards the dropless buffers hold ep * min(k, E/ep) = 8 * 2 slots per
+  # token (8x its k = 2 copies); a capacity factor of 1 brings that down to k.
+  dropless, capped = layer_bytes(0.0, fsdp=1, expert=8), layer_bytes(1.0, fsdp=1, expert=8)
+  assert dropless > capped
+  c = _config_7b(fsdp=1, expert=8)
+  b = c.data.batch_size // c.train.grad_accum_steps // 8  # Sequences per device.
+  d, f, k = c.model.d_model, c.model.moe.expert_dim, c.model.moe.top_k
+  copies = b * 2 * c.data.seq_len * k
+  per_copy = (3 * f + 4 * d) * 2  # bf16: hidden, copies in/out, both send buffers.
+  # The working set counts forward values and their gradients (x2).
+  assert dropless - capped == pytest.approx(2 * (8 - 1) * copies * per_copy, rel=1e-6)
+
+
 def test_plan_run_writes_json(tmp_path, capsys):
   c = _config_7b()
   c.mesh.plan_devices = 8

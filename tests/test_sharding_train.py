@@ -21,6 +21,7 @@ from conftest import WorkerReport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
+EXPLICIT_MESHES = ((2, 2, 2, 1), (1, 2, 2, 2))
 VOCAB, MASK_ID = 128, 127
 
 
@@ -33,6 +34,9 @@ def _worker(out_path: str, tmp: str) -> None:
   from blockdiff_jax import config as config_lib
   from blockdiff_jax.model import masks
   from blockdiff_jax.model import transformer
+  from blockdiff_jax.sampling import decoder
+  from blockdiff_jax.sampling import layout
+  from blockdiff_jax.sampling import policies
   from blockdiff_jax.train import checkpoints
   from blockdiff_jax.train import partitioning
   from blockdiff_jax.train import state as state_lib
@@ -66,6 +70,13 @@ def _worker(out_path: str, tmp: str) -> None:
     for axis, size in zip(partitioning.MESH_AXES, sizes):
       config.mesh[axis] = size
 
+  # A decoder model with a byte tokenizer, 2 heads and 1 KV head.
+  dec_config = config_lib.base_config()
+  dec_config.model.update(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16)
+  dec_config.model.moe.expert_dim = 32
+  dec_model, dec_tok = trainer.build_model(dec_config)
+  dec_params = trainer.init_params(dec_model, 0)
+
   ref_params = trainer.init_params(model, config.seed)
   ref_step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, sgd, lr))
   ref_state, ref_metrics = ref_step(state_lib.create(ref_params, sgd, False), batch, base_rng)
@@ -86,6 +97,55 @@ def _worker(out_path: str, tmp: str) -> None:
               "grad_norm": float(metrics["grad_norm"]),
               "ref_grad_norm": float(ref_metrics["grad_norm"]),
               "param_diff": max_diff(state.params, ref_state.params)}
+
+  for sizes in EXPLICIT_MESHES:
+    @check(f"explicit/{sizes}")
+    def _(sizes=sizes):
+      # The same step on a mesh with Explicit axes (sharding in types, JAX's default).
+      set_mesh(sizes)
+      config.mesh.axis_types = "explicit"
+      try:
+        mesh = partitioning.make_mesh(config.mesh)
+        sharded = partitioning.make_sharded_train(config, mesh, model, obj, tx=sgd,
+                                                  lr_schedule=lr)
+        state = sharded.init_state(config.seed)
+        state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
+        eval_metrics = sharded.eval_step(state.params, sharded.put_batch(batch), base_rng)
+      finally:
+        config.mesh.axis_types = "auto"
+      typed = {partitioning._path_str(p): str(jax.typeof(x).sharding.spec)  # pylint: disable=protected-access
+               for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+      return {"axis_types": [t.name for t in mesh.axis_types],
+              "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
+              "param_diff": max_diff(state.params, ref_state.params),
+              "eval_nelbo": float(eval_metrics["nelbo"]),
+              "wi_gate_type": typed["layer_0/moe/wi_gate"],
+              "embedding_type": typed["embed/embedding"]}
+
+  @check("decode")
+  def _():
+    # The whole jitted block decoder (prefill, KV cache, while_loop, policy) with
+    # sharded params, on Auto and Explicit meshes, against one device.
+    prompts = ["<|bos|>hello world, this", "<|bos|>ab", "<|bos|>def f(x):", "<|bos|>import"] * 2
+    ids = [layout.parse(dec_tok, p).ids for p in prompts]
+    canvas = layout.generation_canvas(ids, 20, 8, dec_tok.mask_id, 64, 48)
+    opt = decoder.DecodeOptions(block_size=8, mask_id=dec_tok.mask_id, eos_id=dec_tok.eos_id,
+                                policy=policies.Threshold(0.05))
+    ref = decoder.decode(dec_model, dec_params, canvas, opt, prefill_width=16)
+    out = {"ref_nfe": ref["nfe"].tolist()}
+    set_mesh((2, 2, 2, 1))
+    for kind in ("auto", "explicit"):
+      config.mesh.axis_types = kind
+      mesh = partitioning.make_mesh(config.mesh)
+      config.mesh.axis_types = "auto"
+      rules = partitioning.logical_rules(config.mesh)
+      params = jax.device_put(dec_params, partitioning.param_shardings(
+          partitioning.abstract_params(dec_model), mesh, rules))
+      with partitioning.mesh_context(mesh, rules):
+        got = decoder.decode(dec_model, params, canvas, opt, prefill_width=16)
+      out[kind] = {"tokens_equal": bool((got["tokens"] == ref["tokens"]).all()),
+                   "nfe": got["nfe"].tolist()}
+    return out
 
   @check("specs")
   def _():
@@ -189,6 +249,25 @@ def test_train_step_matches_one_device(report, sizes):
   assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-5)
   assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)
   assert r["param_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("sizes", EXPLICIT_MESHES, ids=["2x2x2x1", "1x2x2x2"])
+def test_train_step_on_explicit_axes_matches_one_device(report, sizes):
+  r = _get(report, f"explicit/{sizes}")
+  assert r["axis_types"] == ["Explicit"] * 4
+  assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-5)
+  assert r["param_diff"] < 1e-5
+  assert r["eval_nelbo"] > 0
+  # The updated params carry their rule's sharding in their type.
+  assert r["wi_gate_type"] == "P('expert', 'fsdp', 'tensor')"
+  assert r["embedding_type"] == "P('tensor', 'fsdp')"
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_sharded_decoder_matches_one_device(report, kind):
+  r = _get(report, "decode")
+  assert r[kind]["tokens_equal"]
+  assert r[kind]["nfe"] == r["ref_nfe"]
 
 
 def test_param_and_optimizer_shardings_follow_rules(report):

@@ -75,9 +75,11 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   logits, aux = apply_fn(params, jnp.concatenate([xt, x0], axis=1), meta,
                          logits_slice=(0, length))
   # SUBS parameterization: the denoiser never predicts MASK.
-  logits = logits.at[..., obj.mask_id].set(-jnp.inf)
+  # (A where, not a scatter: the vocabulary may be split over ``tensor``.)
+  logits = jnp.where(jnp.arange(logits.shape[-1]) == obj.mask_id, -jnp.inf, logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+  vocab = jnp.arange(logits.shape[-1])
+  nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
   weight = is_masked * obj.schedule.loss_weight(t_tok)
   n_scored = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
   nelbo = jnp.sum(nll * weight) / n_scored

@@ -1,14 +1,17 @@
 """Grouped-query attention whose mask comes from token metadata, with an optional KV cache."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from blockdiff_jax.model import attention_ops
 from blockdiff_jax.model import layers
 from blockdiff_jax.model import masks
 from blockdiff_jax.model import rope
+from blockdiff_jax.model import sharding
 
 Array = Any
 
@@ -84,10 +87,16 @@ class Attention(nn.Module):
       kv_meta = cmeta.concat(meta)
     if self.impl == "pallas":
       from pallas_kernels import block_attention  # pylint: disable=g-import-not-at-top
-      out = block_attention.block_attention(q, k, v, meta, kv_meta, spec=self.mask_spec,
-                                            interpret=self.interpret)
+      core = functools.partial(block_attention.block_attention, spec=self.mask_spec,
+                               interpret=self.interpret)
     else:
-      out = attention_ops.masked_attention(q, k, v, meta, kv_meta, self.mask_spec)
+      core = functools.partial(attention_ops.masked_attention, spec=self.mask_spec)
+    if sharding.explicit_mesh() is not None:
+      # Under Explicit axes the GQA head grouping (heads -> kv_heads x groups) has
+      # no unique typed layout when heads and kv_heads split differently; the
+      # core runs with GSPMD choosing, and hands back q's layout.
+      core = jax.sharding.auto_axes(core, out_sharding=jax.typeof(q).sharding.spec)
+    out = core(q, k, v, meta, kv_meta)
     out = layers.DenseGeneral(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
                               dtype=self.dtype, name="out")(out)
     return out, new_kv

@@ -53,7 +53,6 @@ Array = Any
 P = jax.sharding.PartitionSpec
 
 EXPERT_PARALLEL_MODES = ("all_to_all", "gather")
-TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 GATE_AXES = ("expert", "embed", "expert_mlp")
 DOWN_AXES = ("expert", "expert_mlp", "embed")
 
@@ -103,7 +102,7 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
   b, t, d = x_shape
   gate_spec = sharding.logical_spec(GATE_AXES, (num_experts, d, expert_dim), mesh)
   down_spec = sharding.logical_spec(DOWN_AXES, (num_experts, expert_dim, d), mesh)
-  token_spec = sharding.logical_spec(TOKEN_AXES, x_shape, mesh)
+  token_spec = sharding.logical_spec(sharding.TOKEN_AXES, x_shape, mesh)
   ep_axes = sharding.axes_of(gate_spec[0])
   if sharding.axes_of(down_spec[0]) != ep_axes:
     return None
@@ -199,9 +198,12 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
       y = jax.lax.psum(y, reduce_axes)
     return y.reshape(b, t, d), dropped.astype(jnp.float32).reshape(1, 1)
 
-  y, dropped = jax.shard_map(
-      body,
-      in_specs=(plan.token_spec, row_spec, row_spec, plan.gate_spec, plan.gate_spec,
-                plan.down_spec),
-      out_specs=(plan.token_spec, row_spec))(x, experts, weights, wg, wu, wd)
+  in_specs = (plan.token_spec, row_spec, row_spec, plan.gate_spec, plan.gate_spec,
+              plan.down_spec)
+  args = (x, experts, weights, wg, wu, wd)
+  if sharding.explicit_mesh() is not None:
+    # Typed shardings must equal in_specs; this is where ZeRO-3 gathers embed.
+    args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, in_specs))
+  y, dropped = jax.shard_map(body, in_specs=in_specs,
+                             out_specs=(plan.token_spec, row_spec))(*args)
   return y, jnp.sum(dropped)

@@ -1,10 +1,13 @@
 """Basic layers whose weights carry logical axis names."""
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from blockdiff_jax.model import sharding
 
 Array = Any
 Dtype = Any
@@ -53,7 +56,55 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), jnp.float32)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return (y * sharding.replicate_for_use(scale)).astype(self.dtype)
+
+
+# Logical axis of the activation a kernel's output axis produces.
+_ACTIVATION_OF = {"embed": "activation_embed", "heads": "activation_heads",
+                  "kv_heads": "activation_heads", "mlp": "activation_mlp", "vocab": "vocab"}
+
+
+class _Kernel(nn.Module):
+  """The projection itself (a submodule so parameter paths stay ``<name>/DenseGeneral_0``).
+
+  Same parameters and init as ``flax.linen.DenseGeneral`` (the kernel is drawn
+  flat [in, out] and reshaped), but the contraction names its output layout, as
+  Explicit mesh axes require when it contracts a split axis (Megatron's
+  row-parallel projection over ``tensor``).
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  axis: tuple[int, ...]
+  use_bias: bool
+  dtype: Dtype
+  init_scale: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in, n_out = math.prod(in_shape), math.prod(self.features)
+    flat_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      return flat_init(key, (n_in, n_out), dtype).reshape(shape)
+
+    kernel = self.param("kernel", logical_init(kernel_init, self.kernel_axes),
+                        in_shape + self.features, jnp.float32)
+    batch = [d for d in range(x.ndim) if d not in axis]
+    out_shape = tuple(x.shape[d] for d in batch) + self.features
+    names = (("activation_batch", "activation_length") + (None,) * x.ndim)[:len(batch)] + tuple(
+        _ACTIVATION_OF.get(a) for a in self.kernel_axes[-len(self.features):])
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())),
+                            out_sharding=sharding.out_spec(names, out_shape))
+    if self.use_bias:
+      bias = self.param("bias", logical_init(nn.initializers.zeros,
+                                             self.kernel_axes[-len(self.features):]),
+                        self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class DenseGeneral(nn.Module):
@@ -69,15 +120,9 @@ class DenseGeneral(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    bias_axes = self.kernel_axes[-len(features):]
-    return nn.DenseGeneral(
-        features=features, axis=self.axis, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=logical_init(
-            nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal"),
-            self.kernel_axes),
-        bias_init=logical_init(nn.initializers.zeros, bias_axes),
-    )(x)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    return _Kernel(features, tuple(self.kernel_axes), axis, self.use_bias, self.dtype,
+                   self.init_scale, name="DenseGeneral_0")(x)
 
 
 class SwiGLU(nn.Module):

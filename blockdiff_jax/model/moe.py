@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from blockdiff_jax.model import expert_parallel
 from blockdiff_jax.model import layers
 from blockdiff_jax.model import masks
+from blockdiff_jax.model import sharding
 
 Array = Any
 
@@ -237,7 +238,8 @@ class MoEFeedForward(nn.Module):
     wu = self.param("wi_up", init(("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
     wd = self.param("wo", init(("expert", "expert_mlp", "embed")), (e, f, d), jnp.float32)
 
-    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
+                        sharding.replicate_for_use(router))
     probs, weights, experts, _ = route(logits, meta, cfg)
     wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
     plan = None

@@ -15,6 +15,9 @@ import jax
 
 P = jax.sharding.PartitionSpec
 
+# Logical axes of the residual stream [batch, length, embed].
+TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 
 def axes_of(entry) -> tuple[str, ...]:
   """The mesh axes of one PartitionSpec entry (None, a name or a tuple) as a tuple."""
@@ -67,3 +70,29 @@ def same_varying_axes(*arrays):
   union = frozenset().union(*vmas)
   return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
           for a, v in zip(arrays, vmas)]
+
+
+def explicit_mesh():
+  """The active mesh when any of its axes is Explicit (sharding in types), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+    return None
+  return mesh
+
+
+def out_spec(names: Sequence[str | None], shape: Sequence[int]) -> P | None:
+  """``out_sharding`` for an op producing logical axes ``names``: None unless explicit."""
+  mesh = explicit_mesh()
+  return None if mesh is None else logical_spec(names, shape, mesh)
+
+
+def replicate_for_use(w):
+  """Under Explicit axes, an all-gathered copy of a small weight (norm scale, bias).
+
+  Sharding-in-types refuses ``x * scale`` when ``scale`` is split over an axis
+  that ``x`` uses for another dimension; the gather is what GSPMD would insert.
+  Without an Explicit mesh it returns ``w`` unchanged.
+  """
+  if explicit_mesh() is None:
+    return w
+  return jax.sharding.reshard(w, P())

@@ -13,6 +13,7 @@ from blockdiff_jax.model import layers
 from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import rope
+from blockdiff_jax.model import sharding
 
 Array = Any
 
@@ -175,7 +176,10 @@ class Transformer(nn.Module):
                      embedding_init=layers.logical_init(
                          nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
                      name="embed")
-    x = embed(tokens)
+    # The lookup names its output layout: under Explicit mesh axes a gather of a
+    # [vocab@tensor, embed@fsdp] table by batch-split ids has no unique one.
+    x = embed.embedding.astype(dtype).at[tokens].get(
+        out_sharding=sharding.out_spec(sharding.TOKEN_AXES, tokens.shape + (cfg.d_model,)))
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cache_meta = None if cache is None else cache["meta"]
 

@@ -72,7 +72,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax.model import masks
+from blockdiff_jax.model import sharding
 from blockdiff_jax.sampling import policies
+
+P = jax.sharding.PartitionSpec
 
 Array = Any
 _NEG = -1e30
@@ -294,10 +297,18 @@ _CACHE: dict = {}
 
 
 def _decode_fn(model, options, prefill_len, on_block, on_step):
-  key = (model, options, prefill_len, on_block, on_step)
+  explicit = sharding.explicit_mesh() is not None
+  key = (model, options, prefill_len, on_block, on_step, explicit)
   if key not in _CACHE:
-    _CACHE[key] = jax.jit(
-        lambda *a: _decode(model, options, prefill_len, on_block, on_step, *a))
+    fn = lambda *a: _decode(model, options, prefill_len, on_block, on_step, *a)
+    if explicit:
+      # Under Explicit mesh axes the loop (per-row dynamic slices of replicated
+      # canvases mixed with batch-split model outputs) runs with GSPMD choosing
+      # layouts; the small results come back replicated.
+      fn = jax.sharding.auto_axes(fn, out_sharding={
+          "tokens": P(), "steps": P(), "nfe": P(), "forwards": P(), "edits": P(),
+          "unique_experts": P()})
+    _CACHE[key] = jax.jit(fn)
   return _CACHE[key]
 
 

@@ -12,14 +12,19 @@ One table of rules maps the model's logical axis names to the mesh axes
 * the batch over ``data``, ``fsdp`` and ``expert`` (the expert axis carries
   batch outside the MoE layers, so no device computes attention redundantly).
 
-Mesh axis types. JAX 0.10 makes ``jax.make_mesh`` return *Explicit* axes
-(sharding-in-types). We build the mesh with ``AxisType.Auto`` on purpose: the
-model is written for GSPMD/Shardy propagation with ``with_sharding_constraint``
-at block boundaries, and under Explicit axes several of its ops have no sharding
-rule (``ragged_dot`` raises "Explicit sharding inference for ragged_dot_general
-is not currently implemented", ``argsort`` over a sharded axis raises
-ShardingTypeError), so every MoE op would need an ``out_sharding``. With Auto
-axes the same model code runs on 1 device and on any mesh.
+Mesh axis types (``mesh.axis_types``). ``auto`` (the default) leaves layouts
+between the jit boundaries to GSPMD/Shardy, guided by logical sharding
+constraints at block boundaries. ``explicit`` is JAX 0.10's sharding-in-types
+mode (what ``jax.make_mesh`` returns by default): every array's type carries its
+sharding and an op whose result layout is ambiguous is an error. The same model
+code runs in both: the few such ops name their layout (the embedding gather,
+row-parallel projections via ``layers.DenseGeneral``, norm scales and the
+router gathered at use, the MoE ``shard_map`` inputs resharded to its specs),
+and two places hand the choice back to the compiler with
+``jax.sharding.auto_axes``: the attention core (the GQA head grouping has no
+unique typed layout when ``heads`` and ``kv_heads`` split differently) and the
+decoder's loop. ``tests/test_sharding_train.py`` runs the train step, the eval
+step and the decoder on Explicit meshes against one device.
 
 MoE expert parallelism. Each MoE layer dispatches inside a ``shard_map``
 (``model/expert_parallel.py``): tokens stay on their device, token copies travel
@@ -87,6 +92,8 @@ def default_mesh_config() -> ml_collections.ConfigDict:
   c.fsdp = -1  # ZeRO-3 shards of params/optimizer state (also splits the batch); -1 = the rest.
   c.expert = 1  # Shards of the MoE expert axis (also splits the batch); -1 = the rest.
   c.tensor = 1  # Tensor-parallel shards of heads, MLP, expert hidden and vocab; -1 = the rest.
+  # auto (GSPMD propagates layouts) | explicit (sharding in types, JAX's default).
+  c.axis_types = "auto"
   # Logical axis -> mesh axis (or tuple of axes, or None), first match wins.
   c.rules = DEFAULT_RULES
   c.plan_devices = 0  # --mode=plan: devices of the abstract mesh; 0 = the mesh's own size.
@@ -135,13 +142,23 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   return tuple(sizes)
 
 
+AXIS_TYPES = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+
+
+def axis_types(mesh_config: ml_collections.ConfigDict | None) -> tuple[Any, ...]:
+  """The mesh's axis types from ``mesh.axis_types`` (auto | explicit)."""
+  name = "auto" if mesh_config is None else mesh_config.get("axis_types", "auto")
+  if name not in AXIS_TYPES:
+    raise ValueError(f"mesh.axis_types must be one of {sorted(AXIS_TYPES)}, got {name!r}")
+  return (AXIS_TYPES[name],) * len(MESH_AXES)
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ``data x fsdp x expert x tensor`` mesh with Auto axes (see the module docstring)."""
+  """A ``data x fsdp x expert x tensor`` mesh (axis types from the config)."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types(mesh_config), devices=devices)
 
 
 def abstract_mesh(mesh_config: ml_collections.ConfigDict,

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from blockdiff_jax import config as config_lib
+from blockdiff_jax.model import sharding
 from blockdiff_jax.model import transformer
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import partitioning
@@ -39,7 +40,7 @@ def _tree_bytes(abstract: Any, shardings: Any) -> int:
 def _div(n: int, mesh: jax.sharding.AbstractMesh, axes) -> int:
   """n divided by the mesh axes (only when they divide it, as ``fit_spec`` does)."""
   spec = partitioning.fit_spec(jax.sharding.PartitionSpec(axes), (n,), mesh)
-  return n // math.prod(mesh.shape[a] for a in partitioning._axes(spec[0]))  # pylint: disable=protected-access
+  return n // math.prod(mesh.shape[a] for a in sharding.axes_of(spec[0]))
 
 
 def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.ConfigDict,
@@ -55,7 +56,9 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
     the MLP/expert hidden activations of every layer.
   * ``layer``: the working set of the one layer being (re)computed: attention
     logits and probabilities in fp32 ([b, H, T, T] x 2, XLA path; the Pallas
-    kernel keeps per-tile state only) and the dispatched expert activations.
+    kernel keeps per-tile state only) and the dispatched expert activations
+    (with all-to-all expert parallelism, its send and receive buffers, sized
+    for the worst case unless ``moe.capacity_factor`` bounds them).
   * ``logits``: fp32 [b, seq_len, V] logits, their log-softmax and its gradient.
   """
   t, d = config.train, config.data
@@ -67,13 +70,25 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
   kv_heads = _div(cfg.num_kv_heads, mesh, spec("kv_heads"))
   vocab = _div(cfg.vocab_size, mesh, spec("vocab"))
   if cfg.moe is not None:
-    hidden = cfg.moe.top_k * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp"))
-    routed = cfg.moe.top_k * cfg.d_model  # Sorted token copies in and out of the experts.
+    # Token copies in and out of the experts, and their hidden activations.
+    rows = b * seq * cfg.moe.top_k
+    buffers = 0
+    ep = cfg.moe.num_experts // _div(cfg.moe.num_experts, mesh, spec("expert"))
+    if ep > 1 and cfg.moe.expert_parallel == "all_to_all":
+      # The experts run on a receive buffer of ep * C slots, and the send buffers
+      # (copies out, results back) are as large (model/expert_parallel.py).
+      cap = b * seq * min(cfg.moe.top_k, cfg.moe.num_experts // ep)
+      if cfg.moe.capacity_factor > 0:
+        cap = min(cap, max(1, math.ceil(cfg.moe.capacity_factor * rows / ep)))
+      rows = ep * cap
+      buffers = 2 * rows * cfg.d_model
+    mlp = rows * (3 * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp")) + 2 * cfg.d_model)
+    mlp += buffers
   else:
-    hidden, routed = _div(cfg.mlp_dim, mesh, spec("mlp")), 0
+    mlp = b * seq * 3 * _div(cfg.mlp_dim, mesh, spec("mlp"))
+  mlp *= act
   scores = 0 if cfg.attention_impl == "pallas" else 2 * b * heads * seq * seq * 4
   qkv = b * seq * (heads + 2 * kv_heads) * cfg.head_dim * act
-  mlp = b * seq * (3 * hidden + 2 * routed) * act
   residual = b * seq * cfg.d_model * act
   per_layer = residual * 4 + qkv + mlp + scores // 2  # Norm outputs, attention out, probs.
   saved = cfg.num_layers * (residual if cfg.remat else per_layer)

@@ -39,8 +39,11 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
     else:
       # Noise is drawn for the full batch, so accumulation changes no random draw.
       corrupted = losses.corrupt(rng, batch, obj)
+      # Micro-batch j takes rows j, j + n, j + 2n... (n = grad_accum_steps): each
+      # device's rows of a batch-split array then split evenly, no data moves.
       micro = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
+                              *x.shape[1:]).swapaxes(0, 1),
           (batch, corrupted))
 
       def body(carry, mb):
