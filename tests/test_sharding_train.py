@@ -37,6 +37,7 @@ def _worker(out_path: str, tmp: str) -> None:
   from blockdiff_jax.sampling import decoder
   from blockdiff_jax.sampling import layout
   from blockdiff_jax.sampling import policies
+  from blockdiff_jax.sampling import sample
   from blockdiff_jax.train import checkpoints
   from blockdiff_jax.train import partitioning
   from blockdiff_jax.train import state as state_lib
@@ -146,6 +147,33 @@ def _worker(out_path: str, tmp: str) -> None:
       out[kind] = {"tokens_equal": bool((got["tokens"] == ref["tokens"]).all()),
                    "nfe": got["nfe"].tolist()}
     return out
+
+  @check("cli")
+  def _():
+    # train.run on an explicit 2x2x2 mesh, then sample.run: params-only restore onto
+    # the mesh, sharded decoding; the same samples as one device reading the same run.
+    run_config = tiny.get_config()
+    run_config.data.max_bytes = 40_000
+    run_config.train.update(steps=2, log_every=1, eval_every=0, checkpoint_every=2,
+                            async_checkpoints=False, tensorboard=False)
+    run_config.mesh = partitioning.default_mesh_config()
+    run_config.mesh.update(data=2, fsdp=2, expert=2, tensor=1, axis_types="explicit")
+    run_config.sample = sample.default_sample_config()
+    run_config.sample.update(prompts="<|bos|>def;<|bos|>import os", max_new_tokens=16,
+                             stream=False, policy="threshold")
+    workdir = os.path.join(tmp, "cli")
+    metrics = trainer.run(run_config, workdir)
+    sharded_rows = sample.run(run_config, workdir)
+    one_device = run_config.copy_and_resolve_references()
+    del one_device.mesh
+    rows = sample.run(one_device, workdir)
+    _, _, _, params = trainer.load_for_inference(workdir, run_config)
+    return {"loss": float(metrics["loss"]),
+            "same_samples": [a["completion"] == b["completion"]
+                             for a, b in zip(sharded_rows, rows)],
+            "n": len(rows),
+            "wi_gate_devices": len(params["layer_0"]["moe"]["wi_gate"].sharding.device_set),
+            "wi_gate_spec": str(params["layer_0"]["moe"]["wi_gate"].sharding.spec)}
 
   @check("specs")
   def _():
@@ -268,6 +296,15 @@ def test_sharded_decoder_matches_one_device(report, kind):
   r = _get(report, "decode")
   assert r[kind]["tokens_equal"]
   assert r[kind]["nfe"] == r["ref_nfe"]
+
+
+def test_train_then_sample_cli_on_a_mesh(report):
+  r = _get(report, "cli")
+  assert r["loss"] > 0 and r["n"] == 2
+  assert all(r["same_samples"])
+  # Inference params were restored onto the 8-device mesh, experts split.
+  assert r["wi_gate_devices"] == 8
+  assert r["wi_gate_spec"] == "P('expert', 'fsdp', 'tensor')"
 
 
 def test_param_and_optimizer_shardings_follow_rules(report):

@@ -265,11 +265,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params)
   results = {}
-  for name in tasks:
-    t0 = time.time()
-    print(f"eval: {name} ...", flush=True)
-    results[name] = TASK_FNS[name](ev)
-    print(f"eval: {name} done in {time.time() - t0:.1f}s", flush=True)
+  with trainer.inference_context(config):
+    for name in tasks:
+      t0 = time.time()
+      print(f"eval: {name} ...", flush=True)
+      results[name] = TASK_FNS[name](ev)
+      print(f"eval: {name} done in {time.time() - t0:.1f}s", flush=True)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"eval_{time.strftime('%Y%m%d_%H%M%S')}")

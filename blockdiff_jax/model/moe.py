@@ -258,9 +258,12 @@ class MoEFeedForward(nn.Module):
 
     valid = (meta.segment_ids >= 0).astype(jnp.float32)
     n_valid = jnp.maximum(jnp.sum(valid), 1.0)
-    counts = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts, e, dtype=jnp.float32), valid)
+    # Sums rather than einsums over the batch: with Explicit axes a contraction of
+    # two batch-split operands has no typed result layout, a reduction does.
+    counts = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * valid[..., None, None],
+                     axis=(0, 1, 2))
     fraction = counts / (n_valid * cfg.top_k)
-    mean_prob = jnp.einsum("bte,bt->e", probs, valid) / n_valid
+    mean_prob = jnp.sum(probs * valid[..., None], axis=(0, 1)) / n_valid
     z = jax.nn.logsumexp(logits, axis=-1)
     stats = {
         "load_balance_loss": e * jnp.sum(fraction * mean_prob),

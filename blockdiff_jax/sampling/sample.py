@@ -215,9 +215,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer)
   on_block = _console_streamer(tokenizer) if s.stream and s.policy != "ar" else None
-  rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,
-                           max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
-                           on_block=on_block)
+  with trainer.inference_context(config):
+    rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,
+                             max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
+                             on_block=on_block)
   for p, r in zip(prompts, rows):
     r["prompt"] = p
     print(f"{p!r} -> {r['completion']!r}  (NFE {r['nfe']}, TPF {r['tpf']:.2f}, "

@@ -1,5 +1,6 @@
 """The training loop: data → model → BD3-LM objective → optimizer → checkpoints → metrics."""
 
+import contextlib
 import json
 import math
 import os
@@ -204,26 +205,46 @@ def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
   return model, tokenizer
 
 
+def inference_context(config: ml_collections.ConfigDict):
+  """``with trainer.inference_context(config):`` the config's mesh and rules, if it has one.
+
+  Sampling and evaluation run inside it, so the model's MoE dispatch and layout
+  constraints see the mesh the params were restored onto (``load_for_inference``).
+  """
+  if config.get("mesh") is None:
+    return contextlib.nullcontext()
+  return partitioning.mesh_context(partitioning.make_mesh(config.mesh),
+                                   partitioning.logical_rules(config.mesh))
+
+
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
                        step: int | None = None, use_ema: bool = True):
   """Loads (config, model, tokenizer, params) from a training workdir.
 
+  Only the parameters are read (Orbax partial restore through tensorstore; the
+  optimizer state stays on disk), laid out on ``config.mesh`` when the config has
+  one (each device reads its own shards) and on one device otherwise.
+
   Args:
     workdir: a directory written by ``run``.
-    config: overrides the saved config (e.g. to switch the attention implementation);
-      architecture fields must match the checkpoint.
+    config: overrides the saved config (e.g. to switch the attention implementation
+      or the mesh); architecture fields must match the checkpoint.
     step: checkpoint step; None = the latest.
     use_ema: return the EMA parameters when the run kept them.
   """
   config = load_config(workdir) if config is None else config
   model, tokenizer = build_model(config, workdir)
-  tx = optimizer.make_optimizer(config.train)
-  abstract = jax.eval_shape(
-      lambda: state_lib.create(init_params(model, config.seed), tx, config.train.ema_decay > 0))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
-  try:
-    state, _ = ckpt.restore(abstract, step)
-  finally:
-    ckpt.close()
-  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+  boxed = partitioning.abstract_params(model)
+  shapes = nn.unbox(boxed)
+  if config.get("mesh") is not None:
+    shardings = partitioning.param_shardings(boxed, partitioning.make_mesh(config.mesh),
+                                             partitioning.logical_rules(config.mesh))
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  subtree = "ema_params" if use_ema and config.train.ema_decay > 0 else "params"
+  params = partitioning.restore_params(os.path.join(workdir, "checkpoints"), abstract, step,
+                                       subtree=subtree)
   return config, model, tokenizer, params
