@@ -8,6 +8,8 @@ attention, the head on L tokens), times 3 for forward + backward.
   python experiments/train_throughput.py --config=configs/quickstart.py --steps=10
   python experiments/train_throughput.py --config=configs/quickstart.py \
       --config.model.moe.impl=dense   # compare dispatch implementations
+  python experiments/train_throughput.py --config=configs/quickstart.py --mesh=explicit
+      # the sharded step on a mesh of all devices (fsdp=-1), Explicit axes
 """
 
 import json
@@ -25,6 +27,7 @@ from blockdiff_jax import config as config_lib
 from blockdiff_jax.evaluation import hardware
 from blockdiff_jax.model import flops
 from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import partitioning
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
@@ -34,6 +37,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Co
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile step).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where JSON and Markdown go.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the result files.")
+_MESH = flags.DEFINE_enum("mesh", "", ["", "auto", "explicit"],
+                          "Time the sharded step on the config's mesh (the default mesh "
+                          "when it has none) with these axis types; empty = no mesh.")
 
 
 def measure(config, steps: int) -> dict:
@@ -43,13 +49,22 @@ def measure(config, steps: int) -> dict:
   model, tokenizer = trainer.build_model(config)
   obj = config_lib.objective(config, tokenizer.mask_id)
   tx = optimizer.make_optimizer(config.train)
-  state = state_lib.create(trainer.init_params(model, config.seed), tx, False)
-  step = step_lib.jit_train_step(step_lib.make_train_step(
-      trainer.make_apply(model), obj, tx, optimizer.learning_rate_schedule(config.train),
-      config.train.grad_accum_steps))
   batch = {"tokens": jax.random.randint(jax.random.key(0), (d.batch_size, d.seq_len), 0, 256),
            "loss_mask": jnp.ones((d.batch_size, d.seq_len)),
            "segment_ids": jnp.zeros((d.batch_size, d.seq_len), jnp.int32)}
+  mesh = None
+  if config.get("mesh") is not None:
+    # The trainer's sharded step: state in its shards, MoE dispatch in shard_map.
+    sharded = partitioning.make_sharded_train(config, partitioning.make_mesh(config.mesh),
+                                              model, obj, tx)
+    mesh = dict(sharded.mesh.shape)
+    state, step = sharded.init_state(config.seed), sharded.train_step
+    batch = sharded.put_batch(jax.device_get(batch))
+  else:
+    state = state_lib.create(trainer.init_params(model, config.seed), tx, False)
+    step = step_lib.jit_train_step(step_lib.make_train_step(
+        trainer.make_apply(model), obj, tx, optimizer.learning_rate_schedule(config.train),
+        config.train.grad_accum_steps))
   rng = jax.random.key(1)
   t0 = time.perf_counter()
   state, m = step(state, batch, rng)
@@ -70,6 +85,7 @@ def measure(config, steps: int) -> dict:
       "cpu_count": os.cpu_count(), "params": flops.param_counts(mcfg),
       "batch_size": d.batch_size, "seq_len": d.seq_len, "moe_impl": config.model.moe.impl,
       "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
+      "mesh": mesh, "axis_types": config.mesh.axis_types if mesh else None,
       "compile_s": compile_s, "median_step_s": step_s,
       "tokens_per_s": d.batch_size * d.seq_len / step_s,
       "model_tflops_per_step": step_flops / 1e12,
@@ -80,7 +96,12 @@ def measure(config, steps: int) -> dict:
 
 def main(argv):
   del argv
-  r = measure(_CONFIG.value, _STEPS.value)
+  config = _CONFIG.value
+  if _MESH.value:
+    if config.get("mesh") is None:
+      config.mesh = partitioning.default_mesh_config()
+    config.mesh.axis_types = _MESH.value
+  r = measure(config, _STEPS.value)
   os.makedirs(_OUT.value, exist_ok=True)
   name = "train_throughput" + (f"_{_TAG.value}" if _TAG.value else "")
   with open(os.path.join(_OUT.value, name + ".json"), "w", encoding="utf-8") as f:
@@ -88,6 +109,7 @@ def main(argv):
   rows = [("device", r["device"]), ("moe impl / attention", f"{r['moe_impl']} / "
                                     f"{r['attention_impl']}"),
           ("batch x seq_len", f"{r['batch_size']} x {r['seq_len']}"),
+          ("mesh", f"{r['mesh']} ({r['axis_types']} axes)" if r["mesh"] else "none"),
           ("median step", f"{r['median_step_s'] * 1e3:.1f} ms"),
           ("tokens/s", f"{r['tokens_per_s']:.0f}"),
           ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"),

@@ -156,5 +156,21 @@ def test_capacity_reference_drops_past_rank():
   assert drop.tolist() == [[[False, True], [False, True], [True, False]]]
 
 
+def test_collective_bytes_reads_hlo_collectives():
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import expert_parallel_comm  # pylint: disable=g-import-not-at-top
+  hlo = "\n".join([
+      "%a = f32[16,4]{1,0} all-to-all(%x), replica_groups=mesh['axis_0'=8,'axis_1'=2] "
+      "{'axis_0'}, dimensions={0}",
+      "%g = (bf16[8,2]{1,0}, bf16[8,2]{1,0}) all-gather(%y, %z), replica_groups=[2,4]<=[8]",
+      "%r = f32[10]{0} all-reduce(%w), replica_groups={{0,1}}, to_apply=%add",
+      "%s = f32[10]{0} all-reduce(%w), replica_groups={{0},{1}}, to_apply=%add",
+      "%f = f32[10]{0} fusion(%w), kind=kLoop"])
+  got = expert_parallel_comm.collective_bytes(hlo, 8)
+  assert got["all-to-all"] == 16 * 4 * 4 * 7 / 8  # Groups of 8: receives 7/8.
+  assert got["all-gather"] == 2 * 8 * 2 * 2 * 3 / 4  # Two bf16 results, groups of 4.
+  assert got["all-reduce"] == 10 * 4 * 2 * 1 / 2  # Groups of 2; groups of 1 move nothing.
+
+
 if __name__ == "__main__":
   _worker(sys.argv[1], sys.argv[2])

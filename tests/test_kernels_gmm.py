@@ -182,3 +182,26 @@ def test_gmm_lowers_for_cuda():
   assert text.count(TRITON_CALL) == 3
   for name in ('name = "gmm"', 'name = "gmm_t"', 'name = "tgmm"'):
     assert name in text
+
+
+def test_manual_axes_align_and_out_struct_inside_shard_map():
+  # pallas_call inside shard_map needs outputs typed with the operands' varying axes.
+  from pallas_kernels import manual_axes  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  seen = {}
+
+  def body(a, b):
+    a2, b2 = manual_axes.align(a, b)
+    seen["vma"] = (manual_axes._varying(a), manual_axes._varying(b),  # pylint: disable=protected-access
+                   manual_axes._varying(a2), manual_axes._varying(b2))  # pylint: disable=protected-access
+    seen["out"] = manual_axes.out_struct((2,), jnp.float32, b2).manual_axis_type.varying
+    return a2 + b2
+
+  P = jax.sharding.PartitionSpec
+  f = jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P()), out_specs=P("x"))
+  out = jax.jit(f)(jnp.ones((2,)), jnp.ones((2,)))
+  np.testing.assert_array_equal(out, 2.0)
+  assert seen["vma"] == (frozenset({"x"}), frozenset(), frozenset({"x"}), frozenset({"x"}))
+  assert seen["out"] == frozenset({"x"})
+  # Outside shard_map: no manual axes, plain structs.
+  assert manual_axes.out_struct((2,), jnp.float32, jnp.ones(2)).manual_axis_type is None

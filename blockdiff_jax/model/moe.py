@@ -243,7 +243,9 @@ class MoEFeedForward(nn.Module):
     probs, weights, experts, _ = route(logits, meta, cfg)
     wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
     plan = None
-    if cfg.expert_parallel == "all_to_all":
+    # The Pallas interpreter (CPU) cannot run inside shard_map with varying-axes
+    # checks (JAX 0.10/0.11); interpreted kernels keep the GSPMD-partitioned path.
+    if cfg.expert_parallel == "all_to_all" and not (cfg.impl == "pallas" and cfg.interpret):
       plan = expert_parallel.make_plan((b, t, d), e, cfg.top_k, f, cfg.capacity_factor)
     if plan is not None:
       ffn = lambda *a: expert_ffn(*a, cfg=cfg)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax.model import masks
+from pallas_kernels import manual_axes
 
 Array = Any
 
@@ -255,12 +256,12 @@ def forward(q: Array, k: Array, v: Array, q_meta: Array, kv_meta: Array, *,
           pl.BlockSpec((None, block_q, None, d), lambda i, j, hh: (j, i, hh, 0)),
           pl.BlockSpec((None, None, block_q), lambda i, j, hh: (j, hh, i)),
       ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+      out_shape=[manual_axes.out_struct(q.shape, q.dtype, q),
+                 manual_axes.out_struct((b, h, tq), jnp.float32, q)],
       compiler_params=_compiler_params(block_sizes, d),
       interpret=interpret,
       name="block_attention_fwd",
-  )(q, k, v, q_meta, kv_meta, states)
+  )(*manual_axes.align(q, k, v, q_meta, kv_meta, states))
 
 
 # -------------------------------------------------------------------- backward
@@ -371,11 +372,11 @@ def backward(q: Array, k: Array, v: Array, q_meta: Array, kv_meta: Array, out: A
           pl.BlockSpec((None, None, block_q), lambda i, j, hh: (j, hh, i)),
       ],
       out_specs=pl.BlockSpec((None, block_q, None, d), lambda i, j, hh: (j, i, hh, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=manual_axes.out_struct(q.shape, q.dtype, q),
       compiler_params=params,
       interpret=interpret,
       name="block_attention_dq",
-  )(q, k, v, q_meta, kv_meta, states, dout, lse, delta)
+  )(*manual_axes.align(q, k, v, q_meta, kv_meta, states, dout, lse, delta))
 
   # Group the q heads by kv head so one program sees all heads sharing its K/V.
   qg = q.reshape(b, tq, hkv, groups, d)
@@ -401,10 +402,10 @@ def backward(q: Array, k: Array, v: Array, q_meta: Array, kv_meta: Array, out: A
           pl.BlockSpec((None, block_k, None, d), lambda i, j, hh: (j, i, hh, 0)),
           pl.BlockSpec((None, block_k, None, d), lambda i, j, hh: (j, i, hh, 0)),
       ],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[manual_axes.out_struct(k.shape, k.dtype, q),
+                 manual_axes.out_struct(v.shape, v.dtype, q)],
       compiler_params=params,
       interpret=interpret,
       name="block_attention_dkdv",
-  )(qg, k, v, q_meta, kv_meta, states, dog, lseg, deltag)
+  )(*manual_axes.align(qg, k, v, q_meta, kv_meta, states, dog, lseg, deltag))
   return dq, dk, dv

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax.model import masks
+from pallas_kernels import manual_axes
 from pallas_kernels.block_attention import kernel
 
 Array = Any
@@ -69,6 +70,8 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   qm = kernel.pack_meta(q_meta, q.shape[1])
   km = kernel.pack_meta(kv_meta, k.shape[1])
+  # Inside shard_map: one set of varying mesh axes, cast outside the custom VJP.
+  q, k, v, qm, km = manual_axes.align(q, k, v, qm, km)
   return _attention(q, k, v, qm, km, spec, scale, block_sizes, interpret)
 
 

@@ -26,6 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels import manual_axes
+
 Array = Any
 
 
@@ -218,9 +220,10 @@ def gmm_call(lhs: Array, rhs: Array, group_sizes: Array, *, block_sizes: GmmBloc
   kernel = functools.partial(
       _gmm_kernel, m=m, k=k, n=n, num_groups=num_groups, block_m=block_m,
       block_k=block_k, block_n=block_n, transpose_rhs=transpose_rhs)
+  *schedule, lhs, rhs = manual_axes.align(*schedule, lhs, rhs)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=manual_axes.out_struct((m, n), out_dtype, lhs),
       grid=(pl.cdiv(n, block_n), num_steps),
       # Passing Triton compiler params also selects the Triton backend (newer
       # JAX defaults GPU pallas_call to Mosaic GPU).
@@ -290,9 +293,10 @@ def tgmm_call(lhs: Array, dout: Array, group_sizes: Array, *, block_sizes: GmmBl
   starts, ends = group_bounds(group_sizes, m)
   kernel = functools.partial(_tgmm_kernel, m=m, k=k, n=n, block_m=block_m,
                              block_k=block_k, block_n=block_n)
+  starts, ends, lhs, dout = manual_axes.align(starts, ends, lhs, dout)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=manual_axes.out_struct((num_groups, k, n), out_dtype, lhs),
       grid=(pl.cdiv(n, block_n), pl.cdiv(k, block_k), num_groups),
       compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                            num_stages=block_sizes.num_stages),

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import manual_axes
 from pallas_kernels.gmm import kernel
 
 Array = Any
@@ -57,7 +58,10 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
   """
   _validate(lhs, rhs, group_sizes)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), block_sizes, out_dtype, interpret)
+  # Inside shard_map the operands are cast to one set of varying mesh axes here,
+  # outside the custom VJP, so autodiff supplies the psum that transposes the cast.
+  lhs, rhs, group_sizes = manual_axes.align(lhs, rhs, group_sizes.astype(jnp.int32))
+  return _gmm(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
