@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.block_min_experts = 2  # Block routing: minimum coreset size (>= top_k).
   e.impl = "ragged_dot"  # Dispatch: ragged_dot | tiled (CPU) | pallas (GMM kernel) | dense.
   e.tile_size = 128  # Rows per tile of the tiled dispatch (groups are padded to it).
-  # With mesh.expert > 1: all_to_all (tokens travel to the expert shards, shard_map)
-  # | gather (GSPMD all-gathers the expert weights where they are used).
+  # On a mesh: all_to_all (shard_map; with mesh.expert > 1 tokens travel to the
+  # expert shards) | gather (GSPMD partitions the local dispatch).
   e.expert_parallel = "all_to_all"
   # all_to_all: receive slots per sender as a multiple of its average load
   # (GShard capacity; copies past it are dropped); 0 = the worst case, dropless.

@@ -8,7 +8,8 @@ kind, and the total as a ratio to ``gather`` from the same run:
 * ``all_to_all``: tokens travel to their experts' shards (``model/expert_parallel.py``),
   dropless;
 * ``all_to_all`` with ``--capacity`` (GShard buffers);
-* ``gather``: GSPMD partitions the local dispatch, gathering expert weights.
+* ``gather``: GSPMD partitions the local sort-based dispatch (it all-gathers the
+  expert weights, and, as the HLO shows, all-reduces the token-copy buffers).
 
 Then it times each mode at a small shape on the same simulated devices. Those
 devices share this machine's cores, so the times show per-mode overhead, not
@@ -75,14 +76,15 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     if not m or "-done" in line.split("=")[0]:
       continue
     shape, kind = m.group(1), m.group(2)
+    arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
+    if m.group(3) and shape.startswith("("):
+      arrays = arrays[-1:]  # Async start: (operand..., result); count the result.
     size = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+    for dtype, dims in arrays:
       n = 1
       for d in filter(None, dims.split(",")):
         n *= int(d)
       size += n * DTYPE_BYTES.get(dtype, 4)
-    if m.group(3):  # Async start: (operand, result) tuple; count the result half.
-      size //= 2
     g = _group_size(line, num_devices)
     if g <= 1:
       continue

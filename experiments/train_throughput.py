@@ -39,7 +39,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results", "Where JSON and Markdow
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the result files.")
 _MESH = flags.DEFINE_enum("mesh", "", ["", "auto", "explicit"],
                           "Time the sharded step on the config's mesh (the default mesh "
-                          "when it has none) with these axis types; empty = no mesh.")
+                          "when it has none) with these axis types; empty = as the config "
+                          "says (sharded only if it has a mesh).")
 
 
 def measure(config, steps: int) -> dict:

@@ -10,17 +10,11 @@ from typing import Any
 
 import jax
 
-
-def _varying(x) -> frozenset:
-  mat = getattr(jax.typeof(x), "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", ()) or ())
+from blockdiff_jax.model import sharding
 
 
-def align(*operands: Any) -> tuple[Any, ...]:
-  """Operands cast to vary over the union of their manual mesh axes."""
-  union = frozenset().union(*(_varying(x) for x in operands))
-  return tuple(jax.lax.pcast(x, tuple(sorted(union - _varying(x))), to="varying")
-               if union - _varying(x) else x for x in operands)
+_varying = sharding.varying_axes
+align = sharding.same_varying_axes
 
 
 def out_struct(shape, dtype, like: Any) -> jax.ShapeDtypeStruct:

@@ -31,27 +31,33 @@ CASES = {
     "fsdp8_no_ep": ((1, 8, 1, 1), 8, "ragged_dot", 0.0),
     "batch1_ep4_tp2": ((1, 1, 4, 2), 1, "ragged_dot", 0.0),  # Tokens replicated over experts.
     "ep8_capacity": ((1, 1, 8, 1), 8, "ragged_dot", 0.75),
+    "ep4_tp2_capacity": ((1, 1, 4, 2), 8, "tiled", 0.75),  # 2 experts and 2 rows per shard.
 }
 T = 12
 
 
 def dropped_copies(experts: np.ndarray, ep: int, capacity_factor: float) -> np.ndarray:
-  """Which copies [B, T, k] a per-row all-to-all with this capacity drops (B = ep rows).
+  """Which copies [B, T, k] an all-to-all over ep shards with this capacity drops.
 
-  Each device (one batch row) ranks its copies per destination shard in
-  (expert, token, slot) order and keeps the first C of each.
+  The B rows are split evenly over the ep devices. Each device walks its copies
+  in (row, token, slot) order and keeps the first C bound for each destination
+  shard (the shard holding experts [s * E/ep, (s + 1) * E/ep)).
   """
   b, t, k = experts.shape
+  rows = b // ep
+  n = rows * t
   e_local = E // ep
-  cap = min(t * min(k, e_local), max(1, math.ceil(capacity_factor * t * k / ep)))
+  cap = min(n * min(k, e_local), max(1, math.ceil(capacity_factor * n * k / ep)))
   drop = np.zeros(experts.shape, bool)
-  for r in range(b):
-    flat = experts[r].reshape(-1)
-    rank = np.zeros(ep, int)
-    for i in np.argsort(flat, kind="stable"):
-      dest = flat[i] // e_local
-      drop[r].reshape(-1)[i] = rank[dest] >= cap
-      rank[dest] += 1
+  for dev in range(ep):
+    flat = experts[dev * rows:(dev + 1) * rows].reshape(-1)
+    kept = np.zeros(ep, int)
+    mine = np.zeros(flat.shape, bool)
+    for i, e in enumerate(flat):
+      dest = e // e_local
+      mine[i] = kept[dest] >= cap
+      kept[dest] += 1
+    drop[dev * rows:(dev + 1) * rows] = mine.reshape(rows, t, k)
   return drop
 
 
@@ -109,15 +115,22 @@ def _worker(out_path: str, tmp: str) -> None:
              "y_spec": str(y.sharding.spec)}
       if capacity:
         # The reference: the one-device layer with the dropped copies' weights zeroed.
-        probs, weights, experts, _ = moe.route(jnp.einsum("btd,de->bte", x, params["router"]),
-                                               meta, cfg)
-        del probs
-        drop = dropped_copies(np.asarray(experts), sizes[2], capacity)
-        kept_w = jnp.where(jnp.asarray(drop), 0.0, weights)
-        want = moe.local_experts(x.reshape(-1, D), experts.reshape(-1, K),
-                                 kept_w.reshape(-1, K), params["wi_gate"], params["wi_up"],
-                                 params["wo"], cfg).reshape(x.shape)
+        experts = moe.route(jnp.einsum("btd,de->bte", x, params["router"]), meta, cfg)[2]
+        drop = jnp.asarray(dropped_copies(np.asarray(experts), sizes[2], capacity))
+
+        def ref_loss(params, x):
+          _, weights, experts, _ = moe.route(
+              jnp.einsum("btd,de->bte", x, params["router"]), meta, cfg)
+          y = moe.local_experts(x.reshape(-1, D), experts.reshape(-1, K),
+                                jnp.where(drop, 0.0, weights).reshape(-1, K),
+                                params["wi_gate"], params["wi_up"], params["wo"], cfg)
+          y = y.reshape(x.shape)
+          return jnp.sum(jnp.sin(y)), y
+
+        (_, want), want_grads = jax.value_and_grad(ref_loss, argnums=(0, 1),
+                                                   has_aux=True)(params, x)
         out["drop_ref_diff"] = diff(y, want)
+        out["drop_ref_grad_diff"] = diff(grads, want_grads)
         out["want_dropped_fraction"] = float(drop.mean())
       return out
 
@@ -138,22 +151,30 @@ def test_dropless_dispatch_matches_one_device(report, name):
   sizes, batch = CASES[name][0], CASES[name][1]
   # Copies travel by all-to-all exactly when the tokens are split over the expert axis.
   assert r["all_to_all"] == (sizes[2] > 1 and batch % (sizes[0] * sizes[1] * sizes[2]) == 0)
+  if batch > 1:  # The output stays split over the batch axes (those of size > 1).
+    split = [a for a, n in zip(("data", "fsdp", "expert"), sizes) if n > 1]
+    assert all(f"'{a}'" in r["y_spec"] for a in split) and "tensor" not in r["y_spec"], r
 
 
-def test_capacity_drops_the_copies_past_the_buffer(report):
-  r = report_value(report, "ep8_capacity")
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[3]])
+def test_capacity_drops_the_copies_past_the_buffer(report, name):
+  r = report_value(report, name)
   assert r["all_to_all"]
   assert 0.0 < r["want_dropped_fraction"] < 0.5  # The case does exercise drops.
   assert r["dropped_fraction"] == pytest.approx(r["want_dropped_fraction"])
-  assert r["drop_ref_diff"] < 1e-5
+  assert r["drop_ref_diff"] < 1e-5 and r["drop_ref_grad_diff"] < 1e-4, r
   assert r["ref_dropped_fraction"] == 0.0  # One device: no buffer, nothing dropped.
 
 
-def test_capacity_reference_drops_past_rank():
-  experts = np.array([[[0, 1], [0, 2], [1, 0]]])  # ep=1 -> one destination, 6 copies.
-  # capacity_factor 0.5 -> C = ceil(0.5 * 3 * 2 / 1) = 3: expert order 0,0,0 | 1,1,2.
-  drop = dropped_copies(experts, 1, 0.5)
-  assert drop.tolist() == [[[False, True], [False, True], [True, False]]]
+def test_capacity_reference_drops_the_latest_copies_per_destination():
+  # E=8 over ep=2 shards: experts 0-3 on shard 0, 4-7 on shard 1; one row per device.
+  experts = np.array([[[0, 5], [1, 2], [3, 4]], [[7, 6], [5, 4], [6, 0]]])
+  # capacity_factor 0.5 -> C = ceil(0.5 * 3 * 2 / 2) = 2 slots per destination.
+  drop = dropped_copies(experts, 2, 0.5)
+  # Row 0 sends 0,1,2,3 to shard 0 (keeps 0,1) and 5,4 to shard 1 (keeps both);
+  # row 1 sends 7,6,5,4,6 to shard 1 (keeps 7,6) and 0 to shard 0.
+  assert drop.tolist() == [[[False, False], [False, True], [True, False]],
+                           [[False, False], [True, True], [True, False]]]
 
 
 def test_collective_bytes_reads_hlo_collectives():
@@ -164,12 +185,19 @@ def test_collective_bytes_reads_hlo_collectives():
       "{'axis_0'}, dimensions={0}",
       "%g = (bf16[8,2]{1,0}, bf16[8,2]{1,0}) all-gather(%y, %z), replica_groups=[2,4]<=[8]",
       "%r = f32[10]{0} all-reduce(%w), replica_groups={{0,1}}, to_apply=%add",
+      "%gs = (f32[2]{0}, f32[16]{0}) all-gather-start(%v), replica_groups=[1,8]<=[8]",
+      "%gd = f32[16]{0} all-gather-done(%gs)",
+      "%rs = f32[10]{0} all-reduce-start(%w), replica_groups={{0,1}}, to_apply=%add",
+      "%rd = f32[10]{0} all-reduce-done(%rs)",
       "%s = f32[10]{0} all-reduce(%w), replica_groups={{0},{1}}, to_apply=%add",
       "%f = f32[10]{0} fusion(%w), kind=kLoop"])
   got = expert_parallel_comm.collective_bytes(hlo, 8)
   assert got["all-to-all"] == 16 * 4 * 4 * 7 / 8  # Groups of 8: receives 7/8.
-  assert got["all-gather"] == 2 * 8 * 2 * 2 * 3 / 4  # Two bf16 results, groups of 4.
-  assert got["all-reduce"] == 10 * 4 * 2 * 1 / 2  # Groups of 2; groups of 1 move nothing.
+  # Two bf16 results in groups of 4, plus an async start's f32[16] result in groups of 8.
+  assert got["all-gather"] == 2 * 8 * 2 * 2 * 3 / 4 + 16 * 4 * 7 / 8
+  # Groups of 2, sync and async (a start without a tuple is its result); groups of 1
+  # move nothing; -done ops are not counted again.
+  assert got["all-reduce"] == 2 * (10 * 4 * 2 * 1 / 2)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def _worker(out_path: str, tmp: str) -> None:
   ref_params = trainer.init_params(model, config.seed)
   ref_step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, sgd, lr))
   ref_state, ref_metrics = ref_step(state_lib.create(ref_params, sgd, False), batch, base_rng)
+  ref_eval = jax.jit(step_lib.make_eval_step(trainer.make_apply(model), obj))(
+      ref_state.params, batch, base_rng)
   states = {}
 
   for sizes in MESHES:
@@ -120,6 +122,7 @@ def _worker(out_path: str, tmp: str) -> None:
               "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
               "param_diff": max_diff(state.params, ref_state.params),
               "eval_nelbo": float(eval_metrics["nelbo"]),
+              "ref_eval_nelbo": float(ref_eval["nelbo"]),
               "wi_gate_type": typed["layer_0/moe/wi_gate"],
               "embedding_type": typed["embed/embedding"]}
 
@@ -171,7 +174,7 @@ def _worker(out_path: str, tmp: str) -> None:
     return {"loss": float(metrics["loss"]),
             "same_samples": [a["completion"] == b["completion"]
                              for a, b in zip(sharded_rows, rows)],
-            "n": len(rows),
+            "n": len(rows), "n_sharded": len(sharded_rows),
             "wi_gate_devices": len(params["layer_0"]["moe"]["wi_gate"].sharding.device_set),
             "wi_gate_spec": str(params["layer_0"]["moe"]["wi_gate"].sharding.spec)}
 
@@ -285,7 +288,7 @@ def test_train_step_on_explicit_axes_matches_one_device(report, sizes):
   assert r["axis_types"] == ["Explicit"] * 4
   assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-5)
   assert r["param_diff"] < 1e-5
-  assert r["eval_nelbo"] > 0
+  assert r["eval_nelbo"] == pytest.approx(r["ref_eval_nelbo"], rel=1e-5)
   # The updated params carry their rule's sharding in their type.
   assert r["wi_gate_type"] == "P('expert', 'fsdp', 'tensor')"
   assert r["embedding_type"] == "P('tensor', 'fsdp')"
@@ -300,7 +303,7 @@ def test_sharded_decoder_matches_one_device(report, kind):
 
 def test_train_then_sample_cli_on_a_mesh(report):
   r = _get(report, "cli")
-  assert r["loss"] > 0 and r["n"] == 2
+  assert r["loss"] > 0 and r["n"] == r["n_sharded"] == 2
   assert all(r["same_samples"])
   # Inference params were restored onto the 8-device mesh, experts split.
   assert r["wi_gate_devices"] == 8

@@ -12,15 +12,19 @@ shard and ``E / ep`` experts, and:
 3. ``all_to_all`` over the expert axes: row ``i`` of the receive buffer now
    holds the copies shard ``i`` sent here;
 4. runs its local experts on the received rows (``moe.expert_ffn``; unfilled
-   slots carry a void id and cost nothing with ``ragged_dot``/``pallas``);
+   slots carry a void id: the grouped matmuls of ``ragged_dot``/``pallas`` on a
+   GPU skip them, but sorting and moving the buffer still costs O(ep·C));
 5. sends the results back with the inverse ``all_to_all`` and combines each
    token's k copies with its router weights.
 
 Dropless by default. ``C``, the slots one shard reserves for one sender, is the
 worst case ``N · min(k, E/ep)`` (a token's k experts are distinct, so at most
 ``min(k, E/ep)`` of them live on one shard) unless ``moe.capacity_factor`` > 0
-sets ``C = ceil(capacity_factor · N·k / ep)`` (GShard-style): copies past ``C``
-are dropped (they add zero) and counted in the ``dropped_fraction`` statistic.
+sets ``C = ceil(capacity_factor · N·k / ep)`` (GShard-style): a shard's copies
+past ``C``, in token order, are dropped (they add zero) and counted in the
+``dropped_fraction`` statistic. The capacity applies only where copies travel
+(tokens split over ``ep > 1`` shards); one device and replicated tokens (one-prompt
+sampling) stay dropless, so train and inference can differ when it is set.
 The dropless buffer holds ``ep · min(k, E/ep) / k`` times the average load, the
 memory price of never dropping; a factor of 1.25-2 is the usual trade. We use a fixed-size ``all_to_all`` rather than ``ragged_all_to_all`` because the
 latter has no CPU lowering in XLA (tests run on simulated CPU devices).
@@ -106,6 +110,8 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
   ep_axes = sharding.axes_of(gate_spec[0])
   if sharding.axes_of(down_spec[0]) != ep_axes:
     return None
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  ep_axes = tuple(a for a in ep_axes if sizes[a] > 1)  # Size-1 axes exchange nothing.
   token_axes = set(sharding.axes_of(token_spec[0])) | set(sharding.axes_of(token_spec[1]))
   if sharding.axes_of(token_spec[2]):
     return None
@@ -118,7 +124,6 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
     hidden_axes = ()
   ep_entry = gate_spec[0]
   hidden_entry = None if not hidden_axes else gate_spec[2]
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   ep = math.prod(sizes[a] for a in ep_axes)
   n_local = b * t // math.prod(sizes[a] for a in token_axes)
   worst = n_local * min(top_k, num_experts // ep)
@@ -128,7 +133,8 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
   return ExpertParallelPlan(
       ep_axes=ep_axes, ep=ep, token_spec=token_spec,
       gate_spec=P(ep_entry, None, hidden_entry), down_spec=P(ep_entry, hidden_entry, None),
-      hidden_axes=hidden_axes, tokens_split=set(ep_axes) <= token_axes, capacity=capacity)
+      hidden_axes=hidden_axes, tokens_split=bool(ep_axes) and set(ep_axes) <= token_axes,
+      capacity=capacity)
 
 
 def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weights: Array,
@@ -154,7 +160,10 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
   def _exchange(x, flat, k, e_local, wg, wu, wd):
     """Copies to their experts' shards and back: -> results [N*k, D], number dropped."""
     n, d = x.shape
-    order = jnp.argsort(flat, stable=True)
+    # Grouped by destination shard, in token order within each: a capacity limit
+    # then drops a shard's latest copies (GShard's position order) rather than
+    # starving its highest-numbered experts. The receiver groups by expert itself.
+    order = jnp.argsort(flat // e_local, stable=True)
     sorted_experts = flat[order]
     dest = sorted_experts // e_local
     counts = jnp.bincount(flat // e_local, length=ep)
@@ -178,16 +187,16 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
     e_local = wg.shape[0]
     flat = experts.reshape(n * k)
     reduce_axes = plan.hidden_axes
-    if plan.tokens_split and axes:
+    if plan.tokens_split:
       y_copies, dropped = _exchange(x.reshape(n, d), flat, k, e_local, wg, wu, wd)
     else:
       # Tokens are replicated over the expert axes (or there are none): apply this
       # shard's experts to every copy meant for them (others are void), add the shards.
       local = flat - jax.lax.axis_index(axes) * e_local if axes else flat
       ids = jnp.where((local >= 0) & (local < e_local), local, e_local).astype(jnp.int32)
-      # Typed as varying over the expert (and hidden) axes up front: the gathers
-      # below do not add that cast themselves, and its transpose is the psum
-      # that the replicated tokens' cotangent needs.
+      # Typed as varying over the expert (and hidden) axes up front: argsort drops
+      # that type from the permutation, so the gathers below would not add the
+      # cast, and its transpose is the psum the replicated tokens' cotangent needs.
       x, _ = sharding.same_varying_axes(x, wg)
       y_copies = ffn(x.reshape(n, d)[jnp.arange(n * k) // k], ids, wg, wu, wd)
       dropped = jnp.zeros((), jnp.int32)

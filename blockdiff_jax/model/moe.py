@@ -252,8 +252,14 @@ class MoEFeedForward(nn.Module):
       y, dropped = expert_parallel.all_to_all_experts(
           plan, x.astype(self.dtype), experts, weights, wg, wu, wd, ffn)
     else:
-      y = local_experts(x.reshape(b * t, d).astype(self.dtype), experts.reshape(b * t, -1),
-                        weights.reshape(b * t, -1), wg, wu, wd, cfg).reshape(b, t, d)
+      def dispatch(x, experts, weights, wg, wu, wd):
+        return local_experts(x.reshape(b * t, d), experts.reshape(b * t, -1),
+                             weights.reshape(b * t, -1), wg, wu, wd, cfg).reshape(b, t, d)
+      if sharding.explicit_mesh() is not None:
+        # The sort-based dispatch over batch-split tokens has no typed layout under
+        # Explicit axes: GSPMD partitions it, and it hands back the tokens' layout.
+        dispatch = jax.sharding.auto_axes(dispatch, out_sharding=jax.typeof(x).sharding.spec)
+      y = dispatch(x.astype(self.dtype), experts, weights, wg, wu, wd)
       dropped = jnp.zeros((), jnp.float32)
     if cfg.shared_expert_dim:
       y = y + layers.SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared")(x)

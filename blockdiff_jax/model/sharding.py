@@ -60,11 +60,11 @@ def varying_axes(x) -> frozenset[str]:
 def same_varying_axes(*arrays):
   """Casts arrays inside ``shard_map`` to vary over the union of their mesh axes.
 
-  JAX 0.10.2 does not insert this cast everywhere it is needed: rows of a
-  replicated operand gathered by a permutation that varies over the mesh got a
-  cotangent without the ``psum`` over those axes (wrong gradients, found by
-  ``tests/test_expert_parallel.py``). Casting up front makes the transpose of the
-  cast supply that ``psum``. Outside ``shard_map`` it is a no-op.
+  JAX 0.10.2's ``argsort`` drops the varying-axes type of its input, so rows of a
+  replicated operand gathered by such a permutation got a cotangent without the
+  ``psum`` over those axes (wrong gradients, found by
+  ``tests/test_expert_parallel.py``). Casting the operand up front makes the
+  transpose of the cast supply that ``psum``. Outside ``shard_map`` a no-op.
   """
   vmas = [varying_axes(a) for a in arrays]
   union = frozenset().union(*vmas)

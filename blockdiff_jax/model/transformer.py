@@ -178,7 +178,9 @@ class Transformer(nn.Module):
                      name="embed")
     # The lookup names its output layout: under Explicit mesh axes a gather of a
     # [vocab@tensor, embed@fsdp] table by batch-split ids has no unique one.
+    # mode="fill": an out-of-range id gives NaNs (as nn.Embed's take), not a clamped row.
     x = embed.embedding.astype(dtype).at[tokens].get(
+        mode="fill", fill_value=jnp.nan,
         out_sharding=sharding.out_spec(sharding.TOKEN_AXES, tokens.shape + (cfg.d_model,)))
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cache_meta = None if cache is None else cache["meta"]

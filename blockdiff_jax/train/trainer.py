@@ -223,7 +223,9 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
 
   Only the parameters are read (Orbax partial restore through tensorstore; the
   optimizer state stays on disk), laid out on ``config.mesh`` when the config has
-  one (each device reads its own shards) and on one device otherwise.
+  one (each device reads its own shards) and on one device otherwise (also when
+  the mesh's fixed axes need more devices than this machine has; the returned
+  config then has no mesh).
 
   Args:
     workdir: a directory written by ``run``.
@@ -236,15 +238,25 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
   model, tokenizer = build_model(config, workdir)
   boxed = partitioning.abstract_params(model)
   shapes = nn.unbox(boxed)
+  mesh = None
   if config.get("mesh") is not None:
-    shardings = partitioning.param_shardings(boxed, partitioning.make_mesh(config.mesh),
-                                             partitioning.logical_rules(config.mesh))
+    try:
+      mesh = partitioning.make_mesh(config.mesh)
+    except ValueError as e:
+      # E.g. a run trained on 8 devices, sampled on 1: the fixed mesh axes don't fit.
+      print(f"config.mesh does not fit this machine ({e}); loading onto one device",
+            flush=True)
+      config = config.copy_and_resolve_references()
+      del config.mesh
+  if mesh is not None:
+    shardings = partitioning.param_shardings(boxed, mesh, partitioning.logical_rules(
+        config.mesh))
   else:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
-  subtree = "ema_params" if use_ema and config.train.ema_decay > 0 else "params"
-  params = partitioning.restore_params(os.path.join(workdir, "checkpoints"), abstract, step,
-                                       subtree=subtree)
+  params = partitioning.restore_params(
+      os.path.join(workdir, "checkpoints"), abstract, step,
+      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
   return config, model, tokenizer, params
