@@ -62,7 +62,8 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
   * ``logits``: fp32 [b, seq_len, V] logits, their log-softmax and its gradient.
   """
   t, d = config.train, config.data
-  spec = lambda name: dict(rules).get(name)
+  # First match wins, as in flax's logical_to_mesh_axes.
+  spec = lambda name: next((axes for logical, axes in rules if logical == name), None)
   b = _div(d.batch_size // t.grad_accum_steps, mesh, spec("activation_batch"))
   seq = 2 * d.seq_len
   act = np.dtype(cfg.compute_dtype).itemsize
