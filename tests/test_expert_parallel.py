@@ -22,16 +22,21 @@ from conftest import run_multidevice_worker
 from conftest import WorkerReport
 
 E, K, D, F = 8, 2, 16, 32
-# (mesh data, fsdp, expert, tensor), batch, impl, capacity factor.
+# (mesh data, fsdp, expert, tensor), batch, impl, capacity factor, dispatch, axis types.
 CASES = {
-    "ep8": ((1, 1, 8, 1), 8, "ragged_dot", 0.0),
-    "ep4_tp2": ((1, 1, 4, 2), 8, "tiled", 0.0),
-    "fsdp2_ep2_tp2": ((1, 2, 2, 2), 8, "ragged_dot", 0.0),
-    "dp2_ep4": ((2, 1, 4, 1), 8, "dense", 0.0),
-    "fsdp8_no_ep": ((1, 8, 1, 1), 8, "ragged_dot", 0.0),
-    "batch1_ep4_tp2": ((1, 1, 4, 2), 1, "ragged_dot", 0.0),  # Tokens replicated over experts.
-    "ep8_capacity": ((1, 1, 8, 1), 8, "ragged_dot", 0.75),
-    "ep4_tp2_capacity": ((1, 1, 4, 2), 8, "tiled", 0.75),  # 2 experts and 2 rows per shard.
+    "ep8": ((1, 1, 8, 1), 8, "ragged_dot", 0.0, "all_to_all", "auto"),
+    "ep4_tp2": ((1, 1, 4, 2), 8, "tiled", 0.0, "all_to_all", "auto"),
+    "fsdp2_ep2_tp2": ((1, 2, 2, 2), 8, "ragged_dot", 0.0, "all_to_all", "auto"),
+    "dp2_ep4": ((2, 1, 4, 1), 8, "dense", 0.0, "all_to_all", "auto"),
+    "fsdp8_no_ep": ((1, 8, 1, 1), 8, "ragged_dot", 0.0, "all_to_all", "auto"),
+    # Tokens replicated over the expert axis.
+    "batch1_ep4_tp2": ((1, 1, 4, 2), 1, "ragged_dot", 0.0, "all_to_all", "auto"),
+    # Explicit (sharding-in-types) meshes: the all-to-all path and the GSPMD fallback.
+    "explicit_ep2_tp2": ((1, 2, 2, 2), 8, "ragged_dot", 0.0, "all_to_all", "explicit"),
+    "explicit_gather": ((1, 2, 2, 2), 8, "ragged_dot", 0.0, "gather", "explicit"),
+    "ep8_capacity": ((1, 1, 8, 1), 8, "ragged_dot", 0.75, "all_to_all", "auto"),
+    # 2 experts and 2 rows per shard.
+    "ep4_tp2_capacity": ((1, 1, 4, 2), 8, "tiled", 0.75, "all_to_all", "auto"),
 }
 T = 12
 
@@ -73,11 +78,12 @@ def _worker(out_path: str, tmp: str) -> None:
   mesh_config = partitioning.default_mesh_config()
   rules = partitioning.logical_rules(mesh_config)
 
-  for name, (sizes, batch, impl, capacity) in CASES.items():
+  for name, (sizes, batch, impl, capacity, mode, axis_types) in CASES.items():
     @report.check(name)
-    def _(sizes=sizes, batch=batch, impl=impl, capacity=capacity):
+    def _(sizes=sizes, batch=batch, impl=impl, capacity=capacity, mode=mode,
+          axis_types=axis_types):
       cfg = moe.MoEConfig(num_experts=E, top_k=K, expert_dim=F, impl=impl, tile_size=8,
-                          capacity_factor=capacity)
+                          capacity_factor=capacity, expert_parallel=mode)
       layer = moe.MoEFeedForward(cfg)
       x = jax.random.normal(jax.random.key(0), (batch, T, D))
       meta = masks.make_meta(jnp.broadcast_to(jnp.arange(T), (batch, T)), 4, masks.CLEAN)
@@ -96,6 +102,7 @@ def _worker(out_path: str, tmp: str) -> None:
 
       for axis, size in zip(partitioning.MESH_AXES, sizes):
         mesh_config[axis] = size
+      mesh_config.axis_types = axis_types
       mesh = partitioning.make_mesh(mesh_config)
       p_sharding = partitioning.param_shardings(boxed, mesh, rules)
       x_sharding = jax.sharding.NamedSharding(
@@ -112,7 +119,8 @@ def _worker(out_path: str, tmp: str) -> None:
              "y_diff": diff(y, ref_y), "grad_diff": diff(grads, ref_grads),
              "dropped_fraction": float(stats["dropped_fraction"]),
              "ref_dropped_fraction": float(ref_stats["dropped_fraction"]),
-             "y_spec": str(y.sharding.spec)}
+             "y_spec": str(y.sharding.spec),
+             "axis_types": [t.name for t in y.sharding.mesh.axis_types]}
       if capacity:
         # The reference: the one-device layer with the dropped copies' weights zeroed.
         experts = moe.route(jnp.einsum("btd,de->bte", x, params["router"]), meta, cfg)[2]
@@ -147,8 +155,12 @@ def test_dropless_dispatch_matches_one_device(report, name):
   r = report_value(report, name)
   assert r["y_diff"] < 1e-5 and r["grad_diff"] < 1e-4, r
   assert r["dropped_fraction"] == 0.0
+  sizes, batch, _, _, mode, axis_types = CASES[name]
+  assert set(r["axis_types"]) == {axis_types.capitalize()}
+  if mode == "gather":  # GSPMD partitions the local dispatch: no shard_map, no all-to-all.
+    assert not r["shard_map"] and not r["all_to_all"]
+    return
   assert r["shard_map"], "the MoE layer must run token-local inside shard_map"
-  sizes, batch = CASES[name][0], CASES[name][1]
   # Copies travel by all-to-all exactly when the tokens are split over the expert axis.
   assert r["all_to_all"] == (sizes[2] > 1 and batch % (sizes[0] * sizes[1] * sizes[2]) == 0)
   if batch > 1:  # The output stays split over the batch axes (those of size > 1).

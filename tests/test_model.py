@@ -143,6 +143,16 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
   assert logits.dtype == jnp.float32
 
 
+def test_out_of_range_token_ids_give_nan_not_a_clamped_row():
+  cfg = _cfg()
+  model = transformer.Transformer(cfg)
+  meta = masks.training_meta(4, 2, 1)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, meta)["params"])
+  logits, _ = model.apply({"params": params}, tokens.at[0, 3].set(cfg.vocab_size + 5), meta)
+  assert bool(jnp.isnan(logits[0, 3]).all())  # A clamped lookup would give finite logits.
+
+
 def test_rope_scaling_variants():
   inv, f = rope.inverse_frequencies(8, 10000.0, rope.RopeScaling())
   np.testing.assert_allclose(inv, 1 / 10000.0 ** (np.arange(0, 8, 2) / 8), rtol=1e-6)

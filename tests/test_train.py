@@ -12,6 +12,7 @@ from blockdiff_jax import config as config_lib
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.train import checkpoints
 from blockdiff_jax.train import optimizer
+from blockdiff_jax.train import partitioning
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
@@ -139,3 +140,20 @@ def test_ema_tracks_parameters(tiny_config, tmp_path):
   raw = _params(str(tmp_path / "ema"))
   diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))]
   assert max(diffs) > 0
+
+
+def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, tmp_path):
+  cfg = _small(tiny_config, 2)  # No EMA.
+  workdir = str(tmp_path / "run")
+  trainer.run(cfg, workdir)
+  # Asks for EMA (absent) on a mesh needing 2 devices (this process has one).
+  wants = trainer.load_config(workdir)
+  wants.mesh = partitioning.default_mesh_config()
+  wants.mesh.data = 2
+  wants.mesh.fsdp = 1
+  config, _, _, params = trainer.load_for_inference(workdir, wants, use_ema=True)
+  assert config.get("mesh") is None
+  raw = _params(workdir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(raw)):
+    np.testing.assert_array_equal(a, b)
+    assert len(a.sharding.device_set) == 1
