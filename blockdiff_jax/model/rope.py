@@ -15,14 +15,24 @@ SCALING_TYPES = ("none", "linear", "ntk", "yarn")
 class RopeScaling:
   """How rotary frequencies are stretched for contexts beyond pre-training.
 
+  Field names and semantics follow ``transformers``' ``rope_parameters``
+  (``rope_type`` "linear", "dynamic" at its initial length, and "yarn").
+
   Attributes:
     type: "none", "linear" (positions / factor), "ntk" (base * factor^(d/(d-2))) or
       "yarn" (per-dimension ramp between beta_fast and beta_slow plus an attention
-      temperature 0.1 * ln(factor) + 1), configured like HF's ``rope_scaling``.
+      temperature 0.1 * ln(factor) + 1).
     factor: context extension factor s.
     original_max_position: pre-training context length (YaRN only).
-    beta_fast: YaRN's fast boundary (rotations per context).
+    beta_fast: YaRN's fast boundary (rotations per original context).
     beta_slow: YaRN's slow boundary.
+    truncate: YaRN: round the ramp's bounds outwards to whole dimensions
+      (floor/ceil), as the YaRN paper's code and ``transformers`` do by default;
+      False keeps the fractional bounds (gpt-oss style).
+    attention_factor: YaRN: explicit attention temperature; None derives it from
+      ``factor`` (and ``mscale``/``mscale_all_dim`` when both are set).
+    mscale: YaRN (DeepSeek style): numerator scale of the derived temperature.
+    mscale_all_dim: YaRN (DeepSeek style): denominator scale of it.
   """
 
   type: str = "none"
@@ -30,16 +40,68 @@ class RopeScaling:
   original_max_position: int = 4096
   beta_fast: float = 32.0
   beta_slow: float = 1.0
+  truncate: bool = True
+  attention_factor: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
 
   def __post_init__(self):
     if self.type not in SCALING_TYPES:
       raise ValueError(f"rope_scaling.type must be one of {SCALING_TYPES}, got {self.type!r}")
     if self.factor < 1.0:
       raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+    if self.original_max_position < 1:
+      raise ValueError(f"rope_scaling.original_max_position must be >= 1, got "
+                       f"{self.original_max_position}")
+    if self.beta_fast <= 0 or self.beta_slow <= 0:
+      raise ValueError(f"rope_scaling.beta_fast and beta_slow must be > 0, got "
+                       f"{self.beta_fast}, {self.beta_slow}")
+    if self.attention_factor is not None and self.attention_factor <= 0:
+      raise ValueError(f"rope_scaling.attention_factor must be > 0, got "
+                       f"{self.attention_factor}")
+
+
+def _yarn_temperature(scale: float, mscale: float = 1.0) -> float:
+  return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def yarn_attention_factor(scaling: RopeScaling) -> float:
+  """YaRN's attention temperature (multiplies q and k, so logits get its square)."""
+  if scaling.attention_factor is not None:
+    return float(scaling.attention_factor)
+  if scaling.mscale and scaling.mscale_all_dim:
+    return (_yarn_temperature(scaling.factor, scaling.mscale)
+            / _yarn_temperature(scaling.factor, scaling.mscale_all_dim))
+  return _yarn_temperature(scaling.factor)
+
+
+def yarn_ramp_bounds(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[float, float]:
+  """(low, high) frequency indices between which YaRN blends interpolation in.
+
+  Index i (frequency theta^(-2i/d)) turns r times over the original context at
+  i = d * ln(L / (2 pi r)) / (2 ln theta). Bounds are clamped to [0, d - 1] -- the
+  upper clamp is ``head_dim - 1`` although only d/2 indices exist, exactly as in
+  the YaRN reference code and ``transformers``; clamping to d/2 - 1 instead moves
+  the ramp and changes the frequencies by up to ~70% for long original contexts.
+  """
+  def index_for(rotations):
+    return head_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (
+        2 * math.log(theta))
+  low, high = index_for(scaling.beta_fast), index_for(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  return max(low, 0), min(high, head_dim - 1)
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[Array, float]:
-  """Returns (inverse frequencies [head_dim // 2], attention scale multiplier)."""
+  """Returns (inverse frequencies [head_dim // 2], attention scale multiplier).
+
+  Matches ``transformers.modeling_rope_utils`` ("linear", "dynamic" at
+  ``seq_len = max_position_embeddings``, "yarn") in inverse frequencies and
+  attention factor; the factor multiplies both q and k, like HF's cos/sin scaling.
+  """
+  if head_dim < 4 or head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim >= 4, got {head_dim}")
   dims = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
   s = scaling.factor
   if scaling.type == "ntk":
@@ -51,16 +113,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tu
   if scaling.type == "yarn":
     # Dimensions that rotate fast (many turns over the original context) keep their
     # frequency; slow ones are interpolated by s; a linear ramp blends in between.
-    def dim_for(rotations):
-      return head_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (
-          2 * math.log(theta))
-    low = max(math.floor(dim_for(scaling.beta_fast)), 0)
-    high = min(math.ceil(dim_for(scaling.beta_slow)), head_dim // 2 - 1)
-    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3),
+    low, high = yarn_ramp_bounds(head_dim, theta, scaling)
+    if low == high:
+      high += 1e-3  # A step instead of a ramp, without dividing by zero.
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low),
                     0.0, 1.0)
     keep = 1.0 - ramp
     inv = inv / s * (1.0 - keep) + inv * keep
-    attn_factor = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+    attn_factor = yarn_attention_factor(scaling)
   return inv, attn_factor
 
 
