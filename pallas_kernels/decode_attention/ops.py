@@ -1,0 +1,136 @@
+"""Public split-K decode attention op (flash-decoding), forward only.
+
+Decoding needs no gradient, so there is no VJP: differentiating through
+``decode_attention`` raises JAX's error for a ``pallas_call`` without a
+differentiation rule. Training attention is ``pallas_kernels.block_attention``.
+
+This package imports nothing from ``blockdiff_jax``: the mask is described by plain
+arrays (positions, cache lengths) and a static block size.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention import kernel
+
+Array = Any
+DecodeBlockSizes = kernel.DecodeBlockSizes
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def default_interpret() -> bool:
+  """The Pallas interpreter everywhere but on a GPU (the kernel targets Triton)."""
+  return jax.default_backend() != "gpu"
+
+
+def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> None:
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"decode_attention: q, k, v must be [B, T, H, D], got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"decode_attention: k and v shapes differ: {k.shape} vs {v.shape}")
+  b, _, h, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"decode_attention: k {k.shape} does not match q {q.shape} in batch "
+                     "or head_dim")
+  if h % k.shape[2]:
+    raise ValueError(f"decode_attention: heads={h} is not a multiple of "
+                     f"kv_heads={k.shape[2]}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"decode_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}")
+  if q.dtype not in _DTYPES:
+    raise ValueError(f"decode_attention: unsupported dtype {q.dtype}")
+  if (q_positions is None) != (kv_positions is None):
+    raise ValueError("decode_attention: give both q_positions and kv_positions, or neither")
+  if q_positions is not None and tuple(q_positions.shape) != q.shape[:2]:
+    raise ValueError(f"decode_attention: q_positions shape {q_positions.shape} != "
+                     f"{q.shape[:2]}")
+  if kv_positions is not None and tuple(kv_positions.shape) != k.shape[:2]:
+    raise ValueError(f"decode_attention: kv_positions shape {kv_positions.shape} != "
+                     f"{k.shape[:2]}")
+  if kv_lengths is not None and tuple(kv_lengths.shape) != (b,):
+    raise ValueError(f"decode_attention: kv_lengths shape {kv_lengths.shape} != ({b},)")
+  if block_size < 1:
+    raise ValueError(f"decode_attention: block_size must be >= 1, got {block_size}")
+
+
+def _pad_to(x: Array, length: int, axis: int, value=0) -> Array:
+  pad = length - x.shape[axis]
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None = None,
+                     kv_positions: Array | None = None, kv_lengths: Array | None = None,
+                     block_size: int = 1, scale: float | None = None,
+                     block_sizes: DecodeBlockSizes = DecodeBlockSizes(),
+                     interpret: bool | None = None) -> Array:
+  """Grouped-query attention of a short query block against a long KV cache.
+
+  Cache slot j of batch row b is visible to query i iff ``j < kv_lengths[b]``,
+  ``kv_positions[b, j] >= 0`` and
+  ``kv_positions[b, j] // block_size <= q_positions[b, i] // block_size``; without
+  positions only the length applies. ``block_size=1`` is causal decoding; the
+  diffusion block size lets a block see itself bidirectionally (when the caller
+  has written the block's own K/V into the cache). Softmax statistics are fp32; a
+  query that sees no slot outputs zeros.
+
+  Args:
+    q: [B, Tq, H, D] queries (already rotated).
+    k: [B, S, Hkv, D] cache keys; H must be a multiple of Hkv.
+    v: [B, S, Hkv, D] cache values.
+    q_positions: int [B, Tq] positions of the queries.
+    kv_positions: int [B, S] positions of the cache slots; negative = empty slot.
+    kv_lengths: int [B] slots in use per row (a prefix of S); default S.
+    block_size: positions per visibility block (static).
+    scale: logit scale; defaults to D ** -0.5.
+    block_sizes: tiles, number of splits and launch options.
+    interpret: run the Pallas interpreter; None = on every backend but GPU.
+
+  Returns:
+    [B, Tq, H, D] in q's dtype. Forward only (no VJP).
+  """
+  _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size)
+  if interpret is None:
+    interpret = default_interpret()
+  b, tq, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  groups = h // hkv
+  scale = d ** -0.5 if scale is None else float(scale)
+  if q_positions is None:
+    # Length-only masking: every query "is after" every slot.
+    q_positions = jnp.full((b, tq), jnp.iinfo(jnp.int32).max, jnp.int32)
+    kv_positions = jnp.zeros((b, s), jnp.int32)
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+
+  # Rows are (token, group) pairs of one kv head: [B, Hkv, Tq * G, D].
+  rows = tq * groups
+  block_m = max(16, min(block_sizes.block_m, 1 << (rows - 1).bit_length()))
+  rows_pad = -(-rows // block_m) * block_m
+  d_pad = max(16, 1 << (d - 1).bit_length())  # Triton tiles are powers of two.
+  qr = q.reshape(b, tq, hkv, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
+  qr = _pad_to(_pad_to(qr, rows_pad, 2), d_pad, 3)
+  q_pos = jnp.repeat(jnp.asarray(q_positions, jnp.int32), groups, axis=1)
+  q_pos = _pad_to(q_pos, rows_pad, 1, value=-1)  # Padding rows see nothing.
+
+  layout = kernel.split_layout(s, b * hkv * (rows_pad // block_m), block_sizes)
+  s_pad = layout.padded_length
+  kp = _pad_to(_pad_to(k, s_pad, 1), d_pad, 3)
+  vp = _pad_to(_pad_to(v, s_pad, 1), d_pad, 3)
+  kv_pos = _pad_to(jnp.asarray(kv_positions, jnp.int32), s_pad, 1, value=-1)
+  lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, s)[:, None]
+
+  o, m, l = kernel.split_forward(qr, q_pos, kp, vp, kv_pos, lengths, layout=layout,
+                                 scale=scale, block_m=block_m, block_size=block_size,
+                                 block_sizes=block_sizes, interpret=interpret)
+  out = kernel.combine(o, m, l)[:, :, :rows, :d]  # [B, Hkv, Tq * G, D]
+  out = out.reshape(b, hkv, tq, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
+  return out.astype(q.dtype)
