@@ -2,6 +2,8 @@
 
 from pallas_kernels.decode_attention.kernel import DecodeBlockSizes
 from pallas_kernels.decode_attention.ops import decode_attention
+from pallas_kernels.decode_attention.ops import split_plan
 from pallas_kernels.decode_attention.reference import decode_attention as reference_attention
 
-__all__ = ["DecodeBlockSizes", "decode_attention", "reference_attention"]
+__all__ = ["DecodeBlockSizes", "decode_attention", "reference_attention",
+           "split_plan"]

@@ -67,6 +67,20 @@ def _pad_to(x: Array, length: int, axis: int, value=0) -> Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
+def _row_tile(rows: int, block_sizes: DecodeBlockSizes) -> int:
+  return max(16, min(block_sizes.block_m, 1 << (rows - 1).bit_length()))
+
+
+def split_plan(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+               block_sizes: DecodeBlockSizes = DecodeBlockSizes()) -> kernel.SplitLayout:
+  """The split layout ``decode_attention`` uses for q [B, Tq, H, D] and k [B, S, Hkv, D]."""
+  b, tq, h, _ = q_shape
+  s, hkv = k_shape[1], k_shape[2]
+  rows = tq * (h // hkv)
+  row_tiles = -(-rows // _row_tile(rows, block_sizes))
+  return kernel.split_layout(s, b * hkv * row_tiles, block_sizes)
+
+
 def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None = None,
                      kv_positions: Array | None = None, kv_lengths: Array | None = None,
                      block_size: int = 1, scale: float | None = None,
@@ -113,7 +127,7 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
 
   # Rows are (token, group) pairs of one kv head: [B, Hkv, Tq * G, D].
   rows = tq * groups
-  block_m = max(16, min(block_sizes.block_m, 1 << (rows - 1).bit_length()))
+  block_m = _row_tile(rows, block_sizes)
   rows_pad = -(-rows // block_m) * block_m
   d_pad = max(16, 1 << (d - 1).bit_length())  # Triton tiles are powers of two.
   qr = q.reshape(b, tq, hkv, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
@@ -121,7 +135,7 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   q_pos = jnp.repeat(jnp.asarray(q_positions, jnp.int32), groups, axis=1)
   q_pos = _pad_to(q_pos, rows_pad, 1, value=-1)  # Padding rows see nothing.
 
-  layout = kernel.split_layout(s, b * hkv * (rows_pad // block_m), block_sizes)
+  layout = split_plan(q.shape, k.shape, block_sizes)
   s_pad = layout.padded_length
   kp = _pad_to(_pad_to(k, s_pad, 1), d_pad, 3)
   vp = _pad_to(_pad_to(v, s_pad, 1), d_pad, 3)
