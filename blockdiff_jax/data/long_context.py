@@ -1,0 +1,322 @@
+"""Long-context retrieval tasks built offline: passkey retrieval and key-value recall.
+
+Each example is a prompt of exactly ``length`` tokens of a given tokenizer and a
+short answer, scored by exact match. The prompt is an instruction, a haystack of
+real text with the needle(s) inserted, and a question::
+
+  passkey:   "There is a pass key hidden in the text below. ..."
+             <haystack> "The pass key is 48213. Remember it. 48213 is the pass key."
+             <haystack> "What is the pass key? The pass key is"    -> "48213"
+  kv_recall: "Key-value pairs are hidden in the text below. ..."
+             <haystack> 'Key "3f9a0c1e" has value "b7d2e915".' <haystack> ... (num_pairs)
+             'What is the value of key "3f9a0c1e"? The value is'  -> "b7d2e915"
+
+Haystack: docstrings (or raw source) of the Python standard library, read like
+``corpora.stdlib_documents`` (sorted files, nothing downloaded), tokenized once;
+each example takes a window of it at a seeded offset.
+
+Depth: the fraction of the haystack tokens that precede the (queried) needle; 0
+puts it right after the instruction, 1 right before the question. For
+``kv_recall`` the other pairs sit at seeded random depths.
+
+The example is built in token space (pieces are encoded separately and
+concatenated), so ``prompt_ids`` has exactly ``length`` tokens and the needle
+occupies ``prompt_ids[needle_start:needle_end]``; ``prompt`` is its decoding, for
+display. Everything is a pure function of (task, length, depth, seed, index) and
+the haystack: ``numpy.random.default_rng([seed, task, length, depth * 1e6, index])``.
+"""
+
+import ast
+import dataclasses
+import functools
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from blockdiff_jax.data import corpora
+
+TASKS = ("passkey", "kv_recall")
+HAYSTACK_SOURCES = ("docstrings", "source")
+EOS_TEXT = "<|eos|>"  # How a completion decoded with specials shows EOS.
+
+_INSTRUCTION = {
+    "passkey": ("There is a pass key hidden in the text below. Find it and remember it; "
+                "you will be asked for it at the end.\n\n"),
+    "kv_recall": ("Key-value pairs are hidden in the text below. Remember them; you will "
+                  "be asked for the value of one key at the end.\n\n"),
+}
+_PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+_PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+_PAIR_NEEDLE = '\n\nKey "{key}" has value "{value}".\n\n'
+_PAIR_QUESTION = '\n\nWhat is the value of key "{key}"? The value is'
+_PASSKEY_RE = re.compile(r"The pass key is (\d+)\. Remember it\.")
+_QUESTION_KEY_RE = re.compile(r'What is the value of key "([0-9a-f]+)"\?')
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextExample:
+  """One prompt/answer pair.
+
+  Attributes:
+    task: "passkey" or "kv_recall".
+    length: prompt length in tokens (== len(prompt_ids)).
+    depth: requested needle depth in [0, 1].
+    seed: generation seed.
+    index: example index within its (task, length, depth) cell.
+    prompt_ids: int32 [length] token ids the model reads.
+    prompt: the decoded prompt (display and ``solve``).
+    answer: the expected completion, e.g. "48213".
+    answer_ids: int32 token ids of the answer.
+    needle_start: first token of the (queried) needle in prompt_ids.
+    needle_end: one past its last token.
+    haystack_tokens: haystack tokens in the prompt (the depth's denominator).
+    haystack_before: haystack tokens before the needle (other pairs excluded).
+  """
+
+  task: str
+  length: int
+  depth: float
+  seed: int
+  index: int
+  prompt_ids: np.ndarray
+  prompt: str
+  answer: str
+  answer_ids: np.ndarray
+  needle_start: int
+  needle_end: int
+  haystack_tokens: int
+  haystack_before: int
+
+  @property
+  def measured_depth(self) -> float:
+    """The needle's realised depth: haystack_before / haystack_tokens."""
+    return self.haystack_before / self.haystack_tokens
+
+
+def validate_task(task: str) -> str:
+  if task not in TASKS:
+    raise ValueError(f"Unknown long-context task {task!r}; known tasks: {TASKS}.")
+  return task
+
+
+# ------------------------------------------------------------------- haystack
+
+
+def _docstrings(source: str) -> Iterable[str]:
+  try:
+    tree = ast.parse(source)
+  except (SyntaxError, ValueError):
+    return
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      doc = ast.get_docstring(node)
+      if doc and len(doc) >= 80:  # One-liners are mostly noise ("Return x.").
+        yield doc
+
+
+@functools.lru_cache(maxsize=8)
+def haystack_text(min_chars: int, source: str = "docstrings", root: str | None = None) -> str:
+  """At least ``min_chars`` characters of standard-library text, in sorted file order.
+
+  Args:
+    min_chars: characters wanted; raises if the whole library has fewer.
+    source: "docstrings" (natural-language paragraphs) or "source" (whole files).
+    root: the standard-library folder; default the running interpreter's.
+
+  Returns:
+    The texts of the first files (their docstrings), joined by blank lines.
+  """
+  if source not in HAYSTACK_SOURCES:
+    raise ValueError(f"haystack source must be one of {HAYSTACK_SOURCES}, got {source!r}")
+  root = root or corpora.stdlib_root()
+  pieces, total = [], 0
+  for key in corpora.stdlib_files(root):
+    with open(os.path.join(root, key), "rb") as f:
+      text = f.read().decode("utf-8", errors="replace")
+    for piece in (_docstrings(text) if source == "docstrings" else [text]):
+      pieces.append(piece)
+      total += len(piece) + 2
+    if total >= min_chars:
+      return "\n\n".join(pieces)
+  raise ValueError(f"The standard library at {root!r} has only {total} characters of "
+                   f"{source}; {min_chars} were asked for.")
+
+
+def load_haystack(tokenizer: Any, num_tokens: int, source: str = "docstrings") -> np.ndarray:
+  """int32 token ids of at least ``num_tokens`` tokens of standard-library text."""
+  if num_tokens < 1:
+    raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+  chars = 4 * num_tokens + 4096
+  while True:
+    ids = np.asarray(tokenizer.encode(haystack_text(chars, source)), np.int32)
+    if len(ids) >= num_tokens:
+      return ids
+    # Characters per token vary by tokenizer: ask for more text in proportion.
+    chars = int(chars * 1.2 * num_tokens / max(len(ids), 1)) + 4096
+
+
+# ------------------------------------------------------------------- examples
+
+
+def _rng(task: str, length: int, depth: float, seed: int, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, TASKS.index(task), length, int(round(depth * 1e6)), index])
+
+
+def _hex(rng: np.random.Generator, n: int) -> str:
+  return "".join("0123456789abcdef"[i] for i in rng.integers(0, 16, n))
+
+
+def _encode(tokenizer: Any, text: str) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text), np.int32)
+
+
+def make_example(task: str, tokenizer: Any, haystack: np.ndarray, *, length: int,
+                 depth: float, seed: int = 0, index: int = 0, passkey_digits: int = 5,
+                 num_pairs: int = 8) -> LongContextExample:
+  """Builds one example of exactly ``length`` prompt tokens (see module docstring).
+
+  Args:
+    task: "passkey" or "kv_recall".
+    tokenizer: anything with ``encode(str) -> ids`` and ``decode(ids) -> str``.
+    haystack: token ids from ``load_haystack`` (at least ``length`` of them).
+    length: prompt tokens.
+    depth: fraction of the haystack before the (queried) needle, in [0, 1].
+    seed: generation seed.
+    index: example index (a different needle and haystack window per index).
+    passkey_digits: digits of the pass key.
+    num_pairs: key-value pairs in a kv_recall prompt (one is asked for).
+
+  Returns:
+    The example.
+
+  Raises:
+    ValueError: naming the bad argument, e.g. a length too short for the fixed parts.
+  """
+  validate_task(task)
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must be in [0, 1], got {depth}")
+  if not 1 <= passkey_digits <= 18:
+    raise ValueError(f"passkey_digits must be in [1, 18], got {passkey_digits}")
+  if num_pairs < 1:
+    raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+  rng = _rng(task, length, depth, seed, index)
+  if task == "passkey":
+    answer = str(rng.integers(10 ** (passkey_digits - 1), 10 ** passkey_digits))
+    needles = [_encode(tokenizer, _PASSKEY_NEEDLE.format(key=answer))]
+    depths = [depth]
+    question = _PASSKEY_QUESTION
+  else:
+    keys, values = [], []
+    while len(keys) < num_pairs:  # Distinct keys, so the question has one answer.
+      key = _hex(rng, 8)
+      if key not in keys:
+        keys.append(key)
+        values.append(_hex(rng, 8))
+    answer = values[0]
+    needles = [_encode(tokenizer, _PAIR_NEEDLE.format(key=k, value=v))
+               for k, v in zip(keys, values)]
+    depths = [depth] + list(rng.uniform(0.0, 1.0, num_pairs - 1))
+    question = _PAIR_QUESTION.format(key=keys[0])
+  prefix = _encode(tokenizer, _INSTRUCTION[task])
+  suffix = _encode(tokenizer, question)
+  fixed = len(prefix) + len(suffix) + sum(len(n) for n in needles)
+  budget = length - fixed
+  if budget < 1:
+    raise ValueError(f"length={length} is too short for task {task!r}: its instruction, "
+                     f"needles and question take {fixed} tokens")
+  if len(haystack) < budget:
+    raise ValueError(f"haystack has {len(haystack)} tokens, {budget} needed for "
+                     f"length={length}; load a longer one")
+  start = int(rng.integers(0, len(haystack) - budget + 1))
+  hay = haystack[start:start + budget]
+  # Insert each needle at its depth; ties keep the queried needle (index 0) first.
+  cuts = [int(round(d * budget)) for d in depths]
+  order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
+  parts, pos, needle_start = [prefix], 0, -1
+  offset = len(prefix)
+  for i in order:
+    parts.append(hay[pos:cuts[i]])
+    offset += cuts[i] - pos
+    pos = cuts[i]
+    if i == 0:
+      needle_start = offset
+    parts.append(needles[i])
+    offset += len(needles[i])
+  parts += [hay[pos:], suffix]
+  ids = np.concatenate(parts).astype(np.int32)
+  assert len(ids) == length, (len(ids), length)
+  return LongContextExample(
+      task=task, length=length, depth=float(depth), seed=seed, index=index, prompt_ids=ids,
+      prompt=tokenizer.decode(ids), answer=answer,
+      answer_ids=_encode(tokenizer, answer), needle_start=needle_start,
+      needle_end=needle_start + len(needles[0]), haystack_tokens=budget,
+      haystack_before=cuts[0])
+
+
+def make_suite(tokenizer: Any, *, lengths: Sequence[int], depths: Sequence[float],
+               per_cell: int = 1, tasks: Sequence[str] = TASKS, seed: int = 0,
+               source: str = "docstrings", **task_options) -> list[LongContextExample]:
+  """Examples for every (task, length, depth) cell, ``per_cell`` each, in that order."""
+  if per_cell < 1:
+    raise ValueError(f"per_cell must be >= 1, got {per_cell}")
+  if not lengths or not depths:
+    raise ValueError("make_suite needs at least one length and one depth")
+  for task in tasks:
+    validate_task(task)
+  # Twice the longest prompt, so windows of different examples differ.
+  haystack = load_haystack(tokenizer, 2 * max(lengths), source)
+  return [make_example(task, tokenizer, haystack, length=n, depth=d, seed=seed, index=i,
+                       **task_options)
+          for task in tasks for n in lengths for d in depths for i in range(per_cell)]
+
+
+# -------------------------------------------------------------------- scoring
+
+
+def clean_completion(completion: str) -> str:
+  """Cuts at the first ``<|eos|>`` marker and strips surrounding whitespace."""
+  return completion.split(EOS_TEXT, 1)[0].strip()
+
+
+def exact_match(completion: str, answer: str) -> bool:
+  """True iff the cleaned completion is exactly the answer."""
+  return clean_completion(completion) == answer
+
+
+def solve(example_or_prompt: Any) -> str:
+  """Reads the answer off a prompt's text (an oracle for tests and sanity checks)."""
+  prompt = getattr(example_or_prompt, "prompt", example_or_prompt)
+  if prompt.startswith(_INSTRUCTION["passkey"]):
+    found = _PASSKEY_RE.findall(prompt)
+  else:
+    key = _QUESTION_KEY_RE.findall(prompt)
+    if not key:
+      raise ValueError("prompt is neither a passkey nor a kv_recall prompt")
+    found = re.findall(r'Key "' + key[-1] + r'" has value "([0-9a-f]+)"\.', prompt)
+  if len(found) != 1:
+    raise ValueError(f"expected one needle in the prompt, found {len(found)}")
+  return found[0]
+
+
+def score(examples: Sequence[LongContextExample],
+          completions: Sequence[str]) -> dict[str, Any]:
+  """Exact-match accuracy overall and per (task, length, depth) cell.
+
+  Returns:
+    ``{"accuracy": float, "n": int, "cells": [{"task", "length", "depth", "n",
+    "accuracy"}, ...]}`` with cells in first-seen order.
+  """
+  if len(examples) != len(completions):
+    raise ValueError(f"Got {len(examples)} examples but {len(completions)} completions.")
+  if not examples:
+    raise ValueError("score needs at least one example.")
+  cells: dict[tuple, list[bool]] = {}
+  for ex, completion in zip(examples, completions):
+    cells.setdefault((ex.task, ex.length, ex.depth), []).append(
+        exact_match(completion, ex.answer))
+  hits = [h for v in cells.values() for h in v]
+  return {"accuracy": sum(hits) / len(hits), "n": len(hits),
+          "cells": [{"task": t, "length": n, "depth": d, "n": len(v),
+                     "accuracy": sum(v) / len(v)} for (t, n, d), v in cells.items()]}

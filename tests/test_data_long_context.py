@@ -1,0 +1,137 @@
+"""Long-context tasks: exact lengths, needle depth, real-text haystack, determinism, scorer."""
+
+import numpy as np
+import pytest
+
+from blockdiff_jax.data import long_context as lc
+from blockdiff_jax.data import tokenizers
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+  return tokenizers.ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+  # A small BPE trained on the haystack text itself: multi-byte tokens everywhere.
+  return tokenizers.train_bpe([lc.haystack_text(60_000)], vocab_size=600)
+
+
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def tok_and_haystack(request, byte_tok, bpe_tok):
+  tok = byte_tok if request.param == "byte" else bpe_tok
+  return tok, lc.load_haystack(tok, 8192)
+
+
+@pytest.mark.parametrize("task", lc.TASKS)
+@pytest.mark.parametrize("length", [600, 1000, 4096])
+def test_prompt_has_exactly_the_requested_length(tok_and_haystack, task, length):
+  tok, hay = tok_and_haystack
+  ex = lc.make_example(task, tok, hay, length=length, depth=0.3, seed=1, index=2)
+  assert ex.prompt_ids.shape == (length,) and ex.prompt_ids.dtype == np.int32
+  assert ex.length == length
+  # The haystack fills the rest: instruction + needles + question + haystack.
+  np.testing.assert_array_equal(ex.answer_ids, tok.encode(ex.answer))
+
+
+@pytest.mark.parametrize("task", lc.TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_needle_sits_at_the_requested_depth(tok_and_haystack, task, depth):
+  tok, hay = tok_and_haystack
+  ex = lc.make_example(task, tok, hay, length=2000, depth=depth, seed=0, index=0)
+  # Realised depth within one haystack token of the request.
+  assert abs(ex.measured_depth - depth) <= 1.0 / ex.haystack_tokens
+  # The span holds the queried needle, which names the answer.
+  needle = tok.decode(ex.prompt_ids[ex.needle_start:ex.needle_end])
+  assert ex.answer in needle
+  if task == "kv_recall":
+    key = lc._QUESTION_KEY_RE.findall(ex.prompt)[0]  # pylint: disable=protected-access
+    assert f'Key "{key}" has value "{ex.answer}"' in needle
+  # Depth in token positions: the needle starts after depth * haystack tokens plus the
+  # instruction (and, for kv_recall, any pairs placed before it).
+  instruction = len(tok.encode(lc._INSTRUCTION[task]))  # pylint: disable=protected-access
+  assert ex.needle_start >= instruction + ex.haystack_before
+  if task == "passkey":
+    assert ex.needle_start == instruction + ex.haystack_before
+  # An independent reader of the text finds the same answer.
+  assert lc.solve(ex) == ex.answer
+
+
+def test_depth_moves_the_needle_monotonically(byte_tok):
+  hay = lc.load_haystack(byte_tok, 8192)
+  starts = [lc.make_example("passkey", byte_tok, hay, length=3000, depth=d).needle_start
+            for d in np.linspace(0, 1, 6)]
+  assert starts == sorted(starts) and starts[-1] - starts[0] > 2500
+
+
+def test_haystack_is_real_standard_library_text(byte_tok):
+  hay = lc.load_haystack(byte_tok, 4096)
+  text = lc.haystack_text(60_000)
+  ex = lc.make_example("passkey", byte_tok, hay, length=3000, depth=0.5, seed=3)
+  # The first 200 haystack characters after the instruction appear verbatim in the text.
+  start = len(lc._INSTRUCTION["passkey"])  # pylint: disable=protected-access
+  window = byte_tok.decode(ex.prompt_ids[start:start + 200])
+  assert window in text
+  assert "Return" in text or "return" in text  # Docstrings, not random tokens.
+  source = lc.haystack_text(10_000, "source")
+  assert "def " in source or "import " in source
+
+
+def test_generation_is_deterministic_and_seeded(bpe_tok):
+  hay = lc.load_haystack(bpe_tok, 4096)
+  make = lambda **kw: lc.make_example("kv_recall", bpe_tok, hay, length=1500, depth=0.4,
+                                      **kw)
+  a, b = make(seed=7, index=3), make(seed=7, index=3)
+  np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+  assert a.answer == b.answer and a.needle_start == b.needle_start
+  others = [make(seed=7, index=4), make(seed=8, index=3)]
+  for other in others:
+    assert other.answer != a.answer
+    assert not np.array_equal(other.prompt_ids, a.prompt_ids)
+
+
+def test_kv_recall_keys_are_distinct_and_asked_once(byte_tok):
+  hay = lc.load_haystack(byte_tok, 8192)
+  ex = lc.make_example("kv_recall", byte_tok, hay, length=4000, depth=0.5, num_pairs=12)
+  import re  # pylint: disable=g-import-not-at-top
+  pairs = re.findall(r'Key "([0-9a-f]{8})" has value "([0-9a-f]{8})"', ex.prompt)
+  assert len(pairs) == 12 and len({k for k, _ in pairs}) == 12
+  assert ex.prompt.count(ex.answer) == 1
+
+
+def test_suite_covers_every_cell(byte_tok):
+  suite = lc.make_suite(byte_tok, lengths=[600, 1200], depths=[0.0, 1.0], per_cell=2)
+  cells = {(e.task, e.length, e.depth) for e in suite}
+  assert len(suite) == 2 * 2 * 2 * 2 and len(cells) == 8
+  assert all(len(e.prompt_ids) == e.length for e in suite)
+
+
+def test_scorer(byte_tok):
+  suite = lc.make_suite(byte_tok, lengths=[400], depths=[0.0, 1.0], tasks=["passkey"])
+  a0, a1 = suite[0].answer, suite[1].answer
+  assert lc.exact_match(f" {a0}<|eos|>junk", a0)
+  assert lc.exact_match(f"{a0}\n", a0)
+  assert not lc.exact_match(f"{a0}0", a0)
+  assert not lc.exact_match(f"key {a0}", a0)
+  result = lc.score(suite, [a0, "wrong"])
+  assert result["accuracy"] == 0.5 and result["n"] == 2
+  assert [c["accuracy"] for c in result["cells"]] == [1.0, 0.0]
+  assert lc.score(suite, [a0, a1])["accuracy"] == 1.0
+  with pytest.raises(ValueError, match="2 examples but 1"):
+    lc.score(suite, [a0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(task="needle"), "Unknown long-context task"),
+    (dict(depth=1.5), "depth"),
+    (dict(length=50), "length=50 is too short"),
+    (dict(length=100_000), "haystack has"),
+    (dict(num_pairs=0), "num_pairs"),
+])
+def test_bad_arguments_are_named(byte_tok, kwargs, match):
+  hay = lc.load_haystack(byte_tok, 4096)
+  args = dict(task="kv_recall", length=1000, depth=0.5) | kwargs
+  task = args.pop("task")
+  with pytest.raises(ValueError, match=match):
+    lc.make_example(task, byte_tok, hay, **args)
