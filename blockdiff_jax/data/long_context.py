@@ -4,10 +4,10 @@ Each example is a prompt of exactly ``length`` tokens of a given tokenizer and a
 short answer, scored by exact match. The prompt is an instruction, a haystack of
 real text with the needle(s) inserted, and a question::
 
-  passkey:   "There is a pass key hidden in the text below. ..."
+  passkey:   "A pass key is hidden in the text below. Remember it."
              <haystack> "The pass key is 48213. Remember it. 48213 is the pass key."
              <haystack> "What is the pass key? The pass key is"    -> "48213"
-  kv_recall: "Key-value pairs are hidden in the text below. ..."
+  kv_recall: "Key-value pairs are hidden in the text below. Remember them."
              <haystack> 'Key "3f9a0c1e" has value "b7d2e915".' <haystack> ... (num_pairs)
              'What is the value of key "3f9a0c1e"? The value is'  -> "b7d2e915"
 
@@ -42,10 +42,8 @@ HAYSTACK_SOURCES = ("docstrings", "source")
 EOS_TEXT = "<|eos|>"  # How a completion decoded with specials shows EOS.
 
 _INSTRUCTION = {
-    "passkey": ("There is a pass key hidden in the text below. Find it and remember it; "
-                "you will be asked for it at the end.\n\n"),
-    "kv_recall": ("Key-value pairs are hidden in the text below. Remember them; you will "
-                  "be asked for the value of one key at the end.\n\n"),
+    "passkey": "A pass key is hidden in the text below. Remember it.\n\n",
+    "kv_recall": "Key-value pairs are hidden in the text below. Remember them.\n\n",
 }
 _PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 _PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"

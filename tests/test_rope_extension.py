@@ -1,0 +1,72 @@
+"""The RoPE-extension recipe config: scaling consistent with the data, source params load."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from conftest import ROOT, load_config_file
+from test_rope import _assert_matches_hf
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.model import rope
+
+
+def _module():
+  path = os.path.join(ROOT, "configs", "long_context_extension.py")
+  spec = importlib.util.spec_from_file_location("configs_long_context_extension", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("arg,base,factor", [(None, "quickstart", 8), ("tiny,4", "tiny", 4),
+                                             ("synthetic,16", "synthetic", 16)])
+def test_extension_scales_rope_to_the_new_length(arg, base, factor):
+  module = _module()
+  c, b = module.get_config(arg), load_config_file(base)
+  config_lib.validate(c)
+  rs = c.model.rope_scaling
+  assert rs.type == "yarn" and rs.factor == factor
+  assert rs.original_max_position == b.data.seq_len
+  assert c.data.seq_len == factor * b.data.seq_len
+  assert c.data.seq_len * c.data.batch_size <= b.data.seq_len * b.data.batch_size
+  assert c.train.steps <= b.train.steps and c.train.learning_rate < b.train.learning_rate
+  with pytest.raises(ValueError, match="init_from.workdir"):
+    module.validate(c)
+  c.init_from.workdir = "/tmp/source_run"
+  module.validate(c)
+  c.model.rope_scaling.factor = factor / 2
+  with pytest.raises(ValueError, match="rope_scaling.factor"):
+    module.validate(c)
+  # The scaled frequencies are transformers' YaRN for this head_dim and length.
+  _assert_matches_hf(rope.RopeScaling("yarn", float(factor), b.data.seq_len),
+                     c.model.head_dim, c.model.rope_theta)
+
+
+def test_source_checkpoint_params_fit_the_extended_model():
+  from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  shapes = []
+  for c in (load_config_file("tiny"), _module().get_config("tiny,4")):
+    model = transformer.Transformer(config_lib.model_config(c, vocab_size=300))
+    tree = jax.eval_shape(lambda m=model: trainer.init_params(m, 0))
+    shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), tree))
+  assert shapes[0] == shapes[1]
+
+
+def test_long_context_eval_lengths_and_bad_bases():
+  module = _module()
+  c = module.get_config("quickstart,8")
+  assert c.long_context.lengths == "512,1024,2048"
+  c.init_from.workdir = "/tmp/x"
+  c.long_context.depths = "0.5,1.5"
+  with pytest.raises(ValueError, match="long_context.depths"):
+    module.validate(c)
+  # chatdlm_7b.py describes the already-extended model (YaRN x32 over 4,096).
+  with pytest.raises(ValueError, match="already scales RoPE"):
+    module.get_config("chatdlm_7b,32")
+  with pytest.raises(ValueError, match="not found"):
+    module.get_config("no_such_config")
+  with pytest.raises(ValueError, match="factor must be >= 2"):
+    module.get_config("tiny,1")
