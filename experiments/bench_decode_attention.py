@@ -35,7 +35,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels.decode_attention import reference as da_reference

@@ -1,5 +1,7 @@
 """Long-context tasks: exact lengths, needle depth, real-text haystack, determinism, scorer."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -94,7 +96,6 @@ def test_generation_is_deterministic_and_seeded(bpe_tok):
 def test_kv_recall_keys_are_distinct_and_asked_once(byte_tok):
   hay = lc.load_haystack(byte_tok, 8192)
   ex = lc.make_example("kv_recall", byte_tok, hay, length=4000, depth=0.5, num_pairs=12)
-  import re  # pylint: disable=g-import-not-at-top
   pairs = re.findall(r'Key "([0-9a-f]{8})" has value "([0-9a-f]{8})"', ex.prompt)
   assert len(pairs) == 12 and len({k for k, _ in pairs}) == 12
   assert ex.prompt.count(ex.answer) == 1

@@ -95,8 +95,9 @@ def test_tilings_agree(block_sizes):
 def test_length_only_mask_and_scale():
   q, k, v = _inputs(2, 4, 4, 2, 16, 50, jnp.float32)
   lens = jnp.array([50, 13], jnp.int32)
+  # interpret=None: the op picks the interpreter off GPUs.
   out = jax.jit(lambda q, k, v: da.decode_attention(
-      q, k, v, kv_lengths=lens, scale=0.3, interpret=INTERPRET,
+      q, k, v, kv_lengths=lens, scale=0.3,
       block_sizes=da.DecodeBlockSizes(block_k=16, num_splits=2)))(q, k, v)
   # Independent check: softmax over the first lens[b] slots, in numpy float64.
   qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))

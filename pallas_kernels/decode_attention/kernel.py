@@ -59,7 +59,8 @@ class DecodeBlockSizes:
       programs to fill a GPU (``target_programs``).
     target_programs: programs aimed at when ``num_splits`` is None (2 waves of an
       H100/H200's 132 SMs).
-    num_warps: Triton warps per program; None = 4.
+    num_warps: Triton warps per program; None = 4 for head_dim <= 64, else 8 (the
+      fp32 [block_m, head_dim] accumulator lives in registers).
     num_stages: software-pipelining depth of the K/V loads.
   """
 
@@ -196,6 +197,7 @@ def split_forward(q: Array, q_pos: Array, k: Array, v: Array, kv_pos: Array,
   kernel = functools.partial(_split_kernel, scale=scale, block_k=layout.block_k, chunk=chunk,
                              block_size=block_size)
   stat = pl.BlockSpec((None, None, None, block_m), lambda i, h, r, s: (i, h, s, r))
+  num_warps = block_sizes.num_warps or (4 if d <= 64 else 8)
   return pl.pallas_call(
       kernel,
       grid=(b, hkv, rows // block_m, splits),
@@ -215,7 +217,7 @@ def split_forward(q: Array, q_pos: Array, k: Array, v: Array, kv_pos: Array,
       out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps or 4,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="decode_attention_split",
