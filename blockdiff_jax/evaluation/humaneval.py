@@ -211,7 +211,9 @@ def score_samples(samples: Sequence[Mapping],
 
   Returns:
     {"pass_at_k": {"pass@1": ...}, "num_problems", "num_samples",
-     "status_counts": {status: count}, "per_problem": {task_id: {"n", "c",
+     "status_counts": {status: count}, "isolation": [layers applied],
+     "isolation_missing": [requested layers this machine lacks],
+     "per_problem": {task_id: {"n", "c",
      "passed": [bool per sample]}}, "samples": [sample + "passed", "result",
      "detail", "wall_time_s", in input order]}.
 
@@ -269,6 +271,7 @@ def score_samples(samples: Sequence[Mapping],
       "num_samples": len(samples),
       "status_counts": dict(collections.Counter(r.status for r in results)),
       "isolation": list(results[0].isolation),
+      "isolation_missing": list(sandbox.missing_isolation(limits)),
       "per_problem": per_problem,
       "samples": scored,
   }
@@ -336,6 +339,9 @@ def format_table(summary: Mapping) -> str:
            f"{'metric':<10}{'value':>10}", "-" * 20]
   for name, value in summary["pass_at_k"].items():
     lines.append(f"{name:<10}{100 * value:>9.2f}%")
+  if summary.get("isolation_missing"):
+    lines.append("WARNING: sandbox layers unavailable here: " +
+                 ", ".join(summary["isolation_missing"]))
   return "\n".join(lines)
 
 

@@ -47,7 +47,8 @@ also print a warning naming the ones missing):
   directory ``/tmp`` (cwd, HOME, TMPDIR; 0700, owned by the sandbox uid), and
   read-only, nosuid binds of exactly what the interpreter needs at their host
   paths: its executable, its ``sys.path`` directories, the shared libraries
-  ``ldd`` reports for it and its ``lib-dynload`` modules, ``/etc/ld.so.cache``
+  ``ldd`` reports for it and its ``lib-dynload`` modules (with
+  ``site_packages``: their whole folders), ``/etc/ld.so.cache``
   and ``/dev/{null,zero,full,random,urandom}``. No ``/proc``, ``/run``, host
   ``/tmp`` or home directory exists there, so host Unix socket paths, other
   sandboxes' files and the hidden tests of other runs are unreachable by path;
@@ -275,7 +276,12 @@ def _filesystem_view(python: str, site_packages: bool) -> tuple[str, ...]:
   for p in path:
     if p.endswith("lib-dynload"):
       modules += sorted(glob.glob(os.path.join(p, "*.so")))
-  paths.update(_shared_libraries(modules))
+  libraries = _shared_libraries(modules)
+  paths.update(libraries)
+  if site_packages:
+    # Third-party extension modules need more system libraries (libstdc++,
+    # ...) than the standard library: expose their folders, read-only.
+    paths.update(os.path.dirname(p) for p in libraries)
   paths.update(p for p in ("/etc/ld.so.cache",) + _DEVICES
                if os.path.exists(p))
   dirs = sorted(p for p in paths if os.path.isdir(p))
@@ -483,7 +489,7 @@ def _run(source: str, limits: SandboxLimits, features: frozenset[str],
   elif rc < 0:
     status, detail = "killed", signal.Signals(-rc).name
   elif proof == nonce:
-    status, detail = "failed", f"{call} returned, then exit code {rc}"
+    status, detail = "failed", f"proof that {call} returned, but exit code {rc}"
   else:
     status, detail = "failed", _last_line(stderr) or f"exit code {rc}"
   return Result(status, rc, stdout, stderr, wall, detail, isolation, uid)
