@@ -50,6 +50,17 @@ CHEATS = {
         "        raise SystemExit(0)\n"
         "sys.setprofile(_profiler)\n"),
     "exit_with_wrong_code": "    import os\n    os._exit(2)\n",
+    "builtins_eval_replaced_to_skip_check": (
+        "    return None\n\n"
+        "import builtins\n"
+        "builtins.eval = lambda *args, **kwargs: None\n"
+        "builtins.exec = lambda *args, **kwargs: None\n"),
+    "sys_modules_and_os_functions_replaced": (
+        "    return None\n\n"
+        "import os, sys\n"
+        "os.write = lambda fd, data: len(data)\n"
+        "os._exit = lambda code=0: None\n"
+        "sys.excepthook = lambda *args: None\n"),
     "forged_proof_on_every_fd_then_exit_0": (
         "    import os\n"
         "    for fd in range(3, 256):\n"

@@ -195,8 +195,9 @@ del _name, _patch
 '''
 
 # Runs first, before any untrusted code: takes the nonce from its pipe (and
-# closes it) and keeps the primitives needed to report success, so that a
-# program that rebinds os.write / os._exit / sys.stderr cannot redirect them.
+# closes it) and keeps the primitives needed to report success and to call
+# the check, so that a program that rebinds os.write / os._exit / eval /
+# sys.stderr cannot redirect them.
 # argv: runner.py NONCE_FD PROOF_FD PROGRAM [CALL]; NONCE_FD -1: no call.
 RUNNER_HEAD = r'''
 import builtins, os, sys, traceback
@@ -219,6 +220,7 @@ def _make_prover():
   return prove
 _prove = _make_prover()
 _exit = os._exit
+_eval = builtins.eval
 _print_exception = traceback.print_exception
 _stdout, _stderr = sys.stdout, sys.stderr
 '''
@@ -231,6 +233,7 @@ _path = sys.argv[3]
 _call = sys.argv[4] if len(sys.argv) > 4 else None
 with open(_path, encoding="utf-8") as _f:
   _code = compile(_f.read(), _path, "exec")
+_call_code = compile(_call, "<check>", "eval") if _call is not None else None
 sys.argv = [_path]
 _globals = {"__name__": "__main__", "__builtins__": builtins}
 if _call is None:
@@ -244,7 +247,8 @@ else:
         pass
   try:
     exec(_code, _globals)
-    eval(compile(_call, "<check>", "eval"), _globals)
+    # Bound before the program ran: it may rebind builtins.eval.
+    _eval(_call_code, _globals)
   except SystemExit as e:
     try:
       _stderr.write("sandbox: the program raised SystemExit(%r) before %s "
