@@ -55,6 +55,13 @@ CHEATS = {
         "import builtins\n"
         "builtins.eval = lambda *args, **kwargs: None\n"
         "builtins.exec = lambda *args, **kwargs: None\n"),
+    "runner_globals_rebound": (
+        "    return None\n\n"
+        "import __main__\n"
+        "for name in list(vars(__main__)):\n"
+        "    if name.startswith('_') and not name.startswith('__'):\n"
+        "        setattr(__main__, name, lambda *args, **kwargs: None)\n"
+        "__main__._eval = lambda *args, **kwargs: None\n"),
     "sys_modules_and_os_functions_replaced": (
         "    return None\n\n"
         "import os, sys\n"

