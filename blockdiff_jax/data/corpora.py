@@ -20,8 +20,17 @@ folders (searched recursively for ``.py .txt .md .jsonl .json``) and globs.
 Keys are paths relative to a listed folder, or the path as listed/matched for
 files and globs. Each line of a ``.jsonl`` file is one document taken from its
 ``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
-file is split by line; other files are read whole as UTF-8 (invalid bytes
-replaced).
+file is split by line; other files are read whole as UTF-8.
+
+Non-text user files are refused, never trained on: a file (or ``.jsonl`` line)
+that is not valid UTF-8 or contains a NUL byte raises ``ValueError`` naming the
+file (and line) and the offset of the first bad byte, before anything trains.
+Refusing rather than skipping keeps a typo in ``paths`` (a folder holding a
+checkpoint, an image, a UTF-16 file) from silently shrinking the corpus. The
+stdlib corpus is exempt: four CPython test files are deliberately not UTF-8
+(``test/encoded_modules/*``, ``test/test_source_encoding.py``,
+``test/tokenizedata/badsyntax_pep3120.py``); they are decoded with replacement
+characters as before, so the default corpus stays byte-identical.
 
 Synthetic (``corpus="synthetic"``): ``load_documents`` returns
 ``"prompt\\nanswer"`` texts of the first examples of the split (enough to
@@ -73,8 +82,40 @@ def split_of(key: str, validation_fraction: float) -> str:
 
 
 def _read_text(path: str) -> str:
+  """Stdlib files: UTF-8 with replacement (see module doc for why)."""
   with open(path, "rb") as f:
     return f.read().decode("utf-8", errors="replace")
+
+
+def _decode_strict(data: bytes, where: str, offset: int = 0) -> str:
+  """Decodes user data as UTF-8 text, or refuses it naming `where`.
+
+  Args:
+    data: raw bytes.
+    where: the file (and line) to name in the error.
+    offset: file offset of data[0], so the error gives a file offset.
+
+  Raises:
+    ValueError: if `data` is not valid UTF-8 or holds a NUL byte.
+  """
+  nul = data.find(b"\x00")
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(
+        f"{where}: not a UTF-8 text file (invalid byte 0x{data[e.start]:02x} "
+        f"at byte offset {offset + e.start}); data files must be UTF-8 text: "
+        "convert it or remove it from data.paths.") from None
+  if nul != -1:
+    raise ValueError(
+        f"{where}: binary file (NUL byte at byte offset {offset + nul}); data "
+        "files must be UTF-8 text: convert it or remove it from data.paths.")
+  return text
+
+
+def _read_user_text(path: str) -> str:
+  with open(path, "rb") as f:
+    return _decode_strict(f.read(), path)
 
 
 def _take(docs: Iterable[Document], max_bytes: int) -> list[Document]:
@@ -162,9 +203,11 @@ def _expand_paths(paths: str) -> list[tuple[str, str]]:
 
 def _jsonl_documents(key: str, path: str,
                      text_field: str) -> Iterator[Document]:
+  offset = 0
   with open(path, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
-      line = raw.decode("utf-8", errors="replace").strip()
+      line = _decode_strict(raw, f"{path}:{line_no}", offset).strip()
+      offset += len(raw)
       if not line:
         continue
       try:
@@ -190,8 +233,12 @@ def file_documents(paths: str, split: str, validation_fraction: float = 0.02,
     if path.endswith(".jsonl"):
       docs.extend(d for d in _jsonl_documents(key, path, text_field)
                   if split_of(d.key, validation_fraction) == split)
-    elif split_of(key, validation_fraction) == split:
-      docs.append(Document(key, _read_text(path)))
+    else:
+      # Read (and so checked) whatever its split: a bad file is refused the
+      # same way whichever split is loaded first.
+      text = _read_user_text(path)
+      if split_of(key, validation_fraction) == split:
+        docs.append(Document(key, text))
   docs.sort(key=lambda d: d.key)
   return _take(docs, max_bytes)
 

