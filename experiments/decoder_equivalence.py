@@ -21,14 +21,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
-from blockdiff_jax.sampling import sample
 from blockdiff_jax.train import trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

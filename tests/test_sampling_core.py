@@ -79,6 +79,7 @@ def _meta(pos, stream, valid):
 
 def _reference(fn, params, opt, tokens, maskable, length, start):
   """One row, no persistent cache: every step recomputes the whole prefix."""
+  fn = jax.jit(fn)
   toks, nfe = tokens.copy(), 0
   sb = opt.sub
   for c in range(start, len(toks) // BLOCK):
@@ -182,7 +183,7 @@ def test_denoise_step_by_step_equals_decode(sub_block):
                              policy=policies.Threshold(0.5), sub_block_size=sub_block)
   fn, params, cv = FakeLM(), _params(), _canvas()
   out = decoder.decode(fn, params, cv, opt)
-  st = state_lib.init_state(fn, params, cv, opt, state_lib.prefill_width(cv, BLOCK))
+  st = decoder.init_state(fn, params, cv, opt)
   step = jax.jit(decoder.denoise_step, static_argnums=(0, 3))
   filled = 0
   while not bool(st.done.all()):
@@ -194,8 +195,32 @@ def test_denoise_step_by_step_equals_decode(sub_block):
   assert filled >= int((out["tokens"] != cv.tokens).sum())
 
 
+def test_on_step_and_on_block_stream_every_step_and_block():
+  opt = layout.DecodeOptions(block_size=BLOCK, mask_id=MASK, eos_id=EOS,
+                             policy=policies.Threshold(0.5), sub_block_size=4)
+  cv = _canvas()
+  frames, blocks = [], {}
+
+  def on_block(block_index, tokens, active):
+    for row in np.flatnonzero(np.asarray(active)):
+      blocks.setdefault(int(row), []).append((int(block_index[row]), np.asarray(tokens[row])))
+
+  out = decoder.decode(FakeLM(), _params(), cv, opt, on_block=on_block,
+                       on_step=lambda b, t: frames.append((np.asarray(b), np.asarray(t))))
+  assert len(frames) == out["forwards"]
+  for row, got in blocks.items():
+    idx = [c for c, _ in got]
+    assert idx == list(range(int(cv.start_block[row]), idx[-1] + 1))
+    for c, toks in got:
+      np.testing.assert_array_equal(toks, out["tokens"][row, c * BLOCK:(c + 1) * BLOCK])
+    last = [t[row] for b, t in frames if b[row] == idx[-1]][-1]
+    np.testing.assert_array_equal(last, got[-1][1])
+  assert sorted(blocks) == [0, 1, 2]
+
+
 def test_cache_prefill_and_commit_equal_recomputation():
-  fn, params = FakeLM(), _params()
+  lm, params = FakeLM(), _params()
+  fn = jax.jit(lm)
   rng = np.random.default_rng(1)
   toks = jnp.asarray(rng.integers(0, 13, (2, 4 * BLOCK)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(4 * BLOCK), (2, 4 * BLOCK))
@@ -203,7 +228,7 @@ def test_cache_prefill_and_commit_equal_recomputation():
   exists = pos < length[:, None]
   _, (k_ref, v_ref), _ = fn(params, toks, state_lib.token_meta(pos, BLOCK, masks.CLEAN,
                                                               exists))
-  cache = kv_cache.KVCache.empty(fn.kv_spec, 2, 4 * BLOCK, BLOCK, buffer_size=BLOCK)
+  cache = kv_cache.KVCache.empty(lm.kv_spec, 2, 4 * BLOCK, BLOCK, buffer_size=BLOCK)
   n = 2 * BLOCK
   _, (k, v), _ = fn(params, toks[:, :n],
                     state_lib.token_meta(pos[:, :n], BLOCK, masks.CLEAN, exists[:, :n]))

@@ -49,6 +49,7 @@ DecodeOptions = layout.DecodeOptions
 DecodeState = state_lib.DecodeState
 StepInfo = state_lib.StepInfo
 init_state = state_lib.init_state
+prefill_width = state_lib.prefill_width
 denoise_step = step_lib.denoise_step
 
 JIT_CACHE = jit_cache.JitCache(maxsize=16)

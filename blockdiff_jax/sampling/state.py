@@ -130,7 +130,7 @@ def prefill_width(canvas: layout.Canvas, block_size: int, width: int | None = No
 
 
 def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeOptions,
-               prefill_len: int, rng: Array | None = None) -> DecodeState:
+               prefill_len: int | None = None, rng: Array | None = None) -> DecodeState:
   """The state before the first denoising step, with the prompt blocks prefilled.
 
   Args:
@@ -138,9 +138,12 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
     params: its parameters.
     canvas: the decoder input (numpy or jax arrays).
     options: decoding options.
-    prefill_len: static width of the prefill pass (``prefill_width``).
+    prefill_len: static width of the prefill pass (default ``prefill_width(canvas)``,
+      which needs a host canvas; under ``jit`` pass it).
     rng: sampling key (default key 0).
   """
+  if prefill_len is None:
+    prefill_len = prefill_width(canvas, options.block_size)
   tokens = jnp.asarray(canvas.tokens, jnp.int32)
   maskable = jnp.asarray(canvas.maskable, bool)
   length = jnp.asarray(canvas.length, jnp.int32)
