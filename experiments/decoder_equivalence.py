@@ -21,6 +21,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import ar as ar_lib
@@ -106,18 +107,24 @@ def _run_case(model, params, tok, block, gen, fill, overrides, runner, seed):
   opts = decoder.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
                                **overrides)
   rng = jax.random.key(seed)
+  canvas = fill if runner == "infill" else gen
   if runner == "ar":
-    canvas = gen
-    out = ar_lib.decode_ar(model, params, canvas, opts, rng)
+    call = lambda: ar_lib.decode_ar(model, params, canvas, opts, rng)
   else:
-    canvas = gen if runner == "block" else fill
-    out = decoder.decode(model, params, canvas, opts, rng, prefill_width=WIDTH - block)
+    call = lambda: decoder.decode(model, params, canvas, opts, rng,
+                                  prefill_width=WIDTH - block)
+  call()  # Compiles.
+  walls = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    out = call()
+    walls.append(time.perf_counter() - t0)
   rows = []
   for i in range(canvas.tokens.shape[0]):
     rows.append({"tokens": [int(t) for t in out["tokens"][i]], "nfe": int(out["nfe"][i]),
                  "steps": ([int(s) for s in out["steps"][i]] if "steps" in out else None),
                  "edits": int(out["edits"][i]) if "edits" in out else None})
-  return {"rows": rows, "forwards": int(out["forwards"])}
+  return {"rows": rows, "forwards": int(out["forwards"]), "wall_s": float(np.median(walls))}
 
 
 def _compare(base: dict, new: dict) -> list[dict]:
@@ -138,7 +145,8 @@ def _compare(base: dict, new: dict) -> list[dict]:
         "nfe_before": sum(x["nfe"] for x in b["rows"]),
         "nfe_after": sum(x["nfe"] for x in n["rows"]),
         "nfe_never_higher": all(y["nfe"] <= x["nfe"] for x, y in zip(b["rows"], n["rows"])),
-        "forwards_before": b["forwards"], "forwards_after": n["forwards"]})
+        "forwards_before": b["forwards"], "forwards_after": n["forwards"],
+        "wall_s_before": b.get("wall_s"), "wall_s_after": n.get("wall_s")})
   return table
 
 
@@ -156,17 +164,20 @@ def _write_md(table, meta, path):
            f"canvas width {WIDTH}, block {meta['block_size']}, up to {MAX_NEW} new tokens, "
            f"model: configs/synthetic.py trained {meta['train_steps']} steps on CPU. "
            "NFE summed over rows; forwards = sequential forwards of the batch. Sub-block "
-           "cases: tokens must be identical, NFE may drop (no lockstep).", "",
+           "cases: tokens must be identical, NFE may drop (no lockstep). Wall time: median "
+           "of 3 warm calls of the whole batch (a shared CPU: a rough guide only).", "",
            "| case | tokens identical | NFE identical | steps identical | NFE before | "
-           "NFE after | forwards before | forwards after | ok |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "NFE after | forwards before | forwards after | ms before | ms after | ok |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in table:
     if r.get("missing_in_baseline"):
-      lines.append(f"| {r['case']} | - | - | - | - | - | - | - | missing in baseline |")
+      lines.append(f"| {r['case']} | - | - | - | - | - | - | - | - | - | missing in baseline |")
       continue
+    ms = lambda w: "-" if w is None else f"{1000 * w:.0f}"
     lines.append(f"| {r['case']} | {r['tokens_identical']} | {r['nfe_identical']} | "
                  f"{r['steps_identical']} | {r['nfe_before']} | {r['nfe_after']} | "
-                 f"{r['forwards_before']} | {r['forwards_after']} | {_ok(r)} |")
+                 f"{r['forwards_before']} | {r['forwards_after']} | "
+                 f"{ms(r['wall_s_before'])} | {ms(r['wall_s_after'])} | {_ok(r)} |")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 

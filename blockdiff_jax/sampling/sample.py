@@ -106,7 +106,7 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
   """Continues text prompts (with ``<|special|>`` names) in one batch.
 
   Args:
-    model, params: the model.
+    model, params: the model (a ``Transformer`` or a ``logits.LogitsFn``) and its params.
     tokenizer: its tokenizer.
     prompts: prompt strings; e.g. ``"<|bos|>sort: 3 1 2<|sep|>"``.
     options: decoder options (``options_from_config``).
