@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from blockdiff_jax.data import synthetic
-from blockdiff_jax.sampling import decoder
+from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
 from blockdiff_jax.train import trainer
@@ -85,7 +85,7 @@ def main():
   examples = _examples(config, args.n)
   block = config.diffusion.block_size
   max_len = config.data.seq_len
-  base = decoder.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id)
+  base = layout.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id)
 
   dev = jax.devices()[0]
   machine = (f"{dev.device_kind}, jax {jax.__version__}" if dev.platform == "gpu"
@@ -106,7 +106,7 @@ def main():
   # on, the in-distribution counterpart of the one-token-block AR baseline.
   sweep = [("l2r", None)] + [(n, v) for n, v in sweep if n != "l2r"]
   for name, value in sweep:
-    opts = decoder.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
+    opts = layout.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
                                  policy=policies.make_policy(name, value))
     r = _evaluate(model, params, tok, examples, opts, args.max_new_tokens, max_len, ar=False)
     r.update(policy=name, value=value, speedup_vs_ar=r["tokens_per_s"] / ar["tokens_per_s"],

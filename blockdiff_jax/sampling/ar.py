@@ -15,23 +15,65 @@ first one and is counted; nothing else is).
 import dataclasses
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax.model import masks
-from blockdiff_jax.sampling import decoder
+from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import kv_cache
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import logits as logits_lib
 
 Array = Any
 _NEG = -1e30
 
+JIT_CACHE = jit_cache.JitCache(maxsize=8)
 
-def decode_ar(model, params, canvas: decoder.Canvas, options: decoder.DecodeOptions,
+
+@flax.struct.dataclass
+class ARState:
+  """The AR loop state.
+
+  Attributes:
+    q: () tokens generated so far by the slowest row (the next position is
+      ``prompt_len + q``).
+    tokens: [B, S] the canvas.
+    cache: committed K/V.
+    done: [B] rows that stopped.
+    nfe: [B] forwards while the row was active.
+    forwards: () forwards of the batch (the prefill included).
+  """
+
+  q: Array
+  tokens: Array
+  cache: kv_cache.KVCache
+  done: Array
+  nfe: Array
+  forwards: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+  logits_fn: Any
+  options: layout.DecodeOptions
+  prompt_max: int
+
+
+def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
               rng: Array | None = None) -> dict:
   """Greedy/sampled AR continuation of a generation canvas (``layout.generation_canvas``).
 
   Only plain continuation is supported: each row's maskable slots must be the
   contiguous run after its prompt.
+
+  Args:
+    model: a ``Transformer`` or a logits function (``logits.LogitsFn``).
+    params: its parameters.
+    canvas: the input.
+    options: decoding options (block size, ids, sampling, ``stop_at_eos``).
+    rng: sampling key (default key 0).
 
   Returns:
     dict with ``tokens`` [B, S], ``nfe`` [B] (forwards while the row was active, the
@@ -43,31 +85,26 @@ def decode_ar(model, params, canvas: decoder.Canvas, options: decoder.DecodeOpti
     run = canvas.maskable[i, prompt_len[i]:canvas.length[i]]
     if not run.all() or canvas.maskable[i, canvas.length[i]:].any() or not run.size:
       raise ValueError(f"row {i}: AR decoding needs one contiguous span after the prompt")
-  key = (model, options, int(prompt_len.max()))
-  if key not in _CACHE:
-    _CACHE[key] = jax.jit(lambda *a: _decode_ar(model, options, int(prompt_len.max()), *a))
+  key = _Key(logits_lib.as_logits_fn(model), options, int(prompt_len.max()))
+  fn = JIT_CACHE.get(key, lambda k: jax.jit(
+      lambda *a: _decode_ar(k.logits_fn, k.options, k.prompt_max, *a)))
   rng = jax.random.key(0) if rng is None else rng
-  out = _CACHE[key](params, jnp.asarray(tokens), jnp.asarray(prompt_len),
-                    jnp.asarray(canvas.length, jnp.int32), rng)
+  out = fn(params, jnp.asarray(tokens), jnp.asarray(prompt_len),
+           jnp.asarray(canvas.length, jnp.int32), rng)
   out = jax.device_get(out)
   out["prefill_passes"] = 1
   out["commit_passes"] = 0
   return out
 
 
-_CACHE: dict = {}
-
-
 def _block_ids(pos, prompt_len, block_size):
   return jnp.where(pos < prompt_len[:, None], pos // block_size, pos)
 
 
-def _decode_ar(model, opt: decoder.DecodeOptions, pmax: int, params, tokens, prompt_len,
+def _decode_ar(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt_len,
                length, rng):
-  cfg = model.cfg
   b, s = tokens.shape
   bk = opt.block_size
-  dtype = cfg.compute_dtype
   slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
   def meta(pos, stream, valid):
@@ -85,49 +122,35 @@ def _decode_ar(model, opt: decoder.DecodeOptions, pmax: int, params, tokens, pro
   m = meta(ppos, masks.CLEAN, ppos < prompt_len[:, None]).concat(
       meta(qpos, masks.NOISY, jnp.ones((b, 1), bool)))
   inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
-  logits, aux = model.apply({"params": params}, inp, m, return_kv=True,
-                            logits_slice=(pmax, 1))
-  kv_shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
-  k_c = jnp.zeros(kv_shape, dtype).at[:, :, :pmax].set(aux["kv"][0][:, :, :pmax].astype(dtype))
-  v_c = jnp.zeros(kv_shape, dtype).at[:, :, :pmax].set(aux["kv"][1][:, :, :pmax].astype(dtype))
-  valid = slot < prompt_len[:, None]
+  logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
+  cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk,
+                                 block_ids=_block_ids(slot, prompt_len, bk))
+  cache = cache.prefill(k[:, :, :pmax], v[:, :, :pmax], ppos < prompt_len[:, None])
   first = pick(logits[:, 0], jax.random.fold_in(rng, 0))
   tokens = jax.vmap(lambda row, t, q: row.at[q].set(t))(tokens, first, prompt_len)
   done = (first == opt.eos_id) if opt.stop_at_eos else jnp.zeros((b,), bool)
   done = done | (prompt_len + 1 >= length)
-  nfe = jnp.ones((b,), jnp.int32)
 
-  def cond(c):
-    return jnp.any(~c[5])
-
-  def body(c):
-    q, tokens, k_c, v_c, valid, done, nfe, fwd = c
+  def body(st: ARState) -> ARState:
     # Row-wise next position: prompt_len + q, i.e. q tokens generated so far.
-    pos = jnp.minimum(prompt_len + q, length - 1)  # Finished rows idle in bounds.
-    last = jnp.take_along_axis(tokens, (pos - 1)[:, None], axis=1)
+    pos = jnp.minimum(prompt_len + st.q, length - 1)  # Finished rows idle in bounds.
+    last = jnp.take_along_axis(st.tokens, (pos - 1)[:, None], axis=1)
     m = meta((pos - 1)[:, None], masks.CLEAN, jnp.ones((b, 1), bool)).concat(
         meta(pos[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
-    cache = {"k": k_c, "v": v_c, "meta": meta(slot, masks.CLEAN, valid)}
     inp = jnp.concatenate([last, jnp.full((b, 1), opt.mask_id, jnp.int32)], axis=1)
-    logits, aux = model.apply({"params": params}, inp, m, cache=cache, return_kv=True,
-                              logits_slice=(1, 1))
-    write = lambda c_, u, o: jax.lax.dynamic_update_slice_in_dim(c_, u, o, axis=1)
-    k_c = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)(
-        k_c, aux["kv"][0][:, :, :1].astype(dtype), pos - 1)
-    v_c = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)(
-        v_c, aux["kv"][1][:, :, :1].astype(dtype), pos - 1)
-    valid = valid | (slot == (pos - 1)[:, None])
-    tok = pick(logits[:, 0], jax.random.fold_in(rng, q))
-    active = ~done
-    new_tokens = jax.vmap(lambda row, t, p: row.at[p].set(t))(tokens, tok, pos)
-    tokens = jnp.where(active[:, None], new_tokens, tokens)
-    nfe = nfe + active.astype(jnp.int32)
+    logits, (k, v), _ = logits_fn(params, inp, m, st.cache.attention_view(), (1, 1))
+    cache = st.cache.commit(k[:, :, :1], v[:, :, :1], pos - 1, jnp.ones((b,), bool))
+    tok = pick(logits[:, 0], jax.random.fold_in(rng, st.q))
+    active = ~st.done
+    new_tokens = jax.vmap(lambda row, t, p: row.at[p].set(t))(st.tokens, tok, pos)
     ended = pos + 1 >= length
     if opt.stop_at_eos:
       ended = ended | (tok == opt.eos_id)
-    done = done | (active & ended)
-    return q + 1, tokens, k_c, v_c, valid, done, nfe, fwd + 1
+    return ARState(q=st.q + 1, tokens=jnp.where(active[:, None], new_tokens, st.tokens),
+                   cache=cache, done=st.done | (active & ended),
+                   nfe=st.nfe + active.astype(jnp.int32), forwards=st.forwards + 1)
 
-  init = (jnp.int32(1), tokens, k_c, v_c, valid, done, nfe, jnp.int32(1))
-  _, tokens, _, _, _, _, nfe, fwd = jax.lax.while_loop(cond, body, init)
-  return {"tokens": tokens, "nfe": nfe, "forwards": fwd}
+  init = ARState(q=jnp.int32(1), tokens=tokens, cache=cache, done=done,
+                 nfe=jnp.ones((b,), jnp.int32), forwards=jnp.int32(1))
+  out = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, init)
+  return {"tokens": out.tokens, "nfe": out.nfe, "forwards": out.forwards}

@@ -12,6 +12,9 @@ bidirectional; later blocks are not visible to a block-diffusion model). For cod
 infilling with a long right context, use the fill-in-the-middle prompt (``fim_prompt``):
 ``<|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>``, after which the model
 writes the middle and stops with EOS -- the format ``evaluation.infilling`` builds.
+
+``Canvas`` (the decoder's input) and ``DecodeOptions`` (its static options) are defined
+here, next to the functions that build them.
 """
 
 import dataclasses
@@ -21,9 +24,89 @@ from typing import Sequence
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
-from blockdiff_jax.sampling import decoder
+from blockdiff_jax.sampling import policies
 
 _MARKER = re.compile(r"<\|([a-z_]+)(?::(\d+))?\|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Static options of the block decoder.
+
+  Attributes:
+    block_size: tokens per diffusion block (the model's training block size).
+    mask_id: the MASK token id.
+    eos_id: the EOS token id.
+    policy: which MASK positions to fill per step.
+    sampling: greedy or temperature / top-k / top-p proposals.
+    sub_block_size: 0 or block_size = whole-block steps; else the sub-block size.
+    max_steps_per_block: step cap per block (split evenly over sub-blocks); 0 = one step
+      per token (plus ``patience`` with editing), enough for any policy.
+    edit_threshold: tau_edit of token editing; 0 = editing off.
+    patience: with editing, steps without any change before a block exits.
+    stop_at_eos: stop a row after the block in which it generated EOS.
+  """
+
+  block_size: int
+  mask_id: int
+  eos_id: int
+  policy: policies.Policy = policies.Threshold()
+  sampling: policies.Sampling = policies.Sampling()
+  sub_block_size: int = 0
+  max_steps_per_block: int = 0
+  edit_threshold: float = 0.0
+  patience: int = 1
+  stop_at_eos: bool = True
+
+  def __post_init__(self):
+    if self.block_size < 1:
+      raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+    if self.sub_block_size < 0 or (self.sub_block_size and
+                                   self.block_size % self.sub_block_size):
+      raise ValueError(f"sub_block_size={self.sub_block_size} must divide "
+                       f"block_size={self.block_size} (or be 0)")
+    if self.max_steps_per_block < 0:
+      raise ValueError(f"max_steps_per_block must be >= 0, got {self.max_steps_per_block}")
+    if not 0.0 <= self.edit_threshold <= 1.0:
+      raise ValueError(f"edit_threshold must be in [0, 1], got {self.edit_threshold}")
+    if self.patience < 1:
+      raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+  @property
+  def sub(self) -> int:
+    return self.sub_block_size or self.block_size
+
+  @property
+  def num_sub(self) -> int:
+    return self.block_size // self.sub
+
+  @property
+  def editing(self) -> bool:
+    return self.edit_threshold > 0
+
+  @property
+  def step_cap(self) -> int:
+    """Steps allowed per sub-block."""
+    if self.max_steps_per_block:
+      return max(1, self.max_steps_per_block // self.num_sub)
+    return self.sub + (self.patience if self.editing else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Canvas:
+  """Host-side (numpy) input of the decoder (built by the functions below).
+
+  Attributes:
+    tokens: [B, S] int32 token slots (MASK where the decoder fills).
+    maskable: [B, S] bool, the slots the decoder may write.
+    length: [B] int32, slots < length exist.
+    start_block: [B] int32, first block that is decoded; earlier blocks are prefilled.
+  """
+
+  tokens: np.ndarray
+  maskable: np.ndarray
+  length: np.ndarray
+  start_block: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +202,7 @@ def _round_up(n: int, k: int) -> int:
 
 
 def generation_canvas(prompts: Sequence[np.ndarray], max_new_tokens: int, block_size: int,
-                      mask_id: int, max_len: int, width: int | None = None) -> decoder.Canvas:
+                      mask_id: int, max_len: int, width: int | None = None) -> Canvas:
   """Canvas for continuing each prompt by up to ``max_new_tokens`` tokens.
 
   Args:
@@ -158,11 +241,11 @@ def generation_canvas(prompts: Sequence[np.ndarray], max_new_tokens: int, block_
     maskable[i, len(p):len(p) + max_new_tokens] = True
     length[i] = len(p) + max_new_tokens
     start[i] = len(p) // block_size
-  return decoder.Canvas(tokens, maskable, length, start)
+  return Canvas(tokens, maskable, length, start)
 
 
 def infill_canvas(parsed: Sequence[Parsed], block_size: int, max_len: int,
-                  width: int | None = None) -> decoder.Canvas:
+                  width: int | None = None) -> Canvas:
   """Canvas for regenerating the ``<|mask:N|>`` spans of each parsed text in place."""
   if not parsed:
     raise ValueError("no texts given")
@@ -187,4 +270,4 @@ def infill_canvas(parsed: Sequence[Parsed], block_size: int, max_len: int,
     maskable[i, :len(p.ids)] = p.maskable
     length[i] = len(p.ids)
     start[i] = int(np.argmax(p.maskable)) // block_size
-  return decoder.Canvas(tokens, maskable, length, start)
+  return Canvas(tokens, maskable, length, start)

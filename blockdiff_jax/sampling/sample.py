@@ -52,11 +52,11 @@ def default_sample_config() -> ml_collections.ConfigDict:
 
 
 def options_from_config(s: ml_collections.ConfigDict, block_size: int,
-                        tokenizer: tokenizers.Tokenizer) -> decoder.DecodeOptions:
+                        tokenizer: tokenizers.Tokenizer) -> layout.DecodeOptions:
   """DecodeOptions of a ``sample`` config section (validates every field)."""
   policy = policies.make_policy(s.policy if s.policy != "ar" else "threshold",
                                 None if s.policy == "ar" else s.policy_value)
-  return decoder.DecodeOptions(
+  return layout.DecodeOptions(
       block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
       policy=policy,
       sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
@@ -100,13 +100,13 @@ def _results(tokenizer, canvas, out, wall_s, block_size) -> list[dict]:
 
 
 def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
-             options: decoder.DecodeOptions, max_new_tokens: int, max_len: int,
+             options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
              width: int | None = None, ar: bool = False, rng: Any = None,
              on_block=None, warmup: bool = False) -> tuple[list[dict], dict]:
   """Continues text prompts (with ``<|special|>`` names) in one batch.
 
   Args:
-    model, params: the model.
+    model, params: the model (a ``Transformer`` or a ``logits.LogitsFn``) and its params.
     tokenizer: its tokenizer.
     prompts: prompt strings; e.g. ``"<|bos|>sort: 3 1 2<|sep|>"``.
     options: decoder options (``options_from_config``).
@@ -152,7 +152,7 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
 
 
 def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
-           options: decoder.DecodeOptions, max_len: int,
+           options: layout.DecodeOptions, max_len: int,
            width: int | None = None) -> list[dict]:
   """Regenerates the ``<|mask:N|>`` spans of each text; everything else is kept verbatim.
 

@@ -1,0 +1,45 @@
+"""A small least-recently-used cache of jitted decoder functions.
+
+Keys are hashable static arguments (frozen dataclasses: the logits function, the
+decoding options, static widths), never host callbacks, so a new streaming callback
+does not compile anew and the cache cannot grow without bound.
+"""
+
+import collections
+import threading
+from typing import Any, Callable, Hashable
+
+
+class JitCache:
+  """Maps a hashable key to the function ``build(key)`` made, keeping the newest ``maxsize``."""
+
+  def __init__(self, maxsize: int):
+    if maxsize < 1:
+      raise ValueError(f"JitCache maxsize must be >= 1, got {maxsize}")
+    self.maxsize = maxsize
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key: Hashable, build: Callable[[Any], Callable]) -> Callable:
+    """The function for ``key``, built on a miss; evicts the least recently used."""
+    with self._lock:
+      if key in self._items:
+        self._items.move_to_end(key)
+        return self._items[key]
+    fn = build(key)
+    with self._lock:
+      self._items[key] = fn
+      self._items.move_to_end(key)
+      while len(self._items) > self.maxsize:
+        self._items.popitem(last=False)
+    return fn
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __contains__(self, key: Hashable) -> bool:
+    return key in self._items
+
+  def clear(self) -> None:
+    with self._lock:
+      self._items.clear()

@@ -1,0 +1,69 @@
+"""What the decoders call instead of a model: a logits function.
+
+A logits function is a hashable object (it keys the jit cache) with a ``kv_spec``
+(``kv_cache.KVSpec``: the shape of the cache it reads) and
+
+    fn(params, tokens [B, T], meta TokenMeta [B, T], cache: dict | None,
+       logits_slice: (start, length) | None) -> (logits [B, n, V] fp32, (k, v), stats)
+
+where ``cache`` is ``KVCache.attention_view()``'s ``{"k", "v", "meta"}`` (or None),
+``(k, v)`` are the keys/values of ``tokens`` ([L, B, T, Hkv, Dh] each) and ``stats`` is
+a dict of scalar diagnostics (``unique_experts``: mean distinct experts per MoE layer;
+may be empty). ``params`` stays a traced argument so one compile serves any weights.
+``from_model`` adapts a ``Transformer``; a test can pass a five-line fake.
+"""
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+
+from blockdiff_jax.model import masks
+from blockdiff_jax.sampling import kv_cache
+
+Array = Any
+
+
+class LogitsFn(Protocol):
+  """The interface the decoders drive (see the module docstring)."""
+
+  kv_spec: kv_cache.KVSpec
+
+  def __call__(self, params: Any, tokens: Array, meta: masks.TokenMeta,
+               cache: dict | None = None,
+               logits_slice: tuple[int, int] | None = None) -> tuple[Array, tuple, dict]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLogits:
+  """A ``Transformer`` (or anything with its ``cfg`` and ``apply``) as a logits function."""
+
+  model: Any
+
+  @property
+  def kv_spec(self) -> kv_cache.KVSpec:
+    cfg = self.model.cfg
+    return kv_cache.KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.compute_dtype)
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
+    logits, aux = self.model.apply({"params": params}, tokens, meta, cache=cache,
+                                   return_kv=True, logits_slice=logits_slice)
+    moe = aux.get("moe") or {}
+    stats = {}
+    if "unique_experts" in moe:
+      stats["unique_experts"] = jnp.mean(moe["unique_experts"])
+    return logits, aux["kv"], stats
+
+
+def from_model(model: Any) -> ModelLogits:
+  """The logits function of a model; pass its params to the decoder alongside."""
+  return ModelLogits(model)
+
+
+def as_logits_fn(model_or_fn: Any) -> Any:
+  """A logits function as is; a model (it has ``apply`` and ``cfg``) through ``from_model``."""
+  if hasattr(model_or_fn, "kv_spec"):
+    return model_or_fn
+  return from_model(model_or_fn)

@@ -1,0 +1,245 @@
+"""One denoising step of the block decoder: one forward of the batch, every row at its pace.
+
+Window. Each row's forward input is the fixed-shape window ``[previous block CLEAN ;
+current block NOISY]``. The clean half is real only on the forward right after the row
+finished its previous block: that forward commits the block's clean K/V to the cache
+(exactly once; the exact block cache) while it denoises the next one, so commits cost no
+extra forward. Otherwise the clean half has negative segment ids: nothing attends to it
+and nothing is written.
+
+Sub-blocks (Fast-dLLM v2). With ``sub_block_size = b < block_size`` a row fills its
+block sub-block by sub-block. The first step of a sub-block runs the whole noisy block
+and stores its K/V in the cache's block buffer; the following steps of that sub-block
+make only its b tokens valid in the window and read the rest of the block from the
+buffer (refreshed on each sub-block's first step, not while the sub-block changes). A
+row skips sub-blocks with nothing to fill. Rows are independent: a row that finished
+its sub-block or block moves on at once instead of waiting for the slowest row.
+
+Steps. Each step proposes a token for every position (greedy or sampled; MASK never
+proposed), the policy picks which MASK positions of the current (sub-)block to fill, and
+with editing (LLaDA 2.1) an already generated token is rewritten when the argmax
+differs and its probability exceeds ``edit_threshold``. A (sub-)block ends when no MASK
+is left (and, with editing, nothing changed for ``patience`` steps), and at the latest
+after its step cap, whose last step fills every remaining MASK.
+
+Stopping: a row stops once its block reaches its ``length`` or nothing is left to fill
+after it, or, with ``stop_at_eos``, after the block in which it produced EOS. With
+whole-block steps and no editing a row's block also ends as soon as it holds an EOS with
+no MASK before it: output is cut at the first EOS, so what follows is never read.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from blockdiff_jax.model import masks
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import policies
+from blockdiff_jax.sampling import state as state_lib
+
+Array = Any
+_NEG = -1e30
+
+
+@flax.struct.dataclass
+class Selection:
+  """The outcome of one policy step on a (sub-)block of every row.
+
+  Attributes:
+    tokens: [B, n] tokens after the step.
+    accepted: [B, n] bool, MASK positions filled.
+    confidence: [B, n] confidence of the proposed token at each position.
+    changed: [B] bool, some token changed.
+    edits: [B] int32, tokens rewritten by editing.
+  """
+
+  tokens: Array
+  accepted: Array
+  confidence: Array
+  changed: Array
+  edits: Array
+
+
+def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Array,
+                  rng: Array, step: Array, active: Array) -> Selection:
+  """Proposes tokens and lets the policy (and editing) choose what to write.
+
+  Args:
+    opt: decoding options.
+    x: [B, n] current tokens.
+    logits: [B, n, V] their logits.
+    region: [B, n] bool, positions the step may fill or edit.
+    rng: sampling key of this step.
+    step: scalar or [B], steps the (sub-)block already took (the cap's last step fills
+      every remaining MASK).
+    active: [B] bool, rows that take this step.
+  """
+  b = x.shape[0]
+  logits = logits.at[..., opt.mask_id].set(_NEG)
+  toks, conf, probs = opt.sampling.propose(logits, rng)
+  entropy, margin = policies.scores(probs)
+  is_mask = x == opt.mask_id
+  cand = is_mask & region & active[:, None]
+  slots = jnp.sum(region, axis=-1, keepdims=True)
+  accept = opt.policy.select(conf, entropy, margin, cand, slots)
+  last = jnp.reshape(jnp.asarray(step) + 1 >= opt.step_cap, (-1, 1))
+  accept = jnp.where(last, cand, accept)
+  new = jnp.where(accept, toks, x)
+  edits = jnp.zeros((b,), jnp.int32)
+  if opt.editing:
+    p_all = jax.nn.softmax(logits, axis=-1)
+    top = jnp.argmax(p_all, axis=-1).astype(jnp.int32)
+    p_top = jnp.max(p_all, axis=-1)
+    edit = (~is_mask & region & active[:, None] & (top != x)
+            & (p_top > opt.edit_threshold))
+    new = jnp.where(edit, top, new)
+    edits = jnp.sum(edit, axis=-1).astype(jnp.int32)
+  return Selection(tokens=new, accepted=accept, confidence=conf,
+                   changed=jnp.any(new != x, axis=-1), edits=edits)
+
+
+def _row_slice(x: Array, start: Array, size: int) -> Array:
+  """Per-row dynamic slice of [B, S] at slot ``start[b]``."""
+  return jax.vmap(lambda row, st: jax.lax.dynamic_slice_in_dim(row, st, size))(x, start)
+
+
+def _row_update(x: Array, update: Array, start: Array) -> Array:
+  """Per-row dynamic update of [B, S] at slot ``start[b]``."""
+  fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=0)
+  return jax.vmap(fn)(x, update, start)
+
+
+def first_sub_with_work(opt: layout.DecodeOptions, x: Array, region: Array,
+                        start: Array) -> Array:
+  """[B] first sub-block index >= ``start`` that still holds a MASK to fill (else num_sub)."""
+  b = x.shape[0]
+  work = jnp.any((region & (x == opt.mask_id)).reshape(b, opt.num_sub, opt.sub), axis=-1)
+  work = work & (jnp.arange(opt.num_sub) >= start[:, None])
+  return jnp.where(jnp.any(work, axis=-1), jnp.argmax(work, axis=-1),
+                   opt.num_sub).astype(jnp.int32)
+
+
+def block_done(opt: layout.DecodeOptions, new: Array, region: Array, still: Array,
+               step: Array) -> Array:
+  """[B] the (sub-)block is finished: nothing masked (and settled), or the cap is hit."""
+  is_mask = region & (new == opt.mask_id)
+  settled = ~jnp.any(is_mask, axis=-1)
+  if opt.editing:
+    settled = settled & (still >= opt.patience)
+  done = settled | (step >= opt.step_cap)
+  if opt.stop_at_eos and not opt.editing and opt.num_sub == 1:
+    # An EOS with nothing masked before it settles the row: what follows it is never
+    # read, so filling it would only cost forwards.
+    masks_before = jnp.cumsum(is_mask, axis=-1) - is_mask
+    done = done | jnp.any((new == opt.eos_id) & region & (masks_before == 0), axis=-1)
+  return done
+
+
+def row_ended(opt: layout.DecodeOptions, st: state_lib.DecodeState, block: Array,
+              block_tokens: Array, block_region: Array) -> Array:
+  """[B] a row whose ``block`` just finished stops: end of its slots, nothing left, EOS."""
+  s = st.tokens.shape[1]
+  slot = jnp.arange(s, dtype=jnp.int32)[None]
+  later = slot >= ((block + 1) * opt.block_size)[:, None]
+  exists = slot < st.length[:, None]
+  ended = (((block + 1) * opt.block_size >= st.length)
+           | ~jnp.any(st.maskable & exists & later, axis=-1))
+  if opt.stop_at_eos:
+    ended = ended | jnp.any((block_tokens == opt.eos_id) & block_region, axis=-1)
+  return ended
+
+
+def denoise_step(logits_fn, params, st: state_lib.DecodeState,
+                 options: layout.DecodeOptions) -> tuple[state_lib.DecodeState,
+                                                         state_lib.StepInfo]:
+  """One forward of the batch and one policy step of every active row.
+
+  Call it in a loop until ``state.done.all()`` (``decoder.run`` does so in a
+  ``lax.while_loop``); a notebook can call it step by step and watch ``state.tokens``.
+
+  Args:
+    logits_fn: see ``logits.LogitsFn``.
+    params: its parameters.
+    st: the loop state (``state.init_state``).
+    options: decoding options (static).
+
+  Returns:
+    (the new state, what the step did).
+  """
+  opt = options
+  bk, buffered = opt.block_size, opt.num_sub > 1
+  b = st.tokens.shape[0]
+  r = st.rows
+  ar_bk = jnp.arange(bk, dtype=jnp.int32)
+  active = ~r.done
+  blk_start = r.block * bk
+  blk_pos = blk_start[:, None] + ar_bk
+  x = _row_slice(st.tokens, blk_start, bk)
+  blk_exists = blk_pos < st.length[:, None]
+  blk_region = _row_slice(st.maskable, blk_start, bk) & blk_exists
+  if buffered:
+    # Entering a sub-block: skip those with nothing to fill. A block with none at all
+    # still takes this one forward (it commits the previous block), then finishes.
+    sub = jnp.where(r.step == 0, first_sub_with_work(opt, x, blk_region, r.sub), r.sub)
+    in_sub = (ar_bk[None] // opt.sub) == sub[:, None]
+    full = r.step == 0  # The whole block runs (and refreshes the buffer).
+    idle = sub >= opt.num_sub
+    noisy_ok = blk_exists & (full[:, None] | in_sub)
+    buffer_valid = blk_exists & ~in_sub & ~full[:, None]
+  else:
+    sub, in_sub = r.sub, jnp.ones((1, bk), bool)
+    full, idle = jnp.ones((b,), bool), jnp.zeros((b,), bool)
+    noisy_ok, buffer_valid = blk_exists, None
+  region = blk_region & in_sub
+
+  prev_start = jnp.maximum(blk_start - bk, 0)
+  prev_pos = prev_start[:, None] + ar_bk
+  do_commit = r.commit & active
+  meta = state_lib.token_meta(prev_pos, bk, masks.CLEAN,
+                              do_commit[:, None] & (prev_pos < st.length[:, None])).concat(
+                                  state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok))
+  inp = jnp.concatenate([_row_slice(st.tokens, prev_start, bk), x], axis=1)
+  logits, (k_new, v_new), stats = logits_fn(params, inp, meta,
+                                            st.cache.attention_view(buffer_valid), (bk, bk))
+  exists = jnp.arange(st.tokens.shape[1])[None] < st.length[:, None]
+  cache = st.cache.commit(k_new[:, :, :bk], v_new[:, :, :bk], prev_start, do_commit, exists)
+  if buffered:
+    cache = cache.write_buffer(k_new[:, :, bk:], v_new[:, :, bk:], blk_start, full & active)
+  c = st.counters
+  forwards = c.forwards + 1
+  stepping = active & ~idle
+  sel = select_tokens(opt, x, logits, region, jax.random.fold_in(st.rng, forwards), r.step,
+                      stepping)
+  new = sel.tokens
+  step = r.step + stepping.astype(jnp.int32)
+  block_steps = r.block_steps + stepping.astype(jnp.int32)
+  still = jnp.where(sel.changed, 0, r.still + 1)
+  sub_done = active & (block_done(opt, new, region, still, step) | idle)
+  if buffered:
+    nxt = first_sub_with_work(opt, new, blk_region, sub + 1)
+    to_next = sub_done & (nxt < opt.num_sub)
+    finished = sub_done & ~to_next
+  else:
+    nxt, to_next, finished = sub, jnp.zeros((b,), bool), sub_done
+
+  tokens = jnp.where(active[:, None], _row_update(st.tokens, new, blk_start), st.tokens)
+  n_blocks = st.tokens.shape[1] // bk
+  steps = jnp.where(finished[:, None] & (jnp.arange(n_blocks) == r.block[:, None]),
+                    jnp.maximum(block_steps, 1)[:, None], c.steps)
+  ended = row_ended(opt, st, r.block, new, blk_region)
+  advance = finished & ~ended
+  fresh = advance | to_next
+  rows = state_lib.RowProgress(
+      block=jnp.where(advance, r.block + 1, r.block),
+      sub=jnp.where(advance, 0, jnp.where(to_next, nxt, sub)),
+      step=jnp.where(fresh, 0, step), block_steps=jnp.where(advance, 0, block_steps),
+      still=jnp.where(fresh, 0, still), commit=advance, done=r.done | (finished & ended))
+  counters = state_lib.Counters(
+      steps=steps, nfe=c.nfe + active.astype(jnp.int32), edits=c.edits + sel.edits,
+      forwards=forwards,
+      unique_experts=c.unique_experts + stats.get("unique_experts", jnp.float32(0.0)))
+  info = state_lib.StepInfo(block=r.block, tokens=new, accepted=sel.accepted & stepping[:, None],
+                            confidence=sel.confidence, active=stepping, finished=finished)
+  return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters), info
