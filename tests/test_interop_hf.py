@@ -119,6 +119,19 @@ def test_greedy_32_tokens_match_generate(hf_model):
   assert ours == out[0, 5:].tolist()
 
 
+def test_kv_cache_greedy_matches_full_forward_greedy(hf_model):
+  _, _, folder = hf_model
+  _, cfg, params = import_folder(folder, scan_layers=True)
+  rows = [[5, 17, 42, 8, 61], [1, 2, 3, 4, 5, 6, 7, 8]]
+  tokens = np.zeros((2, 8), np.int64)
+  valid = np.zeros((2, 8), bool)
+  for i, r in enumerate(rows):  # Left padded.
+    tokens[i, 8 - len(r):], valid[i, 8 - len(r):] = r, True
+  cached = causal_lm.greedy_cached(cfg, params, tokens, 24, valid)
+  for i, r in enumerate(rows):
+    assert cached[i].tolist() == causal_lm.greedy(cfg, params, r, 24)
+
+
 def test_round_trip_and_export_loads_in_transformers(hf_model, tmp_path):
   kind, model, folder = hf_model
   overrides, cfg, params = import_folder(folder, scan_layers=True)
