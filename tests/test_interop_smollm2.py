@@ -180,3 +180,21 @@ def test_tokenizer_interface_of_pretrained(smollm2):
   assert tok.is_special(tok.mask_id) and tok.special_ids.dtype == np.int32
   with pytest.raises(KeyError, match="fim_prefix"):
     _ = tok.fim_prefix_id  # SmolLM2 has no FIM tokens.
+
+
+def test_config_file_is_the_imported_architecture(smollm2):
+  import conftest  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import layout  # pylint: disable=g-import-not-at-top
+  pre = smollm2[0]
+  c = conftest.load_config_file("smollm2")
+  config_lib.validate(c)
+  assert c.init.pretrained == "smollm2"
+  applied = c.model.copy_and_resolve_references()
+  pretrained.apply_overrides(applied, pre.model_overrides)
+  assert applied.to_dict() == c.model.to_dict()
+  # The chat prompts of the config parse into the model's own special ids.
+  for prompt in c.sample.prompts.split(";"):
+    ids = layout.parse(pre.tokenizer, prompt).ids
+    assert ids.tolist() == pre.tokenizer.encode_with_specials(prompt).tolist()
+    assert ids[0] == pre.tokenizer.token_id("im_start")

