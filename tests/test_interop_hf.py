@@ -20,7 +20,7 @@ from blockdiff_jax.interop import causal_lm
 from blockdiff_jax.interop import hf
 from blockdiff_jax.interop import safetensors_io
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 VOCAB = 97
 
 
@@ -40,6 +40,11 @@ def build_hf(kind: str, seed: int = 0):
   elif kind == "qwen3":
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         tie_word_embeddings=True, **common))
+  elif kind == "qwen2_moe":
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, **common))
   else:
     model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
@@ -183,7 +188,7 @@ def _edit_config(folder, **changes):
 def test_unsupported_architecture_names_it_and_the_supported_list(llama_folder):
   _edit_config(llama_folder, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
   with pytest.raises(architectures.UnsupportedArchitectureError,
-                     match=r"GPTNeoXForCausalLM.*llama, qwen2, qwen3, qwen3_moe"):
+                     match=r"GPTNeoXForCausalLM.*llama, qwen2, qwen3, qwen3_moe, qwen2_moe"):
     hf.read_overrides(llama_folder)
 
 

@@ -20,6 +20,9 @@ from blockdiff_jax.interop import pretrained
 from blockdiff_jax.interop import safetensors_io
 from blockdiff_jax.interop import tokenizer as tokenizer_lib
 
+# Torch's OpenMP pool spins badly when the cores are shared; one thread is faster there.
+torch.set_num_threads(1)
+
 PARAGRAPH = (
     "The history of the city goes back more than two thousand years. It was founded on the "
     "banks of a wide river, where traders from the north and the south met to exchange "

@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` <-> our ``config.model`` fields, and the tensor-name layout.
 
 Supported architectures (``model_type``): ``llama`` (SmolLM2), ``qwen2`` (Qwen2/2.5: QKV
-bias), ``qwen3`` (QK-norm) and ``qwen3_moe`` (experts, softmax router, ``norm_topk_prob``).
+bias), ``qwen3`` (QK-norm), ``qwen3_moe`` (experts, softmax router, ``norm_topk_prob``) and
+``qwen2_moe`` (Qwen1.5/2-MoE: QKV bias, plus a shared expert scaled by a sigmoid gate).
 Every parameter of ours comes from named HF tensors through a ``ParamSpec``: the HF tensor
 (or an array of them, stacked on our leading axes for scanned layers and per-expert
 tensors), and which of our axes each HF axis holds. The importer (``safetensors_io``) and
@@ -13,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -63,7 +65,8 @@ def model_overrides(hf: dict) -> dict[str, Any]:
       "num_kv_heads": hf.get("num_key_value_heads") or heads,
       "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
       "mlp_dim": hf["intermediate_size"],
-      "qkv_bias": model_type == "qwen2",
+      # Qwen2-MoE always has q/k/v biases (transformers >= 5 writes qkv_bias).
+      "qkv_bias": model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
       "qk_norm": model_type in ("qwen3", "qwen3_moe"),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
       "rope_theta": _rope_theta(hf),
@@ -71,7 +74,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
       "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
       "moe.num_experts": 0,
   }
-  if model_type == "qwen3_moe":
+  if model_type in MOE_MODEL_TYPES:
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
     step = hf.get("decoder_sparse_step", 1)
     dense = sorted(hf.get("mlp_only_layers") or [])
@@ -87,7 +90,8 @@ def model_overrides(hf: dict) -> dict[str, Any]:
         "moe.num_experts": num_experts,
         "moe.top_k": hf["num_experts_per_tok"],
         "moe.expert_dim": hf["moe_intermediate_size"],
-        "moe.shared_expert_dim": 0,
+        "moe.shared_expert_dim": hf.get("shared_expert_intermediate_size", 0) or 0,
+        "moe.shared_expert_gate": model_type == "qwen2_moe",
         "moe.router_func": "softmax",
         "moe.router_mode": "token",
         "moe.normalize_topk": bool(hf.get("norm_topk_prob", False)),
@@ -102,14 +106,23 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
   """The config.json of our model (inverse of ``model_overrides``)."""
   o = overrides
   model_type = o.get("_model_type") or (
-      "qwen3_moe" if o.get("moe.num_experts") else
+      ("qwen2_moe" if o.get("moe.shared_expert_dim") else "qwen3_moe")
+      if o.get("moe.num_experts") else
       "qwen3" if o.get("qk_norm") else "qwen2" if o.get("qkv_bias") else "llama")
-  if o.get("moe.num_experts") and model_type != "qwen3_moe":
-    raise UnsupportedArchitectureError(f"an MoE model exports as qwen3_moe, not {model_type}")
-  if o.get("moe.shared_expert_dim"):
+  if o.get("moe.num_experts") and model_type not in MOE_MODEL_TYPES:
+    raise UnsupportedArchitectureError(
+        f"an MoE model exports as one of {MOE_MODEL_TYPES}, not {model_type}")
+  if model_type == "qwen3_moe" and o.get("moe.shared_expert_dim"):
     raise UnsupportedArchitectureError("shared experts have no qwen3_moe equivalent")
+  if model_type == "qwen2_moe" and o.get("moe.shared_expert_dim") and not o.get(
+      "moe.shared_expert_gate"):
+    raise UnsupportedArchitectureError("qwen2_moe's shared expert needs moe.shared_expert_gate")
+  if o.get("qk_norm") and model_type not in ("qwen3", "qwen3_moe"):
+    raise UnsupportedArchitectureError(f"qk_norm has no {model_type} equivalent")
+  if o.get("qkv_bias") and model_type not in ("qwen2", "qwen2_moe"):
+    raise UnsupportedArchitectureError(f"qkv_bias has no {model_type} equivalent")
   arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
+          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[model_type]
   hf = {
       "architectures": [arch], "model_type": model_type, "vocab_size": o["vocab_size"],
       "hidden_size": o["d_model"], "intermediate_size": o["mlp_dim"],
@@ -122,7 +135,7 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
   }
   if model_type == "qwen2":
     hf.update({"use_sliding_window": False, "sliding_window": None})
-  if model_type == "qwen3_moe":
+  if model_type in MOE_MODEL_TYPES:
     step, first = o.get("moe.moe_every", 1), o.get("moe.first_dense_layers", 0)
     if step != 1 and first != step - 1:
       raise UnsupportedArchitectureError(
@@ -134,6 +147,9 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
         "mlp_only_layers": list(range(first)) if step == 1 else [],
         "use_sliding_window": False, "sliding_window": None,
     })
+    if model_type == "qwen2_moe":
+      hf.update({"shared_expert_intermediate_size": o.get("moe.shared_expert_dim", 0),
+                 "qkv_bias": bool(o.get("qkv_bias"))})
   hf.update(extra or {})
   return hf
 
@@ -191,6 +207,12 @@ def _layer_specs(cfg, model_type: str, i: int) -> list[tuple[tuple[str, ...], An
         (("moe", "wi_up"), experts("up_proj"), lin_in_out),
         (("moe", "wo"), experts("down_proj"), lin_in_out),  # [D, F] -> [F, D].
     ]
+    if cfg.moe.shared_expert_dim:
+      for proj in ("gate", "up", "down"):
+        specs.append((("moe", "shared", proj, "DenseGeneral_0", "kernel"),
+                      p + f"mlp.shared_expert.{proj}_proj.weight", lin_in_out))
+    if cfg.moe.shared_expert_gate:  # [1, D] -> [D, 1].
+      specs.append((("moe", "shared_gate"), p + "mlp.shared_expert_gate.weight", lin_in_out))
   else:
     specs += [
         (("mlp", "gate", "DenseGeneral_0", "kernel"), p + "mlp.gate_proj.weight", lin_in_out),

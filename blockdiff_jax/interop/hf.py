@@ -56,7 +56,8 @@ def transformer_config(overrides: dict[str, Any], **kwargs) -> transformer.Trans
   if o.get("moe.num_experts"):
     moe_cfg = moe_lib.MoEConfig(
         num_experts=o["moe.num_experts"], top_k=o["moe.top_k"], expert_dim=o["moe.expert_dim"],
-        shared_expert_dim=o.get("moe.shared_expert_dim", 0), router_func=o["moe.router_func"],
+        shared_expert_dim=o.get("moe.shared_expert_dim", 0),
+        shared_expert_gate=o.get("moe.shared_expert_gate", False), router_func=o["moe.router_func"],
         router_mode=o["moe.router_mode"], normalize_topk=o["moe.normalize_topk"],
         block_min_experts=o["moe.top_k"], impl=moe_impl)
   fields = {k: v for k, v in o.items() if "." not in k}
@@ -221,12 +222,13 @@ def config_overrides(cfg: transformer.TransformerConfig) -> dict[str, Any]:
   if cfg.moe:
     o.update({"moe.top_k": cfg.moe.top_k, "moe.expert_dim": cfg.moe.expert_dim,
               "moe.shared_expert_dim": cfg.moe.shared_expert_dim,
+              "moe.shared_expert_gate": cfg.moe.shared_expert_gate,
               "moe.normalize_topk": cfg.moe.normalize_topk, "moe.moe_every": cfg.moe_every,
               "moe.first_dense_layers": cfg.first_dense_layers})
     if cfg.moe.router_func != "softmax" or cfg.moe.router_mode != "token":
       raise architectures.UnsupportedArchitectureError(
           f"router {cfg.moe.router_func}/{cfg.moe.router_mode} has no HF equivalent "
-          "(qwen3_moe: softmax/token)")
+          "(qwen3_moe/qwen2_moe: softmax/token)")
   if cfg.rope_scaling.type != "none":
     raise architectures.UnsupportedArchitectureError(
         f"rope_scaling.type={cfg.rope_scaling.type!r} export is not supported")
