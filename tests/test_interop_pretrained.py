@@ -214,3 +214,15 @@ def test_qwen_tokenizer_gives_real_qwen_ids():
   assert tok.fim_prefix_id == 151659 and tok.special_tokens["<|file_sep|>"] == 151664
   assert tok.vocab_size == 151669  # Qwen3: 151,643 + 26 specials; the model pads to 151,936.
   assert tokenizer_lib.qwen_tokenizer("qwen2").vocab_size == 151665
+
+
+def test_tokenizer_larger_than_embedding_fails_before_reading(tmp_path, monkeypatch):
+  folder = str(tmp_path / "hf")
+  real = _folder_with_unmasked_tokenizer(folder)
+  _tiny_llama(real - 5).save_pretrained(folder)
+  monkeypatch.setattr(hf, "load_params", lambda *a, **k: pytest.fail("weights were read"))
+  with pytest.raises(ValueError, match=f"tokenizer has {real} tokens but the model's embedding "
+                                       f"only {real - 5} rows"):
+    pretrained.load(folder, None)
+  tok = pretrained.load_tokenizer(str(tmp_path / "hf"), None, add_mask=False)
+  assert tok.vocab_size == real

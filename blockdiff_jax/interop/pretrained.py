@@ -157,8 +157,22 @@ def load(spec: str, cache_dir: str | None = None, shardings: Any = None, add_mas
     A ``Pretrained``.
   """
   folder = prepare(spec, cache_dir)
-  hf_cfg = hf.read_hf_config(folder)
-  overrides = architectures.model_overrides(hf_cfg)
+  overrides = architectures.model_overrides(hf.read_hf_config(folder))
+  tok, mask_id, vocab = _tokenizer(folder, overrides, add_mask)  # Checked before any read.
+  cfg = hf.transformer_config(overrides, **cfg_kwargs)
+  params = hf.load_params(folder, cfg, shardings, overrides["_model_type"])
+  if vocab is not None:
+    # The MASK is the first id past the tokenizer's: the mean runs over the real tokens.
+    params = _mask_row(params, mask_id, mask_id, cfg.tie_embeddings)
+    overrides["vocab_size"] = vocab
+  overrides["_mask_id"] = mask_id
+  return Pretrained(model_overrides=overrides, params=params, tokenizer=tok, mask_id=mask_id,
+                    chat_template=tok.chat_template, folder=folder,
+                    model_type=overrides["_model_type"])
+
+
+def _tokenizer(folder: str, overrides: dict, add_mask: bool):
+  """(tokenizer, mask id, new vocab_size or None when the weights stay as they are)."""
   if os.path.isfile(os.path.join(folder, "tokenizer.json")):
     tok = tokenizer_lib.PretrainedTokenizer.from_folder(folder)
   elif overrides["_model_type"].startswith("qwen"):
@@ -166,23 +180,26 @@ def load(spec: str, cache_dir: str | None = None, shardings: Any = None, add_mas
     tok = tokenizer_lib.qwen_tokenizer(overrides["_model_type"])
   else:
     raise FileNotFoundError(f"no tokenizer.json in {folder}")
-  cfg = hf.transformer_config(overrides, **cfg_kwargs)
-  params = hf.load_params(folder, cfg, shardings, overrides["_model_type"])
+  rows = overrides["vocab_size"]
+  if tok.vocab_size > rows:
+    raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                     f"embedding only {rows} rows")
   # A MASK the tokenizer already names (our exports, models adapted before) is kept as is.
   mask_id = tok.special_tokens.get(tokenizer_lib.MASK_TOKEN)
-  if add_mask and mask_id is None:
-    real = tok.vocab_size
-    # A row past the tokenizer but inside a padded embedding is free.
-    mask_id = tok.add_mask_token(real if real < cfg.vocab_size else None)
-    if mask_id > cfg.vocab_size:
-      raise ValueError(f"{folder}: tokenizer has {real} tokens but the model only "
-                       f"{cfg.vocab_size} rows")
-    params = _mask_row(params, mask_id, min(real, cfg.vocab_size), cfg.tie_embeddings)
-    overrides["vocab_size"] = max(cfg.vocab_size, mask_id + 1)
-  overrides["_mask_id"] = mask_id
-  return Pretrained(model_overrides=overrides, params=params, tokenizer=tok, mask_id=mask_id,
-                    chat_template=tok.chat_template, folder=folder,
-                    model_type=overrides["_model_type"])
+  if not add_mask or mask_id is not None:
+    return tok, mask_id, None
+  # The first row past the tokenizer is free when the embedding is padded (Qwen).
+  real = tok.vocab_size
+  mask_id = tok.add_mask_token(real if real < rows else None)
+  return tok, mask_id, max(rows, mask_id + 1)
+
+
+def load_tokenizer(spec: str, cache_dir: str | None = None,
+                   add_mask: bool = True) -> tokenizer_lib.PretrainedTokenizer:
+  """The tokenizer ``load`` gives (MASK included), without reading the weights."""
+  folder = prepare(spec, cache_dir)
+  overrides = architectures.model_overrides(hf.read_hf_config(folder))
+  return _tokenizer(folder, overrides, add_mask)[0]
 
 
 def apply_overrides(model: ml_collections.ConfigDict, overrides: dict) -> None:
