@@ -163,6 +163,7 @@ def test_padded_vocab_mask_uses_a_free_row_and_survives_export(tmp_path):
   pre = pretrained.load(folder, None)
   cfg = hf.transformer_config(pre.model_overrides)
   assert pre.mask_id == pre.tokenizer.mask_id == real  # The first free row.
+  assert pretrained.load_tokenizer(folder).mask_id == real  # The same, without weights.
   assert pre.model_overrides["vocab_size"] == real + 12  # No new row.
   table = np.asarray(pre.params["embed"]["embedding"])
   source = model.model.embed_tokens.weight.detach().numpy()
@@ -224,5 +225,5 @@ def test_tokenizer_larger_than_embedding_fails_before_reading(tmp_path, monkeypa
   with pytest.raises(ValueError, match=f"tokenizer has {real} tokens but the model's embedding "
                                        f"only {real - 5} rows"):
     pretrained.load(folder, None)
-  tok = pretrained.load_tokenizer(str(tmp_path / "hf"), None, add_mask=False)
-  assert tok.vocab_size == real
+  with pytest.raises(ValueError, match="tokenizer has"):
+    pretrained.load_tokenizer(folder, None)
