@@ -24,12 +24,11 @@ from blockdiff_jax.interop import tokenizer as tokenizer_lib
 torch.set_num_threads(1)
 
 PARAGRAPH = (
-    "The history of the city goes back more than two thousand years. It was founded on the "
-    "banks of a wide river, where traders from the north and the south met to exchange "
-    "grain, salt and cloth. Over the centuries the small market town grew into a busy port, "
-    "and its streets filled with merchants, sailors and craftsmen. Today the old harbour is "
-    "a museum, and visitors can walk along the walls that once protected the city from "
-    "invaders.")
+    "France is a country in Western Europe. Its capital and largest city is Paris, which lies "
+    "on the river Seine. The country is known for its wine, its cheese and its long history of "
+    "art and science. Millions of tourists visit every year to see the Eiffel Tower, the Louvre "
+    "museum and the castles of the Loire valley. French is the official language, and it is "
+    "also spoken in many other countries around the world.")
 
 
 @pytest.fixture(scope="module")
