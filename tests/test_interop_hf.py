@@ -158,6 +158,28 @@ def test_round_trip_and_export_loads_in_transformers(hf_model, tmp_path):
       np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), p.numpy(), err_msg=name)
 
 
+def test_fused_expert_tensors_import_like_per_expert_ones(tmp_path):
+  """transformers >= 5 may store experts fused: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+  folder = str(tmp_path / "moe")
+  build_hf("qwen3_moe").save_pretrained(folder)
+  _, cfg, per_expert = import_folder(folder, scan_layers=True)
+
+  def fuse(tensors):
+    for layer in range(3):
+      p = f"model.layers.{layer}.mlp.experts."
+      if p + "0.gate_proj.weight" not in tensors:
+        continue
+      take = lambda proj: np.stack([tensors.pop(f"{p}{j}.{proj}.weight") for j in range(4)])
+      gate, up, down = take("gate_proj"), take("up_proj"), take("down_proj")
+      tensors[p + "gate_up_proj"] = np.concatenate([gate, up], axis=1)
+      tensors[p + "down_proj"] = down
+
+  _rewrite(folder, fuse)
+  assert any(n.endswith("gate_up_proj") for n in safetensors_io.Checkpoint(folder).names)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(np.testing.assert_array_equal, per_expert, hf.load_params(folder, cfg))
+
+
 # --- errors -------------------------------------------------------------------------------
 
 

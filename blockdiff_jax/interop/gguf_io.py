@@ -70,8 +70,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
   f = reader.fields.get(key)
   if f is None:
     return default
-  v = f.contents()
-  return v
+  return f.contents()
 
 
 def metadata(path: str) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def check(ckpt: safetensors_io.Checkpoint, cfg: transformer.TransformerConfig,
         raise CheckpointMismatchError(
             f"tensor {name!r} has shape {got} but parameter {'/'.join(path)} needs {want} "
             f"(model shape {sds.shape})")
-      used.add(ckpt.real_names(name))
+      used.add(ckpt.real_name(name))
     out.append((spec, sds.shape))
   # Tied heads: checkpoints may still carry a copy of the embedding as lm_head.weight.
   ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()

@@ -169,7 +169,8 @@ class Checkpoint:
     except KeyError:
       return False
 
-  def real_names(self, name: str) -> str:
+  def real_name(self, name: str) -> str:
+    """The stored tensor holding ``name`` (itself, or a fused expert tensor)."""
     return self._resolve(name)[0]
 
   def shape(self, name: str) -> tuple[int, ...]:
