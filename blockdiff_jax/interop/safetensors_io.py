@@ -1,0 +1,221 @@
+"""Safetensors files read lazily (memory-mapped slices) and written, without torch.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON mapping each tensor
+name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (relative to the end of the
+header), then the raw little-endian data. Reading through ``np.memmap`` touches only the
+pages of the slice asked for, so a device that reads its own shard of a sharded parameter
+reads only those bytes; bfloat16 comes through ``ml_dtypes`` (numpy has none).
+"""
+
+import json
+import os
+import struct
+from typing import Any, Iterable
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+          "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+          "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+INDEX_FILENAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint file is unreadable, truncated or inconsistent; names the file."""
+
+
+class SafetensorsFile:
+  """One ``.safetensors`` file: header validated on open, tensors read as memmap slices."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+          raise CorruptCheckpointError(f"{path}: file too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+          raise CorruptCheckpointError(
+              f"{path}: header length {n} exceeds the file ({size} bytes); truncated or "
+              "not a safetensors file")
+        header = json.loads(f.read(n))
+    except CorruptCheckpointError:
+      raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+      raise CorruptCheckpointError(f"{path}: cannot read the safetensors header: {e}") from e
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._data_start = 8 + n
+    self.tensors = {}
+    for name, info in header.items():
+      try:
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: bad header entry for tensor {name!r}: {e}") from e
+      if end - begin != dtype.itemsize * int(np.prod(shape)):
+        raise CorruptCheckpointError(
+            f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
+      if self._data_start + end > size:
+        raise CorruptCheckpointError(
+            f"{path}: truncated: tensor {name!r} ends at byte {self._data_start + end} "
+            f"but the file has {size}")
+      self.tensors[name] = (dtype, shape, begin)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.tensors[name][1]
+
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor, or a basic-slice view of it copied out (only its pages are read)."""
+    dtype, shape, begin = self.tensors[name]
+    if not shape or 0 in shape:
+      return np.zeros(shape, dtype) if 0 in shape else np.fromfile(
+          self.path, dtype, 1, offset=self._data_start + begin).reshape(())
+    mm = np.memmap(self.path, dtype, "r", offset=self._data_start + begin, shape=shape)
+    return np.array(mm if index is None else mm[index])
+
+
+def write(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+  """Writes a safetensors file (atomically: a temporary file renamed into place)."""
+  header, offset, arrays = {}, 0, []
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in _NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors name")
+    header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  if metadata:
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # Aligned data start, as the reference writer does.
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
+  os.replace(tmp, path)
+
+
+class Checkpoint:
+  """All tensors of an HF model folder (one file, several, or sharded with an index).
+
+  Also answers per-expert names (``mlp.experts.{j}.gate_proj.weight``) from the fused
+  expert tensors that transformers >= 5 may write (``mlp.experts.gate_up_proj`` [E, 2F, D],
+  ``mlp.experts.down_proj`` [E, D, F]).
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    index_path = os.path.join(folder, INDEX_FILENAME)
+    if os.path.isfile(index_path):
+      try:
+        with open(index_path, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpointError(f"{index_path}: unreadable shard index: {e}") from e
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+      weight_map = None
+    if not files:
+      raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    self.files = {}
+    for fname in files:
+      path = os.path.join(folder, fname)
+      if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{index_path}: shard {fname} is missing")
+      self.files[fname] = SafetensorsFile(path)
+    self._where = {}
+    for fname, sf in self.files.items():
+      for name in sf.tensors:
+        self._where[name] = sf
+    if weight_map is not None:
+      for name, fname in weight_map.items():
+        if name not in self._where:
+          raise CorruptCheckpointError(f"{index_path}: tensor {name!r} is not in {fname}")
+
+  @property
+  def names(self) -> set[str]:
+    return set(self._where)
+
+  def _resolve(self, name: str):
+    """(real name, leading index, (axis-0 offset, length) or None) of a name."""
+    if name in self._where:
+      return name, (), None
+    parts = name.split(".")
+    if len(parts) > 4 and parts[-4] == "experts" and parts[-3].isdigit():
+      base = ".".join(parts[:-3])
+      j, proj = int(parts[-3]), parts[-2]
+      if proj in ("gate_proj", "up_proj") and base + ".gate_up_proj" in self._where:
+        real = base + ".gate_up_proj"
+        f = self._where[real].shape(real)[1] // 2
+        return real, (j,), (0 if proj == "gate_proj" else f, f)
+      if proj == "down_proj" and base + ".down_proj" in self._where:
+        return base + ".down_proj", (j,), None
+    raise KeyError(name)
+
+  def has(self, name: str) -> bool:
+    try:
+      self._resolve(name)
+      return True
+    except KeyError:
+      return False
+
+  def real_name(self, name: str) -> str:
+    """The stored tensor holding ``name`` (itself, or a fused expert tensor)."""
+    return self._resolve(name)[0]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    real, lead, part = self._resolve(name)
+    shape = self._where[real].shape(real)[len(lead):]
+    if part is not None:
+      shape = (part[1],) + shape[1:]
+    return shape
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Basic slices of a (possibly virtual) tensor."""
+    real, lead, part = self._resolve(name)
+    if part is not None:
+      s0 = index[0]
+      index = (slice(part[0] + s0.start, part[0] + s0.stop),) + tuple(index[1:])
+    try:
+      return self._where[real].read(real, tuple(lead) + tuple(index))
+    except (OSError, ValueError) as e:
+      raise CorruptCheckpointError(f"{self._where[real].path}: cannot read {real!r}: {e}") from e
+
+
+def write_folder(folder: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 0,
+                 metadata: Iterable[tuple[str, Any]] = ()) -> list[str]:
+  """Writes ``model.safetensors`` (or shards plus an index when over max_shard_bytes)."""
+  os.makedirs(folder, exist_ok=True)
+  meta = dict(metadata) or {"format": "pt"}
+  total = sum(np.asarray(a).nbytes for a in tensors.values())
+  if not max_shard_bytes or total <= max_shard_bytes:
+    write(os.path.join(folder, "model.safetensors"), tensors, meta)
+    return ["model.safetensors"]
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    nbytes = np.asarray(tensors[name]).nbytes
+    if current and size + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = tensors[name]
+    size += nbytes
+  shards.append(current)
+  weight_map, files = {}, []
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    write(os.path.join(folder, fname), shard, meta)
+    files.append(fname)
+    weight_map.update({name: fname for name in shard})
+  with open(os.path.join(folder, INDEX_FILENAME), "w", encoding="utf-8") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return files

