@@ -6,7 +6,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
+from pallas_kernels import backend
 from pallas_kernels import manual_axes
 from pallas_kernels.block_attention import kernel
 
@@ -43,10 +44,10 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                     kv_meta: masks.TokenMeta, *, spec: masks.MaskSpec = masks.MaskSpec(),
                     scale: float | None = None,
                     block_sizes: AttentionBlockSizes = AttentionBlockSizes(),
-                    interpret: bool = False) -> Array:
+                    interpret: bool | None = None) -> Array:
   """Grouped-query flash attention whose mask is ``masks.mask_fn`` of the metadata.
 
-  Same semantics as ``blockdiff_jax.model.attention_ops.masked_attention``: fp32
+  Same semantics as ``reference.masked_attention``: fp32
   softmax statistics, and a query that sees no key outputs zeros. Lengths are
   padded to the tile sizes internally (padded keys get segment id -1). Tiles whose
   mask is false everywhere are skipped without loading K/V.
@@ -61,7 +62,7 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     spec: static mask options.
     scale: logit scale; defaults to D ** -0.5.
     block_sizes: kernel tile sizes.
-    interpret: run the Pallas interpreter (needed on CPU).
+    interpret: run the Pallas interpreter; None = unless the backend is a GPU.
 
   Returns:
     [B, Tq, H, D] in q's dtype. Differentiable in q, k, v.
@@ -72,7 +73,8 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   km = kernel.pack_meta(kv_meta, k.shape[1])
   # Inside shard_map: one set of varying mesh axes, cast outside the custom VJP.
   q, k, v, qm, km = manual_axes.align(q, k, v, qm, km)
-  return _attention(q, k, v, qm, km, spec, scale, block_sizes, interpret)
+  return _attention(q, k, v, qm, km, spec, scale, block_sizes,
+                    backend.resolve_interpret(interpret))
 
 
 def _tiles(tq: int, tk: int, bs: AttentionBlockSizes) -> tuple[int, ...]:

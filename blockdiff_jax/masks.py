@@ -1,0 +1,152 @@
+"""Attention masks as functions of token metadata.
+
+A mask is never an L×L array built in Python: it is a function of the metadata of a
+query and a key (position, block id, noisy/clean stream, document segment, summary
+flag), like FlexAttention's ``mask_mod``. The XLA attention path evaluates it on the
+broadcast [Tq, Tk] grid; the Pallas kernel evaluates the same function per tile and
+skips tiles where it is false everywhere.
+
+Rules of the block-diffusion mask (BD3-LM), for a query q and a key k of the same
+document segment:
+
+* noisy q, noisy k: same block (bidirectional; causal inside the block when
+  ``causal_noisy`` — I-DLM's introspective layout).
+* noisy q, clean k: clean blocks strictly before q's block.
+* clean q, clean k: clean blocks up to and including q's block (block-causal).
+* clean q, noisy k: never.
+
+With ``window_blocks = W > 0`` (ChatDLM summary layout) a regular query sees regular
+clean tokens only of the last W blocks before its own, and the summary slots of the
+blocks older than that. A summary slot sees the clean tokens and summary slots of its
+own block. Keys with a negative segment id (padding, empty cache slots) are never seen.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax.numpy as jnp
+
+NOISY = 0
+CLEAN = 1
+
+Array = Any
+
+
+@flax.struct.dataclass
+class TokenMeta:
+  """Per-token metadata from which attention masks are derived.
+
+  All fields are int32/bool arrays of the same shape ([batch, length]).
+
+  Attributes:
+    positions: RoPE positions (a noisy token and its clean copy share one).
+    block_ids: index of the diffusion block the token belongs to.
+    stream: ``NOISY`` (0) for tokens being denoised, ``CLEAN`` (1) for context.
+    segment_ids: document id; tokens attend only within their segment, and a
+      negative id marks padding or an empty cache slot (never attended to).
+    is_summary: True for ChatDLM summary slots.
+  """
+
+  positions: Array
+  block_ids: Array
+  stream: Array
+  segment_ids: Array
+  is_summary: Array
+
+  @property
+  def shape(self):
+    return self.positions.shape
+
+  def slice(self, start: int, length: int) -> "TokenMeta":
+    """Static slice along the last (length) axis."""
+    return TokenMeta(*(x[..., start:start + length] for x in dataclasses.astuple(self)))
+
+  def concat(self, other: "TokenMeta") -> "TokenMeta":
+    """Concatenates two metadata records along the length axis."""
+    return TokenMeta(*(jnp.concatenate([a, b], axis=-1)
+                       for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def make_meta(positions, block_size: int, stream, segment_ids=None, is_summary=None) -> TokenMeta:
+  """Builds metadata from positions; block ids are ``positions // block_size``."""
+  positions = jnp.asarray(positions, jnp.int32)
+  stream = jnp.broadcast_to(jnp.asarray(stream, jnp.int32), positions.shape)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(positions.shape, jnp.int32)
+  if is_summary is None:
+    is_summary = jnp.zeros(positions.shape, bool)
+  return TokenMeta(positions=positions,
+                   block_ids=positions // block_size,
+                   stream=stream,
+                   segment_ids=jnp.asarray(segment_ids, jnp.int32),
+                   is_summary=jnp.asarray(is_summary, bool))
+
+
+def training_meta(length: int, block_size: int, batch: int = 1, segment_ids=None) -> TokenMeta:
+  """Metadata of the vectorized BD3-LM training input ``[x_t ; x_0]`` (length 2L)."""
+  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  noisy = make_meta(pos, block_size, NOISY, segment_ids)
+  clean = make_meta(pos, block_size, CLEAN, segment_ids)
+  return noisy.concat(clean)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """Static options of the block-diffusion mask.
+
+  Attributes:
+    causal_noisy: causal (instead of bidirectional) attention inside a noisy block.
+    window_blocks: 0 = every earlier clean block in full; W > 0 = only the last W
+      earlier blocks in full, older ones through their summary slots.
+  """
+
+  causal_noisy: bool = False
+  window_blocks: int = 0
+
+  def __post_init__(self):
+    if self.window_blocks < 0:
+      raise ValueError(f"MaskSpec.window_blocks must be >= 0, got {self.window_blocks}")
+
+
+def mask_fn(q: TokenMeta, k: TokenMeta, spec: MaskSpec = MaskSpec()) -> Array:
+  """Evaluates the block-diffusion mask on broadcastable query/key metadata.
+
+  Args:
+    q: query metadata, e.g. fields of shape [..., Tq, 1].
+    k: key metadata, e.g. fields of shape [..., 1, Tk].
+    spec: static mask options.
+
+  Returns:
+    Boolean array of the broadcast shape; True where q may attend to k.
+  """
+  same_seg = (q.segment_ids == k.segment_ids) & (k.segment_ids >= 0)
+  q_noisy = q.stream == NOISY
+  k_noisy = k.stream == NOISY
+  bq, bk = q.block_ids, k.block_ids
+
+  noisy_noisy = q_noisy & k_noisy & (bq == bk)
+  if spec.causal_noisy:
+    noisy_noisy = noisy_noisy & (k.positions <= q.positions)
+  # Clean keys a query may see: strictly earlier blocks for noisy queries, up to its
+  # own block for clean ones.
+  limit = jnp.where(q_noisy, bq - 1, bq)
+  clean_key = ~k_noisy & (bk <= limit)
+  if spec.window_blocks:
+    in_window = bk >= bq - spec.window_blocks
+  else:
+    in_window = jnp.ones_like(clean_key)
+  # Regular queries read regular keys inside the window and summary slots outside it;
+  # a summary slot reads only its own block (tokens and sibling slots).
+  regular_q = clean_key & jnp.where(k.is_summary, ~in_window, in_window)
+  summary_q = ~k_noisy & (bk == bq)
+  clean_key = jnp.where(q.is_summary, summary_q, regular_q)
+  allowed = noisy_noisy | clean_key
+  return allowed & same_seg
+
+
+def dense_mask(q: TokenMeta, k: TokenMeta, spec: MaskSpec = MaskSpec()) -> Array:
+  """Materializes the mask as [batch, Tq, Tk] (the XLA path)."""
+  qe = TokenMeta(*(x[..., :, None] for x in dataclasses.astuple(q)))
+  ke = TokenMeta(*(x[..., None, :] for x in dataclasses.astuple(k)))
+  return mask_fn(qe, ke, spec)
