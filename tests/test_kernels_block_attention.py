@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import INTERPRET, TRITON_CALL
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from pallas_kernels import block_attention as ba
 
 SMALL = ba.AttentionBlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)

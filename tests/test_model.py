@@ -10,7 +10,7 @@ import pytest
 
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import flops
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from blockdiff_jax import config as config_lib
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
-from blockdiff_jax.train import trainer
+from blockdiff_jax.model import build as trainer  # build_model, init_params moved here.
 
 BLOCK = 8
 WIDTH = 48

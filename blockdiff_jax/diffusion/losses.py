@@ -76,7 +76,9 @@ def per_token_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   """The BD3-LM pass: corrupt x_0, run [x_t ; x_0] through the model, score x_0.
 
   Args:
-    apply_fn: ``apply_fn(params, tokens, meta, logits_slice=...) -> (logits, aux)``.
+    apply_fn: ``apply_fn(params, tokens, meta, logits_slice=...) -> (logits, aux)``;
+      ``aux`` may carry a scalar ``aux_loss`` added to the training loss and a dict
+      of scalar ``metrics`` (the Transformer's MoE terms).
     params: model parameters.
     batch: ``tokens`` [B, L] int32, ``loss_mask`` [B, L] (1 = may be masked and
       scored), optional ``segment_ids`` [B, L].
@@ -122,7 +124,9 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
       "masked_accuracy": jnp.sum(terms.correct * is_masked) / n_masked,
       "masked_fraction": jnp.sum(is_masked) / n_scored,
   }
-  metrics.update(terms.aux["metrics"])
-  loss = nelbo + terms.aux["aux_loss"]
+  # The model's auxiliary loss (MoE load balance + z-loss) and its scalar metrics;
+  # the objective adds them without reading any MoE statistic itself.
+  metrics.update(terms.aux.get("metrics", {}))
+  loss = nelbo + terms.aux["aux_loss"] if "aux_loss" in terms.aux else nelbo
   metrics["loss"] = loss
   return loss, metrics
