@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import inference
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.data import pipeline
-from blockdiff_jax.checkpoint import checkpoints
-from blockdiff_jax.train import optimizer
-from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer

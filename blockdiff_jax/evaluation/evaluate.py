@@ -29,7 +29,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import pipeline
@@ -40,6 +39,7 @@ from blockdiff_jax.evaluation import humaneval
 from blockdiff_jax.evaluation import infilling
 from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import sandbox
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import transformer
 from blockdiff_jax.sampling import sample as sample_lib

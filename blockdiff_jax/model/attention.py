@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import attention_ops
 from blockdiff_jax.model import layers
-from blockdiff_jax import masks
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from blockdiff_jax import masks
 from blockdiff_jax.data import tokenizers
+from blockdiff_jax import masks
 from blockdiff_jax.model import config as model_config_lib
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import transformer

@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import expert_parallel
 from blockdiff_jax.model import layers
-from blockdiff_jax import masks
 from blockdiff_jax.model import sharding
 from pallas_kernels import backend
 

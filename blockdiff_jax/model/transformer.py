@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import attention
 from blockdiff_jax.model import layers
-from blockdiff_jax import masks
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding

@@ -9,10 +9,10 @@ from absl import logging
 import jax
 import ml_collections
 
-from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
 from blockdiff_jax.model import mesh as mesh_lib

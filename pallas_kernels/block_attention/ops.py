@@ -8,8 +8,8 @@ import jax.numpy as jnp
 
 from blockdiff_jax import masks
 from pallas_kernels import backend
-from pallas_kernels import manual_axes
 from pallas_kernels.block_attention import kernel
+from pallas_kernels import manual_axes
 
 Array = Any
 AttentionBlockSizes = kernel.AttentionBlockSizes

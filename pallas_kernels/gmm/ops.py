@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend
-from pallas_kernels import manual_axes
 from pallas_kernels.gmm import kernel
+from pallas_kernels import manual_axes
 
 Array = Any
 GmmBlockSizes = kernel.GmmBlockSizes
