@@ -64,13 +64,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (keeping shardings) of a concrete or abstract pytree."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
-
-
 def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
