@@ -192,7 +192,7 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
   use_ema = t.ema_decay > 0
   boxed = build.abstract_params(model)
   p_sharding = mesh_lib.param_shardings(boxed, mesh, rules)
-  abstract = jax.eval_shape(lambda: state_lib.create(nn.unbox(boxed), tx, use_ema))
+  abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, use_ema), nn.unbox(boxed))
   s_sharding = state_shardings(abstract, p_sharding, tx, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, s_sharding)
