@@ -1,4 +1,4 @@
-"""Masked grouped-query attention in plain jnp (the XLA path and the kernel reference)."""
+"""Masked grouped-query attention in plain jnp: the model's XLA attention path."""
 
 from typing import Any
 
