@@ -12,7 +12,7 @@ import jax
 
 
 
-def varying_axes(x) -> frozenset[str]:
+def _varying(x) -> frozenset[str]:
   """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
   mat = getattr(jax.typeof(x), "manual_axis_type", None)
   return frozenset(getattr(mat, "varying", ()) or ())
@@ -27,7 +27,7 @@ def align(*arrays):
   ``tests/test_expert_parallel.py``). Casting the operand up front makes the
   transpose of the cast supply that ``psum``. Outside ``shard_map`` a no-op.
   """
-  vmas = [varying_axes(a) for a in arrays]
+  vmas = [_varying(a) for a in arrays]
   union = frozenset().union(*vmas)
   return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
           for a, v in zip(arrays, vmas)]
@@ -35,7 +35,7 @@ def align(*arrays):
 
 def out_struct(shape, dtype, like: Any) -> jax.ShapeDtypeStruct:
   """``ShapeDtypeStruct`` of a kernel output varying like the (aligned) operand ``like``."""
-  varying = varying_axes(like)
+  varying = _varying(like)
   if not varying:
     return jax.ShapeDtypeStruct(shape, dtype)
   return jax.ShapeDtypeStruct(shape, dtype,

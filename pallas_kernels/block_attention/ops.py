@@ -73,8 +73,7 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   km = kernel.pack_meta(kv_meta, k.shape[1])
   # Inside shard_map: one set of varying mesh axes, cast outside the custom VJP.
   q, k, v, qm, km = manual_axes.align(q, k, v, qm, km)
-  return _attention(q, k, v, qm, km, spec, scale, block_sizes,
-                    backend.resolve_interpret(interpret))
+  return _attention(q, k, v, qm, km, spec, scale, block_sizes, interpret)
 
 
 def _tiles(tq: int, tk: int, bs: AttentionBlockSizes) -> tuple[int, ...]:
@@ -112,8 +111,8 @@ def _forward(q, k, v, qm, km, spec, scale, bs, interpret):
   vp = _pad_head_dim(_pad_to(v, tk_pad, 1))
   qmp = kernel.pack_meta_pad(qm, tq_pad)
   kmp = kernel.pack_meta_pad(km, tk_pad)
-  out, lse = kernel.forward(qp, kp, vp, qmp, kmp, spec=spec, scale=scale, block_q=bq,
-                            block_k=bk, block_sizes=bs, interpret=interpret)
+  out, lse = backend.call(kernel.forward, interpret, qp, kp, vp, qmp, kmp, spec=spec,
+                          scale=scale, block_q=bq, block_k=bk, block_sizes=bs)
   return out[:, :tq, :, :d], lse
 
 
@@ -133,11 +132,11 @@ def _attention_bwd(spec, scale, bs, interpret, residuals, dout):
   _, _, bq, bk, tq_pad, tk_pad = _tiles(tq, tk, bs)
   pad_q = lambda x: _pad_head_dim(_pad_to(x, tq_pad, 1))
   pad_k = lambda x: _pad_head_dim(_pad_to(x, tk_pad, 1))
-  dq, dk, dv = kernel.backward(
+  dq, dk, dv = backend.call(
+      kernel.backward, interpret,
       pad_q(q), pad_k(k), pad_k(v), kernel.pack_meta_pad(qm, tq_pad),
       kernel.pack_meta_pad(km, tk_pad), pad_q(out), lse, pad_q(dout.astype(q.dtype)),
-      spec=spec, scale=scale, block_q=bq, block_k=bk, block_sizes=bs,
-      interpret=interpret)
+      spec=spec, scale=scale, block_q=bq, block_k=bk, block_sizes=bs)
   return dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv[:, :tk, :, :d], None, None
 
 

@@ -62,15 +62,13 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
   # Inside shard_map the operands are cast to one set of varying mesh axes here,
   # outside the custom VJP, so autodiff supplies the psum that transposes the cast.
   lhs, rhs, group_sizes = manual_axes.align(lhs, rhs, group_sizes.astype(jnp.int32))
-  return _gmm(lhs, rhs, group_sizes, block_sizes, out_dtype,
-              backend.resolve_interpret(interpret))
+  return _gmm(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret):
-  return kernel.gmm_call(lhs, rhs, group_sizes, block_sizes=block_sizes,
-                         out_dtype=out_dtype,
-                          interpret=backend.resolve_interpret(interpret))
+  return backend.call(kernel.gmm_call, interpret, lhs, rhs, group_sizes,
+                      block_sizes=block_sizes, out_dtype=out_dtype)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret):
@@ -84,10 +82,10 @@ def _gmm_bwd(block_sizes, out_dtype, interpret, residuals, dout):
   # The kernels multiply same-dtype operands; the cotangent arrives in the
   # output dtype, so bring it to the input dtype (bf16 stays bf16 on the MMA).
   dout = dout.astype(lhs.dtype)
-  dlhs = kernel.gmm_call(dout, rhs, group_sizes, block_sizes=block_sizes,
-                         out_dtype=lhs.dtype, transpose_rhs=True, interpret=interpret)
-  drhs = kernel.tgmm_call(lhs, dout, group_sizes, block_sizes=block_sizes,
-                          out_dtype=rhs.dtype, interpret=interpret)
+  dlhs = backend.call(kernel.gmm_call, interpret, dout, rhs, group_sizes,
+                      block_sizes=block_sizes, out_dtype=lhs.dtype, transpose_rhs=True)
+  drhs = backend.call(kernel.tgmm_call, interpret, lhs, dout, group_sizes,
+                      block_sizes=block_sizes, out_dtype=rhs.dtype)
   return dlhs, drhs, None
 
 
@@ -120,6 +118,5 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
     raise ValueError(f"tgmm: group_sizes must be [G >= 1], got shape {group_sizes.shape}")
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  return kernel.tgmm_call(lhs, dout, group_sizes.astype(jnp.int32), block_sizes=block_sizes,
-                          out_dtype=out_dtype,
-                          interpret=backend.resolve_interpret(interpret))
+  return backend.call(kernel.tgmm_call, interpret, lhs, dout, group_sizes.astype(jnp.int32),
+                      block_sizes=block_sizes, out_dtype=out_dtype)
