@@ -8,7 +8,7 @@ ours: 6,917,031,936 parameters in total, 1,065,977,856 active per token.
 """
 
 from blockdiff_jax import config as config_lib
-from blockdiff_jax.train import partitioning
+from blockdiff_jax.model import mesh as mesh_lib
 
 
 def get_config():
@@ -40,7 +40,7 @@ def get_config():
   c.train.grad_accum_steps = 8  # 1 sequence per device per micro-batch on 8 GPUs.
   c.train.learning_rate = 3e-4  # Peak LR.
   c.train.steps = 100000  # Optimizer steps.
-  c.mesh = partitioning.default_mesh_config()  # fsdp=-1: ZeRO-3 over all devices.
+  c.mesh = mesh_lib.default_mesh_config()  # fsdp=-1: ZeRO-3 over all devices.
   c.mesh.plan_devices = 8  # --mode=plan checks one 8xH100 node.
   c.mesh.plan_memory_gib = 80.0  # H100 80GB.
   return c

@@ -112,7 +112,7 @@ def _problem(batch, cache, args, dtype):
 
 def _block_attention_fn(args, batch, cache):
   """The training kernel on the same problem (imports the model's mask metadata)."""
-  from blockdiff_jax.model import masks  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
   from pallas_kernels import block_attention as ba  # pylint: disable=g-import-not-at-top
   blk = args.block
   committed = masks.make_meta(jnp.broadcast_to(jnp.arange(cache - blk), (batch, cache - blk)),

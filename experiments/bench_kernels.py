@@ -28,7 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from pallas_kernels import block_attention as ba
 from pallas_kernels import gmm as gmm_lib
 

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
@@ -81,7 +82,7 @@ def main():
     t0 = time.time()
     trainer.run(config, args.workdir)
     print(f"trained {config.train.steps} steps in {time.time() - t0:.0f} s", flush=True)
-  config, model, tok, params = trainer.load_for_inference(args.workdir)
+  config, model, tok, params = inference.load_for_inference(args.workdir)
   examples = _examples(config, args.n)
   block = config.diffusion.block_size
   max_len = config.data.seq_len

@@ -28,6 +28,7 @@ from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
+from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.train import trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -200,7 +201,7 @@ def main():
     t0 = time.time()
     trainer.run(config, args.workdir)
     print(f"trained {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
-  config, model, tok, params = trainer.load_for_inference(args.workdir)
+  config, model, tok, params = inference.load_for_inference(args.workdir)
   block = config.diffusion.block_size
   gen, fill = _canvases(config, tok)
   run = {"train_steps": int(config.train.steps), "n_prompts": N_PROMPTS,

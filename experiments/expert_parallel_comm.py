@@ -102,9 +102,10 @@ def main(argv=None):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import masks  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.model import moe  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import sharding  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   spec = importlib.util.spec_from_file_location("cfg", args.config)
@@ -113,10 +114,10 @@ def main(argv=None):
   config = cfg_mod.get_config()
   m = config.model
   n_dev = args.devices
-  mesh_config = partitioning.default_mesh_config()
+  mesh_config = mesh_lib.default_mesh_config()
   mesh_config.update(data=1, fsdp=1, expert=n_dev, tensor=1)
-  mesh = partitioning.make_mesh(mesh_config)
-  rules = partitioning.logical_rules(mesh_config)
+  mesh = mesh_lib.make_mesh(mesh_config)
+  rules = mesh_lib.logical_rules(mesh_config)
   dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
   modes = {"gather": ("gather", 0.0), "all_to_all (dropless)": ("all_to_all", 0.0),
            f"all_to_all (capacity {args.capacity:g})": ("all_to_all", args.capacity)}
@@ -131,9 +132,9 @@ def main(argv=None):
     meta = masks.make_meta(jnp.broadcast_to(jnp.arange(t), (b, t)), 16, masks.CLEAN)
     boxed = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros(x.shape, dtype),
                                               meta))["params"]
-    p_sharding = partitioning.param_shardings(boxed, mesh, rules)
-    x_sharding = jax.sharding.NamedSharding(mesh, partitioning.fit_spec(
-        partitioning.batch_spec(rules), x.shape, mesh))
+    p_sharding = mesh_lib.param_shardings(boxed, mesh, rules)
+    x_sharding = jax.sharding.NamedSharding(mesh, sharding.fit_spec(
+        mesh_lib.batch_spec(rules), x.shape, mesh))
 
     def loss(params, x):
       y, stats = layer.apply({"params": params}, x, meta)
@@ -149,7 +150,7 @@ def main(argv=None):
     abstract = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
                             boxed, is_leaf=lambda b: hasattr(b, "names"))
     t0 = time.time()
-    with partitioning.mesh_context(mesh, rules):
+    with mesh_lib.mesh_context(mesh, rules):
       hlo = fn.lower(abstract, x).compile().as_text()
     traffic = collective_bytes(hlo, n_dev)
     rows[name] = {"bytes": traffic, "total": sum(traffic.values()),
@@ -170,7 +171,7 @@ def main(argv=None):
         lambda b: jax.random.normal(jax.random.key(1), b.value.shape, jnp.float32) * 0.05,
         boxed, is_leaf=lambda b: hasattr(b, "names")), p_sharding)
     xv = jax.device_put(jax.random.normal(jax.random.key(2), x.shape, dtype), x_sharding)
-    with partitioning.mesh_context(mesh, rules):
+    with mesh_lib.mesh_context(mesh, rules):
       jax.block_until_ready(fn(params, xv))
       times = []
       for _ in range(args.iters):

@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from blockdiff_jax import config as config_lib
-from blockdiff_jax.evaluation import hardware
+from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
+from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.train import config as train_config
+from blockdiff_jax.train import hardware
 from blockdiff_jax.train import optimizer
-from blockdiff_jax.train import partitioning
-from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
-from blockdiff_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.",
                                           lock_config=False)
@@ -45,27 +45,21 @@ _MESH = flags.DEFINE_enum("mesh", "", ["", "auto", "explicit"],
 
 def measure(config, steps: int) -> dict:
   """Times ``steps`` train steps of ``config`` on random tokens; returns the figures."""
-  config_lib.validate(config)
+  train_config.validate(config)
   d = config.data
-  model, tokenizer = trainer.build_model(config)
-  obj = config_lib.objective(config, tokenizer.mask_id)
+  model, tokenizer = build.build_model(config)
+  obj = diffusion_config.objective(config, tokenizer.mask_id)
   tx = optimizer.make_optimizer(config.train)
   batch = {"tokens": jax.random.randint(jax.random.key(0), (d.batch_size, d.seq_len), 0, 256),
            "loss_mask": jnp.ones((d.batch_size, d.seq_len)),
            "segment_ids": jnp.zeros((d.batch_size, d.seq_len), jnp.int32)}
-  mesh = None
-  if config.get("mesh") is not None:
-    # The trainer's sharded step: state in its shards, MoE dispatch in shard_map.
-    sharded = partitioning.make_sharded_train(config, partitioning.make_mesh(config.mesh),
-                                              model, obj, tx)
-    mesh = dict(sharded.mesh.shape)
-    state, step = sharded.init_state(config.seed), sharded.train_step
-    batch = sharded.put_batch(jax.device_get(batch))
-  else:
-    state = state_lib.create(trainer.init_params(model, config.seed), tx, False)
-    step = step_lib.jit_train_step(step_lib.make_train_step(
-        trainer.make_apply(model), obj, tx, optimizer.learning_rate_schedule(config.train),
-        config.train.grad_accum_steps))
+  # The trainer's step: state in its shards, MoE dispatch in shard_map on a mesh
+  # (one device when the config has none).
+  device_mesh, rules = mesh_lib.mesh_of(config)
+  sharded = step_lib.make_sharded_train(config, device_mesh, model, obj, tx, rules=rules)
+  mesh = dict(sharded.mesh.shape) if config.get("mesh") is not None else None
+  state, step = sharded.init_state(config.seed), sharded.train_step
+  batch = sharded.put_batch(jax.device_get(batch))
   rng = jax.random.key(1)
   t0 = time.perf_counter()
   state, m = step(state, batch, rng)
@@ -100,7 +94,7 @@ def main(argv):
   config = _CONFIG.value
   if _MESH.value:
     if config.get("mesh") is None:
-      config.mesh = partitioning.default_mesh_config()
+      config.mesh = mesh_lib.default_mesh_config()
     config.mesh.axis_types = _MESH.value
   r = measure(config, _STEPS.value)
   os.makedirs(_OUT.value, exist_ok=True)

@@ -10,11 +10,27 @@ from typing import Any
 
 import jax
 
-from blockdiff_jax.model import sharding
 
 
-_varying = sharding.varying_axes
-align = sharding.same_varying_axes
+def _varying(x) -> frozenset[str]:
+  """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def align(*arrays):
+  """Casts arrays inside ``shard_map`` to vary over the union of their mesh axes.
+
+  JAX 0.10.2's ``argsort`` drops the varying-axes type of its input, so rows of a
+  replicated operand gathered by such a permutation got a cotangent without the
+  ``psum`` over those axes (wrong gradients, found by
+  ``tests/test_expert_parallel.py``). Casting the operand up front makes the
+  transpose of the cast supply that ``psum``. Outside ``shard_map`` a no-op.
+  """
+  vmas = [_varying(a) for a in arrays]
+  union = frozenset().union(*vmas)
+  return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+          for a, v in zip(arrays, vmas)]
 
 
 def out_struct(shape, dtype, like: Any) -> jax.ShapeDtypeStruct:

@@ -38,11 +38,13 @@ def full_precision_matmuls():
     yield
 
 
-def run_multidevice_worker(script: str, tmp, timeout: int = 420) -> dict:
+def run_multidevice_worker(script: str, tmp) -> dict:
   """Runs ``python script OUT TMP`` with 8 simulated CPU devices and returns its JSON report.
 
   The script sets ``XLA_FLAGS`` before importing jax (so this pytest process keeps
-  one device) and writes ``{check: result or "error: ..."}`` to OUT.
+  one device) and writes ``{check: result or "error: ..."}`` to OUT. There is no
+  wall-clock limit: a worker is one process that ends by itself, and on a machine
+  busy with other work it only takes longer (a fixed limit failed such runs).
   """
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -50,7 +52,7 @@ def run_multidevice_worker(script: str, tmp, timeout: int = 420) -> dict:
   out = os.path.join(str(tmp), "report.json")
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, script, out, str(tmp)], env=env, cwd=repo,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+                        capture_output=True, text=True, check=False)
   assert proc.returncode == 0 and os.path.exists(out), proc.stderr[-5000:]
   with open(out, encoding="utf-8") as f:
     data = json.load(f)

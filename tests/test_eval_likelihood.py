@@ -9,7 +9,7 @@ import pytest
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 from blockdiff_jax.evaluation import likelihood
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import transformer
 

@@ -70,13 +70,14 @@ def _worker(out_path: str, tmp: str) -> None:
   del tmp
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import masks  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.model import moe  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import sharding  # pylint: disable=g-import-not-at-top
 
   report = WorkerReport(out_path)
-  mesh_config = partitioning.default_mesh_config()
-  rules = partitioning.logical_rules(mesh_config)
+  mesh_config = mesh_lib.default_mesh_config()
+  rules = mesh_lib.logical_rules(mesh_config)
 
   for name, (sizes, batch, impl, capacity, mode, axis_types) in CASES.items():
     @report.check(name)
@@ -100,14 +101,14 @@ def _worker(out_path: str, tmp: str) -> None:
       grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
       (_, (ref_y, ref_stats)), ref_grads = jax.jit(grad_fn)(params, x)
 
-      for axis, size in zip(partitioning.MESH_AXES, sizes):
+      for axis, size in zip(mesh_lib.MESH_AXES, sizes):
         mesh_config[axis] = size
       mesh_config.axis_types = axis_types
-      mesh = partitioning.make_mesh(mesh_config)
-      p_sharding = partitioning.param_shardings(boxed, mesh, rules)
+      mesh = mesh_lib.make_mesh(mesh_config)
+      p_sharding = mesh_lib.param_shardings(boxed, mesh, rules)
       x_sharding = jax.sharding.NamedSharding(
-          mesh, partitioning.fit_spec(partitioning.batch_spec(rules), x.shape, mesh))
-      with partitioning.mesh_context(mesh, rules):
+          mesh, sharding.fit_spec(mesh_lib.batch_spec(rules), x.shape, mesh))
+      with mesh_lib.mesh_context(mesh, rules):
         jitted = jax.jit(grad_fn, in_shardings=(p_sharding, x_sharding))
         hlo = jitted.lower(params, x).as_text()
         (_, (y, stats)), grads = jitted(params, x)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import INTERPRET, TRITON_CALL
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from pallas_kernels import block_attention as ba
 
 SMALL = ba.AttentionBlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
@@ -187,3 +187,21 @@ def test_tile_map_matches_dense_mask_and_skips_tiles():
   # The training layout leaves most tiles empty: those are never loaded.
   assert (states == kernel.EMPTY).sum() >= states.size // 3
   assert (states == kernel.FULL).any() and (states == kernel.PARTIAL).any()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_reference_matches_the_model_xla_path(case, dtype):
+  """The kernels' plain reference and the model's grouped XLA path are written apart."""
+  from blockdiff_jax.model import attention_ops  # pylint: disable=g-import-not-at-top
+  q_meta, kv_meta, spec, h, hkv, d = CASES[case]
+  b, tq, tk = q_meta.shape[0], q_meta.shape[1], kv_meta.shape[1]
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(kq, (b, tq, h, d), dtype)
+  k = jax.random.normal(kk, (b, tk, hkv, d), dtype)
+  v = jax.random.normal(kv, (b, tk, hkv, d), dtype)
+  want = attention_ops.masked_attention(q, k, v, q_meta, kv_meta, spec)
+  got = ba.masked_attention(q, k, v, q_meta, kv_meta, spec)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 
 
 def reference_mask(length, block_size, segments=None, causal_noisy=False):

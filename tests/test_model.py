@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from blockdiff_jax import config as config_lib
+from blockdiff_jax import masks
 from blockdiff_jax.model import flops
-from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer

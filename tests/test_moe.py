@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.model import moe
 
 

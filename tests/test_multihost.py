@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 if __name__ == "__main__":
   # Must precede the first jax import of the worker process.
@@ -32,20 +33,21 @@ def _worker(out_path: str, workdir: str) -> None:
   import numpy as np
   from blockdiff_jax import config as config_lib
   from blockdiff_jax.model import transformer
-  from blockdiff_jax.train import checkpoints
-  from blockdiff_jax.train import partitioning
+  from blockdiff_jax.checkpoint import checkpoints
+  from blockdiff_jax.model import mesh as mesh_lib
+  from blockdiff_jax.train import step as step_lib
   sys.path.insert(0, REPO)
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config()
   config.model.vocab_size = VOCAB
   config.train.warmup_steps = 0
-  config.mesh = partitioning.default_mesh_config()
+  config.mesh = mesh_lib.default_mesh_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.expert = 2, 2, 2
   model = transformer.Transformer(config_lib.model_config(config))
   obj = config_lib.objective(config, MASK_ID)
-  mesh = partitioning.make_mesh(config.mesh)
-  sharded = partitioning.make_sharded_train(config, mesh, model, obj)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  sharded = step_lib.make_sharded_train(config, mesh, model, obj)
   state = sharded.init_state(config.seed)
   base_rng = jax.random.key(1)
   losses = []
@@ -63,7 +65,7 @@ def _worker(out_path: str, workdir: str) -> None:
   restored, data = ckpt.restore(sharded.abstract_state)
   ckpt.close()
   diff = jax.jit(lambda a, b: jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b))])), out_shardings=partitioning.replicated(mesh))(
+      jax.tree.leaves(a), jax.tree.leaves(b))])), out_shardings=mesh_lib.replicated(mesh))(
           restored, state)
   report = {"process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
@@ -88,11 +90,19 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
                JAX_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen(
         [sys.executable, __file__, str(tmp_path / f"p{pid}.json"), str(tmp_path)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outputs = []
+        env=env, cwd=REPO, stdout=open(tmp_path / f"p{pid}.log", "w", encoding="utf-8"),
+        stderr=subprocess.STDOUT, text=True))
+  # No wall-clock limit (a busy machine only makes the run slower): the pair is
+  # watched instead, and when one process fails the other, which would wait for
+  # its peer in a collective, is stopped.
   try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=300)[0])
+    while any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
+      time.sleep(0.5)
+    outputs = [(tmp_path / f"p{pid}.log").read_text(encoding="utf-8") for pid in range(2)]
   finally:
     for p in procs:
       if p.poll() is None:

@@ -46,11 +46,11 @@ def test_extension_scales_rope_to_the_new_length(arg, base, factor):
 
 def test_source_checkpoint_params_fit_the_extended_model():
   from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
   shapes = []
   for c in (load_config_file("tiny"), _module().get_config("tiny,4")):
     model = transformer.Transformer(config_lib.model_config(c, vocab_size=300))
-    tree = jax.eval_shape(lambda m=model: trainer.init_params(m, 0))
+    tree = jax.eval_shape(lambda m=model: build.init_params(m, 0))
     shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), tree))
   assert shapes[0] == shapes[1]
 

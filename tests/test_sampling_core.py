@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import jit_cache
 from blockdiff_jax.sampling import kv_cache

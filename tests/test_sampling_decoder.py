@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from blockdiff_jax import config as config_lib
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
-from blockdiff_jax.train import trainer
+from blockdiff_jax.model import build
 
 BLOCK = 8
 WIDTH = 48
@@ -31,8 +31,8 @@ def tiny():
   c.model.num_kv_heads = 1
   c.model.head_dim = 16
   c.model.moe.expert_dim = 32
-  model, tok = trainer.build_model(c)
-  return model, tok, trainer.init_params(model, 0)
+  model, tok = build.build_model(c)
+  return model, tok, build.init_params(model, 0)
 
 
 def _options(tok, **kw):

@@ -7,7 +7,8 @@ import jax
 import ml_collections
 import pytest
 
-from blockdiff_jax.train import partitioning
+from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.model import sharding
 from blockdiff_jax.train import plan
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,7 +20,7 @@ GIB = 2 ** 30
 
 def _config_7b(**mesh):
   c = chatdlm_7b.get_config()
-  c.mesh = partitioning.default_mesh_config()
+  c.mesh = mesh_lib.default_mesh_config()
   for k, v in mesh.items():
     c.mesh[k] = v
   return c
@@ -96,9 +97,9 @@ def test_plan_run_writes_json(tmp_path, capsys):
     ((1, 2, 2, 2), 8, (1, 2, 2, 2)),
 ])
 def test_mesh_shape(sizes, devices, expected):
-  c = partitioning.default_mesh_config()
+  c = mesh_lib.default_mesh_config()
   c.data, c.fsdp, c.expert, c.tensor = sizes
-  assert partitioning.mesh_shape(c, devices) == expected
+  assert mesh_lib.mesh_shape(c, devices) == expected
 
 
 @pytest.mark.parametrize("sizes,error", [
@@ -108,26 +109,26 @@ def test_mesh_shape(sizes, devices, expected):
     ((0, -1, 1, 1), "mesh.data=0"),
 ])
 def test_mesh_shape_errors(sizes, error):
-  c = partitioning.default_mesh_config()
+  c = mesh_lib.default_mesh_config()
   c.data, c.fsdp, c.expert, c.tensor = sizes
   with pytest.raises(ValueError, match=error):
-    partitioning.mesh_shape(c, 8)
+    mesh_lib.mesh_shape(c, 8)
 
 
 def test_rules_validation_and_json_round_trip():
-  c = partitioning.default_mesh_config()
+  c = mesh_lib.default_mesh_config()
   as_json = ml_collections.ConfigDict(c.to_dict())
   as_json.rules = [list(r) if not isinstance(r[1], tuple) else [r[0], list(r[1])]
                    for r in c.rules]
-  assert partitioning.logical_rules(as_json) == partitioning.logical_rules(c)
+  assert mesh_lib.logical_rules(as_json) == mesh_lib.logical_rules(c)
   c.rules = (("embed", "fsdpp"),)
   with pytest.raises(ValueError, match="'embed' to unknown mesh axes \\['fsdpp'\\]"):
-    partitioning.logical_rules(c)
+    mesh_lib.logical_rules(c)
 
 
 def test_fit_spec_drops_axes_that_do_not_divide():
-  mesh = jax.sharding.AbstractMesh((2, 2, 1, 4), partitioning.MESH_AXES)
-  assert partitioning.fit_spec(P("tensor"), (2,), mesh) == P(None)  # 2 kv heads, tensor=4.
-  assert partitioning.fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")
-  assert partitioning.fit_spec(P(("data", "fsdp"), None), (8, 3), mesh) == P(("data", "fsdp"),
+  mesh = jax.sharding.AbstractMesh((2, 2, 1, 4), mesh_lib.MESH_AXES)
+  assert sharding.fit_spec(P("tensor"), (2,), mesh) == P(None)  # 2 kv heads, tensor=4.
+  assert sharding.fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")
+  assert sharding.fit_spec(P(("data", "fsdp"), None), (8, 3), mesh) == P(("data", "fsdp"),
                                                                                None)

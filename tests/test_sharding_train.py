@@ -32,14 +32,17 @@ def _worker(out_path: str, tmp: str) -> None:
   import numpy as np
   import optax
   from blockdiff_jax import config as config_lib
-  from blockdiff_jax.model import masks
+  from blockdiff_jax import masks
   from blockdiff_jax.model import transformer
   from blockdiff_jax.sampling import decoder
   from blockdiff_jax.sampling import layout
   from blockdiff_jax.sampling import policies
   from blockdiff_jax.sampling import sample
-  from blockdiff_jax.train import checkpoints
-  from blockdiff_jax.train import partitioning
+  from blockdiff_jax.checkpoint import checkpoints
+  from blockdiff_jax.checkpoint import inference
+  from blockdiff_jax.model import build
+  from blockdiff_jax.model import mesh as mesh_lib
+  from blockdiff_jax.model import sharding
   from blockdiff_jax.train import state as state_lib
   from blockdiff_jax.train import step as step_lib
   from blockdiff_jax.train import trainer
@@ -51,7 +54,7 @@ def _worker(out_path: str, tmp: str) -> None:
 
   config = tiny.get_config()
   config.model.vocab_size = VOCAB
-  config.mesh = partitioning.default_mesh_config()
+  config.mesh = mesh_lib.default_mesh_config()
   model = transformer.Transformer(config_lib.model_config(config))
   obj = config_lib.objective(config, MASK_ID)
   # SGD, not AdamW: Adam's first update is ~lr*sign(g), which turns fp32 noise in
@@ -68,20 +71,20 @@ def _worker(out_path: str, tmp: str) -> None:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
   def set_mesh(sizes):
-    for axis, size in zip(partitioning.MESH_AXES, sizes):
+    for axis, size in zip(mesh_lib.MESH_AXES, sizes):
       config.mesh[axis] = size
 
   # A decoder model with a byte tokenizer, 2 heads and 1 KV head.
   dec_config = config_lib.base_config()
   dec_config.model.update(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16)
   dec_config.model.moe.expert_dim = 32
-  dec_model, dec_tok = trainer.build_model(dec_config)
-  dec_params = trainer.init_params(dec_model, 0)
+  dec_model, dec_tok = build.build_model(dec_config)
+  dec_params = build.init_params(dec_model, 0)
 
-  ref_params = trainer.init_params(model, config.seed)
-  ref_step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, sgd, lr))
+  ref_params = build.init_params(model, config.seed)
+  ref_step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, sgd, lr))
   ref_state, ref_metrics = ref_step(state_lib.create(ref_params, sgd, False), batch, base_rng)
-  ref_eval = jax.jit(step_lib.make_eval_step(trainer.make_apply(model), obj))(
+  ref_eval = jax.jit(step_lib.make_eval_step(build.make_apply(model), obj))(
       ref_state.params, batch, base_rng)
   states = {}
 
@@ -89,8 +92,8 @@ def _worker(out_path: str, tmp: str) -> None:
     @check(f"train/{sizes}")
     def _(sizes=sizes):
       set_mesh(sizes)
-      mesh = partitioning.make_mesh(config.mesh)
-      sharded = partitioning.make_sharded_train(config, mesh, model, obj, tx=sgd, lr_schedule=lr)
+      mesh = mesh_lib.make_mesh(config.mesh)
+      sharded = step_lib.make_sharded_train(config, mesh, model, obj, tx=sgd, lr_schedule=lr)
       state = sharded.init_state(config.seed)
       init_diff = max_diff(state.params, ref_params)
       state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
@@ -108,15 +111,15 @@ def _worker(out_path: str, tmp: str) -> None:
       set_mesh(sizes)
       config.mesh.axis_types = "explicit"
       try:
-        mesh = partitioning.make_mesh(config.mesh)
-        sharded = partitioning.make_sharded_train(config, mesh, model, obj, tx=sgd,
+        mesh = mesh_lib.make_mesh(config.mesh)
+        sharded = step_lib.make_sharded_train(config, mesh, model, obj, tx=sgd,
                                                   lr_schedule=lr)
         state = sharded.init_state(config.seed)
         state, metrics = sharded.train_step(state, sharded.put_batch(batch), base_rng)
         eval_metrics = sharded.eval_step(state.params, sharded.put_batch(batch), base_rng)
       finally:
         config.mesh.axis_types = "auto"
-      typed = {partitioning._path_str(p): str(jax.typeof(x).sharding.spec)  # pylint: disable=protected-access
+      typed = {checkpoints._path_str(p): str(jax.typeof(x).sharding.spec)  # pylint: disable=protected-access
                for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
       return {"axis_types": [t.name for t in mesh.axis_types],
               "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
@@ -140,12 +143,12 @@ def _worker(out_path: str, tmp: str) -> None:
     set_mesh((2, 2, 2, 1))
     for kind in ("auto", "explicit"):
       config.mesh.axis_types = kind
-      mesh = partitioning.make_mesh(config.mesh)
+      mesh = mesh_lib.make_mesh(config.mesh)
       config.mesh.axis_types = "auto"
-      rules = partitioning.logical_rules(config.mesh)
-      params = jax.device_put(dec_params, partitioning.param_shardings(
-          partitioning.abstract_params(dec_model), mesh, rules))
-      with partitioning.mesh_context(mesh, rules):
+      rules = mesh_lib.logical_rules(config.mesh)
+      params = jax.device_put(dec_params, mesh_lib.param_shardings(
+          build.abstract_params(dec_model), mesh, rules))
+      with mesh_lib.mesh_context(mesh, rules):
         got = decoder.decode(dec_model, params, canvas, opt, prefill_width=16)
       out[kind] = {"tokens_equal": bool((got["tokens"] == ref["tokens"]).all()),
                    "nfe": got["nfe"].tolist()}
@@ -159,7 +162,7 @@ def _worker(out_path: str, tmp: str) -> None:
     run_config.data.max_bytes = 40_000
     run_config.train.update(steps=2, log_every=1, eval_every=0, checkpoint_every=2,
                             async_checkpoints=False, tensorboard=False)
-    run_config.mesh = partitioning.default_mesh_config()
+    run_config.mesh = mesh_lib.default_mesh_config()
     run_config.mesh.update(data=2, fsdp=2, expert=2, tensor=1, axis_types="explicit")
     run_config.sample = sample.default_sample_config()
     run_config.sample.update(prompts="<|bos|>def;<|bos|>import os", max_new_tokens=16,
@@ -170,7 +173,7 @@ def _worker(out_path: str, tmp: str) -> None:
     one_device = run_config.copy_and_resolve_references()
     del one_device.mesh
     rows = sample.run(one_device, workdir)
-    _, _, _, params = trainer.load_for_inference(workdir, run_config)
+    _, _, _, params = inference.load_for_inference(workdir, run_config)
     return {"loss": float(metrics["loss"]),
             "same_samples": [a["completion"] == b["completion"]
                              for a, b in zip(sharded_rows, rows)],
@@ -181,19 +184,19 @@ def _worker(out_path: str, tmp: str) -> None:
   @check("specs")
   def _():
     set_mesh((1, 2, 2, 2))
-    mesh = partitioning.make_mesh(config.mesh)
-    sharded = partitioning.make_sharded_train(config, mesh, model, obj)  # AdamW.
+    mesh = mesh_lib.make_mesh(config.mesh)
+    sharded = step_lib.make_sharded_train(config, mesh, model, obj)  # AdamW.
     state = sharded.init_state(config.seed)
-    specs = lambda tree: {partitioning._path_str(p): str(x.sharding.spec)  # pylint: disable=protected-access
+    specs = lambda tree: {checkpoints._path_str(p): str(x.sharding.spec)  # pylint: disable=protected-access
                           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
     adam = state.opt_state[1][0]
     non_param = [str(x.sharding.spec) for x in (state.step, adam.count)]
     return {"params": specs(state.params), "mu": specs(adam.mu), "nu": specs(adam.nu),
             "non_param": non_param,
-            "rules": {partitioning._path_str(p): str(partitioning.fit_spec(s, x.shape, mesh))  # pylint: disable=protected-access
+            "rules": {checkpoints._path_str(p): str(sharding.fit_spec(s, x.shape, mesh))  # pylint: disable=protected-access
                       for (p, s), x in zip(
                           jax.tree_util.tree_leaves_with_path(
-                              partitioning.param_specs(partitioning.abstract_params(model),
+                              mesh_lib.param_specs(build.abstract_params(model),
                                                        sharded.rules),
                               is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
                           jax.tree.leaves(state.params))}}
@@ -225,8 +228,8 @@ def _worker(out_path: str, tmp: str) -> None:
     cases = {"8->1": ((1, 8, 1, 1), (1, 1, 1, 1)), "2x4->4x2": ((1, 2, 1, 4), (1, 4, 1, 2))}
     for name, (src, dst) in cases.items():
       set_mesh(src)
-      src_mesh = partitioning.make_mesh(config.mesh)
-      src_train = partitioning.make_sharded_train(config, src_mesh, model, obj)
+      src_mesh = mesh_lib.make_mesh(config.mesh)
+      src_train = step_lib.make_sharded_train(config, src_mesh, model, obj)
       # A fresh state (no train step: that would cost a compile per source mesh).
       state = src_train.init_state(config.seed)
       directory = os.path.join(tmp, name)
@@ -234,11 +237,11 @@ def _worker(out_path: str, tmp: str) -> None:
       ckpt.save(1, state, {"index": 1})
       set_mesh(dst)
       n = int(np.prod(dst))
-      dst_mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n])
-      dst_train = partitioning.make_sharded_train(config, dst_mesh, model, obj)
+      dst_mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:n])
+      dst_train = step_lib.make_sharded_train(config, dst_mesh, model, obj)
       restored, data = ckpt.restore(dst_train.abstract_state)
       ckpt.close()
-      params_only = partitioning.restore_params(
+      params_only = checkpoints.restore_params(
           directory, jax.tree.map(lambda a: a, dst_train.abstract_state.params))
       out[name] = {
           "state_diff": max_diff(restored, state), "data": data,
@@ -254,9 +257,9 @@ def _worker(out_path: str, tmp: str) -> None:
     bad_model = transformer.Transformer(config_lib.model_config(bad))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             __import__("flax").linen.unbox(
-                                partitioning.abstract_params(bad_model)))
+                                build.abstract_params(bad_model)))
     try:
-      partitioning.restore_params(os.path.join(tmp, "8->1"), abstract)
+      checkpoints.restore_params(os.path.join(tmp, "8->1"), abstract)
       out["mismatch"] = "no error"
     except ValueError as e:
       out["mismatch"] = str(e)

@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import inference
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.data import pipeline
-from blockdiff_jax.train import checkpoints
+from blockdiff_jax.model import build
+from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.train import optimizer
-from blockdiff_jax.train import partitioning
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
@@ -34,7 +36,7 @@ def _small(cfg, steps):
 
 
 def _params(workdir):
-  return trainer.load_for_inference(workdir, use_ema=False)[3]
+  return inference.load_for_inference(workdir, use_ema=False)[3]
 
 
 class Preempted(Exception):
@@ -98,11 +100,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_config
 
 def test_non_finite_step_leaves_state_unchanged(tiny_config):
   cfg = _small(tiny_config, 2)
-  model, _ = trainer.build_model(cfg)
+  model, _ = build.build_model(cfg)
   obj = config_lib.objective(cfg, 259)
   tx = optimizer.make_optimizer(cfg.train)
-  state = state_lib.create(trainer.init_params(model, 0), tx, False)
-  step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, tx,
+  state = state_lib.create(build.init_params(model, 0), tx, False)
+  step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx,
                                           optimizer.learning_rate_schedule(cfg.train)))
   batch = {"tokens": jnp.zeros((4, 32), jnp.int32), "loss_mask": jnp.full((4, 32), jnp.nan)}
   new, metrics = step(state, batch, jax.random.key(0))
@@ -115,16 +117,16 @@ def test_non_finite_step_leaves_state_unchanged(tiny_config):
 def test_gradient_accumulation_matches_the_full_batch(tiny_config):
   cfg = _small(tiny_config, 2)
   cfg.model.moe.load_balance_weight = 0.0  # A batch statistic: not additive over micro-batches.
-  model, _ = trainer.build_model(cfg)
+  model, _ = build.build_model(cfg)
   obj = config_lib.objective(cfg, 259)
   tx = optimizer.make_optimizer(cfg.train)
   lr = optimizer.learning_rate_schedule(cfg.train)
-  params = trainer.init_params(model, 0)
+  params = build.init_params(model, 0)
   batch = {"tokens": jax.random.randint(jax.random.key(0), (4, 32), 0, 256),
            "loss_mask": jnp.ones((4, 32)), "segment_ids": jnp.zeros((4, 32), jnp.int32)}
   outs = []
   for accum in (1, 2):
-    step = jax.jit(step_lib.make_train_step(trainer.make_apply(model), obj, tx, lr, accum))
+    step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lr, accum))
     outs.append(step(state_lib.create(params, tx, False), batch, jax.random.key(1)))
   np.testing.assert_allclose(outs[0][1]["nelbo"], outs[1][1]["nelbo"], rtol=1e-5)
   np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-4)
@@ -136,7 +138,7 @@ def test_ema_tracks_parameters(tiny_config, tmp_path):
   cfg = _small(tiny_config, 2)
   cfg.train.ema_decay = 0.5
   trainer.run(cfg, str(tmp_path / "ema"))
-  _, _, _, ema = trainer.load_for_inference(str(tmp_path / "ema"))
+  _, _, _, ema = inference.load_for_inference(str(tmp_path / "ema"))
   raw = _params(str(tmp_path / "ema"))
   diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))]
   assert max(diffs) > 0
@@ -147,11 +149,11 @@ def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, 
   workdir = str(tmp_path / "run")
   trainer.run(cfg, workdir)
   # Asks for EMA (absent) on a mesh needing 2 devices (this process has one).
-  wants = trainer.load_config(workdir)
-  wants.mesh = partitioning.default_mesh_config()
+  wants = checkpoints.load_config(workdir)
+  wants.mesh = mesh_lib.default_mesh_config()
   wants.mesh.data = 2
   wants.mesh.fsdp = 1
-  config, _, _, params = trainer.load_for_inference(workdir, wants, use_ema=True)
+  config, _, _, params = inference.load_for_inference(workdir, wants, use_ema=True)
   assert config.get("mesh") is None
   raw = _params(workdir)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(raw)):

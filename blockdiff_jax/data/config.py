@@ -1,4 +1,4 @@
-"""Default ``data`` section of an experiment config."""
+"""The ``data`` config section and its validation."""
 
 import ml_collections
 
@@ -32,4 +32,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Seed of the synthetic example streams (validation uses its own stream).
   # Window shuffling uses the seed passed to build_dataset.
   c.seed = 0
+  c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
+  c.batch_size = 8  # Sequences per step (global, across all devices).
   return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``data`` field."""
+  if config.data.batch_size < 1:
+    raise ValueError(f"data.batch_size must be >= 1, got {config.data.batch_size}")

@@ -3,12 +3,13 @@
 import dataclasses
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from blockdiff_jax.diffusion import corruption
 from blockdiff_jax.diffusion import schedules
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 
 Array = Any
 
@@ -23,8 +24,6 @@ class BlockDiffusionObjective:
     schedule: noise schedule (mask probability and ELBO weight of t).
     noise: clipped interval of t used for training.
     antithetic: stratify the per-block t across the batch.
-    load_balance_weight: weight of the MoE load-balance loss.
-    z_loss_weight: weight of the router z-loss.
   """
 
   block_size: int
@@ -32,8 +31,6 @@ class BlockDiffusionObjective:
   schedule: schedules.LogLinearSchedule = schedules.LogLinearSchedule()
   noise: schedules.NoiseRange = schedules.NoiseRange()
   antithetic: bool = True
-  load_balance_weight: float = 0.01
-  z_loss_weight: float = 1e-3
 
 
 def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):
@@ -51,12 +48,37 @@ def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):
   return xt, is_masked, t_tok
 
 
-def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
-                         obj: BlockDiffusionObjective, corrupted: tuple | None = None):
-  """BD3-LM loss and metrics for one batch.
+@flax.struct.dataclass
+class TokenNelbo:
+  """Per-token terms of the NELBO of one noise draw; callers reduce them.
+
+  The NELBO of a token is ``nll * weight``: the training loss and validation sum it
+  over the batch, the held-out likelihood per sequence.
+
+  Attributes:
+    nll: [B, L] -log p(x_0 | x_t) of every position (MASK is never predicted).
+    weight: [B, L] ELBO weight of the token's t where it was masked, else 0.
+    is_masked: [B, L] whether the token was masked (scored).
+    correct: [B, L] whether the argmax prediction equals x_0.
+    aux: the model's aux dict (``aux_loss`` and ``metrics`` of the MoE layers).
+  """
+
+  nll: Array
+  weight: Array
+  is_masked: Array
+  correct: Array
+  aux: dict
+
+
+def per_token_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
+                    obj: BlockDiffusionObjective,
+                    corrupted: tuple | None = None) -> TokenNelbo:
+  """The BD3-LM pass: corrupt x_0, run [x_t ; x_0] through the model, score x_0.
 
   Args:
-    apply_fn: ``apply_fn(params, tokens, meta, logits_slice=...) -> (logits, aux)``.
+    apply_fn: ``apply_fn(params, tokens, meta, logits_slice=...) -> (logits, aux)``;
+      ``aux`` may carry a scalar ``aux_loss`` added to the training loss and a dict
+      of scalar ``metrics`` (the Transformer's MoE terms).
     params: model parameters.
     batch: ``tokens`` [B, L] int32, ``loss_mask`` [B, L] (1 = may be masked and
       scored), optional ``segment_ids`` [B, L].
@@ -64,9 +86,6 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
     obj: objective options.
     corrupted: optional precomputed ``corrupt(rng, batch, obj)`` (so micro-batches of
       an accumulated step see exactly the noise of the full batch).
-
-  Returns:
-    (scalar loss, metrics dict). ``nelbo`` is in nats per scored token.
   """
   x0 = batch["tokens"]
   b, length = x0.shape
@@ -76,35 +95,38 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
                          logits_slice=(0, length))
   # SUBS parameterization: the denoiser never predicts MASK.
   # (A where, not a scatter: the vocabulary may be split over ``tensor``.)
-  logits = jnp.where(jnp.arange(logits.shape[-1]) == obj.mask_id, -jnp.inf, logits)
-  logp = jax.nn.log_softmax(logits, axis=-1)
   vocab = jnp.arange(logits.shape[-1])
+  logits = jnp.where(vocab == obj.mask_id, -jnp.inf, logits)
+  logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
-  weight = is_masked * obj.schedule.loss_weight(t_tok)
+  return TokenNelbo(nll=nll, weight=is_masked * obj.schedule.loss_weight(t_tok),
+                    is_masked=is_masked, correct=jnp.argmax(logits, -1) == x0, aux=aux)
+
+
+def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
+                         obj: BlockDiffusionObjective, corrupted: tuple | None = None):
+  """BD3-LM training loss and metrics: ``per_token_nelbo`` summed over the batch.
+
+  Arguments as ``per_token_nelbo``.
+
+  Returns:
+    (scalar loss, metrics dict). ``nelbo`` is in nats per scored token; the loss
+    adds the model's auxiliary (MoE) loss.
+  """
+  terms = per_token_nelbo(apply_fn, params, batch, rng, obj, corrupted)
+  nll, is_masked = terms.nll, terms.is_masked
   n_scored = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-  nelbo = jnp.sum(nll * weight) / n_scored
+  nelbo = jnp.sum(nll * terms.weight) / n_scored
   n_masked = jnp.maximum(jnp.sum(is_masked), 1)
   metrics = {
       "nelbo": nelbo,
       "masked_ce": jnp.sum(nll * is_masked) / n_masked,
-      "masked_accuracy": jnp.sum((jnp.argmax(logits, -1) == x0) * is_masked) / n_masked,
+      "masked_accuracy": jnp.sum(terms.correct * is_masked) / n_masked,
       "masked_fraction": jnp.sum(is_masked) / n_scored,
   }
-  loss = nelbo
-  moe_stats = aux["moe"]
-  if moe_stats:
-    lb = jnp.mean(moe_stats["load_balance_loss"])
-    z = jnp.mean(moe_stats["router_z_loss"])
-    loss = loss + obj.load_balance_weight * lb + obj.z_loss_weight * z
-    counts = moe_stats["tokens_per_expert"]
-    metrics.update({
-        "load_balance_loss": lb,
-        "router_z_loss": z,
-        "unique_experts": jnp.mean(moe_stats["unique_experts"]),
-        "dropped_fraction": jnp.mean(moe_stats["dropped_fraction"]),
-        # max/mean expert load: 1 = perfectly balanced.
-        "expert_load_max_over_mean": jnp.mean(
-            jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9)),
-    })
+  # The model's auxiliary loss (MoE load balance + z-loss) and its scalar metrics;
+  # the objective adds them without reading any MoE statistic itself.
+  metrics.update(terms.aux.get("metrics", {}))
+  loss = nelbo + terms.aux["aux_loss"] if "aux_loss" in terms.aux else nelbo
   metrics["loss"] = loss
   return loss, metrics

@@ -29,19 +29,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from blockdiff_jax import config as config_lib
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.data import synthetic
+from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.evaluation import humaneval
 from blockdiff_jax.evaluation import infilling
 from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import sandbox
+from blockdiff_jax import metrics_writer
+from blockdiff_jax.model import build
 from blockdiff_jax.model import transformer
 from blockdiff_jax.sampling import sample as sample_lib
-from blockdiff_jax.train import checkpoints
-from blockdiff_jax.train import metrics_writer
-from blockdiff_jax.train import trainer
 
 def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
   out = []
@@ -116,8 +117,8 @@ def task_likelihood(ev: Evaluator) -> dict:
   c = ev.config
   ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
                               c.data.batch_size, c.seed)
-  apply_fn = trainer.make_apply(ev.model)
-  obj = config_lib.objective(c, ev.tokenizer.mask_id)
+  apply_fn = build.make_apply(ev.model)
+  obj = diffusion_config.objective(c, ev.tokenizer.mask_id)
   res = likelihood.evaluate(apply_fn, ev.params, ds, obj, c.eval.likelihood_batches,
                             c.eval.noise_samples, c.seed)
   res["unigram_entropy_bits_per_token"] = ds.unigram_entropy_bits
@@ -261,11 +262,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {eval_config.TASKS}")
   _parse_decoders(e.decoders)
-  config, model, tokenizer, params = trainer.load_for_inference(workdir, config)
+  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params)
   results = {}
-  with trainer.inference_context(config):
+  with inference.inference_context(config):
     for name in tasks:
       t0 = time.time()
       print(f"eval: {name} ...", flush=True)

@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Mapping, Sequence, TextIO
 
 from blockdiff_jax.evaluation import pass_at_k as pass_at_k_lib
 from blockdiff_jax.evaluation import sandbox
-from blockdiff_jax.train import metrics_writer
+from blockdiff_jax import metrics_writer
 
 Problem = Mapping[str, str]
 

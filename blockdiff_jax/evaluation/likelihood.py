@@ -20,7 +20,7 @@ import numpy as np
 
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 
 Array = Any
 
@@ -28,15 +28,8 @@ Array = Any
 def per_sequence_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
                        obj: losses.BlockDiffusionObjective) -> Array:
   """NELBO in nats per scored token of each sequence, [B], for one noise draw."""
-  x0 = batch["tokens"]
-  b, length = x0.shape
-  xt, is_masked, t_tok = losses.corrupt(rng, batch, obj)
-  meta = masks.training_meta(length, obj.block_size, b, batch.get("segment_ids"))
-  logits, _ = apply_fn(params, jnp.concatenate([xt, x0], axis=1), meta,
-                       logits_slice=(0, length))
-  logits = logits.at[..., obj.mask_id].set(-jnp.inf)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), x0[..., None], -1)[..., 0]
-  weighted = jnp.where(is_masked, nll * obj.schedule.loss_weight(t_tok), 0.0)
+  terms = losses.per_token_nelbo(apply_fn, params, batch, rng, obj)
+  weighted = jnp.where(terms.is_masked, terms.nll * terms.weight, 0.0)
   return jnp.sum(weighted, -1) / jnp.maximum(jnp.sum(batch["loss_mask"], -1), 1.0)
 
 

@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import attention_ops
 from blockdiff_jax.model import layers
-from blockdiff_jax.model import masks
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
 
@@ -31,7 +31,7 @@ class Attention(nn.Module):
     rope_scaling: context-extension scaling.
     mask_spec: static mask options.
     impl: "xla" (materialized mask) or "pallas" (tiled kernel).
-    interpret: run the Pallas kernel in interpret mode (CPU).
+    interpret: run the Pallas kernel in the interpreter; None = unless on a GPU.
     dtype: compute dtype.
   """
 
@@ -44,7 +44,7 @@ class Attention(nn.Module):
   rope_scaling: rope.RopeScaling = rope.RopeScaling()
   mask_spec: masks.MaskSpec = masks.MaskSpec()
   impl: str = "xla"
-  interpret: bool = True
+  interpret: bool | None = None
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 

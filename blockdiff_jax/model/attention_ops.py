@@ -1,11 +1,11 @@
-"""Masked grouped-query attention in plain jnp (the XLA path and the kernel reference)."""
+"""Masked grouped-query attention in plain jnp: the model's XLA attention path."""
 
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 
 Array = Any
 

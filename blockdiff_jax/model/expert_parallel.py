@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax.model import sharding
+from pallas_kernels import manual_axes
 
 Array = Any
 P = jax.sharding.PartitionSpec
@@ -197,7 +198,7 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
       # Typed as varying over the expert (and hidden) axes up front: argsort drops
       # that type from the permutation, so the gathers below would not add the
       # cast, and its transpose is the psum the replicated tokens' cotangent needs.
-      x, _ = sharding.same_varying_axes(x, wg)
+      x, _ = manual_axes.align(x, wg)
       y_copies = ffn(x.reshape(n, d)[jnp.arange(n * k) // k], ids, wg, wu, wd)
       dropped = jnp.zeros((), jnp.int32)
       reduce_axes = reduce_axes + axes

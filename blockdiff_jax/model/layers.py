@@ -20,7 +20,7 @@ class LogicalAxes(nn.LogicallyPartitioned):
   reshapes it, and ``Scope.param`` re-runs that init under ``eval_shape`` on every
   apply: with a mesh and logical rules active (sharded training), the N-D
   constraint would land on the 2-D kernel and fail. Parameters take their layout
-  from jit's in/out shardings (``train/partitioning.py``) instead.
+  from jit's in/out shardings (``train/step.py``) instead.
   """
 
   def unbox(self, apply_constraint=True):

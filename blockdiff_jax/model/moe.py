@@ -28,10 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import expert_parallel
 from blockdiff_jax.model import layers
-from blockdiff_jax.model import masks
 from blockdiff_jax.model import sharding
+from pallas_kernels import backend
 
 Array = Any
 
@@ -58,7 +59,9 @@ class MoEConfig:
   tile_size: int = 128
   expert_parallel: str = "all_to_all"
   capacity_factor: float = 0.0
-  interpret: bool = True
+  interpret: bool | None = None  # Pallas interpreter; None = unless on a GPU.
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
 
   def __post_init__(self):
     if self.num_experts < 1:
@@ -246,7 +249,8 @@ class MoEFeedForward(nn.Module):
     plan = None
     # The Pallas interpreter (CPU) cannot run inside shard_map with varying-axes
     # checks (JAX 0.10/0.11); interpreted kernels keep the GSPMD-partitioned path.
-    if cfg.expert_parallel == "all_to_all" and not (cfg.impl == "pallas" and cfg.interpret):
+    if cfg.expert_parallel == "all_to_all" and not (
+        cfg.impl == "pallas" and backend.resolve_interpret(cfg.interpret)):
       plan = expert_parallel.make_plan((b, t, d), e, cfg.top_k, f, cfg.capacity_factor)
     if plan is not None:
       ffn = lambda *a: expert_ffn(*a, cfg=cfg)
@@ -290,3 +294,28 @@ class MoEFeedForward(nn.Module):
         "dropped_fraction": dropped / (b * t * cfg.top_k),
     }
     return y.astype(x.dtype), stats
+
+
+def auxiliary_loss(stats: dict, cfg: MoEConfig) -> tuple[Array, dict]:
+  """The one auxiliary loss of the MoE layers and their scalar metrics.
+
+  Args:
+    stats: ``MoEFeedForward`` statistics stacked over the MoE layers (axis 0).
+    cfg: the weights of the load-balance and router z-losses.
+
+  Returns:
+    (weighted load-balance + z-loss averaged over layers, {name: scalar}).
+  """
+  lb = jnp.mean(stats["load_balance_loss"])
+  z = jnp.mean(stats["router_z_loss"])
+  counts = stats["tokens_per_expert"]
+  metrics = {
+      "load_balance_loss": lb,
+      "router_z_loss": z,
+      "unique_experts": jnp.mean(stats["unique_experts"]),
+      "dropped_fraction": jnp.mean(stats["dropped_fraction"]),
+      # max/mean expert load: 1 = perfectly balanced.
+      "expert_load_max_over_mean": jnp.mean(
+          jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9)),
+  }
+  return cfg.load_balance_weight * lb + cfg.z_loss_weight * z, metrics

@@ -2,7 +2,7 @@
 
 The model names every weight and activation axis logically (``embed``,
 ``expert``, ``activation_batch``...); the rules table that maps them to mesh
-axes is set by ``train.partitioning.mesh_context`` (flax's logical-axis-rules
+axes is set by ``model.mesh.mesh_context`` (flax's logical-axis-rules
 context). These helpers turn names into specs the model can hand to
 ``shard_map``, and the partitioner uses the same ``fit_spec`` for jit shardings,
 so both always agree on a layout.
@@ -49,27 +49,6 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> P:
   """The fitted mesh spec of an array with logical axis ``names`` under the active rules."""
   spec = nn.logical_to_mesh_axes(tuple(names), nn.get_logical_axis_rules())
   return fit_spec(spec, shape, mesh)
-
-
-def varying_axes(x) -> frozenset[str]:
-  """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
-  mat = getattr(jax.typeof(x), "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", ()) or ())
-
-
-def same_varying_axes(*arrays):
-  """Casts arrays inside ``shard_map`` to vary over the union of their mesh axes.
-
-  JAX 0.10.2's ``argsort`` drops the varying-axes type of its input, so rows of a
-  replicated operand gathered by such a permutation got a cotangent without the
-  ``psum`` over those axes (wrong gradients, found by
-  ``tests/test_expert_parallel.py``). Casting the operand up front makes the
-  transpose of the cast supply that ``psum``. Outside ``shard_map`` a no-op.
-  """
-  vmas = [varying_axes(a) for a in arrays]
-  union = frozenset().union(*vmas)
-  return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
-          for a, v in zip(arrays, vmas)]
 
 
 def explicit_mesh():

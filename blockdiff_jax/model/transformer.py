@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import attention
 from blockdiff_jax.model import layers
-from blockdiff_jax.model import masks
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
@@ -42,7 +42,7 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   mask_spec: masks.MaskSpec = masks.MaskSpec()
   attention_impl: str = "xla"
-  interpret: bool = True
+  interpret: bool | None = None
   dtype: str = "float32"
   scan_layers: bool = False
   remat: bool = False
@@ -104,7 +104,8 @@ class TransformerConfig:
           router_mode=m.moe.router_mode, normalize_topk=m.moe.normalize_topk,
           block_coverage=m.moe.block_coverage, block_min_experts=m.moe.block_min_experts,
           impl=m.moe.impl, tile_size=m.moe.tile_size, expert_parallel=m.moe.expert_parallel,
-          capacity_factor=m.moe.capacity_factor, interpret=m.interpret)
+          capacity_factor=m.moe.capacity_factor, interpret=m.get("interpret"),
+          load_balance_weight=m.moe.load_balance_weight, z_loss_weight=m.moe.z_loss_weight)
     vocab = m.vocab_size or vocab_size
     if not vocab:
       raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary was given")
@@ -118,7 +119,7 @@ class TransformerConfig:
             type=m.rope_scaling.type, factor=m.rope_scaling.factor,
             original_max_position=m.rope_scaling.original_max_position),
         norm_eps=m.norm_eps, mask_spec=mask_spec, attention_impl=m.attention_impl,
-        interpret=m.interpret, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+        interpret=m.get("interpret"), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
 
 
 class Block(nn.Module):
@@ -154,8 +155,10 @@ class Transformer(nn.Module):
   """The MoE block-diffusion transformer.
 
   Call with tokens [B, T] and their metadata; returns fp32 logits and an aux dict with
-  ``moe`` (per-MoE-layer statistics stacked on axis 0) and, if ``return_kv``, ``kv``
-  (keys and values of the input tokens, [num_layers, B, T, Hkv, Dh] each).
+  ``moe`` (per-MoE-layer statistics stacked on axis 0), ``aux_loss`` (the weighted
+  MoE load-balance and z-losses, a scalar; 0 for a dense model), ``metrics`` (scalar
+  MoE metrics for logging) and, if ``return_kv``, ``kv`` (keys and values of the
+  input tokens, [num_layers, B, T, Hkv, Dh] each).
   """
 
   cfg: TransformerConfig
@@ -224,6 +227,10 @@ class Transformer(nn.Module):
       logits = layers.DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
                                    name="lm_head")(x).astype(jnp.float32)
     aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_stats) if moe_stats else {}}
+    if moe_stats:
+      aux["aux_loss"], aux["metrics"] = moe_lib.auxiliary_loss(aux["moe"], cfg.moe)
+    else:
+      aux["aux_loss"], aux["metrics"] = jnp.zeros((), jnp.float32), {}
     if return_kv:
       aux["kv"] = jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
     return logits, aux

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import jit_cache
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout

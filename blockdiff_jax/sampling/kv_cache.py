@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 
 Array = Any
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import kv_cache
 
 Array = Any

@@ -207,15 +207,15 @@ def _console_streamer(tokenizer):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``--mode=sample``: loads the checkpoint, samples, streams, writes JSON to samples/."""
-  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   s = config.get("sample", None) or default_sample_config()
-  config, model, tokenizer, params = trainer.load_for_inference(workdir, config)
+  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   block_size = config.diffusion.block_size
   max_len = s.max_len or config.data.seq_len
   prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer)
   on_block = _console_streamer(tokenizer) if s.stream and s.policy != "ar" else None
-  with trainer.inference_context(config):
+  with inference.inference_context(config):
     rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,
                              max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
                              on_block=on_block)

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 

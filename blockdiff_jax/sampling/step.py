@@ -34,7 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import state as state_lib

@@ -2,7 +2,7 @@
 
 Every process runs the same program. Call ``initialize()`` before anything else
 touches JAX devices; afterwards ``jax.devices()`` lists the devices of all
-processes and ``partitioning.make_mesh`` builds the global mesh from them.
+processes and ``model.mesh.make_mesh`` builds the global mesh from them.
 
 Settings come from the arguments, else from the environment:
 

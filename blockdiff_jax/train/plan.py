@@ -16,36 +16,49 @@ buffer reuse and communication buffers, so leave headroom.
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from blockdiff_jax import config as config_lib
+from blockdiff_jax.model import build
+from blockdiff_jax.model import config as model_config
+from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import sharding
 from blockdiff_jax.model import transformer
+from blockdiff_jax.train import config as train_config
 from blockdiff_jax.train import optimizer
-from blockdiff_jax.train import partitioning
+from blockdiff_jax.train import step as step_lib
 
 GIB = 2 ** 30
 
 
+def shard_bytes(shape: Sequence[int], dtype, sharding_: jax.sharding.NamedSharding) -> int:
+  """Bytes of one device's shard (ceil division, as padded uneven shards)."""
+  sizes = dict(zip(sharding_.mesh.axis_names, sharding_.mesh.axis_sizes))
+  n = 1
+  for i, dim in enumerate(shape):
+    entry = sharding_.spec[i] if i < len(sharding_.spec) else None
+    n *= -(-dim // math.prod(sizes[a] for a in sharding.axes_of(entry)))
+  return n * np.dtype(dtype).itemsize
+
+
 def _tree_bytes(abstract: Any, shardings: Any) -> int:
-  return int(sum(partitioning.shard_bytes(a.shape, a.dtype, s)
+  return int(sum(shard_bytes(a.shape, a.dtype, s)
                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
 
 
 def _div(n: int, mesh: jax.sharding.AbstractMesh, axes) -> int:
   """n divided by the mesh axes (only when they divide it, as ``fit_spec`` does)."""
-  spec = partitioning.fit_spec(jax.sharding.PartitionSpec(axes), (n,), mesh)
+  spec = sharding.fit_spec(jax.sharding.PartitionSpec(axes), (n,), mesh)
   return n // math.prod(mesh.shape[a] for a in sharding.axes_of(spec[0]))
 
 
 def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.ConfigDict,
                      mesh: jax.sharding.AbstractMesh,
-                     rules: partitioning.Rules) -> dict[str, int]:
+                     rules: mesh_lib.Rules) -> dict[str, int]:
   """Estimated activation bytes of one device for one micro-batch of a train step.
 
   The BD3-LM pass runs T = 2 * seq_len tokens ([x_t ; x_0]) through the trunk.
@@ -103,7 +116,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   """Per-device memory of a config on an abstract mesh.
 
   Args:
-    config: experiment config; ``config.mesh`` (default ``default_mesh_config()``)
+    config: experiment config; ``config.mesh`` (default ``mesh.default_mesh_config()``)
       gives the axis sizes and rules; ``model.vocab_size`` must be set.
     num_devices: devices of the mesh; default ``config.mesh.plan_devices``, else the
       product of the fixed axis sizes, else ``jax.device_count()``.
@@ -113,26 +126,26 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
     {"mesh": axis sizes, "bytes": {part: bytes per device}, "total_bytes",
      "memory_bytes", "fits", "params": parameter count}.
   """
-  mesh_config = config.get("mesh") or partitioning.default_mesh_config()
+  mesh_config = config.get("mesh") or mesh_lib.default_mesh_config()
   if not config.model.vocab_size:
     raise ValueError("model.vocab_size is 0: set it (the plan does not load a tokenizer)")
-  config_lib.validate(config)
+  train_config.validate(config)
   if num_devices is None:
     num_devices = mesh_config.get("plan_devices", 0) or None
   if num_devices is None:
-    sizes = [mesh_config[a] for a in partitioning.MESH_AXES]
+    sizes = [mesh_config[a] for a in mesh_lib.MESH_AXES]
     num_devices = math.prod(sizes) if -1 not in sizes else jax.device_count()
   memory_gib = mesh_config.get("plan_memory_gib", 80.0) if memory_gib is None else memory_gib
-  mesh = partitioning.abstract_mesh(mesh_config, num_devices)
-  rules = partitioning.logical_rules(mesh_config)
-  cfg = config_lib.model_config(config)
+  mesh = mesh_lib.abstract_mesh(mesh_config, num_devices)
+  rules = mesh_lib.logical_rules(mesh_config)
+  cfg = model_config.model_config(config)
   model = transformer.Transformer(cfg)
-  boxed = partitioning.abstract_params(model)
+  boxed = build.abstract_params(model)
   params = nn.unbox(boxed)
-  p_sharding = partitioning.param_shardings(boxed, mesh, rules)
+  p_sharding = mesh_lib.param_shardings(boxed, mesh, rules)
   tx = optimizer.make_optimizer(config.train)
   opt = jax.eval_shape(tx.init, params)
-  o_sharding = partitioning.opt_state_shardings(tx, opt, p_sharding, mesh)
+  o_sharding = step_lib.opt_state_shardings(tx, opt, p_sharding, mesh)
   param_bytes = _tree_bytes(params, p_sharding)
   acts = activation_bytes(cfg, config, mesh, rules)
   parts = {

@@ -1,12 +1,26 @@
-"""The jit-compiled train and eval steps."""
+"""The train and eval steps, and their jit on a mesh: the one training path.
 
+Every run has a mesh (``model.mesh.mesh_of``: one device when the config has no
+``mesh`` section), so the same code creates the state in its shards, steps and
+evaluates on one CPU and on a GPU cluster.
+"""
+
+import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from blockdiff_jax.diffusion import losses
+from blockdiff_jax.model import build
+from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.model import sharding as sharding_lib
+from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import state as state_lib
 
 Array = Any
@@ -84,10 +98,128 @@ def make_eval_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective):
   return eval_step
 
 
-def jit_train_step(train_step, state_sharding=None, batch_sharding=None):
+def jit_train_step(train_step: Callable, state_sharding: Any, batch_sharding: Any):
   """jit with the state donated (its buffers are reused for the new state)."""
-  if state_sharding is None:
-    return jax.jit(train_step, donate_argnums=0)
+  rep = mesh_lib.replicated(batch_sharding.mesh)
   return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding, None),
-                 out_shardings=(state_sharding, None))
+                 in_shardings=(state_sharding, batch_sharding, rep),
+                 out_shardings=(state_sharding, rep))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_sharding: Any, mesh) -> Any:
+  """Optimizer moments follow their parameters; everything else (counts) is replicated."""
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt_state, param_sharding,
+      transform_non_params=lambda _: mesh_lib.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def state_shardings(abstract_state: state_lib.TrainState, param_sharding: Any,
+                    tx: optax.GradientTransformation, mesh) -> state_lib.TrainState:
+  """Shardings of a whole TrainState (step replicated, EMA like the params)."""
+  return state_lib.TrainState(
+      step=mesh_lib.replicated(mesh), params=param_sharding,
+      opt_state=opt_state_shardings(tx, abstract_state.opt_state, param_sharding, mesh),
+      ema_params=None if abstract_state.ema_params is None else param_sharding)
+
+
+@dataclasses.dataclass
+class ShardedTrain:
+  """Jitted training functions for one mesh (built by ``make_sharded_train``).
+
+  Attributes:
+    mesh: the device mesh.
+    rules: logical-axis rules.
+    param_sharding: NamedShardings of the params.
+    state_sharding: NamedShardings of the TrainState.
+    batch_sharding: sharding of every input array's batch axis.
+    abstract_state: ShapeDtypeStructs with shardings (checkpoint restore target).
+    init_state: ``init_state(seed) -> TrainState``, created in its shards.
+    train_step: ``train_step(state, batch, base_rng) -> (state, metrics)``; the
+      state is donated; metrics come back replicated.
+    eval_step: ``eval_step(params, batch, rng) -> metrics``.
+  """
+
+  mesh: jax.sharding.Mesh
+  rules: mesh_lib.Rules
+  param_sharding: Any
+  state_sharding: state_lib.TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: state_lib.TrainState
+  init_state: Callable[[int], state_lib.TrainState]
+  train_step: Callable
+  eval_step: Callable
+
+  def put_batch(self, batch: Any) -> Any:
+    """Host batch (numpy, the same on every process) -> sharded global arrays."""
+    return mesh_lib.put_batch(batch, self.batch_sharding)
+
+  def context(self):
+    """``with sharded.context():`` jit/apply the model with activation constraints."""
+    return mesh_lib.mesh_context(self.mesh, self.rules)
+
+
+def _in_context(fn: Callable, mesh, rules: mesh_lib.Rules) -> Callable:
+  """Calls (and so traces) ``fn`` inside the mesh/rules context."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with mesh_lib.mesh_context(mesh, rules):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module,
+                       obj: Any, tx: optax.GradientTransformation | None = None,
+                       lr_schedule: optax.Schedule | None = None,
+                       rules: mesh_lib.Rules | None = None) -> ShardedTrain:
+  """Init, train step and eval step for ``config`` on ``mesh``.
+
+  Args:
+    config: the experiment config.
+    mesh: from ``mesh.mesh_of`` or ``mesh.make_mesh``.
+    model: the Transformer.
+    obj: the BD3-LM objective (``diffusion.config.objective``).
+    tx: the optimizer; default ``optimizer.make_optimizer(config.train)``.
+    lr_schedule: for the metrics; default ``optimizer.learning_rate_schedule``.
+    rules: logical-axis rules; default those of ``config.mesh`` (the default rules
+      when the config has no mesh section).
+  """
+  t = config.train
+  rules = mesh_lib.logical_rules(config.get("mesh")) if rules is None else rules
+  tx = optimizer.make_optimizer(t) if tx is None else tx
+  lr_schedule = optimizer.learning_rate_schedule(t) if lr_schedule is None else lr_schedule
+  use_ema = t.ema_decay > 0
+  boxed = build.abstract_params(model)
+  p_sharding = mesh_lib.param_shardings(boxed, mesh, rules)
+  abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, use_ema), nn.unbox(boxed))
+  s_sharding = state_shardings(abstract, p_sharding, tx, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, s_sharding)
+  b_sharding = mesh_lib.batch_sharding(mesh, rules)
+  d = config.data
+  n_batch = math.prod(mesh.shape[a] for a in sharding_lib.axes_of(
+      b_sharding.spec[0] if len(b_sharding.spec) else None))
+  micro = d.batch_size // t.grad_accum_steps
+  if micro % n_batch:
+    raise ValueError(f"data.batch_size={d.batch_size} / train.grad_accum_steps="
+                     f"{t.grad_accum_steps} = {micro} sequences per micro-batch is not "
+                     f"divisible by the {n_batch} batch shards of mesh {dict(mesh.shape)}")
+
+  def init_state(seed: int) -> state_lib.TrainState:
+    params = build.init_params(model, seed, mesh, rules)
+    create = jax.jit(lambda p: state_lib.create(p, tx, use_ema), out_shardings=s_sharding)
+    return create(params)
+
+  apply_fn = build.make_apply(model)
+  jitted_train = jit_train_step(
+      make_train_step(apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay),
+      s_sharding, b_sharding)
+  rep = mesh_lib.replicated(mesh)
+  jitted_eval = jax.jit(make_eval_step(apply_fn, obj),
+                        in_shardings=(p_sharding, b_sharding, rep), out_shardings=rep)
+  return ShardedTrain(
+      mesh=mesh, rules=rules, param_sharding=p_sharding, state_sharding=s_sharding,
+      batch_sharding=b_sharding, abstract_state=abstract, init_state=init_state,
+      train_step=_in_context(jitted_train, mesh, rules),
+      eval_step=_in_context(jitted_eval, mesh, rules))

@@ -1,31 +1,24 @@
 """The training loop: data → model → BD3-LM objective → optimizer → checkpoints → metrics."""
 
-import contextlib
-import json
 import math
 import os
 import sys
 import time
-from typing import Any
 
 from absl import logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from blockdiff_jax import config as config_lib
+from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.data import pipeline
-from blockdiff_jax.data import tokenizers
-from blockdiff_jax.evaluation import hardware
+from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax import metrics_writer
+from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
-from blockdiff_jax.model import masks
-from blockdiff_jax.model import transformer
-from blockdiff_jax.train import checkpoints
-from blockdiff_jax.train import metrics_writer
+from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.train import config as train_config
+from blockdiff_jax.train import hardware
 from blockdiff_jax.train import optimizer
-from blockdiff_jax.train import partitioning
-from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 
 
@@ -33,36 +26,12 @@ class NonFiniteError(FloatingPointError):
   """Raised when a step's loss or gradient is NaN/Inf."""
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (written by ``run``)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def init_params(model: transformer.Transformer, seed: int, length: int = 8) -> Any:
-  """fp32 parameters, unboxed from their logical-axis metadata."""
-  tokens = jnp.zeros((1, length), jnp.int32)
-  meta = masks.make_meta(jnp.arange(length)[None], 1, masks.CLEAN)
-  return jax.jit(lambda: nn.unbox(model.init(jax.random.key(seed), tokens, meta)["params"]))()
-
-
-def make_apply(model: transformer.Transformer):
-  def apply_fn(params, tokens, meta, **kwargs):
-    return model.apply({"params": params}, tokens, meta, **kwargs)
-  return apply_fn
-
-
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
                    put_batch=lambda b: b) -> dict:
-  """Mean validation metrics over the first ``num_batches`` batches (fixed noise)."""
+  """Validation: the training metrics averaged over the first ``num_batches`` batches.
+
+  The noise of batch i is fixed (``seed + i``), so every evaluation scores the same draws.
+  """
   totals = {}
   for i in range(num_batches):
     m = eval_step(params, put_batch(dataset.get_batch(i)), jax.random.key(seed + i))
@@ -76,32 +45,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
   """
-  config_lib.validate(config)
+  train_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
+  checkpoints.save_config(config, workdir)
   t, d = config.train, config.data
-  tokenizer = tokenizers.get_tokenizer(d, workdir)
+  model, tokenizer = build.build_model(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed)
   val_ds = None
   if t.eval_every:
     val_ds = pipeline.build_dataset(d, tokenizer, "validation", d.seq_len, d.batch_size,
                                     config.seed)
 
-  mcfg = config_lib.model_config(config, tokenizer.vocab_size)
-  model = transformer.Transformer(mcfg)
-  apply_fn = make_apply(model)
-  obj = config_lib.objective(config, tokenizer.mask_id)
+  mcfg = model.cfg
+  obj = diffusion_config.objective(config, tokenizer.mask_id)
   tx = optimizer.make_optimizer(t)
   lr_schedule = optimizer.learning_rate_schedule(t)
-  sharded = None
+  # Params and optimizer state are created in their shards (ZeRO-3/TP/EP rules);
+  # a config without a mesh runs on a one-device mesh.
+  mesh, rules = mesh_lib.mesh_of(config)
+  sharded = step_lib.make_sharded_train(config, mesh, model, obj, tx, lr_schedule, rules)
+  state = sharded.init_state(config.seed)
   if config.get("mesh") is not None:
-    # Params and optimizer state are created in their shards (ZeRO-3/TP/EP rules).
-    sharded = partitioning.make_sharded_train(
-        config, partitioning.make_mesh(config.mesh), model, obj, tx, lr_schedule)
-    state = sharded.init_state(config.seed)
     print(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
-  else:
-    state = state_lib.create(init_params(model, config.seed), tx, t.ema_decay > 0)
   counts = flops.param_counts(mcfg)
   logging.info("parameters: %s", counts)
   print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
@@ -111,19 +76,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   t.async_checkpoints)
   data_it = train_ds.iterator(0)
   if ckpt.latest_step() is not None:
-    abstract = sharded.abstract_state if sharded else checkpoints.abstract_like(state)
-    state, data_state = ckpt.restore(abstract)
+    state, data_state = ckpt.restore(sharded.abstract_state)
     data_it.set_state(data_state)
     print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
 
-  if sharded is not None:
-    train_step, eval_step = sharded.train_step, sharded.eval_step
-    put_batch = sharded.put_batch
-  else:
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(
-        apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay))
-    eval_step = jax.jit(step_lib.make_eval_step(apply_fn, obj))
-    put_batch = lambda b: b
+  train_step, eval_step, put_batch = sharded.train_step, sharded.eval_step, sharded.put_batch
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
@@ -195,68 +152,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     writer.close()
   return {**last, **last_val}
-
-
-def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
-  """(model, tokenizer) of a config; the tokenizer may come from the workdir (BPE)."""
-  config_lib.validate(config)
-  tokenizer = tokenizers.get_tokenizer(config.data, workdir)
-  model = transformer.Transformer(config_lib.model_config(config, tokenizer.vocab_size))
-  return model, tokenizer
-
-
-def inference_context(config: ml_collections.ConfigDict):
-  """``with trainer.inference_context(config):`` the config's mesh and rules, if it has one.
-
-  Sampling and evaluation run inside it, so the model's MoE dispatch and layout
-  constraints see the mesh the params were restored onto (``load_for_inference``).
-  """
-  if config.get("mesh") is None:
-    return contextlib.nullcontext()
-  return partitioning.mesh_context(partitioning.make_mesh(config.mesh),
-                                   partitioning.logical_rules(config.mesh))
-
-
-def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
-                       step: int | None = None, use_ema: bool = True):
-  """Loads (config, model, tokenizer, params) from a training workdir.
-
-  Only the parameters are read (Orbax partial restore through tensorstore; the
-  optimizer state stays on disk), laid out on ``config.mesh`` when the config has
-  one (each device reads its own shards) and on one device otherwise (also when
-  the mesh's fixed axes need more devices than this machine has; the returned
-  config then has no mesh).
-
-  Args:
-    workdir: a directory written by ``run``.
-    config: overrides the saved config (e.g. to switch the attention implementation
-      or the mesh); architecture fields must match the checkpoint.
-    step: checkpoint step; None = the latest.
-    use_ema: return the EMA parameters when the run kept them.
-  """
-  config = load_config(workdir) if config is None else config
-  model, tokenizer = build_model(config, workdir)
-  boxed = partitioning.abstract_params(model)
-  shapes = nn.unbox(boxed)
-  mesh = None
-  if config.get("mesh") is not None:
-    try:
-      mesh = partitioning.make_mesh(config.mesh)
-    except ValueError as e:
-      # E.g. a run trained on 8 devices, sampled on 1: the fixed mesh axes don't fit.
-      print(f"config.mesh does not fit this machine ({e}); loading onto one device",
-            flush=True)
-      config = config.copy_and_resolve_references()
-      del config.mesh
-  if mesh is not None:
-    shardings = partitioning.param_shardings(boxed, mesh, partitioning.logical_rules(
-        config.mesh))
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: device, shapes)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          shapes, shardings)
-  params = partitioning.restore_params(
-      os.path.join(workdir, "checkpoints"), abstract, step,
-      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
-  return config, model, tokenizer, params

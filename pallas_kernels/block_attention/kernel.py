@@ -1,7 +1,7 @@
 """Pallas (Triton backend) flash-attention kernels with a metadata-derived mask.
 
 The mask of every [block_q, block_k] tile is computed inside the kernel by calling
-``blockdiff_jax.model.masks.mask_fn`` on a [block_q, 1] × [1, block_k] tile of
+``blockdiff_jax.masks.mask_fn`` on a [block_q, 1] × [1, block_k] tile of
 token metadata, so the kernel and the XLA path share one definition of the rules.
 
 Fully masked tiles are skipped. ``tile_map`` first classifies every
@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import numpy as np
 
-from blockdiff_jax.model import masks
+from blockdiff_jax import masks
 from pallas_kernels import manual_axes
 
 Array = Any

@@ -6,9 +6,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from blockdiff_jax.model import masks
-from pallas_kernels import manual_axes
+from blockdiff_jax import masks
+from pallas_kernels import backend
 from pallas_kernels.block_attention import kernel
+from pallas_kernels import manual_axes
 
 Array = Any
 AttentionBlockSizes = kernel.AttentionBlockSizes
@@ -43,10 +44,10 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                     kv_meta: masks.TokenMeta, *, spec: masks.MaskSpec = masks.MaskSpec(),
                     scale: float | None = None,
                     block_sizes: AttentionBlockSizes = AttentionBlockSizes(),
-                    interpret: bool = False) -> Array:
+                    interpret: bool | None = None) -> Array:
   """Grouped-query flash attention whose mask is ``masks.mask_fn`` of the metadata.
 
-  Same semantics as ``blockdiff_jax.model.attention_ops.masked_attention``: fp32
+  Same semantics as ``reference.masked_attention``: fp32
   softmax statistics, and a query that sees no key outputs zeros. Lengths are
   padded to the tile sizes internally (padded keys get segment id -1). Tiles whose
   mask is false everywhere are skipped without loading K/V.
@@ -61,7 +62,7 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     spec: static mask options.
     scale: logit scale; defaults to D ** -0.5.
     block_sizes: kernel tile sizes.
-    interpret: run the Pallas interpreter (needed on CPU).
+    interpret: run the Pallas interpreter; None = unless the backend is a GPU.
 
   Returns:
     [B, Tq, H, D] in q's dtype. Differentiable in q, k, v.
@@ -110,8 +111,8 @@ def _forward(q, k, v, qm, km, spec, scale, bs, interpret):
   vp = _pad_head_dim(_pad_to(v, tk_pad, 1))
   qmp = kernel.pack_meta_pad(qm, tq_pad)
   kmp = kernel.pack_meta_pad(km, tk_pad)
-  out, lse = kernel.forward(qp, kp, vp, qmp, kmp, spec=spec, scale=scale, block_q=bq,
-                            block_k=bk, block_sizes=bs, interpret=interpret)
+  out, lse = backend.call(kernel.forward, interpret, qp, kp, vp, qmp, kmp, spec=spec,
+                          scale=scale, block_q=bq, block_k=bk, block_sizes=bs)
   return out[:, :tq, :, :d], lse
 
 
@@ -131,11 +132,11 @@ def _attention_bwd(spec, scale, bs, interpret, residuals, dout):
   _, _, bq, bk, tq_pad, tk_pad = _tiles(tq, tk, bs)
   pad_q = lambda x: _pad_head_dim(_pad_to(x, tq_pad, 1))
   pad_k = lambda x: _pad_head_dim(_pad_to(x, tk_pad, 1))
-  dq, dk, dv = kernel.backward(
+  dq, dk, dv = backend.call(
+      kernel.backward, interpret,
       pad_q(q), pad_k(k), pad_k(v), kernel.pack_meta_pad(qm, tq_pad),
       kernel.pack_meta_pad(km, tk_pad), pad_q(out), lse, pad_q(dout.astype(q.dtype)),
-      spec=spec, scale=scale, block_q=bq, block_k=bk, block_sizes=bs,
-      interpret=interpret)
+      spec=spec, scale=scale, block_q=bq, block_k=bk, block_sizes=bs)
   return dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv[:, :tk, :, :d], None, None
 
 

@@ -6,8 +6,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import manual_axes
+from pallas_kernels import backend
 from pallas_kernels.gmm import kernel
+from pallas_kernels import manual_axes
 
 Array = Any
 GmmBlockSizes = kernel.GmmBlockSizes
@@ -37,7 +38,7 @@ def _validate(lhs: Array, rhs: Array, group_sizes: Array) -> None:
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         block_sizes: GmmBlockSizes = GmmBlockSizes(),
-        preferred_element_type: Any = None, interpret: bool = False) -> Array:
+        preferred_element_type: Any = None, interpret: bool | None = None) -> Array:
   """Grouped matmul: row group g of ``lhs`` times ``rhs[g]``.
 
   Rows of ``lhs`` are sorted by group: rows ``[start_g, start_g + group_sizes[g])``
@@ -51,7 +52,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
       sums are clipped to M).
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
-    interpret: run the Pallas interpreter (needed on CPU).
+    interpret: run the Pallas interpreter; None = unless the backend is a GPU.
 
   Returns:
     [M, N] in ``preferred_element_type``. Differentiable in lhs and rhs.
@@ -66,8 +67,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret):
-  return kernel.gmm_call(lhs, rhs, group_sizes, block_sizes=block_sizes,
-                         out_dtype=out_dtype, interpret=interpret)
+  return backend.call(kernel.gmm_call, interpret, lhs, rhs, group_sizes,
+                      block_sizes=block_sizes, out_dtype=out_dtype)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, block_sizes, out_dtype, interpret):
@@ -81,10 +82,10 @@ def _gmm_bwd(block_sizes, out_dtype, interpret, residuals, dout):
   # The kernels multiply same-dtype operands; the cotangent arrives in the
   # output dtype, so bring it to the input dtype (bf16 stays bf16 on the MMA).
   dout = dout.astype(lhs.dtype)
-  dlhs = kernel.gmm_call(dout, rhs, group_sizes, block_sizes=block_sizes,
-                         out_dtype=lhs.dtype, transpose_rhs=True, interpret=interpret)
-  drhs = kernel.tgmm_call(lhs, dout, group_sizes, block_sizes=block_sizes,
-                          out_dtype=rhs.dtype, interpret=interpret)
+  dlhs = backend.call(kernel.gmm_call, interpret, dout, rhs, group_sizes,
+                      block_sizes=block_sizes, out_dtype=lhs.dtype, transpose_rhs=True)
+  drhs = backend.call(kernel.tgmm_call, interpret, lhs, dout, group_sizes,
+                      block_sizes=block_sizes, out_dtype=rhs.dtype)
   return dlhs, drhs, None
 
 
@@ -93,7 +94,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
          block_sizes: GmmBlockSizes = GmmBlockSizes(),
-         preferred_element_type: Any = None, interpret: bool = False) -> Array:
+         preferred_element_type: Any = None, interpret: bool | None = None) -> Array:
   """Transposed grouped matmul: ``out[g] = lhs_g^T @ dout_g`` ([G, K, N]).
 
   This is the rhs gradient of ``gmm``; empty groups give zeros.
@@ -104,7 +105,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
     group_sizes: [G] integer rows per group.
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
-    interpret: run the Pallas interpreter (needed on CPU).
+    interpret: run the Pallas interpreter; None = unless the backend is a GPU.
 
   Returns:
     [G, K, N].
@@ -117,5 +118,5 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
     raise ValueError(f"tgmm: group_sizes must be [G >= 1], got shape {group_sizes.shape}")
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  return kernel.tgmm_call(lhs, dout, group_sizes.astype(jnp.int32), block_sizes=block_sizes,
-                          out_dtype=out_dtype, interpret=interpret)
+  return backend.call(kernel.tgmm_call, interpret, lhs, dout, group_sizes.astype(jnp.int32),
+                      block_sizes=block_sizes, out_dtype=out_dtype)

@@ -1,0 +1,1 @@
+"""Checkpoint I/O (Orbax) and loading a trained model for inference."""

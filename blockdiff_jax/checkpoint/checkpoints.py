@@ -1,0 +1,162 @@
+"""All checkpoint I/O, on Orbax's CheckpointManager: the train state, the data position,
+the parameters alone for inference, and the run's config.
+
+A checkpoint step holds two items: ``state`` (the TrainState pytree, restored onto
+the shardings of an abstract target) and ``data`` (the JSON position of the data
+iterator), so a resumed run continues with exactly the batches it would have seen.
+Orbax lists the steps; nothing here reads the step folders by hand.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from blockdiff_jax.model import config as model_config_lib
+
+STATE, DATA = "state", "data"
+
+
+class Checkpointer:
+  """Saves on demand (the trainer decides when), keeps K, optionally in the background."""
+
+  def __init__(self, directory: str, keep: int = 1, use_async: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=use_async, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict) -> bool:
+    """Saves ``step`` unless a checkpoint of that step exists already."""
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(
+        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                         DATA: ocp.args.JsonSave(data_state)}), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores (state, data position) of ``step`` (default: the latest).
+
+    Args:
+      abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore onto.
+      step: which checkpoint; None = latest.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                         DATA: ocp.args.JsonRestore()}))
+    return restored[STATE], restored[DATA]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> None:
+  """Raises ValueError naming the first parameter whose saved shape differs.
+
+  Args:
+    saved: tree of checkpoint metadata (anything with ``.shape``).
+    abstract: tree of ``jax.ShapeDtypeStruct`` the config expects.
+    where: names the checkpoint in the message.
+  """
+  saved_flat = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  want_flat = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  for path, want in want_flat.items():
+    if path not in saved_flat:
+      raise ValueError(f"parameter {path} (shape {tuple(want.shape)}) is missing from {where}")
+    got = tuple(saved_flat[path].shape)
+    if got != tuple(want.shape):
+      raise ValueError(f"parameter {path} has shape {got} in {where} but the config expects "
+                       f"{tuple(want.shape)}")
+  extra = sorted(set(saved_flat) - set(want_flat))
+  if extra:
+    raise ValueError(f"{where} has parameters the config lacks: {extra[:5]}")
+
+
+def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None,
+                   subtree: str = "params", fallback_subtree: str | None = None) -> Any:
+  """Restores only ``state/<subtree>`` (the params) of a checkpoint, onto any mesh.
+
+  Orbax partial restore reads just the requested arrays, and each device reads
+  just its own shards: the optimizer state is never loaded. Shapes are checked
+  against the checkpoint metadata first.
+
+  Args:
+    checkpoint_dir: the ``checkpoints`` directory of a run (``Checkpointer``'s).
+    abstract_params: ``jax.ShapeDtypeStruct`` tree with shardings to restore onto.
+    step: which step; None = the latest.
+    subtree: the field of the train state to restore (``ema_params`` for EMA).
+    fallback_subtree: restored instead when the checkpoint lacks ``subtree`` (e.g.
+      ``params`` when EMA was off).
+
+  Returns:
+    The params, laid out as ``abstract_params``' shardings say.
+  """
+  checkpoint_dir = os.path.abspath(checkpoint_dir)
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+  # A PyTree handler (not the Standard one the trainer saves with, same format on
+  # disk) because it reads the tree metadata and restores a subtree.
+  manager = ocp.CheckpointManager(
+      checkpoint_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                     DATA: ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    elif step not in manager.all_steps():
+      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
+                              f"{list(manager.all_steps())})")
+    where = f"checkpoint {os.path.join(checkpoint_dir, str(step), STATE)}"
+    tree = manager.item_metadata(step)[STATE].tree
+    if (subtree not in tree or tree[subtree] is None) and fallback_subtree is not None:
+      subtree = fallback_subtree
+    if subtree not in tree or tree[subtree] is None:
+      raise ValueError(f"{where} has no {subtree!r} (it holds {sorted(tree)})")
+    check_params_fit(tree[subtree], abstract_params, where)
+    target = {subtree: abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+  finally:
+    manager.close()
+  return restored[STATE][subtree]
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``config.json`` to the workdir, without the backend-dependent fields."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for name in model_config_lib.BACKEND_FIELDS:
+      if name in config.get("model", {}):
+        del config.model[name]
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (written by ``save_config``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))

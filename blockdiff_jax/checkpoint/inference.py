@@ -1,0 +1,59 @@
+"""A trained workdir as (config, model, tokenizer, params), and the context to run it in."""
+
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.model import build
+from blockdiff_jax.model import mesh as mesh_lib
+
+
+def inference_context(config: ml_collections.ConfigDict):
+  """``with inference_context(config):`` the config's mesh and rules (one device without).
+
+  Sampling and evaluation run inside it, so the model's MoE dispatch and layout
+  constraints see the mesh the params were restored onto (``load_for_inference``).
+  """
+  return mesh_lib.mesh_context(*mesh_lib.mesh_of(config))
+
+
+def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
+                       step: int | None = None, use_ema: bool = True):
+  """Loads (config, model, tokenizer, params) from a training workdir.
+
+  Only the parameters are read (Orbax partial restore through tensorstore; the
+  optimizer state stays on disk), laid out on ``config.mesh`` when the config has
+  one (each device reads its own shards) and on one device otherwise (also when
+  the mesh's fixed axes need more devices than this machine has; the returned
+  config then has no mesh).
+
+  Args:
+    workdir: a directory written by the trainer.
+    config: overrides the saved config (e.g. to switch the attention implementation
+      or the mesh); architecture fields must match the checkpoint.
+    step: checkpoint step; None = the latest.
+    use_ema: return the EMA parameters when the run kept them.
+  """
+  config = checkpoints.load_config(workdir) if config is None else config
+  model, tokenizer = build.build_model(config, workdir)
+  if config.get("mesh") is not None:
+    try:
+      mesh_lib.make_mesh(config.mesh)
+    except ValueError as e:
+      # E.g. a run trained on 8 devices, sampled on 1: the fixed mesh axes don't fit.
+      print(f"config.mesh does not fit this machine ({e}); loading onto one device",
+            flush=True)
+      config = config.copy_and_resolve_references()
+      del config.mesh
+  mesh, rules = mesh_lib.mesh_of(config)
+  boxed = build.abstract_params(model)
+  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  params = checkpoints.restore_params(
+      os.path.join(workdir, "checkpoints"), abstract, step,
+      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+  return config, model, tokenizer, params

@@ -1,0 +1,39 @@
+"""The ``diffusion`` config section, its validation and the objective it gives."""
+
+import ml_collections
+
+from blockdiff_jax.diffusion import losses
+from blockdiff_jax.diffusion import schedules
+
+
+def default_diffusion_config() -> ml_collections.ConfigDict:
+  """Defaults of the ``diffusion`` section (BD3-LM with a log-linear schedule)."""
+  d = ml_collections.ConfigDict()
+  d.block_size = 8  # Tokens per block (1 = AR, seq_len = MDLM).
+  d.schedule = "loglinear"  # Noise schedule.
+  d.eps = 1e-3  # Smallest t (bounds the 1/t weight).
+  d.beta = 1e-3  # Lower clip of the training noise level t.
+  d.omega = 1.0  # Upper clip of the training noise level t.
+  d.antithetic = True  # Stratify t across the batch.
+  return d
+
+
+def objective(config: ml_collections.ConfigDict, mask_id: int) -> losses.BlockDiffusionObjective:
+  """The training objective of an experiment config."""
+  d = config.diffusion
+  return losses.BlockDiffusionObjective(
+      block_size=d.block_size, mask_id=mask_id,
+      schedule=schedules.make_schedule(d.schedule, d.eps),
+      noise=schedules.NoiseRange(d.beta, d.omega), antithetic=d.antithetic)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``diffusion`` field."""
+  d = config.diffusion
+  if d.block_size < 1:
+    raise ValueError(f"diffusion.block_size must be >= 1, got {d.block_size}")
+  if config.data.seq_len % d.block_size:
+    raise ValueError(f"data.seq_len={config.data.seq_len} is not a multiple of "
+                     f"diffusion.block_size={d.block_size}")
+  schedules.make_schedule(d.schedule, d.eps)
+  schedules.NoiseRange(d.beta, d.omega)

@@ -1,0 +1,81 @@
+"""The ``model`` config section, its validation and the static ``TransformerConfig`` it gives."""
+
+import ml_collections
+
+from blockdiff_jax.model import moe
+from blockdiff_jax.model import rope
+from blockdiff_jax.model import transformer
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Defaults of the ``model`` section (a tiny MoE transformer)."""
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0 = take it from the tokenizer.
+  m.d_model = 64  # Residual width.
+  m.num_layers = 2  # Transformer blocks.
+  m.num_heads = 4  # Query heads.
+  m.num_kv_heads = 2  # Key/value heads (grouped-query attention).
+  m.head_dim = 16  # Per-head width.
+  m.mlp_dim = 128  # Hidden width of dense SwiGLU layers.
+  m.qkv_bias = False  # Bias on q/k/v projections (Qwen2 uses it).
+  m.qk_norm = False  # RMSNorm on q and k per head (Qwen3 uses it).
+  m.tie_embeddings = True  # Share the input embedding with the output head.
+  m.rope_theta = 10000.0  # RoPE base.
+  m.rope_scaling = ml_collections.ConfigDict()
+  m.rope_scaling.type = "none"  # none | linear | ntk | yarn (like HF rope_scaling).
+  m.rope_scaling.factor = 1.0  # Context extension factor.
+  m.rope_scaling.original_max_position = 4096  # Pre-training context (YaRN).
+  m.norm_eps = 1e-6  # RMSNorm epsilon.
+  m.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
+  m.attention_impl = "xla"  # xla (materialized mask) | pallas (tiled kernel).
+  # Pallas kernels in the interpreter: None = decided by the backend (compiled on GPU,
+  # interpreted elsewhere); True/False force it. Not saved into config.json.
+  m.interpret = ml_collections.config_dict.placeholder(bool)
+  m.scan_layers = False  # nn.scan over runs of identical layers (faster compiles).
+  m.remat = False  # Rematerialize each block in the backward pass (saves memory).
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 4  # Experts per MoE layer; 0 = dense model.
+  e.top_k = 2  # Experts per token.
+  e.expert_dim = 64  # Hidden width of each expert's SwiGLU.
+  e.shared_expert_dim = 0  # Hidden width of an always-on shared expert; 0 = none.
+  e.shared_expert_gate = False  # Scale the shared expert by sigmoid(x . w) (Qwen2-MoE).
+  e.moe_every = 1  # Every k-th layer (after first_dense_layers) is MoE.
+  e.first_dense_layers = 0  # Leading layers kept dense.
+  e.router_func = "softmax"  # softmax | sigmoid, computed in fp32.
+  e.router_mode = "token"  # token (top-k per token) | block (dMoE coreset per block).
+  e.normalize_topk = True  # Renormalize the k combine weights to sum to 1.
+  e.block_coverage = 0.9  # Block routing: cumulative router share p the coreset covers.
+  e.block_min_experts = 2  # Block routing: minimum coreset size (>= top_k).
+  e.impl = "ragged_dot"  # Dispatch: ragged_dot | tiled (CPU) | pallas (GMM kernel) | dense.
+  e.tile_size = 128  # Rows per tile of the tiled dispatch (groups are padded to it).
+  # On a mesh: all_to_all (shard_map; with mesh.expert > 1 tokens travel to the
+  # expert shards) | gather (GSPMD partitions the local dispatch).
+  e.expert_parallel = "all_to_all"
+  # all_to_all: receive slots per sender as a multiple of its average load
+  # (GShard capacity; copies past it are dropped); 0 = the worst case, dropless.
+  e.capacity_factor = 0.0
+  e.load_balance_weight = 0.01  # Weight of E * sum_e fraction_e * mean_prob_e.
+  e.z_loss_weight = 1e-3  # Weight of mean logsumexp(router logits)^2.
+  return m
+
+
+# Fields that describe the machine a run happens on, not the model: left out of
+# the saved config so a checkpoint trained on one backend loads right on another.
+BACKEND_FIELDS = ("interpret",)
+
+
+def model_config(config: ml_collections.ConfigDict,
+                 vocab_size: int | None = None) -> transformer.TransformerConfig:
+  """The static TransformerConfig of an experiment config (vocab from the tokenizer if 0)."""
+  return transformer.TransformerConfig.from_config(config.model, vocab_size)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``model`` field."""
+  m = config.model
+  rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor)
+  if m.moe.router_mode not in moe.ROUTER_MODES:
+    raise ValueError(f"model.moe.router_mode must be one of {moe.ROUTER_MODES}, "
+                     f"got {m.moe.router_mode!r}")
+  # The dataclasses check the rest (top_k <= num_experts, head counts, dtype, impls).
+  model_config(config, vocab_size=m.vocab_size or 1)

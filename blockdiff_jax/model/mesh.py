@@ -1,0 +1,249 @@
+"""Device meshes and the logical-axis rules that lay the model out on them (ZeRO-3 + TP + EP).
+
+One table of rules maps the model's logical axis names to the mesh axes
+``data, fsdp, expert, tensor``:
+
+* parameters and optimizer moments are sharded over ``fsdp`` along ``embed``
+  (ZeRO-3: every device holds 1/fsdp of every matrix; XLA all-gathers a weight
+  where it is used and reduce-scatters its gradient);
+* attention heads, dense MLP hidden units, expert hidden units and the vocabulary
+  over ``tensor`` (Megatron-style tensor parallelism);
+* MoE expert weights over ``expert`` along their leading expert axis;
+* the batch over ``data``, ``fsdp`` and ``expert`` (the expert axis carries
+  batch outside the MoE layers, so no device computes attention redundantly).
+
+Mesh axis types (``mesh.axis_types``). ``auto`` (the default) leaves layouts
+between the jit boundaries to GSPMD/Shardy, guided by logical sharding
+constraints at block boundaries. ``explicit`` is JAX 0.10's sharding-in-types
+mode (what ``jax.make_mesh`` returns by default): every array's type carries its
+sharding and an op whose result layout is ambiguous is an error. The same model
+code runs in both: the few such ops name their layout (the embedding gather,
+row-parallel projections via ``layers.DenseGeneral``, norm scales and the
+router gathered at use, the MoE ``shard_map`` inputs resharded to its specs),
+and two places hand the choice back to the compiler with
+``jax.sharding.auto_axes``: the attention core (the GQA head grouping has no
+unique typed layout when ``heads`` and ``kv_heads`` split differently) and the
+decoder's loop. ``tests/test_sharding_train.py`` runs the train step, the eval
+step and the decoder on Explicit meshes against one device.
+
+MoE expert parallelism. Each MoE layer dispatches inside a ``shard_map``
+(``model/expert_parallel.py``): tokens stay on their device, token copies travel
+to the shard holding their expert by ``all_to_all`` over ``expert`` and come
+back the same way (dropless by default; ``moe.capacity_factor`` bounds the
+buffers GShard-style). ``moe.expert_parallel = "gather"`` instead lets GSPMD
+partition the local sort-based dispatch; it all-gathers the expert weights and,
+as the compiled HLO shows, all-reduces the token-copy buffers, about 3x the
+bytes of the dropless all-to-all (``experiments/expert_parallel_comm.py``).
+``tests/test_sharding_train.py`` and ``tests/test_expert_parallel.py`` check that
+losses, outputs and gradients match a single device.
+"""
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from blockdiff_jax.model import sharding as sharding_lib
+
+P = jax.sharding.PartitionSpec
+NamedSharding = jax.sharding.NamedSharding
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis -> mesh axes, in priority order (flax's first-match-wins semantics:
+# a mesh axis is used at most once per array).
+DEFAULT_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("layers", None),
+)
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+  """The ``config.mesh`` section: axis sizes and the logical-axis rules table."""
+  c = ml_collections.ConfigDict()
+  c.data = 1  # Pure data-parallel replicas (gradients all-reduced); -1 = the rest.
+  c.fsdp = -1  # ZeRO-3 shards of params/optimizer state (also splits the batch); -1 = the rest.
+  c.expert = 1  # Shards of the MoE expert axis (also splits the batch); -1 = the rest.
+  c.tensor = 1  # Tensor-parallel shards of heads, MLP, expert hidden and vocab; -1 = the rest.
+  # auto (GSPMD propagates layouts) | explicit (sharding in types, JAX's default).
+  c.axis_types = "auto"
+  # Logical axis -> mesh axis (or tuple of axes, or None), first match wins.
+  c.rules = DEFAULT_RULES
+  c.plan_devices = 0  # --mode=plan: devices of the abstract mesh; 0 = the mesh's own size.
+  c.plan_memory_gib = 80.0  # --mode=plan: memory per device to check the plan against.
+  return c
+
+
+def logical_rules(mesh_config: ml_collections.ConfigDict | None) -> Rules:
+  """The rules table of a mesh config as hashable tuples (JSON round-trips give lists)."""
+  rules = DEFAULT_RULES if mesh_config is None else mesh_config.rules
+  out = []
+  for i, rule in enumerate(rules):
+    if len(rule) != 2:
+      raise ValueError(f"mesh.rules[{i}]={rule!r} must be a (logical, mesh axes) pair")
+    logical, axes = rule
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      bad = [a for a in axes if a not in MESH_AXES]
+    else:
+      bad = [] if axes is None or axes in MESH_AXES else [axes]
+    if bad:
+      raise ValueError(f"mesh.rules[{i}] maps {logical!r} to unknown mesh axes {bad}; "
+                       f"the mesh axes are {MESH_AXES}")
+    out.append((str(logical), axes))
+  return tuple(out)
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the axis sizes (one may be -1 = the rest) for ``num_devices`` devices."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  rest = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"mesh axis sizes must be >= 1 or -1, got {', '.join(bad)}")
+  if len(rest) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {rest}")
+  known = math.prod(s for s in sizes if s != -1)
+  if rest:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices are not divisible by the fixed mesh axes "
+                       f"{dict(zip(MESH_AXES, sizes))} (product {known})")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+AXIS_TYPES = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+
+
+def axis_types(mesh_config: ml_collections.ConfigDict | None) -> tuple[Any, ...]:
+  """The mesh's axis types from ``mesh.axis_types`` (auto | explicit)."""
+  name = "auto" if mesh_config is None else mesh_config.get("axis_types", "auto")
+  if name not in AXIS_TYPES:
+    raise ValueError(f"mesh.axis_types must be one of {sorted(AXIS_TYPES)}, got {name!r}")
+  return (AXIS_TYPES[name],) * len(MESH_AXES)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ``data x fsdp x expert x tensor`` mesh (axis types from the config)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types(mesh_config), devices=devices)
+
+
+def single_device_mesh_config() -> ml_collections.ConfigDict:
+  """The mesh of a config without one: every axis of size 1 (as big_vision and lm1b do)."""
+  c = default_mesh_config()
+  c.fsdp = 1
+  return c
+
+
+def mesh_of(config: ml_collections.ConfigDict,
+            devices: Sequence[jax.Device] | None = None) -> tuple[jax.sharding.Mesh, Rules]:
+  """The mesh and rules a config runs on.
+
+  A config without ``mesh`` runs on a one-device mesh with no rules: on one device
+  the rules could only change the op sequence (e.g. an MoE ``shard_map`` of one
+  shard), never the layout.
+  """
+  if config.get("mesh") is None:
+    devices = jax.local_devices()[:1] if devices is None else list(devices)[:1]
+    return make_mesh(single_device_mesh_config(), devices), ()
+  return make_mesh(config.mesh, devices), logical_rules(config.mesh)
+
+
+def abstract_mesh(mesh_config: ml_collections.ConfigDict,
+                  num_devices: int) -> jax.sharding.AbstractMesh:
+  """The same mesh without devices, for planning (nothing is allocated)."""
+  return jax.sharding.AbstractMesh(mesh_shape(mesh_config, num_devices), MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def _is_boxed(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def param_specs(abstract_boxed_params: Any, rules: Rules) -> Any:
+  """Mesh PartitionSpecs (before fitting to shapes) of boxed params, unboxed tree."""
+  def spec(x):
+    if not _is_boxed(x):
+      return P()
+    return nn.logical_to_mesh_axes(tuple(x.names), rules)
+  return jax.tree.map(spec, abstract_boxed_params, is_leaf=_is_boxed)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh, rules: Rules) -> Any:
+  """NamedShardings of the (unboxed) params from their logical names and the rules.
+
+  Args:
+    abstract_boxed_params: ``jax.eval_shape`` of ``model.init(...)["params"]``
+      (leaves boxed in ``nn.LogicallyPartitioned``; unboxed leaves are replicated).
+    mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh``.
+    rules: logical-axis rules (``logical_rules(config.mesh)``).
+  """
+  specs = param_specs(abstract_boxed_params, rules)
+  shapes = nn.unbox(abstract_boxed_params)
+  def one(spec, x):
+    fitted = sharding_lib.fit_spec(spec, x.shape, mesh)
+    if fitted != P(*spec) and any(s is not None for s in spec):
+      logging.info("sharding %s of shape %s as %s (rules asked for %s)", x.dtype, x.shape,
+                   fitted, spec)
+    return NamedSharding(mesh, fitted)
+  return jax.tree.map(one, specs, shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_spec(rules: Rules = DEFAULT_RULES) -> P:
+  """PartitionSpec of [batch, ...] inputs: the rule of ``activation_batch``."""
+  return nn.logical_to_mesh_axes(("activation_batch",), rules)
+
+
+def batch_sharding(mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """Sharding of the leading (batch) axis of every input array."""
+  return NamedSharding(mesh, batch_spec(rules))
+
+
+def put_batch(batch: Any, sharding: NamedSharding) -> Any:
+  """Global arrays from a host batch that every process holds in full.
+
+  Each process copies only the shards its own devices hold, so this works for
+  one process and for many (the data pipeline is deterministic per step).
+  """
+  def one(x):
+    x = np.asarray(x)
+    s = NamedSharding(sharding.mesh, sharding_lib.fit_spec(sharding.spec, x.shape, sharding.mesh))
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(one, batch)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules: Rules):
+  """The mesh and the logical rules (the model's activation and dispatch layouts)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
