@@ -5,6 +5,7 @@ live next to the code it configures, and this module only assembles them:
 
 | section     | defined in                          |
 |-------------|-------------------------------------|
+| init        | ``blockdiff_jax/checkpoint/initial.py`` |
 | model       | ``blockdiff_jax/model/config.py``   |
 | diffusion   | ``blockdiff_jax/diffusion/config.py`` |
 | data        | ``blockdiff_jax/data/config.py``    |
@@ -21,6 +22,7 @@ order (next to ``main``): library code imports the section modules, never this o
 
 import ml_collections
 
+from blockdiff_jax.checkpoint import initial
 from blockdiff_jax.data import config as data_config
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.evaluation import eval_config
@@ -38,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all experiments (a tiny MoE block-diffusion model)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seed of parameter init, noise draws and data order.
+  c.init = initial.default_init_config()  # Random init or a pretrained checkpoint.
   c.model = model_config_lib.default_model_config()  # Architecture.
   c.diffusion = diffusion_config.default_diffusion_config()  # Blocks, noise schedule.
   c.data = data_config.default_data_config()  # Corpus, tokenizer, sequence length, batch.

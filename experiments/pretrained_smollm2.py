@@ -5,7 +5,7 @@ r"""SmolLM2-135M-Instruct: import time and peak memory, and AR decode speed vs t
    (the cached HF folder). Peak memory is reported both as tracemalloc's peak of Python
    and numpy allocations and as the process's max RSS.
 2. AR greedy decoding of the chat prompts of configs/smollm2.py, in one run on the same
-   CPU: our jit KV-cache loop (``interop.causal_lm.greedy_cached``, compiled once before
+   CPU: our jit AR decoder (``sampling.ar`` with the token shift, compiled once before
    timing) against ``transformers``' ``generate`` (greedy, its KV cache) of the model
    exported by ``interop.hf.export``. Both generate exactly ``--new_tokens`` tokens per
    prompt; the outputs are compared token for token.
@@ -62,12 +62,23 @@ def _config_module():
   return mod
 
 
+def _ar_greedy(cfg, params, ids, steps: int) -> list[int]:
+  """Greedy tokens of the project's jit AR decoder (token shift, KV cache), batch 1."""
+  from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import ar  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import layout  # pylint: disable=g-import-not-at-top
+  opts = layout.DecodeOptions(block_size=1, mask_id=cfg.vocab_size - 1, eos_id=-1,
+                              stop_at_eos=False, token_shift=True)
+  canvas = layout.generation_canvas([ids], steps, 1, cfg.vocab_size - 1, max_len=len(ids) + steps)
+  out = ar.decode_ar(transformer.Transformer(cfg), params, canvas, opts)
+  return out["tokens"][0, len(ids):len(ids) + steps].tolist()
+
+
 def measure_decode(cache: str, new_tokens: int, thread_counts: list[int],
                    scan_layers: bool) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.interop import causal_lm  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.interop import hf  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
 
@@ -82,10 +93,10 @@ def measure_decode(cache: str, new_tokens: int, thread_counts: list[int],
   rows = []
   for i, ids in enumerate(prompts):
     t0 = time.perf_counter()
-    causal_lm.greedy_cached(cfg, pre.params, ids[None], new_tokens)  # Compile (per length).
+    _ar_greedy(cfg, pre.params, ids, new_tokens)  # Compile (per length).
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = causal_lm.greedy_cached(cfg, pre.params, ids[None], new_tokens)[0].tolist()
+    ours = _ar_greedy(cfg, pre.params, ids, new_tokens)
     ours_s = time.perf_counter() - t0
     inp = torch.tensor(ids[None].astype(np.int64))
     hf_rates = {}

@@ -19,6 +19,9 @@ from blockdiff_jax.interop import architectures
 from blockdiff_jax.interop import causal_lm
 from blockdiff_jax.interop import hf
 from blockdiff_jax.interop import safetensors_io
+from blockdiff_jax.model import transformer
+from blockdiff_jax.sampling import ar
+from blockdiff_jax.sampling import layout
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 VOCAB = 97
@@ -124,17 +127,27 @@ def test_greedy_32_tokens_match_generate(hf_model):
   assert ours == out[0, 5:].tolist()
 
 
-def test_kv_cache_greedy_matches_full_forward_greedy(hf_model):
+def ar_greedy(cfg, params, rows, steps, block_size=1):
+  """The project's jit AR decoder (token shift, KV cache) on an imported causal LM."""
+  # The imported model has no MASK row: id vocab_size only marks canvas slots.
+  opts = layout.DecodeOptions(block_size=block_size, mask_id=cfg.vocab_size, eos_id=-1,
+                              stop_at_eos=False, token_shift=True)
+  canvas = layout.generation_canvas([np.asarray(r) for r in rows], steps, block_size,
+                                    cfg.vocab_size, max_len=10_000)
+  out = ar.decode_ar(transformer.Transformer(cfg), params, canvas, opts)
+  return [out["tokens"][i, len(r):len(r) + steps].tolist() for i, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_token_shift_ar_decoder_matches_full_forward_greedy(hf_model, block_size):
+  # Prompts of different lengths share one batch; the block size of the canvas must not
+  # matter (a shifted model decodes token-causally).
   _, _, folder = hf_model
   _, cfg, params = import_folder(folder, scan_layers=True)
-  rows = [[5, 17, 42, 8, 61], [1, 2, 3, 4, 5, 6, 7, 8]]
-  tokens = np.zeros((2, 8), np.int64)
-  valid = np.zeros((2, 8), bool)
-  for i, r in enumerate(rows):  # Left padded.
-    tokens[i, 8 - len(r):], valid[i, 8 - len(r):] = r, True
-  cached = causal_lm.greedy_cached(cfg, params, tokens, 24, valid)
+  rows = [[5, 17, 42, 8, 61], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+  got = ar_greedy(cfg, params, rows, 24, block_size)
   for i, r in enumerate(rows):
-    assert cached[i].tolist() == causal_lm.greedy(cfg, params, r, 24)
+    assert got[i] == causal_lm.greedy(cfg, params, r, 24), f"row {i}"
 
 
 def test_round_trip_and_export_loads_in_transformers(hf_model, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+import test_interop_hf
 from blockdiff_jax.interop import architectures
 from blockdiff_jax.interop import causal_lm
 from blockdiff_jax.interop import gguf_io
@@ -105,7 +106,7 @@ def test_logits_greedy_and_perplexity_vs_transformers(smollm2, exported):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-3, rtol=0)
 
   steps = 64
-  greedy = causal_lm.greedy_cached(cfg, pre.params, chat[None], steps)[0].tolist()
+  greedy = test_interop_hf.ar_greedy(cfg, pre.params, [chat], steps)[0]
   with torch.no_grad():
     out = model.generate(torch.tensor(chat[None].astype(np.int64)), max_new_tokens=steps,
                          min_new_tokens=steps, do_sample=False, eos_token_id=None,

@@ -90,6 +90,18 @@ def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> No
     raise ValueError(f"{where} has parameters the config lacks: {extra[:5]}")
 
 
+def has_checkpoint(checkpoint_dir: str) -> bool:
+  """Whether ``checkpoint_dir`` holds at least one finished checkpoint."""
+  if not os.path.isdir(checkpoint_dir):
+    return False
+  manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
+
+
 def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None,
                    subtree: str = "params", fallback_subtree: str | None = None) -> Any:
   """Restores only ``state/<subtree>`` (the params) of a checkpoint, onto any mesh.

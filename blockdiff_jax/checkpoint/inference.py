@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import initial
 from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
 
@@ -30,15 +31,18 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
   the mesh's fixed axes need more devices than this machine has; the returned
   config then has no mesh).
 
+  A workdir without a checkpoint whose config has ``init.pretrained`` gives the
+  pretrained weights (e.g. the AR baseline of a real model before any training).
+
   Args:
-    workdir: a directory written by the trainer.
+    workdir: a directory written by the trainer (or any folder, with a pretrained config).
     config: overrides the saved config (e.g. to switch the attention implementation
       or the mesh); architecture fields must match the checkpoint.
     step: checkpoint step; None = the latest.
     use_ema: return the EMA parameters when the run kept them.
   """
   config = checkpoints.load_config(workdir) if config is None else config
-  model, tokenizer = build.build_model(config, workdir)
+  config, model, tokenizer = initial.build_model(config, workdir)
   if config.get("mesh") is not None:
     try:
       mesh_lib.make_mesh(config.mesh)
@@ -53,7 +57,15 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
   shardings = mesh_lib.param_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if step is None and not checkpoints.has_checkpoint(checkpoint_dir):
+    # Nothing trained yet: a pretrained config answers with its own weights.
+    params = initial.initial_params(config, model, workdir, mesh, rules)
+    if params is not None:
+      print(f"{workdir} has no checkpoint: using the pretrained weights of "
+            f"init.pretrained={config.init.pretrained!r}", flush=True)
+      return config, model, tokenizer, params
   params = checkpoints.restore_params(
-      os.path.join(workdir, "checkpoints"), abstract, step,
+      checkpoint_dir, abstract, step,
       subtree="ema_params" if use_ema else "params", fallback_subtree="params")
   return config, model, tokenizer, params

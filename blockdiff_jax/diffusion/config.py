@@ -15,12 +15,18 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   d.beta = 1e-3  # Lower clip of the training noise level t.
   d.omega = 1.0  # Upper clip of the training noise level t.
   d.antithetic = True  # Stratify t across the batch.
+  # The logits at position i predict token i+1 (a pretrained AR model's head, reused);
+  # False = the logits at i predict token i (a model trained from scratch by BD3-LM).
+  d.token_shift = False
   return d
 
 
 def objective(config: ml_collections.ConfigDict, mask_id: int) -> losses.BlockDiffusionObjective:
   """The training objective of an experiment config."""
   d = config.diffusion
+  if d.get("token_shift", False):
+    raise ValueError("diffusion.token_shift=True (a pretrained AR model) needs a token-shift "
+                     "objective; the BD3-LM objective predicts token i at position i")
   return losses.BlockDiffusionObjective(
       block_size=d.block_size, mask_id=mask_id,
       schedule=schedules.make_schedule(d.schedule, d.eps),

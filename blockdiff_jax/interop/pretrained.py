@@ -194,6 +194,18 @@ def _tokenizer(folder: str, overrides: dict, add_mask: bool):
   return tok, mask_id, max(rows, mask_id + 1)
 
 
+def describe(spec: str, cache_dir: str | None = None, add_mask: bool = True
+             ) -> tuple[dict, tokenizer_lib.PretrainedTokenizer]:
+  """(model_overrides, tokenizer) that ``load`` gives, without reading the weights."""
+  folder = prepare(spec, cache_dir)
+  overrides = architectures.model_overrides(hf.read_hf_config(folder))
+  tok, mask_id, vocab = _tokenizer(folder, overrides, add_mask)
+  if vocab is not None:
+    overrides["vocab_size"] = vocab
+  overrides["_mask_id"] = mask_id
+  return overrides, tok
+
+
 def load_tokenizer(spec: str, cache_dir: str | None = None,
                    add_mask: bool = True) -> tokenizer_lib.PretrainedTokenizer:
   """The tokenizer ``load`` gives (MASK included), without reading the weights."""

@@ -22,10 +22,21 @@ from blockdiff_jax.model import transformer
 Array = Any
 
 
-def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
-  """(model, tokenizer) of a config; the tokenizer may come from the workdir (BPE)."""
+def build_model(config: ml_collections.ConfigDict, workdir: str | None = None,
+                tokenizer: tokenizers.Tokenizer | None = None):
+  """(model, tokenizer) of a config.
+
+  Args:
+    config: the experiment config.
+    workdir: where a trained BPE tokenizer is kept (``data.tokenizer=bpe``).
+    tokenizer: use this one (a pretrained model's) instead of ``config.data``'s.
+  """
   model_config_lib.validate(config)
-  tokenizer = tokenizers.get_tokenizer(config.data, workdir)
+  if tokenizer is None:
+    tokenizer = tokenizers.get_tokenizer(config.data, workdir)
+  elif config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {tokenizer.vocab_size} tokens")
   model = transformer.Transformer(model_config_lib.model_config(config, tokenizer.vocab_size))
   return model, tokenizer
 

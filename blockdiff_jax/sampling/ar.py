@@ -10,6 +10,11 @@ tokens up to itself -- causal attention. Each forward holds two tokens,
 ``[token q-1 as CLEAN ; MASK at q as NOISY]``: it commits q-1's K/V to the cache and
 predicts q in the same pass, so NFE = generated tokens (the prefill forward predicts the
 first one and is counted; nothing else is).
+
+A token-shifted model (``DecodeOptions.token_shift``: a pretrained AR model, whose logits
+at position i predict token i+1) decodes as any causal LM: every position is its own
+block (token-causal attention, the prompt included), and each forward holds only
+``[token q-1 as CLEAN]``, whose logits predict q.
 """
 
 import dataclasses
@@ -97,7 +102,9 @@ def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOption
   return out
 
 
-def _block_ids(pos, prompt_len, block_size):
+def _block_ids(pos, prompt_len, block_size, token_shift):
+  if token_shift:
+    return pos  # A causal LM: every token is its own block.
   return jnp.where(pos < prompt_len[:, None], pos // block_size, pos)
 
 
@@ -109,22 +116,29 @@ def _decode_ar(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, 
 
   def meta(pos, stream, valid):
     m = masks.make_meta(pos, bk, stream, jnp.where(valid, 0, -1))
-    return dataclasses.replace(m, block_ids=_block_ids(pos, prompt_len, bk))
+    return dataclasses.replace(m, block_ids=_block_ids(pos, prompt_len, bk, opt.token_shift))
 
   def pick(logits, key):
     logits = logits.at[..., opt.mask_id].set(_NEG)
     toks, _, _ = opt.sampling.propose(logits, key)
     return toks
 
-  # Prefill: the prompt (clean) and the MASK of the first new position (noisy).
   ppos = slot[:, :pmax]
-  qpos = prompt_len[:, None]
-  m = meta(ppos, masks.CLEAN, ppos < prompt_len[:, None]).concat(
-      meta(qpos, masks.NOISY, jnp.ones((b, 1), bool)))
-  inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
-  logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
+  pmeta = meta(ppos, masks.CLEAN, ppos < prompt_len[:, None])
+  if opt.token_shift:
+    # Prefill: the prompt; the logits of each row's last prompt token predict its first.
+    # Slots past a row's prompt are hidden; id 0 keeps them finite for a model that has
+    # no MASK row (mask_id = vocab_size).
+    inp = jnp.where(ppos < prompt_len[:, None], tokens[:, :pmax], 0)
+    logits, (k, v), _ = logits_fn(params, inp, pmeta, None, None)
+    logits = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)
+  else:
+    # Prefill: the prompt (clean) and the MASK of the first new position (noisy).
+    m = pmeta.concat(meta(prompt_len[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
+    inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
+    logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
   cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk,
-                                 block_ids=_block_ids(slot, prompt_len, bk))
+                                 block_ids=_block_ids(slot, prompt_len, bk, opt.token_shift))
   cache = cache.prefill(k[:, :, :pmax], v[:, :, :pmax], ppos < prompt_len[:, None])
   first = pick(logits[:, 0], jax.random.fold_in(rng, 0))
   tokens = jax.vmap(lambda row, t, q: row.at[q].set(t))(tokens, first, prompt_len)
@@ -135,10 +149,14 @@ def _decode_ar(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, 
     # Row-wise next position: prompt_len + q, i.e. q tokens generated so far.
     pos = jnp.minimum(prompt_len + st.q, length - 1)  # Finished rows idle in bounds.
     last = jnp.take_along_axis(st.tokens, (pos - 1)[:, None], axis=1)
-    m = meta((pos - 1)[:, None], masks.CLEAN, jnp.ones((b, 1), bool)).concat(
-        meta(pos[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
-    inp = jnp.concatenate([last, jnp.full((b, 1), opt.mask_id, jnp.int32)], axis=1)
-    logits, (k, v), _ = logits_fn(params, inp, m, st.cache.attention_view(), (1, 1))
+    m = meta((pos - 1)[:, None], masks.CLEAN, jnp.ones((b, 1), bool))
+    if opt.token_shift:  # [q-1]: its logits predict q.
+      inp, head = last, (0, 1)
+    else:  # [q-1 ; MASK at q]: the MASK's logits predict q.
+      m = m.concat(meta(pos[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
+      inp = jnp.concatenate([last, jnp.full((b, 1), opt.mask_id, jnp.int32)], axis=1)
+      head = (1, 1)
+    logits, (k, v), _ = logits_fn(params, inp, m, st.cache.attention_view(), head)
     cache = st.cache.commit(k[:, :, :1], v[:, :, :1], pos - 1, jnp.ones((b,), bool))
     tok = pick(logits[:, 0], jax.random.fold_in(rng, st.q))
     active = ~st.done

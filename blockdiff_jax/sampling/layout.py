@@ -45,6 +45,8 @@ class DecodeOptions:
     edit_threshold: tau_edit of token editing; 0 = editing off.
     patience: with editing, steps without any change before a block exits.
     stop_at_eos: stop a row after the block in which it generated EOS.
+    token_shift: the model's logits at position i predict token i+1 (a pretrained AR
+      model, or one adapted with the shift); False = the logits at i predict token i.
   """
 
   block_size: int
@@ -57,6 +59,7 @@ class DecodeOptions:
   edit_threshold: float = 0.0
   patience: int = 1
   stop_at_eos: bool = True
+  token_shift: bool = False
 
   def __post_init__(self):
     if self.block_size < 1:

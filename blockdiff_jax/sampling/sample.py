@@ -52,8 +52,12 @@ def default_sample_config() -> ml_collections.ConfigDict:
 
 
 def options_from_config(s: ml_collections.ConfigDict, block_size: int,
-                        tokenizer: tokenizers.Tokenizer) -> layout.DecodeOptions:
-  """DecodeOptions of a ``sample`` config section (validates every field)."""
+                        tokenizer: tokenizers.Tokenizer,
+                        token_shift: bool = False) -> layout.DecodeOptions:
+  """DecodeOptions of a ``sample`` config section (validates every field).
+
+  ``token_shift`` is the model's (``config.diffusion.token_shift``), not a decoding choice.
+  """
   policy = policies.make_policy(s.policy if s.policy != "ar" else "threshold",
                                 None if s.policy == "ar" else s.policy_value)
   return layout.DecodeOptions(
@@ -61,7 +65,7 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       policy=policy,
       sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
       sub_block_size=s.sub_block_size, max_steps_per_block=s.max_steps_per_block,
-      edit_threshold=s.edit_threshold, patience=s.patience)
+      edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift)
 
 
 def _first_eos(row: np.ndarray, eos_id: int) -> int:
@@ -213,7 +217,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   block_size = config.diffusion.block_size
   max_len = s.max_len or config.data.seq_len
   prompts = read_prompts(s)
-  options = options_from_config(s, block_size, tokenizer)
+  options = options_from_config(s, block_size, tokenizer,
+                                config.diffusion.get("token_shift", False))
   on_block = _console_streamer(tokenizer) if s.stream and s.policy != "ar" else None
   with inference.inference_context(config):
     rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,

@@ -135,7 +135,8 @@ class ShardedTrain:
     state_sharding: NamedShardings of the TrainState.
     batch_sharding: sharding of every input array's batch axis.
     abstract_state: ShapeDtypeStructs with shardings (checkpoint restore target).
-    init_state: ``init_state(seed) -> TrainState``, created in its shards.
+    init_state: ``init_state(seed, params=None) -> TrainState``, created in its shards
+      (from ``params``, e.g. pretrained weights, when given).
     train_step: ``train_step(state, batch, base_rng) -> (state, metrics)``; the
       state is donated; metrics come back replicated.
     eval_step: ``eval_step(params, batch, rng) -> metrics``.
@@ -206,8 +207,10 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
                      f"{t.grad_accum_steps} = {micro} sequences per micro-batch is not "
                      f"divisible by the {n_batch} batch shards of mesh {dict(mesh.shape)}")
 
-  def init_state(seed: int) -> state_lib.TrainState:
-    params = build.init_params(model, seed, mesh, rules)
+  def init_state(seed: int, params: Any = None) -> state_lib.TrainState:
+    """A fresh state from ``params`` (laid out on ``mesh``), or from a random init."""
+    if params is None:
+      params = build.init_params(model, seed, mesh, rules)
     create = jax.jit(lambda p: state_lib.create(p, tx, use_ema), out_shardings=s_sharding)
     return create(params)
 

