@@ -23,6 +23,7 @@ share a round.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import threading
 import time
@@ -116,7 +117,8 @@ class Engine:
   """
 
   def __init__(self, model: Any, params: Any, tokenizer: tokenizers.Tokenizer,
-               block_size: int, max_len: int, slots: int = 4, queue_size: int = 64):
+               block_size: int, max_len: int, slots: int = 4, queue_size: int = 64,
+               context: Callable[[], Any] | None = None):
     if slots < 1:
       raise ValueError(f"serve.slots must be >= 1, got {slots}")
     if queue_size < 1:
@@ -135,6 +137,8 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._last_round_s = 1.0
     self.rounds = 0
+    # Entered by the worker thread around decoding (e.g. the mesh context, thread-local).
+    self._context = context or contextlib.nullcontext
 
   # --- the caller's side --------------------------------------------------------------------
 
@@ -229,6 +233,10 @@ class Engine:
     return [p for p in batch if p.future.set_running_or_notify_cancel()]
 
   def _loop(self) -> None:
+    with self._context():
+      self._serve()
+
+  def _serve(self) -> None:
     while True:
       batch = self._take_round()
       if batch is None:
