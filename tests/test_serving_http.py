@@ -4,6 +4,7 @@ streaming, concurrency (batched answers equal each request alone) and error hand
 import asyncio
 import concurrent.futures
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ class _Running:
 
   def _main(self):
     asyncio.set_event_loop(self.loop)
-    self.runner = web.AppRunner(self.server.app())
+    self.runner = web.AppRunner(self.server.app(), handler_cancellation=True)
     self.loop.run_until_complete(self.runner.setup())
     site = web.TCPSite(self.runner, "127.0.0.1", 0)
     self.loop.run_until_complete(site.start())
@@ -185,7 +186,7 @@ def test_chat_over_long_names_messages(running):
   assert code == 400 and err["error"]["param"] == "messages"
 
 
-def test_full_queue_is_429_with_retry_after():
+def _tiny():
   c = config_lib.base_config()
   c.model.d_model = 32
   c.model.num_heads = 2
@@ -193,7 +194,11 @@ def test_full_queue_is_429_with_retry_after():
   c.model.head_dim = 16
   c.model.moe.expert_dim = 32
   model, tok = build.build_model(c)
-  params = build.init_params(model, 0)
+  return model, tok, build.init_params(model, 0)
+
+
+def test_full_queue_is_429_with_retry_after():
+  model, tok, params = _tiny()
   # Never started: the one queued request stays, so the next is refused.
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=1)
   r = _Running(server_lib.Server(eng, MODEL))
@@ -208,3 +213,34 @@ def test_full_queue_is_429_with_retry_after():
   finally:
     eng.start()
     r.stop()
+
+
+def test_time_limit_is_504_and_disconnect_frees_the_queue():
+  model, tok, params = _tiny()
+  # The engine is not started, so nothing is decoded: the limit is always reached.
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=4)
+  r = _Running(server_lib.Server(eng, MODEL, request_timeout_s=0.2))
+  try:
+    code, err, _ = _post(r, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "<|bos|>a"}).encode())
+    assert code == 504 and err["error"]["type"] == "timeout_error"
+    # A client that disconnects while queued: its request leaves the queue.
+    r.server.timeout = 1e9
+    body = json.dumps({"model": MODEL, "prompt": "<|bos|>a", "stream": False}).encode()
+    sock = socket.create_connection(("127.0.0.1", r.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(2000):  # Bounded: until the request is queued.
+      if any(not p.future.cancelled() for p in list(eng._queue)):  # pylint: disable=protected-access
+        break
+      threading.Event().wait(0.01)
+    sock.close()
+    for _ in range(2000):  # Bounded: until the server saw the disconnect.
+      if all(p.future.cancelled() for p in list(eng._queue)):  # pylint: disable=protected-access
+        break
+      threading.Event().wait(0.01)
+    assert all(p.future.cancelled() for p in list(eng._queue))  # pylint: disable=protected-access
+  finally:
+    eng.start()
+    r.stop()
+  assert eng.rounds == 0  # Nothing that left was decoded.

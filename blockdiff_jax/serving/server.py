@@ -266,4 +266,6 @@ def run(config, workdir: str, host: str | None = None, port: int | None = None) 
     eng.start()
     server = Server(eng, s.model_name, defaults, token_shift, s.request_timeout_s, compile_s)
     print(f"serving {s.model_name!r} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    web.run_app(server.app(), host=host, port=port, print=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its
+    # queued request.
+    web.run_app(server.app(), host=host, port=port, print=None, handler_cancellation=True)
