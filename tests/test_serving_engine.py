@@ -107,3 +107,29 @@ def test_failing_request_does_not_disturb_others(tiny):
   eng.start()
   eng.shutdown()
   assert list(f_bad.result().token_ids) == list(f_good.result().token_ids)
+
+
+def _compiles(cache):
+  """Compiled programs held by a decoder's jit cache (entries x traced shapes)."""
+  return sum(fn._cache_size() for fn in list(cache._items.values()))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_no_recompile_across_requests(tiny, ar):
+  from blockdiff_jax.sampling import ar as ar_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
+  model, tok, params = tiny
+  cache = ar_lib.JIT_CACHE if ar else decoder.JIT_CACHE
+  opts = _options(tok, policy=policies.Threshold(0.3))
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2)
+  eng.warmup([(opts, ar)])
+  before = _compiles(cache)
+  eng.start()
+  # Varied prompt lengths, max_tokens, batch fill and streaming: no new program.
+  futures = [eng.submit(engine_lib.Request(layout.parse(tok, p).ids, n, opts, ar=ar),
+                        on_tokens=(lambda ids: None) if i % 2 else None)
+             for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+  [f.result() for f in futures]
+  eng.submit(engine_lib.Request(layout.parse(tok, PROMPTS[1]).ids, 3, opts, ar=ar)).result()
+  eng.shutdown()
+  assert _compiles(cache) == before

@@ -9,8 +9,10 @@ the round is resolved and the next round starts. A request that arrives while a 
 runs waits for the next round (it does not join at the next forward).
 
 No recompilation per request: the canvas width (the context ``max_len`` rounded up to a
-block), the batch size and the prefill width are fixed, so the compiled decoder depends
-only on the decoding options. The AR decoder's prefill width is the longest prompt of the
+block), the batch size and the prefill width are fixed, and the block decoder always runs
+with its block callback (streaming or not), so the compiled decoder depends only on the
+decoding options (one compile per distinct options, made at start-up by ``warmup`` for
+the server's defaults; a request with other options compiles once on first use). The AR decoder's prefill width is the longest prompt of the
 batch, so AR batches carry one extra padding row whose prompt has the longest allowed
 length, which pins it.
 
@@ -290,10 +292,10 @@ class Engine:
     if req0.ar:
       out = ar_lib.decode_ar(self.model, self.params, canvas, req0.options, rng)
     else:
-      streaming = any(p.on_tokens is not None for p in batch)
-      on_block = self._block_streamer(batch, canvas) if streaming else None
+      # Always with the block callback, streaming or not: one compiled decoder per options.
       out = decoder.decode(self.model, self.params, canvas, req0.options, rng,
-                           on_block=on_block, prefill_width=self.prefill_width)
+                           on_block=self._block_streamer(batch, canvas),
+                           prefill_width=self.prefill_width)
     round_s = time.perf_counter() - t0
     self._last_round_s = round_s
     self.rounds += 1
