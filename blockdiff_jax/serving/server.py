@@ -74,6 +74,11 @@ class Server:
     except web.HTTPException as e:
       err = protocol.ApiError(e.status, e.reason, None)
       return web.json_response(err.body(), status=e.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      err = protocol.ApiError(500, f"internal error: {e!r}", None, "server_error")
+      return web.json_response(err.body(), status=500)
 
   # --- simple endpoints ---------------------------------------------------------------------
 
@@ -101,7 +106,11 @@ class Server:
   def render_chat(self, messages) -> str:
     """The tokenizer's chat template when it has one, else a plain role-prefixed rendering."""
     if hasattr(self.tokenizer, "apply_chat_template"):
-      return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      try:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      except Exception as e:  # pylint: disable=broad-except
+        # The template rejected the conversation (e.g. roles out of order).
+        raise protocol.ApiError(400, f"messages: {e}", "messages") from e
     lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return f"<|bos|>{lines}assistant:"
 
