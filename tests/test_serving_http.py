@@ -244,3 +244,23 @@ def test_time_limit_is_504_and_disconnect_frees_the_queue():
     eng.start()
     r.stop()
   assert eng.rounds == 0  # Nothing that left was decoded.
+
+
+def test_shutdown_drains_requests_in_flight():
+  model, tok, params = _tiny()
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=8)
+  r = _Running(server_lib.Server(eng, MODEL))
+  body = json.dumps({"model": MODEL, "prompt": "<|bos|>ab", "max_tokens": 8,
+                     **EXTRA}).encode()
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    futures = [pool.submit(_post, r, "/v1/completions", body) for _ in range(3)]
+    for _ in range(100000):  # Bounded: until all three wait in the (not started) engine.
+      if eng.queued == 3 or any(f.done() for f in futures):
+        break
+      threading.Event().wait(0.01)
+    assert eng.queued == 3
+    r.stop()  # Graceful: the engine drains the queue before the server closes.
+    answers = [f.result() for f in futures]
+  assert [a[0] for a in answers] == [200] * 3
+  assert len({a[1]["choices"][0]["text"] for a in answers}) == 1
+  assert eng.rounds == 3

@@ -198,6 +198,8 @@ class Engine:
         while self._queue:
           self._queue.popleft().future.cancel()
       self._cv.notify_all()
+    if self._thread is None and drain and self._queue:
+      self.start()  # Never started: the worker drains the queue, then exits.
     if self._thread is not None:
       self._thread.join()
 

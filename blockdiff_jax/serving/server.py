@@ -277,4 +277,5 @@ def run(config, workdir: str, host: str | None = None, port: int | None = None) 
     print(f"serving {s.model_name!r} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its
     # queued request.
-    web.run_app(server.app(), host=host, port=port, print=None, handler_cancellation=True)
+    web.run_app(server.app(), host=host, port=port, print=None, handler_cancellation=True,
+                shutdown_timeout=s.request_timeout_s)
