@@ -107,6 +107,9 @@ def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[in
       print(f"restored checkpoint step {step} instead of step {failures[0][0]} (newer "
             f"steps are corrupt: {[s for s, _ in failures]})", flush=True)
     return step, result
+  if explicit:
+    raise CorruptCheckpointError(f"checkpoint step {failures[0][0]} in {directory} does not "
+                                 f"restore: {failures[0][1]}")
   raise CorruptCheckpointError(
       f"no checkpoint in {directory} restores: " +
       "; ".join(f"step {s}: {r}" for s, r in failures))
