@@ -12,16 +12,48 @@ def _scalar(v: Any) -> float:
   return float(np.asarray(v))
 
 
+def truncate_rows(path: str, last_step: int) -> int:
+  """Drops the rows of ``path`` (JSONL) whose step is after ``last_step``; returns how many.
+
+  A torn last line (a kill mid-write) is dropped too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        keep = int(row["step"]) <= last_step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      kept += [line if line.endswith("\n") else line + "\n"] if keep else []
+      dropped += not keep
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
+
+
 class MetricsWriter:
   """Writes one JSON object per logged step to ``workdir/metrics.jsonl``.
 
   TensorBoard event files go to ``workdir/tensorboard`` when enabled (tensorboardX,
   so no TensorFlow is needed).
+
+  Args:
+    keep_through_step: a resumed run passes its restored step: rows of later steps
+      (written before the restart, trained again now) are dropped so no step repeats.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+  def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
+               keep_through_step: int | None = None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, filename)
+    if keep_through_step is not None:
+      truncate_rows(self.path, keep_through_step)
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:

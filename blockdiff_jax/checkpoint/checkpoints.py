@@ -5,19 +5,114 @@ A checkpoint step holds two items: ``state`` (the TrainState pytree, restored on
 the shardings of an abstract target) and ``data`` (the JSON position of the data
 iterator), so a resumed run continues with exactly the batches it would have seen.
 Orbax lists the steps; nothing here reads the step folders by hand.
+
+Integrity: Orbax/TensorStore report missing or truncated files and unreadable metadata,
+but a flipped byte inside an uncompressed array chunk restores as a silently different
+number. So every save also records a fingerprint of each array (a position-weighted sum
+of its bits, computed on the devices) in the ``data`` item, and a restore recomputes and
+compares it. A checkpoint that fails either check is skipped: the newest one that
+restores is used, and what was skipped and why is printed.
 """
 
 import json
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from blockdiff_jax.model import config as model_config_lib
 
 STATE, DATA = "state", "data"
+FINGERPRINT = "_array_fingerprints"  # Key of the fingerprints in the ``data`` item.
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint step cannot be restored faithfully (missing/garbled files or data)."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint holds other parameter shapes than the config asks for."""
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  bits = jax.lax.bitcast_convert_type(
+      x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+  # Odd weights are invertible mod 2**32: any change of one element changes the sum.
+  weights = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape) * 2 + 1
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> Any:
+  return jax.tree.map(_leaf_fingerprint, tree)
+
+
+def fingerprints(tree: Any) -> dict[str, int]:
+  """``{path: uint32 fingerprint}`` of every array leaf of ``tree`` (PRNG keys skipped)."""
+  leaves = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            and x.dtype.itemsize in (1, 2, 4)}
+  return {k: int(v) for k, v in jax.device_get(_fingerprints(leaves)).items()}
+
+
+def verify_fingerprints(tree: Any, data_state: dict | None, prefix: str = "") -> None:
+  """Raises CorruptCheckpointError when a restored array differs from what was saved.
+
+  Args:
+    tree: the restored arrays.
+    data_state: the ``data`` item saved with them (checkpoints written before
+      fingerprints existed have none: nothing to compare).
+    prefix: path of ``tree`` inside the saved state (e.g. ``"params/"``).
+  """
+  saved = (data_state or {}).get(FINGERPRINT)
+  if not saved:
+    return
+  for path, got in fingerprints(tree).items():
+    want = saved.get(prefix + path)
+    if want is not None and int(want) != got:
+      raise CorruptCheckpointError(f"array {prefix + path} differs from the one saved "
+                                   f"(fingerprint {got} != {want})")
+
+
+def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[int], Any],
+                    explicit: bool) -> tuple[int, Any]:
+  """Restores the newest of ``steps`` that restores; says which were skipped and why.
+
+  ``IncompatibleCheckpointError`` is raised at once (every step shares the config); any
+  other failure counts as corruption. With ``explicit`` (the caller asked for one step)
+  nothing falls back.
+  """
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  failures = []
+  for step in sorted(steps, reverse=True):
+    try:
+      result = restore_step(step)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      failures.append((step, reason))
+      if explicit:
+        break
+      print(f"checkpoint step {step} in {directory} does not restore ({reason}); "
+            f"trying an older one", flush=True)
+      continue
+    if failures:
+      print(f"restored checkpoint step {step} instead of step {failures[0][0]} (newer "
+            f"steps are corrupt: {[s for s, _ in failures]})", flush=True)
+    return step, result
+  if explicit:
+    raise CorruptCheckpointError(f"checkpoint step {failures[0][0]} in {directory} does not "
+                                 f"restore: {failures[0][1]}")
+  raise CorruptCheckpointError(
+      f"no checkpoint in {directory} restores: " +
+      "; ".join(f"step {s}: {r}" for s, r in failures))
 
 
 class Checkpointer:
@@ -37,9 +132,34 @@ class Checkpointer:
     """Saves ``step`` unless a checkpoint of that step exists already."""
     if step in self.manager.all_steps():
       return False
+    data_state = dict(data_state, **{FINGERPRINT: fingerprints(state)})
     return self.manager.save(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                          DATA: ocp.args.JsonSave(data_state)}), force=True)
+
+  def check_params(self, abstract_params: Any) -> None:
+    """Raises IncompatibleCheckpointError naming the first parameter of another shape.
+
+    Reads only metadata (of the newest step whose metadata reads), so it runs before
+    anything is compiled or written.
+    """
+    if not self.manager.all_steps():
+      return
+    manager = _reader(self.directory)
+    try:
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          saved = manager.item_metadata(step)[STATE].tree["params"]
+        except Exception:  # pylint: disable=broad-except
+          continue  # Unreadable metadata: the restore falls back past this step.
+        try:
+          check_params_fit(saved, abstract_params,
+                           f"checkpoint {os.path.join(self.directory, str(step))}")
+        except ValueError as e:
+          raise IncompatibleCheckpointError(str(e)) from None
+        return
+    finally:
+      manager.close()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, data position) of ``step`` (default: the latest).
@@ -48,13 +168,37 @@ class Checkpointer:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore onto.
       step: which checkpoint; None = latest.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
-                                         DATA: ocp.args.JsonRestore()}))
-    return restored[STATE], restored[DATA]
+    explicit = step is not None
+
+    def restore_step(s):
+      restored = self.manager.restore(
+          s, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                        DATA: ocp.args.JsonRestore()}))
+      data_state = restored[DATA]
+      if not isinstance(data_state, dict):
+        raise CorruptCheckpointError(f"data item is {type(data_state).__name__}, not a dict")
+      verify_fingerprints(restored[STATE], data_state)
+      data_state = {k: v for k, v in data_state.items() if k != FINGERPRINT}
+      return restored[STATE], data_state
+
+    steps = [step] if explicit else list(self.manager.all_steps())
+    restored_step, result = _restore_newest(self.directory, steps, restore_step, explicit)
+    self._set_aside_newer(restored_step)
+    return result
+
+  def _set_aside_newer(self, step: int) -> None:
+    """Moves steps newer than ``step`` (corrupt) out of the way, so they get rewritten."""
+    newer = [s for s in self.manager.all_steps() if s > step]
+    if not newer:
+      return
+    self.manager.wait_until_finished()
+    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for s in newer:
+      target = os.path.join(aside, f"{s}_{time.strftime('%Y%m%d_%H%M%S')}")
+      shutil.move(os.path.join(self.directory, str(s)), target)
+      print(f"moved corrupt checkpoint step {s} to {target}", flush=True)
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -70,6 +214,8 @@ def _path_str(path) -> str:
 
 def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> None:
   """Raises ValueError naming the first parameter whose saved shape differs.
+
+  (``IncompatibleCheckpointError``, a ValueError, from a checkpoint.)
 
   Args:
     saved: tree of checkpoint metadata (anything with ``.shape``).
@@ -88,6 +234,15 @@ def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> No
   extra = sorted(set(saved_flat) - set(want_flat))
   if extra:
     raise ValueError(f"{where} has parameters the config lacks: {extra[:5]}")
+
+
+def _reader(checkpoint_dir: str) -> ocp.CheckpointManager:
+  # A PyTree handler (not the Standard one the trainer saves with, same format on
+  # disk) because it reads the tree metadata and restores a subtree.
+  return ocp.CheckpointManager(
+      checkpoint_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                     DATA: ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
@@ -124,34 +279,39 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
   checkpoint_dir = os.path.abspath(checkpoint_dir)
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-  # A PyTree handler (not the Standard one the trainer saves with, same format on
-  # disk) because it reads the tree metadata and restores a subtree.
-  manager = ocp.CheckpointManager(
-      checkpoint_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                                     DATA: ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    elif step not in manager.all_steps():
-      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
-                              f"{list(manager.all_steps())})")
+  manager = _reader(checkpoint_dir)
+  explicit = step is not None
+
+  def restore_step(step):
     where = f"checkpoint {os.path.join(checkpoint_dir, str(step), STATE)}"
     tree = manager.item_metadata(step)[STATE].tree
-    if (subtree not in tree or tree[subtree] is None) and fallback_subtree is not None:
-      subtree = fallback_subtree
-    if subtree not in tree or tree[subtree] is None:
-      raise ValueError(f"{where} has no {subtree!r} (it holds {sorted(tree)})")
-    check_params_fit(tree[subtree], abstract_params, where)
-    target = {subtree: abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)}))
+    name = subtree
+    if (name not in tree or tree[name] is None) and fallback_subtree is not None:
+      name = fallback_subtree
+    if name not in tree or tree[name] is None:
+      raise CorruptCheckpointError(f"{where} has no {name!r} (it holds {sorted(tree)})")
+    try:
+      check_params_fit(tree[name], abstract_params, where)
+    except ValueError as e:
+      raise IncompatibleCheckpointError(str(e)) from None
+    target = {name: abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        DATA: ocp.args.JsonRestore()}))
+    verify_fingerprints(restored[STATE][name], restored[DATA], prefix=name + "/")
+    return restored[STATE][name]
+
+  try:
+    if explicit and step not in manager.all_steps():
+      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
+                              f"{list(manager.all_steps())})")
+    steps = [step] if explicit else list(manager.all_steps())
+    _, params = _restore_newest(checkpoint_dir, steps, restore_step, explicit)
   finally:
     manager.close()
-  return restored[STATE][subtree]
+  return params
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

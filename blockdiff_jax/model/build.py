@@ -34,7 +34,8 @@ def build_model(config: ml_collections.ConfigDict, workdir: str | None = None,
   model_config_lib.validate(config)
   if tokenizer is None:
     tokenizer = tokenizers.get_tokenizer(config.data, workdir)
-  elif config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
+  # Ids past the embedding table would turn the loss NaN at step 1.
+  if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} tokens")
   model = transformer.Transformer(model_config_lib.model_config(config, tokenizer.vocab_size))

@@ -73,6 +73,22 @@ def model_config(config: ml_collections.ConfigDict,
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid ``model`` field."""
   m = config.model
+  # Sizes a shape error would otherwise report later without naming the field.
+  for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    if m[name] < 1:
+      raise ValueError(f"model.{name} must be >= 1, got {m[name]}")
+  if m.vocab_size < 0:
+    raise ValueError(f"model.vocab_size must be >= 0 (0 = the tokenizer's), got {m.vocab_size}")
+  if m.moe.num_experts < 0:
+    raise ValueError(f"model.moe.num_experts must be >= 0, got {m.moe.num_experts}")
+  if m.moe.num_experts:
+    for name in ("top_k", "expert_dim", "moe_every", "tile_size"):
+      if m.moe[name] < 1:
+        raise ValueError(f"model.moe.{name} must be >= 1, got {m.moe[name]}")
+  for name in ("shared_expert_dim", "first_dense_layers", "capacity_factor",
+               "load_balance_weight", "z_loss_weight"):
+    if not m.moe[name] >= 0:
+      raise ValueError(f"model.moe.{name} must be >= 0, got {m.moe[name]}")
   rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor)
   if m.moe.router_mode not in moe.ROUTER_MODES:
     raise ValueError(f"model.moe.router_mode must be one of {moe.ROUTER_MODES}, "

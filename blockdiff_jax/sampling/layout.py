@@ -26,7 +26,10 @@ import numpy as np
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import policies
 
-_MARKER = re.compile(r"<\|([a-z_]+)(?::(\d+))?\|>")
+# Anything spelled like a marker (no spaces, 1-64 chars): a known special token,
+# ``<|mask:N|>``, or an error naming it (never silently literal text).
+_MARKER = re.compile(r"<\|([^\s<>|]{1,64})\|>")
+_SPAN = re.compile(r"mask:(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,25 +139,28 @@ def parse(tokenizer: tokenizers.Tokenizer, text: str) -> Parsed:
   for m in _MARKER.finditer(text):
     if m.start() > pos:
       _append_text(tokenizer, text[pos:m.start()], ids, maskable, pieces)
-    name, count = m.group(1), m.group(2)
-    if name == "mask" and count is not None:
-      n = int(count)
-      if n < 1:
-        raise ValueError(f"span {m.group(0)!r} must ask for at least 1 token")
+    marker, name = m.group(0), m.group(1)
+    if name.startswith("mask:"):
+      span = _SPAN.fullmatch(name)
+      if span is None or int(span.group(1)) < 1:
+        raise ValueError(f"malformed span marker {marker!r} in prompt: write <|mask:N|> "
+                         f"with N >= 1 tokens")
+      n = int(span.group(1))
       ids.append(np.full((n,), tokenizer.mask_id, np.int32))
       maskable.append(np.ones((n,), bool))
-      pieces.append(("span", m.group(0)))
+      pieces.append(("span", marker))
     else:
-      if count is not None:
-        raise ValueError(f"only <|mask:N|> takes a count, got {m.group(0)!r}")
+      if ":" in name:
+        raise ValueError(f"malformed marker {marker!r} in prompt: only <|mask:N|> takes "
+                         f"a count")
       try:
-        tid = tokenizer.token_id(name)
-      except KeyError as e:
-        raise ValueError(f"unknown special token {m.group(0)!r} in prompt; known: "
-                         f"{sorted(tokenizer.special_tokens)} and <|mask:N|>") from e
+        tid = tokenizer.token_id(marker if marker in tokenizer.special_tokens else name)
+      except KeyError:
+        raise ValueError(f"unknown special token {marker!r} in prompt; known: "
+                         f"{sorted(tokenizer.special_tokens)} and <|mask:N|>") from None
       ids.append(np.array([tid], np.int32))
       maskable.append(np.zeros((1,), bool))
-      pieces.append(("special", m.group(0)))
+      pieces.append(("special", marker))
     pos = m.end()
   if pos < len(text):
     _append_text(tokenizer, text[pos:], ids, maskable, pieces)

@@ -196,15 +196,73 @@ def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
 
 
 def read_prompts(s: ml_collections.ConfigDict) -> list[str]:
-  """Prompts from ``prompts_file`` (one per line) or the ';'-separated ``prompts``."""
+  """Prompts from ``prompts_file`` (one per line) or the ';'-separated ``prompts``.
+
+  Raises:
+    ValueError: naming the file and byte offset when it is not UTF-8.
+  """
   if s.prompts_file:
-    with open(s.prompts_file, encoding="utf-8") as f:
-      prompts = [line.rstrip("\n") for line in f if line.strip()]
+    with open(s.prompts_file, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise ValueError(f"prompts file {s.prompts_file} is not UTF-8: byte offset {e.start} "
+                       f"(line {line}) holds {raw[e.start:e.end]!r} ({e.reason})") from None
+    prompts = [line for line in text.split("\n") if line.strip()]
   else:
     prompts = [p for p in s.prompts.split(";") if p]
   if not prompts:
     raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
   return prompts
+
+
+def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
+           options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
+           ar: bool = False, rng: Any = None, on_block=None,
+           isd_stride: int = 0) -> tuple[list[dict], dict]:
+  """Answers each prompt on its own terms; a bad prompt is reported, not fatal.
+
+  Prompts with ``<|mask:N|>`` spans are infilled (``infill``), the others continued
+  (``generate``). A prompt that does not parse or fit gets ``{"prompt", "error"}``
+  instead of a result, and the others are answered.
+
+  Returns:
+    (one dict per prompt, in order, each with ``prompt`` and either results or
+    ``error``; the summary of the continued prompts, empty when there were none).
+  """
+  rows: list[dict | None] = [None] * len(prompts)
+  continue_idx, infill_idx = [], []
+  for i, p in enumerate(prompts):
+    try:
+      parsed = layout.parse(tokenizer, p)
+      if parsed.maskable.any():
+        if ar or isd_stride or options.token_shift:
+          raise ValueError("<|mask:N|> infilling needs the block decoder (a diffusion "
+                           "policy on a model without token_shift)")
+        layout.infill_canvas([parsed], options.block_size, max_len)
+        infill_idx.append(i)
+      else:
+        layout.generation_canvas([parsed.ids], max_new_tokens, options.block_size,
+                                 tokenizer.mask_id, max_len)
+        continue_idx.append(i)
+    except (ValueError, TypeError) as e:
+      rows[i] = {"prompt": p, "error": str(e)}
+  summary = {}
+  if continue_idx:
+    out, summary = generate(model, params, tokenizer, [prompts[i] for i in continue_idx],
+                            options, max_new_tokens, max_len, ar=ar, rng=rng,
+                            on_block=on_block, isd_stride=isd_stride)
+    for i, r in zip(continue_idx, out):
+      rows[i] = {"prompt": prompts[i], **r}
+  if infill_idx:
+    out = infill(model, params, tokenizer, [prompts[i] for i in infill_idx], options,
+                 max_len)
+    for i, r in zip(infill_idx, out):
+      rows[i] = {"prompt": prompts[i], "completion": r["text"], "spans": r["spans"],
+                 "nfe": r["nfe"], "tokens": [int(t) for t in r["tokens"]]}
+  return rows, summary
 
 
 def _console_streamer(tokenizer):
@@ -231,16 +289,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   on_block = (_console_streamer(tokenizer) if s.stream and s.policy not in ("ar", "isd")
               else None)
   with inference.inference_context(config):
-    rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,
-                             max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
-                             on_block=on_block,
-                             isd_stride=s.isd_stride if s.policy == "isd" else 0)
-  for p, r in zip(prompts, rows):
-    r["prompt"] = p
-    print(f"{p!r} -> {r['completion']!r}  (NFE {r['nfe']}, TPF {r['tpf']:.2f}, "
-          f"steps/block {r['steps_per_block']})", flush=True)
-  print(f"{summary['tokens_per_s']:.1f} generated tokens/s (wall time includes compilation)",
-        file=sys.stderr)
+    rows, summary = answer(model, params, tokenizer, prompts, options, s.max_new_tokens,
+                           max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
+                           on_block=on_block,
+                           isd_stride=s.isd_stride if s.policy == "isd" else 0)
+  for r in rows:
+    if "error" in r:
+      print(f"{r['prompt']!r} -> ERROR: {r['error']}", file=sys.stderr, flush=True)
+    elif "spans" in r:
+      print(f"{r['prompt']!r} -> {r['completion']!r}  (infilled, NFE {r['nfe']})", flush=True)
+    else:
+      print(f"{r['prompt']!r} -> {r['completion']!r}  (NFE {r['nfe']}, TPF {r['tpf']:.2f}, "
+            f"steps/block {r['steps_per_block']})", flush=True)
+  if summary:
+    print(f"{summary['tokens_per_s']:.1f} generated tokens/s (wall time includes "
+          f"compilation)", file=sys.stderr)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"samples_{time.strftime('%Y%m%d_%H%M%S')}.json")

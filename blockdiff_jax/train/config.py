@@ -36,9 +36,16 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
   if t.grad_accum_steps < 1 or config.data.batch_size % t.grad_accum_steps:
     raise ValueError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
                      f"data.batch_size={config.data.batch_size}")
-  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     if t[name] < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+  # 0 turns these off; a negative value would be accepted by optax and silently misbehave.
+  for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay", "min_lr_ratio"):
+    if not t[name] >= 0:  # Also refuses NaN.
+      raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
+  for name in ("b1", "b2"):
+    if not 0.0 <= t[name] < 1.0:
+      raise ValueError(f"train.{name} must be in [0, 1), got {t[name]}")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   if t.learning_rate <= 0:

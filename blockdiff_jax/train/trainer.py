@@ -7,13 +7,16 @@ import time
 
 from absl import logging
 import jax
+import flax.linen as nn
 import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
+from blockdiff_jax.checkpoint import workdir_lock
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax import metrics_writer
+from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.train import config as train_config
@@ -43,14 +46,27 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the model described by ``config`` in ``workdir``.
 
-  Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
+  One run at a time holds ``workdir`` (``workdir_lock``); a second one fails naming the
+  holder. Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
   """
   train_config.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A pretrained start fixes the architecture and tokenizer before config.json is written.
   config, model, tokenizer = initial.build_model(config, workdir)
-  checkpoints.save_config(config, workdir)
   t, d = config.train, config.data
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                  t.async_checkpoints)
+  try:
+    # A resume with another architecture fails here, before compiling or writing anything.
+    ckpt.check_params(nn.unbox(build.abstract_params(model)))
+  except Exception:
+    ckpt.close()
+    raise
+  checkpoints.save_config(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed)
   val_ds = None
   if t.eval_every:
@@ -65,8 +81,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # a config without a mesh runs on a one-device mesh.
   mesh, rules = mesh_lib.mesh_of(config)
   sharded = step_lib.make_sharded_train(config, mesh, model, obj, tx, lr_schedule, rules)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
-                                  t.async_checkpoints)
   resuming = ckpt.latest_step() is not None
   # Pretrained weights only start a run: a checkpoint of this workdir wins.
   start_params = None if resuming else initial.initial_params(
@@ -81,6 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   data_it = train_ds.iterator(0)
   if resuming:
+    # The newest checkpoint that restores (corrupt newer ones are named and set aside).
     state, data_state = ckpt.restore(sharded.abstract_state)
     data_it.set_state(data_state)
     print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
@@ -90,8 +105,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
   peak, peak_how = hardware.peak_flops(config.model.dtype)
-  writer = metrics_writer.MetricsWriter(workdir, t.tensorboard)
   start = int(state.step)
+  # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
+  writer = metrics_writer.MetricsWriter(workdir, t.tensorboard, keep_through_step=start)
   progress = metrics_writer.Progress(t.steps, start, stream=sys.stdout)
   bits = 1.0 / math.log(2)
   unigram = train_ds.unigram_entropy_bits
@@ -103,9 +119,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def check_finite(step_done, metrics):
     if float(metrics["finite"]) == 0.0:
-      raise NonFiniteError(
-          f"loss or gradient is NaN/Inf at step {step_done}; the update was dropped and the "
-          f"last checkpoint (step {ckpt.latest_step()}) is intact")
+      last_step = ckpt.latest_step()
+      kept = (f"the last checkpoint (step {last_step}) is intact" if last_step is not None
+              else "no checkpoint has been written yet")
+      raise NonFiniteError(f"loss or gradient is NaN/Inf at step {step_done}; the update "
+                           f"was dropped and {kept}")
 
   pending = None  # The previous step's metrics, read one step late to keep dispatch async.
   try:
