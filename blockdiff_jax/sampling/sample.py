@@ -3,7 +3,7 @@ r"""Text-level sampling API, the ``sample`` config section and ``--mode=sample``
   python -m blockdiff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=sample --config.sample.prompts="<|bos|>sort: 3 1 2<|sep|>"
 
-Metrics (DESIGN.md, "Metrics, defined once"): NFE = forward passes of the decoder while the
+Metrics, defined once for every decoder: NFE = forward passes of the decoder while the
 row was active. The prefill of full prompt blocks is reported separately
 (``prefill_passes``) and is not in NFE, since it produces no token; block commits ride along
 with the next block's first forward, so ``commit_passes`` is 0 and TPF needs no commit
