@@ -409,6 +409,9 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
     ``PackedLMDataset``.
   """
   corpora.validate_split(split)
+  if data_config.corpus == "sft":
+    from blockdiff_jax.data import sft  # pylint: disable=g-import-not-at-top  (sft builds on this module)
+    return sft.build_sft_dataset(data_config, tokenizer, split, seq_len, batch_size, seed)
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,
