@@ -193,7 +193,9 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
     # still takes this one forward (it commits the previous block), then finishes.
     sub = jnp.where(r.step == 0, first_sub_with_work(opt, x, blk_region, r.sub), r.sub)
     in_sub = (ar_bk[None] // opt.sub) == sub[:, None]
-    full = r.step == 0  # The whole block runs (and refreshes the buffer).
+    # The whole block runs (and refreshes the buffer): on each sub-block's first step,
+    # or with the dual cache only on the block's first step.
+    full = (r.block_steps == 0) if opt.dual_cache else (r.step == 0)
     idle = sub >= opt.num_sub
     in_window = in_sub
     if opt.token_shift:
