@@ -38,7 +38,7 @@ def test_packed_rows_mark_responses_and_align_examples_to_blocks(tmp_path, multi
   lines.append({"messages": [{"role": "user", "content": "hi"},
                              {"role": "assistant", "content": "hello there"}]})
   records = sft.jsonl_records(_write(tmp_path, lines))
-  ds = sft.PackedSFTDataset(records, tok, seq_len, 2, multiple, shuffle=False,
+  ds = pipeline.PackedSFTDataset(records, tok, seq_len, 2, multiple, shuffle=False,
                             score_padding=False)
   rows = ds.rows
   # Rebuild every example from the packed rows and check it against its rendering.
@@ -92,7 +92,7 @@ def test_build_dataset_sft_corpus_synthetic_source():
   d = data_config_lib.default_data_config()
   d.corpus, d.sft_source, d.sft_max_examples, d.sft_block_multiple = "sft", "synthetic", 50, 8
   ds = pipeline.build_dataset(d, BYTE, "train", 64, 4, seed=0)
-  assert isinstance(ds, sft.PackedSFTDataset)
+  assert isinstance(ds, pipeline.PackedSFTDataset)
   b = ds.get_batch(0)
   np.testing.assert_array_equal(b["tokens"], ds.get_batch(0)["tokens"])
   assert b["loss_mask"].sum() > 0 and (b["loss_mask"] < 1).any()

@@ -21,6 +21,8 @@ the sha1 of its prompt text, read as a fraction of 2**160, is below
 ``data.validation_fraction`` (``corpora.split_of``), else to ``train``; synthetic
 examples use the task generator's own disjoint validation stream.
 
+The dataset (``pipeline.PackedSFTDataset``, ``data.corpus="sft"``) packs these rows.
+
 Layout: each example is padded with EOS to a multiple of ``data.sft_block_multiple``
 (the diffusion block size, so every example starts on a block boundary); examples
 are packed greedily, in order, into rows of ``seq_len`` with their own segment ids,
@@ -38,9 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from blockdiff_jax.data import corpora
-from blockdiff_jax.data import pipeline
 from blockdiff_jax.data import synthetic
-from blockdiff_jax.data import tokenizers
 
 Pair = tuple[str, str]
 MAX_DOC_CHARS = 600
@@ -197,44 +197,3 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
     raise ValueError(f"no SFT example fits in seq_len={seq_len} ({dropped} dropped)")
   stack = lambda i: np.stack([r[i] for r in rows])
   return {"tokens": stack(0), "loss_mask": stack(1), "segment_ids": stack(2)}, dropped
-
-
-class PackedSFTDataset(pipeline.Dataset):
-  """Packed SFT rows (module docstring); row j of epoch e is ``perm_e[j]``."""
-
-  def __init__(self, records: Sequence[Pair | list[dict]], tokenizer: tokenizers.Tokenizer,
-               seq_len: int, batch_size: int, multiple: int, seed: int = 0,
-               shuffle: bool = True, score_padding: bool = True):
-    super().__init__(tokenizer, seq_len, batch_size)
-    self.records = list(records)
-    self.rows, self.dropped = pack([render(tokenizer, r) for r in self.records], seq_len,
-                                   multiple, tokenizer.eos_id, score_padding)
-    self.num_rows = len(self.rows["tokens"])
-    self.seed, self.shuffle = int(seed), bool(shuffle)
-
-  def get_batch(self, index: int) -> pipeline.Batch:
-    index = pipeline._check_index(index)  # pylint: disable=protected-access
-    idx = []
-    for j in range(index * self.batch_size, (index + 1) * self.batch_size):
-      epoch, pos = divmod(j, self.num_rows)
-      perm = (pipeline._permutation(self.seed, epoch, self.num_rows)  # pylint: disable=protected-access
-              if self.shuffle else np.arange(self.num_rows))
-      idx.append(int(perm[pos]))
-    return {k: v[idx] for k, v in self.rows.items()}
-
-  @property
-  def stats(self) -> pipeline.TokenStats:
-    answers = [r[-1]["content"] if isinstance(r, list) else r[1] for r in self.records[:1000]]
-    ids = np.concatenate(self.tokenizer.encode_batch(answers))
-    return pipeline.token_stats(answers, pipeline._unigram_counts(ids, self.tokenizer))  # pylint: disable=protected-access
-
-
-def build_sft_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer, split: str,
-                      seq_len: int, batch_size: int, seed: int) -> PackedSFTDataset:
-  """The ``corpus="sft"`` dataset of ``split`` (validation rows are not shuffled)."""
-  d = data_config
-  records = load_records(d.sft_source, split, d.validation_fraction, d.sft_max_examples,
-                         d.synthetic_tasks, d.seed, d.synthetic_digits)
-  return PackedSFTDataset(records, tokenizer, seq_len, batch_size, d.sft_block_multiple,
-                          seed=seed, shuffle=split == "train",
-                          score_padding=d.sft_score_padding)
