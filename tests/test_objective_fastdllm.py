@@ -126,3 +126,26 @@ def test_config_selects_objective_and_validates():
   c.diffusion.objective = "nope"
   with pytest.raises(ValueError, match="diffusion.objective"):
     diffusion_config.validate(c)
+
+
+def test_trainer_runs_the_fastdllm_objective_from_a_pretrained_checkpoint(tmp_path):
+  """The same trainer, checkpoints and metrics: two steps on a tiny Llama with the shift."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from test_init_pretrained import _config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  c = _config(_tiny_folder(tmp_path))
+  c.diffusion.token_shift = True
+  c.diffusion.objective = "fastdllm"
+  c.diffusion.block_size = 16
+  c.data.corpus = "sft"
+  c.data.sft_source = "synthetic"
+  c.data.sft_max_examples = 20
+  c.data.sft_block_multiple = 16
+  c.train.learning_rate = 1e-4
+  workdir = str(tmp_path / "run")
+  trainer.run(c, workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints")) or any(
+      "checkpoint" in n for n in os.listdir(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["diffusion"]["objective"] == "fastdllm"

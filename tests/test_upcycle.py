@@ -48,3 +48,24 @@ def test_upcycle_model_config_and_errors():
     upcycle.upcycle_model_config(m, 1)
   with pytest.raises(ValueError, match="no dense 'mlp'"):
     upcycle.upcycle_params({"embed": {"embedding": np.zeros((2, 2))}}, 4)
+
+
+def test_config_field_upcycles_the_pretrained_dense_checkpoint(tmp_path):
+  """init.pretrained (a tiny Llama folder) + model.moe.upcycle_from_dense -> same logits."""
+  from test_init_pretrained import _config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import initial  # pylint: disable=g-import-not-at-top
+  folder = _tiny_folder(tmp_path)
+  c = _config(folder)
+  dense_cfg, dense_model, _ = initial.build_model(c, str(tmp_path / "d"))
+  dense_params = initial.initial_params(dense_cfg, dense_model, str(tmp_path / "d"))
+  c.model.moe.upcycle_from_dense = True
+  c.model.moe.num_experts = 4
+  c.model.moe.top_k = 2
+  up_cfg, up_model, _ = initial.build_model(c, str(tmp_path / "u"))
+  assert up_cfg.model.moe.num_experts == 4 and up_cfg.model.moe.expert_dim == up_cfg.model.mlp_dim
+  up_params = initial.initial_params(up_cfg, up_model, str(tmp_path / "u"))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 100)
+  meta = masks.training_meta(8, 4, 2)
+  want, _ = dense_model.apply({"params": dense_params}, tokens, meta)
+  got, _ = up_model.apply({"params": up_params}, tokens, meta)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
