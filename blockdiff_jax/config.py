@@ -13,6 +13,7 @@ live next to the code it configures, and this module only assembles them:
 | mesh        | ``blockdiff_jax/model/mesh.py`` (optional; none = one device) |
 | sample      | ``blockdiff_jax/sampling/sample.py`` |
 | eval        | ``blockdiff_jax/evaluation/eval_config.py`` |
+| serve       | ``blockdiff_jax/serving/config.py`` |
 
 Config files override what they need; the command line overrides the rest, e.g.
 ``--config.model.moe.num_experts=8``. ``validate`` runs before anything compiles and
@@ -28,6 +29,7 @@ from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.model import config as model_config_lib
 from blockdiff_jax.sampling import sample as sample_lib
+from blockdiff_jax.serving import config as serve_config
 from blockdiff_jax.train import config as train_config
 
 # The static model config and the objective of an experiment config, for config
@@ -46,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = data_config.default_data_config()  # Corpus, tokenizer, sequence length, batch.
   c.sample = sample_lib.default_sample_config()  # Decoding policy, limits, prompts.
   c.eval = eval_config.default_eval_config()  # Tasks and settings of --mode=eval.
+  c.serve = serve_config.default_serve_config()  # --mode=serve: host, port, slots, queue.
   c.train = train_config.default_train_config()  # Optimizer, schedule, logging, checkpoints.
   return c
 

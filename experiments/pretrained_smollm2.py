@@ -139,7 +139,8 @@ def write_results(result: dict, path_base: str) -> None:
     lines.append(f"| {r['phase']} | {r['wall_s']:.1f} | {r['tracemalloc_peak_mb']:.0f} | "
                  f"{r['max_rss_mb']:.0f} | {r['rss_before_load_mb']:.0f} |")
   lines += ["", f"AR greedy decoding, batch 1, {result['decode']['rows'][0]['new_tokens']} "
-            "new tokens per prompt (timed after a warm-up; ours with "
+            "new tokens per prompt (timed after a warm-up; ours = `sampling.ar`, the jit "
+            "KV-cache decoder with the token shift, with "
             f"scan_layers={result['decode']['scan_layers']}):", "",
             "| prompt | prompt tokens | ours tok/s | transformers tok/s (threads) | speedup | "
             "identical | answer |", "|---|---|---|---|---|---|---|"]

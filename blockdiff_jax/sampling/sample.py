@@ -26,6 +26,7 @@ import numpy as np
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
+from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 
@@ -33,9 +34,10 @@ from blockdiff_jax.sampling import policies
 def default_sample_config() -> ml_collections.ConfigDict:
   """Defaults of the ``sample`` config section (the lead attaches it as config.sample)."""
   s = ml_collections.ConfigDict()
-  s.policy = "threshold"  # threshold | factor | topk | entropy | margin | l2r | ar.
+  s.policy = "threshold"  # threshold | factor | topk | entropy | margin | l2r | ar | isd.
   s.policy_value = 0.9  # tau | f | steps per block | gamma | margin threshold (l2r: unused).
   s.max_new_tokens = 32  # Generated tokens per prompt at most.
+  s.isd_stride = 4  # policy=isd (token-shifted models): N; a forward verifies N-1 drafts.
   s.sub_block_size = 0  # 0 = whole-block steps; else sub-block size (divides block_size).
   # With sub-blocks: refresh the block's K/V buffer only at block starts (Fast-dLLM v1
   # dual cache; approximate) instead of at each sub-block's start.
@@ -61,8 +63,9 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
 
   ``token_shift`` is the model's (``config.diffusion.token_shift``), not a decoding choice.
   """
-  policy = policies.make_policy(s.policy if s.policy != "ar" else "threshold",
-                                None if s.policy == "ar" else s.policy_value)
+  one_token = s.policy in ("ar", "isd")  # Decoders without a block policy.
+  policy = policies.make_policy("threshold" if one_token else s.policy,
+                                None if one_token else s.policy_value)
   return layout.DecodeOptions(
       block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
       policy=policy,
@@ -110,7 +113,8 @@ def _results(tokenizer, canvas, out, wall_s, block_size) -> list[dict]:
 def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
              options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
              width: int | None = None, ar: bool = False, rng: Any = None,
-             on_block=None, warmup: bool = False) -> tuple[list[dict], dict]:
+             on_block=None, warmup: bool = False,
+             isd_stride: int = 0) -> tuple[list[dict], dict]:
   """Continues text prompts (with ``<|special|>`` names) in one batch.
 
   Args:
@@ -123,8 +127,9 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
     width: fixed canvas width (same shapes and compiles across calls).
     ar: decode autoregressively (one token per forward) instead.
     rng: sampling key.
-    on_block: streaming callback (see ``decoder.decode``); ignored for AR.
+    on_block: streaming callback (see ``decoder.decode``); ignored for AR and ISD.
     warmup: run once before timing so tokens/s excludes compilation.
+    isd_stride: > 0: introspective strided decoding with this stride (``isd``).
 
   Returns:
     (per-row result dicts, batch summary with forwards, tokens/s, mean TPF...).
@@ -137,8 +142,12 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
     ids.append(parsed.ids)
   canvas = layout.generation_canvas(ids, max_new_tokens, options.block_size,
                                     tokenizer.mask_id, max_len, width)
-  run = (lambda: ar_lib.decode_ar(model, params, canvas, options, rng)) if ar else (
-      lambda: decoder.decode(model, params, canvas, options, rng, on_block=on_block))
+  if isd_stride:
+    run = lambda: isd.decode_isd(model, params, canvas, options, isd_stride, rng)
+  elif ar:
+    run = lambda: ar_lib.decode_ar(model, params, canvas, options, rng)
+  else:
+    run = lambda: decoder.decode(model, params, canvas, options, rng, on_block=on_block)
   if warmup:
     run()
   t0 = time.perf_counter()
@@ -223,11 +232,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer,
                                 config.diffusion.get("token_shift", False))
-  on_block = _console_streamer(tokenizer) if s.stream and s.policy != "ar" else None
+  on_block = (_console_streamer(tokenizer) if s.stream and s.policy not in ("ar", "isd")
+              else None)
   with inference.inference_context(config):
     rows, summary = generate(model, params, tokenizer, prompts, options, s.max_new_tokens,
                              max_len, ar=s.policy == "ar", rng=jax.random.key(s.seed),
-                             on_block=on_block)
+                             on_block=on_block,
+                             isd_stride=s.isd_stride if s.policy == "isd" else 0)
   for p, r in zip(prompts, rows):
     r["prompt"] = p
     print(f"{p!r} -> {r['completion']!r}  (NFE {r['nfe']}, TPF {r['tpf']:.2f}, "

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving over the jit decoders (engine, protocol, server)."""

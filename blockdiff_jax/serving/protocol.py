@@ -1,0 +1,210 @@
+"""The OpenAI wire format: request validation and response bodies (no HTTP here).
+
+Validation raises ``ApiError`` naming the offending field (``param``), which the server
+turns into an OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``.
+
+Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat), ``max_tokens``
+(chat also ``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike
+OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``, ``n`` (1
+only). Decoder options as extra body fields: ``policy`` (threshold | factor | topk |
+entropy | margin | l2r | ar), ``policy_value`` (alias ``threshold``), ``sub_block_size``,
+``edit_threshold``, ``max_steps_per_block``.
+"""
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import policies
+
+POLICIES = tuple(sorted(policies.POLICIES)) + ("ar",)
+
+
+class ApiError(Exception):
+  """An error answered to the client with an HTTP status and an OpenAI error body."""
+
+  def __init__(self, status: int, message: str, param: str | None = None,
+               type_: str = "invalid_request_error", code: str | None = None,
+               headers: dict | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param = status, message, param
+    self.type, self.code, self.headers = type_, code, headers or {}
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """Server-side defaults of the decoding fields (from the ``sample``/``serve`` config)."""
+
+  policy: str = "threshold"
+  policy_value: float = 0.9
+  sub_block_size: int = 0
+  edit_threshold: float = 0.0
+  max_steps_per_block: int = 0
+  max_tokens: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+  """A validated request: what to decode and how to answer.
+
+  Attributes:
+    prompt_text: the prompt (chat: rendered by the template).
+    max_tokens: tokens to generate at most (None = the server default, capped to fit).
+    options: decoder options.
+    ar: AR decoding.
+    seed: sampling seed.
+    stop: stop strings.
+    stream: answer by SSE.
+  """
+
+  prompt_text: str
+  max_tokens: int | None
+  options: layout.DecodeOptions
+  ar: bool
+  seed: int
+  stop: tuple[str, ...]
+  stream: bool
+
+
+def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
+            lo_open=False):
+  v = body.get(name, default)
+  if v is None:
+    return default
+  ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+  if isinstance(v, bool) or not ok:
+    raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, "
+                   f"got {v!r}", name)
+  if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+    raise ApiError(400, f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}",
+                   name)
+  return v
+
+
+def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size: int,
+                  mask_id: int, eos_id: int, defaults: Defaults,
+                  token_shift: bool = False, render_chat=None) -> Parsed:
+  """Validates a completions (``chat=False``) or chat request body; raises ApiError."""
+  if not isinstance(body, dict):
+    raise ApiError(400, "the request body must be a JSON object", None)
+  model = body.get("model")
+  if not isinstance(model, str):
+    raise ApiError(400, "model is required (a string)", "model")
+  if model != model_name:
+    raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                   f"{model_name!r}", "model", code="model_not_found")
+  if chat:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+      raise ApiError(400, "messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+      if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+          or not isinstance(m.get("content"), str)):
+        raise ApiError(400, f"messages[{i}] must be {{'role': str, 'content': str}}",
+                       f"messages[{i}]")
+    prompt = render_chat(messages)
+  else:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+      prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+      raise ApiError(400, "prompt must be a non-empty string (one prompt per request)",
+                     "prompt")
+  if _number(body, "n", 1, integer=True) != 1:
+    raise ApiError(400, "only n=1 is supported", "n")
+  name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+  max_tokens = _number(body, name, None, lo=1, integer=True)
+  temperature = float(_number(body, "temperature", 0.0, lo=0, hi=2))
+  top_p = float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
+  seed = _number(body, "seed", 0, integer=True)
+  stream = body.get("stream", False)
+  if not isinstance(stream, bool):
+    raise ApiError(400, f"stream must be a boolean, got {stream!r}", "stream")
+  stop = body.get("stop")
+  stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+  if (not isinstance(stop, (list, tuple)) or len(stop) > 4
+      or not all(isinstance(s, str) and s for s in stop)):
+    raise ApiError(400, "stop must be a non-empty string or a list of up to 4", "stop")
+
+  policy = body.get("policy", "ar" if token_shift else defaults.policy)
+  if policy not in POLICIES:
+    raise ApiError(400, f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
+  if token_shift and policy != "ar":
+    raise ApiError(400, "this model is token-shifted (a causal LM): only policy 'ar' "
+                   "decodes it", "policy")
+  value_field = "threshold" if "threshold" in body else "policy_value"
+  value = _number(body, value_field, defaults.policy_value if "policy" not in body
+                  or policy == defaults.policy else None)
+  sub = _number(body, "sub_block_size", defaults.sub_block_size, lo=0, integer=True)
+  edit = _number(body, "edit_threshold", defaults.edit_threshold, lo=0, hi=1)
+  steps = _number(body, "max_steps_per_block", defaults.max_steps_per_block, lo=0,
+                  integer=True)
+  try:
+    policy_obj = policies.make_policy("threshold" if policy == "ar" else policy,
+                                      None if policy == "ar" else value)
+  except (ValueError, TypeError) as e:
+    raise ApiError(400, f"{value_field}: {e}", value_field) from e
+  try:
+    sampling = policies.Sampling(temperature, 0, top_p)
+  except ValueError as e:
+    raise ApiError(400, str(e), "temperature") from e
+  try:
+    options = layout.DecodeOptions(
+        block_size=block_size, mask_id=mask_id, eos_id=eos_id, policy=policy_obj,
+        sampling=sampling, sub_block_size=int(sub), max_steps_per_block=int(steps),
+        edit_threshold=float(edit), token_shift=token_shift)
+  except ValueError as e:
+    field = "sub_block_size" if "sub_block" in str(e) else "edit_threshold"
+    raise ApiError(400, str(e), field) from e
+  return Parsed(prompt, max_tokens, options, policy == "ar", int(seed), tuple(stop), stream)
+
+
+def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+  """Cuts ``text`` before the first stop string; returns (text, whether one was found)."""
+  cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+  return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, generated: int, nfe: int) -> dict:
+  """OpenAI usage plus the decoder's NFE and TPF (generated tokens, EOS included, / NFE)."""
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe,
+          "tpf": generated / max(nfe, 1)}
+
+
+def completion_body(rid: str, model: str, chat: bool, text: str, finish: str,
+                    use: dict) -> dict:
+  if chat:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text},
+              "finish_reason": finish, "logprobs": None}
+  else:
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+  return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+          "created": int(time.time()), "model": model, "choices": [choice], "usage": use}
+
+
+def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str | None,
+               use: dict | None = None, role: bool = False) -> dict:
+  """One SSE chunk (``text`` None = no content, e.g. the role or the final chunk)."""
+  if chat:
+    delta = {"role": "assistant"} if role else {}
+    if text is not None:
+      delta["content"] = text
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+  else:
+    choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+  out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+         "created": int(time.time()), "model": model, "choices": [choice]}
+  if use is not None:
+    out["usage"] = use
+  return out

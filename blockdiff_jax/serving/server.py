@@ -1,0 +1,281 @@
+r"""The OpenAI-compatible HTTP server (``--mode=serve``).
+
+  python -m blockdiff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
+      --mode=serve --port=8000
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``. Request fields and decoder options: see ``protocol``.
+
+Library: aiohttp. It is one mature, actively maintained package (server and client,
+asyncio-native) with streaming responses (SSE) and graceful shutdown built in, and no
+ASGI server to pair with it (starlette would need uvicorn as a second moving part).
+
+Streaming (``stream: true``): block-diffusion decoding sends each committed block's text
+as soon as the block is final (the decoder's ``on_block`` callback); AR decoding sends
+the completion in one chunk when the round finishes. Every stream ends with a chunk that
+carries ``finish_reason`` and ``usage``, then ``data: [DONE]``.
+
+Robustness: validation errors are HTTP 400 (an unknown model 404) with an OpenAI error
+body naming the field; a full queue is 429 with ``Retry-After``; each request has a time
+limit (504 after it); a client that disconnects while queued is dropped before decoding
+(one already decoding finishes its round: rounds are not interrupted); a failing decode is
+retried row by row so only the failing request gets the 500; on shutdown the engine
+drains what is queued and running.
+"""
+
+import asyncio
+import json
+import math
+import sys
+import time
+
+from aiohttp import web
+import numpy as np
+
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.serving import engine as engine_lib
+from blockdiff_jax.serving import protocol
+
+
+class Server:
+  """The aiohttp application over an ``engine_lib.Engine``."""
+
+  def __init__(self, engine: engine_lib.Engine, model_name: str,
+               defaults: protocol.Defaults = protocol.Defaults(),
+               token_shift: bool = False, request_timeout_s: float = 600.0,
+               compile_s: float | None = None):
+    self.engine, self.tokenizer = engine, engine.tokenizer
+    self.model_name, self.defaults = model_name, defaults
+    self.token_shift, self.timeout = token_shift, request_timeout_s
+    self.compile_s = compile_s
+    self.created = int(time.time())
+    self.stopping = False
+
+  def app(self) -> web.Application:
+    app = web.Application(middlewares=[self._errors])
+    app.router.add_post("/v1/completions", self.completions)
+    app.router.add_post("/v1/chat/completions", self.chat)
+    app.router.add_get("/v1/models", self.models)
+    app.router.add_get("/health", self.health)
+    app.on_shutdown.append(self._on_shutdown)
+    return app
+
+  async def _on_shutdown(self, app):
+    del app
+    self.stopping = True
+    await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+  @web.middleware
+  async def _errors(self, request, handler):
+    try:
+      return await handler(request)
+    except protocol.ApiError as e:
+      return web.json_response(e.body(), status=e.status, headers=e.headers)
+    except web.HTTPException as e:
+      err = protocol.ApiError(e.status, e.reason, None)
+      return web.json_response(err.body(), status=e.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      err = protocol.ApiError(500, f"internal error: {e!r}", None, "server_error")
+      return web.json_response(err.body(), status=500)
+
+  # --- simple endpoints ---------------------------------------------------------------------
+
+  async def models(self, request):
+    del request
+    return web.json_response({"object": "list", "data": [
+        {"id": self.model_name, "object": "model", "created": self.created,
+         "owned_by": "blockdiff_jax"}]})
+
+  async def health(self, request):
+    del request
+    body = {"status": "stopping" if self.stopping else "ok", "queued": self.engine.queued,
+            "slots": self.engine.slots, "rounds": self.engine.rounds,
+            "compile_s": self.compile_s}
+    return web.json_response(body, status=503 if self.stopping else 200)
+
+  # --- generation ---------------------------------------------------------------------------
+
+  async def completions(self, request):
+    return await self._generate(request, chat=False)
+
+  async def chat(self, request):
+    return await self._generate(request, chat=True)
+
+  def render_chat(self, messages) -> str:
+    """The tokenizer's chat template when it has one, else a plain role-prefixed rendering."""
+    if hasattr(self.tokenizer, "apply_chat_template"):
+      try:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      except Exception as e:  # pylint: disable=broad-except
+        # The template rejected the conversation (e.g. roles out of order).
+        raise protocol.ApiError(400, f"messages: {e}", "messages") from e
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return f"<|bos|>{lines}assistant:"
+
+  def encode(self, text: str) -> np.ndarray:
+    if hasattr(self.tokenizer, "encode_with_specials"):
+      return np.asarray(self.tokenizer.encode_with_specials(text), np.int32)
+    try:
+      parsed = layout.parse(self.tokenizer, text)
+    except ValueError as e:
+      raise protocol.ApiError(400, f"prompt: {e}", "prompt") from e
+    if parsed.maskable.any():
+      raise protocol.ApiError(400, "prompt: <|mask:N|> spans are not supported here",
+                              "prompt")
+    return parsed.ids
+
+  async def _generate(self, request, chat: bool):
+    if self.stopping:
+      raise protocol.ApiError(503, "the server is shutting down", None, "server_error")
+    try:
+      body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise protocol.ApiError(400, f"the body is not valid JSON: {e}", None) from e
+    parsed = protocol.parse_request(
+        body, self.model_name, chat, self.tokenizer, self.engine.block_size,
+        self.tokenizer.mask_id, self.tokenizer.eos_id, self.defaults, self.token_shift,
+        render_chat=self.render_chat)
+    ids = self.encode(parsed.prompt_text)
+    max_tokens = parsed.max_tokens
+    if max_tokens is None:
+      max_tokens = max(1, min(self.defaults.max_tokens, self.engine.max_len - len(ids)))
+    try:
+      self.engine.check(ids, max_tokens)
+    except ValueError as e:
+      field = str(e).split(":", 1)[0]
+      param = "messages" if chat and field == "prompt" else field
+      raise protocol.ApiError(400, str(e), param, code="context_length_exceeded") from e
+    req = engine_lib.Request(ids, max_tokens, parsed.options, parsed.ar, parsed.seed,
+                             deadline=time.monotonic() + self.timeout)
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    if parsed.stream:
+      return await self._stream(request, req, parsed, rid, chat)
+    future = self._submit(req)
+    try:
+      result = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+    except asyncio.TimeoutError as e:
+      future.cancel()
+      raise protocol.ApiError(504, f"the request took longer than {self.timeout} s", None,
+                              "timeout_error") from e
+    except asyncio.CancelledError:
+      future.cancel()  # The client disconnected: drop it if it has not started.
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise protocol.ApiError(500, f"decoding failed: {e!r}", None, "server_error") from e
+    text, finish, completion = self._finish_text(result, parsed.stop)
+    use = protocol.usage(len(ids), completion, result.generated_tokens, result.nfe)
+    return web.json_response(protocol.completion_body(rid, self.model_name, chat, text,
+                                                      finish, use))
+
+  def _submit(self, req, on_tokens=None):
+    try:
+      return self.engine.submit(req, on_tokens)
+    except engine_lib.QueueFull as e:
+      secs = str(math.ceil(e.retry_after_s))
+      raise protocol.ApiError(429, f"the queue is full; retry after {secs} s", None,
+                              "rate_limit_error", headers={"Retry-After": secs}) from e
+    except engine_lib.ShuttingDown as e:
+      raise protocol.ApiError(503, str(e), None, "server_error") from e
+
+  def _finish_text(self, result, stop):
+    text = self.tokenizer.decode(result.token_ids)
+    text, stopped = protocol.apply_stop(text, stop)
+    if stopped:
+      return text, "stop", len(self.tokenizer.encode(text))
+    return text, result.finish_reason, len(result.token_ids)
+
+  async def _stream(self, request, req, parsed, rid, chat):
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    future = self._submit(
+        req, on_tokens=lambda ids: loop.call_soon_threadsafe(queue.put_nowait, ids))
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(obj):
+      await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+    holdback = max((len(s) for s in parsed.stop), default=1) - 1
+    ids, sent, stopped = [], 0, False
+    deadline = time.monotonic() + self.timeout
+    try:
+      if chat:
+        await send(protocol.chunk_body(rid, self.model_name, chat, None, None, role=True))
+      while True:
+        item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+        if item is None:
+          break
+        if stopped:
+          continue
+        ids.extend(int(t) for t in item)
+        text = self.tokenizer.decode(np.asarray(ids, np.int32))
+        text, stopped = protocol.apply_stop(text, parsed.stop)
+        end = len(text) if stopped else len(text) - holdback
+        while end > sent and text[end - 1] == "\ufffd":
+          end -= 1  # An incomplete UTF-8 sequence: wait for its next bytes.
+        if end > sent:
+          await send(protocol.chunk_body(rid, self.model_name, chat, text[sent:end], None))
+          sent = end
+      result = future.result()
+      text, finish, completion = self._finish_text(result, parsed.stop)
+      if len(text) > sent:
+        await send(protocol.chunk_body(rid, self.model_name, chat, text[sent:], None))
+      use = protocol.usage(len(req.prompt_ids), completion, result.generated_tokens,
+                           result.nfe)
+      await send(protocol.chunk_body(rid, self.model_name, chat, None, finish, use))
+    except asyncio.TimeoutError:
+      future.cancel()
+      await send(protocol.ApiError(504, f"the request took longer than {self.timeout} s",
+                                   None, "timeout_error").body())
+    except (asyncio.CancelledError, ConnectionResetError):
+      future.cancel()  # The client went away.
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      await send(protocol.ApiError(500, f"decoding failed: {e!r}", None,
+                                   "server_error").body())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def run(config, workdir: str, host: str | None = None, port: int | None = None) -> None:
+  """``--mode=serve``: loads the model, compiles the decoders, serves until interrupted."""
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.serving import config as serve_config  # pylint: disable=g-import-not-at-top
+  s = config.get("serve", None) or serve_config.default_serve_config()
+  serve_config.validate(s)
+  host = host or s.host
+  port = s.port if port is None else port
+  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  smp = config.sample
+  token_shift = bool(config.diffusion.get("token_shift", False))
+  defaults = protocol.Defaults(policy="ar" if token_shift else smp.policy,
+                               policy_value=smp.policy_value,
+                               sub_block_size=smp.sub_block_size,
+                               edit_threshold=smp.edit_threshold,
+                               max_steps_per_block=smp.max_steps_per_block,
+                               max_tokens=s.max_tokens)
+  eng = engine_lib.Engine(model, params, tokenizer, config.diffusion.block_size,
+                          s.max_len or config.data.seq_len, s.slots, s.queue_size,
+                          context=lambda: inference.inference_context(config))
+  compile_s = None
+  with inference.inference_context(config):
+    if s.warmup:
+      body = {"model": s.model_name, "prompt": "<|bos|>", "policy": defaults.policy}
+      parsed = protocol.parse_request(body, s.model_name, False, tokenizer,
+                                      eng.block_size, tokenizer.mask_id, tokenizer.eos_id,
+                                      defaults, token_shift)
+      compile_s = eng.warmup([(parsed.options, parsed.ar)])
+      print(f"compiled the {defaults.policy} decoder in {compile_s:.1f} s "
+            f"({eng.slots} slots, context {eng.max_len})", flush=True)
+    eng.start()
+    server = Server(eng, s.model_name, defaults, token_shift, s.request_timeout_s, compile_s)
+    print(f"serving {s.model_name!r} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its
+    # queued request.
+    web.run_app(server.app(), host=host, port=port, print=None, handler_cancellation=True,
+                shutdown_timeout=s.request_timeout_s)

@@ -1,0 +1,164 @@
+"""Every decoder on one model, in one run: quality against AR, TPF, tokens/s, speed-up.
+
+Runs AR (the baseline), ISD at several strides and, when the model supports them, the
+block-diffusion decoders, on the prompts of a config, one prompt at a time (batch 1,
+the regime where parallel decoding pays). Each decoder is compiled and run once before
+it is timed. Quality is agreement with AR's greedy text: token accuracy over AR's tokens
+and whole-answer exact match.
+
+  python experiments/compare_decoders.py --config=configs/smollm2.py --workdir=runs/smollm2
+  python experiments/compare_decoders.py --quick      # two prompts, 16 tokens, strides 2, 4
+
+A workdir without a checkpoint uses the config's ``init.pretrained`` weights (the model
+before any adaptation); point ``--workdir`` at an adapted run to compare after training.
+Writes experiments/results/compare_decoders.{json,md,png}.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.sampling import sample
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _decoders(strides, block_policies):
+  out = [("ar", {"policy": "ar"})]
+  out += [(f"isd N={n}", {"policy": "isd", "isd_stride": n}) for n in strides]
+  for name, fields in block_policies:
+    out.append((name, fields))
+  return out
+
+
+def run_decoder(model, params, tok, config, prompts, fields, max_new, max_len):
+  """Greedy answers of one decoder, one prompt at a time: (rows, wall seconds)."""
+  s = config.sample.copy_and_resolve_references()
+  for k, v in fields.items():
+    s[k] = v
+  opts = sample.options_from_config(s, config.diffusion.block_size, tok,
+                                    config.diffusion.get("token_shift", False))
+  rows, wall = [], 0.0
+  for p in prompts:
+    r, summary = sample.generate(
+        model, params, tok, [p], opts, max_new, max_len, ar=s.policy == "ar",
+        isd_stride=s.isd_stride if s.policy == "isd" else 0, warmup=True)
+    rows.append(r[0])
+    wall += summary["wall_s"]
+  return rows, wall
+
+
+def agreement(rows, ref_rows, tok):
+  """(token accuracy over AR's tokens, exact-match fraction) of rows against AR's."""
+  hits = total = exact = 0
+  for r, a in zip(rows, ref_rows):
+    got, want = tok.encode(r["completion"]), tok.encode(a["completion"])
+    total += len(want)
+    hits += sum(int(x == y) for x, y in zip(got, want))
+    exact += int(r["completion"] == a["completion"])
+  return hits / max(total, 1), exact / len(rows)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2.py"))
+  ap.add_argument("--workdir", default=os.path.join("runs", "compare_decoders"))
+  ap.add_argument("--max_new_tokens", type=int, default=48)
+  ap.add_argument("--strides", default="2,3,4,6,8")
+  ap.add_argument("--quick", action="store_true", help="two prompts, 16 tokens, strides 2,4")
+  ap.add_argument("--out", default=os.path.join(_HERE, "results", "compare_decoders"))
+  args = ap.parse_args()
+  strides = [int(x) for x in args.strides.split(",")]
+  max_new = args.max_new_tokens
+  config = _load_config(args.config)
+  prompts = sample.read_prompts(config.sample)
+  if args.quick:
+    prompts, max_new, strides = prompts[:2], 16, [2, 4]
+  config, model, tok, params = inference.load_for_inference(args.workdir, config)
+  max_len = config.sample.max_len or config.data.seq_len
+  block = [] if config.diffusion.get("token_shift", False) else [
+      ("threshold 0.9", {"policy": "threshold", "policy_value": 0.9})]
+  results = []
+  with inference.inference_context(config):
+    ref_rows = None
+    for name, fields in _decoders(strides, block):
+      t0 = time.perf_counter()
+      try:
+        rows, wall = run_decoder(model, params, tok, config, prompts, fields, max_new, max_len)
+      except (NotImplementedError, ValueError) as e:  # One decoder never stops the table.
+        print(f"{name}: not run ({e})", file=sys.stderr)
+        results.append({"decoder": name, "error": str(e)})
+        continue
+      ref_rows = rows if ref_rows is None else ref_rows
+      gen = sum(r["generated_tokens"] for r in rows)
+      nfe = sum(r["nfe"] for r in rows)
+      acc, exact = agreement(rows, ref_rows, tok)
+      results.append({"decoder": name, "generated_tokens": gen, "nfe": nfe, "tpf": gen / nfe,
+                      "tokens_per_s": gen / wall, "wall_s": wall, "token_accuracy": acc,
+                      "exact_match": exact, "total_s": time.perf_counter() - t0,
+                      "completions": [r["completion"] for r in rows]})
+      print(f"{name:>14}: TPF {gen / nfe:.2f}  {gen / wall:7.1f} tok/s  token acc {acc:.3f}  "
+            f"exact {exact:.2f}", flush=True)
+  base = next(r for r in results if r["decoder"] == "ar")
+  for r in results:
+    if "tokens_per_s" in r:
+      r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"]
+  meta = {"config": args.config, "workdir": args.workdir, "prompts": len(prompts),
+          "max_new_tokens": max_new, "batch": 1, "jax": jax.__version__,
+          "device": jax.devices()[0].device_kind, "machine": platform.machine(),
+          "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w", encoding="utf-8") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=2)
+  lines = [f"# Decoders on one model ({os.path.basename(args.config)}, batch 1)", "",
+           f"`{meta['command']}` on {meta['device']} ({meta['cpus']} CPUs), jax "
+           f"{meta['jax']}; {len(prompts)} prompts, up to {max_new} new tokens each; "
+           "quality = agreement with AR's greedy text.", "",
+           "| decoder | TPF | tokens/s | speed-up vs AR | token accuracy | exact match |",
+           "|---|---|---|---|---|---|"]
+  for r in results:
+    if "error" in r:
+      lines.append(f"| {r['decoder']} | not run: {r['error']} | | | | |")
+    else:
+      lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.1f} | "
+                   f"{r['speedup_vs_ar']:.2f}x | {r['token_accuracy']:.3f} | "
+                   f"{r['exact_match']:.2f} |")
+  with open(args.out + ".md", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    ok = [r for r in results if "error" not in r]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter([r["speedup_vs_ar"] for r in ok], [r["token_accuracy"] for r in ok])
+    for r in ok:
+      ax.annotate(r["decoder"], (r["speedup_vs_ar"], r["token_accuracy"]), fontsize=8)
+    ax.set_xlabel("speed-up vs AR (tokens/s, batch 1)")
+    ax.set_ylabel("token agreement with AR")
+    ax.set_title("quality against speed-up")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=110)
+  except ImportError:
+    pass
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  np.set_printoptions(precision=3)
+  main()

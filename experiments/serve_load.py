@@ -1,0 +1,206 @@
+"""Load test of the OpenAI-compatible server: throughput and latency against concurrency.
+
+Starts the server in-process on 127.0.0.1 (a free port) over a tiny random model (or
+``--workdir``'s checkpoint with ``--config``), warms the decoders up (compile time is
+reported, not timed), then for each decoder (AR and block diffusion, same model, same
+run) and each concurrency level sends a bounded number of streaming requests
+(``--requests`` per level) from that many client threads. Measured per level:
+generated tokens/s (completion tokens of all requests / wall time of the level), p50 /
+p99 request latency and p50 time to first content chunk (for block diffusion the first
+committed block; for AR the whole completion, which it sends in one chunk).
+
+  python experiments/serve_load.py --quick                 # tiny model, CPU, ~1 minute
+  python experiments/serve_load.py --concurrency=1,4,16,64 --requests=128
+
+Writes experiments/results/serve_load.{json,md,png}.
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import openai  # pylint: disable=g-import-not-at-top
+from aiohttp import web
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.model import build
+from blockdiff_jax.serving import engine as engine_lib
+from blockdiff_jax.serving import protocol
+from blockdiff_jax.serving import server as server_lib
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PROMPTS = ["<|bos|>sort: 3 1 2<|sep|>", "<|bos|>add: 12+34<|sep|>", "<|bos|>a",
+           "<|bos|>sort: 9 8 7 6 5 4<|sep|>", "<|bos|>hello world", "<|bos|>xyz"]
+
+
+def _model(args):
+  if args.workdir:
+    from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location("cfg", args.config)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config, model, tok, params = inference.load_for_inference(args.workdir, mod.get_config())
+    return model, tok, params, config.diffusion.block_size, config.data.seq_len
+  c = config_lib.base_config()
+  c.model.d_model, c.model.num_heads, c.model.num_kv_heads = 32, 2, 1
+  c.model.head_dim, c.model.moe.expert_dim = 16, 32
+  model, tok = build.build_model(c)
+  return model, tok, build.init_params(model, 0), c.diffusion.block_size, c.data.seq_len
+
+
+class _Running:
+  """The server on 127.0.0.1:<free port> in a background event loop."""
+
+  def __init__(self, server):
+    self.loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def main():
+      asyncio.set_event_loop(self.loop)
+      self.runner = web.AppRunner(server.app(), handler_cancellation=True)
+      self.loop.run_until_complete(self.runner.setup())
+      site = web.TCPSite(self.runner, "127.0.0.1", 0)
+      self.loop.run_until_complete(site.start())
+      self.port = site._server.sockets[0].getsockname()[1]  # pylint: disable=protected-access
+      ready.set()
+      self.loop.run_forever()
+
+    self.thread = threading.Thread(target=main, daemon=True)
+    self.thread.start()
+    ready.wait()
+
+  def stop(self):
+    asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self.thread.join()
+
+
+def _one(client, model_name, prompt, max_tokens, extra):
+  t0 = time.perf_counter()
+  first, text, usage = None, "", None
+  for ch in client.completions.create(model=model_name, prompt=prompt, max_tokens=max_tokens,
+                                      temperature=0, stream=True, extra_body=extra):
+    if ch.choices and ch.choices[0].text and first is None:
+      first = time.perf_counter() - t0
+    if ch.usage is not None:
+      usage = ch.usage
+  total = time.perf_counter() - t0
+  return {"latency_s": total, "ttfb_s": total if first is None else first,
+          "completion_tokens": usage.completion_tokens, "nfe": usage.model_dump()["nfe"]}
+
+
+def _pct(xs, q):
+  xs = sorted(xs)
+  return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small settings for a CPU")
+  p.add_argument("--concurrency", default="1,4,16,64")
+  p.add_argument("--requests", type=int, default=64, help="requests per level")
+  p.add_argument("--max_tokens", type=int, default=32)
+  p.add_argument("--slots", type=int, default=16)
+  p.add_argument("--decoders", default="ar,threshold")
+  p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--workdir", default="")
+  p.add_argument("--config", default="configs/synthetic.py")
+  p.add_argument("--tag", default="")
+  args = p.parse_args()
+  if args.quick:
+    args.concurrency, args.requests, args.max_tokens, args.slots = "1,4,16", 16, 24, 4
+  levels = [int(x) for x in args.concurrency.split(",")]
+  model, tok, params, block, max_len = _model(args)
+  eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
+                          queue_size=max(levels) * 2)
+  srv = server_lib.Server(eng, "bench")
+  compile_s = {}
+  for dec in args.decoders.split(","):
+    parsed = protocol.parse_request(
+        {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
+        "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults())
+    compile_s[dec] = eng.warmup([(parsed.options, parsed.ar)])
+  eng.start()
+  run = _Running(srv)
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="x",
+                         max_retries=0, timeout=None)
+  rows = []
+  try:
+    for dec in args.decoders.split(","):
+      extra = {"policy": dec, "threshold": args.threshold}
+      for conc in levels:
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(conc) as pool:
+          res = list(pool.map(lambda i: _one(client, "bench", PROMPTS[i % len(PROMPTS)],
+                                             args.max_tokens, extra), range(args.requests)))
+        wall = time.perf_counter() - t0
+        toks = sum(r["completion_tokens"] for r in res)
+        lat = [r["latency_s"] for r in res]
+        row = {"decoder": dec, "concurrency": conc, "requests": len(res),
+               "tokens_per_s": toks / wall, "p50_latency_s": _pct(lat, 0.5),
+               "p99_latency_s": _pct(lat, 0.99),
+               "p50_first_chunk_s": _pct([r["ttfb_s"] for r in res], 0.5),
+               "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
+        rows.append(row)
+        print(f"{dec:>10} c={conc:<3} {row['tokens_per_s']:8.1f} tok/s  p50 "
+              f"{row['p50_latency_s']:.3f}s  p99 {row['p99_latency_s']:.3f}s  first chunk "
+              f"{row['p50_first_chunk_s']:.3f}s", flush=True)
+  finally:
+    run.stop()
+  import jax  # pylint: disable=g-import-not-at-top
+  meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "device": str(jax.devices()[0].device_kind), "slots": args.slots,
+          "max_tokens": args.max_tokens, "threshold": args.threshold,
+          "model": args.workdir or "tiny random (d_model 32)", "compile_s": compile_s,
+          "engine": "round batching (a round = one decode call of up to `slots` requests)"}
+  RESULTS.mkdir(exist_ok=True)
+  stem = RESULTS / f"serve_load{('_' + args.tag) if args.tag else ''}"
+  stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+  lines = [f"# Serving load ({meta['model']}, {meta['device']}, {args.slots} slots, "
+           f"max_tokens {args.max_tokens})", "",
+           f"Compile time at start-up (s): {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}",
+           "", "| decoder | concurrency | tokens/s | p50 latency (s) | p99 latency (s) | "
+           "p50 first chunk (s) | mean NFE |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['decoder']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+                 f"{r['p50_latency_s']:.3f} | {r['p99_latency_s']:.3f} | "
+                 f"{r['p50_first_chunk_s']:.3f} | {r['mean_nfe']:.1f} |")
+  stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for dec in args.decoders.split(","):
+      rs = [r for r in rows if r["decoder"] == dec]
+      axes[0].plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], "o-",
+                   label=dec)
+      axes[1].plot([r["concurrency"] for r in rs], [r["p50_latency_s"] for r in rs], "o-",
+                   label=f"{dec} p50")
+      axes[1].plot([r["concurrency"] for r in rs], [r["p99_latency_s"] for r in rs], "x--",
+                   label=f"{dec} p99")
+    for ax, title in zip(axes, ("generated tokens/s", "latency (s)")):
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("concurrent clients")
+      ax.set_title(title)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=100)
+  except ImportError:
+    pass
+  print(f"wrote {stem}.json/.md/.png")
+
+
+if __name__ == "__main__":
+  main()
