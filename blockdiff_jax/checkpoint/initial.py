@@ -25,6 +25,7 @@ from blockdiff_jax.data import tokenizers
 from blockdiff_jax.interop import pretrained
 from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
+from blockdiff_jax.model import upcycle as upcycle_lib
 
 
 def default_init_config() -> ml_collections.ConfigDict:
@@ -53,8 +54,18 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
     return config, None
   overrides, tokenizer = pretrained.describe(spec, workdir)
   config = config.copy_and_resolve_references()
+  num_experts = config.model.moe.num_experts
   pretrained.apply_overrides(config.model, overrides)
+  if _upcycles(config):
+    if config.model.moe.num_experts:
+      raise ValueError(f"model.moe.upcycle_from_dense=True but pretrained={spec!r} is "
+                       "already a MoE model")
+    upcycle_lib.upcycle_model_config(config.model, num_experts)
   return config, tokenizer
+
+
+def _upcycles(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.model.moe.get("upcycle_from_dense", False))
 
 
 def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
@@ -75,8 +86,12 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
   if not spec:
     return None
   pre = pretrained.load(spec, workdir, scan_layers=model.cfg.scan_layers)
+  params = pre.params
+  if _upcycles(config):
+    params = upcycle_lib.upcycle_params(params, model.cfg.moe.num_experts,
+                                        seed=config.get("seed", 0))
   boxed = build.abstract_params(model)
-  checkpoints.check_params_fit(pre.params, nn.unbox(boxed), where=f"pretrained={spec!r}")
+  checkpoints.check_params_fit(params, nn.unbox(boxed), where=f"pretrained={spec!r}")
   if mesh is None:
     mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
-  return jax.device_put(pre.params, mesh_lib.param_shardings(boxed, mesh, rules))
+  return jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules))

@@ -7,7 +7,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data settings that config files start from and override."""
   c = ml_collections.ConfigDict()
   # "stdlib" (this interpreter's standard-library .py files), "files" (see
-  # `paths`) or "synthetic" (verifiable prompt/answer tasks).
+  # `paths`), "synthetic" (verifiable prompt/answer tasks) or "sft" (packed
+  # prompt/response pairs, see data/sft.py and the sft_* fields).
   c.corpus = "stdlib"
   # corpus="files": comma-separated files, folders (recursive .py .txt .md
   # .jsonl .json) or globs.
@@ -32,6 +33,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Seed of the synthetic example streams (validation uses its own stream).
   # Window shuffling uses the seed passed to build_dataset.
   c.seed = 0
+  # corpus="sft": "docstrings" (pairs from the standard library's docstrings),
+  # "synthetic" (the synthetic tasks) or comma-separated JSONL files of
+  # {"prompt", "response"} or {"messages": [...]} lines.
+  c.sft_source = "docstrings"
+  c.sft_max_examples = 2000  # Examples per split read from the source; 0 = all.
+  # Each example is padded to a multiple of this (set it to diffusion.block_size).
+  c.sft_block_multiple = 32
+  # Score the EOS padding after a response (teaches the model to stop).
+  c.sft_score_padding = True
   c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
   c.batch_size = 8  # Sequences per step (global, across all devices).
   return c
@@ -41,3 +51,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid ``data`` field."""
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size must be >= 1, got {config.data.batch_size}")
+  d = config.data
+  if d.corpus == "sft" and (d.sft_block_multiple < 1 or d.seq_len % d.sft_block_multiple):
+    raise ValueError(f"data.sft_block_multiple={d.sft_block_multiple} must be >= 1 and "
+                     f"divide data.seq_len={d.seq_len}")

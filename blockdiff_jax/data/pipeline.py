@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from blockdiff_jax.data import corpora
+from blockdiff_jax.data import sft
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.data import tokenizers
 
@@ -389,6 +390,47 @@ class SyntheticDataset(SFTDataset):
     return self.tasks[_check_index(j) % len(self.tasks)]
 
 
+class PackedSFTDataset(Dataset):
+  """Packed, block-aligned SFT rows (see ``data.sft``); row j of epoch e is ``perm_e[j]``."""
+
+  def __init__(self, records: Sequence[Any], tokenizer: tokenizers.Tokenizer,
+               seq_len: int, batch_size: int, multiple: int, seed: int = 0,
+               shuffle: bool = True, score_padding: bool = True):
+    super().__init__(tokenizer, seq_len, batch_size)
+    self.records = list(records)
+    self.rows, self.dropped = sft.pack([sft.render(tokenizer, r) for r in self.records], seq_len,
+                                   multiple, tokenizer.eos_id, score_padding)
+    self.num_rows = len(self.rows["tokens"])
+    self.seed, self.shuffle = int(seed), bool(shuffle)
+
+  def get_batch(self, index: int) -> Batch:
+    index = _check_index(index)
+    idx = []
+    for j in range(index * self.batch_size, (index + 1) * self.batch_size):
+      epoch, pos = divmod(j, self.num_rows)
+      perm = (_permutation(self.seed, epoch, self.num_rows)
+              if self.shuffle else np.arange(self.num_rows))
+      idx.append(int(perm[pos]))
+    return {k: v[idx] for k, v in self.rows.items()}
+
+  @property
+  def stats(self) -> TokenStats:
+    answers = [r[-1]["content"] if isinstance(r, list) else r[1] for r in self.records[:1000]]
+    ids = np.concatenate(self.tokenizer.encode_batch(answers))
+    return token_stats(answers, _unigram_counts(ids, self.tokenizer))
+
+
+def build_sft_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer, split: str,
+                      seq_len: int, batch_size: int, seed: int) -> PackedSFTDataset:
+  """The ``corpus="sft"`` dataset of ``split`` (validation rows are not shuffled)."""
+  d = data_config
+  records = sft.load_records(d.sft_source, split, d.validation_fraction, d.sft_max_examples,
+                         d.synthetic_tasks, d.seed, d.synthetic_digits)
+  return PackedSFTDataset(records, tokenizer, seq_len, batch_size, d.sft_block_multiple,
+                          seed=seed, shuffle=split == "train",
+                          score_padding=d.sft_score_padding)
+
+
 def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
                   split: str, seq_len: int, batch_size: int,
                   seed: int) -> Dataset:
@@ -409,6 +451,8 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
     ``PackedLMDataset``.
   """
   corpora.validate_split(split)
+  if data_config.corpus == "sft":
+    return build_sft_dataset(data_config, tokenizer, split, seq_len, batch_size, seed)
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,

@@ -2,8 +2,12 @@
 
 import ml_collections
 
+from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
+
+
+OBJECTIVES = ("bd3", "fastdllm")
 
 
 def default_diffusion_config() -> ml_collections.ConfigDict:
@@ -18,12 +22,23 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   # The logits at position i predict token i+1 (a pretrained AR model's head, reused);
   # False = the logits at i predict token i (a model trained from scratch by BD3-LM).
   d.token_shift = False
+  # "bd3": BD3-LM NELBO; "fastdllm": Fast-dLLM v2 (token shift + complementary masks,
+  # plain masked CE over response tokens; needs token_shift=True).
+  d.objective = "bd3"
   return d
 
 
-def objective(config: ml_collections.ConfigDict, mask_id: int) -> losses.BlockDiffusionObjective:
-  """The training objective of an experiment config."""
+def objective(config: ml_collections.ConfigDict, mask_id: int):
+  """The training objective of an experiment config (BD3-LM or Fast-dLLM v2)."""
   d = config.diffusion
+  kind = d.get("objective", "bd3")
+  if kind == "fastdllm":
+    if not d.get("token_shift", False):
+      raise ValueError("diffusion.objective='fastdllm' needs diffusion.token_shift=True")
+    return fastdllm.FastDLLMObjective(
+        block_size=d.block_size, mask_id=mask_id,
+        schedule=schedules.make_schedule(d.schedule, d.eps),
+        noise=schedules.NoiseRange(d.beta, d.omega), antithetic=d.antithetic)
   if d.get("token_shift", False):
     raise ValueError("diffusion.token_shift=True (a pretrained AR model) needs a token-shift "
                      "objective; the BD3-LM objective predicts token i at position i")
@@ -43,3 +58,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"diffusion.block_size={d.block_size}")
   schedules.make_schedule(d.schedule, d.eps)
   schedules.NoiseRange(d.beta, d.omega)
+  kind = d.get("objective", "bd3")
+  if kind not in OBJECTIVES:
+    raise ValueError(f"diffusion.objective must be one of {OBJECTIVES}, got {kind!r}")
+  if kind == "fastdllm" and not d.get("token_shift", False):
+    raise ValueError("diffusion.objective='fastdllm' needs diffusion.token_shift=True, "
+                     f"got {d.get('token_shift', False)}")

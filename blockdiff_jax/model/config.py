@@ -56,6 +56,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   e.capacity_factor = 0.0
   e.load_balance_weight = 0.01  # Weight of E * sum_e fraction_e * mean_prob_e.
   e.z_loss_weight = 1e-3  # Weight of mean logsumexp(router logits)^2.
+  # With init.pretrained of a dense model: every MLP becomes num_experts identical
+  # experts (as wide as the MLP) + a new router (sparse upcycling; model/upcycle.py).
+  e.upcycle_from_dense = False
   return m
 
 

@@ -156,10 +156,6 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
     ``commit_passes`` (0: commits ride along with the next block's first step),
     ``edits`` [B] and ``unique_experts`` (mean per MoE layer per forward).
   """
-  if options.token_shift:
-    raise NotImplementedError(
-        "block decoding of a token-shifted model (diffusion.token_shift=True) is not "
-        "available yet; decode it with policy 'ar'")
   fn = logits_lib.as_logits_fn(model)
   prefill_len = state_lib.prefill_width(canvas, options.block_size, prefill_width)
   key = _Key(fn, options, prefill_len, on_block is not None, on_step is not None,

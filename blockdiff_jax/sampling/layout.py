@@ -50,6 +50,10 @@ class DecodeOptions:
     stop_at_eos: stop a row after the block in which it generated EOS.
     token_shift: the model's logits at position i predict token i+1 (a pretrained AR
       model, or one adapted with the shift); False = the logits at i predict token i.
+    dual_cache: with sub-blocks, Fast-dLLM v1's dual cache: the block's K/V outside the
+      current sub-block (the suffix MASK positions, and the filled sub-blocks) are
+      refreshed only on the block's first step instead of each sub-block's first step
+      (fewer full-block forwards; approximate).
   """
 
   block_size: int
@@ -63,6 +67,7 @@ class DecodeOptions:
   patience: int = 1
   stop_at_eos: bool = True
   token_shift: bool = False
+  dual_cache: bool = False
 
   def __post_init__(self):
     if self.block_size < 1:

@@ -39,6 +39,9 @@ def default_sample_config() -> ml_collections.ConfigDict:
   s.max_new_tokens = 32  # Generated tokens per prompt at most.
   s.isd_stride = 4  # policy=isd (token-shifted models): N; a forward verifies N-1 drafts.
   s.sub_block_size = 0  # 0 = whole-block steps; else sub-block size (divides block_size).
+  # With sub-blocks: refresh the block's K/V buffer only at block starts (Fast-dLLM v1
+  # dual cache; approximate) instead of at each sub-block's start.
+  s.dual_cache = False
   s.temperature = 0.0  # 0 = greedy.
   s.top_k = 0  # Keep the k most likely tokens when sampling; 0 = all.
   s.top_p = 1.0  # Nucleus mass when sampling; 1 = all.
@@ -67,7 +70,8 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
       policy=policy,
       sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
-      sub_block_size=s.sub_block_size, max_steps_per_block=s.max_steps_per_block,
+      sub_block_size=s.sub_block_size, dual_cache=s.get("dual_cache", False),
+      max_steps_per_block=s.max_steps_per_block,
       edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift)
 
 

@@ -73,6 +73,9 @@ class DecodeState:
     rows: per-row progress.
     counters: NFE, steps and the other reported numbers.
     rng: sampling key (folded with the forward count each step).
+    head: token shift only: [B, V] logits of the first token of each row's current
+      block, i.e. the output of the last clean token before it (from the prefill, then
+      from the forward that commits the previous block); None without token shift.
   """
 
   tokens: Array
@@ -82,6 +85,7 @@ class DecodeState:
   rows: RowProgress
   counters: Counters
   rng: Array
+  head: Array | None = None
 
   @property
   def done(self) -> Array:
@@ -152,12 +156,25 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
   bk = options.block_size
   buffer = bk if options.num_sub > 1 else 0
   cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk, buffer)
+  head = None
   if prefill_len:
     slot = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))
     valid = (slot < (start_block * bk)[:, None]) & (slot < length[:, None])
-    _, (k, v), _ = logits_fn(params, tokens[:, :prefill_len],
-                             token_meta(slot, bk, masks.CLEAN, valid), None, (0, 1))
+    # Token shift: the first token of each row's start block is predicted by the last
+    # prefilled token (rows start at different blocks, so every logit is computed).
+    logits, (k, v), _ = logits_fn(params, tokens[:, :prefill_len],
+                                  token_meta(slot, bk, masks.CLEAN, valid), None,
+                                  (0, prefill_len) if options.token_shift else (0, 1))
     cache = cache.prefill(k, v, valid)
+    if options.token_shift:
+      last = jnp.clip(start_block * bk - 1, 0, prefill_len - 1)
+      head = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  if options.token_shift and head is None:
+    # Every row starts at block 0: its first token is a prompt token, never predicted.
+    vocab = jax.eval_shape(logits_fn, params, tokens[:, :1],
+                           token_meta(jnp.zeros((b, 1), jnp.int32), bk, masks.CLEAN,
+                                      jnp.ones((b, 1), bool)), None, (0, 1))[0].shape[-1]
+    head = jnp.zeros((b, vocab), jnp.float32)
   zeros = jnp.zeros((b,), jnp.int32)
   rows = RowProgress(block=start_block, sub=zeros, step=zeros, block_steps=zeros,
                      still=zeros, commit=jnp.zeros((b,), bool),
@@ -166,7 +183,7 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
                       forwards=jnp.int32(0), unique_experts=jnp.float32(0.0))
   return DecodeState(tokens=tokens, maskable=maskable, length=length, cache=cache,
                      rows=rows, counters=counters,
-                     rng=jax.random.key(0) if rng is None else rng)
+                     rng=jax.random.key(0) if rng is None else rng, head=head)
 
 
 def results(state: DecodeState) -> dict:

@@ -22,6 +22,15 @@ differs and its probability exceeds ``edit_threshold``. A (sub-)block ends when 
 is left (and, with editing, nothing changed for ``patience`` steps), and at the latest
 after its step cap, whose last step fills every remaining MASK.
 
+Token shift (Fast-dLLM v2: a pretrained AR model adapted to blocks). The output at
+position i-1 predicts token i: the window's logits are taken one slot to the left
+(the clean previous block's last slot, then the noisy block but its last slot). The
+first token of a block is predicted by the last clean token before it; that output is
+exact only on the forward that commits the previous block (or from the prefill), so it
+is kept in ``state.head`` for the block's later steps. With sub-blocks, the slot just
+before the sub-block is also run in the window (its query predicts the sub-block's
+first token) instead of being read from the buffer.
+
 Stopping: a row stops once its block reaches its ``length`` or nothing is left to fill
 after it, or, with ``stop_at_eos``, after the block in which it produced EOS. With
 whole-block steps and no editing a row's block also ends as soon as it holds an EOS with
@@ -184,10 +193,15 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
     # still takes this one forward (it commits the previous block), then finishes.
     sub = jnp.where(r.step == 0, first_sub_with_work(opt, x, blk_region, r.sub), r.sub)
     in_sub = (ar_bk[None] // opt.sub) == sub[:, None]
-    full = r.step == 0  # The whole block runs (and refreshes the buffer).
+    # The whole block runs (and refreshes the buffer): on each sub-block's first step,
+    # or with the dual cache only on the block's first step.
+    full = (r.block_steps == 0) if opt.dual_cache else (r.step == 0)
     idle = sub >= opt.num_sub
-    noisy_ok = blk_exists & (full[:, None] | in_sub)
-    buffer_valid = blk_exists & ~in_sub & ~full[:, None]
+    in_window = in_sub
+    if opt.token_shift:
+      in_window = in_sub | ((ar_bk[None] == sub[:, None] * opt.sub - 1) & (sub[:, None] > 0))
+    noisy_ok = blk_exists & (full[:, None] | in_window)
+    buffer_valid = blk_exists & ~in_window & ~full[:, None]
   else:
     sub, in_sub = r.sub, jnp.ones((1, bk), bool)
     full, idle = jnp.ones((b,), bool), jnp.zeros((b,), bool)
@@ -201,8 +215,13 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
                               do_commit[:, None] & (prev_pos < st.length[:, None])).concat(
                                   state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok))
   inp = jnp.concatenate([_row_slice(st.tokens, prev_start, bk), x], axis=1)
-  logits, (k_new, v_new), stats = logits_fn(params, inp, meta,
-                                            st.cache.attention_view(buffer_valid), (bk, bk))
+  logits, (k_new, v_new), stats = logits_fn(
+      params, inp, meta, st.cache.attention_view(buffer_valid),
+      (bk - 1, bk) if opt.token_shift else (bk, bk))
+  head = st.head
+  if opt.token_shift:
+    head = jnp.where(do_commit[:, None], logits[:, 0], st.head)
+    logits = jnp.concatenate([head[:, None].astype(logits.dtype), logits[:, 1:]], axis=1)
   exists = jnp.arange(st.tokens.shape[1])[None] < st.length[:, None]
   cache = st.cache.commit(k_new[:, :, :bk], v_new[:, :, :bk], prev_start, do_commit, exists)
   if buffered:
@@ -242,4 +261,5 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
       unique_experts=c.unique_experts + stats.get("unique_experts", jnp.float32(0.0)))
   info = state_lib.StepInfo(block=r.block, tokens=new, accepted=sel.accepted & stepping[:, None],
                             confidence=sel.confidence, active=stepping, finished=finished)
-  return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters), info
+  return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters,
+                    head=head), info

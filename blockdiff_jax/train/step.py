@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
@@ -41,8 +42,10 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   ``finite = 0`` so the host can stop the run.
   """
 
+  objective_loss, objective_corrupt = fastdllm.loss_functions(obj)
+
   def loss_fn(params, batch, rng, corrupted=None):
-    return losses.block_diffusion_loss(apply_fn, params, batch, rng, obj, corrupted)
+    return objective_loss(apply_fn, params, batch, rng, obj, corrupted)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -52,7 +55,7 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
       (_, metrics), grads = grad_fn(state.params, batch, rng)
     else:
       # Noise is drawn for the full batch, so accumulation changes no random draw.
-      corrupted = losses.corrupt(rng, batch, obj)
+      corrupted = objective_corrupt(rng, batch, obj)
       # Micro-batch j takes rows j, j + n, j + 2n... (n = grad_accum_steps): each
       # device's rows of a batch-split array then split evenly, no data moves.
       micro = jax.tree.map(
@@ -92,8 +95,10 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
 def make_eval_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective):
   """Builds ``eval_step(params, batch, rng) -> metrics`` (NELBO with fresh noise)."""
 
+  objective_loss, _ = fastdllm.loss_functions(obj)
+
   def eval_step(params, batch, rng):
-    return losses.block_diffusion_loss(apply_fn, params, batch, rng, obj)[1]
+    return objective_loss(apply_fn, params, batch, rng, obj)[1]
 
   return eval_step
 

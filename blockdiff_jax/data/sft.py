@@ -1,0 +1,199 @@
+"""Supervised fine-tuning data (prompt/response pairs), offline, for block diffusion SFT.
+
+Sources (``data.sft_source``):
+
+* ``docstrings``: pairs built from this interpreter's standard library without
+  importing it: for every public top-level function or class of a public module with a
+  docstring (parsed with ``ast``), the prompt asks what ``module.name(signature)`` does and the response
+  is the docstring's first paragraph.
+* ``synthetic``: the verifiable synthetic tasks (``data.synthetic_tasks``).
+* otherwise comma-separated JSONL files, one example per line, either
+  ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
+  whose last message is the assistant's response (earlier ones form the prompt).
+
+Rendering: with a tokenizer that has ``apply_chat_template`` (interop's
+``PretrainedTokenizer``) the prompt is the model's chat template applied to the
+user turn(s) with the generation prompt, and the response ends with EOS; other
+tokenizers get ``BOS prompt SEP response EOS``.
+
+Held-out split (deterministic, documented): an example belongs to ``validation`` when
+the sha1 of its prompt text, read as a fraction of 2**160, is below
+``data.validation_fraction`` (``corpora.split_of``), else to ``train``; synthetic
+examples use the task generator's own disjoint validation stream.
+
+The dataset (``pipeline.PackedSFTDataset``, ``data.corpus="sft"``) packs these rows.
+
+Layout: each example is padded with EOS to a multiple of ``data.sft_block_multiple``
+(the diffusion block size, so every example starts on a block boundary); examples
+are packed greedily, in order, into rows of ``seq_len`` with their own segment ids,
+and a row's tail is EOS padding in a segment of its own with loss mask 0. The loss
+mask is 1 on response tokens and on the EOS padding of the example (so the model
+learns to end; ``sft_score_padding=False`` scores only the response and its first
+EOS); prompt tokens are never scored.
+"""
+
+import ast
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from blockdiff_jax.data import corpora
+from blockdiff_jax.data import synthetic
+
+Pair = tuple[str, str]
+MAX_DOC_CHARS = 600
+
+
+def _first_paragraph(doc: str) -> str:
+  para = doc.strip().split("\n\n")[0]
+  return " ".join(line.strip() for line in para.splitlines()).strip()[:MAX_DOC_CHARS]
+
+
+def _signature(node: ast.AST) -> str:
+  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return f"({ast.unparse(node.args)})"
+  return ""
+
+
+def docstring_pairs(root: str | None = None) -> Iterator[Pair]:
+  """(prompt, response) pairs from the standard library's docstrings, in file order."""
+  root = root or corpora.stdlib_root()
+  for rel in corpora.stdlib_files(root):
+    path = os.path.join(root, rel)
+    module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    if any(part.startswith("_") for part in module.split(".")):
+      continue  # Private modules (_pyio, __future__) are not the documented API.
+    try:
+      with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    for node in tree.body:
+      if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        continue
+      doc = ast.get_docstring(node)
+      if node.name.startswith("_") or not doc:
+        continue
+      answer = _first_paragraph(doc)
+      if len(answer) < 20:
+        continue
+      kind = "class" if isinstance(node, ast.ClassDef) else "function"
+      prompt = (f"What does the Python standard library {kind} "
+                f"`{module}.{node.name}{_signature(node)}` do?")
+      yield prompt, answer
+
+
+def _pair_of_record(rec: dict, where: str) -> Pair | list[dict]:
+  if "messages" in rec:
+    msgs = rec["messages"]
+    if not msgs or msgs[-1].get("role") != "assistant":
+      raise ValueError(f"{where}: 'messages' must end with an assistant message")
+    return msgs
+  if "prompt" in rec and "response" in rec:
+    return str(rec["prompt"]), str(rec["response"])
+  raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
+                   f"got {sorted(rec)}")
+
+
+def jsonl_records(paths: str) -> list[Pair | list[dict]]:
+  """Records of comma-separated JSONL files (pairs, or chat message lists)."""
+  out = []
+  for path in [p.strip() for p in paths.split(",") if p.strip()]:
+    if not os.path.isfile(path):
+      raise ValueError(f"data.sft_source: no such JSONL file {path!r}")
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          out.append(_pair_of_record(json.loads(line), f"{path}:{n}"))
+  return out
+
+
+def render(tokenizer: Any, record: Pair | list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt ids, response ids ending with EOS) of one record."""
+  if isinstance(record, list):
+    prompt_msgs, response = record[:-1], record[-1]["content"]
+  else:
+    prompt_msgs, response = [{"role": "user", "content": record[0]}], record[1]
+  if hasattr(tokenizer, "apply_chat_template"):
+    head = tokenizer.encode(tokenizer.apply_chat_template(prompt_msgs,
+                                                          add_generation_prompt=True))
+  else:
+    text = "\n".join(m["content"] for m in prompt_msgs)
+    head = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.sep_id]])
+  body = np.concatenate([tokenizer.encode(response), [tokenizer.eos_id]])
+  return np.asarray(head, np.int32), np.asarray(body, np.int32)
+
+
+def prompt_text(record: Pair | list[dict]) -> str:
+  if isinstance(record, list):
+    return json.dumps(record[:-1], sort_keys=True)
+  return record[0]
+
+
+def load_records(source: str, split: str, validation_fraction: float, max_examples: int,
+                 tasks: str = "sort,add,copy_edit", seed: int = 0,
+                 digits: int = synthetic.DEFAULT_DIGITS) -> list[Pair | list[dict]]:
+  """The records of ``split`` (module docstring), at most ``max_examples`` (0 = all)."""
+  corpora.validate_split(split)
+  if source == "synthetic":
+    n = max_examples or 10000
+    return [synthetic.mixed_example(synthetic.parse_tasks(tasks), seed, j, split=split,
+                                    digits=digits)[1:] for j in range(n)]
+  records = docstring_pairs() if source == "docstrings" else iter(jsonl_records(source))
+  out = []
+  for rec in records:
+    if corpora.split_of(prompt_text(rec), validation_fraction) == split:
+      out.append(rec)
+      if max_examples and len(out) >= max_examples:
+        break
+  if not out:
+    raise ValueError(f"data.sft_source={source!r} has no {split} example "
+                     f"(validation_fraction={validation_fraction})")
+  return out
+
+
+def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multiple: int,
+         eos_id: int, score_padding: bool = True) -> tuple[dict, int]:
+  """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], dropped).
+
+  Each example is padded with EOS to a multiple of ``multiple``; an example longer than
+  ``seq_len`` is dropped (and counted).
+  """
+  if seq_len % multiple:
+    raise ValueError(f"seq_len={seq_len} is not a multiple of sft_block_multiple={multiple}")
+  rows, cur, dropped = [], [], 0
+
+  def flush():
+    toks = np.full(seq_len, eos_id, np.int32)
+    loss = np.zeros(seq_len, np.float32)
+    seg = np.zeros(seq_len, np.int32)
+    at = 0
+    for s, (t, m) in enumerate(cur):
+      toks[at:at + len(t)], loss[at:at + len(t)], seg[at:at + len(t)] = t, m, s
+      at += len(t)
+    seg[at:] = len(cur)
+    rows.append((toks, loss, seg))
+
+  used = 0
+  for head, body in examples:
+    n = len(head) + len(body)
+    padded = -(-n // multiple) * multiple
+    if padded > seq_len:
+      dropped += 1
+      continue
+    toks = np.concatenate([head, body, np.full(padded - n, eos_id, np.int32)])
+    loss = np.zeros(padded, np.float32)
+    loss[len(head):n if not score_padding else padded] = 1.0
+    if used + padded > seq_len:
+      flush()
+      cur, used = [], 0
+    cur.append((toks, loss))
+    used += padded
+  if cur:
+    flush()
+  if not rows:
+    raise ValueError(f"no SFT example fits in seq_len={seq_len} ({dropped} dropped)")
+  stack = lambda i: np.stack([r[i] for r in rows])
+  return {"tokens": stack(0), "loss_mask": stack(1), "segment_ids": stack(2)}, dropped

@@ -1,0 +1,95 @@
+"""Sparse upcycling: every dense SwiGLU MLP becomes E identical experts plus a new router.
+
+With the top-k combine weights renormalised to sum to 1 (``normalize_topk``), any
+routing of a token mixes k copies of the same MLP, so at initialisation the upcycled
+model computes exactly the dense model's function; fine-tuning then lets the experts
+drift apart (Komatsuzaki et al., sparse upcycling). The router is new: small random
+weights, so the first steps already route tokens differently.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from blockdiff_jax.model import moe as moe_lib
+
+Array = Any
+
+
+def upcycle_model_config(model: ml_collections.ConfigDict, num_experts: int) -> None:
+  """Turns a dense ``config.model`` into its upcycled MoE twin, in place.
+
+  Every layer becomes MoE (no leading dense layers, no shared expert) with experts as
+  wide as the dense MLP; ``top_k`` and the routing options stay as configured.
+  """
+  if num_experts < 1:
+    raise ValueError(f"model.moe.num_experts must be >= 1 to upcycle, got {num_experts}")
+  if model.moe.top_k > num_experts:
+    raise ValueError(f"model.moe.top_k={model.moe.top_k} > num_experts={num_experts}")
+  if not model.moe.normalize_topk:
+    raise ValueError("upcycling keeps the dense function only with model.moe.normalize_topk=True")
+  with model.unlocked():
+    model.moe.num_experts = num_experts
+    model.moe.expert_dim = model.mlp_dim
+    model.moe.moe_every = 1
+    model.moe.first_dense_layers = 0
+    model.moe.shared_expert_dim = 0
+    model.moe.shared_expert_gate = False
+
+
+def _moe_of_mlp(mlp: dict, num_experts: int, rng: Array, router_std: float) -> dict:
+  """{gate, up, down} kernels ([..., d, f], [..., f, d]) -> MoE params with E copies."""
+  wg = jnp.asarray(mlp["gate"]["DenseGeneral_0"]["kernel"])
+  wu = jnp.asarray(mlp["up"]["DenseGeneral_0"]["kernel"])
+  wd = jnp.asarray(mlp["down"]["DenseGeneral_0"]["kernel"])
+  lead = wg.shape[:-2]  # () per layer, (n,) for a scanned stack.
+  d = wg.shape[-2]
+  copies = lambda w: jnp.broadcast_to(
+      jnp.expand_dims(w, len(lead)), lead + (num_experts,) + w.shape[len(lead):]).astype(w.dtype)
+  router = router_std * jax.random.normal(rng, lead + (d, num_experts), jnp.float32)
+  return {"router": router, "wi_gate": copies(wg), "wi_up": copies(wu), "wo": copies(wd)}
+
+
+def upcycle_params(params: dict, num_experts: int, seed: int = 0,
+                   router_std: float = 0.02) -> dict:
+  """Replaces every ``mlp`` subtree (per layer or per scanned stack) with ``moe``.
+
+  Args:
+    params: unboxed params of a dense Transformer (layers ``layer_i`` or ``stack_s``).
+    num_experts: E.
+    seed: seed of the new routers (one key per layer/stack).
+    router_std: standard deviation of the new router weights.
+
+  Raises:
+    ValueError: when the params hold no dense MLP.
+  """
+  out, n = {}, 0
+  rng = jax.random.key(seed)
+  for name, sub in params.items():
+    if isinstance(sub, dict) and "mlp" in sub:
+      sub = dict(sub)
+      mlp = sub.pop("mlp")
+      sub["moe"] = _moe_of_mlp(mlp, num_experts, jax.random.fold_in(rng, n), router_std)
+      n += 1
+    out[name] = sub
+  if not n:
+    raise ValueError("upcycle_params: no dense 'mlp' layer in the params (already MoE?)")
+  return out
+
+
+def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
+            router_std: float = 0.02) -> tuple[dict, Any]:
+  """(params, TransformerConfig) of the upcycled model of a dense ``cfg``.
+
+  ``cfg`` is a ``transformer.TransformerConfig``; the MoE uses the ``dense`` dispatch
+  default of ``moe_lib.MoEConfig`` otherwise (impl ragged_dot) and token routing.
+  """
+  if cfg.moe is not None:
+    raise ValueError("upcycle: the model is already MoE")
+  moe_cfg = moe_lib.MoEConfig(num_experts=num_experts, top_k=top_k, expert_dim=cfg.mlp_dim,
+                              normalize_topk=True)
+  new_cfg = dataclasses.replace(cfg, moe=moe_cfg, moe_every=1, first_dense_layers=0)
+  return upcycle_params(params, num_experts, seed, router_std), new_cfg
