@@ -34,7 +34,14 @@ def per_sequence_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
 
 
 def evaluation_objective(obj: losses.BlockDiffusionObjective) -> losses.BlockDiffusionObjective:
-  """The objective with t over the whole [eps, 1] interval (an unbiased NELBO)."""
+  """The objective with t over the whole [eps, 1] interval (an unbiased NELBO).
+
+  Raises:
+    ValueError: for an objective that is not a NELBO (Fast-dLLM v2's masked CE).
+  """
+  if not isinstance(obj, losses.BlockDiffusionObjective):
+    raise ValueError(f"the likelihood task needs the BD3-LM NELBO; {type(obj).__name__} "
+                     "(diffusion.objective) is not a likelihood bound")
   return dataclasses.replace(obj, noise=schedules.NoiseRange(obj.schedule.eps, 1.0),
                              antithetic=True)
 

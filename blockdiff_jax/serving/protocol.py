@@ -132,12 +132,10 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
       or not all(isinstance(s, str) and s for s in stop)):
     raise ApiError(400, "stop must be a non-empty string or a list of up to 4", "stop")
 
+  # A token-shifted model may be an unadapted causal LM: AR unless the request says.
   policy = body.get("policy", "ar" if token_shift else defaults.policy)
   if policy not in POLICIES:
     raise ApiError(400, f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
-  if token_shift and policy != "ar":
-    raise ApiError(400, "this model is token-shifted (a causal LM): only policy 'ar' "
-                   "decodes it", "policy")
   value_field = "threshold" if "threshold" in body else "policy_value"
   value = _number(body, value_field, defaults.policy_value if "policy" not in body
                   or policy == defaults.policy else None)
