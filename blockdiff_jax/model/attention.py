@@ -47,9 +47,10 @@ class Attention(nn.Module):
   interpret: bool | None = None
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  lora: Any = None  # lora.LoraConfig | None: adapters on q/k/v/o.
 
   @nn.compact
-  def __call__(self, x: Array, meta: masks.TokenMeta, cache=None):
+  def __call__(self, x: Array, meta: masks.TokenMeta, cache=None, lora_gate=None):
     """Attends x's tokens to the cache (if any) and to themselves.
 
     Args:
@@ -57,17 +58,21 @@ class Attention(nn.Module):
       meta: metadata of x's tokens [B, T].
       cache: optional ``(k [B, S, Hkv, Dh], v [B, S, Hkv, Dh], meta [B, S])`` of
         previously committed tokens (already rotated).
+      lora_gate: optional [B, T] per-token LoRA gate (see ``model/lora.py``).
 
     Returns:
       (output [B, T, D], (k, v) of x's tokens after RoPE, to be cached by the caller).
     """
     h, hk, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    proj = lambda n, heads_axis, name: layers.DenseGeneral(
+    lo = self.lora
+    rank = lambda t: lo.rank if lo is not None and lo.has(t) else 0
+    scale = lo.scale if lo is not None else 1.0
+    proj = lambda n, heads_axis, name, t: layers.DenseGeneral(
         (n, dh), ("embed", heads_axis, "head_dim"), use_bias=self.qkv_bias, dtype=self.dtype,
-        name=name)(x)
-    q = proj(h, "heads", "query")
-    k = proj(hk, "kv_heads", "key")
-    v = proj(hk, "kv_heads", "value")
+        name=name, lora_rank=rank(t), lora_scale=scale)(x, lora_gate)
+    q = proj(h, "heads", "query", "q")
+    k = proj(hk, "kv_heads", "key", "k")
+    v = proj(hk, "kv_heads", "value", "v")
     if self.qk_norm:
       q = layers.RMSNorm(self.norm_eps, self.dtype, "head_dim", name="query_norm")(q)
       k = layers.RMSNorm(self.norm_eps, self.dtype, "head_dim", name="key_norm")(k)
@@ -98,5 +103,6 @@ class Attention(nn.Module):
       core = jax.sharding.auto_axes(core, out_sharding=jax.typeof(q).sharding.spec)
     out = core(q, k, v, meta, kv_meta)
     out = layers.DenseGeneral(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
-                              dtype=self.dtype, name="out")(out)
+                              dtype=self.dtype, name="out", lora_rank=rank("o"),
+                              lora_scale=scale)(out, lora_gate)
     return out, new_kv

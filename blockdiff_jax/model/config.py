@@ -33,6 +33,12 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.interpret = ml_collections.config_dict.placeholder(bool)
   m.scan_layers = False  # nn.scan over runs of identical layers (faster compiles).
   m.remat = False  # Rematerialize each block in the backward pass (saves memory).
+  m.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0  # LoRA rank on the dense projections; 0 = no adapters.
+  lo.alpha = 16.0  # Adapter output scale numerator (scale = alpha / rank).
+  lo.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Projections with an adapter.
+  lo.gated = True  # Adapter active only on MASK tokens (I-DLM); False = plain LoRA.
+  lo.mask_id = -1  # MASK token id the gate is computed from (required when gated).
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 4  # Experts per MoE layer; 0 = dense model.
   e.top_k = 2  # Experts per token.

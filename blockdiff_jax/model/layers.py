@@ -108,7 +108,11 @@ class _Kernel(nn.Module):
 
 
 class DenseGeneral(nn.Module):
-  """A DenseGeneral with logical axes on the kernel (and the bias)."""
+  """A DenseGeneral with logical axes on the kernel (and the bias), and optional LoRA.
+
+  With ``lora_rank > 0`` it adds ``lora_scale * gate * (x A) B`` (``lora_a``
+  [in..., r], ``lora_b`` [r, out...], B zero-initialised), ``gate`` [B, T] per token.
+  """
 
   features: int | tuple[int, ...]
   kernel_axes: tuple[str, ...]
@@ -116,13 +120,35 @@ class DenseGeneral(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   init_scale: float = 1.0
+  lora_rank: int = 0
+  lora_scale: float = 1.0
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, gate: Array | None = None) -> Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
-    return _Kernel(features, tuple(self.kernel_axes), axis, self.use_bias, self.dtype,
-                   self.init_scale, name="DenseGeneral_0")(x)
+    y = _Kernel(features, tuple(self.kernel_axes), axis, self.use_bias, self.dtype,
+                self.init_scale, name="DenseGeneral_0")(x)
+    if not self.lora_rank:
+      return y
+    axis = tuple(sorted(a % x.ndim for a in axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in, r = math.prod(in_shape), self.lora_rank
+    a_init = lambda key, shape, dtype=jnp.float32: nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal")(key, (n_in, r), dtype).reshape(shape)
+    lora_a = self.param("lora_a", logical_init(
+        a_init, self.kernel_axes[:len(axis)] + (None,)), in_shape + (r,), jnp.float32)
+    lora_b = self.param("lora_b", logical_init(
+        nn.initializers.zeros, (None,) + self.kernel_axes[len(axis):]), (r,) + features,
+                        jnp.float32)
+    batch = tuple(d for d in range(x.ndim) if d not in axis)
+    h = jax.lax.dot_general(x.astype(self.dtype), lora_a.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if gate is not None:
+      h = h * gate.reshape(gate.shape + (1,) * (h.ndim - gate.ndim)).astype(h.dtype)
+    d = jax.lax.dot_general(h, lora_b.astype(self.dtype),
+                            (((len(batch),), (0,)), ((), ())))
+    return y + (self.lora_scale * d).astype(y.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -130,11 +156,16 @@ class SwiGLU(nn.Module):
 
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  lora: Any = None  # lora.LoraConfig | None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, lora_gate: Array | None = None) -> Array:
     d = x.shape[-1]
-    gate = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
-    up = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+    dense = lambda n, axes, name: DenseGeneral(
+        n, axes, dtype=self.dtype, name=name,
+        lora_rank=self.lora.rank if self.lora is not None and self.lora.has(name) else 0,
+        lora_scale=self.lora.scale if self.lora is not None else 1.0)
+    gate = dense(self.hidden_dim, ("embed", "mlp"), "gate")(x, lora_gate)
+    up = dense(self.hidden_dim, ("embed", "mlp"), "up")(x, lora_gate)
     h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return DenseGeneral(d, ("mlp", "embed"), dtype=self.dtype, name="down")(h)
+    return dense(d, ("mlp", "embed"), "down")(h, lora_gate)

@@ -11,6 +11,7 @@ import ml_collections
 from blockdiff_jax import masks
 from blockdiff_jax.model import attention
 from blockdiff_jax.model import layers
+from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
@@ -46,6 +47,7 @@ class TransformerConfig:
   dtype: str = "float32"
   scan_layers: bool = False
   remat: bool = False
+  lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -119,7 +121,8 @@ class TransformerConfig:
             type=m.rope_scaling.type, factor=m.rope_scaling.factor,
             original_max_position=m.rope_scaling.original_max_position),
         norm_eps=m.norm_eps, mask_spec=mask_spec, attention_impl=m.attention_impl,
-        interpret=m.get("interpret"), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+        interpret=m.get("interpret"), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+        lora=lora_lib.from_config(m.get("lora")))
 
 
 class Block(nn.Module):
@@ -130,7 +133,7 @@ class Block(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x, meta, layer_cache, cache_meta):
+  def __call__(self, x, meta, layer_cache, cache_meta, lora_gate=None):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
@@ -139,14 +142,15 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
         rope_scaling=cfg.rope_scaling, mask_spec=cfg.mask_spec, impl=cfg.attention_impl,
-        interpret=cfg.interpret, norm_eps=cfg.norm_eps, dtype=dtype, name="attention")(
-            h, meta, cache)
+        interpret=cfg.interpret, norm_eps=cfg.norm_eps, dtype=dtype, lora=cfg.lora,
+        name="attention")(h, meta, cache, lora_gate)
     x = x + a
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
     if self.use_moe:
       m, stats = moe_lib.MoEFeedForward(cfg.moe, dtype=dtype, name="moe")(h, meta)
     else:
-      m, stats = layers.SwiGLU(cfg.mlp_dim, dtype=dtype, name="mlp")(h), {}
+      m, stats = layers.SwiGLU(cfg.mlp_dim, dtype=dtype, lora=cfg.lora, name="mlp")(
+          h, lora_gate), {}
     x = layers.constrain(x + m, ("activation_batch", "activation_length", "activation_embed"))
     return x, (kv if self.return_kv else None, stats)
 
@@ -189,6 +193,8 @@ class Transformer(nn.Module):
         out_sharding=sharding.out_spec(sharding.TOKEN_AXES, tokens.shape + (cfg.d_model,)))
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cache_meta = None if cache is None else cache["meta"]
+    # Computed once from the token ids and passed down to every adapter.
+    lora_gate = lora_lib.lora_gate(tokens, cfg.lora)
 
     kvs, moe_stats, start = [], [], 0
     for seg, (use_moe, count) in enumerate(cfg.layer_segments()):
@@ -200,10 +206,10 @@ class Transformer(nn.Module):
         block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
       if cfg.scan_layers:
         stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, 0, nn.broadcast), length=count,
+                        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=count,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, (kv, stats) = stack(cfg, use_moe, return_kv, name=f"stack_{seg}")(
-            x, meta, seg_cache, cache_meta)
+            x, meta, seg_cache, cache_meta, lora_gate)
         kvs.append(kv)
         if use_moe:
           moe_stats.append(stats)
@@ -211,7 +217,7 @@ class Transformer(nn.Module):
         for i in range(count):
           layer_cache = None if seg_cache is None else jax.tree.map(lambda c: c[i], seg_cache)
           x, (kv, stats) = block_cls(cfg, use_moe, return_kv, name=f"layer_{start + i}")(
-              x, meta, layer_cache, cache_meta)
+              x, meta, layer_cache, cache_meta, lora_gate)
           kvs.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
           if use_moe:
             moe_stats.append(jax.tree.map(lambda a: a[None], stats))

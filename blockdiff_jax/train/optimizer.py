@@ -4,6 +4,10 @@ import jax
 import ml_collections
 import optax
 
+from blockdiff_jax.model import lora
+
+TRAINABLE = ("all", "lora")
+
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to the peak, cosine decay to ``min_lr_ratio`` of it at ``steps``."""
@@ -18,8 +22,29 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def trainable_mask(params):
+  """True on LoRA adapter parameters (``train.trainable = "lora"``), False on base weights."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: lora.is_lora_path(path), params)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer described by ``config.train``."""
+  """The optimizer described by ``config.train``.
+
+  With ``train.trainable = "lora"`` the base weights are frozen: their updates are
+  zero and the optimizer keeps no moments for them.
+  """
+  trainable = train.get("trainable", "all")
+  if trainable not in TRAINABLE:
+    raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {trainable!r}")
+  if trainable == "lora":
+    frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params))
+    return optax.chain(optax.masked(_dense_optimizer(train), trainable_mask),
+                       optax.masked(optax.set_to_zero(), frozen))
+  return _dense_optimizer(train)
+
+
+def _dense_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   parts = []
   if train.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train.grad_clip))

@@ -1,0 +1,79 @@
+"""(Gated) LoRA adapters on the dense projections.
+
+A LoRA adapter adds ``scale * (x A) B`` (``scale = alpha / rank``) to a projection;
+B starts at zero, so a fresh adapter leaves the model equal to its base. With
+``gated`` the adapter's output is multiplied by a per-token gate that is 1 on MASK
+tokens and 0 elsewhere (I-DLM's gated LoRA): clean tokens then run the untouched
+base weights, so a causal verifier over clean tokens is the base AR model exactly.
+With the gate off it is plain LoRA (Fast-dLLM-style fine-tuning).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# Projections an adapter may sit on (attention q/k/v/o, dense SwiGLU gate/up/down).
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Static LoRA options (``config.model.lora``).
+
+  Attributes:
+    rank: adapter rank r (>= 1).
+    alpha: scale numerator; the adapter output is multiplied by alpha / rank.
+    targets: projections that get an adapter (a subset of ``TARGETS``).
+    gated: multiply the adapter output by the MASK gate (1 on MASK tokens, 0 elsewhere).
+    mask_id: the MASK token id the gate is computed from (needed when gated).
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+  gated: bool = True
+  mask_id: int = -1
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+    bad = [t for t in self.targets if t not in TARGETS]
+    if bad or not self.targets:
+      raise ValueError(f"model.lora.targets must be a non-empty subset of {TARGETS}, "
+                       f"got {self.targets!r}")
+    if self.gated and self.mask_id < 0:
+      raise ValueError("model.lora.gated needs model.lora.mask_id >= 0 (the MASK token id), "
+                       f"got {self.mask_id}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def has(self, target: str) -> bool:
+    return target in self.targets
+
+
+def lora_gate(tokens: Array, cfg: LoraConfig | None) -> Array | None:
+  """Per-token adapter gate [B, T] (float32): MASK tokens 1, others 0; all ones ungated."""
+  if cfg is None:
+    return None
+  if not cfg.gated:
+    return jnp.ones(tokens.shape, jnp.float32)
+  return (tokens == cfg.mask_id).astype(jnp.float32)
+
+
+def from_config(lora) -> LoraConfig | None:
+  """LoraConfig from ``config.model.lora`` (None when rank is 0 = no adapters)."""
+  if lora is None or not lora.rank:
+    return None
+  return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets),
+                    gated=lora.gated, mask_id=lora.mask_id)
+
+
+def is_lora_path(path) -> bool:
+  """True for a parameter path (names or jax key entries) inside a LoRA adapter."""
+  names = (getattr(k, "key", getattr(k, "name", k)) for k in path)
+  return any(str(n) in ("lora_a", "lora_b") for n in names)
