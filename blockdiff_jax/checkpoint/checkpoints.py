@@ -23,7 +23,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from blockdiff_jax.model import config as model_config_lib
 
@@ -312,6 +314,85 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
   finally:
     manager.close()
   return params
+
+
+def _state_tree(checkpoint_dir: str, step: int | None) -> tuple[str, dict]:
+  """(the ``state`` folder of ``step``, its tree metadata) without reading any array."""
+  checkpoint_dir = os.path.abspath(checkpoint_dir)
+  if not has_checkpoint(checkpoint_dir):
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+  manager = ocp.CheckpointManager(
+      checkpoint_dir, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                     DATA: ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
+                              f"{list(manager.all_steps())})")
+    tree = manager.item_metadata(step)[STATE].tree
+  finally:
+    manager.close()
+  return os.path.join(checkpoint_dir, str(step), STATE), tree
+
+
+def param_names(checkpoint_dir: str, step: int | None = None,
+                subtree: str = "params") -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{"embed/embedding": (shape, dtype), ...}`` of a checkpoint's params, from metadata only.
+
+  Args:
+    checkpoint_dir: the ``checkpoints`` directory of a run.
+    step: which step; None = the latest.
+    subtree: the field of the train state (``params``, ``ema_params``, ``opt_state``).
+  """
+  return _names(*_state_tree(checkpoint_dir, step), subtree)
+
+
+def _names(where: str, tree: dict, subtree: str) -> dict[str, tuple[tuple[int, ...], str]]:
+  if subtree not in tree or tree[subtree] is None:
+    raise ValueError(f"checkpoint {where} has no {subtree!r} (it holds {sorted(tree)})")
+  return {_path_str(p): (tuple(x.shape), str(x.dtype))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree[subtree])}
+
+
+def open_param(checkpoint_dir: str, name: str, step: int | None = None,
+               subtree: str = "params") -> ts.TensorStore:
+  """Opens one saved parameter as a TensorStore (lazy: nothing is read yet).
+
+  Orbax writes each array of the train state as a zarr array named by its tree
+  path joined with dots (``params.embed.embedding``), inside one OCDBT key-value
+  store per step (``<step>/state``; plain files when OCDBT was off). Indexing the
+  returned store and calling ``.read().result()`` reads just those chunks.
+
+  Args:
+    checkpoint_dir: the ``checkpoints`` directory of a run.
+    name: the parameter's path, ``/``-separated (a key of ``param_names``).
+    step: which step; None = the latest.
+    subtree: the field of the train state.
+
+  Raises:
+    KeyError: naming the closest parameters when ``name`` is not in the checkpoint.
+  """
+  state_dir, tree = _state_tree(checkpoint_dir, step)
+  names = _names(state_dir, tree, subtree)
+  if name not in names:
+    close = [n for n in names if n.rsplit("/", 1)[-1] == name.rsplit("/", 1)[-1]] or sorted(names)
+    raise KeyError(f"no parameter {name!r} in {subtree} of {checkpoint_dir}; e.g. {close[:5]}")
+  with open(os.path.join(state_dir, "_METADATA"), encoding="utf-8") as f:
+    layout = json.load(f)
+  key = ".".join([subtree, *name.split("/")])
+  if layout.get("use_ocdbt", True):
+    kvstore = {"driver": "ocdbt", "base": f"file://{state_dir}", "path": key}
+  else:
+    kvstore = {"driver": "file", "path": os.path.join(state_dir, key)}
+  spec = {"driver": "zarr3" if layout.get("use_zarr3", False) else "zarr", "kvstore": kvstore}
+  return ts.open(spec, open=True, read=True).result()
+
+
+def read_param(checkpoint_dir: str, name: str, index: Any = (), step: int | None = None,
+               subtree: str = "params") -> np.ndarray:
+  """Reads one parameter (or ``index`` of it, e.g. ``np.s_[:2]``) without loading the rest."""
+  return np.asarray(open_param(checkpoint_dir, name, step, subtree)[index].read().result())
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

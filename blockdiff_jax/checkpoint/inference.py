@@ -1,6 +1,7 @@
 """A trained workdir as (config, model, tokenizer, params), and the context to run it in."""
 
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,18 @@ def inference_context(config: ml_collections.ConfigDict):
   constraints see the mesh the params were restored onto (``load_for_inference``).
   """
   return mesh_lib.mesh_context(*mesh_lib.mesh_of(config))
+
+
+def abstract_params(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
+  """The params as ``jax.ShapeDtypeStruct``s laid out on ``mesh``: a restore target.
+
+  ``checkpoints.restore_params(checkpoint_dir, abstract_params(model, mesh, rules))``
+  reads a checkpoint's params onto any mesh (each device reads its own shards).
+  """
+  boxed = build.abstract_params(model)
+  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
 
 
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
@@ -53,10 +66,7 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
       config = config.copy_and_resolve_references()
       del config.mesh
   mesh, rules = mesh_lib.mesh_of(config)
-  boxed = build.abstract_params(model)
-  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+  abstract = abstract_params(model, mesh, rules)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   if step is None and not checkpoints.has_checkpoint(checkpoint_dir):
     # Nothing trained yet: a pretrained config answers with its own weights.
