@@ -7,6 +7,8 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/Flax Mixture-of-Experts block-diffusion language models.",
     packages=setuptools.find_packages(include=["blockdiff_jax*", "pallas_kernels*"]),
+    # Question lists for --mode=distill (blockdiff_jax/sampling/distill.py).
+    package_data={"blockdiff_jax.data": ["prompts/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -12,6 +12,7 @@ live next to the code it configures, and this module only assembles them:
 | train       | ``blockdiff_jax/train/config.py``   |
 | mesh        | ``blockdiff_jax/model/mesh.py`` (optional; none = one device) |
 | sample      | ``blockdiff_jax/sampling/sample.py`` |
+| distill     | ``blockdiff_jax/sampling/distill.py`` |
 | eval        | ``blockdiff_jax/evaluation/eval_config.py`` |
 | serve       | ``blockdiff_jax/serving/config.py`` |
 
@@ -28,6 +29,7 @@ from blockdiff_jax.data import config as data_config
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.model import config as model_config_lib
+from blockdiff_jax.sampling import distill as distill_lib
 from blockdiff_jax.sampling import sample as sample_lib
 from blockdiff_jax.serving import config as serve_config
 from blockdiff_jax.train import config as train_config
@@ -47,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = diffusion_config.default_diffusion_config()  # Blocks, noise schedule.
   c.data = data_config.default_data_config()  # Corpus, tokenizer, sequence length, batch.
   c.sample = sample_lib.default_sample_config()  # Decoding policy, limits, prompts.
+  c.distill = distill_lib.default_distill_config()  # --mode=distill: self-distillation data.
   c.eval = eval_config.default_eval_config()  # Tasks and settings of --mode=eval.
   c.serve = serve_config.default_serve_config()  # --mode=serve: host, port, slots, queue.
   c.train = train_config.default_train_config()  # Optimizer, schedule, logging, checkpoints.

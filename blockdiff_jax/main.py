@@ -1,4 +1,4 @@
-r"""Command-line entry point: train, sample, evaluate, serve, plan (memory per device).
+r"""Command-line entry point: train, sample, evaluate, serve, plan (memory per device), distill.
 
   python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart \
       --mode=train --config.train.steps=100
@@ -12,7 +12,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "serve", "plan"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "serve", "plan",
+                                                    "distill"],
                           "What to run.")
 _HOST = flags.DEFINE_string("host", None, "--mode=serve: interface (default serve.host, "
                             "127.0.0.1).")
@@ -38,6 +39,9 @@ def main(argv):
   elif _MODE.value == "sample":
     from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
     sample.run(config, workdir)
+  elif _MODE.value == "distill":
+    from blockdiff_jax.sampling import distill  # pylint: disable=g-import-not-at-top
+    distill.run(config, workdir)
   elif _MODE.value == "serve":
     from blockdiff_jax.serving import server  # pylint: disable=g-import-not-at-top
     server.run(config, workdir, host=_HOST.value, port=_PORT.value)

@@ -16,6 +16,7 @@ from it and ``load_for_inference`` restores it.
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import ml_collections
@@ -24,6 +25,7 @@ from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.interop import pretrained
 from blockdiff_jax.model import build
+from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import upcycle as upcycle_lib
 
@@ -75,6 +77,21 @@ def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
   return config, model, tokenizer
 
 
+def _with_fresh_adapters(params: Any, model: nn.Module, seed: int) -> Any:
+  """The pretrained weights plus freshly initialised LoRA adapters (B = 0: the base model).
+
+  A pretrained checkpoint has no adapters; they come from the model's own init so their
+  shapes, scan layout and init scale are exactly ``build.init_params``'s.
+  """
+  fresh = build.init_params(model, seed)
+  flat = flax.traverse_util.flatten_dict(params)
+  # Only adapter leaves are added: a base weight the checkpoint lacks stays missing, so
+  # check_params_fit names it.
+  adapters = {path: value for path, value in flax.traverse_util.flatten_dict(fresh).items()
+              if lora_lib.is_lora_path(path)}
+  return flax.traverse_util.unflatten_dict({**flat, **adapters})
+
+
 def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir: str | None,
                    mesh=None, rules: mesh_lib.Rules = ()) -> Any | None:
   """The pretrained parameters laid out on ``mesh``; None when the config has none.
@@ -91,6 +108,8 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
     params = upcycle_lib.upcycle_params(params, model.cfg.moe.num_experts,
                                         seed=config.get("seed", 0))
   boxed = build.abstract_params(model)
+  if model.cfg.lora is not None:
+    params = _with_fresh_adapters(params, model, config.get("seed", 0))
   checkpoints.check_params_fit(params, nn.unbox(boxed), where=f"pretrained={spec!r}")
   if mesh is None:
     mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])

@@ -34,7 +34,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Window shuffling uses the seed passed to build_dataset.
   c.seed = 0
   # corpus="sft": "docstrings" (pairs from the standard library's docstrings),
-  # "synthetic" (the synthetic tasks) or comma-separated JSONL files of
+  # "synthetic" (the synthetic tasks), "distilled" (<workdir>/distill/*.jsonl from
+  # --mode=distill: the model's own answers) or comma-separated JSONL files of
   # {"prompt", "response"} or {"messages": [...]} lines.
   c.sft_source = "docstrings"
   c.sft_max_examples = 2000  # Examples per split read from the source; 0 = all.

@@ -421,11 +421,12 @@ class PackedSFTDataset(Dataset):
 
 
 def build_sft_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer, split: str,
-                      seq_len: int, batch_size: int, seed: int) -> PackedSFTDataset:
+                      seq_len: int, batch_size: int, seed: int,
+                      workdir: str | None = None) -> PackedSFTDataset:
   """The ``corpus="sft"`` dataset of ``split`` (validation rows are not shuffled)."""
   d = data_config
   records = sft.load_records(d.sft_source, split, d.validation_fraction, d.sft_max_examples,
-                         d.synthetic_tasks, d.seed, d.synthetic_digits)
+                             d.synthetic_tasks, d.seed, d.synthetic_digits, workdir=workdir)
   return PackedSFTDataset(records, tokenizer, seq_len, batch_size, d.sft_block_multiple,
                           seed=seed, shuffle=split == "train",
                           score_padding=d.sft_score_padding)
@@ -433,7 +434,7 @@ def build_sft_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer, split: 
 
 def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
                   split: str, seq_len: int, batch_size: int,
-                  seed: int) -> Dataset:
+                  seed: int, workdir: str | None = None) -> Dataset:
   """Builds the dataset of ``split`` described by ``data_config``.
 
   Args:
@@ -445,6 +446,7 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
     seed: shuffling seed of the training windows. Validation windows are
       shuffled with ``data_config.seed`` instead, so every run evaluates the
       same windows; synthetic examples always come from ``data_config.seed``.
+    workdir: the run's folder (``sft_source="distilled"`` reads its ``distill/``).
 
   Returns:
     A ``SyntheticDataset`` for ``corpus="synthetic"``, else a
@@ -452,7 +454,8 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
   """
   corpora.validate_split(split)
   if data_config.corpus == "sft":
-    return build_sft_dataset(data_config, tokenizer, split, seq_len, batch_size, seed)
+    return build_sft_dataset(data_config, tokenizer, split, seq_len, batch_size, seed,
+                             workdir)
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,

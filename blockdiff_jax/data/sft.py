@@ -7,6 +7,8 @@ Sources (``data.sft_source``):
   docstring (parsed with ``ast``), the prompt asks what ``module.name(signature)`` does and the response
   is the docstring's first paragraph.
 * ``synthetic``: the verifiable synthetic tasks (``data.synthetic_tasks``).
+* ``distilled``: ``<workdir>/distill/*.jsonl``, a model's own answers written by
+  ``--mode=distill`` (``sampling/distill.py``);
 * otherwise comma-separated JSONL files, one example per line, either
   ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
   whose last message is the assistant's response (earlier ones form the prompt).
@@ -132,11 +134,25 @@ def prompt_text(record: Pair | list[dict]) -> str:
   return record[0]
 
 
+def distilled_files(workdir: str | None) -> str:
+  """The comma-separated JSONL files of ``sft_source="distilled"`` in ``workdir``."""
+  folder = os.path.join(workdir or "", "distill")
+  files = sorted(os.path.join(folder, n) for n in (os.listdir(folder) if os.path.isdir(folder)
+                                                   else []) if n.endswith(".jsonl"))
+  if workdir is None or not files:
+    raise ValueError(f"data.sft_source='distilled' but {folder!r} holds no .jsonl file; "
+                     "run --mode=distill with this workdir first")
+  return ",".join(files)
+
+
 def load_records(source: str, split: str, validation_fraction: float, max_examples: int,
                  tasks: str = "sort,add,copy_edit", seed: int = 0,
-                 digits: int = synthetic.DEFAULT_DIGITS) -> list[Pair | list[dict]]:
+                 digits: int = synthetic.DEFAULT_DIGITS,
+                 workdir: str | None = None) -> list[Pair | list[dict]]:
   """The records of ``split`` (module docstring), at most ``max_examples`` (0 = all)."""
   corpora.validate_split(split)
+  if source == "distilled":
+    source = distilled_files(workdir)
   if source == "synthetic":
     n = max_examples or 10000
     return [synthetic.mixed_example(synthetic.parse_tasks(tasks), seed, j, split=split,

@@ -1,5 +1,7 @@
 """The ``diffusion`` config section, its validation and the objective it gives."""
 
+from typing import Any, Callable
+
 import ml_collections
 
 from blockdiff_jax.diffusion import fastdllm
@@ -24,11 +26,15 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   # False = the logits at i predict token i (a model trained from scratch by BD3-LM).
   d.token_shift = False
   # bd3: BD3-LM NELBO | fastdllm: Fast-dLLM v2 (token shift + complementary masks, plain
-  # masked CE over response tokens) | introspective: I-DLM (CE_noisy + alpha * CE_clean; a
-  # library objective, not yet wired into the trainer). The last two need token_shift=True.
+  # masked CE over response tokens) | introspective: I-DLM (all-MASK causal noisy blocks of
+  # isd_stride tokens; CE_noisy + alpha * CE_clean). The last two need token_shift=True.
   d.objective = "bd3"
   d.isd_stride = 4  # Introspective: noisy block length N (the ISD decoding stride).
   d.clean_weight = 0.2  # Introspective: alpha in CE_noisy + alpha * CE_clean.
+  # Introspective: K > 0 noisy blocks per row at random scored anchors instead of a noisy
+  # copy of every block; the clean stream then runs without gradient when that is exact
+  # (gated LoRA with train.trainable=lora), so the backward covers K*N tokens, not 2L.
+  d.isd_anchors = 0
   return d
 
 
@@ -38,17 +44,24 @@ def introspective_objective(config: ml_collections.ConfigDict,
   d = config.diffusion
   if d.get("objective", "bd3") != "introspective":
     raise ValueError(f"diffusion.objective is {d.get('objective', 'bd3')!r}, not 'introspective'")
+  anchors = d.get("isd_anchors", 0)
+  lora = config.model.get("lora") if config.get("model") is not None else None
+  # Exact only when no trainable weight acts on a clean token: gated adapters, base frozen.
+  detach = bool(anchors and lora is not None and lora.get("rank", 0) and lora.get("gated")
+                and config.get("train", {}).get("trainable", "all") == "lora")
   return introspective.IntrospectiveObjective(
-      stride=d.get("isd_stride", 4), mask_id=mask_id, clean_weight=d.get("clean_weight", 0.2))
+      stride=d.get("isd_stride", 4), mask_id=mask_id, clean_weight=d.get("clean_weight", 0.2),
+      anchors=anchors, detach_clean=detach)
 
 
 def objective(config: ml_collections.ConfigDict, mask_id: int):
-  """The training objective of an experiment config (BD3-LM or Fast-dLLM v2)."""
+  """The training objective of an experiment config (BD3-LM, Fast-dLLM v2 or I-DLM)."""
   d = config.diffusion
   kind = d.get("objective", "bd3")
   if kind == "introspective":
-    raise ValueError("diffusion.objective='introspective' is not wired into the trainer yet; "
-                     "use diffusion.introspective.introspective_loss directly")
+    if not d.get("token_shift", False):
+      raise ValueError("diffusion.objective='introspective' needs diffusion.token_shift=True")
+    return introspective_objective(config, mask_id)
   if kind == "fastdllm":
     if not d.get("token_shift", False):
       raise ValueError("diffusion.objective='fastdllm' needs diffusion.token_shift=True")
@@ -74,7 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not d.get("token_shift", False):
       raise ValueError("diffusion.objective='introspective' needs diffusion.token_shift=True")
     introspective.IntrospectiveObjective(stride=d.isd_stride, mask_id=0,
-                                         clean_weight=d.clean_weight)
+                                         clean_weight=d.clean_weight,
+                                         anchors=d.get("isd_anchors", 0))
   if d.block_size < 1:
     raise ValueError(f"diffusion.block_size must be >= 1, got {d.block_size}")
   if config.data.seq_len % d.block_size:
@@ -88,3 +102,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if kind == "fastdllm" and not d.get("token_shift", False):
     raise ValueError("diffusion.objective='fastdllm' needs diffusion.token_shift=True, "
                      f"got {d.get('token_shift', False)}")
+
+
+def loss_functions(obj: Any) -> tuple[Callable, Callable]:
+  """``(loss_fn, corrupt_fn)`` of an objective (BD3-LM, Fast-dLLM v2 or I-DLM).
+
+  ``loss_fn(apply_fn, params, batch, rng, obj, corrupted=None) -> (loss, metrics)``;
+  ``corrupt_fn(rng, batch, obj)`` draws the noise of a whole batch (split by rows into
+  micro-batches under gradient accumulation).
+  """
+  if isinstance(obj, fastdllm.FastDLLMObjective):
+    return fastdllm.fastdllm_loss, fastdllm.corrupt
+  if isinstance(obj, introspective.IntrospectiveObjective):
+    return introspective.introspective_loss, introspective.corrupt
+  return losses.block_diffusion_loss, losses.corrupt

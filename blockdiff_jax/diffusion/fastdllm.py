@@ -141,10 +141,3 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce
   metrics["loss"] = loss
   return loss, metrics
-
-
-def loss_functions(obj: Any) -> tuple[Callable, Callable]:
-  """``(loss_fn, corrupt_fn)`` of an objective (Fast-dLLM v2 or BD3-LM)."""
-  if isinstance(obj, FastDLLMObjective):
-    return fastdllm_loss, corrupt
-  return losses.block_diffusion_loss, losses.corrupt

@@ -13,6 +13,17 @@ Layout through ``masks.mask_fn`` with ``MaskSpec(causal_noisy=True)`` (the model
 must be built with it): clean tokens get block id = position (block size 1, so the
 block-causal clean rule is causal) and noisy tokens block id = jN, so "clean
 blocks strictly before the query's block" means clean positions < jN.
+
+**Anchored blocks** (``anchors = K > 0``): instead of a noisy copy of every block, each
+row gets K noisy blocks of N MASKs at random distinct anchor positions a whose first
+target (token a+1) is scored; block k sits at positions a_k..a_k+N-1 and sees the clean
+tokens < a_k, exactly as a block of the full layout starting at a_k would. Prompt and
+padding positions, which the full layout copies and never scores, cost nothing, and
+with ``detach_clean`` the model runs twice: the clean stream once without gradient
+(its K/V become the noisy pass's cache), then the K*N noisy tokens with gradient. That
+is exact when no trainable weight touches a clean token -- gated LoRA adapters with a
+frozen base (``train.trainable=lora``) -- and then CE_clean is a constant (reported,
+adds no gradient). The backward then runs over K*N tokens instead of 2L.
 """
 
 import dataclasses
@@ -34,17 +45,26 @@ class IntrospectiveObjective:
     stride: noisy block length N (the ISD stride; the paper uses 4).
     mask_id: the MASK token.
     clean_weight: alpha, the weight of the clean-stream (AR) cross-entropy.
+    anchors: K > 0: K noisy blocks per row at random scored anchors; 0: every block.
+    detach_clean: (with anchors) run the clean stream without gradient; exact only when
+      no trainable weight acts on clean tokens (gated LoRA, frozen base).
   """
 
   stride: int
   mask_id: int
   clean_weight: float = 0.2
+  anchors: int = 0
+  detach_clean: bool = False
 
   def __post_init__(self):
     if self.stride < 1:
       raise ValueError(f"diffusion.isd_stride must be >= 1, got {self.stride}")
     if self.clean_weight < 0:
       raise ValueError(f"diffusion.clean_weight must be >= 0, got {self.clean_weight}")
+    if self.anchors < 0:
+      raise ValueError(f"diffusion.isd_anchors must be >= 0, got {self.anchors}")
+    if self.detach_clean and not self.anchors:
+      raise ValueError("detach_clean needs anchored blocks (diffusion.isd_anchors > 0)")
 
 
 def training_meta(length: int, stride: int, batch: int = 1, segment_ids=None) -> masks.TokenMeta:
@@ -58,51 +78,127 @@ def training_meta(length: int, stride: int, batch: int = 1, segment_ids=None) ->
   return noisy.concat(clean)
 
 
-def per_token_ce(apply_fn: Callable, params: Any, batch: dict, obj: IntrospectiveObjective):
+def per_token_ce(apply_fn: Callable, params: Any, batch: dict, obj: IntrospectiveObjective,
+                 rng: Array | None = None, corrupted: Array | None = None):
   """Per-position shifted cross-entropies of both streams.
 
   Returns:
-    dict with ``noisy_nll``, ``clean_nll`` [B, L-1] (position i scored on token
-    i+1), ``weight`` [B, L-1] (the target's loss mask and same document),
-    ``noisy_correct``, ``clean_correct`` and the model's ``aux``.
+    dict with ``clean_nll`` [B, L-1] (position i scored on token i+1) and its
+    ``weight`` (the target's loss mask and same document); ``noisy_nll`` and
+    ``noisy_weight`` ([B, L-1] for the full layout, [B, K*N] slot by slot for anchored
+    blocks); ``noisy_correct``, ``clean_correct`` and the model's ``aux``.
   """
   x0 = batch["tokens"]
   b, length = x0.shape
-  meta = training_meta(length, obj.stride, b, batch.get("segment_ids"))
-  noisy = jnp.full_like(x0, obj.mask_id)
-  logits, aux = apply_fn(params, jnp.concatenate([noisy, x0], axis=1), meta)
-  vocab = jnp.arange(logits.shape[-1])
-  logits = jnp.where(vocab == obj.mask_id, -jnp.inf, logits)[:, :, :]
-  target = x0[:, 1:]
-  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  if batch.get("segment_ids") is not None:
-    seg = batch["segment_ids"]
-    weight = weight * (seg[:, 1:] == seg[:, :-1])
+  if obj.anchors:
+    anchors = corrupt(rng, batch, obj) if corrupted is None else corrupted
+    noisy_lg, noisy_target, noisy_weight, clean_lg, weight, aux = anchored_ce(
+        apply_fn, params, batch, anchors, obj)
+  else:
+    meta = training_meta(length, obj.stride, b, batch.get("segment_ids"))
+    noisy = jnp.full_like(x0, obj.mask_id)
+    logits, aux = apply_fn(params, jnp.concatenate([noisy, x0], axis=1), meta)
+    weight = _target_weight(batch)
+    noisy_lg, clean_lg = logits[:, :length - 1], logits[:, length:-1]
+    noisy_target, noisy_weight = x0[:, 1:], weight
 
-  def ce(lg):
-    lg = lg[:, :-1]
+  def ce(lg, target):
+    lg = jnp.where(jnp.arange(lg.shape[-1]) == obj.mask_id, -jnp.inf, lg)
     logp = jax.nn.log_softmax(lg, axis=-1)
     nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     return nll, jnp.argmax(lg, -1) == target
 
-  noisy_nll, noisy_ok = ce(logits[:, :length])
-  clean_nll, clean_ok = ce(logits[:, length:])
+  noisy_nll, noisy_ok = ce(noisy_lg, noisy_target)
+  clean_nll, clean_ok = ce(clean_lg, x0[:, 1:])
   return dict(noisy_nll=noisy_nll, clean_nll=clean_nll, weight=weight,
-              noisy_correct=noisy_ok, clean_correct=clean_ok, aux=aux)
+              noisy_weight=noisy_weight, noisy_correct=noisy_ok, clean_correct=clean_ok,
+              aux=aux)
+
+
+def _target_weight(batch: dict) -> Array:
+  """[B, L-1]: position i's target (token i+1) is scored and in i's document."""
+  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  if batch.get("segment_ids") is not None:
+    seg = batch["segment_ids"]
+    weight = weight * (seg[:, 1:] == seg[:, :-1])
+  return weight
+
+
+def corrupt(rng: Array, batch: dict, obj: IntrospectiveObjective) -> Array:
+  """The anchors [B, K] (int32; -1 = none left in the row), or a [B] placeholder.
+
+  Anchors are distinct positions a with a scored first target (token a+1), drawn
+  uniformly without replacement (Gumbel top-K) from the whole batch's key, so rows split
+  into micro-batches keep their draws.
+  """
+  b = batch["tokens"].shape[0]
+  if not obj.anchors:
+    return jnp.zeros((b,), bool)
+  valid = _target_weight(batch) > 0  # [B, L-1]: anchor a valid when target a+1 scored.
+  gumbel = jax.random.gumbel(rng, valid.shape)
+  score, idx = jax.lax.top_k(jnp.where(valid, gumbel, -jnp.inf), obj.anchors)
+  return jnp.where(jnp.isfinite(score), idx, -1).astype(jnp.int32)
+
+
+def anchored_ce(apply_fn: Callable, params: Any, batch: dict, anchors: Array,
+                obj: IntrospectiveObjective):
+  """Per-slot CE of K anchored noisy blocks ([B, K*N]) and the clean stream ([B, L-1])."""
+  x0 = batch["tokens"]
+  b, length = x0.shape
+  n, k = obj.stride, obj.anchors
+  seg = batch.get("segment_ids")
+  seg = jnp.zeros_like(x0) if seg is None else jnp.asarray(seg, jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  none = jnp.zeros(pos.shape, bool)
+  clean_meta = masks.TokenMeta(pos, pos, jnp.full_like(pos, masks.CLEAN), seg, none)
+  clean_params = jax.lax.stop_gradient(params) if obj.detach_clean else params
+  clean_logits, clean_aux = apply_fn(clean_params, x0, clean_meta, return_kv=True)
+  k_cache, v_cache = clean_aux["kv"]
+  if obj.detach_clean:
+    k_cache, v_cache = jax.lax.stop_gradient((k_cache, v_cache))
+
+  has = anchors >= 0
+  a = jnp.maximum(anchors, 0)  # [B, K]
+  slot_pos = (a[:, :, None] + jnp.arange(n, dtype=jnp.int32)).reshape(b, k * n)
+  # Unused anchors get distinct negative block ids: they see only their own slots (no
+  # clean key is < 0), so they neither read real text nor disturb another block.
+  block_id = jnp.repeat(jnp.where(has, a, -1 - jnp.arange(k, dtype=jnp.int32)), n, axis=1)
+  in_row = slot_pos < length - 1  # The slot's target (slot_pos + 1) exists.
+  safe = jnp.minimum(slot_pos, length - 2)
+  anchor_seg = jnp.take_along_axis(seg, jnp.repeat(a, n, axis=1), axis=1)
+  noisy_meta = masks.TokenMeta(slot_pos, block_id, jnp.full_like(slot_pos, masks.NOISY),
+                               anchor_seg, jnp.zeros(slot_pos.shape, bool))
+  noisy = jnp.full((b, k * n), obj.mask_id, jnp.int32)
+  noisy_logits, aux = apply_fn(params, noisy, noisy_meta,
+                               cache={"k": k_cache, "v": v_cache, "meta": clean_meta})
+  weight = _target_weight(batch)
+  target = jnp.take_along_axis(x0, safe + 1, axis=1)
+  noisy_weight = (jnp.take_along_axis(weight, safe, axis=1) * in_row * jnp.repeat(has, n, 1)
+                  * (jnp.take_along_axis(seg, safe + 1, axis=1) == anchor_seg))
+  return noisy_logits, target, noisy_weight, clean_logits[:, :-1], weight, aux
 
 
 def introspective_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
-                       obj: IntrospectiveObjective):
-  """CE_noisy + alpha * CE_clean (nats per scored token) plus the model's aux loss."""
-  del rng  # Deterministic: every noisy slot is MASK.
-  t = per_token_ce(apply_fn, params, batch, obj)
-  n = jnp.maximum(jnp.sum(t["weight"]), 1.0)
-  mean = lambda x: jnp.sum(x * t["weight"]) / n
-  ce_noisy, ce_clean = mean(t["noisy_nll"]), mean(t["clean_nll"])
+                       obj: IntrospectiveObjective, corrupted: Array | None = None):
+  """CE_noisy + alpha * CE_clean (nats per scored token) plus the model's aux loss.
+
+  Metrics: ``ce_noisy``, ``ce_clean``, the accuracies (``slot1_accuracy``: the first
+  MASK slot's, with anchors), and ``nelbo`` = ``ce_noisy`` (the trainer's log key; not
+  a bound, a plain CE of the drafts). ``rng`` draws the anchors when ``corrupted`` (from
+  ``corrupt``) is not given.
+  """
+  t = per_token_ce(apply_fn, params, batch, obj, rng, corrupted)
+  mean = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  ce_noisy = mean(t["noisy_nll"], t["noisy_weight"])
+  ce_clean = mean(t["clean_nll"], t["weight"])
   loss = ce_noisy + obj.clean_weight * ce_clean
-  metrics = {"ce_noisy": ce_noisy, "ce_clean": ce_clean,
-             "noisy_accuracy": mean(t["noisy_correct"]),
-             "clean_accuracy": mean(t["clean_correct"])}
+  metrics = {"nelbo": ce_noisy, "ce_noisy": ce_noisy, "ce_clean": ce_clean,
+             "noisy_accuracy": mean(t["noisy_correct"], t["noisy_weight"]),
+             "clean_accuracy": mean(t["clean_correct"], t["weight"])}
+  if obj.anchors:  # Draft accuracy of the first slot: what ISD's first draft needs.
+    first = t["noisy_weight"].reshape(t["noisy_weight"].shape[0], obj.anchors, obj.stride)
+    ok = t["noisy_correct"].reshape(first.shape)
+    metrics["slot1_accuracy"] = mean(ok[..., 0], first[..., 0])
   metrics.update(t["aux"].get("metrics", {}))
   if "aux_loss" in t["aux"]:
     loss = loss + t["aux"]["aux_loss"]

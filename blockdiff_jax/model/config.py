@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from blockdiff_jax import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
@@ -75,8 +76,14 @@ BACKEND_FIELDS = ("interpret",)
 
 def model_config(config: ml_collections.ConfigDict,
                  vocab_size: int | None = None) -> transformer.TransformerConfig:
-  """The static TransformerConfig of an experiment config (vocab from the tokenizer if 0)."""
-  return transformer.TransformerConfig.from_config(config.model, vocab_size)
+  """The static TransformerConfig of an experiment config (vocab from the tokenizer if 0).
+
+  I-DLM's introspective objective trains noisy blocks with causal attention inside them
+  (``MaskSpec.causal_noisy``); every other objective keeps them bidirectional.
+  """
+  diffusion = config.get("diffusion") or {}
+  spec = masks.MaskSpec(causal_noisy=diffusion.get("objective", "bd3") == "introspective")
+  return transformer.TransformerConfig.from_config(config.model, vocab_size, mask_spec=spec)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -65,3 +65,19 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: in
   trunk = forward_flops_per_token(cfg, 2 * seq_len, with_head=False) * 2 * seq_len
   head = 2.0 * cfg.vocab_size * cfg.d_model * seq_len
   return 3.0 * batch * (trunk + head)
+
+
+def introspective_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
+                             noisy_tokens: int, detach_clean: bool, frozen_base: bool) -> float:
+  """FLOPs one I-DLM train step computes: the clean stream, the noisy tokens, backward.
+
+  The backward costs one forward when the base is frozen (activation gradients only; the
+  weight gradients are never formed) and two otherwise; with ``detach_clean`` it runs
+  over the noisy tokens only.
+  """
+  clean = forward_flops_per_token(cfg, seq_len, with_head=True) * seq_len
+  noisy = forward_flops_per_token(cfg, seq_len + noisy_tokens, with_head=True) * noisy_tokens
+  backward = 1.0 if frozen_base else 2.0
+  if detach_clean:
+    return batch * (clean + (1.0 + backward) * noisy)
+  return batch * (1.0 + backward) * (clean + noisy)

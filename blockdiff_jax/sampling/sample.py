@@ -53,6 +53,9 @@ def default_sample_config() -> ml_collections.ConfigDict:
   s.prompts_file = ""  # One prompt per line; overrides ``prompts`` when set.
   s.seed = 0  # Sampling PRNG seed.
   s.stream = True  # Print each block as it is committed.
+  # Also decode every prompt alone by greedy AR (warm, batch 1) and report whether the
+  # texts are identical, the TPF and the measured speed-up (sampling/speedup.py).
+  s.compare_ar = False
   return s
 
 
@@ -290,6 +293,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer,
                                 config.diffusion.get("token_shift", False))
+  if s.get("compare_ar", False) and s.policy != "ar":
+    return _run_compare(config, s, model, params, tokenizer, prompts, options, max_len,
+                        workdir)
   on_block = (_console_streamer(tokenizer) if s.stream and s.policy not in ("ar", "isd")
               else None)
   with inference.inference_context(config):
@@ -308,10 +314,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   if summary:
     print(f"{summary['tokens_per_s']:.1f} generated tokens/s (wall time includes "
           f"compilation)", file=sys.stderr)
+  _write_samples(workdir, {"config": s.to_dict(), "summary": summary, "samples": rows})
+  return rows
+
+
+def _write_samples(workdir: str, record: dict) -> None:
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"samples_{time.strftime('%Y%m%d_%H%M%S')}.json")
   with open(path, "w", encoding="utf-8") as f:
-    json.dump({"config": s.to_dict(), "summary": summary, "samples": rows}, f, indent=2)
+    json.dump(record, f, indent=2)
   print(f"wrote {path}", flush=True)
+
+
+def _run_compare(config, s, model, params, tokenizer, prompts, options, max_len,
+                 workdir) -> list[dict]:
+  """``sample.compare_ar``: the decoder against greedy AR, each prompt alone and warm."""
+  # speedup builds on generate() above, so it is imported when used.
+  from blockdiff_jax.sampling import speedup  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  if s.temperature > 0:
+    raise ValueError("sample.compare_ar compares greedy texts; set sample.temperature=0")
+  dec = speedup.Decoder(s.policy, s.isd_stride if s.policy == "isd" else 0)
+  print(f"decoding {len(prompts)} prompts by {dec.name} and by AR, each alone, warm "
+        "(compilation excluded)", flush=True)
+  with inference.inference_context(config):
+    rows, summary = speedup.compare_with_ar(
+        model, params, tokenizer, prompts, options, s.max_new_tokens, max_len, dec,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(speedup.report(rows, summary), flush=True)
+  _write_samples(workdir, {"config": s.to_dict(), "summary": summary, "samples": rows})
   return rows

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from blockdiff_jax.diffusion import fastdllm
+from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
@@ -34,17 +34,24 @@ def step_rng(base_rng: Array, step: Array) -> Array:
 
 def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0):
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    trainable_mask: Callable[[Any], Any] | None = None):
   """Builds ``train_step(state, batch, base_rng) -> (state, metrics)`` (not yet jitted).
 
   Gradients are averaged over ``grad_accum_steps`` micro-batches with a scan. A step
   whose loss or gradient norm is not finite leaves the state unchanged and reports
-  ``finite = 0`` so the host can stop the run.
+  ``finite = 0`` so the host can stop the run. With ``trainable_mask`` (params -> bool
+  tree, e.g. LoRA adapters only) frozen weights enter the loss through
+  ``stop_gradient``, so their weight gradients (a third of the backward's FLOPs) are
+  never computed; their gradient is zero.
   """
 
-  objective_loss, objective_corrupt = fastdllm.loss_functions(obj)
+  objective_loss, objective_corrupt = diffusion_config.loss_functions(obj)
 
   def loss_fn(params, batch, rng, corrupted=None):
+    if trainable_mask is not None:
+      params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p),
+                            params, trainable_mask(params))
     return objective_loss(apply_fn, params, batch, rng, obj, corrupted)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -95,7 +102,7 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
 def make_eval_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective):
   """Builds ``eval_step(params, batch, rng) -> metrics`` (NELBO with fresh noise)."""
 
-  objective_loss, _ = fastdllm.loss_functions(obj)
+  objective_loss, _ = diffusion_config.loss_functions(obj)
 
   def eval_step(params, batch, rng):
     return objective_loss(apply_fn, params, batch, rng, obj)[1]
@@ -113,11 +120,15 @@ def jit_train_step(train_step: Callable, state_sharding: Any, batch_sharding: An
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
                         param_sharding: Any, mesh) -> Any:
-  """Optimizer moments follow their parameters; everything else (counts) is replicated."""
+  """Optimizer moments follow their parameters; everything else (counts) is replicated.
+
+  Frozen parameters (``optax.masked``, e.g. LoRA-only training) have no moments: their
+  ``MaskedNode`` places stay empty.
+  """
   return optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt_state, param_sharding,
-      transform_non_params=lambda _: mesh_lib.replicated(mesh),
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+      tx, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, abstract_opt_state,
+      param_sharding, transform_non_params=lambda _: mesh_lib.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, optax.MaskedNode)))
 
 
 def state_shardings(abstract_state: state_lib.TrainState, param_sharding: Any,
@@ -185,7 +196,7 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
     config: the experiment config.
     mesh: from ``mesh.mesh_of`` or ``mesh.make_mesh``.
     model: the Transformer.
-    obj: the BD3-LM objective (``diffusion.config.objective``).
+    obj: the training objective (``diffusion.config.objective``).
     tx: the optimizer; default ``optimizer.make_optimizer(config.train)``.
     lr_schedule: for the metrics; default ``optimizer.learning_rate_schedule``.
     rules: logical-axis rules; default those of ``config.mesh`` (the default rules
@@ -221,7 +232,8 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
 
   apply_fn = build.make_apply(model)
   jitted_train = jit_train_step(
-      make_train_step(apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay),
+      make_train_step(apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay,
+                      optimizer.trainable_mask if t.get("trainable", "all") == "lora" else None),
       s_sharding, b_sharding)
   rep = mesh_lib.replicated(mesh)
   jitted_eval = jax.jit(make_eval_step(apply_fn, obj),

@@ -15,6 +15,7 @@ from blockdiff_jax.checkpoint import initial
 from blockdiff_jax.checkpoint import workdir_lock
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax.diffusion import introspective
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
@@ -67,11 +68,12 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     raise
   checkpoints.save_config(config, workdir)
-  train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed)
+  train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed,
+                                    workdir)
   val_ds = None
   if t.eval_every:
     val_ds = pipeline.build_dataset(d, tokenizer, "validation", d.seq_len, d.batch_size,
-                                    config.seed)
+                                    config.seed, workdir)
 
   mcfg = model.cfg
   obj = diffusion_config.objective(config, tokenizer.mask_id)
@@ -103,7 +105,12 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step, eval_step, put_batch = sharded.train_step, sharded.eval_step, sharded.put_batch
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-  step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
+  if isinstance(obj, introspective.IntrospectiveObjective):
+    step_flops = flops.introspective_step_flops(
+        mcfg, d.batch_size, d.seq_len, (obj.anchors * obj.stride) or d.seq_len,
+        obj.detach_clean, t.get("trainable", "all") == "lora")
+  else:
+    step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   start = int(state.step)
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.

@@ -1,0 +1,149 @@
+r"""Self-distillation data: a model's own greedy answers, the ``distill`` section, ``--mode=distill``.
+
+A drafter (I-DLM's MASK slots, Fast-dLLM's blocks) is accepted only where it agrees with
+the verifier, so the most useful fine-tuning text is the verifier's own output: this
+module answers questions with the model's greedy AR decoder and writes the pairs as
+``{"prompt", "response"}`` JSONL lines to ``<workdir>/distill/answers.jsonl``, which
+``data.sft_source = "distilled"`` reads back.
+
+  python -m blockdiff_jax.main --config=configs/smollm2_idlm.py --workdir=runs/idlm \
+      --mode=distill
+
+Questions come from ``distill.source``: ``general`` (64 everyday questions shipped in
+``blockdiff_jax/data/prompts/general_questions.txt``, written for this purpose and
+disjoint from every config's sample prompts), ``docstrings`` (what a public function of
+the standard library does, as ``data/sft.py`` builds them), both (``general,docstrings``),
+or a text file with one question per line. Prompts are
+rendered exactly as the SFT pipeline renders them (the model's chat template), so the
+training rows hold the very contexts the answers were generated from.
+"""
+
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from blockdiff_jax.data import sft
+from blockdiff_jax.data import tokenizers
+from blockdiff_jax.sampling import ar as ar_lib
+from blockdiff_jax.sampling import layout
+
+ANSWERS = os.path.join("distill", "answers.jsonl")
+GENERAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                       "prompts", "general_questions.txt")
+
+
+def default_distill_config() -> ml_collections.ConfigDict:
+  """Defaults of the ``distill`` section (``--mode=distill``)."""
+  d = ml_collections.ConfigDict()
+  # Comma-separated: general (everyday questions shipped with the package) | docstrings
+  # (questions about the standard library's functions) | text files, a question a line.
+  d.source = "general"
+  d.num_prompts = 192  # Questions answered (the first ones of the source, in order).
+  d.max_new_tokens = 64  # Tokens per answer at most (answers cut there end without EOS).
+  # Rows decoded together (greedy rows never interact); one of them pins the shape.
+  d.batch_size = 16
+  d.max_len = 192  # Context limit of question + answer; longer questions are skipped.
+  return d
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``distill`` field."""
+  d = config.get("distill")
+  if d is None:
+    return
+  for name in ("num_prompts", "max_new_tokens", "batch_size", "max_len"):
+    if d[name] < 1:
+      raise ValueError(f"distill.{name} must be >= 1, got {d[name]}")
+  for part in d.source.split(","):
+    if part.strip() not in ("general", "docstrings") and not os.path.isfile(part.strip()):
+      raise ValueError("distill.source entries must be 'general', 'docstrings' or text files, "
+                       f"got {part.strip()!r}")
+
+
+def _one_source(source: str, limit: int) -> list[str]:
+  if source == "docstrings":
+    # Every 5th function, so the questions spread over more modules than the first few.
+    pairs = itertools.islice(sft.docstring_pairs(), 0, None, 5)
+    return [prompt for prompt, _ in itertools.islice(pairs, limit)]
+  path = GENERAL if source == "general" else source
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()][:limit]
+
+
+def questions(source: str, limit: int) -> list[str]:
+  """The first ``limit`` questions of the comma-separated sources, in order."""
+  out = []
+  for part in source.split(","):
+    out += _one_source(part.strip(), limit - len(out))
+    if len(out) >= limit:
+      break
+  return out
+
+
+def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
+                   max_new_tokens: int, max_len: int, batch_size: int,
+                   token_shift: bool = True, log=sys.stdout) -> list[tuple[str, str]]:
+  """(question, greedy answer) for every question that fits ``max_len``.
+
+  Every batch has the same shape and the same longest prompt (its last row is always
+  the longest question, and short batches are padded with repeats), so the AR decoder
+  compiles once. Prints progress with rate and ETA to ``log``.
+  """
+  if batch_size < 2:
+    raise ValueError(f"distill.batch_size must be >= 2 (one row pins the shape), got "
+                     f"{batch_size}")
+  heads = [sft.render(tokenizer, (q, ""))[0] for q in prompts]
+  keep = [i for i, h in enumerate(heads) if len(h) + max_new_tokens <= max_len]
+  if not keep:
+    raise ValueError(f"no question fits distill.max_len={max_len} with "
+                     f"distill.max_new_tokens={max_new_tokens}")
+  longest = heads[max(keep, key=lambda i: len(heads[i]))]
+  options = layout.DecodeOptions(block_size=1, mask_id=tokenizer.mask_id,
+                                 eos_id=tokenizer.eos_id, token_shift=token_shift)
+  pairs, t0, done = [], time.time(), 0
+  per_batch = batch_size - 1
+  for start in range(0, len(keep), per_batch):
+    idx = keep[start:start + per_batch]
+    ids = [heads[i] for i in idx] + [heads[idx[0]]] * (per_batch - len(idx)) + [longest]
+    canvas = layout.generation_canvas(ids, max_new_tokens, 1, tokenizer.mask_id, max_len,
+                                      width=max_len)
+    out = ar_lib.decode_ar(model, params, canvas, options)
+    tokens = np.asarray(out["tokens"])
+    for row, i in enumerate(idx):
+      gen = tokens[row, np.flatnonzero(canvas.maskable[row])]
+      eos = np.flatnonzero(gen == tokenizer.eos_id)
+      pairs.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)])))
+    done += len(idx)
+    rate = done / (time.time() - t0)
+    print(f"[distill {done}/{len(keep)}] {rate:.2f} answers/s ETA "
+          f"{(len(keep) - done) / rate:.0f} s", file=log, flush=True)
+  return pairs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``--mode=distill``: writes ``<workdir>/distill/answers.jsonl``; returns its path."""
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  validate(config)
+  d = config.distill
+  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  prompts = questions(d.source, d.num_prompts)
+  t0 = time.time()
+  with inference.inference_context(config):
+    pairs = greedy_answers(model, params, tokenizer, prompts, d.max_new_tokens, d.max_len,
+                           d.batch_size, config.diffusion.get("token_shift", False))
+  path = os.path.join(workdir, ANSWERS)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for q, a in pairs:
+      f.write(json.dumps({"prompt": q, "response": a}) + "\n")
+  os.replace(tmp, path)  # A crash never leaves a half-written file behind.
+  print(f"wrote {len(pairs)} answers ({len(prompts) - len(pairs)} questions too long) to "
+        f"{path} in {time.time() - t0:.0f} s", flush=True)
+  return path

@@ -1,0 +1,99 @@
+"""A decoder against AR decoding of the same model, in the same run (``sample.compare_ar``).
+
+Each prompt is decoded alone (batch 1, the per-request setting I-DLM and Fast-dLLM
+report) by greedy AR and by the chosen decoder. Both are timed warm: every call runs
+once to compile and once to time, so compilation never counts. The report says whether
+the texts are token-for-token identical (ISD with a gated-LoRA model must be), the
+decoder's tokens per forward (TPF = generated tokens / forwards, the prefill counted as
+the forward that emits the first token, as for AR) and the wall-time speed-up.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+from blockdiff_jax.data import tokenizers
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """Which decoder to compare with AR.
+
+  Attributes:
+    policy: ``isd`` or a block policy name (the block decoder); for the report.
+    isd_stride: N when ``policy == "isd"``, else 0.
+  """
+
+  policy: str
+  isd_stride: int = 0
+
+  @property
+  def name(self) -> str:
+    return f"isd N={self.isd_stride}" if self.isd_stride else self.policy
+
+
+def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
+                    options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
+                    dec: Decoder, log: Any = None) -> tuple[list[dict], dict]:
+  """Decodes every prompt by AR and by ``dec``, each alone and warm.
+
+  Args:
+    model, params, tokenizer: the model (a Transformer or a logits function).
+    prompts: prompt strings (specials spelled out).
+    options: greedy decoding options (``sample.options_from_config``).
+    max_new_tokens, max_len: limits, as for ``sample.generate``.
+    dec: the decoder compared with AR.
+    log: a callable taking one line of progress, or None.
+
+  Returns:
+    (per prompt ``{prompt, completion, ar_completion, identical, generated_tokens, nfe,
+    ar_nfe, tpf, wall_s, ar_wall_s}``, summary ``{decoder, prompts, identical,
+    generated_tokens, ar_generated_tokens, nfe, tpf, tokens_per_s, ar_tokens_per_s,
+    speedup}``).
+  """
+  rows = []
+  for i, prompt in enumerate(prompts):
+    common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],
+                  options=options, max_new_tokens=max_new_tokens, max_len=max_len,
+                  warmup=True)
+    (ar_row,), ar_sum = sample.generate(ar=True, **common)
+    (row,), summ = sample.generate(isd_stride=dec.isd_stride, **common)
+    rows.append({
+        "prompt": prompt, "completion": row["completion"],
+        "ar_completion": ar_row["completion"],
+        "identical": row["tokens"] == ar_row["tokens"],
+        "generated_tokens": row["generated_tokens"],
+        "ar_generated_tokens": ar_row["generated_tokens"],
+        "nfe": row["nfe"], "ar_nfe": ar_row["nfe"], "tpf": row["tpf"],
+        "wall_s": summ["wall_s"], "ar_wall_s": ar_sum["wall_s"]})
+    if log is not None:
+      log(f"[{i + 1}/{len(prompts)}] {dec.name}: TPF {row['tpf']:.2f}, "
+          f"{ar_sum['wall_s'] / summ['wall_s']:.2f}x AR, identical {rows[-1]['identical']}")
+  total = lambda k: sum(r[k] for r in rows)
+  summary = {
+      "decoder": dec.name, "prompts": len(rows),
+      "identical": all(r["identical"] for r in rows),
+      "generated_tokens": total("generated_tokens"),
+      "ar_generated_tokens": total("ar_generated_tokens"),
+      "nfe": total("nfe"), "tpf": total("generated_tokens") / max(total("nfe"), 1),
+      "tokens_per_s": total("generated_tokens") / total("wall_s"),
+      "ar_tokens_per_s": total("ar_generated_tokens") / total("ar_wall_s"),
+  }
+  # Tokens/s ratio, so a decoder that stops earlier or later is not rewarded for length.
+  summary["speedup"] = summary["tokens_per_s"] / summary["ar_tokens_per_s"]
+  return rows, summary
+
+
+def report(rows: Sequence[dict], summary: dict) -> str:
+  """The comparison as readable text: each answer, then one line of totals."""
+  lines = []
+  for r in rows:
+    same = "identical to AR" if r["identical"] else "DIFFERS from AR: " + repr(r["ar_completion"])
+    lines.append(f"{r['prompt']!r}\n  -> {r['completion']!r}\n  ({same}; TPF {r['tpf']:.2f}, "
+                 f"NFE {r['nfe']} vs AR {r['ar_nfe']})")
+  lines.append(
+      f"{summary['decoder']}: {summary['generated_tokens']} tokens, TPF {summary['tpf']:.2f}, "
+      f"{summary['tokens_per_s']:.1f} tokens/s vs AR {summary['ar_tokens_per_s']:.1f} "
+      f"tokens/s = {summary['speedup']:.2f}x; all identical to AR: {summary['identical']}")
+  return "\n".join(lines)

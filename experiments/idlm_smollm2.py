@@ -1,0 +1,165 @@
+"""I-DLM on SmolLM2: TPF and speed-up against AR at several strides, per fine-tuning time.
+
+For each checkpoint of an introspective run (``configs/smollm2_idlm.py``) and for the
+model before training (gated adapters at zero: the base model's MASK-slot guesses),
+decodes the config's prompts by greedy AR and by greedy ISD at every stride, each
+prompt alone and warm (``sampling/speedup.py``), and reports whether ISD's text equals
+AR's (it must: lossless), the TPF and the tokens/s ratio. Minutes of fine-tuning come
+from the run's own step times (``metrics.jsonl``).
+
+  python -m blockdiff_jax.main --config=configs/smollm2_idlm.py --workdir=runs/idlm --mode=distill
+  python -m blockdiff_jax.main --config=configs/smollm2_idlm.py --workdir=runs/idlm \
+      --config.train.steps=110 --config.train.checkpoint_every=5 --config.train.keep_checkpoints=30
+  python experiments/idlm_smollm2.py --workdir=runs/idlm --minutes=1,5,20
+
+Writes experiments/results/idlm_smollm2{_tag}.{json,md,png}.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+
+from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.sampling import sample
+from blockdiff_jax.sampling import speedup
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def minutes_per_step(workdir: str) -> dict[int, float]:
+  """Cumulative training minutes at each logged step (from metrics.jsonl step times)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  out, total, last = {}, 0.0, 0
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if "step_time_s" in row:
+        total += row["step_time_s"] * (row["step"] - last) / 60.0
+        last = row["step"]
+        out[row["step"]] = total
+  return out
+
+
+def pick_steps(available: list[int], minutes: dict[int, float], want: list[float]):
+  """For each wanted minute mark, the saved step whose training time is closest."""
+  if not minutes:
+    return [(s, float("nan")) for s in available]
+  logged = sorted(minutes)
+  def at(step):  # Interpolate between logged steps.
+    prev = max([s for s in logged if s <= step], default=0)
+    nxt = min([s for s in logged if s >= step], default=logged[-1])
+    m0, m1 = minutes.get(prev, 0.0), minutes[nxt]
+    return m0 if nxt == prev else m0 + (m1 - m0) * (step - prev) / (nxt - prev)
+  picks = []
+  for w in want:
+    step = min(available, key=lambda s: abs(at(s) - w))
+    if step not in [p[0] for p in picks]:
+      picks.append((step, at(step)))
+  return picks
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_idlm.py"))
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--minutes", default="1,5,20", help="fine-tuning minutes to evaluate")
+  ap.add_argument("--strides", default="2,3,4,6,8")
+  ap.add_argument("--max_new_tokens", type=int, default=48)
+  ap.add_argument("--no_base", action="store_true", help="skip the untrained row")
+  ap.add_argument("--quick", action="store_true", help="1 prompt, 8 tokens, strides 2,4")
+  ap.add_argument("--tag", default="")
+  args = ap.parse_args()
+  config = _load_config(args.config)
+  s = config.sample
+  prompts = sample.read_prompts(s)
+  strides = [int(x) for x in args.strides.split(",")]
+  max_new = args.max_new_tokens
+  if args.quick:
+    prompts, strides, max_new = prompts[:1], [2, 4], 8
+  minutes = minutes_per_step(args.workdir)
+  ckpt_dir = os.path.join(args.workdir, "checkpoints")
+  available = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+               if n.isdigit()]
+  picks = pick_steps(sorted(available), minutes, [float(m) for m in args.minutes.split(",")])
+  if not args.no_base:
+    picks = [(None, 0.0)] + picks
+  results, t_start = [], time.time()
+  for step, mins in picks:
+    if step is None:  # No checkpoint: init.pretrained weights + fresh (zero) adapters.
+      cfg, model, tok, params = inference.load_for_inference(tempfile.mkdtemp(), config)
+    else:
+      cfg, model, tok, params = inference.load_for_inference(args.workdir, config, step=step)
+    opts = sample.options_from_config(s, cfg.diffusion.block_size, tok, True)
+    max_len = s.max_len or cfg.data.seq_len
+    for n in strides:
+      rows, summ = speedup.compare_with_ar(model, params, tok, prompts, opts, max_new, max_len,
+                                           speedup.Decoder("isd", n))
+      results.append({"step": step or 0, "minutes": mins, "stride": n, **summ,
+                      "rows": rows})
+      print(f"step {step or 0} ({mins:.1f} min) N={n}: TPF {summ['tpf']:.2f}, "
+            f"{summ['speedup']:.2f}x AR, identical {summ['identical']} "
+            f"[{time.time() - t_start:.0f} s]", flush=True)
+  write(results, args, prompts, max_new)
+
+
+def write(results, args, prompts, max_new):
+  out_dir = os.path.join(_HERE, "results")
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, "idlm_smollm2" + (f"_{args.tag}" if args.tag else ""))
+  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
+         "machine": platform.machine(), "load_avg": os.getloadavg(),
+         "command": " ".join(sys.argv)}
+  with open(base + ".json", "w") as f:
+    json.dump({"env": env, "prompts": prompts, "max_new_tokens": max_new,
+               "results": results}, f, indent=2)
+  lines = [f"# I-DLM on SmolLM2-135M-Instruct: ISD against AR by fine-tuning time\n",
+           f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs), jax {env['jax']}, "
+           f"load average {env['load_avg'][0]:.1f}; {len(prompts)} prompts, up to {max_new} "
+           "new tokens, batch 1, greedy, warm (compilation excluded).\n",
+           "| fine-tuning (min) | step | N | TPF | ISD tok/s | AR tok/s | speed-up | identical to AR |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    lines.append(f"| {r['minutes']:.1f} | {r['step']} | {r['stride']} | {r['tpf']:.2f} | "
+                 f"{r['tokens_per_s']:.1f} | {r['ar_tokens_per_s']:.1f} | "
+                 f"{r['speedup']:.2f}x | {r['identical']} |")
+  with open(base + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for step in sorted({r["step"] for r in results}):
+      rs = [r for r in results if r["step"] == step]
+      label = f"{rs[0]['minutes']:.0f} min" if step else "untrained"
+      axes[0].plot([r["stride"] for r in rs], [r["tpf"] for r in rs], "o-", label=label)
+      axes[1].plot([r["stride"] for r in rs], [r["speedup"] for r in rs], "o-", label=label)
+    axes[0].set(xlabel="stride N", ylabel="tokens per forward")
+    axes[1].set(xlabel="stride N", ylabel="speed-up vs AR (tokens/s)")
+    axes[1].axhline(1.0, color="gray", lw=0.5)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=80)
+  except ImportError:
+    pass
+  print(f"wrote {base}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+  main()
