@@ -1,0 +1,257 @@
+"""ChatDLM summary tokens: layout, three attention paths that agree, training, decoding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import INTERPRET
+from blockdiff_jax import config as config_lib
+from blockdiff_jax import masks
+from blockdiff_jax.diffusion import losses
+from blockdiff_jax.model import attention_ops
+from blockdiff_jax.model import build
+from blockdiff_jax.model import moe
+from blockdiff_jax.model import summary as summary_lib
+from blockdiff_jax.model import summary_attention
+from blockdiff_jax.model import transformer
+from pallas_kernels import block_attention as ba
+
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
+
+SMALL_TILES = ba.AttentionBlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
+
+def _layout_meta(streams, length, block, slots, batch=1, segments=None):
+  """Metadata of ``[x_t ;] x_0 ; slots`` built independently of the model."""
+  pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  clean = masks.make_meta(pos, block, masks.CLEAN, segments)
+  meta = clean
+  if streams == 2:
+    meta = masks.make_meta(pos, block, masks.NOISY, segments).concat(clean)
+  return meta.concat(masks.summary_slots_meta(clean, block, slots))
+
+
+def test_slot_meta_positions_and_segments():
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, -1, -1]])
+  clean = masks.make_meta(jnp.arange(8)[None], 4, masks.CLEAN, seg)
+  slots = masks.summary_slots_meta(clean, 2, 3)
+  # Block c's 3 slots sit at its last position, with its block id and last segment.
+  np.testing.assert_array_equal(slots.positions[0], np.repeat([1, 3, 5, 7], 3))
+  np.testing.assert_array_equal(slots.block_ids[0], np.repeat([0, 0, 1, 1], 3))
+  np.testing.assert_array_equal(slots.segment_ids[0], np.repeat([0, 1, 1, -1], 3))
+  assert bool(jnp.all(slots.is_summary)) and bool(jnp.all(slots.stream == masks.CLEAN))
+  with pytest.raises(ValueError, match="multiple of block_size=3"):
+    masks.summary_slots_meta(clean, 3, 1)
+
+
+def test_layout_rules_by_hand():
+  # 4 clean blocks of 2 + 1 slot each, W = 1, BD3 layout: check the rules of the brief.
+  meta = _layout_meta(2, 8, 2, 1)
+  m = np.asarray(masks.dense_mask(meta, meta, masks.MaskSpec(window_blocks=1))[0])
+  stream = np.asarray(meta.stream[0])
+  summ = np.asarray(meta.is_summary[0])
+  blk = np.asarray(meta.block_ids[0])
+  for i in range(m.shape[0]):
+    for j in range(m.shape[1]):
+      if summ[i]:  # a slot: its own clean block and its sibling slots
+        want = stream[j] == masks.CLEAN and blk[j] == blk[i]
+      elif summ[j]:  # a token sees slots of blocks older than its window only
+        want = blk[j] < blk[i] - 1
+      elif stream[i] == masks.NOISY:
+        want = (stream[j] == masks.NOISY and blk[j] == blk[i]) or (
+            stream[j] == masks.CLEAN and blk[i] - 1 <= blk[j] < blk[i])
+      else:
+        want = stream[j] == masks.CLEAN and blk[i] - 1 <= blk[j] <= blk[i]
+      assert m[i, j] == want, (i, j)
+
+
+def _qkv(total, heads, kv_heads, head_dim, batch=1, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = lambda h: (batch, total, h, head_dim)
+  return [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in (shape(heads), shape(kv_heads), shape(kv_heads), shape(heads))]
+
+
+ATTN_CASES = {
+    # name: (streams, length, block, slots, window, heads, kv_heads, batch, segments)
+    "bd3_gqa": (2, 24, 4, 2, 2, 4, 2, 1, None),
+    "clean_mha_w1": (1, 32, 8, 1, 1, 2, 2, 1, None),
+    "bd3_packed_padded": (2, 16, 4, 2, 1, 2, 1, 2,
+                          np.array([[0] * 6 + [1] * 10, [0] * 13 + [-1] * 3])),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_three_attention_paths_agree(name):
+  streams, length, block, slots, window, heads, kv_heads, batch, seg = ATTN_CASES[name]
+  seg = None if seg is None else jnp.asarray(seg)
+  meta = _layout_meta(streams, length, block, slots, batch, seg)
+  spec = masks.MaskSpec(window_blocks=window)
+  layout = masks.SummaryLayout(streams, block, slots)
+  q, k, v, do = _qkv(meta.shape[1], heads, kv_heads, 8, batch)
+  paths = {
+      "dense": lambda q, k, v: attention_ops.masked_attention(q, k, v, meta, meta, spec),
+      "structured": lambda q, k, v: summary_attention.structured_attention(
+          q, k, v, meta, layout, spec),
+      "pallas": lambda q, k, v: ba.block_attention(q, k, v, meta, meta, spec=spec,
+                                                   block_sizes=SMALL_TILES,
+                                                   interpret=INTERPRET),
+  }
+
+  def fwd_bwd(fn):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(do)
+
+  results = {n: jax.jit(lambda f=f: fwd_bwd(f))() for n, f in paths.items()}
+  ref_out, ref_grads = results["dense"]
+  assert float(jnp.max(jnp.abs(ref_out))) > 0.1  # the case is not degenerate
+  for n in ("structured", "pallas"):
+    out, grads = results[n]
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-4, err_msg=n)
+    for got, want, label in zip(grads, ref_grads, "qkv"):
+      np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"{n} d{label}")
+
+
+def test_structured_path_never_builds_a_full_array():
+  # 16 blocks of 8 + 2 slots, W = 1: the largest intermediate must be far below T x T.
+  streams, length, block, slots, window = 2, 128, 8, 2, 1
+  meta = _layout_meta(streams, length, block, slots)
+  total = meta.shape[1]
+  q, k, v, _ = _qkv(total, 1, 1, 4)
+  fn = lambda q, k, v: summary_attention.structured_attention(
+      q, k, v, meta, masks.SummaryLayout(streams, block, slots),
+      masks.MaskSpec(window_blocks=window))
+  hlo = jax.jit(fn).lower(q, k, v).as_text()
+  dense_hlo = jax.jit(lambda q, k, v: attention_ops.masked_attention(
+      q, k, v, meta, meta, masks.MaskSpec(window_blocks=window))).lower(q, k, v).as_text()
+  full = f"{total}x{total}"
+  assert full in dense_hlo  # the check can see a T x T array when there is one
+  assert full not in hlo and f"{streams * length}x{streams * length}" not in hlo
+
+
+def _model_cfg(impl="xla", slots=2, window=1, block=4, **kw):
+  base = dict(vocab_size=24, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+              head_dim=8, mlp_dim=48, moe=moe.MoEConfig(num_experts=4, expert_dim=16),
+              first_dense_layers=1, attention_impl=impl, interpret=INTERPRET,
+              summary=summary_lib.SummaryConfig(slots, window, block))
+  base.update(kw)
+  return transformer.TransformerConfig(**base)
+
+
+def _bd3_batch(length=16, batch=2, seed=1):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, 23, size=(batch, length)), jnp.int32)
+  return {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def bd3_objective():
+  return losses.BlockDiffusionObjective(block_size=4, mask_id=23)
+
+
+def _loss_fn(model, obj):
+  apply_fn = build.make_apply(model)
+  def loss(params, batch):
+    return losses.block_diffusion_loss(apply_fn, params, batch, jax.random.key(3), obj)[0]
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def test_model_impls_agree_through_bd3_loss(bd3_objective):
+  # The same params give the same BD3 loss and gradients with all three attention paths.
+  batch = _bd3_batch()
+  results = {}
+  params = None
+  for impl in ("xla", "structured", "pallas"):
+    model = transformer.Transformer(_model_cfg(impl))
+    if params is None:
+      params = build.init_params(model, 0)
+      assert params["summary_embed"].shape == (2, 32)
+    results[impl] = _loss_fn(model, bd3_objective)(params, batch)
+  ref_loss, ref_grads = results["xla"]
+  assert np.isfinite(float(ref_loss))
+  # The slots are trained through the clean stream: their embedding gets a gradient.
+  assert float(jnp.max(jnp.abs(ref_grads["summary_embed"]))) > 0
+  for impl in ("structured", "pallas"):
+    loss, grads = results[impl]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=impl)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4,
+                                                         err_msg=impl), grads, ref_grads)
+
+
+def test_slots_are_extra_positions_without_loss(bd3_objective):
+  # Logits have the input's shape; slots change them only by what older blocks see.
+  model = transformer.Transformer(_model_cfg())
+  params = build.init_params(model, 0)
+  tokens = _bd3_batch(length=16)["tokens"]
+  meta = masks.training_meta(16, 4, 2)
+  x = jnp.concatenate([tokens, tokens], axis=1)
+  logits, aux = model.apply({"params": params}, x, meta, return_kv=True, summary="bd3")
+  assert logits.shape == (2, 32, 24)
+  assert aux["kv"][0].shape == (2, 2, 32, 2, 8)
+  assert aux["summary_kv"][0].shape == (2, 2, 16 // 4 * 2, 2, 8)
+  # Blocks 0 and 1 (window W=1) see no slots: changing the slot table leaves them be;
+  # block 3's noisy queries read block 1's slots, so they move.
+  moved = dict(params, summary_embed=params["summary_embed"] + 1.0)
+  logits2, _ = model.apply({"params": moved}, x, meta, summary="bd3")
+  diff = jnp.max(jnp.abs(logits2 - logits), axis=(0, 2))
+  noisy = np.asarray(diff[:16]).reshape(4, 4).max(axis=1)
+  assert noisy[0] == 0 and noisy[1] == 0 and noisy[3] > 1e-4
+
+
+def test_summarize_block_matches_training_forward():
+  # Committing blocks one by one (each against a cache of all earlier full K/V and
+  # slot K/V; the mask picks the window and the slots) reproduces the clean-only
+  # full-sequence forward: the blocks' K/V and their summary K/V.
+  model = transformer.Transformer(_model_cfg(window=1, block=4))
+  params = build.init_params(model, 0)
+  length, block = 16, 4
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 23, size=(1, length)), jnp.int32)
+  meta = masks.make_meta(jnp.arange(length)[None], block, masks.CLEAN)
+  _, aux = model.apply({"params": params}, tokens, meta, return_kv=True, summary="clean")
+  full_k, full_v = aux["kv"]
+  full_sk, full_sv = aux["summary_kv"]
+
+  cache = None
+  for c in range(length // block):
+    sl = slice(c * block, (c + 1) * block)
+    _, (k, v), summ = summary_lib.summarize_block(
+        model, params, tokens[:, sl], meta.slice(c * block, block), cache)
+    np.testing.assert_allclose(k, full_k[:, :, sl], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(v, full_v[:, :, sl], atol=1e-5, rtol=1e-4)
+    ss = slice(c * 2, (c + 1) * 2)
+    np.testing.assert_allclose(summ.k, full_sk[:, :, ss], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(summ.v, full_sv[:, :, ss], atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(summ.meta.positions, aux["summary_meta"].positions[:, ss])
+    new = {"k": jnp.concatenate([k, summ.k], 2), "v": jnp.concatenate([v, summ.v], 2),
+           "meta": meta.slice(c * block, block).concat(summ.meta)}
+    cache = new if cache is None else {
+        "k": jnp.concatenate([cache["k"], new["k"]], 2),
+        "v": jnp.concatenate([cache["v"], new["v"]], 2),
+        "meta": cache["meta"].concat(new["meta"])}
+
+
+def test_config_fields_and_validation():
+  c = config_lib.base_config()
+  c.model.summary.num_slots = 2
+  c.model.summary.window_blocks = 3
+  c.model.attention_impl = "structured"
+  config_lib.validate(c)
+  cfg = config_lib.model_config(c, vocab_size=32)
+  assert cfg.summary == summary_lib.SummaryConfig(2, 3, c.diffusion.block_size)
+  assert cfg.mask_spec.window_blocks == 3
+  bad = c.copy_and_resolve_references()
+  bad.model.summary.window_blocks = 0
+  with pytest.raises(ValueError, match="model.summary.window_blocks"):
+    config_lib.validate(bad)
+  bad = c.copy_and_resolve_references()
+  bad.model.summary.num_slots = 0
+  with pytest.raises(ValueError, match="attention_impl='structured'"):
+    config_lib.validate(bad)
+  with pytest.raises(ValueError, match="needs summary tokens"):
+    model = transformer.Transformer(dataclasses.replace(_model_cfg(), summary=None))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    model.init(jax.random.key(0), tokens, masks.make_meta(jnp.arange(8)[None], 4, 1),
+               summary="clean")
