@@ -134,8 +134,7 @@ def test_structured_path_never_builds_a_full_array():
 
 def _model_cfg(impl="xla", slots=2, window=1, block=4, **kw):
   base = dict(vocab_size=24, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-              head_dim=8, mlp_dim=48, moe=moe.MoEConfig(num_experts=4, expert_dim=16),
-              first_dense_layers=1, attention_impl=impl, interpret=INTERPRET,
+              head_dim=8, mlp_dim=48, attention_impl=impl, interpret=INTERPRET,
               summary=summary_lib.SummaryConfig(slots, window, block))
   base.update(kw)
   return transformer.TransformerConfig(**base)
@@ -165,7 +164,7 @@ def test_model_impls_agree_through_bd3_loss(bd3_objective):
   results = {}
   params = None
   for impl in ("xla", "structured", "pallas"):
-    model = transformer.Transformer(_model_cfg(impl))
+    model = transformer.Transformer(_model_cfg(impl, num_layers=1))
     if params is None:
       params = build.init_params(model, 0)
       assert params["summary_embed"].shape == (2, 32)
@@ -183,54 +182,69 @@ def test_model_impls_agree_through_bd3_loss(bd3_objective):
 
 def test_slots_are_extra_positions_without_loss(bd3_objective):
   # Logits have the input's shape; slots change them only by what older blocks see.
-  model = transformer.Transformer(_model_cfg())
+  # (An MoE model: the slots go through the router like clean tokens of their block.)
+  model = transformer.Transformer(_model_cfg(
+      moe=moe.MoEConfig(num_experts=4, expert_dim=16), first_dense_layers=1))
   params = build.init_params(model, 0)
   tokens = _bd3_batch(length=16)["tokens"]
   meta = masks.training_meta(16, 4, 2)
   x = jnp.concatenate([tokens, tokens], axis=1)
-  logits, aux = model.apply({"params": params}, x, meta, return_kv=True, summary="bd3")
+  apply = jax.jit(lambda p: model.apply({"params": p}, x, meta, return_kv=True,
+                                        summary="bd3"))
+  logits, aux = apply(params)
   assert logits.shape == (2, 32, 24)
   assert aux["kv"][0].shape == (2, 2, 32, 2, 8)
   assert aux["summary_kv"][0].shape == (2, 2, 16 // 4 * 2, 2, 8)
   # Blocks 0 and 1 (window W=1) see no slots: changing the slot table leaves them be;
   # block 3's noisy queries read block 1's slots, so they move.
   moved = dict(params, summary_embed=params["summary_embed"] + 1.0)
-  logits2, _ = model.apply({"params": moved}, x, meta, summary="bd3")
+  logits2, _ = apply(moved)
   diff = jnp.max(jnp.abs(logits2 - logits), axis=(0, 2))
   noisy = np.asarray(diff[:16]).reshape(4, 4).max(axis=1)
   assert noisy[0] == 0 and noisy[1] == 0 and noisy[3] > 1e-4
 
 
 def test_summarize_block_matches_training_forward():
-  # Committing blocks one by one (each against a cache of all earlier full K/V and
-  # slot K/V; the mask picks the window and the slots) reproduces the clean-only
-  # full-sequence forward: the blocks' K/V and their summary K/V.
+  # Committing blocks one by one (each against a fixed-size cache holding all
+  # earlier full K/V and slot K/V, empty slots at segment -1; the mask picks the
+  # window and the slots) reproduces the clean-only full-sequence forward: the
+  # blocks' K/V and their summary K/V.
   model = transformer.Transformer(_model_cfg(window=1, block=4))
   params = build.init_params(model, 0)
   length, block = 16, 4
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 23, size=(1, length)), jnp.int32)
   meta = masks.make_meta(jnp.arange(length)[None], block, masks.CLEAN)
-  _, aux = model.apply({"params": params}, tokens, meta, return_kv=True, summary="clean")
+  _, aux = jax.jit(lambda p: model.apply({"params": p}, tokens, meta, return_kv=True,
+                                         summary="clean"))(params)
   full_k, full_v = aux["kv"]
   full_sk, full_sv = aux["summary_kv"]
 
-  cache = None
-  for c in range(length // block):
+  slots = 2
+  nb = length // block
+  cap = length + nb * slots
+  cache = {"k": jnp.zeros((2, 1, cap, 2, 8)), "v": jnp.zeros((2, 1, cap, 2, 8)),
+           "meta": masks.make_meta(jnp.zeros((1, cap), jnp.int32), block, masks.CLEAN,
+                                   -jnp.ones((1, cap), jnp.int32))}
+  commit = jax.jit(lambda p, t, m, c: summary_lib.summarize_block(model, p, t, m, c))
+  write = lambda a, x, at: jax.lax.dynamic_update_slice_in_dim(a, x, at, axis=-1)
+  for c in range(nb):
     sl = slice(c * block, (c + 1) * block)
-    _, (k, v), summ = summary_lib.summarize_block(
-        model, params, tokens[:, sl], meta.slice(c * block, block), cache)
+    _, (k, v), summ = commit(params, tokens[:, sl], meta.slice(c * block, block), cache)
     np.testing.assert_allclose(k, full_k[:, :, sl], atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(v, full_v[:, :, sl], atol=1e-5, rtol=1e-4)
-    ss = slice(c * 2, (c + 1) * 2)
+    ss = slice(c * slots, (c + 1) * slots)
     np.testing.assert_allclose(summ.k, full_sk[:, :, ss], atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(summ.v, full_sv[:, :, ss], atol=1e-5, rtol=1e-4)
     np.testing.assert_array_equal(summ.meta.positions, aux["summary_meta"].positions[:, ss])
-    new = {"k": jnp.concatenate([k, summ.k], 2), "v": jnp.concatenate([v, summ.v], 2),
-           "meta": meta.slice(c * block, block).concat(summ.meta)}
-    cache = new if cache is None else {
-        "k": jnp.concatenate([cache["k"], new["k"]], 2),
-        "v": jnp.concatenate([cache["v"], new["v"]], 2),
-        "meta": cache["meta"].concat(new["meta"])}
+    at = c * (block + slots)
+    new_meta = meta.slice(c * block, block).concat(summ.meta)
+    cache = {"k": jnp.moveaxis(write(jnp.moveaxis(cache["k"], 2, -1),
+                                     jnp.moveaxis(jnp.concatenate([k, summ.k], 2), 2, -1),
+                                     at), -1, 2),
+             "v": jnp.moveaxis(write(jnp.moveaxis(cache["v"], 2, -1),
+                                     jnp.moveaxis(jnp.concatenate([v, summ.v], 2), 2, -1),
+                                     at), -1, 2),
+             "meta": jax.tree.map(lambda a, x: write(a, x, at), cache["meta"], new_meta)}
 
 
 def test_config_fields_and_validation():
