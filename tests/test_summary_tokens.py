@@ -269,3 +269,30 @@ def test_config_fields_and_validation():
     tokens = jnp.zeros((1, 8), jnp.int32)
     model.init(jax.random.key(0), tokens, masks.make_meta(jnp.arange(8)[None], 4, 1),
                summary="clean")
+
+
+def test_pallas_kernel_visits_only_window_and_bank_tiles():
+  # 16 blocks of 32 tokens + 2 slots each, W = 1, tiles of 32: a query tile (one
+  # block) visits its own block, the block before it and the one tile of the bank;
+  # the slot tile visits every block. Block-causal full attention visits 136 tiles.
+  from pallas_kernels.block_attention import kernel  # pylint: disable=g-import-not-at-top
+  n, block, slots = 512, 32, 2
+  clean = masks.make_meta(jnp.arange(n)[None], block, masks.CLEAN)
+  meta = clean.concat(masks.summary_slots_meta(clean, block, slots))
+  total = meta.shape[1]  # 544 = 17 tiles
+  packed = kernel.pack_meta(meta, total)
+  states = np.asarray(kernel.tile_map(packed, packed, masks.MaskSpec(window_blocks=1),
+                                      32, 32))[0]
+  visited = states != kernel.EMPTY
+  nb = n // block
+  want = np.zeros_like(visited)
+  for c in range(nb):
+    want[c, max(c - 1, 0):c + 1] = True
+    want[c, nb] = c >= 2  # blocks 0 and 1 have no block older than their window
+  want[nb, :] = True
+  np.testing.assert_array_equal(visited, want)
+  full = masks.make_meta(jnp.arange(n)[None], block, masks.CLEAN)
+  full_states = np.asarray(kernel.tile_map(kernel.pack_meta(full, n), kernel.pack_meta(full, n),
+                                           masks.MaskSpec(), 32, 32))
+  assert int((full_states != kernel.EMPTY).sum()) == nb * (nb + 1) // 2
+  assert int(visited.sum()) == 2 * nb - 1 + (nb - 2) + nb + 1
