@@ -92,7 +92,7 @@ def make_apply(model: nn.Module) -> Callable:
   the clean stream) unless the caller passes ``summary`` itself.
   """
   defaults = {}
-  if getattr(model.cfg, "summary", None) is not None:
+  if getattr(getattr(model, "cfg", None), "summary", None) is not None:
     defaults["summary"] = "bd3"
 
   def apply_fn(params, tokens, meta, **kwargs):
