@@ -296,3 +296,52 @@ def test_pallas_kernel_visits_only_window_and_bank_tiles():
                                            masks.MaskSpec(), 32, 32))
   assert int((full_states != kernel.EMPTY).sum()) == nb * (nb + 1) // 2
   assert int(visited.sum()) == 2 * nb - 1 + (nb - 2) + nb + 1
+
+
+def test_decoding_against_a_hierarchical_cache_matches_training():
+  # Denoising block c against a cache of the committed blocks (from summarize_block)
+  # gives the training forward's noisy logits for block c, both with every block's
+  # full K/V kept and with only the last W blocks' full K/V plus older blocks'
+  # summary K/V (the hierarchical cache: older full K/V dropped as segment -1).
+  window, block, slots, length = 1, 4, 2, 16
+  model = transformer.Transformer(_model_cfg(window=window, block=block))
+  params = build.init_params(model, 1)
+  rng = np.random.default_rng(7)
+  x0 = jnp.asarray(rng.integers(0, 23, size=(1, length)), jnp.int32)
+  xt = jnp.where(jnp.asarray(rng.random((1, length)) < 0.5), 23, x0)
+  train_logits, _ = jax.jit(lambda p: build.make_apply(model)(
+      p, jnp.concatenate([xt, x0], 1), masks.training_meta(length, block)))(params)
+
+  clean = masks.make_meta(jnp.arange(length)[None], block, masks.CLEAN)
+  commit = jax.jit(lambda p, t, m, c: summary_lib.summarize_block(model, p, t, m, c))
+  denoise = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, cache=c))
+  cat = lambda a, b: b if a is None else jax.tree.map(
+      lambda x, y: jnp.concatenate([x, y], axis=-1), a, b)
+  full_kv, slot_kv, full_meta, slot_meta = None, None, None, None
+  for c in range(length // block):
+    noisy_meta = masks.make_meta(c * block + jnp.arange(block)[None], block, masks.NOISY)
+    want = train_logits[:, c * block:(c + 1) * block]
+    if c:
+      old = full_meta.block_ids < c - window
+      hier_meta = dataclasses.replace(full_meta,
+                                      segment_ids=jnp.where(old, -1, full_meta.segment_ids))
+      for kept_meta in (full_meta, hier_meta):
+        cache = {"k": jnp.concatenate([full_kv[0], slot_kv[0]], 2),
+                 "v": jnp.concatenate([full_kv[1], slot_kv[1]], 2),
+                 "meta": kept_meta.concat(slot_meta)}
+        got, _ = denoise(params, xt[:, c * block:(c + 1) * block], noisy_meta, cache)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"block {c}")
+    else:
+      got, _ = denoise(params, xt[:, :block], noisy_meta, None)
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    sl = slice(c * block, (c + 1) * block)
+    cache = None if c == 0 else {"k": jnp.concatenate([full_kv[0], slot_kv[0]], 2),
+                                 "v": jnp.concatenate([full_kv[1], slot_kv[1]], 2),
+                                 "meta": hier_meta.concat(slot_meta)}
+    _, kv, summ = commit(params, x0[:, sl], clean.slice(c * block, block), cache)
+    full_kv = kv if full_kv is None else tuple(jnp.concatenate([a, b], 2)
+                                               for a, b in zip(full_kv, kv))
+    slot_kv = (summ.k, summ.v) if slot_kv is None else (
+        jnp.concatenate([slot_kv[0], summ.k], 2), jnp.concatenate([slot_kv[1], summ.v], 2))
+    full_meta = cat(full_meta, clean.slice(c * block, block))
+    slot_meta = cat(slot_meta, summ.meta)
