@@ -19,6 +19,9 @@ With ``window_blocks = W > 0`` (ChatDLM summary layout) a regular query sees reg
 clean tokens only of the last W blocks before its own, and the summary slots of the
 blocks older than that. A summary slot sees the clean tokens and summary slots of its
 own block. Keys with a negative segment id (padding, empty cache slots) are never seen.
+``summary_slots_meta`` gives the metadata of the slots of a clean stream, and
+``SummaryLayout`` names the static full-sequence layout ``[streams... ; slots]`` that
+the model's structured attention path exploits.
 """
 
 import dataclasses
@@ -150,3 +153,80 @@ def dense_mask(q: TokenMeta, k: TokenMeta, spec: MaskSpec = MaskSpec()) -> Array
   qe = TokenMeta(*(x[..., :, None] for x in dataclasses.astuple(q)))
   ke = TokenMeta(*(x[..., None, :] for x in dataclasses.astuple(k)))
   return mask_fn(qe, ke, spec)
+
+
+def summary_slots_meta(clean: TokenMeta, block_size: int, num_slots: int) -> TokenMeta:
+  """Metadata of the ChatDLM summary slots of a block-aligned clean stream.
+
+  Block ``c`` of ``clean`` (tokens ``c*B .. c*B+B-1``) gets ``num_slots`` slots, laid
+  out block-major (``[c0s0, c0s1, ..., c1s0, ...]``). Every slot of a block takes the
+  RoPE position, block id and segment of the block's *last* token: a slot is the
+  block's running summary, so it sits where the block ends. Relative positions then
+  stay meaningful in both directions (the slot reads its block at distances 0..B-1,
+  like a causal last token; a later query reads the slot at its distance from the
+  block's end) and do not depend on when the slot is computed, so a committed
+  block's summary K/V, rotated once, stay valid for every later query. A block whose
+  last token is padding (segment -1) gets invisible slots.
+
+  Args:
+    clean: clean-stream metadata, fields [batch, L] with ``L % block_size == 0``.
+    block_size: tokens per block.
+    num_slots: slots per block (S).
+
+  Returns:
+    TokenMeta [batch, (L // block_size) * num_slots], stream CLEAN, is_summary True.
+  """
+  length = clean.shape[-1]
+  if block_size < 1 or num_slots < 1:
+    raise ValueError(f"summary_slots_meta: block_size={block_size} and "
+                     f"num_slots={num_slots} must be >= 1")
+  if length % block_size:
+    raise ValueError(f"summary_slots_meta: length {length} is not a multiple of "
+                     f"block_size={block_size}")
+  last = clean.slice(block_size - 1, length - block_size + 1)
+  ends = TokenMeta(*(x[..., ::block_size] for x in dataclasses.astuple(last)))
+  rep = lambda x: jnp.repeat(x, num_slots, axis=-1)
+  return TokenMeta(positions=rep(ends.positions), block_ids=rep(ends.block_ids),
+                   stream=jnp.full_like(rep(ends.stream), CLEAN),
+                   segment_ids=rep(ends.segment_ids),
+                   is_summary=jnp.ones_like(rep(ends.is_summary), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryLayout:
+  """Static shape of a full-sequence input with summary slots.
+
+  The input is ``streams`` streams of L tokens each (``[x_t ; x_0]``: 2, the BD3
+  training layout; ``[x_0]``: 1), the last of them clean, each with positions
+  block-aligned so token ``c*B + i`` of a stream is in its block ``c``; then the
+  slots of the clean stream (``summary_slots_meta``): ``L // B * S`` positions.
+
+  Attributes:
+    streams: 1 (clean only) or 2 (noisy then clean).
+    block_size: tokens per block (B).
+    num_slots: summary slots per block (S).
+  """
+
+  streams: int
+  block_size: int
+  num_slots: int
+
+  def __post_init__(self):
+    if self.streams not in (1, 2):
+      raise ValueError(f"SummaryLayout.streams must be 1 or 2, got {self.streams}")
+    if self.block_size < 1 or self.num_slots < 1:
+      raise ValueError(f"SummaryLayout: block_size={self.block_size} and "
+                       f"num_slots={self.num_slots} must be >= 1")
+
+  def stream_length(self, total: int) -> int:
+    """L of a layout whose total length (streams and slots) is ``total``."""
+    per_block = self.streams * self.block_size + self.num_slots
+    if total % per_block:
+      raise ValueError(f"SummaryLayout: length {total} is not streams * L + L // B * S "
+                       f"for streams={self.streams}, B={self.block_size}, "
+                       f"S={self.num_slots}")
+    return total // per_block * self.block_size
+
+  def num_tokens(self, stream_length: int) -> int:
+    """Tokens before the slots (``streams * L``)."""
+    return self.streams * stream_length

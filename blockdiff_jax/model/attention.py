@@ -12,10 +12,14 @@ from blockdiff_jax.model import attention_ops
 from blockdiff_jax.model import layers
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
+from blockdiff_jax.model import summary_attention
 
 Array = Any
 
-ATTENTION_IMPLS = ("xla", "pallas")
+# xla: materialised mask; pallas: tiled kernel skipping masked tiles; structured:
+# summary-token layouts block by block (window + summary bank, never T x T), the
+# materialised mask elsewhere (decoding against a cache).
+ATTENTION_IMPLS = ("xla", "pallas", "structured")
 
 
 class Attention(nn.Module):
@@ -30,7 +34,10 @@ class Attention(nn.Module):
     rope_theta: RoPE base.
     rope_scaling: context-extension scaling.
     mask_spec: static mask options.
-    impl: "xla" (materialized mask) or "pallas" (tiled kernel).
+    impl: "xla" (materialized mask), "pallas" (tiled kernel) or "structured"
+      (``summary_attention``; needs ``summary_layout``, else as "xla").
+    summary_layout: static layout of a full-sequence input with summary slots
+      (``masks.SummaryLayout``), or None.
     interpret: run the Pallas kernel in the interpreter; None = unless on a GPU.
     dtype: compute dtype.
   """
@@ -48,6 +55,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   lora: Any = None  # lora.LoraConfig | None: adapters on q/k/v/o.
+  summary_layout: masks.SummaryLayout | None = None
 
   @nn.compact
   def __call__(self, x: Array, meta: masks.TokenMeta, cache=None, lora_gate=None):
@@ -90,7 +98,13 @@ class Attention(nn.Module):
       k = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
       v = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
       kv_meta = cmeta.concat(meta)
-    if self.impl == "pallas":
+    if self.impl == "structured" and self.summary_layout is not None and cache is None:
+      layout, spec = self.summary_layout, self.mask_spec
+
+      def core(q, k, v, q_meta, kv_meta):  # self-attention: kv_meta is q_meta
+        del kv_meta
+        return summary_attention.structured_attention(q, k, v, q_meta, layout, spec)
+    elif self.impl == "pallas":
       from pallas_kernels import block_attention  # pylint: disable=g-import-not-at-top
       core = functools.partial(block_attention.block_attention, spec=self.mask_spec,
                                interpret=self.interpret)

@@ -85,7 +85,16 @@ def init_params(model: nn.Module, seed: int, mesh=None, rules: mesh_lib.Rules = 
 
 
 def make_apply(model: nn.Module) -> Callable:
-  """``apply_fn(params, tokens, meta, **kwargs) -> (logits, aux)`` of a model."""
+  """``apply_fn(params, tokens, meta, **kwargs) -> (logits, aux)`` of a model.
+
+  The objectives and likelihood evaluation call it on the training input
+  ``[x_t ; x_0]``: a model with summary tokens gets ``summary="bd3"`` (slots for
+  the clean stream) unless the caller passes ``summary`` itself.
+  """
+  defaults = {}
+  if getattr(getattr(model, "cfg", None), "summary", None) is not None:
+    defaults["summary"] = "bd3"
+
   def apply_fn(params, tokens, meta, **kwargs):
-    return model.apply({"params": params}, tokens, meta, **kwargs)
+    return model.apply({"params": params}, tokens, meta, **{**defaults, **kwargs})
   return apply_fn

@@ -28,7 +28,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.rope_scaling.original_max_position = 4096  # Pre-training context (YaRN).
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
-  m.attention_impl = "xla"  # xla (materialized mask) | pallas (tiled kernel).
+  # xla (materialized mask) | pallas (tiled kernel) | structured (summary tokens only:
+  # each block against its window + the summary bank, n*sqrt(n); model/summary_attention.py).
+  m.attention_impl = "xla"
   # Pallas kernels in the interpreter: None = decided by the backend (compiled on GPU,
   # interpreted elsewhere); True/False force it. Not saved into config.json.
   m.interpret = ml_collections.config_dict.placeholder(bool)
@@ -40,6 +42,13 @@ def default_model_config() -> ml_collections.ConfigDict:
   lo.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Projections with an adapter.
   lo.gated = True  # Adapter active only on MASK tokens (I-DLM); False = plain LoRA.
   lo.mask_id = -1  # MASK token id the gate is computed from (required when gated).
+  # ChatDLM summary tokens (model/summary.py): every diffusion block of the clean
+  # stream gets num_slots learned slots that read the block; a token reads its own
+  # block and the window_blocks blocks before it in full, older blocks only through
+  # their slots. Blocks of ~sqrt(n) tokens (diffusion.block_size) give n*sqrt(n) cost.
+  m.summary = su = ml_collections.ConfigDict()
+  su.num_slots = 0  # S: summary slots per block; 0 = no summary tokens (full attention).
+  su.window_blocks = 2  # W >= 1: earlier blocks a token sees in full (with num_slots > 0).
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 4  # Experts per MoE layer; 0 = dense model.
   e.top_k = 2  # Experts per token.
@@ -83,7 +92,9 @@ def model_config(config: ml_collections.ConfigDict,
   """
   diffusion = config.get("diffusion") or {}
   spec = masks.MaskSpec(causal_noisy=diffusion.get("objective", "bd3") == "introspective")
-  return transformer.TransformerConfig.from_config(config.model, vocab_size, mask_spec=spec)
+  block_size = config.diffusion.block_size if "diffusion" in config else None
+  return transformer.TransformerConfig.from_config(config.model, vocab_size, mask_spec=spec,
+                                                   block_size=block_size)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -106,6 +117,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not m.moe[name] >= 0:
       raise ValueError(f"model.moe.{name} must be >= 0, got {m.moe[name]}")
   rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor)
+  su = m.get("summary")
+  if su is not None:
+    if su.num_slots < 0:
+      raise ValueError(f"model.summary.num_slots must be >= 0 (0 = off), got {su.num_slots}")
+    if su.num_slots and su.window_blocks < 1:
+      raise ValueError("model.summary.window_blocks must be >= 1 with summary tokens, "
+                       f"got {su.window_blocks}")
+  if m.attention_impl == "structured" and not (su is not None and su.num_slots):
+    raise ValueError("model.attention_impl='structured' needs model.summary.num_slots > 0")
   if m.moe.router_mode not in moe.ROUTER_MODES:
     raise ValueError(f"model.moe.router_mode must be one of {moe.ROUTER_MODES}, "
                      f"got {m.moe.router_mode!r}")

@@ -51,6 +51,8 @@ def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
   counts = param_counts(cfg)
   head = cfg.vocab_size * cfg.d_model
   trunk = counts["active"] - counts["embedding"] - (0 if cfg.tie_embeddings else head)
+  if cfg.summary is not None:  # the slot table is a lookup too
+    trunk -= cfg.summary.num_slots * cfg.d_model
   matmul = trunk + (head if with_head else 0)
   attn = 2 * 2 * kv_length * cfg.num_heads * cfg.head_dim * cfg.num_layers
   return 2.0 * matmul + attn
@@ -60,9 +62,18 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: in
   """Model FLOPs of one BD3-LM train step (forward + backward = 3x forward).
 
   The vectorized pass runs 2L tokens through the trunk with dense 2L-key attention
-  (what the XLA path computes) and the head only on the L noisy tokens.
+  (what the XLA path computes) and the head only on the L noisy tokens. With
+  summary tokens the trunk also runs the (L/B)·S slots, and the structured path
+  scores each query against its window and the summary bank only.
   """
-  trunk = forward_flops_per_token(cfg, 2 * seq_len, with_head=False) * 2 * seq_len
+  positions = keys = 2 * seq_len
+  if cfg.summary is not None:
+    su = cfg.summary
+    bank = seq_len // su.block_size * su.num_slots
+    positions = keys = 2 * seq_len + bank
+    if cfg.attention_impl == "structured":
+      keys = (su.window_blocks + 1) * su.block_size + bank
+  trunk = forward_flops_per_token(cfg, keys, with_head=False) * positions
   head = 2.0 * cfg.vocab_size * cfg.d_model * seq_len
   return 3.0 * batch * (trunk + head)
 

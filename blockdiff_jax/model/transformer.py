@@ -15,6 +15,7 @@ from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import sharding
+from blockdiff_jax.model import summary as summary_lib
 
 Array = Any
 
@@ -48,6 +49,7 @@ class TransformerConfig:
   scan_layers: bool = False
   remat: bool = False
   lora: lora_lib.LoraConfig | None = None
+  summary: summary_lib.SummaryConfig | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -64,6 +66,17 @@ class TransformerConfig:
     if self.attention_impl not in attention.ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl must be one of {attention.ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}")
+    if self.summary is not None:
+      w = self.summary.window_blocks
+      if self.mask_spec.window_blocks not in (0, w):
+        raise ValueError(f"mask_spec.window_blocks={self.mask_spec.window_blocks} differs "
+                         f"from model.summary.window_blocks={w}")
+      # The summary window is a property of the mask every attention layer uses.
+      object.__setattr__(self, "mask_spec",
+                         dataclasses.replace(self.mask_spec, window_blocks=w))
+    elif self.attention_impl == "structured":
+      raise ValueError("model.attention_impl='structured' needs summary tokens "
+                       "(model.summary.num_slots > 0)")
     if not 0 <= self.first_dense_layers <= self.num_layers:
       raise ValueError(f"model.first_dense_layers={self.first_dense_layers} must be in "
                        f"[0, num_layers={self.num_layers}]")
@@ -93,8 +106,12 @@ class TransformerConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int | None = None,
-                  mask_spec: masks.MaskSpec = masks.MaskSpec()) -> "TransformerConfig":
-    """Builds the static config from ``config.model`` (vocab from the tokenizer if 0)."""
+                  mask_spec: masks.MaskSpec = masks.MaskSpec(),
+                  block_size: int | None = None) -> "TransformerConfig":
+    """Builds the static config from ``config.model`` (vocab from the tokenizer if 0).
+
+    ``block_size`` (``diffusion.block_size``) is needed with summary tokens on.
+    """
     m = model
     moe_cfg = None
     if m.moe.num_experts:
@@ -122,7 +139,8 @@ class TransformerConfig:
             original_max_position=m.rope_scaling.original_max_position),
         norm_eps=m.norm_eps, mask_spec=mask_spec, attention_impl=m.attention_impl,
         interpret=m.get("interpret"), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-        lora=lora_lib.from_config(m.get("lora")))
+        lora=lora_lib.from_config(m.get("lora")),
+        summary=summary_lib.from_config(m.get("summary"), block_size))
 
 
 class Block(nn.Module):
@@ -131,6 +149,7 @@ class Block(nn.Module):
   cfg: TransformerConfig
   use_moe: bool
   return_kv: bool = False
+  summary_layout: masks.SummaryLayout | None = None
 
   @nn.compact
   def __call__(self, x, meta, layer_cache, cache_meta, lora_gate=None):
@@ -143,7 +162,7 @@ class Block(nn.Module):
         qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
         rope_scaling=cfg.rope_scaling, mask_spec=cfg.mask_spec, impl=cfg.attention_impl,
         interpret=cfg.interpret, norm_eps=cfg.norm_eps, dtype=dtype, lora=cfg.lora,
-        name="attention")(h, meta, cache, lora_gate)
+        summary_layout=self.summary_layout, name="attention")(h, meta, cache, lora_gate)
     x = x + a
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
     if self.use_moe:
@@ -163,13 +182,20 @@ class Transformer(nn.Module):
   MoE load-balance and z-losses, a scalar; 0 for a dense model), ``metrics`` (scalar
   MoE metrics for logging) and, if ``return_kv``, ``kv`` (keys and values of the
   input tokens, [num_layers, B, T, Hkv, Dh] each).
+
+  With summary tokens (``cfg.summary``) and ``summary="bd3"`` or ``"clean"``, the
+  clean stream's blocks get S learned slots appended after the input (see
+  ``model/summary.py``); logits and ``kv`` stay those of the input tokens, and
+  with ``return_kv`` aux also holds ``summary_kv`` ((k, v) of the slots,
+  [num_layers, B, G*S, Hkv, Dh]) and ``summary_meta`` (their TokenMeta [B, G*S]).
   """
 
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: Array, meta: masks.TokenMeta, cache: dict | None = None,
-               return_kv: bool = False, logits_slice: tuple[int, int] | None = None):
+               return_kv: bool = False, logits_slice: tuple[int, int] | None = None,
+               summary: str = "none"):
     """Forward pass.
 
     Args:
@@ -178,6 +204,8 @@ class Transformer(nn.Module):
       cache: optional ``{"k": [L, B, S, Hkv, Dh], "v": ..., "meta": TokenMeta [B, S]}``.
       return_kv: also return the rotated keys/values of ``tokens`` for caching.
       logits_slice: static ``(start, length)``: compute the head only there.
+      summary: static: which summary slots to append (``model/summary.py``):
+        "bd3" (input ``[x_t ; x_0]``), "clean" (clean-only input) or "none".
     """
     cfg = self.cfg
     dtype = cfg.compute_dtype
@@ -195,6 +223,33 @@ class Transformer(nn.Module):
     cache_meta = None if cache is None else cache["meta"]
     # Computed once from the token ids and passed down to every adapter.
     lora_gate = lora_lib.lora_gate(tokens, cfg.lora)
+    num_tokens = tokens.shape[1]
+    layout = None
+    if cfg.summary is not None:
+      # Created in every mode, so an init without slots has the parameter too.
+      table = self.param("summary_embed", layers.logical_init(
+          nn.initializers.normal(stddev=cfg.d_model ** -0.5), (None, "embed")),
+                         (cfg.summary.num_slots, cfg.d_model), jnp.float32)
+      layout = cfg.summary.layout(summary)
+    elif summary != "none":
+      raise ValueError(f"summary={summary!r} needs summary tokens "
+                       "(model.summary.num_slots > 0)")
+    if layout is not None:
+      slot_meta = summary_lib.summary_meta_for(meta, layout)
+      num_blocks = slot_meta.shape[-1] // layout.num_slots
+      slots = jnp.broadcast_to(table.astype(dtype)[None, None],
+                               (x.shape[0], num_blocks) + table.shape)
+      x = jnp.concatenate([x, slots.reshape(x.shape[0], -1, cfg.d_model)], axis=1)
+      x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+      meta = meta.concat(slot_meta)
+      if lora_gate is not None:  # a slot is never a MASK token
+        lora_gate = jnp.concatenate(
+            [lora_gate, jnp.zeros(slot_meta.shape, lora_gate.dtype)], axis=1)
+      # Only full-sequence passes use the structured path; with a cache it
+      # falls back to the materialised mask (a block against a short cache).
+      attn_layout = layout if cache is None else None
+    else:
+      attn_layout = None
 
     kvs, moe_stats, start = [], [], 0
     for seg, (use_moe, count) in enumerate(cfg.layer_segments()):
@@ -208,7 +263,7 @@ class Transformer(nn.Module):
         stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=count,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, (kv, stats) = stack(cfg, use_moe, return_kv, name=f"stack_{seg}")(
+        x, (kv, stats) = stack(cfg, use_moe, return_kv, attn_layout, name=f"stack_{seg}")(
             x, meta, seg_cache, cache_meta, lora_gate)
         kvs.append(kv)
         if use_moe:
@@ -216,13 +271,15 @@ class Transformer(nn.Module):
       else:
         for i in range(count):
           layer_cache = None if seg_cache is None else jax.tree.map(lambda c: c[i], seg_cache)
-          x, (kv, stats) = block_cls(cfg, use_moe, return_kv, name=f"layer_{start + i}")(
+          x, (kv, stats) = block_cls(cfg, use_moe, return_kv, attn_layout,
+                                     name=f"layer_{start + i}")(
               x, meta, layer_cache, cache_meta, lora_gate)
           kvs.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
           if use_moe:
             moe_stats.append(jax.tree.map(lambda a: a[None], stats))
       start += count
 
+    x = x[:, :num_tokens]  # the slots carry no loss: no head on them
     x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
     if logits_slice is not None:
       x = x[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
@@ -238,5 +295,9 @@ class Transformer(nn.Module):
     else:
       aux["aux_loss"], aux["metrics"] = jnp.zeros((), jnp.float32), {}
     if return_kv:
-      aux["kv"] = jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
+      kv = jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
+      aux["kv"] = jax.tree.map(lambda a: a[:, :, :num_tokens], kv)
+      if layout is not None:
+        aux["summary_kv"] = jax.tree.map(lambda a: a[:, :, num_tokens:], kv)
+        aux["summary_meta"] = slot_meta
     return logits, aux

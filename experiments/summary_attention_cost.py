@@ -1,0 +1,224 @@
+"""Attention cost against context length: full attention vs ChatDLM summary attention.
+
+One attention layer forward over a clean sequence of n tokens (n = 4k .. 131k) with
+block-causal visibility:
+
+* ``full``: the materialised-mask XLA path (``attention_ops.masked_attention``) with
+  every earlier block visible: n² logits;
+* ``summary``: the structured XLA path (``model/summary_attention.py``) with S
+  summary slots per block and a window of W blocks: each block against its window
+  and the summary bank, n·((W+1)·B + n·S/B) logits. The block size B is the power
+  of two that minimises that count (B ≈ √(n·S/(W+1))), as the config would pick it.
+
+For each n: FLOPs from the compiled HLO (``jax.jit(...).lower().compile()
+.cost_analysis()``; compiling allocates nothing, so it works at 131k) and, where
+memory allows on a CPU, the median wall time of the jitted forward. A least-squares
+fit of log(cost) against log(n) gives the exponent (goal for summary: <= 1.5).
+JSON, Markdown and a PNG go to experiments/results/summary_attention_cost.*.
+
+  python experiments/summary_attention_cost.py            # ~3 min on a busy 2-core CPU
+  python experiments/summary_attention_cost.py --quick    # n = 1k..4k, seconds
+"""
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from blockdiff_jax import masks
+from blockdiff_jax.model import attention_ops
+from blockdiff_jax.model import summary_attention
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--lengths", type=int, nargs="+",
+                 default=[4096, 8192, 16384, 32768, 65536, 131072])
+  p.add_argument("--slots", type=int, default=2, help="S: summary slots per block")
+  p.add_argument("--window", type=int, default=1, help="W: earlier blocks seen in full")
+  p.add_argument("--heads", type=int, default=1)
+  p.add_argument("--kv_heads", type=int, default=1)
+  p.add_argument("--head_dim", type=int, default=32)
+  p.add_argument("--max_time_full", type=int, default=16384,
+                 help="time full attention up to this n (n² fp32 logits must fit)")
+  p.add_argument("--max_time_summary", type=int, default=131072,
+                 help="time summary attention up to this n")
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--quick", action="store_true", help="n = 1k, 2k, 4k only")
+  p.add_argument("--out", default=str(RESULTS_DIR / "summary_attention_cost"),
+                 help="output path prefix (.json/.md/.png appended)")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.lengths = [1024, 2048, 4096]
+  for n in args.lengths:
+    if n & (n - 1):
+      raise ValueError(f"--lengths: {n} is not a power of two (blocks must divide it)")
+  return args
+
+
+def best_block(n: int, slots: int, window: int) -> int:
+  """Power-of-two block size minimising (W+1)·B + n·S/B (the logits per query)."""
+  cands = [2 ** i for i in range(2, int(math.log2(n)) + 1)]
+  return min(cands, key=lambda b: ((window + 1) * b + n * slots / b, b))
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def _time(fn, args, iters):
+  jax.block_until_ready(fn(*args))  # warm-up (compile already done)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _problem(n, args, slots, block):
+  """q, k, v and metadata of [clean stream of n ; its slots] (slots only for summary)."""
+  pos = jnp.arange(n, dtype=jnp.int32)[None]
+  clean = masks.make_meta(pos, block, masks.CLEAN)
+  meta = clean if not slots else clean.concat(masks.summary_slots_meta(clean, block, slots))
+  total = meta.shape[1]
+  shape = lambda h: jax.ShapeDtypeStruct((1, total, h, args.head_dim), jnp.float32)
+  return meta, (shape(args.heads), shape(args.kv_heads), shape(args.kv_heads))
+
+
+def measure(n, kind, args):
+  """FLOPs (compiled HLO) and, if allowed, the wall time of one forward."""
+  if kind == "full":
+    block = best_block(n, args.slots, args.window)  # same blocks; all visible
+    meta, shapes = _problem(n, args, 0, block)
+    fn = jax.jit(lambda q, k, v, m: attention_ops.masked_attention(q, k, v, m, m))
+    logits = n * n
+    timed = n <= args.max_time_full
+  else:
+    block = best_block(n, args.slots, args.window)
+    meta, shapes = _problem(n, args, args.slots, block)
+    layout = masks.SummaryLayout(1, block, args.slots)
+    spec = masks.MaskSpec(window_blocks=args.window)
+    fn = jax.jit(lambda q, k, v, m: summary_attention.structured_attention(
+        q, k, v, m, layout, spec))
+    nb = n // block
+    logits = n * ((args.window + 1) * block + nb * args.slots) + nb * args.slots * (
+        block + args.slots)
+    timed = n <= args.max_time_summary
+  # Metadata is an argument, not a closure constant: XLA must not fold an n x n mask.
+  meta_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), meta)
+  start = time.perf_counter()
+  compiled = fn.lower(*shapes, meta_shapes).compile()
+  row = dict(n=n, kind=kind, block_size=block, logits_per_head=logits,
+             hlo_flops=_flops(compiled), compile_s=time.perf_counter() - start)
+  if timed:
+    keys = jax.random.split(jax.random.key(n), 3)
+    qkv = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, shapes)]
+    row["forward_ms"] = _time(compiled, qkv + [meta], args.iters) * 1e3
+  return row
+
+
+def fit_exponent(rows, key):
+  pts = [(r["n"], r[key]) for r in rows if r.get(key)]
+  if len(pts) < 2:
+    return None
+  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def _write(rows, fits, meta, prefix):
+  prefix = pathlib.Path(prefix)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  prefix.with_suffix(".json").write_text(json.dumps(dict(meta=meta, fits=fits, rows=rows),
+                                                    indent=1))
+  lines = [f"# Attention cost against context length ({meta['device']}, jax {meta['jax']})",
+           "", meta["note"], "",
+           "| n | kind | block | logits/head | HLO GFLOP | forward ms |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    ms = f"{r['forward_ms']:.1f}" if "forward_ms" in r else "- (not timed)"
+    lines.append(f"| {r['n']} | {r['kind']} | {r['block_size']} | {r['logits_per_head']:.3g} "
+                 f"| {r['hlo_flops'] / 1e9:.3g} | {ms} |")
+  lines += ["", "Fitted exponent of n (least squares on log-log; goal for summary <= 1.5):", "",
+            "| kind | HLO FLOPs | forward time |", "|---|---|---|"]
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  for kind, f in fits.items():
+    lines.append(f"| {kind} | {fmt(f['hlo_flops'])} | {fmt(f['forward_ms'])} |")
+  lines += ["", "Summary HLO FLOPs fitted over the lengths where the power-of-two block "
+            "balances the window and bank terms exactly ((W+1)·B² = n·S): "
+            f"{fmt(fits['summary']['hlo_flops_balanced_n'])}."]
+  prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for kind, marker in (("full", "o"), ("summary", "s")):
+    rs = [r for r in rows if r["kind"] == kind]
+    axes[0].loglog([r["n"] for r in rs], [r["hlo_flops"] for r in rs], marker=marker,
+                   label=f"{kind} (slope {fits[kind]['hlo_flops']:.2f})")
+    rt = [r for r in rs if "forward_ms" in r]
+    if rt:
+      slope = fits[kind]["forward_ms"]
+      axes[1].loglog([r["n"] for r in rt], [r["forward_ms"] for r in rt], marker=marker,
+                     label=kind + ("" if slope is None else f" (slope {slope:.2f})"))
+  for ax, title in zip(axes, ("HLO FLOPs of one attention layer", "forward time (ms, CPU)")):
+    ax.set_xlabel("context length n")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(prefix.with_suffix(".png"), dpi=110)
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  rows = []
+  todo = [(n, kind) for n in args.lengths for kind in ("full", "summary")]
+  started = time.perf_counter()
+  for i, (n, kind) in enumerate(todo):
+    rows.append(measure(n, kind, args))
+    elapsed = time.perf_counter() - started
+    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f}s, ETA "
+          f"{elapsed / (i + 1) * (len(todo) - i - 1):.0f}s] {json.dumps(rows[-1])}",
+          flush=True)
+  fits = {kind: {key: fit_exponent([r for r in rows if r["kind"] == kind], key)
+                 for key in ("hlo_flops", "forward_ms")} for kind in ("full", "summary")}
+  # Power-of-two blocks balance the window and bank terms exactly only at every
+  # other n (B² = n·S/(W+1)); in between the count zigzags. A fit over the
+  # balanced lengths alone shows the asymptotic slope without that rounding.
+  balanced = [r for r in rows if r["kind"] == "summary" and
+              (args.window + 1) * r["block_size"] ** 2 == r["n"] * args.slots]
+  fits["summary"]["hlo_flops_balanced_n"] = fit_exponent(balanced, "hlo_flops")
+  meta = dict(
+      device=jax.devices()[0].device_kind, jax=jax.__version__,
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      args=vars(args),
+      note=(f"One attention layer forward, batch 1, {args.heads} head(s), {args.kv_heads} KV "
+            f"head(s), head_dim {args.head_dim}, fp32, clean block-causal sequence. Summary: "
+            f"S={args.slots} slots per block, window W={args.window}, block size = the power "
+            "of two minimising (W+1)B + nS/B. FLOPs from the compiled HLO's cost analysis; "
+            "times are medians of a few runs on a 2-core CPU shared with other jobs (noisy; "
+            "small n are dominated by fixed overheads). Full attention is timed only where "
+            "its n x n logits fit in memory."))
+  _write(rows, fits, meta, args.out)
+  print(json.dumps(fits, indent=1))
+
+
+if __name__ == "__main__":
+  main()
