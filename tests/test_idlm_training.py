@@ -150,3 +150,21 @@ def test_frozen_base_gets_the_same_adapter_update_without_weight_gradients(accum
     else:
       np.testing.assert_array_equal(np.asarray(b), before)
   assert min(moved) > 0
+
+
+def test_smollm2_idlm_config_adds_rank_r_adapters_on_every_projection():
+  """The README's parameter count: SmolLM2 + r * (in + out) per adapted projection."""
+  from conftest import load_config_file  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import flops  # pylint: disable=g-import-not-at-top
+  c = load_config_file("smollm2_idlm")
+  config_lib.validate(c)
+  m = c.model
+  total = flops.param_counts(config_lib.model_config(c))["total"]
+  base = c.copy_and_resolve_references()
+  base.model.lora.rank = 0
+  base_total = flops.param_counts(config_lib.model_config(base))["total"]
+  d, f, kv = m.d_model, m.mlp_dim, m.num_kv_heads * m.head_dim
+  per_layer = m.lora.rank * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
+  assert total - base_total == m.num_layers * per_layer == 9_768_960
+  assert total == 144_284_544

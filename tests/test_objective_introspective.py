@@ -92,8 +92,7 @@ def _anchored_reference(model, params, x0, loss_mask, anchors, stride):
   return total / count
 
 
-@pytest.mark.parametrize("stride,k", [(1, 3), (3, 2), (4, 4)])
-@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("stride,k,detach", [(1, 3, False), (3, 2, True), (4, 4, False)])
 def test_anchored_blocks_match_slow_reference(stride, k, detach):
   model = _model(gated_lora=True)
   rng = np.random.default_rng(stride + k)

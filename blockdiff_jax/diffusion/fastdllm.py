@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from blockdiff_jax import masks
 from blockdiff_jax.diffusion import corruption
-from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 
 Array = Any

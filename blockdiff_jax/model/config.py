@@ -124,6 +124,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if su.num_slots and su.window_blocks < 1:
       raise ValueError("model.summary.window_blocks must be >= 1 with summary tokens, "
                        f"got {su.window_blocks}")
+    objective = (config.get("diffusion") or {}).get("objective", "bd3")
+    if su.num_slots and objective == "introspective":
+      raise ValueError("model.summary.num_slots > 0 needs the [x_t ; x_0] block layout; "
+                       "diffusion.objective='introspective' (I-DLM's strided layout) has no "
+                       "summary slots yet")
   if m.attention_impl == "structured" and not (su is not None and su.num_slots):
     raise ValueError("model.attention_impl='structured' needs model.summary.num_slots > 0")
   if m.moe.router_mode not in moe.ROUTER_MODES:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import layout
-from blockdiff_jax.sampling import sample
+from blockdiff_jax.sampling import generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     model, params, tokenizer: the model (a Transformer or a logits function).
     prompts: prompt strings (specials spelled out).
     options: greedy decoding options (``sample.options_from_config``).
-    max_new_tokens, max_len: limits, as for ``sample.generate``.
+    max_new_tokens, max_len: limits, as for ``generation.generate``.
     dec: the decoder compared with AR.
     log: a callable taking one line of progress, or None.
 
@@ -57,8 +57,8 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],
                   options=options, max_new_tokens=max_new_tokens, max_len=max_len,
                   warmup=True)
-    (ar_row,), ar_sum = sample.generate(ar=True, **common)
-    (row,), summ = sample.generate(isd_stride=dec.isd_stride, **common)
+    (ar_row,), ar_sum = generation.generate(ar=True, **common)
+    (row,), summ = generation.generate(isd_stride=dec.isd_stride, **common)
     rows.append({
         "prompt": prompt, "completion": row["completion"],
         "ar_completion": ar_row["completion"],
