@@ -1,10 +1,21 @@
 """Every decoder on one model, in one run: quality against AR, TPF, tokens/s, speed-up.
 
-Runs AR (the baseline), ISD at several strides and, when the model supports them, the
-block-diffusion decoders, on the prompts of a config, one prompt at a time (batch 1,
-the regime where parallel decoding pays). Each decoder is compiled and run once before
-it is timed. Quality is agreement with AR's greedy text: token accuracy over AR's tokens
-and whole-answer exact match.
+The decoders, each greedy, on the prompts of a config, one prompt at a time (batch 1, the
+regime where parallel decoding pays), each compiled and run once before it is timed:
+
+- AR, the baseline;
+- ISD at several strides (I-DLM; lossless when the model's LoRA is gated, since the
+  verifier then runs the base weights);
+- ISD with the adapter on every token (gated models only): I-DLM without the gate, whose
+  verifier is the adapted model, so it is not lossless;
+- Fast-dLLM v2 threshold decoding with sub-blocks;
+- LLaDA 2.1 token editing (threshold plus re-masking of committed tokens);
+- left-to-right, one token per step inside each block.
+
+ISD needs a token-shifted model; the block decoders run on any model, but only a model
+trained by a block-diffusion objective (``bd3`` or ``fastdllm``) gives them good text,
+which the quality columns show. Quality is agreement with AR's greedy text: token accuracy
+over AR's tokens and whole-answer exact match.
 
   python experiments/compare_decoders.py --config=configs/smollm2.py --workdir=runs/smollm2
   python experiments/compare_decoders.py --quick      # two prompts, 16 tokens, strides 2, 4
@@ -15,6 +26,7 @@ Writes experiments/results/compare_decoders.{json,md,png}.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -38,20 +50,41 @@ def _load_config(path: str):
   return mod.get_config()
 
 
-def _decoders(strides, block_policies):
-  out = [("ar", {"policy": "ar"})]
-  out += [(f"isd N={n}", {"policy": "isd", "isd_stride": n}) for n in strides]
-  for name, fields in block_policies:
-    out.append((name, fields))
+def decoders(strides, token_shift: bool, gated: bool, block_size: int,
+             sub_block: int = 8) -> list[tuple[str, dict, bool]]:
+  """(name, sample-section fields, adapter on every token) of each decoder to run."""
+  out = [("ar", {"policy": "ar"}, False)]
+  if token_shift:
+    out += [(f"isd N={n}", {"policy": "isd", "isd_stride": n}, False) for n in strides]
+    if gated:
+      n = 4 if 4 in strides else strides[0]
+      out.append((f"isd N={n} ungated", {"policy": "isd", "isd_stride": n}, True))
+  sub = sub_block if block_size % sub_block == 0 and sub_block < block_size else 0
+  threshold = {"policy": "threshold", "policy_value": 0.9, "sub_block_size": sub}
+  out.append((f"fast-dllm v2 (0.9, sub {sub or block_size})", threshold, False))
+  out.append(("llada2.1 editing", {**threshold, "edit_threshold": 0.9}, False))
+  out.append(("left-to-right", {"policy": "l2r"}, False))
   return out
 
 
-def run_decoder(model, params, tok, config, prompts, fields, max_new, max_len):
+def ungated(model):
+  """The same model with its LoRA adapters applied to every token (no MASK gate)."""
+  cfg = model.cfg
+  return model.clone(cfg=dataclasses.replace(
+      cfg, lora=dataclasses.replace(cfg.lora, gated=False)))
+
+
+def is_gated(model) -> bool:
+  cfg = getattr(model, "cfg", None)
+  return bool(cfg is not None and cfg.lora is not None and cfg.lora.gated)
+
+
+def run_decoder(model, params, tok, config, prompts, fields, max_new, max_len, block_size):
   """Greedy answers of one decoder, one prompt at a time: (rows, wall seconds)."""
   s = config.sample.copy_and_resolve_references()
   for k, v in fields.items():
     s[k] = v
-  opts = sample.options_from_config(s, config.diffusion.block_size, tok,
+  opts = sample.options_from_config(s, block_size, tok,
                                     config.diffusion.get("token_shift", False))
   rows, wall = [], 0.0
   for p in prompts:
@@ -91,15 +124,18 @@ def main():
     prompts, max_new, strides = prompts[:2], 16, [2, 4]
   config, model, tok, params = inference.load_for_inference(args.workdir, config)
   max_len = config.sample.max_len or config.data.seq_len
-  block = [] if config.diffusion.get("token_shift", False) else [
-      ("threshold 0.9", {"policy": "threshold", "policy_value": 0.9})]
+  token_shift = config.diffusion.get("token_shift", False)
+  block_size = config.diffusion.block_size
+  if config.diffusion.get("objective", "bd3") == "introspective":
+    block_size = 32  # The objective has no blocks; the block decoders use Fast-dLLM v2's.
   results = []
   with inference.inference_context(config):
     ref_rows = None
-    for name, fields in _decoders(strides, block):
+    for name, fields, all_tokens in decoders(strides, token_shift, is_gated(model), block_size):
       t0 = time.perf_counter()
       try:
-        rows, wall = run_decoder(model, params, tok, config, prompts, fields, max_new, max_len)
+        rows, wall = run_decoder(ungated(model) if all_tokens else model, params, tok,
+                                 config, prompts, fields, max_new, max_len, block_size)
       except (NotImplementedError, ValueError) as e:  # One decoder never stops the table.
         print(f"{name}: not run ({e})", file=sys.stderr)
         results.append({"decoder": name, "error": str(e)})

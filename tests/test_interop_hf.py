@@ -227,6 +227,17 @@ def test_unsupported_architecture_names_it_and_the_supported_list(llama_folder):
     hf.read_overrides(llama_folder)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"moe.num_experts": 4, "qk_norm": False}, "qwen3_moe always normalizes q and k"),
+    ({"qk_norm": True, "qkv_bias": True, "_model_type": "qwen2"}, "qk_norm has no qwen2"),
+    ({"moe.num_experts": 4, "moe.shared_expert_dim": 8, "qk_norm": False},
+     "needs moe.shared_expert_gate"),
+])
+def test_export_refuses_a_model_hugging_face_would_compute_differently(overrides, match):
+  with pytest.raises(architectures.UnsupportedArchitectureError, match=match):
+    architectures.hf_config(overrides)
+
+
 @pytest.fixture
 def count_reads(monkeypatch):
   reads = []

@@ -117,6 +117,12 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
   if model_type == "qwen2_moe" and o.get("moe.shared_expert_dim") and not o.get(
       "moe.shared_expert_gate"):
     raise UnsupportedArchitectureError("qwen2_moe's shared expert needs moe.shared_expert_gate")
+  if model_type in ("qwen3", "qwen3_moe") and not o.get("qk_norm"):
+    # Transformers always applies Qwen3's q/k RMSNorm: a model without it would load with
+    # unit norms and compute something else.
+    raise UnsupportedArchitectureError(
+        f"{model_type} always normalizes q and k; this model has qk_norm=False (a token-"
+        "routed MoE without qk_norm has no Hugging Face equivalent)")
   if o.get("qk_norm") and model_type not in ("qwen3", "qwen3_moe"):
     raise UnsupportedArchitectureError(f"qk_norm has no {model_type} equivalent")
   if o.get("qkv_bias") and model_type not in ("qwen2", "qwen2_moe"):
