@@ -154,7 +154,7 @@ def main():
   for r in results:
     if "tokens_per_s" in r:
       r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"]
-  meta = {"config": args.config, "workdir": args.workdir, "prompts": len(prompts),
+  meta = {"config": os.path.relpath(args.config), "workdir": os.path.relpath(args.workdir), "prompts": len(prompts),
           "max_new_tokens": max_new, "batch": 1, "jax": jax.__version__,
           "device": jax.devices()[0].device_kind, "machine": platform.machine(),
           "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
