@@ -7,7 +7,8 @@ run) and each concurrency level sends a bounded number of streaming requests
 (``--requests`` per level) from that many client threads. Measured per level:
 generated tokens/s (completion tokens of all requests / wall time of the level), p50 /
 p99 request latency and p50 time to first content chunk (for block diffusion the first
-committed block; for AR the whole completion, which it sends in one chunk).
+committed block; for AR the first token). The engine batches continuously: a request
+joins the running batch at the next forward.
 
   python experiments/serve_load.py --quick                 # tiny model, CPU, ~1 minute
   python experiments/serve_load.py --concurrency=1,4,16,64 --requests=128
@@ -112,6 +113,8 @@ def main():
   p.add_argument("--requests", type=int, default=64, help="requests per level")
   p.add_argument("--max_tokens", type=int, default=32)
   p.add_argument("--slots", type=int, default=16)
+  p.add_argument("--forwards_per_call", default="1,8",
+                 help="engine settings compared: forwards per host round trip")
   p.add_argument("--decoders", default="ar,threshold")
   p.add_argument("--threshold", type=float, default=0.9)
   p.add_argument("--workdir", default="")
@@ -122,58 +125,62 @@ def main():
     args.concurrency, args.requests, args.max_tokens, args.slots = "1,4,16", 16, 24, 4
   levels = [int(x) for x in args.concurrency.split(",")]
   model, tok, params, block, max_len = _model(args)
-  eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
-                          queue_size=max(levels) * 2)
-  srv = server_lib.Server(eng, "bench")
-  compile_s = {}
-  for dec in args.decoders.split(","):
-    parsed = protocol.parse_request(
-        {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
-        "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults())
-    compile_s[dec] = eng.warmup([(parsed.options, parsed.ar)])
-  eng.start()
-  run = _Running(srv)
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="x",
-                         max_retries=0, timeout=None)
-  rows = []
-  try:
+  compile_s, rows = {}, []
+  for fpc in [int(x) for x in args.forwards_per_call.split(",")]:
+    eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
+                            queue_size=max(levels) * 2, forwards_per_call=fpc)
+    srv = server_lib.Server(eng, "bench")
     for dec in args.decoders.split(","):
-      extra = {"policy": dec, "threshold": args.threshold}
-      for conc in levels:
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(conc) as pool:
-          res = list(pool.map(lambda i: _one(client, "bench", PROMPTS[i % len(PROMPTS)],
-                                             args.max_tokens, extra), range(args.requests)))
-        wall = time.perf_counter() - t0
-        toks = sum(r["completion_tokens"] for r in res)
-        lat = [r["latency_s"] for r in res]
-        row = {"decoder": dec, "concurrency": conc, "requests": len(res),
-               "tokens_per_s": toks / wall, "p50_latency_s": _pct(lat, 0.5),
-               "p99_latency_s": _pct(lat, 0.99),
-               "p50_first_chunk_s": _pct([r["ttfb_s"] for r in res], 0.5),
-               "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
-        rows.append(row)
-        print(f"{dec:>10} c={conc:<3} {row['tokens_per_s']:8.1f} tok/s  p50 "
-              f"{row['p50_latency_s']:.3f}s  p99 {row['p99_latency_s']:.3f}s  first chunk "
-              f"{row['p50_first_chunk_s']:.3f}s", flush=True)
-  finally:
-    run.stop()
+      parsed = protocol.parse_request(
+          {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
+          "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults())
+      compile_s[f"{dec} k={fpc}"] = eng.warmup([(parsed.options, parsed.ar)])
+    eng.start()
+    run = _Running(srv)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="x",
+                           max_retries=0, timeout=None)
+    try:
+      for dec in args.decoders.split(","):
+        extra = {"policy": dec, "threshold": args.threshold}
+        for conc in levels:
+          t0 = time.perf_counter()
+          with concurrent.futures.ThreadPoolExecutor(conc) as pool:
+            res = list(pool.map(lambda i: _one(client, "bench", PROMPTS[i % len(PROMPTS)],
+                                               args.max_tokens, extra),
+                                range(args.requests)))
+          wall = time.perf_counter() - t0
+          toks = sum(r["completion_tokens"] for r in res)
+          lat = [r["latency_s"] for r in res]
+          row = {"decoder": dec, "forwards_per_call": fpc, "concurrency": conc,
+                 "requests": len(res), "tokens_per_s": toks / wall,
+                 "p50_latency_s": _pct(lat, 0.5), "p99_latency_s": _pct(lat, 0.99),
+                 "p50_first_chunk_s": _pct([r["ttfb_s"] for r in res], 0.5),
+                 "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
+          rows.append(row)
+          print(f"{dec:>10} k={fpc} c={conc:<3} {row['tokens_per_s']:8.1f} tok/s  p50 "
+                f"{row['p50_latency_s']:.3f}s  p99 {row['p99_latency_s']:.3f}s  first chunk "
+                f"{row['p50_first_chunk_s']:.3f}s", flush=True)
+    finally:
+      run.stop()
   import jax  # pylint: disable=g-import-not-at-top
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "device": str(jax.devices()[0].device_kind), "slots": args.slots,
           "max_tokens": args.max_tokens, "threshold": args.threshold,
           "model": args.workdir or "tiny random (d_model 32)", "compile_s": compile_s,
-          "engine": "round batching (a round = one decode call of up to `slots` requests)"}
+          "engine": "continuous batching (a request joins at the next forward with k=1, "
+                    "within k forwards otherwise)"}
   RESULTS.mkdir(exist_ok=True)
   stem = RESULTS / f"serve_load{('_' + args.tag) if args.tag else ''}"
   stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
   lines = [f"# Serving load ({meta['model']}, {meta['device']}, {args.slots} slots, "
            f"max_tokens {args.max_tokens})", "",
            f"Compile time at start-up (s): {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}",
-           "", "| decoder | concurrency | tokens/s | p50 latency (s) | p99 latency (s) | "
-           "p50 first chunk (s) | mean NFE |", "|---|---|---|---|---|---|---|"]
+           "", "k = forwards per host round trip (1: a request joins at the next forward).",
+           "", "| decoder | k | concurrency | tokens/s | p50 latency (s) | p99 latency (s) | "
+           "p50 first chunk (s) | mean NFE |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['decoder']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+    lines.append(f"| {r['decoder']} | {r['forwards_per_call']} | {r['concurrency']} | "
+                 f"{r['tokens_per_s']:.1f} | "
                  f"{r['p50_latency_s']:.3f} | {r['p99_latency_s']:.3f} | "
                  f"{r['p50_first_chunk_s']:.3f} | {r['mean_nfe']:.1f} |")
   stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -182,14 +189,15 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for dec in args.decoders.split(","):
-      rs = [r for r in rows if r["decoder"] == dec]
+    for dec, fpc in sorted({(r["decoder"], r["forwards_per_call"]) for r in rows}):
+      rs = [r for r in rows if r["decoder"] == dec and r["forwards_per_call"] == fpc]
+      name = f"{dec} k={fpc}"
       axes[0].plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], "o-",
-                   label=dec)
+                   label=name)
       axes[1].plot([r["concurrency"] for r in rs], [r["p50_latency_s"] for r in rs], "o-",
-                   label=f"{dec} p50")
+                   label=f"{name} p50")
       axes[1].plot([r["concurrency"] for r in rs], [r["p99_latency_s"] for r in rs], "x--",
-                   label=f"{dec} p99")
+                   label=f"{name} p99")
     for ax, title in zip(axes, ("generated tokens/s", "latency (s)")):
       ax.set_xscale("log", base=2)
       ax.set_xlabel("concurrent clients")

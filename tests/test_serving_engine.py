@@ -1,5 +1,8 @@
-"""The serving engine: batched rounds equal each request decoded alone; queue limits."""
+"""The serving engine: continuous batching equals each request decoded alone; queue limits."""
 
+import threading
+
+import jax
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
 from blockdiff_jax.serving import engine as engine_lib
+from blockdiff_jax.serving import pool as pool_lib
 
 MAX_LEN = 64
 BLOCK = 8
@@ -42,11 +46,12 @@ def _alone(model, params, tok, prompt, max_tokens, options, ar):
 
 
 @pytest.mark.parametrize("ar", [False, True])
-@pytest.mark.parametrize("slots", [2, 4])
-def test_batched_rounds_equal_alone(tiny, ar, slots):
+@pytest.mark.parametrize("slots,forwards_per_call", [(2, 1), (4, 1), (3, 4)])
+def test_batched_equal_alone(tiny, ar, slots, forwards_per_call):
   model, tok, params = tiny
   opts = _options(tok)
-  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=slots).start()
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=slots,
+                          forwards_per_call=forwards_per_call).start()
   streamed = {i: [] for i in range(len(PROMPTS))}
   futures = []
   for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
@@ -54,7 +59,7 @@ def test_batched_rounds_equal_alone(tiny, ar, slots):
     futures.append(eng.submit(req, on_tokens=streamed[i].extend))
   results = [f.result() for f in futures]
   eng.shutdown()
-  assert eng.rounds >= -(-len(PROMPTS) // slots)
+  assert eng.admitted == len(PROMPTS)
   for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
     ref = _alone(model, params, tok, p, n, opts, ar)
     got = results[i]
@@ -88,7 +93,7 @@ def test_queue_full_and_shutdown(tiny):
   f2.cancel()  # A client that left: its request is skipped, never decoded.
   eng.start()
   eng.shutdown(drain=True)  # Drains what was queued.
-  assert f1.result().nfe >= 1 and f2.cancelled() and eng.rounds == 1
+  assert f1.result().nfe >= 1 and f2.cancelled() and eng.admitted == 1
   with pytest.raises(engine_lib.ShuttingDown):
     eng.submit(req)
 
@@ -109,27 +114,148 @@ def test_failing_request_does_not_disturb_others(tiny):
   assert list(f_bad.result().token_ids) == list(f_good.result().token_ids)
 
 
-def _compiles(cache):
-  """Compiled programs held by a decoder's jit cache (entries x traced shapes)."""
-  return sum(fn._cache_size() for fn in list(cache._items.values()))  # pylint: disable=protected-access
+class _CountCompiles:
+  """Counts XLA backend compilations while active (jax.monitoring duration events)."""
+
+  count, active = 0, False
+
+  def __init__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kw):
+    del duration, kw
+    if self.active and event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+_COMPILES = _CountCompiles()
 
 
 @pytest.mark.parametrize("ar", [False, True])
 def test_no_recompile_across_requests(tiny, ar):
-  from blockdiff_jax.sampling import ar as ar_lib  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
   model, tok, params = tiny
-  cache = ar_lib.JIT_CACHE if ar else decoder.JIT_CACHE
   opts = _options(tok, policy=policies.Threshold(0.3))
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2)
-  eng.warmup([(opts, ar)])
-  before = _compiles(cache)
-  eng.start()
-  # Varied prompt lengths, max_tokens, batch fill and streaming: no new program.
-  futures = [eng.submit(engine_lib.Request(layout.parse(tok, p).ids, n, opts, ar=ar),
-                        on_tokens=(lambda ids: None) if i % 2 else None)
-             for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
-  [f.result() for f in futures]
-  eng.submit(engine_lib.Request(layout.parse(tok, PROMPTS[1]).ids, 3, opts, ar=ar)).result()
+  _COMPILES.active, _COMPILES.count = True, 0
+  try:
+    compile_s = eng.warmup([(opts, ar)])
+    warm = _COMPILES.count
+    eng.start()
+    # Varied prompt lengths, max_tokens, batch fill and streaming: no new program.
+    futures = [eng.submit(engine_lib.Request(layout.parse(tok, p).ids, n, opts, ar=ar),
+                          on_tokens=(lambda ids: None) if i % 2 else None)
+               for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    [f.result() for f in futures]
+    eng.submit(engine_lib.Request(layout.parse(tok, PROMPTS[1]).ids, 3, opts, ar=ar)
+               ).result()
+    eng.shutdown()
+  finally:
+    _COMPILES.active = False
+  assert compile_s > 0 and warm >= 3  # admit (per prefill bucket), advance, retire.
+  assert _COMPILES.count == warm
+
+
+def _shifted(tok, **kw):
+  """Options of a token-shifted model (the tiny random model read as a causal LM)."""
+  return _options(tok, token_shift=True, **kw)
+
+
+def _alone_decoder(model, params, tok, prompt, max_tokens, options, kind, stride, seed=0):
+  """The reference for any decoder: the request alone, by the batch decoders, key per row."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import ar as ar_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import isd  # pylint: disable=g-import-not-at-top
+  ids = layout.parse(tok, prompt).ids
+  canvas = layout.generation_canvas([ids], max_tokens, BLOCK, tok.mask_id, MAX_LEN)
+  rng = jax.random.key(seed)[None]  # One key per row, as the pool draws.
+  if kind == "isd":
+    out = isd.decode_isd(model, params, canvas, options, stride, rng)
+  elif kind == "ar":
+    out = ar_lib.decode_ar(model, params, canvas, options, rng)
+  else:
+    out = decoder.decode(model, params, canvas, options, rng)
+  gen = out["tokens"][0, len(ids):len(ids) + max_tokens]
+  hits = np.flatnonzero(gen == tok.eos_id)
+  return [int(t) for t in gen[:hits[0] if hits.size else len(gen)]], int(out["nfe"][0])
+
+
+SETUPS = [("block", 0, {}), ("block", 0, {"sub_block_size": 4}), ("ar", 0, {}),
+          ("isd", 2, {}), ("isd", 4, {})]
+
+
+@pytest.mark.parametrize("kind,stride,kw", SETUPS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_staggered_arrivals_equal_alone(tiny, kind, stride, kw, temperature):
+  """Requests join a running batch at arbitrary forwards; each answer equals it alone."""
+  model, tok, params = tiny
+  sampling = policies.Sampling(temperature)
+  opts = (_shifted(tok, sampling=sampling, **kw) if kind == "isd"
+          else _options(tok, sampling=sampling, **kw))
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2).start()
+  prompts = PROMPTS + ("<|bos|>sort: 9 8 7 6 5 4<|sep|>",)
+  max_tokens = MAX_TOKENS + (24,)
+  futures, seen = [], []
+  for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+    if i:  # Arrive once the batch has run a few forwards (not at a round boundary).
+      target = eng.forwards + 1 + i % 3
+      for _ in range(100000):  # Bounded: the batch runs while earlier requests decode.
+        if eng.forwards >= target or all(f.done() for f in futures):
+          break
+        threading.Event().wait(0.001)
+    seen.append(eng.running)
+    req = engine_lib.Request(layout.parse(tok, p).ids, n, opts, ar=kind == "ar", seed=7 + i,
+                             isd_stride=stride)
+    futures.append(eng.submit(req))
+  results = [f.result() for f in futures]
   eng.shutdown()
-  assert _compiles(cache) == before
+  assert max(seen) >= 1  # Some request arrived while others were decoding.
+  for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+    ref, nfe = _alone_decoder(model, params, tok, p, n, opts, kind, stride, seed=7 + i)
+    assert [int(t) for t in results[i].token_ids] == ref, (i, p)
+    assert results[i].nfe == nfe
+
+
+def test_cancel_mid_decode_frees_the_slot(tiny):
+  """A request cancelled while decoding (a client gone) leaves its slot at the next forward."""
+  model, tok, params = tiny
+  opts = _options(tok, policy=policies.Threshold(1.0))  # One token per forward: slow.
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1).start()
+  started = threading.Event()
+  long = eng.submit(engine_lib.Request(layout.parse(tok, PROMPTS[0]).ids, 40, opts),
+                    on_tokens=lambda ids: started.set())
+  assert started.wait(600)  # Its first block is out: it holds the only slot.
+  assert eng.running == 1 and long.cancel()
+  # The next request takes the freed slot and finishes; the cancelled one never does.
+  short = eng.submit(engine_lib.Request(layout.parse(tok, PROMPTS[1]).ids, 3, opts))
+  assert short.result().nfe >= 1 and long.cancelled()
+  eng.shutdown()
+  assert eng.running == 0
+
+
+def test_failing_forward_fails_only_its_culprit(tiny, monkeypatch):
+  """A forward that raises while a poisoned request is in the batch: it reruns each request
+  alone, so the others finish with their own answers and only the culprit fails."""
+  model, tok, params = tiny
+  opts = _options(tok)
+  poison = layout.parse(tok, "<|bos|>xyz").ids
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=3)
+  real = pool_lib.SlotPool.advance
+
+  def advance(pool):
+    rows = eng._rows[pool.decoder]  # pylint: disable=protected-access
+    if any(np.array_equal(p.request.prompt_ids, poison) for p in rows.values()):
+      raise RuntimeError("device error")
+    return real(pool)
+  monkeypatch.setattr(pool_lib.SlotPool, "advance", advance)
+  prompts = [PROMPTS[0], "<|bos|>xyz", PROMPTS[1]]
+  futures = [eng.submit(engine_lib.Request(layout.parse(tok, p).ids, 8, opts))
+             for p in prompts]
+  eng.start()
+  eng.shutdown()
+  with pytest.raises(RuntimeError, match="device error"):
+    futures[1].result()
+  for i in (0, 2):
+    ref = _alone(model, params, tok, prompts[i], 8, opts, False)
+    assert [int(t) for t in futures[i].result().token_ids] == ref["tokens"][
+        :len(futures[i].result().token_ids)]

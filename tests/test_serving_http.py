@@ -16,6 +16,7 @@ from aiohttp import web
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import build
 from blockdiff_jax.serving import engine as engine_lib
+from blockdiff_jax.serving import pool as pool_lib
 from blockdiff_jax.serving import protocol
 from blockdiff_jax.serving import server as server_lib
 
@@ -108,8 +109,8 @@ def test_completion_stream_equals_non_stream(running, policy):
   text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
   assert text == full.choices[0].text
   assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
-  if policy != "ar" and len(full.choices[0].text) > BLOCK:
-    # Block diffusion streams block by block: more than one content chunk.
+  if len(full.choices[0].text) > BLOCK:
+    # Tokens go out as they are final (block by block, or token by token for AR).
     assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) > 1
 
 
@@ -170,6 +171,9 @@ def test_concurrent_greedy_equal_alone(running, policy):
     (json.dumps({"model": MODEL, "prompt": "<|bos|>a", "sub_block_size": 3}).encode(), 400,
      "sub_block_size"),
     (json.dumps({"model": MODEL, "prompt": "<|bos|>a<|nosuch|>"}).encode(), 400, "prompt"),
+    # ISD needs a token-shifted model; this one is not.
+    (json.dumps({"model": MODEL, "prompt": "<|bos|>a", "policy": "isd"}).encode(), 400,
+     "policy"),
 ])
 def test_bad_requests_get_4xx_and_server_keeps_serving(running, body, status, param):
   code, err, _ = _post(running, "/v1/completions", body)
@@ -243,7 +247,7 @@ def test_time_limit_is_504_and_disconnect_frees_the_queue():
   finally:
     eng.start()
     r.stop()
-  assert eng.rounds == 0  # Nothing that left was decoded.
+  assert eng.admitted == 0  # Nothing that left was decoded.
 
 
 def test_shutdown_drains_requests_in_flight():
@@ -263,4 +267,62 @@ def test_shutdown_drains_requests_in_flight():
     answers = [f.result() for f in futures]
   assert [a[0] for a in answers] == [200] * 3
   assert len({a[1]["choices"][0]["text"] for a in answers}) == 1
-  assert eng.rounds == 3
+  assert eng.admitted == 3
+
+
+def test_disconnect_mid_stream_frees_the_slot(monkeypatch):
+  model, tok, params = _tiny()
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=8)
+  real = pool_lib.SlotPool.advance
+
+  def slow_advance(pool):  # Slow forwards: the stream outlives the client by far.
+    threading.Event().wait(0.02)
+    return real(pool)
+  monkeypatch.setattr(pool_lib.SlotPool, "advance", slow_advance)
+  r = _Running(server_lib.Server(eng.start(), MODEL))
+  try:
+    body = json.dumps({"model": MODEL, "prompt": "<|bos|>a", "max_tokens": MAX_LEN - 2,
+                       "stream": True, "policy": "threshold", "threshold": 1.0}).encode()
+    sock = socket.create_connection(("127.0.0.1", r.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"data: {" not in got:  # The first streamed chunk: the request holds the slot.
+      got += sock.recv(4096)
+    assert eng.running == 1
+    sock.close()
+    for _ in range(100000):  # Bounded: until the server saw the disconnect.
+      if eng.running == 0:
+        break
+      threading.Event().wait(0.01)
+    assert eng.running == 0 and eng.retired == 1  # Freed mid-decode, not finished.
+    ok = _client(r).completions.create(model=MODEL, prompt="<|bos|>a", max_tokens=4,
+                                       extra_body=EXTRA)
+    assert ok.usage.completion_tokens <= 4  # The freed slot serves the next request.
+  finally:
+    r.stop()
+
+
+def test_isd_over_http_equals_ar():
+  """A token-shifted model served by ISD (policy isd): the same text as AR, fewer forwards
+  never more than AR's."""
+  model, tok, params = _tiny()
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2).start()
+  r = _Running(server_lib.Server(eng, MODEL, protocol.Defaults(max_tokens=12),
+                                 token_shift=True))
+  try:
+    c = _client(r)
+    kw = dict(model=MODEL, prompt="<|bos|>sort: 3 1 2<|sep|>", max_tokens=20, temperature=0)
+    ar = c.completions.create(extra_body={"policy": "ar"}, **kw)
+    for stride in (2, 4):
+      isd = c.completions.create(extra_body={"policy": "isd", "isd_stride": stride}, **kw)
+      assert isd.choices[0].text == ar.choices[0].text
+      assert isd.usage.model_dump()["nfe"] <= ar.usage.model_dump()["nfe"]
+      chunks = list(c.completions.create(
+          stream=True, extra_body={"policy": "isd", "isd_stride": stride}, **kw))
+      assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ar.choices[0].text
+    code, err, _ = _post(r, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "<|bos|>a", "policy": "isd", "isd_stride": 1}).encode())
+    assert code == 400 and err["error"]["param"] == "isd_stride"
+  finally:
+    r.stop()

@@ -27,6 +27,7 @@ import numpy as np
 
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
@@ -39,24 +40,33 @@ JIT_CACHE = jit_cache.JitCache(maxsize=8)
 
 @flax.struct.dataclass
 class ARState:
-  """The AR loop state.
+  """The AR loop state (per row unless noted).
 
   Attributes:
-    q: () tokens generated so far by the slowest row (the next position is
-      ``prompt_len + q``).
     tokens: [B, S] the canvas.
+    prompt_len: [B] prompt tokens of each row.
+    length: [B] slots < length exist.
     cache: committed K/V.
     done: [B] rows that stopped.
     nfe: [B] forwards while the row was active.
     forwards: () forwards of the batch (the prefill included).
+    rng: sampling key, or [B] keys (one per row; see ``keys``).
   """
 
-  q: Array
   tokens: Array
+  prompt_len: Array
+  length: Array
   cache: kv_cache.KVCache
   done: Array
   nfe: Array
   forwards: Array
+  rng: Array
+
+  @property
+  def final(self) -> Array:
+    """[B] slots < final hold final tokens (prompt and generated)."""
+    return jnp.where(self.done, self.length,
+                     jnp.minimum(self.prompt_len + self.nfe, self.length))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,21 +120,39 @@ def _block_ids(pos, prompt_len, block_size, token_shift):
 
 def _decode_ar(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt_len,
                length, rng):
+  st = init(logits_fn, opt, pmax, params, tokens, prompt_len, length, rng)
+  out = jax.lax.while_loop(lambda st: jnp.any(~st.done),
+                           lambda st: step(logits_fn, opt, params, st), st)
+  return {"tokens": out.tokens, "nfe": out.nfe, "forwards": out.forwards}
+
+
+def _meta(opt: layout.DecodeOptions, pos, prompt_len, stream, valid):
+  m = masks.make_meta(pos, opt.block_size, stream, jnp.where(valid, 0, -1))
+  return dataclasses.replace(m, block_ids=_block_ids(pos, prompt_len, opt.block_size,
+                                                     opt.token_shift))
+
+
+def _pick(opt: layout.DecodeOptions, logits, key):
+  logits = logits.at[..., opt.mask_id].set(_NEG)
+  return keys.per_row(lambda k, lg: opt.sampling.propose(lg, k)[0], key, logits)
+
+
+def init(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt_len,
+         length, rng) -> ARState:
+  """The prefill forward: caches the prompts and writes each row's first token.
+
+  Args:
+    logits_fn, params: the model (see ``logits``).
+    opt: decoding options.
+    pmax: static prefill width (>= every prompt length).
+    tokens: [B, S] canvas; prompt_len, length: [B].
+    rng: sampling key.
+  """
   b, s = tokens.shape
   bk = opt.block_size
   slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-
-  def meta(pos, stream, valid):
-    m = masks.make_meta(pos, bk, stream, jnp.where(valid, 0, -1))
-    return dataclasses.replace(m, block_ids=_block_ids(pos, prompt_len, bk, opt.token_shift))
-
-  def pick(logits, key):
-    logits = logits.at[..., opt.mask_id].set(_NEG)
-    toks, _, _ = opt.sampling.propose(logits, key)
-    return toks
-
   ppos = slot[:, :pmax]
-  pmeta = meta(ppos, masks.CLEAN, ppos < prompt_len[:, None])
+  pmeta = _meta(opt, ppos, prompt_len, masks.CLEAN, ppos < prompt_len[:, None])
   if opt.token_shift:
     # Prefill: the prompt; the logits of each row's last prompt token predict its first.
     # Slots past a row's prompt are hidden; id 0 keeps them finite for a model that has
@@ -134,41 +162,44 @@ def _decode_ar(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, 
     logits = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)
   else:
     # Prefill: the prompt (clean) and the MASK of the first new position (noisy).
-    m = pmeta.concat(meta(prompt_len[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
+    m = pmeta.concat(_meta(opt, prompt_len[:, None], prompt_len, masks.NOISY,
+                           jnp.ones((b, 1), bool)))
     inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
     logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
   cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk,
                                  block_ids=_block_ids(slot, prompt_len, bk, opt.token_shift))
   cache = cache.prefill(k[:, :, :pmax], v[:, :, :pmax], ppos < prompt_len[:, None])
-  first = pick(logits[:, 0], jax.random.fold_in(rng, 0))
+  first = _pick(opt, logits[:, 0], keys.step_key(rng, 0, jnp.zeros((b,), jnp.int32)))
   tokens = jax.vmap(lambda row, t, q: row.at[q].set(t))(tokens, first, prompt_len)
   done = (first == opt.eos_id) if opt.stop_at_eos else jnp.zeros((b,), bool)
   done = done | (prompt_len + 1 >= length)
+  return ARState(tokens=tokens, prompt_len=prompt_len, length=length, cache=cache,
+                 done=done, nfe=jnp.ones((b,), jnp.int32), forwards=jnp.int32(1), rng=rng)
 
-  def body(st: ARState) -> ARState:
-    # Row-wise next position: prompt_len + q, i.e. q tokens generated so far.
-    pos = jnp.minimum(prompt_len + st.q, length - 1)  # Finished rows idle in bounds.
-    last = jnp.take_along_axis(st.tokens, (pos - 1)[:, None], axis=1)
-    m = meta((pos - 1)[:, None], masks.CLEAN, jnp.ones((b, 1), bool))
-    if opt.token_shift:  # [q-1]: its logits predict q.
-      inp, head = last, (0, 1)
-    else:  # [q-1 ; MASK at q]: the MASK's logits predict q.
-      m = m.concat(meta(pos[:, None], masks.NOISY, jnp.ones((b, 1), bool)))
-      inp = jnp.concatenate([last, jnp.full((b, 1), opt.mask_id, jnp.int32)], axis=1)
-      head = (1, 1)
-    logits, (k, v), _ = logits_fn(params, inp, m, st.cache.attention_view(), head)
-    cache = st.cache.commit(k[:, :, :1], v[:, :, :1], pos - 1, jnp.ones((b,), bool))
-    tok = pick(logits[:, 0], jax.random.fold_in(rng, st.q))
-    active = ~st.done
-    new_tokens = jax.vmap(lambda row, t, p: row.at[p].set(t))(st.tokens, tok, pos)
-    ended = pos + 1 >= length
-    if opt.stop_at_eos:
-      ended = ended | (tok == opt.eos_id)
-    return ARState(q=st.q + 1, tokens=jnp.where(active[:, None], new_tokens, st.tokens),
-                   cache=cache, done=st.done | (active & ended),
-                   nfe=st.nfe + active.astype(jnp.int32), forwards=st.forwards + 1)
 
-  init = ARState(q=jnp.int32(1), tokens=tokens, cache=cache, done=done,
-                 nfe=jnp.ones((b,), jnp.int32), forwards=jnp.int32(1))
-  out = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, init)
-  return {"tokens": out.tokens, "nfe": out.nfe, "forwards": out.forwards}
+def step(logits_fn, opt: layout.DecodeOptions, params, st: ARState) -> ARState:
+  """One forward: every running row commits its last token and writes the next one."""
+  b = st.tokens.shape[0]
+  # Row-wise next position: prompt_len + q, i.e. q tokens generated so far (a running
+  # row's nfe; rows may have started at different forwards).
+  pos = jnp.minimum(st.prompt_len + st.nfe, st.length - 1)  # Finished rows idle.
+  last = jnp.take_along_axis(st.tokens, (pos - 1)[:, None], axis=1)
+  m = _meta(opt, (pos - 1)[:, None], st.prompt_len, masks.CLEAN, jnp.ones((b, 1), bool))
+  if opt.token_shift:  # [q-1]: its logits predict q.
+    inp, head = last, (0, 1)
+  else:  # [q-1 ; MASK at q]: the MASK's logits predict q.
+    m = m.concat(_meta(opt, pos[:, None], st.prompt_len, masks.NOISY,
+                       jnp.ones((b, 1), bool)))
+    inp = jnp.concatenate([last, jnp.full((b, 1), opt.mask_id, jnp.int32)], axis=1)
+    head = (1, 1)
+  logits, (k, v), _ = logits_fn(params, inp, m, st.cache.attention_view(), head)
+  cache = st.cache.commit(k[:, :, :1], v[:, :, :1], pos - 1, jnp.ones((b,), bool))
+  tok = _pick(opt, logits[:, 0], keys.step_key(st.rng, st.forwards, st.nfe))
+  active = ~st.done
+  new_tokens = jax.vmap(lambda row, t, p: row.at[p].set(t))(st.tokens, tok, pos)
+  ended = pos + 1 >= st.length
+  if opt.stop_at_eos:
+    ended = ended | (tok == opt.eos_id)
+  return st.replace(tokens=jnp.where(active[:, None], new_tokens, st.tokens), cache=cache,
+                    done=st.done | (active & ended), nfe=st.nfe + active.astype(jnp.int32),
+                    forwards=st.forwards + 1)

@@ -43,6 +43,7 @@ import numpy as np
 
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
@@ -70,6 +71,8 @@ class ISDState:
     accepted: [B] drafts accepted in total.
     forwards: () forwards of the batch (the prefill included).
     step: () loop iterations (folds the PRNG key).
+    length: [B] slots < length exist.
+    rng: sampling key, or [B] keys (one per row; see ``keys``).
   """
 
   tokens: Array
@@ -83,6 +86,13 @@ class ISDState:
   accepted: Array
   forwards: Array
   step: Array
+  length: Array
+  rng: Array
+
+  @property
+  def final(self) -> Array:
+    """[B] slots < final hold final tokens (prompt and emitted)."""
+    return jnp.where(self.done, self.length, jnp.minimum(self.pos + 1, self.length))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +158,8 @@ def _probs(opt: layout.DecodeOptions, logits: Array) -> Array:
 
 def _draw(opt: layout.DecodeOptions, probs: Array, key: Array) -> Array:
   if opt.sampling.temperature > 0:
-    return jax.random.categorical(key, jnp.log(jnp.maximum(probs, 1e-38)), axis=-1).astype(
-        jnp.int32)
+    return keys.per_row(lambda k, p: jax.random.categorical(
+        k, jnp.log(jnp.maximum(p, 1e-38)), axis=-1).astype(jnp.int32), key, probs)
   return jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
 
@@ -160,6 +170,24 @@ def _causal_meta(pos: Array, valid: Array) -> masks.TokenMeta:
 
 def _decode(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens,
             prompt_len, length, rng):
+  st = init(logits_fn, opt, n, pmax, params, tokens, prompt_len, length, rng)
+  out = jax.lax.while_loop(lambda st: jnp.any(~st.done),
+                           lambda st: step(logits_fn, opt, n, params, st), st)
+  return {"tokens": out.tokens, "nfe": out.nfe, "accepted": out.accepted,
+          "forwards": out.forwards}
+
+
+def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens,
+         prompt_len, length, rng) -> ISDState:
+  """The prefill forward: caches the prompts, emits the first tokens, drafts the next.
+
+  Args:
+    logits_fn, params: the model (see ``logits``).
+    opt: decoding options; n: the stride.
+    pmax: static prefill width (>= every prompt length).
+    tokens: [B, W] canvas (with ``2n`` slots of slack); prompt_len, length: [B].
+    rng: sampling key.
+  """
   b, w = tokens.shape
   greedy = opt.sampling.temperature == 0
   slot = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
@@ -177,92 +205,95 @@ def _decode(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tok
   cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, w, 1, block_ids=slot)
   cache = cache.prefill(k, v, ppos < prompt_len[:, None])
   probs = _probs(opt, logits)
-  key0 = jax.random.fold_in(rng, 0)
-  first = _draw(opt, probs[:, 0], jax.random.fold_in(key0, 0))
-  drafts = _draw(opt, probs[:, 1:], jax.random.fold_in(key0, 1))
+  key0 = keys.step_key(rng, 0, jnp.zeros((b,), jnp.int32))
+  first = _draw(opt, probs[:, 0], keys.fold(key0, 0))
+  drafts = _draw(opt, probs[:, 1:], keys.fold(key0, 1))
   tokens = tokens.at[rows, prompt_len].set(first)
   done = (first == opt.eos_id) if opt.stop_at_eos else jnp.zeros((b,), bool)
   done = done | (prompt_len + 1 >= length)
-  init = ISDState(
+  return ISDState(
       tokens=tokens, pos=prompt_len, drafts=drafts,
       draft_probs=probs[:, 1:] if not greedy else jnp.zeros((b, n - 1, 1)),
       warm=jnp.ones((b,), bool), cache=cache, done=done, nfe=jnp.ones((b,), jnp.int32),
-      accepted=jnp.zeros((b,), jnp.int32), forwards=jnp.int32(1), step=jnp.int32(1))
+      accepted=jnp.zeros((b,), jnp.int32), forwards=jnp.int32(1), step=jnp.int32(1),
+      length=length, rng=rng)
 
-  def body(st: ISDState) -> ISDState:
-    key = jax.random.fold_in(rng, st.step)
-    active = ~st.done
-    # Finished rows idle at a position that stays inside the buffer.
-    pos = jnp.where(active, st.pos, jnp.minimum(st.pos, w - 2 * n))
-    spos = pos[:, None] + jnp.arange(2 * n - 1, dtype=jnp.int32)[None]
-    pending = st.tokens[rows, pos]
-    draft_in = jnp.where(st.warm[:, None], st.drafts, opt.mask_id)
-    inp = jnp.concatenate([pending[:, None], draft_in,
-                           jnp.full((b, n - 1), opt.mask_id, jnp.int32)], axis=1)
-    logits, (k, v), _ = logits_fn(params, inp, _causal_meta(spos, jnp.ones_like(spos, bool)),
-                                  st.cache.attention_view(), None)
-    p = _probs(opt, logits)  # p[:, j-1] is the verifier of position pos + j.
 
-    # Verify drafts 1..N-1 left to right.
-    p_draft = jnp.take_along_axis(p[:, :n - 1], st.drafts[:, :, None], axis=-1)[..., 0]
-    if greedy:
-      ok = st.drafts == jnp.argmax(p[:, :n - 1], axis=-1)
-    else:
-      q_draft = jnp.take_along_axis(st.draft_probs, st.drafts[:, :, None], axis=-1)[..., 0]
-      u = jax.random.uniform(jax.random.fold_in(key, 0), (b, n - 1))
-      ok = u * q_draft < p_draft  # u < min(1, p/q), without dividing by a tiny q.
-    ok = ok & st.warm[:, None]
-    a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # Accepted drafts.
+def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> ISDState:
+  """One forward: every running row verifies its drafts, emits, and drafts anew."""
+  b, w = st.tokens.shape
+  greedy = opt.sampling.temperature == 0
+  rows = jnp.arange(b)
+  length = st.length
+  key = keys.step_key(st.rng, st.step, st.nfe)
+  active = ~st.done
+  # Finished rows idle at a position that stays inside the buffer.
+  pos = jnp.where(active, st.pos, jnp.minimum(st.pos, w - 2 * n))
+  spos = pos[:, None] + jnp.arange(2 * n - 1, dtype=jnp.int32)[None]
+  pending = st.tokens[rows, pos]
+  draft_in = jnp.where(st.warm[:, None], st.drafts, opt.mask_id)
+  inp = jnp.concatenate([pending[:, None], draft_in,
+                         jnp.full((b, n - 1), opt.mask_id, jnp.int32)], axis=1)
+  logits, (k, v), _ = logits_fn(params, inp, _causal_meta(spos, jnp.ones_like(spos, bool)),
+                                st.cache.attention_view(), None)
+  p = _probs(opt, logits)  # p[:, j-1] is the verifier of position pos + j.
 
-    # The token after the accepted drafts: p_{a+1}, or the residual after a rejection.
-    p_next = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
-    if not greedy:
-      rejected = st.warm & (a < n - 1)
-      q_next = jnp.take_along_axis(st.draft_probs, jnp.minimum(a, n - 2)[:, None, None],
-                                   axis=1)[:, 0]
-      resid = jnp.maximum(p_next - q_next, 0.0)
-      resid = resid / jnp.maximum(jnp.sum(resid, -1, keepdims=True), 1e-30)
-      p_next = jnp.where(rejected[:, None], resid, p_next)
-    nxt = _draw(opt, p_next, jax.random.fold_in(key, 1))
+  # Verify drafts 1..N-1 left to right.
+  p_draft = jnp.take_along_axis(p[:, :n - 1], st.drafts[:, :, None], axis=-1)[..., 0]
+  if greedy:
+    ok = st.drafts == jnp.argmax(p[:, :n - 1], axis=-1)
+  else:
+    q_draft = jnp.take_along_axis(st.draft_probs, st.drafts[:, :, None], axis=-1)[..., 0]
+    u = keys.uniform(keys.fold(key, 0), (b, n - 1))
+    ok = u * q_draft < p_draft  # u < min(1, p/q), without dividing by a tiny q.
+  ok = ok & st.warm[:, None]
+  a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # Accepted drafts.
 
-    # Emitted tokens e_0..e_a at positions pos+1..pos+a+1, cut after an EOS and at the end.
-    j = jnp.arange(n, dtype=jnp.int32)[None]
-    cand = jnp.concatenate([st.drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
-    emitted = jnp.where(j < a[:, None], cand, nxt[:, None])
-    keep = j <= a[:, None]
-    if opt.stop_at_eos:
-      is_eos = (emitted == opt.eos_id) & keep
-      first_eos = jnp.min(jnp.where(is_eos, j, n), axis=1)
-      keep = keep & (j <= first_eos[:, None])
-    else:
-      first_eos = jnp.full((b,), n, jnp.int32)
-    epos = pos[:, None] + 1 + j
-    keep = keep & (epos < length[:, None]) & active[:, None]
-    tokens = st.tokens.at[rows[:, None], jnp.where(keep, epos, w)].set(emitted, mode="drop")
-    count = jnp.sum(keep, axis=1)  # Tokens written this forward.
+  # The token after the accepted drafts: p_{a+1}, or the residual after a rejection.
+  p_next = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
+  if not greedy:
+    rejected = st.warm & (a < n - 1)
+    q_next = jnp.take_along_axis(st.draft_probs, jnp.minimum(a, n - 2)[:, None, None],
+                                 axis=1)[:, 0]
+    resid = jnp.maximum(p_next - q_next, 0.0)
+    resid = resid / jnp.maximum(jnp.sum(resid, -1, keepdims=True), 1e-30)
+    p_next = jnp.where(rejected[:, None], resid, p_next)
+  nxt = _draw(opt, p_next, keys.fold(key, 1))
 
-    # Commit the pending token and the accepted drafts; nothing else enters the cache.
-    cslot = jnp.arange(w, dtype=jnp.int32)[None]
-    exists = (cslot >= pos[:, None]) & (cslot <= (pos + a)[:, None])
-    cache = st.cache.commit(k[:, :, :n], v[:, :, :n], pos, active, exists)
+  # Emitted tokens e_0..e_a at positions pos+1..pos+a+1, cut after an EOS and at the end.
+  j = jnp.arange(n, dtype=jnp.int32)[None]
+  cand = jnp.concatenate([st.drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  emitted = jnp.where(j < a[:, None], cand, nxt[:, None])
+  keep = j <= a[:, None]
+  if opt.stop_at_eos:
+    is_eos = (emitted == opt.eos_id) & keep
+    first_eos = jnp.min(jnp.where(is_eos, j, n), axis=1)
+    keep = keep & (j <= first_eos[:, None])
+  else:
+    first_eos = jnp.full((b,), n, jnp.int32)
+  epos = pos[:, None] + 1 + j
+  keep = keep & (epos < length[:, None]) & active[:, None]
+  tokens = st.tokens.at[rows[:, None], jnp.where(keep, epos, w)].set(emitted, mode="drop")
+  count = jnp.sum(keep, axis=1)  # Tokens written this forward.
 
-    # Next drafts: cold start -> the draft slots' outputs; all accepted -> the MASK slots'.
-    from_mask = st.warm & (a == n - 1)
-    src = jnp.where(from_mask[:, None], jnp.arange(n, 2 * n - 1)[None],
-                    jnp.arange(1, n)[None])
-    q_new = jnp.take_along_axis(p, src[:, :, None], axis=1)
-    new_drafts = _draw(opt, q_new, jax.random.fold_in(key, 2))
-    ended = (first_eos <= a) | (pos + 1 + a + 1 >= length)
-    return ISDState(
-        tokens=tokens, pos=jnp.where(active, pos + a + 1, st.pos),
-        drafts=jnp.where(active[:, None], new_drafts, st.drafts),
-        draft_probs=(jnp.where(active[:, None, None], q_new, st.draft_probs)
-                     if not greedy else st.draft_probs),
-        warm=jnp.where(active, ~st.warm | from_mask, st.warm), cache=cache,
-        done=st.done | (active & ended), nfe=st.nfe + active.astype(jnp.int32),
-        accepted=st.accepted + jnp.where(active, jnp.maximum(count - 1, 0), 0),
-        forwards=st.forwards + 1, step=st.step + 1)
+  # Commit the pending token and the accepted drafts; nothing else enters the cache.
+  cslot = jnp.arange(w, dtype=jnp.int32)[None]
+  exists = (cslot >= pos[:, None]) & (cslot <= (pos + a)[:, None])
+  cache = st.cache.commit(k[:, :, :n], v[:, :, :n], pos, active, exists)
 
-  out = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, init)
-  return {"tokens": out.tokens, "nfe": out.nfe, "accepted": out.accepted,
-          "forwards": out.forwards}
+  # Next drafts: cold start -> the draft slots' outputs; all accepted -> the MASK slots'.
+  from_mask = st.warm & (a == n - 1)
+  src = jnp.where(from_mask[:, None], jnp.arange(n, 2 * n - 1)[None],
+                  jnp.arange(1, n)[None])
+  q_new = jnp.take_along_axis(p, src[:, :, None], axis=1)
+  new_drafts = _draw(opt, q_new, keys.fold(key, 2))
+  ended = (first_eos <= a) | (pos + 1 + a + 1 >= length)
+  return st.replace(
+      tokens=tokens, pos=jnp.where(active, pos + a + 1, st.pos),
+      drafts=jnp.where(active[:, None], new_drafts, st.drafts),
+      draft_probs=(jnp.where(active[:, None, None], q_new, st.draft_probs)
+                   if not greedy else st.draft_probs),
+      warm=jnp.where(active, ~st.warm | from_mask, st.warm), cache=cache,
+      done=st.done | (active & ended), nfe=st.nfe + active.astype(jnp.int32),
+      accepted=st.accepted + jnp.where(active, jnp.maximum(count - 1, 0), 0),
+      forwards=st.forwards + 1, step=st.step + 1)

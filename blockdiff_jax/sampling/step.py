@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax import masks
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import state as state_lib
@@ -80,14 +81,14 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
     x: [B, n] current tokens.
     logits: [B, n, V] their logits.
     region: [B, n] bool, positions the step may fill or edit.
-    rng: sampling key of this step.
+    rng: sampling key of this step (or [B] keys, one per row; see ``keys``).
     step: scalar or [B], steps the (sub-)block already took (the cap's last step fills
       every remaining MASK).
     active: [B] bool, rows that take this step.
   """
   b = x.shape[0]
   logits = logits.at[..., opt.mask_id].set(_NEG)
-  toks, conf, probs = opt.sampling.propose(logits, rng)
+  toks, conf, probs = keys.per_row(lambda k, lg: opt.sampling.propose(lg, k), rng, logits)
   entropy, margin = policies.scores(probs)
   is_mask = x == opt.mask_id
   cand = is_mask & region & active[:, None]
@@ -229,8 +230,8 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   c = st.counters
   forwards = c.forwards + 1
   stepping = active & ~idle
-  sel = select_tokens(opt, x, logits, region, jax.random.fold_in(st.rng, forwards), r.step,
-                      stepping)
+  sel = select_tokens(opt, x, logits, region, keys.step_key(st.rng, forwards, c.nfe),
+                      r.step, stepping)
   new = sel.tokens
   step = r.step + stepping.astype(jnp.int32)
   block_steps = r.block_steps + stepping.astype(jnp.int32)

@@ -1,43 +1,41 @@
-"""The serving engine: a bounded queue and a fixed batch of decoding slots.
+"""The serving engine: a bounded queue feeding pools of decoding slots (continuous batching).
 
-Design (round batching, not per-forward continuous batching). A worker thread takes up to
-``slots`` waiting requests that share the same static decoding options (and, when
-sampling, the same seed), lays each out as one row of a canvas of FIXED width and batch
-size (unused rows are one-token padding rows) and runs one jitted decode call
-(``decoder.decode`` or ``ar.decode_ar``) for the round; when it returns, every request of
-the round is resolved and the next round starts. A request that arrives while a round
-runs waits for the next round (it does not join at the next forward).
+Design. A worker thread owns one ``pool.SlotPool`` per decoding setup in use (decoder
+kind, options and ISD stride: requests with equal setups share a compiled program; at
+most ``max_pools`` setups are live, idle ones are dropped first). Each iteration it
 
-No recompilation per request: the canvas width (the context ``max_len`` rounded up to a
-block), the batch size and the prefill width are fixed, and the block decoder always runs
-with its block callback (streaming or not), so the compiled decoder depends only on the
-decoding options (one compile per distinct options, made at start-up by ``warmup`` for
-the server's defaults; a request with other options compiles once on first use). The AR decoder's prefill width is the longest prompt of the
-batch, so AR batches carry one extra padding row whose prompt has the longest allowed
-length, which pins it.
+1. admits waiting requests, in arrival order, into free slots of their setup's pool (one
+   bucketed prefill each), so a new request starts at the next forward;
+2. runs one forward of every busy pool;
+3. streams each row's newly final tokens (a committed block; an AR or ISD token as soon
+   as it is emitted), and resolves and frees every row that is done, so its slot takes
+   the next request at once.
 
-Batch independence: every row has its own metadata and never attends to another row, so
-a greedy row's tokens do not depend on its batch mates (tests/test_serving_engine.py
-checks it against the request decoded alone). Sampled rows draw from the batch key
-(``seed``), so their draws depend on the row index; requests with different seeds never
-share a round.
+Rows never wait for each other: each slot advances by its own decoder state, and a slot
+computes what the request decoded alone computes (see ``pool``), so a batched answer
+equals the request's answer alone, greedy or sampled with its seed.
+
+A request whose client went away (its future cancelled) or whose time limit passed is
+retired at the next iteration: its slot is free for the next forward. A failing prefill
+fails only its request; a failing forward (a device error) requeues the pool's requests
+to run again one at a time, so a request that breaks it fails alone.
 """
 
 import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
-from blockdiff_jax.sampling import ar as ar_lib
-from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
+from blockdiff_jax.serving import pool as pool_lib
 
 
 class QueueFull(Exception):
@@ -62,7 +60,9 @@ class Request:
     options: static decoding options (policy, sampling, sub-blocks, editing).
     ar: decode autoregressively instead of by blocks.
     seed: sampling seed (only matters when ``options.sampling.temperature > 0``).
-    deadline: ``time.monotonic()`` after which the request is dropped unstarted; None = none.
+    deadline: ``time.monotonic()`` after which the request is dropped (queued or
+      running); None = none.
+    isd_stride: decode by I-DLM's strided decoding with this stride (>= 2); 0 = no.
   """
 
   prompt_ids: np.ndarray
@@ -71,12 +71,13 @@ class Request:
   ar: bool = False
   seed: int = 0
   deadline: float | None = None
+  isd_stride: int = 0
 
   @property
-  def group(self) -> tuple:
-    """Requests with equal groups can share a decode call (same compiled function)."""
-    sampled = self.options.sampling.temperature > 0
-    return (self.options, self.ar, self.seed if sampled else None)
+  def decoder(self) -> pool_lib.Decoder:
+    """The pool this request runs in (equal decoders share compiled programs)."""
+    kind = "isd" if self.isd_stride else "ar" if self.ar else "block"
+    return pool_lib.Decoder(self.options, kind, self.isd_stride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +88,16 @@ class Result:
     token_ids: generated ids, up to and excluding EOS.
     finish_reason: "stop" (EOS) or "length" (max_tokens reached).
     generated_tokens: generated tokens counting the EOS (the TPF numerator).
-    nfe: forwards of the decoder while the row was active.
-    round_s: wall time of the decode call that served it.
+    nfe: forwards of the decoder while the row was active (its prefill included for AR
+      and ISD, which emit a token from it).
+    decode_s: wall time from admission (prefill) to the last forward.
   """
 
   token_ids: np.ndarray
   finish_reason: str
   generated_tokens: int
   nfe: int
-  round_s: float
+  decode_s: float
 
   @property
   def tpf(self) -> float:
@@ -109,36 +111,47 @@ class _Pending:
   on_tokens: Callable[[np.ndarray], None] | None
   sent: int = 0  # Generated tokens already streamed.
   ended: bool = False  # EOS streamed.
+  solo: bool = False  # Runs alone in its pool (a retry after a failed forward).
+  started: float = 0.0  # time.perf_counter() at admission.
 
 
 class Engine:
-  """Fixed-slot batch decoding behind a bounded queue, run by one worker thread.
+  """Continuous batching behind a bounded queue, run by one worker thread.
 
   Usage: ``engine.start()``; ``future = engine.submit(request, on_tokens)``;
   ``future.result()`` is a ``Result``; ``engine.shutdown()`` drains and stops.
+  Cancelling the future (a client that left) frees the request's slot.
   """
 
   def __init__(self, model: Any, params: Any, tokenizer: tokenizers.Tokenizer,
                block_size: int, max_len: int, slots: int = 4, queue_size: int = 64,
-               context: Callable[[], Any] | None = None):
+               context: Callable[[], Any] | None = None, max_pools: int = 4,
+               forwards_per_call: int = 1):
     if slots < 1:
       raise ValueError(f"serve.slots must be >= 1, got {slots}")
     if queue_size < 1:
       raise ValueError(f"serve.queue_size must be >= 1, got {queue_size}")
     if max_len < 2:
       raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if max_pools < 1:
+      raise ValueError(f"max_pools must be >= 1, got {max_pools}")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.block_size, self.max_len = block_size, max_len
-    self.slots, self.queue_size = slots, queue_size
+    self.slots, self.queue_size, self.max_pools = slots, queue_size, max_pools
+    # 1 = a request joins at the very next forward; k > 1 runs up to k forwards per host
+    # round trip (until a row finishes), trading join latency for less dispatch overhead.
+    self.forwards_per_call = forwards_per_call
     self.width = -(-max_len // block_size) * block_size
-    # Largest start block of any row: a prompt of max_len - 1 tokens.
-    self.prefill_width = ((max_len - 1) // block_size) * block_size
     self._queue: collections.deque[_Pending] = collections.deque()
     self._cv = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
-    self._last_round_s = 1.0
-    self.rounds = 0
+    self._pools: dict[pool_lib.Decoder, pool_lib.SlotPool] = {}
+    self._rows: dict[pool_lib.Decoder, dict[int, _Pending]] = {}
+    self._request_s = 1.0  # Running mean of a request's decode time (for Retry-After).
+    self.admitted = 0  # Requests that entered a slot.
+    self.retired = 0  # Requests dropped while decoding (client gone, out of time).
+    self.forwards = 0  # Forwards of all pools.
     # Entered by the worker thread around decoding (e.g. the mesh context, thread-local).
     self._context = context or contextlib.nullcontext
 
@@ -162,21 +175,22 @@ class Engine:
   def submit(self, request: Request,
              on_tokens: Callable[[np.ndarray], None] | None = None
              ) -> concurrent.futures.Future:
-    """Queues a request; ``on_tokens(ids)`` (worker thread) gets each final block's new ids.
+    """Queues a request; ``on_tokens(ids)`` (worker thread) gets its newly final tokens.
 
     Raises:
       QueueFull: ``queue_size`` requests wait already.
       ShuttingDown: after ``shutdown``.
-      ValueError: the request does not fit (see ``check``).
+      ValueError: the request does not fit (see ``check``) or names a bad decoder.
     """
     self.check(request.prompt_ids, request.max_tokens)
+    request.decoder  # pylint: disable=pointless-statement  (validates kind and stride)
     future = concurrent.futures.Future()
     with self._cv:
       if self._stopping:
         raise ShuttingDown("the server is shutting down")
       if len(self._queue) >= self.queue_size:
-        rounds_ahead = len(self._queue) / self.slots
-        raise QueueFull(max(1.0, rounds_ahead * self._last_round_s))
+        waves = len(self._queue) / self.slots
+        raise QueueFull(max(1.0, waves * self._request_s))
       self._queue.append(_Pending(request, future, on_tokens))
       self._cv.notify()
     return future
@@ -184,6 +198,11 @@ class Engine:
   @property
   def queued(self) -> int:
     return len(self._queue)
+
+  @property
+  def running(self) -> int:
+    """Requests holding a slot."""
+    return sum(len(rows) for rows in self._rows.values())
 
   def start(self) -> "Engine":
     self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
@@ -203,117 +222,158 @@ class Engine:
     if self._thread is not None:
       self._thread.join()
 
-  def warmup(self, options_list: list[tuple[layout.DecodeOptions, bool]]) -> float:
-    """Compiles the decoders for these (options, ar) pairs; returns the seconds it took."""
+  def warmup(self, setups: list[tuple]) -> float:
+    """Compiles the pools of these ``(options, ar[, isd_stride])``; returns the seconds."""
     t0 = time.perf_counter()
-    for options, ar in options_list:
-      req = Request(np.array([self.tokenizer.bos_id], np.int32), 1, options, ar)
-      self._decode([_Pending(req, concurrent.futures.Future(), None)])
+    with self._context():
+      for setup in setups:
+        options, ar, stride = (tuple(setup) + (0,))[:3]
+        req = Request(np.zeros((1,), np.int32), 1, options, ar, isd_stride=stride)
+        self._pool(req.decoder).warmup()
     return time.perf_counter() - t0
 
   # --- the worker ---------------------------------------------------------------------------
 
-  def _take_round(self) -> list[_Pending] | None:
-    with self._cv:
-      while not self._queue and not self._stopping:
-        self._cv.wait()
-      if not self._queue:
+  def _pool(self, dec: pool_lib.Decoder) -> pool_lib.SlotPool | None:
+    """The pool of ``dec``, made if needed (dropping an idle one); None if all are busy."""
+    if dec in self._pools:
+      return self._pools[dec]
+    if len(self._pools) >= self.max_pools:
+      idle = [d for d, p in self._pools.items() if not p.busy]
+      if not idle:
         return None
-      group, batch, rest = None, [], collections.deque()
-      now = time.monotonic()
+      del self._pools[idle[0]], self._rows[idle[0]]
+    self._pools[dec] = pool_lib.SlotPool(self.model, self.params, dec, self.slots,
+                                         self.width, self.max_len - 1,
+                                         self.forwards_per_call)
+    self._rows[dec] = {}
+    return self._pools[dec]
+
+  def _take(self) -> list[_Pending] | None:
+    """Waits for work; returns the waiting requests in order ([] = just advance), None = exit."""
+    with self._cv:
+      while not self._queue and not self.running and not self._stopping:
+        self._cv.wait()
+      if not self._queue and not self.running:
+        return None
+      take, now = [], time.monotonic()
       while self._queue:
         p = self._queue.popleft()
         if p.future.cancelled():
-          continue  # The client went away or timed out while it waited.
+          continue  # The client went away while it waited.
         if p.request.deadline is not None and now > p.request.deadline:
           p.future.set_exception(TimeoutError("request timed out in the queue"))
           continue
-        if len(batch) < self.slots and (group is None or p.request.group == group):
-          group = p.request.group
-          batch.append(p)
-        else:
-          rest.append(p)
-      self._queue.extend(rest)
-    return [p for p in batch if p.future.set_running_or_notify_cancel()]
+        take.append(p)
+    return take
 
   def _loop(self) -> None:
     with self._context():
-      self._serve()
+      while True:
+        take = self._take()
+        if take is None:
+          return
+        waiting = [p for p in take if not self._admit(p)]
+        with self._cv:  # Back to the front, in arrival order.
+          self._queue.extendleft(reversed(waiting))
+        for dec in [d for d, rows in self._rows.items() if rows]:
+          self._advance(dec)
 
-  def _serve(self) -> None:
-    while True:
-      batch = self._take_round()
-      if batch is None:
-        return
-      if not batch:
-        continue
-      try:
-        results = self._decode(batch)
-      except Exception:  # pylint: disable=broad-except
-        # Isolate the failure: each request alone, so only the culprit fails.
-        if len(batch) == 1:
-          results = [None]
-          self._fail(batch[0])
-        else:
-          results = []
-          for p in batch:
-            try:
-              results += self._decode([p])
-            except Exception:  # pylint: disable=broad-except
-              results.append(None)
-              self._fail(p)
-      for p, r in zip(batch, results):
-        if r is not None and not p.future.done():
-          p.future.set_result(r)
+  def _admit(self, p: _Pending) -> bool:
+    """Prefills ``p`` into a free slot of its pool; False = no slot now (it waits)."""
+    dec = p.request.decoder
+    rows = self._rows.get(dec, {})
+    if any(r.solo for r in rows.values()) or (p.solo and rows):
+      return False  # A retry runs alone in its pool.
+    pool = self._pool(dec)
+    if pool is None or not pool.free:
+      return False
+    try:
+      slot = pool.admit(p.request.prompt_ids, p.request.max_tokens, p.request.seed)
+    except Exception:  # pylint: disable=broad-except
+      self._fail(p)
+      return True
+    p.started = time.perf_counter()
+    self._rows[dec][slot] = p
+    self.admitted += 1
+    return True
+
+  def _advance(self, dec: pool_lib.Decoder) -> None:
+    pool, rows = self._pools[dec], self._rows[dec]
+    now = time.monotonic()
+    for slot, p in list(rows.items()):  # Clients that left, requests out of time.
+      late = p.request.deadline is not None and now > p.request.deadline
+      if p.future.cancelled() or late:
+        if late and not p.future.done():
+          p.future.set_exception(TimeoutError("request timed out while decoding"))
+        pool.retire(slot)
+        del rows[slot]
+        self.retired += 1
+    if not rows:
+      return
+    try:
+      view = pool.advance()
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+      self._requeue_alone(dec)
+      return
+    self.forwards += view.forwards
+    eos = self.tokenizer.eos_id
+    for slot, p in list(rows.items()):
+      start = len(p.request.prompt_ids)
+      end = start + p.request.max_tokens
+      gen = view.tokens[slot, start:end]
+      if p.on_tokens is not None and not p.ended:
+        upto = min(int(view.final[slot]), end) - start
+        if upto > p.sent:
+          ids = gen[p.sent:upto]
+          hits = np.flatnonzero(ids == eos)
+          if hits.size:
+            ids, p.ended = ids[:hits[0]], True
+          if len(ids):
+            self._send(p, ids)
+      if view.done[slot]:
+        hits = np.flatnonzero(gen == eos)
+        cut = int(hits[0]) if hits.size else len(gen)
+        if p.on_tokens is not None and not p.ended and cut > p.sent:
+          self._send(p, gen[p.sent:cut])
+        decode_s = time.perf_counter() - p.started
+        self._request_s = 0.8 * self._request_s + 0.2 * decode_s
+        result = Result(token_ids=gen[:cut].astype(np.int32),
+                        finish_reason="stop" if hits.size else "length",
+                        generated_tokens=min(cut + 1, len(gen)), nfe=int(view.nfe[slot]),
+                        decode_s=decode_s)
+        pool.release(slot)
+        del rows[slot]
+        if not p.future.done():
+          try:
+            p.future.set_result(result)
+          except concurrent.futures.InvalidStateError:
+            pass  # Cancelled by its client at this very moment.
+
+  def _requeue_alone(self, dec: pool_lib.Decoder) -> None:
+    """A forward failed: drop the pool; its requests run again, each alone in its pool.
+
+    A request that failed alone is the culprit and fails; one that streamed tokens
+    already cannot restart unseen, so it fails too.
+    """
+    rows = self._rows.pop(dec)
+    del self._pools[dec]
+    retry = []
+    for p in rows.values():
+      if p.solo or p.sent:
+        self._fail(p)
+      else:
+        retry.append(dataclasses.replace(p, solo=True))
+    with self._cv:
+      self._queue.extendleft(reversed(retry))
 
   @staticmethod
   def _fail(p: _Pending) -> None:
-    import sys, traceback  # pylint: disable=g-import-not-at-top,multiple-imports
     exc = sys.exc_info()[1]
     traceback.print_exc()
     if not p.future.done():
-      p.future.set_exception(exc)
-
-  def _row(self, prompt: np.ndarray, max_tokens: int) -> layout.Canvas:
-    return layout.generation_canvas([np.asarray(prompt, np.int32)], max_tokens,
-                                    self.block_size, self.tokenizer.mask_id, self.max_len,
-                                    self.width)
-
-  def _decode(self, batch: list[_Pending]) -> list[Result]:
-    """One decode call for the batch (padded to the fixed shape)."""
-    req0 = batch[0].request
-    pad = self._row(np.array([self.tokenizer.bos_id], np.int32), 1)
-    rows = [self._row(p.request.prompt_ids, p.request.max_tokens) for p in batch]
-    rows += [pad] * (self.slots - len(batch))
-    if req0.ar:  # Pins the AR prefill width (the longest prompt of the batch).
-      rows.append(self._row(np.full((self.max_len - 1,), self.tokenizer.bos_id, np.int32), 1))
-    canvas = layout.Canvas(*(np.concatenate([getattr(r, f) for r in rows])
-                             for f in ("tokens", "maskable", "length", "start_block")))
-    rng = jax.random.key(req0.seed)
-    t0 = time.perf_counter()
-    if req0.ar:
-      out = ar_lib.decode_ar(self.model, self.params, canvas, req0.options, rng)
-    else:
-      # Always with the block callback, streaming or not: one compiled decoder per options.
-      out = decoder.decode(self.model, self.params, canvas, req0.options, rng,
-                           on_block=self._block_streamer(batch, canvas),
-                           prefill_width=self.prefill_width)
-    round_s = time.perf_counter() - t0
-    self._last_round_s = round_s
-    self.rounds += 1
-    results = []
-    eos = self.tokenizer.eos_id
-    for i, p in enumerate(batch):
-      gen = out["tokens"][i, np.flatnonzero(canvas.maskable[i])]
-      hits = np.flatnonzero(gen == eos)
-      cut = int(hits[0]) if hits.size else len(gen)
-      if p.on_tokens is not None and not p.ended and cut > p.sent:
-        self._send(p, gen[p.sent:cut])  # AR, or a tail the block stream did not carry.
-      results.append(Result(token_ids=gen[:cut].astype(np.int32),
-                            finish_reason="stop" if hits.size else "length",
-                            generated_tokens=min(cut + 1, len(gen)),
-                            nfe=int(out["nfe"][i]), round_s=round_s))
-    return results
+      p.future.set_exception(exc or RuntimeError("decoding failed"))
 
   @staticmethod
   def _send(p: _Pending, ids: np.ndarray) -> None:
@@ -321,29 +381,4 @@ class Engine:
     try:
       p.on_tokens(np.asarray(ids, np.int32))
     except Exception:  # pylint: disable=broad-except
-      pass  # A consumer that went away must not stop the round.
-
-  def _block_streamer(self, batch: list[_Pending], canvas: layout.Canvas):
-    """``on_block`` that hands each row's newly final generated tokens to its request."""
-    bk, eos = self.block_size, self.tokenizer.eos_id
-    starts = [int(np.argmax(canvas.maskable[i])) for i in range(len(batch))]
-
-    def on_block(block_index, tokens, active):
-      block_index, tokens, active = (np.asarray(block_index), np.asarray(tokens),
-                                     np.asarray(active))
-      for i, p in enumerate(batch):
-        if not active[i] or p.ended or p.on_tokens is None:
-          continue
-        lo = int(block_index[i]) * bk
-        end = starts[i] + p.request.max_tokens
-        a, b = max(lo, starts[i] + p.sent), min(lo + bk, end)
-        if b <= a:
-          continue
-        ids = tokens[i, a - lo:b - lo]
-        hits = np.flatnonzero(ids == eos)
-        if hits.size:
-          ids = ids[:hits[0]]
-          p.ended = True
-        if len(ids):
-          self._send(p, ids)
-    return on_block
+      pass  # A consumer that went away must not stop the others.

@@ -7,8 +7,9 @@ Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat), ``ma
 (chat also ``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike
 OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``, ``n`` (1
 only). Decoder options as extra body fields: ``policy`` (threshold | factor | topk |
-entropy | margin | l2r | ar), ``policy_value`` (alias ``threshold``), ``sub_block_size``,
-``edit_threshold``, ``max_steps_per_block``.
+entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
+``sub_block_size``, ``edit_threshold``, ``max_steps_per_block``, ``isd_stride`` (policy
+isd: I-DLM's strided decoding, token-shifted models only).
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from typing import Any
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 
-POLICIES = tuple(sorted(policies.POLICIES)) + ("ar",)
+POLICIES = tuple(sorted(policies.POLICIES)) + ("ar", "isd")
 
 
 class ApiError(Exception):
@@ -47,6 +48,7 @@ class Defaults:
   edit_threshold: float = 0.0
   max_steps_per_block: int = 0
   max_tokens: int = 16
+  isd_stride: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Parsed:
     seed: sampling seed.
     stop: stop strings.
     stream: answer by SSE.
+    isd_stride: ISD's stride (policy isd); 0 otherwise.
   """
 
   prompt_text: str
@@ -70,6 +73,7 @@ class Parsed:
   seed: int
   stop: tuple[str, ...]
   stream: bool
+  isd_stride: int = 0
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
@@ -132,8 +136,11 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
       or not all(isinstance(s, str) and s for s in stop)):
     raise ApiError(400, "stop must be a non-empty string or a list of up to 4", "stop")
 
-  # A token-shifted model may be an unadapted causal LM: AR unless the request says.
-  policy = body.get("policy", "ar" if token_shift else defaults.policy)
+  # A token-shifted model may be an unadapted causal LM: AR unless the request (or an
+  # ISD default) says otherwise.
+  one_token_default = defaults.policy in ("ar", "isd")
+  policy = body.get("policy", "ar" if token_shift and not one_token_default
+                    else defaults.policy)
   if policy not in POLICIES:
     raise ApiError(400, f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
   value_field = "threshold" if "threshold" in body else "policy_value"
@@ -143,9 +150,17 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   edit = _number(body, "edit_threshold", defaults.edit_threshold, lo=0, hi=1)
   steps = _number(body, "max_steps_per_block", defaults.max_steps_per_block, lo=0,
                   integer=True)
+  stride = 0
+  if policy == "isd":
+    if not token_shift:
+      raise ApiError(400, "policy isd needs a token-shifted model (an adapted AR model)",
+                     "policy")
+    stride = int(_number(body, "isd_stride", defaults.isd_stride, lo=2, hi=64,
+                         integer=True))
+  one_token = policy in ("ar", "isd")  # Decoders without a block policy.
   try:
-    policy_obj = policies.make_policy("threshold" if policy == "ar" else policy,
-                                      None if policy == "ar" else value)
+    policy_obj = policies.make_policy("threshold" if one_token else policy,
+                                      None if one_token else value)
   except (ValueError, TypeError) as e:
     raise ApiError(400, f"{value_field}: {e}", value_field) from e
   try:
@@ -160,7 +175,8 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   except ValueError as e:
     field = "sub_block_size" if "sub_block" in str(e) else "edit_threshold"
     raise ApiError(400, str(e), field) from e
-  return Parsed(prompt, max_tokens, options, policy == "ar", int(seed), tuple(stop), stream)
+  return Parsed(prompt, max_tokens, options, policy == "ar", int(seed), tuple(stop), stream,
+                stride)
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

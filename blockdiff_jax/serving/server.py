@@ -10,17 +10,17 @@ Library: aiohttp. It is one mature, actively maintained package (server and clie
 asyncio-native) with streaming responses (SSE) and graceful shutdown built in, and no
 ASGI server to pair with it (starlette would need uvicorn as a second moving part).
 
-Streaming (``stream: true``): block-diffusion decoding sends each committed block's text
-as soon as the block is final (the decoder's ``on_block`` callback); AR decoding sends
-the completion in one chunk when the round finishes. Every stream ends with a chunk that
+Streaming (``stream: true``): the engine (continuous batching, see ``engine``) hands over
+each row's tokens as soon as they are final: a committed block for block diffusion, each
+token for AR, each forward's accepted run for ISD. Every stream ends with a chunk that
 carries ``finish_reason`` and ``usage``, then ``data: [DONE]``.
 
 Robustness: validation errors are HTTP 400 (an unknown model 404) with an OpenAI error
 body naming the field; a full queue is 429 with ``Retry-After``; each request has a time
-limit (504 after it); a client that disconnects while queued is dropped before decoding
-(one already decoding finishes its round: rounds are not interrupted); a failing decode is
-retried row by row so only the failing request gets the 500; on shutdown the engine
-drains what is queued and running.
+limit (504 after it, and its slot is freed); a client that disconnects, queued or
+decoding, is dropped and frees its slot at the next forward; a failing prefill fails
+only its request, a failing forward reruns its requests one at a time so only the
+culprit gets the 500; on shutdown the engine drains what is queued and running.
 """
 
 import asyncio
@@ -91,7 +91,8 @@ class Server:
   async def health(self, request):
     del request
     body = {"status": "stopping" if self.stopping else "ok", "queued": self.engine.queued,
-            "slots": self.engine.slots, "rounds": self.engine.rounds,
+            "slots": self.engine.slots, "running": self.engine.running,
+            "admitted": self.engine.admitted, "forwards": self.engine.forwards,
             "compile_s": self.compile_s}
     return web.json_response(body, status=503 if self.stopping else 200)
 
@@ -148,7 +149,8 @@ class Server:
       param = "messages" if chat and field == "prompt" else field
       raise protocol.ApiError(400, str(e), param, code="context_length_exceeded") from e
     req = engine_lib.Request(ids, max_tokens, parsed.options, parsed.ar, parsed.seed,
-                             deadline=time.monotonic() + self.timeout)
+                             deadline=time.monotonic() + self.timeout,
+                             isd_stride=parsed.isd_stride)
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     if parsed.stream:
       return await self._stream(request, req, parsed, rid, chat)
@@ -253,15 +255,18 @@ def run(config, workdir: str, host: str | None = None, port: int | None = None) 
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   smp = config.sample
   token_shift = bool(config.diffusion.get("token_shift", False))
-  defaults = protocol.Defaults(policy="ar" if token_shift else smp.policy,
+  # A token-shifted model decodes AR by default, or by ISD when its config says so.
+  defaults = protocol.Defaults(policy=smp.policy if not token_shift or smp.policy == "isd"
+                               else "ar",
                                policy_value=smp.policy_value,
                                sub_block_size=smp.sub_block_size,
                                edit_threshold=smp.edit_threshold,
                                max_steps_per_block=smp.max_steps_per_block,
-                               max_tokens=s.max_tokens)
+                               max_tokens=s.max_tokens, isd_stride=smp.isd_stride)
   eng = engine_lib.Engine(model, params, tokenizer, config.diffusion.block_size,
                           s.max_len or config.data.seq_len, s.slots, s.queue_size,
-                          context=lambda: inference.inference_context(config))
+                          context=lambda: inference.inference_context(config),
+                          forwards_per_call=s.get("forwards_per_call", 1))
   compile_s = None
   with inference.inference_context(config):
     if s.warmup:
@@ -269,7 +274,7 @@ def run(config, workdir: str, host: str | None = None, port: int | None = None) 
       parsed = protocol.parse_request(body, s.model_name, False, tokenizer,
                                       eng.block_size, tokenizer.mask_id, tokenizer.eos_id,
                                       defaults, token_shift)
-      compile_s = eng.warmup([(parsed.options, parsed.ar)])
+      compile_s = eng.warmup([(parsed.options, parsed.ar, parsed.isd_stride)])
       print(f"compiled the {defaults.policy} decoder in {compile_s:.1f} s "
             f"({eng.slots} slots, context {eng.max_len})", flush=True)
     eng.start()

@@ -1,0 +1,49 @@
+"""Sampling keys of a decoder step: one key for the batch, or one key per row.
+
+A decoder state's ``rng`` is either a scalar key (the batch decoders: a step's key is
+folded with the batch's forward count) or a [B] array of keys, one per row (the serving
+pool: a row's key is folded with its own forward count, so its draws depend only on its
+seed and its own progress, never on its batch mates or on when it joined). The helpers
+below take either and draw accordingly.
+"""
+
+from typing import Any, Callable
+
+import jax
+
+Array = Any
+
+
+def step_key(rng: Array, batch_count: Array, row_count: Array) -> Array:
+  """The key of a step: folded with ``batch_count`` (scalar key) or ``row_count`` [B]."""
+  if rng.ndim == 0:
+    return jax.random.fold_in(rng, batch_count)
+  return jax.vmap(jax.random.fold_in)(rng, row_count)
+
+
+def fold(key: Array, data: int) -> Array:
+  """``fold_in`` of a scalar key or of every key of a [B] array."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, data)
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+
+
+def per_row(fn: Callable[..., Any], key: Array, *args: Array) -> Any:
+  """``fn(key, *args)`` for a scalar key; for [B] keys, ``fn`` on each row alone.
+
+  ``args`` have a leading batch axis; per row, ``fn`` sees them with a batch of one, so
+  it runs the same code as for the whole batch.
+  """
+  if key.ndim == 0:
+    return fn(key, *args)
+  def one(k, *a):
+    out = fn(k, *(x[None] for x in a))
+    return jax.tree.map(lambda x: x[0], out)
+  return jax.vmap(one)(key, *args)
+
+
+def uniform(key: Array, shape: tuple[int, ...]) -> Array:
+  """Uniform [0, 1) draws of ``shape`` (leading axis B) from one key or one per row."""
+  if key.ndim == 0:
+    return jax.random.uniform(key, shape)
+  return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
