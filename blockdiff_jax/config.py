@@ -22,6 +22,9 @@ names the offending field and value. This module sits at the top of the import
 order (next to ``main``): library code imports the section modules, never this one.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from blockdiff_jax.checkpoint import initial
@@ -54,6 +57,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve = serve_config.default_serve_config()  # --mode=serve: host, port, slots, queue.
   c.train = train_config.default_train_config()  # Optimizer, schedule, logging, checkpoints.
   return c
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (as ``--config=path`` loads it), for notebooks."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,10 @@ NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "n
 # Notebook -> (environment giving small settings, strings its outputs must contain).
 NOTEBOOKS = {
     "quickstart.ipynb": ({"QUICKSTART_STEPS": "6"}, ["NFE", "step 1:"]),
+    # An empty workdir and no adaptation: SmolLM2 with zero adapters (ISD stays lossless).
+    "decoding.ipynb": ({"DECODING_ADAPT_STEPS": "0", "DECODING_MAX_NEW": "12",
+                        "DECODING_WORKDIR": "{tmp}"}, [
+        "ISD identical to AR: True", "same text as AR: True", "forwards for"]),
     "checkpoints.ipynb": ({"CHECKPOINTS_STEPS": "3"}, [
         "8 devices", "P('tensor', 'fsdp')", "hold the same values",
         "exported and reloaded parameters are identical"]),
@@ -56,10 +60,11 @@ def outputs_text(nb: nbformat.NotebookNode) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_runs(name, monkeypatch):
+def test_notebook_runs(name, monkeypatch, tmp_path):
   env, expected = NOTEBOOKS[name]
   for key, value in env.items():
-    monkeypatch.setenv(key, value)  # The kernel inherits the environment.
+    # The kernel inherits the environment; "{tmp}" is this test's empty folder.
+    monkeypatch.setenv(key, value.format(tmp=tmp_path))
   text = outputs_text(execute(os.path.join(NOTEBOOK_DIR, name)))
   missing = [s for s in expected if s not in text]
   assert not missing, f"{name}: outputs lack {missing}"
