@@ -100,3 +100,24 @@ def test_build_dataset_sft_corpus_synthetic_source():
   c.data.seq_len = 60
   with pytest.raises(ValueError, match="sft_block_multiple"):
     data_config_lib.validate(c)
+
+
+@pytest.mark.parametrize("record", [("What is 2+2?", "4"),
+                                    [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Hello."}]])
+def test_chat_template_specials_become_their_ids(record):
+  """The rendered prompt holds <|im_start|> as its one special id, exactly the ids a chat
+  prompt gets at sampling time, never the characters '<', '|', 'im'..."""
+  from blockdiff_jax.interop import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.qwen_tokenizer("qwen3")
+  head, body = sft.render(tok, record)
+  messages = (record[:-1] if isinstance(record, list)
+              else [{"role": "user", "content": record[0]}])
+  text = tok.apply_chat_template(messages, add_generation_prompt=True)
+  im_start = tok.encode_with_specials("<|im_start|>")
+  assert len(im_start) == 1
+  assert head.tolist() == tok.encode_with_specials(text).tolist()
+  assert head[0] == im_start[0] and np.sum(head == im_start[0]) == len(messages) + 1
+  assert tok.decode(head, skip_special=False) == text
+  assert body[-1] == tok.eos_id

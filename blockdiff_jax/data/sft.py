@@ -119,8 +119,10 @@ def render(tokenizer: Any, record: Pair | list[dict]) -> tuple[np.ndarray, np.nd
   else:
     prompt_msgs, response = [{"role": "user", "content": record[0]}], record[1]
   if hasattr(tokenizer, "apply_chat_template"):
-    head = tokenizer.encode(tokenizer.apply_chat_template(prompt_msgs,
-                                                          add_generation_prompt=True))
+    # The template spells its special tokens out (<|im_start|>...): they must become
+    # their ids, not text, or the model sees a prompt it was never trained on.
+    encode = getattr(tokenizer, "encode_with_specials", tokenizer.encode)
+    head = encode(tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True))
   else:
     text = "\n".join(m["content"] for m in prompt_msgs)
     head = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.sep_id]])
