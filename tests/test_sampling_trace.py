@@ -9,7 +9,7 @@ from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import trace
 
-PROMPTS = ("<|bos|>sort: 3 1 2<|sep|>", "<|bos|>a")
+PROMPTS = ("<|bos|>sort: 3 1 2<|sep|>",)
 
 
 @pytest.fixture(scope="module")

@@ -180,12 +180,13 @@ def _alone_decoder(model, params, tok, prompt, max_tokens, options, kind, stride
   return [int(t) for t in gen[:hits[0] if hits.size else len(gen)]], int(out["nfe"][0])
 
 
-SETUPS = [("block", 0, {}), ("block", 0, {"sub_block_size": 4}), ("ar", 0, {}),
-          ("isd", 2, {}), ("isd", 4, {})]
+# Greedy for every decoder; sampled (each request its own seed) for one per family.
+SETUPS = [("block", 0, {}, 0.0), ("block", 0, {"sub_block_size": 4}, 0.0),
+          ("ar", 0, {}, 0.0), ("isd", 2, {}, 0.0), ("isd", 4, {}, 0.0),
+          ("block", 0, {}, 1.0), ("ar", 0, {}, 1.0), ("isd", 4, {}, 1.0)]
 
 
-@pytest.mark.parametrize("kind,stride,kw", SETUPS)
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("kind,stride,kw,temperature", SETUPS)
 def test_staggered_arrivals_equal_alone(tiny, kind, stride, kw, temperature):
   """Requests join a running batch at arbitrary forwards; each answer equals it alone."""
   model, tok, params = tiny
@@ -259,3 +260,20 @@ def test_failing_forward_fails_only_its_culprit(tiny, monkeypatch):
     ref = _alone(model, params, tok, prompts[i], 8, opts, False)
     assert [int(t) for t in futures[i].result().token_ids] == ref["tokens"][
         :len(futures[i].result().token_ids)]
+
+
+@pytest.mark.parametrize("block,max_prompt,want", [(8, 63, (8, 16, 32, 64)), (8, 8, (8,)),
+                                                   (4, 20, (4, 8, 16, 20))])
+def test_prefill_buckets_double_up_to_the_longest_prompt(block, max_prompt, want):
+  assert pool_lib.prefill_buckets(block, max_prompt) == want
+
+
+def test_decoder_setup_is_validated():
+  opts = layout.DecodeOptions(block_size=BLOCK, mask_id=3, eos_id=2)
+  with pytest.raises(ValueError, match="kind"):
+    pool_lib.Decoder(opts, "beam")
+  with pytest.raises(ValueError, match="token-shifted"):
+    pool_lib.Decoder(opts, "isd", 4)
+  with pytest.raises(ValueError, match="isd_stride"):
+    pool_lib.Decoder(layout.DecodeOptions(block_size=BLOCK, mask_id=3, eos_id=2,
+                                          token_shift=True), "isd", 1)
