@@ -40,6 +40,14 @@ def _load_config(path: str):
   return mod.get_config()
 
 
+def distilled_prompts(workdir: str, config, n: int) -> list[str]:
+  """The first ``n`` training questions of the run, rendered as training rendered them."""
+  _, _, tok, _ = inference.load_for_inference(tempfile.mkdtemp(), config)
+  with open(os.path.join(workdir, "distill", "answers.jsonl")) as f:
+    questions = [json.loads(line)["prompt"] for line in f][:n]
+  return [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+
+
 def minutes_per_step(workdir: str) -> dict[int, float]:
   """Cumulative training minutes at each logged step (from metrics.jsonl step times)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -84,10 +92,16 @@ def main():
   ap.add_argument("--no_base", action="store_true", help="skip the untrained row")
   ap.add_argument("--quick", action="store_true", help="1 prompt, 8 tokens, strides 2,4")
   ap.add_argument("--tag", default="")
+  ap.add_argument("--prompts_from", default="config", choices=("config", "distilled"),
+                  help="config: the sample prompts (held out from training); distilled: "
+                  "the first questions the drafter was trained on (<workdir>/distill)")
+  ap.add_argument("--num_prompts", type=int, default=3, help="with --prompts_from=distilled")
   args = ap.parse_args()
   config = _load_config(args.config)
   s = config.sample
   prompts = sample.read_prompts(s)
+  if args.prompts_from == "distilled":
+    prompts = distilled_prompts(args.workdir, config, args.num_prompts)
   strides = [int(x) for x in args.strides.split(",")]
   max_new = args.max_new_tokens
   if args.quick:
@@ -124,14 +138,16 @@ def write(results, args, prompts, max_new):
   base = os.path.join(out_dir, "idlm_smollm2" + (f"_{args.tag}" if args.tag else ""))
   env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
          "machine": platform.machine(), "load_avg": os.getloadavg(),
-         "command": " ".join(sys.argv)}
+         "command": " ".join(["experiments/idlm_smollm2.py"] + sys.argv[1:]),
+         "prompts_from": args.prompts_from}
   with open(base + ".json", "w") as f:
     json.dump({"env": env, "prompts": prompts, "max_new_tokens": max_new,
                "results": results}, f, indent=2)
   lines = [f"# I-DLM on SmolLM2-135M-Instruct: ISD against AR by fine-tuning time\n",
            f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs), jax {env['jax']}, "
-           f"load average {env['load_avg'][0]:.1f}; {len(prompts)} prompts, up to {max_new} "
-           "new tokens, batch 1, greedy, warm (compilation excluded).\n",
+           f"load average {env['load_avg'][0]:.1f}; {len(prompts)} prompts "
+           f"({'the config sample prompts, held out from training' if args.prompts_from == 'config' else 'questions the drafter was trained on'}), "
+           f"up to {max_new} new tokens, batch 1, greedy, warm (compilation excluded).\n",
            "| fine-tuning (min) | step | N | TPF | ISD tok/s | AR tok/s | speed-up | identical to AR |",
            "|---|---|---|---|---|---|---|---|"]
   for r in results:

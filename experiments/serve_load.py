@@ -52,12 +52,17 @@ def _model(args):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config, model, tok, params = inference.load_for_inference(args.workdir, mod.get_config())
-    return model, tok, params, config.diffusion.block_size, config.data.seq_len
+    max_len = args.max_len or config.data.seq_len
+    from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
+    PROMPTS[:] = sample.read_prompts(config.sample)  # The config's own (chat) prompts.
+    return (model, tok, params, config.diffusion.block_size, max_len,
+            bool(config.diffusion.get("token_shift", False)))
   c = config_lib.base_config()
   c.model.d_model, c.model.num_heads, c.model.num_kv_heads = 32, 2, 1
   c.model.head_dim, c.model.moe.expert_dim = 16, 32
   model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0), c.diffusion.block_size, c.data.seq_len
+  return (model, tok, build.init_params(model, 0), c.diffusion.block_size,
+          args.max_len or c.data.seq_len, False)
 
 
 class _Running:
@@ -118,22 +123,24 @@ def main():
   p.add_argument("--decoders", default="ar,threshold")
   p.add_argument("--threshold", type=float, default=0.9)
   p.add_argument("--workdir", default="")
+  p.add_argument("--max_len", type=int, default=0, help="context limit; 0 = data.seq_len")
   p.add_argument("--config", default="configs/synthetic.py")
   p.add_argument("--tag", default="")
   args = p.parse_args()
   if args.quick:
     args.concurrency, args.requests, args.max_tokens, args.slots = "1,4,16", 16, 24, 4
   levels = [int(x) for x in args.concurrency.split(",")]
-  model, tok, params, block, max_len = _model(args)
+  model, tok, params, block, max_len, token_shift = _model(args)
   compile_s, rows = {}, []
   for fpc in [int(x) for x in args.forwards_per_call.split(",")]:
     eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
                             queue_size=max(levels) * 2, forwards_per_call=fpc)
-    srv = server_lib.Server(eng, "bench")
+    srv = server_lib.Server(eng, "bench", token_shift=token_shift)
     for dec in args.decoders.split(","):
       parsed = protocol.parse_request(
           {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
-          "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults())
+          "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults(),
+          token_shift)
       compile_s[f"{dec} k={fpc}"] = eng.warmup([(parsed.options, parsed.ar)])
     eng.start()
     run = _Running(srv)
