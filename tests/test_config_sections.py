@@ -65,3 +65,22 @@ def test_validate_names_the_bad_field(field, value, message):
   node[name] = value
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     config_lib.validate(c)
+
+
+def test_from_file_loads_a_config_file_as_the_flag_does(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = config_lib.from_file(os.path.join(repo, "configs", "smollm2_idlm.py"))
+  # The file's own overrides on top of the file it builds on (configs/smollm2.py).
+  assert c.diffusion.objective == "introspective" and c.init.pretrained == "smollm2"
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    config_lib.from_file(str(tmp_path / "nope.py"))
+
+
+def test_serve_forwards_per_call_is_validated():
+  from blockdiff_jax.serving import config as serve_config  # pylint: disable=g-import-not-at-top
+  s = serve_config.default_serve_config()
+  serve_config.validate(s)
+  s.forwards_per_call = 0
+  with pytest.raises(ValueError, match="serve.forwards_per_call"):
+    serve_config.validate(s)
