@@ -132,3 +132,18 @@ def test_fit_spec_drops_axes_that_do_not_divide():
   assert sharding.fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")
   assert sharding.fit_spec(P(("data", "fsdp"), None), (8, 3), mesh) == P(("data", "fsdp"),
                                                                                None)
+
+
+def test_plan_counts_the_decode_cache_full_and_hierarchical():
+  c = _config_7b()
+  c.sample.max_len = 131072
+  c.sample.kv_chunk, c.sample.kv_rank, c.sample.kv_window = 256, 8, 2
+  dc = plan.plan(c, num_devices=8)["decode_cache"]
+  m = c.model
+  per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2  # K and V in bf16.
+  assert dc["rows"] == c.serve.slots and dc["length"] == 131072
+  assert dc["full"] >= dc["rows"] * 131072 * per_token
+  # Rank 8 of a 256 x head_dim chunk: 8 * (256 + head_dim) / (256 * head_dim), + the ring.
+  ratio = 8 * (256 + m.head_dim) / (256 * m.head_dim)
+  assert ratio < dc["hierarchical"] / dc["full"] < ratio + 0.01 < 0.15
+  assert "of full" in plan.format_table(plan.plan(c, num_devices=8))

@@ -28,6 +28,7 @@ import numpy as np
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import jit_cache
 from blockdiff_jax.sampling import keys
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
@@ -56,7 +57,7 @@ class ARState:
   tokens: Array
   prompt_len: Array
   length: Array
-  cache: kv_cache.KVCache
+  cache: kv_cache.KVCache | hierarchical_cache.HierarchicalKVCache
   done: Array
   nfe: Array
   forwards: Array
@@ -166,8 +167,9 @@ def init(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt
                            jnp.ones((b, 1), bool)))
     inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
     logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
-  cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk,
-                                 block_ids=_block_ids(slot, prompt_len, bk, opt.token_shift))
+  cache = hierarchical_cache.empty_cache(
+      logits_fn.kv_spec, b, s, bk, block_ids=_block_ids(slot, prompt_len, bk, opt.token_shift),
+      hierarchy=opt.kv_hierarchy)
   cache = cache.prefill(k[:, :, :pmax], v[:, :, :pmax], ppos < prompt_len[:, None])
   first = _pick(opt, logits[:, 0], keys.step_key(rng, 0, jnp.zeros((b,), jnp.int32)))
   tokens = jax.vmap(lambda row, t, q: row.at[q].set(t))(tokens, first, prompt_len)

@@ -44,6 +44,7 @@ import numpy as np
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import jit_cache
 from blockdiff_jax.sampling import keys
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
@@ -80,7 +81,7 @@ class ISDState:
   drafts: Array
   draft_probs: Array
   warm: Array
-  cache: kv_cache.KVCache
+  cache: kv_cache.KVCache | hierarchical_cache.HierarchicalKVCache
   done: Array
   nfe: Array
   accepted: Array
@@ -202,7 +203,8 @@ def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens
   logits, (k, v), _ = logits_fn(params, inp, _causal_meta(ppos, pvalid), None, None)
   at = prompt_len[:, None] - 1 + jnp.arange(n)[None]  # Last prompt slot, then the MASKs.
   logits = jnp.take_along_axis(logits, at[:, :, None], axis=1)
-  cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, w, 1, block_ids=slot)
+  cache = hierarchical_cache.empty_cache(logits_fn.kv_spec, b, w, 1, block_ids=slot,
+                                         hierarchy=opt.kv_hierarchy)
   cache = cache.prefill(k, v, ppos < prompt_len[:, None])
   probs = _probs(opt, logits)
   key0 = keys.step_key(rng, 0, jnp.zeros((b,), jnp.int32))

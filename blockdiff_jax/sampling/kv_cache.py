@@ -35,12 +35,15 @@ class KVSpec:
     num_kv_heads: key/value heads.
     head_dim: width of a head.
     dtype: dtype the cache stores.
+    inv_freq: the RoPE inverse frequencies the keys were rotated with (a static tuple),
+      or None; a compressing cache factorises keys with the rotation undone.
   """
 
   num_layers: int
   num_kv_heads: int
   head_dim: int
   dtype: Any = jnp.float32
+  inv_freq: tuple[float, ...] | None = None
 
 
 def _row_write(c: Array, update: Array, start: Array) -> Array:

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import policies
 
 # Anything spelled like a marker (no spaces, 1-64 chars): a known special token,
@@ -54,6 +55,8 @@ class DecodeOptions:
       current sub-block (the suffix MASK positions, and the filled sub-blocks) are
       refreshed only on the block's first step instead of each sub-block's first step
       (fewer full-block forwards; approximate).
+    kv_hierarchy: None = keep every committed position's K/V; else a hierarchical
+      cache (exact recent chunks, rank-r older ones; ``hierarchical_cache``).
   """
 
   block_size: int
@@ -68,6 +71,7 @@ class DecodeOptions:
   stop_at_eos: bool = True
   token_shift: bool = False
   dual_cache: bool = False
+  kv_hierarchy: hierarchical_cache.Hierarchy | None = None
 
   def __post_init__(self):
     if self.block_size < 1:

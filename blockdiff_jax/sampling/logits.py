@@ -16,9 +16,12 @@ may be empty). ``params`` stays a traced argument so one compile serves any weig
 import dataclasses
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blockdiff_jax import masks
+from blockdiff_jax.model import rope
 from blockdiff_jax.sampling import kv_cache
 
 Array = Any
@@ -44,8 +47,11 @@ class ModelLogits:
   @property
   def kv_spec(self) -> kv_cache.KVSpec:
     cfg = self.model.cfg
+    with jax.ensure_compile_time_eval():  # Concrete even when read inside a jit.
+      inv_freq, _ = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     return kv_cache.KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.compute_dtype)
+                           cfg.compute_dtype,
+                           tuple(float(x) for x in np.asarray(inv_freq, np.float64)))
 
   def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
     logits, aux = self.model.apply({"params": params}, tokens, meta, cache=cache,

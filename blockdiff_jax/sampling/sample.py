@@ -18,6 +18,7 @@ import numpy as np
 
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import generation
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import speedup
@@ -39,6 +40,12 @@ def default_sample_config() -> ml_collections.ConfigDict:
   # With sub-blocks: refresh the block's K/V buffer only at block starts (Fast-dLLM v1
   # dual cache; approximate) instead of at each sub-block's start.
   s.dual_cache = False
+  # Decoder KV cache: full (every position exact) | hierarchical (exact ring of recent
+  # chunks, rank-r factors of older ones; sampling/hierarchical_cache.py).
+  s.kv_cache = "full"
+  s.kv_window = 2  # hierarchical: whole chunks kept exact before the one being filled.
+  s.kv_chunk = 64  # hierarchical: positions per compressed chunk (>= block / ISD stride).
+  s.kv_rank = 8  # hierarchical: rank of each chunk's K and V per layer and KV head.
   s.temperature = 0.0  # 0 = greedy.
   s.top_k = 0  # Keep the k most likely tokens when sampling; 0 = all.
   s.top_p = 1.0  # Nucleus mass when sampling; 1 = all.
@@ -64,6 +71,17 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
   ``token_shift`` is the model's (``config.diffusion.token_shift``), not a decoding choice.
   """
   one_token = s.policy in ("ar", "isd")  # Decoders without a block policy.
+  kind = s.get("kv_cache", "full")
+  if kind not in ("full", "hierarchical"):
+    raise ValueError(f"sample.kv_cache must be 'full' or 'hierarchical', got {kind!r}")
+  hierarchy = None
+  if kind == "hierarchical":
+    widest = s.isd_stride if s.policy == "isd" else (1 if s.policy == "ar" else block_size)
+    if s.kv_chunk < widest:
+      raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
+                       f"decoder ({widest} positions: the block size or ISD stride)")
+    hierarchy = hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
+                                             rank=s.kv_rank)
   policy = policies.make_policy("threshold" if one_token else s.policy,
                                 None if one_token else s.policy_value)
   return layout.DecodeOptions(
@@ -72,7 +90,8 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
       sub_block_size=s.sub_block_size, dual_cache=s.get("dual_cache", False),
       max_steps_per_block=s.max_steps_per_block,
-      edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift)
+      edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift,
+      kv_hierarchy=hierarchy)
 
 
 def read_prompts(s: ml_collections.ConfigDict) -> list[str]:

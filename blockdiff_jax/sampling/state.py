@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax import masks
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 
@@ -81,7 +82,7 @@ class DecodeState:
   tokens: Array
   maskable: Array
   length: Array
-  cache: kv_cache.KVCache
+  cache: kv_cache.KVCache | hierarchical_cache.HierarchicalKVCache
   rows: RowProgress
   counters: Counters
   rng: Array
@@ -155,7 +156,8 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
   b, s = tokens.shape
   bk = options.block_size
   buffer = bk if options.num_sub > 1 else 0
-  cache = kv_cache.KVCache.empty(logits_fn.kv_spec, b, s, bk, buffer)
+  cache = hierarchical_cache.empty_cache(logits_fn.kv_spec, b, s, bk, buffer,
+                                         hierarchy=options.kv_hierarchy)
   head = None
   if prefill_len:
     slot = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))

@@ -25,6 +25,7 @@ import numpy as np
 
 from blockdiff_jax.model import build
 from blockdiff_jax.model import config as model_config
+from blockdiff_jax.model import kv_memory
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import sharding
 from blockdiff_jax.model import transformer
@@ -159,9 +160,28 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   }
   total = sum(parts.values())
   return {"mesh": dict(mesh.shape), "num_devices": num_devices, "bytes": parts,
+          "decode_cache": decode_cache_bytes(cfg, config),
           "total_bytes": total, "memory_bytes": int(memory_gib * GIB),
           "fits": total <= memory_gib * GIB,
           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+
+
+def decode_cache_bytes(cfg: transformer.TransformerConfig,
+                       config: ml_collections.ConfigDict) -> dict:
+  """KV cache of a decoding batch (``serve.slots`` rows of ``sample.max_len``), full and
+  hierarchical (``sample.kv_window/kv_chunk/kv_rank``), in the model's dtype, unsharded."""
+  s = config.get("sample")
+  serve = config.get("serve")
+  batch = serve.slots if serve is not None else 1
+  length = (s.max_len if s is not None and s.max_len else 0) or config.data.seq_len
+  shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype, batch, length)
+  out = {"rows": batch, "length": length,
+         "full": kv_memory.full_cache_bytes(*shape)}
+  if s is not None and "kv_chunk" in s:
+    out["hierarchical"] = kv_memory.hierarchical_cache_bytes(
+        *shape, s.kv_window, s.kv_chunk, s.kv_rank)
+    out["hierarchy"] = {"window": s.kv_window, "chunk": s.kv_chunk, "rank": s.kv_rank}
+  return out
 
 
 def format_table(result: dict) -> str:
@@ -173,6 +193,15 @@ def format_table(result: dict) -> str:
   lines.append(f"  {'total':<36}{result['total_bytes'] / GIB:>10.2f}")
   verdict = "fits" if result["fits"] else "does NOT fit"
   lines.append(f"{verdict} in {result['memory_bytes'] / GIB:.1f} GiB per device")
+  dc = result.get("decode_cache")
+  if dc:
+    lines.append(f"decode KV cache, {dc['rows']} rows x {dc['length']} tokens (unsharded):")
+    lines.append(f"  {'full':<36}{dc['full'] / GIB:>10.3f}")
+    if "hierarchical" in dc:
+      h = dc["hierarchy"]
+      name = f"hierarchical (W={h['window']}, chunk {h['chunk']}, r={h['rank']})"
+      lines.append(f"  {name:<36}{dc['hierarchical'] / GIB:>10.3f}"
+                   f"  ({dc['hierarchical'] / dc['full']:.1%} of full)")
   return "\n".join(lines)
 
 

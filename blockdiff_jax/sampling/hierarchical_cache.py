@@ -1,0 +1,330 @@
+"""Hierarchical KV cache for long context: exact K/V for recent chunks, rank-r for older ones.
+
+ChatDLM keeps full K/V for recent blocks and low-rank summaries of older ones. Here a
+row's committed positions are cut into chunks of ``chunk`` tokens. The newest ones
+live in a ring of ``(window + 1) * chunk`` slots (``ring[p % R]`` holds position p),
+exact. When a position is about to leave the ring, its whole chunk is first
+factorised per layer, row and KV head: K_g ≈ A_g B_g with A_g [chunk, r] (left
+singular vectors times singular values) and B_g [r, head_dim] (right singular
+vectors), the same for V, and the factors go to a bank indexed by chunk. Memory per
+chunk and head drops from ``chunk * head_dim`` to ``r * (chunk + head_dim)`` values;
+the ring is fixed, so at long context the cache costs about
+``r * (chunk + head_dim) / (chunk * head_dim)`` of the full one.
+
+Invariant (per row, with frontier P = one past the last committed position): the bank
+holds the chunks whose first position is below ``P - R`` (``compressed`` of them),
+the ring holds positions ``[P - R, P)``, and attention reads the bank for positions
+below ``compressed * chunk`` and the ring from there on, so no position is seen twice
+and at least the last ``window`` whole chunks (and the one being filled) are exact.
+A commit of at most ``chunk`` positions compresses at most one chunk, which is
+entirely in the ring at that moment because ``R >= 2 * chunk``.
+
+The cache has the same interface as ``kv_cache.KVCache`` (``prefill``, ``commit``,
+``write_buffer``, ``attention_view``), so the block decoder, AR and ISD use it
+unchanged (``layout.DecodeOptions.kv_hierarchy``). Its view reconstructs the bank's
+K/V densely for the forward (transient, like any activation); what is held between
+forwards is the compressed state, which is what ``cache_bytes`` counts. With
+``rank = min(chunk, head_dim)`` the factorisation is exact up to rounding (tests use
+that to check decoding equals the full cache); lower ranks are approximate and
+``experiments/long_context_cache.py`` measures the KL and passkey cost.
+
+The other form ChatDLM describes, summary-token K/V for older blocks, is exact for a
+model trained with summary tokens (``model/summary.py``, ``summarize_block``); it is
+not a decoder cache yet (see the README's long-context section).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdiff_jax import masks
+from blockdiff_jax.model import rope
+from blockdiff_jax.sampling import kv_cache
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchy:
+  """Static layout of a hierarchical cache.
+
+  Attributes:
+    window: whole chunks before the one being filled that stay exact (W >= 1).
+    chunk: positions per compressed unit (>= the widest commit: a diffusion block,
+      ISD's stride, 1 for AR).
+    rank: rank r of each chunk's K and V factorisation per layer, row and KV head.
+  """
+
+  window: int = 2
+  chunk: int = 64
+  rank: int = 8
+
+  def __post_init__(self):
+    if self.window < 1:
+      raise ValueError(f"kv hierarchy window must be >= 1 chunk, got {self.window}")
+    if self.chunk < 1:
+      raise ValueError(f"kv hierarchy chunk must be >= 1, got {self.chunk}")
+    if not 1 <= self.rank <= self.chunk:
+      raise ValueError(f"kv hierarchy rank must be in [1, chunk={self.chunk}], "
+                       f"got {self.rank}")
+
+  @property
+  def ring(self) -> int:
+    """Exact slots per row."""
+    return (self.window + 1) * self.chunk
+
+
+def _factorise(x: Array, rank: int) -> tuple[Array, Array]:
+  """Rank-r factors of x [..., chunk, D] in fp32: (U_r S_r [..., chunk, r], V_r^T [..., r, D])."""
+  u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+  r = min(rank, s.shape[-1])
+  a, b = u[..., :r] * s[..., None, :r], vt[..., :r, :]
+  if r < rank:  # rank > head_dim: pad (the extra factors are zero).
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - r)])
+    b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, rank - r), (0, 0)])
+  return a, b
+
+
+def _rotate(x: Array, positions: Array, inv_freq: tuple[float, ...] | None,
+            sign: float) -> Array:
+  """RoPE by ``sign * positions`` [B, T] on x [L, B, T, H, D] (sign -1 undoes it)."""
+  if inv_freq is None:
+    return x
+  freq = jnp.asarray(inv_freq, jnp.float32)
+  return jax.vmap(lambda xl: rope.apply_rope(xl, sign * positions, freq))(x)
+
+
+def _to_chunks(x: Array, chunk: int) -> Array:
+  """[L, B, G*chunk, H, D] -> [L, B, G, H, chunk, D] (the layout the SVD works on)."""
+  l, b, n, h, d = x.shape
+  return x.reshape(l, b, n // chunk, chunk, h, d).transpose(0, 1, 2, 4, 3, 5)
+
+
+@flax.struct.dataclass
+class HierarchicalKVCache:
+  """Exact ring of recent positions + rank-r factors of older chunks (module docstring).
+
+  Attributes:
+    ring_k, ring_v: [L, B, R + buffer_size, Hkv, Dh] exact K/V of positions
+      ``[frontier - R, frontier)`` at slot ``p % R``, then the unfinished-block buffer.
+    ring_pos: [B, R] int32, the position each ring slot holds (-1 = none).
+    bank_ka, bank_va: [L, B, G, Hkv, chunk, r] left factors of each chunk's K and V.
+    bank_kb, bank_vb: [L, B, G, Hkv, r, Dh] right factors.
+    valid: [B, capacity] bool, committed positions attention may read.
+    block_ids: [B, capacity] int32, block id of each position (as in ``KVCache``).
+    frontier: [B] int32, one past the last committed position.
+    buffer_start: [B] int32, position of the buffer's first slot.
+    capacity, block_size, buffer_size: as in ``KVCache`` (static).
+    hierarchy: the static layout.
+  """
+
+  ring_k: Array
+  ring_v: Array
+  ring_pos: Array
+  bank_ka: Array
+  bank_kb: Array
+  bank_va: Array
+  bank_vb: Array
+  valid: Array
+  block_ids: Array
+  frontier: Array
+  buffer_start: Array
+  capacity: int = flax.struct.field(pytree_node=False)
+  block_size: int = flax.struct.field(pytree_node=False)
+  buffer_size: int = flax.struct.field(pytree_node=False)
+  hierarchy: Hierarchy = flax.struct.field(pytree_node=False)
+  inv_freq: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def empty(cls, spec: kv_cache.KVSpec, batch: int, capacity: int, block_size: int,
+            hierarchy: Hierarchy, buffer_size: int = 0,
+            block_ids: Array | None = None) -> "HierarchicalKVCache":
+    """A cache with nothing committed."""
+    hy = hierarchy
+    g = -(-capacity // hy.chunk)
+    lb = (spec.num_layers, batch)
+    ring = lb + (hy.ring + buffer_size, spec.num_kv_heads, spec.head_dim)
+    left = lb + (g, spec.num_kv_heads, hy.chunk, hy.rank)
+    right = lb + (g, spec.num_kv_heads, hy.rank, spec.head_dim)
+    zeros = lambda shape: jnp.zeros(shape, spec.dtype)
+    slot = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+    return cls(ring_k=zeros(ring), ring_v=zeros(ring),
+               ring_pos=jnp.full((batch, hy.ring), -1, jnp.int32),
+               bank_ka=zeros(left), bank_kb=zeros(right), bank_va=zeros(left),
+               bank_vb=zeros(right), valid=jnp.zeros((batch, capacity), bool),
+               block_ids=slot // block_size if block_ids is None else block_ids,
+               frontier=jnp.zeros((batch,), jnp.int32),
+               buffer_start=jnp.zeros((batch,), jnp.int32), capacity=capacity,
+               block_size=block_size, buffer_size=buffer_size, hierarchy=hy,
+               inv_freq=spec.inv_freq)
+
+  @property
+  def compressed(self) -> Array:
+    """[B] chunks held in the bank: those whose first position is below frontier - R."""
+    hy = self.hierarchy
+    return (jnp.maximum(self.frontier - hy.ring, 0) + hy.chunk - 1) // hy.chunk
+
+  def _bank_write(self, chunks_k: Array, chunks_v: Array, first: Array,
+                  write: Array) -> "HierarchicalKVCache":
+    """Factorises chunks [L, B, n, H, chunk, D] and stores them at chunk ``first[b]``+."""
+    r = self.hierarchy.rank
+    (ka, kb), (va, vb) = _factorise(chunks_k, r), _factorise(chunks_v, r)
+
+    def put(bank, new):
+      fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
+      old = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, new.shape[2], 1),
+                     in_axes=(1, 0), out_axes=1)(bank, first)
+      keep = write.reshape((1,) + write.shape + (1,) * (new.ndim - 3))
+      new = jnp.where(keep, new.astype(bank.dtype), old)
+      return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(bank, new, first)
+
+    return self.replace(bank_ka=put(self.bank_ka, ka), bank_kb=put(self.bank_kb, kb),
+                        bank_va=put(self.bank_va, va), bank_vb=put(self.bank_vb, vb))
+
+  def prefill(self, k: Array, v: Array, valid: Array) -> "HierarchicalKVCache":
+    """Writes the K/V [L, B, n, H, D] of positions 0..n-1; ``valid`` [B, n] is a prefix per row."""
+    hy = self.hierarchy
+    l, b, n = k.shape[:3]
+    frontier = jnp.max(jnp.where(valid, jnp.arange(n)[None] + 1, 0), axis=1).astype(jnp.int32)
+    new = self.replace(valid=self.valid.at[:, :n].set(valid), frontier=frontier)
+    # Bank: every chunk that starts below frontier - R.
+    g = -(-n // hy.chunk)
+    pad = [(0, 0), (0, 0), (0, g * hy.chunk - n), (0, 0), (0, 0)]
+    mask = jnp.pad(valid, [(0, 0), (0, g * hy.chunk - n)])[None, :, :, None, None]
+    cpos = jnp.broadcast_to(jnp.arange(g * hy.chunk, dtype=jnp.int32), (b, g * hy.chunk))
+    kc = _to_chunks(jnp.where(mask, _rotate(jnp.pad(k, pad), cpos, self.inv_freq, -1.0), 0),
+                    hy.chunk)
+    vc = _to_chunks(jnp.where(mask, jnp.pad(v, pad), 0), hy.chunk)
+    write = jnp.arange(g)[None] < new.compressed[:, None]  # [B, g]
+    new = new._bank_write(kc, vc, jnp.zeros((b,), jnp.int32), write)
+    # Ring: slot j holds the newest position p < frontier with p % R == j.
+    j = jnp.arange(hy.ring, dtype=jnp.int32)[None]
+    pos = frontier[:, None] - 1 - (frontier[:, None] - 1 - j) % hy.ring
+    pos = jnp.where((pos >= 0) & (pos >= frontier[:, None] - hy.ring), pos, -1)
+    take = lambda x: jnp.take_along_axis(
+        x, jnp.clip(pos, 0, n - 1)[None, :, :, None, None], axis=2).astype(self.ring_k.dtype)
+    return new.replace(ring_k=new.ring_k.at[:, :, :hy.ring].set(take(k)),
+                       ring_v=new.ring_v.at[:, :, :hy.ring].set(take(v)), ring_pos=pos)
+
+  def commit(self, k: Array, v: Array, start: Array, rows: Array,
+             exists: Array | None = None) -> "HierarchicalKVCache":
+    """Commits clean K/V [L, B, T, H, D] at positions ``start[b]..`` (``KVCache.commit``).
+
+    Positions must arrive in order (a commit starts at or below the frontier, with
+    T <= chunk); a chunk about to leave the ring is factorised into the bank first.
+    """
+    hy = self.hierarchy
+    t = k.shape[2]
+    if t > hy.chunk:
+      raise ValueError(f"a commit of {t} positions exceeds the kv hierarchy chunk "
+                       f"({hy.chunk}); use chunk >= the decoder's block / stride")
+    b = k.shape[1]
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    inside = pos < self.capacity
+    write = rows[:, None] & inside
+    if exists is not None:
+      write = write & jnp.take_along_axis(exists, jnp.clip(pos, 0, self.capacity - 1), 1)
+    frontier = jnp.maximum(self.frontier,
+                           jnp.max(jnp.where(write, pos + 1, 0), axis=1).astype(jnp.int32))
+    new = self
+    before, after = self.compressed, self.replace(frontier=frontier).compressed
+    leaving = after > before  # At most one chunk per row (T <= chunk).
+
+    def compress(c):
+      ring_slot = (before[:, None] * hy.chunk + jnp.arange(hy.chunk)[None]) % hy.ring
+      gather = lambda x: jnp.take_along_axis(x, ring_slot[None, :, :, None, None], axis=2)
+      cpos = before[:, None] * hy.chunk + jnp.arange(hy.chunk)[None]
+      ok = jnp.take_along_axis(c.valid, jnp.clip(cpos, 0, c.capacity - 1), 1)
+      ok = (ok & (cpos < c.capacity))[None, :, :, None, None]
+      kc = _to_chunks(jnp.where(ok, _rotate(gather(c.ring_k), cpos, c.inv_freq, -1.0), 0),
+                      hy.chunk)
+      vc = _to_chunks(jnp.where(ok, gather(c.ring_v), 0), hy.chunk)
+      return c._bank_write(kc, vc, before, leaving[:, None])
+
+    new = jax.lax.cond(jnp.any(leaving), compress, lambda c: c, new)
+    slot = pos % hy.ring
+    bidx = jnp.arange(b)[:, None]
+    old_k = jnp.take_along_axis(new.ring_k, slot[None, :, :, None, None], axis=2)
+    old_v = jnp.take_along_axis(new.ring_v, slot[None, :, :, None, None], axis=2)
+    w5 = write[None, :, :, None, None]
+    ring_k = new.ring_k.at[:, bidx, slot].set(jnp.where(w5, k.astype(old_k.dtype), old_k))
+    ring_v = new.ring_v.at[:, bidx, slot].set(jnp.where(w5, v.astype(old_v.dtype), old_v))
+    ring_pos = new.ring_pos.at[bidx, slot].set(
+        jnp.where(write, pos, jnp.take_along_axis(new.ring_pos, slot, 1)))
+    # Positions past the capacity are dropped (clipping them would collide with the last).
+    valid = new.valid.at[bidx, pos].set(
+        jnp.take_along_axis(new.valid, jnp.clip(pos, 0, self.capacity - 1), 1) | write,
+        mode="drop")
+    return new.replace(ring_k=ring_k, ring_v=ring_v, ring_pos=ring_pos, valid=valid,
+                       frontier=frontier)
+
+  def write_buffer(self, k: Array, v: Array, start: Array, rows: Array
+                   ) -> "HierarchicalKVCache":
+    """Stores the noisy K/V [L, B, buffer_size, H, D] of the block at ``start`` for ``rows``."""
+    if not self.buffer_size:
+      raise ValueError("this cache has no block buffer (buffer_size=0)")
+    at = self.hierarchy.ring
+    keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
+                                    c[:, :, at:])
+    return self.replace(ring_k=self.ring_k.at[:, :, at:].set(keep(self.ring_k, k)),
+                        ring_v=self.ring_v.at[:, :, at:].set(keep(self.ring_v, v)),
+                        buffer_start=jnp.where(rows, start, self.buffer_start))
+
+  def attention_view(self, buffer_valid: Array | None = None) -> dict:
+    """The ``{"k", "v", "meta"}`` dict the model attends to: [bank | ring | buffer]."""
+    hy = self.hierarchy
+    l, b, g = self.bank_ka.shape[:3]
+    h, d = self.ring_k.shape[3:]
+    n = g * hy.chunk
+    recon = lambda a, c: jnp.einsum("lbghcr,lbghrd->lbgchd", a.astype(jnp.float32),
+                                    c.astype(jnp.float32)).reshape(l, b, n, h, d)
+    dtype = self.ring_k.dtype
+    bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    pad_n = [(0, 0), (0, n - self.capacity)]
+    valid = jnp.pad(self.valid, pad_n)
+    bids = jnp.pad(self.block_ids, pad_n)
+    cut = (self.compressed * hy.chunk)[:, None]
+    bank_ok = valid & (bank_pos < cut)
+    rpos = self.ring_pos
+    cpos = jnp.clip(rpos, 0, self.capacity - 1)
+    ring_ok = ((rpos >= 0) & (rpos >= cut) & jnp.take_along_axis(self.valid, cpos, 1))
+    meta = masks.make_meta(bank_pos, self.block_size, masks.CLEAN,
+                           jnp.where(bank_ok, 0, -1))
+    meta = dataclasses.replace(meta, block_ids=bids)
+    rmeta = masks.make_meta(jnp.maximum(rpos, 0), self.block_size, masks.CLEAN,
+                            jnp.where(ring_ok, 0, -1))
+    rmeta = dataclasses.replace(rmeta, block_ids=jnp.take_along_axis(self.block_ids, cpos, 1))
+    meta = meta.concat(rmeta)
+    if self.buffer_size:
+      pos = self.buffer_start[:, None] + jnp.arange(self.buffer_size, dtype=jnp.int32)
+      bvalid = (jnp.zeros((b, self.buffer_size), bool) if buffer_valid is None
+                else buffer_valid)
+      meta = meta.concat(masks.make_meta(pos, self.block_size, masks.NOISY,
+                                         jnp.where(bvalid, 0, -1)))
+    bank_k = _rotate(recon(self.bank_ka, self.bank_kb), bank_pos, self.inv_freq, 1.0)
+    k = jnp.concatenate([bank_k.astype(dtype), self.ring_k], 2)
+    v = jnp.concatenate([recon(self.bank_va, self.bank_vb).astype(dtype), self.ring_v], 2)
+    return {"k": k, "v": v, "meta": meta}
+
+
+def empty_cache(spec: kv_cache.KVSpec, batch: int, capacity: int, block_size: int,
+                buffer_size: int = 0, block_ids: Array | None = None,
+                hierarchy: Hierarchy | None = None):
+  """A full ``KVCache``, or a ``HierarchicalKVCache`` when ``hierarchy`` is given."""
+  if hierarchy is None:
+    return kv_cache.KVCache.empty(spec, batch, capacity, block_size, buffer_size, block_ids)
+  return HierarchicalKVCache.empty(spec, batch, capacity, block_size, hierarchy,
+                                   buffer_size, block_ids)
+
+
+def cache_bytes(spec: kv_cache.KVSpec, batch: int, capacity: int,
+                hierarchy: Hierarchy | None = None, buffer_size: int = 0) -> int:
+  """Bytes a decoder's cache holds between forwards (every array of its state)."""
+  shapes = jax.eval_shape(lambda: empty_cache(spec, batch, capacity, 1, buffer_size,
+                                              None, hierarchy))
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(shapes)))
