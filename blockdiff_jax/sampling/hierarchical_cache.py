@@ -6,7 +6,10 @@ live in a ring of ``(window + 1) * chunk`` slots (``ring[p % R]`` holds position
 exact. When a position is about to leave the ring, its whole chunk is first
 factorised per layer, row and KV head: K_g ≈ A_g B_g with A_g [chunk, r] (left
 singular vectors times singular values) and B_g [r, head_dim] (right singular
-vectors), the same for V, and the factors go to a bank indexed by chunk. Memory per
+vectors), the same for V, and the factors go to a bank indexed by chunk. Keys are
+factorised with their RoPE rotation undone (``KVSpec.inv_freq``) and rotated back when
+read: a chunk's keys are much closer to low rank before the position-dependent
+rotation than after it (a test builds rank-2 keys to show it). Memory per
 chunk and head drops from ``chunk * head_dim`` to ``r * (chunk + head_dim)`` values;
 the ring is fixed, so at long context the cache costs about
 ``r * (chunk + head_dim) / (chunk * head_dim)`` of the full one.
@@ -79,10 +82,20 @@ class Hierarchy:
 
 
 def _factorise(x: Array, rank: int) -> tuple[Array, Array]:
-  """Rank-r factors of x [..., chunk, D] in fp32: (U_r S_r [..., chunk, r], V_r^T [..., r, D])."""
-  u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
-  r = min(rank, s.shape[-1])
-  a, b = u[..., :r] * s[..., None, :r], vt[..., :r, :]
+  """Rank-r factors of x [..., chunk, D] in fp32: (x V_r [..., chunk, r], V_r^T [..., r, D]).
+
+  V_r are the top-r eigenvectors of the Gram matrix x^T x, i.e. x's top right singular
+  vectors, so x V_r V_r^T is the best rank-r approximation (Eckart-Young) and x V_r =
+  U_r S_r. Through ``eigh`` rather than ``svd``: ``jnp.linalg.svd`` inside the decoders'
+  jitted loop hung XLA:CPU on the second call (jax 0.10.2, 2 cores); ``eigh`` did not.
+  """
+  x = x.astype(jnp.float32)
+  gram = jnp.einsum("...cd,...ce->...de", x, x, precision=jax.lax.Precision.HIGHEST)
+  _, vecs = jnp.linalg.eigh(gram)  # Ascending eigenvalues.
+  r = min(rank, vecs.shape[-1])
+  v_r = vecs[..., ::-1][..., :r]  # [..., D, r], largest first.
+  a = jnp.einsum("...cd,...dr->...cr", x, v_r, precision=jax.lax.Precision.HIGHEST)
+  b = jnp.swapaxes(v_r, -1, -2)
   if r < rank:  # rank > head_dim: pad (the extra factors are zero).
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - r)])
     b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, rank - r), (0, 0)])
@@ -281,7 +294,8 @@ class HierarchicalKVCache:
     h, d = self.ring_k.shape[3:]
     n = g * hy.chunk
     recon = lambda a, c: jnp.einsum("lbghcr,lbghrd->lbgchd", a.astype(jnp.float32),
-                                    c.astype(jnp.float32)).reshape(l, b, n, h, d)
+                                    c.astype(jnp.float32),
+                                    precision=jax.lax.Precision.HIGHEST).reshape(l, b, n, h, d)
     dtype = self.ring_k.dtype
     bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     pad_n = [(0, 0), (0, n - self.capacity)]
