@@ -39,6 +39,9 @@ def _reference_view(full_k, frontier, valid, hy, inv_freq=None):
   out = {}
   for g in range(cut // hy.chunk):
     lo = g * hy.chunk
+    if g < hy.sinks:  # Attention sinks stay exact.
+      out.update({p: full_k[:, p] for p in range(lo, lo + hy.chunk) if valid[p]})
+      continue
     pos = np.arange(lo, lo + hy.chunk, dtype=np.float64)
     x = full_k[:, lo:lo + hy.chunk].astype(np.float64)  # [L, C, H, D]
     if inv_freq is not None:
@@ -69,11 +72,12 @@ def _view_by_position(view, row):
   return got
 
 
-@pytest.mark.parametrize("window,chunk,rank,width,rope", [
-    (1, 4, 2, 1, False), (2, 4, 3, 3, True), (1, 8, 8, 8, False), (3, 2, 1, 2, True)])
+@pytest.mark.parametrize("window,chunk,rank,width,rope,sinks", [
+    (1, 4, 2, 1, False, 0), (2, 4, 3, 3, True, 1), (1, 8, 8, 8, False, 1),
+    (3, 2, 1, 2, True, 3)])
 def test_cache_matches_reference_through_prefill_and_commits(window, chunk, rank, width,
-                                                             rope):
-  hy = hc.Hierarchy(window=window, chunk=chunk, rank=rank)
+                                                             rope, sinks):
+  hy = hc.Hierarchy(window=window, chunk=chunk, rank=rank, sinks=sinks)
   inv_freq = (1.0, 0.3, 0.01) if rope else None
   spec = kv_cache.KVSpec(SPEC.num_layers, SPEC.num_kv_heads, SPEC.head_dim,
                          inv_freq=inv_freq)
@@ -119,10 +123,10 @@ def test_cache_matches_reference_through_prefill_and_commits(window, chunk, rank
 
 def test_low_rank_error_is_the_svd_tail():
   # Eckart-Young: the relative Frobenius error of a rank-r chunk is its singular-value tail.
-  hy = hc.Hierarchy(window=1, chunk=8, rank=2)
+  hy = hc.Hierarchy(window=1, chunk=8, rank=2, sinks=0)
   rng = np.random.default_rng(0)
   k = rng.normal(size=(1, 1, 24, 1, 6)).astype(np.float32)
-  cache = hc.HierarchicalKVCache.empty(kv_cache.KVSpec(1, 1, 6), 1, 24, 8, hy)
+  cache = hc.HierarchicalKVCache.empty(kv_cache.KVSpec(1, 1, 6), 1, 24, 8, hy)  # no sinks
   cache = cache.prefill(jnp.asarray(k), jnp.asarray(k), jnp.ones((1, 24), bool))
   assert int(cache.compressed[0]) == 1  # frontier 24, ring 16: chunk 0 left the ring.
   got = np.asarray(cache.attention_view()["k"][0, 0, :8, 0])
@@ -143,7 +147,7 @@ def test_keys_low_rank_before_rope_compress_exactly_with_the_rotation_undone():
   errs = {}
   for freq in (None, inv_freq):
     spec = kv_cache.KVSpec(1, 1, 8, inv_freq=freq)
-    cache = hc.HierarchicalKVCache.empty(spec, 1, 32, 8, hc.Hierarchy(1, 8, 2))
+    cache = hc.HierarchicalKVCache.empty(spec, 1, 32, 8, hc.Hierarchy(1, 8, 2, sinks=0))
     cache = cache.prefill(jnp.asarray(k), jnp.asarray(k), jnp.ones((1, 32), bool))
     got = np.asarray(cache.attention_view()["k"][0, 0, :16])
     errs[freq is None] = np.linalg.norm(got - k[0, 0, :16]) / np.linalg.norm(k[0, 0, :16])
@@ -162,7 +166,7 @@ def test_cache_bytes_follow_the_layout(window, chunk, rank, batch, buffer):
   hy = hc.Hierarchy(window=window, chunk=chunk, rank=rank)
   got = hc.cache_bytes(spec, batch, n, hy, buffer_size=buffer)
   assert got == kv_memory.hierarchical_cache_bytes(30, 3, 64, jnp.bfloat16, batch, n,
-                                                   window, chunk, rank, buffer)
+                                                   window, chunk, rank, 1, buffer)
   factors = rank * (chunk + 64) / (chunk * 64)
   assert factors < got / full < factors + 0.01
 
@@ -172,6 +176,8 @@ def test_validation_and_commit_width():
     hc.Hierarchy(window=0)
   with pytest.raises(ValueError, match="rank must be in"):
     hc.Hierarchy(chunk=4, rank=5)
+  with pytest.raises(ValueError, match="sinks must be >= 0"):
+    hc.Hierarchy(sinks=-1)
   cache = hc.HierarchicalKVCache.empty(SPEC, 1, 16, 4, hc.Hierarchy(1, 4, 2))
   k = jnp.zeros((2, 1, 5, 2, 6))
   with pytest.raises(ValueError, match="exceeds the kv hierarchy chunk"):
@@ -195,7 +201,7 @@ def test_sample_config_fields_are_validated(field, value, match):
   if field == "kv_cache":
     s.kv_cache = "hierarchical"
   opt = sample.options_from_config(s, 8, tokenizers.ByteTokenizer())
-  assert opt.kv_hierarchy == hc.Hierarchy(window=2, chunk=64, rank=8)
+  assert opt.kv_hierarchy == hc.Hierarchy(window=2, chunk=64, rank=8, sinks=1)
 
 
 # --- Decoders: with full rank the hierarchical cache decodes exactly like the full one. ---
@@ -265,7 +271,7 @@ def test_low_rank_decoding_differs_and_its_logit_cost_is_measured(tiny):
   kls = {}
   for rank in (1, 4, 8):
     cache = hc.HierarchicalKVCache.empty(model_kv_spec(model), 1, n, 1,
-                                         hc.Hierarchy(window=1, chunk=8, rank=rank))
+                                         hc.Hierarchy(window=1, chunk=8, rank=rank, sinks=0))
     cache = cache.prefill(k, v, jnp.ones((1, n - 1), bool))
     full = kv_cache.KVCache.empty(model_kv_spec(model), 1, n, 1).prefill(
         k, v, jnp.ones((1, n - 1), bool))

@@ -3,7 +3,7 @@
 Arithmetic only (no arrays), so ``--mode=plan`` can count a 131k-token cache of a 7B
 model on a laptop. The layouts are those of ``sampling/kv_cache.py`` (every position's
 K/V) and ``sampling/hierarchical_cache.py`` (an exact ring of ``(window + 1) * chunk``
-positions plus rank-r factors of every chunk); a test checks these counts against the
+positions and of the first ``sinks`` chunks, plus rank-r factors of every chunk); a test checks these counts against the
 arrays those caches allocate.
 """
 
@@ -24,12 +24,13 @@ def full_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype, batch
 
 def hierarchical_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype,
                              batch: int, capacity: int, window: int, chunk: int, rank: int,
-                             buffer_size: int = 0) -> int:
-  """Bytes of a ``HierarchicalKVCache`` (exact ring + rank-r factors of every chunk)."""
+                             sinks: int = 1, buffer_size: int = 0) -> int:
+  """Bytes of a ``HierarchicalKVCache`` (exact ring and sink chunks + rank-r factors)."""
   item = np.dtype(dtype).itemsize
   ring = (window + 1) * chunk
   chunks = -(-capacity // chunk)
-  exact = 2 * num_layers * batch * (ring + buffer_size) * kv_heads * head_dim * item
+  sink = min(sinks, chunks) * chunk
+  exact = 2 * num_layers * batch * (ring + buffer_size + sink) * kv_heads * head_dim * item
   factors = 2 * num_layers * batch * chunks * kv_heads * rank * (chunk + head_dim) * item
   # ring_pos per slot, frontier and buffer_start per row.
   bookkeeping = batch * (capacity * _POSITION_BYTES + ring * 4 + 2 * _ROW_BYTES)

@@ -60,11 +60,15 @@ class Hierarchy:
     chunk: positions per compressed unit (>= the widest commit: a diffusion block,
       ISD's stride, 1 for AR).
     rank: rank r of each chunk's K and V factorisation per layer, row and KV head.
+    sinks: chunks at the start of the sequence kept exact for good (StreamingLLM's
+      attention sinks: the first tokens draw large attention weights, and compressing
+      them moves the output most; on SmolLM2 one exact chunk of 64 cuts the KL 5-25x).
   """
 
   window: int = 2
   chunk: int = 64
   rank: int = 8
+  sinks: int = 1
 
   def __post_init__(self):
     if self.window < 1:
@@ -74,6 +78,8 @@ class Hierarchy:
     if not 1 <= self.rank <= self.chunk:
       raise ValueError(f"kv hierarchy rank must be in [1, chunk={self.chunk}], "
                        f"got {self.rank}")
+    if self.sinks < 0:
+      raise ValueError(f"kv hierarchy sinks must be >= 0 chunks, got {self.sinks}")
 
   @property
   def ring(self) -> int:
@@ -111,6 +117,18 @@ def _rotate(x: Array, positions: Array, inv_freq: tuple[float, ...] | None,
   return jax.vmap(lambda xl: rope.apply_rope(xl, sign * positions, freq))(x)
 
 
+def _row_take(x: Array, start: Array, size: int) -> Array:
+  """x [L, B, S, ...] -> [L, B, size, ...] from slot ``start[b]`` per row."""
+  fn = lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=1)
+  return jax.vmap(fn, in_axes=(1, 0), out_axes=1)(x, start)
+
+
+def _row_put(x: Array, update: Array, start: Array) -> Array:
+  """Writes update [L, B, T, ...] into x [L, B, S, ...] at slot ``start[b]`` per row."""
+  fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
+  return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(x, update, start)
+
+
 def _to_chunks(x: Array, chunk: int) -> Array:
   """[L, B, G*chunk, H, D] -> [L, B, G, H, chunk, D] (the layout the SVD works on)."""
   l, b, n, h, d = x.shape
@@ -127,6 +145,8 @@ class HierarchicalKVCache:
     ring_pos: [B, R] int32, the position each ring slot holds (-1 = none).
     bank_ka, bank_va: [L, B, G, Hkv, chunk, r] left factors of each chunk's K and V.
     bank_kb, bank_vb: [L, B, G, Hkv, r, Dh] right factors.
+    sink_k, sink_v: [L, B, sinks * chunk, Hkv, Dh] exact K/V of the first chunks, read
+      instead of their factors once they left the ring.
     valid: [B, capacity] bool, committed positions attention may read.
     block_ids: [B, capacity] int32, block id of each position (as in ``KVCache``).
     frontier: [B] int32, one past the last committed position.
@@ -142,6 +162,8 @@ class HierarchicalKVCache:
   bank_kb: Array
   bank_va: Array
   bank_vb: Array
+  sink_k: Array
+  sink_v: Array
   valid: Array
   block_ids: Array
   frontier: Array
@@ -163,12 +185,13 @@ class HierarchicalKVCache:
     ring = lb + (hy.ring + buffer_size, spec.num_kv_heads, spec.head_dim)
     left = lb + (g, spec.num_kv_heads, hy.chunk, hy.rank)
     right = lb + (g, spec.num_kv_heads, hy.rank, spec.head_dim)
+    sink = lb + (min(hy.sinks, g) * hy.chunk, spec.num_kv_heads, spec.head_dim)
     zeros = lambda shape: jnp.zeros(shape, spec.dtype)
     slot = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
     return cls(ring_k=zeros(ring), ring_v=zeros(ring),
                ring_pos=jnp.full((batch, hy.ring), -1, jnp.int32),
                bank_ka=zeros(left), bank_kb=zeros(right), bank_va=zeros(left),
-               bank_vb=zeros(right), valid=jnp.zeros((batch, capacity), bool),
+               bank_vb=zeros(right), sink_k=zeros(sink), sink_v=zeros(sink), valid=jnp.zeros((batch, capacity), bool),
                block_ids=slot // block_size if block_ids is None else block_ids,
                frontier=jnp.zeros((batch,), jnp.int32),
                buffer_start=jnp.zeros((batch,), jnp.int32), capacity=capacity,
@@ -214,6 +237,14 @@ class HierarchicalKVCache:
     vc = _to_chunks(jnp.where(mask, jnp.pad(v, pad), 0), hy.chunk)
     write = jnp.arange(g)[None] < new.compressed[:, None]  # [B, g]
     new = new._bank_write(kc, vc, jnp.zeros((b,), jnp.int32), write)
+    sn = min(self.sink_k.shape[2], n)
+    if sn:
+      keep = valid[None, :, :sn, None, None]
+      new = new.replace(
+          sink_k=new.sink_k.at[:, :, :sn].set(jnp.where(keep, k[:, :, :sn], 0).astype(
+              new.sink_k.dtype)),
+          sink_v=new.sink_v.at[:, :, :sn].set(jnp.where(keep, v[:, :, :sn], 0).astype(
+              new.sink_v.dtype)))
     # Ring: slot j holds the newest position p < frontier with p % R == j.
     j = jnp.arange(hy.ring, dtype=jnp.int32)[None]
     pos = frontier[:, None] - 1 - (frontier[:, None] - 1 - j) % hy.ring
@@ -256,7 +287,16 @@ class HierarchicalKVCache:
       kc = _to_chunks(jnp.where(ok, _rotate(gather(c.ring_k), cpos, c.inv_freq, -1.0), 0),
                       hy.chunk)
       vc = _to_chunks(jnp.where(ok, gather(c.ring_v), 0), hy.chunk)
-      return c._bank_write(kc, vc, before, leaving[:, None])
+      c = c._bank_write(kc, vc, before, leaving[:, None])
+      if c.sink_k.shape[2]:  # A sink chunk also keeps its exact K/V.
+        at = jnp.minimum(before * hy.chunk, c.sink_k.shape[2] - hy.chunk)
+        to_sink = (leaving & (before < c.sink_k.shape[2] // hy.chunk))[None, :, None, None,
+                                                                        None]
+        put = lambda store, x: _row_put(store, jnp.where(
+            to_sink, jnp.where(ok, x, 0), _row_take(store, at, hy.chunk)), at)
+        c = c.replace(sink_k=put(c.sink_k, gather(c.ring_k)),
+                      sink_v=put(c.sink_v, gather(c.ring_v)))
+      return c
 
     new = jax.lax.cond(jnp.any(leaving), compress, lambda c: c, new)
     slot = pos % hy.ring
@@ -320,8 +360,13 @@ class HierarchicalKVCache:
       meta = meta.concat(masks.make_meta(pos, self.block_size, masks.NOISY,
                                          jnp.where(bvalid, 0, -1)))
     bank_k = _rotate(recon(self.bank_ka, self.bank_kb), bank_pos, self.inv_freq, 1.0)
+    bank_v = recon(self.bank_va, self.bank_vb)
+    sn = self.sink_k.shape[2]
+    if sn:
+      bank_k = bank_k.at[:, :, :sn].set(self.sink_k.astype(bank_k.dtype))
+      bank_v = bank_v.at[:, :, :sn].set(self.sink_v.astype(bank_v.dtype))
     k = jnp.concatenate([bank_k.astype(dtype), self.ring_k], 2)
-    v = jnp.concatenate([recon(self.bank_va, self.bank_vb).astype(dtype), self.ring_v], 2)
+    v = jnp.concatenate([bank_v.astype(dtype), self.ring_v], 2)
     return {"k": k, "v": v, "meta": meta}
 
 

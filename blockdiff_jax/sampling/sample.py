@@ -46,6 +46,7 @@ def default_sample_config() -> ml_collections.ConfigDict:
   s.kv_window = 2  # hierarchical: whole chunks kept exact before the one being filled.
   s.kv_chunk = 64  # hierarchical: positions per compressed chunk (>= block / ISD stride).
   s.kv_rank = 8  # hierarchical: rank of each chunk's K and V per layer and KV head.
+  s.kv_sinks = 1  # hierarchical: chunks at the start kept exact (attention sinks).
   s.temperature = 0.0  # 0 = greedy.
   s.top_k = 0  # Keep the k most likely tokens when sampling; 0 = all.
   s.top_p = 1.0  # Nucleus mass when sampling; 1 = all.
@@ -81,7 +82,7 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
                        f"decoder ({widest} positions: the block size or ISD stride)")
     hierarchy = hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
-                                             rank=s.kv_rank)
+                                             rank=s.kv_rank, sinks=s.get("kv_sinks", 1))
   policy = policies.make_policy("threshold" if one_token else s.policy,
                                 None if one_token else s.policy_value)
   return layout.DecodeOptions(

@@ -179,8 +179,9 @@ def decode_cache_bytes(cfg: transformer.TransformerConfig,
          "full": kv_memory.full_cache_bytes(*shape)}
   if s is not None and "kv_chunk" in s:
     out["hierarchical"] = kv_memory.hierarchical_cache_bytes(
-        *shape, s.kv_window, s.kv_chunk, s.kv_rank)
-    out["hierarchy"] = {"window": s.kv_window, "chunk": s.kv_chunk, "rank": s.kv_rank}
+        *shape, s.kv_window, s.kv_chunk, s.kv_rank, s.get("kv_sinks", 1))
+    out["hierarchy"] = {"window": s.kv_window, "chunk": s.kv_chunk, "rank": s.kv_rank,
+                        "sinks": s.get("kv_sinks", 1)}
   return out
 
 

@@ -1,0 +1,135 @@
+"""Long-context evaluation of a decoder KV cache: fidelity against the full cache, retrieval.
+
+Two measurements, for any model and any ``hierarchical_cache.Hierarchy``:
+
+* ``cache_fidelity``: the text's first ``prefix`` tokens are cached (full, and
+  hierarchical), then the next ``query`` tokens run as one causal forward against each
+  cache, teacher-forced. The KL(full || hierarchical) of the next-token
+  distributions at those positions, and how often the argmax changes, say what the
+  compression costs the model (the query tokens' own K/V are exact in both, as in
+  decoding, where only committed context is compressed).
+* ``retrieval``: passkey / key-value prompts (``data/long_context.py``) answered by greedy
+  AR decoding with the cache under test, scored by exact match of the answer.
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdiff_jax import masks
+from blockdiff_jax.data import long_context
+from blockdiff_jax.sampling import ar
+from blockdiff_jax.sampling import hierarchical_cache
+from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import logits as logits_lib
+
+Array = Any
+
+
+def _causal_meta(start: int, n: int) -> masks.TokenMeta:
+  pos = jnp.arange(start, start + n, dtype=jnp.int32)[None]
+  return masks.make_meta(pos, 1, masks.CLEAN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+  """Next-token fidelity of a compressed cache against the full one.
+
+  Attributes:
+    kl: mean KL(full || compressed) of the next-token distributions, in nats.
+    kl_max: the largest KL over the query positions.
+    top1_agreement: fraction of query positions whose argmax is unchanged.
+    compressed_fraction: share of the cached positions held in compressed form.
+  """
+
+  kl: float
+  kl_max: float
+  top1_agreement: float
+  compressed_fraction: float
+
+
+def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
+                   hierarchies: Sequence[hierarchical_cache.Hierarchy]) -> list[Fidelity]:
+  """KL of next-token distributions with each hierarchy's cache against the full cache.
+
+  Args:
+    model: a ``Transformer`` (or a ``logits.LogitsFn``) with causal (AR) semantics.
+    params: its parameters.
+    tokens: int [T] token ids; positions [0, prefix) are cached, the rest are queries.
+    prefix: cached positions.
+    hierarchies: caches to compare with the full one.
+
+  Returns:
+    One ``Fidelity`` per hierarchy.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  query = len(tokens) - prefix
+  if prefix < 1 or query < 1:
+    raise ValueError(f"cache_fidelity needs 0 < prefix < len(tokens), got prefix={prefix} "
+                     f"of {len(tokens)}")
+  fn = logits_lib.as_logits_fn(model)
+  spec = fn.kv_spec
+  ids = jnp.asarray(tokens)[None]
+  prefill = jax.jit(lambda p, t: fn(p, t, _causal_meta(0, prefix), None, None)[1])
+  k, v = prefill(params, ids[:, :prefix])
+  valid = jnp.ones((1, prefix), bool)
+
+  @jax.jit
+  def logp(p, cache):
+    logits = fn(p, ids[:, prefix:], _causal_meta(prefix, query), cache.attention_view(),
+                None)[0]
+    return jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+
+  full = hierarchical_cache.empty_cache(spec, 1, prefix, 1).prefill(k, v, valid)
+  ref = logp(params, full)
+  out = []
+  for hy in hierarchies:
+    cache = hierarchical_cache.empty_cache(spec, 1, prefix, 1, hierarchy=hy)
+    cache = jax.jit(lambda c, k, v: c.prefill(k, v, valid))(cache, k, v)
+    got = logp(params, cache)
+    kl = jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
+    agree = jnp.argmax(ref, -1) == jnp.argmax(got, -1)
+    out.append(Fidelity(kl=float(jnp.mean(kl)), kl_max=float(jnp.max(kl)),
+                        top1_agreement=float(jnp.mean(agree)),
+                        compressed_fraction=int(cache.compressed[0]) * hy.chunk / prefix))
+  return out
+
+
+def answer_matches(completion: str, answer: str) -> bool:
+  """The completion starts with the answer, not followed by more of a number or hex key."""
+  text = long_context.clean_completion(completion).strip(" \"'")
+  return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+
+
+def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongContextExample],
+              options: layout.DecodeOptions, max_new_tokens: int = 8,
+              on_example: Callable[[int, dict], None] | None = None) -> list[dict]:
+  """Greedy AR answers to long-context prompts with ``options``' cache; one dict each.
+
+  Every prompt decodes alone (batch 1) so that its length sets its own cache size.
+
+  Returns:
+    ``[{"task", "length", "depth", "answer", "completion", "hit", "seconds"}]``.
+  """
+  rows = []
+  for i, ex in enumerate(examples):
+    cv = layout.generation_canvas([ex.prompt_ids], max_new_tokens, 1, tokenizer.mask_id,
+                                  len(ex.prompt_ids) + max_new_tokens)
+    t0 = time.perf_counter()
+    out = ar.decode_ar(model, params, cv, options)
+    seconds = time.perf_counter() - t0
+    gen = out["tokens"][0, len(ex.prompt_ids):cv.length[0]]
+    cut = np.nonzero(gen == tokenizer.eos_id)[0]
+    gen = gen[:cut[0]] if cut.size else gen
+    completion = tokenizer.decode(gen)
+    row = {"task": ex.task, "length": ex.length, "depth": ex.depth, "answer": ex.answer,
+           "completion": completion, "hit": answer_matches(completion, ex.answer),
+           "seconds": seconds}
+    rows.append(row)
+    if on_example is not None:
+      on_example(i, row)
+  return rows
