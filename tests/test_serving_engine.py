@@ -8,6 +8,7 @@ import pytest
 
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import build
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
@@ -183,6 +184,9 @@ def _alone_decoder(model, params, tok, prompt, max_tokens, options, kind, stride
 # Greedy for every decoder; sampled (each request its own seed) for one per family.
 SETUPS = [("block", 0, {}, 0.0), ("block", 0, {"sub_block_size": 4}, 0.0),
           ("ar", 0, {}, 0.0), ("isd", 4, {}, 0.0),
+          # The hierarchical cache in the pool (rank 4 of chunks of 8: approximate, and
+          # compressing; rows must still not see each other).
+          ("block", 0, {"kv_hierarchy": hierarchical_cache.Hierarchy(1, 8, 4)}, 0.0),
           ("block", 0, {}, 1.0), ("ar", 0, {}, 1.0), ("isd", 4, {}, 1.0)]
 
 

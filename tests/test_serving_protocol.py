@@ -101,3 +101,21 @@ def test_chat_plain_rendering_for_the_byte_tokenizer():
   with pytest.raises(protocol.ApiError) as e:
     srv.encode("<|mask:3|>")
   assert e.value.param == "prompt"
+
+
+def test_hierarchical_cache_defaults_reach_the_options_and_bound_the_commit_width():
+  from blockdiff_jax.sampling import hierarchical_cache  # pylint: disable=g-import-not-at-top
+  hy = hierarchical_cache.Hierarchy(window=1, chunk=8, rank=4)
+  defaults = protocol.Defaults(kv_hierarchy=hy)
+  call = lambda body, shift: protocol.parse_request(
+      dict({"model": "m", "prompt": "a"}, **body), "m", False, TOK, 8, TOK.mask_id,
+      TOK.eos_id, defaults, shift)
+  assert call({}, False).options.kv_hierarchy == hy  # Blocks of 8 fit chunks of 8.
+  assert call({"policy": "isd", "isd_stride": 8}, True).options.kv_hierarchy == hy
+  with pytest.raises(protocol.ApiError, match="commits 9 at once") as e:
+    call({"policy": "isd", "isd_stride": 9}, True)
+  assert e.value.status == 400 and e.value.param == "isd_stride"
+  small = protocol.Defaults(kv_hierarchy=hierarchical_cache.Hierarchy(1, 4, 4))
+  with pytest.raises(protocol.ApiError, match="commits 8 at once"):
+    protocol.parse_request({"model": "m", "prompt": "a"}, "m", False, TOK, 8, TOK.mask_id,
+                           TOK.eos_id, small, False)

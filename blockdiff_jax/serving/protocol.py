@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any
 
+from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 
@@ -49,6 +50,8 @@ class Defaults:
   max_steps_per_block: int = 0
   max_tokens: int = 16
   isd_stride: int = 4
+  # The server's decoder KV cache (``sample.kv_cache``): None = full, else hierarchical.
+  kv_hierarchy: hierarchical_cache.Hierarchy | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +174,17 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     options = layout.DecodeOptions(
         block_size=block_size, mask_id=mask_id, eos_id=eos_id, policy=policy_obj,
         sampling=sampling, sub_block_size=int(sub), max_steps_per_block=int(steps),
-        edit_threshold=float(edit), token_shift=token_shift)
+        edit_threshold=float(edit), token_shift=token_shift,
+        kv_hierarchy=defaults.kv_hierarchy)
   except ValueError as e:
     field = "sub_block_size" if "sub_block" in str(e) else "edit_threshold"
     raise ApiError(400, str(e), field) from e
+  hy = defaults.kv_hierarchy
+  widest = 1 if policy == "ar" else (stride if policy == "isd" else block_size)
+  if hy is not None and widest > hy.chunk:
+    field = "isd_stride" if policy == "isd" else "policy"
+    raise ApiError(400, f"this server's hierarchical KV cache commits chunks of {hy.chunk} "
+                   f"positions; policy {policy!r} commits {widest} at once", field)
   return Parsed(prompt, max_tokens, options, policy == "ar", int(seed), tuple(stop), stream,
                 stride)
 

@@ -247,6 +247,7 @@ class Server:
 def run(config, workdir: str, host: str | None = None, port: int | None = None) -> None:
   """``--mode=serve``: loads the model, compiles the decoders, serves until interrupted."""
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.serving import config as serve_config  # pylint: disable=g-import-not-at-top
   s = config.get("serve", None) or serve_config.default_serve_config()
   serve_config.validate(s)
@@ -262,7 +263,10 @@ def run(config, workdir: str, host: str | None = None, port: int | None = None) 
                                sub_block_size=smp.sub_block_size,
                                edit_threshold=smp.edit_threshold,
                                max_steps_per_block=smp.max_steps_per_block,
-                               max_tokens=s.max_tokens, isd_stride=smp.isd_stride)
+                               max_tokens=s.max_tokens, isd_stride=smp.isd_stride,
+                               kv_hierarchy=sample.options_from_config(
+                                   smp, config.diffusion.block_size, tokenizer,
+                                   token_shift).kv_hierarchy)
   eng = engine_lib.Engine(model, params, tokenizer, config.diffusion.block_size,
                           s.max_len or config.data.seq_len, s.slots, s.queue_size,
                           context=lambda: inference.inference_context(config),
