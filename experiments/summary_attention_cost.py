@@ -23,21 +23,15 @@ JSON, Markdown and a PNG go to experiments/results/summary_attention_cost.*.
 import argparse
 import datetime
 import json
-import math
 import pathlib
-import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
-import numpy as np
 
-from blockdiff_jax import masks
-from blockdiff_jax.model import attention_ops
-from blockdiff_jax.model import summary_attention
+from blockdiff_jax.evaluation import attention_cost
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -68,77 +62,15 @@ def _parse_args(argv=None):
   return args
 
 
-def best_block(n: int, slots: int, window: int) -> int:
-  """Power-of-two block size minimising (W+1)·B + n·S/B (the logits per query)."""
-  cands = [2 ** i for i in range(2, int(math.log2(n)) + 1)]
-  return min(cands, key=lambda b: ((window + 1) * b + n * slots / b, b))
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost["flops"])
-
-
-def _time(fn, args, iters):
-  jax.block_until_ready(fn(*args))  # warm-up (compile already done)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def _problem(n, args, slots, block):
-  """q, k, v and metadata of [clean stream of n ; its slots] (slots only for summary)."""
-  pos = jnp.arange(n, dtype=jnp.int32)[None]
-  clean = masks.make_meta(pos, block, masks.CLEAN)
-  meta = clean if not slots else clean.concat(masks.summary_slots_meta(clean, block, slots))
-  total = meta.shape[1]
-  shape = lambda h: jax.ShapeDtypeStruct((1, total, h, args.head_dim), jnp.float32)
-  return meta, (shape(args.heads), shape(args.kv_heads), shape(args.kv_heads))
-
-
 def measure(n, kind, args):
-  """FLOPs (compiled HLO) and, if allowed, the wall time of one forward."""
-  if kind == "full":
-    block = best_block(n, args.slots, args.window)  # same blocks; all visible
-    meta, shapes = _problem(n, args, 0, block)
-    fn = jax.jit(lambda q, k, v, m: attention_ops.masked_attention(q, k, v, m, m))
-    logits = n * n
-    timed = n <= args.max_time_full
-  else:
-    block = best_block(n, args.slots, args.window)
-    meta, shapes = _problem(n, args, args.slots, block)
-    layout = masks.SummaryLayout(1, block, args.slots)
-    spec = masks.MaskSpec(window_blocks=args.window)
-    fn = jax.jit(lambda q, k, v, m: summary_attention.structured_attention(
-        q, k, v, m, layout, spec))
-    nb = n // block
-    logits = n * ((args.window + 1) * block + nb * args.slots) + nb * args.slots * (
-        block + args.slots)
-    timed = n <= args.max_time_summary
-  # Metadata is an argument, not a closure constant: XLA must not fold an n x n mask.
-  meta_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), meta)
-  start = time.perf_counter()
-  compiled = fn.lower(*shapes, meta_shapes).compile()
-  row = dict(n=n, kind=kind, block_size=block, logits_per_head=logits,
-             hlo_flops=_flops(compiled), compile_s=time.perf_counter() - start)
-  if timed:
-    keys = jax.random.split(jax.random.key(n), 3)
-    qkv = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, shapes)]
-    row["forward_ms"] = _time(compiled, qkv + [meta], args.iters) * 1e3
-  return row
+  """One row of the table (``attention_cost.measure`` with this run's options)."""
+  shape = attention_cost.AttentionShape(args.heads, args.kv_heads, args.head_dim,
+                                        args.slots, args.window)
+  limit = args.max_time_full if kind == "full" else args.max_time_summary
+  return attention_cost.measure(n, kind, shape, timed=n <= limit, iters=args.iters)
 
 
-def fit_exponent(rows, key):
-  pts = [(r["n"], r[key]) for r in rows if r.get(key)]
-  if len(pts) < 2:
-    return None
-  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-  return float(np.polyfit(x, y, 1)[0])
+fit_exponent = attention_cost.fit_exponent
 
 
 def _write(rows, fits, meta, prefix):
