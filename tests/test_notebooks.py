@@ -20,6 +20,11 @@ NOTEBOOKS = {
     "decoding.ipynb": ({"DECODING_ADAPT_STEPS": "0", "DECODING_MAX_NEW": "12",
                         "DECODING_WORKDIR": "{tmp}"}, [
         "ISD identical to AR: True", "same text as AR: True", "forwards for"]),
+    # FLOPs up to 8k, a 320-token pass key with chunks of 32 (two thirds compressed).
+    "long_context.ipynb": ({"LONG_CONTEXT_MAX_N": "8192", "LONG_CONTEXT_PASSKEY_LENGTH": "320",
+                            "LONG_CONTEXT_CHUNK": "32", "LONG_CONTEXT_RANK": "8"}, [
+        "fitted exponent of n", "of full", "full-cache answer equals the pass key: True",
+        "compressed"]),
     "checkpoints.ipynb": ({"CHECKPOINTS_STEPS": "3"}, [
         "8 devices", "P('tensor', 'fsdp')", "hold the same values",
         "exported and reloaded parameters are identical"]),
