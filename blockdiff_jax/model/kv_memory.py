@@ -22,13 +22,22 @@ def full_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype, batch
   return kv + batch * (capacity * _POSITION_BYTES + _ROW_BYTES)
 
 
+def summary_bank_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype, batch: int,
+                       capacity: int, block_size: int, num_slots: int) -> int:
+  """Bytes of the summary slots a block decoder keeps for a summary-token model."""
+  slots = capacity // block_size * num_slots
+  kv = 2 * num_layers * batch * slots * kv_heads * head_dim * np.dtype(dtype).itemsize
+  return kv + batch * slots * (4 + 4 + 1)  # positions, block ids, valid.
+
+
 def hierarchical_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype,
                              batch: int, capacity: int, window: int, chunk: int, rank: int,
-                             sinks: int = 1, buffer_size: int = 0) -> int:
-  """Bytes of a ``HierarchicalKVCache`` (exact ring and sink chunks + rank-r factors)."""
+                             sinks: int = 1, buffer_size: int = 0, form: str = "rank") -> int:
+  """Bytes of a ``HierarchicalKVCache`` (exact ring and sink chunks + rank-r factors;
+  the summary form keeps the ring only)."""
   item = np.dtype(dtype).itemsize
   ring = (window + 1) * chunk
-  chunks = -(-capacity // chunk)
+  chunks = -(-capacity // chunk) if form == "rank" else 0
   sink = min(sinks, chunks) * chunk
   exact = 2 * num_layers * batch * (ring + buffer_size + sink) * kv_heads * head_dim * item
   factors = 2 * num_layers * batch * chunks * kv_heads * rank * (chunk + head_dim) * item

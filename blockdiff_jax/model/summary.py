@@ -14,6 +14,10 @@ Which forwards get slots (``Transformer.__call__(..., summary=...)``):
   BD3 / Fast-dLLM objectives, validation and likelihood evaluation need no change.
 * ``"clean"``: a clean-only input (a prompt prefill, a block being committed):
   each of its blocks gets slots. ``summarize_block`` wraps this for decoders.
+* ``"first_block"``: slots for the input's first block only, which must be clean (the
+  block decoder's step: ``[block being committed ; noisy block]``, so a block's slots
+  come out of the forward that commits it). The noisy block does not read them (they
+  belong to a block inside its window), so its logits are those of ``"none"``.
 * ``"none"`` (default of ``apply``): no slots; older blocks are seen through the
   summary K/V already in the cache (a decoding step).
 
@@ -30,7 +34,7 @@ from blockdiff_jax import masks
 
 Array = Any
 
-MODES = ("bd3", "clean", "none")
+MODES = ("bd3", "clean", "first_block", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,13 @@ class SummaryConfig:
       return None
     return masks.SummaryLayout(streams=2 if mode == "bd3" else 1,
                                block_size=self.block_size, num_slots=self.num_slots)
+
+  def slot_meta(self, meta: masks.TokenMeta, mode: str) -> masks.TokenMeta:
+    """Metadata of the slots a forward in ``mode`` appends to an input with ``meta``."""
+    if mode == "first_block":
+      return masks.summary_slots_meta(meta.slice(0, self.block_size), self.block_size,
+                                      self.num_slots)
+    return summary_meta_for(meta, self.layout(mode))
 
 
 def from_config(summary, block_size: int | None) -> SummaryConfig | None:

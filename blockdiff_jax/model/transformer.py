@@ -205,7 +205,8 @@ class Transformer(nn.Module):
       return_kv: also return the rotated keys/values of ``tokens`` for caching.
       logits_slice: static ``(start, length)``: compute the head only there.
       summary: static: which summary slots to append (``model/summary.py``):
-        "bd3" (input ``[x_t ; x_0]``), "clean" (clean-only input) or "none".
+        "bd3" (input ``[x_t ; x_0]``), "clean" (clean-only input), "first_block" (the
+        input's first block, clean) or "none".
     """
     cfg = self.cfg
     dtype = cfg.compute_dtype
@@ -235,7 +236,7 @@ class Transformer(nn.Module):
       raise ValueError(f"summary={summary!r} needs summary tokens "
                        "(model.summary.num_slots > 0)")
     if layout is not None:
-      slot_meta = summary_lib.summary_meta_for(meta, layout)
+      slot_meta = cfg.summary.slot_meta(meta, summary)
       num_blocks = slot_meta.shape[-1] // layout.num_slots
       slots = jnp.broadcast_to(table.astype(dtype)[None, None],
                                (x.shape[0], num_blocks) + table.shape)
@@ -247,7 +248,7 @@ class Transformer(nn.Module):
             [lora_gate, jnp.zeros(slot_meta.shape, lora_gate.dtype)], axis=1)
       # Only full-sequence passes use the structured path; with a cache it
       # falls back to the materialised mask (a block against a short cache).
-      attn_layout = layout if cache is None else None
+      attn_layout = layout if cache is None and summary != "first_block" else None
     else:
       attn_layout = None
 

@@ -167,6 +167,7 @@ def init(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt
                            jnp.ones((b, 1), bool)))
     inp = jnp.concatenate([tokens[:, :pmax], jnp.full((b, 1), opt.mask_id, jnp.int32)], 1)
     logits, (k, v), _ = logits_fn(params, inp, m, None, (pmax, 1))
+  hierarchical_cache.check_one_token_decoder(opt.kv_hierarchy, "AR")
   cache = hierarchical_cache.empty_cache(
       logits_fn.kv_spec, b, s, bk, block_ids=_block_ids(slot, prompt_len, bk, opt.token_shift),
       hierarchy=opt.kv_hierarchy)

@@ -31,9 +31,11 @@ forwards is the compressed state, which is what ``cache_bytes`` counts. With
 that to check decoding equals the full cache); lower ranks are approximate and
 ``experiments/long_context_cache.py`` measures the KL and passkey cost.
 
-The other form ChatDLM describes, summary-token K/V for older blocks, is exact for a
-model trained with summary tokens (``model/summary.py``, ``summarize_block``); it is
-not a decoder cache yet (see the README's long-context section).
+The other form ChatDLM describes, ``form="summary"``, is for a model trained with
+summary tokens (``model/summary.py``): it keeps only the ring, and older blocks are read
+through their summary slots, which the block decoder keeps beside the cache
+(``summary_bank``). Such a model never reads full K/V older than its window, so with a
+ring that covers the window this form decodes exactly like the full cache.
 """
 
 import dataclasses
@@ -63,12 +65,15 @@ class Hierarchy:
     sinks: chunks at the start of the sequence kept exact for good (StreamingLLM's
       attention sinks: the first tokens draw large attention weights, and compressing
       them moves the output most; on SmolLM2 one exact chunk of 64 cuts the KL 5-25x).
+    form: "rank" (older chunks as rank-r factors) or "summary" (older positions are
+      dropped: a summary-token model reads them through its summary slots).
   """
 
   window: int = 2
   chunk: int = 64
   rank: int = 8
   sinks: int = 1
+  form: str = "rank"
 
   def __post_init__(self):
     if self.window < 1:
@@ -80,6 +85,8 @@ class Hierarchy:
                        f"got {self.rank}")
     if self.sinks < 0:
       raise ValueError(f"kv hierarchy sinks must be >= 0 chunks, got {self.sinks}")
+    if self.form not in ("rank", "summary"):
+      raise ValueError(f"kv hierarchy form must be 'rank' or 'summary', got {self.form!r}")
 
   @property
   def ring(self) -> int:
@@ -180,7 +187,7 @@ class HierarchicalKVCache:
             block_ids: Array | None = None) -> "HierarchicalKVCache":
     """A cache with nothing committed."""
     hy = hierarchy
-    g = -(-capacity // hy.chunk)
+    g = -(-capacity // hy.chunk) if hy.form == "rank" else 0  # Summary form: no bank.
     lb = (spec.num_layers, batch)
     ring = lb + (hy.ring + buffer_size, spec.num_kv_heads, spec.head_dim)
     left = lb + (g, spec.num_kv_heads, hy.chunk, hy.rank)
@@ -227,6 +234,21 @@ class HierarchicalKVCache:
     l, b, n = k.shape[:3]
     frontier = jnp.max(jnp.where(valid, jnp.arange(n)[None] + 1, 0), axis=1).astype(jnp.int32)
     new = self.replace(valid=self.valid.at[:, :n].set(valid), frontier=frontier)
+    if hy.form == "rank":
+      new = new._prefill_bank(k, v, valid)
+    # Ring: slot j holds the newest position p < frontier with p % R == j.
+    j = jnp.arange(hy.ring, dtype=jnp.int32)[None]
+    pos = frontier[:, None] - 1 - (frontier[:, None] - 1 - j) % hy.ring
+    pos = jnp.where((pos >= 0) & (pos >= frontier[:, None] - hy.ring), pos, -1)
+    take = lambda x: jnp.take_along_axis(
+        x, jnp.clip(pos, 0, n - 1)[None, :, :, None, None], axis=2).astype(self.ring_k.dtype)
+    return new.replace(ring_k=new.ring_k.at[:, :, :hy.ring].set(take(k)),
+                       ring_v=new.ring_v.at[:, :, :hy.ring].set(take(v)), ring_pos=pos)
+
+  def _prefill_bank(self, k: Array, v: Array, valid: Array) -> "HierarchicalKVCache":
+    """Factorises (and keeps the sinks of) every chunk that starts below frontier - R."""
+    hy, new = self.hierarchy, self
+    b, n = k.shape[1:3]
     # Bank: every chunk that starts below frontier - R.
     g = -(-n // hy.chunk)
     pad = [(0, 0), (0, 0), (0, g * hy.chunk - n), (0, 0), (0, 0)]
@@ -245,14 +267,7 @@ class HierarchicalKVCache:
               new.sink_k.dtype)),
           sink_v=new.sink_v.at[:, :, :sn].set(jnp.where(keep, v[:, :, :sn], 0).astype(
               new.sink_v.dtype)))
-    # Ring: slot j holds the newest position p < frontier with p % R == j.
-    j = jnp.arange(hy.ring, dtype=jnp.int32)[None]
-    pos = frontier[:, None] - 1 - (frontier[:, None] - 1 - j) % hy.ring
-    pos = jnp.where((pos >= 0) & (pos >= frontier[:, None] - hy.ring), pos, -1)
-    take = lambda x: jnp.take_along_axis(
-        x, jnp.clip(pos, 0, n - 1)[None, :, :, None, None], axis=2).astype(self.ring_k.dtype)
-    return new.replace(ring_k=new.ring_k.at[:, :, :hy.ring].set(take(k)),
-                       ring_v=new.ring_v.at[:, :, :hy.ring].set(take(v)), ring_pos=pos)
+    return new
 
   def commit(self, k: Array, v: Array, start: Array, rows: Array,
              exists: Array | None = None) -> "HierarchicalKVCache":
@@ -298,7 +313,8 @@ class HierarchicalKVCache:
                       sink_v=put(c.sink_v, gather(c.ring_v)))
       return c
 
-    new = jax.lax.cond(jnp.any(leaving), compress, lambda c: c, new)
+    if hy.form == "rank":
+      new = jax.lax.cond(jnp.any(leaving), compress, lambda c: c, new)
     slot = pos % hy.ring
     bidx = jnp.arange(b)[:, None]
     old_k = jnp.take_along_axis(new.ring_k, slot[None, :, :, None, None], axis=2)
@@ -330,44 +346,56 @@ class HierarchicalKVCache:
   def attention_view(self, buffer_valid: Array | None = None) -> dict:
     """The ``{"k", "v", "meta"}`` dict the model attends to: [bank | ring | buffer]."""
     hy = self.hierarchy
-    l, b, g = self.bank_ka.shape[:3]
-    h, d = self.ring_k.shape[3:]
-    n = g * hy.chunk
-    recon = lambda a, c: jnp.einsum("lbghcr,lbghrd->lbgchd", a.astype(jnp.float32),
-                                    c.astype(jnp.float32),
-                                    precision=jax.lax.Precision.HIGHEST).reshape(l, b, n, h, d)
-    dtype = self.ring_k.dtype
-    bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    pad_n = [(0, 0), (0, n - self.capacity)]
-    valid = jnp.pad(self.valid, pad_n)
-    bids = jnp.pad(self.block_ids, pad_n)
+    b = self.valid.shape[0]
     cut = (self.compressed * hy.chunk)[:, None]
-    bank_ok = valid & (bank_pos < cut)
     rpos = self.ring_pos
     cpos = jnp.clip(rpos, 0, self.capacity - 1)
     ring_ok = ((rpos >= 0) & (rpos >= cut) & jnp.take_along_axis(self.valid, cpos, 1))
-    meta = masks.make_meta(bank_pos, self.block_size, masks.CLEAN,
-                           jnp.where(bank_ok, 0, -1))
-    meta = dataclasses.replace(meta, block_ids=bids)
-    rmeta = masks.make_meta(jnp.maximum(rpos, 0), self.block_size, masks.CLEAN,
-                            jnp.where(ring_ok, 0, -1))
-    rmeta = dataclasses.replace(rmeta, block_ids=jnp.take_along_axis(self.block_ids, cpos, 1))
-    meta = meta.concat(rmeta)
+    meta = masks.make_meta(jnp.maximum(rpos, 0), self.block_size, masks.CLEAN,
+                           jnp.where(ring_ok, 0, -1))
+    meta = dataclasses.replace(meta, block_ids=jnp.take_along_axis(self.block_ids, cpos, 1))
+    k, v = self.ring_k, self.ring_v
+    if hy.form == "rank":
+      bank = self._bank_view(cut)
+      meta = bank["meta"].concat(meta)
+      k = jnp.concatenate([bank["k"].astype(k.dtype), k], 2)
+      v = jnp.concatenate([bank["v"].astype(v.dtype), v], 2)
     if self.buffer_size:
       pos = self.buffer_start[:, None] + jnp.arange(self.buffer_size, dtype=jnp.int32)
       bvalid = (jnp.zeros((b, self.buffer_size), bool) if buffer_valid is None
                 else buffer_valid)
       meta = meta.concat(masks.make_meta(pos, self.block_size, masks.NOISY,
                                          jnp.where(bvalid, 0, -1)))
+    return {"k": k, "v": v, "meta": meta}
+
+  def _bank_view(self, cut: Array) -> dict:
+    """The compressed chunks below ``cut`` [B, 1], reconstructed (sinks exact)."""
+    hy = self.hierarchy
+    l, b, g = self.bank_ka.shape[:3]
+    h, d = self.ring_k.shape[3:]
+    n = g * hy.chunk
+    recon = lambda a, c: jnp.einsum("lbghcr,lbghrd->lbgchd", a.astype(jnp.float32),
+                                    c.astype(jnp.float32),
+                                    precision=jax.lax.Precision.HIGHEST).reshape(l, b, n, h, d)
+    bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    pad_n = [(0, 0), (0, n - self.capacity)]
+    bank_ok = jnp.pad(self.valid, pad_n) & (bank_pos < cut)
+    meta = masks.make_meta(bank_pos, self.block_size, masks.CLEAN, jnp.where(bank_ok, 0, -1))
+    meta = dataclasses.replace(meta, block_ids=jnp.pad(self.block_ids, pad_n))
     bank_k = _rotate(recon(self.bank_ka, self.bank_kb), bank_pos, self.inv_freq, 1.0)
     bank_v = recon(self.bank_va, self.bank_vb)
     sn = self.sink_k.shape[2]
     if sn:
       bank_k = bank_k.at[:, :, :sn].set(self.sink_k.astype(bank_k.dtype))
       bank_v = bank_v.at[:, :, :sn].set(self.sink_v.astype(bank_v.dtype))
-    k = jnp.concatenate([bank_k.astype(dtype), self.ring_k], 2)
-    v = jnp.concatenate([bank_v.astype(dtype), self.ring_v], 2)
-    return {"k": k, "v": v, "meta": meta}
+    return {"k": bank_k, "v": bank_v, "meta": meta}
+
+
+def check_one_token_decoder(hierarchy: Hierarchy | None, decoder: str) -> None:
+  """AR and ISD keep no summary slots: the summary form is the block decoder's."""
+  if hierarchy is not None and hierarchy.form == "summary":
+    raise ValueError(f"kv hierarchy form 'summary' works with the block decoder of a "
+                     f"summary-token model, not {decoder}; use form 'rank'")
 
 
 def empty_cache(spec: kv_cache.KVSpec, batch: int, capacity: int, block_size: int,

@@ -203,6 +203,7 @@ def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens
   logits, (k, v), _ = logits_fn(params, inp, _causal_meta(ppos, pvalid), None, None)
   at = prompt_len[:, None] - 1 + jnp.arange(n)[None]  # Last prompt slot, then the MASKs.
   logits = jnp.take_along_axis(logits, at[:, :, None], axis=1)
+  hierarchical_cache.check_one_token_decoder(opt.kv_hierarchy, "ISD")
   cache = hierarchical_cache.empty_cache(logits_fn.kv_spec, b, w, 1, block_ids=slot,
                                          hierarchy=opt.kv_hierarchy)
   cache = cache.prefill(k, v, ppos < prompt_len[:, None])

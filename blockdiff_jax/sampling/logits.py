@@ -53,13 +53,23 @@ class ModelLogits:
                            cfg.compute_dtype,
                            tuple(float(x) for x in np.asarray(inv_freq, np.float64)))
 
-  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
+  @property
+  def summary(self):
+    """The model's ``SummaryConfig`` (None without summary tokens)."""
+    return getattr(self.model.cfg, "summary", None)
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None, summary="none"):
+    """``summary`` (a summary-token model): slots to append; their K/V and metadata come
+    back in the stats as ``summary_kv`` and ``summary_meta``."""
+    kw = {} if summary == "none" else {"summary": summary}
     logits, aux = self.model.apply({"params": params}, tokens, meta, cache=cache,
-                                   return_kv=True, logits_slice=logits_slice)
+                                   return_kv=True, logits_slice=logits_slice, **kw)
     moe = aux.get("moe") or {}
     stats = {}
     if "unique_experts" in moe:
       stats["unique_experts"] = jnp.mean(moe["unique_experts"])
+    if summary != "none":
+      stats["summary_kv"], stats["summary_meta"] = aux["summary_kv"], aux["summary_meta"]
     return logits, aux["kv"], stats
 
 

@@ -47,6 +47,9 @@ def default_sample_config() -> ml_collections.ConfigDict:
   s.kv_chunk = 64  # hierarchical: positions per compressed chunk (>= block / ISD stride).
   s.kv_rank = 8  # hierarchical: rank of each chunk's K and V per layer and KV head.
   s.kv_sinks = 1  # hierarchical: chunks at the start kept exact (attention sinks).
+  # hierarchical: rank (older chunks as rank-r factors) | summary (a summary-token model:
+  # older blocks are read through their summary slots only; block decoder).
+  s.kv_form = "rank"
   s.temperature = 0.0  # 0 = greedy.
   s.top_k = 0  # Keep the k most likely tokens when sampling; 0 = all.
   s.top_p = 1.0  # Nucleus mass when sampling; 1 = all.
@@ -82,7 +85,8 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
                        f"decoder ({widest} positions: the block size or ISD stride)")
     hierarchy = hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
-                                             rank=s.kv_rank, sinks=s.get("kv_sinks", 1))
+                                             rank=s.kv_rank, sinks=s.get("kv_sinks", 1),
+                                             form=s.get("kv_form", "rank"))
   policy = policies.make_policy("threshold" if one_token else s.policy,
                                 None if one_token else s.policy_value)
   return layout.DecodeOptions(

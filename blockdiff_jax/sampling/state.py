@@ -16,6 +16,7 @@ from blockdiff_jax import masks
 from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import summary_bank
 
 Array = Any
 
@@ -77,6 +78,8 @@ class DecodeState:
     head: token shift only: [B, V] logits of the first token of each row's current
       block, i.e. the output of the last clean token before it (from the prefill, then
       from the forward that commits the previous block); None without token shift.
+    summaries: a summary-token model only: the slots of committed blocks
+      (``summary_bank.SummaryBank``); None otherwise.
   """
 
   tokens: Array
@@ -87,6 +90,7 @@ class DecodeState:
   counters: Counters
   rng: Array
   head: Array | None = None
+  summaries: summary_bank.SummaryBank | None = None
 
   @property
   def done(self) -> Array:
@@ -158,16 +162,32 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
   buffer = bk if options.num_sub > 1 else 0
   cache = hierarchical_cache.empty_cache(logits_fn.kv_spec, b, s, bk, buffer,
                                          hierarchy=options.kv_hierarchy)
+  su = getattr(logits_fn, "summary", None)
+  hy = options.kv_hierarchy
+  if hy is not None and hy.form == "summary" and su is None:
+    raise ValueError("kv hierarchy form 'summary' needs a model with summary tokens "
+                     "(model.summary.num_slots > 0); use form 'rank'")
+  if hy is not None and hy.form == "summary" and hy.window * hy.chunk < su.window_blocks * bk:
+    raise ValueError(f"kv hierarchy window {hy.window} x chunk {hy.chunk} does not cover the "
+                     f"model's summary window of {su.window_blocks} blocks of {bk}")
+  summaries = None if su is None else summary_bank.SummaryBank.empty(
+      logits_fn.kv_spec, b, s // bk, su.num_slots)
   head = None
   if prefill_len:
     slot = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (b, prefill_len))
     valid = (slot < (start_block * bk)[:, None]) & (slot < length[:, None])
     # Token shift: the first token of each row's start block is predicted by the last
     # prefilled token (rows start at different blocks, so every logit is computed).
-    logits, (k, v), _ = logits_fn(params, tokens[:, :prefill_len],
-                                  token_meta(slot, bk, masks.CLEAN, valid), None,
-                                  (0, prefill_len) if options.token_shift else (0, 1))
+    kw = {} if su is None else {"summary": "clean"}  # Slots of every prompt block.
+    logits, (k, v), stats = logits_fn(params, tokens[:, :prefill_len],
+                                      token_meta(slot, bk, masks.CLEAN, valid), None,
+                                      (0, prefill_len) if options.token_shift else (0, 1),
+                                      **kw)
     cache = cache.prefill(k, v, valid)
+    if su is not None:
+      sk, sv = stats["summary_kv"]
+      summaries = summaries.write(sk, sv, stats["summary_meta"], jnp.zeros((b,), jnp.int32),
+                                  jnp.ones((b,), bool))
     if options.token_shift:
       last = jnp.clip(start_block * bk - 1, 0, prefill_len - 1)
       head = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
@@ -185,7 +205,8 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
                       forwards=jnp.int32(0), unique_experts=jnp.float32(0.0))
   return DecodeState(tokens=tokens, maskable=maskable, length=length, cache=cache,
                      rows=rows, counters=counters,
-                     rng=jax.random.key(0) if rng is None else rng, head=head)
+                     rng=jax.random.key(0) if rng is None else rng, head=head,
+                     summaries=summaries)
 
 
 def results(state: DecodeState) -> dict:

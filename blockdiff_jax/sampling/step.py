@@ -216,9 +216,18 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
                               do_commit[:, None] & (prev_pos < st.length[:, None])).concat(
                                   state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok))
   inp = jnp.concatenate([_row_slice(st.tokens, prev_start, bk), x], axis=1)
+  view = st.cache.attention_view(buffer_valid)
+  # A summary model: the forward that commits the previous block also gives its slots.
+  kw = {} if st.summaries is None else {"summary": "first_block"}
+  if st.summaries is not None:
+    view = st.summaries.extend(view)
   logits, (k_new, v_new), stats = logits_fn(
-      params, inp, meta, st.cache.attention_view(buffer_valid),
-      (bk - 1, bk) if opt.token_shift else (bk, bk))
+      params, inp, meta, view, (bk - 1, bk) if opt.token_shift else (bk, bk), **kw)
+  summaries = st.summaries
+  if summaries is not None:
+    sk, sv = stats.pop("summary_kv")
+    summaries = summaries.write(sk, sv, stats.pop("summary_meta"), prev_start // bk,
+                                do_commit)
   head = st.head
   if opt.token_shift:
     head = jnp.where(do_commit[:, None], logits[:, 0], st.head)
@@ -263,4 +272,4 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   info = state_lib.StepInfo(block=r.block, tokens=new, accepted=sel.accepted & stepping[:, None],
                             confidence=sel.confidence, active=stepping, finished=finished)
   return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters,
-                    head=head), info
+                    head=head, summaries=summaries), info

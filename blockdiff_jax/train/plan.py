@@ -175,13 +175,17 @@ def decode_cache_bytes(cfg: transformer.TransformerConfig,
   batch = serve.slots if serve is not None else 1
   length = (s.max_len if s is not None and s.max_len else 0) or config.data.seq_len
   shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype, batch, length)
+  # A summary-token model also keeps its committed blocks' slots (either cache).
+  bank = 0 if cfg.summary is None else kv_memory.summary_bank_bytes(
+      *shape, cfg.summary.block_size, cfg.summary.num_slots)
   out = {"rows": batch, "length": length,
-         "full": kv_memory.full_cache_bytes(*shape)}
+         "full": kv_memory.full_cache_bytes(*shape) + bank}
   if s is not None and "kv_chunk" in s:
-    out["hierarchical"] = kv_memory.hierarchical_cache_bytes(
-        *shape, s.kv_window, s.kv_chunk, s.kv_rank, s.get("kv_sinks", 1))
+    form = s.get("kv_form", "rank")
+    out["hierarchical"] = bank + kv_memory.hierarchical_cache_bytes(
+        *shape, s.kv_window, s.kv_chunk, s.kv_rank, s.get("kv_sinks", 1), form=form)
     out["hierarchy"] = {"window": s.kv_window, "chunk": s.kv_chunk, "rank": s.kv_rank,
-                        "sinks": s.get("kv_sinks", 1)}
+                        "sinks": s.get("kv_sinks", 1), "form": form}
   return out
 
 
@@ -200,7 +204,8 @@ def format_table(result: dict) -> str:
     lines.append(f"  {'full':<36}{dc['full'] / GIB:>10.3f}")
     if "hierarchical" in dc:
       h = dc["hierarchy"]
-      name = f"hierarchical (W={h['window']}, chunk {h['chunk']}, r={h['rank']})"
+      name = (f"hierarchical (W={h['window']}, chunk {h['chunk']}, r={h['rank']})"
+              if h["form"] == "rank" else f"summary form (W={h['window']}, chunk {h['chunk']})")
       lines.append(f"  {name:<36}{dc['hierarchical'] / GIB:>10.3f}"
                    f"  ({dc['hierarchical'] / dc['full']:.1%} of full)")
   return "\n".join(lines)
