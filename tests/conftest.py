@@ -21,6 +21,17 @@ def load_config_file(name):
   return module.get_config()
 
 
+def small_model_config(**model):
+  """The base config shrunk to a 32-wide model (2 heads, 1 KV head of 16) for decoders."""
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
+  c.model.moe.expert_dim = 32
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
 @pytest.fixture
 def tiny_config():
   return load_config_file("tiny")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax import config as config_lib
+from conftest import small_model_config
 from blockdiff_jax.model import build
 from blockdiff_jax.model import kv_memory
 from blockdiff_jax.sampling import ar
@@ -215,13 +215,7 @@ FULL_RANK = hc.Hierarchy(window=1, chunk=8, rank=8)  # head_dim 16 >= chunk: exa
 
 @pytest.fixture(scope="module")
 def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
-  model, tok = build.build_model(c)
+  model, tok = build.build_model(small_model_config())
   return model, tok, build.init_params(model, 0)
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import small_model_config
 from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
@@ -27,12 +28,7 @@ WIDTH = 64
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["W1", "W2"])
 def summary_model(request):
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
+  c = small_model_config()
   c.diffusion.block_size = BLOCK
   c.model.summary.num_slots = 2
   c.model.summary.window_blocks = request.param
@@ -114,10 +110,7 @@ def test_summary_form_needs_a_summary_model_and_the_block_decoder(summary_model)
   cv = layout.generation_canvas([np.arange(3, 12, dtype=np.int32)], 8, 1, tok.mask_id, 32)
   with pytest.raises(ValueError, match="summary.*block decoder"):
     ar.decode_ar(model, params, cv, opt)
-  c = config_lib.base_config()
-  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
-  c.model.moe.expert_dim = 32
-  plain, _ = build.build_model(c)
+  plain, _ = build.build_model(small_model_config())
   with pytest.raises(ValueError, match="needs a model with summary tokens"):
     decoder.decode(plain, build.init_params(plain, 0), _canvas(tok),
                    dataclasses.replace(opt, token_shift=False))

@@ -124,18 +124,6 @@ def _rotate(x: Array, positions: Array, inv_freq: tuple[float, ...] | None,
   return jax.vmap(lambda xl: rope.apply_rope(xl, sign * positions, freq))(x)
 
 
-def _row_take(x: Array, start: Array, size: int) -> Array:
-  """x [L, B, S, ...] -> [L, B, size, ...] from slot ``start[b]`` per row."""
-  fn = lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=1)
-  return jax.vmap(fn, in_axes=(1, 0), out_axes=1)(x, start)
-
-
-def _row_put(x: Array, update: Array, start: Array) -> Array:
-  """Writes update [L, B, T, ...] into x [L, B, S, ...] at slot ``start[b]`` per row."""
-  fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
-  return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(x, update, start)
-
-
 def _to_chunks(x: Array, chunk: int) -> Array:
   """[L, B, G*chunk, H, D] -> [L, B, G, H, chunk, D] (the layout the SVD works on)."""
   l, b, n, h, d = x.shape
@@ -218,12 +206,9 @@ class HierarchicalKVCache:
     (ka, kb), (va, vb) = _factorise(chunks_k, r), _factorise(chunks_v, r)
 
     def put(bank, new):
-      fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
-      old = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, new.shape[2], 1),
-                     in_axes=(1, 0), out_axes=1)(bank, first)
       keep = write.reshape((1,) + write.shape + (1,) * (new.ndim - 3))
-      new = jnp.where(keep, new.astype(bank.dtype), old)
-      return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(bank, new, first)
+      old = kv_cache.row_read(bank, first, new.shape[2])
+      return kv_cache.row_write(bank, jnp.where(keep, new.astype(bank.dtype), old), first)
 
     return self.replace(bank_ka=put(self.bank_ka, ka), bank_kb=put(self.bank_kb, kb),
                         bank_va=put(self.bank_va, va), bank_vb=put(self.bank_vb, vb))
@@ -307,8 +292,8 @@ class HierarchicalKVCache:
         at = jnp.minimum(before * hy.chunk, c.sink_k.shape[2] - hy.chunk)
         to_sink = (leaving & (before < c.sink_k.shape[2] // hy.chunk))[None, :, None, None,
                                                                         None]
-        put = lambda store, x: _row_put(store, jnp.where(
-            to_sink, jnp.where(ok, x, 0), _row_take(store, at, hy.chunk)), at)
+        put = lambda store, x: kv_cache.row_write(store, jnp.where(
+            to_sink, jnp.where(ok, x, 0), kv_cache.row_read(store, at, hy.chunk)), at)
         c = c.replace(sink_k=put(c.sink_k, gather(c.ring_k)),
                       sink_v=put(c.sink_v, gather(c.ring_v)))
       return c

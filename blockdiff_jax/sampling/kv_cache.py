@@ -46,14 +46,14 @@ class KVSpec:
   inv_freq: tuple[float, ...] | None = None
 
 
-def _row_write(c: Array, update: Array, start: Array) -> Array:
-  """Writes update [L, B, T, H, D] into c [L, B, W, H, D] at slot ``start[b]`` per row."""
+def row_write(c: Array, update: Array, start: Array) -> Array:
+  """Writes update [L, B, T, ...] into c [L, B, W, ...] at slot ``start[b]`` per row."""
   fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
   return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(c, update, start)
 
 
-def _row_read(c: Array, start: Array, size: int) -> Array:
-  """Reads [L, B, size, H, D] from c [L, B, W, H, D] at slot ``start[b]`` per row."""
+def row_read(c: Array, start: Array, size: int) -> Array:
+  """Reads [L, B, size, ...] from c [L, B, W, ...] at slot ``start[b]`` per row."""
   fn = lambda row, st: jax.lax.dynamic_slice_in_dim(row, st, size, axis=1)
   return jax.vmap(fn, in_axes=(1, 0), out_axes=1)(c, start)
 
@@ -111,13 +111,13 @@ class KVCache:
     """
     t = k.shape[2]
     keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
-                                    _row_read(c, start, t))
+                                    row_read(c, start, t))
     slot = jnp.arange(self.capacity, dtype=jnp.int32)[None]
     written = (slot >= start[:, None]) & (slot < (start + t)[:, None]) & rows[:, None]
     if exists is not None:
       written = written & exists
-    return self.replace(k=_row_write(self.k, keep(self.k, k), start),
-                        v=_row_write(self.v, keep(self.v, v), start),
+    return self.replace(k=row_write(self.k, keep(self.k, k), start),
+                        v=row_write(self.v, keep(self.v, v), start),
                         valid=self.valid | written)
 
   def write_buffer(self, k: Array, v: Array, start: Array, rows: Array) -> "KVCache":
@@ -127,8 +127,8 @@ class KVCache:
     at = jnp.full(start.shape, self.capacity, jnp.int32)
     keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
                                     c[:, :, self.capacity:])
-    return self.replace(k=_row_write(self.k, keep(self.k, k), at),
-                        v=_row_write(self.v, keep(self.v, v), at),
+    return self.replace(k=row_write(self.k, keep(self.k, k), at),
+                        v=row_write(self.v, keep(self.v, v), at),
                         buffer_start=jnp.where(rows, start, self.buffer_start))
 
   def attention_view(self, buffer_valid: Array | None = None) -> dict:

@@ -64,13 +64,10 @@ class SummaryBank:
     """
     start = first_block * self.num_slots
     n = k.shape[2]
-    put5 = lambda c, u: jax.vmap(
-        lambda row, x, s: jax.lax.dynamic_update_slice_in_dim(row, x, s, axis=1),
-        in_axes=(1, 1, 0), out_axes=1)(c, u, start)
+    put5 = lambda c, u: kv_cache.row_write(c, u, start)
     put2 = lambda c, u: jax.vmap(
         lambda row, x, s: jax.lax.dynamic_update_slice_in_dim(row, x, s, axis=0))(c, u, start)
-    take5 = lambda c: jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, n, 1),
-                               in_axes=(1, 0), out_axes=1)(c, start)
+    take5 = lambda c: kv_cache.row_read(c, start, n)
     take2 = lambda c: jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, n, 0))(
         c, start)
     r5 = rows[None, :, None, None, None]

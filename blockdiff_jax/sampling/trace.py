@@ -7,7 +7,6 @@ accepted and what it emitted. Both drive the decoders' own public steps (the jit
 decoders loop the very same functions), so a trace shows what ``generate`` does.
 """
 
-from typing import Any
 
 import jax
 import numpy as np
