@@ -26,14 +26,29 @@ MAX_NEW = 27  # Rows end on block boundaries (64 and 48 tokens), as the referenc
 WIDTH = 64
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["W1", "W2"])
+_MODELS = {}
+
+
+def _summary_model(window):
+  """A tiny random model with 2 summary slots per block and a window of ``window`` blocks."""
+  if window not in _MODELS:
+    c = small_model_config()
+    c.diffusion.block_size = BLOCK
+    c.model.summary.num_slots = 2
+    c.model.summary.window_blocks = window
+    model, tok = build.build_model(c)
+    _MODELS[window] = model, tok, build.init_params(model, 0), window
+  return _MODELS[window]
+
+
+@pytest.fixture(params=[1, 2], ids=["W1", "W2"])
 def summary_model(request):
-  c = small_model_config()
-  c.diffusion.block_size = BLOCK
-  c.model.summary.num_slots = 2
-  c.model.summary.window_blocks = request.param
-  model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0), request.param
+  return _summary_model(request.param)
+
+
+@pytest.fixture
+def summary_model_w2():
+  return _summary_model(2)
 
 
 def _canvas(tok):
@@ -89,9 +104,9 @@ def test_summary_model_decodes_like_its_training_forward(summary_model):
   assert hc.cache_bytes(model_kv_spec(model), 1, WIDTH, hier.kv_hierarchy) < full_bytes / 2
 
 
-def test_summary_slots_change_the_answer(summary_model):
+def test_summary_slots_change_the_answer(summary_model_w2):
   """The bank is read: scaling the learned slot embeddings changes what is decoded."""
-  model, tok, params, _ = summary_model
+  model, tok, params, _ = summary_model_w2
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), stop_at_eos=False)
   cv = _canvas(tok)
@@ -102,8 +117,8 @@ def test_summary_slots_change_the_answer(summary_model):
   assert (a != b).any()
 
 
-def test_summary_form_needs_a_summary_model_and_the_block_decoder(summary_model):
-  model, tok, params, _ = summary_model
+def test_summary_form_needs_a_summary_model_and_the_block_decoder(summary_model_w2):
+  model, tok, params, _ = summary_model_w2
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               token_shift=True,
                               kv_hierarchy=hc.Hierarchy(window=1, chunk=BLOCK, form="summary"))
@@ -114,6 +129,8 @@ def test_summary_form_needs_a_summary_model_and_the_block_decoder(summary_model)
   with pytest.raises(ValueError, match="needs a model with summary tokens"):
     decoder.decode(plain, build.init_params(plain, 0), _canvas(tok),
                    dataclasses.replace(opt, token_shift=False))
+  with pytest.raises(ValueError, match="does not cover the model's summary window of 2"):
+    decoder.decode(model, params, _canvas(tok), dataclasses.replace(opt, token_shift=False))
   with pytest.raises(ValueError, match="form must be"):
     hc.Hierarchy(form="svd")
 

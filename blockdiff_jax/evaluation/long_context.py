@@ -43,7 +43,8 @@ class Fidelity:
     kl: mean KL(full || compressed) of the next-token distributions, in nats.
     kl_max: the largest KL over the query positions.
     top1_agreement: fraction of query positions whose argmax is unchanged.
-    compressed_fraction: share of the cached positions held in compressed form.
+    compressed_fraction: share of the cached positions held as rank-r factors (the
+      exact sink chunks are not counted).
   """
 
   kl: float
@@ -93,9 +94,11 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     got = logp(params, cache)
     kl = jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
     agree = jnp.argmax(ref, -1) == jnp.argmax(got, -1)
-    out.append(Fidelity(kl=float(jnp.mean(kl)), kl_max=float(jnp.max(kl)),
+    chunks = int(cache.compressed[0])
+    factorised = (chunks - min(chunks, hy.sinks)) * hy.chunk if hy.form == "rank" else 0
+    out.append(Fidelity(kl=max(float(jnp.mean(kl)), 0.0), kl_max=float(jnp.max(kl)),
                         top1_agreement=float(jnp.mean(agree)),
-                        compressed_fraction=int(cache.compressed[0]) * hy.chunk / prefix))
+                        compressed_fraction=min(factorised, prefix) / prefix))
   return out
 
 
