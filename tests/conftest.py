@@ -49,22 +49,36 @@ def full_precision_matmuls():
     yield
 
 
-def run_multidevice_worker(script: str, tmp) -> dict:
+def run_multidevice_worker(script: str, tmp_path_factory, name: str) -> dict:
   """Runs ``python script OUT TMP`` with 8 simulated CPU devices and returns its JSON report.
 
   The script sets ``XLA_FLAGS`` before importing jax (so this pytest process keeps
   one device) and writes ``{check: result or "error: ..."}`` to OUT. There is no
   wall-clock limit: a worker is one process that ends by itself, and on a machine
   busy with other work it only takes longer (a fixed limit failed such runs).
+
+  It runs once per test session: under pytest-xdist a module's tests may land on
+  several workers, and each would otherwise run the (minutes-long) worker again; the
+  first takes a file lock in the session's shared temporary folder and the others read
+  its report.
   """
+  import fcntl  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # Shared by the session's workers.
+  tmp = root / f"multidevice_{name}"
+  tmp.mkdir(exist_ok=True)
   out = os.path.join(str(tmp), "report.json")
-  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, script, out, str(tmp)], env=env, cwd=repo,
-                        capture_output=True, text=True, check=False)
-  assert proc.returncode == 0 and os.path.exists(out), proc.stderr[-5000:]
+  with open(os.path.join(str(tmp), "lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(out):
+      repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+      proc = subprocess.run([sys.executable, script, out, str(tmp)], env=env, cwd=repo,
+                            capture_output=True, text=True, check=False)
+      assert proc.returncode == 0 and os.path.exists(out), proc.stderr[-5000:]
   with open(out, encoding="utf-8") as f:
     data = json.load(f)
   assert data["num_devices"] == 8

@@ -148,7 +148,7 @@ def _worker(out_path: str, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  return run_multidevice_worker(__file__, tmp_path_factory.mktemp("expert_parallel"))
+  return run_multidevice_worker(__file__, tmp_path_factory, "expert_parallel")
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c[3]])

@@ -201,7 +201,7 @@ def test_sample_config_fields_are_validated(field, value, match):
   if field == "kv_cache":
     s.kv_cache = "hierarchical"
   opt = sample.options_from_config(s, 8, tokenizers.ByteTokenizer())
-  assert opt.kv_hierarchy == hc.Hierarchy(window=2, chunk=64, rank=8, sinks=1)
+  assert opt.kv_hierarchy == hc.Hierarchy(window=2, chunk=256, rank=6, sinks=1)
 
 
 # --- Decoders: with full rank the hierarchical cache decodes exactly like the full one. ---

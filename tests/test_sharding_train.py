@@ -270,7 +270,7 @@ def _worker(out_path: str, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  return run_multidevice_worker(__file__, tmp_path_factory.mktemp("sharding"))
+  return run_multidevice_worker(__file__, tmp_path_factory, "sharding")
 
 
 _get = report_value
