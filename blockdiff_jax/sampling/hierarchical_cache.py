@@ -12,7 +12,9 @@ read: a chunk's keys are much closer to low rank before the position-dependent
 rotation than after it (a test builds rank-2 keys to show it). Memory per
 chunk and head drops from ``chunk * head_dim`` to ``r * (chunk + head_dim)`` values;
 the ring is fixed, so at long context the cache costs about
-``r * (chunk + head_dim) / (chunk * head_dim)`` of the full one.
+``r * (chunk + head_dim) / (chunk * head_dim)`` of the full one. The first ``sinks``
+chunks also keep exact copies (attention sinks: the first tokens draw large attention
+weights, and their factorisation error moved SmolLM2's outputs most).
 
 Invariant (per row, with frontier P = one past the last committed position): the bank
 holds the chunks whose first position is below ``P - R`` (``compressed`` of them),
