@@ -281,3 +281,31 @@ def test_decoder_setup_is_validated():
   with pytest.raises(ValueError, match="isd_stride"):
     pool_lib.Decoder(layout.DecodeOptions(block_size=BLOCK, mask_id=3, eos_id=2,
                                           token_shift=True), "isd", 1)
+
+
+def test_summary_token_model_with_the_summary_form_cache_served_equals_alone():
+  """A ChatDLM summary-token model in the pool: its slot bank and a ring-only cache ride in
+  each row's state; batched answers equal each request decoded alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from conftest import small_model_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
+  c = small_model_config()
+  c.diffusion.block_size = BLOCK
+  c.model.summary.num_slots, c.model.summary.window_blocks = 2, 1
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 0)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 200, n).astype(np.int32) for n in (37, 21, 9, 30)]
+  opts = _options(tok, stop_at_eos=False,
+                  kv_hierarchy=hierarchical_cache.Hierarchy(window=1, chunk=BLOCK,
+                                                            form="summary"))
+  eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2).start()
+  futures = [eng.submit(engine_lib.Request(p, 24, opts)) for p in prompts]
+  results = [f.result() for f in futures]
+  eng.shutdown()
+  for p, got in zip(prompts, results):
+    cv = layout.generation_canvas([p], 24, BLOCK, tok.mask_id, MAX_LEN)
+    out = decoder.decode(model, params, cv, opts, jax.random.key(0)[None])
+    want = out["tokens"][0, len(p):len(p) + 24]
+    assert [int(t) for t in got.token_ids] == [int(t) for t in want]
+    assert got.nfe == int(out["nfe"][0])
