@@ -375,8 +375,13 @@ def write(results, args, meta, env):
   ar = results[0]
   for r in results:
     r["speedup_vs_ar"] = r["speed_tokens_per_s"] / ar["speed_tokens_per_s"]
+  recorded = dict(vars(args))
+  # Paths inside the repository are recorded relative to it (the file travels with it).
+  repo = os.path.dirname(_HERE)
+  if os.path.abspath(recorded["config"]).startswith(repo + os.sep):
+    recorded["config"] = os.path.relpath(os.path.abspath(recorded["config"]), repo)
   with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump({"env": env, "args": vars(args), "meta": meta, "results": results}, f, indent=2)
+    json.dump({"env": env, "args": recorded, "meta": meta, "results": results}, f, indent=2)
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(results, args, meta, env))
   plot(results, base)

@@ -136,3 +136,11 @@ def test_bad_arguments_are_named(byte_tok, kwargs, match):
   task = args.pop("task")
   with pytest.raises(ValueError, match=match):
     lc.make_example(task, byte_tok, hay, **args)
+
+
+@pytest.mark.parametrize("completion,hit", [
+    (" 48213.\n", True), ("48213", True), (' "48213" is it', True), (" 482131", False),
+    (" 4821", False), (" The pass key is 48213", False), ("48213<|eos|>junk", True)])
+def test_answer_matches_needs_the_whole_answer_first(completion, hit):
+  from blockdiff_jax.evaluation import long_context as lc_eval  # pylint: disable=g-import-not-at-top
+  assert lc_eval.answer_matches(completion, "48213") is hit
