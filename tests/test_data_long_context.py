@@ -144,3 +144,66 @@ def test_bad_arguments_are_named(byte_tok, kwargs, match):
 def test_answer_matches_needs_the_whole_answer_first(completion, hit):
   from blockdiff_jax.evaluation import long_context as lc_eval  # pylint: disable=g-import-not-at-top
   assert lc_eval.answer_matches(completion, "48213") is hit
+
+
+# ----------------------------------------------------- training stream (corpus=long_context)
+
+
+def _dataset(tok, split="train", seq_len=512, block=16, **kw):
+  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.LongContextDataset(lc.TASKS, tok, seq_len, 4, block, split=split, **kw)
+
+
+@pytest.mark.parametrize("tok_name", ["byte", "bpe"])
+@pytest.mark.parametrize("block", [8, 16])
+def test_training_rows_read_bos_prompt_sep_and_score_only_the_answer_blocks(
+    byte_tok, bpe_tok, tok_name, block):
+  tok = byte_tok if tok_name == "byte" else bpe_tok
+  ds = _dataset(tok, block=block)
+  lengths = set()
+  for j in range(12):
+    ex = ds.long_context_example(j)
+    tokens, mask = ds.row(j)
+    n = len(ex.prompt_ids) + 2
+    lengths.add(ex.length)
+    assert ds.min_length <= ex.length <= ds.max_length
+    assert ex.task == lc.TASKS[j % 2]
+    np.testing.assert_array_equal(tokens[:n], [tok.bos_id, *ex.prompt_ids, tok.sep_id])
+    a = len(ex.answer_ids)
+    np.testing.assert_array_equal(tokens[n:n + a], ex.answer_ids)
+    assert (tokens[n + a:] == tok.eos_id).all()
+    # Scored (and maskable): the answer, its EOS and the rest of that EOS's block.
+    end = -(-(n + a + 1) // block) * block
+    np.testing.assert_array_equal(np.nonzero(mask)[0], np.arange(n, end))
+    assert lc.solve(ex) == ex.answer  # The needle really is in the prompt.
+  assert len(lengths) > 6  # Lengths are drawn, not fixed.
+
+
+def test_training_streams_are_deterministic_and_disjoint(byte_tok):
+  train, again, val = _dataset(byte_tok), _dataset(byte_tok), _dataset(byte_tok, "validation")
+  np.testing.assert_array_equal(train.get_batch(3)["tokens"], again.get_batch(3)["tokens"])
+  answers = {train.long_context_example(j).answer for j in range(40)}
+  assert not answers & {val.long_context_example(j).answer for j in range(40)}
+  suite = lc.make_suite(byte_tok, lengths=[480, 1024], depths=[0.1, 0.5, 0.9], per_cell=4)
+  assert not answers & {e.answer for e in suite}  # Evaluation needles are unseen.
+
+
+def test_training_stream_names_a_row_too_short_for_the_tasks(byte_tok):
+  with pytest.raises(ValueError, match="long_context_min_length.*raise data.seq_len"):
+    _dataset(byte_tok, seq_len=256, num_pairs=8)
+  assert _dataset(byte_tok, seq_len=256, num_pairs=2).min_length >= lc.min_prompt_length(
+      "kv_recall", byte_tok, 2)
+
+
+def test_data_config_routes_and_validates_the_long_context_corpus(byte_tok):
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.data.corpus, c.data.seq_len, c.data.sft_block_multiple = "long_context", 512, 16
+  c.data.long_context_tasks = "passkey"
+  ds = pipeline.build_dataset(c.data, byte_tok, "validation", 512, 2, 0)
+  assert isinstance(ds, pipeline.LongContextDataset) and ds.tasks == ("passkey",)
+  c.data.long_context_tasks = "passkey,needle"
+  with pytest.raises(ValueError, match="long_context_tasks: unknown task 'needle'"):
+    data_config.validate(c)

@@ -21,7 +21,9 @@ def _module():
 
 
 @pytest.mark.parametrize("arg,base,factor", [(None, "quickstart", 8), ("tiny,4", "tiny", 4),
-                                             ("synthetic,16", "synthetic", 16)])
+                                             ("synthetic,16", "synthetic", 16),
+                                             ("long_context_retrieval,4",
+                                              "long_context_retrieval", 4)])
 def test_extension_scales_rope_to_the_new_length(arg, base, factor):
   module = _module()
   c, b = module.get_config(arg), load_config_file(base)

@@ -2,13 +2,17 @@
 
 import ml_collections
 
+from blockdiff_jax.data import long_context
+
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data settings that config files start from and override."""
   c = ml_collections.ConfigDict()
   # "stdlib" (this interpreter's standard-library .py files), "files" (see
-  # `paths`), "synthetic" (verifiable prompt/answer tasks) or "sft" (packed
-  # prompt/response pairs, see data/sft.py and the sft_* fields).
+  # `paths`), "synthetic" (verifiable prompt/answer tasks), "sft" (packed
+  # prompt/response pairs, see data/sft.py and the sft_* fields) or "long_context"
+  # (passkey / key-value retrieval prompts, see data/long_context.py and the
+  # long_context_* fields; the answer's blocks are scored, sized by sft_block_multiple).
   c.corpus = "stdlib"
   # corpus="files": comma-separated files, folders (recursive .py .txt .md
   # .jsonl .json) or globs.
@@ -43,6 +47,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.sft_block_multiple = 32
   # Score the EOS padding after a response (teaches the model to stop).
   c.sft_score_padding = True
+  # corpus="long_context": comma-separated tasks (passkey, kv_recall), cycled.
+  c.long_context_tasks = "passkey,kv_recall"
+  # Shortest prompt in tokens (lengths are uniform up to seq_len - 24); 0 = half of that.
+  c.long_context_min_length = 0
+  c.long_context_num_pairs = 4  # Key-value pairs per kv_recall prompt.
   c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
   c.batch_size = 8  # Sequences per step (global, across all devices).
   return c
@@ -53,6 +62,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size must be >= 1, got {config.data.batch_size}")
   d = config.data
+  if d.corpus == "long_context":
+    for task in d.long_context_tasks.split(","):
+      if task not in long_context.TASKS:
+        raise ValueError(f"data.long_context_tasks: unknown task {task!r}; "
+                         f"known: {long_context.TASKS}")
+    if d.seq_len % d.sft_block_multiple:
+      raise ValueError(f"data.sft_block_multiple={d.sft_block_multiple} (the block the "
+                       f"answer is scored in) must divide data.seq_len={d.seq_len}")
   if d.corpus == "sft" and (d.sft_block_multiple < 1 or d.seq_len % d.sft_block_multiple):
     raise ValueError(f"data.sft_block_multiple={d.sft_block_multiple} must be >= 1 and "
                      f"divide data.seq_len={d.seq_len}")

@@ -277,7 +277,7 @@ def load_documents(data_config: Any, split: str) -> list[str]:
   corpus = data_config.corpus
   fraction = data_config.validation_fraction
   max_bytes = data_config.max_bytes
-  if corpus == "stdlib":
+  if corpus in ("stdlib", "long_context"):  # long_context: its haystack's library.
     docs = stdlib_documents(split, fraction, max_bytes)
   elif corpus == "files":
     docs = file_documents(data_config.paths, split, fraction, max_bytes,

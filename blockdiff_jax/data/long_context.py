@@ -40,6 +40,8 @@ from blockdiff_jax.data import corpora
 TASKS = ("passkey", "kv_recall")
 HAYSTACK_SOURCES = ("docstrings", "source")
 EOS_TEXT = "<|eos|>"  # How a completion decoded with specials shows EOS.
+# Needle seeds of the training streams start here (see ``training_example``).
+TRAINING_SEED_BASE = 1_000_000
 
 _INSTRUCTION = {
     "passkey": "A pass key is hidden in the text below. Remember it.\n\n",
@@ -268,6 +270,54 @@ def make_suite(tokenizer: Any, *, lengths: Sequence[int], depths: Sequence[float
   return [make_example(task, tokenizer, haystack, length=n, depth=d, seed=seed, index=i,
                        **task_options)
           for task in tasks for n in lengths for d in depths for i in range(per_cell)]
+
+
+def min_prompt_length(task: str, tokenizer: Any, num_pairs: int = 4,
+                      margin: int = 16) -> int:
+  """Shortest prompt length that fits ``task``'s fixed parts, plus ``margin`` tokens.
+
+  The margin absorbs keys whose encoding is longer than the probe's (BPE tokenizers).
+  """
+  probe = make_example(task, tokenizer, np.zeros(4096, np.int32), length=4096, depth=0.0,
+                       num_pairs=num_pairs)
+  return probe.length - probe.haystack_tokens + margin
+
+
+def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray, *,
+                     index: int, split: str, seed: int, min_length: int, max_length: int,
+                     num_pairs: int = 4) -> LongContextExample:
+  """Example ``index`` of a training (or validation) stream of retrieval prompts.
+
+  The task cycles through ``tasks``; the prompt length is uniform in
+  ``[min_length, max_length]`` and the needle depth uniform in [0, 1], both drawn from
+  ``default_rng([seed, split, index])``. The needles come from ``make_example`` with
+  the seed ``TRAINING_SEED_BASE + 2 * seed + (split == "validation")``, so the train
+  and validation streams are disjoint from each other and from evaluation suites
+  (``make_suite`` uses small seeds and round depths).
+
+  Args:
+    tasks: task names, cycled by index.
+    tokenizer: the tokenizer.
+    haystack: token ids from ``load_haystack`` (at least ``max_length`` of them).
+    index: example index in the stream.
+    split: "train" or "validation".
+    seed: stream seed.
+    min_length: shortest prompt, in tokens.
+    max_length: longest prompt, in tokens.
+    num_pairs: key-value pairs per kv_recall prompt.
+  """
+  corpora.validate_split(split)
+  if not tasks:
+    raise ValueError("training_example needs at least one task")
+  if not 1 <= min_length <= max_length:
+    raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
+  code = int(split == "validation")
+  rng = np.random.default_rng([seed, code, index])
+  length = int(rng.integers(min_length, max_length + 1))
+  depth = float(rng.uniform(0.0, 1.0))
+  return make_example(validate_task(tasks[index % len(tasks)]), tokenizer, haystack,
+                      length=length, depth=depth, seed=TRAINING_SEED_BASE + 2 * seed + code,
+                      index=index, num_pairs=num_pairs)
 
 
 # -------------------------------------------------------------------- scoring

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from blockdiff_jax.data import corpora
+from blockdiff_jax.data import long_context
 from blockdiff_jax.data import sft
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.data import tokenizers
@@ -390,6 +391,77 @@ class SyntheticDataset(SFTDataset):
     return self.tasks[_check_index(j) % len(self.tasks)]
 
 
+class LongContextDataset(SFTDataset):
+  """Passkey / key-value retrieval prompts (``data.long_context``) as SFT rows.
+
+  Row j is ``BOS prompt SEP answer EOS...`` for ``long_context.training_example(j)``,
+  built from the example's token ids (no re-encoding of its text). The prompt is never
+  masked or scored; the answer, its EOS and the rest of the block the EOS falls in are
+  (so the decoder's view of the answer's block, all MASK, matches training). Prompt
+  lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``.
+  """
+
+  ANSWER_ROOM = 24  # BOS, SEP, the answer (<= 16 tokens) and its EOS.
+
+  def __init__(self, tasks: Sequence[str], tokenizer: tokenizers.Tokenizer, seq_len: int,
+               batch_size: int, block: int, split: str = "train", seed: int = 0,
+               min_length: int = 0, num_pairs: int = 4):
+    """Creates the dataset (an infinite stream).
+
+    Args:
+      tasks: ``long_context.TASKS`` names, cycled by example index.
+      tokenizer: the tokenizer.
+      seq_len: row length L.
+      batch_size: rows per batch B.
+      block: the diffusion block size (the scored span ends on a block boundary).
+      split: "train" or "validation" (disjoint needle streams).
+      seed: stream seed.
+      min_length: shortest prompt in tokens; 0 = half the longest (at least what the
+        tasks' instruction, needles and question take).
+      num_pairs: key-value pairs per kv_recall prompt.
+    """
+    self.tasks = tuple(long_context.validate_task(t) for t in tasks)
+    self.split = corpora.validate_split(split)
+    self.max_length = seq_len - self.ANSWER_ROOM
+    shortest = max(long_context.min_prompt_length(t, tokenizer, num_pairs) for t in self.tasks)
+    self.min_length = min_length or max(self.max_length // 2, shortest)
+    if not shortest <= self.min_length <= self.max_length:
+      raise ValueError(f"data.long_context_min_length={self.min_length} must be in "
+                       f"[{shortest} (the tasks' fixed parts), seq_len - {self.ANSWER_ROOM} "
+                       f"= {self.max_length}]; raise data.seq_len or lower "
+                       f"data.long_context_num_pairs")
+    if block < 1 or seq_len % block:
+      raise ValueError(f"block={block} must be >= 1 and divide seq_len={seq_len}")
+    self.block, self.num_pairs, self.stream_seed = block, num_pairs, seed
+    self.haystack = long_context.load_haystack(tokenizer, 2 * seq_len)
+    super().__init__(lambda j: self._text_pair(self.long_context_example(j)), tokenizer,
+                     seq_len, batch_size)
+
+  def long_context_example(self, j: int) -> long_context.LongContextExample:
+    return long_context.training_example(
+        self.tasks, self.tokenizer, self.haystack, index=_check_index(j), split=self.split,
+        seed=self.stream_seed, min_length=self.min_length, max_length=self.max_length,
+        num_pairs=self.num_pairs)
+
+  @staticmethod
+  def _text_pair(ex: long_context.LongContextExample) -> tuple[str, str]:
+    return ex.prompt, ex.answer
+
+  def row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    ex = self.long_context_example(j)
+    tok = self.tokenizer
+    head = np.concatenate([[tok.bos_id], ex.prompt_ids, [tok.sep_id]])
+    end = len(head) + len(ex.answer_ids) + 1
+    if end > self.seq_len:
+      raise ValueError(f"Example {j}: answer of {len(ex.answer_ids)} tokens does not fit "
+                       f"after a {len(head)}-token prompt in seq_len={self.seq_len}")
+    tokens = np.full(self.seq_len, tok.eos_id, np.int32)
+    tokens[:len(head)], tokens[len(head):end - 1] = head, ex.answer_ids
+    mask = np.zeros(self.seq_len, np.float32)
+    mask[len(head):min(-(-end // self.block) * self.block, self.seq_len)] = 1.0
+    return tokens, mask
+
+
 class PackedSFTDataset(Dataset):
   """Packed, block-aligned SFT rows (see ``data.sft``); row j of epoch e is ``perm_e[j]``."""
 
@@ -456,6 +528,12 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
   if data_config.corpus == "sft":
     return build_sft_dataset(data_config, tokenizer, split, seq_len, batch_size, seed,
                              workdir)
+  if data_config.corpus == "long_context":
+    d = data_config
+    return LongContextDataset(
+        d.long_context_tasks.split(","), tokenizer, seq_len, batch_size,
+        d.sft_block_multiple, split=split, seed=d.seed, min_length=d.long_context_min_length,
+        num_pairs=d.long_context_num_pairs)
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,

@@ -9,7 +9,8 @@ Two measurements, for any model and any ``hierarchical_cache.Hierarchy``:
   compression costs the model (the query tokens' own K/V are exact in both, as in
   decoding, where only committed context is compressed).
 * ``retrieval``: passkey / key-value prompts (``data/long_context.py``) answered by greedy
-  AR decoding with the cache under test, scored by exact match of the answer.
+  AR decoding or by the block decoder with the cache under test, scored by exact match
+  of the answer.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ import numpy as np
 from blockdiff_jax import masks
 from blockdiff_jax.data import long_context
 from blockdiff_jax.sampling import ar
+from blockdiff_jax.sampling import decoder as decoder_lib
 from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
@@ -108,31 +110,73 @@ def answer_matches(completion: str, answer: str) -> bool:
   return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
 
 
+DECODERS = ("ar", "block")
+
+
+def prompt_ids(tokenizer, example: long_context.LongContextExample, wrap: bool) -> np.ndarray:
+  """What the model reads: the raw prompt, or ``BOS prompt SEP`` (``wrap``, the layout
+  ``data.pipeline.LongContextDataset`` trains on)."""
+  if not wrap:
+    return np.asarray(example.prompt_ids, np.int32)
+  return np.concatenate([[tokenizer.bos_id], example.prompt_ids,
+                         [tokenizer.sep_id]]).astype(np.int32)
+
+
 def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongContextExample],
               options: layout.DecodeOptions, max_new_tokens: int = 8,
-              on_example: Callable[[int, dict], None] | None = None) -> list[dict]:
-  """Greedy AR answers to long-context prompts with ``options``' cache; one dict each.
+              on_example: Callable[[int, dict], None] | None = None, decoder: str = "ar",
+              wrap: bool = False, batch_size: int = 1) -> list[dict]:
+  """Answers to long-context prompts decoded with ``options``' cache; one dict each.
 
-  Every prompt decodes alone (batch 1) so that its length sets its own cache size.
+  Examples of equal prompt length decode together, ``batch_size`` rows at a time (a
+  batch's prompts share one length, so its cache is sized by that length alone).
+
+  Args:
+    model: a ``Transformer`` or a logits function.
+    params: its parameters.
+    tokenizer: the tokenizer the examples were built with.
+    examples: from ``data.long_context``.
+    options: decoding options (cache, policy, block size).
+    max_new_tokens: answer tokens decoded at most.
+    on_example: called as ``on_example(i, row)`` when example ``i`` is scored.
+    decoder: "ar" (greedy one token per forward) or "block" (the block-diffusion
+      decoder with ``options.policy``; summary-token models need it).
+    wrap: read ``BOS prompt SEP`` instead of the raw prompt (see ``prompt_ids``).
+    batch_size: rows per decode call.
 
   Returns:
-    ``[{"task", "length", "depth", "answer", "completion", "hit", "seconds"}]``.
+    ``[{"task", "length", "depth", "answer", "completion", "hit", "seconds"}]`` in the
+    order of ``examples``; ``seconds`` is the batch's wall time over its rows.
   """
-  rows = []
-  for i, ex in enumerate(examples):
-    cv = layout.generation_canvas([ex.prompt_ids], max_new_tokens, 1, tokenizer.mask_id,
-                                  len(ex.prompt_ids) + max_new_tokens)
-    t0 = time.perf_counter()
-    out = ar.decode_ar(model, params, cv, options)
-    seconds = time.perf_counter() - t0
-    gen = out["tokens"][0, len(ex.prompt_ids):cv.length[0]]
-    cut = np.nonzero(gen == tokenizer.eos_id)[0]
-    gen = gen[:cut[0]] if cut.size else gen
-    completion = tokenizer.decode(gen)
-    row = {"task": ex.task, "length": ex.length, "depth": ex.depth, "answer": ex.answer,
-           "completion": completion, "hit": answer_matches(completion, ex.answer),
-           "seconds": seconds}
-    rows.append(row)
-    if on_example is not None:
-      on_example(i, row)
+  if decoder not in DECODERS:
+    raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  ids = [prompt_ids(tokenizer, ex, wrap) for ex in examples]
+  groups: dict[int, list[int]] = {}
+  for i, p in enumerate(ids):
+    groups.setdefault(len(p), []).append(i)
+  rows: list[dict | None] = [None] * len(examples)
+  for n, members in groups.items():
+    for at in range(0, len(members), batch_size):
+      batch = members[at:at + batch_size]
+      width = -(-(n + max_new_tokens) // options.block_size) * options.block_size
+      cv = layout.generation_canvas([ids[i] for i in batch], max_new_tokens,
+                                    options.block_size, tokenizer.mask_id, width)
+      t0 = time.perf_counter()
+      if decoder == "ar":
+        out = ar.decode_ar(model, params, cv, options)
+      else:
+        out = decoder_lib.decode(model, params, cv, options)
+      seconds = (time.perf_counter() - t0) / len(batch)
+      for r, i in enumerate(batch):
+        ex = examples[i]
+        gen = np.asarray(out["tokens"][r, n:cv.length[r]])
+        cut = np.nonzero(gen == tokenizer.eos_id)[0]
+        completion = tokenizer.decode(gen[:cut[0]] if cut.size else gen)
+        rows[i] = {"task": ex.task, "length": ex.length, "depth": ex.depth,
+                   "answer": ex.answer, "completion": completion,
+                   "hit": answer_matches(completion, ex.answer), "seconds": seconds}
+        if on_example is not None:
+          on_example(i, rows[i])
   return rows

@@ -1,0 +1,282 @@
+r"""Trained short, evaluated 16x longer: passkey / KV recall with full attention, summary
+tokens, YaRN, the extension fine-tune and the hierarchical cache, in one run.
+
+Two small block-diffusion models are trained from scratch on retrieval prompts of at
+most 256 tokens (configs/long_context_retrieval.py): one with full attention and one
+with ChatDLM summary tokens (2 slots per block of 16, the last 2 blocks in full). Each is
+then extended with configs/long_context_extension.py (YaRN x4, a short fine-tune at
+1,024 tokens). Every variant answers the same prompts (data/long_context.py: needle at
+a controlled depth in standard-library docstrings) of 256 to 4,096 tokens with the block
+decoder, scored by exact match:
+
+  full            full attention as trained (RoPE unscaled)
+  full+yarn       the same weights with YaRN x16 at evaluation, no fine-tune
+  full+ext        after the extension fine-tune (YaRN x4)
+  full+ext+hier   the same with the hierarchical cache (rank form, sampling/hierarchical_cache.py)
+  summary ...     the same four rows for the summary-token model; its cache is the
+                  summary form (the last W chunks exact, older blocks only as slots)
+
+  python experiments/long_context_retrieval.py            # ~50 min on a 2-core CPU
+  python experiments/long_context_retrieval.py --quick    # ~5 min smoke run
+  python experiments/long_context_retrieval.py --rerender # tables/plot from the JSON
+Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
+Writes experiments/results/long_context_retrieval.{json,md,png}.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+
+from blockdiff_jax.checkpoint import checkpoints
+from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.data import long_context as tasks_lib
+from blockdiff_jax.evaluation import long_context
+from blockdiff_jax.sampling import hierarchical_cache as hc
+from blockdiff_jax.sampling import sample as sample_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CONFIG = os.path.join(ROOT, "configs", "long_context_retrieval.py")
+EXTENSION = os.path.join(ROOT, "configs", "long_context_extension.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One evaluated row: a trained workdir, RoPE scaling at evaluation and a cache."""
+
+  name: str
+  workdir: str  # Relative to --runs.
+  yarn_factor: float = 0.0  # > 0: YaRN over the training length, set at evaluation.
+  cache: str = "full"  # full | rank | summary.
+
+
+def variants(ext_factor: int, eval_factor: int) -> list[Variant]:
+  out = []
+  for model in ("full", "summary"):
+    compressed = "rank" if model == "full" else "summary"
+    out += [Variant(model, model, cache=compressed if model == "summary" else "full"),
+            Variant(f"{model}+yarn{eval_factor}", model, yarn_factor=eval_factor,
+                    cache=compressed if model == "summary" else "full"),
+            Variant(f"{model}+ext{ext_factor}", f"{model}_x{ext_factor}",
+                    cache=compressed if model == "summary" else "full")]
+    if model == "full":
+      out.append(Variant(f"full+ext{ext_factor}+hier", f"full_x{ext_factor}", cache="rank"))
+  return out
+
+
+def _run(cmd: list[str], log: str) -> None:
+  print("$ " + " ".join(cmd), flush=True)
+  with open(log, "a", encoding="utf-8") as f:
+    proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+  if proc.returncode:
+    with open(log, encoding="utf-8") as f:
+      tail = f.read()[-3000:]
+    raise RuntimeError(f"command failed ({proc.returncode}), log {log}:\n{tail}")
+
+
+def _last_step(workdir: str) -> int:
+  """The newest finished checkpoint's step (Orbax names them by step), or -1."""
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=-1)
+
+
+def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int) -> dict:
+  """Trains (or resumes) the two source models and their extensions; returns wall times."""
+  seconds = {}
+  for model in ("full", "summary"):
+    extra = [f"--config.model.summary.num_slots={slots if model == 'summary' else 0}"]
+    src = os.path.join(runs, model)
+    if _last_step(src) < steps:
+      t0 = time.time()
+      _run([sys.executable, "-m", "blockdiff_jax.main", f"--config={CONFIG}",
+            f"--workdir={src}", "--mode=train", f"--config.train.steps={steps}",
+            f"--config.train.checkpoint_every={steps}", f"--config.train.eval_every={steps}",
+            *extra], os.path.join(runs, f"{model}.log"))
+      seconds[model] = time.time() - t0
+    ext = os.path.join(runs, f"{model}_x{ext_factor}")
+    if _last_step(ext) < ext_steps:
+      t0 = time.time()
+      _run([sys.executable, "-m", "blockdiff_jax.main",
+            f"--config={EXTENSION}:long_context_retrieval,{ext_factor}",
+            f"--config.init_from.workdir={src}", f"--workdir={ext}", "--mode=train",
+            f"--config.train.steps={ext_steps}", f"--config.train.checkpoint_every={ext_steps}",
+            f"--config.train.eval_every={ext_steps}", "--config.train.log_every=10",
+            *extra], os.path.join(runs, f"{model}_x{ext_factor}.log"))
+      seconds[f"{model}_x{ext_factor}"] = time.time() - t0
+  return seconds
+
+
+def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
+  workdir = os.path.join(runs, variant.workdir)
+  config = checkpoints.load_config(workdir)
+  if variant.yarn_factor:
+    rs = config.model.rope_scaling
+    rs.type, rs.factor = "yarn", float(variant.yarn_factor)
+    rs.original_max_position = config.data.seq_len
+  s = config.sample
+  s.max_len = max(e.length for e in examples) + 2 + args.max_new_tokens + 16
+  if variant.cache != "full":
+    s.kv_cache, s.kv_form = "hierarchical", variant.cache
+    s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = 2, args.chunk, args.rank, 1
+  _, model, tok, params = inference.load_for_inference(workdir, config)
+  options = sample_lib.options_from_config(s, config.diffusion.block_size, tok)
+  done, start = [0], time.time()
+
+  def progress(_, row):
+    done[0] += 1
+    if done[0] % max(1, len(examples) // 8) == 0 or done[0] == len(examples):
+      rate = done[0] / (time.time() - start)
+      print(f"  {variant.name}: [{done[0]}/{len(examples)}] n={row['length']} "
+            f"{'hit ' if row['hit'] else 'miss'} {row['completion']!r} vs {row['answer']!r} "
+            f"({rate * 60:.0f}/min, ETA {(len(examples) - done[0]) / rate:.0f} s)", flush=True)
+
+  with inference.inference_context(config):
+    rows = long_context.retrieval(model, params, tok, examples, options,
+                                  max_new_tokens=args.max_new_tokens, decoder="block",
+                                  wrap=True, batch_size=args.batch_size,
+                                  on_example=progress)
+  return [{"variant": variant.name, **r} for r in rows]
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--runs", default="/tmp/long_context_retrieval")
+  ap.add_argument("--steps", type=int, default=600, help="source training steps")
+  ap.add_argument("--slots", type=int, default=2, help="summary slots per block")
+  ap.add_argument("--ext_factor", type=int, default=4)
+  ap.add_argument("--ext_steps", type=int, default=50)
+  ap.add_argument("--eval_factor", type=int, default=16, help="YaRN factor without tuning")
+  ap.add_argument("--lengths", default="256,512,1024,2048,4096")
+  ap.add_argument("--depths", default="0.1,0.5,0.9")
+  ap.add_argument("--per_cell", type=int, default=4)
+  ap.add_argument("--tasks", default="passkey,kv_recall")
+  ap.add_argument("--num_pairs", type=int, default=2, help="as the model was trained")
+  ap.add_argument("--max_new_tokens", type=int, default=16)
+  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--chunk", type=int, default=64, help="hierarchical cache chunk")
+  ap.add_argument("--rank", type=int, default=8, help="rank form: rank per chunk and head")
+  ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
+  ap.add_argument("--rerender", action="store_true", help="only rewrite md/png from JSON")
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "long_context_retrieval"))
+  args = ap.parse_args()
+  if args.rerender:
+    with open(args.out + ".json", encoding="utf-8") as f:
+      write(json.load(f), args.out)
+    return
+  if args.quick:
+    args.steps, args.ext_steps, args.lengths = 4, 2, "256,1024"
+    args.depths, args.per_cell, args.runs = "0.5", 1, args.runs + "_quick"
+  os.makedirs(args.runs, exist_ok=True)
+  t0 = time.time()
+  train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots)
+  import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.ByteTokenizer()
+  examples = tasks_lib.make_suite(tok, lengths=[int(x) for x in args.lengths.split(",")],
+                                  depths=[float(x) for x in args.depths.split(",")],
+                                  per_cell=args.per_cell, tasks=args.tasks.split(","),
+                                  num_pairs=args.num_pairs)
+  rows = []
+  for v in variants(args.ext_factor, args.eval_factor):
+    print(f"evaluating {v} on {len(examples)} prompts ...", flush=True)
+    rows += evaluate(args.runs, v, examples, args)
+  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "command": " ".join(["python", "experiments/long_context_retrieval.py"]
+                                + sys.argv[1:]),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+            "train_seconds": train_seconds, "seconds": time.time() - t0,
+            "variants": [dataclasses.asdict(v) for v in variants(args.ext_factor,
+                                                                 args.eval_factor)],
+            "rows": rows}
+  write(result, args.out)
+
+
+def _accuracy(rows, **where):
+  hits = [r["hit"] for r in rows if all(r[k] == v for k, v in where.items())]
+  return (sum(hits) / len(hits), len(hits)) if hits else (float("nan"), 0)
+
+
+def write(result, out):
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".json", "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  names = [v["name"] for v in result["variants"]]
+  rows, st = result["rows"], result["settings"]
+  lengths = sorted({r["length"] for r in rows})
+  lines = [f"# Passkey / KV recall, trained at 256 tokens, evaluated to {max(lengths)} "
+           f"({result['device']}, jax {result['jax']})", "",
+           f"Command: `{result['command']}` ({result['seconds'] / 60:.1f} min in all; "
+           f"training runs in minutes: "
+           + ", ".join(f"{k} {v / 60:.1f}" for k, v in result["train_seconds"].items())
+           + ").", "",
+           f"Models: configs/long_context_retrieval.py ({st['steps']} steps at 256 tokens); "
+           f"`summary` has {st['slots']} summary slots per 16-token block and reads the last "
+           f"2 blocks in full. `ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and "
+           f"{st['ext_steps']} fine-tuning steps at {256 * st['ext_factor']} tokens "
+           f"(configs/long_context_extension.py). `yarn{st['eval_factor']}`: YaRN "
+           f"x{st['eval_factor']} at evaluation only. `hier`: the hierarchical cache, "
+           f"window 2, chunk {st['chunk']}, rank {st['rank']}, 1 sink chunk; the summary "
+           "model always decodes with the summary-form cache (exact for it). Block "
+           "decoder, one token per step, prompts `BOS prompt SEP`; "
+           f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}.",
+           "", "## Exact match by prompt length (both tasks)", "",
+           "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+  for v in names:
+    lines.append(f"| {v} | " + " | ".join(
+        f"{_accuracy(rows, variant=v, length=n)[0]:.2f}" for n in lengths) + " |")
+  for task in sorted({r["task"] for r in rows}):
+    lines += ["", f"## {task}", "", "| variant | " + " | ".join(str(n) for n in lengths)
+              + " |", "|---|" + "---|" * len(lengths)]
+    for v in names:
+      lines.append(f"| {v} | " + " | ".join(
+          f"{_accuracy(rows, variant=v, length=n, task=task)[0]:.2f}" for n in lengths)
+          + " |")
+  depths = sorted({r["depth"] for r in rows})
+  lines += ["", "## By needle depth (all tasks and lengths)", "",
+            "| variant | " + " | ".join(str(d) for d in depths) + " |",
+            "|---|" + "---|" * len(depths)]
+  for v in names:
+    lines.append(f"| {v} | " + " | ".join(
+        f"{_accuracy(rows, variant=v, depth=d)[0]:.2f}" for d in depths) + " |")
+  n = _accuracy(rows, variant=names[0], length=lengths[0])[1]
+  lines += ["", f"Each cell of the length tables is {n} prompts (binomial standard error "
+            f"up to {0.5 / max(n, 1) ** 0.5:.2f})."]
+  with open(out + ".md", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  try:
+    plot(result, names, out + ".png")
+  except ImportError:
+    print("matplotlib missing: no plot")
+
+
+def plot(result, names, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = result["rows"]
+  tasks = sorted({r["task"] for r in rows})
+  lengths = sorted({r["length"] for r in rows})
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for v in names:
+      style = "--" if v.startswith("summary") else "-"
+      ax.semilogx(lengths, [_accuracy(rows, variant=v, task=task, length=n)[0]
+                            for n in lengths], "o" + style, label=v, base=2)
+    ax.axvline(256, color="gray", lw=0.8)
+    ax.set(xlabel="prompt length (tokens; trained at <= 256)", ylabel="exact match",
+           title=task, ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+  main()
