@@ -16,6 +16,9 @@ run's workdir is given with ``--config.init_from.workdir``.
 Run (after the quickstart run, 128 -> 1,024 tokens on a CPU):
   python -m blockdiff_jax.main --config=configs/long_context_extension.py:quickstart,8 \
       --config.init_from.workdir=runs/quickstart --workdir=runs/quickstart_x8 --mode=train
+then passkey / key-value recall against length and depth (and the NELBO):
+  python -m blockdiff_jax.main --config=configs/long_context_extension.py:quickstart,8 \
+      --config.init_from.workdir=runs/quickstart --workdir=runs/quickstart_x8 --mode=eval
 The base must train without RoPE scaling (``configs/chatdlm_7b.py`` describes the
 already-extended model, YaRN x32 over 4,096, and is refused): for ChatDLM's 32x,
 pre-train from an unscaled copy of it and pass ``:<that config>,32``.
@@ -94,17 +97,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from.step = -1  # Its checkpoint step; -1 = the latest.
   c.init_from.use_ema = True  # Start from its EMA parameters when it kept them.
 
-  # Passkey / key-value evaluation of the extended model (data/long_context.py).
-  c.long_context = lc = ml_collections.ConfigDict()
-  lc.tasks = "passkey,kv_recall"  # Comma-separated long_context.TASKS.
+  # Passkey / key-value evaluation of the extended model: --mode=eval runs it
+  # (evaluation/evaluate.py, task long_context; data/long_context.py builds the prompts).
+  e = c.eval
+  e.tasks = "likelihood,long_context"  # What --mode=eval runs by default here.
   # Prompt lengths: from the training length (or 512 tokens, the shortest that fits
   # both tasks with a byte tokenizer) up to twice the extended length.
-  lc.lengths = ",".join(str(original * 2**i) for i in range(8)
-                        if 2**i <= 2 * factor and original * 2**i >= 512)
-  lc.depths = "0.0,0.25,0.5,0.75,1.0"  # Needle depths (fraction of the haystack).
-  lc.per_cell = 4  # Examples per (task, length, depth).
-  lc.num_pairs = 4  # Key-value pairs per kv_recall prompt.
-  lc.seed = 0  # Generation seed (fixed across models for paired comparisons).
+  e.long_context_lengths = ",".join(str(original * 2**i) for i in range(8)
+                                    if 2**i <= 2 * factor and original * 2**i >= 512)
+  e.long_context_depths = "0.0,0.25,0.5,0.75,1.0"  # Needle depths (fraction of the haystack).
+  e.long_context_per_cell = 4  # Prompts per (task, length, depth).
+  # Key-value pairs per kv_recall prompt: as the source trained on, if it did.
+  e.long_context_num_pairs = c.data.get("long_context_num_pairs", 4)
   return c
 
 
@@ -123,9 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.rope_scaling.factor={rs.factor} but data.seq_len / "
                      f"original_max_position = {config.data.seq_len} / "
                      f"{rs.original_max_position} = {want}")
-  lengths = [int(n) for n in config.long_context.lengths.split(",")]
+  lengths = [int(n) for n in config.eval.long_context_lengths.split(",")]
   if min(lengths) < 1:
-    raise ValueError(f"long_context.lengths must be positive, got {lengths}")
-  depths = [float(d) for d in config.long_context.depths.split(",")]
+    raise ValueError(f"eval.long_context_lengths must be positive, got {lengths}")
+  depths = [float(d) for d in config.eval.long_context_depths.split(",")]
   if not all(0.0 <= d <= 1.0 for d in depths):
-    raise ValueError(f"long_context.depths must be in [0, 1], got {depths}")
+    raise ValueError(f"eval.long_context_depths must be in [0, 1], got {depths}")

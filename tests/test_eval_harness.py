@@ -82,3 +82,31 @@ def test_infilling_task_scores_what_the_infiller_returns(workdir, monkeypatch):
 def test_unknown_task_is_rejected(workdir):
   with pytest.raises(ValueError, match="perplexity"):
     evaluate.run(_config("perplexity"), workdir)
+
+
+def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
+  from blockdiff_jax.data import long_context as lc  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.evaluation import long_context  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def oracle(model, params, tok, examples, options, max_new_tokens, decoder, wrap, batch_size):
+    calls.append((decoder, wrap, options.kv_hierarchy))
+    # Reads the passkey off the prompt; answers every key-value question wrongly.
+    return [{"task": e.task, "length": e.length, "depth": e.depth,
+             "hit": e.task == "passkey" and long_context.answer_matches(lc.solve(e), e.answer)}
+            for e in examples]
+
+  monkeypatch.setattr(long_context, "retrieval", oracle)
+  c = _config("long_context", long_context_lengths="600,1200", long_context_per_cell=2,
+              long_context_depths="0.0,1.0")
+  c.sample.kv_cache, c.sample.kv_chunk = "hierarchical", 64
+  res = evaluate.run(c, workdir)["long_context"]
+  assert res["lengths"] == [600, 1200]
+  assert [d for d, _, _ in calls] == ["block", "ar"]  # eval.decoders: threshold:0.9,ar.
+  assert not any(w for _, w, _ in calls)  # A text model reads raw prompts.
+  assert all(h is not None and h.chunk == 64 for _, _, h in calls)
+  for dec in ("threshold:0.9", "ar"):
+    r = res["decoders"][dec]
+    assert r["exact_match"] == 0.5
+    assert r["by_task"] == {"passkey": 1.0, "kv_recall": 0.0}
+    assert r["by_length"] == {"600": 0.5, "1200": 0.5}

@@ -60,10 +60,11 @@ def test_source_checkpoint_params_fit_the_extended_model():
 def test_long_context_eval_lengths_and_bad_bases():
   module = _module()
   c = module.get_config("quickstart,8")
-  assert c.long_context.lengths == "512,1024,2048"
+  assert c.eval.long_context_lengths == "512,1024,2048"
+  assert "long_context" in c.eval.tasks
   c.init_from.workdir = "/tmp/x"
-  c.long_context.depths = "0.5,1.5"
-  with pytest.raises(ValueError, match="long_context.depths"):
+  c.eval.long_context_depths = "0.5,1.5"
+  with pytest.raises(ValueError, match="eval.long_context_depths"):
     module.validate(c)
   # chatdlm_7b.py describes the already-extended model (YaRN x32 over 4,096).
   with pytest.raises(ValueError, match="already scales RoPE"):

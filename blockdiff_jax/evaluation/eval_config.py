@@ -2,7 +2,8 @@
 
 import ml_collections
 
-TASKS = ("likelihood", "synthetic", "humaneval", "humaneval_infilling", "throughput")
+TASKS = ("likelihood", "synthetic", "humaneval", "humaneval_infilling", "throughput",
+         "long_context")
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -23,4 +24,21 @@ def default_eval_config() -> ml_collections.ConfigDict:
   e.infilling_mode = "inplace"  # inplace (span of the reference length) | fim.
   e.timeout_s = 3.0  # Sandbox time limit per program.
   e.workers = 2  # Sandboxes at once.
+  # long_context: passkey / key-value prompts (data/long_context.py), exact match.
+  e.long_context_tasks = "passkey,kv_recall"  # Comma-separated data.long_context.TASKS.
+  # Comma-separated prompt lengths; "" = data.seq_len times 1, 2, 4, 8 and 16.
+  e.long_context_lengths = ""
+  e.long_context_depths = "0.1,0.5,0.9"  # Needle depths (fraction of the haystack).
+  e.long_context_per_cell = 4  # Prompts per (task, length, depth).
+  e.long_context_num_pairs = 4  # Key-value pairs per kv_recall prompt.
+  e.long_context_seed = 0  # Needle seed (fixed, so models are compared on equal prompts).
+  e.long_context_max_new_tokens = 16  # Answer tokens decoded at most.
   return e
+
+
+def long_context_lengths(config: ml_collections.ConfigDict) -> list[int]:
+  """The prompt lengths of the long_context task (``eval.long_context_lengths``)."""
+  e = config.eval
+  if e.long_context_lengths:
+    return [int(n) for n in e.long_context_lengths.split(",")]
+  return [config.data.seq_len * 2**i for i in range(5)]

@@ -10,6 +10,9 @@ Tasks (comma-separated in ``eval.tasks``):
   humaneval_infilling  HumanEval-infilling (single-/multi-line spans of the canonical
                        solutions), filled by the in-place infilling decoder with the
                        reference span length, or by FIM prompting (``infilling_mode``).
+  long_context         passkey / key-value recall exact match per prompt length and
+                       needle depth (data/long_context.py), per decoder, with the
+                       ``sample`` section's KV cache (full or hierarchical).
   throughput           NFE, TPF, generated tokens/s, steps per block and latency per
                        decoder, and unique experts per layer per forward with token
                        routing vs dMoE block routing on the same weights.
@@ -31,6 +34,7 @@ import numpy as np
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.data import long_context as long_context_data
 from blockdiff_jax.data import pipeline
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.diffusion import config as diffusion_config
@@ -38,6 +42,7 @@ from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.evaluation import humaneval
 from blockdiff_jax.evaluation import infilling
 from blockdiff_jax.evaluation import likelihood
+from blockdiff_jax.evaluation import long_context as long_context_eval
 from blockdiff_jax.evaluation import sandbox
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
@@ -69,6 +74,7 @@ class Evaluator:
   model: transformer.Transformer
   tokenizer: Any
   params: Any
+  workdir: str | None = None  # The run's folder (sft_source="distilled" reads it).
 
   def options(self, policy: str, value: float | None):
     s = ml_collections.ConfigDict(self.config.sample.to_dict())
@@ -116,7 +122,7 @@ def _synthetic_prompts(config, n: int) -> tuple[list[str], list[str], list[str]]
 def task_likelihood(ev: Evaluator) -> dict:
   c = ev.config
   ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
-                              c.data.batch_size, c.seed)
+                              c.data.batch_size, c.seed, ev.workdir)
   apply_fn = build.make_apply(ev.model)
   obj = diffusion_config.objective(c, ev.tokenizer.mask_id)
   res = likelihood.evaluate(apply_fn, ev.params, ds, obj, c.eval.likelihood_batches,
@@ -198,7 +204,7 @@ def task_throughput(ev: Evaluator) -> dict:
     prompts = _synthetic_prompts(c, c.eval.num_examples)[2]
   else:
     ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
-                                c.eval.num_examples, c.seed)
+                                c.eval.num_examples, c.seed, ev.workdir)
     half = c.data.seq_len // 2
     prompts = ["<|bos|>" + ev.tokenizer.decode(row[1:half]).replace("<|", "< |")
                for row in ds.get_batch(0)["tokens"]]
@@ -221,9 +227,42 @@ def task_throughput(ev: Evaluator) -> dict:
   return out
 
 
+def task_long_context(ev: Evaluator) -> dict:
+  c, e = ev.config, ev.config.eval
+  lengths = eval_config.long_context_lengths(c)
+  suite = long_context_data.make_suite(
+      ev.tokenizer, lengths=lengths, depths=[float(d) for d in e.long_context_depths.split(",")],
+      per_cell=e.long_context_per_cell, tasks=e.long_context_tasks.split(","),
+      num_pairs=e.long_context_num_pairs, seed=e.long_context_seed)
+  # A model trained on corpus="long_context" read its prompts as BOS prompt SEP.
+  wrap = c.data.corpus == "long_context"
+  out = {"lengths": lengths, "decoders": {}}
+  for policy, value in _parse_decoders(e.decoders):
+    s = ml_collections.ConfigDict(c.sample.to_dict())
+    s.policy, s.policy_value = policy, (value if value is not None else s.policy_value)
+    options = sample_lib.options_from_config(s, c.diffusion.block_size, ev.tokenizer,
+                                             c.diffusion.get("token_shift", False))
+    rows = long_context_eval.retrieval(
+        ev.model, ev.params, ev.tokenizer, suite, options, e.long_context_max_new_tokens,
+        decoder="ar" if policy == "ar" else "block", wrap=wrap, batch_size=e.batch_size)
+    hits = lambda **w: [r["hit"] for r in rows if all(r[k] == v for k, v in w.items())]
+    name = _decoder_name(policy, value)
+    out["decoders"][name] = {
+        "exact_match": float(np.mean(hits())),
+        "by_length": {str(n): float(np.mean(hits(length=n))) for n in lengths},
+        "by_task": {t: float(np.mean(hits(task=t))) for t in {r["task"] for r in rows}},
+        "by_depth": {str(d): float(np.mean(hits(depth=d))) for d in sorted(
+            {r["depth"] for r in rows})}}
+    print(f"  {name}: exact match {out['decoders'][name]['exact_match']:.3f} over "
+          f"{len(rows)} prompts; by length "
+          + ", ".join(f"{k}: {v:.2f}" for k, v in out["decoders"][name]["by_length"].items()),
+          flush=True)
+  return out
+
+
 TASK_FNS = {"likelihood": task_likelihood, "synthetic": task_synthetic,
             "humaneval": task_humaneval, "humaneval_infilling": task_humaneval_infilling,
-            "throughput": task_throughput}
+            "throughput": task_throughput, "long_context": task_long_context}
 
 
 def _flatten(prefix: str, tree: Any, out: dict) -> dict:
@@ -256,7 +295,9 @@ def markdown(results: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs ``config.eval.tasks`` on the latest checkpoint of ``workdir``."""
-  e = config.get("eval") or eval_config.default_eval_config()
+  e = eval_config.default_eval_config()
+  if config.get("eval") is not None:  # Runs saved before a field existed get its default.
+    e.update(config.eval.to_dict())
   tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
   unknown = [t for t in tasks if t not in eval_config.TASKS]
   if unknown:
@@ -264,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _parse_decoders(e.decoders)
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   config.eval = e
-  ev = Evaluator(config, model, tokenizer, params)
+  ev = Evaluator(config, model, tokenizer, params, workdir)
   results = {}
   with inference.inference_context(config):
     for name in tasks:
