@@ -154,12 +154,12 @@ def _dataset(tok, split="train", seq_len=512, block=16, **kw):
   return pipeline.LongContextDataset(lc.TASKS, tok, seq_len, 4, block, split=split, **kw)
 
 
-@pytest.mark.parametrize("tok_name", ["byte", "bpe"])
-@pytest.mark.parametrize("block", [8, 16])
-def test_training_rows_read_bos_prompt_sep_and_score_only_the_answer_blocks(
-    byte_tok, bpe_tok, tok_name, block):
+@pytest.mark.parametrize("tok_name,block,score_prompt", [
+    ("byte", 16, False), ("bpe", 8, False), ("byte", 8, True), ("bpe", 16, True)])
+def test_training_rows_read_bos_prompt_sep_and_score_the_answer_blocks(
+    byte_tok, bpe_tok, tok_name, block, score_prompt):
   tok = byte_tok if tok_name == "byte" else bpe_tok
-  ds = _dataset(tok, block=block)
+  ds = _dataset(tok, block=block, score_prompt=score_prompt)
   lengths = set()
   for j in range(12):
     ex = ds.long_context_example(j)
@@ -172,9 +172,10 @@ def test_training_rows_read_bos_prompt_sep_and_score_only_the_answer_blocks(
     a = len(ex.answer_ids)
     np.testing.assert_array_equal(tokens[n:n + a], ex.answer_ids)
     assert (tokens[n + a:] == tok.eos_id).all()
-    # Scored (and maskable): the answer, its EOS and the rest of that EOS's block.
+    # Scored (and maskable): the answer, its EOS and the rest of that EOS's block; with
+    # score_prompt also everything before it but BOS.
     end = -(-(n + a + 1) // block) * block
-    np.testing.assert_array_equal(np.nonzero(mask)[0], np.arange(n, end))
+    np.testing.assert_array_equal(np.nonzero(mask)[0], np.arange(1 if score_prompt else n, end))
     assert lc.solve(ex) == ex.answer  # The needle really is in the prompt.
   assert len(lengths) > 6  # Lengths are drawn, not fixed.
 

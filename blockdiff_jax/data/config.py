@@ -52,6 +52,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Shortest prompt in tokens (lengths are uniform up to seq_len - 24); 0 = half of that.
   c.long_context_min_length = 0
   c.long_context_num_pairs = 4  # Key-value pairs per kv_recall prompt.
+  # Also mask and score the prompt (language modelling on haystack and needles).
+  c.long_context_score_prompt = False
   c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
   c.batch_size = 8  # Sequences per step (global, across all devices).
   return c

@@ -395,9 +395,10 @@ class LongContextDataset(SFTDataset):
   """Passkey / key-value retrieval prompts (``data.long_context``) as SFT rows.
 
   Row j is ``BOS prompt SEP answer EOS...`` for ``long_context.training_example(j)``,
-  built from the example's token ids (no re-encoding of its text). The prompt is never
-  masked or scored; the answer, its EOS and the rest of the block the EOS falls in are
-  (so the decoder's view of the answer's block, all MASK, matches training). Prompt
+  built from the example's token ids (no re-encoding of its text). The answer, its EOS
+  and the rest of the block the EOS falls in are masked and scored (so the decoder's
+  view of the answer's block, all MASK, matches training); the prompt only with
+  ``score_prompt``. Prompt
   lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``.
   """
 
@@ -405,7 +406,7 @@ class LongContextDataset(SFTDataset):
 
   def __init__(self, tasks: Sequence[str], tokenizer: tokenizers.Tokenizer, seq_len: int,
                batch_size: int, block: int, split: str = "train", seed: int = 0,
-               min_length: int = 0, num_pairs: int = 4):
+               min_length: int = 0, num_pairs: int = 4, score_prompt: bool = False):
     """Creates the dataset (an infinite stream).
 
     Args:
@@ -419,7 +420,12 @@ class LongContextDataset(SFTDataset):
       min_length: shortest prompt in tokens; 0 = half the longest (at least what the
         tasks' instruction, needles and question take).
       num_pairs: key-value pairs per kv_recall prompt.
+      score_prompt: also mask and score the prompt (after BOS): a language-modelling
+        signal on the haystack and needles, where a small model learns to copy (the
+        needle repeats its key; "The pass key is" recurs) long before the sparse
+        answer-only signal teaches it retrieval.
     """
+    self.score_prompt = bool(score_prompt)
     self.tasks = tuple(long_context.validate_task(t) for t in tasks)
     self.split = corpora.validate_split(split)
     self.max_length = seq_len - self.ANSWER_ROOM
@@ -458,7 +464,8 @@ class LongContextDataset(SFTDataset):
     tokens = np.full(self.seq_len, tok.eos_id, np.int32)
     tokens[:len(head)], tokens[len(head):end - 1] = head, ex.answer_ids
     mask = np.zeros(self.seq_len, np.float32)
-    mask[len(head):min(-(-end // self.block) * self.block, self.seq_len)] = 1.0
+    mask[1 if self.score_prompt else len(head):
+         min(-(-end // self.block) * self.block, self.seq_len)] = 1.0
     return tokens, mask
 
 
@@ -533,7 +540,7 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
     return LongContextDataset(
         d.long_context_tasks.split(","), tokenizer, seq_len, batch_size,
         d.sft_block_multiple, split=split, seed=d.seed, min_length=d.long_context_min_length,
-        num_pairs=d.long_context_num_pairs)
+        num_pairs=d.long_context_num_pairs, score_prompt=d.long_context_score_prompt)
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,
