@@ -43,7 +43,7 @@ def get_config():
   c.model.moe.num_experts = 0  # Dense.
   c.model.summary.num_slots = 0  # 2 = ChatDLM summary tokens (see the docstring).
   c.model.summary.window_blocks = 2  # Blocks before its own that a token reads in full.
-  c.train.steps = 1000  # Optimizer steps.
+  c.train.steps = 600  # Optimizer steps.
   c.train.learning_rate = 2e-3  # Peak learning rate.
   c.train.warmup_steps = 100  # Linear warmup steps.
   c.train.log_every = 50  # Steps between metric lines.
