@@ -198,5 +198,17 @@ def test_config_validation_names_the_field(tiny_config, field, value, message):
 
 
 def test_named_configs_validate():
-  for name in ("tiny", "quickstart", "synthetic", "chatdlm_7b", "qwen2_5_1_5b", "qwen3_8b"):
+  for name in ("tiny", "quickstart", "synthetic", "chatdlm_7b", "qwen2_5_1_5b", "qwen3_8b",
+               "long_context_retrieval"):
     config_lib.validate(load_config_file(name))
+
+
+@pytest.mark.parametrize("slots,expected", [(0, 821_376), (2, 821_632)])
+def test_long_context_retrieval_parameter_count(slots, expected):
+  """The README's count; the summary model adds only its 2 x d_model slot embeddings."""
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  c = load_config_file("long_context_retrieval")
+  c.model.summary.num_slots = slots
+  model, _ = build.build_model(c)
+  tree = jax.eval_shape(lambda: build.init_params(model, 0))
+  assert sum(x.size for x in jax.tree.leaves(tree)) == expected
