@@ -10,7 +10,6 @@ from blockdiff_jax.evaluation import long_context
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import decoder
-from blockdiff_jax.sampling import hierarchical_cache as hc
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 
@@ -48,6 +47,8 @@ def _alone(model, params, tok, ex, options, dec, wrap, new):
 @pytest.mark.parametrize("dec,wrap", [("block", True), ("block", False), ("ar", True)])
 def test_batched_rows_equal_each_prompt_decoded_alone(setup, dec, wrap):
   model, tok, params, examples = setup
+  if dec == "ar":  # One length: the AR decoder compiles per prompt length (slow).
+    examples = [e for e in examples if e.length == examples[0].length][:3]
   options = _options(tok)
   rows = long_context.retrieval(model, params, tok, examples, options, max_new_tokens=6,
                                 decoder=dec, wrap=wrap, batch_size=3)
@@ -62,16 +63,6 @@ def test_wrapped_prompt_is_the_training_layout(setup):
   ids = long_context.prompt_ids(tok, examples[0], wrap=True)
   assert ids[0] == tok.bos_id and ids[-1] == tok.sep_id
   np.testing.assert_array_equal(ids[1:-1], examples[0].prompt_ids)
-
-
-def test_hierarchical_cache_that_holds_everything_changes_nothing(setup):
-  model, tok, params, examples = setup
-  full = long_context.retrieval(model, params, tok, examples, _options(tok), 6,
-                                decoder="block", wrap=True, batch_size=4)
-  ring = hc.Hierarchy(window=4, chunk=64, rank=2)  # (4+1)*64 >= every prompt: all exact.
-  held = long_context.retrieval(model, params, tok, examples, _options(tok, kv_hierarchy=ring),
-                                6, decoder="block", wrap=True, batch_size=4)
-  assert [r["completion"] for r in held] == [r["completion"] for r in full]
 
 
 def test_bad_decoder_and_batch_are_named(setup):
