@@ -110,3 +110,12 @@ def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
     assert r["exact_match"] == 0.5
     assert r["by_task"] == {"passkey": 1.0, "kv_recall": 0.0}
     assert r["by_length"] == {"600": 0.5, "1200": 0.5}
+
+
+def test_synthetic_prompts_longer_than_the_rows_allow_still_decode(workdir):
+  """Validation prompts plus max_new_tokens may exceed data.seq_len (configs/synthetic.py:
+  up to 38 + 32 tokens in rows of 64); the task widens the canvas instead of failing."""
+  c = _config("synthetic", decoders="ar", num_examples=4)
+  c.sample.max_new_tokens = c.data.seq_len  # Any prompt + this overflows seq_len.
+  res = evaluate.run(c, workdir)["synthetic"]["ar"]
+  assert 0.0 <= res["exact_match"] <= 1.0

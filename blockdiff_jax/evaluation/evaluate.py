@@ -131,13 +131,26 @@ def task_likelihood(ev: Evaluator) -> dict:
   return res
 
 
+def _synthetic_context(ev: Evaluator, raw_prompts: Sequence[str]) -> int:
+  """sample.max_len (or data.seq_len), widened to the longest prompt plus its answer.
+
+  Validation prompts can be longer than the training rows leave room for
+  (``synthetic.py``: up to 38 tokens before 32 new ones in rows of 64).
+  """
+  c = ev.config
+  longest = max(len(ev.tokenizer.encode(p)) for p in raw_prompts) + 2  # BOS and SEP.
+  b = c.diffusion.block_size
+  return max(c.sample.max_len or c.data.seq_len,
+             -(-(longest + c.sample.max_new_tokens) // b) * b)
+
+
 def task_synthetic(ev: Evaluator) -> dict:
   c = ev.config
   tasks, raw, prompts = _synthetic_prompts(c, c.eval.num_examples)
   out = {}
   for policy, value in _parse_decoders(c.eval.decoders):
     rows, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens,
-                                c.sample.max_len or c.data.seq_len, c.eval.batch_size)
+                                _synthetic_context(ev, raw), c.eval.batch_size)
     ok = [synthetic.check(t, p, r["completion"]) for t, p, r in zip(tasks, raw, rows)]
     by_task = {t: float(np.mean([o for tt, o in zip(tasks, ok) if tt == t])) for t in set(tasks)}
     out[summary["decoder"]] = {"exact_match": float(np.mean(ok)), "by_task": by_task,
@@ -200,15 +213,16 @@ def task_humaneval_infilling(ev: Evaluator) -> dict:
 
 def task_throughput(ev: Evaluator) -> dict:
   c = ev.config
+  max_len = c.sample.max_len or c.data.seq_len
   if c.data.corpus == "synthetic":
-    prompts = _synthetic_prompts(c, c.eval.num_examples)[2]
+    _, raw, prompts = _synthetic_prompts(c, c.eval.num_examples)
+    max_len = _synthetic_context(ev, raw)
   else:
     ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
                                 c.eval.num_examples, c.seed, ev.workdir)
     half = c.data.seq_len // 2
     prompts = ["<|bos|>" + ev.tokenizer.decode(row[1:half]).replace("<|", "< |")
                for row in ds.get_batch(0)["tokens"]]
-  max_len = c.sample.max_len or c.data.seq_len
   out = {"decoders": {}}
   for policy, value in _parse_decoders(c.eval.decoders):
     _, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens, max_len,
