@@ -1,0 +1,258 @@
+"""dMoE routing sweeps on fixed weights: unique experts per block against held-out quality.
+
+One trained MoE, many routings: token routing (the baseline) and block routing over a
+grid of coverage p and minimum coreset size. Every setting runs the same held-out
+batches with the same noise draws, so differences in quality are the routing's alone.
+
+Unique experts are counted per **routing block** (one row, one stream, one block id:
+the unit dMoE pools its coreset over), not per forward: the model's own
+``unique_experts`` statistic is the union over a whole forward, which for a training
+batch of many rows and blocks is every expert under either routing. The per-block
+count of the noisy stream of the ``[x_t ; x_0]`` pass is what a decoder with an exact
+block cache sees in the forward that denoises that block at the same mask level (same
+tokens, same clean context, same routing group); the clean stream's blocks are the
+forwards that commit a block to the cache.
+
+The counts come from a flax method interceptor around ``MoEFeedForward``: it re-runs
+the layer's router on the layer's own input (so it sees exactly the hidden states of
+the routing under test) and adds per-block sums to the layer's statistics, which then
+travel through ``nn.scan``/``nn.remat`` like the model's own statistics. The model code
+is untouched.
+"""
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdiff_jax import masks
+from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax.diffusion import losses
+from blockdiff_jax.evaluation import likelihood
+from blockdiff_jax.model import build
+from blockdiff_jax.model import moe as moe_lib
+from blockdiff_jax.model import transformer
+
+Array = Any
+
+# Extra per-layer statistics the interceptor adds (scalars per layer).
+BLOCK_STAT_KEYS = ("noisy_unique_sum", "noisy_coreset_sum", "noisy_groups",
+                   "clean_unique_sum", "clean_coreset_sum", "clean_groups")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSetting:
+  """One routing of the sweep.
+
+  Attributes:
+    mode: "token" or "block".
+    coverage: block routing's cumulative share p (ignored for token routing).
+    min_experts: block routing's minimum coreset size (ignored for token routing).
+  """
+
+  mode: str
+  coverage: float = 1.0
+  min_experts: int = 0
+
+  @property
+  def name(self) -> str:
+    if self.mode == "token":
+      return "token"
+    return f"block p={self.coverage:g} min={self.min_experts}"
+
+
+def settings_grid(num_experts: int, top_k: int, coverages: Sequence[float],
+                  min_sizes: Sequence[int], keep_full: bool = False) -> list[RoutingSetting]:
+  """Token routing, then block routing over coverages x minimum sizes.
+
+  Minimum sizes are clipped to [top_k, num_experts] (``MoEConfig``'s valid range) and
+  deduplicated, so e.g. {top_k, 2·top_k, E/2} with E = 4, k = 2 gives {2, 4}. A minimum
+  of E keeps every expert in every block, which is token routing exactly (tested), so it
+  is dropped unless ``keep_full``.
+  """
+  mins = sorted({min(max(int(m), top_k), num_experts) for m in min_sizes})
+  if not keep_full:
+    mins = [m for m in mins if m < num_experts]
+  out = [RoutingSetting("token")]
+  out += [RoutingSetting("block", float(p), m) for m in mins for p in coverages]
+  return out
+
+
+def with_routing(cfg: transformer.TransformerConfig,
+                 setting: RoutingSetting) -> transformer.TransformerConfig:
+  """The model config with the MoE routed as ``setting`` says."""
+  if cfg.moe is None:
+    raise ValueError("with_routing: the model has no MoE layers")
+  if setting.mode == "token":
+    moe = dataclasses.replace(cfg.moe, router_mode="token")
+  else:
+    moe = dataclasses.replace(cfg.moe, router_mode="block", block_coverage=setting.coverage,
+                              block_min_experts=setting.min_experts)
+  return dataclasses.replace(cfg, moe=moe)
+
+
+def per_block_counts(experts: Array, allowed: Array, meta: masks.TokenMeta,
+                     num_experts: int) -> dict:
+  """Per-block sums of distinct experts used and of coreset sizes, by stream.
+
+  Args:
+    experts: chosen experts [B, T, k] (int).
+    allowed: block routing's allowed-expert mask [B, T, E] (all True for token routing).
+    meta: token metadata [B, T]; tokens with a negative segment id are ignored.
+    num_experts: E.
+
+  Returns:
+    scalars ``{noisy,clean}_unique_sum`` (sum over blocks of the distinct experts its
+    valid tokens use), ``{noisy,clean}_coreset_sum`` (sum over blocks of the allowed
+    set's size) and ``{noisy,clean}_groups`` (blocks with at least one valid token).
+  """
+  b, t, _ = experts.shape
+  valid = meta.segment_ids >= 0
+  used = jnp.any(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) > 0, axis=-2)
+  used = (used & valid[..., None]).astype(jnp.int32)
+  # The same group ids as moe.block_coreset: every (row, stream, block) its own group.
+  groups = (moe_lib.block_group_ids(meta) + (jnp.arange(b) * 2 * t)[:, None]).reshape(-1)
+  n = b * 2 * t
+  seg_max = lambda v: jax.ops.segment_max(v.reshape(b * t, -1), groups, num_segments=n)
+  g_used = seg_max(used)  # [G, E]
+  g_allowed = seg_max((allowed & valid[..., None]).astype(jnp.int32))
+  g_valid = seg_max(valid.astype(jnp.int32))[:, 0] > 0
+  g_noisy = seg_max((meta.stream == masks.NOISY).astype(jnp.int32))[:, 0] > 0
+  unique = jnp.sum(jnp.maximum(g_used, 0), -1).astype(jnp.float32)
+  coreset = jnp.sum(jnp.maximum(g_allowed, 0), -1).astype(jnp.float32)
+  out = {}
+  for name, sel in (("noisy", g_valid & g_noisy), ("clean", g_valid & ~g_noisy)):
+    out[f"{name}_unique_sum"] = jnp.sum(jnp.where(sel, unique, 0.0))
+    out[f"{name}_coreset_sum"] = jnp.sum(jnp.where(sel, coreset, 0.0))
+    out[f"{name}_groups"] = jnp.sum(sel).astype(jnp.float32)
+  return out
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  """Adds ``per_block_counts`` to every ``MoEFeedForward``'s statistics."""
+  if not (isinstance(context.module, moe_lib.MoEFeedForward)
+          and context.method_name == "__call__"):
+    return next_fun(*args, **kwargs)
+  y, stats = next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["x"]
+  meta = args[1] if len(args) > 1 else kwargs["meta"]
+  cfg = context.module.cfg
+  router = nn.unbox(context.module.get_variable("params", "router"))
+  # The layer's own router on the layer's own input: the same decisions it just made.
+  logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
+  _, _, experts, allowed = moe_lib.route(logits, meta, cfg)
+  return y, {**stats, **per_block_counts(experts, allowed, meta, cfg.num_experts)}
+
+
+def make_apply_with_block_stats(model: nn.Module) -> Callable:
+  """``build.make_apply(model)`` whose ``aux["moe"]`` also holds ``BLOCK_STAT_KEYS``."""
+  apply_fn = build.make_apply(model)
+
+  def fn(params, tokens, meta, **kwargs):
+    with nn.intercept_methods(_interceptor):
+      return apply_fn(params, tokens, meta, **kwargs)
+  return fn
+
+
+def quality_objective(obj: Any) -> Any:
+  """The objective quality is measured with: the unbiased NELBO for BD3-LM (t over the
+  whole [eps, 1]), the training objective otherwise (Fast-dLLM v2's masked CE)."""
+  if isinstance(obj, losses.BlockDiffusionObjective):
+    return likelihood.evaluation_objective(obj)
+  return obj
+
+
+def evaluate_setting(model: transformer.Transformer, params: Any, batches: Sequence[dict],
+                     obj: Any, setting: RoutingSetting, seed: int = 0,
+                     noise_samples: int = 1) -> dict:
+  """Held-out quality and unique experts per block of ``model`` routed as ``setting``.
+
+  Args:
+    model: the trained Transformer (its own routing is replaced by ``setting``).
+    params: its parameters.
+    batches: held-out batches (``tokens``, ``loss_mask``, optional ``segment_ids``).
+    obj: the training objective (``diffusion_config.objective``).
+    setting: the routing.
+    seed: noise seed; draw s of batch i uses ``fold_in(key(seed), i * noise_samples + s)``
+      for every setting alike.
+    noise_samples: noise draws per batch.
+
+  Returns:
+    ``nelbo`` (the objective's reported loss: NELBO nats/token for BD3-LM, masked CE
+    for Fast-dLLM v2), ``masked_ce``, ``masked_accuracy``, per-block means
+    ``unique_experts_noisy_block`` / ``unique_experts_clean_block`` / ``coreset_noisy_block``
+    (over blocks and MoE layers), ``unique_experts_noisy_block_per_layer`` and
+    ``unique_experts_per_forward`` (the model's own statistic: the union over the forward).
+  """
+  routed = transformer.Transformer(with_routing(model.cfg, setting))
+  apply_fn = make_apply_with_block_stats(routed)
+  obj = quality_objective(obj)
+  loss_fn, _ = diffusion_config.loss_functions(obj)
+
+  @jax.jit
+  def step(p, batch, rng):
+    box = {}
+
+    def capturing(*a, **kw):
+      logits, aux = apply_fn(*a, **kw)
+      box["moe"] = aux["moe"]
+      return logits, aux
+    _, metrics = loss_fn(capturing, p, batch, rng, obj)
+    moe = box["moe"]
+    return ({k: metrics[k] for k in ("nelbo", "masked_ce", "masked_accuracy")},
+            {k: moe[k] for k in BLOCK_STAT_KEYS + ("unique_experts",)})
+
+  qual, sums = [], {}
+  for i, batch in enumerate(batches):
+    for s in range(noise_samples):
+      rng = jax.random.fold_in(jax.random.key(seed), i * noise_samples + s)
+      m, st = jax.device_get(step(params, batch, rng))
+      qual.append(m)
+      for k, v in st.items():
+        sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)  # [layers]
+  n = len(qual)
+  out = {k: float(np.mean([q[k] for q in qual])) for k in ("nelbo", "masked_ce",
+                                                            "masked_accuracy")}
+  for stream in ("noisy", "clean"):
+    groups = np.maximum(sums[f"{stream}_groups"], 1.0)
+    out[f"unique_experts_{stream}_block"] = float(np.sum(sums[f"{stream}_unique_sum"])
+                                                  / np.sum(groups))
+    out[f"coreset_{stream}_block"] = float(np.sum(sums[f"{stream}_coreset_sum"])
+                                           / np.sum(groups))
+  out["unique_experts_noisy_block_per_layer"] = [
+      float(v) for v in sums["noisy_unique_sum"] / np.maximum(sums["noisy_groups"], 1.0)]
+  out["unique_experts_per_forward"] = float(np.mean(sums["unique_experts"]) / n)
+  out["forwards"] = n
+  return out
+
+
+def sweep(model: transformer.Transformer, params: Any, batches: Sequence[dict], obj: Any,
+          settings: Sequence[RoutingSetting], seed: int = 0, noise_samples: int = 1,
+          log: Callable[[str], None] | None = None) -> list[dict]:
+  """``evaluate_setting`` for every setting; adds ratios against the first (token) one.
+
+  Each row gets ``setting``, ``mode``, ``coverage``, ``min_experts``, the measurements,
+  ``expert_reduction`` (token routing's unique experts per noisy block over this
+  setting's) and ``quality_pct`` (100 · token NELBO / this NELBO: above 100 is better
+  than token routing; the loss is lower-is-better, so the ratio is inverted) and
+  ``accuracy_pct`` (100 · this masked-token accuracy / token routing's).
+  """
+  rows = []
+  for i, s in enumerate(settings):
+    r = evaluate_setting(model, params, batches, obj, s, seed, noise_samples)
+    r.update(setting=s.name, mode=s.mode, coverage=s.coverage if s.mode == "block" else None,
+             min_experts=s.min_experts if s.mode == "block" else None)
+    base = rows[0] if rows else r
+    r["expert_reduction"] = base["unique_experts_noisy_block"] / max(
+        r["unique_experts_noisy_block"], 1e-9)
+    r["quality_pct"] = 100.0 * base["nelbo"] / r["nelbo"]
+    r["accuracy_pct"] = 100.0 * r["masked_accuracy"] / max(base["masked_accuracy"], 1e-9)
+    rows.append(r)
+    if log:
+      log(f"[{i + 1}/{len(settings)}] {s.name}: nelbo {r['nelbo']:.4f} "
+          f"({r['quality_pct']:.2f}% of token) unique/block {r['unique_experts_noisy_block']:.2f}"
+          f" ({r['expert_reduction']:.2f}x fewer)")
+  return rows

@@ -1,0 +1,597 @@
+r"""dMoE block routing: coverage p x minimum coreset size against held-out quality.
+
+Three trained MoEs (issue 13), each evaluated on fixed weights under token routing (the
+baseline) and block routing over a grid of coverage p and minimum coreset size:
+
+* ``quickstart``: configs/quickstart.py with 16 experts, top-2, trained from scratch on the
+  stdlib corpus (BD3-LM NELBO);
+* ``synthetic``: configs/synthetic.py with 16 experts, top-2, trained from scratch on the
+  synthetic tasks;
+* ``upcycled``: SmolLM2-135M-Instruct (bundled GGUF) sparsely upcycled to 4 experts, top-2,
+  briefly fine-tuned with the Fast-dLLM v2 objective and data, MoE layers only (memory;
+  see MODELS); quality is its masked CE. ``upcycled_at_init``: the same before fine-tuning.
+
+All three are trained with token routing; block routing is applied at evaluation only.
+For every setting the same held-out batches and noise draws are scored
+(``evaluation/routing_sweep.py``). Unique experts are counted per routing block per MoE
+layer: the noisy-stream blocks of the ``[x_t ; x_0]`` pass (what a decoder with an exact
+block cache runs to denoise a block) and, with ``--decode_prompts``, real block decoding
+at batch 1 (the sampler's unique experts per forward, prefill excluded).
+
+  python experiments/dmoe_coverage_sweep.py            # trains what is missing; ~50 min
+  python experiments/dmoe_coverage_sweep.py --quick    # ~2 min smoke test (tiny runs)
+  python experiments/dmoe_coverage_sweep.py --rerender # Markdown + PNG from the JSON
+Writes experiments/results/dmoe_coverage_sweep.{json,md,png} (/tmp/dmoe_coverage_sweep_quick.*
+with --quick).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DMOE_REDUCTION, DMOE_QUALITY = 69.5 / 14.6, 99.1  # dMoE: 69.5 -> 14.6 experts at 99.1%.
+
+# name -> (config, trained-with overrides). Steps are sized for a shared 2-core CPU.
+MODELS = {
+    "quickstart": ("configs/quickstart.py", [
+        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
+        "train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
+        "train.checkpoint_every=250", "train.log_every=25"]),
+    "synthetic": ("configs/synthetic.py", [
+        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
+        "train.steps=200", "train.warmup_steps=20", "train.eval_every=0",
+        "train.checkpoint_every=200", "train.log_every=25"]),
+    # Fast-dLLM v2 recipe (objective, complementary masks, block 32, SFT data, Adam without
+    # weight decay, warmup + cosine) in finetune_upcycled: the trainer's full AdamW over
+    # all 373M parameters of the E=4 model needs > 12 GB on the CPU (OOM), so only the
+    # MoE layers (routers + experts) train and the rest stays frozen; one 128-token row
+    # per step (x2 complementary copies) and remat keep the step under ~9 GB. Smaller batch and a
+    # higher peak LR than the config's 2e-5: in a handful of steps the identical experts
+    # must move apart at all (their router gets no loss gradient while they are identical).
+    "upcycled": ("configs/smollm2_fastdllm.py", [
+        "model.moe.upcycle_from_dense=True", "model.moe.num_experts=4", "model.moe.top_k=2",
+        "model.moe.block_min_experts=2", "model.moe.impl=ragged_dot", "data.seq_len=128",
+        "data.batch_size=1", "model.remat=True", "train.steps=12", "train.warmup_steps=2",
+        "train.learning_rate=1e-4"]),
+}
+QUICK = {  # Tiny runs: a smoke test of the whole pipeline, not a measurement.
+    "quickstart": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
+                   "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
+                   "data.batch_size=8"],
+    "synthetic": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
+                  "train.log_every=3", "data.batch_size=8"],
+}
+
+
+NOTES = [
+    "All models were trained with token routing; block routing is applied to the same "
+    "weights at evaluation only (no block-routing training or adaptation).",
+    "At upcycling every expert is a copy of the dense MLP and the top-k weights are "
+    "renormalised, so any routing computes the dense function: quality is "
+    "routing-invariant at init (`upcycled_at_init`, equal up to float summation order), and "
+    "the router gets no gradient from the loss until the experts differ (only the "
+    "load-balance and z-losses move it). A short fine-tune moves the experts only a little "
+    "(see the expert divergence), so the upcycled model's quality is close to "
+    "routing-invariant by construction; its unique-expert counts are still real.",
+    "Unique experts per block are bounded by min(E, top_k x tokens in the block); dMoE's "
+    "69.5 -> 14.6 come from a much larger MoE than E = 16 or 4 here, so compare the "
+    "reduction factor and the quality kept, not the absolute counts.",
+]
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_command(config: str, workdir: str, overrides: list[str]) -> list[str]:
+  return [sys.executable, "-m", "blockdiff_jax.main", f"--config={config}",
+          f"--workdir={workdir}", "--mode=train"] + [f"--config.{o}" for o in overrides]
+
+
+def has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def train(name: str, config: str, workdir: str, overrides: list[str]) -> dict:
+  """Trains ``workdir`` unless it has a checkpoint; returns the command and step rate."""
+  cmd = train_command(config, workdir, overrides)
+  info = {"command": " ".join(cmd[1:]).replace(ROOT + "/", ""), "workdir": workdir}
+  log_path = os.path.join(workdir, "train_log.txt")
+  if not has_checkpoint(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    log(f"{name}: training ({' '.join(cmd[3:])})")
+    t0 = time.time()
+    with open(log_path, "w", encoding="utf-8") as f:
+      proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode:
+      raise RuntimeError(f"{name}: training failed; see {log_path}")
+    info["train_wall_s"] = time.time() - t0
+  if os.path.exists(log_path):
+    text = open(log_path, encoding="utf-8").read()
+    steps = re.findall(r"\[(\d+)/(\d+)\s", text)
+    rates = re.findall(r"([\d.]+) step/s", text)
+    losses = re.findall(r"\] [\d.]+ step/s .*? nelbo ([\d.]+)", text)
+    if steps:
+      info["steps"] = int(steps[-1][0])
+    if rates:
+      info["s_per_step_last"] = 1.0 / float(rates[-1])
+    if losses:
+      info["train_nelbo_first_last"] = [float(losses[0]), float(losses[-1])]
+  return info
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+  """``a.b=v`` strings onto a ConfigDict, cast to each field's current type."""
+  for o in overrides:
+    key, value = o.split("=", 1)
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    cur = node[leaf]
+    node[leaf] = (value == "True" if isinstance(cur, bool) else type(cur)(value)
+                  if cur is not None else value)
+
+
+def upcycled_setup(config_path: str, overrides: list[str], workdir: str):
+  """(config, model, tokenizer, params) of the upcycled SmolLM2 at initialisation
+  (``workdir`` caches the converted GGUF)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import initial  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, config_path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  apply_overrides(config, overrides)
+  os.makedirs(workdir, exist_ok=True)
+  config, model, tokenizer = initial.build_model(config, workdir)
+  return config, model, tokenizer, initial.initial_params(config, model, workdir)
+
+
+def finetune_upcycled(config, model, tokenizer, params, workdir: str) -> tuple[dict, dict]:
+  """Fast-dLLM v2 fine-tune of the MoE layers only (see MODELS); returns (params, info).
+
+  The trained params are saved to ``workdir/params.npz`` and reused when present.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [jax.tree_util.keystr(p) for p, _ in flat]
+  is_moe = ["'moe'" in n for n in names]
+  path = os.path.join(workdir, "params.npz")
+  info_path = os.path.join(workdir, "finetune.json")
+  if os.path.exists(path) and os.path.exists(info_path):
+    with np.load(path) as z:
+      leaves = [jnp.asarray(z[n]) if m else v for n, m, (_, v) in zip(names, is_moe, flat)]
+    with open(info_path, encoding="utf-8") as f:
+      return treedef.unflatten(leaves), json.load(f)
+  tc = config.train
+  train_l = [v for (_, v), m in zip(flat, is_moe) if m]
+  frozen_l = [v for (_, v), m in zip(flat, is_moe) if not m]
+
+  def merge(tl, fl):
+    it_t, it_f = iter(tl), iter(fl)
+    return treedef.unflatten([next(it_t) if m else next(it_f) for m in is_moe])
+
+  opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                    optax.adam(optimizer.learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2))
+  obj = diffusion_config.objective(config, tokenizer.mask_id)
+  loss_fn, _ = diffusion_config.loss_functions(obj)
+  apply_fn = build.make_apply(model)
+
+  def step(tl, opt_state, fl, batch, rng):
+    grad_fn = jax.value_and_grad(lambda t: loss_fn(apply_fn, merge(t, fl), batch, rng, obj),
+                                 has_aux=True)
+    (_, metrics), grads = grad_fn(tl)
+    updates, opt_state = opt.update(grads, opt_state, tl)
+    return optax.apply_updates(tl, updates), opt_state, metrics
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  opt_state = opt.init(train_l)
+  ds = pipeline.build_dataset(config.data, tokenizer, "train", config.data.seq_len,
+                              config.data.batch_size, config.seed, workdir)
+  info = {"trainable": "MoE layers only (routers + experts); the rest frozen",
+          "optimizer": f"Adam b1={tc.b1} b2={tc.b2}, clip {tc.grad_clip}, peak LR "
+                       f"{tc.learning_rate}, warmup {tc.warmup_steps}, cosine to "
+                       f"{tc.min_lr_ratio}", "steps": tc.steps,
+          "rows_x_tokens": [config.data.batch_size, config.data.seq_len], "log": []}
+  t_start = time.time()
+  for i in range(tc.steps):
+    t0 = time.time()
+    batch = {k: jnp.asarray(v) for k, v in ds.get_batch(i).items()
+             if k in ("tokens", "loss_mask", "segment_ids")}
+    train_l, opt_state, m = step(train_l, opt_state, frozen_l, batch,
+                                 jax.random.fold_in(jax.random.key(config.seed), i))
+    m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+    dt = time.time() - t0
+    info["log"].append({"step": i + 1, "s": dt, **{k: m[k] for k in (
+        "masked_ce", "masked_accuracy", "load_balance_loss", "unique_experts") if k in m}})
+    done = time.time() - t_start
+    log(f"upcycled fine-tune [{i + 1}/{tc.steps}] {dt:.1f} s/step (ETA "
+        f"{done / (i + 1) * (tc.steps - i - 1) / 60:.1f} min) masked CE {m['masked_ce']:.4f} "
+        f"acc {m['masked_accuracy']:.3f} load-balance {m.get('load_balance_loss', 0):.4f}")
+  steady = [r["s"] for r in info["log"][1:]] or [info["log"][0]["s"]]
+  info.update(train_wall_s=time.time() - t_start, s_per_step=float(np.median(steady)),
+              first_step_s=info["log"][0]["s"])
+  params = merge(train_l, frozen_l)
+  os.makedirs(workdir, exist_ok=True)
+  np.savez(path, **{n: np.asarray(v) for n, m, v in zip(names, is_moe, jax.tree.leaves(params))
+                    if m})
+  with open(info_path, "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=1)
+  return params, info
+
+
+def expert_divergence(params) -> list[float]:
+  """Per MoE layer: mean over expert pairs of ||W_i - W_j|| / mean_i ||W_i|| (all three
+  expert matrices together). 0 = identical experts (an upcycled model at init)."""
+  out = []
+
+  def visit(tree):
+    if isinstance(tree, dict):
+      if "wi_gate" in tree and "router" in tree:
+        ws = [np.asarray(tree[k], np.float32) for k in ("wi_gate", "wi_up", "wo")]
+        lead = ws[0].shape[:-3]  # () per layer, (n,) for a scanned stack.
+        flat = np.concatenate([w.reshape(lead + (w.shape[len(lead)], -1)) for w in ws], -1)
+        flat = flat.reshape((-1,) + flat.shape[-2:])
+        for layer in flat:
+          e = layer.shape[0]
+          norm = np.mean(np.linalg.norm(layer, axis=-1))
+          d = [np.linalg.norm(layer[i] - layer[j]) for i in range(e) for j in range(i + 1, e)]
+          out.append(float(np.mean(d) / max(norm, 1e-30)))
+      else:
+        for v in tree.values():
+          visit(v)
+  visit(jax.device_get(params))
+  return out
+
+
+def decode_prompts(name: str, config, tokenizer, n: int) -> list[str]:
+  """Held-out prompts for block decoding (as the eval harness's throughput task)."""
+  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  if config.data.corpus == "synthetic":
+    return evaluate._synthetic_prompts(config, n)[2]  # pylint: disable=protected-access
+  if config.data.corpus == "sft":
+    ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len, 1,
+                                config.seed)
+    prompts = []
+    for i in range(n):
+      row = ds.get_batch(i)
+      first = int(np.argmax(np.asarray(row["loss_mask"][0]) > 0))  # Prompt = unscored prefix.
+      prompts.append(tokenizer.decode(np.asarray(row["tokens"][0][:max(first, 1)])))
+    return prompts
+  ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len, n,
+                              config.seed)
+  half = config.data.seq_len // 2
+  return ["<|bos|>" + tokenizer.decode(row[1:half]).replace("<|", "< |")
+          for row in ds.get_batch(0)["tokens"]]
+
+
+def best_within(rows: list[dict], pct: float, key: str = "quality_pct") -> dict | None:
+  """The block setting with the fewest unique experts per block at >= pct% of ``key``
+  (quality_pct: of the loss; accuracy_pct: of masked-token accuracy)."""
+  ok = [r for r in rows if r["mode"] == "block" and r[key] >= pct]
+  return min(ok, key=lambda r: (r["unique_experts_noisy_block"], -r[key])) if ok else None
+
+
+def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
+  """Runs the routing grid on held-out batches of a trained workdir (or of ``loaded``:
+  (config, model, tokenizer, params))."""
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.evaluation import routing_sweep  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
+
+  config, model, tokenizer, params = loaded or inference.load_for_inference(workdir)
+  moe = model.cfg.moe
+  e, k = moe.num_experts, moe.top_k
+  coverages = [float(p) for p in args.coverages.split(",")]
+  mins = [{"k": k, "2k": 2 * k, "E/2": e // 2}.get(m, None) or int(m)
+          for m in args.min_sizes.split(",")]
+  settings = routing_sweep.settings_grid(e, k, coverages, mins)
+  batch_size = args.batch_size or config.data.batch_size
+  ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len,
+                              batch_size, config.seed, workdir)
+  keys = ("tokens", "loss_mask", "segment_ids")
+  batches = [{kk: jnp.asarray(v) for kk, v in ds.get_batch(i).items() if kk in keys}
+             for i in range(args.batches)]
+  obj = diffusion_config.objective(config, tokenizer.mask_id)
+  log(f"{name}: E={e} top_k={k}, trained with {moe.router_mode} routing; "
+      f"{len(settings)} settings x {args.batches} batches of {batch_size}x{config.data.seq_len}")
+  t0 = time.time()
+
+  def progress(msg):
+    done = int(msg[1:msg.index("/")])
+    rate = (time.time() - t0) / done
+    log(f"{name} {msg}  ({rate:.0f} s/setting, ETA {rate * (len(settings) - done) / 60:.1f} min)")
+
+  with inference.inference_context(config):
+    rows = routing_sweep.sweep(model, params, batches, obj, settings, seed=args.seed,
+                               noise_samples=args.noise_samples, log=progress)
+    decode = {}
+    if args.decode_prompts and name in args.decode_models.split(","):
+      ev = evaluate.Evaluator(config, model, tokenizer, params)
+      prompts = decode_prompts(name, config, tokenizer, args.decode_prompts)
+      picks = [settings[0]] + [s for s in settings[1:] if s.coverage == 0.9 and s.min_experts == k]
+      best = best_within(rows, 99.0)
+      if best is not None:
+        picks += [s for s in settings if s.name == best["setting"] and s not in picks]
+      max_len = config.sample.max_len or config.data.seq_len
+      from blockdiff_jax.sampling import layout  # pylint: disable=g-import-not-at-top
+      longest = max(len(layout.parse(tokenizer, p).ids) for p in prompts)
+      # The config's max_new_tokens may not fit after a long prompt (synthetic: 37 + 32 >
+      # 64): generate what fits in the trained context.
+      new_tokens = min(config.sample.max_new_tokens, max_len - longest)
+      for s in picks:
+        routed = transformer.Transformer(routing_sweep.with_routing(model.cfg, s))
+        _, summ = ev.generate(prompts, config.sample.policy, None, new_tokens, max_len, 1,
+                              model=routed)
+        decode[s.name] = {k2: summ[k2] for k2 in ("unique_experts_per_layer", "tpf", "nfe",
+                                                  "generated_tokens")}
+        decode[s.name]["max_new_tokens"] = new_tokens
+        log(f"{name} decode {s.name}: {summ['unique_experts_per_layer']:.2f} unique experts "
+            f"per layer per forward (batch 1), TPF {summ['tpf']:.2f}")
+  for r in rows:
+    if r["setting"] in decode:
+      r["decode"] = decode[r["setting"]]
+  quality = "masked CE (Fast-dLLM v2 objective, nats/token)" if config.diffusion.get(
+      "objective", "bd3lm") == "fastdllm" else "NELBO (nats/token, t over [eps, 1])"
+  return {"num_experts": e, "top_k": k, "trained_routing": moe.router_mode,
+          "quality_metric": quality, "batches": args.batches, "batch_size": batch_size,
+          "seq_len": config.data.seq_len, "block_size": config.diffusion.block_size,
+          "noise_samples": args.noise_samples, "decode_prompts": len(decode) and args.decode_prompts,
+          "expert_divergence_per_layer": expert_divergence(params),
+          "sweep_s": time.time() - t0, "rows": rows}
+
+
+def init_control(loaded, workdir: str, args) -> dict:
+  """The upcycled model before fine-tuning (identical experts) on a small routing grid."""
+  saved = (args.coverages, args.min_sizes, args.batches, args.decode_prompts)
+  args.coverages, args.min_sizes = "0.5,0.9", "k"
+  args.batches, args.decode_prompts = 1, 0
+  try:
+    return sweep_model("upcycled_at_init", workdir, args, loaded)
+  finally:
+    args.coverages, args.min_sizes, args.batches, args.decode_prompts = saved
+
+
+def summarize(m: dict) -> dict:
+  rows = m["rows"]
+  tok = rows[0]
+  k = m["top_k"]
+  p09 = next((r for r in rows if r["coverage"] == 0.9 and r["min_experts"] == k), None)
+  out = {"token_unique_per_block": tok["unique_experts_noisy_block"]}
+  for pct in (99.0, DMOE_QUALITY):
+    b = best_within(rows, pct)
+    out[f"best_within_{pct:g}"] = None if b is None else {
+        "setting": b["setting"], "unique_per_block": b["unique_experts_noisy_block"],
+        "reduction": b["expert_reduction"], "quality_pct": b["quality_pct"]}
+  b = best_within(rows, 99.0, "accuracy_pct")
+  out["best_within_99_accuracy"] = None if b is None else {
+      "setting": b["setting"], "unique_per_block": b["unique_experts_noisy_block"],
+      "reduction": b["expert_reduction"], "accuracy_pct": b["accuracy_pct"],
+      "quality_pct": b["quality_pct"]}
+  if p09:
+    out["p0.9_min_k"] = {"unique_per_block": p09["unique_experts_noisy_block"],
+                         "reduction": p09["expert_reduction"],
+                         "quality_pct": p09["quality_pct"], "accuracy_pct": p09["accuracy_pct"]}
+  return out
+
+
+def markdown(result: dict) -> str:
+  lines = [f"# dMoE block routing: coverage p x minimum coreset size{' (quick)' * result['quick']}",
+           "", f"Machine: {result['machine']}; JAX {result['jax']}. "
+           f"Command: `{result['command']}` ({result['seconds'] / 60:.1f} min).", "",
+           "Unique experts are counted **per routing block per MoE layer** (one row, one stream, "
+           "one block id: the group dMoE pools its coreset over), averaged over blocks and "
+           "layers, on the noisy blocks of the held-out `[x_t ; x_0]` pass — the forward a "
+           "decoder with an exact block cache runs to denoise that block. `clean` is the same "
+           "for the clean stream (committing a block). `coreset` is the allowed set's size. "
+           "Quality % = token routing's loss / this loss (100 = equal; the loss is "
+           "lower-is-better); acc % = masked-token accuracy / token routing's. Every setting "
+           "scores the same batches with the same noise draws. `decode` = unique experts per "
+           "layer per forward in real block decoding at batch 1 (prefill excluded).",
+           "", f"The bar (dMoE): {69.5} -> {14.6} unique experts per layer "
+           f"({DMOE_REDUCTION:.2f}x fewer) at {DMOE_QUALITY}% of quality.", ""]
+  for name, m in result["models"].items():
+    s = summarize(m)
+    tr = result["training"].get(name, {"command": "none: the upcycled SmolLM2 before any "
+                                                  "fine-tuning (identical experts)", "steps": 0})
+    div = m["expert_divergence_per_layer"]
+    lines += [f"## {name}: E={m['num_experts']}, top-{m['top_k']}, trained with "
+              f"{m['trained_routing']} routing", "",
+              f"Training: `{tr.get('command', '?')}`; {tr.get('steps', '?')} steps"
+              + (f", {tr['s_per_step_last']:.2f} s/step (last logged)" if "s_per_step_last" in tr
+                 else "") + (f", train loss {tr['train_nelbo_first_last'][0]:.3f} -> "
+                             f"{tr['train_nelbo_first_last'][1]:.3f}"
+                             if "train_nelbo_first_last" in tr else "") + ".",
+              f"Quality: held-out {m['quality_metric']}, {m['batches']} batches of "
+              f"{m['batch_size']}x{m['seq_len']} tokens, {m['noise_samples']} noise draw(s) "
+              f"each; block size {m['block_size']}. Expert divergence (mean pairwise "
+              f"||W_i-W_j|| / ||W||, per layer): min {min(div):.3g}, mean {np.mean(div):.3g}, "
+              f"max {max(div):.3g} (0 = identical experts).", "",
+              "| setting | p | min | unique / noisy block | unique / clean block | coreset | "
+              "token/block | loss | quality % | masked acc | acc % | decode unique/fwd |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+      dec = r.get("decode", {}).get("unique_experts_per_layer")
+      lines.append(
+          f"| {r['setting']} | {r['coverage'] if r['coverage'] is not None else '-'} | "
+          f"{r['min_experts'] if r['min_experts'] is not None else '-'} | "
+          f"{r['unique_experts_noisy_block']:.2f} | {r['unique_experts_clean_block']:.2f} | "
+          f"{r['coreset_noisy_block']:.2f} | {r['expert_reduction']:.2f}x | {r['nelbo']:.4f} | "
+          f"{r['quality_pct']:.2f} | {r['masked_accuracy']:.4f} | {r['accuracy_pct']:.2f} | "
+          f"{'-' if dec is None else f'{dec:.2f}'} |")
+    b = s.get("best_within_99")
+    p = s.get("p0.9_min_k")
+    lines += ["", f"Token routing: {s['token_unique_per_block']:.2f} unique experts per noisy "
+              "block. " + ("Fewest within 99% of quality: " + (
+                  f"{b['setting']}, {b['unique_per_block']:.2f} ({b['reduction']:.2f}x fewer) at "
+                  f"{b['quality_pct']:.2f}%." if b else "none.")) + (
+                  " Fewest within 99% of masked-token accuracy: {setting}, {unique_per_block:.2f} "
+                  "({reduction:.2f}x fewer) at {accuracy_pct:.2f}% of accuracy, {quality_pct:.2f}% "
+                  "of the loss.".format(**s["best_within_99_accuracy"])
+                  if s.get("best_within_99_accuracy") else "") + (
+                  f" At p=0.9, min={m['top_k']}: {p['unique_per_block']:.2f} "
+                  f"({p['reduction']:.2f}x fewer) at {p['quality_pct']:.2f}% of quality, "
+                  f"{p['accuracy_pct']:.2f}% of accuracy." if p else ""), ""]
+  if result.get("findings"):  # Written into the JSON by hand after reading a run.
+    lines += ["## Findings of this run", ""] + [f"- {n}" for n in result["findings"]] + [""]
+  lines += ["## Notes", ""] + [f"- {n}" for n in NOTES]
+  return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+  """Unique experts per noisy block against quality (top row: % of token routing's loss,
+  bottom: % of its masked-token accuracy), one curve over p per minimum coreset size."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  models = result["models"]
+  fig, axes = plt.subplots(2, len(models), figsize=(4.8 * len(models), 8), squeeze=False)
+  for col, (name, m) in enumerate(models.items()):
+    rows = m["rows"]
+    tok = rows[0]
+    for row, (key, label) in enumerate((("quality_pct", "loss"),
+                                        ("accuracy_pct", "masked-token accuracy"))):
+      ax = axes[row][col]
+      for mn in sorted({r["min_experts"] for r in rows if r["mode"] == "block"}):
+        rs = sorted([r for r in rows if r["min_experts"] == mn], key=lambda r: r["coverage"])
+        ax.plot([r["unique_experts_noisy_block"] for r in rs], [r[key] for r in rs], "o-",
+                ms=4, label=f"block, min={mn} (p {rs[0]['coverage']:g}..{rs[-1]['coverage']:g})")
+        for r in rs:
+          if r["coverage"] in (0.5, 0.9):
+            ax.annotate(f"p={r['coverage']:g}", (r["unique_experts_noisy_block"], r[key]),
+                        fontsize=6, xytext=(3, -8), textcoords="offset points")
+      ax.plot([tok["unique_experts_noisy_block"]], [100.0], "k*", ms=12, label="token routing")
+      ax.axhline(DMOE_QUALITY, color="r", ls=":", lw=1, label=f"dMoE: {DMOE_QUALITY}% quality")
+      ax.axvline(tok["unique_experts_noisy_block"] / DMOE_REDUCTION, color="r", ls="--", lw=1,
+                 label=f"token / {DMOE_REDUCTION:.2f} (dMoE's reduction)")
+      ax.set_title(f"{name}: E={m['num_experts']}, top-{m['top_k']}", fontsize=10)
+      ax.set_xlabel("unique experts per layer per noisy block")
+      ax.set_ylabel(f"% of token routing's {label}")
+      ax.grid(alpha=0.3)
+      if col == 0:
+        ax.legend(fontsize=6, loc="lower right")
+  fig.suptitle("dMoE block routing on fixed weights: unique experts vs held-out quality")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(result: dict, out: str) -> None:
+  with open(out + ".json", "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  with open(out + ".md", "w", encoding="utf-8") as f:
+    f.write(markdown(result))
+  try:
+    plot(result, out + ".png")
+  except ImportError:
+    log("matplotlib missing: no plot")
+  log(f"wrote {out}.json, .md, .png")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--models", default="quickstart,synthetic,upcycled")
+  ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "dmoe_sweep"),
+                  help="where the trained workdirs live (trained here when missing)")
+  ap.add_argument("--coverages", default="0.5,0.7,0.8,0.9,0.95,0.99,1.0")
+  ap.add_argument("--min_sizes", default="k,2k,E/2", help="k, 2k, E/2 or integers")
+  ap.add_argument("--batches", type=int, default=4, help="held-out batches per setting")
+  ap.add_argument("--batch_size", type=int, default=0, help="0 = the config's")
+  ap.add_argument("--noise_samples", type=int, default=2, help="noise draws per batch")
+  ap.add_argument("--upcycled_batches", type=int, default=3)
+  ap.add_argument("--upcycled_batch_size", type=int, default=4, help="held-out rows per batch")
+  ap.add_argument("--upcycled_steps", type=int, default=0, help="0 = MODELS' 12")
+  ap.add_argument("--decode_prompts", type=int, default=4,
+                  help="prompts decoded at batch 1 (token, p=0.9 min=k, best setting); 0 = off")
+  ap.add_argument("--decode_models", default="quickstart,synthetic")
+  ap.add_argument("--init_control", type=int, default=1,
+                  help="1: also sweep the upcycled model at init (identical experts)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--quick", action="store_true", help="tiny runs and grid (smoke test)")
+  ap.add_argument("--merge", action="store_true",
+                  help="update these models in an existing JSON, keep the others")
+  ap.add_argument("--rerender", action="store_true", help="Markdown + PNG from the JSON")
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "dmoe_coverage_sweep"))
+  args = ap.parse_args()
+  if args.quick:
+    if args.out == os.path.join(HERE, "results", "dmoe_coverage_sweep"):
+      args.out = "/tmp/dmoe_coverage_sweep_quick"  # A smoke test, not a result.
+    args.runs = os.path.join("/tmp", "dmoe_sweep_quick")
+    args.models = ",".join(m for m in args.models.split(",") if m in QUICK)
+    args.coverages, args.min_sizes, args.batches, args.noise_samples = "0.5,0.9,1.0", "k,E/2", 1, 1
+    args.decode_prompts, args.decode_models = min(args.decode_prompts, 1), "quickstart"
+  if args.rerender:
+    with open(args.out + ".json", encoding="utf-8") as f:
+      write(json.load(f), args.out)
+    return
+  t0 = time.time()
+  result = {"quick": args.quick, "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
+            f"{jax.devices()[0].device_kind}", "jax": jax.__version__,
+            "command": " ".join(["python", os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "training": {}, "models": {}}
+  if args.merge and os.path.exists(args.out + ".json"):
+    # Keep the other models of an earlier run (e.g. the upcycled one swept separately).
+    with open(args.out + ".json", encoding="utf-8") as f:
+      old = json.load(f)
+    result["training"], result["models"] = old["training"], old["models"]
+    result["command"] = old["command"] + " ; " + result["command"]
+  for name in args.models.split(","):
+    config, overrides = MODELS[name]
+    if args.quick:
+      overrides = overrides + QUICK[name]
+    workdir = os.path.join(args.runs, name)
+    if name == "upcycled":
+      if args.upcycled_steps:
+        overrides = overrides + [f"train.steps={args.upcycled_steps}"]
+      config_obj, model, tokenizer, init_params = upcycled_setup(config, overrides, workdir)
+      saved_bs, args.batch_size = args.batch_size, args.upcycled_batch_size
+      loaded0 = (config_obj, model, tokenizer, init_params)
+      if args.init_control:
+        result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
+        result["seconds"] = time.time() - t0
+        write(result, args.out)
+      params, info = finetune_upcycled(*loaded0, workdir)
+      del init_params, loaded0
+      info["command"] = (f"finetune_upcycled in {os.path.relpath(__file__, ROOT)}: "
+                         f"{config} with " + " ".join(overrides))
+      info["s_per_step_last"] = info["s_per_step"]
+      ce = [r["masked_ce"] for r in info["log"]]
+      info["train_nelbo_first_last"] = [ce[0], ce[-1]]
+      result["training"][name] = info
+      batches = args.batches
+      args.batches = min(args.batches, args.upcycled_batches)
+      result["models"][name] = sweep_model(name, workdir, args,
+                                           (config_obj, model, tokenizer, params))
+      args.batches, args.batch_size = batches, saved_bs
+    else:
+      result["training"][name] = train(name, config, workdir, overrides)
+      result["models"][name] = sweep_model(name, workdir, args)
+    result["seconds"] = time.time() - t0
+    write(result, args.out)  # After every model: a long run keeps what it has.
+  result["seconds"] = time.time() - t0
+  write(result, args.out)
+
+
+if __name__ == "__main__":
+  main()
