@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import jax
 
@@ -56,9 +57,10 @@ class Variant:
   cache: str = "full"  # full | rank | summary.
 
 
-def variants(ext_factor: int, eval_factor: int) -> list[Variant]:
+def variants(ext_factor: int, eval_factor: int,
+             models: Sequence[str] = ("full", "summary")) -> list[Variant]:
   out = []
-  for model in ("full", "summary"):
+  for model in models:
     compressed = "rank" if model == "full" else "summary"
     out += [Variant(model, model, cache=compressed if model == "summary" else "full"),
             Variant(f"{model}+yarn{eval_factor}", model, yarn_factor=eval_factor,
@@ -87,10 +89,11 @@ def _last_step(workdir: str) -> int:
   return max(steps, default=-1)
 
 
-def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int) -> dict:
-  """Trains (or resumes) the two source models and their extensions; returns wall times."""
+def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
+          models: Sequence[str]) -> dict:
+  """Trains (or resumes) the source models and their extensions; returns wall times."""
   seconds = {}
-  for model in ("full", "summary"):
+  for model in models:
     extra = [f"--config.model.summary.num_slots={slots if model == 'summary' else 0}"]
     src = os.path.join(runs, model)
     if _last_step(src) < steps:
@@ -148,6 +151,7 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--runs", default="/tmp/long_context_retrieval")
+  ap.add_argument("--models", default="full,summary", help="full and/or summary")
   ap.add_argument("--steps", type=int, default=600, help="source training steps")
   ap.add_argument("--slots", type=int, default=2, help="summary slots per block")
   ap.add_argument("--ext_factor", type=int, default=4)
@@ -175,7 +179,11 @@ def main():
     args.depths, args.per_cell, args.runs = "0.5", 1, args.runs + "_quick"
   os.makedirs(args.runs, exist_ok=True)
   t0 = time.time()
-  train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots)
+  models = [m for m in args.models.split(",") if m]
+  if not models or set(models) - {"full", "summary"}:
+    raise ValueError(f"--models must list full and/or summary, got {args.models!r}")
+  train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
+                        models)
   import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.ByteTokenizer()
   examples = tasks_lib.make_suite(tok, lengths=[int(x) for x in args.lengths.split(",")],
@@ -183,7 +191,7 @@ def main():
                                   per_cell=args.per_cell, tasks=args.tasks.split(","),
                                   num_pairs=args.num_pairs)
   rows = []
-  for v in variants(args.ext_factor, args.eval_factor):
+  for v in variants(args.ext_factor, args.eval_factor, models):
     print(f"evaluating {v} on {len(examples)} prompts ...", flush=True)
     rows += evaluate(args.runs, v, examples, args)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -192,7 +200,7 @@ def main():
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "train_seconds": train_seconds, "seconds": time.time() - t0,
             "variants": [dataclasses.asdict(v) for v in variants(args.ext_factor,
-                                                                 args.eval_factor)],
+                                                                 args.eval_factor, models)],
             "rows": rows}
   write(result, args.out)
 
