@@ -13,6 +13,11 @@ Run (about 40 minutes on a 2-core CPU):
 With ChatDLM summary tokens (2 slots per block, the last 2 blocks in full):
   python -m blockdiff_jax.main --config=configs/long_context_retrieval.py \
       --workdir=runs/lc_summary --mode=train --config.model.summary.num_slots=2
+Passkey / KV exact match at 1x to 16x the training length (add
+--config.model.summary.num_slots=2 for the summary model, and
+--config.sample.kv_cache=hierarchical for the compressed cache):
+  python -m blockdiff_jax.main --config=configs/long_context_retrieval.py \
+      --workdir=runs/lc_full --mode=eval
 Extension to 4x (1,024 tokens), YaRN then a short fine-tune:
   python -m blockdiff_jax.main --config=configs/long_context_extension.py:long_context_retrieval,4 \
       --config.init_from.workdir=runs/lc_full --workdir=runs/lc_full_x4 --mode=train
@@ -51,6 +56,10 @@ def get_config():
   c.train.eval_batches = 2  # Validation batches per evaluation.
   c.train.checkpoint_every = 100  # Steps between checkpoints.
   c.sample.max_new_tokens = 16  # One block: the answers are at most 8 tokens.
+  c.eval.tasks = "likelihood,long_context"  # What --mode=eval runs by default here.
+  c.eval.decoders = "topk:16"  # One token per step, most confident first.
+  c.eval.long_context_num_pairs = 2  # As trained (data.long_context_num_pairs).
+  c.eval.long_context_lengths = ""  # "" = 256 to 4,096: 1x to 16x the training length.
   c.sample.max_len = 16384  # Context of evaluation prompts, far past the training length.
   c.sample.policy = "topk"  # Fill the most confident MASK positions first...
   c.sample.policy_value = 16  # ...in 16 steps per block: one token per step.
