@@ -133,11 +133,6 @@ def main():
   write(result, args.out)
 
 
-def _accuracy(rows, **where):
-  hits = [r["hit"] for r in rows if all(r[k] == v for k, v in where.items())]
-  return (sum(hits) / len(hits), len(hits)) if hits else (float("nan"), 0)
-
-
 def write(result, out):
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
@@ -168,14 +163,14 @@ def write(result, out):
             "|---|---|" + "---|" * len(caches)]
   for task in sorted({r["task"] for r in ret}):
     for n in sorted({r["length"] for r in ret}):
-      cells = [_accuracy(ret, task=task, length=n, cache=c) for c in caches]
+      cells = [long_context.accuracy(ret, task=task, length=n, cache=c) for c in caches]
       lines.append(f"| {task} | {n} | " + " | ".join(f"{a:.2f} (n={k})" for a, k in cells)
                    + " |")
   lines += ["", "By depth (all tasks and lengths):", "",
             "| depth | " + " | ".join(caches) + " |", "|---|" + "---|" * len(caches)]
   for d in sorted({r["depth"] for r in ret}):
     lines.append(f"| {d} | " + " | ".join(
-        f"{_accuracy(ret, depth=d, cache=c)[0]:.2f}" for c in caches) + " |")
+        f"{long_context.accuracy(ret, depth=d, cache=c)[0]:.2f}" for c in caches) + " |")
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -199,7 +194,7 @@ def plot(result, caches, path):
       axes[1].semilogy([r["length"] for r in rows], [max(r["kl"], 1e-6) for r in rows],
                        "o-", label=c)
     lengths = sorted({r["length"] for r in result["retrieval"]})
-    axes[2].plot(lengths, [_accuracy(result["retrieval"], length=n, cache=c)[0]
+    axes[2].plot(lengths, [long_context.accuracy(result["retrieval"], length=n, cache=c)[0]
                            for n in lengths], "o-", label=c)
   axes[0].set(xlabel="context length (tokens)", ylabel="KV cache (MiB)", title="memory")
   axes[1].set(xlabel="context length", ylabel="KL(full || cache), nats",

@@ -205,11 +205,6 @@ def main():
   write(result, args.out)
 
 
-def _accuracy(rows, **where):
-  hits = [r["hit"] for r in rows if all(r[k] == v for k, v in where.items())]
-  return (sum(hits) / len(hits), len(hits)) if hits else (float("nan"), 0)
-
-
 def write(result, out):
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
@@ -238,13 +233,13 @@ def write(result, out):
            "|---|" + "---|" * len(lengths)]
   for v in names:
     lines.append(f"| {v} | " + " | ".join(
-        f"{_accuracy(rows, variant=v, length=n)[0]:.2f}" for n in lengths) + " |")
+        f"{long_context.accuracy(rows, variant=v, length=n)[0]:.2f}" for n in lengths) + " |")
   for task in sorted({r["task"] for r in rows}):
     lines += ["", f"## {task}", "", "| variant | " + " | ".join(str(n) for n in lengths)
               + " |", "|---|" + "---|" * len(lengths)]
     for v in names:
       lines.append(f"| {v} | " + " | ".join(
-          f"{_accuracy(rows, variant=v, length=n, task=task)[0]:.2f}" for n in lengths)
+          f"{long_context.accuracy(rows, variant=v, length=n, task=task)[0]:.2f}" for n in lengths)
           + " |")
   depths = sorted({r["depth"] for r in rows})
   lines += ["", "## By needle depth (all tasks and lengths)", "",
@@ -252,8 +247,8 @@ def write(result, out):
             "|---|" + "---|" * len(depths)]
   for v in names:
     lines.append(f"| {v} | " + " | ".join(
-        f"{_accuracy(rows, variant=v, depth=d)[0]:.2f}" for d in depths) + " |")
-  n = _accuracy(rows, variant=names[0], length=lengths[0])[1]
+        f"{long_context.accuracy(rows, variant=v, depth=d)[0]:.2f}" for d in depths) + " |")
+  n = long_context.accuracy(rows, variant=names[0], length=lengths[0])[1]
   lines += ["", f"Each cell of the length tables is {n} prompts (binomial standard error "
             f"up to {0.5 / max(n, 1) ** 0.5:.2f})."]
   with open(out + ".md", "w", encoding="utf-8") as f:
@@ -276,7 +271,7 @@ def plot(result, names, path):
   for ax, task in zip(axes[0], tasks):
     for v in names:
       style = "--" if v.startswith("summary") else "-"
-      ax.semilogx(lengths, [_accuracy(rows, variant=v, task=task, length=n)[0]
+      ax.semilogx(lengths, [long_context.accuracy(rows, variant=v, task=task, length=n)[0]
                             for n in lengths], "o" + style, label=v, base=2)
     ax.axvline(256, color="gray", lw=0.8)
     ax.set(xlabel="prompt length (tokens; trained at <= 256)", ylabel="exact match",

@@ -259,14 +259,13 @@ def task_long_context(ev: Evaluator) -> dict:
     rows = long_context_eval.retrieval(
         ev.model, ev.params, ev.tokenizer, suite, options, e.long_context_max_new_tokens,
         decoder="ar" if policy == "ar" else "block", wrap=wrap, batch_size=e.batch_size)
-    hits = lambda **w: [r["hit"] for r in rows if all(r[k] == v for k, v in w.items())]
+    rate = lambda **w: long_context_eval.accuracy(rows, **w)[0]
     name = _decoder_name(policy, value)
     out["decoders"][name] = {
-        "exact_match": float(np.mean(hits())),
-        "by_length": {str(n): float(np.mean(hits(length=n))) for n in lengths},
-        "by_task": {t: float(np.mean(hits(task=t))) for t in {r["task"] for r in rows}},
-        "by_depth": {str(d): float(np.mean(hits(depth=d))) for d in sorted(
-            {r["depth"] for r in rows})}}
+        "exact_match": rate(),
+        "by_length": {str(n): rate(length=n) for n in lengths},
+        "by_task": {t: rate(task=t) for t in {r["task"] for r in rows}},
+        "by_depth": {str(d): rate(depth=d) for d in sorted({r["depth"] for r in rows})}}
     print(f"  {name}: exact match {out['decoders'][name]['exact_match']:.3f} over "
           f"{len(rows)} prompts; by length "
           + ", ".join(f"{k}: {v:.2f}" for k, v in out["decoders"][name]["by_length"].items()),

@@ -113,6 +113,15 @@ def answer_matches(completion: str, answer: str) -> bool:
 DECODERS = ("ar", "block")
 
 
+def accuracy(rows: Sequence[dict], **where) -> tuple[float, int]:
+  """(exact-match rate, count) of the ``retrieval`` rows whose fields equal ``where``.
+
+  NaN and 0 when no row matches, e.g. ``accuracy(rows, task="passkey", length=1024)``.
+  """
+  hits = [r["hit"] for r in rows if all(r[k] == v for k, v in where.items())]
+  return (sum(hits) / len(hits), len(hits)) if hits else (float("nan"), 0)
+
+
 def prompt_ids(tokenizer, example: long_context.LongContextExample, wrap: bool) -> np.ndarray:
   """What the model reads: the raw prompt, or ``BOS prompt SEP`` (``wrap``, the layout
   ``data.pipeline.LongContextDataset`` trains on)."""
