@@ -7,7 +7,8 @@ and after the extension fine-tune (configs/long_context_extension.py). Rows are
 prompt are masked and scored. Byte tokens, a dense model (the question here is context,
 not experts).
 
-Run (about 40 minutes on a 2-core CPU):
+Run (600 steps: 20 minutes alone on a 2-core CPU, where it learns the text and the answer
+format but not yet the retrieval; experiments/results/long_context_retrieval_cpu.md):
   python -m blockdiff_jax.main --config=configs/long_context_retrieval.py \
       --workdir=runs/lc_full --mode=train
 With ChatDLM summary tokens (2 slots per block, the last 2 blocks in full):

@@ -16,8 +16,11 @@ decoder, scored by exact match:
   summary ...     the same four rows for the summary-token model; its cache is the
                   summary form (the last W chunks exact, older blocks only as slots)
 
-  python experiments/long_context_retrieval.py            # ~50 min on a 2-core CPU
-  python experiments/long_context_retrieval.py --quick    # ~5 min smoke run
+  python experiments/long_context_retrieval.py --steps 5000  # on a GPU
+  python experiments/long_context_retrieval.py --quick    # ~10 min smoke run on a CPU
+On a 2-core CPU neither source model learned to retrieve at its own length within 600-1,100
+steps (experiments/results/long_context_retrieval_cpu.md), so the grid needs a longer
+training run than a CPU session gives.
   python experiments/long_context_retrieval.py --rerender # tables/plot from the JSON
 Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
 Writes experiments/results/long_context_retrieval.{json,md,png}.
