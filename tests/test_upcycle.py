@@ -69,3 +69,59 @@ def test_config_field_upcycles_the_pretrained_dense_checkpoint(tmp_path):
   want, _ = dense_model.apply({"params": dense_params}, tokens, meta)
   got, _ = up_model.apply({"params": up_params}, tokens, meta)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_trainable_moe_trains_only_routers_and_experts(scan):
+  """train.trainable='moe': the upcycled MoE layers move, every other weight stays put,
+  and the optimizer keeps moments only for the MoE layers."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.diffusion import losses  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg = transformer.TransformerConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=4,
+                                      num_kv_heads=2, head_dim=8, mlp_dim=48, scan_layers=scan)
+  params, up_cfg = upcycle.upcycle(build.init_params(transformer.Transformer(cfg), 0), cfg,
+                                   4, 2, seed=3)
+  model = transformer.Transformer(up_cfg)
+  train = ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup_steps=0, steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+      weight_decay=0.1, grad_clip=1.0, trainable="moe"))
+  tx = optimizer.make_optimizer(train)
+  obj = losses.BlockDiffusionObjective(block_size=4, mask_id=39)
+  step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lambda s: 0.01,
+                                          trainable_mask=optimizer.mask_fn("moe")))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(0, 39, (2, 16)), jnp.int32),
+           "loss_mask": jnp.ones((2, 16), jnp.float32)}
+  state = state_lib.create(params, tx, False)
+  for i in range(2):
+    state, metrics = step(state, batch, jax.random.key(i))
+    assert float(metrics["finite"]) == 1.0
+  moved = {}
+  for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                              jax.tree.leaves(params)):
+    keys = [getattr(k, "key", None) for k in path]
+    if "moe" in keys:
+      moved[jax.tree_util.keystr(path)] = float(np.abs(np.asarray(new) - np.asarray(old)).max())
+    else:
+      np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  assert moved and all(v > 0 for v in moved.values()), moved  # Router and every expert.
+  moments = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  moe_size = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+                 if "moe" in [getattr(k, "key", None) for k in p])
+  assert moments <= 2 * moe_size + 16  # mu and nu of the MoE layers (+ step counters).
+
+
+def test_trainable_moe_needs_moe_layers():
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.train.trainable = "moe"
+  c.model.moe.num_experts = 0
+  with pytest.raises(ValueError, match="trainable='moe' needs MoE layers"):
+    config_lib.validate(c)
+  c.train.trainable = "experts"
+  with pytest.raises(ValueError, match="train.trainable must be"):
+    config_lib.validate(c)

@@ -18,7 +18,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9  # Adam beta1.
   t.b2 = 0.95  # Adam beta2.
   t.grad_clip = 1.0  # Global-norm gradient clipping; 0 = off.
-  t.trainable = "all"  # all | lora (base weights frozen; only model.lora adapters train).
+  # all | lora (base weights frozen; only model.lora adapters train) | moe (only the MoE
+  # layers' routers and experts train, e.g. an upcycled model).
+  t.trainable = "all"
   t.ema_decay = 0.0  # EMA of parameters; 0 = off.
   t.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide).
   t.log_every = 10  # Steps between metric lines.
@@ -49,8 +51,10 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"train.{name} must be in [0, 1), got {t[name]}")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-  if t.get("trainable", "all") not in ("all", "lora"):
-    raise ValueError(f"train.trainable must be 'all' or 'lora', got {t.trainable!r}")
+  if t.get("trainable", "all") not in ("all", "lora", "moe"):
+    raise ValueError(f"train.trainable must be 'all', 'lora' or 'moe', got {t.trainable!r}")
+  if t.get("trainable", "all") == "moe" and not config.model.moe.num_experts:
+    raise ValueError("train.trainable='moe' needs MoE layers (model.moe.num_experts > 0)")
   if t.get("trainable", "all") == "lora" and not config.model.get("lora", {}).get("rank", 0):
     raise ValueError("train.trainable='lora' needs model.lora.rank > 0")
   if t.learning_rate <= 0:

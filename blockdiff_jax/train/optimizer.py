@@ -1,12 +1,15 @@
 """AdamW with linear warmup, cosine decay and global-norm clipping."""
 
+import functools
+from typing import Any, Callable
+
 import jax
 import ml_collections
 import optax
 
 from blockdiff_jax.model import lora
 
-TRAINABLE = ("all", "lora")
+TRAINABLE = ("all", "lora", "moe")
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -22,24 +25,37 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def trainable_mask(params):
-  """True on LoRA adapter parameters (``train.trainable = "lora"``), False on base weights."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: lora.is_lora_path(path), params)
+def _is_moe_path(path) -> bool:
+  return any(getattr(k, "key", None) == "moe" for k in path)
+
+
+def trainable_mask(params, trainable: str = "lora"):
+  """True on the parameters that train: LoRA adapters (``train.trainable = "lora"``) or
+  the MoE layers' routers and experts (``"moe"``); False on the frozen rest."""
+  test = lora.is_lora_path if trainable == "lora" else _is_moe_path
+  return jax.tree_util.tree_map_with_path(lambda path, _: test(path), params)
+
+
+def mask_fn(trainable: str) -> Callable[[Any], Any] | None:
+  """``params -> bool tree`` of ``train.trainable``; None when every weight trains."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {trainable!r}")
+  return None if trainable == "all" else functools.partial(trainable_mask,
+                                                           trainable=trainable)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer described by ``config.train``.
 
-  With ``train.trainable = "lora"`` the base weights are frozen: their updates are
-  zero and the optimizer keeps no moments for them.
+  With ``train.trainable = "lora"`` or ``"moe"`` the other weights are frozen: their
+  updates are zero and the optimizer keeps no moments for them. ``"moe"`` trains only
+  the MoE layers (routers and experts), e.g. a sparsely upcycled pretrained model whose
+  full optimizer state does not fit in memory.
   """
-  trainable = train.get("trainable", "all")
-  if trainable not in TRAINABLE:
-    raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {trainable!r}")
-  if trainable == "lora":
-    frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params))
-    return optax.chain(optax.masked(_dense_optimizer(train), trainable_mask),
+  mask = mask_fn(train.get("trainable", "all"))
+  if mask is not None:
+    frozen = lambda params: jax.tree.map(lambda t: not t, mask(params))
+    return optax.chain(optax.masked(_dense_optimizer(train), mask),
                        optax.masked(optax.set_to_zero(), frozen))
   return _dense_optimizer(train)
 

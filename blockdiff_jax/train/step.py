@@ -233,7 +233,7 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
   apply_fn = build.make_apply(model)
   jitted_train = jit_train_step(
       make_train_step(apply_fn, obj, tx, lr_schedule, t.grad_accum_steps, t.ema_decay,
-                      optimizer.trainable_mask if t.get("trainable", "all") == "lora" else None),
+                      optimizer.mask_fn(t.get("trainable", "all"))),
       s_sharding, b_sharding)
   rep = mesh_lib.replicated(mesh)
   jitted_eval = jax.jit(make_eval_step(apply_fn, obj),
