@@ -8,8 +8,9 @@ baseline) and block routing over a grid of coverage p and minimum coreset size:
 * ``synthetic``: configs/synthetic.py with 16 experts, top-2, trained from scratch on the
   synthetic tasks;
 * ``upcycled``: SmolLM2-135M-Instruct (bundled GGUF) sparsely upcycled to 4 experts, top-2,
-  briefly fine-tuned with the Fast-dLLM v2 objective and data, MoE layers only (memory;
-  see MODELS); quality is its masked CE. ``upcycled_at_init``: the same before fine-tuning.
+  briefly fine-tuned with the Fast-dLLM v2 objective and data by the trainer with
+  ``train.trainable=moe`` (MoE layers only, for memory; see MODELS); quality is its
+  masked CE. ``upcycled_at_init``: the same before fine-tuning.
 
 All three are trained with token routing; block routing is applied at evaluation only.
 For every setting the same held-out batches and noise draws are scored
@@ -52,18 +53,19 @@ MODELS = {
         "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
         "train.steps=200", "train.warmup_steps=20", "train.eval_every=0",
         "train.checkpoint_every=200", "train.log_every=25"]),
-    # Fast-dLLM v2 recipe (objective, complementary masks, block 32, SFT data, Adam without
-    # weight decay, warmup + cosine) in finetune_upcycled: the trainer's full AdamW over
-    # all 373M parameters of the E=4 model needs > 12 GB on the CPU (OOM), so only the
-    # MoE layers (routers + experts) train and the rest stays frozen; one 128-token row
-    # per step (x2 complementary copies) and remat keep the step under ~9 GB. Smaller batch and a
-    # higher peak LR than the config's 2e-5: in a handful of steps the identical experts
-    # must move apart at all (their router gets no loss gradient while they are identical).
+    # Fast-dLLM v2 recipe (objective, complementary masks, block 32, SFT data) in the
+    # trainer with train.trainable=moe: full AdamW over all 373M parameters of the E=4
+    # model does not fit a 24 GB CPU machine, so only the MoE layers (routers + experts)
+    # train and the rest stays frozen; one 128-token row per step (x2 complementary
+    # copies) and remat keep the step near 10 GB. A higher peak LR than the config's 2e-5:
+    # in a handful of steps the identical experts must move apart at all (their router
+    # gets no loss gradient while they are identical).
     "upcycled": ("configs/smollm2_fastdllm.py", [
         "model.moe.upcycle_from_dense=True", "model.moe.num_experts=4", "model.moe.top_k=2",
         "model.moe.block_min_experts=2", "model.moe.impl=ragged_dot", "data.seq_len=128",
         "data.batch_size=1", "model.remat=True", "train.steps=12", "train.warmup_steps=2",
-        "train.learning_rate=1e-4"]),
+        "train.learning_rate=1e-4", "train.trainable=moe", "train.eval_every=0",
+        "train.checkpoint_every=12", "train.log_every=1"]),
 }
 QUICK = {  # Tiny runs: a smoke test of the whole pipeline, not a measurement.
     "quickstart": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
@@ -158,83 +160,6 @@ def upcycled_setup(config_path: str, overrides: list[str], workdir: str):
   os.makedirs(workdir, exist_ok=True)
   config, model, tokenizer = initial.build_model(config, workdir)
   return config, model, tokenizer, initial.initial_params(config, model, workdir)
-
-
-def finetune_upcycled(config, model, tokenizer, params, workdir: str) -> tuple[dict, dict]:
-  """Fast-dLLM v2 fine-tune of the MoE layers only (see MODELS); returns (params, info).
-
-  The trained params are saved to ``workdir/params.npz`` and reused when present.
-  """
-  import optax  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import optimizer  # pylint: disable=g-import-not-at-top
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = [jax.tree_util.keystr(p) for p, _ in flat]
-  is_moe = ["'moe'" in n for n in names]
-  path = os.path.join(workdir, "params.npz")
-  info_path = os.path.join(workdir, "finetune.json")
-  if os.path.exists(path) and os.path.exists(info_path):
-    with np.load(path) as z:
-      leaves = [jnp.asarray(z[n]) if m else v for n, m, (_, v) in zip(names, is_moe, flat)]
-    with open(info_path, encoding="utf-8") as f:
-      return treedef.unflatten(leaves), json.load(f)
-  tc = config.train
-  train_l = [v for (_, v), m in zip(flat, is_moe) if m]
-  frozen_l = [v for (_, v), m in zip(flat, is_moe) if not m]
-
-  def merge(tl, fl):
-    it_t, it_f = iter(tl), iter(fl)
-    return treedef.unflatten([next(it_t) if m else next(it_f) for m in is_moe])
-
-  opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                    optax.adam(optimizer.learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2))
-  obj = diffusion_config.objective(config, tokenizer.mask_id)
-  loss_fn, _ = diffusion_config.loss_functions(obj)
-  apply_fn = build.make_apply(model)
-
-  def step(tl, opt_state, fl, batch, rng):
-    grad_fn = jax.value_and_grad(lambda t: loss_fn(apply_fn, merge(t, fl), batch, rng, obj),
-                                 has_aux=True)
-    (_, metrics), grads = grad_fn(tl)
-    updates, opt_state = opt.update(grads, opt_state, tl)
-    return optax.apply_updates(tl, updates), opt_state, metrics
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  opt_state = opt.init(train_l)
-  ds = pipeline.build_dataset(config.data, tokenizer, "train", config.data.seq_len,
-                              config.data.batch_size, config.seed, workdir)
-  info = {"trainable": "MoE layers only (routers + experts); the rest frozen",
-          "optimizer": f"Adam b1={tc.b1} b2={tc.b2}, clip {tc.grad_clip}, peak LR "
-                       f"{tc.learning_rate}, warmup {tc.warmup_steps}, cosine to "
-                       f"{tc.min_lr_ratio}", "steps": tc.steps,
-          "rows_x_tokens": [config.data.batch_size, config.data.seq_len], "log": []}
-  t_start = time.time()
-  for i in range(tc.steps):
-    t0 = time.time()
-    batch = {k: jnp.asarray(v) for k, v in ds.get_batch(i).items()
-             if k in ("tokens", "loss_mask", "segment_ids")}
-    train_l, opt_state, m = step(train_l, opt_state, frozen_l, batch,
-                                 jax.random.fold_in(jax.random.key(config.seed), i))
-    m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
-    dt = time.time() - t0
-    info["log"].append({"step": i + 1, "s": dt, **{k: m[k] for k in (
-        "masked_ce", "masked_accuracy", "load_balance_loss", "unique_experts") if k in m}})
-    done = time.time() - t_start
-    log(f"upcycled fine-tune [{i + 1}/{tc.steps}] {dt:.1f} s/step (ETA "
-        f"{done / (i + 1) * (tc.steps - i - 1) / 60:.1f} min) masked CE {m['masked_ce']:.4f} "
-        f"acc {m['masked_accuracy']:.3f} load-balance {m.get('load_balance_loss', 0):.4f}")
-  steady = [r["s"] for r in info["log"][1:]] or [info["log"][0]["s"]]
-  info.update(train_wall_s=time.time() - t_start, s_per_step=float(np.median(steady)),
-              first_step_s=info["log"][0]["s"])
-  params = merge(train_l, frozen_l)
-  os.makedirs(workdir, exist_ok=True)
-  np.savez(path, **{n: np.asarray(v) for n, m, v in zip(names, is_moe, jax.tree.leaves(params))
-                    if m})
-  with open(info_path, "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1)
-  return params, info
 
 
 def expert_divergence(params) -> list[float]:
@@ -564,25 +489,22 @@ def main():
     if name == "upcycled":
       if args.upcycled_steps:
         overrides = overrides + [f"train.steps={args.upcycled_steps}"]
-      config_obj, model, tokenizer, init_params = upcycled_setup(config, overrides, workdir)
       saved_bs, args.batch_size = args.batch_size, args.upcycled_batch_size
-      loaded0 = (config_obj, model, tokenizer, init_params)
       if args.init_control:
+        loaded0 = upcycled_setup(config, overrides, workdir)
         result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
         result["seconds"] = time.time() - t0
         write(result, args.out)
-      params, info = finetune_upcycled(*loaded0, workdir)
-      del init_params, loaded0
-      info["command"] = (f"finetune_upcycled in {os.path.relpath(__file__, ROOT)}: "
-                         f"{config} with " + " ".join(overrides))
-      info["s_per_step_last"] = info["s_per_step"]
-      ce = [r["masked_ce"] for r in info["log"]]
-      info["train_nelbo_first_last"] = [ce[0], ce[-1]]
-      result["training"][name] = info
+        del loaded0
+      if args.upcycled_steps:
+        overrides = [o for o in overrides if not o.startswith("train.checkpoint_every=")]
+        overrides.append(f"train.checkpoint_every={args.upcycled_steps}")
+      result["training"][name] = train(name, config, workdir, overrides)
+      from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+      params_loaded = inference.load_for_inference(workdir)
       batches = args.batches
       args.batches = min(args.batches, args.upcycled_batches)
-      result["models"][name] = sweep_model(name, workdir, args,
-                                           (config_obj, model, tokenizer, params))
+      result["models"][name] = sweep_model(name, workdir, args, params_loaded)
       args.batches, args.batch_size = batches, saved_bs
     else:
       result["training"][name] = train(name, config, workdir, overrides)
