@@ -398,8 +398,7 @@ class LongContextDataset(SFTDataset):
   built from the example's token ids (no re-encoding of its text). The answer, its EOS
   and the rest of the block the EOS falls in are masked and scored (so the decoder's
   view of the answer's block, all MASK, matches training); the prompt only with
-  ``score_prompt``. Prompt
-  lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``.
+  ``score_prompt``. Prompt lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``.
   """
 
   ANSWER_ROOM = 24  # BOS, SEP, the answer (<= 16 tokens) and its EOS.
@@ -421,9 +420,9 @@ class LongContextDataset(SFTDataset):
         tasks' instruction, needles and question take).
       num_pairs: key-value pairs per kv_recall prompt.
       score_prompt: also mask and score the prompt (after BOS): a language-modelling
-        signal on the haystack and needles, where a small model learns to copy (the
-        needle repeats its key; "The pass key is" recurs) long before the sparse
-        answer-only signal teaches it retrieval.
+        signal on the haystack and needles, far denser than the 5-8 answer tokens per
+        row, with copies inside it (the needle repeats its key; "The pass key is"
+        recurs).
     """
     self.score_prompt = bool(score_prompt)
     self.tasks = tuple(long_context.validate_task(t) for t in tasks)
