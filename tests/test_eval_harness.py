@@ -119,3 +119,14 @@ def test_synthetic_prompts_longer_than_the_rows_allow_still_decode(workdir):
   c.sample.max_new_tokens = c.data.seq_len  # Any prompt + this overflows seq_len.
   res = evaluate.run(c, workdir)["synthetic"]["ar"]
   assert 0.0 <= res["exact_match"] <= 1.0
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_eval_decodes_with_the_models_token_shift(shift):
+  """A token-shifted model (SmolLM2 adapted by Fast-dLLM v2 or I-DLM) is decoded shifted."""
+  from blockdiff_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  c = _config("synthetic")
+  c.diffusion.token_shift = shift
+  ev = evaluate.Evaluator(c, None, tokenizers.ByteTokenizer(), None)
+  for policy, value in (("threshold", 0.9), ("ar", None)):
+    assert ev.options(policy, value).token_shift is shift

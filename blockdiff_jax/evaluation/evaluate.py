@@ -79,7 +79,10 @@ class Evaluator:
   def options(self, policy: str, value: float | None):
     s = ml_collections.ConfigDict(self.config.sample.to_dict())
     s.policy, s.policy_value = policy, (value if value is not None else s.policy_value)
-    return sample_lib.options_from_config(s, self.config.diffusion.block_size, self.tokenizer)
+    # token_shift is the model's: a shifted model decoded unshifted reads every logit
+    # one position off.
+    return sample_lib.options_from_config(s, self.config.diffusion.block_size, self.tokenizer,
+                                          self.config.diffusion.get("token_shift", False))
 
   def generate(self, prompts: Sequence[str], policy: str, value: float | None,
                max_new_tokens: int, max_len: int, batch_size: int, model=None,
@@ -252,10 +255,7 @@ def task_long_context(ev: Evaluator) -> dict:
   wrap = c.data.corpus == "long_context"
   out = {"lengths": lengths, "decoders": {}}
   for policy, value in _parse_decoders(e.decoders):
-    s = ml_collections.ConfigDict(c.sample.to_dict())
-    s.policy, s.policy_value = policy, (value if value is not None else s.policy_value)
-    options = sample_lib.options_from_config(s, c.diffusion.block_size, ev.tokenizer,
-                                             c.diffusion.get("token_shift", False))
+    options = ev.options(policy, value)
     rows = long_context_eval.retrieval(
         ev.model, ev.params, ev.tokenizer, suite, options, e.long_context_max_new_tokens,
         decoder="ar" if policy == "ar" else "block", wrap=wrap, batch_size=e.batch_size)
