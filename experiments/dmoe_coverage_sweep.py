@@ -109,7 +109,8 @@ def has_checkpoint(workdir: str) -> bool:
 def train(name: str, config: str, workdir: str, overrides: list[str]) -> dict:
   """Trains ``workdir`` unless it has a checkpoint; returns the command and step rate."""
   cmd = train_command(config, workdir, overrides)
-  info = {"command": " ".join(cmd[1:]).replace(ROOT + "/", ""), "workdir": workdir}
+  info = {"command": " ".join(cmd[1:]).replace(ROOT + "/", ""),
+          "workdir": os.path.relpath(workdir, ROOT)}
   log_path = os.path.join(workdir, "train_log.txt")
   if not has_checkpoint(workdir):
     os.makedirs(workdir, exist_ok=True)
