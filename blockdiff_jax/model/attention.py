@@ -65,7 +65,8 @@ class Attention(nn.Module):
       x: [B, T, D] activations.
       meta: metadata of x's tokens [B, T].
       cache: optional ``(k [B, S, Hkv, Dh], v [B, S, Hkv, Dh], meta [B, S])`` of
-        previously committed tokens (already rotated).
+        previously committed tokens (already rotated), or ``(k, v, factored, meta)``
+        where ``factored`` (``factored_kv.FactoredKV``) adds positions after the S.
       lora_gate: optional [B, T] per-token LoRA gate (see ``model/lora.py``).
 
     Returns:
@@ -94,7 +95,9 @@ class Attention(nn.Module):
 
     kv_meta = meta
     if cache is not None:
-      ck, cv, cmeta = cache
+      ck, cv, cmeta = cache[0], cache[1], cache[-1]
+      if len(cache) == 4:  # A factored_kv.FactoredKV of this layer, expanded here.
+        ck, cv = cache[2].extend(ck, cv)
       k = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
       v = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
       kv_meta = cmeta.concat(meta)

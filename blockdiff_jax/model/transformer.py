@@ -201,7 +201,9 @@ class Transformer(nn.Module):
     Args:
       tokens: int32 [B, T].
       meta: token metadata [B, T].
-      cache: optional ``{"k": [L, B, S, Hkv, Dh], "v": ..., "meta": TokenMeta [B, S]}``.
+      cache: optional ``{"k": [L, B, S, Hkv, Dh], "v": ..., "meta": TokenMeta [B, S]}``,
+        and optionally ``"factored"``: a ``factored_kv.FactoredKV`` with leading axis L
+        whose positions follow the S of ``k`` in ``meta``.
       return_kv: also return the rotated keys/values of ``tokens`` for caching.
       logits_slice: static ``(start, length)``: compute the head only there.
       summary: static: which summary slots to append (``model/summary.py``):
@@ -257,6 +259,8 @@ class Transformer(nn.Module):
       seg_cache = None
       if cache is not None:
         seg_cache = (cache["k"][start:start + count], cache["v"][start:start + count])
+        if cache.get("factored") is not None:  # Expanded per layer, inside attention.
+          seg_cache += (jax.tree.map(lambda a: a[start:start + count], cache["factored"]),)
       block_cls = Block
       if cfg.remat:
         block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)

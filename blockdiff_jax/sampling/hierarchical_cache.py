@@ -26,9 +26,10 @@ entirely in the ring at that moment because ``R >= 2 * chunk``.
 
 The cache has the same interface as ``kv_cache.KVCache`` (``prefill``, ``commit``,
 ``write_buffer``, ``attention_view``), so the block decoder, AR and ISD use it
-unchanged (``layout.DecodeOptions.kv_hierarchy``). Its view reconstructs the bank's
-K/V densely for the forward (transient, like any activation); what is held between
-forwards is the compressed state, which is what ``cache_bytes`` counts. With
+unchanged (``layout.DecodeOptions.kv_hierarchy``). Its view hands the bank to the
+model in factored form (``model/factored_kv.py``), and each layer's attention expands
+its own chunks: the transient is one layer's K/V, and what is held between forwards is
+the compressed state, which is what ``cache_bytes`` counts. With
 ``rank = min(chunk, head_dim)`` the factorisation is exact up to rounding (tests use
 that to check decoding equals the full cache); lower ranks are approximate and
 ``experiments/long_context_cache.py`` measures the KL and passkey cost.
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax import masks
-from blockdiff_jax.model import rope
+from blockdiff_jax.model import factored_kv
 from blockdiff_jax.sampling import kv_cache
 
 Array = Any
@@ -115,15 +116,6 @@ def _factorise(x: Array, rank: int) -> tuple[Array, Array]:
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - r)])
     b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, rank - r), (0, 0)])
   return a, b
-
-
-def _rotate(x: Array, positions: Array, inv_freq: tuple[float, ...] | None,
-            sign: float) -> Array:
-  """RoPE by ``sign * positions`` [B, T] on x [L, B, T, H, D] (sign -1 undoes it)."""
-  if inv_freq is None:
-    return x
-  freq = jnp.asarray(inv_freq, jnp.float32)
-  return jax.vmap(lambda xl: rope.apply_rope(xl, sign * positions, freq))(x)
 
 
 def _to_chunks(x: Array, chunk: int) -> Array:
@@ -241,8 +233,8 @@ class HierarchicalKVCache:
     pad = [(0, 0), (0, 0), (0, g * hy.chunk - n), (0, 0), (0, 0)]
     mask = jnp.pad(valid, [(0, 0), (0, g * hy.chunk - n)])[None, :, :, None, None]
     cpos = jnp.broadcast_to(jnp.arange(g * hy.chunk, dtype=jnp.int32), (b, g * hy.chunk))
-    kc = _to_chunks(jnp.where(mask, _rotate(jnp.pad(k, pad), cpos, self.inv_freq, -1.0), 0),
-                    hy.chunk)
+    unrotated = factored_kv.rotate(jnp.pad(k, pad), cpos, self.inv_freq, -1.0)
+    kc = _to_chunks(jnp.where(mask, unrotated, 0), hy.chunk)
     vc = _to_chunks(jnp.where(mask, jnp.pad(v, pad), 0), hy.chunk)
     write = jnp.arange(g)[None] < new.compressed[:, None]  # [B, g]
     new = new._bank_write(kc, vc, jnp.zeros((b,), jnp.int32), write)
@@ -286,8 +278,8 @@ class HierarchicalKVCache:
       cpos = before[:, None] * hy.chunk + jnp.arange(hy.chunk)[None]
       ok = jnp.take_along_axis(c.valid, jnp.clip(cpos, 0, c.capacity - 1), 1)
       ok = (ok & (cpos < c.capacity))[None, :, :, None, None]
-      kc = _to_chunks(jnp.where(ok, _rotate(gather(c.ring_k), cpos, c.inv_freq, -1.0), 0),
-                      hy.chunk)
+      unrotated = factored_kv.rotate(gather(c.ring_k), cpos, c.inv_freq, -1.0)
+      kc = _to_chunks(jnp.where(ok, unrotated, 0), hy.chunk)
       vc = _to_chunks(jnp.where(ok, gather(c.ring_v), 0), hy.chunk)
       c = c._bank_write(kc, vc, before, leaving[:, None])
       if c.sink_k.shape[2]:  # A sink chunk also keeps its exact K/V.
@@ -331,7 +323,13 @@ class HierarchicalKVCache:
                         buffer_start=jnp.where(rows, start, self.buffer_start))
 
   def attention_view(self, buffer_valid: Array | None = None) -> dict:
-    """The ``{"k", "v", "meta"}`` dict the model attends to: [bank | ring | buffer]."""
+    """The dict the model attends to: ``k``/``v`` [ring | buffer], then the bank.
+
+    The bank goes in factored form (``"factored"``, a ``factored_kv.FactoredKV`` whose
+    positions follow the ring and buffer in ``meta``): each layer's attention expands
+    only its own chunks, so the forward's transient is one layer's K/V, not the full
+    cache that expanding every layer here would build.
+    """
     hy = self.hierarchy
     b = self.valid.shape[0]
     cut = (self.compressed * hy.chunk)[:, None]
@@ -341,41 +339,43 @@ class HierarchicalKVCache:
     meta = masks.make_meta(jnp.maximum(rpos, 0), self.block_size, masks.CLEAN,
                            jnp.where(ring_ok, 0, -1))
     meta = dataclasses.replace(meta, block_ids=jnp.take_along_axis(self.block_ids, cpos, 1))
-    k, v = self.ring_k, self.ring_v
-    if hy.form == "rank":
-      bank = self._bank_view(cut)
-      meta = bank["meta"].concat(meta)
-      k = jnp.concatenate([bank["k"].astype(k.dtype), k], 2)
-      v = jnp.concatenate([bank["v"].astype(v.dtype), v], 2)
     if self.buffer_size:
       pos = self.buffer_start[:, None] + jnp.arange(self.buffer_size, dtype=jnp.int32)
       bvalid = (jnp.zeros((b, self.buffer_size), bool) if buffer_valid is None
                 else buffer_valid)
       meta = meta.concat(masks.make_meta(pos, self.block_size, masks.NOISY,
                                          jnp.where(bvalid, 0, -1)))
-    return {"k": k, "v": v, "meta": meta}
+    view = {"k": self.ring_k, "v": self.ring_v, "meta": meta}
+    if hy.form == "rank":
+      view["meta"] = meta.concat(self._bank_meta(cut))
+      view["factored"] = factored_kv.FactoredKV(
+          key_a=self.bank_ka, key_b=self.bank_kb, value_a=self.bank_va,
+          value_b=self.bank_vb, sink_k=self.sink_k, sink_v=self.sink_v,
+          inv_freq=self.inv_freq)
+    return view
 
-  def _bank_view(self, cut: Array) -> dict:
-    """The compressed chunks below ``cut`` [B, 1], reconstructed (sinks exact)."""
-    hy = self.hierarchy
-    l, b, g = self.bank_ka.shape[:3]
-    h, d = self.ring_k.shape[3:]
-    n = g * hy.chunk
-    recon = lambda a, c: jnp.einsum("lbghcr,lbghrd->lbgchd", a.astype(jnp.float32),
-                                    c.astype(jnp.float32),
-                                    precision=jax.lax.Precision.HIGHEST).reshape(l, b, n, h, d)
+  def _bank_meta(self, cut: Array) -> masks.TokenMeta:
+    """Metadata of the bank's positions 0..G*chunk-1: those below ``cut`` [B, 1] are read."""
+    b, g = self.bank_ka.shape[1:3]
+    n = g * self.hierarchy.chunk
     bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     pad_n = [(0, 0), (0, n - self.capacity)]
     bank_ok = jnp.pad(self.valid, pad_n) & (bank_pos < cut)
     meta = masks.make_meta(bank_pos, self.block_size, masks.CLEAN, jnp.where(bank_ok, 0, -1))
-    meta = dataclasses.replace(meta, block_ids=jnp.pad(self.block_ids, pad_n))
-    bank_k = _rotate(recon(self.bank_ka, self.bank_kb), bank_pos, self.inv_freq, 1.0)
-    bank_v = recon(self.bank_va, self.bank_vb)
-    sn = self.sink_k.shape[2]
-    if sn:
-      bank_k = bank_k.at[:, :, :sn].set(self.sink_k.astype(bank_k.dtype))
-      bank_v = bank_v.at[:, :, :sn].set(self.sink_v.astype(bank_v.dtype))
-    return {"k": bank_k, "v": bank_v, "meta": meta}
+    return dataclasses.replace(meta, block_ids=jnp.pad(self.block_ids, pad_n))
+
+
+def dense_view(view: dict) -> dict:
+  """An attention view with any factored bank expanded into ``k``/``v`` (all layers).
+
+  What the model computes from ``view``, as one dense cache: for tests and for
+  measuring the transient that per-layer expansion avoids.
+  """
+  if view.get("factored") is None:
+    return view
+  bk, bv = view["factored"].dense(view["k"].dtype)
+  return {"k": jnp.concatenate([view["k"], bk], 2), "v": jnp.concatenate([view["v"], bv], 2),
+          "meta": view["meta"]}
 
 
 def check_one_token_decoder(hierarchy: Hierarchy | None, decoder: str) -> None:

@@ -84,6 +84,7 @@ class SummaryBank:
     meta = masks.make_meta(self.positions, 1, masks.CLEAN, jnp.where(self.valid, 0, -1),
                            is_summary=jnp.ones(self.valid.shape, bool))
     meta = dataclasses.replace(meta, block_ids=self.block_ids)
-    return {"k": jnp.concatenate([self.k.astype(view["k"].dtype), view["k"]], 2),
+    return {**view,  # A factored bank, if any, stays after the view's positions.
+            "k": jnp.concatenate([self.k.astype(view["k"].dtype), view["k"]], 2),
             "v": jnp.concatenate([self.v.astype(view["v"].dtype), view["v"]], 2),
             "meta": meta.concat(view["meta"])}
