@@ -49,6 +49,13 @@ MODELS = {
         "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
         "train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
         "train.checkpoint_every=250", "train.log_every=25"]),
+    # dMoE as deployed: block routing in the training loop too (p=0.5, min=top_k), so
+    # the experts and router adapt to the coreset; compared with ``quickstart`` (REFERENCE).
+    "quickstart_block": ("configs/quickstart.py", [
+        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
+        "model.moe.router_mode=block", "model.moe.block_coverage=0.5",
+        "train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
+        "train.checkpoint_every=250", "train.log_every=25"]),
     "synthetic": ("configs/synthetic.py", [
         "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
         "train.steps=200", "train.warmup_steps=20", "train.eval_every=0",
@@ -71,14 +78,24 @@ QUICK = {  # Tiny runs: a smoke test of the whole pipeline, not a measurement.
     "quickstart": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
                    "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
                    "data.batch_size=8"],
+    "quickstart_block": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
+                         "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
+                         "data.batch_size=8"],
     "synthetic": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
                   "train.log_every=3", "data.batch_size=8"],
 }
 
+# A model trained with block routing -> the same config trained with token routing, whose
+# token-routing loss and expert count its rows are also compared with (same held-out
+# batches and noise draws: same config, data and seed).
+REFERENCE = {"quickstart_block": "quickstart"}
+
 
 NOTES = [
-    "All models were trained with token routing; block routing is applied to the same "
-    "weights at evaluation only (no block-routing training or adaptation).",
+    "Models are trained with token routing and block routing is applied to the same "
+    "weights at evaluation, except those trained with block routing in the loop "
+    "(`trained with block routing`), which are also compared with their token-trained "
+    "reference.",
     "At upcycling every expert is a copy of the dense MLP and the top-k weights are "
     "renormalised, so any routing computes the dense function: quality is "
     "routing-invariant at init (`upcycled_at_init`, equal up to float summation order), and "
@@ -125,7 +142,7 @@ def train(name: str, config: str, workdir: str, overrides: list[str]) -> dict:
     text = open(log_path, encoding="utf-8").read()
     steps = re.findall(r"\[(\d+)/(\d+)\s", text)
     rates = re.findall(r"([\d.]+) step/s", text)
-    losses = re.findall(r"\] [\d.]+ step/s .*? nelbo ([\d.]+)", text)
+    losses = re.findall(r"\] [\d.]+ step/s .*? (?:nelbo|masked ce|noisy ce) ([\d.]+)", text)
     if steps:
       info["steps"] = int(steps[-1][0])
     if rates:
@@ -281,6 +298,7 @@ def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
   quality = "masked CE (Fast-dLLM v2 objective, nats/token)" if config.diffusion.get(
       "objective", "bd3lm") == "fastdllm" else "NELBO (nats/token, t over [eps, 1])"
   return {"num_experts": e, "top_k": k, "trained_routing": moe.router_mode,
+          "trained_coverage": moe.block_coverage, "trained_min_experts": moe.block_min_experts,
           "quality_metric": quality, "batches": args.batches, "batch_size": batch_size,
           "seq_len": config.data.seq_len, "block_size": config.diffusion.block_size,
           "noise_samples": args.noise_samples, "decode_prompts": len(decode) and args.decode_prompts,
@@ -320,6 +338,36 @@ def summarize(m: dict) -> dict:
                          "reduction": p09["expert_reduction"],
                          "quality_pct": p09["quality_pct"], "accuracy_pct": p09["accuracy_pct"]}
   return out
+
+
+def against_reference(m: dict, ref: dict) -> list[dict]:
+  """Each row of ``m`` against ``ref``'s token routing (loss and accuracy kept, experts)."""
+  base = ref["rows"][0]
+  assert base["mode"] == "token", base
+  return [{"setting": r["setting"], "unique": r["unique_experts_noisy_block"],
+           "reduction": base["unique_experts_noisy_block"] / r["unique_experts_noisy_block"],
+           "quality_pct": 100.0 * base["nelbo"] / r["nelbo"],
+           "accuracy_pct": 100.0 * r["masked_accuracy"] / base["masked_accuracy"],
+           "trained_setting": (r["coverage"] == m.get("trained_coverage")
+                               and r["min_experts"] == m.get("trained_min_experts"))}
+          for r in m["rows"]]
+
+
+def reference_lines(name: str, m: dict, result: dict) -> list[str]:
+  ref_name = REFERENCE.get(name)
+  if m["trained_routing"] != "block" or ref_name not in result["models"]:
+    return []
+  ref = result["models"][ref_name]
+  rows = against_reference(m, ref)
+  lines = [f"Against `{ref_name}` (the same config trained with token routing) under token "
+           f"routing: {ref['rows'][0]['unique_experts_noisy_block']:.2f} unique experts per "
+           f"noisy block, loss {ref['rows'][0]['nelbo']:.4f}. `*` = the setting trained with.",
+           "", "| setting | unique / noisy block | fewer than the reference | % of its loss | "
+           "% of its accuracy |", "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['setting']}{' *' if r['trained_setting'] else ''} | {r['unique']:.2f} "
+                 f"| {r['reduction']:.2f}x | {r['quality_pct']:.2f} | {r['accuracy_pct']:.2f} |")
+  return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -379,6 +427,7 @@ def markdown(result: dict) -> str:
                   f" At p=0.9, min={m['top_k']}: {p['unique_per_block']:.2f} "
                   f"({p['reduction']:.2f}x fewer) at {p['quality_pct']:.2f}% of quality, "
                   f"{p['accuracy_pct']:.2f}% of accuracy." if p else ""), ""]
+    lines += reference_lines(name, m, result)
   if result.get("findings"):  # Written into the JSON by hand after reading a run.
     lines += ["## Findings of this run", ""] + [f"- {n}" for n in result["findings"]] + [""]
   lines += ["## Notes", ""] + [f"- {n}" for n in NOTES]

@@ -146,6 +146,14 @@ def test_answer_matches_needs_the_whole_answer_first(completion, hit):
   assert lc_eval.answer_matches(completion, "48213") is hit
 
 
+@pytest.mark.parametrize("completion,score", [
+    ("48213", 1.0), (" 48213<|eos|>", 1.0), ("48913", 0.8), ("4821", 0.8), ("82134", 0.0),
+    ("", 0.0), ('"48200"', 0.6)])
+def test_char_accuracy_credits_characters_in_place(completion, score):
+  from blockdiff_jax.evaluation import long_context as lc_eval  # pylint: disable=g-import-not-at-top
+  assert lc_eval.char_accuracy(completion, "48213") == pytest.approx(score)
+
+
 # ----------------------------------------------------- training stream (corpus=long_context)
 
 

@@ -91,10 +91,11 @@ def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
 
   def oracle(model, params, tok, examples, options, max_new_tokens, decoder, wrap, batch_size):
     calls.append((decoder, wrap, options.kv_hierarchy))
-    # Reads the passkey off the prompt; answers every key-value question wrongly.
-    return [{"task": e.task, "length": e.length, "depth": e.depth,
-             "hit": e.task == "passkey" and long_context.answer_matches(lc.solve(e), e.answer)}
-            for e in examples]
+    # Reads the passkey off the prompt; gets half of every key-value answer wrong.
+    completion = lambda e: lc.solve(e) if e.task == "passkey" else e.answer[:4] + "zzzz"
+    return [{"task": e.task, "length": e.length, "depth": e.depth, "answer": e.answer,
+             "completion": completion(e),
+             "hit": long_context.answer_matches(completion(e), e.answer)} for e in examples]
 
   monkeypatch.setattr(long_context, "retrieval", oracle)
   c = _config("long_context", long_context_lengths="600,1200", long_context_per_cell=2,
@@ -110,6 +111,8 @@ def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
     assert r["exact_match"] == 0.5
     assert r["by_task"] == {"passkey": 1.0, "kv_recall": 0.0}
     assert r["by_length"] == {"600": 0.5, "1200": 0.5}
+    assert r["char_accuracy"] == pytest.approx(0.75)  # Passkeys whole, half of each value.
+    assert [x["task"] for x in r["samples"]] == ["passkey"] * 4
 
 
 def test_synthetic_prompts_longer_than_the_rows_allow_still_decode(workdir):

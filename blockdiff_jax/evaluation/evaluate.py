@@ -265,8 +265,15 @@ def task_long_context(ev: Evaluator) -> dict:
         "exact_match": rate(),
         "by_length": {str(n): rate(length=n) for n in lengths},
         "by_task": {t: rate(task=t) for t in {r["task"] for r in rows}},
-        "by_depth": {str(d): rate(depth=d) for d in sorted({r["depth"] for r in rows})}}
-    print(f"  {name}: exact match {out['decoders'][name]['exact_match']:.3f} over "
+        "by_depth": {str(d): rate(depth=d) for d in sorted({r["depth"] for r in rows})},
+        "char_accuracy": float(np.mean([long_context_eval.char_accuracy(r["completion"],
+                                                                        r["answer"])
+                                        for r in rows])),
+        # A few answers as decoded, to read what the model does with the rest.
+        "samples": [{k: r[k] for k in ("task", "length", "depth", "answer", "completion")}
+                    for r in rows[:4]]}
+    print(f"  {name}: exact match {out['decoders'][name]['exact_match']:.3f} "
+          f"(characters {out['decoders'][name]['char_accuracy']:.3f}) over "
           f"{len(rows)} prompts; by length "
           + ", ".join(f"{k}: {v:.2f}" for k, v in out["decoders"][name]["by_length"].items()),
           flush=True)

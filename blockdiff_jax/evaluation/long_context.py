@@ -110,6 +110,16 @@ def answer_matches(completion: str, answer: str) -> bool:
   return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
 
 
+def char_accuracy(completion: str, answer: str) -> float:
+  """Fraction of the answer's characters the completion has at the same offset.
+
+  Partial credit for a retrieval learned in part (3 of 5 digits of a pass key):
+  progress that exact match shows only once whole answers come out right.
+  """
+  text = long_context.clean_completion(completion).strip(" \"'")
+  return sum(a == b for a, b in zip(text, answer)) / len(answer)
+
+
 DECODERS = ("ar", "block")
 
 
