@@ -93,11 +93,13 @@ def _last_step(workdir: str) -> int:
 
 
 def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
-          models: Sequence[str]) -> dict:
+          models: Sequence[str], train_tasks: str = "") -> dict:
   """Trains (or resumes) the source models and their extensions; returns wall times."""
   seconds = {}
   for model in models:
     extra = [f"--config.model.summary.num_slots={slots if model == 'summary' else 0}"]
+    if train_tasks:
+      extra.append(f"--config.data.long_context_tasks={train_tasks}")
     src = os.path.join(runs, model)
     if _last_step(src) < steps:
       t0 = time.time()
@@ -164,6 +166,8 @@ def main():
   ap.add_argument("--depths", default="0.1,0.5,0.9")
   ap.add_argument("--per_cell", type=int, default=4)
   ap.add_argument("--tasks", default="passkey,kv_recall")
+  ap.add_argument("--train_tasks", default="",
+                  help="data.long_context_tasks to train on ('' = the config's)")
   ap.add_argument("--num_pairs", type=int, default=2, help="as the model was trained")
   ap.add_argument("--max_new_tokens", type=int, default=16)
   ap.add_argument("--batch_size", type=int, default=8)
@@ -186,7 +190,7 @@ def main():
   if not models or set(models) - {"full", "summary"}:
     raise ValueError(f"--models must list full and/or summary, got {args.models!r}")
   train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
-                        models)
+                        models, args.train_tasks)
   import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.ByteTokenizer()
   examples = tasks_lib.make_suite(tok, lengths=[int(x) for x in args.lengths.split(",")],
@@ -206,6 +210,13 @@ def main():
                                                                  args.eval_factor, models)],
             "rows": rows}
   write(result, args.out)
+
+
+def char_rate(rows, **where) -> float:
+  """Mean ``long_context.char_accuracy`` of the rows whose fields equal ``where``."""
+  got = [long_context.char_accuracy(r["completion"], r["answer"]) for r in rows
+         if all(r[k] == v for k, v in where.items())]
+  return sum(got) / len(got) if got else float("nan")
 
 
 def write(result, out):
@@ -244,6 +255,12 @@ def write(result, out):
       lines.append(f"| {v} | " + " | ".join(
           f"{long_context.accuracy(rows, variant=v, length=n, task=task)[0]:.2f}" for n in lengths)
           + " |")
+  lines += ["", "## Answer characters right, in place (partial retrieval; all tasks)", "",
+            "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|" + "---|" * len(lengths)]
+  for v in names:
+    lines.append(f"| {v} | " + " | ".join(
+        f"{char_rate(rows, variant=v, length=n):.2f}" for n in lengths) + " |")
   depths = sorted({r["depth"] for r in rows})
   lines += ["", "## By needle depth (all tasks and lengths)", "",
             "| variant | " + " | ".join(str(d) for d in depths) + " |",
