@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seed of parameter init, noise draws and data order.
   c.init = initial.default_init_config()  # Random init or a pretrained checkpoint.
+  c.init_from = initial.default_init_from_config()  # Or another run's checkpoint.
   c.model = model_config_lib.default_model_config()  # Architecture.
   c.diffusion = diffusion_config.default_diffusion_config()  # Blocks, noise schedule.
   c.data = data_config.default_data_config()  # Corpus, tokenizer, sequence length, batch.

@@ -91,11 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.eval_every = t.steps  # One validation NELBO evaluation, at the end.
   t.checkpoint_every = t.steps  # One checkpoint, at the end.
 
-  # Where the fine-tune starts (read by the trainer, see the module docstring).
-  c.init_from = ml_collections.ConfigDict()
-  c.init_from.workdir = ""  # Source run's workdir; required: --config.init_from.workdir=...
-  c.init_from.step = -1  # Its checkpoint step; -1 = the latest.
-  c.init_from.use_ema = True  # Start from its EMA parameters when it kept them.
+  # Where the fine-tune starts: the base config's init_from section (checkpoint/initial.py),
+  # required here: --config.init_from.workdir=<source run>.
 
   # Passkey / key-value evaluation of the extended model: --mode=eval runs it
   # (evaluation/evaluate.py, task long_context; data/long_context.py builds the prompts).

@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import ROOT, load_config_file
@@ -73,3 +74,44 @@ def test_long_context_eval_lengths_and_bad_bases():
     module.get_config("no_such_config")
   with pytest.raises(ValueError, match="factor must be >= 2"):
     module.get_config("tiny,1")
+
+
+def _small(c, steps):
+  c.data.max_bytes, c.data.batch_size = 40_000, 4
+  c.model.d_model, c.model.moe.expert_dim = 32, 32
+  t = c.train
+  t.steps, t.log_every, t.eval_every, t.checkpoint_every = steps, 1, 0, steps
+  t.async_checkpoints, t.tensorboard = False, False
+  return c
+
+
+def test_extension_run_starts_from_the_source_checkpoint(tmp_path):
+  """The trainer honours init_from: the fine-tune's one update (Adam, LR 1e-6: each weight
+  moves by about 1e-6) is applied to the source run's parameters, not to a fresh init."""
+  from blockdiff_jax.checkpoint import initial  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  source, ext = str(tmp_path / "source"), str(tmp_path / "ext")
+  base = _small(load_config_file("tiny"), 3)
+  base.train.ema_decay = 0.0  # One parameter set: what init_from reads is unambiguous.
+  trainer.run(base, source)
+  c = _small(_module().get_config("tiny,4"), 1)
+  c.train.ema_decay, c.train.learning_rate = 0.0, 1e-6
+  c.seed = base.seed + 1  # A fresh init would differ from the source.
+  c.init_from.workdir = source
+  _module().validate(c)
+  trainer.run(c, ext)
+  want = inference.load_for_inference(source)[3]
+  _, model, _, got = inference.load_for_inference(ext)
+  gap = lambda x, y: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  assert gap(got, want) < 1e-5
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  assert gap(build.init_params(model, c.seed), want) > 1e-2  # What a fresh init would be.
+  # Errors name the field: a source without a checkpoint, or two starting points.
+  c.init_from.workdir = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match="init_from.workdir=.*has no checkpoint"):
+    initial.initial_params(c, model, None)
+  c.init_from.workdir, c.init.pretrained = source, "smollm2"
+  with pytest.raises(ValueError, match="both set"):
+    initial.initial_params(c, model, None)

@@ -9,7 +9,6 @@ import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
-from blockdiff_jax.model import build
 from blockdiff_jax.model import mesh as mesh_lib
 
 
@@ -23,15 +22,8 @@ def inference_context(config: ml_collections.ConfigDict):
 
 
 def abstract_params(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
-  """The params as ``jax.ShapeDtypeStruct``s laid out on ``mesh``: a restore target.
-
-  ``checkpoints.restore_params(checkpoint_dir, abstract_params(model, mesh, rules))``
-  reads a checkpoint's params onto any mesh (each device reads its own shards).
-  """
-  boxed = build.abstract_params(model)
-  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
+  """The params as ``jax.ShapeDtypeStruct``s on ``mesh`` (``initial.restore_target``)."""
+  return initial.restore_target(model, mesh, rules)
 
 
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
@@ -72,8 +64,11 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
     # Nothing trained yet: a pretrained config answers with its own weights.
     params = initial.initial_params(config, model, workdir, mesh, rules)
     if params is not None:
-      print(f"{workdir} has no checkpoint: using the pretrained weights of "
-            f"init.pretrained={config.init.pretrained!r}", flush=True)
+      source = (f"init_from.workdir={config.init_from.workdir!r}"
+                if config.get("init_from") is not None and config.init_from.get("workdir")
+                else f"init.pretrained={config.init.pretrained!r}")
+      print(f"{workdir} has no checkpoint: using the starting weights of {source}",
+            flush=True)
       return config, model, tokenizer, params
   params = checkpoints.restore_params(
       checkpoint_dir, abstract, step,

