@@ -93,13 +93,15 @@ def _last_step(workdir: str) -> int:
 
 
 def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
-          models: Sequence[str], train_tasks: str = "") -> dict:
+          models: Sequence[str], train_tasks: str = "",
+          overrides: Sequence[str] = ()) -> dict:
   """Trains (or resumes) the source models and their extensions; returns wall times."""
   seconds = {}
   for model in models:
     extra = [f"--config.model.summary.num_slots={slots if model == 'summary' else 0}"]
     if train_tasks:
       extra.append(f"--config.data.long_context_tasks={train_tasks}")
+    extra += [f"--config.{o}" for o in overrides]
     src = os.path.join(runs, model)
     if _last_step(src) < steps:
       t0 = time.time()
@@ -168,6 +170,9 @@ def main():
   ap.add_argument("--tasks", default="passkey,kv_recall")
   ap.add_argument("--train_tasks", default="",
                   help="data.long_context_tasks to train on ('' = the config's)")
+  ap.add_argument("--train_overrides", default="",
+                  help="comma-separated config overrides for every training run, e.g. "
+                       "data.long_context_score_prompt=False")
   ap.add_argument("--num_pairs", type=int, default=2, help="as the model was trained")
   ap.add_argument("--max_new_tokens", type=int, default=16)
   ap.add_argument("--batch_size", type=int, default=8)
@@ -190,7 +195,8 @@ def main():
   if not models or set(models) - {"full", "summary"}:
     raise ValueError(f"--models must list full and/or summary, got {args.models!r}")
   train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
-                        models, args.train_tasks)
+                        models, args.train_tasks,
+                        [o for o in args.train_overrides.split(",") if o])
   import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.ByteTokenizer()
   examples = tasks_lib.make_suite(tok, lengths=[int(x) for x in args.lengths.split(",")],
