@@ -18,9 +18,12 @@ decoder, scored by exact match:
 
   python experiments/long_context_retrieval.py --steps 5000  # on a GPU
   python experiments/long_context_retrieval.py --quick    # ~10 min smoke run on a CPU
-On a 2-core CPU neither source model learned to retrieve at its own length within 600-1,100
-steps (experiments/results/long_context_retrieval_cpu.md), so the grid needs a longer
-training run than a CPU session gives.
+On a 2-core CPU a full-attention source model retrieves after two phases (prompt scored,
+then answer only; experiments/results/long_context_retrieval_cpu.md, about 2 hours); point
+--runs at a folder whose ``full`` is that run:
+  python experiments/long_context_retrieval.py --runs R --models full --steps 800 \
+      --tasks passkey --train_tasks passkey \
+      --train_overrides data.long_context_score_prompt=False
   python experiments/long_context_retrieval.py --rerender # tables/plot from the JSON
 Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
 Writes experiments/results/long_context_retrieval.{json,md,png}.
