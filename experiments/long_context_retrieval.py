@@ -221,13 +221,6 @@ def main():
   write(result, args.out)
 
 
-def char_rate(rows, **where) -> float:
-  """Mean ``long_context.char_accuracy`` of the rows whose fields equal ``where``."""
-  got = [long_context.char_accuracy(r["completion"], r["answer"]) for r in rows
-         if all(r[k] == v for k, v in where.items())]
-  return sum(got) / len(got) if got else float("nan")
-
-
 def write(result, out):
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
@@ -250,33 +243,24 @@ def write(result, out):
            f"window 2, chunk {st['chunk']}, rank {st['rank']}, 1 sink chunk; the summary "
            "model always decodes with the summary-form cache (exact for it). Block "
            "decoder, one token per step, prompts `BOS prompt SEP`; "
-           f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}.",
-           "", "## Exact match by prompt length (both tasks)", "",
-           "| variant | " + " | ".join(str(n) for n in lengths) + " |",
-           "|---|" + "---|" * len(lengths)]
-  for v in names:
-    lines.append(f"| {v} | " + " | ".join(
-        f"{long_context.accuracy(rows, variant=v, length=n)[0]:.2f}" for n in lengths) + " |")
+           f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}."]
+
+  def table(title, columns, cell):
+    """A Markdown table: one row per variant, ``cell(variant, column)`` in each column."""
+    lines.extend(["", f"## {title}", "", "| variant | " + " | ".join(map(str, columns))
+                  + " |", "|---|" + "---|" * len(columns)]
+                 + [f"| {v} | " + " | ".join(f"{cell(v, c):.2f}" for c in columns) + " |"
+                    for v in names])
+
+  rate = lambda **w: long_context.accuracy(rows, **w)[0]
+  table("Exact match by prompt length (all tasks)", lengths,
+        lambda v, n: rate(variant=v, length=n))
   for task in sorted({r["task"] for r in rows}):
-    lines += ["", f"## {task}", "", "| variant | " + " | ".join(str(n) for n in lengths)
-              + " |", "|---|" + "---|" * len(lengths)]
-    for v in names:
-      lines.append(f"| {v} | " + " | ".join(
-          f"{long_context.accuracy(rows, variant=v, length=n, task=task)[0]:.2f}" for n in lengths)
-          + " |")
-  lines += ["", "## Answer characters right, in place (partial retrieval; all tasks)", "",
-            "| variant | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---|" + "---|" * len(lengths)]
-  for v in names:
-    lines.append(f"| {v} | " + " | ".join(
-        f"{char_rate(rows, variant=v, length=n):.2f}" for n in lengths) + " |")
-  depths = sorted({r["depth"] for r in rows})
-  lines += ["", "## By needle depth (all tasks and lengths)", "",
-            "| variant | " + " | ".join(str(d) for d in depths) + " |",
-            "|---|" + "---|" * len(depths)]
-  for v in names:
-    lines.append(f"| {v} | " + " | ".join(
-        f"{long_context.accuracy(rows, variant=v, depth=d)[0]:.2f}" for d in depths) + " |")
+    table(task, lengths, lambda v, n, task=task: rate(variant=v, length=n, task=task))
+  table("Answer characters right, in place (partial retrieval; all tasks)", lengths,
+        lambda v, n: long_context.char_rate(rows, variant=v, length=n))
+  table("By needle depth (all tasks and lengths)", sorted({r["depth"] for r in rows}),
+        lambda v, d: rate(variant=v, depth=d))
   n = long_context.accuracy(rows, variant=names[0], length=lengths[0])[1]
   lines += ["", f"Each cell of the length tables is {n} prompts (binomial standard error "
             f"up to {0.5 / max(n, 1) ** 0.5:.2f})."]

@@ -152,6 +152,11 @@ def test_answer_matches_needs_the_whole_answer_first(completion, hit):
 def test_char_accuracy_credits_characters_in_place(completion, score):
   from blockdiff_jax.evaluation import long_context as lc_eval  # pylint: disable=g-import-not-at-top
   assert lc_eval.char_accuracy(completion, "48213") == pytest.approx(score)
+  rows = [{"task": "passkey", "completion": completion, "answer": "48213"},
+          {"task": "kv_recall", "completion": "x", "answer": "ab"}]
+  assert lc_eval.char_rate(rows, task="passkey") == pytest.approx(score)
+  assert lc_eval.char_rate(rows) == pytest.approx(score / 2)
+  assert np.isnan(lc_eval.char_rate(rows, task="none"))
 
 
 # ----------------------------------------------------- training stream (corpus=long_context)

@@ -132,6 +132,14 @@ def accuracy(rows: Sequence[dict], **where) -> tuple[float, int]:
   return (sum(hits) / len(hits), len(hits)) if hits else (float("nan"), 0)
 
 
+def char_rate(rows: Sequence[dict], **where) -> float:
+  """Mean ``char_accuracy`` of the ``retrieval`` rows whose fields equal ``where`` (NaN
+  when none match), the partial-credit companion of ``accuracy``."""
+  got = [char_accuracy(r["completion"], r["answer"]) for r in rows
+         if all(r[k] == v for k, v in where.items())]
+  return sum(got) / len(got) if got else float("nan")
+
+
 def prompt_ids(tokenizer, example: long_context.LongContextExample, wrap: bool) -> np.ndarray:
   """What the model reads: the raw prompt, or ``BOS prompt SEP`` (``wrap``, the layout
   ``data.pipeline.LongContextDataset`` trains on)."""
