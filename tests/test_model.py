@@ -73,14 +73,13 @@ def test_kv_cache_equals_full_forward(scan, block_size):
   pos_block = jnp.broadcast_to(prefix_len + jnp.arange(block_size), (b, block_size))
   clean_meta = masks.make_meta(pos_prefix, block_size, masks.CLEAN)
   noisy_meta = masks.make_meta(pos_block, block_size, masks.NOISY)
-  params = model.init(jax.random.key(1), tokens, clean_meta)
-  full, _ = model.apply(params, jnp.concatenate([tokens, noisy], 1),
-                        clean_meta.concat(noisy_meta))
-  _, aux = model.apply(params, tokens, clean_meta, return_kv=True)
+  params = jax.jit(model.init)(jax.random.key(1), tokens, clean_meta)
+  apply = jax.jit(model.apply, static_argnames="return_kv")  # One compile, not op by op.
+  full, _ = apply(params, jnp.concatenate([tokens, noisy], 1), clean_meta.concat(noisy_meta))
+  _, aux = apply(params, tokens, clean_meta, return_kv=True)
   k, v = aux["kv"]
   assert k.shape == (3, b, prefix_len, 2, 8)
-  cached, _ = model.apply(params, noisy, noisy_meta,
-                          cache={"k": k, "v": v, "meta": clean_meta})
+  cached, _ = apply(params, noisy, noisy_meta, cache={"k": k, "v": v, "meta": clean_meta})
   np.testing.assert_allclose(cached, full[:, prefix_len:], rtol=2e-5, atol=2e-5)
 
 

@@ -1,5 +1,7 @@
 """Introspective objective against a slow reference: one causal pass per noisy block."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,25 @@ def _model(gated_lora=False):
       mlp_dim=48, lora=lcfg, mask_spec=masks.MaskSpec(causal_noisy=True)))
 
 
+_PAD_TO = 16  # Every reference forward runs at this length: one compilation per model.
+
+
 def _causal_logits(model, params, tokens):
+  """Causal logits of ``tokens`` [1, t], one forward per call.
+
+  The sequence is padded on the right to ``_PAD_TO``: with block size 1 the model is
+  causal, so positions before ``t`` never see the padding (checked in
+  test_reference_padding_is_invisible), and a fixed shape compiles once.
+  """
   t = tokens.shape[1]
-  meta = masks.make_meta(jnp.arange(t)[None], 1, masks.CLEAN)
-  return np.asarray(model.apply({"params": params}, tokens, meta)[0][0])
+  padded = jnp.pad(tokens, ((0, 0), (0, _PAD_TO - t)), constant_values=MASK)
+  return np.asarray(_apply_causal(model, params, padded))[0, :t]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_causal(model, params, tokens):
+  meta = masks.make_meta(jnp.arange(tokens.shape[1])[None], 1, masks.CLEAN)
+  return model.apply({"params": params}, tokens, meta)[0]
 
 
 def _logsoftmax_no_mask(lg):
@@ -68,6 +85,19 @@ def test_loss_matches_slow_reference(stride, gated_lora):
   np.testing.assert_allclose(metrics["ce_noisy"], want_noisy, rtol=2e-5)
   np.testing.assert_allclose(metrics["ce_clean"], want_clean, rtol=2e-5)
   np.testing.assert_allclose(loss, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("gated_lora", [False, True])
+def test_reference_padding_is_invisible(gated_lora):
+  """The reference's right padding leaves the logits of the real positions unchanged."""
+  model = _model(gated_lora)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, MASK, (1, 7)).astype(np.int32))
+  meta = masks.make_meta(jnp.arange(7)[None], 1, masks.CLEAN)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), x, meta)["params"])
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, w: 0.3 * jnp.ones_like(w) if lora.is_lora_path(p) else w, params)
+  unpadded = np.asarray(model.apply({"params": params}, x, meta)[0][0])
+  np.testing.assert_allclose(_causal_logits(model, params, x), unpadded, rtol=1e-5, atol=1e-5)
 
 
 def test_validation():
@@ -132,8 +162,8 @@ def test_detached_clean_stream_gives_the_same_adapter_gradient():
     obj = introspective.IntrospectiveObjective(stride=3, mask_id=MASK, clean_weight=0.0,
                                                anchors=3, detach_clean=detach)
     anchors = introspective.corrupt(jax.random.key(0), batch, obj)
-    g = jax.grad(lambda p: introspective.introspective_loss(
-        apply_fn, p, batch, None, obj, anchors)[0])(params)
+    g = jax.jit(jax.grad(lambda p: introspective.introspective_loss(  # pylint: disable=cell-var-from-loop
+        apply_fn, p, batch, None, obj, anchors)[0]))(params)
     grads.append(g)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
                           jax.tree.leaves(grads[1])):

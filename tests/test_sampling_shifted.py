@@ -1,5 +1,7 @@
 """Block decoding of a token-shifted model against a slow no-cache reference (tiny MoE)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,12 @@ def _policy_step(opt, x, logits, region, step):
   return np.where(np.asarray(accept)[0], np.asarray(toks)[0], x)
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_apply(model):
+  """model.apply compiled once per shape (block), not dispatched op by op every step."""
+  return jax.jit(model.apply, static_argnames="return_kv")
+
+
 def _reference_decode(model, params, opt, tokens, maskable, length, start):
   """One row, no persistent cache, token shift from its definition.
 
@@ -63,8 +71,8 @@ def _reference_decode(model, params, opt, tokens, maskable, length, start):
   first step, as in Fast-dLLM v2's sub-block cache.
   """
   toks = tokens.copy()
-  jitted = jax.jit(lambda p, *a, **k: model.apply({"params": p}, *a, return_kv=True, **k))
-  apply = lambda *a, **k: jitted(params, *a, **k)
+  jitted = _jit_apply(model)  # Shared by every row: each shape compiles once.
+  apply = lambda *a, **k: jitted({"params": params}, *a, return_kv=True, **k)
   sb = opt.sub
   for c in range(start, len(toks) // BLOCK):
     lo = c * BLOCK
@@ -139,9 +147,9 @@ def _exact_confidence(model, params, opt, toks, lo, length):
   """Confidence of every position of block lo.. from uncached forwards (token shift)."""
   pos = np.arange(lo + BLOCK)
   exists = pos < length
-  logits, _ = model.apply({"params": params}, jnp.asarray(toks[:lo + BLOCK])[None],
-                          _meta(pos[:lo], masks.CLEAN, exists[:lo]).concat(
-                              _meta(pos[lo:], masks.NOISY, exists[lo:])))
+  logits, _ = _jit_apply(model)({"params": params}, jnp.asarray(toks[:lo + BLOCK])[None],
+                                _meta(pos[:lo], masks.CLEAN, exists[:lo]).concat(
+                                    _meta(pos[lo:], masks.NOISY, exists[lo:])))
   out = np.asarray(logits[0, lo - 1:lo + BLOCK - 1])  # Row 0 = the clean token before lo.
   out = jnp.asarray(out).at[..., opt.mask_id].set(-1e30)
   return np.asarray(jax.nn.softmax(out, axis=-1).max(-1))
