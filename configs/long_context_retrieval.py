@@ -18,7 +18,8 @@ in all): 1,750 steps of the above on passkey alone (--config.data.long_context_t
       --workdir=runs/lc_answer --mode=train --config.init_from.workdir=runs/lc_full \
       --config.data.long_context_tasks=passkey --config.data.long_context_score_prompt=False \
       --config.train.steps=800 --config.train.warmup_steps=20 --config.train.learning_rate=1e-3
-With ChatDLM summary tokens (2 slots per block, the last 2 blocks in full):
+With ChatDLM summary tokens (2 slots per block, the last 2 blocks in full; through the
+same two phases it models the text as well but does not retrieve, see the results file):
   python -m blockdiff_jax.main --config=configs/long_context_retrieval.py \
       --workdir=runs/lc_summary --mode=train --config.model.summary.num_slots=2
 Passkey / KV exact match at 1x to 16x the training length (add
