@@ -19,8 +19,9 @@ decoder, scored by exact match:
   python experiments/long_context_retrieval.py --steps 5000  # on a GPU
   python experiments/long_context_retrieval.py --quick    # ~10 min smoke run on a CPU
 On a 2-core CPU a full-attention source model retrieves after two phases (prompt scored,
-then answer only; experiments/results/long_context_retrieval_cpu.md, about 2 hours); point
---runs at a folder whose ``full`` is that run:
+then answer only; experiments/results/long_context_retrieval_cpu.md, about 2 hours; the
+summary-token model does not, after the same recipe); point --runs at a folder whose
+``full`` (or ``summary``) is that run:
   python experiments/long_context_retrieval.py --runs R --models full --steps 800 \
       --tasks passkey --train_tasks passkey \
       --train_overrides data.long_context_score_prompt=False
