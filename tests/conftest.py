@@ -3,7 +3,14 @@
 import os
 import sys
 
-import jax
+# XLA's CPU backend with LLVM at -O0: the suite's programs are tiny and compiled once
+# each, so LLVM's optimisation passes cost more than they save (a fifth of the suite's
+# time). Set before JAX starts its backend; notebook kernels and the multi-device
+# workers inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +37,31 @@ def small_model_config(**model):
   for k, v in model.items():
     c.model[k] = v
   return c
+
+
+XLA_CACHE_OPTIONS = {  # The persistent compilation cache, for every entry however small.
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+
+
+def pytest_configure(config):
+  """Gives this test process a persistent XLA compilation cache of its own.
+
+  Many tests build the same tiny models and jit the same programs in new closures;
+  tracing repeats, but XLA's compile (most of a small test's time on the CPU) is
+  then a cache read. One folder per process (each xdist worker runs this hook), so
+  no two processes write one entry; it is removed when the process ends.
+  """
+  del config
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix="blockdiff_jax_xla_cache_")
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  for name, value in XLA_CACHE_OPTIONS.items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture
@@ -75,7 +107,9 @@ def run_multidevice_worker(script: str, tmp_path_factory, name: str) -> dict:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(out):
       repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-      env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+      env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                 JAX_COMPILATION_CACHE_DIR=str(tmp / "xla_cache"),
+                 **{k.upper(): str(v) for k, v in XLA_CACHE_OPTIONS.items()})
       proc = subprocess.run([sys.executable, script, out, str(tmp)], env=env, cwd=repo,
                             capture_output=True, text=True, check=False)
       assert proc.returncode == 0 and os.path.exists(out), proc.stderr[-5000:]
@@ -102,11 +136,15 @@ class WorkerReport:
   def check(self, name: str):
     """Decorator: runs the function now, storing its result or its traceback."""
     def deco(fn):
+      import time  # pylint: disable=g-import-not-at-top
       import traceback  # pylint: disable=g-import-not-at-top
+      start = time.perf_counter()
       try:
         self.results[name] = fn()
       except Exception:  # pylint: disable=broad-except
         self.results[name] = "error: " + traceback.format_exc()[-3000:]
+      # Where the worker's minutes go (read the report to keep the suite short).
+      self.results.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
       return fn
     return deco
 

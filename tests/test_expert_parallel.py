@@ -11,7 +11,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # Keeps the flags the suite gives (conftest), adding the simulated devices.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np
@@ -20,6 +22,10 @@ import pytest
 from conftest import report_value
 from conftest import run_multidevice_worker
 from conftest import WorkerReport
+
+# One xdist worker takes all of this module's tests (pytest.ini: --dist loadgroup), so
+# the other never sits waiting on the report while the subprocess runs.
+pytestmark = pytest.mark.xdist_group("expert_parallel_worker")
 
 E, K, D, F = 8, 2, 16, 32
 # (mesh data, fsdp, expert, tensor), batch, impl, capacity factor, dispatch, axis types.

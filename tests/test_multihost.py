@@ -14,7 +14,9 @@ import time
 
 if __name__ == "__main__":
   # Must precede the first jax import of the worker process.
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # Keeps the flags the suite gives (conftest), adding the simulated devices.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=4").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np

@@ -11,6 +11,8 @@ import nbclient
 import nbformat
 import pytest
 
+from conftest import XLA_CACHE_OPTIONS
+
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
 
 # Notebook -> (environment giving small settings, strings its outputs must contain).
@@ -18,7 +20,10 @@ NOTEBOOKS = {
     "quickstart.ipynb": ({"QUICKSTART_STEPS": "6"}, ["NFE", "step 1:"]),
     # An empty workdir and no adaptation: SmolLM2 with zero adapters (ISD stays lossless).
     "decoding.ipynb": ({"DECODING_ADAPT_STEPS": "0", "DECODING_MAX_NEW": "12",
-                        "DECODING_WORKDIR": "{tmp}"}, [
+                        "DECODING_WORKDIR": "{tmp}",
+                        # SmolLM2's forwards: faster at XLA's default LLVM level than
+                        # at the -O0 the rest of the suite compiles with (conftest).
+                        "XLA_FLAGS": ""}, [
         "ISD identical to AR: True", "same text as AR: True", "forwards for"]),
     # FLOPs up to 8k, a 320-token pass key with chunks of 32 (two thirds compressed).
     "long_context.ipynb": ({"LONG_CONTEXT_MAX_N": "8192", "LONG_CONTEXT_PASSKEY_LENGTH": "320",
@@ -70,6 +75,10 @@ def test_notebook_runs(name, monkeypatch, tmp_path):
   for key, value in env.items():
     # The kernel inherits the environment; "{tmp}" is this test's empty folder.
     monkeypatch.setenv(key, value.format(tmp=tmp_path))
+  # The kernel's own persistent compilation cache (as conftest gives this process).
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
+  for key, value in XLA_CACHE_OPTIONS.items():
+    monkeypatch.setenv(key.upper(), str(value))
   text = outputs_text(execute(os.path.join(NOTEBOOK_DIR, name)))
   missing = [s for s in expected if s not in text]
   assert not missing, f"{name}: outputs lack {missing}"

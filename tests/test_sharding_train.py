@@ -10,7 +10,9 @@ import sys
 
 if __name__ == "__main__":
   # Must precede the first jax import of the worker process.
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # Keeps the flags the suite gives (conftest), adding the simulated devices.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import pytest
@@ -18,6 +20,10 @@ import pytest
 from conftest import report_value
 from conftest import run_multidevice_worker
 from conftest import WorkerReport
+
+# One xdist worker takes all of this module's tests (pytest.ini: --dist loadgroup), so
+# the other never sits waiting on the report while the subprocess runs.
+pytestmark = pytest.mark.xdist_group("sharding_train_worker")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
