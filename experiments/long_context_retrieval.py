@@ -96,6 +96,22 @@ def _last_step(workdir: str) -> int:
   return max(steps, default=-1)
 
 
+def lineage(workdir: str) -> str:
+  """How a source model was trained: its steps, then those of each ``init_from`` run."""
+  parts = []
+  for _ in range(8):  # A chain longer than this is not one of ours.
+    config = checkpoints.load_config(workdir)
+    parts.append(f"{os.path.basename(os.path.normpath(workdir))}: {_last_step(workdir)} steps")
+    src = config.get("init_from", {}).get("workdir", "")
+    if not src:
+      break
+    step = config.init_from.step
+    parts[-1] += f" from {os.path.basename(os.path.normpath(src))}@" + (
+        str(step) if step >= 0 else "latest")
+    workdir = src
+  return "; ".join(parts)
+
+
 def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
           models: Sequence[str], train_tasks: str = "",
           overrides: Sequence[str] = ()) -> dict:
@@ -138,7 +154,9 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
   s.max_len = max(e.length for e in examples) + 2 + args.max_new_tokens + 16
   if variant.cache != "full":
     s.kv_cache, s.kv_form = "hierarchical", variant.cache
-    s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = 2, args.chunk, args.rank, 1
+    # The summary model's cache is exact only with its own window.
+    window = config.model.summary.window_blocks if config.model.summary.num_slots else 2
+    s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = window, args.chunk, args.rank, 1
   _, model, tok, params = inference.load_for_inference(workdir, config)
   options = sample_lib.options_from_config(s, config.diffusion.block_size, tok)
   done, start = [0], time.time()
@@ -216,6 +234,9 @@ def main():
                                 + sys.argv[1:]),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "train_seconds": train_seconds, "seconds": time.time() - t0,
+            "lineage": {m: lineage(os.path.join(args.runs, m)) for m in models},
+            "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
+                        .model.summary.window_blocks for m in models},
             "variants": [dataclasses.asdict(v) for v in variants(args.ext_factor,
                                                                  args.eval_factor, models)],
             "rows": rows}
@@ -235,9 +256,10 @@ def write(result, out):
            f"training runs in minutes: "
            + ", ".join(f"{k} {v / 60:.1f}" for k, v in result["train_seconds"].items())
            + ").", "",
-           f"Models: configs/long_context_retrieval.py ({st['steps']} steps at 256 tokens); "
-           f"`summary` has {st['slots']} summary slots per 16-token block and reads the last "
-           f"2 blocks in full. `ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and "
+           "Models: configs/long_context_retrieval.py at 256 tokens ("
+           + "; ".join(result.get("lineage", {"steps": f"{st['steps']} steps"}).values())
+           + f"); `summary` has {st['slots']} summary slots per 16-token block and reads the "
+           f"last {result.get('windows', {}).get('summary', 2)} blocks in full. `ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and "
            f"{st['ext_steps']} fine-tuning steps at {256 * st['ext_factor']} tokens "
            f"(configs/long_context_extension.py). `yarn{st['eval_factor']}`: YaRN "
            f"x{st['eval_factor']} at evaluation only. `hier`: the hierarchical cache, "

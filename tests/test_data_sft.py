@@ -71,9 +71,60 @@ def test_score_padding_and_too_long_examples_dropped():
   np.testing.assert_array_equal(rows["loss_mask"][0][:16], [0] * len(head) + [1] * (16 - len(head)))
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("score_padding", [True, False])
+def test_unfinished_responses_get_no_eos_and_end_on_a_block_boundary(tmp_path, multiple,
+                                                                      score_padding):
+  """A response marked "finished": false (cut at a limit) is never taught to end: no EOS,
+  no padding, cut back to the last block boundary; one with nothing left is dropped."""
+  lines = [{"prompt": "q0?", "response": "a finished answer"},
+           {"prompt": "q1?", "response": "an answer cut at the limit", "finished": False},
+           {"messages": [{"role": "user", "content": "q2?"},
+                         {"role": "assistant", "content": "cut chat answer"}],
+            "finished": False},
+           {"prompt": "a much longer question?", "response": "x", "finished": False}]
+  records = sft.jsonl_records(_write(tmp_path, lines))
+  assert [sft.finished(r) for r in records] == [True, False, False, False]
+  ds = pipeline.PackedSFTDataset(records, BYTE, 64, 2, multiple, shuffle=False,
+                                 score_padding=score_padding)
+  # Slow reference: each kept example's segment, written out from the definition.
+  want = []
+  for i, (prompt, response) in enumerate([("q0?", "a finished answer"),
+                                          ("q1?", "an answer cut at the limit"),
+                                          ("q2?", "cut chat answer"),
+                                          ("a much longer question?", "x")]):
+    head = list(sft.render(BYTE, (prompt, ""))[0])
+    body = list(BYTE.encode(response))
+    if i == 0:
+      body.append(BYTE.eos_id)
+      n = len(head) + len(body)
+      toks = head + body + [BYTE.eos_id] * (-n % multiple)
+      loss = [0] * len(head) + [1] * (len(toks) - len(head) if score_padding else len(body))
+      loss += [0] * (len(toks) - len(loss))
+    else:
+      toks = (head + body)[:(len(head) + len(body)) // multiple * multiple]
+      loss = [0] * len(head) + [1] * (len(toks) - len(head))
+      if len(toks) <= len(head):
+        continue  # Nothing of the response before the boundary.
+    want.append((toks, loss))
+  assert ds.dropped == 4 - len(want) >= 1
+  got = []
+  for toks, loss, seg in zip(ds.rows["tokens"], ds.rows["loss_mask"], ds.rows["segment_ids"]):
+    for s in np.unique(seg):
+      at = np.nonzero(seg == s)[0]
+      if loss[at].any():
+        got.append((toks[at].tolist(), loss[at].astype(int).tolist()))
+  assert got == want
+  for toks, _ in got[1:]:
+    assert BYTE.eos_id not in toks and len(toks) % multiple == 0
+
+
 def test_bad_records_name_the_line(tmp_path):
   path = _write(tmp_path, [{"prompt": "a", "response": "b"}, {"question": "a"}])
   with pytest.raises(ValueError, match="sft.jsonl:2.*'prompt' and 'response'"):
+    sft.jsonl_records(path)
+  path = _write(tmp_path, [{"prompt": "a", "response": "b", "finished": "no"}])
+  with pytest.raises(ValueError, match="sft.jsonl:1.*'finished' must be true or false"):
     sft.jsonl_records(path)
   with pytest.raises(ValueError, match="no such JSONL"):
     sft.jsonl_records(str(tmp_path / "missing.jsonl"))

@@ -83,6 +83,7 @@ def test_distill_train_then_isd_is_lossless(folder, tmp_path):
     gen = ar_lib.decode_ar(model, params, canvas, opts)["tokens"][0, len(head):]
     eos = np.flatnonzero(gen == tok.eos_id)
     assert tok.decode(gen[:eos[0] if eos.size else len(gen)]) == r["response"]
+    assert r["finished"] == bool(eos.size)  # Cut at max_new_tokens: no EOS in training.
 
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
   metrics = trainer.run(c, workdir)

@@ -40,7 +40,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   # corpus="sft": "docstrings" (pairs from the standard library's docstrings),
   # "synthetic" (the synthetic tasks), "distilled" (<workdir>/distill/*.jsonl from
   # --mode=distill: the model's own answers) or comma-separated JSONL files of
-  # {"prompt", "response"} or {"messages": [...]} lines.
+  # {"prompt", "response"} or {"messages": [...]} lines ("finished": false marks a
+  # response cut at a limit: it gets no EOS).
   c.sft_source = "docstrings"
   c.sft_max_examples = 2000  # Examples per split read from the source; 0 = all.
   # Each example is padded to a multiple of this (set it to diffusion.block_size).

@@ -477,7 +477,8 @@ class PackedSFTDataset(Dataset):
     super().__init__(tokenizer, seq_len, batch_size)
     self.records = list(records)
     self.rows, self.dropped = sft.pack([sft.render(tokenizer, r) for r in self.records], seq_len,
-                                   multiple, tokenizer.eos_id, score_padding)
+                                       multiple, tokenizer.eos_id, score_padding,
+                                       [sft.finished(r) for r in self.records])
     self.num_rows = len(self.rows["tokens"])
     self.seed, self.shuffle = int(seed), bool(shuffle)
 

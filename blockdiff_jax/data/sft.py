@@ -12,6 +12,8 @@ Sources (``data.sft_source``):
 * otherwise comma-separated JSONL files, one example per line, either
   ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
   whose last message is the assistant's response (earlier ones form the prompt).
+  Either may carry ``"finished": false``: the response was cut (e.g. at a generation
+  limit, as ``--mode=distill`` marks its answers) and did not end there.
 
 Rendering: with a tokenizer that has ``apply_chat_template`` (interop's
 ``PretrainedTokenizer``) the prompt is the model's chat template applied to the
@@ -31,7 +33,9 @@ are packed greedily, in order, into rows of ``seq_len`` with their own segment i
 and a row's tail is EOS padding in a segment of its own with loss mask 0. The loss
 mask is 1 on response tokens and on the EOS padding of the example (so the model
 learns to end; ``sft_score_padding=False`` scores only the response and its first
-EOS); prompt tokens are never scored.
+EOS); prompt tokens are never scored. An unfinished response gets no EOS (it did not
+end) and no padding: it is cut back to the last block boundary instead, so the model
+is never taught to stop mid-sentence, and is dropped if nothing of it is left.
 """
 
 import ast
@@ -44,7 +48,7 @@ import numpy as np
 from blockdiff_jax.data import corpora
 from blockdiff_jax.data import synthetic
 
-Pair = tuple[str, str]
+Pair = tuple[str, str] | tuple[str, str, bool]  # (prompt, response[, finished]).
 MAX_DOC_CHARS = 600
 
 
@@ -88,13 +92,18 @@ def docstring_pairs(root: str | None = None) -> Iterator[Pair]:
 
 
 def _pair_of_record(rec: dict, where: str) -> Pair | list[dict]:
+  finished = rec.get("finished", True)
+  if not isinstance(finished, bool):
+    raise ValueError(f"{where}: 'finished' must be true or false, got {finished!r}")
   if "messages" in rec:
     msgs = rec["messages"]
     if not msgs or msgs[-1].get("role") != "assistant":
       raise ValueError(f"{where}: 'messages' must end with an assistant message")
-    return msgs
+    # The flag rides on the response message (the chat template never sees it).
+    return msgs if finished else msgs[:-1] + [{**msgs[-1], "finished": False}]
   if "prompt" in rec and "response" in rec:
-    return str(rec["prompt"]), str(rec["response"])
+    pair = str(rec["prompt"]), str(rec["response"])
+    return pair if finished else (*pair, False)
   raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
                    f"got {sorted(rec)}")
 
@@ -112,8 +121,15 @@ def jsonl_records(paths: str) -> list[Pair | list[dict]]:
   return out
 
 
+def finished(record: Pair | list[dict]) -> bool:
+  """False for a record marked ``"finished": false`` (its response was cut)."""
+  if isinstance(record, list):
+    return bool(record[-1].get("finished", True))
+  return bool(record[2]) if len(record) > 2 else True
+
+
 def render(tokenizer: Any, record: Pair | list[dict]) -> tuple[np.ndarray, np.ndarray]:
-  """(prompt ids, response ids ending with EOS) of one record."""
+  """(prompt ids, response ids) of one record; the response ends with EOS if ``finished``."""
   if isinstance(record, list):
     prompt_msgs, response = record[:-1], record[-1]["content"]
   else:
@@ -126,7 +142,8 @@ def render(tokenizer: Any, record: Pair | list[dict]) -> tuple[np.ndarray, np.nd
   else:
     text = "\n".join(m["content"] for m in prompt_msgs)
     head = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.sep_id]])
-  body = np.concatenate([tokenizer.encode(response), [tokenizer.eos_id]])
+  body = np.concatenate([tokenizer.encode(response),
+                         [tokenizer.eos_id] if finished(record) else []])
   return np.asarray(head, np.int32), np.asarray(body, np.int32)
 
 
@@ -173,11 +190,14 @@ def load_records(source: str, split: str, validation_fraction: float, max_exampl
 
 
 def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multiple: int,
-         eos_id: int, score_padding: bool = True) -> tuple[dict, int]:
+         eos_id: int, score_padding: bool = True,
+         done: Sequence[bool] | None = None) -> tuple[dict, int]:
   """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], dropped).
 
-  Each example is padded with EOS to a multiple of ``multiple``; an example longer than
-  ``seq_len`` is dropped (and counted).
+  Each example is padded with EOS to a multiple of ``multiple``; an unfinished one
+  (``done[i]`` False) is cut back to one instead. An example longer than ``seq_len``,
+  or unfinished with no response token before its last block boundary, is dropped
+  (and counted).
   """
   if seq_len % multiple:
     raise ValueError(f"seq_len={seq_len} is not a multiple of sft_block_multiple={multiple}")
@@ -195,15 +215,22 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
     rows.append((toks, loss, seg))
 
   used = 0
-  for head, body in examples:
+  if done is not None and len(done) != len(examples):
+    raise ValueError(f"pack: {len(done)} done flags for {len(examples)} examples")
+  for i, (head, body) in enumerate(examples):
     n = len(head) + len(body)
-    padded = -(-n // multiple) * multiple
-    if padded > seq_len:
+    if done is None or done[i]:
+      padded = -(-n // multiple) * multiple
+      toks = np.concatenate([head, body, np.full(padded - n, eos_id, np.int32)])
+      scored = padded if score_padding else n
+    else:
+      padded = scored = n // multiple * multiple
+      toks = np.concatenate([head, body])[:padded]
+    if padded > seq_len or scored <= len(head):
       dropped += 1
       continue
-    toks = np.concatenate([head, body, np.full(padded - n, eos_id, np.int32)])
     loss = np.zeros(padded, np.float32)
-    loss[len(head):n if not score_padding else padded] = 1.0
+    loss[len(head):scored] = 1.0
     if used + padded > seq_len:
       flush()
       cur, used = [], 0

@@ -3,8 +3,10 @@ r"""Self-distillation data: a model's own greedy answers, the ``distill`` sectio
 A drafter (I-DLM's MASK slots, Fast-dLLM's blocks) is accepted only where it agrees with
 the verifier, so the most useful fine-tuning text is the verifier's own output: this
 module answers questions with the model's greedy AR decoder and writes the pairs as
-``{"prompt", "response"}`` JSONL lines to ``<workdir>/distill/answers.jsonl``, which
-``data.sft_source = "distilled"`` reads back.
+``{"prompt", "response", "finished"}`` JSONL lines to ``<workdir>/distill/answers.jsonl``,
+which ``data.sft_source = "distilled"`` reads back. ``finished`` is false for an answer
+cut at ``distill.max_new_tokens``: the SFT pipeline then gives it no EOS (see
+``data/sft.py``), so the model does not learn to stop wherever the limit fell.
 
   python -m blockdiff_jax.main --config=configs/smollm2_idlm.py --workdir=runs/idlm \
       --mode=distill
@@ -88,8 +90,8 @@ def questions(source: str, limit: int) -> list[str]:
 
 def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
                    max_new_tokens: int, max_len: int, batch_size: int,
-                   token_shift: bool = True, log=sys.stdout) -> list[tuple[str, str]]:
-  """(question, greedy answer) for every question that fits ``max_len``.
+                   token_shift: bool = True, log=sys.stdout) -> list[tuple[str, str, bool]]:
+  """(question, greedy answer, it ended with EOS) for every question that fits ``max_len``.
 
   Every batch has the same shape and the same longest prompt (its last row is always
   the longest question, and short batches are padded with repeats), so the AR decoder
@@ -118,7 +120,8 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
     for row, i in enumerate(idx):
       gen = tokens[row, np.flatnonzero(canvas.maskable[row])]
       eos = np.flatnonzero(gen == tokenizer.eos_id)
-      pairs.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)])))
+      pairs.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)]),
+                    bool(eos.size)))
     done += len(idx)
     rate = done / (time.time() - t0)
     print(f"[distill {done}/{len(keep)}] {rate:.2f} answers/s ETA "
@@ -141,9 +144,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    for q, a in pairs:
-      f.write(json.dumps({"prompt": q, "response": a}) + "\n")
+    for q, a, ended in pairs:
+      f.write(json.dumps({"prompt": q, "response": a, "finished": ended}) + "\n")
   os.replace(tmp, path)  # A crash never leaves a half-written file behind.
-  print(f"wrote {len(pairs)} answers ({len(prompts) - len(pairs)} questions too long) to "
-        f"{path} in {time.time() - t0:.0f} s", flush=True)
+  cut = sum(not ended for _, _, ended in pairs)
+  print(f"wrote {len(pairs)} answers ({cut} cut at distill.max_new_tokens, "
+        f"{len(prompts) - len(pairs)} questions too long) to {path} in "
+        f"{time.time() - t0:.0f} s", flush=True)
   return path
