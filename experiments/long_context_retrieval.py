@@ -65,15 +65,18 @@ class Variant:
 
 
 def variants(ext_factor: int, eval_factor: int,
-             models: Sequence[str] = ("full", "summary")) -> list[Variant]:
+             models: Sequence[str] = ("full", "summary"), extension: bool = True) -> list[Variant]:
+  """The evaluated variants; ``extension=False`` (``--ext_steps 0``) leaves out the x-ext ones."""
   out = []
   for model in models:
     compressed = "rank" if model == "full" else "summary"
     out += [Variant(model, model, cache=compressed if model == "summary" else "full"),
             Variant(f"{model}+yarn{eval_factor}", model, yarn_factor=eval_factor,
-                    cache=compressed if model == "summary" else "full"),
-            Variant(f"{model}+ext{ext_factor}", f"{model}_x{ext_factor}",
                     cache=compressed if model == "summary" else "full")]
+    if not extension:
+      continue
+    out.append(Variant(f"{model}+ext{ext_factor}", f"{model}_x{ext_factor}",
+                       cache=compressed if model == "summary" else "full"))
     if model == "full":
       out.append(Variant(f"full+ext{ext_factor}+hier", f"full_x{ext_factor}", cache="rank"))
   return out
@@ -131,7 +134,7 @@ def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
             *extra], os.path.join(runs, f"{model}.log"))
       seconds[model] = time.time() - t0
     ext = os.path.join(runs, f"{model}_x{ext_factor}")
-    if _last_step(ext) < ext_steps:
+    if ext_steps and _last_step(ext) < ext_steps:
       t0 = time.time()
       _run([sys.executable, "-m", "blockdiff_jax.main",
             f"--config={EXTENSION}:long_context_retrieval,{ext_factor}",
@@ -184,7 +187,7 @@ def main():
   ap.add_argument("--steps", type=int, default=600, help="source training steps")
   ap.add_argument("--slots", type=int, default=2, help="summary slots per block")
   ap.add_argument("--ext_factor", type=int, default=4)
-  ap.add_argument("--ext_steps", type=int, default=50)
+  ap.add_argument("--ext_steps", type=int, default=50, help="0 = no extension variants")
   ap.add_argument("--eval_factor", type=int, default=16, help="YaRN factor without tuning")
   ap.add_argument("--lengths", default="256,512,1024,2048,4096")
   ap.add_argument("--depths", default="0.1,0.5,0.9")
@@ -226,7 +229,7 @@ def main():
                                   per_cell=args.per_cell, tasks=args.tasks.split(","),
                                   num_pairs=args.num_pairs)
   rows = []
-  for v in variants(args.ext_factor, args.eval_factor, models):
+  for v in variants(args.ext_factor, args.eval_factor, models, args.ext_steps > 0):
     print(f"evaluating {v} on {len(examples)} prompts ...", flush=True)
     rows += evaluate(args.runs, v, examples, args)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -237,8 +240,8 @@ def main():
             "lineage": {m: lineage(os.path.join(args.runs, m)) for m in models},
             "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
                         .model.summary.window_blocks for m in models},
-            "variants": [dataclasses.asdict(v) for v in variants(args.ext_factor,
-                                                                 args.eval_factor, models)],
+            "variants": [dataclasses.asdict(v) for v in variants(
+                args.ext_factor, args.eval_factor, models, args.ext_steps > 0)],
             "rows": rows}
   write(result, args.out)
 
