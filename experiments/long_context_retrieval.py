@@ -103,7 +103,11 @@ def lineage(workdir: str) -> str:
   """How a source model was trained: its steps, then those of each ``init_from`` run."""
   parts = []
   for _ in range(8):  # A chain longer than this is not one of ours.
-    config = checkpoints.load_config(workdir)
+    try:
+      config = checkpoints.load_config(workdir)
+    except (OSError, ValueError):  # A source run deleted since: say so, don't fail the grid.
+      parts.append(f"{os.path.basename(os.path.normpath(workdir))}: not found")
+      break
     parts.append(f"{os.path.basename(os.path.normpath(workdir))}: {_last_step(workdir)} steps")
     src = config.get("init_from", {}).get("workdir", "")
     if not src:
