@@ -34,7 +34,6 @@ import numpy as np
 from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
-from blockdiff_jax.data import corpora
 from blockdiff_jax.data import sft
 from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.model import build
@@ -42,15 +41,11 @@ from blockdiff_jax.model import build
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def heldout_answers(workdir: str, validation_fraction: float, n: int) -> list[tuple[str, str]]:
+def heldout_answers(config, workdir: str, n: int) -> list[tuple[str, str]]:
   """(question, base greedy answer) of the first ``n`` held-out distilled records."""
-  out = []
-  for rec in sft.jsonl_records(sft.distilled_files(workdir)):
-    if not isinstance(rec, list) and corpora.split_of(rec[0], validation_fraction) == "validation":
-      out.append((rec[0], rec[1]))
-  if not out:
-    raise ValueError(f"{workdir}/distill holds no held-out record")
-  return out[:n]
+  recs = sft.load_records("distilled", "validation", config.data.validation_fraction, n,
+                          workdir=workdir)
+  return [(r[0], r[1]) for r in recs]
 
 
 def build_rows(tok, pairs, keeps, span: int, width: int, block: int):
@@ -94,7 +89,7 @@ def main():
       args.workdir, config, step=None if args.step < 0 else args.step)
   block = config.diffusion.block_size
   width = config.data.seq_len
-  pairs = heldout_answers(args.workdir, config.data.validation_fraction, args.prompts)
+  pairs = heldout_answers(config, args.workdir, args.prompts)
   rows, meta = build_rows(tok, pairs, [int(k) for k in args.keeps.split(",")], args.span,
                           width, block)
   apply_fn = build.make_apply(model)
@@ -144,7 +139,7 @@ def main():
   out = os.path.join(_HERE, "results", "fastdllm_suffix_probe" + (f"_{args.tag}" if args.tag else ""))
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
-  lines = [f"# Next-token prediction with the block tail MASK vs a short masked span",
+  lines = ["# Next-token prediction with the block tail MASK vs a short masked span",
            "", f"`{result['command']}` on {result['device']}, jax {result['jax']}, "
            f"{result['seconds']:.0f} s; checkpoint step {result['step']}; {len(pairs)} held-out "
            f"questions, committed lengths k = {args.keeps}, span {args.span}.", "",
