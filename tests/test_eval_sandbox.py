@@ -71,9 +71,17 @@ def test_future_import_and_line_numbers_unaffected_by_guard():
   assert 'program.py", line 4' in result.stderr
 
 
-def test_scratch_directory_is_cwd_and_deleted():
-  before = set(glob.glob(os.path.join(tempfile.gettempdir(),
-                                      "blockdiff_sandbox_*")))
+def test_scratch_directory_is_cwd_and_deleted(monkeypatch):
+  # Record the host directories this run creates: other xdist workers run
+  # sandboxes at the same time, so a glob over the shared temp dir would race.
+  created = []
+  mkdtemp = tempfile.mkdtemp
+
+  def recording_mkdtemp(*args, **kwargs):
+    created.append(mkdtemp(*args, **kwargs))
+    return created[-1]
+
+  monkeypatch.setattr(sandbox.tempfile, "mkdtemp", recording_mkdtemp)
   name = f"scratch_{secrets.token_hex(8)}.txt"
   result = _run(f"""\
       import os
@@ -89,8 +97,9 @@ def test_scratch_directory_is_cwd_and_deleted():
   else:
     assert os.path.basename(workdir) == "work"
     assert not os.path.exists(workdir)
-  assert set(glob.glob(os.path.join(tempfile.gettempdir(),
-                                    "blockdiff_sandbox_*"))) <= before
+  assert created and all(
+      os.path.basename(d).startswith("blockdiff_sandbox_") for d in created)
+  assert not any(os.path.exists(d) for d in created), created
 
 
 def test_minimal_environment():
