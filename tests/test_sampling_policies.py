@@ -107,6 +107,19 @@ def test_top_k_and_top_p_filters():
   assert set(np.unique(samples).tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("fn", [
+    lambda x: policies.scores(jax.nn.softmax(x, axis=-1))[1],
+    lambda x: policies.Sampling(temperature=1.0, top_k=40).filter_logits(x)],
+    ids=["margin", "top_k_filter"])
+def test_top_k_is_not_compiled_as_a_full_sort(fn):
+  """The margin and top-k filter read a top-k's values; XLA must not sort the vocabulary."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 4096))
+  hlo = jax.jit(fn).lower(x).compile().as_text()
+  assert " sort(" not in hlo
+  np.testing.assert_allclose(policies.top_k_values(x, 3),
+                             -np.sort(-np.asarray(x), axis=-1)[..., :3], rtol=0)
+
+
 @pytest.mark.parametrize("name,value,cls", [("threshold", 0.7, policies.Threshold),
                                             ("factor", 1.0, policies.Factor),
                                             ("topk", 2, policies.TopK),
