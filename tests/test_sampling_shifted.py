@@ -1,6 +1,9 @@
 """Block decoding of a token-shifted model against a slow no-cache reference (tiny MoE)."""
 
+import collections
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +194,77 @@ def test_cache_error_of_the_confidences_is_measured(tiny, sub_block, dual, bound
   assert err < bound
   if sub_block:
     assert err > 1e-6  # Approximate: the test would notice an accidental exact path.
+
+
+_WIDTHS: dict = {}  # Forward input widths seen, per recording logits function.
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordingLogits:
+  """A model's logits function that notes the width of every forward it runs."""
+
+  model: Any
+  name: str
+
+  @property
+  def kv_spec(self):
+    return logits_lib.from_model(self.model).kv_spec
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None, **kw):
+    width = tokens.shape[1]  # Static; the callback runs only in the branch taken.
+    jax.debug.callback(lambda: _WIDTHS[self.name].append(width))
+    return logits_lib.from_model(self.model)(params, tokens, meta, cache, logits_slice, **kw)
+
+
+def _step_by_step(fn, params, cv, opt):
+  """Every step's (tokens, accepted, confidence) and the final state."""
+  st = state_lib.init_state(fn, params, cv, opt, 24)
+  step = jax.jit(lambda p, s: step_lib.denoise_step(fn, p, s, opt))
+  trace = []
+  while not bool(st.rows.done.all()):
+    st, info = step(params, st)
+    trace.append(jax.device_get((st.tokens, info.accepted, info.confidence)))
+  return trace, st
+
+
+@pytest.mark.parametrize("shift,sub_block,dual", [
+    (True, 0, False), (True, 2, False), (True, 4, False), (True, 2, True),
+    (False, 0, False), (False, 2, False)])
+def test_narrow_windows_decode_exactly_as_the_commit_window(tiny, shift, sub_block, dual):
+  """Narrow forwards (current block, sub-block) give the commit window's steps.
+
+  Step by step: the same tokens, and the same confidence at every filled position.
+  Batch 1 takes every window shape; batch 3 mixes rows at different phases, where a
+  step runs the widest shape any row needs.
+  """
+  model, tok, params = tiny
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              policy=policies.Threshold(0.3), sub_block_size=sub_block,
+                              token_shift=shift, dual_cache=dual)
+  wide = dataclasses.replace(opt, narrow_window=False)
+  for prompts in (PROMPTS[:1], PROMPTS):
+    ids = [layout.parse(tok, p).ids for p in prompts]
+    cv = layout.generation_canvas(ids, MAX_NEW, BLOCK, tok.mask_id, MAX_LEN, WIDTH)
+    name = f"{shift}-{sub_block}-{dual}-{len(prompts)}"
+    _WIDTHS[name] = []
+    got, st = _step_by_step(_RecordingLogits(model, name), params, cv, opt)
+    want, _ = _step_by_step(logits_lib.from_model(model), params, cv, wide)
+    jax.effects_barrier()
+    assert len(got) == len(want)
+    filled = 0
+    for (tokens, acc, conf), (w_tokens, w_acc, w_conf) in zip(got, want):
+      np.testing.assert_array_equal(tokens, w_tokens)
+      np.testing.assert_array_equal(acc, w_acc)
+      np.testing.assert_allclose(conf[acc], w_conf[acc], rtol=1e-5, atol=1e-7)
+      filled += int(acc.sum())
+    assert filled >= MAX_NEW
+    widths = collections.Counter(_WIDTHS[name])
+    assert widths.pop(24) == 1  # The prefill.
+    assert sum(widths.values()) == int(st.counters.forwards), widths
+    assert set(widths) <= {2 * BLOCK, BLOCK, sub_block + shift}, widths
+    if len(prompts) == 1:
+      # At batch 1 every shape runs: commits, block refreshes, sub-block steps.
+      want_widths = {2 * BLOCK, BLOCK} | ({sub_block + shift} if sub_block else set())
+      assert set(widths) == want_widths, widths
+      if sub_block:  # The narrowest shape is the most common one.
+        assert widths[sub_block + shift] == max(widths.values()), widths

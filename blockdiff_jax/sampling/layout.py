@@ -57,6 +57,10 @@ class DecodeOptions:
       (fewer full-block forwards; approximate).
     kv_hierarchy: None = keep every committed position's K/V; else a hierarchical
       cache (exact recent chunks, rank-r older ones; ``hierarchical_cache``).
+    narrow_window: a step runs only the slots it needs: the previous block only when a
+      row commits it, the current block only when a row refreshes its buffer, else just
+      each row's sub-block (and the slot before it with the shift). Same outputs;
+      False = every step runs the whole commit window (a baseline for benchmarks).
   """
 
   block_size: int
@@ -72,6 +76,7 @@ class DecodeOptions:
   token_shift: bool = False
   dual_cache: bool = False
   kv_hierarchy: hierarchical_cache.Hierarchy | None = None
+  narrow_window: bool = True
 
   def __post_init__(self):
     if self.block_size < 1:

@@ -1,11 +1,14 @@
 """One denoising step of the block decoder: one forward of the batch, every row at its pace.
 
-Window. Each row's forward input is the fixed-shape window ``[previous block CLEAN ;
-current block NOISY]``. The clean half is real only on the forward right after the row
-finished its previous block: that forward commits the block's clean K/V to the cache
-(exactly once; the exact block cache) while it denoises the next one, so commits cost no
-extra forward. Otherwise the clean half has negative segment ids: nothing attends to it
-and nothing is written.
+Window. The widest forward input is ``[previous block CLEAN ; current block NOISY]``.
+The clean half is real only on the forward right after a row finished its previous
+block: that forward commits the block's clean K/V to the cache (exactly once; the exact
+block cache) while it denoises the next one, so commits cost no extra forward. Each step
+runs the narrowest window that serves every row of the batch (``narrow_window``): the
+commit window when some row commits, else the current block alone, else (sub-blocks,
+no row refreshing its buffer) only each row's sub-block. Slots a row does not need have
+negative segment ids: nothing attends to them and nothing is written. At batch 1 most
+sub-block steps run ``sub_block_size`` (+1) slots instead of ``2 * block_size``.
 
 Sub-blocks (Fast-dLLM v2). With ``sub_block_size = b < block_size`` a row fills its
 block sub-block by sub-block. The first step of a sub-block runs the whole noisy block
@@ -70,6 +73,32 @@ class Selection:
   confidence: Array
   changed: Array
   edits: Array
+
+
+@flax.struct.dataclass
+class _Forward:
+  """What a step's forward gives, whichever window shape it ran.
+
+  Attributes:
+    logits: [B, block_size, V] logits predicting each slot of the current block.
+    head: token shift only: the updated ``DecodeState.head``.
+    k, v: [L, B, 2 * block_size, Hkv, Dh]: the previous block's clean K/V (committed
+      where a row commits), then the current block's noisy K/V (buffered where a row
+      refreshes its buffer); zeros where the forward did not run those slots.
+    summaries: the updated summary bank (a summary-token model).
+    unique_experts: () mean distinct experts per MoE layer (0 without MoE).
+  """
+
+  logits: Array
+  head: Array | None
+  k: Array
+  v: Array
+  summaries: Any
+  unique_experts: Array
+
+
+def _unique(stats: dict) -> Array:
+  return jnp.asarray(stats.get("unique_experts", 0.0), jnp.float32)
 
 
 def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Array,
@@ -210,32 +239,84 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   region = blk_region & in_sub
 
   prev_start = jnp.maximum(blk_start - bk, 0)
-  prev_pos = prev_start[:, None] + ar_bk
   do_commit = r.commit & active
-  meta = state_lib.token_meta(prev_pos, bk, masks.CLEAN,
-                              do_commit[:, None] & (prev_pos < st.length[:, None])).concat(
-                                  state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok))
-  inp = jnp.concatenate([_row_slice(st.tokens, prev_start, bk), x], axis=1)
   view = st.cache.attention_view(buffer_valid)
-  # A summary model: the forward that commits the previous block also gives its slots.
-  kw = {} if st.summaries is None else {"summary": "first_block"}
   if st.summaries is not None:
     view = st.summaries.extend(view)
-  logits, (k_new, v_new), stats = logits_fn(
-      params, inp, meta, view, (bk - 1, bk) if opt.token_shift else (bk, bk), **kw)
-  summaries = st.summaries
-  if summaries is not None:
-    sk, sv = stats.pop("summary_kv")
-    summaries = summaries.write(sk, sv, stats.pop("summary_meta"), prev_start // bk,
-                                do_commit)
-  head = st.head
-  if opt.token_shift:
-    head = jnp.where(do_commit[:, None], logits[:, 0], st.head)
-    logits = jnp.concatenate([head[:, None].astype(logits.dtype), logits[:, 1:]], axis=1)
+  shift = int(opt.token_shift)
+
+  def commit_forward():
+    # [previous block CLEAN ; current block NOISY]: commits the previous block.
+    prev_pos = prev_start[:, None] + ar_bk
+    meta = state_lib.token_meta(prev_pos, bk, masks.CLEAN,
+                                do_commit[:, None] & (prev_pos < st.length[:, None])).concat(
+                                    state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok))
+    inp = jnp.concatenate([_row_slice(st.tokens, prev_start, bk), x], axis=1)
+    # A summary model: the forward that commits the previous block also gives its slots.
+    kw = {} if st.summaries is None else {"summary": "first_block"}
+    logits, (k_new, v_new), stats = logits_fn(
+        params, inp, meta, view, (bk - 1, bk) if opt.token_shift else (bk, bk), **kw)
+    summaries = st.summaries
+    if summaries is not None:
+      sk, sv = stats.pop("summary_kv")
+      summaries = summaries.write(sk, sv, stats.pop("summary_meta"), prev_start // bk,
+                                  do_commit)
+    head = st.head
+    if opt.token_shift:
+      head = jnp.where(do_commit[:, None], logits[:, 0], st.head)
+      logits = jnp.concatenate([head[:, None].astype(logits.dtype), logits[:, 1:]], axis=1)
+    return _Forward(logits=logits, head=head, k=k_new, v=v_new, summaries=summaries,
+                    unique_experts=_unique(stats))
+
+  def block_forward():
+    # No row commits: only the current block runs (half the slots).
+    logits, (k_new, v_new), stats = logits_fn(
+        params, x, state_lib.token_meta(blk_pos, bk, masks.NOISY, noisy_ok), view,
+        (0, bk - 1) if opt.token_shift else (0, bk))
+    if opt.token_shift:
+      logits = jnp.concatenate([st.head[:, None].astype(logits.dtype), logits], axis=1)
+    zeros = jnp.zeros_like(k_new)
+    return _Forward(logits=logits, head=st.head, k=jnp.concatenate([zeros, k_new], axis=2),
+                    v=jnp.concatenate([zeros, v_new], axis=2), summaries=st.summaries,
+                    unique_experts=_unique(stats))
+
+  def sub_block_forward():
+    # No row commits or refreshes its buffer: only each row's sub-block (and, with the
+    # shift, the slot before it) runs; the rest of the block is read from the buffer.
+    w = opt.sub + shift
+    off = jnp.clip(sub * opt.sub - shift, 0, bk - w)
+    idx = off[:, None] + jnp.arange(w, dtype=jnp.int32)
+    ok = jnp.take_along_axis(noisy_ok, idx, axis=1)
+    logits_w, (k_new, _), stats = logits_fn(
+        params, _row_slice(x, off, w),
+        state_lib.token_meta(blk_start[:, None] + idx, bk, masks.NOISY, ok), view, None)
+    # Block position p reads the output at p - shift; outside the window it is unused.
+    src = ar_bk[None] - shift - off[:, None]
+    inside = (src >= 0) & (src < w)
+    logits = jnp.take_along_axis(logits_w, jnp.clip(src, 0, w - 1)[..., None], axis=1)
+    logits = jnp.where(inside[..., None], logits, 0.0)
+    if opt.token_shift:
+      logits = jnp.where((ar_bk == 0)[None, :, None],
+                         st.head[:, None].astype(logits.dtype), logits)
+    shape = k_new.shape[:2] + (2 * bk,) + k_new.shape[3:]
+    zeros = jnp.zeros(shape, k_new.dtype)
+    return _Forward(logits=logits, head=st.head, k=zeros, v=zeros, summaries=st.summaries,
+                    unique_experts=_unique(stats))
+
+  # One forward shape per step, the narrowest that serves every row (rows at other
+  # phases force the wider one); each gives the same outputs for the slots it runs.
+  if not opt.narrow_window:
+    fwd = commit_forward()
+  elif buffered:
+    pick = jnp.where(jnp.any(do_commit), 0, jnp.where(jnp.any(full & active), 1, 2))
+    fwd = jax.lax.switch(pick, [commit_forward, block_forward, sub_block_forward])
+  else:
+    fwd = jax.lax.cond(jnp.any(do_commit), commit_forward, block_forward)
+  logits, head, summaries = fwd.logits, fwd.head, fwd.summaries
   exists = jnp.arange(st.tokens.shape[1])[None] < st.length[:, None]
-  cache = st.cache.commit(k_new[:, :, :bk], v_new[:, :, :bk], prev_start, do_commit, exists)
+  cache = st.cache.commit(fwd.k[:, :, :bk], fwd.v[:, :, :bk], prev_start, do_commit, exists)
   if buffered:
-    cache = cache.write_buffer(k_new[:, :, bk:], v_new[:, :, bk:], blk_start, full & active)
+    cache = cache.write_buffer(fwd.k[:, :, bk:], fwd.v[:, :, bk:], blk_start, full & active)
   c = st.counters
   forwards = c.forwards + 1
   stepping = active & ~idle
@@ -268,7 +349,7 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   counters = state_lib.Counters(
       steps=steps, nfe=c.nfe + active.astype(jnp.int32), edits=c.edits + sel.edits,
       forwards=forwards,
-      unique_experts=c.unique_experts + stats.get("unique_experts", jnp.float32(0.0)))
+      unique_experts=c.unique_experts + fwd.unique_experts)
   info = state_lib.StepInfo(block=r.block, tokens=new, accepted=sel.accepted & stepping[:, None],
                             confidence=sel.confidence, active=stepping, finished=finished)
   return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters,

