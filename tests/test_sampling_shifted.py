@@ -228,7 +228,7 @@ def _step_by_step(fn, params, cv, opt):
 
 
 @pytest.mark.parametrize("shift,sub_block,dual", [
-    (True, 0, False), (True, 2, False), (True, 4, False), (True, 2, True),
+    (True, 0, False), (True, 2, False), (True, 2, True),
     (False, 0, False), (False, 2, False)])
 def test_narrow_windows_decode_exactly_as_the_commit_window(tiny, shift, sub_block, dual):
   """Narrow forwards (current block, sub-block) give the commit window's steps.
