@@ -70,13 +70,23 @@ def _label(o) -> str:
           f"{', dual' if o.dual_cache else ''}")
 
 
+_COMPILES = []  # Backend compilations seen (a listener cannot be removed).
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _COMPILES.append(name) if name.endswith("backend_compile_duration")
+    else None)
+
+
 def measure(model, params, tok, prompts, runs, args, log) -> dict:
   """Interleaved timings: every decoder decodes every prompt once per repeat."""
   res = {name: {"wall_s": 0.0, "tokens": 0, "nfe": 0, "answers": {}} for name, _, _ in runs}
-  for name, opts, ar in runs:  # Compile (and check shapes) before any timing.
-    generation.generate(model, params, tok, prompts[:1], opts, args.max_new_tokens,
-                        args.width, width=args.width, ar=ar)
+  # Compile every (decoder, prompt) pair first: the prefill width (block decoders) and
+  # the prompt length (AR) are static, so prompts of other lengths compile anew.
+  for name, opts, ar in runs:
+    for p in prompts:
+      generation.generate(model, params, tok, [p], opts, args.max_new_tokens, args.width,
+                          width=args.width, ar=ar)
     log(f"compiled {name}")
+  compiled = len(_COMPILES)
   for rep in range(args.repeats):
     for i, p in enumerate(prompts):
       for name, opts, ar in runs:
@@ -90,6 +100,8 @@ def measure(model, params, tok, prompts, runs, args, log) -> dict:
         if r["answers"][i] != row["tokens"]:
           raise RuntimeError(f"{name}: prompt {i} decoded differently on repeat {rep}")
     log(f"repeat {rep + 1}/{args.repeats} done")
+  if len(_COMPILES) > compiled:  # A jit cache evicted something: timings include compiles.
+    raise RuntimeError(f"{len(_COMPILES) - compiled} compilations while timing")
   for r in res.values():
     r["tpf"] = r["tokens"] / max(r["nfe"], 1)
     r["tokens_per_s"] = r["tokens"] / r["wall_s"]

@@ -185,9 +185,14 @@ def humaneval_pass1(decode_fn, problems: dict, workers: int = 2) -> dict:
 
 def speed(model, params, tokenizer, prompts, options, max_new: int, width: int,
           ar: bool) -> dict:
-  """TPF and tokens/s at batch 1, warm: one untimed call compiles, then each prompt."""
-  generation.generate(model, params, tokenizer, prompts[:1], options, max_new, width,
-                      width=width, ar=ar)
+  """TPF and tokens/s at batch 1, warm: untimed calls compile, then each prompt is timed.
+
+  Every prompt is run untimed first: the prefill width (block decoding) and the prompt
+  length (AR) are static, so a prompt of another length compiles anew.
+  """
+  for p in prompts:
+    generation.generate(model, params, tokenizer, [p], options, max_new, width, width=width,
+                        ar=ar)
   gen = nfe = 0
   wall = 0.0
   for p in prompts:
