@@ -162,7 +162,8 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
   if variant.cache != "full":
     s.kv_cache, s.kv_form = "hierarchical", variant.cache
     # The summary model's cache is exact only with its own window.
-    window = config.model.summary.window_blocks if config.model.summary.num_slots else 2
+    window = (config.model.summary.window_blocks if config.model.summary.num_slots
+              else args.hier_window)
     s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = window, args.chunk, args.rank, 1
   _, model, tok, params = inference.load_for_inference(workdir, config)
   options = sample_lib.options_from_config(s, config.diffusion.block_size, tok)
@@ -207,6 +208,8 @@ def main():
   ap.add_argument("--batch_size", type=int, default=8)
   ap.add_argument("--chunk", type=int, default=64, help="hierarchical cache chunk")
   ap.add_argument("--rank", type=int, default=8, help="rank form: rank per chunk and head")
+  ap.add_argument("--hier_window", type=int, default=2,
+                  help="hierarchical cache of the full model: recent blocks kept whole")
   ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
   ap.add_argument("--rerender", action="store_true", help="only rewrite md/png from JSON")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "long_context_retrieval"))
@@ -244,10 +247,25 @@ def main():
             "lineage": {m: lineage(os.path.join(args.runs, m)) for m in models},
             "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
                         .model.summary.window_blocks for m in models},
+            "train_lengths": train_lengths(args.runs, models, args.ext_factor,
+                                           args.ext_steps),
             "variants": [dataclasses.asdict(v) for v in variants(
                 args.ext_factor, args.eval_factor, models, args.ext_steps > 0)],
             "rows": rows}
   write(result, args.out)
+
+
+def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:
+  """data.seq_len each trained workdir (source models, then extensions) was trained at."""
+  names = list(models) + ([f"{m}_x{ext_factor}" for m in models] if ext_steps else [])
+  return {n: checkpoints.load_config(os.path.join(runs, n)).data.seq_len for n in names
+          if os.path.isdir(os.path.join(runs, n))}
+
+
+def _source_length(result) -> int:
+  """Training length of the source models (256 in files written before it was recorded)."""
+  lens = result.get("train_lengths", {})
+  return max([v for k, v in lens.items() if "_x" not in k] or [256])
 
 
 def write(result, out):
@@ -257,20 +275,23 @@ def write(result, out):
   names = [v["name"] for v in result["variants"]]
   rows, st = result["rows"], result["settings"]
   lengths = sorted({r["length"] for r in rows})
-  lines = [f"# Passkey / KV recall, trained at 256 tokens, evaluated to {max(lengths)} "
+  train_len = _source_length(result)
+  ext_len = max([v for k, v in result.get("train_lengths", {}).items() if "_x" in k]
+                or [train_len * st["ext_factor"]])
+  lines = [f"# Passkey / KV recall, trained at {train_len} tokens, evaluated to {max(lengths)} "
            f"({result['device']}, jax {result['jax']})", "",
            f"Command: `{result['command']}` ({result['seconds'] / 60:.1f} min in all; "
            f"training runs in minutes: "
            + ", ".join(f"{k} {v / 60:.1f}" for k, v in result["train_seconds"].items())
            + ").", "",
-           "Models: configs/long_context_retrieval.py at 256 tokens ("
+           f"Models: configs/long_context_retrieval.py at {train_len} tokens ("
            + "; ".join(result.get("lineage", {"steps": f"{st['steps']} steps"}).values())
            + f"); `summary` has {st['slots']} summary slots per 16-token block and reads the "
            f"last {result.get('windows', {}).get('summary', 2)} blocks in full. `ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and "
-           f"{st['ext_steps']} fine-tuning steps at {256 * st['ext_factor']} tokens "
+           f"{st['ext_steps']} fine-tuning steps at {ext_len} tokens "
            f"(configs/long_context_extension.py). `yarn{st['eval_factor']}`: YaRN "
            f"x{st['eval_factor']} at evaluation only. `hier`: the hierarchical cache, "
-           f"window 2, chunk {st['chunk']}, rank {st['rank']}, 1 sink chunk; the summary "
+           f"window {st.get('hier_window', 2)}, chunk {st['chunk']}, rank {st['rank']}, 1 sink chunk; the summary "
            "model always decodes with the summary-form cache (exact for it). Block "
            "decoder, one token per step, prompts `BOS prompt SEP`; "
            f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}."]
@@ -310,14 +331,15 @@ def plot(result, names, path):
   rows = result["rows"]
   tasks = sorted({r["task"] for r in rows})
   lengths = sorted({r["length"] for r in rows})
+  train_len = _source_length(result)
   fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     for v in names:
       style = "--" if v.startswith("summary") else "-"
       ax.semilogx(lengths, [long_context.accuracy(rows, variant=v, task=task, length=n)[0]
                             for n in lengths], "o" + style, label=v, base=2)
-    ax.axvline(256, color="gray", lw=0.8)
-    ax.set(xlabel="prompt length (tokens; trained at <= 256)", ylabel="exact match",
+    ax.axvline(train_len, color="gray", lw=0.8)
+    ax.set(xlabel=f"prompt length (tokens; trained at <= {train_len})", ylabel="exact match",
            title=task, ylim=(-0.05, 1.05))
     ax.legend(fontsize=7)
   fig.tight_layout()
