@@ -1,0 +1,56 @@
+"""experiments/fastdllm_threshold_sweep.py: its quality measures against slow references."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax import masks
+from blockdiff_jax.model import build
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments",
+                     "fastdllm_threshold_sweep.py")
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("fastdllm_threshold_sweep", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("tokens,n,share", [
+    ([1, 2, 3, 4, 1, 2, 3, 4], 4, 1 / 5),  # Only the last 4-gram repeats the first.
+    ([5, 5, 5, 5, 5, 5], 4, 2 / 3),
+    ([1, 2, 3, 4, 5, 6], 4, 0.0),
+    ([1, 2, 1, 2, 1], 2, 2 / 4),
+    ([1, 2], 4, 0.0),  # Shorter than n: nothing to repeat.
+])
+def test_repeated_ngram_share(tokens, n, share):
+  assert _module().repeated_ngram_share(tokens, n) == pytest.approx(share)
+
+
+@pytest.mark.parametrize("prompt_len,answer_len", [(3, 5), (7, 1), (1, 12)])
+def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
+  c = config_lib.base_config()
+  c.model.moe.num_experts = 0
+  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
+  c.diffusion.token_shift = True
+  model, _ = build.build_model(c)
+  params = build.init_params(model, 0)
+  rng = np.random.default_rng(prompt_len * 100 + answer_len)
+  ids = rng.integers(0, 200, prompt_len + answer_len).tolist()
+  prompt, answer = ids[:prompt_len], ids[prompt_len:]
+  score = _module().base_nll_fn(model, width=24)
+  apply_fn = build.make_apply(model)
+  nll = []
+  for j in range(prompt_len, len(ids)):  # The prefix ids[:j] alone predicts ids[j].
+    toks = jnp.asarray([ids[:j]], jnp.int32)
+    logits, _ = apply_fn(params, toks, masks.make_meta(jnp.arange(j)[None], 1, masks.CLEAN))
+    nll.append(-float(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))[ids[j]]))
+  np.testing.assert_allclose(score(params, prompt, answer), np.mean(nll), rtol=1e-4)
+  assert np.isnan(score(params, prompt, []))  # No answer: nothing to score.
