@@ -34,7 +34,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.sampling import generation
@@ -154,11 +153,7 @@ def measure(model, params, tok, prompts, runs, args, log) -> dict:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
-  ap.add_argument("--config_overrides", default="",
-                  help="comma-separated a.b=value, as the adapted run used")
-  ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
-                  "the base weights")
+  add_weight_flags(ap)
   ap.add_argument("--prompts", type=int, default=4, help="questions decoded, batch 1")
   ap.add_argument("--questions", choices=("heldout", "train"), default="heldout",
                   help="the distilled data's held-out split, or its training split (what "
@@ -196,10 +191,7 @@ def main():
         "narrow_over_wide_speed": None if wide is None else
         r["tokens_per_s"] / wide["tokens_per_s"],
         "same_tokens_as_wide": same, "generated_tokens": r["tokens"], "forwards": r["nfe"]})
-  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
-         "machine": platform.machine(), "load_avg": list(os.getloadavg()),
-         "total_s": time.time() - t_start,
-         "command": " ".join(["experiments/decode_window_speed.py"] + sys.argv[1:])}
+  env = environment("decode_window_speed.py", t_start)
   meta = {"weights": weights, "prompts": len(prompts), "questions": args.questions,
           "repeats": args.repeats,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
@@ -238,15 +230,38 @@ def markdown(rows, meta, env) -> str:
 
 
 def write(rows, meta, env, tag):
-  base = os.path.join(_HERE, "results", "decode_window_speed" + (f"_{tag}" if tag else ""))
+  base = write_outputs("decode_window_speed", tag, {"env": env, "meta": meta, "rows": rows},
+                       markdown(rows, meta, env))
+  print(f"wrote {base}.{{json,md}}")
+
+
+def add_weight_flags(ap: argparse.ArgumentParser):
+  """--config, --config_overrides and --workdir: which weights an experiment decodes."""
+  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
+  ap.add_argument("--config_overrides", default="",
+                  help="comma-separated a.b=value, as the adapted run used")
+  ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
+                  "the base weights")
+
+
+def environment(script: str, t_start: float) -> dict:
+  """Where and how a result was measured (machine, JAX, load, wall time, command)."""
+  return {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
+          "machine": platform.machine(), "load_avg": list(os.getloadavg()),
+          "total_s": time.time() - t_start,
+          "command": " ".join([f"experiments/{script}"] + sys.argv[1:])}
+
+
+def write_outputs(stem: str, tag: str, payload: dict, text: str) -> str:
+  """Writes experiments/results/{stem}{_tag}.{json,md}; prints the Markdown; the base path."""
+  base = os.path.join(_HERE, "results", stem + (f"_{tag}" if tag else ""))
   os.makedirs(os.path.dirname(base), exist_ok=True)
   with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump({"env": env, "meta": meta, "rows": rows}, f, indent=2)
-  text = markdown(rows, meta, env)
+    json.dump(payload, f, indent=2)
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(text)
   print(text)
-  print(f"wrote {base}.{{json,md}}")
+  return base
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -97,11 +96,7 @@ def run_decoder(w, params, prompts, opts, ar: bool, args) -> dict:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
-  ap.add_argument("--config_overrides", default="",
-                  help="comma-separated a.b=value, as the adapted run used")
-  ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
-                  "the base weights")
+  decode_window_speed.add_weight_flags(ap)
   ap.add_argument("--thresholds", default="0.9,0.7,0.5,0.3,0.1")
   ap.add_argument("--prompts", type=int, default=8, help="held-out questions, batch 1")
   ap.add_argument("--max_new_tokens", type=int, default=64)
@@ -153,10 +148,7 @@ def main():
           f"{results[-1]['base_nll']:.2f}, agreement {agree:.2f}")
   for r in results:
     r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
-  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
-         "machine": platform.machine(), "load_avg": list(os.getloadavg()),
-         "total_s": time.time() - t_start,
-         "command": " ".join(["experiments/fastdllm_threshold_sweep.py"] + sys.argv[1:])}
+  env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
   meta = {"weights": w.label, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
           "sub_block_size": opts.sub_block_size}
@@ -206,14 +198,9 @@ def plot(results, path):
 
 
 def write(results, meta, env, tag):
-  base = os.path.join(_HERE, "results", "fastdllm_threshold_sweep" + (f"_{tag}" if tag else ""))
-  os.makedirs(os.path.dirname(base), exist_ok=True)
-  with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump({"env": env, "meta": meta, "results": results}, f, indent=2)
-  text = markdown(results, meta, env)
-  with open(base + ".md", "w", encoding="utf-8") as f:
-    f.write(text)
-  print(text)
+  base = decode_window_speed.write_outputs(
+      "fastdllm_threshold_sweep", tag, {"env": env, "meta": meta, "results": results},
+      markdown(results, meta, env))
   try:
     plot(results, base + ".png")
   except ImportError:
