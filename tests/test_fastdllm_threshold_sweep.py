@@ -34,7 +34,7 @@ def test_repeated_ngram_share(tokens, n, share):
   assert _module().repeated_ngram_share(tokens, n) == pytest.approx(share)
 
 
-@pytest.mark.parametrize("prompt_len,answer_len", [(3, 5), (7, 1), (1, 12)])
+@pytest.mark.parametrize("prompt_len,answer_len", [(3, 4), (1, 3)])
 def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
   c = config_lib.base_config()
   c.model.moe.num_experts = 0
@@ -45,7 +45,7 @@ def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
   rng = np.random.default_rng(prompt_len * 100 + answer_len)
   ids = rng.integers(0, 200, prompt_len + answer_len).tolist()
   prompt, answer = ids[:prompt_len], ids[prompt_len:]
-  score = _module().base_nll_fn(model, width=24)
+  score = _module().base_nll_fn(model, width=16)
   apply_fn = build.make_apply(model)
   nll = []
   for j in range(prompt_len, len(ids)):  # The prefix ids[:j] alone predicts ids[j].
