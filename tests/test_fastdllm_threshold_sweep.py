@@ -40,12 +40,13 @@ def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
   c.model.moe.num_experts = 0
   c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
   c.diffusion.token_shift = True
-  model, _ = build.build_model(c)
+  c.diffusion.objective = "fastdllm"
+  model, tok = build.build_model(c)
   params = build.init_params(model, 0)
   rng = np.random.default_rng(prompt_len * 100 + answer_len)
   ids = rng.integers(0, 200, prompt_len + answer_len).tolist()
   prompt, answer = ids[:prompt_len], ids[prompt_len:]
-  score = _module().base_nll_fn(model, width=16)
+  score = _module().base_nll_fn(c, model, tok.mask_id, width=16)
   apply_fn = build.make_apply(model)
   nll = []
   for j in range(prompt_len, len(ids)):  # The prefix ids[:j] alone predicts ids[j].
