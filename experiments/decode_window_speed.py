@@ -207,12 +207,17 @@ _QUESTIONS = {"heldout": "held-out prompts", "builtin": "built-in prompts",
               "train": "prompts from the fine-tuning data (questions the model was trained on)"}
 
 
+def run_line(env) -> str:
+  """One Markdown line naming the command, the machine and the run's length."""
+  return (f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs, {env['machine']}), "
+          f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
+          f"{env['total_s'] / 60:.1f} min in all.")
+
+
 def markdown(rows, meta, env) -> str:
   lines = [
       "# Block decoding: narrow forward windows vs the full commit window (batch 1)", "",
-      f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs, {env['machine']}), "
-      f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
-      f"{env['total_s'] / 60:.1f} min in all.", "",
+      run_line(env), "",
       f"Weights: {meta['weights']}. {meta['prompts']} "
       f"{_QUESTIONS[meta.get('questions', 'heldout')]} x {meta['repeats']} "
       f"interleaved repeats, up to {meta['max_new_tokens']} new tokens, canvas "

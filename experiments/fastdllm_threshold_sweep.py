@@ -157,9 +157,7 @@ _QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
 def markdown(results, meta, env) -> str:
   lines = [
       "# Fast-dLLM v2 threshold sweep: speed against quality (batch 1)", "",
-      f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs, {env['machine']}), "
-      f"jax {env['jax']}, load average {env['load_avg'][0]:.1f}, "
-      f"{env['total_s'] / 60:.1f} min in all.", "",
+      decode_window_speed.run_line(env), "",
       f"Weights: {meta['weights']}; baseline: greedy AR of the base SmolLM2 weights. "
       f"{meta['prompts']} {_QUESTIONS[meta.get('questions', 'heldout')]}, one at a time, "
       f"up to {meta['max_new_tokens']} "
