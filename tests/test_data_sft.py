@@ -139,6 +139,26 @@ def test_docstring_source_split_is_deterministic_disjoint_and_by_prompt_hash():
     assert corpora.split_of(p, 0.1) == "validation" and p.startswith("What does") and a
 
 
+@pytest.mark.parametrize("cap", [3, 5])
+def test_mixed_sources_interleave_each_capped(tmp_path, cap):
+  """Named sources and the JSONL files each give `cap` records, round-robin."""
+  path = _write(tmp_path, [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)])
+  jsonl = sft.load_records(path, "train", 0.1, cap)
+  synth = sft.load_records("synthetic", "train", 0.0, cap)
+  docs = sft.load_records("docstrings", "train", 0.1, cap)
+  assert sft.source_groups(f"synthetic,{path},docstrings,synthetic") == [
+      "synthetic", "docstrings", path]
+  mixed = sft.load_records(f"synthetic,{path},docstrings", "train", 0.1, cap)
+  expect = [r for trio in zip(synth, docs, jsonl) for r in trio]
+  assert mixed == expect and len(mixed) == 3 * cap
+  # An uneven mix: the longer source's tail follows the round-robin part.
+  short = _write(tmp_path, [{"prompt": "only", "response": "one"}])
+  assert sft.load_records(f"synthetic,{short}", "train", 0.0, cap) == (
+      [synth[0], ("only", "one")] + synth[1:])
+  with pytest.raises(ValueError, match="names no source"):
+    sft.load_records(" , ", "train", 0.0, cap)
+
+
 def test_build_dataset_sft_corpus_synthetic_source():
   d = data_config_lib.default_data_config()
   d.corpus, d.sft_source, d.sft_max_examples, d.sft_block_multiple = "sft", "synthetic", 50, 8

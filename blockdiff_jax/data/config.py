@@ -41,9 +41,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # "synthetic" (the synthetic tasks), "distilled" (<workdir>/distill/*.jsonl from
   # --mode=distill: the model's own answers) or comma-separated JSONL files of
   # {"prompt", "response"} or {"messages": [...]} lines ("finished": false marks a
-  # response cut at a limit: it gets no EOS).
+  # response cut at a limit: it gets no EOS). A comma-separated mix of these
+  # ("distilled,synthetic") interleaves them, sft_max_examples from each.
   c.sft_source = "docstrings"
-  c.sft_max_examples = 2000  # Examples per split read from the source; 0 = all.
+  c.sft_max_examples = 2000  # Examples per split read from each source; 0 = all.
   # Each example is padded to a multiple of this (set it to diffusion.block_size).
   c.sft_block_multiple = 32
   # Score the EOS padding after a response (teaches the model to stop).

@@ -14,6 +14,9 @@ Sources (``data.sft_source``):
   whose last message is the assistant's response (earlier ones form the prompt).
   Either may carry ``"finished": false``: the response was cut (e.g. at a generation
   limit, as ``--mode=distill`` marks its answers) and did not end there.
+* a comma-separated mix of the above (``"distilled,synthetic"``, or
+  ``"synthetic,/path/a.jsonl"``): each named source, and all JSONL files together,
+  give at most ``data.sft_max_examples`` examples each, interleaved round-robin.
 
 Rendering: with a tokenizer that has ``apply_chat_template`` (interop's
 ``PretrainedTokenizer``) the prompt is the model's chat template applied to the
@@ -164,12 +167,25 @@ def distilled_files(workdir: str | None) -> str:
   return ",".join(files)
 
 
-def load_records(source: str, split: str, validation_fraction: float, max_examples: int,
-                 tasks: str = "sort,add,copy_edit", seed: int = 0,
-                 digits: int = synthetic.DEFAULT_DIGITS,
-                 workdir: str | None = None) -> list[Pair | list[dict]]:
-  """The records of ``split`` (module docstring), at most ``max_examples`` (0 = all)."""
-  corpora.validate_split(split)
+NAMED_SOURCES = ("docstrings", "synthetic", "distilled")
+
+
+def source_groups(source: str) -> list[str]:
+  """The sources a ``data.sft_source`` string mixes, in order of first appearance.
+
+  Comma-separated items: each named source (``NAMED_SOURCES``) is its own source, and
+  all JSONL paths together form one more (the order of its files is kept).
+  """
+  items = [s.strip() for s in source.split(",") if s.strip()]
+  if not items:
+    raise ValueError(f"data.sft_source={source!r} names no source")
+  named = list(dict.fromkeys(s for s in items if s in NAMED_SOURCES))
+  paths = [s for s in items if s not in NAMED_SOURCES]
+  return named + ([",".join(paths)] if paths else [])
+
+
+def _load_group(source: str, split: str, validation_fraction: float, max_examples: int,
+                tasks: str, seed: int, digits: int, workdir: str | None) -> list:
   if source == "distilled":
     source = distilled_files(workdir)
   if source == "synthetic":
@@ -186,6 +202,27 @@ def load_records(source: str, split: str, validation_fraction: float, max_exampl
   if not out:
     raise ValueError(f"data.sft_source={source!r} has no {split} example "
                      f"(validation_fraction={validation_fraction})")
+  return out
+
+
+def load_records(source: str, split: str, validation_fraction: float, max_examples: int,
+                 tasks: str = "sort,add,copy_edit", seed: int = 0,
+                 digits: int = synthetic.DEFAULT_DIGITS,
+                 workdir: str | None = None) -> list[Pair | list[dict]]:
+  """The records of ``split`` (module docstring).
+
+  ``source`` may mix sources (``source_groups``, e.g. ``"distilled,synthetic"``): each
+  gives at most ``max_examples`` (0 = all) and their records are interleaved round-robin,
+  so packed rows (and the first validation batches) hold every source.
+  """
+  corpora.validate_split(split)
+  groups = [_load_group(g, split, validation_fraction, max_examples, tasks, seed, digits,
+                        workdir) for g in source_groups(source)]
+  if len(groups) == 1:
+    return groups[0]
+  out = []
+  for i in range(max(len(g) for g in groups)):
+    out.extend(g[i] for g in groups if i < len(g))
   return out
 
 
