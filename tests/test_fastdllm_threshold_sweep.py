@@ -55,3 +55,33 @@ def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
     nll.append(-float(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))[ids[j]]))
   np.testing.assert_allclose(score(params, prompt, answer), np.mean(nll), rtol=1e-4)
   assert np.isnan(score(params, prompt, []))  # No answer: nothing to score.
+
+
+@pytest.mark.parametrize("question,task", [
+    ("sort: 3 1 2", "sort"), ("add: 12+30", "add"), ("copy_edit: abc; set 1 to z", "copy_edit"),
+    ("What does os.path.join do?", None), ("sort: not numbers", None), ("sorted: 3 1", None)])
+def test_synthetic_task_recognises_only_well_formed_task_prompts(question, task):
+  assert _module().synthetic_task(question) == task
+
+
+def test_task_exact_match_scores_only_task_questions_against_the_solution():
+  mod = _module()
+  questions = ["sort: 3 1 2", "add: 12+30", "What is Python?", "copy_edit: abc; set 1 to z"]
+  texts = ["1 2 3", "41", "a language", "azc  "]  # add is wrong; trailing space is cut.
+  assert mod.task_exact_match(questions, texts) == pytest.approx(2 / 3)
+  assert mod.task_exact_match(["What is Python?"], ["a language"]) is None
+
+
+def test_markdown_has_a_task_column_only_with_task_questions():
+  mod = _module()
+  env = {"backend": "cpu", "jax": jax.__version__, "cpus": 2, "machine": "x86_64",
+         "load_avg": (1.0, 1.0, 1.0), "total_s": 1.0, "command": "x"}
+  meta = {"weights": "w", "prompts": 1, "questions": "heldout", "max_new_tokens": 8,
+          "width": 64, "block_size": 32, "sub_block_size": 8}
+  row = {"decoder": "base AR", "threshold": None, "tpf": 1.0, "tokens_per_s": 2.0,
+         "x_ar": 1.0, "base_nll": 0.5, "repeated_4grams": 0.0, "token_agreement": 1.0,
+         "exact_match": 1.0, "texts": ["1 2 3"]}
+  assert "task EM" not in mod.markdown([row], meta, env)
+  text = mod.markdown([{**row, "task_exact_match": 0.25}], meta, env)
+  assert "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact | task EM |" \
+      in text and "| 1.00 | 0.25 |" in text
