@@ -121,11 +121,13 @@ def _reference(fn, params, opt, tokens, maskable, length, start):
         step += 1
         left = region & (new == MASK)
         done = not left.any() and (still >= opt.patience or not opt.editing)
-        eos_first = (region & (new == EOS) & (np.cumsum(left) - left == 0)).any()
-        if opt.num_sub == 1 and opt.stop_at_eos and not opt.editing and eos_first:
-          done = True
-        if done or step >= opt.step_cap:
+        # An EOS with no MASK before it fixes the answer: the row stops (sub-blocks too).
+        eos_first = (opt.stop_at_eos and not opt.editing
+                     and (region & (new == EOS) & (np.cumsum(left) - left == 0)).any())
+        if done or eos_first or step >= opt.step_cap:
           break
+      if eos_first:
+        break
     if not worked:
       nfe += 1  # The block's first forward still commits the previous block.
     if opt.stop_at_eos and (toks[lo:lo + BLOCK][region_blk] == EOS).any():
@@ -167,6 +169,32 @@ def test_decoder_equals_slow_reference(case, infill):
   # Rows never wait for each other, sub-blocks included.
   assert out["forwards"] == out["nfe"].max()
   assert not (out["tokens"][cv.maskable] == MASK).all()
+
+
+@pytest.mark.parametrize("sub_block,seed", [(4, 10), (2, 16), (4, 17)])
+def test_sub_block_rows_stop_at_an_eos_with_nothing_masked_before_it(sub_block, seed):
+  """Fast-dLLM v2's rule: once the answer ends, later sub-blocks are never decoded."""
+  kw = dict(block_size=BLOCK, mask_id=MASK, eos_id=EOS, policy=policies.Threshold(0.5),
+            sub_block_size=sub_block)
+  opt = layout.DecodeOptions(**kw)
+  fn, params, cv = FakeLM(), _params(seed), _canvas()
+  out = decoder.decode(fn, params, cv, opt)
+  full = decoder.decode(fn, params, cv, layout.DecodeOptions(**kw, stop_at_eos=False))
+  stopped = 0
+  for i in range(cv.tokens.shape[0]):
+    ref, nfe = _reference(fn, params, opt, cv.tokens[i], cv.maskable[i], int(cv.length[i]),
+                          int(cv.start_block[i]))
+    np.testing.assert_array_equal(out["tokens"][i], ref, err_msg=f"row {i}")
+    assert out["nfe"][i] == nfe, f"row {i}"
+    toks = out["tokens"][i]
+    first_eos = int(np.argmax(toks == EOS))
+    assert toks[first_eos] == EOS and not (toks[:first_eos] == MASK).any()
+    # Up to the first EOS the answer is the one decoding every sub-block gives.
+    np.testing.assert_array_equal(toks[:first_eos + 1], full["tokens"][i][:first_eos + 1])
+    if (toks[cv.maskable[i]] == MASK).any():  # It stopped with sub-blocks left undecoded.
+      stopped += 1
+      assert out["nfe"][i] < full["nfe"][i]
+  assert stopped  # The rule fired in this case.
 
 
 def test_parallel_acceptance_happened():

@@ -48,7 +48,8 @@ class DecodeOptions:
       per token (plus ``patience`` with editing), enough for any policy.
     edit_threshold: tau_edit of token editing; 0 = editing off.
     patience: with editing, steps without any change before a block exits.
-    stop_at_eos: stop a row after the block in which it generated EOS.
+    stop_at_eos: stop a row after the block in which it generated EOS; without
+      editing, as soon as the EOS has no MASK before it.
     token_shift: the model's logits at position i predict token i+1 (a pretrained AR
       model, or one adapted with the shift); False = the logits at i predict token i.
     dual_cache: with sub-blocks, Fast-dLLM v1's dual cache: the block's K/V outside the

@@ -35,9 +35,10 @@ before the sub-block is also run in the window (its query predicts the sub-block
 first token) instead of being read from the buffer.
 
 Stopping: a row stops once its block reaches its ``length`` or nothing is left to fill
-after it, or, with ``stop_at_eos``, after the block in which it produced EOS. With
-whole-block steps and no editing a row's block also ends as soon as it holds an EOS with
-no MASK before it: output is cut at the first EOS, so what follows is never read.
+after it, or, with ``stop_at_eos``, after the block in which it produced EOS. Without
+editing the row stops as soon as its (sub-)block holds an EOS with no MASK before it
+(as Fast-dLLM v2's decoder does): output is cut at the first EOS, so what follows, the
+rest of the block's sub-blocks included, is never read.
 """
 
 from typing import Any
@@ -167,13 +168,21 @@ def block_done(opt: layout.DecodeOptions, new: Array, region: Array, still: Arra
   settled = ~jnp.any(is_mask, axis=-1)
   if opt.editing:
     settled = settled & (still >= opt.patience)
-  done = settled | (step >= opt.step_cap)
-  if opt.stop_at_eos and not opt.editing and opt.num_sub == 1:
-    # An EOS with nothing masked before it settles the row: what follows it is never
-    # read, so filling it would only cost forwards.
-    masks_before = jnp.cumsum(is_mask, axis=-1) - is_mask
-    done = done | jnp.any((new == opt.eos_id) & region & (masks_before == 0), axis=-1)
-  return done
+  return settled | (step >= opt.step_cap) | eos_settled(opt, new, region)
+
+
+def eos_settled(opt: layout.DecodeOptions, new: Array, region: Array) -> Array:
+  """[B] the (sub-)block holds an EOS with no MASK before it (``stop_at_eos``, no editing).
+
+  The row's answer is then fixed: output is cut at the first EOS, so filling what follows
+  (the rest of the sub-block, and later sub-blocks) would only cost forwards. Earlier
+  sub-blocks of the block are already filled, since they are decoded in order.
+  """
+  if not opt.stop_at_eos or opt.editing:
+    return jnp.zeros(new.shape[:1], bool)
+  is_mask = region & (new == opt.mask_id)
+  masks_before = jnp.cumsum(is_mask, axis=-1) - is_mask
+  return jnp.any((new == opt.eos_id) & region & (masks_before == 0), axis=-1)
 
 
 def row_ended(opt: layout.DecodeOptions, st: state_lib.DecodeState, block: Array,
@@ -329,7 +338,7 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   sub_done = active & (block_done(opt, new, region, still, step) | idle)
   if buffered:
     nxt = first_sub_with_work(opt, new, blk_region, sub + 1)
-    to_next = sub_done & (nxt < opt.num_sub)
+    to_next = sub_done & (nxt < opt.num_sub) & ~eos_settled(opt, new, region)
     finished = sub_done & ~to_next
   else:
     nxt, to_next, finished = sub, jnp.zeros((b,), bool), sub_done
