@@ -420,7 +420,8 @@ def markdown(results, args, m, env) -> str:
       f"{args.max_new_tokens} new tokens, against the base's greedy AR answer.",
       f"- synthetic: {m['synthetic']} validation examples of {m['synthetic_tasks']}, "
       "chat-rendered, exact match"
-      f"{'' if 'synthetic' in m['sft_source'].split(',') else ' (the run was NOT trained on them)'}.",
+      + ("" if "synthetic" in m["sft_source"].split(",")
+         else " (the run was NOT trained on them)") + ".",
       f"- HumanEval: pass@1 on the first {n_he} problems (greedy, raw prompt, "
       f"{args.humaneval_max_new_tokens} new tokens at most, sandboxed)"
       f"{'; run for the AR base and the last checkpoint only' if args.humaneval_at == 'last' else ''}.",

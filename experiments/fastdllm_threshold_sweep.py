@@ -22,7 +22,7 @@ for each threshold, in one run with greedy AR of the base weights as the baselin
 A run fine-tuned on the synthetic tasks (threshold 1.0 is its own one-token-per-forward
 block decoding, the quality reference there):
   PYTHONPATH=. python experiments/fastdllm_threshold_sweep.py --workdir=runs/synth \
-      --thresholds=1.0,0.9,0.7,0.5,0.3,0.1 --prompts=24 --tag=synth \
+      --thresholds=1.0,0.9,0.7,0.5,0.3,0.1 --prompts=36 --max_new_tokens=32 --tag=synth160 \
       --config_overrides=data.sft_source=synthetic,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
 
 Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
