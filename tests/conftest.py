@@ -64,6 +64,22 @@ def pytest_configure(config):
     jax.config.update(name, value)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+  """Drops every compiled XLA program when a test module ends.
+
+  XLA:CPU maps each executable's code into memory, and JAX keeps executables while
+  their jitted functions live in its caches. One xdist worker runs about 500 tests and
+  gathered over 60,000 memory mappings, past Linux's default vm.max_map_count (65,530);
+  the next compile then segfaulted inside XLA and took the worker down. Tests in one
+  module share programs, so they keep them until the module ends.
+  """
+  yield
+  import gc  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture
 def tiny_config():
   return load_config_file("tiny")
