@@ -75,6 +75,11 @@ def release_compiled_programs():
   module share programs, so they keep them until the module ends.
   """
   yield
+  release_compiled_programs_now()
+
+
+def release_compiled_programs_now() -> None:
+  """Clears JAX's compilation caches and collects what they held."""
   import gc  # pylint: disable=g-import-not-at-top
   jax.clear_caches()
   gc.collect()
