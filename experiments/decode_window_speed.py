@@ -92,12 +92,15 @@ def load_weights(config, workdir: str) -> Weights:
     # The run's converted pretrained folder: the GGUF is not converted again.
     os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
                os.path.join(base_dir, "pretrained"))
+  # Plain LoRA comes back folded into the weights (and the config with rank 0), so the
+  # run's checkpoint is read with the config as given, which still has the adapters.
+  run_config = config
   config, model, tok, base = inference.load_for_inference(base_dir, config)
   params, label = base, "base SmolLM2 weights (not adapted)"
   ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
   if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
     step = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
-    params = inference.load_for_inference(run_dir, config, step=step)[3]
+    params = inference.load_for_inference(run_dir, run_config, step=step)[3]
     label = f"adapted, step {step} of `{os.path.normpath(workdir)}`"
   return Weights(config, model, tok, base, params, label, run_dir or base_dir)
 

@@ -307,6 +307,7 @@ def main():
   if os.path.isdir(os.path.join(args.workdir, "pretrained")):
     os.symlink(os.path.abspath(os.path.join(args.workdir, "pretrained")),
                os.path.join(base_dir, "pretrained"))
+  run_config = config  # Keeps the adapters, which the loaded config has folded in.
   config, model, tok, base = inference.load_for_inference(base_dir, config)
   questions = heldout_questions(config, args.workdir, max(args.prompts, args.speed_prompts),
                                 args.prompts_from)
@@ -329,7 +330,7 @@ def main():
     runs = [(0, 0.0, base)] + [(s, m, None) for s, m in picks]
     for step, mins, params in runs:
       if params is None:  # The same model object: every decoder's compile is reused.
-        params = inference.load_for_inference(args.workdir, config, step=step)[3]
+        params = inference.load_for_inference(args.workdir, run_config, step=step)[3]
       name = "base, block decoding" if step == 0 else f"adapted {mins:.1f} min"
       last = (step, mins) == (runs[-1][0], runs[-1][1])
       r = evaluate(name, model, params, tok, config, data, args, False, ref, log,

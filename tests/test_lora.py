@@ -135,3 +135,40 @@ def test_lora_config_validation():
     lora.LoraConfig(gated=True)
   with pytest.raises(ValueError, match="rank"):
     lora.LoraConfig(rank=0, gated=False)
+
+
+@pytest.mark.parametrize("targets", [lora.TARGETS, ("q", "v"), ("o", "down")])
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_plain_lora_equals_adapters(targets, scan):
+  """W + scale A B in a model without adapters gives the adapted model's logits."""
+  lcfg = lora.LoraConfig(rank=3, alpha=5.0, targets=targets, gated=False)
+  model = transformer.Transformer(_cfg(lcfg, scan=scan))
+  tokens, meta = _inputs(seed=3)
+  params = _perturb(nn.unbox(model.init(jax.random.PRNGKey(0), tokens, meta)["params"]))
+  merged = lora.merge_adapters(params, lcfg)
+  assert not any(lora.is_lora_path(tuple(k.key for k in path))
+                 for path, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
+  plain = transformer.Transformer(_cfg(None, scan=scan))
+  want = model.apply({"params": params}, tokens, meta)[0]
+  got = plain.apply({"params": merged}, tokens, meta)[0]
+  base = plain.apply({"params": _split(params)}, tokens, meta)[0]
+  # The adapters matter here (so equality is not the base's), and folding keeps them.
+  assert np.abs(np.asarray(want - base)).max() > 1e-2
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  # Only projections with an adapter changed.
+  flat_m = dict(jax.tree_util.tree_flatten_with_path(merged)[0])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(_split(params))[0]:
+    name = [k.key for k in path]
+    proj = name[-3] if len(name) >= 3 else ""
+    proj = {"query": "q", "key": "k", "value": "v", "out": "o"}.get(proj, proj)
+    changed = not np.array_equal(np.asarray(flat_m[path]), np.asarray(leaf))
+    assert changed == (name[-1] == "kernel" and proj in targets), name
+
+
+def test_merge_refuses_gated_adapters():
+  lcfg = lora.LoraConfig(rank=2, gated=True, mask_id=MASK)
+  model = transformer.Transformer(_cfg(lcfg))
+  tokens, meta = _inputs()
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens, meta)["params"])
+  with pytest.raises(ValueError, match="gated"):
+    lora.merge_adapters(params, lcfg)

@@ -1,5 +1,6 @@
 """A trained workdir as (config, model, tokenizer, params), and the context to run it in."""
 
+import dataclasses
 import os
 from typing import Any
 
@@ -9,6 +10,7 @@ import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
+from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import mesh as mesh_lib
 
 
@@ -26,8 +28,45 @@ def abstract_params(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
   return initial.restore_target(model, mesh, rules)
 
 
+def fold_adapters(config: ml_collections.ConfigDict, model: nn.Module, params: Any):
+  """(config, model, params) with plain LoRA adapters folded into the base weights.
+
+  Exact up to float rounding and faster: the adapters' extra matmuls are gone. The
+  returned config has ``model.lora.rank = 0`` and the model no adapters, so the three
+  stay consistent. Gated adapters (I-DLM: active on MASK tokens only) and models without
+  adapters come back unchanged.
+  """
+  cfg = getattr(model, "cfg", None)
+  lora = getattr(cfg, "lora", None)
+  if lora is None or lora.gated:
+    return config, model, params
+  params = lora_lib.merge_adapters(params, lora)
+  config = config.copy_and_resolve_references()
+  config.model.lora.rank = 0
+  return config, model.clone(cfg=dataclasses.replace(cfg, lora=None)), params
+
+
+def _check_adapters_kept(workdir: str, model: nn.Module) -> None:
+  """Raises when ``workdir``'s run trained adapters that ``model`` has no place for.
+
+  A partial restore reads only the leaves the target names, so a config without
+  ``model.lora`` would silently load the base weights of a LoRA run.
+  """
+  try:
+    saved = checkpoints.load_config(workdir)
+  except FileNotFoundError:
+    return
+  rank = saved.get("model", {}).get("lora", {}).get("rank", 0)
+  if rank and getattr(getattr(model, "cfg", None), "lora", None) is None:
+    raise ValueError(
+        f"the run in {workdir!r} trained LoRA adapters (model.lora.rank={rank}) but the config "
+        "given has model.lora.rank=0, so they would be dropped; pass the run's own config "
+        "(the config load_for_inference returns has its adapters folded in)")
+
+
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
-                       step: int | None = None, use_ema: bool = True):
+                       step: int | None = None, use_ema: bool = True,
+                       merge_lora: bool = True):
   """Loads (config, model, tokenizer, params) from a training workdir.
 
   Only the parameters are read (Orbax partial restore through tensorstore; the
@@ -45,6 +84,8 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
       or the mesh); architecture fields must match the checkpoint.
     step: checkpoint step; None = the latest.
     use_ema: return the EMA parameters when the run kept them.
+    merge_lora: fold plain (ungated) LoRA adapters into the base weights
+      (``fold_adapters``); the returned config then has ``model.lora.rank = 0``.
   """
   config = checkpoints.load_config(workdir) if config is None else config
   config, model, tokenizer = initial.build_model(config, workdir)
@@ -69,8 +110,13 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
                 else f"init.pretrained={config.init.pretrained!r}")
       print(f"{workdir} has no checkpoint: using the starting weights of {source}",
             flush=True)
+      if merge_lora:
+        config, model, params = fold_adapters(config, model, params)
       return config, model, tokenizer, params
+  _check_adapters_kept(workdir, model)
   params = checkpoints.restore_params(
       checkpoint_dir, abstract, step,
       subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+  if merge_lora:
+    config, model, params = fold_adapters(config, model, params)
   return config, model, tokenizer, params

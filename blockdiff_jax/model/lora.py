@@ -5,12 +5,18 @@ B starts at zero, so a fresh adapter leaves the model equal to its base. With
 ``gated`` the adapter's output is multiplied by a per-token gate that is 1 on MASK
 tokens and 0 elsewhere (I-DLM's gated LoRA): clean tokens then run the untouched
 base weights, so a causal verifier over clean tokens is the base AR model exactly.
-With the gate off it is plain LoRA (Fast-dLLM-style fine-tuning).
+With the gate off it is plain LoRA (Fast-dLLM-style fine-tuning), and ``merge_adapters``
+folds it into the base weights for inference: ``W + scale * A B`` is the same map, and
+the adapters' extra matmuls (about 60% of an AR decode step of SmolLM2-135M at rank 32
+on a CPU) are gone.
 """
 
+import collections.abc
 import dataclasses
+import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 # Projections an adapter may sit on (attention q/k/v/o, dense SwiGLU gate/up/down).
@@ -77,3 +83,54 @@ def is_lora_path(path) -> bool:
   """True for a parameter path (names or jax key entries) inside a LoRA adapter."""
   names = (getattr(k, "key", getattr(k, "name", k)) for k in path)
   return any(str(n) in ("lora_a", "lora_b") for n in names)
+
+
+def _folded_kernel(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
+  """``kernel + scale * A B`` for kernel [S..., in..., out...], A [S..., in..., r], B [S..., r, out...].
+
+  ``S`` are leading stacked-layer axes (``nn.scan``), found from the ranks.
+  """
+  stacked = lora_a.ndim + lora_b.ndim - 2 - kernel.ndim
+  if stacked < 0 or lora_a.shape[:stacked] != lora_b.shape[:stacked]:
+    raise ValueError(f"LoRA shapes A {lora_a.shape}, B {lora_b.shape} do not fit kernel "
+                     f"{kernel.shape}")
+  lead = lora_a.shape[:stacked]
+  n_in, r = math.prod(lora_a.shape[stacked:-1]), lora_a.shape[-1]
+  a = lora_a.astype(jnp.float32).reshape(lead + (n_in, r))
+  b = lora_b.astype(jnp.float32).reshape(lead + (r, -1))
+  delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+  merged = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+  sharding = getattr(kernel, "sharding", None)
+  return merged if sharding is None else jax.device_put(merged, sharding)
+
+
+def merge_adapters(params: Any, cfg: LoraConfig) -> Any:
+  """The params with every plain adapter folded into its kernel, adapters removed.
+
+  The result is the params of the same model built without adapters
+  (``model.lora.rank = 0``), and computes the same function up to float rounding.
+
+  Raises:
+    ValueError: for gated adapters, which act only on MASK tokens, so no single
+      kernel reproduces them.
+  """
+  if cfg.gated:
+    raise ValueError("gated LoRA adapters act only on MASK tokens and cannot be folded into "
+                     "the base weights; keep them (model.lora.gated=True)")
+
+  def visit(node):
+    if not isinstance(node, collections.abc.Mapping):
+      return node
+    out = {k: visit(v) for k, v in node.items() if k not in ("lora_a", "lora_b")}
+    if "lora_a" not in node:
+      return out
+    owners = [k for k, v in out.items()
+              if isinstance(v, collections.abc.Mapping) and "kernel" in v]
+    if len(owners) != 1 or "lora_b" not in node:
+      raise ValueError(f"a LoRA adapter without exactly one kernel beside it: {sorted(node)}")
+    kernel_tree = out[owners[0]]
+    out[owners[0]] = {**kernel_tree, "kernel": _folded_kernel(
+        kernel_tree["kernel"], node["lora_a"], node["lora_b"], cfg.scale)}
+    return out
+
+  return visit(params)
