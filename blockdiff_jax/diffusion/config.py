@@ -4,13 +4,16 @@ from typing import Any, Callable
 
 import ml_collections
 
+from blockdiff_jax.diffusion import autoregressive
 from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.diffusion import introspective
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 
 
-OBJECTIVES = ("bd3", "fastdllm", "introspective")
+OBJECTIVES = ("bd3", "fastdllm", "introspective", "ar")
+# Objectives that reuse a pretrained AR head, so they need diffusion.token_shift=True.
+SHIFTED_OBJECTIVES = ("fastdllm", "introspective", "ar")
 
 
 def default_diffusion_config() -> ml_collections.ConfigDict:
@@ -55,9 +58,13 @@ def introspective_objective(config: ml_collections.ConfigDict,
 
 
 def objective(config: ml_collections.ConfigDict, mask_id: int):
-  """The training objective of an experiment config (BD3-LM, Fast-dLLM v2 or I-DLM)."""
+  """The training objective of an experiment config (BD3-LM, Fast-dLLM v2, I-DLM or AR)."""
   d = config.diffusion
   kind = d.get("objective", "bd3")
+  if kind in SHIFTED_OBJECTIVES and not d.get("token_shift", False):
+    raise ValueError(f"diffusion.objective={kind!r} needs diffusion.token_shift=True")
+  if kind == "ar":
+    return autoregressive.AutoregressiveObjective(mask_id=mask_id)
   if kind == "introspective":
     if not d.get("token_shift", False):
       raise ValueError("diffusion.objective='introspective' needs diffusion.token_shift=True")
@@ -99,13 +106,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   kind = d.get("objective", "bd3")
   if kind not in OBJECTIVES:
     raise ValueError(f"diffusion.objective must be one of {OBJECTIVES}, got {kind!r}")
-  if kind == "fastdllm" and not d.get("token_shift", False):
-    raise ValueError("diffusion.objective='fastdllm' needs diffusion.token_shift=True, "
+  if kind in SHIFTED_OBJECTIVES and not d.get("token_shift", False):
+    raise ValueError(f"diffusion.objective={kind!r} needs diffusion.token_shift=True, "
                      f"got {d.get('token_shift', False)}")
 
 
 def loss_functions(obj: Any) -> tuple[Callable, Callable]:
-  """``(loss_fn, corrupt_fn)`` of an objective (BD3-LM, Fast-dLLM v2 or I-DLM).
+  """``(loss_fn, corrupt_fn)`` of an objective (BD3-LM, Fast-dLLM v2, I-DLM or AR).
 
   ``loss_fn(apply_fn, params, batch, rng, obj, corrupted=None) -> (loss, metrics)``;
   ``corrupt_fn(rng, batch, obj)`` draws the noise of a whole batch (split by rows into
@@ -115,4 +122,6 @@ def loss_functions(obj: Any) -> tuple[Callable, Callable]:
     return fastdllm.fastdllm_loss, fastdllm.corrupt
   if isinstance(obj, introspective.IntrospectiveObjective):
     return introspective.introspective_loss, introspective.corrupt
+  if isinstance(obj, autoregressive.AutoregressiveObjective):
+    return autoregressive.autoregressive_loss, autoregressive.corrupt
   return losses.block_diffusion_loss, losses.corrupt

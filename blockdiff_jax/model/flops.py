@@ -78,6 +78,30 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: in
   return 3.0 * batch * (trunk + head)
 
 
+def fastdllm_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
+                        complementary: bool, frozen_base: bool) -> float:
+  """FLOPs of one Fast-dLLM v2 train step, forward and backward.
+
+  Each row runs twice with complementary masks (2B rows of ``[x_t ; x_0]``), and the
+  token shift reads the head's output on both streams (2L positions, not L). The
+  backward costs one forward with a frozen base and two otherwise.
+  """
+  rows = 2 * batch if complementary else batch
+  per_row = forward_flops_per_token(cfg, 2 * seq_len, with_head=True) * 2 * seq_len
+  return rows * (2.0 if frozen_base else 3.0) * per_row
+
+
+def autoregressive_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
+                              frozen_base: bool) -> float:
+  """FLOPs of one AR SFT train step: L causal tokens, forward and backward.
+
+  The backward costs one forward when the base is frozen (activation gradients only)
+  and two otherwise.
+  """
+  forward = forward_flops_per_token(cfg, seq_len, with_head=True) * seq_len
+  return batch * (2.0 if frozen_base else 3.0) * forward
+
+
 def introspective_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
                              noisy_tokens: int, detach_clean: bool, frozen_base: bool) -> float:
   """FLOPs one I-DLM train step computes: the clean stream, the noisy tokens, backward.

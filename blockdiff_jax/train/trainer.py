@@ -14,7 +14,9 @@ from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
 from blockdiff_jax.checkpoint import workdir_lock
 from blockdiff_jax.data import pipeline
+from blockdiff_jax.diffusion import autoregressive
 from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.diffusion import introspective
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
@@ -109,6 +111,12 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_flops = flops.introspective_step_flops(
         mcfg, d.batch_size, d.seq_len, (obj.anchors * obj.stride) or d.seq_len,
         obj.detach_clean, t.get("trainable", "all") == "lora")
+  elif isinstance(obj, fastdllm.FastDLLMObjective):
+    step_flops = flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary,
+                                           t.get("trainable", "all") == "lora")
+  elif isinstance(obj, autoregressive.AutoregressiveObjective):
+    step_flops = flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len,
+                                                 t.get("trainable", "all") == "lora")
   else:
     step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
   peak, peak_how = hardware.peak_flops(config.model.dtype)
@@ -118,8 +126,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = metrics_writer.Progress(t.steps, start, stream=sys.stdout)
   bits = 1.0 / math.log(2)
   # Every objective reports its loss as "nelbo"; only BD3-LM's is an ELBO bound.
-  loss_name = {"bd3": "nelbo", "fastdllm": "masked ce",
-               "introspective": "noisy ce"}.get(config.diffusion.get("objective", "bd3"), "loss")
+  loss_name = {"bd3": "nelbo", "fastdllm": "masked ce", "introspective": "noisy ce",
+               "ar": "ar ce"}.get(config.diffusion.get("objective", "bd3"), "loss")
   unigram = train_ds.unigram_entropy_bits
   print(f"data: {train_ds.bytes_per_token:.3f} bytes/token, unigram entropy "
         f"{unigram:.3f} bits/token; peak {peak / 1e9:.1f} GFLOP/s ({peak_how})", flush=True)
