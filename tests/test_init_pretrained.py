@@ -39,6 +39,25 @@ def _config(folder: str):
   return c
 
 
+def _shifted_config(folder: str, objective: str, block_size: int = 16, sft: bool = True,
+                    lora_rank: int = 0):
+  """``_config`` for a token-shifted objective; SFT on 20 synthetic pairs; plain LoRA."""
+  c = _config(folder)
+  c.diffusion.token_shift = True
+  c.diffusion.objective = objective
+  c.diffusion.block_size = block_size
+  if sft:
+    c.data.corpus = "sft"
+    c.data.sft_source = "synthetic"
+    c.data.sft_max_examples = 20
+    c.data.sft_block_multiple = block_size
+  if lora_rank:
+    c.model.lora.rank = lora_rank
+    c.model.lora.gated = False
+    c.train.trainable = "lora"
+  return c
+
+
 def test_training_starts_from_the_pretrained_weights(tmp_path):
   folder = _tiny_folder(tmp_path)
   workdir = str(tmp_path / "run")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_init_pretrained import _config, _tiny_folder
+from test_init_pretrained import _shifted_config, _tiny_folder
 from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.model import lora
@@ -16,14 +16,8 @@ from blockdiff_jax.train import trainer
 def lora_run(tmp_path_factory):
   """A tiny pretrained model fine-tuned 3 steps with plain rank-4 LoRA (fastdllm objective)."""
   tmp = tmp_path_factory.mktemp("lora_run")
-  c = _config(_tiny_folder(tmp))
-  c.diffusion.token_shift = True
-  c.diffusion.objective = "fastdllm"
-  c.diffusion.block_size = 8
-  c.model.lora.rank = 4
+  c = _shifted_config(_tiny_folder(tmp), "fastdllm", block_size=8, sft=False, lora_rank=4)
   c.model.lora.alpha = 8.0
-  c.model.lora.gated = False
-  c.train.trainable = "lora"
   c.train.learning_rate = 3e-2
   c.train.steps = 3
   c.train.checkpoint_every = 3

@@ -9,20 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from test_objective_fastdllm import MASK, _model
 from blockdiff_jax import masks
 from blockdiff_jax.diffusion import autoregressive
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.model import build
-from blockdiff_jax.model import transformer
-
-MASK = 31
-
-
-def _model(seed=0):
-  cfg = transformer.TransformerConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=4,
-                                      num_kv_heads=2, head_dim=8, mlp_dim=64)
-  model = transformer.Transformer(cfg)
-  return model, build.init_params(model, seed)
 
 
 def _reference(apply_fn, params, x0, loss_mask, seg):
@@ -89,19 +80,9 @@ def test_config_selects_the_ar_objective_and_needs_the_shift():
 
 def test_trainer_runs_ar_sft_with_lora_from_a_pretrained_checkpoint(tmp_path):
   """The same trainer: a tiny Llama, plain LoRA, the AR objective; its CE falls."""
-  from test_init_pretrained import _config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  c = _config(_tiny_folder(tmp_path))
-  c.diffusion.token_shift = True
-  c.diffusion.objective = "ar"
-  c.diffusion.block_size = 16
-  c.data.corpus = "sft"
-  c.data.sft_source = "synthetic"
-  c.data.sft_max_examples = 20
-  c.data.sft_block_multiple = 16
-  c.model.lora.rank = 4
-  c.model.lora.gated = False
-  c.train.trainable = "lora"
+  c = _shifted_config(_tiny_folder(tmp_path), "ar", lora_rank=4)
   c.train.learning_rate = 3e-2
   c.train.steps = 6
   c.train.checkpoint_every = 6

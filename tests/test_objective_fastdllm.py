@@ -132,16 +132,9 @@ def test_trainer_runs_the_fastdllm_objective_from_a_pretrained_checkpoint(tmp_pa
   """The same trainer, checkpoints and metrics: two steps on a tiny Llama with the shift."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  from test_init_pretrained import _config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  c = _config(_tiny_folder(tmp_path))
-  c.diffusion.token_shift = True
-  c.diffusion.objective = "fastdllm"
-  c.diffusion.block_size = 16
-  c.data.corpus = "sft"
-  c.data.sft_source = "synthetic"
-  c.data.sft_max_examples = 20
-  c.data.sft_block_multiple = 16
+  c = _shifted_config(_tiny_folder(tmp_path), "fastdllm")
   c.train.learning_rate = 1e-4
   workdir = str(tmp_path / "run")
   trainer.run(c, workdir)
