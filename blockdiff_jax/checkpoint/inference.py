@@ -31,7 +31,7 @@ def abstract_params(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
 def fold_adapters(config: ml_collections.ConfigDict, model: nn.Module, params: Any):
   """(config, model, params) with plain LoRA adapters folded into the base weights.
 
-  Exact up to float rounding, and the adapters' extra matmuls are gone (a small saving). The
+  Exact up to float rounding: a plain model (no adapter code in serving or export). The
   returned config has ``model.lora.rank = 0`` and the model no adapters, so the three
   stay consistent. Gated adapters (I-DLM: active on MASK tokens only) and models without
   adapters come back unchanged.
