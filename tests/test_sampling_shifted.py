@@ -146,6 +146,26 @@ def test_shifted_cached_decoding_equals_reference(tiny, sub_block):
   assert (plain["tokens"] != out["tokens"]).any()
 
 
+@pytest.mark.parametrize("sub_block", [0, 4])
+def test_shifted_decoding_of_prompts_inside_the_first_block(tiny, sub_block):
+  """Every prompt shorter than a block: nothing is prefilled and block 0's first token
+  (a prompt token) has no prediction. This path used to fail to trace."""
+  model, tok, params = tiny
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              policy=policies.Threshold(0.05), sub_block_size=sub_block,
+                              token_shift=True)
+  prompts = ["<|bos|>ab", "<|bos|>hey"]
+  ids = [layout.parse(tok, p).ids for p in prompts]
+  cv = layout.generation_canvas(ids, 12, BLOCK, tok.mask_id, MAX_LEN, 24)
+  assert (cv.start_block == 0).all()
+  out = decoder.decode(model, params, cv, opt)
+  for i in range(len(prompts)):
+    want = _reference_decode(model, params, opt, cv.tokens[i], cv.maskable[i],
+                             int(cv.length[i]), 0)
+    np.testing.assert_array_equal(out["tokens"][i], want)
+  assert (out["tokens"] != cv.tokens).any()
+
+
 def _exact_confidence(model, params, opt, toks, lo, length):
   """Confidence of every position of block lo.. from uncached forwards (token shift)."""
   pos = np.arange(lo + BLOCK)

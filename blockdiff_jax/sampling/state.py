@@ -193,9 +193,11 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
       head = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   if options.token_shift and head is None:
     # Every row starts at block 0: its first token is a prompt token, never predicted.
-    vocab = jax.eval_shape(logits_fn, params, tokens[:, :1],
+    # The logits slice is static: closed over, not traced as an argument of eval_shape.
+    vocab = jax.eval_shape(lambda p, t, m: logits_fn(p, t, m, None, (0, 1)), params,
+                           tokens[:, :1],
                            token_meta(jnp.zeros((b, 1), jnp.int32), bk, masks.CLEAN,
-                                      jnp.ones((b, 1), bool)), None, (0, 1))[0].shape[-1]
+                                      jnp.ones((b, 1), bool)))[0].shape[-1]
     head = jnp.zeros((b, vocab), jnp.float32)
   zeros = jnp.zeros((b,), jnp.int32)
   rows = RowProgress(block=start_block, sub=zeros, step=zeros, block_steps=zeros,
