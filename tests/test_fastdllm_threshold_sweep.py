@@ -72,6 +72,12 @@ def test_task_exact_match_scores_only_task_questions_against_the_solution():
   assert mod.task_exact_match(["What is Python?"], ["a language"]) is None
 
 
+def test_exact_match_by_task_counts_against_the_task_solution():
+  qs = ["sort: 3 1 2", "sort: 9 7", "add: 12+30", "What is Python?"]
+  texts = ["1 2 3", "9 7", "42", "a language"]  # The second sort is wrong.
+  assert _module().exact_match_by_task(qs, texts) == {"sort": [1, 2], "add": [1, 1]}
+
+
 def test_markdown_has_a_task_column_only_with_task_questions():
   mod = _module()
   env = {"backend": "cpu", "jax": jax.__version__, "cpus": 2, "machine": "x86_64",
