@@ -166,6 +166,19 @@ def test_shifted_decoding_of_prompts_inside_the_first_block(tiny, sub_block):
   assert (out["tokens"] != cv.tokens).any()
 
 
+def test_a_masked_first_slot_is_refused_under_token_shift(tiny):
+  """Slot 0 has no output before it: an infill span there used to decode as token 0."""
+  model, tok, params = tiny
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              token_shift=True)
+  cv = layout.infill_canvas([layout.parse(tok, "<|mask:3|>hello")], BLOCK, MAX_LEN)
+  with pytest.raises(ValueError, match="slot 0 has nothing to predict it"):
+    decoder.decode(model, params, cv, opt)
+  cv = layout.infill_canvas([layout.parse(tok, "<|bos|><|mask:3|>hello")], BLOCK, MAX_LEN)
+  out = decoder.decode(model, params, cv, opt)  # A token before the span: decodes.
+  assert (out["tokens"][0, 1:4] != tok.mask_id).all()
+
+
 def _exact_confidence(model, params, opt, toks, lo, length):
   """Confidence of every position of block lo.. from uncached forwards (token shift)."""
   pos = np.arange(lo + BLOCK)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blockdiff_jax.model import sharding
 from blockdiff_jax.sampling import jit_cache
@@ -156,6 +157,10 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
     ``commit_passes`` (0: commits ride along with the next block's first step),
     ``edits`` [B] and ``unique_experts`` (mean per MoE layer per forward).
   """
+  if options.token_shift and np.asarray(canvas.maskable)[:, :1].any():
+    raise ValueError("a token-shifted model predicts token i from the output at i-1, so "
+                     "slot 0 has nothing to predict it: a canvas row cannot start with a "
+                     "masked slot (put a token such as <|bos|> before the first span)")
   fn = logits_lib.as_logits_fn(model)
   prefill_len = state_lib.prefill_width(canvas, options.block_size, prefill_width)
   key = _Key(fn, options, prefill_len, on_block is not None, on_step is not None,
