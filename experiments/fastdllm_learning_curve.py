@@ -1,4 +1,4 @@
-r"""Learning curves of a Fast-dLLM v2 adaptation and of its AR-SFT reference, checkpoint by checkpoint.
+r"""Learning curves of a Fast-dLLM v2 adaptation and of its AR-SFT reference, by checkpoint.
 
 Fast-dLLM v2 claims block diffusion at the quality of AR fine-tuning on the same data. A
 single checkpoint pair says where two runs stand; this says how each gets there. For every
@@ -15,6 +15,16 @@ held-out questions at batch 1, greedy:
   logged times are in the JSON too).
 
 Step 0 is the pretrained weights. Both runs are read with their own saved configs.
+
+The block-diffusion run of the results; the AR-SFT run is the same command with
+``--workdir=runs/synth_ar --config.diffusion.objective=ar``:
+
+  python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py --workdir=runs/synth_matched \
+      --config.data.sft_source=synthetic --config.model.lora.rank=32 \
+      --config.model.lora.alpha=64.0 --config.model.lora.gated=False \
+      --config.train.trainable=lora --config.train.learning_rate=1e-3 \
+      --config.train.warmup_steps=4 --config.train.steps=200 --config.train.checkpoint_every=20 \
+      --config.train.keep_checkpoints=11 --config.train.eval_every=50
 
   PYTHONPATH=. python experiments/fastdllm_learning_curve.py --workdir=runs/synth_matched \
       --ar_workdir=runs/synth_ar --prompts=36 --max_new_tokens=32 --tag=synth
