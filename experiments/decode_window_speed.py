@@ -84,18 +84,24 @@ class Weights:
   data_dir: str  # Where the distilled data lives (the run, or a scratch folder).
 
 
-def load_weights(config, workdir: str) -> Weights:
-  """Base weights, plus the latest checkpoint of ``workdir`` if it has one."""
+def load_base(config, run_dir: str) -> tuple[str, tuple]:
+  """(scratch folder, ``load_for_inference`` of it): the pretrained weights ``config``
+  starts from, read through ``run_dir``'s converted copy when it has one."""
   base_dir = tempfile.mkdtemp()
-  run_dir = workdir if workdir and os.path.isdir(workdir) else ""
   if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
     # The run's converted pretrained folder: the GGUF is not converted again.
     os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
                os.path.join(base_dir, "pretrained"))
+  return base_dir, inference.load_for_inference(base_dir, config)
+
+
+def load_weights(config, workdir: str) -> Weights:
+  """Base weights, plus the latest checkpoint of ``workdir`` if it has one."""
+  run_dir = workdir if workdir and os.path.isdir(workdir) else ""
   # Plain LoRA comes back folded into the weights (and the config with rank 0), so the
   # run's checkpoint is read with the config as given, which still has the adapters.
   run_config = config
-  config, model, tok, base = inference.load_for_inference(base_dir, config)
+  base_dir, (config, model, tok, base) = load_base(config, run_dir)
   params, label = base, "base SmolLM2 weights (not adapted)"
   ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
   if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):

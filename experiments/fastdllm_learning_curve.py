@@ -144,13 +144,7 @@ def load_run(workdir: str, objective: str):
                      f"{objective!r}")
   if not checkpoint_steps(workdir):
     raise SystemExit(f"{workdir!r} has no checkpoint")
-  # The base weights: a scratch folder sharing the run's converted pretrained copy.
-  import tempfile  # pylint: disable=g-import-not-at-top
-  base_dir = tempfile.mkdtemp()
-  if os.path.isdir(os.path.join(workdir, "pretrained")):
-    os.symlink(os.path.abspath(os.path.join(workdir, "pretrained")),
-               os.path.join(base_dir, "pretrained"))
-  inf_config, model, tok, base = inference.load_for_inference(base_dir, config)
+  inf_config, model, tok, base = decode_window_speed.load_base(config, workdir)[1]
   return config, inf_config, model, tok, base
 
 
