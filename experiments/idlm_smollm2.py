@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -50,18 +51,36 @@ def distilled_prompts(workdir: str, config, n: int) -> list[str]:
 
 def minutes_per_step(workdir: str) -> dict[int, float]:
   """Cumulative training minutes at each logged step (from metrics.jsonl step times)."""
+  return {s: sec / 60.0 for s, sec in step_timing(read_metrics(workdir))[1].items()}
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of a run's metrics.jsonl (an absent file: none)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  out, total, last = {}, 0.0, 0
   if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      if "step_time_s" in row:
-        total += row["step_time_s"] * (row["step"] - last) / 60.0
-        last = row["step"]
-        out[row["step"]] = total
-  return out
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def step_timing(rows: list[dict]) -> tuple[float | None, dict[int, float]]:
+  """(median seconds per step, summed logged seconds at each logged step).
+
+  A logged ``step_time_s`` is the mean over the steps since the previous log, so the sum
+  weighs it by that many steps. A resumed run logs its steps again from the resume point:
+  the latest row for a step wins.
+  """
+  latest = {}
+  for r in rows:
+    if "step_time_s" in r:
+      latest[int(r["step"])] = float(r["step_time_s"])
+  if not latest:
+    return None, {}
+  cumulative, total, prev = {}, 0.0, 0
+  for step in sorted(latest):
+    total += latest[step] * (step - prev)
+    cumulative[step], prev = total, step
+  return statistics.median(latest.values()), cumulative
 
 
 def pick_steps(available: list[int], minutes: dict[int, float], want: list[float]):

@@ -39,10 +39,10 @@ def test_step_timing_weighs_each_log_by_its_steps_and_lets_a_resume_win():
           {"step": 10, "val_loss": 0.5},
           {"step": 10, "step_time_s": 3.0},  # Resumed at 5: step 10 logged again.
           {"step": 12, "step_time_s": 1.0}]
-  median, summed = _module().step_timing(rows)
+  median, summed = _module().idlm_smollm2.step_timing(rows)
   assert median == 2.0  # Of 2, 3 and 1.
   assert summed == {5: 10.0, 10: 25.0, 12: 27.0}
-  assert _module().step_timing([{"step": 10, "val_loss": 1.0}]) == (None, {})
+  assert _module().idlm_smollm2.step_timing([{"step": 10, "val_loss": 1.0}]) == (None, {})
   assert _module().logged_at(rows, 10, "val_loss") == 0.5
   assert _module().logged_at(rows, 5, "val_loss") is None
 
@@ -94,7 +94,7 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
       ("block diffusion", 0), ("block diffusion", 2), ("block diffusion", 4),
       ("AR-SFT", 0), ("AR-SFT", 2), ("AR-SFT", 4)]
   assert (tmp_path / "results" / "fastdllm_learning_curve_t.md").exists()
-  median = mod.step_timing(mod.read_metrics(runs["ar"]))[0]
+  median = mod.idlm_smollm2.step_timing(mod.idlm_smollm2.read_metrics(runs["ar"]))[0]
   for r in rows:
     hits = [synthetic.check(q.split(":", 1)[0], q, t) for q, t in zip(qs, r["texts"])]
     assert r["task_exact_match"] == pytest.approx(sum(hits) / len(qs))
@@ -124,3 +124,13 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
     json.dump(saved, f)
   with pytest.raises(SystemExit, match="start from different weights"):
     mod.main()
+
+
+def test_minutes_per_step_reads_the_run_through_step_timing(tmp_path):
+  """The I-DLM and Fast-dLLM experiments' minute marks: a resumed step counts once."""
+  rows = [{"step": 5, "step_time_s": 6.0}, {"step": 10, "step_time_s": 12.0},
+          {"step": 10, "step_time_s": 6.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert _module().idlm_smollm2.minutes_per_step(str(tmp_path)) == {
+      5: pytest.approx(0.5), 10: pytest.approx(1.0)}
+  assert _module().idlm_smollm2.minutes_per_step(str(tmp_path / "none")) == {}
