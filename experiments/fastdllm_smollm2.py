@@ -156,6 +156,16 @@ def chat(tokenizer, question: str) -> str:
   return tokenizer.apply_chat_template([{"role": "user", "content": question}])
 
 
+def scratch_with_pretrained(run_dir: str) -> str:
+  """A new scratch folder to load the base weights through: it links ``run_dir``'s
+  converted ``pretrained`` folder when there is one, so the GGUF is not converted again."""
+  scratch = tempfile.mkdtemp()
+  if run_dir and os.path.isdir(os.path.join(run_dir, "pretrained")):
+    os.symlink(os.path.abspath(os.path.join(run_dir, "pretrained")),
+               os.path.join(scratch, "pretrained"))
+  return scratch
+
+
 def heldout_questions(config, workdir: str, n: int, source: str) -> list[str]:
   """The first ``n`` questions of data.sft_source's validation split (``heldout``) or of
   its training split (``train``: what the model was fine-tuned on)."""
@@ -302,11 +312,7 @@ def main():
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
 
-  # The base: the run's converted pretrained folder, so the GGUF is not converted again.
-  base_dir = tempfile.mkdtemp()
-  if os.path.isdir(os.path.join(args.workdir, "pretrained")):
-    os.symlink(os.path.abspath(os.path.join(args.workdir, "pretrained")),
-               os.path.join(base_dir, "pretrained"))
+  base_dir = scratch_with_pretrained(args.workdir)
   run_config = config  # Keeps the adapters, which the loaded config has folded in.
   config, model, tok, base = inference.load_for_inference(base_dir, config)
   questions = heldout_questions(config, args.workdir, max(args.prompts, args.speed_prompts),

