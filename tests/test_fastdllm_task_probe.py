@@ -1,0 +1,120 @@
+"""experiments/fastdllm_task_probe.py: mask patterns, commit order, and the teacher-forced
+predictions against the decoder's own layout."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax import masks
+from blockdiff_jax.model import build
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "fastdllm_task_probe.py")
+BLOCK = 8
+MASK = 3
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("fastdllm_task_probe", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _example(mod, start, n_answer, length, seed=0):
+  """A row of ``length`` tokens: prompt [0, start), answer, EOS, EOS padding (loss 1)."""
+  toks = np.random.default_rng(seed).integers(4, 60, length).astype(np.int32)
+  toks[start + n_answer:] = 1  # EOS id 1.
+  loss = (np.arange(length) >= start).astype(np.float32)
+  return mod.Example("q", "a", toks, loss, start, n_answer)
+
+
+def test_pattern_masks_follow_their_definitions():
+  mod = _module()
+  ex = _example(mod, start=5, n_answer=3, length=16)  # Answer 5..7, EOS 8, padding 9..15.
+  m, t = mod.pattern_masks(ex, "all masked")
+  assert m.shape == (1, 16) and list(t) == [5, 6, 7, 8]
+  assert list(np.flatnonzero(m[0])) == list(range(5, 16))
+  m, t = mod.pattern_masks(ex, "left to right")
+  assert [list(np.flatnonzero(r)) for r in m] == [list(range(k, 16)) for k in (5, 6, 7, 8)]
+  m, t = mod.pattern_masks(ex, "right to left")
+  assert [list(np.flatnonzero(r)) for r in m] == [
+      list(range(5, k + 1)) + list(range(9, 16)) for k in (5, 6, 7, 8)]
+  m, t = mod.pattern_masks(ex, "cloze")
+  assert [list(np.flatnonzero(r)) for r in m] == [[5], [6], [7], [8]]
+  assert [ex.place(k) for k in t] == [3, 2, 1, 0]
+  with pytest.raises(ValueError, match="pattern must be one of"):
+    mod.pattern_masks(ex, "random")
+
+
+def test_commit_order_reads_the_decoded_answer():
+  mod = _module()
+  fill = lambda pos, tok, fwd: {"position": pos, "token": tok, "forward": fwd}
+  # A 3-token answer: EOS first (forward 1), then the last token, then the others.
+  fills = [fill(3, 1, 1), fill(4, 1, 1), fill(2, 9, 2), fill(0, 7, 3), fill(1, 8, 3)]
+  o = mod.commit_order(fills, eos_id=1)
+  assert o["forward_by_place"] == {3: 3, 2: 3, 1: 2, 0: 1}
+  assert o["last_before_first"] and o["eos_before_last"] and not o["one_forward"]
+  one = mod.commit_order([fill(0, 7, 1), fill(1, 1, 1)], eos_id=1)
+  assert one["one_forward"] and not one["last_before_first"]
+  assert mod.commit_order([fill(0, 7, 1)], eos_id=1) is None  # Never ends.
+  assert mod.commit_order([fill(0, 1, 1)], eos_id=1) is None  # Empty answer.
+  acc = mod.accuracy_by_place([{2: True, 1: False, 0: True}, {1: True, 0: True}])
+  assert acc == {0: [2, 2], 1: [1, 2], 2: [1, 1]}
+  rows = [o, one, None]
+  assert mod.share(rows, "eos_before_last") == (1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  c = config_lib.base_config()
+  c.model.d_model = 32
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 16
+  c.model.moe.expert_dim = 32
+  model, _ = build.build_model(c)
+  return model, build.init_params(model, 0)
+
+
+def _decoder_layout_argmax(model, params, toks, masked, k):
+  """Token k predicted as the decoder predicts it: for a block's first token the clean
+  forward over the blocks before it, else the noisy block (masked where ``masked``) after
+  the clean prefix, read at k-1."""
+  lo = k // BLOCK * BLOCK
+  pos = jnp.arange(lo + BLOCK, dtype=jnp.int32)[None]
+  seg = jnp.zeros_like(pos)
+  if k == lo:
+    logits, _ = model.apply({"params": params}, jnp.asarray(toks[:lo])[None],
+                            masks.make_meta(pos[:, :lo], BLOCK, masks.CLEAN, seg[:, :lo]))
+  else:
+    noisy = np.where(masked[lo:lo + BLOCK], MASK, toks[lo:lo + BLOCK])
+    inp = np.concatenate([toks[:lo], noisy])
+    meta = masks.make_meta(pos[:, :lo], BLOCK, masks.CLEAN, seg[:, :lo]).concat(
+        masks.make_meta(pos[:, lo:], BLOCK, masks.NOISY, seg[:, lo:]))
+    logits, _ = model.apply({"params": params}, jnp.asarray(inp)[None], meta)
+  row = logits[0, k - 1].at[MASK].set(-jnp.inf)
+  return int(jnp.argmax(row))
+
+
+@pytest.mark.parametrize("pattern", ["all masked", "left to right", "right to left", "cloze"])
+@pytest.mark.parametrize("start,n_answer", [(5, 4), (3, 2), (8, 3)])
+def test_teacher_forced_predictions_equal_the_decoder_layout(tiny, pattern, start, n_answer):
+  """The probe's training-layout forward predicts each answer token exactly as a forward
+  in the decoding layout with the same tokens masked (answers crossing a block boundary
+  and starting on one included)."""
+  mod = _module()
+  model, params = tiny
+  ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
+  apply_fn = jax.jit(build.make_apply(model))
+  got = mod.block_predictions(apply_fn, params, ex, BLOCK, MASK, pattern)
+  m, targets = mod.pattern_masks(ex, pattern)
+  for r, k in enumerate(targets):
+    want = _decoder_layout_argmax(model, params, ex.tokens, m[0 if len(m) == 1 else r], k)
+    assert got[ex.place(k)] == want, (pattern, k)
+  correct = mod.block_correct(apply_fn, params, ex, BLOCK, MASK, pattern)
+  assert correct == {p: t == int(ex.tokens[ex.start + ex.n_answer - p]) for p, t in got.items()}
