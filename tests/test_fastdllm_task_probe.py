@@ -74,6 +74,41 @@ def test_commit_order_reads_the_decoded_answer():
   assert mod.share(rows, "eos_before_last") == (1, 2)
 
 
+@pytest.mark.parametrize("shared,step,spec,quick,want", [
+    ([40, 80], 0, "all", False, (80, [0, 40, 80])),
+    ([40, 80], 0, "all", True, (80, [0, 80])),
+    ([40, 80], 40, "", False, (40, [40])),
+    ([40, 80], 0, "0,40", False, (80, [0, 40, 80])),
+])
+def test_pick_steps_adds_the_probed_step(shared, step, spec, quick, want):
+  assert _module().pick_steps(shared, step, spec, quick) == want
+
+
+@pytest.mark.parametrize("shared,step,spec,message", [
+    ([40, 80], 60, "all", r"--step=60: both runs need a checkpoint"),
+    ([], 0, "all", r"--step=0: both runs need a checkpoint there; they share \[\]"),
+    ([40, 80], 0, "40,60", r"no checkpoint of both runs at \[60\]"),
+    ([40, 80], 0, "all,40", r"must be 'all' or comma-separated"),
+])
+def test_pick_steps_names_what_is_missing(shared, step, spec, message):
+  with pytest.raises(SystemExit, match=message):
+    _module().pick_steps(shared, step, spec, False)
+
+
+def test_runs_from_other_weights_or_data_are_refused():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  mod = _module()
+  make = lambda pretrained, seed: ml_collections.ConfigDict(
+      {"init": {"pretrained": pretrained},
+       "data": {"sft_source": "synthetic", "synthetic_tasks": "add", "seed": seed,
+                "synthetic_digits": 5}})
+  mod.fastdllm_learning_curve.check_same_origin(make("a", 0), make("a", 0), mod.SAME_DATA)
+  with pytest.raises(SystemExit, match="start from different weights"):
+    mod.fastdllm_learning_curve.check_same_origin(make("a", 0), make("b", 0), mod.SAME_DATA)
+  with pytest.raises(SystemExit, match="the runs differ in data.seed: 0 and 1"):
+    mod.fastdllm_learning_curve.check_same_origin(make("a", 0), make("a", 1), mod.SAME_DATA)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   c = config_lib.base_config()
