@@ -100,11 +100,15 @@ class MaskSpec:
 
   Attributes:
     causal_noisy: causal (instead of bidirectional) attention inside a noisy block.
+    causal_clean: causal attention inside a clean block too; with ``causal_noisy`` the
+      clean stream is then exactly a causal LM's, and a noisy block whose earlier tokens
+      are all given sees what a causal LM sees.
     window_blocks: 0 = every earlier clean block in full; W > 0 = only the last W
       earlier blocks in full, older ones through their summary slots.
   """
 
   causal_noisy: bool = False
+  causal_clean: bool = False
   window_blocks: int = 0
 
   def __post_init__(self):
@@ -135,6 +139,8 @@ def mask_fn(q: TokenMeta, k: TokenMeta, spec: MaskSpec = MaskSpec()) -> Array:
   # own block for clean ones.
   limit = jnp.where(q_noisy, bq - 1, bq)
   clean_key = ~k_noisy & (bk <= limit)
+  if spec.causal_clean:
+    clean_key = clean_key & ((bk < bq) | (k.positions <= q.positions))
   if spec.window_blocks:
     in_window = bk >= bq - spec.window_blocks
   else:

@@ -56,6 +56,8 @@ CASES = {
     "train_bs4_gqa": (*_training(24, 4), masks.MaskSpec(), 4, 2, 16),
     "train_bs8_mha": (*_training(40, 8), masks.MaskSpec(), 2, 2, 16),
     "train_bs16_causal_noisy": (*_training(32, 16), masks.MaskSpec(causal_noisy=True), 2, 1, 32),
+    "train_bs8_causal_blocks": (*_training(32, 8), masks.MaskSpec(causal_noisy=True,
+                                                                  causal_clean=True), 2, 1, 16),
     "decode_cache": (*_decoding(37, 8, empty_slots=5), masks.MaskSpec(), 4, 1, 16),
     "summary_window": (*_summary(32, 4, 2), masks.MaskSpec(window_blocks=2), 2, 1, 16),
     "padded_segments": (*_padded_segments(21, 4), masks.MaskSpec(), 2, 1, 24),

@@ -6,7 +6,7 @@ import pytest
 from blockdiff_jax import masks
 
 
-def reference_mask(length, block_size, segments=None, causal_noisy=False):
+def reference_mask(length, block_size, segments=None, causal_noisy=False, causal_clean=False):
   """Slow per-pair rules of BD3-LM over [x_t ; x_0] (2L × 2L)."""
   seg = np.zeros(length, int) if segments is None else np.asarray(segments)
   out = np.zeros((2 * length, 2 * length), bool)
@@ -24,17 +24,30 @@ def reference_mask(length, block_size, segments=None, causal_noisy=False):
       elif k_noisy:
         ok = False
       else:
-        ok = bk <= bq
+        ok = bk < bq or (bk == bq and (not causal_clean or kj <= qi))
       out[i, j] = ok
   return out
 
 
 @pytest.mark.parametrize("length,block_size", [(8, 1), (8, 2), (12, 4), (8, 8), (16, 16)])
-@pytest.mark.parametrize("causal_noisy", [False, True])
-def test_training_mask_matches_reference(length, block_size, causal_noisy):
+@pytest.mark.parametrize("causal_noisy,causal_clean", [(False, False), (True, False),
+                                                       (True, True)])
+def test_training_mask_matches_reference(length, block_size, causal_noisy, causal_clean):
   meta = masks.training_meta(length, block_size)
-  got = np.asarray(masks.dense_mask(meta, meta, masks.MaskSpec(causal_noisy=causal_noisy))[0])
-  np.testing.assert_array_equal(got, reference_mask(length, block_size, None, causal_noisy))
+  spec = masks.MaskSpec(causal_noisy=causal_noisy, causal_clean=causal_clean)
+  got = np.asarray(masks.dense_mask(meta, meta, spec)[0])
+  np.testing.assert_array_equal(
+      got, reference_mask(length, block_size, None, causal_noisy, causal_clean))
+
+
+@pytest.mark.parametrize("length,block_size", [(8, 2), (12, 4)])
+def test_causal_blocks_make_the_clean_stream_a_causal_lm(length, block_size):
+  """With both streams causal inside a block, clean queries see exactly the clean keys at
+  or before them, as a causal LM's."""
+  meta = masks.training_meta(length, block_size)
+  spec = masks.MaskSpec(causal_noisy=True, causal_clean=True)
+  clean = np.asarray(masks.dense_mask(meta, meta, spec)[0])[length:, length:]
+  np.testing.assert_array_equal(clean, np.tril(np.ones((length, length), bool)))
 
 
 def test_segments_isolate_documents():

@@ -1,5 +1,7 @@
 """Fast-dLLM v2 objective: token shift and complementary masks against a slow reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -142,3 +144,67 @@ def test_trainer_runs_the_fastdllm_objective_from_a_pretrained_checkpoint(tmp_pa
       "checkpoint" in n for n in os.listdir(workdir))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["diffusion"]["objective"] == "fastdllm"
+
+
+@pytest.mark.parametrize("objective,attention,want", [
+    ("fastdllm", "auto", masks.MaskSpec()),
+    ("fastdllm", "bidirectional", masks.MaskSpec()),
+    ("fastdllm", "causal", masks.MaskSpec(causal_noisy=True, causal_clean=True)),
+    ("introspective", "auto", masks.MaskSpec(causal_noisy=True)),
+    ("bd3", "causal", masks.MaskSpec(causal_noisy=True, causal_clean=True)),
+])
+def test_block_attention_selects_the_mask(objective, attention, want):
+  from blockdiff_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  d = diffusion_config.default_diffusion_config()
+  d.objective, d.block_attention = objective, attention
+  assert model_config.mask_spec(d) == want
+
+
+@pytest.mark.parametrize("objective,attention,message", [
+    ("fastdllm", "sideways", "diffusion.block_attention must be one of"),
+    ("introspective", "bidirectional", "contradicts diffusion.objective='introspective'"),
+])
+def test_block_attention_is_validated(objective, attention, message):
+  c = ml_collections.ConfigDict()
+  c.diffusion = diffusion_config.default_diffusion_config()
+  c.data = ml_collections.ConfigDict({"seq_len": 64})
+  c.diffusion.objective, c.diffusion.token_shift = objective, True
+  c.diffusion.block_attention = attention
+  with pytest.raises(ValueError, match=message):
+    diffusion_config.validate(c)
+
+
+def _causal_lm_logits(model, params, x0):
+  """Logits of a plain causal forward (every token its own clean block)."""
+  pos = jnp.broadcast_to(jnp.arange(x0.shape[1], dtype=jnp.int32), x0.shape)
+  logits, _ = model.apply({"params": params}, x0, masks.make_meta(pos, 1, masks.CLEAN))
+  return logits
+
+
+@pytest.mark.parametrize("bs,length", [(4, 12), (8, 16)])
+def test_causal_blocks_given_the_left_context_are_the_causal_lm(bs, length):
+  """With block_attention=causal, token k predicted in the [x_t ; x_0] layout with every
+  earlier token of its block given (the rest masked) is the causal LM's prediction from
+  tokens[:k], to float precision, so a pretrained AR model starts where it was. With
+  bidirectional blocks the masks after k and the clean stream's look-ahead change it."""
+  cfg = transformer.TransformerConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=4,
+                                      num_kv_heads=2, head_dim=8, mlp_dim=64)
+  x0 = jax.random.randint(jax.random.key(1), (1, length), 0, MASK)
+  ks = np.arange(1, length)
+  # Row r predicts token ks[r]: its block's tokens from ks[r] on are masked.
+  idx = np.arange(length)
+  masked = (idx[None] >= ks[:, None]) & (idx[None] // bs == ks[:, None] // bs)
+  xt = jnp.where(jnp.asarray(masked), MASK, x0)
+  x0s = jnp.broadcast_to(x0, xt.shape)
+  gaps = {}
+  for name, spec in (("causal", masks.MaskSpec(causal_noisy=True, causal_clean=True)),
+                     ("bidirectional", masks.MaskSpec())):
+    model = transformer.Transformer(dataclasses.replace(cfg, mask_spec=spec))
+    params = build.init_params(model, 0)
+    logits, _ = model.apply({"params": params}, jnp.concatenate([xt, x0s], axis=1),
+                            masks.training_meta(length, bs, len(ks)))
+    got = fastdllm.shifted_logits(logits, bs)[np.arange(len(ks)), ks]
+    want = _causal_lm_logits(model, params, x0)[0, ks - 1]
+    gaps[name] = float(jnp.max(jnp.abs(got - want)))
+  assert gaps["causal"] < 1e-4, gaps
+  assert gaps["bidirectional"] > 1e-2, gaps

@@ -166,6 +166,44 @@ def test_shifted_decoding_of_prompts_inside_the_first_block(tiny, sub_block):
   assert (out["tokens"] != cv.tokens).any()
 
 
+def _greedy_causal_lm(model, params, ids, max_new, eos_id, mask_id):
+  """Slow AR reference: a full causal forward per token (every token its own block)."""
+  toks = list(ids)
+  for _ in range(max_new):
+    pos = jnp.arange(len(toks), dtype=jnp.int32)[None]
+    logits, _ = _jit_apply(model)({"params": params}, jnp.asarray(toks)[None],
+                                  masks.make_meta(pos, 1, masks.CLEAN))
+    toks.append(int(jnp.argmax(logits[0, -1].at[mask_id].set(-jnp.inf))))
+    if toks[-1] == eos_id:
+      break
+  return toks[len(ids):]
+
+
+@pytest.mark.parametrize("sub_block,dual", [(0, False), (4, False), (0, True)])
+def test_causal_blocks_decoded_left_to_right_are_the_causal_lm(sub_block, dual):
+  """With diffusion.block_attention=causal, one token per forward from the left through
+  the block cache (and the sub-block and dual caches, exact here since no position sees
+  the MASKs after it) is greedy AR decoding of the same weights."""
+  c = config_lib.base_config()
+  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
+  c.model.moe.num_experts = 0  # Block routing would let a token see its block's future.
+  c.diffusion.block_size = BLOCK
+  c.diffusion.block_attention = "causal"
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 3)
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              policy=policies.LeftToRight(), sub_block_size=sub_block,
+                              dual_cache=dual, token_shift=True)
+  ids = [layout.parse(tok, p).ids for p in PROMPTS]
+  cv = layout.generation_canvas(ids, MAX_NEW, BLOCK, tok.mask_id, MAX_LEN, WIDTH)
+  out = decoder.decode(model, params, cv, opt, prefill_width=16)
+  for i, row in enumerate(ids):
+    want = _greedy_causal_lm(model, params, row, MAX_NEW, tok.eos_id, tok.mask_id)
+    got = out["tokens"][i, len(row):len(row) + len(want)]
+    np.testing.assert_array_equal(got, want)
+    assert len(want) > 1
+
+
 def test_a_masked_first_slot_is_refused_under_token_shift(tiny):
   """Slot 0 has no output before it: an infill span there used to decode as token 0."""
   model, tok, params = tiny

@@ -12,6 +12,7 @@ from blockdiff_jax.diffusion import schedules
 
 
 OBJECTIVES = ("bd3", "fastdllm", "introspective", "ar")
+BLOCK_ATTENTION = ("auto", "bidirectional", "causal")
 # Objectives that reuse a pretrained AR head, so they need diffusion.token_shift=True.
 SHIFTED_OBJECTIVES = ("fastdllm", "introspective", "ar")
 
@@ -38,6 +39,10 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   # copy of every block; the clean stream then runs without gradient when that is exact
   # (gated LoRA with train.trainable=lora), so the backward covers K*N tokens, not 2L.
   d.isd_anchors = 0
+  # Attention among the tokens of one block: auto = the objective's own (causal noisy
+  # blocks for introspective, bidirectional otherwise) | bidirectional | causal (both
+  # streams, as the AR model attends: an ablation of Fast-dLLM v2's bidirectional blocks).
+  d.block_attention = "auto"
   return d
 
 
@@ -96,6 +101,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     introspective.IntrospectiveObjective(stride=d.isd_stride, mask_id=0,
                                          clean_weight=d.clean_weight,
                                          anchors=d.get("isd_anchors", 0))
+  attention = d.get("block_attention", "auto")
+  if attention not in BLOCK_ATTENTION:
+    raise ValueError(f"diffusion.block_attention must be one of {BLOCK_ATTENTION}, "
+                     f"got {attention!r}")
+  if attention == "bidirectional" and d.get("objective", "bd3") == "introspective":
+    raise ValueError("diffusion.block_attention='bidirectional' contradicts "
+                     "diffusion.objective='introspective', whose noisy blocks are causal")
   if d.block_size < 1:
     raise ValueError(f"diffusion.block_size must be >= 1, got {d.block_size}")
   if config.data.seq_len % d.block_size:

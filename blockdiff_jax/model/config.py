@@ -83,15 +83,33 @@ def default_model_config() -> ml_collections.ConfigDict:
 BACKEND_FIELDS = ("interpret",)
 
 
+def mask_spec(diffusion) -> masks.MaskSpec:
+  """The attention inside a block that a ``diffusion`` config section asks for.
+
+  ``block_attention="auto"``: I-DLM's introspective objective trains causal noisy blocks
+  (its clean stream is causal through its block ids); every other objective keeps blocks
+  bidirectional. ``"causal"``: both streams causal inside a block, the pattern of the AR
+  model a token-shifted run starts from.
+  """
+  attention = diffusion.get("block_attention", "auto")
+  if attention == "auto":
+    return masks.MaskSpec(causal_noisy=diffusion.get("objective", "bd3") == "introspective")
+  if attention == "bidirectional":
+    return masks.MaskSpec()
+  if attention == "causal":
+    return masks.MaskSpec(causal_noisy=True, causal_clean=True)
+  raise ValueError("diffusion.block_attention must be one of ('auto', 'bidirectional', "
+                   f"'causal'), got {attention!r}")
+
+
 def model_config(config: ml_collections.ConfigDict,
                  vocab_size: int | None = None) -> transformer.TransformerConfig:
   """The static TransformerConfig of an experiment config (vocab from the tokenizer if 0).
 
-  I-DLM's introspective objective trains noisy blocks with causal attention inside them
-  (``MaskSpec.causal_noisy``); every other objective keeps them bidirectional.
+  The attention inside a block follows ``diffusion.block_attention`` (``mask_spec``).
   """
   diffusion = config.get("diffusion") or {}
-  spec = masks.MaskSpec(causal_noisy=diffusion.get("objective", "bd3") == "introspective")
+  spec = mask_spec(diffusion)
   block_size = config.diffusion.block_size if "diffusion" in config else None
   return transformer.TransformerConfig.from_config(config.model, vocab_size, mask_spec=spec,
                                                    block_size=block_size)
