@@ -345,7 +345,8 @@ def main():
           "ar_run": os.path.normpath(args.ar_workdir), "step": step, "task": args.task,
           "split": args.split, "questions": [q for q, _ in pairs],
           "answers": [a for _, a in pairs],
-          "block_size": bk, "sub_block_size": inf_config.sample.sub_block_size}
+          "block_size": bk, "sub_block_size": inf_config.sample.sub_block_size,
+          "block_attention": block_attention(model)}
   payload = {"env": env, "meta": meta, "teacher_forced": known, "curve": curve,
              "decoded": decoded, "commit_order": orders}
   path = decode_window_speed.write_outputs("fastdllm_task_probe", args.tag, payload,
@@ -355,6 +356,14 @@ def main():
   except ImportError:
     print("matplotlib missing: no plot")
   print(f"wrote {path}.{{json,md,png}}")
+
+
+def block_attention(model) -> str:
+  """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
+  spec = model.cfg.mask_spec
+  if spec.causal_noisy and spec.causal_clean:
+    return "causal"
+  return "causal noisy blocks" if spec.causal_noisy else "bidirectional"
 
 
 def _place_name(place: int) -> str:
@@ -379,7 +388,8 @@ def markdown(payload: dict) -> str:
   out = [f"# Why the block model fails `{meta['task']}`: step {meta['step']}",
          "", f"{len(meta['questions'])} {split} `{meta['task']}` questions; block run "
          f"`{meta['block_run']}`, AR-SFT run `{meta['ar_run']}` (blocks of "
-         f"{meta['block_size']}, sub-blocks of {meta['sub_block_size']}).", "",
+         f"{meta['block_size']}, sub-blocks of {meta['sub_block_size']}, "
+         f"{meta.get('block_attention', 'bidirectional')} attention inside a block).", "",
          "## Teacher-forced argmax accuracy by answer position", "",
          "| position | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for p in places:

@@ -39,6 +39,15 @@ def small_model_config(**model):
   return c
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder():
+  """(model, tokenizer, params at seed 0) of ``small_model_config()``: a 32-wide MoE that
+  the decoder, trace, serving and probe tests share (built once per worker)."""
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  model, tok = build.build_model(small_model_config())
+  return model, tok, build.init_params(model, 0)
+
+
 XLA_CACHE_OPTIONS = {  # The persistent compilation cache, for every entry however small.
     "jax_persistent_cache_min_compile_time_secs": 0,
     "jax_persistent_cache_min_entry_size_bytes": 0,

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 
@@ -109,18 +108,6 @@ def test_runs_from_other_weights_or_data_are_refused():
     mod.fastdllm_learning_curve.check_same_origin(make("a", 0), make("a", 1), mod.SAME_DATA)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
-  model, _ = build.build_model(c)
-  return model, build.init_params(model, 0)
-
-
 def _decoder_layout_argmax(model, params, toks, masked, exists, k):
   """Token k predicted as the decoder predicts it: for a block's first token the clean
   forward over the blocks before it, else the noisy block (masked where ``masked``; slots
@@ -144,12 +131,12 @@ def _decoder_layout_argmax(model, params, toks, masked, exists, k):
 @pytest.mark.parametrize("pattern", ["all masked", "left to right", "prefix only",
                                      "right to left", "cloze"])
 @pytest.mark.parametrize("start,n_answer", [(5, 4), (3, 2), (8, 3)])
-def test_teacher_forced_predictions_equal_the_decoder_layout(tiny, pattern, start, n_answer):
+def test_teacher_forced_predictions_equal_the_decoder_layout(tiny_decoder, pattern, start, n_answer):
   """The probe's training-layout forward predicts each answer token exactly as a forward
   in the decoding layout with the same tokens masked (answers crossing a block boundary
   and starting on one included)."""
   mod = _module()
-  model, params = tiny
+  model, _, params = tiny_decoder
   ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
   apply_fn = jax.jit(build.make_apply(model))
   got = mod.block_predictions(apply_fn, params, ex, BLOCK, MASK, pattern)
@@ -163,10 +150,10 @@ def test_teacher_forced_predictions_equal_the_decoder_layout(tiny, pattern, star
 
 
 @pytest.mark.parametrize("start,n_answer", [(5, 4), (8, 3)])
-def test_ar_predictions_are_the_next_token_of_a_causal_prefix(tiny, start, n_answer):
+def test_ar_predictions_are_the_next_token_of_a_causal_prefix(tiny_decoder, start, n_answer):
   """Token k of the AR column is the argmax of a forward over tokens[:k] alone."""
   mod = _module()
-  model, params = tiny
+  model, _, params = tiny_decoder
   ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
   got = mod.ar_predictions(jax.jit(build.make_apply(model)), params, ex, MASK)
   for k in range(start, start + n_answer + 1):
@@ -197,10 +184,25 @@ def test_markdown_reads_its_own_json_back(tmp_path):
              "decoded": [{"decoder": "threshold 0.9", "exact_match": [1, 4], "tpf": 1.5}],
              "commit_order": [order, None]}
   text = mod.markdown(payload)
+  # Results written before diffusion.block_attention existed had bidirectional blocks.
+  assert "bidirectional attention inside a block" in text
   assert "| 2 from end | 0.33 (1/3) |" in text and "| EOS | 1.00 (4/4) |" in text
   assert "| 20 | 0.75 (3/4) / 0.57 (4/7) |" in text
   assert "EOS committed before the last answer token: 1.00 (1/1)" in text
   back = json.loads(json.dumps(payload))
   assert mod.markdown(back) == text
+  payload["meta"]["block_attention"] = "causal"
+  assert "causal attention inside a block" in mod.markdown(payload)
   mod.plot(tf, payload["curve"], "add", 20, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_block_attention_names_the_runs_mask(tiny_decoder):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  mod = _module()
+  model = tiny_decoder[0]
+  assert mod.block_attention(model) == "bidirectional"
+  for spec, name in ((masks.MaskSpec(causal_noisy=True, causal_clean=True), "causal"),
+                     (masks.MaskSpec(causal_noisy=True), "causal noisy blocks")):
+    other = model.clone(cfg=dataclasses.replace(model.cfg, mask_spec=spec))
+    assert mod.block_attention(other) == name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tokenizers as hf_tokenizers
 
-from blockdiff_jax import config as config_lib
+from conftest import small_model_config
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.interop import tokenizer as tokenizer_lib
 from blockdiff_jax.model import build
@@ -23,12 +23,7 @@ BLOCK, MAX_LEN, MAX_NEW = 8, 64, 8
 
 @pytest.fixture(scope="module")
 def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
+  c = small_model_config()
   c.diffusion.block_size = BLOCK
   c.data.seq_len = MAX_LEN
   model, tok = build.build_model(c)

@@ -5,8 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_model_config
-from blockdiff_jax.model import build
 from blockdiff_jax.model import kv_memory
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import decoder
@@ -216,20 +214,14 @@ MAX_NEW = 24
 FULL_RANK = hc.Hierarchy(window=1, chunk=8, rank=8)  # head_dim 16 >= chunk: exact.
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  model, tok = build.build_model(small_model_config())
-  return model, tok, build.init_params(model, 0)
-
-
 def _canvas(tok, block):
   ids = [layout.parse(tok, p).ids for p in PROMPTS]
   return layout.generation_canvas(ids, MAX_NEW, block, tok.mask_id, 96)
 
 
 @pytest.mark.parametrize("sub_block,shift", [(0, False), (4, True)])
-def test_block_decoder_full_rank_equals_full_cache(tiny, sub_block, shift):
-  model, tok, params = tiny
+def test_block_decoder_full_rank_equals_full_cache(tiny_decoder, sub_block, shift):
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), sub_block_size=sub_block,
                               token_shift=shift, stop_at_eos=False)
@@ -242,8 +234,8 @@ def test_block_decoder_full_rank_equals_full_cache(tiny, sub_block, shift):
   assert (want["tokens"] != cv.tokens).any()
 
 
-def test_ar_and_isd_full_rank_equal_full_cache(tiny):
-  model, tok, params = tiny
+def test_ar_and_isd_full_rank_equal_full_cache(tiny_decoder):
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=1, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               token_shift=True, stop_at_eos=False)
   hier = opt.__class__(**{**opt.__dict__, "kv_hierarchy": FULL_RANK})
@@ -255,9 +247,9 @@ def test_ar_and_isd_full_rank_equal_full_cache(tiny):
   np.testing.assert_array_equal(out["tokens"], want["tokens"])  # ISD is lossless too.
 
 
-def test_low_rank_decoding_differs_and_its_logit_cost_is_measured(tiny):
+def test_low_rank_decoding_differs_and_its_logit_cost_is_measured(tiny_decoder):
   """Rank 1 of 8 changes the next-token distribution; the KL is measured and bounded."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   ids = np.asarray(layout.parse(tok, PROMPTS[0] * 2).ids, np.int32)[None]
   n = ids.shape[1]
   fn = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, cache=c, return_kv=True))

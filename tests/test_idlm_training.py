@@ -1,7 +1,6 @@
 """I-DLM end to end: self-distillation, introspective training of gated LoRA, lossless ISD."""
 
 import json
-import os
 
 import flax
 import jax

@@ -7,32 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample
-from blockdiff_jax.model import build
 
 BLOCK = 8
 WIDTH = 48
 MAX_LEN = 64
 PROMPTS = ["<|bos|>hello world, this", "<|bos|>ab"]  # 18 and 3 tokens: mid-block ends.
 MAX_NEW = 20
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
-  model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0)
 
 
 def _options(tok, **kw):
@@ -111,8 +97,8 @@ def _reference_decode(model, params, opt, tokens, maskable, length, start):
 
 
 @pytest.mark.parametrize("sub_block", [0, 4])
-def test_cached_decoding_equals_no_cache_reference(tiny, sub_block):
-  model, tok, params = tiny
+def test_cached_decoding_equals_no_cache_reference(tiny_decoder, sub_block):
+  model, tok, params = tiny_decoder
   opt = _options(tok, sub_block_size=sub_block)
   cv = _canvas(tok)
   out = decoder.decode(model, params, cv, opt, prefill_width=16)
@@ -125,9 +111,9 @@ def test_cached_decoding_equals_no_cache_reference(tiny, sub_block):
   assert out["nfe"].min() < MAX_NEW
 
 
-def test_cached_logits_equal_full_recompute(tiny):
+def test_cached_logits_equal_full_recompute(tiny_decoder):
   """The exact block cache: logits of a noisy block with the cache == without it."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   rng = np.random.default_rng(0)
   toks = rng.integers(0, 256, (1, 4 * BLOCK)).astype(np.int32)
   lo = 3 * BLOCK
@@ -148,8 +134,8 @@ def test_cached_logits_equal_full_recompute(tiny):
   np.testing.assert_allclose(got[0], ref[0, lo:], atol=2e-5, rtol=2e-5)
 
 
-def test_mixed_prompt_lengths_equal_rows_alone(tiny):
-  model, tok, params = tiny
+def test_mixed_prompt_lengths_equal_rows_alone(tiny_decoder):
+  model, tok, params = tiny_decoder
   opt = _options(tok)
   both = decoder.decode(model, params, _canvas(tok), opt, prefill_width=16)
   for i, p in enumerate(PROMPTS):
@@ -159,9 +145,9 @@ def test_mixed_prompt_lengths_equal_rows_alone(tiny):
     assert both["nfe"][i] == alone["nfe"][0]
 
 
-def test_rows_progress_independently(tiny):
+def test_rows_progress_independently(tiny_decoder):
   """Per-row blocks: the batch takes max row NFE forwards, not sum over blocks of max."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   prompts = PROMPTS + ["<|bos|>abcdefghi"]  # 10 tokens: a third start offset.
   opt = _options(tok)
   cv = _canvas(tok, prompts)
@@ -174,8 +160,8 @@ def test_rows_progress_independently(tiny):
     np.testing.assert_array_equal(out["tokens"][i], ref)
 
 
-def test_left_to_right_equals_reference_one_token_per_forward(tiny):
-  model, tok, params = tiny
+def test_left_to_right_equals_reference_one_token_per_forward(tiny_decoder):
+  model, tok, params = tiny_decoder
   opt = _options(tok, policy=policies.make_policy("l2r"))
   cv = _canvas(tok)
   out = decoder.decode(model, params, cv, opt, prefill_width=16)
@@ -186,8 +172,8 @@ def test_left_to_right_equals_reference_one_token_per_forward(tiny):
     np.testing.assert_array_equal(out["tokens"][i], ref)
 
 
-def test_on_block_streams_each_rows_blocks_in_order(tiny):
-  model, tok, params = tiny
+def test_on_block_streams_each_rows_blocks_in_order(tiny_decoder):
+  model, tok, params = tiny_decoder
   got = {}
 
   def on_block(block_index, tokens, active):
@@ -204,8 +190,8 @@ def test_on_block_streams_each_rows_blocks_in_order(tiny):
   assert sorted(got) == [0, 1]
 
 
-def test_tau_one_decodes_one_token_per_step(tiny):
-  model, tok, params = tiny
+def test_tau_one_decodes_one_token_per_step(tiny_decoder):
+  model, tok, params = tiny_decoder
   rows, summary = sample.generate(model, params, tok, PROMPTS,
                                   _options(tok, policy=policies.Threshold(1.0)), MAX_NEW,
                                   MAX_LEN, width=WIDTH)
@@ -218,8 +204,8 @@ def test_tau_one_decodes_one_token_per_step(tiny):
   assert summary["commit_passes"] == 0 and summary["unique_experts"] > 0
 
 
-def test_infilling_keeps_context_byte_identical(tiny):
-  model, tok, params = tiny
+def test_infilling_keeps_context_byte_identical(tiny_decoder):
+  model, tok, params = tiny_decoder
   texts = ["def f(x):<|mask:5|> return x + 1\n# end<|mask:3|>!",
            "héllo <|mask:2|> wörld <|sep|> tail that is long enough"]
   res = sample.infill(model, params, tok, texts, _options(tok), MAX_LEN)
@@ -254,8 +240,8 @@ class _EosAt:
     return logits.at[..., self.eos_id].add(bias), aux
 
 
-def test_eos_stops_rows_and_ar_matches_reference(tiny):
-  model, tok, params = tiny
+def test_eos_stops_rows_and_ar_matches_reference(tiny_decoder):
+  model, tok, params = tiny_decoder
   eos_model = _EosAt(model, tok.eos_id, 21)
   opt = _options(tok)
   rows, _ = sample.generate(eos_model, params, tok, PROMPTS, opt, MAX_NEW, MAX_LEN,
@@ -292,14 +278,14 @@ def test_eos_stops_rows_and_ar_matches_reference(tiny):
     (["<|bos|>hi"], 0, "max_new_tokens must be >= 1, got 0"),
     (["<|bos|>a<|mask:2|>"], 8, "use infill"),
 ])
-def test_bad_input_gives_clear_error(tiny, prompts, max_new, match):
-  model, tok, params = tiny
+def test_bad_input_gives_clear_error(tiny_decoder, prompts, max_new, match):
+  model, tok, params = tiny_decoder
   with pytest.raises(ValueError, match=match):
     sample.generate(model, params, tok, prompts, _options(tok), max_new, MAX_LEN)
 
 
-def test_infill_without_span_is_an_error(tiny):
-  model, tok, params = tiny
+def test_infill_without_span_is_an_error(tiny_decoder):
+  model, tok, params = tiny_decoder
   with pytest.raises(ValueError, match="no <\\|mask:N\\|> span"):
     sample.infill(model, params, tok, ["plain text"], _options(tok), MAX_LEN)
   assert ar  # The AR module is exercised above through sample.generate(ar=True).

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax import config as config_lib
+from conftest import small_model_config
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import decoder
@@ -27,18 +27,6 @@ MAX_LEN = 64
 # first token of its first block is then predicted by the prefill's last token).
 PROMPTS = ["<|bos|>hello world, this", "<|bos|>ab", "<|bos|>0123456789abcde"]
 MAX_NEW = 20
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
-  model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0)
 
 
 def _meta(pos, stream, valid):
@@ -123,8 +111,8 @@ def _reference_decode(model, params, opt, tokens, maskable, length, start):
 
 
 @pytest.mark.parametrize("sub_block", [0, 4])
-def test_shifted_cached_decoding_equals_reference(tiny, sub_block):
-  model, tok, params = tiny
+def test_shifted_cached_decoding_equals_reference(tiny_decoder, sub_block):
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), sub_block_size=sub_block,
                               token_shift=True)
@@ -147,10 +135,10 @@ def test_shifted_cached_decoding_equals_reference(tiny, sub_block):
 
 
 @pytest.mark.parametrize("sub_block", [0, 4])
-def test_shifted_decoding_of_prompts_inside_the_first_block(tiny, sub_block):
+def test_shifted_decoding_of_prompts_inside_the_first_block(tiny_decoder, sub_block):
   """Every prompt shorter than a block: nothing is prefilled and block 0's first token
   (a prompt token) has no prediction. This path used to fail to trace."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), sub_block_size=sub_block,
                               token_shift=True)
@@ -184,8 +172,7 @@ def test_causal_blocks_decoded_left_to_right_are_the_causal_lm(sub_block, dual):
   """With diffusion.block_attention=causal, one token per forward from the left through
   the block cache (and the sub-block and dual caches, exact here since no position sees
   the MASKs after it) is greedy AR decoding of the same weights."""
-  c = config_lib.base_config()
-  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
+  c = small_model_config()
   c.model.moe.num_experts = 0  # Block routing would let a token see its block's future.
   c.diffusion.block_size = BLOCK
   c.diffusion.block_attention = "causal"
@@ -204,9 +191,9 @@ def test_causal_blocks_decoded_left_to_right_are_the_causal_lm(sub_block, dual):
     assert len(want) > 1
 
 
-def test_a_masked_first_slot_is_refused_under_token_shift(tiny):
+def test_a_masked_first_slot_is_refused_under_token_shift(tiny_decoder):
   """Slot 0 has no output before it: an infill span there used to decode as token 0."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               token_shift=True)
   cv = layout.infill_canvas([layout.parse(tok, "<|mask:3|>hello")], BLOCK, MAX_LEN)
@@ -234,14 +221,14 @@ def _exact_confidence(model, params, opt, toks, lo, length):
     (4, False, 0.05),   # Sub-block cache: other sub-blocks' K/V from the sub-block start.
     (4, True, 0.1),     # Dual cache: refreshed only at the block start.
 ])
-def test_cache_error_of_the_confidences_is_measured(tiny, sub_block, dual, bound):
+def test_cache_error_of_the_confidences_is_measured(tiny_decoder, sub_block, dual, bound):
   """Max |confidence(cached) - confidence(exact)| over the positions each step filled.
 
   Measured on the tiny random model (threshold 0.05, one prompt, blocks of 8):
   whole blocks 4.5e-8 (exact up to float rounding); sub-block cache (sub-blocks of 4)
   8.6e-3; dual cache 2.4e-2 in probability (its K/V are staler).
   """
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), sub_block_size=sub_block,
                               token_shift=True, dual_cache=dual)
@@ -301,14 +288,14 @@ def _step_by_step(fn, params, cv, opt):
 @pytest.mark.parametrize("shift,sub_block,dual", [
     (True, 0, False), (True, 2, False), (True, 2, True),
     (False, 0, False), (False, 2, False)])
-def test_narrow_windows_decode_exactly_as_the_commit_window(tiny, shift, sub_block, dual):
+def test_narrow_windows_decode_exactly_as_the_commit_window(tiny_decoder, shift, sub_block, dual):
   """Narrow forwards (current block, sub-block) give the commit window's steps.
 
   Step by step: the same tokens, and the same confidence at every filled position.
   Batch 1 takes every window shape; batch 3 mixes rows at different phases, where a
   step runs the widest shape any row needs.
   """
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.3), sub_block_size=sub_block,
                               token_shift=shift, dual_cache=dual)

@@ -2,8 +2,6 @@
 
 import pytest
 
-from blockdiff_jax import config as config_lib
-from blockdiff_jax.model import build
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
@@ -12,19 +10,10 @@ from blockdiff_jax.sampling import trace
 PROMPTS = ("<|bos|>sort: 3 1 2<|sep|>",)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  c = config_lib.base_config()
-  c.model.d_model, c.model.num_heads, c.model.num_kv_heads = 32, 2, 1
-  c.model.head_dim, c.model.moe.expert_dim = 16, 32
-  model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0)
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("sub_block_size", [0, 4])
-def test_block_trace_matches_the_decoder(tiny, prompt, sub_block_size):
-  model, tok, params = tiny
+def test_block_trace_matches_the_decoder(tiny_decoder, prompt, sub_block_size):
+  model, tok, params = tiny_decoder
   opts = layout.DecodeOptions(block_size=8, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.Threshold(0.05), sub_block_size=sub_block_size)
   t = trace.block_trace(model, params, tok, prompt, opts, 16, 64)
@@ -38,8 +27,8 @@ def test_block_trace_matches_the_decoder(tiny, prompt, sub_block_size):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("stride", [2, 4])
-def test_isd_trace_matches_the_decoder(tiny, prompt, stride):
-  model, tok, params = tiny
+def test_isd_trace_matches_the_decoder(tiny_decoder, prompt, stride):
+  model, tok, params = tiny_decoder
   opts = layout.DecodeOptions(block_size=8, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               token_shift=True)
   t = trace.isd_trace(model, params, tok, prompt, opts, stride, 16, 64)

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
@@ -23,18 +22,6 @@ PROMPTS = ("<|bos|>a", "<|bos|>sort: 3 1 2<|sep|>", "<|bos|>add: 12+34=46; 7+8<|
 MAX_TOKENS = (9, 20, 5, 16)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  c = config_lib.base_config()
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.moe.expert_dim = 32
-  model, tok = build.build_model(c)
-  return model, tok, build.init_params(model, 0)
-
-
 def _options(tok, **kw):
   kw.setdefault("policy", policies.Threshold(0.05))
   return layout.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id, **kw)
@@ -48,8 +35,8 @@ def _alone(model, params, tok, prompt, max_tokens, options, ar):
 
 @pytest.mark.parametrize("ar", [False, True])
 @pytest.mark.parametrize("slots,forwards_per_call", [(2, 1), (4, 1), (3, 4)])
-def test_batched_equal_alone(tiny, ar, slots, forwards_per_call):
-  model, tok, params = tiny
+def test_batched_equal_alone(tiny_decoder, ar, slots, forwards_per_call):
+  model, tok, params = tiny_decoder
   opts = _options(tok)
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=slots,
                           forwards_per_call=forwards_per_call).start()
@@ -71,8 +58,8 @@ def test_batched_equal_alone(tiny, ar, slots, forwards_per_call):
     assert got.finish_reason == ("stop" if len(got.token_ids) < n else "length")
 
 
-def test_check_names_the_field(tiny):
-  model, tok, params = tiny
+def test_check_names_the_field(tiny_decoder):
+  model, tok, params = tiny_decoder
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2)
   with pytest.raises(ValueError, match="^prompt"):
     eng.check(np.ones((MAX_LEN,), np.int32), 1)
@@ -82,8 +69,8 @@ def test_check_names_the_field(tiny):
     eng.check(np.ones((10,), np.int32), -1)
 
 
-def test_queue_full_and_shutdown(tiny):
-  model, tok, params = tiny
+def test_queue_full_and_shutdown(tiny_decoder):
+  model, tok, params = tiny_decoder
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=2)
   req = engine_lib.Request(layout.parse(tok, PROMPTS[0]).ids, 4, _options(tok))
   # Not started: nothing leaves the queue.
@@ -99,8 +86,8 @@ def test_queue_full_and_shutdown(tiny):
     eng.submit(req)
 
 
-def test_failing_request_does_not_disturb_others(tiny):
-  model, tok, params = tiny
+def test_failing_request_does_not_disturb_others(tiny_decoder):
+  model, tok, params = tiny_decoder
   opts = _options(tok)
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=3)
   good = engine_lib.Request(layout.parse(tok, PROMPTS[1]).ids, 8, opts)
@@ -133,8 +120,8 @@ _COMPILES = _CountCompiles()
 
 
 @pytest.mark.parametrize("ar", [False, True])
-def test_no_recompile_across_requests(tiny, ar):
-  model, tok, params = tiny
+def test_no_recompile_across_requests(tiny_decoder, ar):
+  model, tok, params = tiny_decoder
   opts = _options(tok, policy=policies.Threshold(0.3))
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2)
   _COMPILES.active, _COMPILES.count = True, 0
@@ -192,9 +179,9 @@ SETUPS = [("block", 0, {}, 0.0), ("block", 0, {"sub_block_size": 4}, 1.0),
 
 
 @pytest.mark.parametrize("kind,stride,kw,temperature", SETUPS)
-def test_staggered_arrivals_equal_alone(tiny, kind, stride, kw, temperature):
+def test_staggered_arrivals_equal_alone(tiny_decoder, kind, stride, kw, temperature):
   """Requests join a running batch at arbitrary forwards; each answer equals it alone."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   sampling = policies.Sampling(temperature)
   opts = (_shifted(tok, sampling=sampling, **kw) if kind == "isd"
           else _options(tok, sampling=sampling, **kw))
@@ -222,9 +209,9 @@ def test_staggered_arrivals_equal_alone(tiny, kind, stride, kw, temperature):
     assert results[i].nfe == nfe
 
 
-def test_cancel_mid_decode_frees_the_slot(tiny):
+def test_cancel_mid_decode_frees_the_slot(tiny_decoder):
   """A request cancelled while decoding (a client gone) leaves its slot at the next forward."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opts = _options(tok, policy=policies.Threshold(1.0))  # One token per forward: slow.
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1).start()
   started = threading.Event()
@@ -239,10 +226,10 @@ def test_cancel_mid_decode_frees_the_slot(tiny):
   assert eng.running == 0
 
 
-def test_failing_forward_fails_only_its_culprit(tiny, monkeypatch):
+def test_failing_forward_fails_only_its_culprit(tiny_decoder, monkeypatch):
   """A forward that raises while a poisoned request is in the batch: it reruns each request
   alone, so the others finish with their own answers and only the culprit fails."""
-  model, tok, params = tiny
+  model, tok, params = tiny_decoder
   opts = _options(tok)
   poison = layout.parse(tok, "<|bos|>xyz").ids
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=3)

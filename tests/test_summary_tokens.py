@@ -303,7 +303,7 @@ def test_decoding_against_a_hierarchical_cache_matches_training():
   # gives the training forward's noisy logits for block c, both with every block's
   # full K/V kept and with only the last W blocks' full K/V plus older blocks'
   # summary K/V (the hierarchical cache: older full K/V dropped as segment -1).
-  window, block, slots, length = 1, 4, 2, 16
+  window, block, length = 1, 4, 16
   model = transformer.Transformer(_model_cfg(window=window, block=block))
   params = build.init_params(model, 1)
   rng = np.random.default_rng(7)
