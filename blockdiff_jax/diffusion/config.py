@@ -41,7 +41,8 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   d.isd_anchors = 0
   # Attention among the tokens of one block: auto = the objective's own (causal noisy
   # blocks for introspective, bidirectional otherwise) | bidirectional | causal (both
-  # streams, as the AR model attends: an ablation of Fast-dLLM v2's bidirectional blocks).
+  # streams, as the AR model attends: an ablation of Fast-dLLM v2's bidirectional blocks;
+  # with MoE block routing a token's experts still depend on its whole block).
   d.block_attention = "auto"
   return d
 
