@@ -118,6 +118,14 @@ def load_run(workdir: str, objective: str):
   return config, inf_config, model, tok, base
 
 
+def block_attention(model) -> str:
+  """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
+  spec = model.cfg.mask_spec
+  if spec.causal_noisy and spec.causal_clean:
+    return "causal"
+  return "causal noisy blocks" if spec.causal_noisy else "bidirectional"
+
+
 def check_same_origin(config, ar_config, fields: tuple[str, ...] = ()):
   """Refuses an AR-SFT reference that starts from other weights, or differs in ``fields``
   (``section.key`` names of the saved configs).
@@ -219,7 +227,8 @@ def main():
           "ar_run": os.path.normpath(args.ar_workdir), "questions": questions,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "block_size": inf_config.diffusion.block_size,
-          "sub_block_size": inf_config.sample.sub_block_size}
+          "sub_block_size": inf_config.sample.sub_block_size,
+          "block_attention": block_attention(model)}
   base_path = decode_window_speed.write_outputs(
       "fastdllm_learning_curve", args.tag, {"env": env, "meta": meta, "rows": rows},
       markdown(rows, meta, env))
@@ -241,7 +250,8 @@ def markdown(rows: list[dict], meta: dict, env: dict) -> str:
       "# Fast-dLLM v2 adaptation against AR-SFT: task exact match by checkpoint", "",
       decode_window_speed.run_line(env), "",
       f"Block-diffusion run `{meta['block_run']}` (its config's decoder: blocks of "
-      f"{meta['block_size']}, sub-blocks of {meta['sub_block_size'] or meta['block_size']}) "
+      f"{meta['block_size']}, sub-blocks of {meta['sub_block_size'] or meta['block_size']}; "
+      f"{meta.get('block_attention', 'bidirectional')} attention inside a block) "
       f"and AR-SFT run `{meta['ar_run']}` (greedy AR), the same {n} held-out synthetic "
       f"questions, batch 1, up to {meta['max_new_tokens']} new tokens. Step 0: the "
       "pretrained weights. Minutes: step x the run's median logged step time on the machine "

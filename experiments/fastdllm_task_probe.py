@@ -346,7 +346,7 @@ def main():
           "split": args.split, "questions": [q for q, _ in pairs],
           "answers": [a for _, a in pairs],
           "block_size": bk, "sub_block_size": inf_config.sample.sub_block_size,
-          "block_attention": block_attention(model)}
+          "block_attention": fastdllm_learning_curve.block_attention(model)}
   payload = {"env": env, "meta": meta, "teacher_forced": known, "curve": curve,
              "decoded": decoded, "commit_order": orders}
   path = decode_window_speed.write_outputs("fastdllm_task_probe", args.tag, payload,
@@ -356,14 +356,6 @@ def main():
   except ImportError:
     print("matplotlib missing: no plot")
   print(f"wrote {path}.{{json,md,png}}")
-
-
-def block_attention(model) -> str:
-  """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
-  spec = model.cfg.mask_spec
-  if spec.causal_noisy and spec.causal_clean:
-    return "causal"
-  return "causal noisy blocks" if spec.causal_noisy else "bidirectional"
 
 
 def _place_name(place: int) -> str:

@@ -93,7 +93,9 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
   assert [(r["run"], r["step"]) for r in rows] == [
       ("block diffusion", 0), ("block diffusion", 2), ("block diffusion", 4),
       ("AR-SFT", 0), ("AR-SFT", 2), ("AR-SFT", 4)]
-  assert (tmp_path / "results" / "fastdllm_learning_curve_t.md").exists()
+  assert out["meta"]["block_attention"] == "bidirectional"
+  text = (tmp_path / "results" / "fastdllm_learning_curve_t.md").read_text()
+  assert "bidirectional attention inside a block" in text
   median = mod.idlm_smollm2.step_timing(mod.idlm_smollm2.read_metrics(runs["ar"]))[0]
   for r in rows:
     hits = [synthetic.check(q.split(":", 1)[0], q, t) for q, t in zip(qs, r["texts"])]
