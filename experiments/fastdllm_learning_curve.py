@@ -118,14 +118,6 @@ def load_run(workdir: str, objective: str):
   return config, inf_config, model, tok, base
 
 
-def block_attention(model) -> str:
-  """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
-  spec = model.cfg.mask_spec
-  if spec.causal_noisy and spec.causal_clean:
-    return "causal"
-  return "causal noisy blocks" if spec.causal_noisy else "bidirectional"
-
-
 def check_same_origin(config, ar_config, fields: tuple[str, ...] = ()):
   """Refuses an AR-SFT reference that starts from other weights, or differs in ``fields``
   (``section.key`` names of the saved configs).
@@ -228,7 +220,7 @@ def main():
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "block_size": inf_config.diffusion.block_size,
           "sub_block_size": inf_config.sample.sub_block_size,
-          "block_attention": block_attention(model)}
+          "block_attention": fastdllm_threshold_sweep.block_attention(model)}
   base_path = decode_window_speed.write_outputs(
       "fastdllm_learning_curve", args.tag, {"env": env, "meta": meta, "rows": rows},
       markdown(rows, meta, env))

