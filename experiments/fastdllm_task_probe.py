@@ -15,7 +15,7 @@ one task and separates two causes:
     padding after it to attend to; the token's own MASK stays, so this is close to, not
     the same as, AR decoding);
   - ``right to left``: the answer tokens after it (and the EOS) given, the rest masked;
-  - ``cloze``: every other token given.
+  - ``cloze``: all the other answer tokens given, only this one masked.
 
   The patterns act inside the token's block: earlier blocks are always the clean answer
   (for the synthetic tasks every answer and its EOS fit in one block). The forward is the
@@ -383,6 +383,10 @@ def markdown(payload: dict) -> str:
          f"`{meta['block_run']}`, AR-SFT run `{meta['ar_run']}` (blocks of "
          f"{meta['block_size']}, sub-blocks of {meta['sub_block_size']}, "
          f"{meta.get('block_attention', 'bidirectional')} attention inside a block).", "",
+         *(["With causal attention inside a block a token never sees the tokens after "
+            "it, so `right to left` reads what `all masked` reads, and `cloze` and `prefix "
+            "only` what `left to right` reads: each pair gives the same figures.", ""]
+           if meta.get("block_attention") == "causal" else []),
          "## Teacher-forced argmax accuracy by answer position", "",
          "| position | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for p in places:

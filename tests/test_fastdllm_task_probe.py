@@ -191,8 +191,11 @@ def test_markdown_reads_its_own_json_back(tmp_path):
   assert "EOS committed before the last answer token: 1.00 (1/1)" in text
   back = json.loads(json.dumps(payload))
   assert mod.markdown(back) == text
+  assert "each pair gives the same figures" not in text
   payload["meta"]["block_attention"] = "causal"
-  assert "causal attention inside a block" in mod.markdown(payload)
+  causal = mod.markdown(payload)
+  assert "causal attention inside a block" in causal
+  assert "`right to left` reads what `all masked` reads" in causal
   mod.plot(tf, payload["curve"], "add", 20, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 0
 
