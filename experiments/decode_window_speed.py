@@ -90,9 +90,45 @@ def load_base(config, run_dir: str) -> tuple[str, tuple]:
   return base_dir, inference.load_for_inference(base_dir, config)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def check_matches_run(config, run_dir: str, sections: tuple[str, ...] = ("model",
+                                                                          "diffusion")):
+  """Refuses a config whose model or diffusion fields differ from the run's saved config.
+
+  The experiments build the model from ``--config`` and ``--config_overrides``; a field
+  left out there (``diffusion.block_attention``, the LoRA rank) would decode the run's
+  weights with another mask or shape, silently.
+
+  Raises:
+    SystemExit: naming the first differing field, both values and the override to add.
+  """
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = _flat({k: v for k, v in json.load(f).items() if k in sections})
+  given = _flat({k: v for k, v in json.loads(json.dumps(config.to_dict())).items()
+                 if k in sections})
+  for key in sorted(saved):  # Fields newer than the run keep their defaults.
+    if saved[key] != given.get(key):
+      raise SystemExit(
+          f"--workdir={run_dir!r} was trained with {key}={saved[key]!r}, but the "
+          f"config here has {given.get(key)!r}: add {key}={saved[key]} to "
+          "--config_overrides")
+
+
 def load_weights(config, workdir: str) -> Weights:
-  """Base weights, plus the latest checkpoint of ``workdir`` if it has one."""
+  """Base weights, plus the latest checkpoint of ``workdir`` if it has one (its saved
+  model and diffusion fields must match ``config``: ``check_matches_run``)."""
   run_dir = workdir if workdir and os.path.isdir(workdir) else ""
+  if run_dir:
+    check_matches_run(config, run_dir)
   # Plain LoRA comes back folded into the weights (and the config with rank 0), so the
   # run's checkpoint is read with the config as given, which still has the adapters.
   run_config = config

@@ -1,0 +1,52 @@
+"""experiments/decode_window_speed.py: the weights it loads must match the run's config."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from blockdiff_jax import config as config_lib
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "decode_window_speed.py")
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("decode_window_speed", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _save(tmp_path, config):
+  (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+
+def test_a_config_that_differs_from_the_run_is_refused_by_field(tmp_path):
+  """A run trained with causal blocks, decoded with the config's 'auto', would be read
+  with the wrong mask; the refusal names the field and the override to add."""
+  mod = _module()
+  run = config_lib.base_config()
+  run.diffusion.block_attention = "causal"
+  run.model.lora.rank = 8
+  run.train.learning_rate = 1.0  # Training fields never matter for decoding.
+  _save(tmp_path, run)
+  here = config_lib.base_config()
+  here.model.lora.rank = 8
+  with pytest.raises(SystemExit, match=r"diffusion.block_attention='causal'.*'auto'.*"
+                     r"add diffusion.block_attention=causal to --config_overrides"):
+    mod.check_matches_run(here, str(tmp_path))
+  here.diffusion.block_attention = "causal"
+  mod.check_matches_run(here, str(tmp_path))
+  here.model.lora.rank = 4
+  with pytest.raises(SystemExit, match="model.lora.rank=8"):
+    mod.check_matches_run(here, str(tmp_path))
+
+
+def test_fields_newer_than_the_run_and_runs_without_a_config_pass(tmp_path):
+  mod = _module()
+  saved = config_lib.base_config().to_dict()
+  del saved["diffusion"]["block_attention"]  # A run saved before the field existed.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  mod.check_matches_run(config_lib.base_config(), str(tmp_path))
+  mod.check_matches_run(config_lib.base_config(), str(tmp_path / "elsewhere"))
