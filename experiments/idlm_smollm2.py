@@ -162,7 +162,7 @@ def write(results, args, prompts, max_new):
   with open(base + ".json", "w") as f:
     json.dump({"env": env, "prompts": prompts, "max_new_tokens": max_new,
                "results": results}, f, indent=2)
-  lines = [f"# I-DLM on SmolLM2-135M-Instruct: ISD against AR by fine-tuning time\n",
+  lines = ["# I-DLM on SmolLM2-135M-Instruct: ISD against AR by fine-tuning time\n",
            f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs), jax {env['jax']}, "
            f"load average {env['load_avg'][0]:.1f}; {len(prompts)} prompts "
            f"({'the config sample prompts, held out from training' if args.prompts_from == 'config' else 'questions the drafter was trained on'}), "

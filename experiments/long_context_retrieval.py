@@ -45,7 +45,6 @@ from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import long_context as tasks_lib
 from blockdiff_jax.evaluation import long_context
-from blockdiff_jax.sampling import hierarchical_cache as hc
 from blockdiff_jax.sampling import sample as sample_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -47,7 +47,7 @@ def timed_pass(model, params, tok, opts, prompts, ar: bool, args) -> float:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  decode_window_speed.add_weight_flags(ap)
+  decode_window_speed.add_weight_flags(ap, step=False)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--max_new_tokens", type=int, default=32)
   ap.add_argument("--width", type=int, default=224)

@@ -22,7 +22,6 @@ import concurrent.futures
 import datetime
 import importlib.util
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -94,7 +93,7 @@ class _Running:
 
 def _one(client, model_name, prompt, max_tokens, extra):
   t0 = time.perf_counter()
-  first, text, usage = None, "", None
+  first, usage = None, None
   for ch in client.completions.create(model=model_name, prompt=prompt, max_tokens=max_tokens,
                                       temperature=0, stream=True, extra_body=extra):
     if ch.choices and ch.choices[0].text and first is None:
