@@ -27,7 +27,11 @@ block decoding, the quality reference there):
       --thresholds=1.0,0.9,0.7,0.5,0.3,0.1 --prompts=36 --max_new_tokens=32 --tag=synth160 \
       --config_overrides=data.sft_source=synthetic,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora
 With the AR-SFT reference (the same recipe with ``--config.diffusion.objective=ar``, in
-runs/synth_ar), add ``--ar_workdir=runs/synth_ar``.
+runs/synth_ar), add ``--ar_workdir=runs/synth_ar``. ``--isd_strides=2,3,4`` adds the
+adapted weights' own greedy AR decoding and I-DLM's strided decoding (ISD) of them, which
+must give the same answers in fewer forwards; for a run with causal blocks
+(``diffusion.block_attention=causal``, which the overrides must then name) that AR
+decoding is also its left-to-right block decoding. ``--step`` picks a checkpoint.
 
 Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
 """
@@ -232,7 +236,8 @@ def main():
       nll = [score(w.base, ids, a) for ids, a in zip(prompt_ids, answers)]
       texts = [row["completion"] for row in r["rows"]]
       results.append({
-          "decoder": name, "threshold": t, "isd_stride": stride or None, "tpf": r["tpf"], "tokens_per_s": r["tokens_per_s"],
+          "decoder": name, "threshold": t, "isd_stride": stride or None, "tpf": r["tpf"],
+          "tokens_per_s": r["tokens_per_s"],
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
