@@ -23,11 +23,16 @@ The equal-quality reference: the same base, data and steps trained as an AR mode
   python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
       --workdir=/tmp/smollm2_ar_sft --config.diffusion.objective=ar --config.train.steps=20
 Causal attention inside each block instead of Fast-dLLM v2's bidirectional blocks (the
-base model's own attention; left-to-right decoding is then exactly AR decoding):
---config.diffusion.block_attention=causal. Such a model is also decoded losslessly (the
-same text as its own greedy AR decoding, in fewer forwards) by I-DLM's strided decoding:
+base model's own attention; left-to-right decoding is then exactly AR decoding): add
+--config.diffusion.block_attention=causal to the training command and to every later
+command on its workdir (loading refuses a config whose block attention differs from the
+run's). Such a model is also decoded losslessly (the same text as its own greedy AR
+decoding, in fewer forwards) by I-DLM's strided decoding:
   python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
-      --workdir=/tmp/smollm2_fastdllm --config.diffusion.block_attention=causal \
+      --workdir=/tmp/smollm2_fastdllm_causal --config.diffusion.block_attention=causal \
+      --config.train.steps=20
+  python -m blockdiff_jax.main --config=configs/smollm2_fastdllm.py \
+      --workdir=/tmp/smollm2_fastdllm_causal --config.diffusion.block_attention=causal \
       --mode=sample --config.sample.policy=isd --config.sample.isd_stride=3
 Your own data: --config.data.sft_source=/path/a.jsonl,/path/b.jsonl (lines
 {"prompt", "response"} or {"messages": [...]}, rendered with SmolLM2's chat template).

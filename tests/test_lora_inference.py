@@ -56,3 +56,20 @@ def test_a_config_without_the_runs_adapters_is_refused(lora_run):
   c.model.lora.rank = 0
   with pytest.raises(ValueError, match="would be dropped"):
     inference.load_for_inference(workdir, c)
+
+
+@pytest.mark.parametrize("given,trained,message", [
+    ("causal", "bidirectional", "diffusion.block_attention='auto'"),
+    ("bidirectional", None, None),  # The run's 'auto' is bidirectional for fastdllm: same mask.
+])
+def test_a_config_with_other_block_attention_is_refused(lora_run, given, trained, message):
+  """block_attention changes no shape, so only the saved config can tell the runs apart."""
+  c, workdir = lora_run
+  c = c.copy_and_resolve_references()
+  c.diffusion.block_attention = given
+  if message is None:
+    assert inference.load_for_inference(workdir, c)[1].cfg.mask_spec.causal_noisy is False
+    return
+  with pytest.raises(ValueError, match=f"trained with {trained} attention.*{message}.*"
+                     "makes it causal; pass --config.diffusion.block_attention=auto"):
+    inference.load_for_inference(workdir, c)

@@ -5,11 +5,11 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
+from blockdiff_jax.model import config as model_config
 from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import mesh as mesh_lib
 
@@ -64,6 +64,31 @@ def _check_adapters_kept(workdir: str, model: nn.Module) -> None:
         "(the config load_for_inference returns has its adapters folded in)")
 
 
+def _check_mask_kept(workdir: str, model: nn.Module) -> None:
+  """Raises when ``model`` attends inside a block otherwise than ``workdir``'s run trained.
+
+  ``diffusion.block_attention`` is not in the checkpoint's shapes, so a config that
+  leaves it at its default would restore a causal-block run's weights under
+  bidirectional blocks (or the reverse) without any error.
+  """
+  try:
+    saved = checkpoints.load_config(workdir).get("diffusion", {})
+  except FileNotFoundError:
+    return
+  spec = getattr(getattr(model, "cfg", None), "mask_spec", None)
+  if spec is None or not saved:
+    return
+  name = lambda m: {(False, False): "bidirectional", (True, False): "causal noisy blocks",
+                    (True, True): "causal"}.get((m.causal_noisy, m.causal_clean), str(m))
+  trained = name(model_config.mask_spec(saved))
+  if trained != name(spec):
+    raise ValueError(
+        f"the run in {workdir!r} was trained with {trained} attention inside a block "
+        f"(diffusion.block_attention={saved.get('block_attention', 'auto')!r}, objective "
+        f"{saved.get('objective')!r}) but the config given makes it {name(spec)}; pass "
+        f"--config.diffusion.block_attention={saved.get('block_attention', 'auto')}")
+
+
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
                        step: int | None = None, use_ema: bool = True,
                        merge_lora: bool = True):
@@ -114,6 +139,7 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
         config, model, params = fold_adapters(config, model, params)
       return config, model, tokenizer, params
   _check_adapters_kept(workdir, model)
+  _check_mask_kept(workdir, model)
   params = checkpoints.restore_params(
       checkpoint_dir, abstract, step,
       subtree="ema_params" if use_ema else "params", fallback_subtree="params")
