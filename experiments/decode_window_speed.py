@@ -97,9 +97,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# How the model is computed, not what it computes: free to differ from the run's.
+HOW_TO_RUN = ("model.attention_impl", "model.interpret", "model.remat", "model.dtype",
+              "model.moe.impl")
+
+
 def check_matches_run(config, run_dir: str, sections: tuple[str, ...] = ("model",
                                                                           "diffusion")):
-  """Refuses a config whose model or diffusion fields differ from the run's saved config.
+  """Refuses a config whose model or diffusion fields differ from the run's saved config
+  (but for ``HOW_TO_RUN``).
 
   The experiments build the model from ``--config`` and ``--config_overrides``; a field
   left out there (``diffusion.block_attention``, the LoRA rank) would decode the run's
@@ -116,6 +122,8 @@ def check_matches_run(config, run_dir: str, sections: tuple[str, ...] = ("model"
   given = _flat({k: v for k, v in json.loads(json.dumps(config.to_dict())).items()
                  if k in sections})
   for key in sorted(saved):  # Fields newer than the run keep their defaults.
+    if key in HOW_TO_RUN:
+      continue
     if saved[key] != given.get(key):
       raise SystemExit(
           f"--workdir={run_dir!r} was trained with {key}={saved[key]!r}, but the "

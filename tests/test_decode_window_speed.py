@@ -38,6 +38,9 @@ def test_a_config_that_differs_from_the_run_is_refused_by_field(tmp_path):
     mod.check_matches_run(here, str(tmp_path))
   here.diffusion.block_attention = "causal"
   mod.check_matches_run(here, str(tmp_path))
+  here.model.remat = not run.model.remat  # How to compute, not what: free.
+  here.model.attention_impl = "pallas"
+  mod.check_matches_run(here, str(tmp_path))
   here.model.lora.rank = 4
   with pytest.raises(SystemExit, match="model.lora.rank=8"):
     mod.check_matches_run(here, str(tmp_path))
