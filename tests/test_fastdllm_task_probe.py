@@ -1,27 +1,21 @@
 """experiments/fastdllm_task_probe.py: mask patterns, commit order, and the teacher-forced
 predictions against the decoder's own layout."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_experiment
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "fastdllm_task_probe.py")
 BLOCK = 8
 MASK = 3
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("fastdllm_task_probe", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("fastdllm_task_probe")
 
 
 def _example(mod, start, n_answer, length, seed=0):

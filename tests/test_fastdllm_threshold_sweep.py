@@ -1,26 +1,18 @@
 """experiments/fastdllm_threshold_sweep.py: its quality measures against slow references."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_experiment
 from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
 from blockdiff_jax.model import build
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments",
-                     "fastdllm_threshold_sweep.py")
-
 
 def _module():
-  spec = importlib.util.spec_from_file_location("fastdllm_threshold_sweep", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("fastdllm_threshold_sweep")
 
 
 @pytest.mark.parametrize("tokens,n,share", [

@@ -1,24 +1,17 @@
 """The RoPE-extension recipe config: scaling consistent with the data, source params load."""
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config_file
+from conftest import load_config_file, load_repo_module
 from test_rope import _assert_matches_hf
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import rope
 
 
 def _module():
-  path = os.path.join(ROOT, "configs", "long_context_extension.py")
-  spec = importlib.util.spec_from_file_location("configs_long_context_extension", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_repo_module("configs", "long_context_extension")
 
 
 @pytest.mark.parametrize("arg,base,factor", [(None, "quickstart", 8), ("tiny,4", "tiny", 4),

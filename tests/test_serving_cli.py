@@ -1,7 +1,6 @@
 """``--mode=serve`` end to end: a tiny trained workdir, the server process, one request and
 a graceful shutdown on SIGINT."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from conftest import load_config_file
 from blockdiff_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,11 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("serve"))
-  spec = importlib.util.spec_from_file_location("synthetic",
-                                                os.path.join(REPO, "configs", "synthetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config_file("synthetic")
   c.model.d_model = 32
   c.model.num_heads = 2
   c.model.num_kv_heads = 1
