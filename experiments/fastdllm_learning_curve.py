@@ -31,6 +31,16 @@ The block-diffusion run of the results; the AR-SFT run is the same command with
   PYTHONPATH=. python experiments/fastdllm_learning_curve.py --workdir=RUN --ar_workdir=AR \
       --quick --tag=smoke  # 4 questions, the first and last checkpoints
 
+``--isd_strides=2,3`` also decodes every checkpoint one token per forward ("adapted AR")
+and with I-DLM's strided decoding, which must give the same answers; the ``= adapted AR``
+column checks it and says how far each threshold drifts from them. On a causal-block run
+(``diffusion.block_attention=causal``) that shows how the drafts' acceptance, hence ISD's
+TPF, grows with fine-tuning. ``--ar_workdir`` is optional:
+
+  PYTHONPATH=. python experiments/fastdllm_learning_curve.py --workdir=runs/synth_causal \
+      --steps=40,80,120,160,200 --isd_strides=2,3 --prompts=36 --max_new_tokens=32 \
+      --tag=synth_causal_isd
+
 Writes experiments/results/fastdllm_learning_curve{_tag}.{json,md,png}.
 """
 

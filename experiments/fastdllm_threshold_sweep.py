@@ -37,6 +37,7 @@ Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -157,14 +158,15 @@ def run_decoder(w, params, prompts, opts, ar: bool, args, isd_stride: int = 0) -
 
   for p in prompts:
     decode(p)
-  rows, wall = [], 0.0
+  rows, wall, narrow = [], 0.0, 0
   for p in prompts:
     (row,), summ = decode(p)
     rows.append(row)
     wall += summ["wall_s"]
+    narrow += summ["narrow_forwards"]
   gen, nfe = sum(r["generated_tokens"] for r in rows), sum(r["nfe"] for r in rows)
   return {"rows": rows, "tpf": gen / max(nfe, 1), "tokens_per_s": gen / wall,
-          "generated_tokens": gen, "forwards": nfe}
+          "generated_tokens": gen, "forwards": nfe, "narrow_forwards": narrow}
 
 
 def load_ar_sft(workdir: str, w) -> tuple[str, object, str]:
@@ -201,6 +203,9 @@ def main():
                   help="also decode the adapted weights with I-DLM's strided decoding at "
                   "these strides (e.g. 2,3,4), next to their own greedy AR decoding, which "
                   "ISD reproduces exactly")
+  ap.add_argument("--isd_wide", action="store_true",
+                  help="with --isd_strides, also decode with every ISD forward at 2N-1 slots "
+                  "(narrow_window=False; by default a forward with no drafts runs N)")
   args = ap.parse_args()
   if args.quick:
     args.prompts, args.thresholds, args.max_new_tokens, args.width = 2, "0.9,0.3", 32, 160
@@ -234,7 +239,11 @@ def main():
       runs.append((ar_sft[0], ar_sft[1], opts, True, None, 0))
     if strides:
       runs.append((ADAPTED_AR, w.params, opts, True, None, 0))
-      runs += [(f"ISD N={n}", w.params, opts, False, None, n) for n in strides]
+      for n in strides:
+        runs.append((f"ISD N={n}", w.params, opts, False, None, n))
+        if args.isd_wide:
+          runs.append((f"ISD N={n}, {2 * n - 1} slots always", w.params,
+                       dataclasses.replace(opts, narrow_window=False), False, None, n))
     runs += [(f"threshold {t:g}", w.params, options(t), False, t, 0) for t in thresholds]
     for name, params, o, ar, t, stride in runs:
       r = run_decoder(w, params, prompts, o, ar, args, isd_stride=stride)
@@ -249,6 +258,7 @@ def main():
           "decoder": name, "threshold": t, "isd_stride": stride or None, "tpf": r["tpf"],
           "tokens_per_s": r["tokens_per_s"],
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
+          "narrow_forwards": r["narrow_forwards"] if stride else None,
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
           "token_agreement": agree, "exact_match": exact,
@@ -300,7 +310,9 @@ def markdown(results, meta, env) -> str:
          f"{ADAPTED_AR}: the adapted weights decoded greedily one token per forward with "
          "causal attention; ISD N: I-DLM's strided decoding of the same weights (a forward "
          "verifies N-1 drafts from its MASK slots), which must give the same answers "
-         f"(column `= {ADAPTED_AR}`: share of identical answers)." if own else ""), "",
+         f"(column `= {ADAPTED_AR}`: share of identical answers). A forward with no drafts "
+         "to verify (the one after a rejection) runs N slots instead of 2N-1, unless its "
+         "row says `slots always`." if own else ""), "",
       "| decoder | TPF | tok/s | x AR | base NLL | repeats | agreement | exact |"
       + (" task EM |" if tasks else "") + (f" = {ADAPTED_AR} |" if own else ""),
       "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")
@@ -312,6 +324,10 @@ def markdown(results, meta, env) -> str:
                  f"{r['token_agreement']:.2f} | {r['exact_match']:.2f} |"
                  + (f" {r['task_exact_match']:.2f} |" if tasks else "")
                  + ((" - |" if same is None else f" {same:.2f} |") if own else ""))
+  isd = [r for r in results if r.get("narrow_forwards") is not None]
+  if isd:
+    lines += ["", "ISD forwards that ran N slots (no drafts to verify): " + ", ".join(
+        f"{r['decoder']}: {r['narrow_forwards']}/{r['forwards']}" for r in isd) + "."]
   if tasks:
     lines += ["", "Task EM: the answer checked against the synthetic task's own solution "
               "(exact: agreement with base AR's whole answer)."]

@@ -1,5 +1,7 @@
 """experiments/fastdllm_threshold_sweep.py: its quality measures against slow references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +122,12 @@ def test_isd_rows_are_checked_against_the_adapted_models_own_ar_decoding(tiny_de
     got = mod.run_decoder(w, params, prompts, opts, False, args, isd_stride=stride)
     assert [r["tokens"] for r in got["rows"]] == [r["tokens"] for r in ar["rows"]]
     assert got["forwards"] <= ar["forwards"] and got["tpf"] >= 1.0
+    # Every ISD forward at 2N-1 slots: the same tokens and forwards, none of them narrow.
+    wide = mod.run_decoder(w, params, prompts, dataclasses.replace(opts, narrow_window=False),
+                           False, args, isd_stride=stride)
+    assert [r["tokens"] for r in wide["rows"]] == [r["tokens"] for r in got["rows"]]
+    assert wide["forwards"] == got["forwards"] and wide["narrow_forwards"] == 0
+    assert 0 <= got["narrow_forwards"] < got["forwards"]
   env = {"backend": "cpu", "jax": jax.__version__, "cpus": 2, "machine": "x86_64",
          "load_avg": (1.0, 1.0, 1.0), "total_s": 1.0, "command": "x"}
   meta = {"weights": "w", "prompts": 1, "questions": "heldout", "max_new_tokens": 8,
@@ -129,9 +137,10 @@ def test_isd_rows_are_checked_against_the_adapted_models_own_ar_decoding(tiny_de
          "x_ar": 1.0, "base_nll": 0.5, "repeated_4grams": 0.0, "token_agreement": 1.0,
          "exact_match": 1.0, "texts": ["1 2 3"], "same_as_adapted_ar": None}
   assert "= adapted AR" not in mod.markdown([row], meta, env)
-  text = mod.markdown([row, {**row, "decoder": "ISD N=2", "same_as_adapted_ar": 1.0}],
-                      meta, env)
+  text = mod.markdown([row, {**row, "decoder": "ISD N=2", "same_as_adapted_ar": 1.0,
+                             "narrow_forwards": 3, "forwards": 7}], meta, env)
   rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
   assert "| exact | = adapted AR |" in text
   assert rows["| ISD N=2"].endswith("| 1.00 | 1.00 |") and rows["| base AR"].endswith("| - |")
   assert "attention inside a block: bidirectional" in text
+  assert "ran N slots (no drafts to verify): ISD N=2: 3/7." in text

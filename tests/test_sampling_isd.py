@@ -135,6 +135,47 @@ def test_rejected_drafts_never_enter_the_cache():
   assert (got["accepted"] > 0).all() and (got["nfe"] < 30).all()
 
 
+@dataclasses.dataclass(frozen=True)
+class WidthLoggingLM(TableLM):
+  """TableLM that reports the width of every forward to the host (``widths``)."""
+
+  widths: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
+    if cache is not None:  # Loop forwards, not the prefill.
+      jax.debug.callback(lambda: self.widths.append(tokens.shape[1]))
+    return super().__call__(params, tokens, meta, cache, logits_slice)
+
+
+@pytest.mark.parametrize("stride", [2, 3, 5])
+@pytest.mark.parametrize("wrong_every,prompts", [(0, [(1,)]), (1, [(1,)]), (3, [(1,)]),
+                                                 (3, PROMPTS[:2]), (1, [(1,), (2, 4)])])
+def test_forwards_without_drafts_run_only_n_slots(stride, wrong_every, prompts):
+  """After a rejection a row starts cold; when every running row is cold, the forward
+  runs its first N slots only. Same tokens as AR either way."""
+  fn, params = WidthLoggingLM(wrong_every), chain_table()
+  opts = _options(stop_at_eos=False)
+  canvas = _canvas(prompts, 16)
+  got = jax.block_until_ready(isd.decode_isd(fn, params, canvas, opts, stride))
+  jax.effects_barrier()
+  widths = np.asarray(fn.widths)
+  np.testing.assert_array_equal(got["tokens"], ar.decode_ar(fn, params, canvas, opts)["tokens"])
+  assert len(widths) == got["forwards"] - 1 and set(widths) <= {stride, 2 * stride - 1}
+  assert (widths == stride).sum() == got["narrow_forwards"]
+  if wrong_every == 0:  # Perfect drafts: never cold after the prefill.
+    assert got["narrow_forwards"] == 0
+  if wrong_every == 1:  # Every draft is wrong: warm and cold forwards alternate.
+    assert got["narrow_forwards"] >= (got["forwards"] - 2) // 2
+  # narrow_window=False: every forward runs 2N-1 slots, with the same tokens and forwards.
+  fn.widths.clear()
+  wide = isd.decode_isd(fn, params, canvas, dataclasses.replace(opts, narrow_window=False),
+                        stride)
+  jax.effects_barrier()
+  assert set(fn.widths) <= {2 * stride - 1} and wide["narrow_forwards"] == 0
+  np.testing.assert_array_equal(wide["tokens"], got["tokens"])
+  np.testing.assert_array_equal(wide["nfe"], got["nfe"])
+
+
 def _exact_ar_joint(table, prompt_last, n, vocab_real):
   """P(x_1..x_n) of AR sampling at temperature 1 (MASK excluded; EOS is a token here)."""
   def cond(t):

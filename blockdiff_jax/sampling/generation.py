@@ -107,7 +107,8 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
   # NFE is what TPF counts. With per-row blocks, forwards == max row NFE.
   summary = {"forwards": int(out["forwards"]), "mean_row_nfe": float(np.mean(row_nfe)),
              "max_row_nfe": int(np.max(row_nfe)), "prefill_passes": out["prefill_passes"],
-             "commit_passes": out["commit_passes"], "generated_tokens": n_gen,
+             "commit_passes": out["commit_passes"],
+             "narrow_forwards": int(out.get("narrow_forwards", 0)), "generated_tokens": n_gen,
              "wall_s": wall, "tokens_per_s": n_gen / wall,
              "tpf": n_gen / max(nfe, 1),
              "unique_experts": float(out.get("unique_experts", float("nan")))}

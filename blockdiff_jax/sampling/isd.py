@@ -20,9 +20,11 @@ After ``a`` accepted drafts the forward emits ``a + 1`` tokens: the drafts and o
 New drafts come from MASK slots: after a cold start from the draft slots (MASKs standing
 for the positions after the emitted token), after a fully accepted forward from the MASK
 slots (standing for the positions after the bonus). After a rejection the next forward
-starts cold from the emitted token. Only the pending token's and the accepted drafts' K/V
-are committed to the cache; rejected drafts and MASK slots never enter it. Each row
-advances by its own count inside one ``lax.while_loop`` (no host sync per step).
+starts cold from the emitted token; when no running row has drafts, that forward runs
+only its first N slots, since nothing reads the rest (``DecodeOptions.narrow_window``).
+Only the pending token's and the accepted drafts' K/V are committed to the cache;
+rejected drafts and MASK slots never enter it. Each row advances by its own count inside
+one ``lax.while_loop`` (no host sync per step).
 
 The prefill forward runs the prompt followed by N-1 MASK slots: it fills the cache,
 emits the first token from the last prompt position and proposes the first drafts (a
@@ -71,6 +73,8 @@ class ISDState:
     nfe: [B] forwards while the row was active (the prefill included).
     accepted: [B] drafts accepted in total.
     forwards: () forwards of the batch (the prefill included).
+    narrow_forwards: () forwards after the prefill that ran N slots instead of 2N-1 (every
+      running row cold).
     step: () loop iterations (folds the PRNG key).
     length: [B] slots < length exist.
     rng: sampling key, or [B] keys (one per row; see ``keys``).
@@ -86,6 +90,7 @@ class ISDState:
   nfe: Array
   accepted: Array
   forwards: Array
+  narrow_forwards: Array
   step: Array
   length: Array
   rng: Array
@@ -121,7 +126,8 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
 
   Returns:
     dict with ``tokens`` [B, S], ``nfe`` [B] (forwards while the row was active, the
-    prefill included), ``accepted`` [B] (accepted drafts) and ``forwards``.
+    prefill included), ``accepted`` [B] (accepted drafts), ``forwards`` and
+    ``narrow_forwards`` (forwards of N slots: no running row had drafts).
   """
   if not options.token_shift:
     raise ValueError("ISD needs a token-shifted model (diffusion.token_shift=True): its "
@@ -175,7 +181,7 @@ def _decode(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tok
   out = jax.lax.while_loop(lambda st: jnp.any(~st.done),
                            lambda st: step(logits_fn, opt, n, params, st), st)
   return {"tokens": out.tokens, "nfe": out.nfe, "accepted": out.accepted,
-          "forwards": out.forwards}
+          "forwards": out.forwards, "narrow_forwards": out.narrow_forwards}
 
 
 def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens,
@@ -218,7 +224,8 @@ def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens
       tokens=tokens, pos=prompt_len, drafts=drafts,
       draft_probs=probs[:, 1:] if not greedy else jnp.zeros((b, n - 1, 1)),
       warm=jnp.ones((b,), bool), cache=cache, done=done, nfe=jnp.ones((b,), jnp.int32),
-      accepted=jnp.zeros((b,), jnp.int32), forwards=jnp.int32(1), step=jnp.int32(1),
+      accepted=jnp.zeros((b,), jnp.int32), forwards=jnp.int32(1),
+      narrow_forwards=jnp.int32(0), step=jnp.int32(1),
       length=length, rng=rng)
 
 
@@ -237,8 +244,23 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
   draft_in = jnp.where(st.warm[:, None], st.drafts, opt.mask_id)
   inp = jnp.concatenate([pending[:, None], draft_in,
                          jnp.full((b, n - 1), opt.mask_id, jnp.int32)], axis=1)
-  logits, (k, v), _ = logits_fn(params, inp, _causal_meta(spos, jnp.ones_like(spos, bool)),
-                                st.cache.attention_view(), None)
+
+  def forward(width: int):
+    # Causal slots: the first ``width`` of them compute the same with or without the rest.
+    logits, (k, v), _ = logits_fn(params, inp[:, :width],
+                                  _causal_meta(spos[:, :width], jnp.ones((b, width), bool)),
+                                  st.cache.attention_view(), None)
+    logits = jnp.pad(logits, ((0, 0), (0, 2 * n - 1 - width), (0, 0)))
+    return logits, k[:, :, :n], v[:, :, :n]
+
+  # With no running row warm, nothing is verified and no MASK-slot draft is read: the
+  # pending token and its N-1 MASK slots are the whole forward (N slots, as the prefill).
+  if opt.narrow_window:
+    narrow = ~jnp.any(st.warm & active)
+    logits, k, v = jax.lax.cond(narrow, lambda: forward(n), lambda: forward(2 * n - 1))
+  else:
+    narrow = jnp.bool_(False)
+    logits, k, v = forward(2 * n - 1)
   p = _probs(opt, logits)  # p[:, j-1] is the verifier of position pos + j.
 
   # Verify drafts 1..N-1 left to right.
@@ -299,4 +321,5 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
       warm=jnp.where(active, ~st.warm | from_mask, st.warm), cache=cache,
       done=st.done | (active & ended), nfe=st.nfe + active.astype(jnp.int32),
       accepted=st.accepted + jnp.where(active, jnp.maximum(count - 1, 0), 0),
-      forwards=st.forwards + 1, step=st.step + 1)
+      forwards=st.forwards + 1, narrow_forwards=st.narrow_forwards + narrow.astype(jnp.int32),
+      step=st.step + 1)

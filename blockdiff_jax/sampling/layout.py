@@ -60,8 +60,10 @@ class DecodeOptions:
       cache (exact recent chunks, rank-r older ones; ``hierarchical_cache``).
     narrow_window: a step runs only the slots it needs: the previous block only when a
       row commits it, the current block only when a row refreshes its buffer, else just
-      each row's sub-block (and the slot before it with the shift). Same outputs;
-      False = every step runs the whole commit window (a baseline for benchmarks).
+      each row's sub-block (and the slot before it with the shift); ISD runs N slots
+      instead of 2N-1 when no running row has drafts to verify. Same outputs; False =
+      every step runs the whole commit window (every ISD forward 2N-1 slots), a baseline
+      for benchmarks.
   """
 
   block_size: int
