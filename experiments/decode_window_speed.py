@@ -19,6 +19,15 @@ that serves the batch. This measures, on a real model, in one run and interleave
       --questions=train --tag=train --config_overrides=...as above...
   PYTHONPATH=. python experiments/decode_window_speed.py --quick --tag=smoke  # base weights
 
+``--isd_strides=2,3,4`` adds I-DLM's strided decoding of the same weights, narrow (a
+forward with no drafts to verify, after a rejection, runs N slots) and wide (every forward
+2N-1 slots); ``--isd_only`` leaves out the block decoders:
+
+  PYTHONPATH=. python experiments/decode_window_speed.py --workdir=runs/synth_causal \
+      --step=140 --isd_strides=2,3,4 --isd_only --prompts=12 --repeats=3 \
+      --max_new_tokens=32 --tag=isd_synth_causal140 \
+      --config_overrides=data.sft_source=synthetic,model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False,train.trainable=lora,diffusion.block_attention=causal
+
 ``--workdir`` without checkpoints (or absent) decodes the base SmolLM2 weights with the
 block decoder (its TPF is then low, but the cost per forward is what this measures).
 Writes experiments/results/decode_window_speed{_tag}.{json,md}.
@@ -176,20 +185,21 @@ jax.monitoring.register_event_duration_secs_listener(
 
 def measure(model, params, tok, prompts, runs, args, log) -> dict:
   """Interleaved timings: every decoder decodes every prompt once per repeat."""
-  res = {name: {"wall_s": 0.0, "tokens": 0, "nfe": 0, "answers": {}} for name, _, _ in runs}
+  res = {name: {"wall_s": 0.0, "tokens": 0, "nfe": 0, "answers": {}} for name, *_ in runs}
   # Compile every (decoder, prompt) pair first: the prefill width (block decoders) and
   # the prompt length (AR) are static, so prompts of other lengths compile anew.
-  for name, opts, ar in runs:
+  for name, opts, ar, stride in runs:
     for p in prompts:
       generation.generate(model, params, tok, [p], opts, args.max_new_tokens, args.width,
-                          width=args.width, ar=ar)
+                          width=args.width, ar=ar, isd_stride=stride)
     log(f"compiled {name}")
   compiled = len(_COMPILES)
   for rep in range(args.repeats):
     for i, p in enumerate(prompts):
-      for name, opts, ar in runs:
+      for name, opts, ar, stride in runs:
         (row,), summ = generation.generate(model, params, tok, [p], opts, args.max_new_tokens,
-                                           args.width, width=args.width, ar=ar)
+                                           args.width, width=args.width, ar=ar,
+                                           isd_stride=stride)
         r = res[name]
         r["wall_s"] += summ["wall_s"]
         r["tokens"] += row["generated_tokens"]
@@ -217,6 +227,11 @@ def main():
   ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every decode")
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--width", type=int, default=224, help="canvas (prompt + answer) width")
+  ap.add_argument("--isd_strides", default="",
+                  help="also I-DLM's strided decoding at these strides, narrow (a forward "
+                  "with no drafts to verify runs N slots) and wide (always 2N-1)")
+  ap.add_argument("--isd_only", action="store_true",
+                  help="with --isd_strides: AR and ISD only, no block decoders")
   ap.add_argument("--quick", action="store_true", help="smoke test: 1 prompt, 32 tokens")
   ap.add_argument("--tag", default="")
   args = ap.parse_args()
@@ -230,18 +245,30 @@ def main():
   config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
   prompts, source, _ = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
-  runs = [("AR", opts, True)] + [(n, o, False) for n, o in decoders(opts)]
+  strides = [int(n) for n in args.isd_strides.split(",") if n.strip()]
+  if any(n < 2 for n in strides) or (args.isd_only and not strides):
+    raise SystemExit(f"--isd_strides must list strides >= 2 (with --isd_only, at least "
+                     f"one), got {args.isd_strides!r}")
+  runs = [("AR", opts, True, 0)]
+  if not args.isd_only:
+    runs += [(n, o, False, 0) for n, o in decoders(opts)]
+  for n in strides:
+    for shape, narrow in (("narrow", True), ("wide", False)):
+      runs.append((f"ISD N={n}, {shape}", dataclasses.replace(opts, narrow_window=narrow),
+                   False, n))
   with inference.inference_context(config):
     res = measure(model, params, tok, prompts, runs, args, log)
 
   rows = []
-  for name, o, ar in runs:
+  for name, o, ar, stride in runs:
     r = res[name]
     wide = res.get(name.replace("narrow", "wide")) if name.endswith("narrow") else None
     same = None if wide is None else all(r["answers"][i] == wide["answers"][i]
                                           for i in r["answers"])
     rows.append({
-        "decoder": name, "options": "AR" if ar else _label(o), "tpf": r["tpf"],
+        "decoder": name,
+        "options": "AR" if ar else f"stride {stride}" if stride else _label(o),
+        "tpf": r["tpf"],
         "ms_per_forward": r["ms_per_forward"], "tokens_per_s": r["tokens_per_s"],
         "x_ar": r["tokens_per_s"] / res["AR"]["tokens_per_s"],
         "narrow_over_wide_speed": None if wide is None else
@@ -278,7 +305,9 @@ def markdown(rows, meta, env) -> str:
       f"interleaved repeats, up to {meta['max_new_tokens']} new tokens, canvas "
       f"{meta['width']}, greedy, policy {meta['policy']}. `wide` = every forward runs "
       "`[previous block ; current block]`; `narrow` = only what the step needs "
-      "(`DecodeOptions.narrow_window`, the default). TPF counts tokens up to the first EOS.",
+      "(`DecodeOptions.narrow_window`, the default); for ISD, `wide` = every forward runs "
+      "2N-1 slots, `narrow` = N slots when no drafts are to be verified. TPF counts tokens "
+      "up to the first EOS.",
       "", "| decoder | options | TPF | ms / forward | tok/s | x AR | narrow / wide | "
       "same tokens |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
