@@ -54,7 +54,7 @@ from blockdiff_jax.sampling import logits as logits_lib
 Array = Any
 _NEG = -1e30
 
-JIT_CACHE = jit_cache.JitCache(maxsize=8)
+JIT_CACHE = jit_cache.JitCache(maxsize=64)
 
 
 @flax.struct.dataclass
