@@ -358,7 +358,11 @@ def plot(results, path):
         ax.plot([r["x_ar"]], [r[key]], "r^", ms=9, label=r["decoder"])
       elif r["decoder"] == ADAPTED_AR:
         ax.plot([r["x_ar"]], [r[key]], "gs", ms=8, label=r["decoder"])
-    isd = [r for r in results if r.get("isd_stride")]
+    isd = [r for r in results if r.get("isd_stride") and "always" not in r["decoder"]]
+    wide = [r for r in results if r.get("isd_stride") and "always" in r["decoder"]]
+    if wide:  # --isd_wide: the same tokens, timed with every forward at 2N-1 slots.
+      ax.plot([r["x_ar"] for r in wide], [r[key] for r in wide], "d", mfc="none", color="g",
+              label="ISD, 2N-1 slots always")
     if isd:
       ax.plot([r["x_ar"] for r in isd], [r[key] for r in isd], "gd--", label="ISD (lossless)")
       for i, r in enumerate(isd):  # Staggered: lossless rows share one height.
