@@ -309,6 +309,13 @@ def write(result, out):
     table(task, lengths, lambda v, n, task=task: rate(variant=v, length=n, task=task))
   table("Answer characters right, in place (partial retrieval; all tasks)", lengths,
         lambda v, n: long_context.char_rate(rows, variant=v, length=n))
+  for task in sorted({r["task"] for r in rows}):
+    per_variant = {v: long_context.char_position_rates(rows, variant=v, task=task)
+                   for v in names}
+    width = max(len(p) for p in per_variant.values())
+    table(f"{task}: answer character right, by position in the answer (all lengths)",
+          list(range(1, width + 1)),
+          lambda v, k, p=per_variant: p[v][k - 1] if k <= len(p[v]) else float("nan"))
   table("By needle depth (all tasks and lengths)", sorted({r["depth"] for r in rows}),
         lambda v, d: rate(variant=v, depth=d))
   n = long_context.accuracy(rows, variant=names[0], length=lengths[0])[1]

@@ -159,6 +159,21 @@ def test_char_accuracy_credits_characters_in_place(completion, score):
   assert np.isnan(lc_eval.char_rate(rows, task="none"))
 
 
+def test_char_position_rates_count_each_answer_position():
+  from blockdiff_jax.evaluation import long_context as lc_eval  # pylint: disable=g-import-not-at-top
+  rows = [{"task": "passkey", "completion": " 48913.", "answer": "48213"},
+          {"task": "passkey", "completion": "4", "answer": "48213"},
+          {"task": "kv_recall", "completion": '"ab"', "answer": "abc"}]
+  assert lc_eval.char_position_rates(rows, task="passkey") == pytest.approx(
+      [1.0, 0.5, 0.0, 0.5, 0.5])
+  assert lc_eval.char_position_rates(rows, task="kv_recall") == pytest.approx([1, 1, 0])
+  assert lc_eval.char_position_rates(rows, task="none") == []
+  # The mean over positions of equal-length answers is char_rate.
+  passkeys = [r for r in rows if r["task"] == "passkey"]
+  assert np.mean(lc_eval.char_position_rates(passkeys)) == pytest.approx(
+      lc_eval.char_rate(passkeys))
+
+
 # ----------------------------------------------------- training stream (corpus=long_context)
 
 

@@ -140,6 +140,25 @@ def char_rate(rows: Sequence[dict], **where) -> float:
   return sum(got) / len(got) if got else float("nan")
 
 
+def char_position_rates(rows: Sequence[dict], **where) -> list[float]:
+  """Share of the matching rows with the answer's k-th character right, for each k.
+
+  Shows which part of an answer a partial retrieval carries (the first digits of a pass
+  key, or the last). Positions past a shorter answer's end are not counted; ``[]`` when
+  no row matches.
+  """
+  hits: list[list[bool]] = []
+  for r in rows:
+    if not all(r[k] == v for k, v in where.items()):
+      continue
+    text = long_context.clean_completion(r["completion"]).strip(" \"'")
+    for k, a in enumerate(r["answer"]):
+      if k == len(hits):
+        hits.append([])
+      hits[k].append(k < len(text) and text[k] == a)
+  return [sum(h) / len(h) for h in hits]
+
+
 def prompt_ids(tokenizer, example: long_context.LongContextExample, wrap: bool) -> np.ndarray:
   """What the model reads: the raw prompt, or ``BOS prompt SEP`` (``wrap``, the layout
   ``data.pipeline.LongContextDataset`` trains on)."""
