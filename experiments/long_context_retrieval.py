@@ -98,8 +98,9 @@ def _last_step(workdir: str) -> int:
   return max(steps, default=-1)
 
 
-def lineage(workdir: str) -> str:
-  """How a source model was trained: its steps, then those of each ``init_from`` run."""
+def lineage(workdir: str, step: int = -1) -> str:
+  """How a source model was trained: its steps (``step`` when >= 0, else its newest
+  checkpoint's), then those of each ``init_from`` run."""
   parts = []
   for _ in range(8):  # A chain longer than this is not one of ours.
     try:
@@ -107,7 +108,8 @@ def lineage(workdir: str) -> str:
     except (OSError, ValueError):  # A source run deleted since: say so, don't fail the grid.
       parts.append(f"{os.path.basename(os.path.normpath(workdir))}: not found")
       break
-    parts.append(f"{os.path.basename(os.path.normpath(workdir))}: {_last_step(workdir)} steps")
+    steps = step if step >= 0 and not parts else _last_step(workdir)
+    parts.append(f"{os.path.basename(os.path.normpath(workdir))}: {steps} steps")
     src = config.get("init_from", {}).get("workdir", "")
     if not src:
       break
@@ -164,7 +166,9 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
     window = (config.model.summary.window_blocks if config.model.summary.num_slots
               else args.hier_window)
     s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = window, args.chunk, args.rank, 1
-  _, model, tok, params = inference.load_for_inference(workdir, config)
+  # --eval_step picks a source model's checkpoint; extensions are read at their newest.
+  step = args.eval_step if args.eval_step >= 0 and variant.workdir in args.models.split(",") else None
+  _, model, tok, params = inference.load_for_inference(workdir, config, step=step)
   options = sample_lib.options_from_config(s, config.diffusion.block_size, tok)
   done, start = [0], time.time()
 
@@ -190,6 +194,8 @@ def main():
   ap.add_argument("--models", default="full,summary", help="full and/or summary")
   ap.add_argument("--steps", type=int, default=600, help="source training steps")
   ap.add_argument("--slots", type=int, default=2, help="summary slots per block")
+  ap.add_argument("--eval_step", type=int, default=-1,
+                  help="checkpoint of the source models to evaluate (-1 = the newest)")
   ap.add_argument("--ext_factor", type=int, default=4)
   ap.add_argument("--ext_steps", type=int, default=50, help="0 = no extension variants")
   ap.add_argument("--eval_factor", type=int, default=16, help="YaRN factor without tuning")
@@ -243,7 +249,8 @@ def main():
                                 + sys.argv[1:]),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "train_seconds": train_seconds, "seconds": time.time() - t0,
-            "lineage": {m: lineage(os.path.join(args.runs, m)) for m in models},
+            "lineage": {m: lineage(os.path.join(args.runs, m), args.eval_step)
+                        for m in models},
             "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
                         .model.summary.window_blocks for m in models},
             "train_lengths": train_lengths(args.runs, models, args.ext_factor,
