@@ -23,7 +23,7 @@ from conftest import report_value
 from conftest import run_multidevice_worker
 from conftest import WorkerReport
 
-# One xdist worker takes all of this module's tests (pytest.ini: --dist loadgroup), so
+# One xdist worker takes all of this module's tests (pytest.ini: --dist loadfile), so
 # the other never sits waiting on the report while the subprocess runs.
 pytestmark = pytest.mark.xdist_group("expert_parallel_worker")
 
