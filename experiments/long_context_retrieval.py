@@ -167,7 +167,8 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
               else args.hier_window)
     s.kv_window, s.kv_chunk, s.kv_rank, s.kv_sinks = window, args.chunk, args.rank, 1
   # --eval_step picks a source model's checkpoint; extensions are read at their newest.
-  step = args.eval_step if args.eval_step >= 0 and variant.workdir in args.models.split(",") else None
+  source = variant.workdir in args.models.split(",")
+  step = args.eval_step if args.eval_step >= 0 and source else None
   _, model, tok, params = inference.load_for_inference(workdir, config, step=step)
   options = sample_lib.options_from_config(s, config.diffusion.block_size, tok)
   done, start = [0], time.time()
