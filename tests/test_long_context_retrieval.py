@@ -71,3 +71,22 @@ def test_bad_decoder_and_batch_are_named(setup):
     long_context.retrieval(model, params, tok, examples, _options(tok), decoder="isd")
   with pytest.raises(ValueError, match="batch_size must be >= 1"):
     long_context.retrieval(model, params, tok, examples, _options(tok), batch_size=0)
+
+
+def test_experiment_lineage_names_the_evaluated_step_then_each_source(tmp_path):
+  """experiments/long_context_retrieval.py: ``--eval_step`` changes the first link of the
+  lineage line only; the sources keep their newest checkpoints."""
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  for name, steps, src in (("A", (250, 500), ""), ("C1", (150, 300, 450), "A")):
+    c = config_lib.base_config()
+    c.init_from.workdir, c.init_from.step = (str(tmp_path / src), 500) if src else ("", -1)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(c.to_dict()))
+    for s in steps:
+      (tmp_path / name / "checkpoints" / str(s)).mkdir(parents=True)
+  mod = load_experiment("long_context_retrieval")
+  assert mod.lineage(str(tmp_path / "C1")) == "C1: 450 steps from A@500; A: 500 steps"
+  assert mod.lineage(str(tmp_path / "C1"), 150) == "C1: 150 steps from A@500; A: 500 steps"
+  assert mod.lineage(str(tmp_path / "gone")) == "gone: not found"
