@@ -150,11 +150,17 @@ def test_ar_predictions_are_the_next_token_of_a_causal_prefix(tiny_decoder, star
   model, _, params = tiny_decoder
   ex = _example(mod, start, n_answer, length=3 * BLOCK, seed=start)
   got = mod.ar_predictions(jax.jit(build.make_apply(model)), params, ex, MASK)
+  # tokens[:k] then 0s to a fixed width (one compile): a causal forward's output at k-1
+  # sees only tokens[:k], so the 0s stand in for the later tokens it must not see.
+  width = len(ex.tokens)
+  apply = jax.jit(lambda toks: model.apply(
+      {"params": params}, toks[None],
+      masks.make_meta(jnp.arange(width, dtype=jnp.int32)[None], 1, masks.CLEAN))[0][0])
   for k in range(start, start + n_answer + 1):
-    pos = jnp.arange(k, dtype=jnp.int32)[None]
-    logits, _ = model.apply({"params": params}, jnp.asarray(ex.tokens[:k])[None],
-                            masks.make_meta(pos, 1, masks.CLEAN))
-    assert got[ex.place(k)] == int(jnp.argmax(logits[0, -1].at[MASK].set(-jnp.inf)))
+    prefix = np.zeros((width,), np.int32)
+    prefix[:k] = ex.tokens[:k]
+    logits = apply(jnp.asarray(prefix))
+    assert got[ex.place(k)] == int(jnp.argmax(logits[k - 1].at[MASK].set(-jnp.inf)))
   ok = mod.ar_correct(jax.jit(build.make_apply(model)), params, ex, MASK)
   assert ok == {ex.place(k): got[ex.place(k)] == int(ex.tokens[k])
                 for k in range(start, start + n_answer + 1)}

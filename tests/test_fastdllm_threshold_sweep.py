@@ -41,12 +41,17 @@ def test_base_nll_equals_a_prefix_by_prefix_loop(prompt_len, answer_len):
   ids = rng.integers(0, 200, prompt_len + answer_len).tolist()
   prompt, answer = ids[:prompt_len], ids[prompt_len:]
   score = _module().base_nll_fn(c, model, tok.mask_id, width=16)
-  apply_fn = build.make_apply(model)
+  # The prefix ids[:j] alone predicts ids[j]: a causal forward of ids[:j] then 0s (one
+  # shape, one compile) read at j-1, where the 0s stand in for what it must not see.
+  width = len(ids)
+  meta = masks.make_meta(jnp.arange(width)[None], 1, masks.CLEAN)
+  apply_fn = jax.jit(lambda p, toks: build.make_apply(model)(p, toks, meta)[0])
   nll = []
-  for j in range(prompt_len, len(ids)):  # The prefix ids[:j] alone predicts ids[j].
-    toks = jnp.asarray([ids[:j]], jnp.int32)
-    logits, _ = apply_fn(params, toks, masks.make_meta(jnp.arange(j)[None], 1, masks.CLEAN))
-    nll.append(-float(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))[ids[j]]))
+  for j in range(prompt_len, len(ids)):
+    toks = np.zeros((1, width), np.int32)
+    toks[0, :j] = ids[:j]
+    logits = apply_fn(params, jnp.asarray(toks))
+    nll.append(-float(jax.nn.log_softmax(logits[0, j - 1].astype(jnp.float32))[ids[j]]))
   np.testing.assert_allclose(score(params, prompt, answer), np.mean(nll), rtol=1e-4)
   assert np.isnan(score(params, prompt, []))  # No answer: nothing to score.
 

@@ -17,18 +17,26 @@ from blockdiff_jax.model import build
 
 
 def _reference(apply_fn, params, x0, loss_mask, seg):
-  """One forward per scored token over its own example's tokens before it, no shift code."""
+  """One forward per scored token over its own example's tokens before it, no shift code.
+
+  Each forward holds those tokens at the front of a row as wide as x0 (one shape, one
+  compile) and reads the output of the last of them; the 0s after it are positions a
+  causal forward must not see.
+  """
   x0, loss_mask, seg = map(np.asarray, (x0, loss_mask, seg))
+  width = x0.shape[1]
+  forward = jax.jit(lambda toks, first: apply_fn(params, toks[None], masks.make_meta(
+      (first + jnp.arange(width))[None], 1, masks.CLEAN))[0][0])
   total, count = 0.0, 0
   for row in range(x0.shape[0]):
     for i in range(1, x0.shape[1]):
       if loss_mask[row, i] <= 0 or seg[row, i] != seg[row, i - 1]:
         continue
       start = int(np.argmax(seg[row] == seg[row, i]))  # The example's first token.
-      pos = np.arange(start, i)[None]
-      logits, _ = apply_fn(params, jnp.asarray(x0[row, start:i][None]),
-                           masks.make_meta(pos, 1, masks.CLEAN))
-      pred = np.array(logits[0, -1], np.float64)
+      toks = np.zeros((width,), np.int32)
+      toks[:i - start] = x0[row, start:i]
+      logits = forward(jnp.asarray(toks), start)
+      pred = np.array(logits[i - start - 1], np.float64)
       pred[MASK] = -np.inf
       logp = pred - pred.max() - np.log(np.sum(np.exp(pred - pred.max())))
       total += -logp[x0[row, i]]

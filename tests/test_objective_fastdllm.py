@@ -35,6 +35,7 @@ def _reference_loss(apply_fn, params, x0, loss_mask, m, bs):
   """
   x0, loss_mask, m = map(np.asarray, (x0, loss_mask, m))
   b, length = x0.shape
+  apply_fn = jax.jit(apply_fn)  # One compile per forward width, not per op.
   total, count = 0.0, 0
   for row in range(b):
     maskable = (loss_mask[row] > 0) & (np.arange(length) > 0)

@@ -156,16 +156,22 @@ def test_shifted_decoding_of_prompts_inside_the_first_block(tiny_decoder, sub_bl
 
 
 def _greedy_causal_lm(model, params, ids, max_new, eos_id, mask_id):
-  """Slow AR reference: a full causal forward per token (every token its own block)."""
-  toks = list(ids)
+  """Slow AR reference: a full causal forward per token (every token its own block).
+
+  The tokens sit at the front of a MAX_LEN-wide row, so every forward has one shape
+  (one compile); the slots after the last token hold 0s that no earlier position sees.
+  """
+  toks, n = np.zeros((MAX_LEN,), np.int32), len(ids)
+  toks[:n] = ids
+  meta = masks.make_meta(jnp.arange(MAX_LEN, dtype=jnp.int32)[None], 1, masks.CLEAN)
+  apply = _jit_apply(model)
   for _ in range(max_new):
-    pos = jnp.arange(len(toks), dtype=jnp.int32)[None]
-    logits, _ = _jit_apply(model)({"params": params}, jnp.asarray(toks)[None],
-                                  masks.make_meta(pos, 1, masks.CLEAN))
-    toks.append(int(jnp.argmax(logits[0, -1].at[mask_id].set(-jnp.inf))))
-    if toks[-1] == eos_id:
+    logits, _ = apply({"params": params}, jnp.asarray(toks)[None], meta)
+    toks[n] = int(jnp.argmax(logits[0, n - 1].at[mask_id].set(-jnp.inf)))
+    n += 1
+    if toks[n - 1] == eos_id:
       break
-  return toks[len(ids):]
+  return [int(t) for t in toks[len(ids):n]]
 
 
 @pytest.mark.parametrize("sub_block,dual", [(0, False), (4, False), (0, True)])
@@ -204,6 +210,7 @@ def test_isd_of_a_causal_block_model_is_its_causal_lm(stride):
     assert 1 <= out["nfe"][i] <= len(want)  # At least one token per forward.
 
 
+@functools.lru_cache(maxsize=None)
 def _causal_block_model():
   """A dense token-shifted model built with diffusion.block_attention=causal (seed 3)."""
   c = small_model_config()
