@@ -3,12 +3,34 @@
 import os
 import sys
 
-# XLA's CPU backend with LLVM at -O0: the suite's programs are tiny and compiled once
-# each, so LLVM's optimisation passes cost more than they save (a fifth of the suite's
-# time). Set before JAX starts its backend; notebook kernels and the multi-device
-# workers inherit it.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+# XLA's CPU backend tuned for compile time: the suite's programs are tiny and compiled
+# once each, and compiling is most of the suite's time. LLVM at -O0 (its optimisation
+# passes cost more than they save: a fifth of the suite's time), and the elemental
+# emitters instead of the MLIR fusion emitters (half of each compile). Set before JAX
+# starts its backend; notebook kernels and the multi-device workers inherit it. A flag
+# already in XLA_FLAGS wins.
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0",
+                  "xla_cpu_use_fusion_emitters": "false"}
+
+
+def xla_accepts(flag: str) -> bool:
+  """Whether this jaxlib starts with ``flag`` in XLA_FLAGS: XLA aborts the process on a
+  flag it does not know, and the jaxlib is not pinned (a subprocess tries it)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  probe = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
+  return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False,
+                        env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+                        ).returncode == 0
+
+
+# Decided once, by pytest's own process before it starts the xdist workers: they (and
+# every subprocess) inherit XLA_FLAGS and the marker.
+if not os.environ.get("BLOCKDIFF_TEST_XLA_FLAGS"):
+  os.environ["BLOCKDIFF_TEST_XLA_FLAGS"] = "set"
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
+      f"--{name}={value}" for name, value in TEST_XLA_FLAGS.items()
+      if f"--{name}=" not in os.environ.get("XLA_FLAGS", "")
+      and xla_accepts(f"--{name}={value}")]).strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
