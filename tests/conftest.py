@@ -112,15 +112,15 @@ def pytest_configure(config):
 # modules fill in at the end, instead of one worker finishing a long module alone. A
 # module missing from the list only runs later; the order changes no result.
 SLOW_MODULES = (
-    "test_serving_engine.py", "test_sampling_shifted.py", "test_sharding_train.py",
-    "test_fastdllm_learning_curve.py", "test_notebooks.py", "test_idlm_training.py",
-    "test_fastdllm_threshold_sweep.py", "test_factored_kv.py", "test_model.py",
-    "test_upcycle.py", "test_hierarchical_cache.py", "test_objective_introspective.py",
-    "test_fastdllm_task_probe.py", "test_train.py", "test_objective_ar.py",
-    "test_interop_smollm2.py", "test_sampling_decoder.py", "test_lora.py",
-    "test_objective_fastdllm.py", "test_expert_parallel.py", "test_sampling_trace.py",
-    "test_eval_harness.py", "test_summary_decoding.py", "test_routing_sweep.py",
-    "test_compare_decoders.py",
+    "test_serving_engine.py", "test_notebooks.py", "test_sampling_shifted.py",
+    "test_sharding_train.py", "test_fastdllm_learning_curve.py", "test_interop_smollm2.py",
+    "test_eval_humaneval.py", "test_train.py", "test_idlm_training.py",
+    "test_hierarchical_cache.py", "test_upcycle.py", "test_sampling_decoder.py",
+    "test_compare_decoders.py", "test_model.py", "test_factored_kv.py",
+    "test_objective_introspective.py", "test_sampling_isd.py", "test_lora.py",
+    "test_init_pretrained.py", "test_sampling_trace.py", "test_serving_cli.py",
+    "test_eval_harness.py", "test_objective_fastdllm.py", "test_expert_parallel.py",
+    "test_summary_decoding.py",
 )
 
 
