@@ -6,9 +6,10 @@ import sys
 # XLA's CPU backend tuned for compile time: the suite's programs are tiny and compiled
 # once each, and compiling is most of the suite's time. LLVM at -O0 (its optimisation
 # passes cost more than they save: a fifth of the suite's time), and the elemental
-# emitters instead of the MLIR fusion emitters (half of each compile). Set before JAX
-# starts its backend; notebook kernels and the multi-device workers inherit it. A flag
-# already in XLA_FLAGS wins.
+# emitters instead of the MLIR fusion emitters (half of each compile; real-model
+# forwards run slower: experiments/xla_compile_flags.py). Set before JAX starts its
+# backend; notebook kernels and the multi-device workers inherit it. A flag already in
+# XLA_FLAGS wins.
 TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0",
                   "xla_cpu_use_fusion_emitters": "false"}
 
