@@ -112,3 +112,22 @@ def test_mode_sample_infills_and_records_errors_in_the_results_json(tiny, tmp_pa
   assert len(rows[0]["spans"]) == 1 and rows[0]["completion"].startswith("<|bos|>def f(x):")
   assert "'<|EOS|>'" in rows[1]["error"]
   assert rows[2]["generated_tokens"] >= 1 and "error" not in rows[2]
+
+
+@pytest.mark.parametrize("sampling", [policies.Sampling(top_k=1), policies.Sampling(top_k=5),
+                                      policies.Sampling(top_p=0.01)],
+                         ids=["top_k=1", "top_k=5", "top_p=0.01"])
+def test_greedy_decoding_ignores_top_k_and_top_p(tiny, sampling):
+  """Filtering cannot change an argmax, but a threshold policy ranks by confidence: under
+  a renormalised top_k=1 softmax every position is 1.0 and whole blocks fill at once."""
+  _, model, tok, params = tiny
+  canvas = layout.generation_canvas([layout.parse(tok, "<|bos|>hello world").ids], 16,
+                                    BLOCK, tok.mask_id, MAX_LEN)
+  outs = []
+  for s in (policies.Sampling(), sampling):
+    opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                                policy=policies.Threshold(0.9), sampling=s)
+    outs.append(decoder.decode(model, params, canvas, opt))
+  np.testing.assert_array_equal(outs[1]["tokens"], outs[0]["tokens"])
+  np.testing.assert_array_equal(outs[1]["nfe"], outs[0]["nfe"])
+  assert int(outs[0]["nfe"][0]) > 2  # An untrained model is never 0.9 sure: no trivial pass.

@@ -96,6 +96,15 @@ def test_greedy_proposal_and_confidence():
   np.testing.assert_allclose(conf, [0.6], rtol=1e-5)
 
 
+def test_greedy_confidence_is_the_models_probability_whatever_top_k_or_top_p():
+  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+  for s in (policies.Sampling(top_k=1), policies.Sampling(top_p=0.5)):
+    toks, conf, probs = s.propose(logits, jax.random.key(0))
+    assert int(toks[0]) == 1
+    np.testing.assert_allclose(conf, [0.6], rtol=1e-5)
+    np.testing.assert_allclose(probs, [[0.1, 0.6, 0.3]], rtol=1e-5)
+
+
 def test_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept_k = policies.Sampling(temperature=1.0, top_k=2).filter_logits(logits) > -1e29

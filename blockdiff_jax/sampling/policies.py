@@ -44,9 +44,16 @@ class Sampling:
       raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
 
   def filter_logits(self, logits: Array) -> Array:
-    """Applies temperature, top-k and top-p; greedy keeps the logits as they are."""
-    if self.temperature > 0:
-      logits = logits / self.temperature
+    """Applies temperature, top-k and top-p; greedy keeps the logits as they are.
+
+    Greedy ignores top-k and top-p (as OpenAI's API does): they would not change the
+    argmax, but the confidence a policy ranks by would come from the renormalised
+    filtered softmax (1.0 everywhere with ``top_k=1``), so a threshold would fill whole
+    blocks at once.
+    """
+    if self.temperature == 0:
+      return logits
+    logits = logits / self.temperature
     if self.top_k:
       kth = top_k_values(logits, min(self.top_k, logits.shape[-1]))[..., -1:]
       logits = jnp.where(logits < kth, _NEG, logits)
@@ -61,7 +68,8 @@ class Sampling:
     return logits
 
   def propose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
-    """Proposed tokens and their confidence (probability under the filtered softmax).
+    """Proposed tokens and their confidence (probability under the filtered softmax;
+    greedy: under the model's own softmax).
 
     Args:
       logits: [..., V] fp32 logits.
