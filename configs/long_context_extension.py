@@ -38,6 +38,8 @@ import os
 
 import ml_collections
 
+from blockdiff_jax.evaluation import eval_config
+
 _CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BASE = "quickstart"
 DEFAULT_FACTOR = 8
@@ -124,9 +126,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.rope_scaling.factor={rs.factor} but data.seq_len / "
                      f"original_max_position = {config.data.seq_len} / "
                      f"{rs.original_max_position} = {want}")
-  lengths = [int(n) for n in config.eval.long_context_lengths.split(",")]
-  if min(lengths) < 1:
-    raise ValueError(f"eval.long_context_lengths must be positive, got {lengths}")
-  depths = [float(d) for d in config.eval.long_context_depths.split(",")]
-  if not all(0.0 <= d <= 1.0 for d in depths):
-    raise ValueError(f"eval.long_context_depths must be in [0, 1], got {depths}")
+  eval_config.validate(config.eval)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import pytest
 
 from blockdiff_jax.evaluation import evaluate
@@ -63,6 +64,51 @@ def test_humaneval_task_scores_what_the_decoder_returns(workdir, monkeypatch):
   res = evaluate.run(_config("humaneval", decoders="threshold:0.9"), workdir)
   assert res["humaneval"]["threshold:0.9"]["pass_at_k"]["pass@1"] == 1.0
   assert res["humaneval"]["threshold:0.9"]["num_problems"] == 3
+
+
+def test_humaneval_batches_never_share_a_sampling_key(workdir, monkeypatch):
+  """generate_and_score calls the decoder once per batch; each call must not restart at
+  key 0, or the samples of a problem repeat from batch to batch (pass@k inflated)."""
+  calls = []
+
+  def record(model, params, tok, prompts, options, max_new, max_len, width=None, ar=False,
+             rng=None, warmup=False, **kwargs):
+    calls.append((tuple(jax.random.key_data(rng).tolist()), warmup))
+    row = {"completion": "", "generated_tokens": 0, "nfe": 1, "steps_per_block": []}
+    return [dict(row) for _ in prompts], {"wall_s": 1.0, "unique_experts": 1.0}
+
+  monkeypatch.setattr(evaluate.sample_lib, "generate", record)
+  c = _config("humaneval", decoders="threshold:0.9", humaneval_problems=1, batch_size=2,
+              samples_per_problem=6, ks="1,4")
+  c.sample.temperature = 1.0
+  evaluate.run(c, workdir)
+  assert len(calls) == 3  # 6 samples of one problem, 2 per batch.
+  assert len({key for key, _ in calls}) == 3
+  assert [w for _, w in calls] == [True, False, False]  # Compiled and warmed up once.
+
+
+def test_prompts_too_long_for_max_len_are_failures_not_fatal(workdir):
+  """HumanEval/1 (507 tokens with BOS) cannot fit eval.max_len=420; the others decode.
+  420 is not a multiple of the block size (8): the canvas rounds up, the limit stays."""
+  res = evaluate.run(_config("humaneval", decoders="threshold:0.9", max_len=420), workdir)
+  r = res["humaneval"]["threshold:0.9"]
+  assert r["prompts_too_long"] == 1
+  assert r["num_problems"] == 3 and sum(r["status_counts"].values()) == 3
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("max_len", -1), ("max_new_tokens", 2048), ("ks", "1,x"),
+    ("ks", "2"), ("timeout_s", 0.0), ("infilling_mode", "middle"),
+    ("long_context_depths", "0.5,1.5"), ("long_context_lengths", "256,-1"),
+    ("samples_per_problem", True), ("long_context_tasks", "passkey,needle")])
+def test_bad_eval_fields_are_named_before_the_model_loads(field, value, monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError("the model was loaded before the config was checked")
+
+  monkeypatch.setattr(evaluate.inference, "load_for_inference", never)
+  c = _config("humaneval,long_context", **{field: value})
+  with pytest.raises(ValueError, match=f"eval.{field}"):
+    evaluate.run(c, "/nonexistent")
 
 
 def test_infilling_task_scores_what_the_infiller_returns(workdir, monkeypatch):

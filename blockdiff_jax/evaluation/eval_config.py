@@ -36,6 +36,55 @@ def default_eval_config() -> ml_collections.ConfigDict:
   return e
 
 
+_POSITIVE_INTS = ("likelihood_batches", "noise_samples", "num_examples", "batch_size",
+                  "max_new_tokens", "max_len", "humaneval_problems", "samples_per_problem",
+                  "workers", "long_context_per_cell", "long_context_num_pairs",
+                  "long_context_max_new_tokens")
+INFILLING_MODES = ("inplace", "fim")
+
+
+def _int_list(e: ml_collections.ConfigDict, name: str) -> list[int]:
+  try:
+    values = [int(v) for v in str(e[name]).split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"eval.{name} must be comma-separated integers, got {e[name]!r}") from None
+  if any(v < 1 for v in values):
+    raise ValueError(f"eval.{name} must hold integers >= 1, got {e[name]!r}")
+  return values
+
+
+def validate(e: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``eval`` field (before any model loads).
+
+  Task names and decoders are checked by ``evaluate`` (it owns their registries).
+  """
+  for name in _POSITIVE_INTS:
+    if not isinstance(e[name], int) or isinstance(e[name], bool) or e[name] < 1:
+      raise ValueError(f"eval.{name} must be an integer >= 1, got {e[name]!r}")
+  if e.max_new_tokens >= e.max_len:
+    raise ValueError(f"eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt "
+                     f"in eval.max_len={e.max_len}")
+  ks = _int_list(e, "ks")
+  if not ks:
+    raise ValueError("eval.ks is empty; give pass@k values such as '1'")
+  if max(ks) > e.samples_per_problem:
+    raise ValueError(f"eval.ks={e.ks!r} asks for pass@{max(ks)} from "
+                     f"eval.samples_per_problem={e.samples_per_problem} samples")
+  if not e.timeout_s > 0:  # Also refuses NaN.
+    raise ValueError(f"eval.timeout_s must be > 0, got {e.timeout_s}")
+  if e.infilling_mode not in INFILLING_MODES:
+    raise ValueError(f"eval.infilling_mode must be one of {INFILLING_MODES}, "
+                     f"got {e.infilling_mode!r}")
+  _int_list(e, "long_context_lengths")
+  try:
+    depths = [float(d) for d in e.long_context_depths.split(",")]
+  except ValueError:
+    raise ValueError(f"eval.long_context_depths must be comma-separated numbers, "
+                     f"got {e.long_context_depths!r}") from None
+  if not all(0.0 <= d <= 1.0 for d in depths):
+    raise ValueError(f"eval.long_context_depths must be in [0, 1], got {e.long_context_depths!r}")
+
+
 def long_context_lengths(config: ml_collections.ConfigDict) -> list[int]:
   """The prompt lengths of the long_context task (``eval.long_context_lengths``)."""
   e = config.eval

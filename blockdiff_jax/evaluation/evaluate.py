@@ -47,6 +47,7 @@ from blockdiff_jax.evaluation import sandbox
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import transformer
+from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import sample as sample_lib
 
 def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
@@ -86,18 +87,41 @@ class Evaluator:
 
   def generate(self, prompts: Sequence[str], policy: str, value: float | None,
                max_new_tokens: int, max_len: int, batch_size: int, model=None,
-               warmup: bool = True) -> tuple[list[dict], dict]:
-    """Decodes prompts in fixed-size batches (one compile); returns rows and a summary."""
-    rows, wall, n_gen, nfe, unique = [], 0.0, 0, 0, []
+               warmup: bool = True, first_index: int = 0) -> tuple[list[dict], dict]:
+    """Decodes prompts in fixed-size batches (one compile); returns rows and a summary.
+
+    A prompt that does not fit ``max_len`` with ``max_new_tokens`` gets an empty
+    completion and an ``error`` instead of stopping the run.
+
+    Args:
+      first_index: the index of ``prompts[0]`` among all the prompts of a task decoded
+        in several calls. Each batch's sampling key is its first prompt's index, so
+        calls never reuse a key, and only the first call warms up.
+    """
+    rows: list[dict | None] = [None] * len(prompts)
+    fits = []
+    for i, p in enumerate(prompts):
+      n = len(layout.parse(self.tokenizer, p).ids)
+      if n + max_new_tokens > max_len:
+        rows[i] = {"completion": "", "error": f"prompt has {n} tokens; with max_new_tokens="
+                   f"{max_new_tokens} it exceeds the context of {max_len}",
+                   "generated_tokens": 0, "nfe": 0, "steps_per_block": []}
+      else:
+        fits.append(i)
+    wall, n_gen, nfe, unique = 0.0, 0, 0, []
     options = self.options(policy, value)
-    for start in range(0, len(prompts), batch_size):
-      chunk = list(prompts[start:start + batch_size])
+    b = options.block_size
+    width = -(-max_len // b) * b  # The canvas is whole blocks; max_len stays the limit.
+    for start in range(0, len(fits), batch_size):
+      idx = fits[start:start + batch_size]
+      chunk = [prompts[i] for i in idx]
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
       out, summary = sample_lib.generate(
           model or self.model, self.params, self.tokenizer, padded, options, max_new_tokens,
-          max_len, width=max_len, ar=policy == "ar", rng=jax.random.key(start),
-          warmup=warmup and start == 0)
-      rows.extend(out[:len(chunk)])
+          max_len, width=width, ar=policy == "ar", rng=jax.random.key(first_index + idx[0]),
+          warmup=warmup and first_index == 0 and start == 0)
+      for i, r in zip(idx, out):
+        rows[i] = r
       wall += summary["wall_s"]
       n_gen += sum(r["generated_tokens"] for r in out[:len(chunk)])
       nfe += sum(r["nfe"] for r in out[:len(chunk)])
@@ -105,12 +129,13 @@ class Evaluator:
     steps = [s for r in rows for s in r["steps_per_block"]]
     return rows, {
         "decoder": _decoder_name(policy, value), "sequences": len(rows),
+        "too_long": len(prompts) - len(fits),
         "generated_tokens": n_gen, "nfe": nfe, "tpf": n_gen / max(nfe, 1),
         "tokens_per_s": n_gen / wall if wall else float("nan"),
         "latency_s_per_batch": wall / max(1, -(-len(rows) // batch_size)),
         "mean_steps_per_block": float(np.mean(steps)) if steps else float("nan"),
-        "unique_experts_per_layer": (float(np.mean(unique)) if np.isfinite(unique).all()
-                                     else float("nan")),
+        "unique_experts_per_layer": (float(np.mean(unique))
+                                     if unique and np.isfinite(unique).all() else float("nan")),
     }
 
 
@@ -171,16 +196,26 @@ def task_humaneval(ev: Evaluator) -> dict:
   ks = [int(k) for k in c.eval.ks.split(",")]
   out = {}
   for policy, value in _parse_decoders(c.eval.decoders):
-    def generate_fn(prompts, policy=policy, value=value):
+    done, too_long = [0], []
+
+    def generate_fn(prompts, policy=policy, value=value, done=done, too_long=too_long):
+      # generate_and_score calls this once per batch: first_index keeps the samples of
+      # one problem from sharing a sampling key across calls.
       rows, _ = ev.generate([f"<|bos|>{p}" for p in prompts], policy, value,
-                            c.eval.max_new_tokens, c.eval.max_len, c.eval.batch_size)
+                            c.eval.max_new_tokens, c.eval.max_len, c.eval.batch_size,
+                            first_index=done[0])
+      done[0] += len(prompts)
+      too_long.extend(r["error"] for r in rows if "error" in r)
       return [r["completion"] for r in rows]
     res = humaneval.generate_and_score(
         generate_fn, problems, num_samples=c.eval.samples_per_problem,
         batch_size=c.eval.batch_size, ks=ks, workers=c.eval.workers, limits=_limits(c))
+    if too_long:  # Scored as failures (empty completions); said, not silent.
+      print(f"eval: humaneval: {len(too_long)} sample(s) not decoded: {too_long[0]} "
+            f"(raise eval.max_len)", flush=True)
     out[_decoder_name(policy, value)] = {
         "pass_at_k": res["pass_at_k"], "num_problems": res["num_problems"],
-        "status_counts": res["status_counts"]}
+        "status_counts": res["status_counts"], "prompts_too_long": len(too_long)}
   return out
 
 
@@ -194,19 +229,30 @@ def task_humaneval_infilling(ev: Evaluator) -> dict:
   middles = []
   if c.eval.infilling_mode == "inplace":
     options = ev.options(policy, value)
-    for start in range(0, len(tasks), c.eval.batch_size):
-      chunk = tasks[start:start + c.eval.batch_size]
-      texts = [f"<|bos|>{t.prefix}<|mask:{len(ev.tokenizer.encode(t.middle))}|>{t.suffix}"
-               for t in chunk]
-      res = sample_lib.infill(ev.model, ev.params, ev.tokenizer, texts, options,
-                              c.eval.max_len, width=c.eval.max_len)
-      middles.extend(r["spans"][0].replace("<|eos|>", "") for r in res)
+    b = options.block_size
+    width = -(-c.eval.max_len // b) * b
+    texts = [f"<|bos|>{t.prefix}<|mask:{len(ev.tokenizer.encode(t.middle))}|>{t.suffix}"
+             for t in tasks]
+    fits = []
+    for i, text in enumerate(texts):
+      try:
+        layout.infill_canvas([layout.parse(ev.tokenizer, text)], b, c.eval.max_len)
+        fits.append(i)
+      except ValueError as e:  # Too long for eval.max_len: scored as a failure.
+        print(f"eval: humaneval_infilling: task {i} not decoded: {e}", flush=True)
+    middles = [""] * len(tasks)
+    for start in range(0, len(fits), c.eval.batch_size):
+      idx = fits[start:start + c.eval.batch_size]
+      res = sample_lib.infill(ev.model, ev.params, ev.tokenizer, [texts[i] for i in idx],
+                              options, c.eval.max_len, width=width)
+      for i, r in zip(idx, res):
+        middles[i] = r["spans"][0].replace("<|eos|>", "")
   elif c.eval.infilling_mode == "fim":
     prompts = ["<|bos|>" + infilling.build_fim_prompt(t.prefix, t.suffix) for t in tasks]
     rows, _ = ev.generate(prompts, policy, value, c.eval.max_new_tokens, c.eval.max_len,
                           c.eval.batch_size)
     middles = [r["completion"] for r in rows]
-  else:
+  else:  # eval_config.validate refuses it before the model loads.
     raise ValueError(f"eval.infilling_mode must be inplace or fim, got {c.eval.infilling_mode!r}")
   res = infilling.score_infills(tasks, middles, workers=c.eval.workers, limits=_limits(c))
   return {"decoder": _decoder_name(policy, value), "mode": c.eval.infilling_mode,
@@ -321,6 +367,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {eval_config.TASKS}")
   _parse_decoders(e.decoders)
+  eval_config.validate(e)
+  bad = [t for t in e.long_context_tasks.split(",") if t not in long_context_data.TASKS]
+  if "long_context" in tasks and bad:
+    raise ValueError(f"eval.long_context_tasks has unknown task(s) {bad}; choose from "
+                     f"{long_context_data.TASKS}")
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params, workdir)
