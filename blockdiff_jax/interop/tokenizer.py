@@ -11,6 +11,7 @@ own specials (``<|im_start|>`` ...) are also addressable by name in prompts.
 
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -209,6 +210,44 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     return env.from_string(self.chat_template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
         bos_token=name("bos") or "", eos_token=name("eos") or "")
+
+  def encode_chat(self, messages: Sequence[dict],
+                  add_generation_prompt: bool = True) -> np.ndarray:
+    """The ids of a rendered conversation; special tokens come only from the template.
+
+    Encoding the whole rendered text with specials (as ``encode_with_specials``) would
+    also turn ``<|im_end|>`` typed inside a message into the real token, letting user
+    text (a JSONL record, a chat request) close its turn or forge a system one. A
+    content holding a special token's text is encoded as plain text instead, spliced
+    between the template's pieces; other conversations encode exactly as before.
+
+    Raises:
+      ValueError: a content holds a special token's text and the template does not
+        insert that content verbatim, once (so it cannot be located in the rendering).
+    """
+    text = self.apply_chat_template(messages, add_generation_prompt)
+    specials = [a.content for a in self._tok.get_added_tokens_decoder().values() if a.special]
+    unsafe = [i for i, m in enumerate(messages)
+              if isinstance(m.get("content"), str) and any(t in m["content"] for t in specials)]
+    if not unsafe:
+      return self.encode_with_specials(text)
+    # Render again with a marker in place of each unsafe content to find its span.
+    marked = [dict(m, content=f"\ue000{i}\ue001") if i in unsafe else m
+              for i, m in enumerate(messages)]
+    rendering = self.apply_chat_template(marked, add_generation_prompt)
+    pieces = re.split("\ue000(\\d+)\ue001", rendering)
+    order = [int(k) for k in pieces[1::2]]
+    rebuilt = "".join(p if j % 2 == 0 else messages[int(p)]["content"]
+                      for j, p in enumerate(pieces))
+    if sorted(order) != unsafe or rebuilt != text:
+      i = unsafe[0]
+      raise ValueError(f"message {i} holds special-token text and the chat template does "
+                       "not insert its content verbatim, so it cannot be kept as text")
+    ids = []
+    for j, p in enumerate(pieces):
+      ids.append(self.encode_with_specials(p) if j % 2 == 0
+                 else self.encode(messages[int(p)]["content"]))
+    return np.concatenate(ids).astype(np.int32)
 
   # --- saving -------------------------------------------------------------------------------
 
