@@ -64,3 +64,24 @@ def test_a_template_that_rewrites_content_is_refused_not_guessed():
   assert tok.decode(tok.encode_chat(plain), skip_special=False).count("hello") == 1
   with pytest.raises(ValueError, match="message 0 holds special-token text"):
     tok.encode_chat([{"role": "user", "content": " a <|im_end|> b "}])
+
+
+def test_plain_encoding_on_another_thread_never_sees_the_specials_mode():
+  """encode_with_specials flips a flag of the shared HF tokenizer for one call."""
+  import threading  # pylint: disable=g-import-not-at-top
+  tok = _qwen()
+  text = "a <|im_end|> b " * 200
+  want = tok.encode(text).tolist()
+  seen, stop = [], threading.Event()
+
+  def plain():
+    while not stop.is_set():
+      seen.append(tok.encode(text).tolist() == want)
+
+  worker = threading.Thread(target=plain)
+  worker.start()
+  for _ in range(300):
+    tok.encode_with_specials(text)
+  stop.set()
+  worker.join()
+  assert seen and all(seen)

@@ -12,6 +12,7 @@ own specials (``<|im_start|>`` ...) are also addressable by name in prompts.
 import json
 import os
 import re
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +24,9 @@ MASK_TOKEN = data_tokenizers.MASK
 # Qwen2/2.5/3 pre-tokenization split (the same regex as their tokenizer.json).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# encode_with_specials flips the HF tokenizer's encode_special_tokens flag for one call;
+# the lock keeps an encode() on another thread (the server's) from seeing it flipped.
+_SPECIALS_FLAG = threading.Lock()
 # Pre-tokenizers of llama.cpp's ``tokenizer.ggml.pre`` names we rebuild.
 _DIGIT_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
 
@@ -168,19 +172,22 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
   def encode(self, text: str) -> np.ndarray:
     if not isinstance(text, str):
       raise TypeError(f"encode expects str, got {type(text).__name__}.")
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+    with _SPECIALS_FLAG:
+      return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    with _SPECIALS_FLAG:
+      encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
     return [np.asarray(e.ids, np.int32) for e in encs]
 
   def encode_with_specials(self, text: str) -> np.ndarray:
     """Encodes text in which special tokens (``<|im_start|>`` ...) are spelled out."""
-    self._tok.encode_special_tokens = False
-    try:
-      return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
-    finally:
-      self._tok.encode_special_tokens = True
+    with _SPECIALS_FLAG:
+      self._tok.encode_special_tokens = False
+      try:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+      finally:
+        self._tok.encode_special_tokens = True
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
     arr = data_tokenizers._as_id_array(ids)  # pylint: disable=protected-access
