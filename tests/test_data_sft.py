@@ -130,6 +130,74 @@ def test_bad_records_name_the_line(tmp_path):
     sft.jsonl_records(str(tmp_path / "missing.jsonl"))
 
 
+GOOD_LINE = b'{"prompt": "hi", "response": "there"}\n'
+# (second line of the file, what the error must say after "sft.jsonl:2: ").
+BAD_LINES = [
+    (b'{"prompt": "a", "response": \n', r"invalid JSON"),
+    (b'{"prompt": "caf\xe9", "response": "x"}\n', r"not a UTF-8 text file.*data\.sft_source"),
+    (b"[1, 2]\n", r"expected a JSON object.*got list"),
+    (b'"just a string"\n', r"expected a JSON object.*got str"),
+    (b'{"messages": "hello"}\n', r"'messages' must be a non-empty list"),
+    (b'{"messages": []}\n', r"'messages' must be a non-empty list"),
+    (b'{"messages": ["user", "assistant"]}\n', r"messages\[0\] must be an object"),
+    (b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}\n',
+     r"messages\[0\] \(user\) has no 'content'"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}\n',
+     r"messages\[1\] \(assistant\) has no 'content'"),
+    (b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}\n',
+     r"messages\[0\]\.content must be a string, got int"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", '
+     b'"content": "yo"}]}\n', r"messages\[0\] has role 'wizard'; allowed: system, user, assistant, tool"),
+    (b'{"messages": [{"role": "user", "content": "q"}]}\n', r"'messages' must end with an assistant"),
+    (b'{"prompt": "x\\ud800", "response": "y"}\n', r"'prompt' holds a lone surrogate"),
+    (b'{"prompt": "q", "response": "\\udfff"}\n', r"'response' holds a lone surrogate"),
+    (b'{"prompt": null, "response": "5"}\n', r"'prompt' must be a string, got NoneType"),
+    (b'{"prompt": "q", "response": 5}\n', r"'response' must be a string, got int"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_LINES, ids=[m for _, m in BAD_LINES])
+def test_bad_jsonl_lines_are_refused_naming_path_and_line(tmp_path, line, message):
+  path = tmp_path / "sft.jsonl"
+  path.write_bytes(GOOD_LINE + line + GOOD_LINE)
+  with pytest.raises(ValueError, match=rf"sft\.jsonl:2: {message}"):
+    sft.jsonl_records(str(path))
+
+
+def test_a_byte_order_mark_and_blank_lines_are_accepted(tmp_path):
+  path = tmp_path / "sft.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + GOOD_LINE + b"\n  \n" + GOOD_LINE.replace(b"\n", b"\r\n")
+                   + b'{"messages": [{"role": "system", "content": "s"}, {"role": "tool", '
+                   b'"content": "t"}, {"role": "assistant", "content": "a"}]}\n')
+  records = sft.jsonl_records(str(path))
+  assert records[:2] == [("hi", "there")] * 2 and records[2][-1]["content"] == "a"
+
+
+def _long_and_short(tmp_path, n_short=1, n_long=3):
+  lines = ([{"prompt": f"q{i}", "response": "short"} for i in range(n_short)]
+           + [{"prompt": f"l{i}", "response": "x" * 200} for i in range(n_long)])
+  d = data_config_lib.default_data_config()
+  d.corpus, d.sft_source, d.validation_fraction = "sft", _write(tmp_path, lines), 0.0
+  d.sft_block_multiple = 8
+  return d
+
+
+def test_dropped_examples_are_reported_and_left_out_of_the_stats(tmp_path, capsys):
+  d = _long_and_short(tmp_path)
+  ds = pipeline.build_dataset(d, BYTE, "train", 64, 2, seed=0)
+  assert "sft train: 3/4 examples dropped" in capsys.readouterr().out
+  assert ds.dropped == 3 and ds.kept == [0]
+  # Only the kept response ("short") is measured: 5 bytes, 5 byte tokens.
+  assert (ds.stats.num_bytes, ds.stats.num_tokens) == (5, 5)
+
+
+def test_a_split_with_no_example_that_fits_names_seq_len(tmp_path):
+  d = _long_and_short(tmp_path, n_short=0)
+  with pytest.raises(ValueError, match=r"SFT train split: none of its 3 examples fits in "
+                                       r"data\.seq_len=64"):
+    pipeline.build_dataset(d, BYTE, "train", 64, 2, seed=0)
+
+
 def test_docstring_source_split_is_deterministic_disjoint_and_by_prompt_hash():
   train = sft.load_records("docstrings", "train", 0.1, 300)
   val = sft.load_records("docstrings", "validation", 0.1, 30)

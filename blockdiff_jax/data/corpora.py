@@ -87,13 +87,15 @@ def _read_text(path: str) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
-def _decode_strict(data: bytes, where: str, offset: int = 0) -> str:
+def _decode_strict(data: bytes, where: str, offset: int = 0,
+                   field: str = "data.paths") -> str:
   """Decodes user data as UTF-8 text, or refuses it naming `where`.
 
   Args:
     data: raw bytes.
     where: the file (and line) to name in the error.
     offset: file offset of data[0], so the error gives a file offset.
+    field: the config field that named the file, for the fix the error suggests.
 
   Raises:
     ValueError: if `data` is not valid UTF-8 or holds a NUL byte.
@@ -105,11 +107,11 @@ def _decode_strict(data: bytes, where: str, offset: int = 0) -> str:
     raise ValueError(
         f"{where}: not a UTF-8 text file (invalid byte 0x{data[e.start]:02x} "
         f"at byte offset {offset + e.start}); data files must be UTF-8 text: "
-        "convert it or remove it from data.paths.") from None
+        f"convert it or remove it from {field}.") from None
   if nul != -1:
     raise ValueError(
         f"{where}: binary file (NUL byte at byte offset {offset + nul}); data "
-        "files must be UTF-8 text: convert it or remove it from data.paths.")
+        f"files must be UTF-8 text: convert it or remove it from {field}.")
   return text
 
 

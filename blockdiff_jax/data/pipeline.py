@@ -469,18 +469,35 @@ class LongContextDataset(SFTDataset):
 
 
 class PackedSFTDataset(Dataset):
-  """Packed, block-aligned SFT rows (see ``data.sft``); row j of epoch e is ``perm_e[j]``."""
+  """Packed, block-aligned SFT rows (see ``data.sft``); row j of epoch e is ``perm_e[j]``.
+
+  ``dropped`` examples did not fit (``sft.pack_kept``); ``summary`` says how many, as one
+  line. A split that keeps no example is refused.
+  """
 
   def __init__(self, records: Sequence[Any], tokenizer: tokenizers.Tokenizer,
                seq_len: int, batch_size: int, multiple: int, seed: int = 0,
-               shuffle: bool = True, score_padding: bool = True):
+               shuffle: bool = True, score_padding: bool = True, split: str = "train"):
     super().__init__(tokenizer, seq_len, batch_size)
-    self.records = list(records)
-    self.rows, self.dropped = sft.pack([sft.render(tokenizer, r) for r in self.records], seq_len,
-                                       multiple, tokenizer.eos_id, score_padding,
-                                       [sft.finished(r) for r in self.records])
+    self.records, self.split = list(records), split
+    self.rows, self.kept = sft.pack_kept(
+        [sft.render(tokenizer, r) for r in self.records], seq_len, multiple,
+        tokenizer.eos_id, score_padding, [sft.finished(r) for r in self.records])
+    self.dropped = len(self.records) - len(self.kept)
     self.num_rows = len(self.rows["tokens"])
+    if not self.num_rows:
+      raise ValueError(f"SFT {split} split: none of its {len(self.records)} examples fits "
+                       f"in data.seq_len={seq_len} (each is padded to a multiple of "
+                       f"data.sft_block_multiple={multiple}); raise data.seq_len or use "
+                       "shorter examples")
     self.seed, self.shuffle = int(seed), bool(shuffle)
+
+  @property
+  def summary(self) -> str:
+    """One line: the examples kept and dropped, and the rows they fill."""
+    return (f"sft {self.split}: {self.dropped}/{len(self.records)} examples dropped "
+            f"(longer than data.seq_len={self.seq_len}, or unfinished with no whole "
+            f"block of response); {len(self.kept)} packed into {self.num_rows} rows")
 
   def get_batch(self, index: int) -> Batch:
     index = _check_index(index)
@@ -494,7 +511,9 @@ class PackedSFTDataset(Dataset):
 
   @property
   def stats(self) -> TokenStats:
-    answers = [r[-1]["content"] if isinstance(r, list) else r[1] for r in self.records[:1000]]
+    # Only what is trained on: dropped examples would skew bytes/token and the entropy.
+    kept = [self.records[i] for i in self.kept[:1000]]
+    answers = [r[-1]["content"] if isinstance(r, list) else r[1] for r in kept]
     ids = np.concatenate(self.tokenizer.encode_batch(answers))
     return token_stats(answers, _unigram_counts(ids, self.tokenizer))
 
@@ -506,9 +525,11 @@ def build_sft_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer, split: 
   d = data_config
   records = sft.load_records(d.sft_source, split, d.validation_fraction, d.sft_max_examples,
                              d.synthetic_tasks, d.seed, d.synthetic_digits, workdir=workdir)
-  return PackedSFTDataset(records, tokenizer, seq_len, batch_size, d.sft_block_multiple,
-                          seed=seed, shuffle=split == "train",
-                          score_padding=d.sft_score_padding)
+  ds = PackedSFTDataset(records, tokenizer, seq_len, batch_size, d.sft_block_multiple,
+                        seed=seed, shuffle=split == "train",
+                        score_padding=d.sft_score_padding, split=split)
+  print(ds.summary, flush=True)
+  return ds
 
 
 def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,

@@ -11,7 +11,9 @@ Sources (``data.sft_source``):
   ``--mode=distill`` (``sampling/distill.py``);
 * otherwise comma-separated JSONL files, one example per line, either
   ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
-  whose last message is the assistant's response (earlier ones form the prompt).
+  whose last message is the assistant's response (earlier ones form the prompt);
+  roles are system, user, assistant or tool, and every content is a string. A bad
+  line is refused naming ``path:line``.
   Either may carry ``"finished": false``: the response was cut (e.g. at a generation
   limit, as ``--mode=distill`` marks its answers) and did not end there.
 * a comma-separated mix of the above (``"distilled,synthetic"``, or
@@ -38,7 +40,9 @@ mask is 1 on response tokens and on the EOS padding of the example (so the model
 learns to end; ``sft_score_padding=False`` scores only the response and its first
 EOS); prompt tokens are never scored. An unfinished response gets no EOS (it did not
 end) and no padding: it is cut back to the last block boundary instead, so the model
-is never taught to stop mid-sentence, and is dropped if nothing of it is left.
+is never taught to stop mid-sentence, and is dropped if nothing of it is left. An
+example longer than ``seq_len`` is dropped too; the dataset prints how many of each
+split were dropped, and refuses a split that keeps none.
 """
 
 import ast
@@ -94,33 +98,92 @@ def docstring_pairs(root: str | None = None) -> Iterator[Pair]:
       yield prompt, answer
 
 
-def _pair_of_record(rec: dict, where: str) -> Pair | list[dict]:
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text(value: Any, where: str, what: str) -> str:
+  """``value`` if it is a string that encodes as UTF-8, else a ValueError naming it."""
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: {what} must be a string, got {type(value).__name__} "
+                     f"{value!r:.60}")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    # json.loads accepts "\ud800"; the tokenizer would fail on it much later.
+    raise ValueError(f"{where}: {what} holds a lone surrogate {value[e.start]!r} at "
+                     f"character {e.start} (not encodable as UTF-8)") from None
+  return value
+
+
+def _messages(msgs: Any, where: str) -> list[dict]:
+  """A checked chat: a non-empty list of {role, content} ending with the assistant's."""
+  if not isinstance(msgs, list) or not msgs:
+    raise ValueError(f"{where}: 'messages' must be a non-empty list of "
+                     f"{{\"role\", \"content\"}} objects, got {msgs!r:.60}")
+  for i, m in enumerate(msgs):
+    if not isinstance(m, dict):
+      raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and "
+                       f"'content', got {type(m).__name__} {m!r:.60}")
+    if m.get("role") not in ROLES:
+      raise ValueError(f"{where}: messages[{i}] has role {m.get('role')!r}; "
+                       f"allowed: {', '.join(ROLES)}")
+    if "content" not in m:
+      raise ValueError(f"{where}: messages[{i}] ({m['role']}) has no 'content'")
+    _text(m["content"], where, f"messages[{i}].content")
+  if msgs[-1]["role"] != "assistant":
+    raise ValueError(f"{where}: 'messages' must end with an assistant message")
+  return msgs
+
+
+def _pair_of_record(rec: Any, where: str) -> Pair | list[dict]:
+  if not isinstance(rec, dict):
+    raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'response', or "
+                     f"'messages'; got {type(rec).__name__} {rec!r:.60}")
   finished = rec.get("finished", True)
   if not isinstance(finished, bool):
     raise ValueError(f"{where}: 'finished' must be true or false, got {finished!r}")
   if "messages" in rec:
-    msgs = rec["messages"]
-    if not msgs or msgs[-1].get("role") != "assistant":
-      raise ValueError(f"{where}: 'messages' must end with an assistant message")
+    msgs = _messages(rec["messages"], where)
     # The flag rides on the response message (the chat template never sees it).
     return msgs if finished else msgs[:-1] + [{**msgs[-1], "finished": False}]
   if "prompt" in rec and "response" in rec:
-    pair = str(rec["prompt"]), str(rec["response"])
+    # No str() coercion: {"prompt": null} would silently train on the text "None".
+    pair = (_text(rec["prompt"], where, "'prompt'"),
+            _text(rec["response"], where, "'response'"))
     return pair if finished else (*pair, False)
   raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
                    f"got {sorted(rec)}")
 
 
 def jsonl_records(paths: str) -> list[Pair | list[dict]]:
-  """Records of comma-separated JSONL files (pairs, or chat message lists)."""
+  """Records of comma-separated JSONL files (pairs, or chat message lists).
+
+  Blank lines are skipped and a UTF-8 byte order mark is allowed at the start of a file.
+
+  Raises:
+    ValueError: naming ``path:line`` for a line that is not UTF-8, not JSON or not a
+      valid record.
+  """
   out = []
   for path in [p.strip() for p in paths.split(",") if p.strip()]:
     if not os.path.isfile(path):
       raise ValueError(f"data.sft_source: no such JSONL file {path!r}")
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          out.append(_pair_of_record(json.loads(line), f"{path}:{n}"))
+    offset = 0
+    with open(path, "rb") as f:
+      for n, raw in enumerate(f, 1):
+        where = f"{path}:{n}"
+        line = corpora._decode_strict(  # pylint: disable=protected-access
+            raw, where, offset, field="data.sft_source").strip()
+        offset += len(raw)
+        if n == 1:
+          line = line.removeprefix("\ufeff")  # Editors on Windows write a BOM.
+        if not line:
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append(_pair_of_record(rec, where))
   return out
 
 
@@ -137,7 +200,11 @@ def render(tokenizer: Any, record: Pair | list[dict]) -> tuple[np.ndarray, np.nd
     prompt_msgs, response = record[:-1], record[-1]["content"]
   else:
     prompt_msgs, response = [{"role": "user", "content": record[0]}], record[1]
-  if hasattr(tokenizer, "apply_chat_template"):
+  if hasattr(tokenizer, "encode_chat"):
+    # The template's specials (<|im_start|>...) become their ids; the same names typed
+    # inside the record's text stay text (interop's PretrainedTokenizer.encode_chat).
+    head = tokenizer.encode_chat(prompt_msgs, add_generation_prompt=True)
+  elif hasattr(tokenizer, "apply_chat_template"):
     # The template spells its special tokens out (<|im_start|>...): they must become
     # their ids, not text, or the model sees a prompt it was never trained on.
     encode = getattr(tokenizer, "encode_with_specials", tokenizer.encode)
@@ -231,14 +298,28 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
          done: Sequence[bool] | None = None) -> tuple[dict, int]:
   """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], dropped).
 
+  ``pack_kept`` with the count of dropped examples; raises ValueError if none is kept.
+  """
+  rows, kept = pack_kept(examples, seq_len, multiple, eos_id, score_padding, done)
+  dropped = len(examples) - len(kept)
+  if not kept:
+    raise ValueError(f"no SFT example fits in seq_len={seq_len} ({dropped} dropped)")
+  return rows, dropped
+
+
+def pack_kept(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multiple: int,
+              eos_id: int, score_padding: bool = True,
+              done: Sequence[bool] | None = None) -> tuple[dict, list[int]]:
+  """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], kept).
+
   Each example is padded with EOS to a multiple of ``multiple``; an unfinished one
   (``done[i]`` False) is cut back to one instead. An example longer than ``seq_len``,
-  or unfinished with no response token before its last block boundary, is dropped
-  (and counted).
+  or unfinished with no response token before its last block boundary, is dropped:
+  ``kept`` lists the indices of the others, in order (N = 0 rows when it is empty).
   """
   if seq_len % multiple:
     raise ValueError(f"seq_len={seq_len} is not a multiple of sft_block_multiple={multiple}")
-  rows, cur, dropped = [], [], 0
+  rows, cur, kept = [], [], []
 
   def flush():
     toks = np.full(seq_len, eos_id, np.int32)
@@ -264,8 +345,8 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
       padded = scored = n // multiple * multiple
       toks = np.concatenate([head, body])[:padded]
     if padded > seq_len or scored <= len(head):
-      dropped += 1
       continue
+    kept.append(i)
     loss = np.zeros(padded, np.float32)
     loss[len(head):scored] = 1.0
     if used + padded > seq_len:
@@ -275,7 +356,7 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
     used += padded
   if cur:
     flush()
-  if not rows:
-    raise ValueError(f"no SFT example fits in seq_len={seq_len} ({dropped} dropped)")
-  stack = lambda i: np.stack([r[i] for r in rows])
-  return {"tokens": stack(0), "loss_mask": stack(1), "segment_ids": stack(2)}, dropped
+  dtypes = (np.int32, np.float32, np.int32)
+  stack = lambda i: (np.stack([r[i] for r in rows]) if rows
+                     else np.zeros((0, seq_len), dtypes[i]))
+  return {"tokens": stack(0), "loss_mask": stack(1), "segment_ids": stack(2)}, kept
