@@ -74,3 +74,4 @@ def from_file(path: str) -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid field; silent when the config is sound."""
   train_config.validate(config)
+  sample_lib.validate(config)

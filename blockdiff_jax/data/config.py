@@ -1,8 +1,17 @@
 """The ``data`` config section and its validation."""
 
+import os
+
 import ml_collections
 
+from blockdiff_jax.data import corpora
 from blockdiff_jax.data import long_context
+from blockdiff_jax.data import sft
+from blockdiff_jax.data import synthetic
+from blockdiff_jax.data import tokenizers
+
+# corpora.load_documents reads the first three; pipeline.build_dataset builds the others.
+CORPORA = corpora.CORPORA + ("sft", "long_context")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -61,19 +70,98 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
+def alignment_unit(config: ml_collections.ConfigDict) -> tuple[int, str] | None:
+  """(tokens, field) every SFT/long-context example must start and end on, or None.
+
+  The unit is where the objective's noisy blocks start: an example that starts mid-block
+  shares its first noisy block with the example before it. BD3-LM and Fast-dLLM v2 noise
+  whole ``diffusion.block_size`` blocks. I-DLM's full layout cuts the noisy stream into
+  blocks of ``diffusion.isd_stride`` (``block_size`` is unused there); with anchored
+  blocks (``isd_anchors`` > 0) they start at any scored position, and the AR objective
+  has no blocks, so neither needs an alignment.
+  """
+  d = config.get("diffusion")
+  if d is None:
+    return None
+  objective = d.get("objective", "bd3")
+  if objective == "ar":
+    return None
+  if objective == "introspective":
+    if d.get("isd_anchors", 0):
+      return None
+    return d.get("isd_stride", 4), "diffusion.isd_stride"
+  return d.block_size, "diffusion.block_size"
+
+
+def _check_tokenizer(config: ml_collections.ConfigDict) -> None:
+  d = config.data
+  min_size = 256 + len(tokenizers.SPECIAL_TOKEN_NAMES)
+  if d.bpe_vocab_size < min_size:
+    raise ValueError(f"data.bpe_vocab_size must be >= {min_size} (256 bytes + "
+                     f"{len(tokenizers.SPECIAL_TOKEN_NAMES)} specials), "
+                     f"got {d.bpe_vocab_size}")
+  if (config.get("init") or {}).get("pretrained"):
+    return  # The pretrained model's tokenizer replaces data.tokenizer.
+  name = d.tokenizer
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"data.tokenizer must be 'byte', 'bpe' or the path of a "
+                     f"tokenizer.json, got {name!r}")
+  if name not in ("byte", "bpe") and not (os.path.exists(name) or name.endswith(".json")):
+    raise ValueError(f"data.tokenizer={name!r} is neither 'byte', 'bpe' nor an existing "
+                     "tokenizer.json path")
+  if name == "bpe" and d.corpus == "sft":
+    # BPE trains on corpora.load_documents, which has no SFT corpus to read.
+    raise ValueError("data.tokenizer='bpe' trains on the corpus, but data.corpus='sft' "
+                     "has no documents to train it on: point data.tokenizer at a "
+                     "trained tokenizer.json (or use 'byte')")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid ``data`` field."""
   if config.data.batch_size < 1:
     raise ValueError(f"data.batch_size must be >= 1, got {config.data.batch_size}")
   d = config.data
+  if d.seq_len < 2:
+    raise ValueError(f"data.seq_len must be >= 2, got {d.seq_len}")
+  if d.corpus not in CORPORA:
+    raise ValueError(f"data.corpus must be one of {CORPORA}, got {d.corpus!r}")
+  _check_tokenizer(config)
+  if not (isinstance(d.validation_fraction, (int, float))
+          and 0.0 <= d.validation_fraction <= 1.0):  # Also refuses NaN.
+    raise ValueError(f"data.validation_fraction must be in [0, 1], "
+                     f"got {d.validation_fraction}")
+  # 0 means "no cap" / "all" for these.
+  for name in ("max_bytes", "sft_max_examples", "long_context_min_length"):
+    if d[name] < 0:
+      raise ValueError(f"data.{name} must be >= 0 (0 = no limit), got {d[name]}")
+  for name in ("long_context_num_pairs", "sft_block_multiple"):
+    if d[name] < 1:
+      raise ValueError(f"data.{name} must be >= 1, got {d[name]}")
+  # Read by corpus=synthetic, sft_source=synthetic and --mode=eval, whatever the corpus.
+  try:
+    synthetic.parse_tasks(d.synthetic_tasks)
+  except ValueError as e:
+    raise ValueError(f"data.synthetic_tasks={d.synthetic_tasks!r}: {e}") from None
+  if (not isinstance(d.synthetic_digits, int)
+      or not 1 <= d.synthetic_digits <= synthetic.MAX_DIGITS):
+    raise ValueError(f"data.synthetic_digits must be in [1, {synthetic.MAX_DIGITS}], "
+                     f"got {d.synthetic_digits}")
+  if d.corpus == "sft":
+    sft.source_groups(d.sft_source)  # Names the field when no source is named.
   if d.corpus == "long_context":
     for task in d.long_context_tasks.split(","):
       if task not in long_context.TASKS:
         raise ValueError(f"data.long_context_tasks: unknown task {task!r}; "
                          f"known: {long_context.TASKS}")
-    if d.seq_len % d.sft_block_multiple:
-      raise ValueError(f"data.sft_block_multiple={d.sft_block_multiple} (the block the "
-                       f"answer is scored in) must divide data.seq_len={d.seq_len}")
-  if d.corpus == "sft" and (d.sft_block_multiple < 1 or d.seq_len % d.sft_block_multiple):
-    raise ValueError(f"data.sft_block_multiple={d.sft_block_multiple} must be >= 1 and "
-                     f"divide data.seq_len={d.seq_len}")
+  if d.corpus in ("sft", "long_context"):
+    m = d.sft_block_multiple
+    if d.seq_len % m:
+      what = ("(the block the answer is scored in) " if d.corpus == "long_context"
+              else "")
+      raise ValueError(f"data.sft_block_multiple={m} {what}must divide "
+                       f"data.seq_len={d.seq_len}")
+    unit = alignment_unit(config)
+    if unit is not None and unit[0] >= 1 and m % unit[0]:
+      raise ValueError(f"data.sft_block_multiple={m} must be a multiple of {unit[1]}="
+                       f"{unit[0]}, or examples (and the answer's scored blocks) start "
+                       f"or end mid-block; e.g. set it to {unit[0]}")

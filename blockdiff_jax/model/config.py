@@ -1,5 +1,7 @@
 """The ``model`` config section, its validation and the static ``TransformerConfig`` it gives."""
 
+import math
+
 import ml_collections
 
 from blockdiff_jax import masks
@@ -134,6 +136,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "load_balance_weight", "z_loss_weight"):
     if not m.moe[name] >= 0:
       raise ValueError(f"model.moe.{name} must be >= 0, got {m.moe[name]}")
+  # theta <= 0 makes the RoPE frequencies NaN and eps <= 0 lets RMSNorm divide by zero:
+  # both train to NaN at step 1.
+  for name in ("rope_theta", "norm_eps"):
+    if not (m[name] > 0 and math.isfinite(m[name])):
+      raise ValueError(f"model.{name} must be > 0 and finite, got {m[name]}")
   rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor)
   su = m.get("summary")
   if su is not None:

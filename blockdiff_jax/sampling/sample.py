@@ -86,11 +86,15 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
     if s.kv_chunk < widest:
       raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
                        f"decoder ({widest} positions: the block size or ISD stride)")
-    hierarchy = hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
-                                             rank=s.kv_rank, sinks=s.get("kv_sinks", 1),
-                                             form=s.get("kv_form", "rank"))
-  policy = policies.make_policy("threshold" if one_token else s.policy,
-                                None if one_token else s.policy_value)
+    hierarchy = hierarchy_of(s)
+  if not one_token and s.policy in policies.POLICIES:
+    try:
+      policy = policies.make_policy(s.policy, s.policy_value)
+    except ValueError as e:
+      raise ValueError(f"sample.policy_value={s.policy_value} is out of range for "
+                       f"sample.policy={s.policy!r}: {e}") from None
+  else:
+    policy = policies.make_policy("threshold" if one_token else s.policy)
   return layout.DecodeOptions(
       block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
       policy=policy,
@@ -99,6 +103,40 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       max_steps_per_block=s.max_steps_per_block,
       edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift,
       kv_hierarchy=hierarchy)
+
+
+def hierarchy_of(s: ml_collections.ConfigDict) -> hierarchical_cache.Hierarchy:
+  """The hierarchical cache layout of a ``sample`` section (its ``kv_*`` fields)."""
+  try:
+    return hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
+                                        rank=s.kv_rank, sinks=s.get("kv_sinks", 1),
+                                        form=s.get("kv_form", "rank"))
+  except ValueError as e:
+    # Hierarchy names its fields "kv hierarchy <field>"; they are sample.kv_<field> here.
+    raise ValueError(str(e).replace("kv hierarchy ", "sample.kv_", 1)) from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid ``sample`` field; builds nothing on a device.
+
+  Runs ``options_from_config``'s checks (with the byte tokenizer's ids: only the ids
+  differ between tokenizers). The ``kv_*`` fields are checked even with
+  ``kv_cache="full"``, because ``--mode=plan`` sizes the hierarchical cache from them.
+  """
+  s = config.get("sample")
+  if s is None:
+    return
+  if s.max_new_tokens < 1:
+    raise ValueError(f"sample.max_new_tokens must be >= 1, got {s.max_new_tokens}")
+  if s.max_len < 0:
+    raise ValueError(f"sample.max_len must be >= 0 (0 = data.seq_len), got {s.max_len}")
+  if s.isd_stride < 2:  # As isd.py requires: one pending token plus at least one draft.
+    raise ValueError(f"sample.isd_stride must be >= 2, got {s.isd_stride}")
+  if "kv_chunk" in s:
+    hierarchy_of(s)
+  diffusion = config.get("diffusion") or {}
+  options_from_config(s, diffusion.get("block_size", 1), tokenizers.ByteTokenizer(),
+                      diffusion.get("token_shift", False))
 
 
 def read_prompts(s: ml_collections.ConfigDict) -> list[str]:

@@ -1,5 +1,9 @@
 """The ``train`` config section and the validation of everything a training run reads."""
 
+import json
+import math
+from typing import Any
+
 import ml_collections
 
 from blockdiff_jax.data import config as data_config
@@ -43,9 +47,12 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     if t[name] < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
   # 0 turns these off; a negative value would be accepted by optax and silently misbehave.
-  for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay", "min_lr_ratio"):
+  for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
     if not t[name] >= 0:  # Also refuses NaN.
       raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
+  # Above 1 the cosine "decay" would raise the LR past its peak.
+  if not 0.0 <= t.min_lr_ratio <= 1.0:
+    raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
   for name in ("b1", "b2"):
     if not 0.0 <= t[name] < 1.0:
       raise ValueError(f"train.{name} must be in [0, 1), got {t[name]}")
@@ -57,8 +64,54 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     raise ValueError("train.trainable='moe' needs MoE layers (model.moe.num_experts > 0)")
   if t.get("trainable", "all") == "lora" and not config.model.get("lora", {}).get("rank", 0):
     raise ValueError("train.trainable='lora' needs model.lora.rank > 0")
-  if t.learning_rate <= 0:
-    raise ValueError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+  if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails "> 0".
+    raise ValueError(f"train.learning_rate must be > 0 and finite, got {t.learning_rate}")
+
+
+# What a resumed run must share with the run that wrote its checkpoints: the data stream
+# (the saved position indexes it), the model, the objective and the state's structure
+# (train.trainable and train.ema_decay decide what the optimizer and EMA hold). All else
+# may change on a resume: train.steps (extending a schedule), the LR schedule, logging,
+# evaluation and checkpoint cadence, the mesh, and the sample/eval/serve sections.
+FIXED_ON_RESUME = ("seed", "model", "diffusion", "data", "train.trainable",
+                   "train.ema_decay")
+# Model fields that pick how the same function is computed (e.g. remat or bfloat16 to fit
+# a new device; params stay fp32 whatever model.dtype is).
+RESUMABLE_MODEL_FIELDS = ("model.remat", "model.attention_impl", "model.interpret",
+                          "model.dtype", "model.moe.impl", "model.moe.tile_size",
+                          "model.moe.expert_parallel")
+
+
+def _under(key: str, fields: tuple[str, ...]) -> bool:
+  return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(node, dict):
+    return {prefix: node}
+  out = {}
+  for key, value in node.items():
+    out.update(_flat(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+  return out
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict
+                   ) -> tuple[list[str], list[str]]:
+  """(refused, allowed): the fields of ``config`` that differ from a saved config.json.
+
+  Each entry reads ``"field: old -> new"``; ``refused`` are those under
+  ``FIXED_ON_RESUME``. A field missing from either side is not compared: it was added
+  (or removed) by a code change, not by the user.
+  """
+  new = json.loads(config.to_json_best_effort())  # The form save_config writes.
+  old_flat, new_flat = _flat(dict(saved)), _flat(new)
+  refused, allowed = [], []
+  for key in sorted(old_flat.keys() & new_flat.keys()):
+    if old_flat[key] != new_flat[key]:
+      line = f"{key}: {old_flat[key]!r} -> {new_flat[key]!r}"
+      fixed = _under(key, FIXED_ON_RESUME) and not _under(key, RESUMABLE_MODEL_FIELDS)
+      (refused if fixed else allowed).append(line)
+  return refused, allowed
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

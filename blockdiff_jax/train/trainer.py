@@ -1,5 +1,6 @@
 """The training loop: data → model → BD3-LM objective → optimizer → checkpoints → metrics."""
 
+import json
 import math
 import os
 import sys
@@ -46,6 +47,33 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
   return totals
 
 
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Refuses a resume whose config changes the data, model or objective of ``workdir``.
+
+  The checkpoint's data position indexes the saved config's dataset, so a resume with
+  another corpus, batch or sequence length would silently train on other data. Allowed
+  changes (``train_config.FIXED_ON_RESUME``) are kept: the previous ``config.json`` is
+  moved to ``config.step<step>.json`` (unless that exists) before the new one is written.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  refused, allowed = train_config.resume_changes(saved, config)
+  if refused:
+    raise ValueError(
+        f"cannot resume {workdir} (checkpoint step {step}) with a config that changes its "
+        "data stream, model or objective:\n  " + "\n  ".join(refused) + "\nRestore these "
+        "values, or train in a new workdir (init_from.workdir starts from its weights).")
+  kept = os.path.join(workdir, f"config.step{step}.json")
+  if allowed and not os.path.exists(kept):
+    os.replace(path, kept)
+  if allowed:
+    print(f"resume with changed settings (previous config in {os.path.basename(kept)}): "
+          + "; ".join(allowed), flush=True)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the model described by ``config`` in ``workdir``.
 
@@ -66,6 +94,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     # A resume with another architecture fails here, before compiling or writing anything.
     ckpt.check_params(nn.unbox(build.abstract_params(model)))
+    if ckpt.latest_step() is not None:
+      _check_resume_config(config, workdir, ckpt.latest_step())
   except Exception:
     ckpt.close()
     raise
