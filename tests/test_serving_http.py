@@ -76,9 +76,9 @@ def _client(r):
   return openai.OpenAI(base_url=r.url + "/v1", api_key="unused", max_retries=0)
 
 
-def _post(r, path, data: bytes):
+def _post(r, path, data: bytes, content_type: str = "application/json"):
   req = urllib.request.Request(r.url + path, data=data,
-                               headers={"Content-Type": "application/json"})
+                               headers={"Content-Type": content_type})
   try:
     with urllib.request.urlopen(req) as resp:
       return resp.status, json.loads(resp.read()), dict(resp.headers)
@@ -188,6 +188,79 @@ def test_chat_over_long_names_messages(running):
   code, err, _ = _post(running, "/v1/chat/completions", json.dumps(
       {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200}]}).encode())
   assert code == 400 and err["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (json.dumps({"model": MODEL, "prompt": "<|bos|>a"}).encode(),
+     "application/json; charset=nosuch"),
+    (b"[" * 100000 + b"]" * 100000, "application/json"),  # Too deep for the parser.
+], ids=["unknown_charset", "too_deep"])
+def test_malformed_bodies_are_400(running, body, content_type):
+  code, err, _ = _post(running, "/v1/completions", body, content_type)
+  assert code == 400 and "not valid JSON" in err["error"]["message"]
+
+
+def test_wrong_method_is_405_with_allow(running):
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(running.url + "/v1/completions")  # A GET.
+  assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
+  assert json.loads(e.value.read())["error"]["message"]
+
+
+def test_only_length_errors_are_context_length_exceeded(running):
+  def error(prompt):
+    code, err, _ = _post(running, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": prompt}).encode())
+    assert code == 400 and err["error"]["param"] == "prompt"
+    return err["error"]["code"]
+  assert error("<|bos|><|mask|>") is None  # The MASK token is no length error.
+  assert error("<|bos|>" + "x" * 100) == "context_length_exceeded"
+
+
+def test_chat_errors_name_the_chat_fields(running):
+  def param(**body):
+    code, err, _ = _post(running, "/v1/chat/completions", json.dumps(
+        {"model": MODEL, **body}).encode())
+    assert code == 400
+    return err["error"]["param"], err["error"]["message"]
+  assert param(messages=[{"role": "user", "content": "<|nosuch|>"}])[0] == "messages"
+  field, message = param(messages=[{"role": "user", "content": "hi"}],
+                         max_completion_tokens=1000)
+  assert field == "max_completion_tokens" and message.startswith(field)
+
+
+def test_sampling_without_a_seed_draws_a_fresh_one(running):
+  c = _client(running)
+
+  def ask(**kw):
+    return c.completions.create(model=MODEL, prompt="<|bos|>hello", max_tokens=8,
+                                temperature=1.0, extra_body={"policy": "ar"},
+                                **kw).choices[0].text
+  assert len({ask() for _ in range(3)}) > 1
+  assert ask(seed=5) == ask(seed=5)
+
+
+def test_a_stop_string_ends_decoding(running):
+  """Decoding ends at the stop string (fewer forwards); the tokens counted are those
+  generated, within max_tokens."""
+  c = _client(running)
+  kw = dict(model=MODEL, prompt="<|bos|>hello world", max_tokens=20, temperature=0,
+            extra_body={"policy": "ar"})
+  full = c.completions.create(**kw)
+  text = full.choices[0].text
+  # A character first seen before the last one: decoding can end before max_tokens.
+  i = next((i for i in range(1, len(text) - 1)
+            if text[i] != "\ufffd" and text[i] not in text[:i]), None)
+  if full.choices[0].finish_reason != "length" or i is None:
+    pytest.skip("the random model ended too early to pick a stop string")
+  cut = c.completions.create(stop=[text[i]], **kw)
+  assert cut.choices[0].text == text[:i] and cut.choices[0].finish_reason == "stop"
+  used = cut.usage.model_dump()
+  assert used["nfe"] < full.usage.model_dump()["nfe"]
+  assert i <= used["completion_tokens"] <= full.usage.completion_tokens
+  chunks = list(c.completions.create(stop=[text[i]], stream=True, **kw))
+  assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text[:i]
+  assert chunks[-1].usage.model_dump()["nfe"] == used["nfe"]
 
 
 def _tiny():

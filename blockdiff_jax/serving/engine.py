@@ -15,10 +15,13 @@ Rows never wait for each other: each slot advances by its own decoder state, and
 computes what the request decoded alone computes (see ``pool``), so a batched answer
 equals the request's answer alone, greedy or sampled with its seed.
 
-A request whose client went away (its future cancelled) or whose time limit passed is
-retired at the next iteration: its slot is free for the next forward. A failing prefill
-fails only its request; a failing forward (a device error) requeues the pool's requests
-to run again one at a time, so a request that breaks it fails alone.
+A request whose client went away (its future cancelled), whose time limit passed or
+whose final text holds one of its stop strings is retired at the next iteration: its
+slot is free for the next forward. A failing prefill fails only its request; a failing
+forward (a device error) requeues the pool's requests to run again one at a time, so a
+request that breaks it fails alone; any other error fails the requests of the pool it
+hit, and the worker goes on. Should the worker die all the same, every request waiting
+on it fails and ``submit`` refuses new ones (``WorkerDied``): none waits forever.
 """
 
 import collections
@@ -50,6 +53,14 @@ class ShuttingDown(Exception):
   """The engine no longer accepts requests."""
 
 
+class WorkerDied(ShuttingDown):
+  """The worker thread stopped on an error: nothing queued would ever be decoded."""
+
+
+class ContextLengthError(ValueError):
+  """The prompt, or the prompt and ``max_tokens``, exceed the context."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One generation request (validated by the caller; see ``Engine.check``).
@@ -63,6 +74,8 @@ class Request:
     deadline: ``time.monotonic()`` after which the request is dropped (queued or
       running); None = none.
     isd_stride: decode by I-DLM's strided decoding with this stride (>= 2); 0 = no.
+    stop: stop strings: the request ends as soon as the text of its final tokens holds
+      one (the caller cuts the text there).
   """
 
   prompt_ids: np.ndarray
@@ -72,6 +85,7 @@ class Request:
   seed: int = 0
   deadline: float | None = None
   isd_stride: int = 0
+  stop: tuple[str, ...] = ()
 
   @property
   def decoder(self) -> pool_lib.Decoder:
@@ -85,8 +99,9 @@ class Result:
   """A finished request.
 
   Attributes:
-    token_ids: generated ids, up to and excluding EOS.
-    finish_reason: "stop" (EOS) or "length" (max_tokens reached).
+    token_ids: generated ids, up to and excluding EOS (after a stop string: the tokens
+      final when it showed, which may run past it).
+    finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens reached).
     generated_tokens: generated tokens counting the EOS (the TPF numerator).
     nfe: forwards of the decoder while the row was active (its prefill included for AR
       and ISD, which emit a token from it).
@@ -110,6 +125,7 @@ class _Pending:
   future: concurrent.futures.Future
   on_tokens: Callable[[np.ndarray], None] | None
   sent: int = 0  # Generated tokens already streamed.
+  checked: int = 0  # Final tokens already searched for a stop string.
   ended: bool = False  # EOS streamed.
   solo: bool = False  # Runs alone in its pool (a retry after a failed forward).
   started: float = 0.0  # time.perf_counter() at admission.
@@ -148,6 +164,14 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._pools: dict[pool_lib.Decoder, pool_lib.SlotPool] = {}
     self._rows: dict[pool_lib.Decoder, dict[int, _Pending]] = {}
+    # Pools of decoders never seen before, compiling on the compile thread (so the other
+    # pools' rows keep decoding meanwhile); they count towards max_pools.
+    self._building: dict[pool_lib.Decoder, concurrent.futures.Future] = {}
+    self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
+    # Rows holding a slot, kept by the worker: other threads read this, never _rows,
+    # which the worker changes under them.
+    self._running = 0
+    self._error: BaseException | None = None  # What killed the worker.
     self._request_s = 1.0  # Running mean of a request's decode time (for Retry-After).
     self.admitted = 0  # Requests that entered a slot.
     self.retired = 0  # Requests dropped while decoding (client gone, out of time).
@@ -162,13 +186,13 @@ class Engine:
     if len(prompt_ids) == 0:
       raise ValueError("prompt: empty; give at least one token")
     if len(prompt_ids) >= self.max_len:
-      raise ValueError(f"prompt: {len(prompt_ids)} tokens; the context is {self.max_len} "
-                       "tokens and at least one must be generated")
+      raise ContextLengthError(f"prompt: {len(prompt_ids)} tokens; the context is "
+                               f"{self.max_len} tokens and at least one must be generated")
     if max_tokens < 1:
       raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
     if len(prompt_ids) + max_tokens > self.max_len:
-      raise ValueError(f"max_tokens: {len(prompt_ids)} prompt tokens + {max_tokens} exceed "
-                       f"the context of {self.max_len} tokens")
+      raise ContextLengthError(f"max_tokens: {len(prompt_ids)} prompt tokens + {max_tokens} "
+                               f"exceed the context of {self.max_len} tokens")
     if np.any(np.asarray(prompt_ids) == self.tokenizer.mask_id):
       raise ValueError("prompt: contains the MASK token")
 
@@ -179,13 +203,15 @@ class Engine:
 
     Raises:
       QueueFull: ``queue_size`` requests wait already.
-      ShuttingDown: after ``shutdown``.
+      ShuttingDown: after ``shutdown``; ``WorkerDied`` once the worker died.
       ValueError: the request does not fit (see ``check``) or names a bad decoder.
     """
     self.check(request.prompt_ids, request.max_tokens)
     request.decoder  # pylint: disable=pointless-statement  (validates kind and stride)
     future = concurrent.futures.Future()
     with self._cv:
+      if self._error is not None:
+        raise WorkerDied(f"the decoding worker stopped: {self._error!r}")
       if self._stopping:
         raise ShuttingDown("the server is shutting down")
       if len(self._queue) >= self.queue_size:
@@ -202,7 +228,13 @@ class Engine:
   @property
   def running(self) -> int:
     """Requests holding a slot."""
-    return sum(len(rows) for rows in self._rows.values())
+    return self._running
+
+  @property
+  def healthy(self) -> bool:
+    """False once the worker died: what is queued would never be decoded."""
+    thread = self._thread
+    return self._error is None and (thread is None or self._stopping or thread.is_alive())
 
   def start(self) -> "Engine":
     self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
@@ -221,6 +253,8 @@ class Engine:
       self.start()  # Never started: the worker drains the queue, then exits.
     if self._thread is not None:
       self._thread.join()
+    if self._compiler is not None:
+      self._compiler.shutdown(wait=True, cancel_futures=True)
 
   def warmup(self, setups: list[tuple]) -> float:
     """Compiles the pools of these ``(options, ar[, isd_stride])``; returns the seconds."""
@@ -228,26 +262,61 @@ class Engine:
     with self._context():
       for setup in setups:
         options, ar, stride = (tuple(setup) + (0,))[:3]
-        req = Request(np.zeros((1,), np.int32), 1, options, ar, isd_stride=stride)
-        self._pool(req.decoder).warmup()
+        dec = Request(np.zeros((1,), np.int32), 1, options, ar, isd_stride=stride).decoder
+        if dec not in self._pools and self._make_room():
+          self._pools[dec], self._rows[dec] = self._build(dec), {}
     return time.perf_counter() - t0
 
   # --- the worker ---------------------------------------------------------------------------
 
   def _pool(self, dec: pool_lib.Decoder) -> pool_lib.SlotPool | None:
-    """The pool of ``dec``, made if needed (dropping an idle one); None if all are busy."""
+    """The pool of ``dec``; None while it compiles, or when all pools are busy.
+
+    A decoder setup never seen before (a request's own threshold, say) is built and
+    compiled on the compile thread: the worker goes on advancing the other pools
+    instead of stalling every request for the compile.
+
+    Raises:
+      Exception: the pool's build failed (the request that asked fails; the next one
+        for this decoder tries again).
+    """
     if dec in self._pools:
       return self._pools[dec]
-    if len(self._pools) >= self.max_pools:
-      idle = [d for d, p in self._pools.items() if not p.busy]
-      if not idle:
-        return None
-      del self._pools[idle[0]], self._rows[idle[0]]
-    self._pools[dec] = pool_lib.SlotPool(self.model, self.params, dec, self.slots,
-                                         self.width, self.max_len - 1,
-                                         self.forwards_per_call)
-    self._rows[dec] = {}
+    job = self._building.get(dec)
+    if job is None:
+      if self._make_room():
+        if self._compiler is None:
+          self._compiler = concurrent.futures.ThreadPoolExecutor(
+              1, thread_name_prefix="serving-compile")
+        job = self._building[dec] = self._compiler.submit(self._build, dec)
+        job.add_done_callback(lambda _: self._wake())
+      return None
+    if not job.done():
+      return None
+    del self._building[dec]
+    self._pools[dec], self._rows[dec] = job.result(), {}
     return self._pools[dec]
+
+  def _make_room(self) -> bool:
+    """Drops an idle pool if max_pools are made or compiling; False if none is idle."""
+    if len(self._pools) + len(self._building) < self.max_pools:
+      return True
+    idle = [d for d, p in self._pools.items() if not p.busy]
+    if not idle:
+      return False
+    del self._pools[idle[0]], self._rows[idle[0]]  # No rows: the count stays.
+    return True
+
+  def _build(self, dec: pool_lib.Decoder) -> pool_lib.SlotPool:
+    with self._context():
+      pool = pool_lib.SlotPool(self.model, self.params, dec, self.slots, self.width,
+                               self.max_len - 1, self.forwards_per_call)
+      pool.warmup()
+    return pool
+
+  def _wake(self) -> None:
+    with self._cv:
+      self._cv.notify_all()
 
   def _take(self) -> list[_Pending] | None:
     """Waits for work; returns the waiting requests in order ([] = just advance), None = exit."""
@@ -262,22 +331,57 @@ class Engine:
         if p.future.cancelled():
           continue  # The client went away while it waited.
         if p.request.deadline is not None and now > p.request.deadline:
-          p.future.set_exception(TimeoutError("request timed out in the queue"))
+          _resolve(p.future, exc=TimeoutError("request timed out in the queue"))
           continue
         take.append(p)
     return take
 
   def _loop(self) -> None:
-    with self._context():
-      while True:
-        take = self._take()
-        if take is None:
-          return
-        waiting = [p for p in take if not self._admit(p)]
-        with self._cv:  # Back to the front, in arrival order.
-          self._queue.extendleft(reversed(waiting))
-        for dec in [d for d, rows in self._rows.items() if rows]:
-          self._advance(dec)
+    try:
+      with self._context():
+        while True:
+          take = self._take()
+          if take is None:
+            return
+          self._iterate(take)
+          with self._cv:  # Only compiles to wait for: sleep until one ends (no spin).
+            if (self._building and not self._running
+                and not any(job.done() for job in self._building.values())):
+              self._cv.wait(timeout=1.0)
+    except BaseException as e:
+      # No request may wait on a worker that is gone: fail them all, refuse new ones.
+      with self._cv:
+        self._error = e
+        gone = list(self._queue) + [p for rows in self._rows.values()
+                                    for p in rows.values()]
+        self._queue.clear()
+      for p in gone:
+        _resolve(p.future, exc=RuntimeError(f"the decoding worker stopped: {e!r}"))
+      traceback.print_exc()
+
+  def _iterate(self, take: list[_Pending]) -> None:
+    """One iteration: admit what fits, then one forward of every busy pool.
+
+    An unexpected error fails only the requests it concerns (the request being
+    admitted, or the rows of the pool being advanced) and the worker goes on.
+    """
+    waiting = []
+    for p in take:
+      try:
+        if not self._admit(p):
+          waiting.append(p)
+      except Exception:  # pylint: disable=broad-except
+        self._fail([p])  # E.g. its pool failed to build.
+    with self._cv:  # Back to the front, in arrival order.
+      self._queue.extendleft(reversed(waiting))
+    for dec in [d for d, rows in self._rows.items() if rows]:
+      try:
+        self._advance(dec)
+      except Exception:  # pylint: disable=broad-except
+        self._drop(dec)
+
+  def _recount(self) -> None:
+    self._running = sum(len(rows) for rows in self._rows.values())
 
   def _admit(self, p: _Pending) -> bool:
     """Prefills ``p`` into a free slot of its pool; False = no slot now (it waits)."""
@@ -291,10 +395,11 @@ class Engine:
     try:
       slot = pool.admit(p.request.prompt_ids, p.request.max_tokens, p.request.seed)
     except Exception:  # pylint: disable=broad-except
-      self._fail(p)
+      self._fail([p])
       return True
     p.started = time.perf_counter()
     self._rows[dec][slot] = p
+    self._recount()
     self.admitted += 1
     return True
 
@@ -304,10 +409,11 @@ class Engine:
     for slot, p in list(rows.items()):  # Clients that left, requests out of time.
       late = p.request.deadline is not None and now > p.request.deadline
       if p.future.cancelled() or late:
-        if late and not p.future.done():
-          p.future.set_exception(TimeoutError("request timed out while decoding"))
+        if late:
+          _resolve(p.future, exc=TimeoutError("request timed out while decoding"))
         pool.retire(slot)
         del rows[slot]
+        self._recount()
         self.retired += 1
     if not rows:
       return
@@ -323,33 +429,46 @@ class Engine:
       start = len(p.request.prompt_ids)
       end = start + p.request.max_tokens
       gen = view.tokens[slot, start:end]
-      if p.on_tokens is not None and not p.ended:
-        upto = min(int(view.final[slot]), end) - start
-        if upto > p.sent:
-          ids = gen[p.sent:upto]
-          hits = np.flatnonzero(ids == eos)
-          if hits.size:
-            ids, p.ended = ids[:hits[0]], True
-          if len(ids):
-            self._send(p, ids)
-      if view.done[slot]:
-        hits = np.flatnonzero(gen == eos)
-        cut = int(hits[0]) if hits.size else len(gen)
+      final = min(int(view.final[slot]), end) - start
+      if p.on_tokens is not None and not p.ended and final > p.sent:
+        ids = gen[p.sent:final]
+        hits = np.flatnonzero(ids == eos)
+        if hits.size:
+          ids, p.ended = ids[:hits[0]], True
+        if len(ids):
+          self._send(p, ids)
+      done = bool(view.done[slot])
+      stopped = not done and self._stop_shows(p, gen, final)
+      if done or stopped:
+        n = len(gen) if done else final
+        hits = np.flatnonzero(gen[:n] == eos)
+        cut = int(hits[0]) if hits.size else n
         if p.on_tokens is not None and not p.ended and cut > p.sent:
           self._send(p, gen[p.sent:cut])
         decode_s = time.perf_counter() - p.started
         self._request_s = 0.8 * self._request_s + 0.2 * decode_s
         result = Result(token_ids=gen[:cut].astype(np.int32),
-                        finish_reason="stop" if hits.size else "length",
-                        generated_tokens=min(cut + 1, len(gen)), nfe=int(view.nfe[slot]),
+                        finish_reason="stop" if hits.size or stopped else "length",
+                        generated_tokens=min(cut + 1, n), nfe=int(view.nfe[slot]),
                         decode_s=decode_s)
-        pool.release(slot)
+        if stopped:
+          pool.retire(slot)  # Still decoding on the device: stop it.
+        else:
+          pool.release(slot)
         del rows[slot]
-        if not p.future.done():
-          try:
-            p.future.set_result(result)
-          except concurrent.futures.InvalidStateError:
-            pass  # Cancelled by its client at this very moment.
+        self._recount()
+        _resolve(p.future, result)
+
+  def _stop_shows(self, p: _Pending, gen: np.ndarray, final: int) -> bool:
+    """Whether the text of the row's first ``final`` tokens holds a stop string (searched
+    again only when more tokens are final)."""
+    if not p.request.stop or final <= p.checked:
+      return False
+    p.checked = final
+    ids = gen[:final]
+    hits = np.flatnonzero(ids == self.tokenizer.eos_id)
+    text = self.tokenizer.decode(ids[:hits[0]] if hits.size else ids)
+    return any(s in text for s in p.request.stop)
 
   def _requeue_alone(self, dec: pool_lib.Decoder) -> None:
     """A forward failed: drop the pool; its requests run again, each alone in its pool.
@@ -359,21 +478,30 @@ class Engine:
     """
     rows = self._rows.pop(dec)
     del self._pools[dec]
-    retry = []
-    for p in rows.values():
-      if p.solo or p.sent:
-        self._fail(p)
-      else:
-        retry.append(dataclasses.replace(p, solo=True))
+    self._recount()
+    self._fail([p for p in rows.values() if p.solo or p.sent])
+    retry = [dataclasses.replace(p, solo=True) for p in rows.values()
+             if not (p.solo or p.sent)]
     with self._cv:
       self._queue.extendleft(reversed(retry))
 
+  def _drop(self, dec: pool_lib.Decoder) -> None:
+    """An unexpected error while advancing ``dec``'s pool: its requests fail, and the
+    pool goes (its state is unknown)."""
+    rows = self._rows.pop(dec, {})
+    self._pools.pop(dec, None)
+    self._recount()
+    self._fail(list(rows.values()))
+
   @staticmethod
-  def _fail(p: _Pending) -> None:
+  def _fail(pending: list[_Pending]) -> None:
+    """Fails these requests with the exception being handled."""
+    if not pending:
+      return
     exc = sys.exc_info()[1]
     traceback.print_exc()
-    if not p.future.done():
-      p.future.set_exception(exc or RuntimeError("decoding failed"))
+    for p in pending:
+      _resolve(p.future, exc=exc or RuntimeError("decoding failed"))
 
   @staticmethod
   def _send(p: _Pending, ids: np.ndarray) -> None:
@@ -382,3 +510,19 @@ class Engine:
       p.on_tokens(np.asarray(ids, np.int32))
     except Exception:  # pylint: disable=broad-except
       pass  # A consumer that went away must not stop the others.
+
+
+def _resolve(future: concurrent.futures.Future, result: Any = None,
+             exc: BaseException | None = None) -> None:
+  """Sets a future's result (or ``exc``) unless it is done already.
+
+  The client's thread may cancel it at any moment, also between a ``done()`` check and
+  the set, which then raises InvalidStateError: that must not reach the worker.
+  """
+  try:
+    if exc is not None:
+      future.set_exception(exc)
+    else:
+      future.set_result(result)
+  except concurrent.futures.InvalidStateError:
+    pass  # Cancelled (or timed out) already: nobody waits for it.

@@ -10,9 +10,15 @@ only). Decoder options as extra body fields: ``policy`` (threshold | factor | to
 entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
 ``sub_block_size``, ``edit_threshold``, ``max_steps_per_block``, ``isd_stride`` (policy
 isd: I-DLM's strided decoding, token-shifted models only).
+
+A JSON ``null`` is the field left out. Numbers must be finite (Python's json reads
+``NaN`` and ``Infinity``). Without ``seed`` a sampled request draws a fresh one (as
+OpenAI's API does); OpenAI fields this server does not implement (``UNSUPPORTED``) are
+refused unless they hold their default.
 """
 
 import dataclasses
+import math
 import time
 import uuid
 from typing import Any
@@ -22,6 +28,16 @@ from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 
 POLICIES = tuple(sorted(policies.POLICIES)) + ("ar", "isd")
+# A seed becomes a jax.random.key: a signed 64-bit integer.
+SEED_RANGE = (-2**63, 2**63 - 1)
+# Step counts (max_steps_per_block, topk's steps) are traced as int32; no block has
+# anywhere near this many positions, so larger values would change nothing.
+MAX_STEPS = 2**20
+# OpenAI fields not implemented here, with the values that ask for nothing (null is
+# always accepted): anything else is refused rather than silently ignored.
+UNSUPPORTED = {"echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+               "best_of": (1,), "suffix": ("",), "logit_bias": ({},),
+               "presence_penalty": (0,), "frequency_penalty": (0,)}
 
 
 class ApiError(Exception):
@@ -63,20 +79,23 @@ class Parsed:
     max_tokens: tokens to generate at most (None = the server default, capped to fit).
     options: decoder options.
     ar: AR decoding.
-    seed: sampling seed.
+    seed: sampling seed (None = not given: the server draws one).
     stop: stop strings.
     stream: answer by SSE.
     isd_stride: ISD's stride (policy isd); 0 otherwise.
+    max_tokens_field: the field that gave ``max_tokens`` (chat may use
+      ``max_completion_tokens``), for error messages.
   """
 
   prompt_text: str
   max_tokens: int | None
   options: layout.DecodeOptions
   ar: bool
-  seed: int
+  seed: int | None
   stop: tuple[str, ...]
   stream: bool
   isd_stride: int = 0
+  max_tokens_field: str = "max_tokens"
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
@@ -88,9 +107,13 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
   if isinstance(v, bool) or not ok:
     raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, "
                    f"got {v!r}", name)
+  if isinstance(v, float) and not math.isfinite(v):  # NaN would pass every bound check.
+    raise ApiError(400, f"{name} must be a finite number, got {v!r}", name)
   if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-    raise ApiError(400, f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}",
-                   name)
+    low = f"{'>' if lo_open else '>='} {lo}"
+    bounds = (f"<= {hi}" if lo is None else low if hi is None
+              else f"in {'(' if lo_open else '['}{lo}, {hi}]")
+    raise ApiError(400, f"{name} must be {bounds}, got {v!r}", name)
   return v
 
 
@@ -100,6 +123,12 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   """Validates a completions (``chat=False``) or chat request body; raises ApiError."""
   if not isinstance(body, dict):
     raise ApiError(400, "the request body must be a JSON object", None)
+  body = {k: v for k, v in body.items() if v is not None}  # null = left out.
+  for name, defaults_ok in UNSUPPORTED.items():
+    v = body.get(name)
+    if v is not None and not any(v == d and isinstance(v, bool) == isinstance(d, bool)
+                                 for d in defaults_ok):
+      raise ApiError(400, f"{name} is not supported by this server, got {v!r}", name)
   model = body.get("model")
   if not isinstance(model, str):
     raise ApiError(400, "model is required (a string)", "model")
@@ -129,7 +158,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   max_tokens = _number(body, name, None, lo=1, integer=True)
   temperature = float(_number(body, "temperature", 0.0, lo=0, hi=2))
   top_p = float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
-  seed = _number(body, "seed", 0, integer=True)
+  seed = _number(body, "seed", None, *SEED_RANGE, integer=True)
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
     raise ApiError(400, f"stream must be a boolean, got {stream!r}", "stream")
@@ -148,11 +177,12 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     raise ApiError(400, f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
   value_field = "threshold" if "threshold" in body else "policy_value"
   value = _number(body, value_field, defaults.policy_value if "policy" not in body
-                  or policy == defaults.policy else None)
+                  or policy == defaults.policy else None,
+                  hi=MAX_STEPS if policy == "topk" else None)
   sub = _number(body, "sub_block_size", defaults.sub_block_size, lo=0, integer=True)
   edit = _number(body, "edit_threshold", defaults.edit_threshold, lo=0, hi=1)
   steps = _number(body, "max_steps_per_block", defaults.max_steps_per_block, lo=0,
-                  integer=True)
+                  hi=MAX_STEPS, integer=True)
   stride = 0
   if policy == "isd":
     if not token_shift:
@@ -164,12 +194,12 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   try:
     policy_obj = policies.make_policy("threshold" if one_token else policy,
                                       None if one_token else value)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, OverflowError) as e:
     raise ApiError(400, f"{value_field}: {e}", value_field) from e
   try:
     sampling = policies.Sampling(temperature, 0, top_p)
   except ValueError as e:
-    raise ApiError(400, str(e), "temperature") from e
+    raise ApiError(400, str(e), "top_p" if "top_p" in str(e) else "temperature") from e
   try:
     options = layout.DecodeOptions(
         block_size=block_size, mask_id=mask_id, eos_id=eos_id, policy=policy_obj,
@@ -185,14 +215,33 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     field = "isd_stride" if policy == "isd" else "policy"
     raise ApiError(400, f"this server's hierarchical KV cache commits chunks of {hy.chunk} "
                    f"positions; policy {policy!r} commits {widest} at once", field)
-  return Parsed(prompt, max_tokens, options, policy == "ar", int(seed), tuple(stop), stream,
-                stride)
+  return Parsed(prompt, max_tokens, options, policy == "ar",
+                None if seed is None else int(seed), tuple(stop), stream, stride, name)
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
   """Cuts ``text`` before the first stop string; returns (text, whether one was found)."""
   cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
   return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def stop_token_count(decode, ids, stop: tuple[str, ...]) -> int:
+  """The completion tokens of a reply cut at a stop string: the generated ids up to and
+  including the one whose text completes the first stop string.
+
+  Counted on the ids, not by encoding the cut text again: that gives other tokens (an
+  incomplete UTF-8 sequence decodes to U+FFFD, three bytes; special tokens decode to
+  nothing) and could exceed ``max_tokens``. ``decode`` maps ids to text; the text of
+  all of ``ids`` must hold a stop string (else this is ``len(ids)``).
+  """
+  lo, hi = 1, len(ids)
+  while lo < hi:  # The shortest prefix whose text holds a stop string.
+    mid = (lo + hi) // 2
+    if apply_stop(decode(ids[:mid]), stop)[1]:
+      hi = mid
+    else:
+      lo = mid + 1
+  return hi
 
 
 def new_id(prefix: str) -> str:

@@ -15,17 +15,22 @@ each row's tokens as soon as they are final: a committed block for block diffusi
 token for AR, each forward's accepted run for ISD. Every stream ends with a chunk that
 carries ``finish_reason`` and ``usage``, then ``data: [DONE]``.
 
+Stop strings end decoding: the engine retires a row as soon as its final text holds
+one, and the server cuts the text there.
+
 Robustness: validation errors are HTTP 400 (an unknown model 404) with an OpenAI error
 body naming the field; a full queue is 429 with ``Retry-After``; each request has a time
 limit (504 after it, and its slot is freed); a client that disconnects, queued or
 decoding, is dropped and frees its slot at the next forward; a failing prefill fails
 only its request, a failing forward reruns its requests one at a time so only the
-culprit gets the 500; on shutdown the engine drains what is queued and running.
+culprit gets the 500; a dead engine worker is 503 (``/health`` too); on shutdown the
+engine drains what is queued and running.
 """
 
 import asyncio
 import json
 import math
+import secrets
 import sys
 import time
 
@@ -73,7 +78,10 @@ class Server:
       return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
       err = protocol.ApiError(e.status, e.reason, None)
-      return web.json_response(err.body(), status=e.status)
+      # Keep e.g. a 405's Allow; the body is ours, so not its type or length.
+      headers = {k: v for k, v in e.headers.items()
+                 if k.lower() not in ("content-type", "content-length")}
+      return web.json_response(err.body(), status=e.status, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -90,11 +98,13 @@ class Server:
 
   async def health(self, request):
     del request
-    body = {"status": "stopping" if self.stopping else "ok", "queued": self.engine.queued,
+    status = ("stopping" if self.stopping else "ok" if self.engine.healthy
+              else "engine_failed")
+    body = {"status": status, "queued": self.engine.queued,
             "slots": self.engine.slots, "running": self.engine.running,
             "admitted": self.engine.admitted, "forwards": self.engine.forwards,
             "compile_s": self.compile_s}
-    return web.json_response(body, status=503 if self.stopping else 200)
+    return web.json_response(body, status=200 if status == "ok" else 503)
 
   # --- generation ---------------------------------------------------------------------------
 
@@ -115,42 +125,66 @@ class Server:
     lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return f"<|bos|>{lines}assistant:"
 
-  def encode(self, text: str) -> np.ndarray:
+  def encode(self, text: str, param: str = "prompt") -> np.ndarray:
+    """The prompt's ids; errors name ``param`` (chat: ``messages``)."""
     if hasattr(self.tokenizer, "encode_with_specials"):
       return np.asarray(self.tokenizer.encode_with_specials(text), np.int32)
     try:
       parsed = layout.parse(self.tokenizer, text)
     except ValueError as e:
-      raise protocol.ApiError(400, f"prompt: {e}", "prompt") from e
+      raise protocol.ApiError(400, f"{param}: {e}", param) from e
     if parsed.maskable.any():
-      raise protocol.ApiError(400, "prompt: <|mask:N|> spans are not supported here",
-                              "prompt")
+      raise protocol.ApiError(400, f"{param}: <|mask:N|> spans are not supported here",
+                              param)
     return parsed.ids
+
+  def encode_messages(self, messages, text: str) -> np.ndarray:
+    """A chat's ids (``text``: its rendering). Special-token names typed in a message
+    stay text, or a user could close their turn and write a system one."""
+    if not hasattr(self.tokenizer, "encode_chat"):
+      return self.encode(text, "messages")
+    try:
+      return np.asarray(self.tokenizer.encode_chat(messages), np.int32)
+    except ValueError as e:
+      raise protocol.ApiError(400, f"messages: {e}", "messages") from e
+
+  def check(self, ids: np.ndarray, max_tokens: int, chat: bool,
+            max_tokens_field: str = "max_tokens") -> None:
+    """``Engine.check`` as an ApiError naming the request's own field; only the length
+    errors carry the code ``context_length_exceeded``."""
+    try:
+      self.engine.check(ids, max_tokens)
+    except ValueError as e:
+      field, _, rest = str(e).partition(":")
+      param = {"prompt": "messages" if chat else "prompt",
+               "max_tokens": max_tokens_field}.get(field, field)
+      code = ("context_length_exceeded" if isinstance(e, engine_lib.ContextLengthError)
+              else None)
+      raise protocol.ApiError(400, f"{param}:{rest}", param, code=code) from e
 
   async def _generate(self, request, chat: bool):
     if self.stopping:
       raise protocol.ApiError(503, "the server is shutting down", None, "server_error")
     try:
       body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, LookupError, RecursionError) as e:
+      # Bad JSON or UTF-8 (ValueError), an unknown charset, nesting too deep to parse.
       raise protocol.ApiError(400, f"the body is not valid JSON: {e}", None) from e
     parsed = protocol.parse_request(
         body, self.model_name, chat, self.tokenizer, self.engine.block_size,
         self.tokenizer.mask_id, self.tokenizer.eos_id, self.defaults, self.token_shift,
         render_chat=self.render_chat)
-    ids = self.encode(parsed.prompt_text)
+    ids = (self.encode_messages(body["messages"], parsed.prompt_text) if chat
+           else self.encode(parsed.prompt_text))
     max_tokens = parsed.max_tokens
     if max_tokens is None:
       max_tokens = max(1, min(self.defaults.max_tokens, self.engine.max_len - len(ids)))
-    try:
-      self.engine.check(ids, max_tokens)
-    except ValueError as e:
-      field = str(e).split(":", 1)[0]
-      param = "messages" if chat and field == "prompt" else field
-      raise protocol.ApiError(400, str(e), param, code="context_length_exceeded") from e
-    req = engine_lib.Request(ids, max_tokens, parsed.options, parsed.ar, parsed.seed,
+    self.check(ids, max_tokens, chat, parsed.max_tokens_field)
+    # No seed: a fresh one per request, so sampled answers differ (as OpenAI's do).
+    seed = secrets.randbits(63) if parsed.seed is None else parsed.seed
+    req = engine_lib.Request(ids, max_tokens, parsed.options, parsed.ar, seed,
                              deadline=time.monotonic() + self.timeout,
-                             isd_stride=parsed.isd_stride)
+                             isd_stride=parsed.isd_stride, stop=parsed.stop)
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     if parsed.stream:
       return await self._stream(request, req, parsed, rid, chat)
@@ -182,10 +216,12 @@ class Server:
       raise protocol.ApiError(503, str(e), None, "server_error") from e
 
   def _finish_text(self, result, stop):
+    """(text cut at a stop string, finish_reason, completion tokens)."""
     text = self.tokenizer.decode(result.token_ids)
     text, stopped = protocol.apply_stop(text, stop)
     if stopped:
-      return text, "stop", len(self.tokenizer.encode(text))
+      return text, "stop", protocol.stop_token_count(self.tokenizer.decode,
+                                                     result.token_ids, stop)
     return text, result.finish_reason, len(result.token_ids)
 
   async def _stream(self, request, req, parsed, rid, chat):
@@ -196,7 +232,6 @@ class Server:
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
-    await resp.prepare(request)
 
     async def send(obj):
       await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
@@ -205,6 +240,7 @@ class Server:
     ids, sent, stopped = [], 0, False
     deadline = time.monotonic() + self.timeout
     try:
+      await resp.prepare(request)  # In the try: if it fails, the request must go too.
       if chat:
         await send(protocol.chunk_body(rid, self.model_name, chat, None, None, role=True))
       while True:
@@ -237,6 +273,9 @@ class Server:
       future.cancel()  # The client went away.
       raise
     except Exception as e:  # pylint: disable=broad-except
+      future.cancel()  # No-op when decoding is what failed.
+      if not resp.prepared:  # Nothing was sent: the middleware answers the error.
+        raise
       await send(protocol.ApiError(500, f"decoding failed: {e!r}", None,
                                    "server_error").body())
     await resp.write(b"data: [DONE]\n\n")
