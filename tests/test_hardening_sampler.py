@@ -114,6 +114,19 @@ def test_mode_sample_infills_and_records_errors_in_the_results_json(tiny, tmp_pa
   assert rows[2]["generated_tokens"] >= 1 and "error" not in rows[2]
 
 
+def test_mode_sample_refuses_a_bad_sample_field_before_decoding(tiny, tmp_path, monkeypatch):
+  config, model, tok, params = tiny
+  monkeypatch.setattr(inference, "load_for_inference",
+                      lambda workdir, cfg: (cfg, model, tok, params))
+  monkeypatch.setattr(sample, "answer", lambda *a, **k: pytest.fail("decoded anyway"))
+  config = config.copy_and_resolve_references()
+  config.sample = sample.default_sample_config()
+  config.sample.max_new_tokens = 0
+  with pytest.raises(ValueError, match="sample.max_new_tokens"):
+    sample.run(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "samples"))
+
+
 @pytest.mark.parametrize("sampling", [policies.Sampling(top_k=1), policies.Sampling(top_k=5),
                                       policies.Sampling(top_p=0.01)],
                          ids=["top_k=1", "top_k=5", "top_p=0.01"])

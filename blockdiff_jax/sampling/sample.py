@@ -178,6 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   s = config.get("sample", None) or default_sample_config()
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  validate(config)  # With the run's own diffusion settings; before anything compiles.
   block_size = config.diffusion.block_size
   max_len = s.max_len or config.data.seq_len
   prompts = read_prompts(s)
