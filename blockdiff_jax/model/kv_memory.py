@@ -3,11 +3,67 @@
 Arithmetic only (no arrays), so ``--mode=plan`` can count a 131k-token cache of a 7B
 model on a laptop. The layouts are those of ``sampling/kv_cache.py`` (every position's
 K/V) and ``sampling/hierarchical_cache.py`` (an exact ring of ``(window + 1) * chunk``
-positions and of the first ``sinks`` chunks, plus rank-r factors of every chunk); a test checks these counts against the
-arrays those caches allocate.
+positions and of the first ``sinks`` chunks, plus rank-r factors of every chunk); a test
+checks these counts against the arrays those caches allocate. ``Hierarchy``, the
+hierarchical cache's static layout, lives here so the plan can check it without the
+sampling layer.
 """
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchy:
+  """Static layout of a hierarchical cache.
+
+  Attributes:
+    window: whole chunks before the one being filled that stay exact (W >= 1).
+    chunk: positions per compressed unit (>= the widest commit: a diffusion block,
+      ISD's stride, 1 for AR).
+    rank: rank r of each chunk's K and V factorisation per layer, row and KV head.
+    sinks: chunks at the start of the sequence kept exact for good (StreamingLLM's
+      attention sinks: the first tokens draw large attention weights, and compressing
+      them moves the output most; on SmolLM2 one exact chunk of 64 cuts the KL 9-24x).
+    form: "rank" (older chunks as rank-r factors) or "summary" (older positions are
+      dropped: a summary-token model reads them through its summary slots).
+  """
+
+  window: int = 2
+  chunk: int = 256
+  rank: int = 6
+  sinks: int = 1
+  form: str = "rank"
+
+  def __post_init__(self):
+    if self.window < 1:
+      raise ValueError(f"kv hierarchy window must be >= 1 chunk, got {self.window}")
+    if self.chunk < 1:
+      raise ValueError(f"kv hierarchy chunk must be >= 1, got {self.chunk}")
+    if not 1 <= self.rank <= self.chunk:
+      raise ValueError(f"kv hierarchy rank must be in [1, chunk={self.chunk}], "
+                       f"got {self.rank}")
+    if self.sinks < 0:
+      raise ValueError(f"kv hierarchy sinks must be >= 0 chunks, got {self.sinks}")
+    if self.form not in ("rank", "summary"):
+      raise ValueError(f"kv hierarchy form must be 'rank' or 'summary', got {self.form!r}")
+
+  @property
+  def ring(self) -> int:
+    """Exact slots per row."""
+    return (self.window + 1) * self.chunk
+
+
+def hierarchy_from_config(s) -> Hierarchy:
+  """The hierarchical cache layout of a ``sample`` config section (its ``kv_*`` fields)."""
+  try:
+    return Hierarchy(window=s.kv_window, chunk=s.kv_chunk, rank=s.kv_rank,
+                     sinks=s.get("kv_sinks", 1), form=s.get("kv_form", "rank"))
+  except ValueError as e:
+    # Hierarchy names its fields "kv hierarchy <field>"; they are sample.kv_<field> here.
+    raise ValueError(str(e).replace("kv hierarchy ", "sample.kv_", 1)) from None
+
 
 # Per position: ``valid`` (bool) and ``block_ids`` (int32); per row: ``buffer_start``.
 _POSITION_BYTES = 1 + 4

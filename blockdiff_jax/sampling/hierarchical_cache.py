@@ -51,50 +51,14 @@ import numpy as np
 
 from blockdiff_jax import masks
 from blockdiff_jax.model import factored_kv
+from blockdiff_jax.model import kv_memory
 from blockdiff_jax.sampling import kv_cache
 
 Array = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Hierarchy:
-  """Static layout of a hierarchical cache.
-
-  Attributes:
-    window: whole chunks before the one being filled that stay exact (W >= 1).
-    chunk: positions per compressed unit (>= the widest commit: a diffusion block,
-      ISD's stride, 1 for AR).
-    rank: rank r of each chunk's K and V factorisation per layer, row and KV head.
-    sinks: chunks at the start of the sequence kept exact for good (StreamingLLM's
-      attention sinks: the first tokens draw large attention weights, and compressing
-      them moves the output most; on SmolLM2 one exact chunk of 64 cuts the KL 9-24x).
-    form: "rank" (older chunks as rank-r factors) or "summary" (older positions are
-      dropped: a summary-token model reads them through its summary slots).
-  """
-
-  window: int = 2
-  chunk: int = 256
-  rank: int = 6
-  sinks: int = 1
-  form: str = "rank"
-
-  def __post_init__(self):
-    if self.window < 1:
-      raise ValueError(f"kv hierarchy window must be >= 1 chunk, got {self.window}")
-    if self.chunk < 1:
-      raise ValueError(f"kv hierarchy chunk must be >= 1, got {self.chunk}")
-    if not 1 <= self.rank <= self.chunk:
-      raise ValueError(f"kv hierarchy rank must be in [1, chunk={self.chunk}], "
-                       f"got {self.rank}")
-    if self.sinks < 0:
-      raise ValueError(f"kv hierarchy sinks must be >= 0 chunks, got {self.sinks}")
-    if self.form not in ("rank", "summary"):
-      raise ValueError(f"kv hierarchy form must be 'rank' or 'summary', got {self.form!r}")
-
-  @property
-  def ring(self) -> int:
-    """Exact slots per row."""
-    return (self.window + 1) * self.chunk
+# The layout lives with the byte counts (``--mode=plan`` reads it without this module).
+Hierarchy = kv_memory.Hierarchy
 
 
 def _factorise(x: Array, rank: int) -> tuple[Array, Array]:

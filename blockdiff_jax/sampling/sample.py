@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
+from blockdiff_jax.model import kv_memory
 from blockdiff_jax.sampling import generation
-from blockdiff_jax.sampling import hierarchical_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import speedup
@@ -86,7 +86,7 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
     if s.kv_chunk < widest:
       raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
                        f"decoder ({widest} positions: the block size or ISD stride)")
-    hierarchy = hierarchy_of(s)
+    hierarchy = kv_memory.hierarchy_from_config(s)
   if not one_token and s.policy in policies.POLICIES:
     try:
       policy = policies.make_policy(s.policy, s.policy_value)
@@ -103,17 +103,6 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       max_steps_per_block=s.max_steps_per_block,
       edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift,
       kv_hierarchy=hierarchy)
-
-
-def hierarchy_of(s: ml_collections.ConfigDict) -> hierarchical_cache.Hierarchy:
-  """The hierarchical cache layout of a ``sample`` section (its ``kv_*`` fields)."""
-  try:
-    return hierarchical_cache.Hierarchy(window=s.kv_window, chunk=s.kv_chunk,
-                                        rank=s.kv_rank, sinks=s.get("kv_sinks", 1),
-                                        form=s.get("kv_form", "rank"))
-  except ValueError as e:
-    # Hierarchy names its fields "kv hierarchy <field>"; they are sample.kv_<field> here.
-    raise ValueError(str(e).replace("kv hierarchy ", "sample.kv_", 1)) from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -133,7 +122,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.isd_stride < 2:  # As isd.py requires: one pending token plus at least one draft.
     raise ValueError(f"sample.isd_stride must be >= 2, got {s.isd_stride}")
   if "kv_chunk" in s:
-    hierarchy_of(s)
+    kv_memory.hierarchy_from_config(s)
   diffusion = config.get("diffusion") or {}
   options_from_config(s, diffusion.get("block_size", 1), tokenizers.ByteTokenizer(),
                       diffusion.get("token_shift", False))

@@ -29,7 +29,6 @@ from blockdiff_jax.model import kv_memory
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import sharding
 from blockdiff_jax.model import transformer
-from blockdiff_jax.sampling import sample as sample_lib
 from blockdiff_jax.train import config as train_config
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import step as step_lib
@@ -132,7 +131,8 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if not config.model.vocab_size:
     raise ValueError("model.vocab_size is 0: set it (the plan does not load a tokenizer)")
   train_config.validate(config)
-  sample_lib.validate(config)  # The decode cache sizes come from the sample section.
+  if config.get("sample") is not None and "kv_chunk" in config.sample:
+    kv_memory.hierarchy_from_config(config.sample)  # Sizes the hierarchical cache.
   if num_devices is None:
     num_devices = mesh_config.get("plan_devices", 0) or None
   if num_devices is None:
