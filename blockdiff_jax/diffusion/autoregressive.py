@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax import masks
+from blockdiff_jax.diffusion import losses
 
 Array = Any
 
@@ -75,4 +76,5 @@ def autoregressive_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array
   metrics.update(aux.get("metrics", {}))
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce
   metrics["loss"] = loss
+  metrics[losses.LOSS_TOKENS] = n.astype(jnp.float32)
   return loss, metrics

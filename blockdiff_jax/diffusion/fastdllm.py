@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from blockdiff_jax import masks
 from blockdiff_jax.diffusion import corruption
+from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 
 Array = Any
@@ -139,4 +140,5 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   metrics.update(aux.get("metrics", {}))
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce
   metrics["loss"] = loss
+  metrics[losses.LOSS_TOKENS] = n_masked.astype(jnp.float32)
   return loss, metrics

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdiff_jax import masks
+from blockdiff_jax.diffusion import losses
 
 Array = Any
 
@@ -203,4 +204,7 @@ def introspective_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   if "aux_loss" in t["aux"]:
     loss = loss + t["aux"]["aux_loss"]
   metrics["loss"] = loss
+  # Two means, two counts: accumulation weighs micro-batches by the drafts' count, so
+  # CE_clean's share is exact only when clean and noisy counts are proportional.
+  metrics[losses.LOSS_TOKENS] = jnp.maximum(jnp.sum(t["noisy_weight"]), 1.0)
   return loss, metrics

@@ -13,6 +13,11 @@ from blockdiff_jax import masks
 
 Array = Any
 
+# The metric every objective reports with the count its loss is a mean over (scored or
+# masked tokens): gradient accumulation weighs each micro-batch's gradient by it, so k
+# micro-batches make the update of one batch even when they score different counts.
+LOSS_TOKENS = "loss_tokens"
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusionObjective:
@@ -129,4 +134,5 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   metrics.update(terms.aux.get("metrics", {}))
   loss = nelbo + terms.aux["aux_loss"] if "aux_loss" in terms.aux else nelbo
   metrics["loss"] = loss
+  metrics[LOSS_TOKENS] = n_scored  # Gradient accumulation weighs micro-batches by it.
   return loss, metrics

@@ -38,7 +38,10 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
                     trainable_mask: Callable[[Any], Any] | None = None):
   """Builds ``train_step(state, batch, base_rng) -> (state, metrics)`` (not yet jitted).
 
-  Gradients are averaged over ``grad_accum_steps`` micro-batches with a scan. A step
+  Gradients are averaged over ``grad_accum_steps`` micro-batches with a scan, each
+  weighed by the count its loss is a mean over (``losses.LOSS_TOKENS``): micro-batches
+  of SFT rows score different numbers of tokens, and a plain mean of their means would
+  weigh a token of a sparse micro-batch more. A step
   whose loss or gradient norm is not finite leaves the state unchanged and reports
   ``finite = 0`` so the host can stop the run. With ``trainable_mask`` (params -> bool
   tree, e.g. LoRA adapters only) frozen weights enter the loss through
@@ -72,14 +75,21 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
 
       def body(carry, mb):
         (_, m), g = grad_fn(state.params, mb[0], rng, mb[1])
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        if losses.LOSS_TOKENS not in m:
+          raise KeyError(f"grad_accum_steps > 1 needs the objective's metrics to report "
+                         f"{losses.LOSS_TOKENS!r} (the count its loss is a mean over)")
+        w = m[losses.LOSS_TOKENS].astype(jnp.float32)
+        g, m = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[:2], (g, m))
+        return (g, m, carry[2] + w), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       metric_shapes = jax.eval_shape(loss_fn, state.params, first[0], rng, first[1])[1]
       zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+               jnp.zeros((), jnp.float32))
+      (grads, metrics, total), _ = jax.lax.scan(body, zeros, micro)
+      grads, metrics = jax.tree.map(lambda x: x / total, (grads, metrics))
+      metrics[losses.LOSS_TOKENS] = total  # The batch's count, not a weighed mean of it.
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
