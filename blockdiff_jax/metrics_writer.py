@@ -80,6 +80,12 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _duration(seconds: float) -> str:
+  """H:MM:SS, hours unbounded (a strftime of it would wrap at 24 hours)."""
+  s = int(seconds)
+  return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Progress:
   """A console progress line with rate and ETA.
 
@@ -102,7 +108,7 @@ class Progress:
     rate = self.rate(done)
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     pct = 100.0 * done / max(self.total, 1)
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+    eta_s = _duration(eta) if np.isfinite(eta) else "?"
     label = f"{self.label} " if self.label else ""
     return (f"[{label}{done}/{self.total} {pct:5.1f}%] {rate:.2f} {self.unit}/s "
             f"ETA {eta_s} {extra}").rstrip()

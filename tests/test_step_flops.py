@@ -33,3 +33,12 @@ def test_ar_step_is_one_causal_pass_of_l_tokens(batch, seq_len):
       3 * batch * forward)
   assert flops.autoregressive_step_flops(cfg, batch, seq_len, True) == pytest.approx(
       2 * batch * forward)
+
+
+@pytest.mark.parametrize("batch,seq_len", [(1, 16), (4, 64)])
+def test_bd3_step_with_a_frozen_base_is_two_forwards_not_three(batch, seq_len):
+  """LoRA freezes the base through stop_gradient: no weight gradients are formed."""
+  cfg = _cfg()
+  full = flops.train_step_flops(cfg, batch, seq_len)
+  assert flops.train_step_flops(cfg, batch, seq_len, frozen_base=True) == pytest.approx(
+      full * 2 / 3)

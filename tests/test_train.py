@@ -175,3 +175,27 @@ def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, 
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(raw)):
     np.testing.assert_array_equal(a, b)
     assert len(a.sharding.device_set) == 1
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_skips_norm_scales_with_or_without_scanned_layers(tiny_config, scan):
+  """Scanned layers stack a (layers, d) norm scale: still a vector per layer, no decay."""
+  cfg = _small(tiny_config, 2)
+  cfg.model.scan_layers, cfg.model.num_layers = scan, 2
+  model, _ = build.build_model(cfg)
+  params = build.init_params(model, 0)
+  mask = optimizer.decay_mask(params)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  scales = [k for k in flat if k.endswith("['scale']")]
+  # Two norms a layer (one stacked leaf each when scanned) and the final norm.
+  assert len(scales) == (3 if scan else 5)
+  assert max(p.ndim for p in jax.tree.leaves(params)) == (4 if scan else 3)
+  assert not any(flat[k] for k in scales)
+  assert all(v for k, v in flat.items() if "kernel" in k or "embedding" in k)
+
+
+def test_progress_eta_counts_hours_past_a_day():
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  progress = metrics_writer.Progress(total=100_000)
+  progress.t0 -= 10.0  # One step in ten seconds: 99,999 steps left take 277.8 hours.
+  assert "ETA 277:46:" in progress.line(1)

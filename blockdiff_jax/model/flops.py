@@ -58,8 +58,12 @@ def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
   return 2.0 * matmul + attn
 
 
-def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int) -> float:
+def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
+                     frozen_base: bool = False) -> float:
   """Model FLOPs of one BD3-LM train step (forward + backward = 3x forward).
+
+  With ``frozen_base`` (LoRA: the base weights enter through stop_gradient) the
+  backward forms activation gradients only: 2x forward in all.
 
   The vectorized pass runs 2L tokens through the trunk with dense 2L-key attention
   (what the XLA path computes) and the head only on the L noisy tokens. With
@@ -75,7 +79,7 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: in
       keys = (su.window_blocks + 1) * su.block_size + bank
   trunk = forward_flops_per_token(cfg, keys, with_head=False) * positions
   head = 2.0 * cfg.vocab_size * cfg.d_model * seq_len
-  return 3.0 * batch * (trunk + head)
+  return (2.0 if frozen_base else 3.0) * batch * (trunk + head)
 
 
 def fastdllm_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,

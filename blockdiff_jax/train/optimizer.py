@@ -21,8 +21,15 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: norms' scales and biases are left alone."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: norms' scales and biases are left alone.
+
+  A layer's own rank decides: ``model.scan_layers`` stacks layers along a leading axis
+  (``stack_<i>``), which makes a (layers, d) norm scale look like a matrix.
+  """
+  def decays(path, p):
+    stacked = any(str(getattr(k, "key", "")).startswith("stack_") for k in path)
+    return p.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _is_moe_path(path) -> bool:

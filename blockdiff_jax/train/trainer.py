@@ -148,7 +148,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_flops = flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len,
                                                  t.get("trainable", "all") == "lora")
   else:
-    step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
+    step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len,
+                                        t.get("trainable", "all") == "lora")
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   start = int(state.step)
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
