@@ -46,16 +46,20 @@ class MetricsWriter:
   Args:
     keep_through_step: a resumed run passes its restored step: rows of later steps
       (written before the restart, trained again now) are dropped so no step repeats.
+    enabled: False writes nothing (``write`` still returns the row): the processes of a
+      multi-host run other than the first, which share the workdir.
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
-               keep_through_step: int | None = None):
-    os.makedirs(workdir, exist_ok=True)
+               keep_through_step: int | None = None, enabled: bool = True):
     self.path = os.path.join(workdir, filename)
+    self._file = self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
     if keep_through_step is not None:
       truncate_rows(self.path, keep_through_step)
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -66,6 +70,8 @@ class MetricsWriter:
     for k, v in metrics.items():
       if np.size(v) == 1:
         row[prefix + k] = _scalar(v)
+    if self._file is None:
+      return row
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -75,7 +81,8 @@ class MetricsWriter:
     return row
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

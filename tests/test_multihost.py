@@ -2,7 +2,8 @@
 
 Each process runs this file as a worker: ``distributed.initialize`` from the
 environment, a data=2 x fsdp=2 x expert=2 mesh over the 8 global devices, three
-AdamW steps, an Orbax save and a restore. Both must report the same losses.
+AdamW steps, an Orbax save and a restore. Both must report the same losses. Then both
+run the trainer on one shared workdir, as "the same command on each host" does.
 """
 
 import json
@@ -69,10 +70,19 @@ def _worker(out_path: str, workdir: str) -> None:
   diff = jax.jit(lambda a, b: jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(
       jax.tree.leaves(a), jax.tree.leaves(b))])), out_shardings=mesh_lib.replicated(mesh))(
           restored, state)
+  # The trainer, as `--mode=train` runs it on each host, in one shared workdir.
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  run = tiny.get_config()
+  run.mesh = config.mesh
+  run.data.max_bytes = 20_000
+  run.train.steps, run.train.log_every, run.train.eval_every = 2, 1, 0
+  run.train.checkpoint_every, run.train.async_checkpoints = 2, False
+  run.train.tensorboard = False
+  last = trainer.run(run, os.path.join(workdir, "run"))
   report = {"process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "losses": losses, "restored_step": int(restored.step), "data": data,
-            "restore_diff": float(diff)}
+            "restore_diff": float(diff), "trainer_loss": float(last["loss"])}
   with open(out_path, "w", encoding="utf-8") as f:
     json.dump(report, f)
 
@@ -119,6 +129,12 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
   for r in (r0, r1):
     assert r["restored_step"] == 3 and r["data"] == {"index": 3}
     assert r["restore_diff"] == 0.0
+  # One lock holder and one writer: the second process neither failed on the workdir
+  # lock nor wrote its own copy of every metrics row.
+  assert r0["trainer_loss"] == r1["trainer_loss"] and np.isfinite(r0["trainer_loss"])
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 2
 
 
 @pytest.mark.parametrize("env,error", [

@@ -402,8 +402,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     for name in model_config_lib.BACKEND_FIELDS:
       if name in config.get("model", {}):
         del config.model[name]
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+  path = os.path.join(workdir, "config.json")
+  # Whole or not at all: the other processes of a multi-host run may be reading it.
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + ".tmp", path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -66,6 +66,8 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: 
         f"cannot resume {workdir} (checkpoint step {step}) with a config that changes its "
         "data stream, model or objective:\n  " + "\n  ".join(refused) + "\nRestore these "
         "values, or train in a new workdir (init_from.workdir starts from its weights).")
+  if jax.process_index() != 0:
+    return  # The first process keeps the old config.
   kept = os.path.join(workdir, f"config.step{step}.json")
   if allowed and not os.path.exists(kept):
     os.replace(path, kept)
@@ -79,8 +81,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   One run at a time holds ``workdir`` (``workdir_lock``); a second one fails naming the
   holder. Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
+  In a multi-host run every process runs this with the same workdir: the first holds the
+  lock and writes ``config.json`` and the metrics; Orbax writes the checkpoints together.
   """
   train_config.validate(config)
+  if jax.process_index() != 0:
+    return _run_locked(config, workdir)
   with workdir_lock.WorkdirLock(workdir):
     return _run_locked(config, workdir)
 
@@ -94,12 +100,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     # A resume with another architecture fails here, before compiling or writing anything.
     ckpt.check_params(nn.unbox(build.abstract_params(model)))
-    if ckpt.latest_step() is not None:
+    if ckpt.latest_step() is not None:  # Every process refuses, or none does.
       _check_resume_config(config, workdir, ckpt.latest_step())
   except Exception:
     ckpt.close()
     raise
-  checkpoints.save_config(config, workdir)
+  if jax.process_index() == 0:
+    checkpoints.save_config(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed,
                                     workdir)
   val_ds = None
@@ -153,7 +160,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   start = int(state.step)
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
-  writer = metrics_writer.MetricsWriter(workdir, t.tensorboard, keep_through_step=start)
+  writer = metrics_writer.MetricsWriter(workdir, t.tensorboard, keep_through_step=start,
+                                       enabled=jax.process_index() == 0)
   progress = metrics_writer.Progress(t.steps, start, stream=sys.stdout)
   bits = 1.0 / math.log(2)
   # Every objective reports its loss as "nelbo"; only BD3-LM's is an ELBO bound.
