@@ -23,7 +23,7 @@ def test_upcycled_logits_equal_dense(scan, num_experts, top_k, router_mode, impl
   params = build.init_params(dense, 0)
   up_params, up_cfg = upcycle.upcycle(params, cfg, num_experts, top_k, seed=3)
   up_cfg = dataclasses.replace(up_cfg, moe=dataclasses.replace(
-      up_cfg.moe, router_mode=router_mode, impl=impl, block_min_experts=top_k))
+      up_cfg.moe, router_mode=router_mode, impl=impl))
   moe_model = transformer.Transformer(up_cfg)
   # The upcycled params have exactly the MoE model's tree and shapes.
   want = jax.tree.map(lambda x: x.shape, build.init_params(moe_model, 1))

@@ -66,7 +66,8 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
   """(config with the pretrained architecture, its tokenizer); unchanged without one.
 
   The returned config is a copy; its ``model`` fields that the checkpoint fixes
-  (sizes, heads, vocabulary with the MASK row, RoPE, norms) come from the checkpoint.
+  (sizes, heads, vocabulary with the MASK row, RoPE, norms) come from the checkpoint,
+  and a gated LoRA's unset ``model.lora.mask_id`` (-1) becomes the tokenizer's MASK id.
   """
   spec = _spec(config)
   if not spec:
@@ -80,6 +81,9 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
       raise ValueError(f"model.moe.upcycle_from_dense=True but pretrained={spec!r} is "
                        "already a MoE model")
     upcycle_lib.upcycle_model_config(config.model, num_experts)
+  lora = config.model.get("lora")
+  if lora is not None and lora.get("rank") and lora.get("gated") and lora.mask_id < 0:
+    lora.mask_id = tokenizer.mask_id
   return config, tokenizer
 
 
@@ -88,9 +92,17 @@ def _upcycles(config: ml_collections.ConfigDict) -> bool:
 
 
 def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
-  """(config, model, tokenizer): ``model.build.build_model`` after ``resolve_config``."""
+  """(config, model, tokenizer): ``model.build.build_model`` after ``resolve_config``.
+
+  Raises:
+    ValueError: gated LoRA adapters whose ``model.lora.mask_id`` is not the tokenizer's
+      MASK id.
+  """
   config, tokenizer = resolve_config(config, workdir)
   model, tokenizer = build.build_model(config, workdir, tokenizer=tokenizer)
+  if model.cfg.lora is not None and model.cfg.lora.gated:
+    source = f"init.pretrained={_spec(config)!r}" if _spec(config) else "the tokenizer"
+    lora_lib.check_mask_id(model.cfg.lora, tokenizer.mask_id, source)
   return config, model, tokenizer
 
 

@@ -131,7 +131,8 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF model file.
 
   Raises:
-    UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES.
+    UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, or RoPE
+      scaling (a rope.scaling.type key or a rope_freqs.weight tensor).
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
   """
@@ -139,6 +140,12 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   reader = _reader(path)
   names = {t.name for t in reader.tensors}
   hf = hf_config_from_metadata(reader, path, "output.weight" in names)
+  if "rope_freqs.weight" in names:
+    # llama.cpp's form of Llama-3.1/3.2 "llama3" RoPE scaling (per-frequency factors, no
+    # rope.scaling.type key): plain RoPE would silently compute another model.
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE frequency scaling) is not "
+        "supported; only plain RoPE")
   arch = _field(reader, "general.architecture")
   tensors = {}
   for t in reader.tensors:
@@ -152,8 +159,6 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         hf_name = f"model.layers.{layer}.mlp.experts.*.{_EXPERT_TENSORS[rest]}.weight"
       else:
         raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
-    elif t.name == "rope_freqs.weight":
-      continue
     else:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
     shape = tuple(int(s) for s in reversed(t.shape))

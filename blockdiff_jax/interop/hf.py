@@ -3,13 +3,14 @@
     overrides = hf.read_overrides(folder)          # our config.model fields
     cfg = hf.transformer_config(overrides)         # or TransformerConfig.from_config(...)
     params = hf.load_params(folder, cfg)           # the tree Transformer(cfg).init gives
-    hf.export(out_folder, params, cfg, tokenizer)  # loads in transformers
+    hf.export(out_folder, params, cfg, tokenizer=tok)  # loads in transformers
 
 Every check (architecture, tensor names, shapes, file integrity) runs before any data is
 read, so a bad checkpoint raises before anything is half-loaded. With ``shardings`` each
 device reads only the bytes of its own shard (``jax.make_array_from_callback``).
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from blockdiff_jax.interop import architectures
 from blockdiff_jax.interop import safetensors_io
 from blockdiff_jax.model import flops
+from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import transformer
 
@@ -188,6 +190,8 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
            max_shard_bytes: int = 0) -> None:
   """Writes an HF folder that ``transformers.AutoModelForCausalLM`` loads.
 
+  Plain LoRA adapters are folded into the base weights (``lora.merge_adapters``).
+
   Args:
     folder: output folder (created).
     params: our params (unboxed).
@@ -198,8 +202,21 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
       and its special ids (bos/eos/pad/mask) go into config.json.
     extra_config: more config.json keys.
     max_shard_bytes: shard the weights above this size (with an index); 0 = one file.
+
+  Raises:
+    UnsupportedArchitectureError: cfg computes something config.json cannot express
+      (RoPE scaling, a non-token router, gated LoRA adapters), also when ``overrides``
+      are given: they describe the imported model, not what cfg changed since.
   """
-  overrides = dict(overrides or config_overrides(cfg))
+  if cfg.lora is not None:
+    if cfg.lora.gated:
+      raise architectures.UnsupportedArchitectureError(
+          "gated LoRA adapters (model.lora.gated=True) act only on MASK tokens and have no "
+          "Hugging Face equivalent; export a model trained with plain adapters (gated=False)")
+    params = lora_lib.merge_adapters(params, cfg.lora)
+    cfg = dataclasses.replace(cfg, lora=None)
+  derived = config_overrides(cfg)  # Raises for what config.json cannot express.
+  overrides = dict(overrides or derived)
   extra = dict(extra_config or {})
   if tokenizer is not None:
     extra.update(tokenizer.hf_config_ids())

