@@ -203,26 +203,45 @@ def _expand_paths(paths: str) -> list[tuple[str, str]]:
   return sorted(pairs.values())
 
 
-def _jsonl_documents(key: str, path: str,
-                     text_field: str) -> Iterator[Document]:
+def read_jsonl(path: str, field: str = "data.paths") -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) of each non-blank line of a UTF-8 JSONL file.
+
+  A byte order mark may open the file (editors on Windows write one).
+
+  Args:
+    path: the file.
+    field: the config field that named it, for the fix an error suggests.
+
+  Raises:
+    ValueError: naming ``path:line`` for a line that is not UTF-8 text or not JSON.
+  """
   offset = 0
   with open(path, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
-      line = _decode_strict(raw, f"{path}:{line_no}", offset).strip()
+      where = f"{path}:{line_no}"
+      line = _decode_strict(raw, where, offset, field).strip()
       offset += len(raw)
+      if line_no == 1:
+        line = line.removeprefix("\ufeff")
       if not line:
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e}).") from e
-      if not isinstance(record, dict) or text_field not in record:
-        raise ValueError(f"{path}:{line_no}: no text field {text_field!r}.")
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
-                         f"{type(text).__name__}, not a string.")
-      yield Document(f"{key}:{line_no}", text)
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      yield line_no, record
+
+
+def _jsonl_documents(key: str, path: str,
+                     text_field: str) -> Iterator[Document]:
+  for line_no, record in read_jsonl(path):
+    if not isinstance(record, dict) or text_field not in record:
+      raise ValueError(f"{path}:{line_no}: no text field {text_field!r}.")
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
+                       f"{type(text).__name__}, not a string.")
+    yield Document(f"{key}:{line_no}", text)
 
 
 def file_documents(paths: str, split: str, validation_fraction: float = 0.02,

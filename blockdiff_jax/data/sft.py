@@ -168,22 +168,8 @@ def jsonl_records(paths: str) -> list[Pair | list[dict]]:
   for path in [p.strip() for p in paths.split(",") if p.strip()]:
     if not os.path.isfile(path):
       raise ValueError(f"data.sft_source: no such JSONL file {path!r}")
-    offset = 0
-    with open(path, "rb") as f:
-      for n, raw in enumerate(f, 1):
-        where = f"{path}:{n}"
-        line = corpora._decode_strict(  # pylint: disable=protected-access
-            raw, where, offset, field="data.sft_source").strip()
-        offset += len(raw)
-        if n == 1:
-          line = line.removeprefix("\ufeff")  # Editors on Windows write a BOM.
-        if not line:
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append(_pair_of_record(rec, where))
+    for n, rec in corpora.read_jsonl(path, "data.sft_source"):
+      out.append(_pair_of_record(rec, f"{path}:{n}"))
   return out
 
 
