@@ -178,10 +178,11 @@ def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, 
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_weight_decay_skips_norm_scales_with_or_without_scanned_layers(tiny_config, scan):
-  """Scanned layers stack a (layers, d) norm scale: still a vector per layer, no decay."""
+def test_weight_decay_skips_norm_scales_and_biases_scanned_or_not(tiny_config, scan):
+  """Scanned layers stack a (layers, d) norm scale: still a vector per layer, no decay;
+  a q/k/v bias is (heads, head_dim): not a matrix either."""
   cfg = _small(tiny_config, 2)
-  cfg.model.scan_layers, cfg.model.num_layers = scan, 2
+  cfg.model.scan_layers, cfg.model.num_layers, cfg.model.qkv_bias = scan, 2, True
   model, _ = build.build_model(cfg)
   params = build.init_params(model, 0)
   mask = optimizer.decay_mask(params)
@@ -191,6 +192,8 @@ def test_weight_decay_skips_norm_scales_with_or_without_scanned_layers(tiny_conf
   assert len(scales) == (3 if scan else 5)
   assert max(p.ndim for p in jax.tree.leaves(params)) == (4 if scan else 3)
   assert not any(flat[k] for k in scales)
+  biases = [k for k in flat if k.endswith("['bias']")]
+  assert len(biases) == (3 if scan else 6) and not any(flat[k] for k in biases)
   assert all(v for k, v in flat.items() if "kernel" in k or "embedding" in k)
 
 

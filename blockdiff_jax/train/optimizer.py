@@ -23,10 +23,13 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 def decay_mask(params):
   """Weight decay on matrices only: norms' scales and biases are left alone.
 
-  A layer's own rank decides: ``model.scan_layers`` stacks layers along a leading axis
-  (``stack_<i>``), which makes a (layers, d) norm scale look like a matrix.
+  Neither rank alone decides: ``model.scan_layers`` stacks layers along a leading axis
+  (``stack_<i>``), which makes a (layers, d) norm scale look like a matrix, and a
+  q/k/v bias is (heads, head_dim).
   """
   def decays(path, p):
+    if getattr(path[-1], "key", None) in ("scale", "bias"):
+      return False
     stacked = any(str(getattr(k, "key", "")).startswith("stack_") for k in path)
     return p.ndim - stacked >= 2
   return jax.tree_util.tree_map_with_path(decays, params)
