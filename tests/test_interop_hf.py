@@ -162,6 +162,8 @@ def test_round_trip_and_export_loads_in_transformers(hf_model, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params2)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert reloaded.config.model_type == kind
+  # The source's context length (128), not a default.
+  assert reloaded.config.max_position_embeddings == model.config.max_position_embeddings == 128
   tokens, valid = prompts()
   np.testing.assert_allclose(hf_logits(reloaded, tokens, valid)[valid],
                              causal_lm.logits(cfg2, params2, tokens, valid)[valid],

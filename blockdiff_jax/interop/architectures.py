@@ -99,6 +99,9 @@ def model_overrides(hf: dict) -> dict[str, Any]:
         "moe.first_dense_layers": first_dense,
     })
   o["_model_type"] = model_type
+  if hf.get("max_position_embeddings"):
+    # Not a field of ours (RoPE has no length limit); kept so export writes it back.
+    o["_max_position_embeddings"] = int(hf["max_position_embeddings"])
   return o
 
 
@@ -137,7 +140,9 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
       "hidden_act": "silu", "rms_norm_eps": o["norm_eps"], "rope_theta": o["rope_theta"],
       "rope_parameters": {"rope_theta": o["rope_theta"], "rope_type": "default"},
       "tie_word_embeddings": o["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
-      "max_position_embeddings": 8192, "torch_dtype": "float32",
+      # The imported model's context length; 8192 for a model trained here (unknown).
+      "max_position_embeddings": o.get("_max_position_embeddings", 8192),
+      "torch_dtype": "float32",
   }
   if model_type == "qwen2":
     hf.update({"use_sliding_window": False, "sliding_window": None})
