@@ -202,3 +202,32 @@ def test_progress_eta_counts_hours_past_a_day():
   progress = metrics_writer.Progress(total=100_000)
   progress.t0 -= 10.0  # One step in ten seconds: 99,999 steps left take 277.8 hours.
   assert "ETA 277:46:" in progress.line(1)
+
+
+def test_throughput_leaves_out_the_first_compiling_step(tiny_config, tmp_path, monkeypatch):
+  """The first call compiles; a slow first step must not show in step_time_s or tokens/s."""
+  import time  # pylint: disable=g-import-not-at-top
+  make = step_lib.make_train_step
+  slow_first_s = 3.0
+
+  def slow_first(*args, **kwargs):
+    inner = make(*args, **kwargs)
+    calls = []
+
+    def train_step(state, batch, rng):
+      if not calls:  # Stands in for a long compile, deterministically.
+        time.sleep(slow_first_s)
+      calls.append(1)
+      return inner(state, batch, rng)
+    return train_step
+
+  monkeypatch.setattr(step_lib, "make_train_step", slow_first)
+  cfg = _small(tiny_config, 4)
+  cfg.train.log_every = cfg.train.checkpoint_every = 4  # One window: steps 1 to 4.
+  workdir = str(tmp_path / "rate")
+  trainer.run(cfg, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  # With the slow step counted, the mean over 4 steps would be at least 3 s / 4.
+  assert rows[-1]["step_time_s"] < slow_first_s / 4, rows[-1]
+  assert rows[-1]["tokens_per_s"] == pytest.approx(
+      cfg.data.batch_size * cfg.data.seq_len / rows[-1]["step_time_s"])

@@ -188,6 +188,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = put_batch(next(data_it))
       state, metrics = train_step(state, batch, base_rng)
       window_steps += 1
+      if step == start:
+        # The first step compiles: keep it out of the throughput figures and the ETA.
+        jax.block_until_ready(metrics)
+        first_step_s = time.time() - window_t0
+        print(f"first step (compile included): {first_step_s:.1f}s", flush=True)
+        window_t0, window_steps = time.time(), 0
+        progress = metrics_writer.Progress(t.steps, start + 1, stream=sys.stdout)
       if pending is not None:
         check_finite(*pending)
       done = step + 1
@@ -200,7 +207,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics = jax.device_get(metrics)
         check_finite(done, metrics)
       if log_due:
-        step_time = (time.time() - window_t0) / window_steps
+        # A window holding only the first step has nothing but that (compiling) step.
+        step_time = ((time.time() - window_t0) / window_steps if window_steps
+                     else first_step_s)
         row = dict(metrics)
         row.update({
             "nelbo_bits_per_byte": float(metrics["nelbo"]) * bits / train_ds.bytes_per_token,
