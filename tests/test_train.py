@@ -231,3 +231,25 @@ def test_throughput_leaves_out_the_first_compiling_step(tiny_config, tmp_path, m
   assert rows[-1]["step_time_s"] < slow_first_s / 4, rows[-1]
   assert rows[-1]["tokens_per_s"] == pytest.approx(
       cfg.data.batch_size * cfg.data.seq_len / rows[-1]["step_time_s"])
+
+
+def test_validation_weighs_batches_by_the_tokens_they_score():
+  """Two batches: mean loss 1.0 over 10 tokens and 3.0 over 30 -> 2.5 per token, not 2.0."""
+  scored = {0: (1.0, 10.0), 1: (3.0, 30.0)}
+
+  class Batches:
+    def get_batch(self, i):
+      return {"i": i}
+
+  def eval_step(params, batch, rng):
+    del params, rng
+    loss, n = scored[batch["i"]]
+    return {"nelbo": jnp.float32(loss), "loss_tokens": jnp.float32(n)}
+
+  val = trainer.evaluate_nelbo(eval_step, None, Batches(), 2, seed=0)
+  assert val["nelbo"] == pytest.approx(2.5)
+  assert val["loss_tokens"] == 40.0
+  # Objectives without a count: equal weights.
+  plain = trainer.evaluate_nelbo(lambda p, b, r: {"nelbo": scored[b["i"]][0]}, None,
+                                 Batches(), 2, seed=0)
+  assert plain["nelbo"] == pytest.approx(2.0)

@@ -19,6 +19,7 @@ from blockdiff_jax.diffusion import autoregressive
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.diffusion import fastdllm
 from blockdiff_jax.diffusion import introspective
+from blockdiff_jax.diffusion import losses
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import flops
@@ -35,16 +36,24 @@ class NonFiniteError(FloatingPointError):
 
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
                    put_batch=lambda b: b) -> dict:
-  """Validation: the training metrics averaged over the first ``num_batches`` batches.
+  """Validation: the training metrics over the first ``num_batches`` batches.
 
-  The noise of batch i is fixed (``seed + i``), so every evaluation scores the same draws.
+  Batches are weighed by the count their loss is a mean over (``losses.LOSS_TOKENS``), as
+  gradient accumulation weighs micro-batches: SFT batches score different numbers of
+  tokens, and a plain mean of their means would weigh a token of a sparse batch more.
+  Objectives that do not report the count get equal weights. The noise of batch i is
+  fixed (``seed + i``), so every evaluation scores the same draws.
   """
-  totals = {}
-  for i in range(num_batches):
-    m = eval_step(params, put_batch(dataset.get_batch(i)), jax.random.key(seed + i))
-    for k, v in m.items():
-      totals[k] = totals.get(k, 0.0) + float(v) / num_batches
-  return totals
+  rows = [jax.device_get(eval_step(params, put_batch(dataset.get_batch(i)),
+                                   jax.random.key(seed + i))) for i in range(num_batches)]
+  weights = [float(m.get(losses.LOSS_TOKENS, 1.0)) for m in rows]
+  total = sum(weights)
+  if total <= 0:  # Nothing scored anywhere: equal weights rather than 0/0.
+    weights, total = [1.0] * len(rows), float(len(rows))
+  out = {k: sum(w * float(m[k]) for w, m in zip(weights, rows)) / total for k in rows[0]}
+  if losses.LOSS_TOKENS in out:  # The count scored, not a weighed mean of it.
+    out[losses.LOSS_TOKENS] = sum(float(m[losses.LOSS_TOKENS]) for m in rows)
+  return out
 
 
 def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
@@ -194,7 +203,6 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         first_step_s = time.time() - window_t0
         print(f"first step (compile included): {first_step_s:.1f}s", flush=True)
         window_t0, window_steps = time.time(), 0
-        progress = metrics_writer.Progress(t.steps, start + 1, stream=sys.stdout)
       if pending is not None:
         check_finite(*pending)
       done = step + 1
@@ -237,6 +245,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Keep evaluation and checkpoint time out of the throughput figures.
         jax.block_until_ready(state)
         window_t0, window_steps = time.time(), 0
+      if step == start:  # The ETA counts from the end of the compiling first step.
+        progress = metrics_writer.Progress(t.steps, done, stream=sys.stdout)
   finally:
     ckpt.close()
     writer.close()
