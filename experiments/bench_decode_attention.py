@@ -236,7 +236,9 @@ def main(argv=None):
   device = str(jax.devices()[0].device_kind)
   rows = bench(args, on_gpu)
   meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
-              backend=jax.default_backend(), jax=jax.__version__, note=note, args=vars(args))
+              backend=jax.default_backend(), jax=jax.__version__, note=note,
+              # Not --out: a machine path; the files themselves say where they are.
+              args={k: v for k, v in vars(args).items() if k != "out"})
   out = pathlib.Path(args.out or RESULTS_DIR / f"bench_decode_attention_{jax.default_backend()}")
   _write(rows, meta, out)
 

@@ -259,7 +259,9 @@ def main(argv=None):
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
               backend=jax.default_backend(), jax=jax.__version__, note=note,
-              args=vars(args))
+              # Not --out: its default is this checkout's absolute path, and the files
+              # themselves say where they are.
+              args={k: v for k, v in vars(args).items() if k != "out"})
   out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, gmm=gmm_rows,
                                                       attention=att_rows), indent=1))
   md = [f"# Kernel benchmark ({device}, jax {jax.__version__})", "", note, "",

@@ -140,7 +140,9 @@ def main(argv=None):
   meta = dict(
       device=jax.devices()[0].device_kind, jax=jax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      args=vars(args),
+      # Not --out: its default is this checkout's absolute path, and the files themselves
+      # say where they are.
+      args={k: v for k, v in vars(args).items() if k != "out"},
       note=(f"One attention layer forward, batch 1, {args.heads} head(s), {args.kv_heads} KV "
             f"head(s), head_dim {args.head_dim}, fp32, clean block-causal sequence. Summary: "
             f"S={args.slots} slots per block, window W={args.window}, block size = the power "

@@ -1,9 +1,10 @@
 r"""Tokens/s and MFU of a config's train step, against the device peak measured in the same run.
 
 The peak is the best of several timed large matmuls in the compute dtype (on a GPU the
-datasheet dense peak when the device is known). Model FLOPs count the vectorized
-[x_t ; x_0] pass as the XLA path computes it (2L tokens through the trunk, dense 2L-key
-attention, the head on L tokens), times 3 for forward + backward.
+datasheet dense peak when the device is known). Model FLOPs are the trainer's count for
+the config's objective (``trainer.objective_step_flops``): for BD3-LM the vectorized [x_t ; x_0] pass as the
+XLA path computes it (2L tokens through the trunk, dense 2L-key attention, the head on L
+tokens), times 3 for forward + backward (2 with ``train.trainable=lora``).
 
   python experiments/train_throughput.py --config=configs/quickstart.py --steps=10
   python experiments/train_throughput.py --config=configs/quickstart.py \
@@ -31,6 +32,7 @@ from blockdiff_jax.train import config as train_config
 from blockdiff_jax.train import hardware
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import step as step_lib
+from blockdiff_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.",
                                           lock_config=False)
@@ -74,7 +76,7 @@ def measure(config, steps: int) -> dict:
   step_s = sorted(times)[len(times) // 2]
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   mcfg = model.cfg
-  step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len)
+  flops_per_step = trainer.objective_step_flops(config, mcfg, obj)
   return {
       "device": jax.devices()[0].device_kind, "platform": platform.platform(),
       "cpu_count": os.cpu_count(), "params": flops.param_counts(mcfg),
@@ -83,9 +85,12 @@ def measure(config, steps: int) -> dict:
       "mesh": mesh, "axis_types": config.mesh.axis_types if mesh else None,
       "compile_s": compile_s, "median_step_s": step_s,
       "tokens_per_s": d.batch_size * d.seq_len / step_s,
-      "model_tflops_per_step": step_flops / 1e12,
-      "achieved_gflops": step_flops / step_s / 1e9,
-      "peak_gflops": peak / 1e9, "peak_source": peak_how, "mfu": step_flops / step_s / peak,
+      "objective": config.diffusion.get("objective", "bd3"),
+      "trainable": config.train.get("trainable", "all"),
+      "model_tflops_per_step": flops_per_step / 1e12,
+      "achieved_gflops": flops_per_step / step_s / 1e9,
+      "peak_gflops": peak / 1e9, "peak_source": peak_how,
+      "mfu": flops_per_step / step_s / peak,
   }
 
 
@@ -103,6 +108,7 @@ def main(argv):
     json.dump(r, f, indent=2)
   rows = [("device", r["device"]), ("moe impl / attention", f"{r['moe_impl']} / "
                                     f"{r['attention_impl']}"),
+          ("objective / trainable", f"{r['objective']} / {r['trainable']}"),
           ("batch x seq_len", f"{r['batch_size']} x {r['seq_len']}"),
           ("mesh", f"{r['mesh']} ({r['axis_types']} axes)" if r["mesh"] else "none"),
           ("median step", f"{r['median_step_s'] * 1e3:.1f} ms"),

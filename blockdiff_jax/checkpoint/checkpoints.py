@@ -185,7 +185,10 @@ class Checkpointer:
 
     steps = [step] if explicit else list(self.manager.all_steps())
     restored_step, result = _restore_newest(self.directory, steps, restore_step, explicit)
-    self._set_aside_newer(restored_step)
+    # Only a fallback proves the newer steps corrupt: an explicit step never tried them,
+    # and moving them aside would throw away healthy checkpoints.
+    if not explicit:
+      self._set_aside_newer(restored_step)
     return result
 
   def _set_aside_newer(self, step: int) -> None:

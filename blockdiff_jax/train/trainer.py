@@ -56,6 +56,31 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
   return out
 
 
+def objective_step_flops(config: ml_collections.ConfigDict, mcfg, obj) -> float:
+  """Model FLOPs of one train step of ``config``: the count MFU divides by.
+
+  The objective decides how many tokens run forward (complementary masks, the I-DLM
+  noisy tokens, one causal stream), and a frozen base (``train.trainable=lora``) skips
+  the weight gradients.
+
+  Args:
+    config: the run's config.
+    mcfg: the model's ``TransformerConfig``.
+    obj: the objective built for ``config`` (``diffusion_config.objective``).
+  """
+  d = config.data
+  frozen = config.train.get("trainable", "all") == "lora"
+  if isinstance(obj, introspective.IntrospectiveObjective):
+    return flops.introspective_step_flops(
+        mcfg, d.batch_size, d.seq_len, (obj.anchors * obj.stride) or d.seq_len,
+        obj.detach_clean, frozen)
+  if isinstance(obj, fastdllm.FastDLLMObjective):
+    return flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary, frozen)
+  if isinstance(obj, autoregressive.AutoregressiveObjective):
+    return flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len, frozen)
+  return flops.train_step_flops(mcfg, d.batch_size, d.seq_len, frozen)
+
+
 def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
   """Refuses a resume whose config changes the data, model or objective of ``workdir``.
 
@@ -153,19 +178,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step, eval_step, put_batch = sharded.train_step, sharded.eval_step, sharded.put_batch
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-  if isinstance(obj, introspective.IntrospectiveObjective):
-    step_flops = flops.introspective_step_flops(
-        mcfg, d.batch_size, d.seq_len, (obj.anchors * obj.stride) or d.seq_len,
-        obj.detach_clean, t.get("trainable", "all") == "lora")
-  elif isinstance(obj, fastdllm.FastDLLMObjective):
-    step_flops = flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary,
-                                           t.get("trainable", "all") == "lora")
-  elif isinstance(obj, autoregressive.AutoregressiveObjective):
-    step_flops = flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len,
-                                                 t.get("trainable", "all") == "lora")
-  else:
-    step_flops = flops.train_step_flops(mcfg, d.batch_size, d.seq_len,
-                                        t.get("trainable", "all") == "lora")
+  step_flops = objective_step_flops(config, mcfg, obj)
   peak, peak_how = hardware.peak_flops(config.model.dtype)
   start = int(state.step)
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
