@@ -93,7 +93,11 @@ def fit_block(block: int, length: int) -> int:
 
 def pack_meta(meta: masks.TokenMeta, length: int) -> Array:
   """Packs metadata into int32 [B, 5, length]; padded tokens get segment -1."""
-  fields = [jnp.asarray(x).astype(jnp.int32) for x in dataclasses.astuple(meta)]
+  # Fields may broadcast against each other (``mask_fn`` allows it, e.g. one row
+  # of segment ids for a batch); stacking needs them at the full shape.
+  shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in dataclasses.astuple(meta)))
+  fields = [jnp.broadcast_to(jnp.asarray(x).astype(jnp.int32), shape)
+            for x in dataclasses.astuple(meta)]
   return pack_meta_pad(jnp.stack(fields, axis=1), length)
 
 

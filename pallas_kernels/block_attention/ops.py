@@ -1,5 +1,6 @@
 """Public block-attention op: flash attention with a metadata-derived mask."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 from blockdiff_jax import masks
 from pallas_kernels import backend
 from pallas_kernels.block_attention import kernel
+from pallas_kernels.block_attention import reference
 from pallas_kernels import manual_axes
 
 Array = Any
@@ -34,10 +36,14 @@ def _validate(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                      f"{v.dtype}")
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"block_attention: unsupported dtype {q.dtype}")
-  if q_meta.shape != q.shape[:2]:
-    raise ValueError(f"block_attention: q_meta shape {q_meta.shape} != {q.shape[:2]}")
-  if kv_meta.shape != k.shape[:2]:
-    raise ValueError(f"block_attention: kv_meta shape {kv_meta.shape} != {k.shape[:2]}")
+  for name, meta, want in (("q_meta", q_meta, q.shape[:2]), ("kv_meta", kv_meta, k.shape[:2])):
+    shapes = [jnp.shape(x) for x in dataclasses.astuple(meta)]
+    try:
+      shape = jnp.broadcast_shapes(*shapes)
+    except ValueError:
+      raise ValueError(f"block_attention: {name} fields do not broadcast: {shapes}") from None
+    if shape != want:
+      raise ValueError(f"block_attention: {name} shape {shape} != {want}")
 
 
 def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
@@ -68,6 +74,10 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     [B, Tq, H, D] in q's dtype. Differentiable in q, k, v.
   """
   _validate(q, k, v, q_meta, kv_meta)
+  if 0 in q.shape or 0 in k.shape:
+    # Nothing to tile (a query with no key outputs zeros); the plain reference
+    # is exact here and differentiable, where the tiling would not start.
+    return reference.masked_attention(q, k, v, q_meta, kv_meta, spec, scale)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   qm = kernel.pack_meta(q_meta, q.shape[1])
   km = kernel.pack_meta(kv_meta, k.shape[1])

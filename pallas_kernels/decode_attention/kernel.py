@@ -30,12 +30,13 @@ import functools
 import math
 from typing import Any
 
-import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import manual_axes
 
 Array = Any
 
@@ -197,6 +198,8 @@ def split_forward(q: Array, q_pos: Array, k: Array, v: Array, kv_pos: Array,
   kernel = functools.partial(_split_kernel, scale=scale, block_k=layout.block_k, chunk=chunk,
                              block_size=block_size)
   stat = pl.BlockSpec((None, None, None, block_m), lambda i, h, r, s: (i, h, s, r))
+  operands = manual_axes.align(kv_lengths, q, q_pos, k, v, kv_pos)
+  q = operands[1]
   num_warps = block_sizes.num_warps or (4 if d <= 64 else 8)
   return pl.pallas_call(
       kernel,
@@ -214,14 +217,16 @@ def split_forward(q: Array, q_pos: Array, k: Array, v: Array, kv_pos: Array,
           stat,
           stat,
       ],
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)],
+      # Inside shard_map (varying-axes checks on) every output must say which
+      # mesh axes it varies over: the union of the operands', after ``align``.
+      out_shape=[manual_axes.out_struct((b, hkv, splits, rows, d), jnp.float32, q),
+                 manual_axes.out_struct((b, hkv, splits, rows), jnp.float32, q),
+                 manual_axes.out_struct((b, hkv, splits, rows), jnp.float32, q)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="decode_attention_split",
-  )(kv_lengths, q, q_pos, k, v, kv_pos)
+  )(*operands)
 
 
 def combine(o: Array, m: Array, l: Array) -> Array:

@@ -10,9 +10,9 @@ arrays (positions, cache lengths) and a static block size.
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backend
 from pallas_kernels.decode_attention import kernel
 
 Array = Any
@@ -22,8 +22,12 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def default_interpret() -> bool:
-  """The Pallas interpreter everywhere but on a GPU (the kernel targets Triton)."""
-  return jax.default_backend() != "gpu"
+  """Whether the default backend runs the kernel in the Pallas interpreter.
+
+  ``decode_attention(interpret=None)`` does not ask this at trace time: it picks
+  per platform when the program is lowered (``backend.call``).
+  """
+  return backend.resolve_interpret(None)
 
 
 def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> None:
@@ -106,16 +110,19 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
     block_size: positions per visibility block (static).
     scale: logit scale; defaults to D ** -0.5.
     block_sizes: tiles, number of splits and launch options.
-    interpret: run the Pallas interpreter; None = on every backend but GPU.
+    interpret: run the Pallas interpreter; None = on every platform but a GPU,
+      chosen when the program is lowered.
 
   Returns:
     [B, Tq, H, D] in q's dtype. Forward only (no VJP).
   """
   _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size)
-  if interpret is None:
-    interpret = default_interpret()
   b, tq, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
+  if not (tq and s and d):
+    # No query, no slot (every query sees nothing: zeros) or no feature: nothing
+    # for a kernel to do, and the split layout of zero slots would divide by 0.
+    return jnp.zeros(q.shape, q.dtype)
   groups = h // hkv
   scale = d ** -0.5 if scale is None else float(scale)
   if q_positions is None:
@@ -142,9 +149,12 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   kv_pos = _pad_to(jnp.asarray(kv_positions, jnp.int32), s_pad, 1, value=-1)
   lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, s)[:, None]
 
-  o, m, l = kernel.split_forward(qr, q_pos, kp, vp, kv_pos, lengths, layout=layout,
-                                 scale=scale, block_m=block_m, block_size=block_size,
-                                 block_sizes=block_sizes, interpret=interpret)
+  # interpret=None is decided per platform at lowering, not by the default
+  # backend at trace time: a program exported or compiled for a GPU from a CPU
+  # host then holds the Triton kernel, not the interpreter.
+  o, m, l = backend.call(kernel.split_forward, interpret, qr, q_pos, kp, vp, kv_pos,
+                         lengths, layout=layout, scale=scale, block_m=block_m,
+                         block_size=block_size, block_sizes=block_sizes)
   out = kernel.combine(o, m, l)[:, :, :rows, :d]  # [B, Hkv, Tq * G, D]
   out = out.reshape(b, hkv, tq, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
   return out.astype(q.dtype)

@@ -35,7 +35,8 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   qg = q.astype(jnp.float32).reshape(b, tq, hkv, h // hkv, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * scale
   logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
+  # ``initial``: an empty cache (S = 0) has no maximum; its queries output zeros.
+  peak = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
   peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
   p = jnp.exp(logits - peak)
   denom = jnp.sum(p, axis=-1, keepdims=True)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import backend
 from pallas_kernels.gmm import kernel
+from pallas_kernels.gmm import reference
 from pallas_kernels import manual_axes
 
 Array = Any
@@ -59,6 +60,10 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
   """
   _validate(lhs, rhs, group_sizes)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  if 0 in lhs.shape or 0 in rhs.shape:
+    # No row, no contraction or no column: the tiling divides by these, and
+    # ragged_dot's exact (empty or all-zero) answer costs nothing.
+    return reference.gmm_reference(lhs, rhs, group_sizes, out_dtype)
   # Inside shard_map the operands are cast to one set of varying mesh axes here,
   # outside the custom VJP, so autodiff supplies the psum that transposes the cast.
   lhs, rhs, group_sizes = manual_axes.align(lhs, rhs, group_sizes.astype(jnp.int32))
@@ -118,5 +123,8 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
     raise ValueError(f"tgmm: group_sizes must be [G >= 1], got shape {group_sizes.shape}")
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  if 0 in lhs.shape or 0 in dout.shape:
+    # Nothing for the kernel to tile (it would divide by the empty dimension).
+    return reference.tgmm_reference(lhs, dout, group_sizes, out_dtype)
   return backend.call(kernel.tgmm_call, interpret, lhs, dout, group_sizes.astype(jnp.int32),
                       block_sizes=block_sizes, out_dtype=out_dtype)
