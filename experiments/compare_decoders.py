@@ -107,6 +107,79 @@ def agreement(rows, ref_rows, tok):
   return hits / max(total, 1), exact / len(rows)
 
 
+def one_line(error: str) -> str:
+  """``error`` fit for a Markdown table cell: its first line, pipes escaped (XLA's
+  messages run over many lines)."""
+  return (error.splitlines() or [""])[0].replace("|", "\\|")
+
+
+def baseline_error(results) -> str | None:
+  """Why the AR baseline has no numbers (None when it ran)."""
+  ar = next((r for r in results if r["decoder"] == "ar"), None)
+  if ar is None:
+    return "not in the decoder list"
+  return ar.get("error")
+
+
+def run_all(model, params, tok, config, prompts, table, max_new, max_len, block_size):
+  """Runs every decoder of ``table``; one result dict per decoder, in order.
+
+  A decoder that raises gets ``{"decoder", "error"}`` and the others still run: one bad
+  decoder never stops the table. Quality (agreement) and ``speedup_vs_ar`` are measured
+  against the decoder named ``ar`` only; when it failed they are None, never computed
+  against whichever decoder happened to run first.
+  """
+  results, ref = [], None
+  for name, fields, all_tokens in table:
+    t0 = time.perf_counter()
+    try:
+      rows, wall = run_decoder(ungated(model) if all_tokens else model, params, tok,
+                               config, prompts, fields, max_new, max_len, block_size)
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure (a policy the model lacks, an XLA error) is recorded in the table.
+      error = f"{type(e).__name__}: {e}"
+      print(f"{name}: not run ({error})", file=sys.stderr)
+      results.append({"decoder": name, "error": error})
+      continue
+    gen = sum(r["generated_tokens"] for r in rows)
+    nfe = sum(r["nfe"] for r in rows)
+    r = {"decoder": name, "generated_tokens": gen, "nfe": nfe, "tpf": gen / max(nfe, 1),
+         "tokens_per_s": gen / wall if wall > 0 else float("nan"), "wall_s": wall,
+         "token_accuracy": None, "exact_match": None, "speedup_vs_ar": None,
+         "total_s": time.perf_counter() - t0, "completions": [x["completion"] for x in rows]}
+    if name == "ar":
+      ref = (rows, r["tokens_per_s"])
+    if ref is not None:
+      r["token_accuracy"], r["exact_match"] = agreement(rows, ref[0], tok)
+      r["speedup_vs_ar"] = r["tokens_per_s"] / ref[1]
+    results.append(r)
+    quality = ("no AR baseline" if ref is None else
+               f"token acc {r['token_accuracy']:.3f}  exact {r['exact_match']:.2f}")
+    print(f"{name:>14}: TPF {r['tpf']:.2f}  {r['tokens_per_s']:7.1f} tok/s  {quality}",
+          flush=True)
+  return results
+
+
+def plot(results, path: str) -> None:
+  """Token agreement against speed-up, one point per decoder (skipped without matplotlib)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.scatter([r["speedup_vs_ar"] for r in results], [r["token_accuracy"] for r in results])
+  for r in results:
+    ax.annotate(r["decoder"], (r["speedup_vs_ar"], r["token_accuracy"]), fontsize=8)
+  ax.set_xlabel("speed-up vs AR (tokens/s, batch 1)")
+  ax.set_ylabel("token agreement with AR")
+  ax.set_title("quality against speed-up")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2.py"))
@@ -128,71 +201,45 @@ def main():
   block_size = config.diffusion.block_size
   if config.diffusion.get("objective", "bd3") == "introspective":
     block_size = 32  # The objective has no blocks; the block decoders use Fast-dLLM v2's.
-  results = []
   with inference.inference_context(config):
-    ref_rows = None
-    for name, fields, all_tokens in decoders(strides, token_shift, is_gated(model), block_size):
-      t0 = time.perf_counter()
-      try:
-        rows, wall = run_decoder(ungated(model) if all_tokens else model, params, tok,
-                                 config, prompts, fields, max_new, max_len, block_size)
-      except (NotImplementedError, ValueError) as e:  # One decoder never stops the table.
-        print(f"{name}: not run ({e})", file=sys.stderr)
-        results.append({"decoder": name, "error": str(e)})
-        continue
-      ref_rows = rows if ref_rows is None else ref_rows
-      gen = sum(r["generated_tokens"] for r in rows)
-      nfe = sum(r["nfe"] for r in rows)
-      acc, exact = agreement(rows, ref_rows, tok)
-      results.append({"decoder": name, "generated_tokens": gen, "nfe": nfe, "tpf": gen / nfe,
-                      "tokens_per_s": gen / wall, "wall_s": wall, "token_accuracy": acc,
-                      "exact_match": exact, "total_s": time.perf_counter() - t0,
-                      "completions": [r["completion"] for r in rows]})
-      print(f"{name:>14}: TPF {gen / nfe:.2f}  {gen / wall:7.1f} tok/s  token acc {acc:.3f}  "
-            f"exact {exact:.2f}", flush=True)
-  base = next(r for r in results if r["decoder"] == "ar")
-  for r in results:
-    if "tokens_per_s" in r:
-      r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"]
+    results = run_all(model, params, tok, config, prompts, decoders(
+        strides, token_shift, is_gated(model), block_size), max_new, max_len, block_size)
+  ar_error = baseline_error(results)
   meta = {"config": os.path.relpath(args.config), "workdir": os.path.relpath(args.workdir), "prompts": len(prompts),
           "max_new_tokens": max_new, "batch": 1, "jax": jax.__version__,
           "device": jax.devices()[0].device_kind, "machine": platform.machine(),
           "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=2)
+    json.dump({"meta": meta, "ar_error": ar_error, "results": results}, f, indent=2)
   lines = [f"# Decoders on one model ({os.path.basename(args.config)}, batch 1)", "",
            f"`{meta['command']}` on {meta['device']} ({meta['cpus']} CPUs), jax "
            f"{meta['jax']}; {len(prompts)} prompts, up to {max_new} new tokens each; "
-           "quality = agreement with AR's greedy text.", "",
-           "| decoder | TPF | tokens/s | speed-up vs AR | token accuracy | exact match |",
-           "|---|---|---|---|---|---|"]
+           "quality = agreement with AR's greedy text.", ""]
+  if ar_error:
+    lines += [f"**The AR baseline failed ({one_line(ar_error)}): no quality or speed-up against AR "
+              "is reported.**", ""]
+  lines += ["| decoder | TPF | tokens/s | speed-up vs AR | token accuracy | exact match |",
+            "|---|---|---|---|---|---|"]
   for r in results:
     if "error" in r:
-      lines.append(f"| {r['decoder']} | not run: {r['error']} | | | | |")
+      lines.append(f"| {r['decoder']} | not run: {one_line(r['error'])} | | | | |")
     else:
+      # No AR baseline: "-" rather than a number measured against another decoder.
+      fmt = lambda v, f, unit="": "-" if v is None else format(v, f) + unit
       lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.1f} | "
-                   f"{r['speedup_vs_ar']:.2f}x | {r['token_accuracy']:.3f} | "
-                   f"{r['exact_match']:.2f} |")
+                   f"{fmt(r['speedup_vs_ar'], '.2f', 'x')} | "
+                   f"{fmt(r['token_accuracy'], '.3f')} | {fmt(r['exact_match'], '.2f')} |")
   with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    ok = [r for r in results if "error" not in r]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter([r["speedup_vs_ar"] for r in ok], [r["token_accuracy"] for r in ok])
-    for r in ok:
-      ax.annotate(r["decoder"], (r["speedup_vs_ar"], r["token_accuracy"]), fontsize=8)
-    ax.set_xlabel("speed-up vs AR (tokens/s, batch 1)")
-    ax.set_ylabel("token agreement with AR")
-    ax.set_title("quality against speed-up")
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=110)
-  except ImportError:
-    pass
+  ok = [r for r in results if r.get("speedup_vs_ar") is not None]
+  if ok:  # Without the AR baseline there is nothing to place on these axes.
+    plot(ok, args.out + ".png")
   print("\n".join(lines))
+  if ar_error:
+    # Written out, but not a finished comparison: say so in the exit status too.
+    raise SystemExit(f"the AR baseline failed ({ar_error}); the table has no "
+                     "quality or speed-up against AR")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@ r"""The decoder before and after a refactor: identical tokens and NFE for every 
 
 Decodes a fixed batch of synthetic-task prompts (mixed prompt lengths) with every policy
 and decoder feature (threshold, factor, topk, entropy, margin, l2r, ar, sub-blocks,
-editing, step caps, sampling, EOS early exit on and off, infilling) on a trained
-configs/synthetic.py model, and saves tokens, NFE and steps per row. With ``--baseline``
+editing, step caps, sampling, EOS early exit on and off, infilling) on a trained model
+(``--config``, configs/synthetic.py by default, trained into ``--workdir`` unless it
+already holds a run, whose own config then applies), and saves tokens, NFE and steps per
+row; the results name the config. With ``--baseline``
 it compares against a saved run: tokens must be identical everywhere; NFE must be
 identical except on the sub-block cases, where rows no longer wait in lockstep and NFE
 may only drop (both are reported).
@@ -159,11 +161,37 @@ def _ok(row: dict) -> bool:
   return row["tokens_identical"] and row["nfe_identical"] and row["steps_identical"]
 
 
+def _shown_path(path: str) -> str:
+  """``path`` relative to the repository when inside it (no machine path in results)."""
+  rel = os.path.relpath(os.path.abspath(path), _ROOT)
+  return path if rel.startswith(os.pardir) else rel
+
+
+def model_label(config_path: str, workdir: str, steps: int, trained_here: bool,
+                backend: str) -> str:
+  """How the results name the decoded model: the config it was really trained with.
+
+  ``--config`` only trains a workdir that has no checkpoint; an already trained workdir
+  is loaded with its own saved config, whatever ``--config`` says.
+
+  Args:
+    config_path: ``--config``.
+    workdir: ``--workdir``.
+    steps: the loaded config's ``train.steps``.
+    trained_here: whether this invocation trained the workdir (from ``--config``).
+    backend: the JAX backend it trained on.
+  """
+  if trained_here:
+    return f"{_shown_path(config_path)} trained {steps} steps here on {backend}"
+  return (f"the run in {_shown_path(workdir)} (its saved config.json; --config unused), "
+          f"trained {steps} steps")
+
+
 def _write_md(table, meta, path):
   lines = ["# Decoder equivalence: before vs after the refactor", "",
            f"{meta['n_prompts']} synthetic validation prompts (mixed prompt lengths), "
            f"canvas width {WIDTH}, block {meta['block_size']}, up to {MAX_NEW} new tokens, "
-           f"model: configs/synthetic.py trained {meta['train_steps']} steps on CPU. "
+           f"model: {meta.get('model', 'not recorded')}. "
            "NFE summed over rows; forwards = sequential forwards of the batch. Sub-block "
            "cases: tokens must be identical, NFE may drop (no lockstep). Wall time: median "
            "of 3 warm calls of the whole batch (a shared CPU: a rough guide only).", "",
@@ -194,7 +222,8 @@ def main():
   ap.add_argument("--out", default=_OUT)
   args = ap.parse_args()
 
-  if not os.path.exists(os.path.join(args.workdir, "checkpoints")):
+  trained_here = not os.path.exists(os.path.join(args.workdir, "checkpoints"))
+  if trained_here:
     config = _load_config(args.config)
     config.train.steps, config.train.eval_every = args.steps, 0
     config.train.checkpoint_every = args.steps
@@ -205,7 +234,10 @@ def main():
   block = config.diffusion.block_size
   gen, fill = _canvases(config, tok)
   run = {"train_steps": int(config.train.steps), "n_prompts": N_PROMPTS,
-         "block_size": block, "cases": {}}
+         "block_size": block,
+         "model": model_label(args.config, args.workdir, int(config.train.steps),
+                              trained_here, jax.default_backend()),
+         "cases": {}}
   t0 = time.time()
   for k, (name, overrides, runner) in enumerate(CASES):
     run["cases"][name] = _run_case(model, params, tok, block, gen, fill, overrides, runner,

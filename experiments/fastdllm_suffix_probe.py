@@ -30,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import checkpoints
@@ -46,6 +47,56 @@ def heldout_answers(config, workdir: str, n: int) -> list[tuple[str, str]]:
   recs = sft.load_records("distilled", "validation", config.data.validation_fraction, n,
                           workdir=workdir)
   return [(r[0], r[1]) for r in recs]
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps of ``workdir``'s run, newest first (none: [])."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not checkpoints.has_checkpoint(directory):
+    return []
+  # Orbax's own listing: it leaves out unfinished (temporary) step folders, as the
+  # restore does, which a plain listing of the folder names would count.
+  manager = ocp.CheckpointManager(directory,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return sorted(manager.all_steps(), reverse=True)
+  finally:
+    manager.close()
+
+
+def load_newest(workdir: str, config, step: int | None):
+  """(step loaded, ``load_for_inference``'s 4-tuple): the step the params really are.
+
+  ``load_for_inference`` with no step falls back to an older step when the newest does
+  not restore, without saying which it took; asking for each step explicitly, newest
+  first, keeps that fallback and learns the step.
+
+  Args:
+    workdir: the run.
+    config: its config (passed on to ``load_for_inference``).
+    step: the step to load (no fallback), or None for the newest that restores.
+
+  Returns:
+    (step, (config, model, tokenizer, params)); step is None when the run has no
+    checkpoint and ``load_for_inference`` gave the config's starting weights.
+
+  Raises:
+    checkpoints.CorruptCheckpointError: when no step restores (every step's reason).
+  """
+  if step is not None:
+    return step, inference.load_for_inference(workdir, config, step=step)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    return None, inference.load_for_inference(workdir, config)
+  failures = []
+  for s in steps:
+    try:
+      return s, inference.load_for_inference(workdir, config, step=s)
+    except checkpoints.CorruptCheckpointError as e:  # Incompatible shapes still raise.
+      failures.append(f"step {s}: {e}")
+      print(f"{e}; trying an older one", flush=True)
+  raise checkpoints.CorruptCheckpointError(f"no checkpoint in {workdir} restores: " +
+                                           "; ".join(failures))
 
 
 def build_rows(tok, pairs, keeps, span: int, width: int, block: int):
@@ -85,8 +136,8 @@ def main():
   args = ap.parse_args()
   t0 = time.time()
   config = checkpoints.load_config(args.workdir)
-  config, model, tok, params = inference.load_for_inference(
-      args.workdir, config, step=None if args.step < 0 else args.step)
+  step, (config, model, tok, params) = load_newest(
+      args.workdir, config, None if args.step < 0 else args.step)
   block = config.diffusion.block_size
   width = config.data.seq_len
   pairs = heldout_answers(config, args.workdir, args.prompts)
@@ -132,16 +183,16 @@ def main():
   result = {"command": " ".join(["python", "experiments/fastdllm_suffix_probe.py"] + sys.argv[1:]),
             "device": f"{jax.devices()[0].platform} ({os.cpu_count()} CPUs, {platform.machine()})",
             "jax": jax.__version__, "seconds": time.time() - t0, "args": vars(args),
-            "step": args.step if args.step >= 0 else max(
-                int(n) for n in os.listdir(os.path.join(args.workdir, "checkpoints"))
-                if n.isdigit()),
+            "step": step,  # The one loaded: the newest may not have restored.
             "summary": summary, "rows": meta}
   out = os.path.join(_HERE, "results", "fastdllm_suffix_probe" + (f"_{args.tag}" if args.tag else ""))
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
+  step_text = (f"checkpoint step {step}" if step is not None
+               else "no checkpoint (the config's starting weights)")
   lines = ["# Next-token prediction with the block tail MASK vs a short masked span",
            "", f"`{result['command']}` on {result['device']}, jax {result['jax']}, "
-           f"{result['seconds']:.0f} s; checkpoint step {result['step']}; {len(pairs)} held-out "
+           f"{result['seconds']:.0f} s; {step_text}; {len(pairs)} held-out "
            f"questions, committed lengths k = {args.keeps}, span {args.span}.", "",
            "| context | rows | = reference | repeats token k-1 | causal (AR) = reference |",
            "|---|---|---|---|---|"]

