@@ -101,6 +101,11 @@ def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOption
     run = canvas.maskable[i, prompt_len[i]:canvas.length[i]]
     if not run.all() or canvas.maskable[i, canvas.length[i]:].any() or not run.size:
       raise ValueError(f"row {i}: AR decoding needs one contiguous span after the prompt")
+    if options.token_shift and not prompt_len[i]:
+      # The first token would be read from the logits of slot -1, i.e. of some other slot.
+      raise ValueError(f"row {i}: a token-shifted model predicts token i from the output at "
+                       "i-1, so the prompt cannot be empty (start it with a token such as "
+                       "<|bos|>)")
   key = _Key(logits_lib.as_logits_fn(model), options, int(prompt_len.max()))
   fn = JIT_CACHE.get(key, lambda k: jax.jit(
       lambda *a: _decode_ar(k.logits_fn, k.options, k.prompt_max, *a)))
@@ -149,6 +154,7 @@ def init(logits_fn, opt: layout.DecodeOptions, pmax: int, params, tokens, prompt
     tokens: [B, S] canvas; prompt_len, length: [B].
     rng: sampling key.
   """
+  logits_lib.check_no_summary_tokens(logits_fn, "AR")
   b, s = tokens.shape
   bk = opt.block_size
   slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))

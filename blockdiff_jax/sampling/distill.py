@@ -90,8 +90,13 @@ def questions(source: str, limit: int) -> list[str]:
 
 def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
                    max_new_tokens: int, max_len: int, batch_size: int,
-                   token_shift: bool = True, log=sys.stdout) -> list[tuple[str, str, bool]]:
+                   token_shift: bool = True, log=sys.stdout,
+                   block_size: int = 1) -> list[tuple[str, str, bool]]:
   """(question, greedy answer, it ended with EOS) for every question that fits ``max_len``.
+
+  ``block_size`` is the model's diffusion block size: without ``token_shift`` the AR
+  decoder gives the prompt its trained block-causal attention with it (with the shift
+  every token is its own block and it is not used).
 
   Every batch has the same shape and the same longest prompt (its last row is always
   the longest question, and short batches are padded with repeats), so the AR decoder
@@ -106,7 +111,7 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
     raise ValueError(f"no question fits distill.max_len={max_len} with "
                      f"distill.max_new_tokens={max_new_tokens}")
   longest = heads[max(keep, key=lambda i: len(heads[i]))]
-  options = layout.DecodeOptions(block_size=1, mask_id=tokenizer.mask_id,
+  options = layout.DecodeOptions(block_size=block_size, mask_id=tokenizer.mask_id,
                                  eos_id=tokenizer.eos_id, token_shift=token_shift)
   pairs, t0, done = [], time.time(), 0
   per_batch = batch_size - 1
@@ -139,7 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   t0 = time.time()
   with inference.inference_context(config):
     pairs = greedy_answers(model, params, tokenizer, prompts, d.max_new_tokens, d.max_len,
-                           d.batch_size, config.diffusion.get("token_shift", False))
+                           d.batch_size, config.diffusion.get("token_shift", False),
+                           block_size=config.diffusion.block_size)
   path = os.path.join(workdir, ANSWERS)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"

@@ -140,6 +140,11 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
     run = canvas.maskable[i, prompt_len[i]:canvas.length[i]]
     if not run.all() or canvas.maskable[i, canvas.length[i]:].any() or not run.size:
       raise ValueError(f"row {i}: ISD needs one contiguous span after the prompt")
+    if not prompt_len[i]:
+      # The first token would be read from the logits of slot -1, i.e. of some other slot.
+      raise ValueError(f"row {i}: ISD's token-shifted model predicts token i from the output "
+                       "at i-1, so the prompt cannot be empty (start it with a token such as "
+                       "<|bos|>)")
   b, s = tokens.shape
   # Slack for the last forward's slots, which may run past a row's end.
   width = s + 2 * stride
@@ -163,11 +168,22 @@ def _probs(opt: layout.DecodeOptions, logits: Array) -> Array:
   return jax.nn.softmax(opt.sampling.filter_logits(logits), axis=-1)
 
 
-def _draw(opt: layout.DecodeOptions, probs: Array, key: Array) -> Array:
+def _greedy(opt: layout.DecodeOptions, logits: Array) -> Array:
+  """The greedy token of logits (MASK excluded), taken as AR's proposal takes it.
+
+  The argmax of the logits, not of their softmax: softmax rounds two logits closer than
+  about 3e-8 to the same probability, whose argmax is then the lower id, so greedy ISD
+  would part from greedy AR.
+  """
+  return jnp.argmax(logits.at[..., opt.mask_id].set(_NEG), axis=-1).astype(jnp.int32)
+
+
+def _draw(opt: layout.DecodeOptions, probs: Array, logits: Array, key: Array) -> Array:
+  """A token drawn from ``probs`` (sampling), or the greedy token of ``logits``."""
   if opt.sampling.temperature > 0:
     return keys.per_row(lambda k, p: jax.random.categorical(
         k, jnp.log(jnp.maximum(p, 1e-38)), axis=-1).astype(jnp.int32), key, probs)
-  return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  return _greedy(opt, logits)
 
 
 def _causal_meta(pos: Array, valid: Array) -> masks.TokenMeta:
@@ -195,6 +211,7 @@ def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens
     tokens: [B, W] canvas (with ``2n`` slots of slack); prompt_len, length: [B].
     rng: sampling key.
   """
+  logits_lib.check_no_summary_tokens(logits_fn, "ISD")
   b, w = tokens.shape
   greedy = opt.sampling.temperature == 0
   slot = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
@@ -215,8 +232,8 @@ def init(logits_fn, opt: layout.DecodeOptions, n: int, pmax: int, params, tokens
   cache = cache.prefill(k, v, ppos < prompt_len[:, None])
   probs = _probs(opt, logits)
   key0 = keys.step_key(rng, 0, jnp.zeros((b,), jnp.int32))
-  first = _draw(opt, probs[:, 0], keys.fold(key0, 0))
-  drafts = _draw(opt, probs[:, 1:], keys.fold(key0, 1))
+  first = _draw(opt, probs[:, 0], logits[:, 0], keys.fold(key0, 0))
+  drafts = _draw(opt, probs[:, 1:], logits[:, 1:], keys.fold(key0, 1))
   tokens = tokens.at[rows, prompt_len].set(first)
   done = (first == opt.eos_id) if opt.stop_at_eos else jnp.zeros((b,), bool)
   done = done | (prompt_len + 1 >= length)
@@ -266,7 +283,7 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
   # Verify drafts 1..N-1 left to right.
   p_draft = jnp.take_along_axis(p[:, :n - 1], st.drafts[:, :, None], axis=-1)[..., 0]
   if greedy:
-    ok = st.drafts == jnp.argmax(p[:, :n - 1], axis=-1)
+    ok = st.drafts == _greedy(opt, logits[:, :n - 1])
   else:
     q_draft = jnp.take_along_axis(st.draft_probs, st.drafts[:, :, None], axis=-1)[..., 0]
     u = keys.uniform(keys.fold(key, 0), (b, n - 1))
@@ -276,6 +293,7 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
 
   # The token after the accepted drafts: p_{a+1}, or the residual after a rejection.
   p_next = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
+  logits_next = jnp.take_along_axis(logits, a[:, None, None], axis=1)[:, 0]
   if not greedy:
     rejected = st.warm & (a < n - 1)
     q_next = jnp.take_along_axis(st.draft_probs, jnp.minimum(a, n - 2)[:, None, None],
@@ -283,7 +301,7 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
     resid = jnp.maximum(p_next - q_next, 0.0)
     resid = resid / jnp.maximum(jnp.sum(resid, -1, keepdims=True), 1e-30)
     p_next = jnp.where(rejected[:, None], resid, p_next)
-  nxt = _draw(opt, p_next, keys.fold(key, 1))
+  nxt = _draw(opt, p_next, logits_next, keys.fold(key, 1))
 
   # Emitted tokens e_0..e_a at positions pos+1..pos+a+1, cut after an EOS and at the end.
   j = jnp.arange(n, dtype=jnp.int32)[None]
@@ -311,7 +329,8 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
   src = jnp.where(from_mask[:, None], jnp.arange(n, 2 * n - 1)[None],
                   jnp.arange(1, n)[None])
   q_new = jnp.take_along_axis(p, src[:, :, None], axis=1)
-  new_drafts = _draw(opt, q_new, keys.fold(key, 2))
+  new_drafts = _draw(opt, q_new, jnp.take_along_axis(logits, src[:, :, None], axis=1),
+                     keys.fold(key, 2))
   ended = (first_eos <= a) | (pos + 1 + a + 1 >= length)
   return st.replace(
       tokens=tokens, pos=jnp.where(active, pos + a + 1, st.pos),

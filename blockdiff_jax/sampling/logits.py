@@ -78,6 +78,21 @@ def from_model(model: Any) -> ModelLogits:
   return ModelLogits(model)
 
 
+def check_no_summary_tokens(logits_fn: Any, decoder: str) -> None:
+  """Refuses a summary-token model in a decoder that gives every token its own block.
+
+  AR and ISD give each generated token a block of its own (block id = position), while
+  a summary model's window counts blocks (``window_blocks``): a token would then see the
+  full K/V of only the last few *tokens*, and nothing older, since these decoders keep no
+  summary slots -- the prompt drops out of the model's view without an error.
+  """
+  su = getattr(logits_fn, "summary", None)
+  if su is not None and getattr(su, "num_slots", 1):
+    raise ValueError(f"{decoder} decoding gives every token its own block, so a model with "
+                     "summary tokens (model.summary.num_slots > 0) would not see its prompt; "
+                     "decode it with the block decoder")
+
+
 def as_logits_fn(model_or_fn: Any) -> Any:
   """A logits function as is; a model (it has ``apply`` and ``cfg``) through ``from_model``."""
   if hasattr(model_or_fn, "kv_spec"):

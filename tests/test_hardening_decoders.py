@@ -1,0 +1,162 @@
+"""Hardening of the AR and ISD decoders (and the distill data they make): each test pins a
+case where a decoder's output parted from an independent slow reference, or where an input
+the decoder cannot serve gave silent garbage instead of an error."""
+
+import dataclasses
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_model_config
+from blockdiff_jax import masks
+from blockdiff_jax.data import sft
+from blockdiff_jax.model import build
+from blockdiff_jax.sampling import ar
+from blockdiff_jax.sampling import distill
+from blockdiff_jax.sampling import isd
+from blockdiff_jax.sampling import kv_cache
+from blockdiff_jax.sampling import layout
+
+EOS, MASK, VOCAB = 10, 11, 12
+
+
+@dataclasses.dataclass(frozen=True)
+class BigramLM:
+  """A token-shifted causal LM whose logits depend only on the last real token seen.
+
+  At a real token t the logits are ``params["table"][t]``; at a MASK they are those of the
+  last real token before it, so MASK slots draft what the bigram would say next.
+  """
+
+  kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
+    kv = jnp.stack([tokens, tokens != MASK], -1).astype(jnp.float32)  # [B, T, 2]
+    keys, key_meta = kv, meta
+    if cache is not None:
+      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
+      key_meta = cache["meta"].concat(meta)
+    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
+    last = jnp.argmax(jnp.where(usable, key_meta.positions[:, None, :], -1), axis=-1)
+    logits = params["table"][jnp.take_along_axis(keys[..., 0], last, 1).astype(jnp.int32)]
+    if logits_slice is not None:
+      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
+    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
+
+
+def _near_tie_table():
+  """After t the best two next tokens are one float32 ulp apart, the larger at the higher id."""
+  table = np.full((VOCAB, VOCAB), -5.0, np.float32)
+  lo = np.float32(0.1)
+  hi = np.nextafter(lo, np.float32(1.0))  # exp(lo - hi) rounds to 1: equal probabilities.
+  for t in range(VOCAB):
+    a, b = sorted([(t + 1) % 10, (t + 3) % 10])
+    table[t, a], table[t, b] = lo, hi
+  return table
+
+
+def _options(**kw):
+  return layout.DecodeOptions(**{"block_size": 1, "mask_id": MASK, "eos_id": EOS,
+                                 "token_shift": True, **kw})
+
+
+@pytest.mark.parametrize("stride", [2, 3, 5])
+def test_greedy_isd_equals_greedy_ar_when_the_top_logits_nearly_tie(stride):
+  """Greedy is the argmax of the logits; ISD took it of their softmax, which ties them."""
+  table = _near_tie_table()
+  prompts, max_new = [(1, 2), (5,), (0, 9, 4)], 9
+  cv = layout.generation_canvas([np.asarray(p, np.int32) for p in prompts], max_new, 1, MASK,
+                                64)
+  params = {"table": jnp.asarray(table)}
+  got = isd.decode_isd(BigramLM(), params, cv, _options(stop_at_eos=False), stride)
+  for i, p in enumerate(prompts):
+    want = list(p)  # The slow loop: a bigram's greedy continuation.
+    for _ in range(max_new):
+      want.append(int(np.argmax(table[want[-1]])))
+    np.testing.assert_array_equal(got["tokens"][i, :len(want)], want, err_msg=f"row {i}")
+  np.testing.assert_array_equal(
+      ar.decode_ar(BigramLM(), params, cv, _options(stop_at_eos=False))["tokens"],
+      got["tokens"])
+
+
+def test_a_token_shifted_ar_or_isd_refuses_an_empty_prompt():
+  """With the shift, a row's first token is read from the slot before it: there is none.
+
+  Before, the row silently took the logits of another row's prompt slot.
+  """
+  cv = layout.generation_canvas([np.array([1, 2, 3], np.int32), np.array([4], np.int32)], 4,
+                                1, MASK, 16, 8)
+  tokens, maskable = cv.tokens.copy(), cv.maskable.copy()
+  tokens[1, 0], maskable[1, 0], maskable[1, 5] = MASK, True, False  # Row 1: no prompt.
+  empty = layout.Canvas(tokens, maskable, cv.length, np.array([3, 0], np.int32))
+  params = {"table": jnp.asarray(_near_tie_table())}
+  with pytest.raises(ValueError, match="row 1: .*prompt cannot be empty"):
+    ar.decode_ar(BigramLM(), params, empty, _options())
+  with pytest.raises(ValueError, match="row 1: .*prompt cannot be empty"):
+    isd.decode_isd(BigramLM(), params, empty, _options(), 3)
+  # Without the shift an empty prompt is unconditional generation, as before.
+  out = ar.decode_ar(BigramLM(), params, empty, _options(token_shift=False))
+  assert (out["tokens"][1, :5] != MASK).all()
+
+
+def test_ar_and_isd_refuse_a_summary_token_model():
+  """They give every token its own block; the summary window counts blocks, so the prompt
+  fell out of view: two different prompts got the same continuation."""
+  c = small_model_config()
+  c.diffusion.block_size = 8
+  c.model.summary.num_slots = 2
+  c.model.summary.window_blocks = 1
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 0)
+  prompts = [np.arange(3, 24, dtype=np.int32), np.arange(40, 61, dtype=np.int32)]
+  cv = layout.generation_canvas(prompts, 4, 1, tok.mask_id, 32)
+  opt = layout.DecodeOptions(block_size=8, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                             stop_at_eos=False)
+  with pytest.raises(ValueError, match="summary tokens.*block decoder"):
+    ar.decode_ar(model, params, cv, opt)
+  with pytest.raises(ValueError, match="summary tokens.*block decoder"):
+    isd.decode_isd(model, params, cv, dataclasses.replace(opt, token_shift=True), 2)
+
+
+def _slow_ar(model, params, prompt, max_new, block_size, mask_id, eos_id, width):
+  """Greedy AR of a block-diffusion model without a cache: each step one full forward of
+  [prompt (block-causal, its trained blocks) ; generated (one block each) ; MASK at q]."""
+  fwd = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m)[0][0, -1])
+  toks = np.zeros(width, np.int32)
+  toks[:len(prompt)] = prompt
+  pos = np.arange(width)
+  for q in range(len(prompt), len(prompt) + max_new):
+    clean = masks.make_meta(pos[None], block_size, masks.CLEAN,
+                            np.where(pos < q, 0, -1)[None])
+    clean = dataclasses.replace(clean, block_ids=jnp.asarray(
+        np.where(pos < len(prompt), pos // block_size, pos)[None], jnp.int32))
+    noisy = dataclasses.replace(masks.make_meta([[q]], 1, masks.NOISY),
+                                block_ids=jnp.asarray([[q]], jnp.int32))
+    logits = np.array(fwd(params, jnp.asarray(np.append(toks, mask_id))[None],
+                            clean.concat(noisy)))
+    logits[mask_id] = -np.inf
+    toks[q] = int(np.argmax(logits))
+    if toks[q] == eos_id:
+      break
+  return toks[len(prompt):q + 1]
+
+
+def test_distilled_answers_of_a_block_model_keep_its_prompt_blocks():
+  """Without the token shift the AR decoder needs the model's block size for the prompt's
+  block-causal attention; ``distill`` decoded with blocks of one token."""
+  c = small_model_config()
+  block = c.diffusion.block_size
+  assert block > 1 and not c.diffusion.get("token_shift", False)
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 0)
+  questions = ["What is the capital of France?", "Name a prime number larger than ten."]
+  max_new, max_len = 10, 96
+  got = distill.greedy_answers(model, params, tok, questions, max_new, max_len, 3,
+                               token_shift=False, log=io.StringIO(), block_size=block)
+  for q, answer, _ in got:
+    head = sft.render(tok, (q, ""))[0]
+    want = _slow_ar(model, params, head, max_new, block, tok.mask_id, tok.eos_id, max_len)
+    assert answer == tok.decode(want[want != tok.eos_id]), q
