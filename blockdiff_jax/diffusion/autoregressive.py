@@ -71,7 +71,8 @@ def autoregressive_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array
   del rng, corrupted
   nll, scored, correct, aux = per_token_terms(apply_fn, params, batch, obj)
   n = jnp.maximum(jnp.sum(scored), 1)
-  ce = jnp.sum(nll * scored) / n
+  # A select, not a product: an unscored position may hold a literal MASK id (nll = inf).
+  ce = jnp.sum(jnp.where(scored, nll, 0.0)) / n
   metrics = {"nelbo": ce, "ar_ce": ce, "token_accuracy": jnp.sum(correct * scored) / n}
   metrics.update(aux.get("metrics", {}))
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce

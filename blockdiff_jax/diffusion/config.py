@@ -102,6 +102,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     introspective.IntrospectiveObjective(stride=d.isd_stride, mask_id=0,
                                          clean_weight=d.clean_weight,
                                          anchors=d.get("isd_anchors", 0))
+    # Anchors are distinct positions with a next token (0 .. seq_len - 2); asking for
+    # more fails deep inside the step's top_k without naming the field.
+    if d.get("isd_anchors", 0) > config.data.seq_len - 1:
+      raise ValueError(f"diffusion.isd_anchors={d.isd_anchors} must be <= data.seq_len - 1 "
+                       f"= {config.data.seq_len - 1}")
   attention = d.get("block_attention", "auto")
   if attention not in BLOCK_ATTENTION:
     raise ValueError(f"diffusion.block_attention must be one of {BLOCK_ATTENTION}, "

@@ -128,7 +128,8 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   """
   nll, is_masked, correct, aux = per_token_terms(apply_fn, params, batch, rng, obj, corrupted)
   n_masked = jnp.maximum(jnp.sum(is_masked), 1)
-  ce = jnp.sum(nll * is_masked) / n_masked
+  # A select, not a product: an unscored position may hold a literal MASK id (nll = inf).
+  ce = jnp.sum(jnp.where(is_masked, nll, 0.0)) / n_masked
   n_scorable = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
   metrics = {
       "nelbo": ce,

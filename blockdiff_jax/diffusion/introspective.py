@@ -189,7 +189,8 @@ def introspective_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   ``corrupt``) is not given.
   """
   t = per_token_ce(apply_fn, params, batch, obj, rng, corrupted)
-  mean = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  # Selects, not products: an unscored position may hold a literal MASK id (nll = inf).
+  mean = lambda x, w: jnp.sum(jnp.where(w > 0, x * w, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
   ce_noisy = mean(t["noisy_nll"], t["noisy_weight"])
   ce_clean = mean(t["clean_nll"], t["weight"])
   loss = ce_noisy + obj.clean_weight * ce_clean

@@ -121,11 +121,13 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   terms = per_token_nelbo(apply_fn, params, batch, rng, obj, corrupted)
   nll, is_masked = terms.nll, terms.is_masked
   n_scored = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-  nelbo = jnp.sum(nll * terms.weight) / n_scored
+  # Selects, not products: a position that is not scored may hold a token the model
+  # cannot predict (a literal MASK id in a prompt: nll = inf), and inf * 0 is NaN.
+  nelbo = jnp.sum(jnp.where(is_masked, nll * terms.weight, 0.0)) / n_scored
   n_masked = jnp.maximum(jnp.sum(is_masked), 1)
   metrics = {
       "nelbo": nelbo,
-      "masked_ce": jnp.sum(nll * is_masked) / n_masked,
+      "masked_ce": jnp.sum(jnp.where(is_masked, nll, 0.0)) / n_masked,
       "masked_accuracy": jnp.sum(terms.correct * is_masked) / n_masked,
       "masked_fraction": jnp.sum(is_masked) / n_scored,
   }

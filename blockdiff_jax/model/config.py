@@ -154,10 +154,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("model.summary.num_slots > 0 needs the [x_t ; x_0] block layout; "
                        "diffusion.objective='introspective' (I-DLM's strided layout) has no "
                        "summary slots yet")
+    # The AR objective's input is one clean stream of one-token blocks: the model
+    # would lay the two-stream slot layout over it and cut each token off from
+    # everything older than its window.
+    if su.num_slots and objective == "ar":
+      raise ValueError("model.summary.num_slots > 0 needs the [x_t ; x_0] block layout; "
+                       "diffusion.objective='ar' (one causal clean stream) has no summary "
+                       "slots")
   if m.attention_impl == "structured" and not (su is not None and su.num_slots):
     raise ValueError("model.attention_impl='structured' needs model.summary.num_slots > 0")
   if m.moe.router_mode not in moe.ROUTER_MODES:
     raise ValueError(f"model.moe.router_mode must be one of {moe.ROUTER_MODES}, "
                      f"got {m.moe.router_mode!r}")
+  # Without a dense checkpoint to copy the flag would be dropped silently (resolving
+  # the config only upcycles a pretrained model): the run would start from a random MoE.
+  init = config.get("init")
+  if m.moe.get("upcycle_from_dense", False) and not (init is not None
+                                                     and init.get("pretrained")):
+    raise ValueError("model.moe.upcycle_from_dense=True needs init.pretrained (the dense "
+                     "checkpoint whose MLPs become the experts), got init.pretrained="
+                     f"{(init or {}).get('pretrained', '')!r}")
   # The dataclasses check the rest (top_k <= num_experts, head counts, dtype, impls).
-  model_config(config, vocab_size=m.vocab_size or 1)
+  cfg = model_config(config, vocab_size=m.vocab_size or 1)
+  lora = cfg.lora
+  dense_mlp = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  if lora is not None and not dense_mlp and set(lora.targets) <= {"gate", "up", "down"}:
+    # Experts carry no adapters: every adapter would be missing and, with
+    # train.trainable='lora', nothing would train.
+    raise ValueError(f"model.lora.targets={tuple(lora.targets)!r} name only dense-MLP "
+                     "projections, but every layer is MoE (experts have no adapters); "
+                     "add an attention target (q, k, v, o)")

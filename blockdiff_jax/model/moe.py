@@ -82,18 +82,28 @@ class MoEConfig:
                        f"got {self.capacity_factor}")
     if self.tile_size < 1:
       raise ValueError(f"moe.tile_size must be >= 1, got {self.tile_size}")
-    if not 0.0 < self.block_coverage <= 1.0:
-      raise ValueError(f"moe.block_coverage must be in (0, 1], got {self.block_coverage}")
-    if not self.top_k <= self.block_min_experts <= self.num_experts:
-      raise ValueError(f"moe.block_min_experts={self.block_min_experts} must be in "
-                       f"[top_k={self.top_k}, num_experts={self.num_experts}]")
+    # The coreset options mean nothing to token routing: checking them there would
+    # reject valid token-routed layers (a single expert, top_k = E or top_k > 2 with
+    # the default block_min_experts of 2).
+    if self.router_mode == "block":
+      if not 0.0 < self.block_coverage <= 1.0:
+        raise ValueError(f"moe.block_coverage must be in (0, 1], got {self.block_coverage}")
+      if not self.top_k <= self.block_min_experts <= self.num_experts:
+        raise ValueError(f"moe.block_min_experts={self.block_min_experts} must be in "
+                         f"[top_k={self.top_k}, num_experts={self.num_experts}]")
 
 
 def block_group_ids(meta: masks.TokenMeta) -> Array:
-  """Index of each token's routing block within its row: stream * T + relative block id."""
-  t = meta.block_ids.shape[-1]
-  rel = meta.block_ids - jnp.min(meta.block_ids, axis=-1, keepdims=True)
-  return meta.stream * t + jnp.clip(rel, 0, t - 1)
+  """Index of each token's routing block within its row, in [0, T) ([B, T] int32).
+
+  Two tokens of a row share an index exactly when they share stream and block id.
+  Block ids need not be contiguous (anchored I-DLM blocks sit at arbitrary
+  positions), so the index is the rank of the (block, stream) key among the row's
+  sorted keys rather than an offset from the row's first block.
+  """
+  key = meta.block_ids.astype(jnp.int32) * 2 + (meta.stream != masks.NOISY)
+  rank = jax.vmap(lambda k: jnp.searchsorted(jnp.sort(k), k, side="left"))
+  return rank(key.reshape(-1, key.shape[-1])).reshape(key.shape).astype(jnp.int32)
 
 
 def block_coreset(scores: Array, meta: masks.TokenMeta, top_k: int, coverage: float,

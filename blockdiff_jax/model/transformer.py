@@ -245,9 +245,12 @@ class Transformer(nn.Module):
       x = jnp.concatenate([x, slots.reshape(x.shape[0], -1, cfg.d_model)], axis=1)
       x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
       meta = meta.concat(slot_meta)
-      if lora_gate is not None:  # a slot is never a MASK token
+      if lora_gate is not None:
+        # A slot is never a MASK token, so a gated adapter stays shut on it; plain
+        # LoRA is a change of weights (merge_adapters folds it) and acts on it too.
         lora_gate = jnp.concatenate(
-            [lora_gate, jnp.zeros(slot_meta.shape, lora_gate.dtype)], axis=1)
+            [lora_gate, jnp.full(slot_meta.shape, 0.0 if cfg.lora.gated else 1.0,
+                                 lora_gate.dtype)], axis=1)
       # Only full-sequence passes use the structured path; with a cache it
       # falls back to the materialised mask (a block against a short cache).
       attn_layout = layout if cache is None and summary != "first_block" else None
