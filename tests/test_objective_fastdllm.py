@@ -209,3 +209,19 @@ def test_causal_blocks_given_the_left_context_are_the_causal_lm(bs, length):
     gaps[name] = float(jnp.max(jnp.abs(got - want)))
   assert gaps["causal"] < 1e-4, gaps
   assert gaps["bidirectional"] > 1e-2, gaps
+
+
+def test_a_packed_examples_first_token_is_never_masked():
+  """Its shifted prediction would come from the previous example's last output."""
+  b, length, bs = 2, 32, 8
+  x0 = jax.random.randint(jax.random.key(0), (b, length), 0, MASK)
+  seg = np.zeros((b, length), np.int32)
+  seg[:, 11:] = 1  # Example 2 starts at 11 (mid-block), its first token scorable.
+  seg[1, 20:] = 2
+  batch = {"tokens": x0, "loss_mask": jnp.ones((b, length)), "segment_ids": jnp.asarray(seg)}
+  obj = fastdllm.FastDLLMObjective(block_size=bs, mask_id=MASK)
+  apply_fn = lambda params, tokens, meta: (jnp.zeros(tokens.shape + (32,)), {})
+  _, is_masked, _, _ = fastdllm.per_token_terms(apply_fn, None, batch, jax.random.key(3), obj)
+  covered = np.asarray(is_masked)[:b] | np.asarray(is_masked)[b:]
+  starts = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  np.testing.assert_array_equal(covered, ~starts)  # Every other token exactly once.

@@ -99,8 +99,12 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   maskable = batch["loss_mask"] > 0
   # Position 0 has no predecessor to predict it from.
   maskable = maskable & (jnp.arange(length) > 0)[None]
-  m = m & maskable
   seg = batch.get("segment_ids")
+  if seg is not None:
+    # Nor has a packed example's first token: the output before it is another example's.
+    seg = jnp.asarray(seg, jnp.int32)
+    maskable = maskable & (seg == jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1))
+  m = m & maskable
   if obj.complementary:
     m = jnp.concatenate([m, maskable & ~m], axis=0)
     x0 = jnp.concatenate([x0, x0], axis=0)
