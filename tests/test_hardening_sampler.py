@@ -144,3 +144,12 @@ def test_greedy_decoding_ignores_top_k_and_top_p(tiny, sampling):
   np.testing.assert_array_equal(outs[1]["tokens"], outs[0]["tokens"])
   np.testing.assert_array_equal(outs[1]["nfe"], outs[0]["nfe"])
   assert int(outs[0]["nfe"][0]) > 2  # An untrained model is never 0.9 sure: no trivial pass.
+
+
+def test_an_explicit_span_length_of_zero_is_refused_not_made_one():
+  text = "def f(x):\n    return x\n"
+  a, b = text.index("return"), text.index("x\n", 12) + 1  # "return x"
+  got = layout.spans_to_markers(None, text, [(a, b)], lengths=[3])
+  assert got == "def f(x):\n    <|mask:3|>\n"
+  with pytest.raises(ValueError, match="span 0 .* length 0"):
+    layout.spans_to_markers(None, text, [(a, b)], lengths=[0])

@@ -210,6 +210,9 @@ def spans_to_markers(tokenizer: tokenizers.Tokenizer, text: str,
     if not 0 <= a < b <= len(text) or a < pos:
       raise ValueError(f"span {i} = ({a}, {b}) is empty, out of [0, {len(text)}] or "
                        "overlaps the previous one")
+    if lengths is not None and int(lengths[i]) < 1:
+      raise ValueError(f"span {i} = ({a}, {b}): replacement length {lengths[i]} must be >= 1 "
+                       "(to delete the span, edit the text)")
     n = lengths[i] if lengths is not None else len(tokenizer.encode(text[a:b]))
     out += [text[pos:a], f"<|mask:{max(int(n), 1)}|>"]
     pos = b
