@@ -24,6 +24,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # --host/--port configure the server only; elsewhere they would be dropped silently.
+  stray = [f"--{f}" for f in ("host", "port") if flags.FLAGS[f].present]
+  if stray and _MODE.value != "serve":
+    verb = "applies" if len(stray) == 1 else "apply"
+    raise app.UsageError(f"{' and '.join(stray)} {verb} to --mode=serve only, not "
+                         f"--mode={_MODE.value}")
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint step at INFO; the progress lines say what matters.
     logging.set_verbosity(logging.WARNING)

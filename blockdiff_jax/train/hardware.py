@@ -3,19 +3,43 @@
 On a CPU there is no datasheet figure we can trust, so the peak is measured in the same
 run by timing a large matmul (the best of a few repeats). On GPUs the datasheet dense
 peak is used for known devices and the measured matmul otherwise.
+
+A float32 model on an NVIDIA GPU does not run at the float32 (CUDA core) rate: under
+JAX's default matmul precision XLA computes float32 dots on the tensor cores with TF32
+inputs, several times faster. Its peak is the TF32 one unless
+``jax_default_matmul_precision`` asks for full float32 (or ``NVIDIA_TF32_OVERRIDE=0``
+turns TF32 off), else the MFU of a float32 run could exceed 100%.
 """
 
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets (SXM parts).
-_GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-}
+# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, matched as substrings of
+# ``device_kind`` in this order: the PCIe and NVL parts of a name before its SXM part,
+# which the bare name means ("NVIDIA H100 80GB HBM3"). "tf32" is a float32 matmul on the
+# tensor cores, "float32" one on the CUDA cores.
+_GPU_PEAKS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "tf32": 378e12, "float32": 51e12}),
+    ("H100 NVL", {"bfloat16": 835e12, "tf32": 418e12, "float32": 60e12}),
+    ("H200 NVL", {"bfloat16": 835e12, "tf32": 418e12, "float32": 60e12}),
+    ("H100", {"bfloat16": 989e12, "tf32": 495e12, "float32": 67e12}),
+    ("H200", {"bfloat16": 989e12, "tf32": 495e12, "float32": 67e12}),
+    ("A100", {"bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12}),
+)
+
+# ``jax_default_matmul_precision`` values that keep float32 dots in full float32.
+_FULL_FLOAT32 = ("highest", "float32", "F32_F32_F32")
+
+
+def float32_matmul_rate() -> str:
+  """The rate a float32 matmul runs at on an NVIDIA GPU: "tf32" (JAX's default) or "float32"."""
+  if os.environ.get("NVIDIA_TF32_OVERRIDE", "").strip() == "0":
+    return "float32"
+  precision = jax.config.jax_default_matmul_precision
+  return "float32" if str(precision) in _FULL_FLOAT32 else "tf32"
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
@@ -36,9 +60,11 @@ def peak_flops(dtype_name: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s, how it was obtained) for the default device and compute dtype."""
   dev = jax.devices()[0]
   if dev.platform == "gpu":
-    for name, peaks in _GPU_PEAKS.items():
-      if name in dev.device_kind and dtype_name in peaks:
-        return peaks[dtype_name], f"datasheet {dev.device_kind} {dtype_name}"
+    rate = float32_matmul_rate() if dtype_name == "float32" else dtype_name
+    for name, peaks in _GPU_PEAKS:
+      if name in dev.device_kind and rate in peaks:
+        how = dtype_name if rate == dtype_name else f"{dtype_name} ({rate} matmuls)"
+        return peaks[rate], f"datasheet {dev.device_kind} {how}"
   n = 4096 if dev.platform == "gpu" else 1024
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   return measure_matmul_peak(dtype, n), f"measured {n}^3 {dtype_name} matmul on {dev.device_kind}"

@@ -23,6 +23,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockdiff_jax.diffusion import autoregressive
+from blockdiff_jax.diffusion import config as diffusion_config
+from blockdiff_jax.diffusion import fastdllm
+from blockdiff_jax.diffusion import introspective
 from blockdiff_jax.model import build
 from blockdiff_jax.model import config as model_config
 from blockdiff_jax.model import kv_memory
@@ -57,59 +61,124 @@ def _div(n: int, mesh: jax.sharding.AbstractMesh, axes) -> int:
   return n // math.prod(mesh.shape[a] for a in sharding.axes_of(spec[0]))
 
 
+# One trunk pass of a train step: (rows per input row, tokens per row, keys each token's
+# attention reads, positions the output head scores).
+Pass = tuple[int, int, int, int]
+
+
+def objective_passes(config: ml_collections.ConfigDict) -> list[Pass]:
+  """The trunk passes one train step of ``config``'s objective runs, per input row.
+
+  The shapes follow the objectives' loss functions (``diffusion/``), so the activation
+  estimate grows with what the step really runs:
+
+  * BD3-LM: one pass of ``[x_t ; x_0]`` (2L tokens, dense 2L-key attention on the XLA
+    path), the head on the L noisy positions only;
+  * Fast-dLLM v2: the same 2L-token pass for each of the two complementary-mask copies
+    (2x the rows), and the token shift reads the head on all 2L positions;
+  * AR: one causal pass of L tokens;
+  * I-DLM without anchors: one ``[noisy ; x_0]`` pass with the head on all 2L positions;
+    with K anchors of stride N: a clean pass of L tokens, then K * N noisy tokens that
+    read the clean K/V and their own block (L + K * N keys).
+  """
+  seq = config.data.seq_len
+  obj = diffusion_config.objective(config, mask_id=0)  # The id changes no shape.
+  if isinstance(obj, fastdllm.FastDLLMObjective):
+    return [(2 if obj.complementary else 1, 2 * seq, 2 * seq, 2 * seq)]
+  if isinstance(obj, autoregressive.AutoregressiveObjective):
+    return [(1, seq, seq, seq)]
+  if isinstance(obj, introspective.IntrospectiveObjective):
+    if not obj.anchors:
+      return [(1, 2 * seq, 2 * seq, 2 * seq)]
+    noisy = obj.anchors * obj.stride
+    return [(1, seq, seq, seq), (1, noisy, seq + noisy, noisy)]
+  return [(1, 2 * seq, 2 * seq, seq)]
+
+
 def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.ConfigDict,
                      mesh: jax.sharding.AbstractMesh,
                      rules: mesh_lib.Rules) -> dict[str, int]:
   """Estimated activation bytes of one device for one micro-batch of a train step.
 
-  The BD3-LM pass runs T = 2 * seq_len tokens ([x_t ; x_0]) through the trunk.
-  With b sequences per device:
+  Each trunk pass of the objective (``objective_passes``; BD3-LM runs T = 2 * seq_len
+  tokens, [x_t ; x_0]) is counted with b sequences per device:
 
   * ``saved``: what the backward pass keeps. With remat, each layer's input
     [b, T, D]; without, also q/k/v, the attention probabilities (XLA path) and
-    the MLP/expert hidden activations of every layer.
+    the MLP/expert hidden activations of every layer. Summed over the passes (the
+    backward needs all of them).
   * ``layer``: the working set of the one layer being (re)computed: attention
-    logits and probabilities in fp32 ([b, H, T, T] x 2, XLA path; the Pallas
+    logits and probabilities in fp32 ([b, H, T, keys] x 2, XLA path; the Pallas
     kernel keeps per-tile state only) and the dispatched expert activations
     (with all-to-all expert parallelism, its send and receive buffers, sized
-    for the worst case unless ``moe.capacity_factor`` bounds them).
-  * ``logits``: fp32 [b, seq_len, V] logits, their log-softmax and its gradient.
+    for the worst case unless ``moe.capacity_factor`` bounds them). The largest pass.
+  * ``logits``: fp32 [b, positions, V] logits, their log-softmax and its gradient,
+    for every position the head scores.
   """
   t, d = config.train, config.data
   # First match wins, as in flax's logical_to_mesh_axes.
   spec = lambda name: next((axes for logical, axes in rules if logical == name), None)
   b = _div(d.batch_size // t.grad_accum_steps, mesh, spec("activation_batch"))
-  seq = 2 * d.seq_len
   act = np.dtype(cfg.compute_dtype).itemsize
   heads = _div(cfg.num_heads, mesh, spec("heads"))
   kv_heads = _div(cfg.num_kv_heads, mesh, spec("kv_heads"))
   vocab = _div(cfg.vocab_size, mesh, spec("vocab"))
-  if cfg.moe is not None:
-    # Token copies in and out of the experts, and their hidden activations.
-    rows = b * seq * cfg.moe.top_k
-    buffers = 0
-    ep = cfg.moe.num_experts // _div(cfg.moe.num_experts, mesh, spec("expert"))
-    if ep > 1 and cfg.moe.expert_parallel == "all_to_all":
-      # The experts run on a receive buffer of ep * C slots, and the send buffers
-      # (copies out, results back) are as large (model/expert_parallel.py).
-      cap = b * seq * min(cfg.moe.top_k, cfg.moe.num_experts // ep)
-      if cfg.moe.capacity_factor > 0:
-        cap = min(cap, max(1, math.ceil(cfg.moe.capacity_factor * rows / ep)))
-      rows = ep * cap
-      buffers = 2 * rows * cfg.d_model
-    mlp = rows * (3 * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp")) + 2 * cfg.d_model)
-    mlp += buffers
-  else:
-    mlp = b * seq * 3 * _div(cfg.mlp_dim, mesh, spec("mlp"))
-  mlp *= act
-  scores = 0 if cfg.attention_impl == "pallas" else 2 * b * heads * seq * seq * 4
-  qkv = b * seq * (heads + 2 * kv_heads) * cfg.head_dim * act
-  residual = b * seq * cfg.d_model * act
-  per_layer = residual * 4 + qkv + mlp + scores // 2  # Norm outputs, attention out, probs.
-  saved = cfg.num_layers * (residual if cfg.remat else per_layer)
-  layer = scores + 2 * (qkv + mlp)  # Forward values and their gradients.
-  logits = 3 * b * d.seq_len * vocab * 4
-  return {"saved": saved, "layer": layer, "logits": logits}
+
+  def one_pass(rows_per_seq: int, seq: int, keys: int) -> tuple[int, int]:
+    """(saved, layer working set) bytes of one pass of ``rows_per_seq * b`` rows."""
+    rows_b = rows_per_seq * b
+    if cfg.moe is not None:
+      # Token copies in and out of the experts, and their hidden activations.
+      rows = rows_b * seq * cfg.moe.top_k
+      buffers = 0
+      ep = cfg.moe.num_experts // _div(cfg.moe.num_experts, mesh, spec("expert"))
+      if ep > 1 and cfg.moe.expert_parallel == "all_to_all":
+        # The experts run on a receive buffer of ep * C slots, and the send buffers
+        # (copies out, results back) are as large (model/expert_parallel.py).
+        cap = rows_b * seq * min(cfg.moe.top_k, cfg.moe.num_experts // ep)
+        if cfg.moe.capacity_factor > 0:
+          cap = min(cap, max(1, math.ceil(cfg.moe.capacity_factor * rows / ep)))
+        rows = ep * cap
+        buffers = 2 * rows * cfg.d_model
+      mlp = rows * (3 * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp")) + 2 * cfg.d_model)
+      mlp += buffers
+    else:
+      mlp = rows_b * seq * 3 * _div(cfg.mlp_dim, mesh, spec("mlp"))
+    mlp *= act
+    scores = 0 if cfg.attention_impl == "pallas" else 2 * rows_b * heads * seq * keys * 4
+    qkv = rows_b * seq * (heads + 2 * kv_heads) * cfg.head_dim * act
+    residual = rows_b * seq * cfg.d_model * act
+    per_layer = residual * 4 + qkv + mlp + scores // 2  # Norm outputs, attention out, probs.
+    saved = cfg.num_layers * (residual if cfg.remat else per_layer)
+    layer = scores + 2 * (qkv + mlp)  # Forward values and their gradients.
+    return saved, layer
+
+  passes = objective_passes(config)
+  sizes = [one_pass(rows, seq, keys) for rows, seq, keys, _ in passes]
+  logits = sum(3 * rows * b * head * vocab * 4 for rows, _, _, head in passes)
+  return {"saved": sum(s for s, _ in sizes), "layer": max(w for _, w in sizes),
+          "logits": logits}
+
+
+def gradient_bytes(config: ml_collections.ConfigDict, params: Any, p_sharding: Any) -> int:
+  """Per-device bytes of the gradients a train step holds.
+
+  A frozen weight (``train.trainable`` = "lora" or "moe") enters the loss through
+  ``stop_gradient``: its gradient is a zero XLA never materializes, so one step holds
+  the trainable weights' gradients only. Gradient accumulation
+  (``train.grad_accum_steps > 1``) adds the scan's accumulator, which ``train/step.py``
+  sizes like all of the params (``zeros_like(params)``, frozen ones included), next to
+  the gradients of the micro-batch being added into it.
+  """
+  mask = optimizer.mask_fn(config.train.get("trainable", "all"))
+  leaves = jax.tree.leaves(params)
+  shards = jax.tree.leaves(p_sharding)
+  trains = [True] * len(leaves) if mask is None else jax.tree.leaves(mask(params))
+  trainable = sum(shard_bytes(a.shape, a.dtype, s)
+                  for a, s, m in zip(leaves, shards, trains) if m)
+  if config.train.grad_accum_steps > 1:
+    return trainable + _tree_bytes(params, p_sharding)
+  return int(trainable)
 
 
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -117,22 +186,32 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   """Per-device memory of a config on an abstract mesh.
 
   Args:
-    config: experiment config; ``config.mesh`` (default ``mesh.default_mesh_config()``)
-      gives the axis sizes and rules; ``model.vocab_size`` must be set.
+    config: experiment config; ``config.mesh`` gives the axis sizes and rules (without
+      one, the one-device mesh training uses); ``model.vocab_size`` must be set.
     num_devices: devices of the mesh; default ``config.mesh.plan_devices``, else the
-      product of the fixed axis sizes, else ``jax.device_count()``.
+      product of the fixed axis sizes, else ``jax.device_count()`` (1 for a config
+      without a mesh section; more asks about ``mesh.default_mesh_config()`` there).
     memory_gib: memory per device; default ``config.mesh.plan_memory_gib``.
 
   Returns:
     {"mesh": axis sizes, "bytes": {part: bytes per device}, "total_bytes",
      "memory_bytes", "fits", "params": parameter count}.
   """
-  mesh_config = config.get("mesh") or mesh_lib.default_mesh_config()
   if not config.model.vocab_size:
     raise ValueError("model.vocab_size is 0: set it (the plan does not load a tokenizer)")
   train_config.validate(config)
   if config.get("sample") is not None and "kv_chunk" in config.sample:
     kv_memory.hierarchy_from_config(config.sample)  # Sizes the hierarchical cache.
+  mesh_config = config.get("mesh")
+  rules = None
+  if mesh_config is None and num_devices in (None, 1):
+    # Training a config without a mesh section runs on one device with every array
+    # whole (``mesh.mesh_of``), however many devices the host has: plan that, not a
+    # default mesh over ``jax.device_count()`` devices that training never builds.
+    mesh_config, num_devices, rules = mesh_lib.single_device_mesh_config(), 1, ()
+  elif mesh_config is None:
+    # An explicit device count asks what the default mesh would hold on that many.
+    mesh_config = mesh_lib.default_mesh_config()
   if num_devices is None:
     num_devices = mesh_config.get("plan_devices", 0) or None
   if num_devices is None:
@@ -140,7 +219,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
     num_devices = math.prod(sizes) if -1 not in sizes else jax.device_count()
   memory_gib = mesh_config.get("plan_memory_gib", 80.0) if memory_gib is None else memory_gib
   mesh = mesh_lib.abstract_mesh(mesh_config, num_devices)
-  rules = mesh_lib.logical_rules(mesh_config)
+  rules = mesh_lib.logical_rules(mesh_config) if rules is None else rules
   cfg = model_config.model_config(config)
   model = transformer.Transformer(cfg)
   boxed = build.abstract_params(model)
@@ -153,7 +232,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   acts = activation_bytes(cfg, config, mesh, rules)
   parts = {
       "params (fp32)": param_bytes,
-      "gradients (fp32)": param_bytes,
+      "gradients (fp32)": gradient_bytes(config, params, p_sharding),
       "optimizer state": _tree_bytes(opt, o_sharding),
       "ema params": param_bytes if config.train.ema_decay > 0 else 0,
       "activations: saved for backward": acts["saved"],
@@ -171,21 +250,33 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
 def decode_cache_bytes(cfg: transformer.TransformerConfig,
                        config: ml_collections.ConfigDict) -> dict:
   """KV cache of a decoding batch (``serve.slots`` rows of ``sample.max_len``), full and
-  hierarchical (``sample.kv_window/kv_chunk/kv_rank``), in the model's dtype, unsharded."""
+  hierarchical (``sample.kv_window/kv_chunk/kv_rank``), in the model's dtype, unsharded.
+
+  Sized as the decoders allocate it: the serving engine's canvas is ``max_len`` rounded
+  up to whole diffusion blocks, and the block decoder stepping sub-blocks
+  (``sample.sub_block_size`` < block size) keeps one block of uncommitted K/V per row
+  beside the committed positions (``buffer``), in either cache.
+  """
   s = config.get("sample")
   serve = config.get("serve")
   batch = serve.slots if serve is not None else 1
   length = (s.max_len if s is not None and s.max_len else 0) or config.data.seq_len
-  shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype, batch, length)
+  block = config.diffusion.block_size if "diffusion" in config else 1
+  capacity = -(-length // block) * block
+  sub = s.get("sub_block_size", 0) if s is not None else 0
+  block_decoder = s is None or s.get("policy", "threshold") not in ("ar", "isd")
+  buffer = block if block_decoder and sub and block // sub > 1 else 0
+  shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype, batch, capacity)
   # A summary-token model also keeps its committed blocks' slots (either cache).
   bank = 0 if cfg.summary is None else kv_memory.summary_bank_bytes(
       *shape, cfg.summary.block_size, cfg.summary.num_slots)
-  out = {"rows": batch, "length": length,
-         "full": kv_memory.full_cache_bytes(*shape) + bank}
+  out = {"rows": batch, "length": length, "capacity": capacity, "buffer": buffer,
+         "full": kv_memory.full_cache_bytes(*shape, buffer_size=buffer) + bank}
   if s is not None and "kv_chunk" in s:
     form = s.get("kv_form", "rank")
     out["hierarchical"] = bank + kv_memory.hierarchical_cache_bytes(
-        *shape, s.kv_window, s.kv_chunk, s.kv_rank, s.get("kv_sinks", 1), form=form)
+        *shape, s.kv_window, s.kv_chunk, s.kv_rank, s.get("kv_sinks", 1),
+        buffer_size=buffer, form=form)
     out["hierarchy"] = {"window": s.kv_window, "chunk": s.kv_chunk, "rank": s.kv_rank,
                         "sinks": s.get("kv_sinks", 1), "form": form}
   return out
@@ -210,6 +301,12 @@ def format_table(result: dict) -> str:
               if h["form"] == "rank" else f"summary form (W={h['window']}, chunk {h['chunk']})")
       lines.append(f"  {name:<36}{dc['hierarchical'] / GIB:>10.3f}"
                    f"  ({dc['hierarchical'] / dc['full']:.1%} of full)")
+      ring = (h["window"] + 1) * h["chunk"]
+      if ring >= dc["capacity"]:
+        # Nothing ever leaves a ring this wide, yet the cache still allocates the whole
+        # ring and the factor bank: at this length the full cache holds the same, for less.
+        lines.append(f"  (its exact ring of {ring} positions covers all {dc['capacity']}: "
+                     "nothing is compressed; use the full cache)")
   return "\n".join(lines)
 
 
