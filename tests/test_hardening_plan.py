@@ -181,18 +181,20 @@ def test_decode_cache_is_what_the_decoder_allocates(sub_block, max_len):
   assert dc["hierarchical"] == _real_decode_cache(c, hierarchical=True)
 
 
-def test_short_context_hierarchical_cache_is_real_and_flagged():
-  """Below its ring's width the hierarchical cache really allocates more than the full
-  one (ring + factor bank, nothing ever compressed): the plan says so."""
+def test_short_context_hierarchical_cache_is_the_full_cache():
+  """Below its ring's width a hierarchical cache would compress nothing: the decoders keep
+  the full cache (no ring, factor bank or sinks on top), and the plan counts and says so."""
   c = _config()
   c.sample.max_len = 64  # Ring of (2 + 1) * 256 = 768 positions.
   r = plan.plan(c)
   dc = r["decode_cache"]
   assert dc["hierarchical"] == _real_decode_cache(c, hierarchical=True)
-  assert dc["hierarchical"] > dc["full"] == _real_decode_cache(c, hierarchical=False)
-  assert "nothing is compressed; use the full cache" in plan.format_table(r)
+  assert dc["hierarchical"] == dc["full"] == _real_decode_cache(c, hierarchical=False)
+  assert "the decoders keep the full cache" in plan.format_table(r)
   c.sample.max_len = 4096
-  assert "use the full cache" not in plan.format_table(plan.plan(c))
+  r = plan.plan(c)
+  assert r["decode_cache"]["hierarchical"] < r["decode_cache"]["full"]
+  assert "keep the full cache" not in plan.format_table(r)
 
 
 def _fake_gpu(monkeypatch, kind):

@@ -275,3 +275,23 @@ def test_low_rank_decoding_differs_and_its_logit_cost_is_measured(tiny_decoder):
 def model_kv_spec(model):
   cfg = model.cfg
   return kv_cache.KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_a_ring_wider_than_the_context_keeps_the_full_cache(tiny_decoder):
+  """Nothing would leave the ring: the decoder holds the full cache, not ring + bank."""
+  model, tok, params = tiny_decoder
+  spec = model_kv_spec(model)
+  wide = hc.Hierarchy(window=15, chunk=8, rank=2)  # Ring of 128 positions.
+  assert isinstance(hc.empty_cache(spec, 2, 96, BLOCK, hierarchy=wide), kv_cache.KVCache)
+  assert isinstance(hc.empty_cache(spec, 2, 136, BLOCK, hierarchy=wide),
+                    hc.HierarchicalKVCache)
+  assert hc.cache_bytes(spec, 2, 96, wide) == hc.cache_bytes(spec, 2, 96)
+  assert hc.cache_bytes(spec, 2, 96, wide) == kv_memory.hierarchical_cache_bytes(
+      spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, 2, 96, 15, 8, 2)
+  opt = decoder.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                              policy=policies.Threshold(0.05), stop_at_eos=False)
+  cv = _canvas(tok, BLOCK)  # 96 positions.
+  want = decoder.decode(model, params, cv, opt)
+  got = decoder.decode(model, params, cv, opt.__class__(**{**opt.__dict__,
+                                                           "kv_hierarchy": wide}))
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])

@@ -90,9 +90,13 @@ def hierarchical_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtyp
                              batch: int, capacity: int, window: int, chunk: int, rank: int,
                              sinks: int = 1, buffer_size: int = 0, form: str = "rank") -> int:
   """Bytes of a ``HierarchicalKVCache`` (exact ring and sink chunks + rank-r factors;
-  the summary form keeps the ring only)."""
+  the summary form keeps the ring only), or of the full cache the decoders keep instead
+  when the ring holds every position."""
   item = np.dtype(dtype).itemsize
   ring = (window + 1) * chunk
+  if ring >= capacity:  # Nothing would be compressed: the decoders keep the full cache.
+    return full_cache_bytes(num_layers, kv_heads, head_dim, dtype, batch, capacity,
+                            buffer_size)
   chunks = -(-capacity // chunk) if form == "rank" else 0
   sink = min(sinks, chunks) * chunk
   exact = 2 * num_layers * batch * (ring + buffer_size + sink) * kv_heads * head_dim * item

@@ -352,8 +352,13 @@ def check_one_token_decoder(hierarchy: Hierarchy | None, decoder: str) -> None:
 def empty_cache(spec: kv_cache.KVSpec, batch: int, capacity: int, block_size: int,
                 buffer_size: int = 0, block_ids: Array | None = None,
                 hierarchy: Hierarchy | None = None):
-  """A full ``KVCache``, or a ``HierarchicalKVCache`` when ``hierarchy`` is given."""
-  if hierarchy is None:
+  """A full ``KVCache``, or a ``HierarchicalKVCache`` when ``hierarchy`` is given.
+
+  A hierarchy whose exact ring holds every position (``ring >= capacity``) never
+  compresses anything, so it would decode exactly as the full cache while allocating
+  more (the ring, the factor bank and the sinks): the full cache is returned then.
+  """
+  if hierarchy is None or hierarchy.ring >= capacity:
     return kv_cache.KVCache.empty(spec, batch, capacity, block_size, buffer_size, block_ids)
   return HierarchicalKVCache.empty(spec, batch, capacity, block_size, hierarchy,
                                    buffer_size, block_ids)

@@ -303,10 +303,9 @@ def format_table(result: dict) -> str:
                    f"  ({dc['hierarchical'] / dc['full']:.1%} of full)")
       ring = (h["window"] + 1) * h["chunk"]
       if ring >= dc["capacity"]:
-        # Nothing ever leaves a ring this wide, yet the cache still allocates the whole
-        # ring and the factor bank: at this length the full cache holds the same, for less.
+        # Nothing would ever leave a ring this wide: the decoders keep the full cache.
         lines.append(f"  (its exact ring of {ring} positions covers all {dc['capacity']}: "
-                     "nothing is compressed; use the full cache)")
+                     "nothing would be compressed, so the decoders keep the full cache)")
   return "\n".join(lines)
 
 
