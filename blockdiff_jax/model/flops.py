@@ -107,16 +107,22 @@ def autoregressive_step_flops(cfg: transformer.TransformerConfig, batch: int, se
 
 
 def introspective_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
-                             noisy_tokens: int, detach_clean: bool, frozen_base: bool) -> float:
+                             noisy_tokens: int, detach_clean: bool, frozen_base: bool,
+                             anchored: bool = True) -> float:
   """FLOPs one I-DLM train step computes: the clean stream, the noisy tokens, backward.
 
   The backward costs one forward when the base is frozen (activation gradients only; the
   weight gradients are never formed) and two otherwise; with ``detach_clean`` it runs
-  over the noisy tokens only.
+  over the noisy tokens only. Without anchors (``anchored=False``) the step is one pass
+  of ``[noisy ; x_0]``: 2L tokens that each read 2L keys on the dense path, the head on
+  all of them (``noisy_tokens`` and ``detach_clean`` do not apply).
   """
+  backward = 1.0 if frozen_base else 2.0
+  if not anchored:
+    return batch * (1.0 + backward) * forward_flops_per_token(
+        cfg, 2 * seq_len, with_head=True) * 2 * seq_len
   clean = forward_flops_per_token(cfg, seq_len, with_head=True) * seq_len
   noisy = forward_flops_per_token(cfg, seq_len + noisy_tokens, with_head=True) * noisy_tokens
-  backward = 1.0 if frozen_base else 2.0
   if detach_clean:
     return batch * (clean + (1.0 + backward) * noisy)
   return batch * (1.0 + backward) * (clean + noisy)

@@ -72,8 +72,8 @@ def objective_step_flops(config: ml_collections.ConfigDict, mcfg, obj) -> float:
   frozen = config.train.get("trainable", "all") == "lora"
   if isinstance(obj, introspective.IntrospectiveObjective):
     return flops.introspective_step_flops(
-        mcfg, d.batch_size, d.seq_len, (obj.anchors * obj.stride) or d.seq_len,
-        obj.detach_clean, frozen)
+        mcfg, d.batch_size, d.seq_len, obj.anchors * obj.stride, obj.detach_clean, frozen,
+        anchored=bool(obj.anchors))
   if isinstance(obj, fastdllm.FastDLLMObjective):
     return flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary, frozen)
   if isinstance(obj, autoregressive.AutoregressiveObjective):
