@@ -19,6 +19,7 @@ from blockdiff_jax.model import lora
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import summary
 from blockdiff_jax.model import transformer
+import test_moe
 
 MASK = 15
 
@@ -68,29 +69,6 @@ def test_block_routing_still_checks_its_options():
     moe.MoEConfig(num_experts=4, top_k=2, router_mode="block", block_coverage=0.0)
 
 
-def _loop_coreset(probs, block_ids, stream, top_k, coverage, min_experts):
-  """dMoE coreset per (row, stream, block id), written as loops."""
-  b, t, e = probs.shape
-  allowed = np.zeros((b, t, e), bool)
-  for r in range(b):
-    for key in set(zip(stream[r].tolist(), block_ids[r].tolist())):
-      idx = [i for i in range(t) if (stream[r, i], block_ids[r, i]) == key]
-      votes = np.zeros(e)
-      for i in idx:
-        top = np.argsort(-probs[r, i], kind="stable")[:top_k]
-        votes[top] += probs[r, i, top]
-      share = votes / votes.sum()
-      keep, acc = [], 0.0
-      for rank, ex in enumerate(np.argsort(-share, kind="stable")):
-        if acc >= coverage - 1e-6 and rank >= min_experts:
-          break
-        keep.append(ex)
-        acc += share[ex]
-      for i in idx:
-        allowed[r, i, keep] = True
-  return allowed
-
-
 def test_block_coreset_keeps_far_apart_blocks_separate():
   # Anchored I-DLM blocks: 3 noisy blocks of 2 at positions 0, 50 and 100 (T = 6),
   # then 2 clean tokens whose block ids are their positions.
@@ -102,7 +80,8 @@ def test_block_coreset_keeps_far_apart_blocks_separate():
   assert len(set(groups.tolist())) == 5
   probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (1, 8, 8)) * 3)
   got = moe.block_coreset(probs, meta, 2, 0.5, 2)
-  want = _loop_coreset(np.asarray(probs), np.asarray(bid), np.asarray(stream), 2, 0.5, 2)
+  want = test_moe.reference_coreset(np.asarray(probs), np.asarray(bid), np.asarray(stream),
+                                    2, 0.5, 2)
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -122,23 +101,9 @@ def _nonzero_adapters(params):
       lambda path, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(path) else x, params)
 
 
-def test_plain_lora_on_summary_slots_equals_merged_weights():
-  lcfg = lora.LoraConfig(rank=2, alpha=4.0, gated=False)
-  cfg = _summary_cfg(lcfg)
-  tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 15)
-  meta = masks.training_meta(8, 2, 1)
-  model = transformer.Transformer(cfg)
-  params = _nonzero_adapters(
-      nn.unbox(model.init(jax.random.key(1), tokens, meta, summary="bd3")["params"]))
-  run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, tokens, meta, summary="bd3"))(p)
-  got, _ = run(model, params)
-  want, _ = run(transformer.Transformer(dataclasses.replace(cfg, lora=None)),
-                lora.merge_adapters(params, lcfg))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_gated_lora_stays_shut_on_summary_slots():
-  lcfg = lora.LoraConfig(rank=2, alpha=4.0, gated=True, mask_id=MASK)
+def _summary_lora_logits(lcfg, reference_params):
+  """(logits of a summary model with non-zero adapters, logits of the adapter-free model
+  on ``reference_params(params)``), on MASK-free tokens."""
   cfg = _summary_cfg(lcfg)
   tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 15)  # no MASK token
   meta = masks.training_meta(8, 2, 1)
@@ -148,7 +113,19 @@ def test_gated_lora_stays_shut_on_summary_slots():
   run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, tokens, meta, summary="bd3"))(p)
   got, _ = run(model, params)
   want, _ = run(transformer.Transformer(dataclasses.replace(cfg, lora=None)),
-                _strip_adapters(params))
+                reference_params(params))
+  return got, want
+
+
+def test_plain_lora_on_summary_slots_equals_merged_weights():
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, gated=False)
+  got, want = _summary_lora_logits(lcfg, lambda p: lora.merge_adapters(p, lcfg))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_lora_stays_shut_on_summary_slots():
+  got, want = _summary_lora_logits(lora.LoraConfig(rank=2, alpha=4.0, gated=True, mask_id=MASK),
+                                   _strip_adapters)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
