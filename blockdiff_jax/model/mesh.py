@@ -108,6 +108,11 @@ def logical_rules(mesh_config: ml_collections.ConfigDict | None) -> Rules:
     if bad:
       raise ValueError(f"mesh.rules[{i}] maps {logical!r} to unknown mesh axes {bad}; "
                        f"the mesh axes are {MESH_AXES}")
+    # A PartitionSpec may use a mesh axis once: caught here, naming the rule, rather
+    # than by JAX's DuplicateSpecError when the first sharding is built from it.
+    if isinstance(axes, tuple) and len(set(axes)) != len(axes):
+      raise ValueError(f"mesh.rules[{i}] maps {logical!r} to {axes}, which names a mesh "
+                       f"axis more than once")
     out.append((str(logical), axes))
   return tuple(out)
 

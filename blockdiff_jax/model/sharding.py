@@ -31,8 +31,19 @@ def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
 
   Keeps the longest prefix of each dimension's axes whose size product divides the
   dimension, so every shard has the same shape (what Orbax and donation expect).
+
+  Raises:
+    ValueError: ``spec`` names a mesh axis that ``mesh`` does not have (a rules
+      table written for ``data, fsdp, expert, tensor`` used on a hand-made mesh).
   """
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  # Checked up front: the lookup below would otherwise fail with a bare KeyError
+  # naming only the axis, far from the rules or mesh that caused it.
+  missing = sorted({a for entry in spec for a in axes_of(entry)} - set(sizes))
+  if missing:
+    raise ValueError(f"{spec} names mesh axes {missing} that the mesh does not have (its axes "
+                     f"are {tuple(mesh.axis_names)}); build the mesh with model.mesh.make_mesh "
+                     f"or map those logical axes to axes of this mesh in the rules")
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     kept, prod = [], 1
