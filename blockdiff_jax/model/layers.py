@@ -39,8 +39,16 @@ def logical_init(init, axes: Sequence[str]):
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
-  """Sharding constraint by logical axis names (a no-op without a mesh and rules)."""
-  return nn.with_logical_constraint(x, tuple(axes))
+  """Sharding constraint by logical axis names (a no-op without a mesh and rules).
+
+  Under Explicit axes a constraint is an assertion, so it takes the spec fitted to the
+  shape (``sharding.logical_spec``: axes that do not divide a dimension dropped), the
+  layout every other op produces; the unfitted one would fail on, say, a batch of 3.
+  """
+  mesh = sharding.explicit_mesh()
+  if mesh is None or not nn.get_logical_axis_rules():
+    return nn.with_logical_constraint(x, tuple(axes))
+  return jax.lax.with_sharding_constraint(x, sharding.logical_spec(tuple(axes), x.shape, mesh))
 
 
 class RMSNorm(nn.Module):

@@ -147,7 +147,13 @@ def route(logits: Array, meta: masks.TokenMeta, cfg: MoEConfig):
   else:
     probs = jax.nn.sigmoid(logits)
   if cfg.router_mode == "block":
-    allowed = block_coreset(probs, meta, cfg.top_k, cfg.block_coverage, cfg.block_min_experts)
+    coreset = lambda s, m: block_coreset(s, m, cfg.top_k, cfg.block_coverage,
+                                         cfg.block_min_experts)
+    if sharding.explicit_mesh() is not None:
+      # Its segment_sum over the flattened batch has no typed layout under Explicit
+      # axes (as the dispatch below): GSPMD partitions it and returns probs' layout.
+      coreset = jax.sharding.auto_axes(coreset, out_sharding=jax.typeof(probs).sharding.spec)
+    allowed = coreset(probs, meta)
   else:
     allowed = jnp.ones(probs.shape, bool)
   weights, experts = jax.lax.top_k(jnp.where(allowed, probs, -1.0), cfg.top_k)
