@@ -3,8 +3,13 @@
 Every sequence gets ``num_samples`` independent noise draws over the full interval
 t in [eps, 1] (training may clip t; evaluation must not, or it is no bound). Draws are
 antithetic across the blocks and sequences of a batch. A sequence's estimate is the
-mean over its draws; the reported NELBO is the mean over sequences, and its standard
-error is their standard deviation / sqrt(number of sequences).
+mean over its draws of its summed NELBO (nats) and its scored-token count. The reported
+NELBO is per scored token of the whole split, sum(nats) / sum(scored tokens): the
+quantity that bits/byte converts (bytes/token is a split-wide ratio too) and the one
+the training loop's validation NELBO reports. Sequences with no scored token (padding
+rows) are left out. Its standard error is the ratio estimator's (delta method) over
+sequences, which for sequences of equal scored length is their per-token NELBOs'
+standard deviation / sqrt(number of sequences).
 
 With block_size = 1 every block is one token whose prediction does not depend on t,
 so the NELBO's expectation is exactly the autoregressive NLL (tested).
@@ -25,12 +30,28 @@ from blockdiff_jax import masks
 Array = Any
 
 
+def per_sequence_sums(apply_fn: Callable, params: Any, batch: dict, rng: Array,
+                      obj: losses.BlockDiffusionObjective) -> tuple[Array, Array]:
+  """(summed NELBO in nats [B], scored tokens [B]) of each sequence for one noise draw.
+
+  Sums rather than ratios, so that a caller can weight sequences by their scored
+  tokens (a per-token mean over a split) and drop rows that score nothing.
+  """
+  terms = losses.per_token_nelbo(apply_fn, params, batch, rng, obj)
+  # A select, not a product: an unscored position may hold nll = inf.
+  weighted = jnp.where(terms.is_masked, terms.nll * terms.weight, 0.0)
+  scored = jnp.sum((batch["loss_mask"] > 0).astype(jnp.float32), -1)
+  return jnp.sum(weighted, -1), scored
+
+
 def per_sequence_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
                        obj: losses.BlockDiffusionObjective) -> Array:
-  """NELBO in nats per scored token of each sequence, [B], for one noise draw."""
-  terms = losses.per_token_nelbo(apply_fn, params, batch, rng, obj)
-  weighted = jnp.where(terms.is_masked, terms.nll * terms.weight, 0.0)
-  return jnp.sum(weighted, -1) / jnp.maximum(jnp.sum(batch["loss_mask"], -1), 1.0)
+  """NELBO in nats per scored token of each sequence, [B], for one noise draw.
+
+  A row with no scored token gives 0 (it has no NELBO; ``evaluate`` leaves it out).
+  """
+  nats, scored = per_sequence_sums(apply_fn, params, batch, rng, obj)
+  return nats / jnp.maximum(scored, 1.0)
 
 
 def evaluation_objective(obj: losses.BlockDiffusionObjective) -> losses.BlockDiffusionObjective:
@@ -49,20 +70,42 @@ def evaluation_objective(obj: losses.BlockDiffusionObjective) -> losses.BlockDif
 def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusionObjective,
              num_batches: int, num_samples: int, seed: int = 0,
              bytes_per_token: float | None = None) -> dict:
-  """NELBO (nats/token), its standard error and bits/byte over ``num_batches`` batches."""
+  """NELBO (nats/token), its standard error and bits/byte over ``num_batches`` batches.
+
+  Returns:
+    ``nelbo`` (nats per scored token, token-weighted over the split), ``nelbo_stderr``,
+    ``sequences`` (rows with at least one scored token), ``scored_tokens``,
+    ``noise_samples`` and, when bytes per token is known, ``bits_per_byte`` and its
+    standard error.
+
+  Raises:
+    ValueError: if no row of the batches has a scored token.
+  """
   obj = evaluation_objective(obj)
-  fn = jax.jit(lambda p, batch, rng: per_sequence_nelbo(apply_fn, p, batch, rng, obj))
-  per_seq = []
+  fn = jax.jit(lambda p, batch, rng: per_sequence_sums(apply_fn, p, batch, rng, obj))
+  nats, scored = [], []
   for i in range(num_batches):
     batch = dataset.get_batch(i)
     draws = [fn(params, batch, jax.random.fold_in(jax.random.key(seed), i * num_samples + s))
              for s in range(num_samples)]
-    per_seq.append(np.mean(np.stack([np.asarray(d) for d in draws]), axis=0))
-  per_seq = np.concatenate(per_seq)
-  nelbo = float(per_seq.mean())
-  stderr = float(per_seq.std(ddof=1) / math.sqrt(len(per_seq))) if len(per_seq) > 1 else 0.0
-  out = {"nelbo": nelbo, "nelbo_stderr": stderr, "sequences": int(len(per_seq)),
-         "noise_samples": num_samples}
+    nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0))
+    scored.append(np.asarray(draws[0][1], np.float64))  # The same for every draw.
+  nats, scored = np.concatenate(nats), np.concatenate(scored)
+  # Padding rows score nothing: counting them as sequences with 0 nats would pull the
+  # NELBO towards 0 and shrink its standard error.
+  keep = scored > 0
+  if not np.any(keep):
+    raise ValueError("likelihood.evaluate: no scored token in the evaluated batches "
+                     "(every loss_mask is 0)")
+  nats, scored = nats[keep], scored[keep]
+  m = len(nats)
+  nelbo = float(nats.sum() / scored.sum())
+  # Ratio estimator: residuals of each sequence's nats against nelbo x its tokens.
+  resid = nats - nelbo * scored
+  stderr = (float(math.sqrt(np.sum(resid ** 2) / (m - 1) / m) / scored.mean())
+            if m > 1 else 0.0)
+  out = {"nelbo": nelbo, "nelbo_stderr": stderr, "sequences": m,
+         "scored_tokens": int(scored.sum()), "noise_samples": num_samples}
   bpt = bytes_per_token if bytes_per_token is not None else getattr(dataset, "bytes_per_token",
                                                                     None)
   if bpt:

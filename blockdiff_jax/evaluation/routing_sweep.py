@@ -239,7 +239,16 @@ def sweep(model: transformer.Transformer, params: Any, batches: Sequence[dict], 
   setting's) and ``quality_pct`` (100 · token NELBO / this NELBO: above 100 is better
   than token routing; the loss is lower-is-better, so the ratio is inverted) and
   ``accuracy_pct`` (100 · this masked-token accuracy / token routing's).
+
+  Raises:
+    ValueError: if ``settings`` does not start with token routing (the baseline).
   """
+  # Every ratio is labelled "of token routing": a grid without it first would silently
+  # measure against a block routing instead.
+  if not settings or settings[0].mode != "token":
+    raise ValueError("sweep: settings must start with RoutingSetting('token'), the "
+                     "baseline of expert_reduction / quality_pct / accuracy_pct "
+                     "(settings_grid puts it first)")
   rows = []
   for i, s in enumerate(settings):
     r = evaluate_setting(model, params, batches, obj, s, seed, noise_samples)
