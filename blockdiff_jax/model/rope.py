@@ -16,7 +16,9 @@ class RopeScaling:
   """How rotary frequencies are stretched for contexts beyond pre-training.
 
   Field names and semantics follow ``transformers``' ``rope_parameters``
-  (``rope_type`` "linear", "dynamic" at its initial length, and "yarn").
+  (``rope_type`` "linear" and "yarn"). "ntk" is static: transformers has no static
+  NTK type, and its "dynamic" leaves the base unscaled up to max_position_embeddings
+  M, reaching our base * factor^(d/(d-2)) only at length M (2 factor - 1) / factor.
 
   Attributes:
     type: "none", "linear" (positions / factor), "ntk" (base * factor^(d/(d-2))) or
@@ -96,8 +98,9 @@ def yarn_ramp_bounds(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[Array, float]:
   """Returns (inverse frequencies [head_dim // 2], attention scale multiplier).
 
-  Matches ``transformers.modeling_rope_utils`` ("linear", "dynamic" at
-  ``seq_len = max_position_embeddings``, "yarn") in inverse frequencies and
+  Matches ``transformers.modeling_rope_utils`` ("linear", "yarn", and "dynamic" at
+  ``seq_len = M (2 factor - 1) / factor`` for M = max_position_embeddings -- at
+  ``seq_len <= M`` "dynamic" does not scale at all) in inverse frequencies and
   attention factor; the factor multiplies both q and k, like HF's cos/sin scaling.
   """
   if head_dim < 4 or head_dim % 2:
