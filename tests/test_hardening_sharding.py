@@ -60,6 +60,16 @@ def test_rules_naming_a_mesh_axis_twice_fail_at_start_up():
     mesh_lib.logical_rules(c)
 
 
+def test_an_expert_count_the_expert_axis_does_not_divide_is_named():
+  mesh = jax.sharding.AbstractMesh((2, 4), ("data", "expert"))
+  assert "num_experts=6 is not divisible" in mesh_lib.expert_split_warning(6, mesh)
+  # The fit it warns about: the expert dimension is replicated.
+  assert sharding.fit_spec(P("expert", None), (6, 8), mesh) == P(None, None)
+  assert mesh_lib.expert_split_warning(8, mesh) is None
+  assert mesh_lib.expert_split_warning(0, mesh) is None  # Dense model.
+  assert mesh_lib.expert_split_warning(6, jax.sharding.AbstractMesh((8,), ("data",))) is None
+
+
 # --- Expert-parallel MoE against a NumPy loop (one 4-device subprocess). ---
 
 E, D, F, T = 8, 16, 32, 8

@@ -218,6 +218,19 @@ def param_shardings(abstract_boxed_params: Any, mesh, rules: Rules) -> Any:
   return jax.tree.map(one, specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
+def expert_split_warning(num_experts: int, mesh) -> str | None:
+  """Why ``mesh``'s expert axis will not split the experts, or None when it will.
+
+  A count the axis does not divide is replicated (``fit_spec``), which is valid but
+  turns expert parallelism off: every device then holds and runs every expert.
+  """
+  size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1)
+  if num_experts and size > 1 and num_experts % size:
+    return (f"warning: model.moe.num_experts={num_experts} is not divisible by the mesh's "
+            f"expert axis ({size}): every device holds all experts (no expert parallelism)")
+  return None
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

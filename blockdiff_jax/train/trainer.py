@@ -163,6 +163,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = sharded.init_state(config.seed, start_params)
   if config.get("mesh") is not None:
     print(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
+    note = mesh_lib.expert_split_warning(mcfg.moe.num_experts if mcfg.moe else 0, sharded.mesh)
+    if note:
+      print(note, flush=True)
   counts = flops.param_counts(mcfg)
   logging.info("parameters: %s", counts)
   print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
