@@ -162,6 +162,7 @@ def test_ema_tracks_parameters(tiny_config, tmp_path):
 
 def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, tmp_path):
   cfg = _small(tiny_config, 2)  # No EMA.
+  cfg.model.moe.capacity_factor = 0.5  # Training may drop copies; inference must not.
   workdir = str(tmp_path / "run")
   trainer.run(cfg, workdir)
   # Asks for EMA (absent) on a mesh needing 2 devices (this process has one).
@@ -169,8 +170,10 @@ def test_load_for_inference_falls_back_to_params_and_to_one_device(tiny_config, 
   wants.mesh = mesh_lib.default_mesh_config()
   wants.mesh.data = 2
   wants.mesh.fsdp = 1
-  config, _, _, params = inference.load_for_inference(workdir, wants, use_ema=True)
+  config, model, _, params = inference.load_for_inference(workdir, wants, use_ema=True)
   assert config.get("mesh") is None
+  assert config.model.moe.capacity_factor == model.cfg.moe.capacity_factor == 0.0
+  assert wants.model.moe.capacity_factor == 0.5  # The caller's config is left as it was.
   raw = _params(workdir)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(raw)):
     np.testing.assert_array_equal(a, b)

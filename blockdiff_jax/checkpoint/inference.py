@@ -113,6 +113,14 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
       (``fold_adapters``); the returned config then has ``model.lora.rank = 0``.
   """
   config = checkpoints.load_config(workdir) if config is None else config
+  moe = config.model.get("moe")
+  if moe is not None and moe.get("num_experts") and moe.get("capacity_factor", 0.0):
+    # The capacity bounds training's all-to-all buffers by dropping token copies past
+    # it; at inference a row's answer would then depend on the rows sharing its device.
+    config = config.copy_and_resolve_references()
+    config.model.moe.capacity_factor = 0.0
+    print("model.moe.capacity_factor set to 0 for inference (dropless expert dispatch)",
+          flush=True)
   config, model, tokenizer = initial.build_model(config, workdir)
   if config.get("mesh") is not None:
     try:
