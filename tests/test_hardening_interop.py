@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import zlib
 
 import jax
 import numpy as np
@@ -93,7 +94,7 @@ def test_gguf_with_llama3_rope_factors_is_refused(tmp_path, monkeypatch):
 def _random_adapters(params, seed=1):
   key = jax.random.key(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: 0.5 * jax.random.normal(jax.random.fold_in(key, hash(str(p)) % 2**31),
+      lambda p, x: 0.5 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(str(p).encode())),
                                            x.shape) if lora.is_lora_path(p) else x, params)
 
 

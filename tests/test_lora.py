@@ -1,5 +1,7 @@
 """Gated LoRA: fresh adapters equal the base; gated adapters leave clean tokens exact."""
 
+import zlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,12 +49,13 @@ def _split(params):
 
 
 def _perturb(params, seed=1):
-  """LoRA B (and A) set to random nonzero values."""
+  """LoRA B (and A) set to random nonzero values (the same in every process: crc32, not
+  the per-process salted ``hash``)."""
   key = jax.random.PRNGKey(seed)
   def f(path, p):
     keys = tuple(getattr(k, "key", k) for k in path)
     if lora.is_lora_path(keys):
-      return 0.5 * jax.random.normal(jax.random.fold_in(key, hash(keys) % 2**31), p.shape)
+      return 0.5 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(repr(keys).encode())), p.shape)
     return p
   return jax.tree_util.tree_map_with_path(f, params)
 
