@@ -27,7 +27,6 @@ import functools
 import math
 from typing import Any
 
-import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
