@@ -30,7 +30,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from blockdiff_jax import masks
 from blockdiff_jax.checkpoint import checkpoints
@@ -47,56 +46,6 @@ def heldout_answers(config, workdir: str, n: int) -> list[tuple[str, str]]:
   recs = sft.load_records("distilled", "validation", config.data.validation_fraction, n,
                           workdir=workdir)
   return [(r[0], r[1]) for r in recs]
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of ``workdir``'s run, newest first (none: [])."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not checkpoints.has_checkpoint(directory):
-    return []
-  # Orbax's own listing: it leaves out unfinished (temporary) step folders, as the
-  # restore does, which a plain listing of the folder names would count.
-  manager = ocp.CheckpointManager(directory,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    return sorted(manager.all_steps(), reverse=True)
-  finally:
-    manager.close()
-
-
-def load_newest(workdir: str, config, step: int | None):
-  """(step loaded, ``load_for_inference``'s 4-tuple): the step the params really are.
-
-  ``load_for_inference`` with no step falls back to an older step when the newest does
-  not restore, without saying which it took; asking for each step explicitly, newest
-  first, keeps that fallback and learns the step.
-
-  Args:
-    workdir: the run.
-    config: its config (passed on to ``load_for_inference``).
-    step: the step to load (no fallback), or None for the newest that restores.
-
-  Returns:
-    (step, (config, model, tokenizer, params)); step is None when the run has no
-    checkpoint and ``load_for_inference`` gave the config's starting weights.
-
-  Raises:
-    checkpoints.CorruptCheckpointError: when no step restores (every step's reason).
-  """
-  if step is not None:
-    return step, inference.load_for_inference(workdir, config, step=step)
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    return None, inference.load_for_inference(workdir, config)
-  failures = []
-  for s in steps:
-    try:
-      return s, inference.load_for_inference(workdir, config, step=s)
-    except checkpoints.CorruptCheckpointError as e:  # Incompatible shapes still raise.
-      failures.append(f"step {s}: {e}")
-      print(f"{e}; trying an older one", flush=True)
-  raise checkpoints.CorruptCheckpointError(f"no checkpoint in {workdir} restores: " +
-                                           "; ".join(failures))
 
 
 def build_rows(tok, pairs, keeps, span: int, width: int, block: int):
@@ -136,8 +85,8 @@ def main():
   args = ap.parse_args()
   t0 = time.time()
   config = checkpoints.load_config(args.workdir)
-  step, (config, model, tok, params) = load_newest(
-      args.workdir, config, None if args.step < 0 else args.step)
+  config, model, tok, params, step = inference.load_for_inference(
+      args.workdir, config, step=None if args.step < 0 else args.step, return_step=True)
   block = config.diffusion.block_size
   width = config.data.seq_len
   pairs = heldout_answers(config, args.workdir, args.prompts)

@@ -106,6 +106,8 @@ def test_load_for_inference_falls_back_past_a_corrupt_latest_checkpoint(workdir,
   assert "checkpoint step 4" in out and "restored checkpoint step 2 instead of step 4" in out
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The loader says which step it fell back to.
+  assert inference.load_for_inference(workdir, use_ema=False, return_step=True)[4] == 2
 
 
 def test_flipped_bits_are_never_loaded_silently(trained, tmp_path):

@@ -228,13 +228,14 @@ def test_fastdllm_suffix_probe_records_the_step_it_loaded(tmp_path, monkeypatch)
   checkpoints.save_config(config_lib.base_config(), str(run))
   loaded = []
 
-  def load_for_inference(workdir, config, step=None):
+  def load_for_inference(workdir, config, step=None, return_step=False):
     # The real restore (fallback when step is None, none for an explicit step) of a
     # tree whose values name the step they were saved at.
     abstract = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
-    params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+    restored, params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"),
+                                                  abstract, step, return_step=True)
     loaded.append(float(np.asarray(params["w"])[0, 0]))
-    return config, "model", "tok", params
+    return (config, "model", "tok", params) + ((restored,) if return_step else ())
 
   monkeypatch.setattr(mod, "inference", types.SimpleNamespace(
       load_for_inference=load_for_inference,

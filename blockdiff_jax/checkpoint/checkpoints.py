@@ -263,7 +263,8 @@ def has_checkpoint(checkpoint_dir: str) -> bool:
 
 
 def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None,
-                   subtree: str = "params", fallback_subtree: str | None = None) -> Any:
+                   subtree: str = "params", fallback_subtree: str | None = None,
+                   return_step: bool = False) -> Any:
   """Restores only ``state/<subtree>`` (the params) of a checkpoint, onto any mesh.
 
   Orbax partial restore reads just the requested arrays, and each device reads
@@ -277,9 +278,12 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
     subtree: the field of the train state to restore (``ema_params`` for EMA).
     fallback_subtree: restored instead when the checkpoint lacks ``subtree`` (e.g.
       ``params`` when EMA was off).
+    return_step: also return the step restored (with ``step=None`` an older one than
+      the newest when newer steps do not restore).
 
   Returns:
-    The params, laid out as ``abstract_params``' shardings say.
+    The params, laid out as ``abstract_params``' shardings say; ``(step, params)`` with
+    ``return_step``.
   """
   checkpoint_dir = os.path.abspath(checkpoint_dir)
   if not os.path.isdir(checkpoint_dir):
@@ -313,10 +317,10 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
       raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
                               f"{list(manager.all_steps())})")
     steps = [step] if explicit else list(manager.all_steps())
-    _, params = _restore_newest(checkpoint_dir, steps, restore_step, explicit)
+    restored, params = _restore_newest(checkpoint_dir, steps, restore_step, explicit)
   finally:
     manager.close()
-  return params
+  return (restored, params) if return_step else params
 
 
 def _state_tree(checkpoint_dir: str, step: int | None) -> tuple[str, dict]:

@@ -91,7 +91,7 @@ def _check_mask_kept(workdir: str, model: nn.Module) -> None:
 
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
                        step: int | None = None, use_ema: bool = True,
-                       merge_lora: bool = True):
+                       merge_lora: bool = True, return_step: bool = False):
   """Loads (config, model, tokenizer, params) from a training workdir.
 
   Only the parameters are read (Orbax partial restore through tensorstore; the
@@ -111,6 +111,8 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
     use_ema: return the EMA parameters when the run kept them.
     merge_lora: fold plain (ungated) LoRA adapters into the base weights
       (``fold_adapters``); the returned config then has ``model.lora.rank = 0``.
+    return_step: append the checkpoint step the params come from (the newest that
+      restores when ``step`` is None; None for starting weights) to the tuple.
   """
   config = checkpoints.load_config(workdir) if config is None else config
   moe = config.model.get("moe")
@@ -145,12 +147,13 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
             flush=True)
       if merge_lora:
         config, model, params = fold_adapters(config, model, params)
-      return config, model, tokenizer, params
+      return (config, model, tokenizer, params) + ((None,) if return_step else ())
   _check_adapters_kept(workdir, model)
   _check_mask_kept(workdir, model)
-  params = checkpoints.restore_params(
+  restored, params = checkpoints.restore_params(
       checkpoint_dir, abstract, step,
-      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+      subtree="ema_params" if use_ema else "params", fallback_subtree="params",
+      return_step=True)
   if merge_lora:
     config, model, params = fold_adapters(config, model, params)
-  return config, model, tokenizer, params
+  return (config, model, tokenizer, params) + ((restored,) if return_step else ())
