@@ -41,20 +41,35 @@ CASES = {
     "explicit_ep2_tp2": ((1, 2, 2, 2), 8, "ragged_dot", 0.0, "all_to_all", "explicit"),
     "explicit_gather": ((1, 2, 2, 2), 8, "ragged_dot", 0.0, "gather", "explicit"),
     "ep8_capacity": ((1, 1, 8, 1), 8, "ragged_dot", 0.75, "all_to_all", "auto"),
+    # The same with padding (segment id -1) at the end of every other row.
+    "ep8_capacity_padded": ((1, 1, 8, 1), 8, "ragged_dot", 0.75, "all_to_all", "auto"),
     # 2 experts and 2 rows per shard.
     "ep4_tp2_capacity": ((1, 1, 4, 2), 8, "tiled", 0.75, "all_to_all", "auto"),
 }
 T = 12
+PAD = 7  # Padded cases: the last PAD tokens of every even row are padding.
 
 
-def dropped_copies(experts: np.ndarray, ep: int, capacity_factor: float) -> np.ndarray:
+def padding_valid(batch: int, padded: bool) -> np.ndarray:
+  """[B, T] bool, False at the padding of a ``*_padded`` case."""
+  valid = np.ones((batch, T), bool)
+  if padded:
+    valid[::2, T - PAD:] = False
+  return valid
+
+
+def dropped_copies(experts: np.ndarray, ep: int, capacity_factor: float,
+                   valid: np.ndarray | None = None) -> np.ndarray:
   """Which copies [B, T, k] an all-to-all over ep shards with this capacity drops.
 
-  The B rows are split evenly over the ep devices. Each device walks its copies
-  in (row, token, slot) order and keeps the first C bound for each destination
-  shard (the shard holding experts [s * E/ep, (s + 1) * E/ep)).
+  The B rows are split evenly over the ep devices. Each device walks its real
+  tokens' copies in (row, token, slot) order and keeps the first C bound for each
+  destination shard (the shard holding experts [s * E/ep, (s + 1) * E/ep)).
+  Padding (``valid`` False) is skipped: it takes no slot and is never "dropped".
   """
   b, t, k = experts.shape
+  if valid is None:
+    valid = np.ones((b, t), bool)
   rows = b // ep
   n = rows * t
   e_local = E // ep
@@ -62,9 +77,12 @@ def dropped_copies(experts: np.ndarray, ep: int, capacity_factor: float) -> np.n
   drop = np.zeros(experts.shape, bool)
   for dev in range(ep):
     flat = experts[dev * rows:(dev + 1) * rows].reshape(-1)
+    real = np.repeat(valid[dev * rows:(dev + 1) * rows].reshape(-1), k)
     kept = np.zeros(ep, int)
     mine = np.zeros(flat.shape, bool)
     for i, e in enumerate(flat):
+      if not real[i]:
+        continue
       dest = e // e_local
       mine[i] = kept[dest] >= cap
       kept[dest] += 1
@@ -93,7 +111,9 @@ def _worker(out_path: str, tmp: str) -> None:
                           capacity_factor=capacity, expert_parallel=mode)
       layer = moe.MoEFeedForward(cfg)
       x = jax.random.normal(jax.random.key(0), (batch, T, D))
-      meta = masks.make_meta(jnp.broadcast_to(jnp.arange(T), (batch, T)), 4, masks.CLEAN)
+      valid = padding_valid(batch, name.endswith("_padded"))
+      meta = masks.make_meta(jnp.broadcast_to(jnp.arange(T), (batch, T)), 4, masks.CLEAN,
+                             segment_ids=np.where(valid, 0, -1))
       boxed = jax.eval_shape(lambda: layer.init(jax.random.key(1), x, meta))["params"]
       params = jax.tree.map(lambda b: b.value, layer.init(jax.random.key(1), x, meta)["params"],
                             is_leaf=lambda b: hasattr(b, "names"))
@@ -131,7 +151,10 @@ def _worker(out_path: str, tmp: str) -> None:
       if capacity:
         # The reference: the one-device layer with the dropped copies' weights zeroed.
         experts = moe.route(jnp.einsum("btd,de->bte", x, params["router"]), meta, cfg)[2]
-        drop = jnp.asarray(dropped_copies(np.asarray(experts), sizes[2], capacity))
+        drop = dropped_copies(np.asarray(experts), sizes[2], capacity, valid)
+        want_fraction = drop.sum() / (valid.sum() * K)
+        # Padding copies never travel: they add zeros, like dropped ones.
+        drop = jnp.asarray(drop | ~valid[..., None])
 
         def ref_loss(params, x):
           _, weights, experts, _ = moe.route(
@@ -146,7 +169,7 @@ def _worker(out_path: str, tmp: str) -> None:
                                                    has_aux=True)(params, x)
         out["drop_ref_diff"] = diff(y, want)
         out["drop_ref_grad_diff"] = diff(grads, want_grads)
-        out["want_dropped_fraction"] = float(drop.mean())
+        out["want_dropped_fraction"] = float(want_fraction)
       return out
 
   report.write()
@@ -183,6 +206,16 @@ def test_capacity_drops_the_copies_past_the_buffer(report, name):
   assert r["dropped_fraction"] == pytest.approx(r["want_dropped_fraction"])
   assert r["drop_ref_diff"] < 1e-5 and r["drop_ref_grad_diff"] < 1e-4, r
   assert r["ref_dropped_fraction"] == 0.0  # One device: no buffer, nothing dropped.
+
+
+def test_padding_takes_no_capacity_slot():
+  # E=8 over ep=2, C=2 slots per destination (as below). Row 0's first token is
+  # padding: without it the row's real copies 1,2,3 to shard 0 keep 1 and 2.
+  experts = np.array([[[0, 5], [1, 2], [3, 4]], [[7, 6], [5, 4], [6, 0]]])
+  valid = np.array([[False, True, True], [True, True, True]])
+  drop = dropped_copies(experts, 2, 0.5, valid)
+  assert drop.tolist() == [[[False, False], [False, False], [True, False]],
+                           [[False, False], [True, True], [True, False]]]
 
 
 def test_capacity_reference_drops_the_latest_copies_per_destination():

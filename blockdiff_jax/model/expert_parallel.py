@@ -22,7 +22,9 @@ worst case ``N · min(k, E/ep)`` (a token's k experts are distinct, so at most
 ``min(k, E/ep)`` of them live on one shard) unless ``moe.capacity_factor`` > 0
 sets ``C = ceil(capacity_factor · N·k / ep)`` (GShard-style): a shard's copies
 past ``C``, in token order, are dropped (they add zero) and counted in the
-``dropped_fraction`` statistic. The capacity applies only where copies travel
+``dropped_fraction`` statistic. Padding copies (``segment_ids < 0``) never
+travel: they take no slot, count as neither kept nor dropped, and give zeros, so a
+padded batch drops no more real copies than its real tokens alone would. The capacity applies only where copies travel
 (tokens split over ``ep > 1`` shards); one device and replicated tokens (one-prompt
 sampling) stay dropless, so train and inference can differ when it is set.
 The dropless buffer holds ``ep · min(k, E/ep) / k`` times the average load, the
@@ -139,8 +141,8 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
 
 
 def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weights: Array,
-                       wg: Array, wu: Array, wd: Array,
-                       ffn: Callable[..., Array]) -> tuple[Array, Array]:
+                       wg: Array, wu: Array, wd: Array, ffn: Callable[..., Array],
+                       valid: Array | None = None) -> tuple[Array, Array]:
   """MoE dispatch with expert parallelism (see the module docstring).
 
   Args:
@@ -151,25 +153,31 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
     wg, wu: gate/up weights [E, D, F]; wd: down weights [E, F, D].
     ffn: ``ffn(rows, ids, wg, wu, wd) -> [M, D]``, the local grouped SwiGLU, void
       rows (id >= local experts) giving zeros (``moe.expert_ffn``).
+    valid: [B, T] bool, False at padding (whose copies are not sent and give zeros
+      where tokens travel); None means every token is real.
 
   Returns:
-    y [B, T, D] and the number of dropped token copies (a float scalar).
+    y [B, T, D] and the number of dropped copies of real tokens (a float scalar).
   """
   c, ep, axes = plan.capacity, plan.ep, plan.ep_axes
   row_spec = P(*plan.token_spec[:2])
 
-  def _exchange(x, flat, k, e_local, wg, wu, wd):
+  def _exchange(x, flat, real, k, e_local, wg, wu, wd):
     """Copies to their experts' shards and back: -> results [N*k, D], number dropped."""
     n, d = x.shape
     # Grouped by destination shard, in token order within each: a capacity limit
     # then drops a shard's latest copies (GShard's position order) rather than
     # starving its highest-numbered experts. The receiver groups by expert itself.
-    order = jnp.argsort(flat // e_local, stable=True)
+    # Padding copies get destination ep (past every shard): they sort last and take
+    # no slot, so they cannot push a real token's copy past the capacity.
+    dest_of = jnp.where(real, flat // e_local, ep)
+    order = jnp.argsort(dest_of, stable=True)
     sorted_experts = flat[order]
-    dest = sorted_experts // e_local
-    counts = jnp.bincount(flat // e_local, length=ep)
+    dest = dest_of[order]
+    counts = jnp.bincount(dest_of, length=ep + 1)
     rank = jnp.arange(n * k) - (jnp.cumsum(counts) - counts)[dest]
-    kept = rank < c
+    travels = dest < ep
+    kept = travels & (rank < c)
     slot = jnp.where(kept, dest * c + rank, ep * c)  # Out of range: dropped by the scatter.
     send_x = jnp.zeros((ep * c, d), x.dtype).at[slot].set(x[order // k], mode="drop")
     send_ids = jnp.full((ep * c,), e_local, jnp.int32).at[slot].set(
@@ -179,9 +187,9 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
     y_recv = ffn(recv_x, recv_ids, wg, wu, wd)
     y_back = jax.lax.all_to_all(y_recv, axes, 0, 0, tiled=True)
     y_sorted = y_back.at[slot].get(mode="fill", fill_value=0)
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted), jnp.sum(~kept)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted), jnp.sum(travels & ~kept)
 
-  def body(x, experts, weights, wg, wu, wd):
+  def body(x, experts, weights, valid, wg, wu, wd):
     b, t, d = x.shape
     k = experts.shape[-1]
     n = b * t
@@ -189,7 +197,8 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
     flat = experts.reshape(n * k)
     reduce_axes = plan.hidden_axes
     if plan.tokens_split:
-      y_copies, dropped = _exchange(x.reshape(n, d), flat, k, e_local, wg, wu, wd)
+      real = jnp.repeat(valid.reshape(n), k)
+      y_copies, dropped = _exchange(x.reshape(n, d), flat, real, k, e_local, wg, wu, wd)
     else:
       # Tokens are replicated over the expert axes (or there are none): apply this
       # shard's experts to every copy meant for them (others are void), add the shards.
@@ -208,9 +217,11 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
       y = jax.lax.psum(y, reduce_axes)
     return y.reshape(b, t, d), dropped.astype(jnp.float32).reshape(1, 1)
 
-  in_specs = (plan.token_spec, row_spec, row_spec, plan.gate_spec, plan.gate_spec,
+  if valid is None:
+    valid = jnp.ones(x.shape[:2], bool)
+  in_specs = (plan.token_spec, row_spec, row_spec, row_spec, plan.gate_spec, plan.gate_spec,
               plan.down_spec)
-  args = (x, experts, weights, wg, wu, wd)
+  args = (x, experts, weights, valid, wg, wu, wd)
   if sharding.explicit_mesh() is not None:
     # Typed shardings must equal in_specs; this is where ZeRO-3 gathers embed.
     args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, in_specs))

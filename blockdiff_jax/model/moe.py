@@ -271,7 +271,8 @@ class MoEFeedForward(nn.Module):
     if plan is not None:
       ffn = lambda *a: expert_ffn(*a, cfg=cfg)
       y, dropped = expert_parallel.all_to_all_experts(
-          plan, x.astype(self.dtype), experts, weights, wg, wu, wd, ffn)
+          plan, x.astype(self.dtype), experts, weights, wg, wu, wd, ffn,
+          valid=meta.segment_ids >= 0)
     else:
       def dispatch(x, experts, weights, wg, wu, wd):
         return local_experts(x.reshape(b * t, d), experts.reshape(b * t, -1),
@@ -306,8 +307,8 @@ class MoEFeedForward(nn.Module):
         "router_z_loss": jnp.sum(z * z * valid) / n_valid,
         "tokens_per_expert": counts,
         "unique_experts": jnp.sum(counts > 0).astype(jnp.float32),
-        # Token copies an expert-parallel capacity limit dropped, over all copies.
-        "dropped_fraction": dropped / (b * t * cfg.top_k),
+        # Real tokens' copies an expert-parallel capacity limit dropped, over their copies.
+        "dropped_fraction": dropped / (n_valid * cfg.top_k),
     }
     return y.astype(x.dtype), stats
 
