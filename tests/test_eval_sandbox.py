@@ -2,18 +2,26 @@
 
 Every hostile program runs under conservative limits (<= 512 MiB address space,
 <= 16 processes, a few seconds), and the ones that rely on kernel-level layers
-with the in-process guard switched off are skipped where those layers are not
-available, so that they can never harm the machine running the tests.
+with the in-process guard switched off run only where the sandbox applies
+those layers, so that they can never harm the machine running the tests.
+
+Where a layer is missing they are skipped only if the kernel itself cannot
+give it (not root, a container without CAP_SYS_ADMIN, no ``ldd``), checked by
+a small probe independent of `sandbox`; a layer the kernel allows but the
+sandbox failed to set up is a test failure, never a silent skip.
 """
 
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import os
 import secrets
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -30,9 +38,76 @@ AVAILABLE = sandbox.available_isolation()
 _leftover_processes = sandbox._uid_processes  # pylint: disable=protected-access
 
 
-def _needs(feature):
-  return pytest.mark.skipif(feature not in AVAILABLE,
-                            reason=f"kernel layer {feature!r} unavailable here")
+# Tries the kernel primitive behind one layer in a throw-away interpreter (its
+# namespaces die with it); prints why it failed, or nothing.
+_KERNEL_PROBE = r'''
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(what):
+  e = ctypes.get_errno()
+  print("the kernel refused %s: %s (errno %d)" % (what, os.strerror(e), e))
+  sys.exit(0)
+feature = sys.argv[1]
+if feature == "netns" and libc.unshare(0x40000000) != 0:
+  refused("unshare(CLONE_NEWNET)")
+if feature == "private_fs":
+  if libc.unshare(0x00020000) != 0:
+    refused("unshare(CLONE_NEWNS)")
+  if libc.mount(None, b"/", None, (1 << 18) | 16384, None) != 0:
+    refused("making / a private mount")
+  if libc.mount(b"tmpfs", sys.argv[2].encode(), b"tmpfs", 0, None) != 0:
+    refused("mounting a tmpfs")
+if feature == "uid":
+  try:
+    os.setgroups([]); os.setgid(1999999999); os.setuid(1999999999)
+  except OSError as e:
+    print("the kernel refused setuid: %s" % e)
+    sys.exit(0)
+  if not os.access(sys.executable, os.X_OK):
+    print("EXEC_DENIED")
+'''
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_refusal(feature):
+  """Why this machine cannot give layer `feature` at all, or None if it can."""
+  if os.geteuid() != 0:
+    return "not root (every kernel layer needs root)"
+  if feature == "private_fs" and shutil.which("ldd") is None:
+    return "no ldd to list the interpreter's shared libraries"
+  with tempfile.TemporaryDirectory() as mountpoint:
+    said = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _KERNEL_PROBE, feature, mountpoint],
+        capture_output=True, text=True, check=True).stdout.strip()
+  if said == "EXEC_DENIED":
+    # The sandbox then runs the uid inside private_fs (see sandbox._probe).
+    if _kernel_refusal("private_fs") is None:
+      return None
+    return (f"{sys.executable} is not executable by other uids, and "
+            f"private_fs is unavailable ({_kernel_refusal('private_fs')})")
+  return said or None
+
+
+def _require_layers(*features, any_of=False):
+  """Skips unless the sandbox applies `features` (or one of them, `any_of`).
+
+  Skips only where the kernel cannot give a missing layer; one that the kernel
+  allows but `sandbox.available_isolation` lacks fails the test instead.
+  """
+  missing = [f for f in features if f not in AVAILABLE]
+  if not missing or (any_of and len(missing) < len(features)):
+    return
+  broken = [f for f in missing if _kernel_refusal(f) is None]
+  if broken:
+    pytest.fail(f"the kernel allows layers {broken} here, but the sandbox "
+                f"found only {sorted(AVAILABLE)}: its setup of them is broken")
+  pytest.skip("; ".join(f"{f}: {_kernel_refusal(f)}" for f in missing))
+
+
+def test_available_isolation_is_exactly_what_the_kernel_allows():
+  for feature in sandbox.ISOLATION_FEATURES:
+    refusal = _kernel_refusal(feature)
+    assert (feature in AVAILABLE) == (refusal is None), (feature, refusal)
 
 
 def _run(source, limits=LIMITS):
@@ -145,8 +220,8 @@ def test_huge_file_write_hits_file_size_limit():
 
 @pytest.mark.parametrize("limits", [LIMITS, NO_GUARD], ids=["guard", "os"])
 def test_write_outside_sandbox_leaves_no_file(tmp_path, limits):
-  if not limits.guard and not {"private_fs", "uid"} & AVAILABLE:
-    pytest.skip("no kernel-level write protection here")
+  if not limits.guard:
+    _require_layers("private_fs", "uid", any_of=True)
   # World-writable, as /tmp is: only the guard or a read-only mount stop it.
   os.chmod(tmp_path, 0o777)
   target = tmp_path / "escaped.txt"
@@ -161,8 +236,8 @@ def test_write_outside_sandbox_leaves_no_file(tmp_path, limits):
 
 @pytest.mark.parametrize("limits", [LIMITS, NO_GUARD], ids=["guard", "os"])
 def test_socket_to_localhost_fails(limits):
-  if not limits.guard and "netns" not in AVAILABLE:
-    pytest.skip("no network namespace here")
+  if not limits.guard:
+    _require_layers("netns")
   with socket.socket() as server:
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -190,10 +265,10 @@ def test_fork_bomb_blocked_by_guard():
   assert "os.fork is disabled" in result.detail
 
 
-@_needs("uid")
 def test_fork_bomb_contained_by_process_limit():
   # Without the guard the bomb really forks: RLIMIT_NPROC of the throw-away
   # uid caps it at 16 processes, and the timeout kills all of them.
+  _require_layers("uid")
   start = time.monotonic()
   result = _run("""\
       import os
@@ -210,8 +285,8 @@ def test_fork_bomb_contained_by_process_limit():
   _assert_sandbox_still_works()
 
 
-@_needs("uid")
 def test_setsid_escapee_is_killed_after_run():
+  _require_layers("uid")
   result = _run("""\
       import os, time
       if os.fork() == 0:
@@ -223,23 +298,44 @@ def test_setsid_escapee_is_killed_after_run():
   assert not _leftover_processes(result.uid)
 
 
-@_needs("uid")
 def test_kill_everything_only_reaches_own_processes():
   # As root this would kill the whole machine; as the sandbox uid, nothing.
-  result = _run("import os\nos.kill(-1, 9)\nprint('alive')", NO_GUARD)
-  assert result.status in ("passed", "killed")
+  _require_layers("uid")
+  bystander = subprocess.Popen(["sleep", "60"])
+  try:
+    result = _run("import os\nos.kill(-1, 9)\nprint('alive')", NO_GUARD)
+    assert result.status in ("passed", "killed")
+    assert bystander.poll() is None  # Our own process outlived the kill(-1).
+  finally:
+    bystander.kill()
+    bystander.wait()
   _assert_sandbox_still_works()
 
 
-@_needs("uid")
 def test_private_files_are_unreadable():
-  if not os.path.exists("/etc/shadow"):
-    pytest.skip("no /etc/shadow")
-  result = _run("open('/etc/shadow').read()", NO_GUARD)
-  assert result.status == "failed"
-  # Unreadable to the uid, or (private_fs) not in the sandbox's view at all.
-  assert ("PermissionError" in result.detail or
-          "FileNotFoundError" in result.detail), result.detail
+  _require_layers("uid")
+  # Our own root-only file (no reliance on /etc/shadow existing), in a folder
+  # every uid may enter, so only the file's own mode stands in the way.
+  folder = tempfile.mkdtemp(prefix="blockdiff_test_secret_")
+  secret = os.path.join(folder, "secret.txt")
+  try:
+    os.chmod(folder, 0o755)
+    with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+      f.write("hidden")
+    program = f"print(open({secret!r}).read())"
+    result = _run(program, NO_GUARD)
+    assert result.status == "failed" and "hidden" not in result.stdout
+    assert "uid" in result.isolation
+    # Unreadable to the uid, or (private_fs) not in the sandbox's view at all.
+    assert ("PermissionError" in result.detail or
+            "FileNotFoundError" in result.detail), result.detail
+    host_fs = dataclasses.replace(NO_GUARD, private_filesystem=False)
+    if "uid" not in sandbox.missing_isolation(host_fs):
+      # The host's files in view: the uid alone must refuse it.
+      result = _run(program, host_fs)
+      assert result.status == "failed" and "PermissionError" in result.detail
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_hostile_programs_in_parallel_do_not_stop_the_run(tmp_path):
@@ -290,9 +386,8 @@ def _sandbox_pids_with_file(name, marker):
   return found
 
 
-@pytest.mark.skipif(not {"private_fs", "uid"} <= AVAILABLE,
-                    reason="needs the private_fs and uid layers")
 def test_sandbox_cannot_read_another_sandboxs_files():
+  _require_layers("private_fs", "uid")
   marker = secrets.token_hex(16)
   hidden = secrets.token_hex(16)
   limits_a = sandbox.SandboxLimits(timeout_s=120.0, memory_mb=512)
@@ -357,9 +452,8 @@ def test_sandbox_cannot_read_another_sandboxs_files():
     assert not os.path.exists(d) or stat.S_IMODE(os.stat(d).st_mode) == 0o700
 
 
-@pytest.mark.skipif(not {"private_fs", "netns"} <= AVAILABLE,
-                    reason="needs the private_fs and netns layers")
 def test_host_unix_sockets_are_unreachable():
+  _require_layers("private_fs", "netns")
   folder = tempfile.mkdtemp(prefix="blockdiff_test_sock_")
   path = os.path.join(folder, "host.sock")
   abstract = "\0blockdiff_test_" + secrets.token_hex(8)
@@ -394,8 +488,8 @@ def test_host_unix_sockets_are_unreachable():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@_needs("uid")
 def test_fallback_without_private_fs_is_reported_and_private():
+  _require_layers("uid")
   limits = sandbox.SandboxLimits(timeout_s=5.0, memory_mb=512,
                                  private_filesystem=False)
   result = _run("""\

@@ -26,9 +26,11 @@ user turn(s) with the generation prompt, and the response ends with EOS; other
 tokenizers get ``BOS prompt SEP response EOS``.
 
 Held-out split (deterministic, documented): an example belongs to ``validation`` when
-the sha1 of its prompt text, read as a fraction of 2**160, is below
-``data.validation_fraction`` (``corpora.split_of``), else to ``train``; synthetic
-examples use the task generator's own disjoint validation stream.
+``int(sha1(prompt text)) % 1000 < 1000 * data.validation_fraction``
+(``corpora.split_of``; the fraction acts in steps of 0.001, so 0.0001 holds out 0.1%),
+else to ``train``; a chat record's prompt text is its messages before the response, as
+sorted-key JSON. Examples with the same prompt thus share a split. Synthetic examples
+use the task generator's own disjoint validation stream.
 
 The dataset (``pipeline.PackedSFTDataset``, ``data.corpus="sft"``) packs these rows.
 

@@ -135,6 +135,22 @@ def check_completion(problem: Problem, completion: str,
   return sandbox.run_program(source, limits=limits, call=call)
 
 
+def run_check(check: Callable[..., sandbox.Result], *args,
+              limits: sandbox.SandboxLimits = DEFAULT_LIMITS) -> sandbox.Result:
+  """``check(*args, limits=limits)``, or an "error" Result naming what it raised.
+
+  The scorers run every sample through this, so that one sample the sandbox
+  cannot even set up (a bug, a full disk) is scored as an error of its own
+  rather than ending the run and losing every other sample's result.
+  """
+  try:
+    return check(*args, limits=limits)
+  except Exception as e:  # pylint: disable=broad-except
+    return sandbox.Result("error", None, "", "", 0.0,
+                          f"{type(e).__name__}: {e}"[:300],
+                          sandbox.applied_isolation(limits), None)
+
+
 def select_problems(problems: Mapping[str, Problem],
                     spec: str) -> dict[str, Problem]:
   """The subset of `problems` named by `spec`, in task order.
@@ -206,6 +222,8 @@ def score_samples(samples: Sequence[Mapping],
     problems: problems by task_id; default all of HumanEval.
     ks: k values for pass@k.
     workers: sandboxes running at once (each is one process).
+      A sample whose check raised instead of running is scored "error"
+      (`run_check`); the others are still scored.
     limits: sandbox limits per sample.
     progress: stream for progress lines (None: silent).
 
@@ -247,8 +265,9 @@ def score_samples(samples: Sequence[Mapping],
   results: list[sandbox.Result | None] = [None] * len(samples)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     futures = {
-        pool.submit(check_completion, problems[s["task_id"]], s["completion"],
-                    limits): i for i, s in enumerate(samples)}
+        pool.submit(run_check, check_completion, problems[s["task_id"]],
+                    s["completion"], limits=limits): i
+        for i, s in enumerate(samples)}
     for future in concurrent.futures.as_completed(futures):
       results[futures[future]] = future.result()
       meter.update()
@@ -374,10 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError:
     parser.error(f"--k must be comma-separated integers, got {args.k!r}")
 
-  samples = read_jsonl(args.samples)
-  limits = sandbox.SandboxLimits(timeout_s=args.timeout,
-                                 memory_mb=args.memory_mb,
-                                 site_packages=args.site_packages)
+  try:
+    limits = sandbox.SandboxLimits(timeout_s=args.timeout,
+                                   memory_mb=args.memory_mb,
+                                   site_packages=args.site_packages)
+  except ValueError as e:
+    parser.error(str(e))
+  try:
+    samples = read_jsonl(args.samples)
+  except (OSError, ValueError) as e:  # The message names the file (and line).
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   missing = sandbox.missing_isolation(limits)
   if missing:
     print(f"WARNING: sandbox isolation layers unavailable here: "

@@ -19,7 +19,9 @@ function body that follows the prompt):
   candidates (the full, much larger benchmark).
 
 For every task ``prefix + middle + suffix == prompt + canonical_solution``
-exactly; the middle keeps its indentation and trailing newline.
+exactly; the middle keeps its indentation and trailing newline. A candidate
+middle is checked as `join_infill` writes it: one without its final newline
+still ends its line rather than running into the suffix.
 """
 
 from __future__ import annotations
@@ -188,8 +190,24 @@ def make_tasks(problems: Mapping[str, Mapping[str, str]] | None = None,
   return tasks
 
 
+def join_infill(task: InfillTask, middle: str) -> str:
+  """prefix + `middle` + suffix, the middle ending its own last line.
+
+  Holes are whole lines, so the suffix starts a line. A middle that stops right
+  after its last character (a model ending at EOS without the newline) would
+  otherwise glue onto the suffix's first line and turn a correct answer into a
+  syntax error; as line-level infilling evaluations do (the infill is joined to
+  the suffix by a newline), a non-empty middle gets its final newline here. An
+  empty middle is left empty: there is no line to end.
+  """
+  if middle and not middle.endswith("\n"):
+    middle += "\n"
+  return task.prefix + middle + task.suffix
+
+
 def build_infill_program(task: InfillTask, middle: str) -> str:
-  return (task.prefix + middle + task.suffix + "\n" + task.test + "\n" +
+  """The whole check program of `middle` (`join_infill` plus the tests)."""
+  return (join_infill(task, middle) + "\n" + task.test + "\n" +
           f"check({task.entry_point})")
 
 
@@ -198,10 +216,11 @@ def check_infill(task: InfillTask, middle: str,
                  ) -> sandbox.Result:
   """Runs the problem's tests on prefix + `middle` + suffix in the sandbox.
 
-  As in `humaneval.check_completion`, the final check call goes to the sandbox
-  as its ``call``, so only a check that returned counts as passed.
+  The code is `join_infill` (a middle lacking its final newline still ends its
+  line). As in `humaneval.check_completion`, the final check call goes to the
+  sandbox as its ``call``, so only a check that returned counts as passed.
   """
-  source = task.prefix + middle + task.suffix + "\n" + task.test
+  source = join_infill(task, middle) + "\n" + task.test
   return sandbox.run_program(source, limits=limits,
                              call=f"check({task.entry_point})")
 
@@ -211,6 +230,9 @@ def score_infills(tasks: Sequence[InfillTask], middles: Sequence[str],
                   limits: sandbox.SandboxLimits = humaneval.DEFAULT_LIMITS
                   ) -> dict:
   """Checks one middle per task; pass rates overall and per kind.
+
+  A task whose check raised instead of running is scored "error"
+  (`humaneval.run_check`); the others are still scored.
 
   Returns:
     {"pass_rate": float, "pass_rate_by_kind": {kind: float},
@@ -225,8 +247,9 @@ def score_infills(tasks: Sequence[InfillTask], middles: Sequence[str],
   if not tasks:
     raise ValueError("no tasks to score")
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    results = list(pool.map(lambda tm: check_infill(*tm, limits=limits),
-                            zip(tasks, middles)))
+    results = list(pool.map(
+        lambda tm: humaneval.run_check(check_infill, *tm, limits=limits),
+        zip(tasks, middles)))
   rows = [{"task_id": t.task_id, "kind": t.kind, "passed": r.passed,
            "result": r.status, "detail": r.detail}
           for t, r in zip(tasks, results)]

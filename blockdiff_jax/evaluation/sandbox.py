@@ -565,6 +565,12 @@ def _layers(limits: SandboxLimits) -> frozenset[str]:
   return layers
 
 
+def applied_isolation(limits: SandboxLimits) -> tuple[str, ...]:
+  """`Result.isolation` of a run with `limits` here: "rlimits" and the layers."""
+  layers = _layers(limits)
+  return ("rlimits",) + tuple(f for f in ISOLATION_FEATURES if f in layers)
+
+
 def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
                 call: str | None = None) -> Result:
   """Runs a Python program in the sandbox and reports how it ended.
@@ -579,6 +585,16 @@ def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
       earlier exit, even with code 0, is "failed". None: exit code 0 passes.
 
   Returns:
-    A `Result`; never raises for anything the program does.
+    A `Result`; never raises for anything the program does. A program not
+    encodable as UTF-8 (a lone surrogate, e.g. JSON's "\\ud800") is "failed"
+    without running, as compile() refuses it too.
   """
+  for what, text in (("program", source), ("call", call or "")):
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      detail = (f"UnicodeEncodeError: the {what} holds {text[e.start]!r} at "
+                f"character {e.start}, which is not encodable as UTF-8")
+      return Result("failed", None, "", "", 0.0, detail,
+                    applied_isolation(limits), None)
   return _run(source, limits, _layers(limits), call)
