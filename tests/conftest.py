@@ -241,3 +241,38 @@ class WorkerReport:
     import json  # pylint: disable=g-import-not-at-top
     with open(self.out_path, "w", encoding="utf-8") as f:
       json.dump(self.results, f, indent=1)
+
+
+class RunningServer:
+  """A ``serving.server.Server`` on 127.0.0.1:<free port>, in a background thread with
+  its own event loop (the HTTP tests' client side stays synchronous)."""
+
+  def __init__(self, server):
+    import asyncio  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self.server = server
+    self.loop = asyncio.new_event_loop()
+    self.ready = threading.Event()
+    self.thread = threading.Thread(target=self._main, daemon=True)
+    self.thread.start()
+    self.ready.wait()
+    self.url = f"http://127.0.0.1:{self.port}"
+
+  def _main(self):
+    import asyncio  # pylint: disable=g-import-not-at-top
+    from aiohttp import web  # pylint: disable=g-import-not-at-top
+    asyncio.set_event_loop(self.loop)
+    self.runner = web.AppRunner(self.server.app(), handler_cancellation=True)
+    self.loop.run_until_complete(self.runner.setup())
+    site = web.TCPSite(self.runner, "127.0.0.1", 0)
+    self.loop.run_until_complete(site.start())
+    self.port = site._server.sockets[0].getsockname()[1]  # pylint: disable=protected-access
+    self.ready.set()
+    self.loop.run_forever()
+
+  def stop(self):
+    import asyncio  # pylint: disable=g-import-not-at-top
+    # Graceful: on_shutdown drains the engine, then the loop stops.
+    asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self.thread.join()

@@ -1,7 +1,6 @@
 """The HTTP server on 127.0.0.1 with a tiny random model: the official openai client,
 streaming, concurrency (batched answers equal each request alone) and error handling."""
 
-import asyncio
 import concurrent.futures
 import json
 import socket
@@ -11,7 +10,6 @@ import urllib.request
 
 import openai
 import pytest
-from aiohttp import web
 
 from blockdiff_jax import config as config_lib
 from blockdiff_jax.model import build
@@ -19,40 +17,12 @@ from blockdiff_jax.serving import engine as engine_lib
 from blockdiff_jax.serving import pool as pool_lib
 from blockdiff_jax.serving import protocol
 from blockdiff_jax.serving import server as server_lib
+from conftest import RunningServer
 
 MAX_LEN = 64
 BLOCK = 8
 MODEL = "tiny"
 EXTRA = {"policy": "threshold", "threshold": 0.05}
-
-
-class _Running:
-  """A server on 127.0.0.1:<free port> in a background thread with its own event loop."""
-
-  def __init__(self, server: server_lib.Server):
-    self.server = server
-    self.loop = asyncio.new_event_loop()
-    self.ready = threading.Event()
-    self.thread = threading.Thread(target=self._main, daemon=True)
-    self.thread.start()
-    self.ready.wait()
-    self.url = f"http://127.0.0.1:{self.port}"
-
-  def _main(self):
-    asyncio.set_event_loop(self.loop)
-    self.runner = web.AppRunner(self.server.app(), handler_cancellation=True)
-    self.loop.run_until_complete(self.runner.setup())
-    site = web.TCPSite(self.runner, "127.0.0.1", 0)
-    self.loop.run_until_complete(site.start())
-    self.port = site._server.sockets[0].getsockname()[1]  # pylint: disable=protected-access
-    self.ready.set()
-    self.loop.run_forever()
-
-  def stop(self):
-    # Graceful: on_shutdown drains the engine, then the loop stops.
-    asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
-    self.loop.call_soon_threadsafe(self.loop.stop)
-    self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +37,7 @@ def running():
   params = build.init_params(model, 0)
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=3, queue_size=32).start()
   srv = server_lib.Server(eng, MODEL, protocol.Defaults(max_tokens=12))
-  r = _Running(srv)
+  r = RunningServer(srv)
   yield r
   r.stop()
 
@@ -279,7 +249,7 @@ def test_full_queue_is_429_with_retry_after():
   model, tok, params = _tiny()
   # Never started: the one queued request stays, so the next is refused.
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=1)
-  r = _Running(server_lib.Server(eng, MODEL))
+  r = RunningServer(server_lib.Server(eng, MODEL))
   try:
     eng.submit(engine_lib.Request(tok.encode("a"), 1, protocol.parse_request(
         {"model": MODEL, "prompt": "a"}, MODEL, False, tok, BLOCK, tok.mask_id, tok.eos_id,
@@ -297,7 +267,7 @@ def test_time_limit_is_504_and_disconnect_frees_the_queue():
   model, tok, params = _tiny()
   # The engine is not started, so nothing is decoded: the limit is always reached.
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=4)
-  r = _Running(server_lib.Server(eng, MODEL, request_timeout_s=0.2))
+  r = RunningServer(server_lib.Server(eng, MODEL, request_timeout_s=0.2))
   try:
     code, err, _ = _post(r, "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": "<|bos|>a"}).encode())
@@ -327,7 +297,7 @@ def test_time_limit_is_504_and_disconnect_frees_the_queue():
 def test_shutdown_drains_requests_in_flight():
   model, tok, params = _tiny()
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=1, queue_size=8)
-  r = _Running(server_lib.Server(eng, MODEL))
+  r = RunningServer(server_lib.Server(eng, MODEL))
   body = json.dumps({"model": MODEL, "prompt": "<|bos|>ab", "max_tokens": 8,
                      **EXTRA}).encode()
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -353,7 +323,7 @@ def test_disconnect_mid_stream_frees_the_slot(monkeypatch):
     threading.Event().wait(0.02)
     return real(pool)
   monkeypatch.setattr(pool_lib.SlotPool, "advance", slow_advance)
-  r = _Running(server_lib.Server(eng.start(), MODEL))
+  r = RunningServer(server_lib.Server(eng.start(), MODEL))
   try:
     body = json.dumps({"model": MODEL, "prompt": "<|bos|>a", "max_tokens": MAX_LEN - 2,
                        "stream": True, "policy": "threshold", "threshold": 1.0}).encode()
@@ -382,7 +352,7 @@ def test_isd_over_http_equals_ar():
   never more than AR's."""
   model, tok, params = _tiny()
   eng = engine_lib.Engine(model, params, tok, BLOCK, MAX_LEN, slots=2).start()
-  r = _Running(server_lib.Server(eng, MODEL, protocol.Defaults(max_tokens=12),
+  r = RunningServer(server_lib.Server(eng, MODEL, protocol.Defaults(max_tokens=12),
                                  token_shift=True))
   try:
     c = _client(r)

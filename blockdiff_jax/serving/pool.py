@@ -17,6 +17,14 @@ each advances at its own pace), and each row samples from its own key folded wit
 own forward count (``sampling.keys``), so a row's tokens do not depend on its slot mates
 or on when it arrived, greedy or sampled with its seed.
 
+Rows in different phases share each forward, which runs the widest window any of them
+needs (``step.denoise_step``: the commit window while some row commits a block, else the
+whole block, else only the sub-blocks): a row may run a wider forward than alone. That
+costs compute, not results: slots a row does not need are attended by nothing and write
+nothing, so its outputs change only by float rounding, as with any other batch shape
+(on the tiny test model: token probabilities within 1.1e-7 of the row alone, every token
+equal).
+
 No recompilation per request: canvases have a fixed width, and the prefill width is the
 smallest of a few buckets (multiples of the block size, doubling) that holds the
 prompt, so a pool compiles ``advance``, ``retire`` and one ``admit`` per bucket, all at

@@ -4,7 +4,9 @@ r"""The OpenAI-compatible HTTP server (``--mode=serve``).
       --mode=serve --port=8000
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. Request fields and decoder options: see ``protocol``.
+``GET /health``. Request bodies are JSON, sent as ``Content-Type: application/json`` or
+with none (any other type is HTTP 415). Request fields and decoder options: see
+``protocol``.
 
 Library: aiohttp. It is one mature, actively maintained package (server and client,
 asyncio-native) with streaming responses (SSE) and graceful shutdown built in, and no
@@ -165,6 +167,7 @@ class Server:
   async def _generate(self, request, chat: bool):
     if self.stopping:
       raise protocol.ApiError(503, "the server is shutting down", None, "server_error")
+    require_json(request)
     try:
       body = await request.json()
     except (ValueError, LookupError, RecursionError) as e:
@@ -281,6 +284,22 @@ class Server:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+def require_json(request) -> None:
+  """Raises a 415 ApiError when the body is declared as something other than JSON.
+
+  OpenAI's API takes ``application/json`` bodies. A body declared text/plain or a form
+  (``curl -d`` without ``-H``) is refused rather than parsed as JSON anyway; a body with
+  no (or an empty) Content-Type is taken as JSON, as FastAPI-based servers do, so clients
+  that post ``json.dumps(...)`` without the header keep working.
+  """
+  got = request.headers.get("Content-Type")
+  # content_type: lower-cased, parameters (charset) stripped.
+  if got and request.content_type != "application/json":
+    raise protocol.ApiError(
+        415, f"Content-Type must be application/json, got {got!r}", None,
+        code="unsupported_media_type", headers={"Accept-Post": "application/json"})
 
 
 def run(config, workdir: str, host: str | None = None, port: int | None = None) -> None:
