@@ -46,6 +46,9 @@ class MetricsWriter:
   Args:
     keep_through_step: a resumed run passes its restored step: rows of later steps
       (written before the restart, trained again now) are dropped so no step repeats.
+      TensorBoard event files are append-only: the new event file starts with a purge
+      marker (a ``SessionLog.START`` at the next step) that makes TensorBoard drop the
+      earlier files' events from that step on.
     enabled: False writes nothing (``write`` still returns the row): the processes of a
       multi-host run other than the first, which share the workdir.
   """
@@ -62,7 +65,8 @@ class MetricsWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge_step = None if keep_through_step is None else keep_through_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
     """Writes scalar metrics (arrays of size 1 or python numbers) for a step."""

@@ -77,5 +77,5 @@ def autoregressive_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array
   metrics.update(aux.get("metrics", {}))
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce
   metrics["loss"] = loss
-  metrics[losses.LOSS_TOKENS] = n.astype(jnp.float32)
+  metrics[losses.LOSS_TOKENS] = jnp.sum(scored).astype(jnp.float32)  # 0 if none.
   return loss, metrics

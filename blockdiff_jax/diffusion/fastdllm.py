@@ -145,5 +145,5 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   metrics.update(aux.get("metrics", {}))
   loss = ce + aux["aux_loss"] if "aux_loss" in aux else ce
   metrics["loss"] = loss
-  metrics[losses.LOSS_TOKENS] = n_masked.astype(jnp.float32)
+  metrics[losses.LOSS_TOKENS] = jnp.sum(is_masked).astype(jnp.float32)  # 0 if none.
   return loss, metrics

@@ -207,5 +207,5 @@ def introspective_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   metrics["loss"] = loss
   # Two means, two counts: accumulation weighs micro-batches by the drafts' count, so
   # CE_clean's share is exact only when clean and noisy counts are proportional.
-  metrics[losses.LOSS_TOKENS] = jnp.maximum(jnp.sum(t["noisy_weight"]), 1.0)
+  metrics[losses.LOSS_TOKENS] = jnp.sum(t["noisy_weight"]).astype(jnp.float32)  # 0 if none.
   return loss, metrics

@@ -136,5 +136,7 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   metrics.update(terms.aux.get("metrics", {}))
   loss = nelbo + terms.aux["aux_loss"] if "aux_loss" in terms.aux else nelbo
   metrics["loss"] = loss
-  metrics[LOSS_TOKENS] = n_scored  # Gradient accumulation weighs micro-batches by it.
+  # Gradient accumulation weighs micro-batches by it: the true count, 0 where nothing
+  # is scored (n_scored is clamped only as a divisor).
+  metrics[LOSS_TOKENS] = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
   return loss, metrics

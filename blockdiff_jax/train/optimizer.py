@@ -12,12 +12,32 @@ from blockdiff_jax.model import lora
 TRAINABLE = ("all", "lora", "moe")
 
 
+def warmup_steps_used(train: ml_collections.ConfigDict) -> int:
+  """``train.warmup_steps``, clamped to ``steps - 1`` so the last update still decays.
+
+  A clamp rather than an error: short runs (tests, smoke runs) keep the default warmup.
+  The trainer prints a notice when it applies.
+  """
+  return max(0, min(train.warmup_steps, train.steps - 1))
+
+
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to the peak, cosine decay to ``min_lr_ratio`` of it at ``steps``."""
-  return optax.warmup_cosine_decay_schedule(
+  """The learning rate of the update taken at step ``s`` (0-based, the optimizer count).
+
+  That update is the ``n = s + 1``-th, and it gets ``peak * n / warmup`` while
+  ``n <= warmup`` (``warmup_steps_used``), then a cosine from the peak down to
+  ``min_lr_ratio * peak`` at ``n = train.steps``. So the first update already moves
+  the weights (an optax warmup from 0 would spend it at learning rate 0), the
+  ``warmup``-th is at the peak and the last is at the floor (without warmup the first
+  update is already one step into the cosine). The curve is a function
+  of the absolute step: a resume continues it, and a resume with another
+  ``train.steps`` continues the cosine of the new length from its current step.
+  """
+  curve = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate,
-      warmup_steps=min(train.warmup_steps, train.steps - 1),
-      decay_steps=train.steps, end_value=train.learning_rate * train.min_lr_ratio)
+      warmup_steps=warmup_steps_used(train), decay_steps=train.steps,
+      end_value=train.learning_rate * train.min_lr_ratio)
+  return lambda step: curve(step + 1)
 
 
 def decay_mask(params):

@@ -41,7 +41,13 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   Gradients are averaged over ``grad_accum_steps`` micro-batches with a scan, each
   weighed by the count its loss is a mean over (``losses.LOSS_TOKENS``): micro-batches
   of SFT rows score different numbers of tokens, and a plain mean of their means would
-  weigh a token of a sparse micro-batch more. A step
+  weigh a token of a sparse micro-batch more. MoE routing statistics are per forward,
+  so a step with MoE layers matches the full batch exactly only when dropless
+  (``moe.capacity_factor = 0``) with ``moe.load_balance_weight = 0`` and, when
+  micro-batches score different token counts, ``moe.z_loss_weight = 0``: the
+  load-balance loss is a product of two batch means (not a mean over tokens), an
+  expert-parallel capacity is a share of one forward's tokens, and the z-loss is a mean
+  over a micro-batch's tokens, not its scored ones. A step
   whose loss or gradient norm is not finite leaves the state unchanged and reports
   ``finite = 0`` so the host can stop the run. With ``trainable_mask`` (params -> bool
   tree, e.g. LoRA adapters only) frozen weights enter the loss through
@@ -88,7 +94,9 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
                jnp.zeros((), jnp.float32))
       (grads, metrics, total), _ = jax.lax.scan(body, zeros, micro)
-      grads, metrics = jax.tree.map(lambda x: x / total, (grads, metrics))
+      # An objective reporting its true count may report 0 for a batch scoring nothing.
+      grads, metrics = jax.tree.map(lambda x: x / jnp.maximum(total, 1.0),
+                                    (grads, metrics))
       metrics[losses.LOSS_TOKENS] = total  # The batch's count, not a weighed mean of it.
 
     grad_norm = optax.tree.norm(grads)

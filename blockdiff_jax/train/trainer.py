@@ -152,6 +152,10 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   obj = diffusion_config.objective(config, tokenizer.mask_id)
   tx = optimizer.make_optimizer(t)
   lr_schedule = optimizer.learning_rate_schedule(t)
+  if optimizer.warmup_steps_used(t) != t.warmup_steps:
+    print(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: warmup shortened "
+          f"to {optimizer.warmup_steps_used(t)} steps so the last step still decays to "
+          f"train.min_lr_ratio", flush=True)
   # Params and optimizer state are created in their shards (ZeRO-3/TP/EP rules);
   # a config without a mesh runs on a one-device mesh.
   mesh, rules = mesh_lib.mesh_of(config)
