@@ -22,16 +22,67 @@ class UnsupportedArchitectureError(ValueError):
   """The checkpoint's architecture or one of its options has no equivalent here."""
 
 
-def _rope_theta(hf: dict) -> float:
-  # transformers >= 5 writes rope_parameters; hub files from before write rope_theta.
-  params = hf.get("rope_parameters") or {}
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  scaling = hf.get("rope_scaling") or {}
-  rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-  if rope_type not in ("default", None):
+def _rope_parameters(hf: dict) -> dict:
+  """The RoPE parameters as transformers resolves them.
+
+  transformers >= 5 writes rope_parameters; files from before write rope_theta and
+  rope_scaling, which transformers >= 5 still lets win over rope_parameters.
+  """
+  params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  params.setdefault("rope_type", params.get("type", "default"))
+  return params
+
+
+def rope_overrides(hf: dict) -> dict[str, Any]:
+  """``rope_theta`` and ``rope_scaling.*`` overrides of a config.json ("default", "llama3").
+
+  Raises:
+    UnsupportedArchitectureError: for another rope_type, or llama3 without its fields.
+  """
+  params = _rope_parameters(hf)
+  rope_type = params["rope_type"]
+  o = {"rope_theta": float(params["rope_theta"]), "rope_scaling.type": "none"}
+  if rope_type in ("default", None):
+    return o
+  if rope_type != "llama3":
     raise UnsupportedArchitectureError(
-        f"rope type {rope_type!r} is not supported for import (only 'default')")
-  return float(theta)
+        f"rope type {rope_type!r} is not supported for import (only 'default', 'llama3')")
+  missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
+  if missing:
+    raise UnsupportedArchitectureError(f"rope type 'llama3' without {', '.join(missing)}")
+  # transformers falls back to max_position_embeddings when the original length is absent.
+  original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+  if not original:
+    raise UnsupportedArchitectureError(
+        "rope type 'llama3' needs original_max_position_embeddings or max_position_embeddings")
+  o.update({"rope_scaling.type": "llama3", "rope_scaling.factor": float(params["factor"]),
+            "rope_scaling.original_max_position": int(original),
+            "rope_scaling.low_freq_factor": float(params["low_freq_factor"]),
+            "rope_scaling.high_freq_factor": float(params["high_freq_factor"])})
+  return o
+
+
+def rope_config(overrides: dict[str, Any]) -> dict:
+  """config.json's rope keys for ``rope_overrides`` (the inverse of it).
+
+  Raises:
+    UnsupportedArchitectureError: for a scaling type other than "none" and "llama3".
+  """
+  theta = overrides["rope_theta"]
+  scaling_type = overrides.get("rope_scaling.type", "none")
+  if scaling_type == "none":
+    return {"rope_theta": theta, "rope_parameters": {"rope_theta": theta, "rope_type": "default"}}
+  if scaling_type != "llama3":
+    raise UnsupportedArchitectureError(
+        f"rope_scaling.type={scaling_type!r} export is not supported (only 'none', 'llama3')")
+  scaling = {"rope_type": "llama3", "factor": overrides["rope_scaling.factor"],
+             "low_freq_factor": overrides["rope_scaling.low_freq_factor"],
+             "high_freq_factor": overrides["rope_scaling.high_freq_factor"],
+             "original_max_position_embeddings": overrides["rope_scaling.original_max_position"]}
+  # rope_scaling for transformers < 5; >= 5 reads either.
+  return {"rope_theta": theta, "rope_scaling": scaling,
+          "rope_parameters": {"rope_theta": theta, **scaling}}
 
 
 def model_overrides(hf: dict) -> dict[str, Any]:
@@ -69,8 +120,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
       "qkv_bias": model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
       "qk_norm": model_type in ("qwen3", "qwen3_moe"),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-      "rope_theta": _rope_theta(hf),
-      "rope_scaling.type": "none",
+      **rope_overrides(hf),
       "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
       "moe.num_experts": 0,
   }
@@ -137,8 +187,7 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
       "hidden_size": o["d_model"], "intermediate_size": o["mlp_dim"],
       "num_hidden_layers": o["num_layers"], "num_attention_heads": o["num_heads"],
       "num_key_value_heads": o["num_kv_heads"], "head_dim": o["head_dim"],
-      "hidden_act": "silu", "rms_norm_eps": o["norm_eps"], "rope_theta": o["rope_theta"],
-      "rope_parameters": {"rope_theta": o["rope_theta"], "rope_type": "default"},
+      "hidden_act": "silu", "rms_norm_eps": o["norm_eps"], **rope_config(o),
       "tie_word_embeddings": o["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
       # The imported model's context length; 8192 for a model trained here (unknown).
       "max_position_embeddings": o.get("_max_position_embeddings", 8192),

@@ -4,9 +4,12 @@ Quantized tensors (Q4_0/Q4_1/Q8_0/K-quants ... whatever the ``gguf`` package's n
 dequantizer knows) become float32. llama.cpp's converter permutes the rows of Q and K of
 ``llama`` models for its interleaved RoPE: within each head of size d, row ``2j + r``
 holds HF row ``j + r*d/2``; ``unpermute_rows`` undoes it. Qwen models are stored in HF's
-order (llama.cpp uses NeoX RoPE for them).
+order (llama.cpp uses NeoX RoPE for them). Llama-3.1+ RoPE scaling, which llama.cpp stores
+as per-frequency divisors (``rope_freqs.weight``), becomes the equivalent ``llama3``
+``rope_scaling`` (``llama3_rope_scaling``).
 """
 
+import math
 import os
 from typing import Any
 
@@ -14,6 +17,7 @@ import numpy as np
 
 from blockdiff_jax.interop import architectures
 from blockdiff_jax.interop import safetensors_io
+from blockdiff_jax.model import rope
 
 # GGUF general.architecture -> HF model_type.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -131,8 +135,8 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF model file.
 
   Raises:
-    UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, or RoPE
-      scaling (a rope.scaling.type key or a rope_freqs.weight tensor).
+    UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, a
+      rope.scaling.type key, or a rope_freqs.weight tensor that is not llama3 scaling.
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
   """
@@ -140,15 +144,19 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   reader = _reader(path)
   names = {t.name for t in reader.tensors}
   hf = hf_config_from_metadata(reader, path, "output.weight" in names)
-  if "rope_freqs.weight" in names:
-    # llama.cpp's form of Llama-3.1/3.2 "llama3" RoPE scaling (per-frequency factors, no
-    # rope.scaling.type key): plain RoPE would silently compute another model.
-    raise architectures.UnsupportedArchitectureError(
-        f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE frequency scaling) is not "
-        "supported; only plain RoPE")
   arch = _field(reader, "general.architecture")
   tensors = {}
   for t in reader.tensors:
+    if t.name == "rope_freqs.weight":
+      # llama.cpp's form of Llama-3.1+ RoPE scaling (no rope.scaling.type key): ignoring
+      # it would silently compute another model.
+      divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64)
+      try:
+        hf["rope_scaling"] = llama3_rope_scaling(divisors.reshape(-1), hf["head_dim"],
+                                                 hf["rope_theta"])
+      except ValueError as e:
+        raise architectures.UnsupportedArchitectureError(f"{path}: {e}") from e
+      continue
     if t.name in _GLOBAL_TENSORS:
       hf_name = _GLOBAL_TENSORS[t.name]
     elif t.name.startswith("blk."):
@@ -181,6 +189,57 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   if hf["intermediate_size"] == 0 and "model.layers.0.mlp.gate_proj.weight" in tensors:
     hf["intermediate_size"] = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
   return hf, tensors
+
+
+def llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
+  """HF ``rope_scaling`` (llama3) equivalent to llama.cpp's ``rope_freqs.weight``.
+
+  llama.cpp divides inverse frequency i by ``divisors[i]``: 1 where a frequency turns more
+  than high_freq_factor times over the original context, ``factor`` where it turns fewer
+  than low_freq_factor times, and in between ``1 / ((1 - r) / factor + r)`` with r linear
+  in turns. Only ``factor`` and the two bounding wavelengths follow from the divisors, so
+  ``original_max_position_embeddings`` is set to the low one (``low_freq_factor`` 1, as in
+  every Llama 3.x); those wavelengths need two divisors on the ramp to be pinned down.
+
+  Raises:
+    ValueError: the divisors are not llama3 scaling, or do not determine it.
+  """
+  if divisors.shape != (head_dim // 2,):
+    raise ValueError(f"rope_freqs.weight has shape {divisors.shape}; llama3 scaling has one "
+                     f"divisor per frequency ({head_dim // 2} for head_dim {head_dim})")
+  factor = float(divisors.max())
+  turns_per_token = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
+  kept = np.isclose(divisors, 1.0, rtol=1e-6, atol=0)
+  on_ramp = ~kept & ~np.isclose(divisors, factor, rtol=1e-6, atol=0)
+  if factor <= 1.0 or np.count_nonzero(on_ramp) < 2:
+    raise ValueError(
+        f"rope_freqs.weight {np.round(divisors, 4).tolist()}: llama3 RoPE scaling needs a "
+        "factor > 1 and at least two frequencies on its ramp to be recovered (the "
+        "wavelengths where the ramp starts and ends are otherwise undetermined)")
+  ramp = (1.0 / divisors[on_ramp] - 1.0 / factor) / (1.0 - 1.0 / factor)
+  slope, intercept = np.polyfit(turns_per_token[on_ramp], ramp, 1)
+  if not (slope > 0 and intercept < 0):  # The ramp must rise with frequency, from 0.
+    raise ValueError(f"rope_freqs.weight {np.round(divisors, 4).tolist()} is not llama3 RoPE "
+                     "scaling (its divisors do not fall from low to high frequencies)")
+  low_wavelength, high_wavelength = slope / -intercept, slope / (1.0 - intercept)
+  original = int(round(low_wavelength))
+  scaling = {"rope_type": "llama3", "factor": factor,
+             "low_freq_factor": float(round(original / low_wavelength, 5)),
+             "high_freq_factor": float(round(original / high_wavelength, 5)),
+             "original_max_position_embeddings": original}
+  try:
+    ours = rope.RopeScaling("llama3", factor, original,
+                            low_freq_factor=scaling["low_freq_factor"],
+                            high_freq_factor=scaling["high_freq_factor"])
+  except ValueError as e:
+    raise ValueError(f"rope_freqs.weight is not llama3 RoPE scaling ({e})") from e
+  inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  got = 1.0 / np.asarray(rope.llama3_frequency_multipliers(inv, ours), np.float64)
+  if not np.allclose(got, divisors, rtol=1e-5, atol=0):
+    raise ValueError(
+        f"rope_freqs.weight {np.round(divisors, 4).tolist()} is not llama3 RoPE scaling "
+        f"(the closest, {scaling}, gives {np.round(got, 4).tolist()})")
+  return scaling
 
 
 def rest_of(name: str) -> str:

@@ -25,6 +25,7 @@ from blockdiff_jax.interop import safetensors_io
 from blockdiff_jax.model import flops
 from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import moe as moe_lib
+from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
 
 CONFIG_FILENAME = "config.json"
@@ -63,6 +64,9 @@ def transformer_config(overrides: dict[str, Any], **kwargs) -> transformer.Trans
         router_mode=o["moe.router_mode"], normalize_topk=o["moe.normalize_topk"],
         block_min_experts=o["moe.top_k"], impl=moe_impl)
   fields = {k: v for k, v in o.items() if "." not in k}
+  scaling = {k.split(".", 1)[1]: v for k, v in o.items() if k.startswith("rope_scaling.")}
+  if scaling:
+    fields["rope_scaling"] = rope.RopeScaling(**scaling)
   fields.update(kwargs)
   return transformer.TransformerConfig(
       moe=moe_cfg, moe_every=o.get("moe.moe_every", 1),
@@ -205,8 +209,9 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
 
   Raises:
     UnsupportedArchitectureError: cfg computes something config.json cannot express
-      (RoPE scaling, a non-token router, gated LoRA adapters), also when ``overrides``
-      are given: they describe the imported model, not what cfg changed since.
+      (RoPE scaling other than llama3, a non-token router, gated LoRA adapters), also
+      when ``overrides`` are given: they describe the imported model, not what cfg
+      changed since (cfg's RoPE is what config.json gets).
   """
   if cfg.lora is not None:
     if cfg.lora.gated:
@@ -217,6 +222,9 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
     cfg = dataclasses.replace(cfg, lora=None)
   derived = config_overrides(cfg)  # Raises for what config.json cannot express.
   overrides = dict(overrides or derived)
+  # cfg decides the RoPE it computes, whatever the import recorded.
+  overrides = {k: v for k, v in overrides.items() if not k.startswith("rope_scaling.")}
+  overrides.update({k: v for k, v in derived.items() if k.startswith("rope_")})
   extra = dict(extra_config or {})
   if tokenizer is not None:
     extra.update(tokenizer.hf_config_ids())
@@ -246,7 +254,12 @@ def config_overrides(cfg: transformer.TransformerConfig) -> dict[str, Any]:
       raise architectures.UnsupportedArchitectureError(
           f"router {cfg.moe.router_func}/{cfg.moe.router_mode} has no HF equivalent "
           "(qwen3_moe/qwen2_moe: softmax/token)")
-  if cfg.rope_scaling.type != "none":
-    raise architectures.UnsupportedArchitectureError(
-        f"rope_scaling.type={cfg.rope_scaling.type!r} export is not supported")
+  rs = cfg.rope_scaling
+  o["rope_scaling.type"] = rs.type
+  if rs.type == "llama3":
+    o.update({"rope_scaling.factor": rs.factor,
+              "rope_scaling.original_max_position": rs.original_max_position,
+              "rope_scaling.low_freq_factor": rs.low_freq_factor,
+              "rope_scaling.high_freq_factor": rs.high_freq_factor})
+  architectures.rope_config(o)  # Raises for a scaling config.json cannot express.
   return o

@@ -9,18 +9,22 @@
 package), a ``.gguf`` file or a Hugging Face folder. A GGUF is converted once into an HF
 folder under ``cache_dir/pretrained/<name>`` (dequantized fp32 safetensors, config.json,
 tokenizer files); later loads read that folder as long as its marker records the same
-source file (path, size, modification time), else they convert again. The MASK token is
-added in memory on every load: a free row of a padded vocabulary if there is one (Qwen
-pads 151,665 tokens to 151,936), else one appended row; either way its embedding starts
-as the mean embedding.
+source file (path, size, modification time), else they convert again. Another file of
+the same name gets its own folder, ``<name>-<hash of its path>``, so both stay cached.
+Conversions write to a private temporary folder, so processes converting at once do not
+trip over each other. The MASK token is added in memory on every load: a free row of a
+padded vocabulary if there is one (Qwen pads 151,665 tokens to 151,936), else one
+appended row; either way its embedding starts as the mean embedding.
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -87,26 +91,51 @@ def resolve(spec: str) -> str:
 
 
 def convert_gguf(path: str, folder: str) -> str:
-  """Writes the GGUF model as an HF folder (fp32); atomic via a temporary folder."""
-  tmp = folder + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
+  """Writes the GGUF model as an HF folder (fp32); atomic via a private temporary folder."""
   t0 = time.perf_counter()
+  stamp = _source_stamp(path)
   config, tensors = gguf_io.read(path)
   overrides = architectures.model_overrides(config)  # Fails early on an unsupported model.
   tok = tokenizer_lib.PretrainedTokenizer.from_gguf(path)
   config.update({"architectures": [architectures.hf_config(overrides)["architectures"][0]],
                  "torch_dtype": "float32", **tok.hf_config_ids()})
-  os.makedirs(tmp)
-  safetensors_io.write_folder(tmp, tensors)
-  with open(os.path.join(tmp, hf.CONFIG_FILENAME), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
-  tok.save_pretrained(tmp)
-  with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
-    json.dump(_source_stamp(path), f)
-  shutil.rmtree(folder, ignore_errors=True)
-  os.replace(tmp, folder)
+  parent = os.path.dirname(os.path.abspath(folder))
+  os.makedirs(parent, exist_ok=True)
+  # Per-process name: another process converting into the same folder must not delete it.
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+  try:
+    safetensors_io.write_folder(tmp, tensors)
+    with open(os.path.join(tmp, hf.CONFIG_FILENAME), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
+      json.dump(stamp, f)
+    _install(tmp, folder, stamp)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   logging.info("Converted %s to %s in %.1fs.", path, folder, time.perf_counter() - t0)
   return folder
+
+
+def _install(tmp: str, folder: str, stamp: dict) -> None:
+  """Renames the finished conversion ``tmp`` to ``folder``, moving an old one aside first."""
+  for _ in range(3):
+    try:
+      os.rename(tmp, folder)
+      return
+    except OSError:  # folder exists and is not empty.
+      if _converted_from(folder) == stamp:
+        return  # Another process converted the same file meanwhile.
+    # rename() replaces an empty folder atomically: the old one leaves in one step.
+    old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-",
+                           dir=os.path.dirname(os.path.abspath(folder)))
+    try:
+      os.rename(folder, old)
+    except FileNotFoundError:
+      pass  # Already moved by another process.
+    shutil.rmtree(old, ignore_errors=True)
+  raise OSError(f"could not install the conversion into {folder}: other processes keep "
+                "replacing it")
 
 
 def prepare(spec: str, cache_dir: str | None) -> str:
@@ -114,14 +143,30 @@ def prepare(spec: str, cache_dir: str | None) -> str:
   path = resolve(spec)
   if os.path.isdir(path):
     return path
-  name = spec if spec in BUNDLED else os.path.splitext(os.path.basename(path))[0]
   if not cache_dir:
     raise ValueError(f"pretrained={spec!r} is a GGUF file; converting it needs a cache_dir "
                      "(the workdir)")
-  folder = os.path.join(cache_dir, "pretrained", name)
-  if _converted_from(folder) != _source_stamp(path):
+  stamp = _source_stamp(path)
+  folder = _cache_folder(spec, path, cache_dir, stamp)
+  if _converted_from(folder) != stamp:
     convert_gguf(path, folder)
   return folder
+
+
+def _cache_folder(spec: str, path: str, cache_dir: str, stamp: dict) -> str:
+  """``pretrained/<name>`` unless it holds another source file; then ``<name>-<hash>``.
+
+  The plain name stays the folder of the first file converted under it (and of a bundled
+  model), so existing caches keep working; the hash of the resolved path keeps one folder
+  per file, reused when that file is replaced in place.
+  """
+  name = spec if spec in BUNDLED else os.path.splitext(os.path.basename(path))[0]
+  plain = os.path.join(cache_dir, "pretrained", name)
+  owner = _converted_from(plain)
+  if spec in BUNDLED or owner is None or owner.get("source") == stamp["source"]:
+    return plain
+  digest = hashlib.sha256(stamp["source"].encode("utf-8")).hexdigest()[:12]
+  return f"{plain}-{digest}"
 
 
 def _source_stamp(path: str) -> dict:

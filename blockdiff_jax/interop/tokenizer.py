@@ -327,7 +327,10 @@ def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:  # json's message has no file name.
+      raise ValueError(f"{path}: not valid JSON: {e}") from e
 
 
 # Specials of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.

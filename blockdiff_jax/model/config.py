@@ -25,9 +25,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # Share the input embedding with the output head.
   m.rope_theta = 10000.0  # RoPE base.
   m.rope_scaling = ml_collections.ConfigDict()
-  m.rope_scaling.type = "none"  # none | linear | ntk | yarn (like HF rope_scaling).
+  m.rope_scaling.type = "none"  # none | linear | ntk | yarn | llama3 (like HF rope_scaling).
   m.rope_scaling.factor = 1.0  # Context extension factor.
-  m.rope_scaling.original_max_position = 4096  # Pre-training context (YaRN).
+  m.rope_scaling.original_max_position = 4096  # Pre-training context (YaRN, llama3).
+  m.rope_scaling.low_freq_factor = 1.0  # llama3: turns per original context fully scaled below.
+  m.rope_scaling.high_freq_factor = 4.0  # llama3: turns per original context kept above.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
   # xla (materialized mask) | pallas (tiled kernel) | structured (summary tokens only:
@@ -141,7 +143,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("rope_theta", "norm_eps"):
     if not (m[name] > 0 and math.isfinite(m[name])):
       raise ValueError(f"model.{name} must be > 0 and finite, got {m[name]}")
-  rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor)
+  rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor,
+                   low_freq_factor=m.rope_scaling.get("low_freq_factor", 1.0),
+                   high_freq_factor=m.rope_scaling.get("high_freq_factor", 4.0))
   su = m.get("summary")
   if su is not None:
     if su.num_slots < 0:

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with HF-style scaling (linear, NTK-aware, YaRN)."""
+"""Rotary position embeddings with HF-style scaling (linear, NTK-aware, YaRN, Llama 3)."""
 
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 Array = Any
 
-SCALING_TYPES = ("none", "linear", "ntk", "yarn")
+SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,16 +16,19 @@ class RopeScaling:
   """How rotary frequencies are stretched for contexts beyond pre-training.
 
   Field names and semantics follow ``transformers``' ``rope_parameters``
-  (``rope_type`` "linear" and "yarn"). "ntk" is static: transformers has no static
-  NTK type, and its "dynamic" leaves the base unscaled up to max_position_embeddings
+  (``rope_type`` "linear", "yarn", "llama3"). "ntk" is static: transformers has no
+  static NTK type, and its "dynamic" leaves the base unscaled up to max_position_embeddings
   M, reaching our base * factor^(d/(d-2)) only at length M (2 factor - 1) / factor.
 
   Attributes:
-    type: "none", "linear" (positions / factor), "ntk" (base * factor^(d/(d-2))) or
+    type: "none", "linear" (positions / factor), "ntk" (base * factor^(d/(d-2))),
       "yarn" (per-dimension ramp between beta_fast and beta_slow plus an attention
-      temperature 0.1 * ln(factor) + 1).
+      temperature 0.1 * ln(factor) + 1) or "llama3" (Llama 3.1+: frequencies turning
+      fewer than low_freq_factor times over the original context are divided by
+      factor, those turning more than high_freq_factor times kept, a ramp in turns
+      between; no temperature).
     factor: context extension factor s.
-    original_max_position: pre-training context length (YaRN only).
+    original_max_position: pre-training context length (YaRN and llama3).
     beta_fast: YaRN's fast boundary (rotations per original context).
     beta_slow: YaRN's slow boundary.
     truncate: YaRN: round the ramp's bounds outwards to whole dimensions
@@ -35,6 +38,9 @@ class RopeScaling:
       ``factor`` (and ``mscale``/``mscale_all_dim`` when both are set).
     mscale: YaRN (DeepSeek style): numerator scale of the derived temperature.
     mscale_all_dim: YaRN (DeepSeek style): denominator scale of it.
+    low_freq_factor: llama3: turns over the original context below which a frequency
+      is fully interpolated (Llama 3.1/3.2 use 1).
+    high_freq_factor: llama3: turns above which a frequency is kept (Llama 3.x: 4).
   """
 
   type: str = "none"
@@ -46,6 +52,8 @@ class RopeScaling:
   attention_factor: float | None = None
   mscale: float | None = None
   mscale_all_dim: float | None = None
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
 
   def __post_init__(self):
     if self.type not in SCALING_TYPES:
@@ -61,6 +69,10 @@ class RopeScaling:
     if self.attention_factor is not None and self.attention_factor <= 0:
       raise ValueError(f"rope_scaling.attention_factor must be > 0, got "
                        f"{self.attention_factor}")
+    # Equal bounds would divide by zero in the llama3 ramp (transformers only warns).
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                       f"{self.low_freq_factor}, {self.high_freq_factor}")
 
 
 def _yarn_temperature(scale: float, mscale: float = 1.0) -> float:
@@ -98,7 +110,7 @@ def yarn_ramp_bounds(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[Array, float]:
   """Returns (inverse frequencies [head_dim // 2], attention scale multiplier).
 
-  Matches ``transformers.modeling_rope_utils`` ("linear", "yarn", and "dynamic" at
+  Matches ``transformers.modeling_rope_utils`` ("linear", "yarn", "llama3", and "dynamic" at
   ``seq_len = M (2 factor - 1) / factor`` for M = max_position_embeddings -- at
   ``seq_len <= M`` "dynamic" does not scale at all) in inverse frequencies and
   attention factor; the factor multiplies both q and k, like HF's cos/sin scaling.
@@ -124,7 +136,22 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tu
     keep = 1.0 - ramp
     inv = inv / s * (1.0 - keep) + inv * keep
     attn_factor = yarn_attention_factor(scaling)
+  if scaling.type == "llama3":
+    inv = inv * llama3_frequency_multipliers(inv, scaling)
   return inv, attn_factor
+
+
+def llama3_frequency_multipliers(inv_freq: Array, scaling: RopeScaling) -> Array:
+  """What llama3 scaling multiplies each inverse frequency by (1 / factor to 1).
+
+  llama.cpp stores the reciprocals as a GGUF's ``rope_freqs.weight`` tensor. Only
+  ``factor`` and the wavelengths ``original_max_position / low_freq_factor`` and
+  ``original_max_position / high_freq_factor`` matter, not the three values apart.
+  """
+  turns = scaling.original_max_position * inv_freq / (2 * math.pi)  # Over the original context.
+  ramp = jnp.clip((turns - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor), 0.0, 1.0)
+  return (1.0 - ramp) / scaling.factor + ramp
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
