@@ -174,14 +174,17 @@ def commit_order(fills: list[dict], eos_id: int) -> dict | None:
   forward}, "last_before_first", "eos_before_last", "one_forward"}`` about the decoded
   answer (its own length, right or wrong).
   """
-  at = {f["position"]: f for f in fills}
-  eos = [p for p, f in at.items() if f["token"] == eos_id]
+  # With editing a position appears again: its last entry holds the final token, its
+  # "fill" entry the forward that committed it.
+  final = {f["position"]: f["token"] for f in fills}
+  filled = {f["position"]: f["forward"] for f in fills if f.get("kind", "fill") == "fill"}
+  eos = [p for p, t in final.items() if t == eos_id]
   if not eos:
     return None
   end = min(eos)
-  if end == 0 or any(p not in at for p in range(end)):
+  if end == 0 or any(p not in filled for p in range(end + 1)):
     return None
-  by_place = {end - p: at[p]["forward"] for p in range(end + 1)}
+  by_place = {end - p: filled[p] for p in range(end + 1)}
   first, last, stop = by_place[end], by_place[1], by_place[EOS_PLACE]
   return {"forward_by_place": by_place, "last_before_first": last < first,
           "eos_before_last": stop < last,

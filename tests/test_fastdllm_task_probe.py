@@ -61,6 +61,11 @@ def test_commit_order_reads_the_decoded_answer():
   assert mod.commit_order([fill(0, 7, 1)], eos_id=1) is None  # Never ends.
   assert mod.commit_order([fill(0, 1, 1)], eos_id=1) is None  # Empty answer.
   assert mod.commit_order([fill(0, 7, 1), fill(2, 1, 1)], eos_id=1) is None  # A gap.
+  # Editing rewrote position 1 into EOS at forward 4: the answer ends there, and each
+  # place keeps the forward that filled it.
+  edit = {"position": 1, "token": 1, "forward": 4, "kind": "edit"}
+  edited = mod.commit_order([fill(0, 7, 1), fill(1, 8, 2), edit, fill(2, 1, 3)], eos_id=1)
+  assert edited["forward_by_place"] == {1: 1, 0: 2}
   acc = mod.accuracy_by_place([{2: True, 1: False, 0: True}, {1: True, 0: True}])
   assert acc == {0: [2, 2], 1: [1, 2], 2: [1, 1]}
   rows = [o, one, None]

@@ -72,6 +72,8 @@ class ARState:
 
 @dataclasses.dataclass(frozen=True)
 class _Key:
+  """Static arguments of one compiled AR decoder (``prompt_max``: the prefill width)."""
+
   logits_fn: Any
   options: layout.DecodeOptions
   prompt_max: int
@@ -106,7 +108,10 @@ def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOption
       raise ValueError(f"row {i}: a token-shifted model predicts token i from the output at "
                        "i-1, so the prompt cannot be empty (start it with a token such as "
                        "<|bos|>)")
-  key = _Key(logits_lib.as_logits_fn(model), options, int(prompt_len.max()))
+  # The prefill width is bucketed: one program serves many longest-prompt lengths (the
+  # slots past a row's prompt are hidden, so the width changes no output).
+  key = _Key(logits_lib.as_logits_fn(model), options,
+             jit_cache.bucket(int(prompt_len.max()), tokens.shape[1]))
   fn = JIT_CACHE.get(key, lambda k: jax.jit(
       lambda *a: _decode_ar(k.logits_fn, k.options, k.prompt_max, *a)))
   rng = jax.random.key(0) if rng is None else rng

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
@@ -117,17 +118,18 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
 
 def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
            options: layout.DecodeOptions, max_len: int,
-           width: int | None = None) -> list[dict]:
+           width: int | None = None, rng: Any = None) -> list[dict]:
   """Regenerates the ``<|mask:N|>`` spans of each text; everything else is kept verbatim.
 
-  Returns per text ``{"text": the full text with spans filled, "spans": [span texts],
-  "nfe": ...}``. Text outside the spans is copied from the input string, never
+  ``rng`` is the sampling key (default key 0; only read when ``options.sampling``
+  samples). Returns per text ``{"text": the full text with spans filled, "spans": [span
+  texts], "nfe": ...}``. Text outside the spans is copied from the input string, never
   re-decoded, so it is byte-identical.
   """
   parsed = [layout.parse(tokenizer, t) for t in texts]
   canvas = layout.infill_canvas(parsed, options.block_size, max_len, width)
   opts = dataclasses.replace(options, stop_at_eos=False)
-  out = decoder.decode(model, params, canvas, opts)
+  out = decoder.decode(model, params, canvas, opts, rng)
   results = []
   for i, p in enumerate(parsed):
     pieces, spans, pos = [], [], 0
@@ -154,7 +156,8 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
 
   Prompts with ``<|mask:N|>`` spans are infilled (``infill``), the others continued
   (``generate``). A prompt that does not parse or fit gets ``{"prompt", "error"}``
-  instead of a result, and the others are answered.
+  instead of a result, and the others are answered. ``rng`` seeds both kinds (the
+  infilled prompts with a key folded from it, so their draws are not the continued ones').
 
   Returns:
     (one dict per prompt, in order, each with ``prompt`` and either results or
@@ -186,7 +189,7 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
       rows[i] = {"prompt": prompts[i], **r}
   if infill_idx:
     out = infill(model, params, tokenizer, [prompts[i] for i in infill_idx], options,
-                 max_len)
+                 max_len, rng=None if rng is None else jax.random.fold_in(rng, 1))
     for i, r in zip(infill_idx, out):
       rows[i] = {"prompt": prompts[i], "completion": r["text"], "spans": r["spans"],
                  "nfe": r["nfe"], "tokens": [int(t) for t in r["tokens"]]}

@@ -103,6 +103,8 @@ class ISDState:
 
 @dataclasses.dataclass(frozen=True)
 class _Key:
+  """Static arguments of one compiled ISD decoder (``prompt_max``: the prefill width)."""
+
   logits_fn: Any
   options: layout.DecodeOptions
   stride: int
@@ -150,7 +152,10 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
   width = s + 2 * stride
   padded = np.full((b, width), options.mask_id, np.int32)
   padded[:, :s] = tokens
-  key = _Key(logits_lib.as_logits_fn(model), options, stride, int(prompt_len.max()), width)
+  # The prefill width is bucketed: one program serves many longest-prompt lengths (the
+  # slots past a row's prompt are hidden, so the width changes no output).
+  key = _Key(logits_lib.as_logits_fn(model), options, stride,
+             jit_cache.bucket(int(prompt_len.max()), s), width)
   fn = JIT_CACHE.get(key, lambda k: jax.jit(
       lambda *a: _decode(k.logits_fn, k.options, k.stride, k.prompt_max, *a)))
   rng = jax.random.key(0) if rng is None else rng

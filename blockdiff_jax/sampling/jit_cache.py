@@ -9,6 +9,9 @@ import collections
 import threading
 from typing import Any, Callable, Hashable
 
+# Static widths below this are not worth a program of their own.
+_MIN_BUCKET = 16
+
 
 class JitCache:
   """Maps a hashable key to the function ``build(key)`` made, keeping the newest ``maxsize``."""
@@ -43,3 +46,20 @@ class JitCache:
   def clear(self) -> None:
     with self._lock:
       self._items.clear()
+
+
+def bucket(n: int, limit: int) -> int:
+  """A static width >= ``n`` from a small set, so nearby sizes share one compiled program.
+
+  The set is 16, then four widths per octave (20, 24, 28, 32, 40, 48, ...): at most a
+  quarter of the width is padding. The result is capped at ``limit`` (the canvas width).
+
+  Args:
+    n: the width needed (e.g. the longest prompt of a batch), >= 0.
+    limit: the largest usable width, >= n.
+  """
+  if not 0 <= n <= limit:
+    raise ValueError(f"bucket: n={n} must be in [0, limit={limit}]")
+  n = max(n, _MIN_BUCKET)
+  step = 1 << max(n.bit_length() - 3, 0)  # A quarter of the octave [2^e, 2^(e+1)) holding n.
+  return min(-(-n // step) * step, limit)

@@ -27,7 +27,9 @@ class Sampling:
 
   Attributes:
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
-    top_k: keep only the k most likely tokens before sampling; 0 = all.
+    top_k: keep only the k most likely tokens before sampling; 0 = all. Tokens tied
+      with the k-th largest logit are kept too (more than k may survive), as Hugging
+      Face's ``TopKLogitsWarper`` does, rather than broken by token id.
     top_p: keep the smallest set of tokens whose probability reaches p; 1 = all.
   """
 
@@ -120,7 +122,12 @@ def _at_least_one(accept: Array, score: Array, candidates: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Threshold:
-  """Accept every candidate with confidence >= tau (and at least the most confident)."""
+  """Accept every candidate with confidence >= tau (and at least the most confident).
+
+  ``tau = 1`` accepts exactly one token per step, the most confident candidate (ties to
+  the leftmost): one token per forward in confidence order, not left to right (that is
+  ``LeftToRight``).
+  """
 
   tau: float = 0.9
 

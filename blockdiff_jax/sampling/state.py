@@ -105,9 +105,11 @@ class StepInfo:
     block: [B] the block the step worked on.
     tokens: [B, block_size] that block's tokens after the step.
     accepted: [B, block_size] bool, MASK positions filled by this step.
-    confidence: [B, block_size] confidence of the proposed token at every position.
+    confidence: [B, block_size] confidence of the proposed token at every position (at
+      an edited position, the probability of the token it was rewritten to).
     active: [B] bool, rows that took a denoising step.
     finished: [B] bool, rows whose block finished with this step.
+    edited: [B, block_size] bool, already written positions this step rewrote (editing).
   """
 
   block: Array
@@ -116,6 +118,7 @@ class StepInfo:
   confidence: Array
   active: Array
   finished: Array
+  edited: Array
 
 
 def token_meta(positions: Array, block_size: int, stream: int,

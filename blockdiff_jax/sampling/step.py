@@ -64,9 +64,11 @@ class Selection:
   Attributes:
     tokens: [B, n] tokens after the step.
     accepted: [B, n] bool, MASK positions filled.
-    confidence: [B, n] confidence of the proposed token at each position.
+    confidence: [B, n] confidence of the proposed token at each position; at an edited
+      position, the probability of the token it was rewritten to.
     changed: [B] bool, some token changed.
     edits: [B] int32, tokens rewritten by editing.
+    edited: [B, n] bool, positions rewritten by editing (never MASK positions).
   """
 
   tokens: Array
@@ -74,6 +76,7 @@ class Selection:
   confidence: Array
   changed: Array
   edits: Array
+  edited: Array
 
 
 @flax.struct.dataclass
@@ -128,6 +131,7 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
   accept = jnp.where(last, cand, accept)
   new = jnp.where(accept, toks, x)
   edits = jnp.zeros((b,), jnp.int32)
+  edit = jnp.zeros_like(accept)
   if opt.editing:
     p_all = jax.nn.softmax(logits, axis=-1)
     top = jnp.argmax(p_all, axis=-1).astype(jnp.int32)
@@ -136,8 +140,9 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
             & (p_top > opt.edit_threshold))
     new = jnp.where(edit, top, new)
     edits = jnp.sum(edit, axis=-1).astype(jnp.int32)
+    conf = jnp.where(edit, p_top, conf)
   return Selection(tokens=new, accepted=accept, confidence=conf,
-                   changed=jnp.any(new != x, axis=-1), edits=edits)
+                   changed=jnp.any(new != x, axis=-1), edits=edits, edited=edit)
 
 
 def _row_slice(x: Array, start: Array, size: int) -> Array:
@@ -360,6 +365,7 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
       forwards=forwards,
       unique_experts=c.unique_experts + fwd.unique_experts)
   info = state_lib.StepInfo(block=r.block, tokens=new, accepted=sel.accepted & stepping[:, None],
-                            confidence=sel.confidence, active=stepping, finished=finished)
+                            confidence=sel.confidence, active=stepping, finished=finished,
+                            edited=sel.edited & stepping[:, None])
   return st.replace(tokens=tokens, cache=cache, rows=rows, counters=counters,
                     head=head, summaries=summaries), info

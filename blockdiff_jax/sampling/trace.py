@@ -1,10 +1,11 @@
 """Forward-by-forward traces of the decoders, for notebooks and debugging.
 
 ``block_trace`` runs the block decoder one ``denoise_step`` at a time on one prompt and
-records which positions each forward filled, with their confidence; ``isd_trace`` runs
-ISD one forward at a time and records the drafts each forward verified, how many it
-accepted and what it emitted. Both drive the decoders' own public steps (the jitted
-decoders loop the very same functions), so a trace shows what ``generate`` does.
+records which positions each forward filled or (with editing) rewrote, with their
+confidence; ``isd_trace`` runs ISD one forward at a time and records the drafts each
+forward verified, how many it accepted and what it emitted. Both drive the decoders'
+own public steps (the jitted decoders loop the very same functions), so a trace shows
+what ``generate`` does.
 """
 
 
@@ -46,9 +47,11 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     max_forwards: stop after this many forwards (a guard; the decoder always ends).
 
   Returns:
-    ``{"fills": [{forward, block, position, token, text, confidence}], "forwards",
-    "completion"}``: one fill per position written, in the order written; ``position``
-    counts from the first generated slot.
+    ``{"fills": [{forward, block, position, token, text, confidence, kind}], "forwards",
+    "completion"}``: one entry per write, in the order written (by position within a
+    forward); ``kind`` is "fill" (a MASK filled) or "edit" (a written token rewritten by
+    editing, so a position may appear again; its last entry holds its final token).
+    ``position`` counts from the first generated slot.
   """
   fn = logits_lib.as_logits_fn(model)
   ids, canvas = _canvas(tokenizer, prompt, options, max_new_tokens, max_len)
@@ -61,11 +64,12 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     forward += 1
     info = jax.device_get(info)
     block = int(info.block[0])
-    for j in np.flatnonzero(info.accepted[0]):
+    for j in np.flatnonzero(info.accepted[0] | info.edited[0]):
       tok = int(info.tokens[0, j])
       fills.append({"forward": forward, "block": block, "position": int(block * bk + j - start),
                     "token": tok, "text": _text(tokenizer, [tok]),
-                    "confidence": float(info.confidence[0, j])})
+                    "confidence": float(info.confidence[0, j]),
+                    "kind": "edit" if info.edited[0, j] else "fill"})
   gen = np.asarray(st.tokens[0, start:int(canvas.length[0])])
   hits = np.flatnonzero(gen == options.eos_id)
   return {"fills": fills, "forwards": forward,
