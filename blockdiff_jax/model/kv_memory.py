@@ -3,10 +3,10 @@
 Arithmetic only (no arrays), so ``--mode=plan`` can count a 131k-token cache of a 7B
 model on a laptop. The layouts are those of ``sampling/kv_cache.py`` (every position's
 K/V) and ``sampling/hierarchical_cache.py`` (an exact ring of ``(window + 1) * chunk``
-positions and of the first ``sinks`` chunks, plus rank-r factors of every chunk); a test
-checks these counts against the arrays those caches allocate. ``Hierarchy``, the
-hierarchical cache's static layout, lives here so the plan can check it without the
-sampling layer.
+positions and of the first ``sinks`` chunks, plus rank-r factors of every chunk that can
+leave the ring); a test checks these counts against the arrays those caches allocate.
+``Hierarchy``, the hierarchical cache's static layout, lives here so the plan can check
+it without the sampling layer.
 """
 
 import dataclasses
@@ -54,6 +54,19 @@ class Hierarchy:
     """Exact slots per row."""
     return (self.window + 1) * self.chunk
 
+  def bank_chunks(self, capacity: int) -> int:
+    """Chunks of the rank-r factor bank of a cache of ``capacity`` positions per row."""
+    return bank_chunks(capacity, self.ring, self.chunk)
+
+
+def bank_chunks(capacity: int, ring: int, chunk: int) -> int:
+  """Chunks that can ever leave the exact ring: ``ceil((capacity - ring) / chunk)``.
+
+  Only a chunk whose first position is below ``frontier - ring`` is compressed, and the
+  frontier never passes the capacity, so later chunks stay exact in the ring for good.
+  """
+  return -(-max(capacity - ring, 0) // chunk)
+
 
 def hierarchy_from_config(s) -> Hierarchy:
   """The hierarchical cache layout of a ``sample`` config section (its ``kv_*`` fields)."""
@@ -97,7 +110,7 @@ def hierarchical_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, dtyp
   if ring >= capacity:  # Nothing would be compressed: the decoders keep the full cache.
     return full_cache_bytes(num_layers, kv_heads, head_dim, dtype, batch, capacity,
                             buffer_size)
-  chunks = -(-capacity // chunk) if form == "rank" else 0
+  chunks = bank_chunks(capacity, ring, chunk) if form == "rank" else 0
   sink = min(sinks, chunks) * chunk
   exact = 2 * num_layers * batch * (ring + buffer_size + sink) * kv_heads * head_dim * item
   factors = 2 * num_layers * batch * chunks * kv_heads * rank * (chunk + head_dim) * item

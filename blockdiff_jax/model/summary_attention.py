@@ -39,6 +39,57 @@ def _softmax_rows(logits: Array, mask: Array) -> Array:
   return p / jnp.where(denom > 0, denom, 1.0)
 
 
+def _rows_follow_layout(meta: masks.TokenMeta, streams: int, blocks: int, block: int,
+                        slots: int) -> Array:
+  """[batch] bool: rows whose metadata matches the index grouping the block views use.
+
+  The views read token ``c*B + i`` of every stream as block c and slot ``c*S + j`` as
+  block c's, so a row is exact only when each group of B tokens shares one block id,
+  ids increase from group to group (then the W groups before a query hold every clean
+  block its window admits), every stream and the slots agree on the ids, and the
+  stream / summary flags follow the layout. Positions may be anything.
+  """
+  b = meta.block_ids.shape[0]
+  n_main = streams * blocks * block
+  ids = meta.block_ids[:, :n_main].reshape(b, streams, blocks, block)
+  first = ids[..., 0]  # [b, streams, blocks]
+  ok = jnp.all(ids == first[..., None], axis=(1, 2, 3))
+  ok &= jnp.all(first == first[:, -1:], axis=(1, 2))
+  ok &= jnp.all(first[..., 1:] > first[..., :-1], axis=(1, 2))
+  slot_ids = meta.block_ids[:, n_main:].reshape(b, blocks, slots)
+  ok &= jnp.all(slot_ids == first[:, -1, :, None], axis=(1, 2))
+  want_stream = np.array([masks.NOISY] * (streams - 1) + [masks.CLEAN])[:, None]
+  ok &= jnp.all(meta.stream[:, :n_main].reshape(b, streams, -1) == want_stream, axis=(1, 2))
+  ok &= jnp.all(meta.stream[:, n_main:] == masks.CLEAN, axis=1)
+  ok &= ~jnp.any(meta.is_summary[:, :n_main], axis=1)
+  return ok & jnp.all(meta.is_summary[:, n_main:], axis=1)
+
+
+def _describe_misalignment(meta: masks.TokenMeta, row: int, streams: int, blocks: int,
+                           block: int, slots: int) -> str:
+  """What in ``row`` of concrete metadata breaks the layout (for the error message)."""
+  ids = np.asarray(meta.block_ids[row])
+  n_main = streams * blocks * block
+  groups = ids[:n_main].reshape(streams, blocks, block)
+  for s in range(streams):
+    for c in range(blocks):
+      if (groups[s, c] != groups[s, c, 0]).any():
+        at = s * blocks * block + c * block
+        return (f"stream {s}, tokens {c * block}..{c * block + block - 1} have block_ids "
+                f"{groups[s, c].tolist()} (positions from "
+                f"{int(np.asarray(meta.positions[row])[at])}): a stream must start at a "
+                "block boundary and hold whole blocks")
+  first = groups[..., 0]
+  if (first != first[-1]).any() or (np.diff(first, axis=-1) <= 0).any():
+    return f"per-block block_ids {first.tolist()} are not increasing and equal across streams"
+  slot_ids = ids[n_main:].reshape(blocks, slots)
+  if (slot_ids != first[-1][:, None]).any():
+    return f"slot block_ids {slot_ids.tolist()} differ from their blocks' {first[-1].tolist()}"
+  return ("stream / is_summary flags do not follow the layout (streams "
+          f"{np.asarray(meta.stream[row]).tolist()}, is_summary "
+          f"{np.asarray(meta.is_summary[row]).astype(int).tolist()})")
+
+
 def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
                          layout: masks.SummaryLayout, spec: masks.MaskSpec,
                          scale: float | None = None) -> Array:
@@ -46,7 +97,10 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
 
   Equal to ``attention_ops.masked_attention(q, k, v, meta, meta, spec)`` when
   ``meta`` follows ``layout`` (block-aligned streams, then their slots), at a cost
-  of n·√n instead of n².
+  of n·√n instead of n². A row whose metadata does not (a stream starting inside a
+  block, block ids that are not one per group of B tokens) would silently miss keys
+  its mask admits: concrete metadata raises a ValueError naming the values, and under
+  tracing, where values cannot be checked, such a row's output is NaN.
 
   Args:
     q: [batch, T, heads, head_dim] with T = streams·L + (L/B)·S.
@@ -75,6 +129,14 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
   n_main = ns * length
 
   # Views: [batch, stream, block, token-in-block, ...] and [batch, block, slot, ...].
+  aligned = _rows_follow_layout(meta, ns, nb, bs, ss)
+  if not isinstance(aligned, jax.core.Tracer) and not np.all(aligned):
+    row = int(np.argmin(np.asarray(aligned)))
+    raise ValueError("structured_attention: metadata row "
+                     f"{row} does not follow the summary layout (streams={ns}, block_size="
+                     f"{bs}, num_slots={ss}): "
+                     + _describe_misalignment(meta, row, ns, nb, bs, ss))
+
   main = lambda x: x[:, :n_main].reshape((b, ns, nb, bs) + x.shape[2:])
   slots = lambda x: x[:, n_main:].reshape((b, nb, ss) + x.shape[2:])
   qm = _fields(meta, main)
@@ -135,4 +197,6 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
   out_s = (jnp.einsum("bhgcqk,bckhd->bcqhgd", ps_blk.astype(v.dtype), v_blk, **f32)
            + jnp.einsum("bhgcqk,bckhd->bcqhgd", ps_sib.astype(v.dtype), v_sib, **f32))
   out_slots = out_s.reshape(b, nb * ss, h, d)
-  return jnp.concatenate([out_main, out_slots], axis=1).astype(q.dtype)
+  out = jnp.concatenate([out_main, out_slots], axis=1).astype(q.dtype)
+  # Traced metadata cannot raise: a misaligned row comes out NaN rather than wrong.
+  return jnp.where(aligned[:, None, None, None], out, jnp.nan)

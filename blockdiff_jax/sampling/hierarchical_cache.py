@@ -17,7 +17,8 @@ chunks also keep exact copies (attention sinks: the first tokens draw large atte
 weights, and their factorisation error moved SmolLM2's outputs most).
 
 Invariant (per row, with frontier P = one past the last committed position): the bank
-holds the chunks whose first position is below ``P - R`` (``compressed`` of them),
+holds the chunks whose first position is below ``P - R`` (``compressed`` of them; as
+P <= capacity, the bank has room for ``ceil((capacity - R) / chunk)`` chunks only),
 the ring holds positions ``[P - R, P)``, and attention reads the bank for positions
 below ``compressed * chunk`` and the ring from there on, so no position is seen twice
 and at least the last ``window`` whole chunks (and the one being filled) are exact.
@@ -96,10 +97,11 @@ class HierarchicalKVCache:
     ring_k, ring_v: [L, B, R + buffer_size, Hkv, Dh] exact K/V of positions
       ``[frontier - R, frontier)`` at slot ``p % R``, then the unfinished-block buffer.
     ring_pos: [B, R] int32, the position each ring slot holds (-1 = none).
-    bank_ka, bank_va: [L, B, G, Hkv, chunk, r] left factors of each chunk's K and V.
+    bank_ka, bank_va: [L, B, G, Hkv, chunk, r] left factors of each chunk's K and V;
+      G = ``hierarchy.bank_chunks(capacity)``, the chunks that can ever leave the ring.
     bank_kb, bank_vb: [L, B, G, Hkv, r, Dh] right factors.
-    sink_k, sink_v: [L, B, sinks * chunk, Hkv, Dh] exact K/V of the first chunks, read
-      instead of their factors once they left the ring.
+    sink_k, sink_v: [L, B, min(sinks, G) * chunk, Hkv, Dh] exact K/V of the first
+      chunks, read instead of their factors once they left the ring.
     valid: [B, capacity] bool, committed positions attention may read.
     block_ids: [B, capacity] int32, block id of each position (as in ``KVCache``).
     frontier: [B] int32, one past the last committed position.
@@ -133,7 +135,7 @@ class HierarchicalKVCache:
             block_ids: Array | None = None) -> "HierarchicalKVCache":
     """A cache with nothing committed."""
     hy = hierarchy
-    g = -(-capacity // hy.chunk) if hy.form == "rank" else 0  # Summary form: no bank.
+    g = hy.bank_chunks(capacity) if hy.form == "rank" else 0  # Summary form: no bank.
     lb = (spec.num_layers, batch)
     ring = lb + (hy.ring + buffer_size, spec.num_kv_heads, spec.head_dim)
     left = lb + (g, spec.num_kv_heads, hy.chunk, hy.rank)
@@ -192,16 +194,19 @@ class HierarchicalKVCache:
     """Factorises (and keeps the sinks of) every chunk that starts below frontier - R."""
     hy, new = self.hierarchy, self
     b, n = k.shape[1:3]
-    # Bank: every chunk that starts below frontier - R.
-    g = -(-n // hy.chunk)
-    pad = [(0, 0), (0, 0), (0, g * hy.chunk - n), (0, 0), (0, 0)]
-    mask = jnp.pad(valid, [(0, 0), (0, g * hy.chunk - n)])[None, :, :, None, None]
-    cpos = jnp.broadcast_to(jnp.arange(g * hy.chunk, dtype=jnp.int32), (b, g * hy.chunk))
-    unrotated = factored_kv.rotate(jnp.pad(k, pad), cpos, self.inv_freq, -1.0)
-    kc = _to_chunks(jnp.where(mask, unrotated, 0), hy.chunk)
-    vc = _to_chunks(jnp.where(mask, jnp.pad(v, pad), 0), hy.chunk)
-    write = jnp.arange(g)[None] < new.compressed[:, None]  # [B, g]
-    new = new._bank_write(kc, vc, jnp.zeros((b,), jnp.int32), write)
+    # Bank: every chunk that starts below frontier - R; with frontier <= n that is
+    # at most the first ceil((n - R) / chunk), which the bank has room for.
+    g = min(-(-n // hy.chunk), self.bank_ka.shape[2])
+    if g:
+      m = min(n, g * hy.chunk)
+      pad = [(0, 0), (0, 0), (0, g * hy.chunk - m), (0, 0), (0, 0)]
+      mask = jnp.pad(valid[:, :m], [(0, 0), (0, g * hy.chunk - m)])[None, :, :, None, None]
+      cpos = jnp.broadcast_to(jnp.arange(g * hy.chunk, dtype=jnp.int32), (b, g * hy.chunk))
+      unrotated = factored_kv.rotate(jnp.pad(k[:, :, :m], pad), cpos, self.inv_freq, -1.0)
+      kc = _to_chunks(jnp.where(mask, unrotated, 0), hy.chunk)
+      vc = _to_chunks(jnp.where(mask, jnp.pad(v[:, :, :m], pad), 0), hy.chunk)
+      write = jnp.arange(g)[None] < new.compressed[:, None]  # [B, g]
+      new = new._bank_write(kc, vc, jnp.zeros((b,), jnp.int32), write)
     sn = min(self.sink_k.shape[2], n)
     if sn:
       keep = valid[None, :, :sn, None, None]
@@ -256,7 +261,7 @@ class HierarchicalKVCache:
                       sink_v=put(c.sink_v, gather(c.ring_v)))
       return c
 
-    if hy.form == "rank":
+    if self.bank_ka.shape[2]:  # No bank (summary form, or a ring holding every position).
       new = jax.lax.cond(jnp.any(leaving), compress, lambda c: c, new)
     slot = pos % hy.ring
     bidx = jnp.arange(b)[:, None]
@@ -321,12 +326,11 @@ class HierarchicalKVCache:
   def _bank_meta(self, cut: Array) -> masks.TokenMeta:
     """Metadata of the bank's positions 0..G*chunk-1: those below ``cut`` [B, 1] are read."""
     b, g = self.bank_ka.shape[1:3]
-    n = g * self.hierarchy.chunk
+    n = g * self.hierarchy.chunk  # <= capacity - R + chunk - 1 < capacity.
     bank_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    pad_n = [(0, 0), (0, n - self.capacity)]
-    bank_ok = jnp.pad(self.valid, pad_n) & (bank_pos < cut)
+    bank_ok = self.valid[:, :n] & (bank_pos < cut)
     meta = masks.make_meta(bank_pos, self.block_size, masks.CLEAN, jnp.where(bank_ok, 0, -1))
-    return dataclasses.replace(meta, block_ids=jnp.pad(self.block_ids, pad_n))
+    return dataclasses.replace(meta, block_ids=self.block_ids[:, :n])
 
 
 def dense_view(view: dict) -> dict:
