@@ -189,3 +189,15 @@ def test_accumulation_with_a_micro_batch_scoring_nothing_matches_the_full_batch(
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)))
   assert diff < 1e-5 * max(float(want["grad_norm"]), 1.0), diff
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_config, tmp_path, capsys):
+  cfg = tiny_config
+  cfg.data.max_bytes, cfg.data.seq_len, cfg.data.batch_size = 40_000, 32, 2
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every = 2, 1, 0
+  trainer.run(cfg, str(tmp_path / "done"))
+  capsys.readouterr()
+  trainer.run(cfg, str(tmp_path / "done"))
+  out = capsys.readouterr().out
+  assert "nothing to train: the checkpoint is at step 2 and train.steps=2" in out
+  assert "first step" not in out  # No step ran.

@@ -181,6 +181,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, data_state = ckpt.restore(sharded.abstract_state)
     data_it.set_state(data_state)
     print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
+    if int(state.step) >= t.steps:
+      print(f"nothing to train: the checkpoint is at step {int(state.step)} and "
+            f"train.steps={t.steps}; raise --config.train.steps to train on", flush=True)
 
   train_step, eval_step, put_batch = sharded.train_step, sharded.eval_step, sharded.put_batch
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
