@@ -128,9 +128,10 @@ def test_export_with_overrides_still_refuses_rope_scaling(tmp_path):
   """The overrides of the imported model say nothing of the RoPE scaling cfg added since."""
   plain = _tiny_cfg()
   overrides = hf.config_overrides(plain)
-  cfg = dataclasses.replace(plain, rope_scaling=rope.RopeScaling(type="linear", factor=4.0))
+  # Static NTK has no Hugging Face rope_type (linear, yarn and llama3 export).
+  cfg = dataclasses.replace(plain, rope_scaling=rope.RopeScaling(type="ntk", factor=4.0))
   params = build.init_params(transformer.Transformer(plain), 0)
-  with pytest.raises(architectures.UnsupportedArchitectureError, match="linear"):
+  with pytest.raises(architectures.UnsupportedArchitectureError, match="ntk"):
     hf.export(str(tmp_path / "out"), params, cfg, overrides)
   assert not os.path.exists(str(tmp_path / "out"))
 

@@ -34,32 +34,67 @@ def _rope_parameters(hf: dict) -> dict:
   return params
 
 
+IMPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
 def rope_overrides(hf: dict) -> dict[str, Any]:
-  """``rope_theta`` and ``rope_scaling.*`` overrides of a config.json ("default", "llama3").
+  """``rope_theta`` and ``rope_scaling.*`` overrides of a config.json.
+
+  rope types "default", "linear", "yarn" (every field of transformers', with its
+  defaults) and "llama3".
 
   Raises:
-    UnsupportedArchitectureError: for another rope_type, or llama3 without its fields.
+    UnsupportedArchitectureError: for another rope_type ("dynamic" included: it rescales
+      with each sequence's length), or a type without its fields.
   """
   params = _rope_parameters(hf)
   rope_type = params["rope_type"]
   o = {"rope_theta": float(params["rope_theta"]), "rope_scaling.type": "none"}
   if rope_type in ("default", None):
     return o
-  if rope_type != "llama3":
+  if rope_type == "dynamic":
     raise UnsupportedArchitectureError(
-        f"rope type {rope_type!r} is not supported for import (only 'default', 'llama3')")
-  missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
-  if missing:
-    raise UnsupportedArchitectureError(f"rope type 'llama3' without {', '.join(missing)}")
+        "rope type 'dynamic' is not supported for import: transformers' dynamic NTK leaves "
+        "the base unscaled up to max_position_embeddings and grows it with each sequence's "
+        "length, which no static scaling reproduces; rope_scaling.type='ntk' (base * "
+        "factor^(d/(d-2)) at every length) is the static alternative")
+  if rope_type not in IMPORTED_ROPE_TYPES:
+    raise UnsupportedArchitectureError(
+        f"rope type {rope_type!r} is not supported for import (only "
+        f"{', '.join(map(repr, IMPORTED_ROPE_TYPES))})")
+  factor = params.get("factor")
   # transformers falls back to max_position_embeddings when the original length is absent.
   original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+  if rope_type == "yarn" and factor is None and original:
+    factor = hf.get("max_position_embeddings", original) / original  # As transformers does.
+  required = {"linear": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+  missing = [k for k in required if (factor if k == "factor" else params.get(k)) is None]
+  if missing:
+    raise UnsupportedArchitectureError(f"rope type {rope_type!r} without {', '.join(missing)}")
+  o.update({"rope_scaling.type": rope_type, "rope_scaling.factor": float(factor)})
+  if rope_type == "linear":
+    return o
   if not original:
     raise UnsupportedArchitectureError(
-        "rope type 'llama3' needs original_max_position_embeddings or max_position_embeddings")
-  o.update({"rope_scaling.type": "llama3", "rope_scaling.factor": float(params["factor"]),
-            "rope_scaling.original_max_position": int(original),
-            "rope_scaling.low_freq_factor": float(params["low_freq_factor"]),
-            "rope_scaling.high_freq_factor": float(params["high_freq_factor"])})
+        f"rope type {rope_type!r} needs original_max_position_embeddings or "
+        "max_position_embeddings")
+  o["rope_scaling.original_max_position"] = int(original)
+  if rope_type == "llama3":
+    o.update({"rope_scaling.low_freq_factor": float(params["low_freq_factor"]),
+              "rope_scaling.high_freq_factor": float(params["high_freq_factor"])})
+    return o
+  optional = lambda k: None if params.get(k) is None else float(params[k])
+  o.update({
+      # transformers reads 0 (or null) as the default here.
+      "rope_scaling.beta_fast": float(params.get("beta_fast") or 32.0),
+      "rope_scaling.beta_slow": float(params.get("beta_slow") or 1.0),
+      "rope_scaling.truncate": bool(params.get("truncate", True)),
+      # Written even when None, so an earlier config.model value cannot survive import.
+      "rope_scaling.attention_factor": optional("attention_factor"),
+      "rope_scaling.mscale": optional("mscale"),
+      "rope_scaling.mscale_all_dim": optional("mscale_all_dim"),
+  })
   return o
 
 
@@ -67,19 +102,35 @@ def rope_config(overrides: dict[str, Any]) -> dict:
   """config.json's rope keys for ``rope_overrides`` (the inverse of it).
 
   Raises:
-    UnsupportedArchitectureError: for a scaling type other than "none" and "llama3".
+    UnsupportedArchitectureError: for "ntk" (Hugging Face has no static NTK type).
   """
   theta = overrides["rope_theta"]
   scaling_type = overrides.get("rope_scaling.type", "none")
   if scaling_type == "none":
     return {"rope_theta": theta, "rope_parameters": {"rope_theta": theta, "rope_type": "default"}}
-  if scaling_type != "llama3":
+  if scaling_type == "ntk":
     raise UnsupportedArchitectureError(
-        f"rope_scaling.type={scaling_type!r} export is not supported (only 'none', 'llama3')")
-  scaling = {"rope_type": "llama3", "factor": overrides["rope_scaling.factor"],
-             "low_freq_factor": overrides["rope_scaling.low_freq_factor"],
-             "high_freq_factor": overrides["rope_scaling.high_freq_factor"],
-             "original_max_position_embeddings": overrides["rope_scaling.original_max_position"]}
+        "rope_scaling.type='ntk' has no Hugging Face equivalent: transformers has no static "
+        "NTK scaling, and its 'dynamic' type changes the base with each sequence's length; "
+        "export a model with rope_scaling.type 'none', 'linear', 'yarn' or 'llama3'")
+  if scaling_type not in ("linear", "yarn", "llama3"):
+    raise UnsupportedArchitectureError(
+        f"rope_scaling.type={scaling_type!r} export is not supported (only 'none', "
+        "'linear', 'yarn', 'llama3')")
+  get = lambda name, default=None: overrides.get(f"rope_scaling.{name}", default)
+  scaling = {"rope_type": scaling_type, "factor": overrides["rope_scaling.factor"]}
+  if scaling_type == "llama3":
+    scaling.update({"low_freq_factor": get("low_freq_factor"),
+                    "high_freq_factor": get("high_freq_factor"),
+                    "original_max_position_embeddings": get("original_max_position")})
+  if scaling_type == "yarn":
+    scaling.update({"original_max_position_embeddings": get("original_max_position"),
+                    "beta_fast": get("beta_fast", 32.0), "beta_slow": get("beta_slow", 1.0)})
+    if not get("truncate", True):
+      scaling["truncate"] = False  # Only written when off: older transformers lack the key.
+    for name in ("attention_factor", "mscale", "mscale_all_dim"):
+      if get(name) is not None:
+        scaling[name] = float(get(name))
   # rope_scaling for transformers < 5; >= 5 reads either.
   return {"rope_theta": theta, "rope_scaling": scaling,
           "rope_parameters": {"rope_theta": theta, **scaling}}

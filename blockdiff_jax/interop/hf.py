@@ -209,7 +209,7 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
 
   Raises:
     UnsupportedArchitectureError: cfg computes something config.json cannot express
-      (RoPE scaling other than llama3, a non-token router, gated LoRA adapters), also
+      (static "ntk" RoPE scaling, a non-token router, gated LoRA adapters), also
       when ``overrides`` are given: they describe the imported model, not what cfg
       changed since (cfg's RoPE is what config.json gets).
   """
@@ -256,10 +256,6 @@ def config_overrides(cfg: transformer.TransformerConfig) -> dict[str, Any]:
           "(qwen3_moe/qwen2_moe: softmax/token)")
   rs = cfg.rope_scaling
   o["rope_scaling.type"] = rs.type
-  if rs.type == "llama3":
-    o.update({"rope_scaling.factor": rs.factor,
-              "rope_scaling.original_max_position": rs.original_max_position,
-              "rope_scaling.low_freq_factor": rs.low_freq_factor,
-              "rope_scaling.high_freq_factor": rs.high_freq_factor})
+  o.update({f"rope_scaling.{name}": getattr(rs, name) for name in rope.FIELDS_BY_TYPE[rs.type]})
   architectures.rope_config(o)  # Raises for a scaling config.json cannot express.
   return o

@@ -30,6 +30,16 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.rope_scaling.original_max_position = 4096  # Pre-training context (YaRN, llama3).
   m.rope_scaling.low_freq_factor = 1.0  # llama3: turns per original context fully scaled below.
   m.rope_scaling.high_freq_factor = 4.0  # llama3: turns per original context kept above.
+  # YaRN (defaults as transformers'): frequencies turning more than beta_fast times over
+  # the original context are kept, fewer than beta_slow times divided by factor.
+  m.rope_scaling.beta_fast = 32.0  # yarn: turns per original context kept above.
+  m.rope_scaling.beta_slow = 1.0  # yarn: turns per original context fully scaled below.
+  m.rope_scaling.truncate = True  # yarn: ramp bounds rounded to whole dims (False: gpt-oss).
+  # yarn: q and k are multiplied by this temperature; None = derived from factor
+  # (0.1 ln(factor) + 1, or the mscale/mscale_all_dim ratio when both are set).
+  m.rope_scaling.attention_factor = ml_collections.config_dict.placeholder(float)
+  m.rope_scaling.mscale = ml_collections.config_dict.placeholder(float)  # yarn (DeepSeek).
+  m.rope_scaling.mscale_all_dim = ml_collections.config_dict.placeholder(float)  # yarn.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
   # xla (materialized mask) | pallas (tiled kernel) | structured (summary tokens only:
@@ -143,9 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("rope_theta", "norm_eps"):
     if not (m[name] > 0 and math.isfinite(m[name])):
       raise ValueError(f"model.{name} must be > 0 and finite, got {m[name]}")
-  rope.RopeScaling(type=m.rope_scaling.type, factor=m.rope_scaling.factor,
-                   low_freq_factor=m.rope_scaling.get("low_freq_factor", 1.0),
-                   high_freq_factor=m.rope_scaling.get("high_freq_factor", 4.0))
+  rope.scaling_from_config(m.rope_scaling)  # Names a bad rope_scaling field.
   su = m.get("summary")
   if su is not None:
     if su.num_slots < 0:

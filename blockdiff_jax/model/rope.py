@@ -10,6 +10,16 @@ Array = Any
 
 SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
 
+# The RopeScaling fields each type reads; the others do not change what it computes.
+FIELDS_BY_TYPE = {
+    "none": (),
+    "linear": ("factor",),
+    "ntk": ("factor",),
+    "yarn": ("factor", "original_max_position", "beta_fast", "beta_slow", "truncate",
+             "attention_factor", "mscale", "mscale_all_dim"),
+    "llama3": ("factor", "original_max_position", "low_freq_factor", "high_freq_factor"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -18,7 +28,8 @@ class RopeScaling:
   Field names and semantics follow ``transformers``' ``rope_parameters``
   (``rope_type`` "linear", "yarn", "llama3"). "ntk" is static: transformers has no
   static NTK type, and its "dynamic" leaves the base unscaled up to max_position_embeddings
-  M, reaching our base * factor^(d/(d-2)) only at length M (2 factor - 1) / factor.
+  M, reaching our base * factor^(d/(d-2)) only at length M (2 factor - 1) / factor, so
+  neither maps onto the other exactly (HF import refuses "dynamic", export refuses "ntk").
 
   Attributes:
     type: "none", "linear" (positions / factor), "ntk" (base * factor^(d/(d-2))),
@@ -63,9 +74,9 @@ class RopeScaling:
     if self.original_max_position < 1:
       raise ValueError(f"rope_scaling.original_max_position must be >= 1, got "
                        f"{self.original_max_position}")
-    if self.beta_fast <= 0 or self.beta_slow <= 0:
-      raise ValueError(f"rope_scaling.beta_fast and beta_slow must be > 0, got "
-                       f"{self.beta_fast}, {self.beta_slow}")
+    for name in ("beta_fast", "beta_slow"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"rope_scaling.{name} must be > 0, got {getattr(self, name)}")
     if self.attention_factor is not None and self.attention_factor <= 0:
       raise ValueError(f"rope_scaling.attention_factor must be > 0, got "
                        f"{self.attention_factor}")
@@ -73,6 +84,20 @@ class RopeScaling:
     if not 0 < self.low_freq_factor < self.high_freq_factor:
       raise ValueError(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                        f"{self.low_freq_factor}, {self.high_freq_factor}")
+
+
+def scaling_from_config(section) -> RopeScaling:
+  """The RopeScaling of a ``model.rope_scaling`` config section (validated).
+
+  Only the fields its type reads (``FIELDS_BY_TYPE``) are taken; the others keep their
+  defaults, so configs that compute the same RoPE give equal RopeScalings. Fields absent
+  from the section (configs saved before they existed) take their defaults too.
+  """
+  scaling_type = section.get("type", "none")
+  if scaling_type not in SCALING_TYPES:
+    raise ValueError(f"rope_scaling.type must be one of {SCALING_TYPES}, got {scaling_type!r}")
+  return RopeScaling(type=scaling_type, **{name: section[name] for name in
+                                           FIELDS_BY_TYPE[scaling_type] if name in section})
 
 
 def _yarn_temperature(scale: float, mscale: float = 1.0) -> float:

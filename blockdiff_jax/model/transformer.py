@@ -134,12 +134,7 @@ class TransformerConfig:
         moe_every=m.moe.moe_every, first_dense_layers=m.moe.first_dense_layers,
         qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
         rope_theta=m.rope_theta,
-        rope_scaling=rope.RopeScaling(
-            type=m.rope_scaling.type, factor=m.rope_scaling.factor,
-            original_max_position=m.rope_scaling.original_max_position,
-            # Absent from configs saved before llama3 scaling existed.
-            low_freq_factor=m.rope_scaling.get("low_freq_factor", 1.0),
-            high_freq_factor=m.rope_scaling.get("high_freq_factor", 4.0)),
+        rope_scaling=rope.scaling_from_config(m.rope_scaling),
         norm_eps=m.norm_eps, mask_spec=mask_spec, attention_impl=m.attention_impl,
         interpret=m.get("interpret"), dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
         lora=lora_lib.from_config(m.get("lora")),
