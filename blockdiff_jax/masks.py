@@ -230,7 +230,8 @@ class SummaryLayout:
     if total % per_block:
       raise ValueError(f"SummaryLayout: length {total} is not streams * L + L // B * S "
                        f"for streams={self.streams}, B={self.block_size}, "
-                       f"S={self.num_slots}")
+                       f"S={self.num_slots} (each stream's length L must be a multiple "
+                       f"of B)")
     return total // per_block * self.block_size
 
   def num_tokens(self, stream_length: int) -> int:
