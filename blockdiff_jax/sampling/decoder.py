@@ -130,6 +130,29 @@ def _build(key: _Key):
   return jax.jit(fn)
 
 
+def bucketed_prefill_width(need: int, block_size: int, canvas_width: int) -> int:
+  """The prefill width ``decode`` compiles for when the caller fixes none.
+
+  ``need`` (the largest start block's offset) rounded up to a ``jit_cache.bucket`` width,
+  then to a block multiple, capped at the canvas width; 0 stays 0 (no prefill pass).
+  The padding changes no output: ``init_state`` prefills each row only below its own
+  start block (see ``state.prefill_width``).
+
+  Args:
+    need: the narrowest usable width, a multiple of ``block_size`` in [0, canvas_width].
+    block_size: the decoder's block size.
+    canvas_width: slots per canvas row, a multiple of ``block_size``.
+  """
+  if need % block_size or not 0 <= need <= canvas_width or canvas_width % block_size:
+    raise ValueError(f"bucketed_prefill_width: need={need} and canvas_width={canvas_width} "
+                     f"must be multiples of block_size={block_size} with need <= "
+                     "canvas_width")
+  if not need:
+    return 0
+  width = jit_cache.bucket(need, canvas_width)
+  return min(-(-width // block_size) * block_size, canvas_width)
+
+
 def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
            rng: Array | None = None, on_block: Callable[..., None] | None = None,
            prefill_width: int | None = None,
@@ -146,7 +169,9 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
       active [B])`` invoked when decoded blocks finish; each row's blocks arrive once
       each, in order, on calls where that row is ``active``.
     prefill_width: static width of the prefill pass (default: the largest start
-      block's offset); fix it to share compiles and shapes across batches.
+      block's offset, bucketed by ``bucketed_prefill_width`` so batches with nearby
+      prompt lengths share one program); fix it to share compiles and shapes across
+      all batches.
     on_step: optional host callback ``on_step(block_index [B], tokens [B, block])``
       after every denoising step (for visualizing; it syncs with the host per step).
 
@@ -163,6 +188,9 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
                      "masked slot (put a token such as <|bos|> before the first span)")
   fn = logits_lib.as_logits_fn(model)
   prefill_len = state_lib.prefill_width(canvas, options.block_size, prefill_width)
+  if prefill_width is None:
+    prefill_len = bucketed_prefill_width(prefill_len, options.block_size,
+                                         canvas.tokens.shape[1])
   key = _Key(fn, options, prefill_len, on_block is not None, on_step is not None,
              sharding.explicit_mesh() is not None)
   compiled = JIT_CACHE.get(key, _build)

@@ -57,6 +57,13 @@ def _results(tokenizer, canvas, out, wall_s, block_size) -> list[dict]:
   return rows
 
 
+def _check_decoder_choice(ar: bool, isd_stride: int) -> None:
+  """Refuses ``ar`` with ``isd_stride``: one of the two would be silently ignored."""
+  if ar and isd_stride:
+    raise ValueError(f"ar=True and isd_stride={isd_stride} ask for two decoders (AR and "
+                     "ISD); pass one of them")
+
+
 def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
              options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
              width: int | None = None, ar: bool = False, rng: Any = None,
@@ -76,11 +83,16 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
     rng: sampling key.
     on_block: streaming callback (see ``decoder.decode``); ignored for AR and ISD.
     warmup: run once before timing so tokens/s excludes compilation.
-    isd_stride: > 0: introspective strided decoding with this stride (``isd``).
+    isd_stride: > 0: introspective strided decoding with this stride (``isd``); not
+      with ``ar``.
 
   Returns:
     (per-row result dicts, batch summary with forwards, tokens/s, mean TPF...).
+
+  Raises:
+    ValueError: both ``ar`` and ``isd_stride`` are set, or a prompt has mask spans.
   """
+  _check_decoder_choice(ar, isd_stride)
   ids = []
   for i, p in enumerate(prompts):
     parsed = layout.parse(tokenizer, p)
@@ -162,7 +174,11 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
   Returns:
     (one dict per prompt, in order, each with ``prompt`` and either results or
     ``error``; the summary of the continued prompts, empty when there were none).
+
+  Raises:
+    ValueError: both ``ar`` and ``isd_stride`` are set (before any prompt runs).
   """
+  _check_decoder_choice(ar, isd_stride)
   rows: list[dict | None] = [None] * len(prompts)
   continue_idx, infill_idx = [], []
   for i, p in enumerate(prompts):

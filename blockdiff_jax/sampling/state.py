@@ -128,7 +128,14 @@ def token_meta(positions: Array, block_size: int, stream: int,
 
 
 def prefill_width(canvas: layout.Canvas, block_size: int, width: int | None = None) -> int:
-  """Static width of the prefill pass: the largest start block's offset, or ``width``."""
+  """Static width of the prefill pass: the largest start block's offset, or ``width``.
+
+  Any block multiple from that offset up to the canvas width decodes the same:
+  ``init_state`` treats a prefilled slot as a prompt token (K/V valid in the cache, its
+  block's summary slots valid) only below its row's start block and length; the slots
+  past it are attended by nothing, so a row still decodes every block from its start
+  block on. A width above the offset only costs prefill compute.
+  """
   s = canvas.tokens.shape[1]
   if s % block_size:
     raise ValueError(f"canvas width {s} is not a multiple of block_size {block_size}")
