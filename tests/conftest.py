@@ -276,3 +276,54 @@ class RunningServer:
     asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
     self.loop.call_soon_threadsafe(self.loop.stop)
     self.thread.join()
+
+
+class BigramLM:
+  """A token-shifted causal LM whose logits depend only on the last real token it sees.
+
+  At a real token t the logits are ``params["table"][t]``; at a MASK slot they are those
+  of the last real token before it, so MASK slots draft what the bigram says next. It
+  follows the decoders' logits-function interface (cache and ``logits_slice``) and
+  compiles in a moment, so decoder tests can compare against a NumPy loop.
+  """
+
+  def __init__(self, mask_id: int):
+    from blockdiff_jax.sampling import kv_cache  # pylint: disable=g-import-not-at-top
+    self.mask_id = mask_id
+    self.kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
+
+  # Decoders key their compiled programs on the model: equal masks, one program.
+  def __eq__(self, other):
+    return isinstance(other, BigramLM) and other.mask_id == self.mask_id
+
+  def __hash__(self):
+    return hash((BigramLM, self.mask_id))
+
+  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
+    kv = jnp.stack([tokens, tokens != self.mask_id], -1).astype(jnp.float32)  # [B, T, 2]
+    keys, key_meta = kv, meta
+    if cache is not None:
+      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
+      key_meta = cache["meta"].concat(meta)
+    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
+    last = jnp.argmax(jnp.where(usable, key_meta.positions[:, None, :], -1), axis=-1)
+    logits = params["table"][jnp.take_along_axis(keys[..., 0], last, 1).astype(jnp.int32)]
+    if logits_slice is not None:
+      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
+    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
+
+
+def randomized_hf_model(model):
+  """``model`` (a transformers causal LM) in eval mode with random weights, norms and
+  biases included (the seed is the caller's ``torch.manual_seed``), so parity tests
+  exercise every parameter rather than the initialisers' ones and zeros."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.25)
+  return model.eval()

@@ -6,7 +6,6 @@ explicitly, or against a numpy reference of the bucket set and of the prefilled 
 Also: ``generation.generate`` refuses ``ar`` together with ``isd_stride``.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,17 +13,16 @@ import numpy as np
 import pytest
 
 from conftest import small_model_config
-from blockdiff_jax import masks
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import hierarchical_cache as hc
-from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import state as state_lib
+from conftest import BigramLM
 
 pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
@@ -46,26 +44,6 @@ def _reference_width(need, block, width):
   members = sorted({16} | {m << e for m in range(4, 8) for e in range(2, 24)})
   w = next(x for x in members if x >= need)
   return min(-(-w // block) * block, width)
-
-
-@dataclasses.dataclass(frozen=True)
-class BigramLM:
-  """Logits at a slot are ``table[last real token it sees]`` (a cheap model to compile)."""
-
-  kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
-
-  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
-    kv = jnp.stack([tokens, tokens != MASK], -1).astype(jnp.float32)
-    keys, key_meta = kv, meta
-    if cache is not None:
-      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
-      key_meta = cache["meta"].concat(meta)
-    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
-    last = jnp.argmax(jnp.where(usable, key_meta.positions[:, None, :], -1), axis=-1)
-    logits = params["table"][jnp.take_along_axis(keys[..., 0], last, 1).astype(jnp.int32)]
-    if logits_slice is not None:
-      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
-    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
 
 
 def _bigram_params():
@@ -122,12 +100,12 @@ def test_fewer_programs_over_prompt_lengths_with_unchanged_outputs():
     ids = [layout.parse(TOK, "<|bos|>" + "ab"[n % 2] * n).ids]
     cv = layout.generation_canvas(ids, 8, BLOCK, MASK, 64, 64)
     needs.add(decoder.prefill_width(cv, BLOCK))
-    outs.append((cv, decoder.decode(BigramLM(), params, cv, opt)))
+    outs.append((cv, decoder.decode(BigramLM(MASK), params, cv, opt)))
   programs = len(decoder.JIT_CACHE)
   assert programs == len({_reference_width(n, BLOCK, 64) for n in needs})
   assert programs < len(needs)
   for cv, got in outs:  # The exact width (the unbucketed decoder) gives the same results.
-    want = decoder.decode(BigramLM(), params, cv, opt,
+    want = decoder.decode(BigramLM(MASK), params, cv, opt,
                           prefill_width=decoder.prefill_width(cv, BLOCK))
     for name in ("tokens", "nfe", "steps", "forwards"):
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -213,11 +191,11 @@ def test_ar_and_isd_together_are_refused(call):
   opt = _options(TOK, token_shift=True)
   fn = generation.generate if call == "generate" else generation.answer
   with pytest.raises(ValueError, match=r"ar=True and isd_stride=2"):
-    fn(BigramLM(), _bigram_params(), TOK, ["<|bos|>abc"], opt, 8, 32, ar=True,
+    fn(BigramLM(MASK), _bigram_params(), TOK, ["<|bos|>abc"], opt, 8, 32, ar=True,
        isd_stride=2)
   # Each alone still runs, and they are different decoders (ISD counts narrow forwards).
-  _, ar_only = generation.generate(BigramLM(), _bigram_params(), TOK, ["<|bos|>abc"], opt,
+  _, ar_only = generation.generate(BigramLM(MASK), _bigram_params(), TOK, ["<|bos|>abc"], opt,
                                    8, 32, ar=True)
-  _, isd_only = generation.generate(BigramLM(), _bigram_params(), TOK, ["<|bos|>abc"], opt,
+  _, isd_only = generation.generate(BigramLM(MASK), _bigram_params(), TOK, ["<|bos|>abc"], opt,
                                     8, 32, isd_stride=2)
   assert ar_only["narrow_forwards"] == 0 < isd_only["narrow_forwards"]

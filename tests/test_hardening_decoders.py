@@ -17,34 +17,10 @@ from blockdiff_jax.model import build
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import distill
 from blockdiff_jax.sampling import isd
-from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
+from conftest import BigramLM
 
 EOS, MASK, VOCAB = 10, 11, 12
-
-
-@dataclasses.dataclass(frozen=True)
-class BigramLM:
-  """A token-shifted causal LM whose logits depend only on the last real token seen.
-
-  At a real token t the logits are ``params["table"][t]``; at a MASK they are those of the
-  last real token before it, so MASK slots draft what the bigram would say next.
-  """
-
-  kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
-
-  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
-    kv = jnp.stack([tokens, tokens != MASK], -1).astype(jnp.float32)  # [B, T, 2]
-    keys, key_meta = kv, meta
-    if cache is not None:
-      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
-      key_meta = cache["meta"].concat(meta)
-    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
-    last = jnp.argmax(jnp.where(usable, key_meta.positions[:, None, :], -1), axis=-1)
-    logits = params["table"][jnp.take_along_axis(keys[..., 0], last, 1).astype(jnp.int32)]
-    if logits_slice is not None:
-      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
-    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
 
 
 def _near_tie_table():
@@ -71,14 +47,14 @@ def test_greedy_isd_equals_greedy_ar_when_the_top_logits_nearly_tie(stride):
   cv = layout.generation_canvas([np.asarray(p, np.int32) for p in prompts], max_new, 1, MASK,
                                 64)
   params = {"table": jnp.asarray(table)}
-  got = isd.decode_isd(BigramLM(), params, cv, _options(stop_at_eos=False), stride)
+  got = isd.decode_isd(BigramLM(MASK), params, cv, _options(stop_at_eos=False), stride)
   for i, p in enumerate(prompts):
     want = list(p)  # The slow loop: a bigram's greedy continuation.
     for _ in range(max_new):
       want.append(int(np.argmax(table[want[-1]])))
     np.testing.assert_array_equal(got["tokens"][i, :len(want)], want, err_msg=f"row {i}")
   np.testing.assert_array_equal(
-      ar.decode_ar(BigramLM(), params, cv, _options(stop_at_eos=False))["tokens"],
+      ar.decode_ar(BigramLM(MASK), params, cv, _options(stop_at_eos=False))["tokens"],
       got["tokens"])
 
 
@@ -94,11 +70,11 @@ def test_a_token_shifted_ar_or_isd_refuses_an_empty_prompt():
   empty = layout.Canvas(tokens, maskable, cv.length, np.array([3, 0], np.int32))
   params = {"table": jnp.asarray(_near_tie_table())}
   with pytest.raises(ValueError, match="row 1: .*prompt cannot be empty"):
-    ar.decode_ar(BigramLM(), params, empty, _options())
+    ar.decode_ar(BigramLM(MASK), params, empty, _options())
   with pytest.raises(ValueError, match="row 1: .*prompt cannot be empty"):
-    isd.decode_isd(BigramLM(), params, empty, _options(), 3)
+    isd.decode_isd(BigramLM(MASK), params, empty, _options(), 3)
   # Without the shift an empty prompt is unconditional generation, as before.
-  out = ar.decode_ar(BigramLM(), params, empty, _options(token_shift=False))
+  out = ar.decode_ar(BigramLM(MASK), params, empty, _options(token_shift=False))
   assert (out["tokens"][1, :5] != MASK).all()
 
 

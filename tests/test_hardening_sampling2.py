@@ -24,33 +24,10 @@ from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import trace
+from conftest import BigramLM
 
 TOK = tokenizers.ByteTokenizer()
 MASK, EOS, VOCAB = TOK.mask_id, TOK.eos_id, TOK.vocab_size
-
-
-@dataclasses.dataclass(frozen=True)
-class BigramLM:
-  """A causal LM whose logits at a slot are ``table[last real token it sees]``.
-
-  At a MASK slot that is the last real token before it, so the same function serves a
-  token-shifted model (logits at i predict i+1) and the AR decoder's MASK query.
-  """
-
-  kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
-
-  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
-    kv = jnp.stack([tokens, tokens != MASK], -1).astype(jnp.float32)  # [B, T, 2]
-    keys, key_meta = kv, meta
-    if cache is not None:
-      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
-      key_meta = cache["meta"].concat(meta)
-    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
-    last = jnp.argmax(jnp.where(usable, key_meta.positions[:, None, :], -1), axis=-1)
-    logits = params["table"][jnp.take_along_axis(keys[..., 0], last, 1).astype(jnp.int32)]
-    if logits_slice is not None:
-      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
-    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
 
 
 def _bigram_table(seed=0):
@@ -98,7 +75,7 @@ def test_ar_and_isd_compile_once_per_prompt_bucket_with_unchanged_outputs(decode
   lengths = range(1, 20)
   for n in lengths:
     prompts = ["<|bos|>" + "abcdfghij"[:1 + n % 9] * (1 + n // 9), "<|bos|>" + "x" * n]
-    rows, _ = generation.generate(BigramLM(), params, TOK, prompts, opt, 6, 64, width=64,
+    rows, _ = generation.generate(BigramLM(MASK), params, TOK, prompts, opt, 6, 64, width=64,
                                   **kw)
     for p, row in zip(prompts, rows):
       want = _bigram_greedy(table, layout.parse(TOK, p).ids, 6)
@@ -231,7 +208,7 @@ def test_infilled_prompts_are_sampled_with_the_given_key():
   prompts = ["<|bos|>ab<|mask:12|>cd", "<|bos|>xy"]
   spans, continued = [], []
   for seed in (0, 1, 2, 1):
-    rows, _ = generation.answer(BigramLM(), params, TOK, prompts, opt, 8, 64,
+    rows, _ = generation.answer(BigramLM(MASK), params, TOK, prompts, opt, 8, 64,
                                 rng=jax.random.key(seed))
     spans.append(tuple(rows[0]["tokens"][3:15]))
     continued.append(tuple(rows[1]["tokens"]))
@@ -240,7 +217,7 @@ def test_infilled_prompts_are_sampled_with_the_given_key():
   assert len(set(continued)) == 3
   # The infilled and continued prompts do not share their draws.
   assert all(s[:6] != c[:6] for s, c in zip(spans, continued))
-  direct = generation.infill(BigramLM(), params, TOK, prompts[:1], opt, 64,
+  direct = generation.infill(BigramLM(MASK), params, TOK, prompts[:1], opt, 64,
                              rng=jax.random.key(1))
-  assert direct[0]["spans"] != generation.infill(BigramLM(), params, TOK, prompts[:1], opt,
+  assert direct[0]["spans"] != generation.infill(BigramLM(MASK), params, TOK, prompts[:1], opt,
                                                  64, rng=jax.random.key(2))[0]["spans"]

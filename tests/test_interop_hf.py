@@ -22,6 +22,7 @@ from blockdiff_jax.interop import safetensors_io
 from blockdiff_jax.model import transformer
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import layout
+from conftest import randomized_hf_model
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 VOCAB = 97
@@ -53,13 +54,7 @@ def build_hf(kind: str, seed: int = 0):
         tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=16, norm_topk_prob=True, decoder_sparse_step=1,
         mlp_only_layers=[0], **common))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.25)
-  return model.eval()
+  return randomized_hf_model(model)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -21,6 +21,7 @@ from blockdiff_jax.interop import pretrained
 from blockdiff_jax.interop import safetensors_io
 from blockdiff_jax.interop import tokenizer as tokenizer_lib
 from blockdiff_jax.model import rope
+from conftest import randomized_hf_model
 
 VOCAB = 97
 _EMBED = "model.embed_tokens.weight"
@@ -42,13 +43,7 @@ def _hf_llama(rope_parameters=None, seed=0, vocab=VOCAB, **kwargs):
   if rope_parameters is not None:
     fields["rope_parameters"] = rope_parameters
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.25)
-  return model.eval()
+  return randomized_hf_model(model)
 
 
 def _torch_logits(model, tokens):

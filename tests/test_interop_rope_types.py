@@ -20,6 +20,7 @@ from blockdiff_jax.interop import pretrained
 from blockdiff_jax.model import build
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
+from conftest import randomized_hf_model
 
 VOCAB = 97
 ORIGINAL = 32  # Pre-training context of the tiny models; the tests run three times past it.
@@ -47,13 +48,7 @@ def _hf_model(model_type, seed=0, **fields):
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.25)
-  return model.eval()
+  return randomized_hf_model(model)
 
 
 def _save_with_rope(model, folder, rope_parameters):
