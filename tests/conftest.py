@@ -327,3 +327,108 @@ def randomized_hf_model(model):
       else:
         p.normal_(0.0, 0.25)
   return model.eval()
+
+
+def slow_block_ar(model, params, prompt, max_new, block_size, mask_id, width, eos_id=None):
+  """Greedy AR of a block-diffusion model without a cache, the decoders' slow reference.
+
+  Each token is one full forward of [prompt (block-causal over its trained blocks) ;
+  generated tokens (one block each) ; MASK at q]. Returns the generated ids (np.int32),
+  up to and including ``eos_id`` when it is given and produced.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
+  fwd = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m)[0][0, -1])
+  toks = np.zeros(width, np.int32)
+  toks[:len(prompt)] = prompt
+  pos = np.arange(width)
+  for q in range(len(prompt), len(prompt) + max_new):
+    clean = masks.make_meta(pos[None], block_size, masks.CLEAN,
+                            np.where(pos < q, 0, -1)[None])
+    clean = dataclasses.replace(clean, block_ids=jnp.asarray(
+        np.where(pos < len(prompt), pos // block_size, pos)[None], jnp.int32))
+    noisy = dataclasses.replace(masks.make_meta([[q]], 1, masks.NOISY),
+                                block_ids=jnp.asarray([[q]], jnp.int32))
+    logits = np.array(fwd(params, jnp.asarray(np.append(toks, mask_id))[None],
+                          clean.concat(noisy)))
+    logits[mask_id] = -np.inf
+    toks[q] = int(np.argmax(logits))
+    if toks[q] == eos_id:
+      break
+  return toks[len(prompt):q + 1]
+
+
+class FakeSlotPool:
+  """The bookkeeping of a ``serving.pool.SlotPool`` without a model, for engine and server
+  tests: subclasses write ``advance`` (which rows' tokens become final per forward).
+
+  ``rows`` maps a slot to [prompt length, max_tokens, tokens generated so far].
+  """
+
+  def __init__(self, model, params, decoder, slots, width, max_prompt, forwards_per_call=1):
+    del model, params, max_prompt, forwards_per_call
+    self.decoder, self.slots, self.width = decoder, slots, width
+    self.occupied = [False] * slots
+    self.rows = {}
+    self.retired = 0
+
+  @property
+  def free(self):
+    return self.occupied.count(False)
+
+  @property
+  def busy(self):
+    return any(self.occupied)
+
+  def admit(self, prompt, max_tokens, seed=0):
+    del seed
+    slot = self.occupied.index(False)
+    self.occupied[slot] = True
+    self.rows[slot] = [len(prompt), max_tokens, 0]
+    return slot
+
+  def retire(self, slot):
+    self.occupied[slot] = False
+    self.retired += 1
+
+  def release(self, slot):
+    self.occupied[slot] = False
+
+  def warmup(self):
+    pass
+
+
+def sgd_steps_by_accumulation(cfg, row_scores, accums=(1, 2)):
+  """One train step of ``cfg``'s model per ``grad_accum_steps`` in ``accums``, on the
+  same batch, key and starting params, for gradient-accumulation tests.
+
+  The batch is [len(row_scores), cfg.data.seq_len] random bytes whose row r scores its
+  first ``row_scores[r]`` tokens. Plain SGD at learning rate 1, so the update is the
+  gradient itself (Adam's first update is about lr * sign(g), which float noise flips
+  wherever a gradient is ~0).
+
+  Returns:
+    (the starting params, [(state, metrics) per entry of ``accums``]).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  model, tok = build.build_model(cfg)
+  obj = config_lib.objective(cfg, tok.mask_id)
+  tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
+  params = build.init_params(model, 0)
+  rows, length = len(row_scores), cfg.data.seq_len
+  scored = jnp.array(row_scores)[:, None] > jnp.arange(length)[None]
+  batch = {"tokens": jax.random.randint(jax.random.key(0), (rows, length), 0, 256),
+           "loss_mask": scored.astype(jnp.float32),
+           "segment_ids": jnp.zeros((rows, length), jnp.int32)}
+  outs = []
+  for accum in accums:
+    step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lr, accum))
+    outs.append(step(state_lib.create(params, tx, False), batch, jax.random.key(1)))
+  return params, outs

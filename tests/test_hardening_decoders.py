@@ -5,13 +5,11 @@ the decoder cannot serve gave silent garbage instead of an error."""
 import dataclasses
 import io
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import small_model_config
-from blockdiff_jax import masks
 from blockdiff_jax.data import sft
 from blockdiff_jax.model import build
 from blockdiff_jax.sampling import ar
@@ -19,6 +17,7 @@ from blockdiff_jax.sampling import distill
 from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import layout
 from conftest import BigramLM
+from conftest import slow_block_ar
 
 EOS, MASK, VOCAB = 10, 11, 12
 
@@ -97,29 +96,6 @@ def test_ar_and_isd_refuse_a_summary_token_model():
     isd.decode_isd(model, params, cv, dataclasses.replace(opt, token_shift=True), 2)
 
 
-def _slow_ar(model, params, prompt, max_new, block_size, mask_id, eos_id, width):
-  """Greedy AR of a block-diffusion model without a cache: each step one full forward of
-  [prompt (block-causal, its trained blocks) ; generated (one block each) ; MASK at q]."""
-  fwd = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m)[0][0, -1])
-  toks = np.zeros(width, np.int32)
-  toks[:len(prompt)] = prompt
-  pos = np.arange(width)
-  for q in range(len(prompt), len(prompt) + max_new):
-    clean = masks.make_meta(pos[None], block_size, masks.CLEAN,
-                            np.where(pos < q, 0, -1)[None])
-    clean = dataclasses.replace(clean, block_ids=jnp.asarray(
-        np.where(pos < len(prompt), pos // block_size, pos)[None], jnp.int32))
-    noisy = dataclasses.replace(masks.make_meta([[q]], 1, masks.NOISY),
-                                block_ids=jnp.asarray([[q]], jnp.int32))
-    logits = np.array(fwd(params, jnp.asarray(np.append(toks, mask_id))[None],
-                            clean.concat(noisy)))
-    logits[mask_id] = -np.inf
-    toks[q] = int(np.argmax(logits))
-    if toks[q] == eos_id:
-      break
-  return toks[len(prompt):q + 1]
-
-
 def test_distilled_answers_of_a_block_model_keep_its_prompt_blocks():
   """Without the token shift the AR decoder needs the model's block size for the prompt's
   block-causal attention; ``distill`` decoded with blocks of one token."""
@@ -134,5 +110,6 @@ def test_distilled_answers_of_a_block_model_keep_its_prompt_blocks():
                                token_shift=False, log=io.StringIO(), block_size=block)
   for q, answer, _ in got:
     head = sft.render(tok, (q, ""))[0]
-    want = _slow_ar(model, params, head, max_new, block, tok.mask_id, tok.eos_id, max_len)
+    want = slow_block_ar(model, params, head, max_new, block, tok.mask_id, max_len,
+                         eos_id=tok.eos_id)
     assert answer == tok.decode(want[want != tok.eos_id]), q

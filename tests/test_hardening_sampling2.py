@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers.generation import logits_process
 
-from blockdiff_jax import masks
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import ar
 from blockdiff_jax.sampling import generation
@@ -25,6 +24,7 @@ from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import trace
 from conftest import BigramLM
+from conftest import slow_block_ar
 
 TOK = tokenizers.ByteTokenizer()
 MASK, EOS, VOCAB = TOK.mask_id, TOK.eos_id, TOK.vocab_size
@@ -84,29 +84,6 @@ def test_ar_and_isd_compile_once_per_prompt_bucket_with_unchanged_outputs(decode
   assert len(cache) == 2  # Longest prompts of 2..20 tokens: prefills 16 and 20 wide.
 
 
-def _slow_ar(model, params, prompt, max_new, block_size, mask_id, width):
-  """Greedy AR without a cache: one full forward of [prompt (its trained blocks) ;
-  generated tokens (one block each) ; MASK at q] per token."""
-  fwd = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m)[0][0, -1])
-  toks = np.zeros(width, np.int32)
-  toks[:len(prompt)] = prompt
-  pos = np.arange(width)
-  out = []
-  for q in range(len(prompt), len(prompt) + max_new):
-    clean = masks.make_meta(pos[None], block_size, masks.CLEAN,
-                            np.where(pos < q, 0, -1)[None])
-    clean = dataclasses.replace(clean, block_ids=jnp.asarray(
-        np.where(pos < len(prompt), pos // block_size, pos)[None], jnp.int32))
-    noisy = dataclasses.replace(masks.make_meta([[q]], 1, masks.NOISY),
-                                block_ids=jnp.asarray([[q]], jnp.int32))
-    logits = np.array(fwd(params, jnp.asarray(np.append(toks, mask_id))[None],
-                          clean.concat(noisy)))
-    logits[mask_id] = -np.inf
-    toks[q] = int(np.argmax(logits))
-    out.append(int(toks[q]))
-  return out
-
-
 def test_bucketed_ar_prefill_of_a_transformer_matches_a_cacheless_forward(tiny_decoder):
   """Rows of 5, 9 and 13 tokens share a prefill 16 wide: the padding slots stay hidden."""
   model, tok, params = tiny_decoder
@@ -118,7 +95,8 @@ def test_bucketed_ar_prefill_of_a_transformer_matches_a_cacheless_forward(tiny_d
   assert [len(i) for i in ids] == [5, 9, 13]
   rows, _ = generation.generate(model, params, tok, prompts, opt, 6, 32, width=32, ar=True)
   for p, i, row in zip(prompts, ids, rows):
-    assert row["tokens"] == _slow_ar(model, params, i, 6, block, tok.mask_id, 32), p
+    assert row["tokens"] == slow_block_ar(model, params, i, 6, block, tok.mask_id,
+                                         32).tolist(), p
 
 
 def test_top_k_keeps_ties_at_the_kth_logit_as_hugging_face_does():

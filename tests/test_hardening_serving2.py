@@ -20,6 +20,7 @@ from blockdiff_jax.serving import engine as engine_lib
 from blockdiff_jax.serving import pool as pool_lib
 from blockdiff_jax.serving import protocol
 from blockdiff_jax.serving import server as server_lib
+from conftest import FakeSlotPool
 from conftest import RunningServer
 
 TOK = tokenizers.ByteTokenizer()
@@ -31,36 +32,15 @@ PROMPT = "<|bos|>a"  # Two tokens: the answer starts 2 positions into the first 
 ANSWER = "hello world, this fake answer goes on" + " and on" * 10 + " until the end!"
 
 
-class _BlockPool:
-  """A ``pool.SlotPool`` without a model: each forward makes the next block of ``ANSWER``
-  final in every busy row (a committed block, as block diffusion does)."""
+class _BlockPool(FakeSlotPool):
+  """A pool without a model: each forward makes the next block of ``ANSWER`` final in
+  every busy row (a committed block, as block diffusion does)."""
 
   gate: threading.Event | None = None
 
-  def __init__(self, model, params, decoder, slots, width, max_prompt, forwards_per_call=1):
-    del model, params, decoder, max_prompt, forwards_per_call
-    self.slots, self.width = slots, width
-    self.occupied = [False] * slots
-    self.rows = {}  # slot: [prompt length, max_tokens, final generated tokens].
-
-  @property
-  def free(self):
-    return self.occupied.count(False)
-
-  @property
-  def busy(self):
-    return any(self.occupied)
-
-  def admit(self, prompt, max_tokens, seed=0):
-    del seed
-    slot = self.occupied.index(False)
-    self.occupied[slot] = True
-    self.rows[slot] = [len(prompt), max_tokens, 0]
-    return slot
-
   def advance(self):
     if _BlockPool.gate is not None:  # A device that computes only when the test says so.
-      assert _BlockPool.gate.wait(timeout=60)
+      _BlockPool.gate.wait()  # The test always sets it (in a finally).
     answer = TOK.encode(ANSWER)
     view = pool_lib.HostView(done=np.ones(self.slots, bool),
                              final=np.zeros(self.slots, np.int32),
@@ -74,15 +54,6 @@ class _BlockPool:
       view.final[slot], view.nfe[slot] = start + n, -(-(start + n) // BLOCK)
       view.done[slot] = n >= max_tokens
     return view
-
-  def retire(self, slot):
-    self.occupied[slot] = False
-
-  def release(self, slot):
-    self.occupied[slot] = False
-
-  def warmup(self):
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from blockdiff_jax import config as config_lib
 from blockdiff_jax import metrics_writer
-from blockdiff_jax.model import build
 from blockdiff_jax.train import optimizer
-from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
+from conftest import sgd_steps_by_accumulation
 
 
 def _train(steps, warmup, peak=2e-3, ratio=0.1):
@@ -140,18 +138,7 @@ def test_moe_gradient_accumulation_matches_the_full_batch_when_dropless_without_
   cfg.model.moe.capacity_factor = 0.0
   cfg.model.moe.load_balance_weight = cfg.model.moe.z_loss_weight = 0.0
   assert cfg.model.moe.num_experts > 1
-  model, _ = build.build_model(cfg)
-  obj = config_lib.objective(cfg, 259)
-  tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)  # The update is the gradient.
-  params = build.init_params(model, 0)
-  scored = jnp.array([4, 32, 4, 32])[:, None] > jnp.arange(32)[None]
-  batch = {"tokens": jax.random.randint(jax.random.key(0), (4, 32), 0, 256),
-           "loss_mask": scored.astype(jnp.float32),
-           "segment_ids": jnp.zeros((4, 32), jnp.int32)}
-  outs = []
-  for accum in (1, 2):
-    step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lr, accum))
-    outs.append(step(state_lib.create(params, tx, False), batch, jax.random.key(1)))
+  params, outs = sgd_steps_by_accumulation(cfg, [4, 32, 4, 32])
   np.testing.assert_allclose(outs[0][1]["nelbo"], outs[1][1]["nelbo"], rtol=1e-6)
   np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-5)
   grads = [[p - q for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(out[0].params))]
@@ -173,18 +160,8 @@ def test_accumulation_with_a_micro_batch_scoring_nothing_matches_the_full_batch(
   cfg.model.d_model, cfg.model.moe.num_experts = 32, 0
   cfg.diffusion.objective = objective
   cfg.diffusion.token_shift = objective != "bd3"
-  model, _ = build.build_model(cfg)
-  obj = config_lib.objective(cfg, 259)
-  tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
-  params = build.init_params(model, 0)
-  scored = jnp.array([0, 32, 0, 20])[:, None] > jnp.arange(32)[None]
-  batch = {"tokens": jax.random.randint(jax.random.key(0), (4, 32), 0, 256),
-           "loss_mask": scored.astype(jnp.float32),
-           "segment_ids": jnp.zeros((4, 32), jnp.int32)}
-  (want_state, want), (state, m) = [
-      jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lr, accum))(
-          state_lib.create(params, tx, False), batch, jax.random.key(1))
-      for accum in (1, 2)]  # The noise is drawn for the full batch either way.
+  # The noise is drawn for the full batch either way.
+  _, ((want_state, want), (state, m)) = sgd_steps_by_accumulation(cfg, [0, 32, 0, 20])
   assert float(m["loss_tokens"]) == float(want["loss_tokens"]) > 0
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)))

@@ -20,6 +20,7 @@ from blockdiff_jax.serving import engine as engine_lib
 from blockdiff_jax.serving import pool as pool_lib
 from blockdiff_jax.serving import protocol
 from blockdiff_jax.serving import server as server_lib
+from conftest import FakeSlotPool
 
 TOK = tokenizers.ByteTokenizer()
 BLOCK, MAX_LEN = 8, 64
@@ -160,32 +161,13 @@ def test_a_stream_that_cannot_start_drops_its_request(monkeypatch, exc):
 
 # --- the engine's worker, over a fake pool --------------------------------------------------
 
-class _FakePool:
-  """A ``pool.SlotPool`` without a model: each forward makes one more token of ``ANSWER``
-  final in every busy row (as AR decoding does)."""
+class _FakePool(FakeSlotPool):
+  """A pool without a model: each forward makes one more token of ``ANSWER`` final in
+  every busy row (as AR decoding does)."""
 
-  def __init__(self, model, params, decoder, slots, width, max_prompt, forwards_per_call=1):
-    del model, params, max_prompt, forwards_per_call
-    self.decoder, self.slots, self.width = decoder, slots, width
-    self.occupied = [False] * slots
-    self.rows = {}  # slot: [prompt length, max_tokens, generated].
-    self.retired = 0
+  def __init__(self, *args, **kw):
+    super().__init__(*args, **kw)
     self.forwards = 0
-
-  @property
-  def free(self):
-    return self.occupied.count(False)
-
-  @property
-  def busy(self):
-    return any(self.occupied)
-
-  def admit(self, prompt, max_tokens, seed=0):
-    del seed
-    slot = self.occupied.index(False)
-    self.occupied[slot] = True
-    self.rows[slot] = [len(prompt), max_tokens, 0]
-    return slot
 
   def advance(self):
     self.forwards += 1
@@ -202,16 +184,6 @@ class _FakePool:
       view.final[slot], view.nfe[slot] = start + n, n
       view.done[slot] = n >= max_tokens
     return view
-
-  def retire(self, slot):
-    self.occupied[slot] = False
-    self.retired += 1
-
-  def release(self, slot):
-    self.occupied[slot] = False
-
-  def warmup(self):
-    pass
 
 
 @pytest.fixture

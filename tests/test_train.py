@@ -6,7 +6,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from blockdiff_jax.checkpoint import checkpoints
@@ -19,6 +18,7 @@ from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import state as state_lib
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
+from conftest import sgd_steps_by_accumulation
 
 
 def _small(cfg, steps):
@@ -125,20 +125,8 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_config, objective):
   cfg.model.moe.num_experts = 0
   if objective != "bd3":
     cfg.diffusion.objective, cfg.diffusion.token_shift = objective, True
-  model, _ = build.build_model(cfg)
-  obj = config_lib.objective(cfg, 259)
-  # Plain SGD: the update is the gradient itself. Adam's first update is about
-  # lr * sign(g), which float noise flips wherever a gradient is ~0.
-  tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
-  params = build.init_params(model, 0)
-  scored = jnp.array([4, 32, 4, 32])[:, None] > jnp.arange(32)[None]
-  batch = {"tokens": jax.random.randint(jax.random.key(0), (4, 32), 0, 256),
-           "loss_mask": scored.astype(jnp.float32),
-           "segment_ids": jnp.zeros((4, 32), jnp.int32)}
-  outs = []
-  for accum in (1, 2):
-    step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx, lr, accum))
-    outs.append(step(state_lib.create(params, tx, False), batch, jax.random.key(1)))
+  assert cfg.data.seq_len == 32
+  params, outs = sgd_steps_by_accumulation(cfg, [4, 32, 4, 32])
   np.testing.assert_allclose(outs[0][1]["nelbo"], outs[1][1]["nelbo"], rtol=1e-5)
   np.testing.assert_allclose(outs[0][1]["loss_tokens"], outs[1][1]["loss_tokens"])
   np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-4)
