@@ -33,7 +33,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer = "byte"
   # Vocabulary size (specials included) when tokenizer="bpe".
   c.bpe_vocab_size = 4096
-  # Share of documents (by sha1 of their path) held out for validation.
+  # Share of documents (by sha1 of their path) held out for validation, in steps of
+  # 0.001 rounded up (0.0001 holds out 0.1%; see corpora.split_of).
   c.validation_fraction = 0.02
   # Per-split cap on the UTF-8 bytes loaded, in sorted order; 0 = no cap.
   c.max_bytes = 0
@@ -126,6 +127,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.corpus not in CORPORA:
     raise ValueError(f"data.corpus must be one of {CORPORA}, got {d.corpus!r}")
   _check_tokenizer(config)
+  # numpy's generators refuse negative seeds, and the validation windows are only drawn
+  # at the first evaluation, steps into the run.
+  if isinstance(d.seed, bool) or not isinstance(d.seed, int) or d.seed < 0:
+    raise ValueError(f"data.seed must be an integer >= 0, got {d.seed!r}")
   if not (isinstance(d.validation_fraction, (int, float))
           and 0.0 <= d.validation_fraction <= 1.0):  # Also refuses NaN.
     raise ValueError(f"data.validation_fraction must be in [0, 1], "

@@ -9,7 +9,9 @@ same Python build (CPython 3.11: ~1.8k files, ~31 MB).
 Train/validation split: a document with key ``k`` (its relative path) is in
 validation iff ``int(sha1(k)) % 1000 < 1000 * validation_fraction`` (default
 0.02). The split of a file therefore never changes when other files are added
-or removed.
+or removed. The fraction acts in steps of 0.001, rounded up: 0.0015 holds out
+0.2% and any fraction in (0, 0.001] holds out 0.1% (a finer rule would move
+documents between the splits of existing runs).
 
 ``max_bytes > 0`` keeps, within a split and in sorted key order, documents
 until their UTF-8 size reaches ``max_bytes`` (the last one may cross it), so

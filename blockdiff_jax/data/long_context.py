@@ -95,6 +95,10 @@ class LongContextExample:
     return self.haystack_before / self.haystack_tokens
 
 
+class PromptTooShortError(ValueError):
+  """A prompt length cannot hold the task's instruction, needles and question."""
+
+
 def validate_task(task: str) -> str:
   if task not in TASKS:
     raise ValueError(f"Unknown long-context task {task!r}; known tasks: {TASKS}.")
@@ -192,7 +196,8 @@ def make_example(task: str, tokenizer: Any, haystack: np.ndarray, *, length: int
     The example.
 
   Raises:
-    ValueError: naming the bad argument, e.g. a length too short for the fixed parts.
+    PromptTooShortError: if ``length`` cannot hold the instruction, needles and question.
+    ValueError: naming any other bad argument.
   """
   validate_task(task)
   if not 0.0 <= depth <= 1.0:
@@ -224,8 +229,8 @@ def make_example(task: str, tokenizer: Any, haystack: np.ndarray, *, length: int
   fixed = len(prefix) + len(suffix) + sum(len(n) for n in needles)
   budget = length - fixed
   if budget < 1:
-    raise ValueError(f"length={length} is too short for task {task!r}: its instruction, "
-                     f"needles and question take {fixed} tokens")
+    raise PromptTooShortError(f"length={length} is too short for task {task!r}: its "
+                              f"instruction, needles and question take {fixed} tokens")
   if len(haystack) < budget:
     raise ValueError(f"haystack has {len(haystack)} tokens, {budget} needed for "
                      f"length={length}; load a longer one")
@@ -290,7 +295,11 @@ def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray,
 
   The task cycles through ``tasks``; the prompt length is uniform in
   ``[min_length, max_length]`` and the needle depth uniform in [0, 1], both drawn from
-  ``default_rng([seed, split, index])``. The needles come from ``make_example`` with
+  ``default_rng([seed, split, index])``. A BPE tokenizer splits each example's random
+  keys into a different number of tokens, so a prompt's fixed parts can outgrow the
+  drawn length (``min_prompt_length`` only probes one example): such an example takes
+  the next longer length that holds it, wrapping round to ``min_length``, and only if
+  no length in the range does is it an error. The needles come from ``make_example`` with
   the seed ``TRAINING_SEED_BASE + 2 * seed + (split == "validation")``, so the train
   and validation streams are disjoint from each other and from evaluation suites
   (``make_suite`` uses small seeds and round depths).
@@ -315,9 +324,20 @@ def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray,
   rng = np.random.default_rng([seed, code, index])
   length = int(rng.integers(min_length, max_length + 1))
   depth = float(rng.uniform(0.0, 1.0))
-  return make_example(validate_task(tasks[index % len(tasks)]), tokenizer, haystack,
-                      length=length, depth=depth, seed=TRAINING_SEED_BASE + 2 * seed + code,
-                      index=index, num_pairs=num_pairs)
+  task = validate_task(tasks[index % len(tasks)])
+  # The keys are drawn from (length, index): each retried length gives other keys.
+  for n in [*range(length, max_length + 1), *range(min_length, length)]:
+    try:
+      return make_example(task, tokenizer, haystack, length=n, depth=depth,
+                          seed=TRAINING_SEED_BASE + 2 * seed + code, index=index,
+                          num_pairs=num_pairs)
+    except PromptTooShortError:
+      continue
+  raise PromptTooShortError(
+      f"{split} example {index} ({task}, {num_pairs} pairs): no prompt length in "
+      f"[min_length={min_length}, max_length={max_length}] holds its instruction, needles "
+      f"and question; raise data.long_context_min_length or data.seq_len, or lower "
+      f"data.long_context_num_pairs")
 
 
 # -------------------------------------------------------------------- scoring

@@ -101,6 +101,13 @@ def _check_index(index: Any) -> int:
   return int(index)
 
 
+def _check_seed(seed: Any) -> int:
+  # numpy's generators refuse negative seeds, but only when the first batch is drawn.
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+  return int(seed)
+
+
 def _check_shape(seq_len: int, batch_size: int) -> None:
   if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
     raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}.")
@@ -190,7 +197,7 @@ class PackedLMDataset(Dataset):
       ValueError: if the documents do not fill a single window.
     """
     super().__init__(tokenizer, seq_len, batch_size)
-    self.seed = int(seed)
+    self.seed = _check_seed(seed)
     self.shuffle = bool(shuffle)
     encoded = tokenizer.encode_batch(list(documents))
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
@@ -291,7 +298,7 @@ class SFTDataset(Dataset):
                        f"{num_examples!r}.")
     self._example_fn = example_fn
     self.num_examples = num_examples
-    self.seed = int(seed)
+    self.seed = _check_seed(seed)
     self.shuffle = bool(shuffle)
     for j in range(min(self.CHECKED_EXAMPLES, num_examples or 1 << 62)):
       self.row(j)  # Fail at construction if examples are too long.
@@ -398,7 +405,8 @@ class LongContextDataset(SFTDataset):
   built from the example's token ids (no re-encoding of its text). The answer, its EOS
   and the rest of the block the EOS falls in are masked and scored (so the decoder's
   view of the answer's block, all MASK, matches training); the prompt only with
-  ``score_prompt``. Prompt lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``.
+  ``score_prompt``. Prompt lengths are uniform in ``[min_length, seq_len - ANSWER_ROOM]``
+  (an example too long for its drawn length takes a longer one: ``training_example``).
   """
 
   ANSWER_ROOM = 24  # BOS, SEP, the answer (<= 16 tokens) and its EOS.
@@ -425,6 +433,7 @@ class LongContextDataset(SFTDataset):
         recurs).
     """
     self.score_prompt = bool(score_prompt)
+    seed = _check_seed(seed)
     self.tasks = tuple(long_context.validate_task(t) for t in tasks)
     self.split = corpora.validate_split(split)
     self.max_length = seq_len - self.ANSWER_ROOM
@@ -479,6 +488,7 @@ class PackedSFTDataset(Dataset):
                seq_len: int, batch_size: int, multiple: int, seed: int = 0,
                shuffle: bool = True, score_padding: bool = True, split: str = "train"):
     super().__init__(tokenizer, seq_len, batch_size)
+    self.seed, self.shuffle = _check_seed(seed), bool(shuffle)
     self.records, self.split = list(records), split
     self.rows, self.kept = sft.pack_kept(
         [sft.render(tokenizer, r) for r in self.records], seq_len, multiple,
@@ -490,7 +500,6 @@ class PackedSFTDataset(Dataset):
                        f"in data.seq_len={seq_len} (each is padded to a multiple of "
                        f"data.sft_block_multiple={multiple}); raise data.seq_len or use "
                        "shorter examples")
-    self.seed, self.shuffle = int(seed), bool(shuffle)
 
   @property
   def summary(self) -> str:
