@@ -72,6 +72,24 @@ def from_file(path: str) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field; silent when the config is sound."""
+  """Raises ValueError naming the first invalid field; silent when the config is sound.
+
+  Every section is checked, whatever the mode: a config that trains is one that
+  ``--mode=eval``, ``serve`` and ``distill`` accept later on the same workdir.
+  """
+  seed = config.get("seed", 0)
+  # numpy's generators (the data order) refuse negative seeds, after the model is built.
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
   train_config.validate(config)
   sample_lib.validate(config)
+  distill_lib.validate(config)
+  # Over the defaults, as evaluate.run and server.run read them: a config saved before
+  # a field existed gets that field's default.
+  for name, default, check in (("eval", eval_config.default_eval_config, eval_config.validate),
+                               ("serve", serve_config.default_serve_config,
+                                serve_config.validate)):
+    if config.get(name) is not None:
+      section = default()
+      section.update(config[name].to_dict())
+      check(section)

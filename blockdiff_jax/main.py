@@ -4,57 +4,101 @@ r"""Command-line entry point: train, sample, evaluate, serve, plan (memory per d
       --mode=train --config.train.steps=100
 """
 
+from typing import NamedTuple
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "serve", "plan",
-                                                    "distill"],
-                          "What to run.")
-_HOST = flags.DEFINE_string("host", None, "--mode=serve: interface (default serve.host, "
-                            "127.0.0.1).")
-_PORT = flags.DEFINE_integer("port", None, "--mode=serve: TCP port (default serve.port).")
-flags.mark_flags_as_required(["config", "workdir"])
+from blockdiff_jax import config as config_lib
+
+MODES = ("train", "sample", "eval", "serve", "plan", "distill")
+
+
+class Flags(NamedTuple):
+  """The holders of the command's flags."""
+  config: flags.FlagHolder
+  workdir: flags.FlagHolder
+  mode: flags.FlagHolder
+  host: flags.FlagHolder
+  port: flags.FlagHolder
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: list[str] | None = None) -> Flags:
+  """Defines the command's flags on ``flag_values``.
+
+  Args:
+    flag_values: where to define them (tests pass a fresh ``flags.FlagValues()``).
+    sys_argv: the command line whose ``--config.*`` overrides config_flags registers;
+      None = ``sys.argv`` at parse time.
+  """
+  f = Flags(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Experiment config file.", flag_values=flag_values,
+          lock_config=False, sys_argv=sys_argv),
+      workdir=flags.DEFINE_string("workdir", None,
+                                  "Where checkpoints, metrics and outputs go.",
+                                  flag_values=flag_values),
+      mode=flags.DEFINE_enum("mode", "train", list(MODES), "What to run.",
+                             flag_values=flag_values),
+      host=flags.DEFINE_string("host", None, "--mode=serve: interface (default "
+                               "serve.host, 127.0.0.1).", flag_values=flag_values),
+      port=flags.DEFINE_integer("port", None, "--mode=serve: TCP port (default "
+                                "serve.port).", flag_values=flag_values))
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  return f
+
+
+def check_flags(f: Flags, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Refuses flag combinations that would be dropped silently (runs nothing)."""
+  # --host/--port configure the server only; elsewhere they would be dropped silently.
+  stray = [f"--{name}" for name in ("host", "port") if flag_values[name].present]
+  if stray and f.mode.value != "serve":
+    verb = "applies" if len(stray) == 1 else "apply"
+    raise app.UsageError(f"{' and '.join(stray)} {verb} to --mode=serve only, not "
+                         f"--mode={f.mode.value}")
+
+
+# Defined only when run as a program: importing this module (tests) defines no global
+# flags, which would clash with a script's own --config (experiments/train_throughput.py).
+_FLAGS: Flags | None = None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # --host/--port configure the server only; elsewhere they would be dropped silently.
-  stray = [f"--{f}" for f in ("host", "port") if flags.FLAGS[f].present]
-  if stray and _MODE.value != "serve":
-    verb = "applies" if len(stray) == 1 else "apply"
-    raise app.UsageError(f"{' and '.join(stray)} {verb} to --mode=serve only, not "
-                         f"--mode={_MODE.value}")
+  check_flags(_FLAGS)
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint step at INFO; the progress lines say what matters.
     logging.set_verbosity(logging.WARNING)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir, mode = _FLAGS.config.value, _FLAGS.workdir.value, _FLAGS.mode.value
   from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()  # From $JAX_COORDINATOR_ADDRESS etc.; no-op for one process.
-  if _MODE.value == "plan":
+  # Every section, whatever the mode: the modes check only what they read, some of it
+  # after writing to the workdir or compiling (a negative seed failed in numpy there).
+  config_lib.validate(config)
+  if mode == "plan":
     from blockdiff_jax.train import plan  # pylint: disable=g-import-not-at-top
     plan.run(config, workdir)
-  elif _MODE.value == "train":
+  elif mode == "train":
     from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
     trainer.run(config, workdir)
-  elif _MODE.value == "sample":
+  elif mode == "sample":
     from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
     sample.run(config, workdir)
-  elif _MODE.value == "distill":
+  elif mode == "distill":
     from blockdiff_jax.sampling import distill  # pylint: disable=g-import-not-at-top
     distill.run(config, workdir)
-  elif _MODE.value == "serve":
+  elif mode == "serve":
     from blockdiff_jax.serving import server  # pylint: disable=g-import-not-at-top
-    server.run(config, workdir, host=_HOST.value, port=_PORT.value)
+    server.run(config, workdir, host=_FLAGS.host.value, port=_FLAGS.port.value)
   else:
     from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)
 
 
 if __name__ == "__main__":
+  _FLAGS = define_flags()
   app.run(main)

@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seq_len = original * factor  # Tokens per sequence after extension.
   # Same tokens per step as the source run, fewer (longer) sequences.
   c.data.batch_size = max(1, c.data.batch_size // factor)
+  # Micro-batches per step: as many as before that still divide the smaller batch.
   c.train.grad_accum_steps = math.gcd(c.train.grad_accum_steps, c.data.batch_size)
   t = c.train
   # ~1% of the source run, at least 50 steps (YaRN: 400 steps for 16x).

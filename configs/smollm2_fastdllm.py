@@ -1,6 +1,6 @@
 """Fast-dLLM v2 on SmolLM2-135M-Instruct: adapt the AR model into a block-diffusion model.
 
-Recipe (DESIGN §4, Fast-dLLM v2): start from the pretrained AR weights, keep the token
+Recipe (Fast-dLLM v2): start from the pretrained AR weights, keep the token
 shift (the output at i-1 predicts token i, so the AR head is reused), fine-tune every
 weight with the ``fastdllm`` objective (complementary masks over response tokens, blocks
 of 32 in the ``[x_t ; x_0]`` layout with the block-diffusion mask, plain masked CE) on
