@@ -228,3 +228,36 @@ def test_resume_with_the_same_config_keeps_no_copy(run_copy, no_compile):
   with pytest.raises(AssertionError, match="reached compilation"):
     trainer.run(_tiny_run_config(), run_copy)
   assert not [n for n in os.listdir(run_copy) if n.startswith("config.step")]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("diffusion.eps", -1.0, r"diffusion\.eps must be in \(0, 1\), got -1\.0"),
+    ("diffusion.eps", 0.0, r"diffusion\.eps must be in \(0, 1\), got 0\.0"),
+    ("diffusion.eps", float("nan"), r"diffusion\.eps must be in \(0, 1\), got nan"),
+    ("diffusion.clean_weight", float("nan"), r"diffusion\.clean_weight must be >= 0, got nan"),
+])
+def test_noise_floor_and_clean_weight_are_refused_naming_them(field, value, message):
+  # eps < 0 trained silently: the 1/t weight was unbounded near t = 0.
+  c = load_config_file("tiny")
+  c.diffusion.token_shift, c.diffusion.objective = True, "introspective"
+  _set(c, field, value)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mesh.plan_devices", -1, r"mesh\.plan_devices must be an integer >= 1 .*got -1"),
+    ("mesh.plan_memory_gib", -1.0, r"mesh\.plan_memory_gib must be > 0, got -1\.0"),
+    ("mesh.plan_memory_gib", 0.0, r"mesh\.plan_memory_gib must be > 0, got 0\.0"),
+])
+def test_plan_refuses_a_negative_device_count_or_memory(tmp_path, field, value, message):
+  # Before: "(-1 devices) ... fits in 80.0 GiB" and "does NOT fit in -1.0 GiB", exit 0.
+  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import plan  # pylint: disable=g-import-not-at-top
+  c = load_config_file("tiny")
+  c.model.vocab_size = 264
+  c.mesh = mesh_lib.default_mesh_config()
+  _set(c, field, value)
+  with pytest.raises(ValueError, match=message):
+    plan.run(c, str(tmp_path / "plan"))
+  assert not os.path.exists(tmp_path / "plan")

@@ -60,7 +60,7 @@ class IntrospectiveObjective:
   def __post_init__(self):
     if self.stride < 1:
       raise ValueError(f"diffusion.isd_stride must be >= 1, got {self.stride}")
-    if self.clean_weight < 0:
+    if not self.clean_weight >= 0:  # Also refuses NaN.
       raise ValueError(f"diffusion.clean_weight must be >= 0, got {self.clean_weight}")
     if self.anchors < 0:
       raise ValueError(f"diffusion.isd_anchors must be >= 0, got {self.anchors}")

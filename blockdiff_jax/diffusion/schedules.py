@@ -23,6 +23,11 @@ class LogLinearSchedule:
 
   eps: float = 1e-3
 
+  def __post_init__(self):
+    # eps <= 0 gives an unbounded 1/t weight, and eps >= 1 weights every t alike.
+    if not 0.0 < self.eps < 1.0:  # Also refuses NaN.
+      raise ValueError(f"diffusion.eps must be in (0, 1), got {self.eps}")
+
   def mask_prob(self, t: Array) -> Array:
     return t
 

@@ -15,6 +15,7 @@ buffer reuse and communication buffers, so leave headroom.
 
 import json
 import math
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -218,6 +219,13 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
     sizes = [mesh_config[a] for a in mesh_lib.MESH_AXES]
     num_devices = math.prod(sizes) if -1 not in sizes else jax.device_count()
   memory_gib = mesh_config.get("plan_memory_gib", 80.0) if memory_gib is None else memory_gib
+  # A negative count or memory reads as a plan ("-1 devices", "fits in -1.0 GiB").
+  if (isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral)
+      or num_devices < 1):
+    raise ValueError(f"mesh.plan_devices must be an integer >= 1 (0 = the mesh's own "
+                     f"size), got {num_devices!r}")
+  if not memory_gib > 0:  # Also refuses NaN.
+    raise ValueError(f"mesh.plan_memory_gib must be > 0, got {memory_gib!r}")
   mesh = mesh_lib.abstract_mesh(mesh_config, num_devices)
   rules = mesh_lib.logical_rules(mesh_config) if rules is None else rules
   cfg = model_config.model_config(config)
