@@ -26,11 +26,33 @@ def _rope_parameters(hf: dict) -> dict:
   """The RoPE parameters as transformers resolves them.
 
   transformers >= 5 writes rope_parameters; files from before write rope_theta and
-  rope_scaling, which transformers >= 5 still lets win over rope_parameters.
+  rope_scaling, which transformers >= 5 still lets win over rope_parameters. A top-level
+  ``original_max_position_embeddings`` (Phi-3 style) wins over the one inside them for the
+  types that read it, as in transformers' ``standardize_rope_params``.
+
+  Raises:
+    UnsupportedArchitectureError: for RoPE parameters nested by layer type, or a
+      ``partial_rotary_factor`` other than 1.
   """
-  params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  params = dict(hf.get(key) or {})
+  nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+  if nested:
+    # transformers' llama/qwen code reads one flat dict (it fails on these).
+    raise UnsupportedArchitectureError(
+        f"{key} nested by layer type ({', '.join(nested)}) is not supported; only one set "
+        "of RoPE parameters for every layer")
   params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
   params.setdefault("rope_type", params.get("type", "default"))
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+  if partial is not None and float(partial) != 1.0:
+    # Made for another model: transformers' llama/qwen code ignores it with the default
+    # RoPE (rotating whole heads) and fails with a scaled one.
+    raise UnsupportedArchitectureError(
+        f"partial_rotary_factor={partial} (RoPE on only part of each head) is not supported; "
+        "only 1.0 (every dimension rotated)")
+  if params["rope_type"] in ("llama3", "yarn") and hf.get("original_max_position_embeddings"):
+    params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
   return params
 
 
@@ -136,6 +158,40 @@ def rope_config(overrides: dict[str, Any]) -> dict:
           "rope_parameters": {"rope_theta": theta, **scaling}}
 
 
+def _check_full_attention(hf: dict, model_type: str) -> None:
+  """Refuses a config.json on which transformers slides a window over some layer.
+
+  The layer types are resolved as transformers' config classes do: an explicit
+  ``layer_types`` wins; else, with ``use_sliding_window``, Qwen2/Qwen3 slide the layers
+  from ``max_window_layers`` on, Qwen2-MoE the even-numbered ones below it, and
+  Qwen3-MoE every layer. So ``use_sliding_window=True`` that slides no layer imports.
+
+  Raises:
+    UnsupportedArchitectureError: naming the fields that make a layer slide.
+  """
+  n = hf["num_hidden_layers"]
+  window = hf.get("sliding_window")
+  if hf.get("layer_types") is not None:
+    sliding = [i for i, t in enumerate(hf["layer_types"]) if t != "full_attention"]
+    why = f"layer_types={hf['layer_types']}"
+  elif not hf.get("use_sliding_window"):
+    return
+  elif model_type == "llama":  # transformers' llama has no window: the config means another model.
+    sliding, why = list(range(n)), "use_sliding_window=True"
+  else:
+    last = hf.get("max_window_layers", 28)
+    sliding = {"qwen2": [i for i in range(n) if window is not None and i >= last],
+               "qwen3": [i for i in range(n) if window is not None and i >= last],
+               "qwen2_moe": [i for i in range(n) if (i + 1) % 2 and i < last],
+               "qwen3_moe": list(range(n)) if window is not None else []}[model_type]
+    why = "use_sliding_window=True" + (
+        f", max_window_layers={last}" if model_type != "qwen3_moe" else "")
+  if sliding:
+    raise UnsupportedArchitectureError(
+        f"{why} (sliding_window={window!r}) makes layers {sliding} sliding-window attention, "
+        "which is not supported; only full attention")
+
+
 def model_overrides(hf: dict) -> dict[str, Any]:
   """Our ``config.model`` fields (dotted keys, e.g. ``"moe.num_experts"``) from config.json.
 
@@ -149,15 +205,16 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch[0]!r} (model_type={model_type!r}); supported "
         f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise UnsupportedArchitectureError(f"hidden_act={hf['hidden_act']!r}; only 'silu'")
+  # transformers' ACT2FN maps both names to x * sigmoid(x).
+  if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+    raise UnsupportedArchitectureError(
+        f"hidden_act={hf['hidden_act']!r}; only 'silu' (or its alias 'swish')")
   if hf.get("mlp_bias"):
     raise UnsupportedArchitectureError("mlp_bias=True is not supported")
   if model_type in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
     raise UnsupportedArchitectureError(
         f"attention_bias=True ({model_type}: bias on the output projection too) is not supported")
-  if hf.get("use_sliding_window"):
-    raise UnsupportedArchitectureError("use_sliding_window=True is not supported")
+  _check_full_attention(hf, model_type)
   heads = hf["num_attention_heads"]
   o = {
       "vocab_size": hf["vocab_size"],
@@ -240,7 +297,7 @@ def hf_config(overrides: dict[str, Any], extra: dict | None = None) -> dict:
       "num_key_value_heads": o["num_kv_heads"], "head_dim": o["head_dim"],
       "hidden_act": "silu", "rms_norm_eps": o["norm_eps"], **rope_config(o),
       "tie_word_embeddings": o["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
-      # The imported model's context length; 8192 for a model trained here (unknown).
+      # hf.export sets it (hf.context_length); 8192 (unknown) for a model trained here.
       "max_position_embeddings": o.get("_max_position_embeddings", 8192),
       "torch_dtype": "float32",
   }

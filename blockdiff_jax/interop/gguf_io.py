@@ -122,6 +122,17 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   if g("rope.scaling.type") not in (None, "none"):
     raise architectures.UnsupportedArchitectureError(
         f"{path}: rope scaling {g('rope.scaling.type')!r} is not supported")
+  # llama.cpp reads these whatever the scaling type: a factor without a type is linear
+  # scaling, and rope.dimension_count < head_dim rotates only part of each head.
+  for key in ("rope.scaling.factor", "rope.scale_linear"):
+    if g(key) not in (None, 0.0, 1.0):
+      raise architectures.UnsupportedArchitectureError(
+          f"{path}: {arch}.{key}={_f32(g(key))} (linear RoPE scaling) is not supported")
+  rotated = g("rope.dimension_count")
+  if rotated is not None and int(rotated) != hf["head_dim"]:
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: {arch}.rope.dimension_count={int(rotated)} (RoPE on only part of each head "
+        f"of {hf['head_dim']}) is not supported")
   if arch == "qwen3moe":
     hf.update({"num_experts": int(g("expert_count")),
                "num_experts_per_tok": int(g("expert_used_count")),
@@ -136,7 +147,8 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
   Raises:
     UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, a
-      rope.scaling.type key, or a rope_freqs.weight tensor that is not llama3 scaling.
+      rope.scaling.type key or factor, a rope.dimension_count below the head size, or a
+      rope_freqs.weight tensor that is not llama3 scaling.
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
   """

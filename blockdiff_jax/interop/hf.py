@@ -221,10 +221,12 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
     params = lora_lib.merge_adapters(params, cfg.lora)
     cfg = dataclasses.replace(cfg, lora=None)
   derived = config_overrides(cfg)  # Raises for what config.json cannot express.
+  imported = dict(overrides or {})
   overrides = dict(overrides or derived)
   # cfg decides the RoPE it computes, whatever the import recorded.
   overrides = {k: v for k, v in overrides.items() if not k.startswith("rope_scaling.")}
   overrides.update({k: v for k, v in derived.items() if k.startswith("rope_")})
+  overrides["_max_position_embeddings"] = context_length(imported, derived)
   extra = dict(extra_config or {})
   if tokenizer is not None:
     extra.update(tokenizer.hf_config_ids())
@@ -236,6 +238,28 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
     json.dump(hf, f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
+
+
+def context_length(imported: dict[str, Any], derived: dict[str, Any]) -> int:
+  """config.json's max_position_embeddings for an export.
+
+  The imported model's own while the RoPE is the one it was imported with; for YaRN set
+  here, original x factor (transformers reads max_position_embeddings / original as
+  YaRN's implicit factor and warns when it differs from the explicit one); else the
+  imported value, or 8192 (unknown) for a model trained here.
+
+  Args:
+    imported: the model_overrides of the import (empty for a model trained here).
+    derived: ``config_overrides`` of the exported config.
+  """
+  rope_fields = lambda o: {k: v for k, v in o.items() if k.startswith("rope_")}
+  length = imported.get("_max_position_embeddings")
+  if length and rope_fields(imported) == rope_fields(derived):
+    return int(length)
+  if derived["rope_scaling.type"] == "yarn":
+    return int(round(derived["rope_scaling.original_max_position"] *
+                     derived["rope_scaling.factor"]))
+  return int(length or 8192)
 
 
 def config_overrides(cfg: transformer.TransformerConfig) -> dict[str, Any]:

@@ -12,9 +12,10 @@ tokenizer files); later loads read that folder as long as its marker records the
 source file (path, size, modification time), else they convert again. Another file of
 the same name gets its own folder, ``<name>-<hash of its path>``, so both stay cached.
 Conversions write to a private temporary folder, so processes converting at once do not
-trip over each other. The MASK token is added in memory on every load: a free row of a
-padded vocabulary if there is one (Qwen pads 151,665 tokens to 151,936), else one
-appended row; either way its embedding starts as the mean embedding.
+trip over each other, and never replace another file's conversion (two files of one name
+converted at once end in their own folders). The MASK token is added in memory on every
+load: a free row of a padded vocabulary if there is one (Qwen pads 151,665 tokens to
+151,936), else one appended row; either way its embedding starts as the mean embedding.
 """
 
 import dataclasses
@@ -91,7 +92,12 @@ def resolve(spec: str) -> str:
 
 
 def convert_gguf(path: str, folder: str) -> str:
-  """Writes the GGUF model as an HF folder (fp32); atomic via a private temporary folder."""
+  """Writes the GGUF model as an HF folder (fp32); atomic via a private temporary folder.
+
+  Returns:
+    The folder holding the conversion: ``folder``, unless a conversion of another file
+    took it meanwhile; then the per-file folder ``<folder>-<hash of the path>``.
+  """
   t0 = time.perf_counter()
   stamp = _source_stamp(path)
   config, tensors = gguf_io.read(path)
@@ -110,22 +116,30 @@ def convert_gguf(path: str, folder: str) -> str:
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
       json.dump(stamp, f)
-    _install(tmp, folder, stamp)
+    folder = _install(tmp, folder, stamp)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   logging.info("Converted %s to %s in %.1fs.", path, folder, time.perf_counter() - t0)
   return folder
 
 
-def _install(tmp: str, folder: str, stamp: dict) -> None:
-  """Renames the finished conversion ``tmp`` to ``folder``, moving an old one aside first."""
+def _install(tmp: str, folder: str, stamp: dict) -> str:
+  """Renames the finished conversion ``tmp`` to ``folder``, moving an old one aside first.
+
+  Only an old conversion of the same file (replaced in place) or an unfinished one is moved
+  aside: another file's conversion may be in use by the process that made it, so this one
+  goes to its per-file folder instead. Returns the folder it is in.
+  """
   for _ in range(3):
     try:
       os.rename(tmp, folder)
-      return
+      return folder
     except OSError:  # folder exists and is not empty.
-      if _converted_from(folder) == stamp:
-        return  # Another process converted the same file meanwhile.
+      owner = _converted_from(folder)
+      if owner == stamp:
+        return folder  # Another process converted the same file meanwhile.
+      if owner is not None and owner.get("source") != stamp["source"]:
+        return _install(tmp, _per_file_folder(folder, stamp), stamp)
     # rename() replaces an empty folder atomically: the old one leaves in one step.
     old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-",
                            dir=os.path.dirname(os.path.abspath(folder)))
@@ -149,7 +163,7 @@ def prepare(spec: str, cache_dir: str | None) -> str:
   stamp = _source_stamp(path)
   folder = _cache_folder(spec, path, cache_dir, stamp)
   if _converted_from(folder) != stamp:
-    convert_gguf(path, folder)
+    folder = convert_gguf(path, folder)
   return folder
 
 
@@ -165,6 +179,11 @@ def _cache_folder(spec: str, path: str, cache_dir: str, stamp: dict) -> str:
   owner = _converted_from(plain)
   if spec in BUNDLED or owner is None or owner.get("source") == stamp["source"]:
     return plain
+  return _per_file_folder(plain, stamp)
+
+
+def _per_file_folder(plain: str, stamp: dict) -> str:
+  """``<plain>-<hash of the source path>``: one folder per file of a shared name."""
   digest = hashlib.sha256(stamp["source"].encode("utf-8")).hexdigest()[:12]
   return f"{plain}-{digest}"
 
