@@ -5,16 +5,20 @@ turns into an OpenAI-style error body ``{"error": {"message", "type", "param", "
 
 Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat), ``max_tokens``
 (chat also ``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike
-OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``, ``n`` (1
-only). Decoder options as extra body fields: ``policy`` (threshold | factor | topk |
-entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
+OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``,
+``stream_options`` (``include_usage``: as OpenAI, a last chunk with no choices carries
+the usage, the others ``usage: null``; without it the finishing chunk carries it),
+``n`` (1 only). Decoder options as extra body fields: ``policy`` (threshold | factor |
+topk | entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
 ``sub_block_size``, ``edit_threshold``, ``max_steps_per_block``, ``isd_stride`` (policy
 isd: I-DLM's strided decoding, token-shifted models only).
 
 A JSON ``null`` is the field left out. Numbers must be finite (Python's json reads
-``NaN`` and ``Infinity``). Without ``seed`` a sampled request draws a fresh one (as
-OpenAI's API does); OpenAI fields this server does not implement (``UNSUPPORTED``) are
-refused unless they hold their default.
+``NaN`` and ``Infinity``); texts must be Unicode (JSON's ``\\ud800`` escapes a lone
+surrogate, which no tokenizer encodes). Without ``seed`` a sampled request draws a fresh
+one (as OpenAI's API does); OpenAI fields this server does not implement
+(``UNSUPPORTED``: tool calls and ``response_format`` among them) are refused unless they
+hold their default.
 """
 
 import dataclasses
@@ -37,7 +41,10 @@ MAX_STEPS = 2**20
 # always accepted): anything else is refused rather than silently ignored.
 UNSUPPORTED = {"echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
                "best_of": (1,), "suffix": ("",), "logit_bias": ({},),
-               "presence_penalty": (0,), "frequency_penalty": (0,)}
+               "presence_penalty": (0,), "frequency_penalty": (0,),
+               # Tool calls and structured output: the reply is always plain text.
+               "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
+               "function_call": ("none", "auto"), "response_format": ({"type": "text"},)}
 
 
 class ApiError(Exception):
@@ -85,6 +92,7 @@ class Parsed:
     isd_stride: ISD's stride (policy isd); 0 otherwise.
     max_tokens_field: the field that gave ``max_tokens`` (chat may use
       ``max_completion_tokens``), for error messages.
+    include_usage: a stream ends with a usage chunk (``stream_options.include_usage``).
   """
 
   prompt_text: str
@@ -96,6 +104,7 @@ class Parsed:
   stream: bool
   isd_stride: int = 0
   max_tokens_field: str = "max_tokens"
+  include_usage: bool = False
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
@@ -115,6 +124,34 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
               else f"in {'(' if lo_open else '['}{lo}, {hi}]")
     raise ApiError(400, f"{name} must be {bounds}, got {v!r}", name)
   return v
+
+
+def _unicode(text: str, param: str) -> str:
+  """``text``, or a 400 naming ``param`` when it holds a lone surrogate."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ApiError(400, f"{param} must be Unicode text; it holds the lone surrogate "
+                   f"{text[e.start]!r} at character {e.start}", param) from e
+  return text
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+  """Whether the stream ends with a usage chunk; OpenAI refuses the field unstreamed."""
+  options = body.get("stream_options")
+  if options is None:
+    return False
+  if not stream:
+    raise ApiError(400, "stream_options is only allowed when stream is true",
+                   "stream_options")
+  if not isinstance(options, dict):
+    raise ApiError(400, f"stream_options must be an object, got {options!r}",
+                   "stream_options")
+  include = options.get("include_usage")
+  if include is not None and not isinstance(include, bool):
+    raise ApiError(400, f"stream_options.include_usage must be a boolean, got {include!r}",
+                   "stream_options.include_usage")
+  return bool(include)
 
 
 def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size: int,
@@ -144,6 +181,8 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
           or not isinstance(m.get("content"), str)):
         raise ApiError(400, f"messages[{i}] must be {{'role': str, 'content': str}}",
                        f"messages[{i}]")
+      _unicode(m["role"], f"messages[{i}].role")
+      _unicode(m["content"], f"messages[{i}].content")
     prompt = render_chat(messages)
   else:
     prompt = body.get("prompt")
@@ -152,6 +191,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     if not isinstance(prompt, str) or not prompt:
       raise ApiError(400, "prompt must be a non-empty string (one prompt per request)",
                      "prompt")
+    _unicode(prompt, "prompt")
   if _number(body, "n", 1, integer=True) != 1:
     raise ApiError(400, "only n=1 is supported", "n")
   name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
@@ -162,6 +202,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
     raise ApiError(400, f"stream must be a boolean, got {stream!r}", "stream")
+  include_usage = _stream_options(body, stream)
   stop = body.get("stop")
   stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
   if (not isinstance(stop, (list, tuple)) or len(stop) > 4
@@ -216,7 +257,8 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     raise ApiError(400, f"this server's hierarchical KV cache commits chunks of {hy.chunk} "
                    f"positions; policy {policy!r} commits {widest} at once", field)
   return Parsed(prompt, max_tokens, options, policy == "ar",
-                None if seed is None else int(seed), tuple(stop), stream, stride, name)
+                None if seed is None else int(seed), tuple(stop), stream, stride, name,
+                include_usage)
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -255,6 +297,11 @@ def usage(prompt_tokens: int, completion_tokens: int, generated: int, nfe: int) 
           "tpf": generated / max(nfe, 1)}
 
 
+def model_card(model: str, created: int) -> dict:
+  """The ``/v1/models`` entry of the served model."""
+  return {"id": model, "object": "model", "created": created, "owned_by": "blockdiff_jax"}
+
+
 def completion_body(rid: str, model: str, chat: bool, text: str, finish: str,
                     use: dict) -> dict:
   if chat:
@@ -267,8 +314,13 @@ def completion_body(rid: str, model: str, chat: bool, text: str, finish: str,
 
 
 def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str | None,
-               use: dict | None = None, role: bool = False) -> dict:
-  """One SSE chunk (``text`` None = no content, e.g. the role or the final chunk)."""
+               use: dict | None = None, role: bool = False, created: int | None = None,
+               null_usage: bool = False) -> dict:
+  """One SSE chunk (``text`` None = no content, e.g. the role or the final chunk).
+
+  ``created``: the stream's time (OpenAI gives every chunk the same), None = now;
+  ``null_usage``: an explicit ``"usage": null`` (when a usage chunk follows).
+  """
   if chat:
     delta = {"role": "assistant"} if role else {}
     if text is not None:
@@ -276,8 +328,18 @@ def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str |
     choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
   else:
     choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-  out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-         "created": int(time.time()), "model": model, "choices": [choice]}
-  if use is not None:
+  out = _chunk(rid, model, chat, created, [choice])
+  if use is not None or null_usage:
     out["usage"] = use
   return out
+
+
+def usage_chunk(rid: str, model: str, chat: bool, created: int, use: dict) -> dict:
+  """The last chunk of a stream with ``stream_options.include_usage``: no choices."""
+  return dict(_chunk(rid, model, chat, created, []), usage=use)
+
+
+def _chunk(rid: str, model: str, chat: bool, created: int | None, choices: list) -> dict:
+  return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+          "created": int(time.time()) if created is None else created, "model": model,
+          "choices": choices}

@@ -3,10 +3,10 @@ r"""The OpenAI-compatible HTTP server (``--mode=serve``).
   python -m blockdiff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=serve --port=8000
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. Request bodies are JSON, sent as ``Content-Type: application/json`` or
-with none (any other type is HTTP 415). Request fields and decoder options: see
-``protocol``.
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``
+(and ``GET /v1/models/{model}``), ``GET /health``. Request bodies are JSON, sent as
+``Content-Type: application/json`` or with none (any other type is HTTP 415). Request
+fields and decoder options: see ``protocol``.
 
 Library: aiohttp. It is one mature, actively maintained package (server and client,
 asyncio-native) with streaming responses (SSE) and graceful shutdown built in, and no
@@ -15,7 +15,9 @@ ASGI server to pair with it (starlette would need uvicorn as a second moving par
 Streaming (``stream: true``): the engine (continuous batching, see ``engine``) hands over
 each row's tokens as soon as they are final: a committed block for block diffusion, each
 token for AR, each forward's accepted run for ISD. Every stream ends with a chunk that
-carries ``finish_reason`` and ``usage``, then ``data: [DONE]``.
+carries ``finish_reason`` and ``usage`` (with ``stream_options.include_usage``, as
+OpenAI: ``usage: null`` there and a last chunk with no choices carries it), then
+``data: [DONE]``; every chunk has the same ``id`` and ``created``.
 
 Stop strings end decoding: the engine retires a row as soon as its final text holds
 one, and the server cuts the text there.
@@ -63,6 +65,8 @@ class Server:
     app.router.add_post("/v1/completions", self.completions)
     app.router.add_post("/v1/chat/completions", self.chat)
     app.router.add_get("/v1/models", self.models)
+    # Model ids may hold slashes ("org/name"), as the client puts them in the path.
+    app.router.add_get("/v1/models/{model:.+}", self.model)
     app.router.add_get("/health", self.health)
     app.on_shutdown.append(self._on_shutdown)
     return app
@@ -95,8 +99,15 @@ class Server:
   async def models(self, request):
     del request
     return web.json_response({"object": "list", "data": [
-        {"id": self.model_name, "object": "model", "created": self.created,
-         "owned_by": "blockdiff_jax"}]})
+        protocol.model_card(self.model_name, self.created)]})
+
+  async def model(self, request):
+    """``GET /v1/models/{model}`` (the client's ``models.retrieve``)."""
+    name = request.match_info["model"]
+    if name != self.model_name:
+      raise protocol.ApiError(404, f"the model {name!r} does not exist; this server serves "
+                              f"{self.model_name!r}", "model", code="model_not_found")
+    return web.json_response(protocol.model_card(self.model_name, self.created))
 
   async def health(self, request):
     del request
@@ -194,7 +205,7 @@ class Server:
     future = self._submit(req)
     try:
       result = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
-    except asyncio.TimeoutError as e:
+    except (asyncio.TimeoutError, TimeoutError) as e:  # Distinct before Python 3.11.
       future.cancel()
       raise protocol.ApiError(504, f"the request took longer than {self.timeout} s", None,
                               "timeout_error") from e
@@ -235,9 +246,14 @@ class Server:
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
+    created = int(time.time())
 
     async def send(obj):
       await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+    def chunk(text, finish=None, use=None, role=False):
+      return protocol.chunk_body(rid, self.model_name, chat, text, finish, use, role,
+                                 created, null_usage=parsed.include_usage)
 
     holdback = max((len(s) for s in parsed.stop), default=1) - 1
     ids, sent, stopped = [], 0, False
@@ -245,7 +261,7 @@ class Server:
     try:
       await resp.prepare(request)  # In the try: if it fails, the request must go too.
       if chat:
-        await send(protocol.chunk_body(rid, self.model_name, chat, None, None, role=True))
+        await send(chunk(None, role=True))
       while True:
         item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
         if item is None:
@@ -259,16 +275,20 @@ class Server:
         while end > sent and text[end - 1] == "\ufffd":
           end -= 1  # An incomplete UTF-8 sequence: wait for its next bytes.
         if end > sent:
-          await send(protocol.chunk_body(rid, self.model_name, chat, text[sent:end], None))
+          await send(chunk(text[sent:end]))
           sent = end
       result = future.result()
       text, finish, completion = self._finish_text(result, parsed.stop)
       if len(text) > sent:
-        await send(protocol.chunk_body(rid, self.model_name, chat, text[sent:], None))
+        await send(chunk(text[sent:]))
       use = protocol.usage(len(req.prompt_ids), completion, result.generated_tokens,
                            result.nfe)
-      await send(protocol.chunk_body(rid, self.model_name, chat, None, finish, use))
-    except asyncio.TimeoutError:
+      if parsed.include_usage:
+        await send(chunk(None, finish))
+        await send(protocol.usage_chunk(rid, self.model_name, chat, created, use))
+      else:
+        await send(chunk(None, finish, use))
+    except (asyncio.TimeoutError, TimeoutError):  # Distinct before Python 3.11.
       future.cancel()
       await send(protocol.ApiError(504, f"the request took longer than {self.timeout} s",
                                    None, "timeout_error").body())
