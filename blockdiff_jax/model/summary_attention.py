@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
@@ -99,8 +100,11 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
   ``meta`` follows ``layout`` (block-aligned streams, then their slots), at a cost
   of n·√n instead of n². A row whose metadata does not (a stream starting inside a
   block, block ids that are not one per group of B tokens) would silently miss keys
-  its mask admits: concrete metadata raises a ValueError naming the values, and under
-  tracing, where values cannot be checked, such a row's output is NaN.
+  its mask admits: concrete metadata raises a ValueError naming the values. Under
+  tracing, where values cannot be checked, such a row's output is NaN, and under
+  ``checkify.checkify(fn, errors=checkify.user_checks)`` the returned error names the
+  row (a ``checkify.debug_check``: without checkify it compiles to nothing, so the
+  training step pays no predicate read-back and no host callback per layer).
 
   Args:
     q: [batch, T, heads, head_dim] with T = streams·L + (L/B)·S.
@@ -136,6 +140,10 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
                      f"{row} does not follow the summary layout (streams={ns}, block_size="
                      f"{bs}, num_slots={ss}): "
                      + _describe_misalignment(meta, row, ns, nb, bs, ss))
+  checkify.debug_check(
+      jnp.all(aligned), "structured_attention: metadata row {row} does not follow the "
+      f"summary layout (streams={ns}, block_size={bs}, num_slots={ss})",
+      row=jnp.argmin(aligned))
 
   main = lambda x: x[:, :n_main].reshape((b, ns, nb, bs) + x.shape[2:])
   slots = lambda x: x[:, n_main:].reshape((b, nb, ss) + x.shape[2:])

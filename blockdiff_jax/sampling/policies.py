@@ -15,10 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 
 _NEG = -1e30  # Finite "minus infinity": keeps sort keys and softmax NaN-free.
+_MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Sampling:
   def __post_init__(self):
     if self.temperature < 0:
       raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
+    if 0 < self.temperature < _MIN_TEMPERATURE:
+      # XLA flushes float32 subnormals to zero: the logits would be divided by 0.
+      raise ValueError(f"sample.temperature must be 0 (greedy) or >= {_MIN_TEMPERATURE:.4g} "
+                       f"(the smallest normal float32), got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"sample.top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
@@ -55,7 +61,12 @@ class Sampling:
     """
     if self.temperature == 0:
       return logits
-    logits = logits / self.temperature
+    # Shifted so the largest finite logit is 0 (softmax and sampling are shift-invariant):
+    # a tiny temperature then sends the others towards -inf instead of the top towards
+    # +inf, where inf - inf would make the softmax NaN and the draw arbitrary.
+    finite = jnp.where(jnp.isfinite(logits), logits, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(finite, axis=-1, keepdims=True))
+    logits = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / self.temperature
     if self.top_k:
       kth = top_k_values(logits, min(self.top_k, logits.shape[-1]))[..., -1:]
       logits = jnp.where(logits < kth, _NEG, logits)
@@ -107,7 +118,12 @@ def _unsort(values_sorted: Array, order: Array) -> Array:
 
 
 def _rank_desc(score: Array, candidates: Array) -> Array:
-  """0-based rank of each candidate by descending score (non-candidates rank last)."""
+  """0-based rank of each candidate by descending score (non-candidates rank last).
+
+  A NaN score (NaN confidences come from NaN or +inf logits) ranks after every other
+  candidate but before the non-candidates, so ``_at_least_one`` still picks a candidate.
+  """
+  score = jnp.where(jnp.isnan(score), 0.5 * _NEG, jnp.maximum(score, 0.5 * _NEG))
   key = jnp.where(candidates, score, _NEG)
   order = jnp.argsort(-key, axis=-1, stable=True)
   return jnp.argsort(order, axis=-1, stable=True)

@@ -6,27 +6,60 @@ confidence; ``isd_trace`` runs ISD one forward at a time and records the drafts 
 forward verified, how many it accepted and what it emitted. Both drive the decoders'
 own public steps (the jitted decoders loop the very same functions), so a trace shows
 what ``generate`` does.
+
+``block_trace`` compiles like ``decoder.decode``: its prefill width is bucketed
+(``decoder.bucketed_prefill_width``) and its programs are kept in ``JIT_CACHE``, so
+tracing many prompts (at a fixed ``width``) compiles one prefill per bucket and one step.
 """
 
+import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
+from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import isd as isd_lib
+from blockdiff_jax.sampling import jit_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import state as state_lib
 from blockdiff_jax.sampling import step as step_lib
 
 
+# The block trace's jitted prefill (one per prefill width) and step programs.
+JIT_CACHE = jit_cache.JitCache(maxsize=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+  """Static arguments of one compiled program: the prefill when ``prefill_len`` is set,
+  else the denoising step (which does not depend on the prefill width)."""
+
+  logits_fn: Any
+  options: layout.DecodeOptions
+  prefill_len: int | None
+
+
+def _build(key: _Key):
+  if key.prefill_len is None:
+    return jax.jit(lambda p, s: step_lib.denoise_step(key.logits_fn, p, s, key.options))
+
+  def init(params, tokens, maskable, length, start_block):
+    canvas = layout.Canvas(tokens, maskable, length, start_block)
+    return state_lib.init_state(key.logits_fn, params, canvas, key.options, key.prefill_len)
+
+  return jax.jit(init)
+
+
 def _canvas(tokenizer, prompt: str, options: layout.DecodeOptions, max_new_tokens: int,
-            max_len: int) -> tuple[np.ndarray, layout.Canvas]:
+            max_len: int, width: int | None = None) -> tuple[np.ndarray, layout.Canvas]:
   ids = layout.parse(tokenizer, prompt).ids
   if len(ids) + 1 > max_len:
     raise ValueError(f"prompt: {len(ids)} tokens leave no room in max_len={max_len}")
   canvas = layout.generation_canvas([ids], min(max_new_tokens, max_len - len(ids)),
-                                    options.block_size, options.mask_id, max_len)
+                                    options.block_size, options.mask_id, max_len, width)
   return ids, canvas
 
 
@@ -36,7 +69,7 @@ def _text(tokenizer: tokenizers.Tokenizer, ids) -> str:
 
 def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
                 options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
-                max_forwards: int = 10_000) -> dict:
+                max_forwards: int = 10_000, width: int | None = None) -> dict:
   """The block decoder on one prompt, forward by forward.
 
   Args:
@@ -45,6 +78,8 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     options: block decoding options (policy, sub-blocks, editing, token shift).
     max_new_tokens, max_len: limits, as for ``generation.generate``.
     max_forwards: stop after this many forwards (a guard; the decoder always ends).
+    width: fixed canvas width, as for ``generation.generate`` (default: the smallest
+      that fits); fix it to trace many prompts with one step program.
 
   Returns:
     ``{"fills": [{forward, block, position, token, text, confidence, kind}], "forwards",
@@ -54,12 +89,16 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     ``position`` counts from the first generated slot.
   """
   fn = logits_lib.as_logits_fn(model)
-  ids, canvas = _canvas(tokenizer, prompt, options, max_new_tokens, max_len)
-  st = state_lib.init_state(fn, params, canvas, options)
-  step = jax.jit(lambda p, s: step_lib.denoise_step(fn, p, s, options))
-  start, bk = len(ids), options.block_size
+  ids, canvas = _canvas(tokenizer, prompt, options, max_new_tokens, max_len, width)
+  bk = options.block_size
+  prefill_len = decoder.bucketed_prefill_width(
+      state_lib.prefill_width(canvas, bk), bk, canvas.tokens.shape[1])
+  init = JIT_CACHE.get(_Key(fn, options, prefill_len), _build)
+  step = JIT_CACHE.get(_Key(fn, options, None), _build)
+  st = init(params, canvas.tokens, canvas.maskable, canvas.length, canvas.start_block)
+  start = len(ids)
   fills, forward = [], 0
-  while not bool(st.done[0]) and forward < max_forwards:
+  while not bool(jax.device_get(st.done)[0]) and forward < max_forwards:
     st, info = step(params, st)
     forward += 1
     info = jax.device_get(info)
@@ -70,7 +109,7 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
                     "token": tok, "text": _text(tokenizer, [tok]),
                     "confidence": float(info.confidence[0, j]),
                     "kind": "edit" if info.edited[0, j] else "fill"})
-  gen = np.asarray(st.tokens[0, start:int(canvas.length[0])])
+  gen = np.asarray(jax.device_get(st.tokens))[0, start:int(canvas.length[0])]
   hits = np.flatnonzero(gen == options.eos_id)
   return {"fills": fills, "forwards": forward,
           "completion": _text(tokenizer, gen[:hits[0] if hits.size else len(gen)])}
