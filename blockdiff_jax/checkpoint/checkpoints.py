@@ -14,6 +14,7 @@ compares it. A checkpoint that fails either check is skipped: the newest one tha
 restores is used, and what was skipped and why is printed.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -118,14 +119,38 @@ def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[in
 
 
 class Checkpointer:
-  """Saves on demand (the trainer decides when), keeps K, optionally in the background."""
+  """Saves on demand (the trainer decides when), keeps K, optionally in the background.
 
-  def __init__(self, directory: str, keep: int = 1, use_async: bool = True):
+  Args:
+    directory: the run's ``checkpoints`` folder.
+    keep: how many of the newest steps to keep.
+    use_async: write in a background thread.
+    remove_unfinished: delete the temporary folders (``<step>.orbax-checkpoint-tmp*``)
+      of saves that a crash or ``kill -9`` cut short. They hold a checkpoint's worth of
+      data, and Orbax reuses one only when that step is saved again, which an
+      interrupted step's never is. Only the run that holds the workdir may pass True:
+      another process's save in progress would be deleted.
+  """
+
+  def __init__(self, directory: str, keep: int = 1, use_async: bool = True,
+               remove_unfinished: bool = False):
     self.directory = os.path.abspath(directory)
+    if remove_unfinished and jax.process_index() == 0:
+      # Before the manager starts: the primary process makes every step folder.
+      self._remove_unfinished()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, create=True))
+
+  def _remove_unfinished(self) -> None:
+    pattern = os.path.join(glob.escape(self.directory), "*" + ocp.utils.TMP_DIR_SUFFIX + "*")
+    unfinished = sorted(glob.glob(pattern))
+    if unfinished:
+      print(f"removing unfinished checkpoint folders (a save was cut short): "
+            f"{[os.path.basename(u) for u in unfinished]}", flush=True)
+    for path in unfinished:
+      shutil.rmtree(path, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -138,6 +163,11 @@ class Checkpointer:
     return self.manager.save(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                          DATA: ocp.args.JsonSave(data_state)}), force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether a multi-process run was told to stop (SIGTERM) and all processes agree
+    to stop after ``step`` (JAX's preemption service; False for one process)."""
+    return self.manager.reached_preemption(step)
 
   def check_params(self, abstract_params: Any) -> None:
     """Raises IncompatibleCheckpointError naming the first parameter of another shape.

@@ -35,7 +35,8 @@ class WorkdirLock:
       os.close(fd)
       raise WorkdirLockedError(
           f"workdir {os.path.dirname(self.path)} is in use by {holder}; wait for that run "
-          f"to finish or stop it (lock file {self.path})") from None
+          f"to finish or stop it (a training run stopped by SIGTERM or Ctrl-C saves a "
+          f"checkpoint first; lock file {self.path})") from None
     os.ftruncate(fd, 0)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {now}\n".encode(), 0)

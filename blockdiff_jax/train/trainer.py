@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from absl import logging
@@ -32,6 +34,74 @@ from blockdiff_jax.train import step as step_lib
 
 class NonFiniteError(FloatingPointError):
   """Raised when a step's loss or gradient is NaN/Inf."""
+
+
+class TrainingInterrupted(SystemExit):
+  """SIGTERM or SIGINT stopped ``run`` between steps, after it saved a checkpoint.
+
+  A ``SystemExit`` with code 128 + the signal number (143 for SIGTERM, 130 for
+  Ctrl-C), so the command line exits with that status and no traceback.
+
+  Attributes:
+    signum: the signal that stopped the run.
+    step: the step the run stopped at (its checkpoint holds this step, unless no
+      step was trained since the run started).
+  """
+
+  def __init__(self, signum: int, step: int, message: str):
+    super().__init__(128 + signum)
+    self.signum, self.step, self.message = signum, step, message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a request the loop honours between steps.
+
+  The handlers only record the first signal, so the step in flight, the checkpoint
+  write and the metrics files are never cut mid-way. A second signal while stopping is
+  ignored (with a note on stderr): aborting would only lose the checkpoint being
+  written; ``kill -9`` still ends the process at once, and Orbax writes each
+  checkpoint to a temporary folder renamed when complete, so the previous one stays
+  usable. Handlers are installed only from the main thread (``signal.signal`` refuses
+  elsewhere), never over a signal that is ignored (``nohup``, background jobs) or
+  whose handler Python cannot name (``getsignal`` gives None: it could not be put
+  back), and ``restore`` puts the previous ones back.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.signum is None:
+      self.signum = signum
+      note = (f"{name} received: finishing the step in flight, then saving a checkpoint "
+              "and stopping (further signals are ignored; kill -9 abandons the save)")
+    else:
+      note = f"{name} ignored: already stopping, the checkpoint is being saved"
+    os.write(2, f"\n{note}\n".encode())  # Not print(): the loop may be mid-print.
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for signum in STOP_SIGNALS:
+      previous = signal.getsignal(signum)
+      if previous is None or previous == signal.SIG_IGN:
+        continue
+      self._previous[signum] = previous
+      signal.signal(signum, self._handle)
+
+  def restore(self) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
@@ -117,20 +187,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   holder. Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
   In a multi-host run every process runs this with the same workdir: the first holds the
   lock and writes ``config.json`` and the metrics; Orbax writes the checkpoints together.
+
+  Stopping: while the steps run, SIGTERM (a preemption, ``kill``) and SIGINT (Ctrl-C)
+  let the step in flight finish, save a checkpoint of that step (unless one exists),
+  close the metrics files, release the workdir, print one line saying so and raise
+  ``TrainingInterrupted`` (exit status 128 + the signal). Running the same command again
+  resumes exactly. A signal during the last step lets the run finish normally. The
+  previous handlers are restored when ``run`` returns. A multi-process run cannot
+  stop on one process's signal alone (the processes save together, at the same step),
+  so there no handler is installed: SIGTERM to any process reaches JAX's preemption
+  service (``jax.distributed.initialize`` starts it), which after every step is asked
+  whether all processes agreed on a step to stop at; each saves it and raises as
+  above (checked by hand with two processes; the suite does not run that). SIGINT
+  there interrupts as Python does by default, without a save.
   """
   train_config.validate(config)
-  if jax.process_index() != 0:
-    return _run_locked(config, workdir)
-  with workdir_lock.WorkdirLock(workdir):
-    return _run_locked(config, workdir)
+  try:
+    if jax.process_index() != 0:
+      return _run_locked(config, workdir)
+    with workdir_lock.WorkdirLock(workdir):
+      return _run_locked(config, workdir)
+  except TrainingInterrupted as e:
+    if jax.process_index() == 0:
+      print(e.message, flush=True)  # Said once the workdir is released: rerunning works.
+    raise
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A pretrained start fixes the architecture and tokenizer before config.json is written.
   config, model, tokenizer = initial.build_model(config, workdir)
   t, d = config.train, config.data
+  # This run holds the workdir: no other save can be in progress.
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
-                                  t.async_checkpoints)
+                                  t.async_checkpoints, remove_unfinished=True)
   try:
     # A resume with another architecture fails here, before compiling or writing anything.
     ckpt.check_params(nn.unbox(build.abstract_params(model)))
@@ -215,8 +304,15 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            f"was dropped and {kept}")
 
   pending = None  # The previous step's metrics, read one step late to keep dispatch async.
+  done = start
+  multi_process = jax.process_count() > 1
+  stop = _StopRequest()
+  if not multi_process:
+    stop.install()
   try:
     for step in range(start, t.steps):
+      if stop.signum is not None:
+        break
       batch = put_batch(next(data_it))
       state, metrics = train_step(state, batch, base_rng)
       window_steps += 1
@@ -270,7 +366,29 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window_t0, window_steps = time.time(), 0
       if step == start:  # The ETA counts from the end of the compiling first step.
         progress = metrics_writer.Progress(t.steps, done, stream=sys.stdout)
+      if multi_process and done < t.steps and ckpt.reached_preemption(done):
+        stop.signum = signal.SIGTERM  # True on every process at the same step.
+    interrupted = stop.signum is not None and done < t.steps
+    saved = False
+    if interrupted and done > start:
+      # The step in flight finished; it is saved only if its update was applied.
+      check_finite(done, jax.device_get(pending[1]))
+      saved = ckpt.save(done, state, data_it.get_state())
+    newest = ckpt.latest_step()
   finally:
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()  # Waits for the checkpoint writes, the interrupted step's included.
+      writer.close()
+    finally:
+      stop.restore()
+  if interrupted:
+    name = signal.Signals(stop.signum).name
+    if done > start:
+      what = f"at step {done}: checkpoint {'saved' if saved else 'already saved'} in"
+    elif newest is not None:
+      what = f"before a step finished: nothing new to save (newest checkpoint: step {newest}) in"
+    else:
+      what = "before a step finished: no checkpoint yet in"
+    raise TrainingInterrupted(stop.signum, done, f"interrupted by {name} {what} "
+                              f"{ckpt.directory}; run the same command to resume")
   return {**last, **last_val}
