@@ -28,6 +28,8 @@ def _validate(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   if k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"block_attention: k {k.shape} does not match q {q.shape} in batch "
                      "or head_dim")
+  if k.shape[2] < 1:
+    raise ValueError(f"block_attention: kv_heads must be >= 1, got k shape {k.shape}")
   if h % k.shape[2]:
     raise ValueError(f"block_attention: heads={h} is not a multiple of "
                      f"kv_heads={k.shape[2]}")

@@ -40,6 +40,8 @@ def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> Non
   if k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"decode_attention: k {k.shape} does not match q {q.shape} in batch "
                      "or head_dim")
+  if k.shape[2] < 1:
+    raise ValueError(f"decode_attention: kv_heads must be >= 1, got k shape {k.shape}")
   if h % k.shape[2]:
     raise ValueError(f"decode_attention: heads={h} is not a multiple of "
                      f"kv_heads={k.shape[2]}")
@@ -58,6 +60,13 @@ def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> Non
                      f"{k.shape[:2]}")
   if kv_lengths is not None and tuple(kv_lengths.shape) != (b,):
     raise ValueError(f"decode_attention: kv_lengths shape {kv_lengths.shape} != ({b},)")
+  # The kernel reads these as int32: a fractional position (e.g. -0.5, an empty
+  # slot to the reference) would silently become another value (0, a used slot).
+  for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions),
+                  ("kv_lengths", kv_lengths)):
+    if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"decode_attention: {name} must be integer, got "
+                       f"{jnp.result_type(x)}")
   if block_size < 1:
     raise ValueError(f"decode_attention: block_size must be >= 1, got {block_size}")
 
@@ -119,9 +128,10 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size)
   b, tq, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  if not (tq and s and d):
-    # No query, no slot (every query sees nothing: zeros) or no feature: nothing
-    # for a kernel to do, and the split layout of zero slots would divide by 0.
+  if 0 in q.shape or 0 in k.shape:
+    # No batch row, query, head, slot (every query sees nothing: zeros) or
+    # feature: nothing for a kernel to do, and the split layout of zero slots
+    # would divide by 0 (an empty batch or head axis failed in the tiling).
     return jnp.zeros(q.shape, q.dtype)
   groups = h // hkv
   scale = d ** -0.5 if scale is None else float(scale)

@@ -122,6 +122,10 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
                      f"{lhs.dtype}, {dout.dtype}")
   if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
     raise ValueError(f"tgmm: group_sizes must be [G >= 1], got shape {group_sizes.shape}")
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    # As gmm and ragged_dot do: a fractional size means nothing, and the kernel
+    # would silently truncate it.
+    raise ValueError(f"tgmm: group_sizes must be integer, got {group_sizes.dtype}")
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if 0 in lhs.shape or 0 in dout.shape:
     # Nothing for the kernel to tile (it would divide by the empty dimension).
