@@ -19,13 +19,16 @@ Tasks (comma-separated in ``eval.tasks``):
 
 Decoders (``eval.decoders``): ``policy:value`` items such as ``threshold:0.9``,
 ``topk:2`` or ``entropy:0.5``, and ``ar`` for the autoregressive baseline. Results go
-to ``WORKDIR/eval/eval_<time>.json`` and ``.md`` and into ``metrics.jsonl``.
+to ``WORKDIR/eval/eval_<time>.json`` and ``.md`` (``_1``, ``_2``, ... rather than
+overwrite an earlier run's) and into ``metrics.jsonl``. A task that raises is recorded
+as ``{"error": ...}``, the others still run, and the command fails after writing.
 """
 
 import dataclasses
 import json
 import os
 import time
+import traceback
 from typing import Any, Sequence
 
 import jax
@@ -127,12 +130,14 @@ class Evaluator:
       nfe += sum(r["nfe"] for r in out[:len(chunk)])
       unique.append(summary["unique_experts"])
     steps = [s for r in rows for s in r["steps_per_block"]]
+    batches = -(-len(fits) // batch_size)
     return rows, {
         "decoder": _decoder_name(policy, value), "sequences": len(rows),
         "too_long": len(prompts) - len(fits),
         "generated_tokens": n_gen, "nfe": nfe, "tpf": n_gen / max(nfe, 1),
         "tokens_per_s": n_gen / wall if wall else float("nan"),
-        "latency_s_per_batch": wall / max(1, -(-len(rows) // batch_size)),
+        # Per decoded batch: prompts too long for max_len were never decoded.
+        "latency_s_per_batch": wall / batches if batches else float("nan"),
         "mean_steps_per_block": float(np.mean(steps)) if steps else float("nan"),
         "unique_experts_per_layer": (float(np.mean(unique))
                                      if unique and np.isfinite(unique).all() else float("nan")),
@@ -330,11 +335,13 @@ TASK_FNS = {"likelihood": task_likelihood, "synthetic": task_synthetic,
 
 
 def _flatten(prefix: str, tree: Any, out: dict) -> dict:
+  """The numbers of ``tree`` by slash-joined key; ints stay ints (counts print exactly)."""
   if isinstance(tree, dict):
     for k, v in tree.items():
       _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
-  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-    out[prefix] = float(tree)
+  elif isinstance(tree, (int, float, np.integer, np.floating)) and not isinstance(
+      tree, (bool, np.bool_)):
+    out[prefix] = int(tree) if isinstance(tree, (int, np.integer)) else float(tree)
   return out
 
 
@@ -349,16 +356,53 @@ def _finite_or_none(tree: Any) -> Any:
   return tree
 
 
+def _cell(value: Any) -> str:
+  """A Markdown table cell: counts exactly, other numbers to 4 digits, text escaped."""
+  if isinstance(value, int):
+    return str(value)
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  # A "|" or a line break would end the table cell or row.
+  return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(results: dict) -> str:
-  """One table of every scalar result: task / metric / value."""
+  """One table of every scalar result (task / metric / value); a failed task's error is a row."""
   flat = _flatten("", results, {})
+  for name, res in results.items():
+    if isinstance(res, dict) and isinstance(res.get("error"), str):
+      flat[f"{name}/error"] = res["error"]
   lines = ["| metric | value |", "|---|---|"]
-  lines += [f"| {k} | {v:.4g} |" for k, v in flat.items()]
+  lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in flat.items()]
   return "\n".join(lines)
 
 
+def _new_output_stem(out_dir: str) -> str:
+  """``out_dir/eval_<time>``, suffixed ``_1``, ``_2``, ... so no earlier run is overwritten."""
+  base = os.path.join(out_dir, f"eval_{time.strftime('%Y%m%d_%H%M%S')}")
+  for i in range(10_000):
+    stem = base if i == 0 else f"{base}_{i}"
+    if os.path.exists(stem + ".md"):
+      continue
+    try:  # Exclusive create: two runs finishing in the same second get two stems.
+      with open(stem + ".json", "x", encoding="utf-8"):
+        return stem
+    except FileExistsError:
+      continue
+  raise RuntimeError(f"eval: no free output name for {base} in {out_dir}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs ``config.eval.tasks`` on the latest checkpoint of ``workdir``."""
+  """Runs ``config.eval.tasks`` on the latest checkpoint of ``workdir``.
+
+  Results go to a new ``WORKDIR/eval/eval_<time>[_<i>].{json,md}`` pair (an earlier
+  run's files are never overwritten) and into ``metrics.jsonl``.
+
+  Raises:
+    ValueError: on an invalid ``eval`` field (before the model loads).
+    RuntimeError: after writing the results, if a task raised; its entry is
+      ``{"error": "<type>: <message>"}`` and the other tasks are scored.
+  """
   e = eval_config.default_eval_config()
   if config.get("eval") is not None:  # Runs saved before a field existed get its default.
     e.update(config.eval.to_dict())
@@ -375,16 +419,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params, workdir)
-  results = {}
+  results, failed = {}, []
   with inference.inference_context(config):
     for name in tasks:
       t0 = time.time()
       print(f"eval: {name} ...", flush=True)
-      results[name] = TASK_FNS[name](ev)
+      try:
+        results[name] = TASK_FNS[name](ev)
+      except Exception as e:  # pylint: disable=broad-except
+        # One broken task must not discard the others' results: it is recorded, the
+        # rest run, and run() raises once everything is written.
+        traceback.print_exc()
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        failed.append(name)
+        print(f"eval: {name} FAILED after {time.time() - t0:.1f}s: "
+              f"{results[name]['error']}", flush=True)
+        continue
       print(f"eval: {name} done in {time.time() - t0:.1f}s", flush=True)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"eval_{time.strftime('%Y%m%d_%H%M%S')}")
+  stem = _new_output_stem(out_dir)
   with open(stem + ".json", "w", encoding="utf-8") as f:
     json.dump(_finite_or_none(results), f, indent=2)
   table = markdown(results)
@@ -398,4 +452,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   print(table)
   print(f"wrote {stem}.json and {stem}.md", flush=True)
+  if failed:
+    raise RuntimeError(f"eval: task(s) {failed} failed ("
+                       + "; ".join(f"{n}: {results[n]['error']}" for n in failed)
+                       + f"); the other results are in {stem}.json")
   return results

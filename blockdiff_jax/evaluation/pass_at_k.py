@@ -13,6 +13,7 @@ C(n - c, k) / C(n, k) and only multiplies numbers in [0, 1].
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Mapping, Sequence
 
 
@@ -28,8 +29,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     The estimate in [0, 1].
 
   Raises:
-    ValueError: on inconsistent arguments.
+    ValueError: on a non-integer or inconsistent argument.
   """
+  for name, value in (("n", n), ("c", c), ("k", k)):
+    # A float k (2.5) would give a number that is no probability of any subset.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ValueError(f"pass_at_k: {name} must be an integer, got {value!r}")
   if not 0 <= c <= n:
     raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
   if not 1 <= k <= n:
