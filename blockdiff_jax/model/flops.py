@@ -31,26 +31,37 @@ def expert_params(cfg: transformer.TransformerConfig) -> int:
   return cfg.num_moe_layers * cfg.moe.num_experts * 3 * cfg.d_model * cfg.moe.expert_dim
 
 
+def elementwise_params(shapes: Any) -> int:
+  """Norm scales and biases in ``param_shapes``: each multiplies or adds per element."""
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  return int(sum(np.prod(x.shape) for path, x in flat
+                 if getattr(path[-1], "key", None) in ("scale", "bias")))
+
+
 def param_counts(cfg: transformer.TransformerConfig) -> dict:
-  """Total, embedding and active-per-token parameter counts."""
-  total = count(param_shapes(cfg))
+  """Total, embedding, active-per-token and elementwise (norm, bias) parameter counts."""
+  shapes = param_shapes(cfg)
+  total = count(shapes)
   embed = cfg.vocab_size * cfg.d_model
   experts = expert_params(cfg)
   active_experts = experts * cfg.moe.top_k // cfg.moe.num_experts if cfg.moe else 0
   return {"total": total, "embedding": embed, "experts": experts,
-          "active": total - experts + active_experts}
+          "active": total - experts + active_experts,
+          "elementwise": elementwise_params(shapes)}
 
 
 def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
                             with_head: bool = True) -> float:
   """Matmul FLOPs of one token's forward pass attending to ``kv_length`` keys.
 
-  Counts 2 FLOPs per multiply-add of the active weights (the input embedding is a
-  lookup, not a matmul) plus QK^T and PV over all ``kv_length`` keys.
+  Counts 2 FLOPs per multiply-add of the active weight matrices (the input embedding is
+  a lookup, not a matmul; norm scales and biases act elementwise) plus QK^T and PV over
+  all ``kv_length`` keys.
   """
   counts = param_counts(cfg)
   head = cfg.vocab_size * cfg.d_model
-  trunk = counts["active"] - counts["embedding"] - (0 if cfg.tie_embeddings else head)
+  trunk = (counts["active"] - counts["elementwise"] - counts["embedding"]
+           - (0 if cfg.tie_embeddings else head))
   if cfg.summary is not None:  # the slot table is a lookup too
     trunk -= cfg.summary.num_slots * cfg.d_model
   matmul = trunk + (head if with_head else 0)

@@ -65,31 +65,34 @@ class MoEConfig:
 
   def __post_init__(self):
     if self.num_experts < 1:
-      raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+      raise ValueError(f"model.moe.num_experts must be >= 1, got {self.num_experts}")
     if not 1 <= self.top_k <= self.num_experts:
-      raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+      raise ValueError(f"model.moe.top_k={self.top_k} must be in "
+                       f"[1, num_experts={self.num_experts}]")
     if self.router_mode not in ROUTER_MODES:
-      raise ValueError(f"moe.router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
+      raise ValueError(f"model.moe.router_mode must be one of {ROUTER_MODES}, "
+                       f"got {self.router_mode!r}")
     if self.router_func not in ROUTER_FUNCS:
-      raise ValueError(f"moe.router_func must be one of {ROUTER_FUNCS}, got {self.router_func!r}")
+      raise ValueError(f"model.moe.router_func must be one of {ROUTER_FUNCS}, "
+                       f"got {self.router_func!r}")
     if self.impl not in MOE_IMPLS:
-      raise ValueError(f"moe.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
+      raise ValueError(f"model.moe.impl must be one of {MOE_IMPLS}, got {self.impl!r}")
     if self.expert_parallel not in expert_parallel.EXPERT_PARALLEL_MODES:
-      raise ValueError(f"moe.expert_parallel must be one of "
+      raise ValueError(f"model.moe.expert_parallel must be one of "
                        f"{expert_parallel.EXPERT_PARALLEL_MODES}, got {self.expert_parallel!r}")
     if self.capacity_factor < 0:
-      raise ValueError(f"moe.capacity_factor must be >= 0 (0 = dropless), "
+      raise ValueError(f"model.moe.capacity_factor must be >= 0 (0 = dropless), "
                        f"got {self.capacity_factor}")
     if self.tile_size < 1:
-      raise ValueError(f"moe.tile_size must be >= 1, got {self.tile_size}")
+      raise ValueError(f"model.moe.tile_size must be >= 1, got {self.tile_size}")
     # The coreset options mean nothing to token routing: checking them there would
     # reject valid token-routed layers (a single expert, top_k = E or top_k > 2 with
     # the default block_min_experts of 2).
     if self.router_mode == "block":
       if not 0.0 < self.block_coverage <= 1.0:
-        raise ValueError(f"moe.block_coverage must be in (0, 1], got {self.block_coverage}")
+        raise ValueError(f"model.moe.block_coverage must be in (0, 1], got {self.block_coverage}")
       if not self.top_k <= self.block_min_experts <= self.num_experts:
-        raise ValueError(f"moe.block_min_experts={self.block_min_experts} must be in "
+        raise ValueError(f"model.moe.block_min_experts={self.block_min_experts} must be in "
                          f"[top_k={self.top_k}, num_experts={self.num_experts}]")
 
 

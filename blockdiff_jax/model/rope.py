@@ -68,21 +68,21 @@ class RopeScaling:
 
   def __post_init__(self):
     if self.type not in SCALING_TYPES:
-      raise ValueError(f"rope_scaling.type must be one of {SCALING_TYPES}, got {self.type!r}")
+      raise ValueError(f"model.rope_scaling.type must be one of {SCALING_TYPES}, got {self.type!r}")
     if self.factor < 1.0:
-      raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+      raise ValueError(f"model.rope_scaling.factor must be >= 1, got {self.factor}")
     if self.original_max_position < 1:
-      raise ValueError(f"rope_scaling.original_max_position must be >= 1, got "
+      raise ValueError(f"model.rope_scaling.original_max_position must be >= 1, got "
                        f"{self.original_max_position}")
     for name in ("beta_fast", "beta_slow"):
       if not getattr(self, name) > 0:
-        raise ValueError(f"rope_scaling.{name} must be > 0, got {getattr(self, name)}")
+        raise ValueError(f"model.rope_scaling.{name} must be > 0, got {getattr(self, name)}")
     if self.attention_factor is not None and self.attention_factor <= 0:
-      raise ValueError(f"rope_scaling.attention_factor must be > 0, got "
+      raise ValueError(f"model.rope_scaling.attention_factor must be > 0, got "
                        f"{self.attention_factor}")
     # Equal bounds would divide by zero in the llama3 ramp (transformers only warns).
     if not 0 < self.low_freq_factor < self.high_freq_factor:
-      raise ValueError(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+      raise ValueError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                        f"{self.low_freq_factor}, {self.high_freq_factor}")
 
 
@@ -95,7 +95,8 @@ def scaling_from_config(section) -> RopeScaling:
   """
   scaling_type = section.get("type", "none")
   if scaling_type not in SCALING_TYPES:
-    raise ValueError(f"rope_scaling.type must be one of {SCALING_TYPES}, got {scaling_type!r}")
+    raise ValueError(f"model.rope_scaling.type must be one of {SCALING_TYPES}, "
+                     f"got {scaling_type!r}")
   return RopeScaling(type=scaling_type, **{name: section[name] for name in
                                            FIELDS_BY_TYPE[scaling_type] if name in section})
 

@@ -4,7 +4,9 @@ With the top-k combine weights renormalised to sum to 1 (``normalize_topk``), an
 routing of a token mixes k copies of the same MLP, so at initialisation the upcycled
 model computes exactly the dense model's function; fine-tuning then lets the experts
 drift apart (Komatsuzaki et al., sparse upcycling). The router is new: small random
-weights, so the first steps already route tokens differently.
+weights, so the first steps already route tokens differently. The equality needs a
+dropless dispatch: with ``model.moe.capacity_factor`` > 0 under expert parallelism, token
+copies beyond an expert's capacity are dropped, and their share of the MLP with them.
 """
 
 import dataclasses
@@ -14,9 +16,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from blockdiff_jax.model import lora as lora_lib
 from blockdiff_jax.model import moe as moe_lib
 
 Array = Any
+
+# LoRA targets inside the dense MLP; the experts that replace it carry no adapters.
+MLP_TARGETS = ("gate", "up", "down")
 
 
 def upcycle_model_config(model: ml_collections.ConfigDict, num_experts: int) -> None:
@@ -64,7 +70,8 @@ def upcycle_params(params: dict, num_experts: int, seed: int = 0,
     router_std: standard deviation of the new router weights.
 
   Raises:
-    ValueError: when the params hold no dense MLP.
+    ValueError: when the params hold no dense MLP, or an MLP holds LoRA adapters (the
+      experts would silently lose them; ``upcycle`` folds plain ones first).
   """
   out, n = {}, 0
   rng = jax.random.key(seed)
@@ -72,6 +79,10 @@ def upcycle_params(params: dict, num_experts: int, seed: int = 0,
     if isinstance(sub, dict) and "mlp" in sub:
       sub = dict(sub)
       mlp = sub.pop("mlp")
+      if any(lora_lib.is_lora_path(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(mlp)[0]):
+        raise ValueError(f"upcycle_params: the dense MLP of {name!r} holds LoRA adapters; "
+                         "fold them into its kernels first (lora.merge_adapters)")
       sub["moe"] = _moe_of_mlp(mlp, num_experts, jax.random.fold_in(rng, n), router_std)
       n += 1
     out[name] = sub
@@ -86,13 +97,31 @@ def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
 
   ``cfg`` is a ``transformer.TransformerConfig``; the MoE uses the ``dense`` dispatch
   default of ``moe_lib.MoEConfig`` otherwise (impl ragged_dot) and token routing.
+  Plain LoRA adapters on the MLP are folded into its kernels before they are copied
+  into the experts (so the upcycled model still computes the adapted function), and the
+  MLP targets leave ``cfg.lora``; attention adapters are kept as they are.
+
+  Raises:
+    ValueError: for a MoE ``cfg``, or gated LoRA adapters on the MLP (they act only on
+      MASK tokens, so no expert kernel reproduces them).
   """
   if cfg.moe is not None:
     raise ValueError("upcycle: the model is already MoE")
+  lora_cfg = cfg.lora
+  if lora_cfg is not None and any(lora_cfg.has(t) for t in MLP_TARGETS):
+    if lora_cfg.gated:
+      raise ValueError(f"upcycle: gated LoRA adapters on the MLP (model.lora.targets="
+                       f"{lora_cfg.targets!r}) cannot be folded into the experts")
+    params = {name: ({**sub, "mlp": lora_lib.merge_adapters(sub["mlp"], lora_cfg)}
+                     if isinstance(sub, dict) and "mlp" in sub else sub)
+              for name, sub in params.items()}
+    kept = tuple(t for t in lora_cfg.targets if t not in MLP_TARGETS)
+    lora_cfg = dataclasses.replace(lora_cfg, targets=kept) if kept else None
   # block_min_experts must lie in [top_k, E]: MoEConfig's default (2) is kept where it fits,
   # else clamped (top_k > 2, or a single expert).
   min_experts = min(max(top_k, moe_lib.MoEConfig.block_min_experts), num_experts)
   moe_cfg = moe_lib.MoEConfig(num_experts=num_experts, top_k=top_k, expert_dim=cfg.mlp_dim,
                               normalize_topk=True, block_min_experts=min_experts)
-  new_cfg = dataclasses.replace(cfg, moe=moe_cfg, moe_every=1, first_dense_layers=0)
+  new_cfg = dataclasses.replace(cfg, moe=moe_cfg, moe_every=1, first_dense_layers=0,
+                                lora=lora_cfg)
   return upcycle_params(params, num_experts, seed, router_std), new_cfg
