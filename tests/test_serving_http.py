@@ -193,7 +193,8 @@ def test_chat_errors_name_the_chat_fields(running):
         {"model": MODEL, **body}).encode())
     assert code == 400
     return err["error"]["param"], err["error"]["message"]
-  assert param(messages=[{"role": "user", "content": "<|nosuch|>"}])[0] == "messages"
+  # Special-token names in a message are text, not an error: only its length is here.
+  assert param(messages=[{"role": "user", "content": "<|nosuch|>" * 10}])[0] == "messages"
   field, message = param(messages=[{"role": "user", "content": "hi"}],
                          max_completion_tokens=1000)
   assert field == "max_completion_tokens" and message.startswith(field)

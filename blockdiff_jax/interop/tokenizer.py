@@ -10,6 +10,7 @@ own specials (``<|im_start|>`` ...) are also addressable by name in prompts.
 """
 
 import json
+import logging
 import os
 import re
 import threading
@@ -61,7 +62,33 @@ def hf_tokenizer_from_gguf(meta: dict) -> hf_tokenizers.Tokenizer:
   added = [hf_tokenizers.AddedToken(tokens[i], special=types[i] == 3, normalized=False)
            for i in range(len(tokens)) if types[i] in (3, 4)]
   tok.add_tokens(added)
+  _warn_missing_byte_symbols(vocab, meta.get("pre"))
   return tok
+
+
+# Bytes that never occur in UTF-8 text (overlong leads, leads past U+10FFFF).
+_NOT_IN_UTF8 = frozenset((0xC0, 0xC1, *range(0xF5, 0x100)))
+
+
+def missing_byte_symbols(vocab) -> list[int]:
+  """The bytes (that UTF-8 text can hold) without a byte-level symbol in ``vocab``."""
+  table = _bytes_to_unicode()
+  return [b for b in range(256) if b not in _NOT_IN_UTF8 and table[b] not in vocab]
+
+
+def _warn_missing_byte_symbols(vocab, pre) -> None:
+  """Logs, once per load, the bytes a byte-level vocabulary cannot encode.
+
+  BPE without byte fallback drops a byte that has no symbol, so a character holding one
+  (a control character such as U+0004, or a 4-byte character behind lead byte 0xF1)
+  vanishes from ``encode`` without an error; transformers' tokenizer of the same
+  vocabulary drops it as well, so it is the vocabulary's property, not fixable here.
+  """
+  missing = missing_byte_symbols(vocab)
+  if missing:
+    logging.warning("GGUF tokenizer (pre-tokenizer %r): the vocabulary has no symbol for "
+                    "byte(s) %s; encode drops every character holding one", pre,
+                    " ".join(f"0x{b:02X}" for b in missing))
 
 
 def _chat_environment():
@@ -268,10 +295,16 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
     Raises:
       ValueError: a content holds a special token's text and the template does not
-        insert that content verbatim, once (so it cannot be located in the rendering).
+        insert that content verbatim, once (so it cannot be located in the rendering);
+        or a role holds one (templates compare roles, so a role cannot be swapped for a
+        marker to keep it as text).
     """
     text = self.apply_chat_template(messages, add_generation_prompt)
     specials = [a.content for a in self._tok.get_added_tokens_decoder().values() if a.special]
+    for i, m in enumerate(messages):
+      role = m.get("role")
+      if isinstance(role, str) and any(t in role for t in specials):
+        raise ValueError(f"message {i}: the role {role!r} holds special-token text")
     unsafe = [i for i, m in enumerate(messages)
               if isinstance(m.get("content"), str) and any(t in m["content"] for t in specials)]
     if not unsafe:

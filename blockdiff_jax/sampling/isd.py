@@ -131,11 +131,7 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
     prefill included), ``accepted`` [B] (accepted drafts), ``forwards`` and
     ``narrow_forwards`` (forwards of N slots: no running row had drafts).
   """
-  if not options.token_shift:
-    raise ValueError("ISD needs a token-shifted model (diffusion.token_shift=True): its "
-                     "verifier is the logits of the previous position")
-  if stride < 2:
-    raise ValueError(f"sample.isd_stride must be >= 2, got {stride}")
+  check_setup(options, stride)
   tokens = np.asarray(canvas.tokens)
   prompt_len = np.argmax(canvas.maskable, axis=1).astype(np.int32)
   for i in range(tokens.shape[0]):
@@ -165,6 +161,15 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
   out["prefill_passes"] = 1
   out["commit_passes"] = 0
   return out
+
+
+def check_setup(options: layout.DecodeOptions, stride: int) -> None:
+  """Raises ValueError unless ``options`` (token-shifted) and ``stride`` (>= 2) fit ISD."""
+  if not options.token_shift:
+    raise ValueError("ISD needs a token-shifted model (diffusion.token_shift=True): its "
+                     "verifier is the logits of the previous position")
+  if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 2:
+    raise ValueError(f"sample.isd_stride must be an integer >= 2, got {stride!r}")
 
 
 def _probs(opt: layout.DecodeOptions, logits: Array) -> Array:

@@ -7,9 +7,10 @@ forward verified, how many it accepted and what it emitted. Both drive the decod
 own public steps (the jitted decoders loop the very same functions), so a trace shows
 what ``generate`` does.
 
-``block_trace`` compiles like ``decoder.decode``: its prefill width is bucketed
-(``decoder.bucketed_prefill_width``) and its programs are kept in ``JIT_CACHE``, so
-tracing many prompts (at a fixed ``width``) compiles one prefill per bucket and one step.
+Both compile like their decoders: the prefill width is bucketed
+(``decoder.bucketed_prefill_width``; ISD: ``jit_cache.bucket``, as ``isd.decode_isd``)
+and the programs are kept in ``JIT_CACHE``, so tracing many prompts (at a fixed
+``width``) compiles one prefill per bucket and one step.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ from blockdiff_jax.sampling import state as state_lib
 from blockdiff_jax.sampling import step as step_lib
 
 
-# The block trace's jitted prefill (one per prefill width) and step programs.
+# The traces' jitted prefill (one per prefill width) and step programs.
 JIT_CACHE = jit_cache.JitCache(maxsize=16)
 
 
@@ -51,6 +52,25 @@ def _build(key: _Key):
     return state_lib.init_state(key.logits_fn, params, canvas, key.options, key.prefill_len)
 
   return jax.jit(init)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ISDKey:
+  """Static arguments of one compiled ISD program: the prefill when ``prompt_max`` is
+  set, else the step (which does not depend on the prefill width)."""
+
+  logits_fn: Any
+  options: layout.DecodeOptions
+  stride: int
+  prompt_max: int | None
+
+
+def _build_isd(key: _ISDKey):
+  fn, opt, n = key.logits_fn, key.options, key.stride
+  if key.prompt_max is None:
+    return jax.jit(lambda p, s: isd_lib.step(fn, opt, n, p, s))
+  return jax.jit(lambda p, t, pl, ln: isd_lib.init(fn, opt, n, key.prompt_max, p, t, pl, ln,
+                                                   jax.random.key(0)))
 
 
 def _canvas(tokenizer, prompt: str, options: layout.DecodeOptions, max_new_tokens: int,
@@ -117,7 +137,7 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
 
 def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
               options: layout.DecodeOptions, stride: int, max_new_tokens: int, max_len: int,
-              max_forwards: int = 10_000) -> dict:
+              max_forwards: int = 10_000, width: int | None = None) -> dict:
   """ISD on one prompt, forward by forward (the prefill forward first).
 
   Args:
@@ -127,6 +147,7 @@ def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     stride: N: each forward verifies up to N-1 drafts and proposes N-1.
     max_new_tokens, max_len: limits.
     max_forwards: a guard, as for ``block_trace``.
+    width: fixed canvas width, as for ``block_trace``.
 
   Returns:
     ``{"forwards": [{forward, verified, accepted, emitted, drafts_next}], "completion"}``:
@@ -134,15 +155,17 @@ def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     accepted, the tokens it emitted (accepted drafts and one more) and the drafts it
     proposed for the next forward.
   """
+  isd_lib.check_setup(options, stride)
   fn = logits_lib.as_logits_fn(model)
-  ids, canvas = _canvas(tokenizer, prompt, options, max_new_tokens, max_len)
+  ids, canvas = _canvas(tokenizer, prompt, options, max_new_tokens, max_len, width)
   slack = np.full((1, 2 * stride), options.mask_id, np.int32)
   tokens = np.concatenate([np.asarray(canvas.tokens, np.int32), slack], axis=1)
   prompt_len = np.array([len(ids)], np.int32)
   length = np.asarray(canvas.length, np.int32)
-  init = jax.jit(lambda p, t, pl, ln: isd_lib.init(fn, options, stride, len(ids), p, t, pl,
-                                                   ln, jax.random.key(0)))
-  step = jax.jit(lambda p, s: isd_lib.step(fn, options, stride, p, s))
+  # Slots past the prompt are hidden from it, so the bucketed width changes no output.
+  prompt_max = jit_cache.bucket(len(ids), canvas.tokens.shape[1])
+  init = JIT_CACHE.get(_ISDKey(fn, options, stride, prompt_max), _build_isd)
+  step = JIT_CACHE.get(_ISDKey(fn, options, stride, None), _build_isd)
   st = jax.device_get(init(params, tokens, prompt_len, length))
   first = [int(st.tokens[0, len(ids)])]
   records = [{"forward": 1, "verified": [], "accepted": 0,

@@ -135,8 +135,7 @@ class Server:
       except Exception as e:  # pylint: disable=broad-except
         # The template rejected the conversation (e.g. roles out of order).
         raise protocol.ApiError(400, f"messages: {e}", "messages") from e
-    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return f"<|bos|>{lines}assistant:"
+    return f"<|bos|>{_plain_chat(messages)}"
 
   def encode(self, text: str, param: str = "prompt") -> np.ndarray:
     """The prompt's ids; errors name ``param`` (chat: ``messages``)."""
@@ -153,9 +152,16 @@ class Server:
 
   def encode_messages(self, messages, text: str) -> np.ndarray:
     """A chat's ids (``text``: its rendering). Special-token names typed in a message
-    stay text, or a user could close their turn and write a system one."""
+    stay text, or a user could close their turn and write a system one.
+
+    Without a chat template the rendering's only special is its leading ``<|bos|>``:
+    the rest (roles and contents) is encoded as text, never parsed for names.
+    """
     if not hasattr(self.tokenizer, "encode_chat"):
-      return self.encode(text, "messages")
+      if hasattr(self.tokenizer, "apply_chat_template"):
+        return self.encode(text, "messages")  # A template without a safe encoder.
+      body = np.asarray(self.tokenizer.encode(_plain_chat(messages)), np.int32)
+      return np.concatenate([np.array([self.tokenizer.bos_id], np.int32), body])
     try:
       return np.asarray(self.tokenizer.encode_chat(messages), np.int32)
     except ValueError as e:
@@ -304,6 +310,12 @@ class Server:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+def _plain_chat(messages) -> str:
+  """The template-less rendering after its ``<|bos|>``: role-prefixed lines."""
+  lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+  return f"{lines}assistant:"
 
 
 def require_json(request) -> None:
