@@ -62,6 +62,28 @@ def load_config_file(name):
   return load_repo_module("configs", name).get_config()
 
 
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # A program traced to MLIR.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # XLA compiled one.
+
+
+class JaxEventCounter:
+  """Counts one ``jax.monitoring`` duration event (``LOWERING_EVENT``, ...) while ``active``.
+
+  Make one per test module: the listener stays registered for the process.
+  """
+
+  count, active = 0, False
+
+  def __init__(self, event: str):
+    self.event = event
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kw):
+    del duration, kw
+    if self.active and event == self.event:
+      self.count += 1
+
+
 def small_model_config(**model):
   """The base config shrunk to a 32-wide model (2 heads, 1 KV head of 16) for decoders."""
   from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top

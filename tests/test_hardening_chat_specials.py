@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import BigramLM
+from conftest import JaxEventCounter
+from conftest import LOWERING_EVENT
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.interop import tokenizer as tokenizer_lib
 from blockdiff_jax.sampling import isd as isd_lib
@@ -98,21 +100,7 @@ def test_templated_chat_keeps_content_specials_as_text_and_refuses_forged_roles(
 
 # --- The ISD trace compiles once per prefill bucket and records the exact-width run. ---
 
-class _Lowerings:
-  """Counts programs lowered to MLIR while ``active``."""
-
-  count, active = 0, False
-
-  def __init__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-  def _on_event(self, event, duration, **kw):
-    del duration, kw
-    if self.active and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      self.count += 1
-
-
-_LOWERINGS = _Lowerings()
+_LOWERINGS = JaxEventCounter(LOWERING_EVENT)
 
 
 @functools.lru_cache(maxsize=None)

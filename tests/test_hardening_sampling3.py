@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import BigramLM
+from conftest import JaxEventCounter
+from conftest import LOWERING_EVENT
 from blockdiff_jax import masks
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.model import summary_attention
@@ -41,21 +43,7 @@ def _bigram_table(seed=0):
 
 # --- The block trace prefills at the decoder's bucketed width. ---
 
-class _Lowerings:
-  """Counts programs lowered to MLIR (jit or eager) while ``active``."""
-
-  count, active = 0, False
-
-  def __init__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-  def _on_event(self, event, duration, **kw):
-    del duration, kw
-    if self.active and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      self.count += 1
-
-
-_LOWERINGS = _Lowerings()
+_LOWERINGS = JaxEventCounter(LOWERING_EVENT)  # Programs traced to MLIR (jit or eager).
 
 
 def _exact_width_fills(fn, params, prompt, opt, max_len):

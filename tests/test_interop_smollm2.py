@@ -105,7 +105,7 @@ def test_logits_greedy_and_perplexity_vs_transformers(smollm2, exported):
                 position_ids=torch.tensor(np.maximum(np.cumsum(valid, 1) - 1, 0))).logits.numpy()
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-3, rtol=0)
 
-  steps = 64
+  steps = 32  # The answer ("... Paris ...") comes in the first dozen tokens.
   greedy = test_interop_hf.ar_greedy(cfg, pre.params, [chat], steps)[0]
   with torch.no_grad():
     out = model.generate(torch.tensor(chat[None].astype(np.int64)), max_new_tokens=steps,

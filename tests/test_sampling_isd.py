@@ -87,7 +87,8 @@ def _options(**kw):
 PROMPTS = [(1, 2), (5,), (3, 3, 3, 3, 3, 8), (0, 9, 4)]
 
 
-@pytest.mark.parametrize("stride", [2, 3, 4, 6, 8])
+# Strides: the smallest, an odd one and a wide one.
+@pytest.mark.parametrize("stride", [2, 3, 8])
 @pytest.mark.parametrize("wrong_every", [0, 3, 5])
 @pytest.mark.parametrize("stop_at_eos", [True, False])
 def test_greedy_isd_equals_greedy_ar(stride, wrong_every, stop_at_eos):
@@ -239,7 +240,7 @@ def _tiny_shift_model(seed=0):
   return model, tok, build.init_params(model, seed)
 
 
-@pytest.mark.parametrize("stride", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("stride", [2, 3, 8])
 def test_transformer_greedy_isd_equals_ar(stride):
   model, tok, params = _tiny_shift_model()
   opts = layout.DecodeOptions(block_size=1, mask_id=tok.mask_id, eos_id=tok.eos_id,

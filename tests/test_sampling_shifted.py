@@ -315,9 +315,11 @@ def _step_by_step(fn, params, cv, opt):
   return trace, st
 
 
+# Three of the five (shift, sub-block, dual) combinations, for the suite's time: shift with
+# whole blocks, shift with sub-blocks and the dual cache (sub-block windows, block
+# refreshes), no shift with sub-blocks. The two left out run the same window shapes.
 @pytest.mark.parametrize("shift,sub_block,dual", [
-    (True, 0, False), (True, 2, False), (True, 2, True),
-    (False, 0, False), (False, 2, False)])
+    (True, 0, False), (True, 2, True), (False, 2, False)])
 def test_narrow_windows_decode_exactly_as_the_commit_window(tiny_decoder, shift, sub_block, dual):
   """Narrow forwards (current block, sub-block) give the commit window's steps.
 

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.xdist_group("sharding_train_worker")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
-EXPLICIT_MESHES = ((2, 2, 2, 1), (1, 2, 2, 2))
+# One Explicit mesh for the train step (every axis but data); "decode" runs (2, 2, 2, 1).
+EXPLICIT_MESHES = ((1, 2, 2, 2),)
 VOCAB, MASK_ID = 128, 127
 
 
@@ -291,7 +292,7 @@ def test_train_step_matches_one_device(report, sizes):
   assert r["param_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("sizes", EXPLICIT_MESHES, ids=["2x2x2x1", "1x2x2x2"])
+@pytest.mark.parametrize("sizes", EXPLICIT_MESHES, ids=["1x2x2x2"])
 def test_train_step_on_explicit_axes_matches_one_device(report, sizes):
   r = _get(report, f"explicit/{sizes}")
   assert r["axis_types"] == ["Explicit"] * 4
