@@ -27,6 +27,11 @@ from blockdiff_jax import config as config_lib
 from blockdiff_jax import main as main_lib
 from conftest import ROOT, load_config_file, load_repo_module
 
+# ml_collections' config_flags loads each config file with the deprecated
+# ``load_module()`` (once per parsed command here): its warning, not ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
+
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 ENTRY = "python -m blockdiff_jax.main"
