@@ -135,6 +135,9 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
   assert [r["step"] for r in rows] == [1, 2]
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 2
+  # The console reads once: progress and the trainer's notes come from process 0 only.
+  for line in ("[2/2 ", "model: ", "first step (compile included)"):
+    assert line in outputs[0] and line not in outputs[1], (line, outputs[1][-2000:])
 
 
 @pytest.mark.parametrize("env,error", [

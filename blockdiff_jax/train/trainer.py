@@ -213,6 +213,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise
 
 
+def _console():
+  """Where progress goes: only the first process prints, so a multi-host log reads once."""
+  return sys.stdout if jax.process_index() == 0 else None
+
+
+def _say(*args, **kwargs):
+  """``print`` on the first process only (every process runs the same loop)."""
+  if jax.process_index() == 0:
+    print(*args, **kwargs)
+
+
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A pretrained start fixes the architecture and tokenizer before config.json is written.
   config, model, tokenizer = initial.build_model(config, workdir)
@@ -242,7 +253,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optimizer.make_optimizer(t)
   lr_schedule = optimizer.learning_rate_schedule(t)
   if optimizer.warmup_steps_used(t) != t.warmup_steps:
-    print(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: warmup shortened "
+    _say(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: warmup shortened "
           f"to {optimizer.warmup_steps_used(t)} steps so the last step still decays to "
           f"train.min_lr_ratio", flush=True)
   # Params and optimizer state are created in their shards (ZeRO-3/TP/EP rules);
@@ -255,13 +266,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, model, workdir, sharded.mesh, sharded.rules)
   state = sharded.init_state(config.seed, start_params)
   if config.get("mesh") is not None:
-    print(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
+    _say(f"mesh: {dict(sharded.mesh.shape)}", flush=True)
     note = mesh_lib.expert_split_warning(mcfg.moe.num_experts if mcfg.moe else 0, sharded.mesh)
     if note:
-      print(note, flush=True)
+      _say(note, flush=True)
   counts = flops.param_counts(mcfg)
   logging.info("parameters: %s", counts)
-  print(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
+  _say(f"model: {counts['total']:,} parameters ({counts['active']:,} active per token)",
         flush=True)
 
   data_it = train_ds.iterator(0)
@@ -269,9 +280,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The newest checkpoint that restores (corrupt newer ones are named and set aside).
     state, data_state = ckpt.restore(sharded.abstract_state)
     data_it.set_state(data_state)
-    print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
+    _say(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
     if int(state.step) >= t.steps:
-      print(f"nothing to train: the checkpoint is at step {int(state.step)} and "
+      _say(f"nothing to train: the checkpoint is at step {int(state.step)} and "
             f"train.steps={t.steps}; raise --config.train.steps to train on", flush=True)
 
   train_step, eval_step, put_batch = sharded.train_step, sharded.eval_step, sharded.put_batch
@@ -283,13 +294,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
   writer = metrics_writer.MetricsWriter(workdir, t.tensorboard, keep_through_step=start,
                                        enabled=jax.process_index() == 0)
-  progress = metrics_writer.Progress(t.steps, start, stream=sys.stdout)
+  progress = metrics_writer.Progress(t.steps, start, stream=_console())
   bits = 1.0 / math.log(2)
   # Every objective reports its loss as "nelbo"; only BD3-LM's is an ELBO bound.
   loss_name = {"bd3": "nelbo", "fastdllm": "masked ce", "introspective": "noisy ce",
                "ar": "ar ce"}.get(config.diffusion.get("objective", "bd3"), "loss")
   unigram = train_ds.unigram_entropy_bits
-  print(f"data: {train_ds.bytes_per_token:.3f} bytes/token, unigram entropy "
+  _say(f"data: {train_ds.bytes_per_token:.3f} bytes/token, unigram entropy "
         f"{unigram:.3f} bits/token; peak {peak / 1e9:.1f} GFLOP/s ({peak_how})", flush=True)
 
   last, last_val = {}, {}
@@ -320,7 +331,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # The first step compiles: keep it out of the throughput figures and the ETA.
         jax.block_until_ready(metrics)
         first_step_s = time.time() - window_t0
-        print(f"first step (compile included): {first_step_s:.1f}s", flush=True)
+        _say(f"first step (compile included): {first_step_s:.1f}s", flush=True)
         window_t0, window_steps = time.time(), 0
       if pending is not None:
         check_finite(*pending)
@@ -355,7 +366,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         val["nelbo_bits_per_byte"] = val["nelbo"] * bits / val_ds.bytes_per_token
         val["unigram_entropy_bits_per_byte"] = val_ds.unigram_entropy_bits / val_ds.bytes_per_token
         last_val = writer.write(done, val, prefix="val_")
-        print(f"  validation {loss_name} {val['nelbo']:.4f} nats/token = "
+        _say(f"  validation {loss_name} {val['nelbo']:.4f} nats/token = "
               f"{val['nelbo_bits_per_byte']:.3f} bits/byte (unigram entropy "
               f"{val['unigram_entropy_bits_per_byte']:.3f} bits/byte)", flush=True)
       if save_due:
@@ -365,7 +376,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(state)
         window_t0, window_steps = time.time(), 0
       if step == start:  # The ETA counts from the end of the compiling first step.
-        progress = metrics_writer.Progress(t.steps, done, stream=sys.stdout)
+        progress = metrics_writer.Progress(t.steps, done, stream=_console())
       if multi_process and done < t.steps and ckpt.reached_preemption(done):
         stop.signum = signal.SIGTERM  # True on every process at the same step.
     interrupted = stop.signum is not None and done < t.steps
