@@ -186,7 +186,7 @@ def test_chat_usage_counts_the_rendered_prompt(fake):
     ({"max_tokens": MAX_LEN - 1}, "max_tokens", "context_length_exceeded"),
     ({"max_tokens": 10**30}, "max_tokens", "context_length_exceeded"),
     ({"max_tokens": "5"}, "max_tokens", None), ({"model": 5}, "model", None),
-    ({"prompt": ["a", "b"]}, "prompt", None), ({"stop": [1]}, "stop", None),
+    ({"prompt": ["a", "b"]}, "prompt", None), ({"stop": [1]}, "stop[0]", None),
 ])
 def test_bad_values_are_400_naming_the_field(fake, body, param, code):
   r, _ = fake

@@ -517,8 +517,12 @@ def _resolve(future: concurrent.futures.Future, result: Any = None,
   """Sets a future's result (or ``exc``) unless it is done already.
 
   The client's thread may cancel it at any moment, also between a ``done()`` check and
-  the set, which then raises InvalidStateError: that must not reach the worker.
+  the set, which then raises InvalidStateError: that must not reach the worker. A
+  StopIteration (a ``next()`` that ran dry) becomes a RuntimeError: asyncio cannot
+  raise it into the server's awaiting coroutine, which would never be answered.
   """
+  if isinstance(exc, StopIteration):
+    exc = RuntimeError(f"decoding failed: {exc!r}")
   try:
     if exc is not None:
       future.set_exception(exc)

@@ -205,9 +205,11 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   include_usage = _stream_options(body, stream)
   stop = body.get("stop")
   stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-  if (not isinstance(stop, (list, tuple)) or len(stop) > 4
-      or not all(isinstance(s, str) and s for s in stop)):
+  if not isinstance(stop, (list, tuple)) or len(stop) > 4 or stop == ("",):
     raise ApiError(400, "stop must be a non-empty string or a list of up to 4", "stop")
+  for i, s in enumerate(stop):
+    if not isinstance(s, str) or not s:
+      raise ApiError(400, f"stop[{i}] must be a non-empty string, got {s!r}", f"stop[{i}]")
 
   # A token-shifted model may be an unadapted causal LM: AR unless the request (or an
   # ISD default) says otherwise.

@@ -34,6 +34,7 @@ engine drains what is queued and running.
 import asyncio
 import json
 import math
+import re
 import secrets
 import sys
 import time
@@ -165,7 +166,8 @@ class Server:
     try:
       return np.asarray(self.tokenizer.encode_chat(messages), np.int32)
     except ValueError as e:
-      raise protocol.ApiError(400, f"messages: {e}", "messages") from e
+      param = _message_field(str(e), len(messages))
+      raise protocol.ApiError(400, f"{param}: {e}", param) from e
 
   def check(self, ids: np.ndarray, max_tokens: int, chat: bool,
             max_tokens_field: str = "max_tokens") -> None:
@@ -310,6 +312,16 @@ class Server:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+def _message_field(error: str, count: int) -> str:
+  """The field an ``encode_chat`` error names: ``messages[i].role`` or
+  ``messages[i].content`` from its "message i..." text, else ``messages``."""
+  match = re.match(r"message (\d+)\b", error)
+  if match is None or int(match.group(1)) >= count:
+    return "messages"
+  part = "role" if "the role" in error else "content"
+  return f"messages[{match.group(1)}].{part}"
 
 
 def _plain_chat(messages) -> str:
