@@ -177,7 +177,8 @@ def test_export_writes_the_context_its_rope_reaches(tmp_path, plain_model, scali
 @pytest.mark.parametrize("key,value,match", [
     ("llama.rope.dimension_count", 8, r"llama\.rope\.dimension_count=8 \(RoPE on only part "
                                       r"of each head of 16\)"),
-    ("llama.rope.scaling.factor", 4.0, r"llama\.rope\.scaling\.factor=4\.0 \(linear"),
+    # Linear scaling is honoured (test_hardening_interop3); its attention factor is not.
+    ("llama.rope.scaling.attn_factor", 2.0, r"llama\.rope\.scaling\.attn_factor=2\.0"),
 ])
 def test_gguf_rope_keys_llama_cpp_computes_with_are_refused(tmp_path, monkeypatch, key, value,
                                                            match):

@@ -192,6 +192,57 @@ def _check_full_attention(hf: dict, model_type: str) -> None:
         "which is not supported; only full attention")
 
 
+# transformers' defaults (its config classes) for the config.json keys read here: a key
+# absent from a file takes these, per architecture (Qwen3's head_dim is 128, not
+# hidden_size / heads). A key written as null is left null: transformers resolves null KV
+# heads (and Llama's null head_dim) from the heads. Absent KV heads: see _kv_heads.
+_COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+                    "hidden_act": "silu"}
+_QWEN_DENSE_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768,
+    "sliding_window": 4096, "max_window_layers": 28}
+TRANSFORMERS_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32,
+              "max_position_embeddings": 2048},
+    "qwen2": _QWEN_DENSE_DEFAULTS,
+    "qwen3": {**_QWEN_DENSE_DEFAULTS, "head_dim": 128},
+    "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                  "num_hidden_layers": 24, "num_attention_heads": 32,
+                  "max_position_embeddings": 32768, "sliding_window": 4096,
+                  "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+    "qwen2_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+                  "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "max_position_embeddings": 32768, "sliding_window": 4096,
+                  "max_window_layers": 28, "num_experts": 60, "num_experts_per_tok": 4,
+                  "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+}
+_KV_HEADS_DEFAULTS = {"qwen2": 32, "qwen3": 32, "qwen3_moe": 4, "qwen2_moe": 16}
+
+
+def _kv_heads(hf: dict) -> int:
+  """num_key_value_heads as transformers resolves it (absent: the class default).
+
+  Llama's default is the head count. Where the Qwen default does not divide the heads
+  (4 heads, 32 KV heads), transformers builds a model it cannot run; the head count
+  (plain multi-head attention) is then what such a file means.
+  """
+  heads = hf["num_attention_heads"]
+  if "num_key_value_heads" in hf:
+    return hf["num_key_value_heads"] or heads
+  default = _KV_HEADS_DEFAULTS.get(hf["model_type"], heads)
+  return default if heads % default == 0 else heads
+
+
+def with_transformers_defaults(hf: dict) -> dict:
+  """config.json with each key read here that it lacks set as transformers sets it."""
+  out = {**_COMMON_DEFAULTS, **TRANSFORMERS_DEFAULTS[hf["model_type"]], **hf}
+  if "num_experts" not in hf and hf.get("num_local_experts") is not None:
+    out["num_experts"] = hf["num_local_experts"]  # Qwen3-MoE's attribute_map alias.
+  return out
+
+
 def model_overrides(hf: dict) -> dict[str, Any]:
   """Our ``config.model`` fields (dotted keys, e.g. ``"moe.num_experts"``) from config.json.
 
@@ -205,6 +256,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch[0]!r} (model_type={model_type!r}); supported "
         f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  hf = with_transformers_defaults(hf)
   # transformers' ACT2FN maps both names to x * sigmoid(x).
   if hf.get("hidden_act", "silu") not in ("silu", "swish"):
     raise UnsupportedArchitectureError(
@@ -221,7 +273,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
       "d_model": hf["hidden_size"],
       "num_layers": hf["num_hidden_layers"],
       "num_heads": heads,
-      "num_kv_heads": hf.get("num_key_value_heads") or heads,
+      "num_kv_heads": _kv_heads(hf),
       "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
       "mlp_dim": hf["intermediate_size"],
       # Qwen2-MoE always has q/k/v biases (transformers >= 5 writes qkv_bias).
@@ -233,7 +285,7 @@ def model_overrides(hf: dict) -> dict[str, Any]:
       "moe.num_experts": 0,
   }
   if model_type in MOE_MODEL_TYPES:
-    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    num_experts = hf["num_experts"]
     step = hf.get("decoder_sparse_step", 1)
     dense = sorted(hf.get("mlp_only_layers") or [])
     if dense != list(range(len(dense))):

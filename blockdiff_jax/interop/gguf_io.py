@@ -4,7 +4,8 @@ Quantized tensors (Q4_0/Q4_1/Q8_0/K-quants ... whatever the ``gguf`` package's n
 dequantizer knows) become float32. llama.cpp's converter permutes the rows of Q and K of
 ``llama`` models for its interleaved RoPE: within each head of size d, row ``2j + r``
 holds HF row ``j + r*d/2``; ``unpermute_rows`` undoes it. Qwen models are stored in HF's
-order (llama.cpp uses NeoX RoPE for them). Llama-3.1+ RoPE scaling, which llama.cpp stores
+order (llama.cpp uses NeoX RoPE for them). Linear RoPE scaling (``rope.scaling.factor``)
+becomes transformers' ``linear`` rope type. Llama-3.1+ RoPE scaling, which llama.cpp stores
 as per-frequency divisors (``rope_freqs.weight``), becomes the equivalent ``llama3``
 ``rope_scaling`` (``llama3_rope_scaling``).
 """
@@ -119,15 +120,9 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
       "tie_word_embeddings": not has_output,
       "hidden_act": "silu",
   }
-  if g("rope.scaling.type") not in (None, "none"):
-    raise architectures.UnsupportedArchitectureError(
-        f"{path}: rope scaling {g('rope.scaling.type')!r} is not supported")
-  # llama.cpp reads these whatever the scaling type: a factor without a type is linear
-  # scaling, and rope.dimension_count < head_dim rotates only part of each head.
-  for key in ("rope.scaling.factor", "rope.scale_linear"):
-    if g(key) not in (None, 0.0, 1.0):
-      raise architectures.UnsupportedArchitectureError(
-          f"{path}: {arch}.{key}={_f32(g(key))} (linear RoPE scaling) is not supported")
+  scaling = _linear_rope_scaling(g, f"{path}: {arch}")
+  if scaling is not None:
+    hf["rope_scaling"] = scaling
   rotated = g("rope.dimension_count")
   if rotated is not None and int(rotated) != hf["head_dim"]:
     raise architectures.UnsupportedArchitectureError(
@@ -142,13 +137,48 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   return hf
 
 
+def _linear_rope_scaling(g, where: str) -> dict | None:
+  """HF ``rope_scaling`` of the RoPE scaling keys, read as llama.cpp reads them.
+
+  llama.cpp divides positions by ``rope.scaling.factor`` (else the older
+  ``rope.scale_linear``; 0 or absent means 1) unless ``rope.scaling.type`` is "none",
+  and the type defaults to "linear"; that is transformers' "linear" rope type.
+
+  Raises:
+    UnsupportedArchitectureError: for another scaling type (yarn, longrope) or a
+      ``rope.scaling.attn_factor`` other than 1 (llama.cpp scales cos and sin by it).
+  """
+  attn_factor = g("rope.scaling.attn_factor")
+  if attn_factor not in (None, 1.0):
+    raise architectures.UnsupportedArchitectureError(
+        f"{where}.rope.scaling.attn_factor={_f32(attn_factor)} (RoPE outputs scaled) is not "
+        "supported; only 1")
+  scaling_type = g("rope.scaling.type") or "linear"
+  if scaling_type == "none":
+    return None  # llama.cpp never scales then, whatever the factor says.
+  if scaling_type != "linear":
+    raise architectures.UnsupportedArchitectureError(
+        f"{where}.rope.scaling.type={scaling_type!r} is not supported (only 'linear' or "
+        "'none')")
+  factor = g("rope.scaling.factor")
+  if factor is None:
+    factor = g("rope.scale_linear")
+  if factor in (None, 0.0, 1.0):
+    return None
+  if factor < 1.0:  # Positions stretched rather than compressed: no rope type of ours.
+    raise architectures.UnsupportedArchitectureError(
+        f"{where}.rope.scaling.factor={_f32(factor)} is not supported; only factors >= 1")
+  return {"rope_type": "linear", "factor": _f32(factor)}
+
+
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF model file.
 
   Raises:
     UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, a
-      rope.scaling.type key or factor, a rope.dimension_count below the head size, or a
-      rope_freqs.weight tensor that is not llama3 scaling.
+      rope.scaling.type other than linear/none, a rope.dimension_count below the head
+      size, or a rope_freqs.weight tensor that is not llama3 scaling (or comes with a
+      linear factor).
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
   """
@@ -163,6 +193,10 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       # llama.cpp's form of Llama-3.1+ RoPE scaling (no rope.scaling.type key): ignoring
       # it would silently compute another model.
       divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64)
+      if "rope_scaling" in hf:  # llama.cpp would apply both; one rope type here.
+        raise architectures.UnsupportedArchitectureError(
+            f"{path}: rope_freqs.weight (llama3 RoPE scaling) together with linear scaling "
+            f"(factor {hf['rope_scaling']['factor']}) is not supported")
       try:
         hf["rope_scaling"] = llama3_rope_scaling(divisors.reshape(-1), hf["head_dim"],
                                                  hf["rope_theta"])

@@ -146,9 +146,10 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
   def __init__(self, tokenizer: hf_tokenizers.Tokenizer, bos_id: int | None, eos_id: int,
                pad_id: int | None = None, mask_id: int | None = None,
-               chat_template: str | None = None, source: str = ""):
+               chat_template: str | None = None, source: str = "", unk_id: int | None = None):
     tokenizer.encode_special_tokens = True  # encode() never emits specials.
     self._tok = tokenizer
+    self._unk_id = unk_id  # Only chat templates see it (as unk_token).
     self._source = source
     self.chat_template = chat_template
     self._ids = {"bos": bos_id, "eos": eos_id, "pad": eos_id if pad_id is None else pad_id,
@@ -161,7 +162,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     from blockdiff_jax.interop import gguf_io  # pylint: disable=g-import-not-at-top
     meta = gguf_io.tokenizer_metadata(path)
     return cls(hf_tokenizer_from_gguf(meta), meta["bos_token_id"], meta["eos_token_id"],
-               meta["padding_token_id"], chat_template=meta["chat_template"], source=path)
+               meta["padding_token_id"], chat_template=meta["chat_template"], source=path,
+               unk_id=meta["unknown_token_id"])
 
   @classmethod
   def from_folder(cls, folder: str) -> "PretrainedTokenizer":
@@ -196,7 +198,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     mask = token_id("mask")
     if mask is None:  # A <|mask|> token in the vocabulary is the MASK token.
       mask = tok.token_to_id(MASK_TOKEN)
-    return cls(tok, token_id("bos"), eos, token_id("pad"), mask, template, source=folder)
+    return cls(tok, token_id("bos"), eos, token_id("pad"), mask, template, source=folder,
+               unk_id=token_id("unk"))
 
   def add_mask_token(self, mask_id: int | None = None) -> int:
     """Makes ``<|mask|>`` the MASK token: a new id (next free) or an existing ``mask_id``."""
@@ -271,17 +274,28 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
   def apply_chat_template(self, messages: Sequence[dict],
                           add_generation_prompt: bool = True) -> str:
-    """Renders a conversation as prompt text (specials spelled out, e.g. <|im_start|>)."""
+    """Renders a conversation as prompt text (specials spelled out, e.g. <|im_start|>).
+
+    The template sees what transformers' ``apply_chat_template`` gives it without tools:
+    ``tools`` and ``documents`` None (templates test ``tools is not none``), and the
+    special tokens by name (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``;
+    the MASK is ours, not the model's; an unknown token the tokenizer lacks stays
+    undefined).
+    """
     if not self.chat_template:
       return render_chatml(messages, add_generation_prompt)
     try:
       env = _chat_environment()
     except ImportError:
       return render_chatml(messages, add_generation_prompt)
-    name = lambda key: None if self._ids[key] is None else self._tok.id_to_token(self._ids[key])
+    name = lambda i: None if i is None else self._tok.id_to_token(i)
+    # Without a bos, "" as before (transformers leaves it undefined: the same text).
+    names = {"bos_token": name(self._ids["bos"]) or "", "eos_token": name(self._ids["eos"]),
+             "pad_token": name(self._ids["pad"]), "unk_token": name(self._unk_id)}
     return env.from_string(self.chat_template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=name("bos") or "", eos_token=name("eos") or "")
+        messages=list(messages), tools=None, documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **{k: v for k, v in names.items() if v is not None})
 
   def encode_chat(self, messages: Sequence[dict],
                   add_generation_prompt: bool = True) -> np.ndarray:
@@ -337,8 +351,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json (transformers)."""
     os.makedirs(folder, exist_ok=True)
     self._tok.save(os.path.join(folder, data_tokenizers.TOKENIZER_FILENAME))
-    names = {f"{k}_token": self._tok.id_to_token(v) for k, v in self._ids.items()
-             if v is not None}
+    names = {f"{k}_token": self._tok.id_to_token(v)
+             for k, v in {**self._ids, "unk": self._unk_id}.items() if v is not None}
     decoder = {str(i): {"content": a.content, "special": a.special, "normalized": False,
                         "lstrip": False, "rstrip": False, "single_word": False}
                for i, a in sorted(self._tok.get_added_tokens_decoder().items())}
