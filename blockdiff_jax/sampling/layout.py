@@ -46,7 +46,9 @@ class DecodeOptions:
     sub_block_size: 0 or block_size = whole-block steps; else the sub-block size.
     max_steps_per_block: step cap per block (split evenly over sub-blocks); 0 = one step
       per token (plus ``patience`` with editing), enough for any policy.
-    edit_threshold: tau_edit of token editing; 0 = editing off.
+    edit_threshold: tau_edit of token editing; 0 = editing off. 1 is off too: a token
+      is rewritten when its probability exceeds the threshold, which none ever does,
+      so the block would only wait ``patience`` idle steps.
     patience: with editing, steps without any change before a block exits.
     stop_at_eos: stop a row after the block in which it generated EOS; without
       editing, as soon as the EOS has no MASK before it.
@@ -105,7 +107,7 @@ class DecodeOptions:
 
   @property
   def editing(self) -> bool:
-    return self.edit_threshold > 0
+    return 0.0 < self.edit_threshold < 1.0
 
   @property
   def step_cap(self) -> int:

@@ -201,7 +201,12 @@ class Factor:
 
 @dataclasses.dataclass(frozen=True)
 class TopK:
-  """Static schedule: k = ceil(candidates at the block start / steps) per step."""
+  """Static schedule: k = ceil(candidates at the block start / steps) per step.
+
+  ``steps`` is a budget per block: with sub-blocks, k is still sized by the whole
+  block's candidates and each sub-block fills k per step, so a block takes ``steps``
+  steps when its sub-blocks split them evenly (at least one per sub-block with work).
+  """
 
   steps: int = 4
 
@@ -284,6 +289,8 @@ def make_policy(name: str, value: float | None = None) -> Policy:
   if value is None or cls is LeftToRight:
     return cls()
   if cls is TopK:
+    if not float(value).is_integer():  # int() would silently change the schedule.
+      raise ValueError(f"TopK.steps must be a whole number of steps, got {value}")
     return cls(int(value))
   return cls(float(value))
 

@@ -9,6 +9,7 @@ in ``sampling/generation.py``; they are re-exported here.
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -57,7 +58,7 @@ def default_sample_config() -> ml_collections.ConfigDict:
   s.top_p = 1.0  # Nucleus mass when sampling; 1 = all.
   s.max_steps_per_block = 0  # Step cap per block; 0 = one per token (+ patience).
   s.patience = 1  # With editing: steps without change before a block exits.
-  s.edit_threshold = 0.0  # tau_edit of LLaDA 2.1 token editing; 0 = off.
+  s.edit_threshold = 0.0  # tau_edit of LLaDA 2.1 token editing; 0 (or 1) = off.
   s.max_len = 0  # Context limit of prompt + new tokens; 0 = data.seq_len.
   s.prompts = "<|bos|>sort: 3 1 4 1 5<|sep|>;<|bos|>add: 12+34<|sep|>"  # ';'-separated.
   s.prompts_file = ""  # One prompt per line; overrides ``prompts`` when set.
@@ -77,6 +78,10 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
   ``token_shift`` is the model's (``config.diffusion.token_shift``), not a decoding choice.
   """
   one_token = s.policy in ("ar", "isd")  # Decoders without a block policy.
+  if s.policy == "isd" and not token_shift:  # As isd.check_setup, before a checkpoint loads.
+    raise ValueError("sample.policy='isd' needs a token-shifted model "
+                     "(diffusion.token_shift=True): its verifier is the logits of the "
+                     "previous position")
   kind = s.get("kv_cache", "full")
   if kind not in ("full", "hierarchical"):
     raise ValueError(f"sample.kv_cache must be 'full' or 'hierarchical', got {kind!r}")
@@ -87,6 +92,9 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
       raise ValueError(f"sample.kv_chunk={s.kv_chunk} is smaller than one commit of this "
                        f"decoder ({widest} positions: the block size or ISD stride)")
     hierarchy = kv_memory.hierarchy_from_config(s)
+    if one_token and hierarchy.form == "summary":  # AR and ISD keep no summary slots.
+      raise ValueError(f"sample.kv_form='summary' works with the block decoder of a "
+                       f"summary-token model, not sample.policy={s.policy!r}; use 'rank'")
   if not one_token and s.policy in policies.POLICIES:
     try:
       policy = policies.make_policy(s.policy, s.policy_value)
@@ -95,14 +103,28 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
                        f"sample.policy={s.policy!r}: {e}") from None
   else:
     policy = policies.make_policy("threshold" if one_token else s.policy)
-  return layout.DecodeOptions(
-      block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
-      policy=policy,
-      sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
-      sub_block_size=s.sub_block_size, dual_cache=s.get("dual_cache", False),
-      max_steps_per_block=s.max_steps_per_block,
-      edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift,
-      kv_hierarchy=hierarchy)
+  try:
+    return layout.DecodeOptions(
+        block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
+        policy=policy,
+        sampling=policies.Sampling(s.temperature, s.top_k, s.top_p),
+        sub_block_size=s.sub_block_size, dual_cache=s.get("dual_cache", False),
+        max_steps_per_block=s.max_steps_per_block,
+        edit_threshold=s.edit_threshold, patience=s.patience, token_shift=token_shift,
+        kv_hierarchy=hierarchy)
+  except ValueError as e:
+    raise ValueError(_config_paths(str(e))) from None
+
+
+# DecodeOptions' own field names, as the flags a user types (--config.sample.patience=0).
+_SAMPLE_FIELDS = re.compile(r"(?<![\w.])(sub_block_size|max_steps_per_block|edit_threshold|"
+                            r"patience)\b")
+_BLOCK_SIZE = re.compile(r"(?<![\w.])block_size\b")
+
+
+def _config_paths(message: str) -> str:
+  """A ``DecodeOptions`` error with its field names spelled as config paths."""
+  return _SAMPLE_FIELDS.sub(r"sample.\1", _BLOCK_SIZE.sub("diffusion.block_size", message))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -121,6 +143,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sample.max_len must be >= 0 (0 = data.seq_len), got {s.max_len}")
   if s.isd_stride < 2:  # As isd.py requires: one pending token plus at least one draft.
     raise ValueError(f"sample.isd_stride must be >= 2, got {s.isd_stride}")
+  seed = s.get("seed", 0)
+  # jax.random.key keeps 32 bits: seed 2**32 would silently draw as seed 0.
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise ValueError(f"sample.seed must be an integer in [0, 2**32), got {seed!r}")
+  if not s.get("prompts_file", "") and not [p for p in s.get("prompts", "").split(";") if p]:
+    raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
   if "kv_chunk" in s:
     kv_memory.hierarchy_from_config(s)
   diffusion = config.get("diffusion") or {}

@@ -106,7 +106,8 @@ def _unique(stats: dict) -> Array:
 
 
 def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Array,
-                  rng: Array, step: Array, active: Array) -> Selection:
+                  rng: Array, step: Array, active: Array,
+                  block_region: Array | None = None) -> Selection:
   """Proposes tokens and lets the policy (and editing) choose what to write.
 
   Args:
@@ -118,6 +119,9 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
     step: scalar or [B], steps the (sub-)block already took (the cap's last step fills
       every remaining MASK).
     active: [B] bool, rows that take this step.
+    block_region: [B, n] bool, the fillable positions of the whole block when ``region``
+      is one of its sub-blocks (default ``region``): ``TopK`` sizes its steps by the
+      block, so ``steps`` stays a per-block budget with sub-blocks.
   """
   b = x.shape[0]
   logits = logits.at[..., opt.mask_id].set(_NEG)
@@ -125,7 +129,8 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
   entropy, margin = policies.scores(probs)
   is_mask = x == opt.mask_id
   cand = is_mask & region & active[:, None]
-  slots = jnp.sum(region, axis=-1, keepdims=True)
+  sized_by = region if block_region is None else block_region
+  slots = jnp.sum(sized_by, axis=-1, keepdims=True)
   accept = opt.policy.select(conf, entropy, margin, cand, slots)
   last = jnp.reshape(jnp.asarray(step) + 1 >= opt.step_cap, (-1, 1))
   accept = jnp.where(last, cand, accept)
@@ -335,7 +340,7 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   forwards = c.forwards + 1
   stepping = active & ~idle
   sel = select_tokens(opt, x, logits, region, keys.step_key(st.rng, forwards, c.nfe),
-                      r.step, stepping)
+                      r.step, stepping, blk_region)
   new = sel.tokens
   step = r.step + stepping.astype(jnp.int32)
   block_steps = r.block_steps + stepping.astype(jnp.int32)
