@@ -25,6 +25,7 @@ the model's structured attention path exploits.
 """
 
 import dataclasses
+import numbers
 from typing import Any
 
 import flax.struct
@@ -220,6 +221,11 @@ class SummaryLayout:
   def __post_init__(self):
     if self.streams not in (1, 2):
       raise ValueError(f"SummaryLayout.streams must be 1 or 2, got {self.streams}")
+    for name in ("block_size", "num_slots"):
+      value = getattr(self, name)
+      # A fractional size would give float block ids and a silently wrong mask.
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"SummaryLayout.{name} must be an integer, got {value!r}")
     if self.block_size < 1 or self.num_slots < 1:
       raise ValueError(f"SummaryLayout: block_size={self.block_size} and "
                        f"num_slots={self.num_slots} must be >= 1")

@@ -1,6 +1,7 @@
 """Basic layers whose weights carry logical axis names."""
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,6 +27,18 @@ class LogicalAxes(nn.LogicallyPartitioned):
   def unbox(self, apply_constraint=True):
     del apply_constraint
     return self.value
+
+
+def require_ints(obj: Any, section: str, names: Sequence[str]) -> None:
+  """Raises ValueError naming the first field of ``obj`` in ``names`` that is not an int.
+
+  A size like 2.5 or 64.0 would pass a ``>= 1`` check and surface later as a shape or
+  slicing error that names no field (a fractional block size gives float block ids).
+  """
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ValueError(f"{section}.{name} must be an integer, got {value!r}")
 
 
 def logical_init(init, axes: Sequence[str]):

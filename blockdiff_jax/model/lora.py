@@ -14,6 +14,7 @@ CPU: experiments/lora_fold_speed.py).
 import collections.abc
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -44,6 +45,9 @@ class LoraConfig:
   mask_id: int = -1
 
   def __post_init__(self):
+    # A fractional rank would pass the check below and fail as a shape far away.
+    if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
+      raise ValueError(f"model.lora.rank must be an integer, got {self.rank!r}")
     if self.rank < 1:
       raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
     bad = [t for t in self.targets if t not in TARGETS]

@@ -64,6 +64,9 @@ class MoEConfig:
   z_loss_weight: float = 1e-3
 
   def __post_init__(self):
+    layers.require_ints(self, "model.moe", ("num_experts", "top_k", "expert_dim",
+                                            "shared_expert_dim", "block_min_experts",
+                                            "tile_size"))
     if self.num_experts < 1:
       raise ValueError(f"model.moe.num_experts must be >= 1, got {self.num_experts}")
     if not 1 <= self.top_k <= self.num_experts:

@@ -31,6 +31,7 @@ from typing import Any
 import flax.struct
 
 from blockdiff_jax import masks
+from blockdiff_jax.model import layers
 
 Array = Any
 
@@ -53,6 +54,8 @@ class SummaryConfig:
   block_size: int
 
   def __post_init__(self):
+    layers.require_ints(self, "model.summary", ("num_slots", "window_blocks"))
+    layers.require_ints(self, "diffusion", ("block_size",))
     for name in ("num_slots", "window_blocks", "block_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.summary.{name} must be >= 1 with summary tokens on, "

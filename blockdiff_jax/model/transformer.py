@@ -52,6 +52,9 @@ class TransformerConfig:
   summary: summary_lib.SummaryConfig | None = None
 
   def __post_init__(self):
+    layers.require_ints(self, "model", (
+        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+        "mlp_dim", "moe_every", "first_dense_layers"))
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "mlp_dim", "moe_every"):
       if getattr(self, name) < 1:
@@ -210,6 +213,10 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     dtype = cfg.compute_dtype
+    # Nested lists (a hand-written prompt) would otherwise fail deep inside on `.shape`.
+    tokens = jnp.asarray(tokens)
+    meta = masks.TokenMeta(*(jnp.asarray(getattr(meta, f.name))
+                             for f in dataclasses.fields(meta)))
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=dtype,
                      embedding_init=layers.logical_init(
                          nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),

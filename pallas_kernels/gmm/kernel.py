@@ -20,7 +20,6 @@ import dataclasses
 import functools
 from typing import Any
 
-import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -75,8 +74,13 @@ def fit_block(block: int, dim: int) -> int:
 
 
 def group_bounds(group_sizes: Array, m: int) -> tuple[Array, Array]:
-  """Returns [G] start and end rows of each group, clipped to ``m``."""
-  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  """Returns [G] start and end rows of each group, clipped to ``m``.
+
+  A negative size counts as an empty group: it would otherwise make the bounds
+  decrease, and the schedule would then leave output rows unwritten.
+  """
+  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   return starts, ends
 

@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import backend
 from pallas_kernels.gmm import kernel
@@ -35,6 +36,16 @@ def _validate(lhs: Array, rhs: Array, group_sizes: Array) -> None:
     raise ValueError(f"gmm: dtype must be float32 or bfloat16, got {lhs.dtype}")
   if rhs.shape[0] < 1:
     raise ValueError(f"gmm: need at least one group, got G={rhs.shape[0]}")
+  _check_nonnegative("gmm", group_sizes)
+
+
+def _check_nonnegative(op: str, group_sizes: Array) -> None:
+  """Refuses concrete negative sizes; traced ones count as empty groups (kernel.group_bounds)."""
+  if isinstance(group_sizes, jax.core.Tracer):
+    return
+  sizes = np.asarray(group_sizes)
+  if (sizes < 0).any():
+    raise ValueError(f"{op}: group_sizes must be >= 0, got {sizes.tolist()}")
 
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
@@ -50,7 +61,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
     lhs: [M, K] float32 or bfloat16.
     rhs: [G, K, N], same dtype as lhs.
     group_sizes: [G] integer rows per group; ``sum(group_sizes) <= M`` (larger
-      sums are clipped to M).
+      sums are clipped to M). Concrete negative sizes raise; traced ones count as 0
+      (``ragged_dot`` leaves them undefined).
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
@@ -107,7 +119,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   Args:
     lhs: [M, K] float32 or bfloat16.
     dout: [M, N], same dtype as lhs.
-    group_sizes: [G] integer rows per group.
+    group_sizes: [G] integer rows per group (negative: as in ``gmm``).
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
@@ -126,6 +138,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
     # As gmm and ragged_dot do: a fractional size means nothing, and the kernel
     # would silently truncate it.
     raise ValueError(f"tgmm: group_sizes must be integer, got {group_sizes.dtype}")
+  _check_nonnegative("tgmm", group_sizes)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if 0 in lhs.shape or 0 in dout.shape:
     # Nothing for the kernel to tile (it would divide by the empty dimension).

@@ -10,8 +10,11 @@ Array = Any
 
 def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array,
                   preferred_element_type: Any = None) -> Array:
-  """``jax.lax.ragged_dot``: the XLA grouped matmul with the same semantics."""
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
+  """``jax.lax.ragged_dot``: the XLA grouped matmul with the same semantics.
+
+  Negative sizes count as empty groups, as in the kernel (ragged_dot leaves them undefined).
+  """
+  return jax.lax.ragged_dot(lhs, rhs, jnp.maximum(group_sizes.astype(jnp.int32), 0),
                             preferred_element_type=preferred_element_type)
 
 
@@ -19,8 +22,9 @@ def tgmm_reference(lhs: Array, dout: Array, group_sizes: Array,
                    preferred_element_type: Any = None) -> Array:
   """[G, K, N] per-group ``lhs_g^T @ dout_g`` via a one-hot group mask (O(G·M·K·N))."""
   m = lhs.shape[0]
-  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-  starts = ends - group_sizes
+  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
   rows = jnp.arange(m)
   onehot = ((rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None]))
   out = jnp.einsum("gm,mk,mn->gkn", onehot.astype(lhs.dtype), lhs, dout,
