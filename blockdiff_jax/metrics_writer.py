@@ -12,6 +12,60 @@ def _scalar(v: Any) -> float:
   return float(np.asarray(v))
 
 
+# The row key that names a row's non-finite values; they are written as null.
+NONFINITE_KEY = "_nonfinite"
+_NONFINITE_NAMES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def finite_or_none(tree: Any) -> Any:
+  """``tree`` (dicts, lists, tuples, numbers) with NaN and infinities replaced by None.
+
+  For result files: ``json.dump(finite_or_none(x), f, allow_nan=False)`` is strict JSON.
+  """
+  if isinstance(tree, dict):
+    return {k: finite_or_none(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [finite_or_none(v) for v in tree]
+  if isinstance(tree, (float, np.floating)) and not np.isfinite(tree):
+    return None
+  return tree
+
+
+def encode_row(row: dict) -> str:
+  """One strict-JSON line of ``row``: a NaN or infinity becomes null, named in ``_nonfinite``.
+
+  ``json.dumps`` would write the bare tokens NaN / Infinity, which strict parsers (jq,
+  JavaScript's JSON.parse, some pandas engines) refuse. Plain ``json.loads`` readers see
+  None (pandas and matplotlib show it as a gap); ``read_rows`` restores the floats.
+  """
+  out, nonfinite = {}, {}
+  for k, v in row.items():
+    if isinstance(v, float) and not np.isfinite(v):
+      nonfinite[k] = "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+      v = None
+    out[k] = v
+  if nonfinite:
+    out[NONFINITE_KEY] = nonfinite
+  return json.dumps(out, allow_nan=False)
+
+
+def decode_row(line: str) -> dict:
+  """A row written by ``encode_row``, its non-finite values restored as floats.
+
+  Also reads rows of older files, which hold the bare NaN / Infinity tokens.
+  """
+  row = json.loads(line)
+  for k, name in row.pop(NONFINITE_KEY, {}).items():
+    row[k] = _NONFINITE_NAMES[name]
+  return row
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics JSONL file (``decode_row`` each; blank lines skipped)."""
+  with open(path, encoding="utf-8") as f:
+    return [decode_row(line) for line in f if line.strip()]
+
+
 def truncate_rows(path: str, last_step: int) -> int:
   """Drops the rows of ``path`` (JSONL) whose step is after ``last_step``; returns how many.
 
@@ -39,6 +93,9 @@ def truncate_rows(path: str, last_step: int) -> int:
 
 class MetricsWriter:
   """Writes one JSON object per logged step to ``workdir/metrics.jsonl``.
+
+  Lines are strict JSON (``encode_row``: NaN and infinities are null, named in the
+  row's ``_nonfinite``); ``read_rows`` reads them back with the floats restored.
 
   TensorBoard event files go to ``workdir/tensorboard`` when enabled (tensorboardX,
   so no TensorFlow is needed).
@@ -69,14 +126,18 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
-    """Writes scalar metrics (arrays of size 1 or python numbers) for a step."""
+    """Writes scalar metrics (arrays of size 1 or python numbers) for a step.
+
+    Returns:
+      The row as floats (non-finite values kept), as TensorBoard receives it.
+    """
     row = {"step": int(step)}
     for k, v in metrics.items():
       if np.size(v) == 1:
         row[prefix + k] = _scalar(v)
     if self._file is None:
       return row
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write(encode_row(row) + "\n")
     self._file.flush()
     if self._tb is not None:
       for k, v in row.items():

@@ -121,9 +121,9 @@ def measure(n: int, kind: str, shape: AttentionShape = AttentionShape(), timed: 
 
 
 def fit_exponent(rows, key: str) -> float | None:
-  """Least-squares slope of log(row[key]) against log(row["n"]); None with < 2 points."""
+  """Least-squares slope of log(row[key]) against log(row["n"]); None with < 2 distinct n."""
   pts = [(r["n"], r[key]) for r in rows if r.get(key)]
-  if len(pts) < 2:
+  if len({n for n, _ in pts}) < 2:  # One length repeated has no slope.
     return None
   x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
   return float(np.polyfit(x, y, 1)[0])

@@ -1,5 +1,7 @@
 """The ``eval`` config section (kept apart from ``evaluate`` so configs import it cheaply)."""
 
+import math
+
 import ml_collections
 
 TASKS = ("likelihood", "synthetic", "humaneval", "humaneval_infilling", "throughput",
@@ -43,7 +45,12 @@ _POSITIVE_INTS = ("likelihood_batches", "noise_samples", "num_examples", "batch_
 INFILLING_MODES = ("inplace", "fim")
 
 
-def _int_list(e: ml_collections.ConfigDict, name: str) -> list[int]:
+def int_list(e: ml_collections.ConfigDict, name: str) -> list[int]:
+  """The integers of the comma-separated field ``eval.<name>`` (blank items skipped).
+
+  Raises:
+    ValueError: naming the field, on a non-integer or an integer < 1.
+  """
   try:
     values = [int(v) for v in str(e[name]).split(",") if v.strip()]
   except ValueError:
@@ -64,18 +71,28 @@ def validate(e: ml_collections.ConfigDict) -> None:
   if e.max_new_tokens >= e.max_len:
     raise ValueError(f"eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt "
                      f"in eval.max_len={e.max_len}")
-  ks = _int_list(e, "ks")
+  ks = int_list(e, "ks")
   if not ks:
     raise ValueError("eval.ks is empty; give pass@k values such as '1'")
   if max(ks) > e.samples_per_problem:
     raise ValueError(f"eval.ks={e.ks!r} asks for pass@{max(ks)} from "
                      f"eval.samples_per_problem={e.samples_per_problem} samples")
-  if not e.timeout_s > 0:  # Also refuses NaN.
-    raise ValueError(f"eval.timeout_s must be > 0, got {e.timeout_s}")
+  if not 0 < e.timeout_s < math.inf:  # Also refuses NaN.
+    raise ValueError(f"eval.timeout_s must be a finite number > 0, got {e.timeout_s}")
   if e.infilling_mode not in INFILLING_MODES:
     raise ValueError(f"eval.infilling_mode must be one of {INFILLING_MODES}, "
                      f"got {e.infilling_mode!r}")
-  _int_list(e, "long_context_lengths")
+  int_list(e, "long_context_lengths")
+  # Imported here: configs import this module, and only validation needs the base.
+  from blockdiff_jax.data import long_context  # pylint: disable=g-import-not-at-top
+  base = long_context.TRAINING_SEED_BASE
+  seed = e.long_context_seed
+  # Negative seeds fail numpy's generator only once the task runs; seeds from the base
+  # up are the training streams' needles (data/long_context.py).
+  if (not isinstance(seed, int) or isinstance(seed, bool)
+      or not 0 <= seed < base):
+    raise ValueError(f"eval.long_context_seed must be an integer in [0, {base}), "
+                     f"got {seed!r}")
   try:
     depths = [float(d) for d in e.long_context_depths.split(",")]
   except ValueError:
@@ -88,6 +105,7 @@ def validate(e: ml_collections.ConfigDict) -> None:
 def long_context_lengths(config: ml_collections.ConfigDict) -> list[int]:
   """The prompt lengths of the long_context task (``eval.long_context_lengths``)."""
   e = config.eval
-  if e.long_context_lengths:
-    return [int(n) for n in e.long_context_lengths.split(",")]
+  lengths = int_list(e, "long_context_lengths")
+  if lengths:
+    return lengths
   return [config.data.seq_len * 2**i for i in range(5)]

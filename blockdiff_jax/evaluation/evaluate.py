@@ -51,16 +51,34 @@ from blockdiff_jax import metrics_writer
 from blockdiff_jax.model import build
 from blockdiff_jax.model import transformer
 from blockdiff_jax.sampling import layout
+from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample as sample_lib
 
 def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
+  """``eval.decoders`` as (policy, value) pairs, each checked as the decoder will build it.
+
+  Checked here, before the model loads: a typo'd policy or an out-of-range value would
+  otherwise fail every decoding task only once each one runs.
+  """
   out = []
   for item in (s.strip() for s in spec.split(",") if s.strip()):
     if item == "ar":
       out.append(("ar", None))
-    else:
-      name, _, value = item.partition(":")
-      out.append((name, float(value) if value else None))
+      continue
+    name, _, text = item.partition(":")
+    try:
+      value = float(text) if text else None
+    except ValueError:
+      raise ValueError(f"eval.decoders: {item!r} needs a number after ':' "
+                       f"(policy:value), in {spec!r}") from None
+    if name not in policies.POLICIES:
+      raise ValueError(f"eval.decoders: unknown policy {name!r} in {spec!r}; choose from "
+                       f"{sorted(policies.POLICIES)} or 'ar'")
+    try:
+      policies.make_policy(name, value)
+    except ValueError as e:
+      raise ValueError(f"eval.decoders: {item!r} is out of range: {e}") from None
+    out.append((name, value))
   if not out:
     raise ValueError(f"eval.decoders is empty: {spec!r}")
   return out
@@ -198,7 +216,7 @@ def _limits(c) -> sandbox.SandboxLimits:
 def task_humaneval(ev: Evaluator) -> dict:
   c = ev.config
   problems = dict(list(humaneval.load_problems().items())[:c.eval.humaneval_problems])
-  ks = [int(k) for k in c.eval.ks.split(",")]
+  ks = eval_config.int_list(c.eval, "ks")  # As validated: blank items are skipped.
   out = {}
   for policy, value in _parse_decoders(c.eval.decoders):
     done, too_long = [0], []
@@ -345,17 +363,6 @@ def _flatten(prefix: str, tree: Any, out: dict) -> dict:
   return out
 
 
-def _finite_or_none(tree: Any) -> Any:
-  """NaN/Inf -> None, so the JSON file is strict JSON."""
-  if isinstance(tree, dict):
-    return {k: _finite_or_none(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return [_finite_or_none(v) for v in tree]
-  if isinstance(tree, float) and not np.isfinite(tree):
-    return None
-  return tree
-
-
 def _cell(value: Any) -> str:
   """A Markdown table cell: counts exactly, other numbers to 4 digits, text escaped."""
   if isinstance(value, int):
@@ -416,6 +423,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "long_context" in tasks and bad:
     raise ValueError(f"eval.long_context_tasks has unknown task(s) {bad}; choose from "
                      f"{long_context_data.TASKS}")
+  kinds = [k.strip() for k in e.infilling_kinds.split(",") if k.strip()]
+  if "humaneval_infilling" in tasks and (not kinds or set(kinds) - set(infilling.KINDS)):
+    raise ValueError(f"eval.infilling_kinds must name kinds from {infilling.KINDS}, "
+                     f"got {e.infilling_kinds!r}")
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params, workdir)
@@ -440,7 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   stem = _new_output_stem(out_dir)
   with open(stem + ".json", "w", encoding="utf-8") as f:
-    json.dump(_finite_or_none(results), f, indent=2)
+    json.dump(metrics_writer.finite_or_none(results), f, indent=2,
+              allow_nan=False)
   table = markdown(results)
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(f"# Evaluation of {workdir}\n\n{table}\n")

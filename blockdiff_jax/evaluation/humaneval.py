@@ -237,7 +237,8 @@ def score_samples(samples: Sequence[Mapping],
 
   Raises:
     ValueError: on an empty sample list, a missing key, a task_id not in
-      `problems`, or problems without samples (all named).
+      `problems`, problems without samples (all named), or no k in `ks`
+      that every problem has samples for (checked before any sample runs).
   """
   if problems is None:
     problems = load_problems()
@@ -259,6 +260,9 @@ def score_samples(samples: Sequence[Mapping],
         "an explicit subset (--problems / select_problems).")
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
+  # Before any sandbox runs: with no usable k there would be nothing to report.
+  per_task = collections.Counter(s["task_id"] for s in samples)
+  pass_at_k_lib.check_ks(ks, min(per_task.values()))
 
   meter = metrics_writer.Progress(len(samples), unit="programs", stream=progress,
                                  label="execute")
@@ -324,11 +328,16 @@ def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
 
   Returns:
     The `score_samples` dict; samples also carry "raw_completion".
+
+  Raises:
+    ValueError: on bad sizes, or if every k in `ks` exceeds `num_samples`
+      (before anything is generated).
   """
   if problems is None:
     problems = load_problems()
   if num_samples < 1 or batch_size < 1:
     raise ValueError("num_samples and batch_size must be >= 1")
+  pass_at_k_lib.check_ks(ks, num_samples)  # Before any completion is drawn.
   jobs = [task_id for task_id in problems for _ in range(num_samples)]
   meter = metrics_writer.Progress(len(jobs), unit="prompts", stream=progress,
                                  label="generate")

@@ -35,7 +35,9 @@ def per_sequence_sums(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   """(summed NELBO in nats [B], scored tokens [B]) of each sequence for one noise draw.
 
   Sums rather than ratios, so that a caller can weight sequences by their scored
-  tokens (a per-token mean over a split) and drop rows that score nothing.
+  tokens (a per-token mean over a split) and drop rows that score nothing. ``loss_mask``
+  selects, it does not weigh: a position with any value > 0 may be masked and counts
+  once, as in ``losses.corrupt``, so numerator and count agree for any mask values.
   """
   terms = losses.per_token_nelbo(apply_fn, params, batch, rng, obj)
   # A select, not a product: an unscored position may hold nll = inf.

@@ -56,21 +56,38 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]],
     counts: (n, c) per problem.
     ks: candidate k values; those larger than the smallest n are skipped,
       because pass@k is undefined for a problem with fewer than k samples.
+      At least one must be usable: an empty result would read as "nothing
+      measured" rather than as a wrong request.
 
   Returns:
     {"pass@k": mean estimate} for the usable ks, in the order given.
 
   Raises:
-    ValueError: if `counts` is empty.
+    ValueError: if `counts` is empty, or no k in `ks` is <= the smallest n.
   """
   counts = list(counts)
   if not counts:
     raise ValueError("no problems to average over")
   min_n = min(n for n, _ in counts)
+  check_ks(ks, min_n)
   return {
       f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
       for k in ks if k <= min_n
   }
+
+
+def check_ks(ks: Sequence[int], min_samples: int) -> None:
+  """Raises ValueError unless every k is an integer >= 1 and some k is <= `min_samples`.
+
+  Callers run it before drawing or executing samples, so that a request no
+  sample count can answer fails first rather than after the work.
+  """
+  for k in ks:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+      raise ValueError(f"pass@k: every k must be an integer >= 1, got ks={list(ks)}")
+  if not any(k <= min_samples for k in ks):
+    raise ValueError(f"pass@k: no k in ks={list(ks)} is <= {min_samples}, the "
+                     "fewest samples of any problem (pass@k needs k <= n)")
 
 
 def counts_from_results(passed_by_task: Mapping[str, Sequence[bool]]

@@ -39,6 +39,8 @@ from blockdiff_jax.model import transformer
 Array = Any
 
 # Extra per-layer statistics the interceptor adds (scalars per layer).
+# Quality metrics of the objective, each averaged over the tokens it is a mean over.
+QUALITY_KEYS = ("nelbo", "masked_ce", "masked_accuracy")
 BLOCK_STAT_KEYS = ("noisy_unique_sum", "noisy_coreset_sum", "noisy_groups",
                    "clean_unique_sum", "clean_coreset_sum", "clean_groups")
 
@@ -181,11 +183,16 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
     noise_samples: noise draws per batch.
 
   Returns:
-    ``nelbo`` (the objective's reported loss: NELBO nats/token for BD3-LM, masked CE
-    for Fast-dLLM v2), ``masked_ce``, ``masked_accuracy``, per-block means
-    ``unique_experts_noisy_block`` / ``unique_experts_clean_block`` / ``coreset_noisy_block``
-    (over blocks and MoE layers), ``unique_experts_noisy_block_per_layer`` and
-    ``unique_experts_per_forward`` (the model's own statistic: the union over the forward).
+    ``nelbo`` (the objective's reported loss: NELBO nats per scored token for BD3-LM,
+    the split-wide ratio ``likelihood.evaluate`` reports under the same seed; masked CE
+    for Fast-dLLM v2), ``masked_ce`` and ``masked_accuracy`` (per masked token),
+    per-block means ``unique_experts_noisy_block`` / ``unique_experts_clean_block`` /
+    ``coreset_noisy_block`` (over blocks and MoE layers),
+    ``unique_experts_noisy_block_per_layer`` and ``unique_experts_per_forward`` (the
+    model's own statistic: the union over the forward).
+
+  Raises:
+    ValueError: if no batch scores a token.
   """
   routed = transformer.Transformer(with_routing(model.cfg, setting))
   apply_fn = make_apply_with_block_stats(routed)
@@ -202,20 +209,32 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
       return logits, aux
     _, metrics = loss_fn(capturing, p, batch, rng, obj)
     moe = box["moe"]
-    return ({k: metrics[k] for k in ("nelbo", "masked_ce", "masked_accuracy")},
+    # The tokens each mean is over: the loss's (scored or masked tokens) and the masked
+    # ones (the fraction is of the clamped scored count, so this is the masked count).
+    masked = metrics["masked_fraction"] * jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)
+    weights = {"nelbo": metrics[losses.LOSS_TOKENS], "masked_ce": masked,
+               "masked_accuracy": masked}
+    return ({k: (metrics[k], weights[k]) for k in QUALITY_KEYS},
             {k: moe[k] for k in BLOCK_STAT_KEYS + ("unique_experts",)})
 
-  qual, sums = [], {}
+  # Token-weighted over every batch and draw (sum of nats / sum of tokens), as
+  # likelihood.evaluate: a mean of per-batch ratios would weigh a batch scoring 3
+  # tokens like one scoring 300, and count a batch scoring none as a loss of 0.
+  totals = {k: [0.0, 0.0] for k in QUALITY_KEYS}
+  sums, n = {}, 0
   for i, batch in enumerate(batches):
     for s in range(noise_samples):
       rng = jax.random.fold_in(jax.random.key(seed), i * noise_samples + s)
       m, st = jax.device_get(step(params, batch, rng))
-      qual.append(m)
+      n += 1
+      for k, (mean, weight) in m.items():
+        totals[k][0] += float(mean) * float(weight)
+        totals[k][1] += float(weight)
       for k, v in st.items():
         sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)  # [layers]
-  n = len(qual)
-  out = {k: float(np.mean([q[k] for q in qual])) for k in ("nelbo", "masked_ce",
-                                                            "masked_accuracy")}
+  if not totals["nelbo"][1]:
+    raise ValueError("routing_sweep: no scored token in the batches (every loss_mask is 0)")
+  out = {k: t[0] / t[1] if t[1] else float("nan") for k, t in totals.items()}
   for stream in ("noisy", "clean"):
     groups = np.maximum(sums[f"{stream}_groups"], 1.0)
     out[f"unique_experts_{stream}_block"] = float(np.sum(sums[f"{stream}_unique_sum"])

@@ -99,6 +99,7 @@ import dataclasses
 import functools
 import glob
 import json
+import math
 import os
 import re
 import secrets
@@ -168,8 +169,9 @@ class SandboxLimits:
   python: str = sys.executable
 
   def __post_init__(self):
-    if self.timeout_s <= 0:
-      raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+    # int(inf) in the CPU rlimit would score every program "error" (pass@k 0).
+    if not 0 < self.timeout_s < math.inf:  # Also refuses NaN.
+      raise ValueError(f"timeout_s must be a finite number > 0, got {self.timeout_s}")
     for name in ("memory_mb", "max_processes", "max_file_mb", "max_open_files",
                  "scratch_mb"):
       if getattr(self, name) < 1:
