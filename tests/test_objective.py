@@ -44,11 +44,13 @@ def test_prompt_tokens_are_never_masked_and_t_is_constant_per_block():
                                 .repeat(4, -1))
 
 
-def test_loss_weights_follow_the_formula():
-  """The loss equals sum over masked tokens of CE / t, divided by scored tokens."""
+@pytest.mark.parametrize("mask_value", [1.0, 0.5])
+def test_loss_weights_follow_the_formula(mask_value):
+  """The loss equals sum over masked tokens of CE / t, divided by scored tokens (the
+  positions where loss_mask > 0: its value selects, it does not weigh)."""
   b, length, v, bs = 2, 8, 10, 4
   x0 = jax.random.randint(jax.random.key(1), (b, length), 0, MASK)
-  batch = {"tokens": x0, "loss_mask": jnp.ones((b, length))}
+  batch = {"tokens": x0, "loss_mask": jnp.full((b, length), mask_value)}
   fixed = jax.random.normal(jax.random.key(2), (b, length, v))
 
   def apply_fn(params, tokens, meta, logits_slice):
@@ -67,6 +69,7 @@ def test_loss_weights_follow_the_formula():
   want = np.sum(nll * np.asarray(masked) / np.asarray(t)) / (b * length)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(metrics["nelbo"], want, rtol=1e-5)
+  assert float(metrics[losses.LOSS_TOKENS]) == b * length
 
 
 def _tiny_model(num_experts=4, block_size=4):

@@ -134,7 +134,7 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   n_masked = jnp.maximum(jnp.sum(is_masked), 1)
   # A select, not a product: an unscored position may hold a literal MASK id (nll = inf).
   ce = jnp.sum(jnp.where(is_masked, nll, 0.0)) / n_masked
-  n_scorable = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+  n_scorable = jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)  # Positions, not weights.
   metrics = {
       "nelbo": ce,
       "masked_ce": ce,

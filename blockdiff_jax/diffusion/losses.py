@@ -120,7 +120,10 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   """
   terms = per_token_nelbo(apply_fn, params, batch, rng, obj, corrupted)
   nll, is_masked = terms.nll, terms.is_masked
-  n_scored = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+  # A position is scored where loss_mask > 0 (as corrupt() selects it); the mask's value
+  # is not a weight, so a 0.5 or 2.0 mask must not rescale the per-token NELBO.
+  scored_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+  n_scored = jnp.maximum(scored_tokens, 1.0)
   # Selects, not products: a position that is not scored may hold a token the model
   # cannot predict (a literal MASK id in a prompt: nll = inf), and inf * 0 is NaN.
   nelbo = jnp.sum(jnp.where(is_masked, nll * terms.weight, 0.0)) / n_scored
@@ -138,5 +141,5 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   metrics["loss"] = loss
   # Gradient accumulation weighs micro-batches by it: the true count, 0 where nothing
   # is scored (n_scored is clamped only as a divisor).
-  metrics[LOSS_TOKENS] = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
+  metrics[LOSS_TOKENS] = scored_tokens
   return loss, metrics
