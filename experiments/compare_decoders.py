@@ -97,14 +97,15 @@ def run_decoder(model, params, tok, config, prompts, fields, max_new, max_len, b
 
 
 def agreement(rows, ref_rows, tok):
-  """(token accuracy over AR's tokens, exact-match fraction) of rows against AR's."""
+  """(token accuracy over AR's tokens, exact-match fraction) of rows against AR's; the
+  accuracy is None when AR produced no tokens (nothing to agree with)."""
   hits = total = exact = 0
   for r, a in zip(rows, ref_rows):
     got, want = tok.encode(r["completion"]), tok.encode(a["completion"])
     total += len(want)
     hits += sum(int(x == y) for x, y in zip(got, want))
     exact += int(r["completion"] == a["completion"])
-  return hits / max(total, 1), exact / len(rows)
+  return (hits / total if total else None), exact / len(rows)
 
 
 def one_line(error: str) -> str:
@@ -144,18 +145,22 @@ def run_all(model, params, tok, config, prompts, table, max_new, max_len, block_
     gen = sum(r["generated_tokens"] for r in rows)
     nfe = sum(r["nfe"] for r in rows)
     r = {"decoder": name, "generated_tokens": gen, "nfe": nfe, "tpf": gen / max(nfe, 1),
-         "tokens_per_s": gen / wall if wall > 0 else float("nan"), "wall_s": wall,
+         "tokens_per_s": gen / wall if wall > 0 else None, "wall_s": wall,
          "token_accuracy": None, "exact_match": None, "speedup_vs_ar": None,
          "total_s": time.perf_counter() - t0, "completions": [x["completion"] for x in rows]}
     if name == "ar":
       ref = (rows, r["tokens_per_s"])
     if ref is not None:
       r["token_accuracy"], r["exact_match"] = agreement(rows, ref[0], tok)
-      r["speedup_vs_ar"] = r["tokens_per_s"] / ref[1]
+      # AR decoding nothing (EOS first) or untimed leaves no rate to divide by.
+      if ref[1] and r["tokens_per_s"] is not None:
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ref[1]
     results.append(r)
+    acc = "-" if r["token_accuracy"] is None else f"{r['token_accuracy']:.3f}"
     quality = ("no AR baseline" if ref is None else
-               f"token acc {r['token_accuracy']:.3f}  exact {r['exact_match']:.2f}")
-    print(f"{name:>14}: TPF {r['tpf']:.2f}  {r['tokens_per_s']:7.1f} tok/s  {quality}",
+               f"token acc {acc}  exact {r['exact_match']:.2f}")
+    rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:7.1f}"
+    print(f"{name:>14}: TPF {r['tpf']:.2f}  {rate} tok/s  {quality}",
           flush=True)
   return results
 
@@ -189,7 +194,14 @@ def main():
   ap.add_argument("--quick", action="store_true", help="two prompts, 16 tokens, strides 2,4")
   ap.add_argument("--out", default=os.path.join(_HERE, "results", "compare_decoders"))
   args = ap.parse_args()
-  strides = [int(x) for x in args.strides.split(",")]
+  try:
+    strides = [int(x) for x in args.strides.split(",")]
+  except ValueError:
+    ap.error(f"--strides must be comma-separated integers, got {args.strides!r}")
+  if min(strides) < 2:  # ISD verifies N-1 drafts per forward.
+    ap.error(f"--strides must all be >= 2, got {args.strides!r}")
+  if args.max_new_tokens < 1:
+    ap.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
   max_new = args.max_new_tokens
   config = _load_config(args.config)
   prompts = sample.read_prompts(config.sample)
@@ -211,7 +223,8 @@ def main():
           "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "ar_error": ar_error, "results": results}, f, indent=2)
+    json.dump({"meta": meta, "ar_error": ar_error, "results": results}, f, indent=2,
+              allow_nan=False)
   lines = [f"# Decoders on one model ({os.path.basename(args.config)}, batch 1)", "",
            f"`{meta['command']}` on {meta['device']} ({meta['cpus']} CPUs), jax "
            f"{meta['jax']}; {len(prompts)} prompts, up to {max_new} new tokens each; "
@@ -227,12 +240,13 @@ def main():
     else:
       # No AR baseline: "-" rather than a number measured against another decoder.
       fmt = lambda v, f, unit="": "-" if v is None else format(v, f) + unit
-      lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.1f} | "
+      lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {fmt(r['tokens_per_s'], '.1f')} | "
                    f"{fmt(r['speedup_vs_ar'], '.2f', 'x')} | "
                    f"{fmt(r['token_accuracy'], '.3f')} | {fmt(r['exact_match'], '.2f')} |")
   with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  ok = [r for r in results if r.get("speedup_vs_ar") is not None]
+  ok = [r for r in results if r.get("speedup_vs_ar") is not None
+        and r.get("token_accuracy") is not None]
   if ok:  # Without the AR baseline there is nothing to place on these axes.
     plot(ok, args.out + ".png")
   print("\n".join(lines))

@@ -3,7 +3,9 @@ r"""Decoding policies vs AR on the synthetic tasks: accuracy, TPF, tokens/s, spe
 Trains configs/synthetic.py (or loads a finished workdir), then decodes N validation
 examples of sort / add / copy_edit with every policy and threshold, and with AR decoding
 of the same model in the same run. Writes JSON, a Markdown table and a PNG (accuracy vs
-TPF) to experiments/results/.
+TPF) to experiments/results/. --policies is checked before any training; a policy that
+fails is a "not run" row and the sweep goes on; without an AR baseline the speed-ups are
+null and the exit status is non-zero.
 
   python experiments/decode_speed.py --workdir=/tmp/synth --steps=600 --n=96
 """
@@ -11,12 +13,15 @@ TPF) to experiments/results/.
 import argparse
 import importlib.util
 import json
+import math
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.sampling import layout
@@ -62,6 +67,40 @@ def _evaluate(model, params, tok, examples, options, max_new, max_len, ar):
           "unique_experts": summary["unique_experts"]}
 
 
+def parse_sweep(text: str, quick: bool) -> list[tuple[str, float | None]]:
+  """(policy, value) pairs to decode, L2R first; every pair is built once here, so a typo
+  in --policies fails before any training or decoding.
+
+  Raises:
+    ValueError: an entry of ``text`` names no policy, has a non-numeric value, or a
+      value its policy refuses; the message names --policies and the entry.
+  """
+  sweep = SWEEP if not quick else [("threshold", 0.9), ("threshold", 0.7),
+                                   ("factor", 1.0), ("topk", 1)]
+  if text:
+    sweep = []
+    for entry in text.split(","):
+      name, _, value = entry.strip().partition(":")
+      try:
+        sweep.append((name, float(value) if value else None))
+      except ValueError:
+        raise ValueError(f"--policies: {entry!r} has a non-numeric value") from None
+  for name, value in sweep:
+    try:
+      policies.make_policy(name, value)
+    except ValueError as e:
+      raise ValueError(f"--policies: {name}:{value} is refused ({e})") from None
+  # L2R right after AR: one token per forward in the block layout the model was trained
+  # on, the in-distribution counterpart of the one-token-block AR baseline.
+  return [("l2r", None)] + [(n, v) for n, v in sweep if n != "l2r"]
+
+
+def speedup(tokens_per_s: float, ar: dict) -> float | None:
+  """tokens/s against AR's in the same run; None when AR failed or decoded nothing."""
+  base = ar.get("tokens_per_s")
+  return tokens_per_s / base if base and math.isfinite(base) and base > 0 else None
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True, help="training workdir (trained if empty)")
@@ -74,6 +113,14 @@ def main():
   ap.add_argument("--policies", default="",
                   help="comma-separated name:value list replacing the sweep, e.g. threshold:0.9")
   args = ap.parse_args()
+  for flag, value, low in (("--n", args.n, 1), ("--max_new_tokens", args.max_new_tokens, 1),
+                           ("--steps", args.steps, 0)):
+    if value < low:
+      ap.error(f"{flag} must be >= {low}, got {value}")
+  try:
+    sweep = parse_sweep(args.policies, args.quick)
+  except ValueError as e:
+    ap.error(str(e))
 
   config = _load_config(args.config)
   if args.steps:
@@ -94,66 +141,97 @@ def main():
   results = {"machine": machine,
              "train_steps": int(config.train.steps), "n": args.n, "block_size": block,
              "max_new_tokens": args.max_new_tokens, "runs": []}
-  ar = _evaluate(model, params, tok, examples, base, args.max_new_tokens, max_len, ar=True)
-  ar.update(policy="ar", value=None)
-  results["runs"].append(ar)
-  print(f"AR: {ar}", flush=True)
-  sweep = SWEEP if not args.quick else [("threshold", 0.9), ("threshold", 0.7),
-                                         ("factor", 1.0), ("topk", 1)]
-  if args.policies:
-    sweep = [(p.split(":")[0], float(p.split(":")[1]) if ":" in p else None)
-             for p in args.policies.split(",")]
-  # L2R right after AR: one token per forward in the block layout the model was trained
-  # on, the in-distribution counterpart of the one-token-block AR baseline.
-  sweep = [("l2r", None)] + [(n, v) for n, v in sweep if n != "l2r"]
-  for name, value in sweep:
-    opts = layout.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                                 policy=policies.make_policy(name, value))
-    r = _evaluate(model, params, tok, examples, opts, args.max_new_tokens, max_len, ar=False)
-    r.update(policy=name, value=value, speedup_vs_ar=r["tokens_per_s"] / ar["tokens_per_s"],
-             accuracy_drop_points=100 * (ar["accuracy"] - r["accuracy"]))
+  started = time.perf_counter()
+  cells = [("ar", None)] + sweep
+  ar = {}
+  for i, (name, value) in enumerate(cells):
+    # One policy failing (an XLA error, a policy the model lacks) is a row of the table,
+    # not the end of a sweep that may have trained for an hour first.
+    try:
+      if name == "ar":
+        r = _evaluate(model, params, tok, examples, base, args.max_new_tokens, max_len, ar=True)
+      else:
+        opts = layout.DecodeOptions(block_size=block, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                                    policy=policies.make_policy(name, value))
+        r = _evaluate(model, params, tok, examples, opts, args.max_new_tokens, max_len,
+                      ar=False)
+    except Exception as e:  # pylint: disable=broad-except
+      r = {"error": f"{type(e).__name__}: {e}"}
+    r.update(policy=name, value=value)
+    if name == "ar":
+      ar = r
+    elif "error" not in r:
+      r.update(speedup_vs_ar=speedup(r["tokens_per_s"], ar),
+               accuracy_drop_points=(None if "error" in ar else
+                                     100 * (ar["accuracy"] - r["accuracy"])))
     results["runs"].append(r)
-    print(f"{name}={value}: acc {r['accuracy']:.3f} TPF {r['tpf']:.2f} "
-          f"forwards {r['forwards']} (row NFE mean {r['mean_row_nfe']:.1f}) "
-          f"{r['tokens_per_s']:.0f} tok/s ({r['speedup_vs_ar']:.2f}x AR)", flush=True)
+    elapsed = time.perf_counter() - started
+    eta = elapsed / (i + 1) * (len(cells) - i - 1)
+    progress = f"[{i + 1}/{len(cells)}, {elapsed:.0f}s, ETA {eta:.0f}s]"
+    if "error" in r:
+      print(f"{progress} {name}={value}: not run ({r['error']})", file=sys.stderr, flush=True)
+    else:
+      x_ar = ("1.00" if name == "ar" else "-" if r["speedup_vs_ar"] is None
+              else f"{r['speedup_vs_ar']:.2f}")
+      print(f"{progress} {name}={value}: acc {r['accuracy']:.3f} TPF {r['tpf']:.2f} "
+            f"forwards {r['forwards']} (row NFE mean {r['mean_row_nfe']:.1f}) "
+            f"{r['tokens_per_s']:.0f} tok/s ({x_ar}x AR)", flush=True)
   _write(results, args.out)
+  if "error" in ar:
+    raise SystemExit(f"the AR baseline failed ({ar['error']}); the table has no speed-up or "
+                     "accuracy drop against AR")
 
 
 def _write(results, out):
+  """JSON (strict: NaN becomes null), a Markdown table and the accuracy-vs-TPF plot."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+    json.dump(metrics_writer.finite_or_none(results), f, indent=2, allow_nan=False)
   lines = [f"# Decoding speed on the synthetic tasks ({results['machine']})", "",
            f"{results['n']} validation examples, block {results['block_size']}, "
            f"max {results['max_new_tokens']} new tokens, model trained "
            f"{results['train_steps']} steps. Greedy. NFE excludes the prompt prefill; "
            "commits ride along with the next block's first forward. forwards = sequential "
-           "forwards of the whole batch; row NFE = mean forwards per row while active.", "",
+           "forwards of the whole batch; row NFE = mean forwards per row while active. "
+           "x AR: tokens/s against AR's in this run (- when AR failed or decoded nothing).", "",
            "| policy | value | accuracy | TPF | steps/block | forwards | row NFE | "
            "tokens/s | x AR | acc. drop (pts) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda v, f: "-" if v is None else format(v, f)
   for r in results["runs"]:
-    steps = "-" if r["mean_steps_per_block"] is None else f"{r['mean_steps_per_block']:.2f}"
-    lines.append(f"| {r['policy']} | {r['value'] if r['value'] is not None else '-'} | "
-                 f"{100 * r['accuracy']:.1f}% | {r['tpf']:.2f} | {steps} | "
-                 f"{r['forwards']} | {r['mean_row_nfe']:.1f} | "
-                 f"{r['tokens_per_s']:.0f} | {r.get('speedup_vs_ar', 1.0):.2f} | "
-                 f"{r.get('accuracy_drop_points', 0.0):.1f} |")
+    value = fmt(r["value"], "g")
+    if "error" in r:
+      cell = (r["error"].splitlines() or [""])[0].replace("|", "\\|")
+      lines.append(f"| {r['policy']} | {value} | not run: {cell} | | | | | | | |")
+      continue
+    is_ar = r["policy"] == "ar"
+    lines.append(f"| {r['policy']} | {value} | "
+                 f"{100 * r['accuracy']:.1f}% | {r['tpf']:.2f} | "
+                 f"{fmt(r['mean_steps_per_block'], '.2f')} | "
+                 f"{r['forwards']} | {r['mean_row_nfe']:.1f} | {r['tokens_per_s']:.0f} | "
+                 f"{'1.00' if is_ar else fmt(r['speedup_vs_ar'], '.2f')} | "
+                 f"{'0.0' if is_ar else fmt(r['accuracy_drop_points'], '.1f')} |")
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
+  plot([r for r in results["runs"] if "error" not in r], out + ".png")
+  print(f"wrote {out}.json/.md/.png", flush=True)
+
+
+def plot(runs, path: str) -> None:
+  """Exact match against TPF, one line per policy."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name in dict.fromkeys(r["policy"] for r in results["runs"]):
-    rs = [r for r in results["runs"] if r["policy"] == name]
+  for name in dict.fromkeys(r["policy"] for r in runs):
+    rs = [r for r in runs if r["policy"] == name]
     ax.plot([r["tpf"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=name)
   ax.set_xlabel("tokens per forward (TPF)")
   ax.set_ylabel("exact match (%)")
   ax.set_title("accuracy vs TPF")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out + ".png", dpi=120)
-  print(f"wrote {out}.json/.md/.png", flush=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import time
 
 import jax
 
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.sampling import generation
 from blockdiff_jax.sampling import sample
@@ -361,11 +362,14 @@ def environment(script: str, t_start: float) -> dict:
 
 
 def write_outputs(stem: str, tag: str, payload: dict, text: str) -> str:
-  """Writes experiments/results/{stem}{_tag}.{json,md}; prints the Markdown; the base path."""
+  """Writes experiments/results/{stem}{_tag}.{json,md}; prints the Markdown; the base path.
+
+  NaN and infinities (a base NLL with nothing to score, say) are written as null.
+  """
   base = os.path.join(_HERE, "results", stem + (f"_{tag}" if tag else ""))
   os.makedirs(os.path.dirname(base), exist_ok=True)
   with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2)
+    json.dump(metrics_writer.finite_or_none(payload), f, indent=2, allow_nan=False)
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(text)
   print(text)

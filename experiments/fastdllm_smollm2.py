@@ -353,10 +353,7 @@ def main():
 
 def run_facts(workdir: str, config, picks) -> dict:
   """The fine-tuning run behind the checkpoints: steps logged, schedule, LR and tokens."""
-  rows = []
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if "step_time_s" in line]
+  rows = [r for r in idlm_smollm2.read_metrics(workdir) if "step_time_s" in r]
   lr = {r["step"]: r.get("learning_rate") for r in rows}
   times = [r["step_time_s"] for r in rows[1:]]  # The first includes compilation.
   if os.path.exists(os.path.join(workdir, "config.json")):  # The run's own schedule.

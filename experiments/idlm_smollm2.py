@@ -27,6 +27,7 @@ import time
 
 import jax
 
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.sampling import sample
 from blockdiff_jax.sampling import speedup
@@ -59,8 +60,7 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metrics_writer.read_rows(path)  # NaN / Infinity restored from their nulls.
 
 
 def step_timing(rows: list[dict]) -> tuple[float | None, dict[int, float]]:

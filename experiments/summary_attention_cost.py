@@ -57,8 +57,15 @@ def _parse_args(argv=None):
   if args.quick:
     args.lengths = [1024, 2048, 4096]
   for n in args.lengths:
-    if n & (n - 1):
-      raise ValueError(f"--lengths: {n} is not a power of two (blocks must divide it)")
+    if n < 8 or n & (n - 1):
+      raise ValueError(f"--lengths: {n} is not a power of two >= 8 (blocks must divide it)")
+  if len(set(args.lengths)) != len(args.lengths):
+    # A repeated n is one point counted twice: with one distinct n the log-log fit
+    # returns a meaningless slope instead of none.
+    raise ValueError(f"--lengths: {args.lengths} repeats a length")
+  for flag in ("iters", "slots", "window", "heads", "kv_heads", "head_dim"):
+    if getattr(args, flag) < 1:
+      raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   return args
 
 
@@ -102,8 +109,9 @@ def _write(rows, fits, meta, prefix):
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for kind, marker in (("full", "o"), ("summary", "s")):
     rs = [r for r in rows if r["kind"] == kind]
+    slope = fits[kind]["hlo_flops"]  # None with a single length.
     axes[0].loglog([r["n"] for r in rs], [r["hlo_flops"] for r in rs], marker=marker,
-                   label=f"{kind} (slope {fits[kind]['hlo_flops']:.2f})")
+                   label=kind + ("" if slope is None else f" (slope {slope:.2f})"))
     rt = [r for r in rs if "forward_ms" in r]
     if rt:
       slope = fits[kind]["forward_ms"]

@@ -21,6 +21,7 @@ TIMING = ("tokens_per_s", "step_time_s", "mfu", "time")
 
 def run(steps: int = 6) -> dict:
   """{"nomesh": rows, "mesh": rows} of a ``steps``-step tiny run each."""
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -39,8 +40,7 @@ def run(steps: int = 6) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"tiny_{name}_")
     try:
       trainer.run(c, workdir)
-      with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+      rows = metrics_writer.read_rows(os.path.join(workdir, "metrics.jsonl"))
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
     out[name] = [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
