@@ -209,7 +209,7 @@ def decode_prompts(name: str, config, tokenizer, n: int) -> list[str]:
   from blockdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   if config.data.corpus == "synthetic":
-    return evaluate._synthetic_prompts(config, n)[2]  # pylint: disable=protected-access
+    return evaluate.synthetic_prompts(config, tokenizer, n)[2]
   if config.data.corpus == "sft":
     ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len, 1,
                                 config.seed)

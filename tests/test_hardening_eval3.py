@@ -215,3 +215,37 @@ def test_eval_writes_strict_json_when_a_result_is_not_finite(monkeypatch, tmp_pa
   assert _strict_loads(lines[-1])["eval/throughput/decoders/ar/tokens_per_s"] is None
   row = metrics_writer.read_rows(str(tmp_path / "metrics.jsonl"))[-1]
   assert math.isnan(row["eval/throughput/decoders/ar/tokens_per_s"])
+
+
+# ---------------------------------------------- synthetic prompts in the trained format
+
+
+def _chatml_byte_bpe(interop_tokenizer):
+  """A pretrained-style tokenizer in milliseconds: byte-level BPE without merges, ChatML
+  specials, no chat template (so it renders ChatML, as Qwen's does)."""
+  import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+  table = hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE(
+      vocab={c: i for i, c in enumerate(sorted(table))}, merges=[]))
+  tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+  end = tok.token_to_id("<|endoftext|>")
+  return interop_tokenizer.PretrainedTokenizer(tok, end, tok.token_to_id("<|im_end|>"), end)
+
+
+@pytest.mark.parametrize("vocab", ["byte", "chatml"])
+def test_synthetic_eval_prompts_are_the_heads_the_synthetic_sft_source_trains_on(vocab):
+  """A chat model fine-tuned on ``sft_source=synthetic`` learnt its chat-template user
+  turn; the eval task asked it ``<|bos|>prompt<|sep|>`` instead."""
+  from blockdiff_jax.data import sft  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.interop import tokenizer as interop_tokenizer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import layout  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.ByteTokenizer() if vocab == "byte" else _chatml_byte_bpe(interop_tokenizer)
+  config = load_config_file("synthetic")
+  tasks, raw, heads = evaluate.synthetic_prompts(config, tok, 4)
+  assert len(set(tasks)) > 1 and len(raw) == len(heads) == 4
+  for prompt, head in zip(raw, heads):
+    want = sft.render(tok, (prompt, ""))[0]  # What training put before the answer.
+    np.testing.assert_array_equal(layout.parse(tok, head).ids, want)

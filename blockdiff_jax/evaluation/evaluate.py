@@ -162,12 +162,24 @@ class Evaluator:
     }
 
 
-def _synthetic_prompts(config, n: int) -> tuple[list[str], list[str], list[str]]:
+def synthetic_prompts(config, tokenizer, n: int) -> tuple[list[str], list[str], list[str]]:
+  """(tasks, raw prompts, decoder prompts) of the first ``n`` synthetic validation examples.
+
+  A decoder prompt is the head the ``synthetic`` SFT source trains on (``sft.render``): the
+  chat template's user turn for a tokenizer with one (a pretrained model), else
+  ``<|bos|>prompt<|sep|>``. A chat model asked in the bare form sees a prompt it was never
+  fine-tuned on.
+  """
   tasks = synthetic.parse_tasks(config.data.synthetic_tasks)
   items = [synthetic.mixed_example(tasks, config.data.seed, i, split="validation",
                                    digits=config.data.synthetic_digits) for i in range(n)]
+  if hasattr(tokenizer, "apply_chat_template"):
+    head = lambda p: tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                   add_generation_prompt=True)
+  else:
+    head = lambda p: f"<|bos|>{p}<|sep|>"
   return ([t for t, _, _ in items], [p for _, p, _ in items],
-          [f"<|bos|>{p}<|sep|>" for _, p, _ in items])
+          [head(p) for _, p, _ in items])
 
 
 def task_likelihood(ev: Evaluator) -> dict:
@@ -182,14 +194,14 @@ def task_likelihood(ev: Evaluator) -> dict:
   return res
 
 
-def _synthetic_context(ev: Evaluator, raw_prompts: Sequence[str]) -> int:
+def _synthetic_context(ev: Evaluator, prompts: Sequence[str]) -> int:
   """sample.max_len (or data.seq_len), widened to the longest prompt plus its answer.
 
   Validation prompts can be longer than the training rows leave room for
   (``synthetic.py``: up to 38 tokens before 32 new ones in rows of 64).
   """
   c = ev.config
-  longest = max(len(ev.tokenizer.encode(p)) for p in raw_prompts) + 2  # BOS and SEP.
+  longest = max(len(layout.parse(ev.tokenizer, p).ids) for p in prompts)
   b = c.diffusion.block_size
   return max(c.sample.max_len or c.data.seq_len,
              -(-(longest + c.sample.max_new_tokens) // b) * b)
@@ -197,11 +209,11 @@ def _synthetic_context(ev: Evaluator, raw_prompts: Sequence[str]) -> int:
 
 def task_synthetic(ev: Evaluator) -> dict:
   c = ev.config
-  tasks, raw, prompts = _synthetic_prompts(c, c.eval.num_examples)
+  tasks, raw, prompts = synthetic_prompts(c, ev.tokenizer, c.eval.num_examples)
   out = {}
   for policy, value in _parse_decoders(c.eval.decoders):
     rows, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens,
-                                _synthetic_context(ev, raw), c.eval.batch_size)
+                                _synthetic_context(ev, prompts), c.eval.batch_size)
     ok = [synthetic.check(t, p, r["completion"]) for t, p, r in zip(tasks, raw, rows)]
     by_task = {t: float(np.mean([o for tt, o in zip(tasks, ok) if tt == t])) for t in set(tasks)}
     out[summary["decoder"]] = {"exact_match": float(np.mean(ok)), "by_task": by_task,
@@ -287,8 +299,8 @@ def task_throughput(ev: Evaluator) -> dict:
   c = ev.config
   max_len = c.sample.max_len or c.data.seq_len
   if c.data.corpus == "synthetic":
-    _, raw, prompts = _synthetic_prompts(c, c.eval.num_examples)
-    max_len = _synthetic_context(ev, raw)
+    _, _, prompts = synthetic_prompts(c, ev.tokenizer, c.eval.num_examples)
+    max_len = _synthetic_context(ev, prompts)
   else:
     ds = pipeline.build_dataset(c.data, ev.tokenizer, "validation", c.data.seq_len,
                                 c.eval.num_examples, c.seed, ev.workdir)
