@@ -13,9 +13,10 @@ mask this means, for a target position i of block b:
 **Complementary masks**: every sample appears twice, with a mask m and with its
 complement (1-m) over the maskable (response) tokens, so each response token is
 masked, and scored, exactly once per step. Prompt and padding tokens
-(``loss_mask == 0``) are never masked and never scored. The loss is the plain mean
-cross-entropy over the masked tokens of both copies (no 1/t weight), as in
-Fast-dLLM v2's SFT recipe.
+(``loss_mask == 0``) are never masked and never scored, nor is a token without a
+predecessor of its own (a row's position 0, a packed document's first token). The
+loss is the plain mean cross-entropy over the masked tokens of both copies (no 1/t
+weight), as in Fast-dLLM v2's SFT recipe.
 """
 
 import dataclasses

@@ -117,8 +117,13 @@ def per_token_ce(apply_fn: Callable, params: Any, batch: dict, obj: Introspectiv
 
 
 def _target_weight(batch: dict) -> Array:
-  """[B, L-1]: position i's target (token i+1) is scored and in i's document."""
-  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  """[B, L-1] of 0/1: position i's target (token i+1) is scored and in i's document.
+
+  Scored means ``loss_mask`` > 0, as in the other objectives: the mask's value selects
+  a token, it does not weigh it (a 2.0 would count the token twice in both CEs and in
+  the accumulation count).
+  """
+  weight = (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)
   if batch.get("segment_ids") is not None:
     seg = batch["segment_ids"]
     weight = weight * (seg[:, 1:] == seg[:, :-1])

@@ -68,7 +68,9 @@ def sample_block_t(rng: Array, batch: int, num_blocks: int, noise: NoiseRange,
   n = batch * num_blocks
   u = jax.random.uniform(rng, (n,))
   if antithetic:
-    u = (u / n + jnp.arange(n) / n) % 1.0
+    # Clipped, not wrapped: (u + n - 1) / n may round up to 1.0 in float32, and a
+    # modulo would move the top stratum's draw from omega to beta.
+    u = jnp.minimum(u / n + jnp.arange(n) / n, 1.0)
     u = jax.random.permutation(jax.random.fold_in(rng, 1), u)
   t = noise.beta + (noise.omega - noise.beta) * u
   return t.reshape(batch, num_blocks)
