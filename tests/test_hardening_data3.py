@@ -97,3 +97,19 @@ def test_a_response_message_finished_flag_must_be_a_boolean(tmp_path, flag, ok):
   assert body.tolist() == want and sft.finished(record) is flag
   np.testing.assert_array_equal(head, [BYTE.bos_id, *b"q", BYTE.sep_id])
 
+
+
+def test_empty_user_files_hold_no_document_and_an_all_empty_split_names_the_paths(tmp_path):
+  """An empty file reached the statistics as a document of zero tokens ("No tokens in 1
+  texts"), naming neither the file nor the field."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.data import corpora  # pylint: disable=g-import-not-at-top
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "words.txt").write_text("some words")
+  cfg = ml_collections.ConfigDict(dict(corpus="files", paths=str(tmp_path / "*.txt"),
+                                       validation_fraction=0.0, max_bytes=0,
+                                       text_field="text"))
+  assert corpora.load_documents(cfg, "train") == ["some words"]
+  cfg.paths = str(tmp_path / "empty.txt")
+  with pytest.raises(ValueError, match=r"empty .*data\.paths='.*empty\.txt'"):
+    corpora.load_documents(cfg, "train")

@@ -260,7 +260,8 @@ def file_documents(paths: str, split: str, validation_fraction: float = 0.02,
       # Read (and so checked) whatever its split: a bad file is refused the
       # same way whichever split is loaded first.
       text = _read_user_text(path)
-      if split_of(key, validation_fraction) == split:
+      # An empty file holds no document (it would reach the statistics as zero tokens).
+      if text and split_of(key, validation_fraction) == split:
         docs.append(Document(key, text))
   docs.sort(key=lambda d: d.key)
   return _take(docs, max_bytes)
@@ -312,7 +313,8 @@ def load_documents(data_config: Any, split: str) -> list[str]:
   else:
     raise ValueError(f"Unknown corpus {corpus!r}; expected one of {CORPORA}.")
   if not docs:
+    source = f", data.paths={data_config.paths!r}" if corpus == "files" else ""
     raise ValueError(f"Split {split!r} of corpus {corpus!r} is empty "
-                     f"(validation_fraction={fraction}); add documents or "
+                     f"(validation_fraction={fraction}{source}); add documents or "
                      "change validation_fraction.")
   return [d.text for d in docs]
