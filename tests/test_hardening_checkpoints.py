@@ -217,7 +217,8 @@ def test_nan_stop_before_any_checkpoint_says_none_exists(tmp_path, monkeypatch):
     inner = make(*args, **kwargs)
 
     def train_step(state, batch, rng):
-      return inner(state, dict(batch, loss_mask=batch["loss_mask"] * np.nan), rng)
+      poisoned_params = jax.tree.map(lambda p: p * np.nan, state.params)
+      return inner(state.replace(params=poisoned_params), batch, rng)
     return train_step
 
   monkeypatch.setattr(step_lib, "make_train_step", poisoned)

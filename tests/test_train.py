@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from blockdiff_jax.checkpoint import checkpoints
@@ -83,9 +84,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_config
     inner = make(*args, **kwargs)
 
     def train_step(state, batch, rng):
-      # From step 3 on, poison the batch's loss mask so the loss becomes NaN.
+      # From step 3 on, poison the weights the step sees so the loss becomes NaN.
       bad = state.step >= 3
-      batch = dict(batch, loss_mask=jnp.where(bad, jnp.nan, batch["loss_mask"]))
+      state = state.replace(params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p),
+                                                state.params))
       return inner(state, batch, rng)
     return train_step
 
@@ -105,14 +107,50 @@ def test_non_finite_step_leaves_state_unchanged(tiny_config):
   obj = config_lib.objective(cfg, 259)
   tx = optimizer.make_optimizer(cfg.train)
   state = state_lib.create(build.init_params(model, 0), tx, False)
-  step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx,
+  apply = build.make_apply(model)
+
+  def nan_apply(*args, **kwargs):  # A forward gone non-finite.
+    logits, aux = apply(*args, **kwargs)
+    return logits * jnp.nan, aux
+
+  step = jax.jit(step_lib.make_train_step(nan_apply, obj, tx,
                                           optimizer.learning_rate_schedule(cfg.train)))
-  batch = {"tokens": jnp.zeros((4, 32), jnp.int32), "loss_mask": jnp.full((4, 32), jnp.nan)}
+  batch = {"tokens": jnp.zeros((4, 32), jnp.int32), "loss_mask": jnp.ones((4, 32))}
   new, metrics = step(state, batch, jax.random.key(0))
   assert float(metrics["finite"]) == 0.0
   assert int(new.step) == 0
   for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_ema_of_frozen_weights_stays_bit_identical(tiny_config):
+  """Only the embedding trains; every other weight's EMA must equal it exactly (sampling
+  from the EMA of a LoRA run must see the pretrained base, not one an ulp away)."""
+  cfg = _small(tiny_config, 2)
+  model, _ = build.build_model(cfg)
+  obj = config_lib.objective(cfg, 259)
+  tx = optax.sgd(0.5)  # Zero gradients leave a weight exactly where it is.
+  params = build.init_params(model, 0)
+  trains = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: "embed" in jax.tree_util.keystr(path), p)
+  step = jax.jit(step_lib.make_train_step(build.make_apply(model), obj, tx,
+                                          optax.constant_schedule(0.5), ema_decay=0.9,
+                                          trainable_mask=trains))
+  state = state_lib.create(params, tx, True)
+  batch = {"tokens": jax.random.randint(jax.random.key(1), (4, 32), 0, 250),
+           "loss_mask": jnp.ones((4, 32))}
+  for i in range(4):
+    state, _ = step(state, batch, jax.random.key(i))
+  moved = frozen = 0
+  for (path, p0), e, p in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    if "embed" in jax.tree_util.keystr(path):
+      moved += int(np.any(np.asarray(e) != np.asarray(p0)))
+    else:
+      frozen += 1
+      np.testing.assert_array_equal(np.asarray(p), np.asarray(p0))
+      np.testing.assert_array_equal(np.asarray(e), np.asarray(p0), err_msg=str(path))
+  assert moved >= 1 and frozen > 5
 
 
 @pytest.mark.parametrize("objective", ["bd3", "fastdllm", "ar"])
