@@ -446,10 +446,31 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+REQUIRED_SECTIONS = ("model", "data")  # What a model and its tokenizer are built from.
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (written by ``save_config``)."""
+  """The config a workdir was trained with (written by ``save_config``).
+
+  Raises:
+    FileNotFoundError: the workdir has no ``config.json``.
+    ValueError: naming the file, when it is not a JSON object or lacks a section the
+      model is built from (e.g. after an edit by hand).
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); fix it, or pass the run's config "
+                       "explicitly") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
+  missing = [name for name in REQUIRED_SECTIONS if not isinstance(saved.get(name), dict)]
+  if missing:
+    raise ValueError(f"{path} has no {' or '.join(repr(m) for m in missing)} section "
+                     f"(it has {sorted(saved)}); restore it, or pass the run's config "
+                     "explicitly")
+  return ml_collections.ConfigDict(saved)

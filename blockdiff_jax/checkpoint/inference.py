@@ -46,22 +46,43 @@ def fold_adapters(config: ml_collections.ConfigDict, model: nn.Module, params: A
   return config, model.clone(cfg=dataclasses.replace(cfg, lora=None)), params
 
 
+def _saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The workdir's saved config for the checks below; None when the caller's config is all
+  there is (no ``config.json``, or one that does not load)."""
+  try:
+    return checkpoints.load_config(workdir)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
 def _check_adapters_kept(workdir: str, model: nn.Module) -> None:
-  """Raises when ``workdir``'s run trained adapters that ``model`` has no place for.
+  """Raises when ``model`` has no place for ``workdir``'s adapters or runs them otherwise.
 
   A partial restore reads only the leaves the target names, so a config without
-  ``model.lora`` would silently load the base weights of a LoRA run.
+  ``model.lora`` would silently load the base weights of a LoRA run; and ``alpha`` and
+  ``gated`` are not in the checkpoint's shapes, so another scale or gating would restore
+  the adapters into another function without any error.
   """
-  try:
-    saved = checkpoints.load_config(workdir)
-  except FileNotFoundError:
+  saved = _saved_config(workdir)
+  if saved is None:
     return
-  rank = saved.get("model", {}).get("lora", {}).get("rank", 0)
-  if rank and getattr(getattr(model, "cfg", None), "lora", None) is None:
+  saved_lora = saved.get("model", {}).get("lora", {})
+  rank = saved_lora.get("rank", 0)
+  given = getattr(getattr(model, "cfg", None), "lora", None)
+  if rank and given is None:
     raise ValueError(
         f"the run in {workdir!r} trained LoRA adapters (model.lora.rank={rank}) but the config "
         "given has model.lora.rank=0, so they would be dropped; pass the run's own config "
         "(the config load_for_inference returns has its adapters folded in)")
+  if not rank or given is None:
+    return
+  for field in ("alpha", "gated"):
+    if field in saved_lora and saved_lora[field] != getattr(given, field):
+      raise ValueError(
+          f"the run in {workdir!r} trained its LoRA adapters with model.lora.{field}="
+          f"{saved_lora[field]!r} but the config given has model.lora.{field}="
+          f"{getattr(given, field)!r}, which makes them compute another function; pass "
+          f"--config.model.lora.{field}={saved_lora[field]}")
 
 
 def _check_mask_kept(workdir: str, model: nn.Module) -> None:
@@ -71,10 +92,7 @@ def _check_mask_kept(workdir: str, model: nn.Module) -> None:
   leaves it at its default would restore a causal-block run's weights under
   bidirectional blocks (or the reverse) without any error.
   """
-  try:
-    saved = checkpoints.load_config(workdir).get("diffusion", {})
-  except FileNotFoundError:
-    return
+  saved = (_saved_config(workdir) or {}).get("diffusion", {})
   spec = getattr(getattr(model, "cfg", None), "mask_spec", None)
   if spec is None or not saved:
     return

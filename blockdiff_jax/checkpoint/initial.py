@@ -14,7 +14,7 @@ a Hugging Face folder makes training, sampling and evaluation start from real we
 instead (``configs/long_context_extension.py`` requires it; any run can use it) (``init_from.step``, -1 = its latest; its EMA parameters when
 ``init_from.use_ema`` and it kept them); the optimizer state, step and data order start
 fresh. The architecture must match; fields without parameters (RoPE scaling, sequence
-length) may differ.
+length) may differ, and LoRA adapters the source run lacks start fresh (LoRA on top of it).
 
 A checkpoint in the workdir always wins over either: the trainer resumes from it and
 ``load_for_inference`` restores it.
@@ -153,7 +153,7 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
     if spec:
       raise ValueError(f"init.pretrained={spec!r} and init_from.workdir={source.workdir!r} "
                        "are both set; start from one of them")
-    return _params_of_run(source, model, mesh, rules)
+    return _params_of_run(source, model, mesh, rules, config.get("seed", 0))
   if not spec:
     return None
   pre = pretrained.load(spec, workdir, scan_layers=model.cfg.scan_layers)
@@ -170,9 +170,30 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
   return jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules))
 
 
+def _without_adapters(tree: Any) -> Any:
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict(
+      {path: value for path, value in flat.items() if not lora_lib.is_lora_path(path)})
+
+
+def _saved_adapters(directory: str, step: int | None) -> bool | None:
+  """Whether the checkpoint's params hold LoRA adapters; None when its metadata is unreadable
+  (the restore then falls back to an older step, or says why none restores)."""
+  try:
+    names = checkpoints.param_names(directory, step)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return any(lora_lib.is_lora_path(name.split("/")) for name in names)
+
+
 def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
-                   rules: mesh_lib.Rules) -> Any:
-  """The parameters of ``source.workdir``'s checkpoint (``init_from``), on ``mesh``."""
+                   rules: mesh_lib.Rules, seed: int = 0) -> Any:
+  """The parameters of ``source.workdir``'s checkpoint (``init_from``), on ``mesh``.
+
+  A model with LoRA adapters started from a run without them (LoRA on top of a full
+  fine-tune) gets the run's weights plus fresh adapters (B = 0: the run's own model), as
+  a pretrained start does; a run with adapters gives its trained ones.
+  """
   directory = os.path.join(source.workdir, "checkpoints")
   if not checkpoints.has_checkpoint(directory):
     raise ValueError(f"init_from.workdir={source.workdir!r} has no checkpoint "
@@ -183,11 +204,24 @@ def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
   if mesh is None:
     mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
   use_ema = source.get("use_ema", True)
-  params = checkpoints.restore_params(
-      directory, restore_target(model, mesh, rules), None if step == -1 else step,
-      subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+  target = restore_target(model, mesh, rules)
+  fresh_adapters = (model.cfg.lora is not None and
+                    _saved_adapters(directory, None if step == -1 else step) is False)
+  try:
+    params = checkpoints.restore_params(
+        directory, _without_adapters(target) if fresh_adapters else target,
+        None if step == -1 else step,
+        subtree="ema_params" if use_ema else "params", fallback_subtree="params")
+  except FileNotFoundError as e:
+    raise ValueError(f"init_from.step={step}: {e}") from None
+  except checkpoints.IncompatibleCheckpointError as e:
+    raise checkpoints.IncompatibleCheckpointError(
+        f"init_from.workdir={source.workdir!r} holds another architecture than the config "
+        f"asks for: {e}") from None
+  if fresh_adapters:
+    params = jax.device_put(_with_fresh_adapters(params, model, seed),
+                            jax.tree.map(lambda t: t.sharding, target))
   print(f"init_from: parameters of {source.workdir} "
-        f"(step {'latest' if step == -1 else step}{', EMA if kept' if use_ema else ''})",
-        flush=True)
+        f"(step {'latest' if step == -1 else step}{', EMA if kept' if use_ema else ''}"
+        f"{'; fresh LoRA adapters' if fresh_adapters else ''})", flush=True)
   return params
-
