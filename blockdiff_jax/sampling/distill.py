@@ -22,6 +22,7 @@ training rows hold the very contexts the answers were generated from.
 
 import itertools
 import json
+import numbers
 import os
 import sys
 import time
@@ -59,9 +60,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.get("distill")
   if d is None:
     return
-  for name in ("num_prompts", "max_new_tokens", "batch_size", "max_len"):
-    if d[name] < 1:
-      raise ValueError(f"distill.{name} must be >= 1, got {d[name]}")
+  # batch_size >= 2: greedy_answers keeps one row for the longest question (the shape pin);
+  # refused here, before the model loads, rather than after.
+  for name, least in (("num_prompts", 1), ("max_new_tokens", 1), ("batch_size", 2),
+                      ("max_len", 1)):
+    value = d[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+      raise ValueError(f"distill.{name} must be an integer >= {least}, got {value!r}")
   for part in d.source.split(","):
     if part.strip() not in ("general", "docstrings") and not os.path.isfile(part.strip()):
       raise ValueError("distill.source entries must be 'general', 'docstrings' or text files, "
@@ -139,8 +144,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   validate(config)
   d = config.distill
-  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  # Questions first: an empty source is named before the model loads (greedy_answers
+  # would blame distill.max_len for it).
   prompts = questions(d.source, d.num_prompts)
+  if not prompts:
+    raise ValueError(f"distill.source={d.source!r} holds no questions (blank lines are "
+                     "skipped)")
+  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   t0 = time.time()
   with inference.inference_context(config):
     pairs = greedy_answers(model, params, tokenizer, prompts, d.max_new_tokens, d.max_len,

@@ -71,7 +71,8 @@ class ISDState:
     cache: committed K/V.
     done: [B] rows that stopped.
     nfe: [B] forwards while the row was active (the prefill included).
-    accepted: [B] drafts accepted in total.
+    accepted: [B] accepted drafts written to the canvas (drafts accepted after the row's
+      EOS or end are not counted).
     forwards: () forwards of the batch (the prefill included).
     narrow_forwards: () forwards after the prefill that ran N slots instead of 2N-1 (every
       running row cold).
@@ -349,6 +350,8 @@ def step(logits_fn, opt: layout.DecodeOptions, n: int, params, st: ISDState) -> 
                    if not greedy else st.draft_probs),
       warm=jnp.where(active, ~st.warm | from_mask, st.warm), cache=cache,
       done=st.done | (active & ended), nfe=st.nfe + active.astype(jnp.int32),
-      accepted=st.accepted + jnp.where(active, jnp.maximum(count - 1, 0), 0),
+      # Written drafts: an EOS or the row's end can cut the run inside the accepted
+      # drafts, and then every written token is a draft (count - 1 would miss one).
+      accepted=st.accepted + jnp.where(active, jnp.minimum(a, count), 0),
       forwards=st.forwards + 1, narrow_forwards=st.narrow_forwards + narrow.astype(jnp.int32),
       step=st.step + 1)

@@ -5,10 +5,12 @@ report) by greedy AR and by the chosen decoder. Both are timed warm: every call 
 once to compile and once to time, so compilation never counts. The report says whether
 the texts are token-for-token identical (ISD with a gated-LoRA model must be), the
 decoder's tokens per forward (TPF = generated tokens / forwards, the prefill counted as
-the forward that emits the first token, as for AR) and the wall-time speed-up.
+the forward that emits the first token, as for AR) and the speed-up: its tokens/s over
+AR's (generated tokens / warm wall time), per prompt and over all prompts.
 """
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 from blockdiff_jax.data import tokenizers
@@ -28,6 +30,18 @@ class Decoder:
   policy: str
   isd_stride: int = 0
 
+  def __post_init__(self):
+    # compare_with_ar picks ISD by the stride alone: "isd" without one would time the
+    # block decoder under ISD's name, and a stride with a block policy would time ISD.
+    stride = self.isd_stride
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
+      raise ValueError(f"isd_stride must be an integer, got {stride!r}")
+    if self.policy == "isd" and stride < 2:
+      raise ValueError(f"policy='isd' needs isd_stride >= 2, got {stride}")
+    if self.policy != "isd" and stride:
+      raise ValueError(f"isd_stride={stride} is only for policy='isd', got "
+                       f"policy={self.policy!r}")
+
   @property
   def name(self) -> str:
     return f"isd N={self.isd_stride}" if self.isd_stride else self.policy
@@ -44,7 +58,8 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     options: greedy decoding options (``sample.options_from_config``).
     max_new_tokens, max_len: limits, as for ``generation.generate``.
     dec: the decoder compared with AR.
-    log: a callable taking one line of progress, or None.
+    log: a callable taking one line of progress (with the prompt's tokens/s ratio to
+      AR, as the summary's ``speedup``), or None.
 
   Returns:
     (per prompt ``{prompt, completion, ar_completion, identical, generated_tokens, nfe,
@@ -52,6 +67,9 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     generated_tokens, ar_generated_tokens, nfe, tpf, tokens_per_s, ar_tokens_per_s,
     speedup}``).
   """
+  if options.sampling.temperature > 0:
+    raise ValueError("compare_with_ar compares greedy texts; options.sampling.temperature "
+                     f"must be 0, got {options.sampling.temperature}")
   rows = []
   for i, prompt in enumerate(prompts):
     common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],
@@ -68,8 +86,11 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
         "nfe": row["nfe"], "ar_nfe": ar_row["nfe"], "tpf": row["tpf"],
         "wall_s": summ["wall_s"], "ar_wall_s": ar_sum["wall_s"]})
     if log is not None:
+      # Tokens/s, as the summary: a wall-time ratio would reward an answer cut short.
+      ratio = ((row["generated_tokens"] / summ["wall_s"])
+               / (ar_row["generated_tokens"] / ar_sum["wall_s"]))
       log(f"[{i + 1}/{len(prompts)}] {dec.name}: TPF {row['tpf']:.2f}, "
-          f"{ar_sum['wall_s'] / summ['wall_s']:.2f}x AR, identical {rows[-1]['identical']}")
+          f"{ratio:.2f}x AR, identical {rows[-1]['identical']}")
   total = lambda k: sum(r[k] for r in rows)
   summary = {
       "decoder": dec.name, "prompts": len(rows),
