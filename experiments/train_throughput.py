@@ -74,7 +74,7 @@ def measure(config, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_s = sorted(times)[len(times) // 2]
-  peak, peak_how = hardware.peak_flops(config.model.dtype)
+  peak, peak_how = hardware.peak_flops(config.model.dtype, list(sharded.mesh.devices.flat))
   mcfg = model.cfg
   flops_per_step = trainer.objective_step_flops(config, mcfg, obj)
   return {

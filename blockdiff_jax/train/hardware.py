@@ -1,4 +1,4 @@
-"""Peak FLOP/s of the device, for MFU.
+"""Peak FLOP/s of the devices a train step runs on, for MFU.
 
 On a CPU there is no datasheet figure we can trust, so the peak is measured in the same
 run by timing a large matmul (the best of a few repeats). On GPUs the datasheet dense
@@ -13,6 +13,7 @@ turns TF32 off), else the MFU of a float32 run could exceed 100%.
 
 import os
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,33 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> f
   return 2.0 * n ** 3 / best
 
 
-def peak_flops(dtype_name: str = "float32") -> tuple[float, str]:
-  """(peak FLOP/s, how it was obtained) for the default device and compute dtype."""
-  dev = jax.devices()[0]
+def peak_flops(dtype_name: str = "float32",
+               devices: Sequence[jax.Device] | None = None) -> tuple[float, str]:
+  """(peak FLOP/s, how it was obtained) of the devices a step runs on, for a compute dtype.
+
+  Args:
+    dtype_name: the model's compute dtype (``model.dtype``).
+    devices: the devices of the step's mesh (``mesh.devices.flat``); default the first
+      device alone. MFU divides the whole step's FLOPs by this peak, so on a mesh of n
+      GPUs it must be n times one GPU's: one GPU's peak gave an n-fold MFU. Simulated
+      CPU devices of one process share that host's cores and count once per process.
+  """
+  devices = [jax.devices()[0]] if devices is None else list(devices)
+  if not devices:
+    raise ValueError("peak_flops needs at least one device, got an empty list")
+  dev = devices[0]
+  if dev.platform == "cpu":
+    count = len({getattr(d, "process_index", 0) for d in devices})
+  else:
+    count = len(devices)
+  peak, how = _one_device_peak(dev, dtype_name)
+  if count > 1:
+    how = f"{count} x {how}"
+  return count * peak, how
+
+
+def _one_device_peak(dev, dtype_name: str) -> tuple[float, str]:
+  """One device's peak: its datasheet figure where known, else a timed matmul."""
   if dev.platform == "gpu":
     rate = float32_matmul_rate() if dtype_name == "float32" else dtype_name
     for name, peaks in _GPU_PEAKS:

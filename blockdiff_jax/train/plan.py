@@ -74,7 +74,8 @@ def objective_passes(config: ml_collections.ConfigDict) -> list[Pass]:
   estimate grows with what the step really runs:
 
   * BD3-LM: one pass of ``[x_t ; x_0]`` (2L tokens, dense 2L-key attention on the XLA
-    path), the head on the L noisy positions only;
+    path), the head on the L noisy positions only; a summary-token model adds the
+    clean stream's slots (``_with_summary``);
   * Fast-dLLM v2: the same 2L-token pass for each of the two complementary-mask copies
     (2x the rows), and the token shift reads the head on all 2L positions;
   * AR: one causal pass of L tokens;
@@ -85,7 +86,7 @@ def objective_passes(config: ml_collections.ConfigDict) -> list[Pass]:
   seq = config.data.seq_len
   obj = diffusion_config.objective(config, mask_id=0)  # The id changes no shape.
   if isinstance(obj, fastdllm.FastDLLMObjective):
-    return [(2 if obj.complementary else 1, 2 * seq, 2 * seq, 2 * seq)]
+    return [_with_summary(config, (2 if obj.complementary else 1, 2 * seq, 2 * seq, 2 * seq))]
   if isinstance(obj, autoregressive.AutoregressiveObjective):
     return [(1, seq, seq, seq)]
   if isinstance(obj, introspective.IntrospectiveObjective):
@@ -93,7 +94,27 @@ def objective_passes(config: ml_collections.ConfigDict) -> list[Pass]:
       return [(1, 2 * seq, 2 * seq, 2 * seq)]
     noisy = obj.anchors * obj.stride
     return [(1, seq, seq, seq), (1, noisy, seq + noisy, noisy)]
-  return [(1, 2 * seq, 2 * seq, seq)]
+  return [_with_summary(config, (1, 2 * seq, 2 * seq, seq))]
+
+
+def _with_summary(config: ml_collections.ConfigDict, one: Pass) -> Pass:
+  """A ``[x_t ; x_0]`` pass with the clean stream's summary slots, when the model has them.
+
+  ``build.make_apply`` appends ``L // B * S`` slot positions to the 2L tokens; they run
+  through every layer but carry no loss, so the head still scores the same positions.
+  Every token reads all of them on the dense paths; ``attention_impl="structured"``
+  scores a query against its own block, W clean blocks and the slot bank only.
+  """
+  su = config.model.get("summary")
+  if su is None or not su.num_slots:
+    return one
+  rows, tokens, _, head = one
+  block = config.diffusion.block_size
+  bank = config.data.seq_len // block * su.num_slots
+  keys = tokens + bank
+  if config.model.attention_impl == "structured":
+    keys = (su.window_blocks + 1) * block + bank
+  return rows, tokens + bank, keys, head
 
 
 def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.ConfigDict,
@@ -168,8 +189,8 @@ def gradient_bytes(config: ml_collections.ConfigDict, params: Any, p_sharding: A
   ``stop_gradient``: its gradient is a zero XLA never materializes, so one step holds
   the trainable weights' gradients only. Gradient accumulation
   (``train.grad_accum_steps > 1``) adds the scan's accumulator, which ``train/step.py``
-  sizes like all of the params (``zeros_like(params)``, frozen ones included), next to
-  the gradients of the micro-batch being added into it.
+  holds for the trainable weights only, next to the gradients of the micro-batch being
+  added into it.
   """
   mask = optimizer.mask_fn(config.train.get("trainable", "all"))
   leaves = jax.tree.leaves(params)
@@ -178,7 +199,7 @@ def gradient_bytes(config: ml_collections.ConfigDict, params: Any, p_sharding: A
   trainable = sum(shard_bytes(a.shape, a.dtype, s)
                   for a, s, m in zip(leaves, shards, trains) if m)
   if config.train.grad_accum_steps > 1:
-    return trainable + _tree_bytes(params, p_sharding)
+    return int(2 * trainable)
   return int(trainable)
 
 

@@ -16,7 +16,11 @@ class TrainState:
     step: number of optimizer steps taken (int32 scalar).
     params: fp32 model parameters (unboxed).
     opt_state: optax state.
-    ema_params: exponential moving average of params, or None when disabled.
+    ema_params: exponential moving average of params (``train.ema_decay``), or None when
+      disabled. It starts as a copy of the starting params without bias correction
+      (after n steps they still weigh ``ema_decay ** n``). When kept, it is what the
+      validation, ``load_for_inference`` (``use_ema=True``: sampling, evaluation,
+      serving) and ``init_from.use_ema`` read.
   """
 
   step: Any

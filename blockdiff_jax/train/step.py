@@ -52,7 +52,7 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   ``finite = 0`` so the host can stop the run. With ``trainable_mask`` (params -> bool
   tree, e.g. LoRA adapters only) frozen weights enter the loss through
   ``stop_gradient``, so their weight gradients (a third of the backward's FLOPs) are
-  never computed; their gradient is zero.
+  never computed; their gradient is zero, and accumulation keeps no sum for them.
   """
 
   objective_loss, objective_corrupt = diffusion_config.loss_functions(obj)
@@ -79,24 +79,35 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
                               *x.shape[1:]).swapaxes(0, 1),
           (batch, corrupted))
 
+      # The accumulator holds the trainable weights only: a frozen weight's gradient
+      # is zero, and a zeros_like(params) carry cost a LoRA run a full copy of the base.
+      leaves, treedef = jax.tree.flatten(state.params)
+      trains = ([True] * len(leaves) if trainable_mask is None
+                else jax.tree.leaves(trainable_mask(state.params)))
+      pick = lambda tree: [x for x, t in zip(jax.tree.leaves(tree), trains) if t]
+
       def body(carry, mb):
         (_, m), g = grad_fn(state.params, mb[0], rng, mb[1])
         if losses.LOSS_TOKENS not in m:
           raise KeyError(f"grad_accum_steps > 1 needs the objective's metrics to report "
                          f"{losses.LOSS_TOKENS!r} (the count its loss is a mean over)")
         w = m[losses.LOSS_TOKENS].astype(jnp.float32)
-        g, m = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[:2], (g, m))
+        g, m = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[:2],
+                            (pick(g), m))
         return (g, m, carry[2] + w), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       metric_shapes = jax.eval_shape(loss_fn, state.params, first[0], rng, first[1])[1]
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+      zeros = ([jnp.zeros_like(p) for p in pick(state.params)],
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
                jnp.zeros((), jnp.float32))
-      (grads, metrics, total), _ = jax.lax.scan(body, zeros, micro)
+      (accumulated, metrics, total), _ = jax.lax.scan(body, zeros, micro)
       # An objective reporting its true count may report 0 for a batch scoring nothing.
-      grads, metrics = jax.tree.map(lambda x: x / jnp.maximum(total, 1.0),
-                                    (grads, metrics))
+      accumulated, metrics = jax.tree.map(lambda x: x / jnp.maximum(total, 1.0),
+                                          (accumulated, metrics))
+      sums = iter(accumulated)
+      grads = treedef.unflatten([next(sums) if t else jnp.zeros_like(p)
+                                 for p, t in zip(leaves, trains)])
       metrics[losses.LOSS_TOKENS] = total  # The batch's count, not a weighed mean of it.
 
     grad_norm = optax.tree.norm(grads)
@@ -104,7 +115,9 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+      # e + (1-d)(p - e), not d*e + (1-d)*p: exact where p == e, so the EMA of a weight
+      # LoRA freezes stays bit-identical to it (the other form moved it by an ulp).
+      ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
     new = state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                ema_params=ema)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -289,7 +289,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   step_flops = objective_step_flops(config, mcfg, obj)
-  peak, peak_how = hardware.peak_flops(config.model.dtype)
+  peak, peak_how = hardware.peak_flops(config.model.dtype, list(sharded.mesh.devices.flat))
   start = int(state.step)
   # Steps after ``start`` are trained again: drop their rows from an earlier attempt.
   writer = metrics_writer.MetricsWriter(workdir, t.tensorboard, keep_through_step=start,
