@@ -163,12 +163,21 @@ class DenseGeneral(nn.Module):
         nn.initializers.zeros, (None,) + self.kernel_axes[len(axis):]), (r,) + features,
                         jnp.float32)
     batch = tuple(d for d in range(x.ndim) if d not in axis)
+    batch_shape = tuple(x.shape[d] for d in batch)
+    batch_names = (("activation_batch", "activation_length") + (None,) * x.ndim)[:len(batch)]
+    # Named outputs, as in _Kernel: under Explicit axes x A contracts an input split over
+    # ``tensor`` (a row-parallel projection), which is ambiguous without one.
     h = jax.lax.dot_general(x.astype(self.dtype), lora_a.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+                            ((axis, tuple(range(len(axis)))), ((), ())),
+                            out_sharding=sharding.out_spec(batch_names + (None,),
+                                                           batch_shape + (r,)))
     if gate is not None:
       h = h * gate.reshape(gate.shape + (1,) * (h.ndim - gate.ndim)).astype(h.dtype)
+    out_names = batch_names + tuple(_ACTIVATION_OF.get(a)
+                                    for a in self.kernel_axes[-len(features):])
     d = jax.lax.dot_general(h, lora_b.astype(self.dtype),
-                            (((len(batch),), (0,)), ((), ())))
+                            (((len(batch),), (0,)), ((), ())),
+                            out_sharding=sharding.out_spec(out_names, batch_shape + features))
     return y + (self.lora_scale * d).astype(y.dtype)
 
 
