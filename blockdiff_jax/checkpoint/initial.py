@@ -15,6 +15,8 @@ instead (``configs/long_context_extension.py`` requires it; any run can use it) 
 ``init_from.use_ema`` and it kept them); the optimizer state, step and data order start
 fresh. The architecture must match; fields without parameters (RoPE scaling, sequence
 length) may differ, and LoRA adapters the source run lacks start fresh (LoRA on top of it).
+With both set, ``init.pretrained`` gives the architecture and tokenizer and ``init_from``
+the weights: a run fine-tuned from SmolLM2 continues in another run that way.
 
 A checkpoint in the workdir always wins over either: the trainer resumes from it and
 ``load_for_inference`` restores it.
@@ -140,19 +142,17 @@ def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict |
 
 def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir: str | None,
                    mesh=None, rules: mesh_lib.Rules = ()) -> Any | None:
-  """The starting parameters laid out on ``mesh``: another run's (``init_from``) or
-  pretrained ones (``init.pretrained``); None when the config has neither.
+  """The starting parameters laid out on ``mesh``: another run's (``init_from``, which
+  wins when ``init.pretrained`` is also set: that one then only fixed the architecture
+  and tokenizer) or pretrained ones (``init.pretrained``); None when the config has neither.
 
   Raises:
-    ValueError: naming the field or parameter, when both sources are set, the source run
-      has no checkpoint, or its checkpoint does not fit ``model``.
+    ValueError: naming the field or parameter, when the source run has no checkpoint or
+      its checkpoint does not fit ``model``.
   """
   spec = _spec(config)
   source = _init_from(config)
   if source is not None:
-    if spec:
-      raise ValueError(f"init.pretrained={spec!r} and init_from.workdir={source.workdir!r} "
-                       "are both set; start from one of them")
     return _params_of_run(source, model, mesh, rules, config.get("seed", 0))
   if not spec:
     return None
