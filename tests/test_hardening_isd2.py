@@ -6,22 +6,19 @@ description: per forward the drafts verified, those accepted and written, and th
 tokens emitted; the decoder's counters and the trace must agree with it.
 """
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from blockdiff_jax import config as config_lib
-from blockdiff_jax import masks
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import distill
 from blockdiff_jax.sampling import isd
-from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import speedup
 from blockdiff_jax.sampling import trace
+from test_sampling_isd import TableLM  # The lookahead LM, here over the byte vocabulary.
 
 BYTES = tokenizers.ByteTokenizer()
 MASK, EOS, VOCAB = BYTES.mask_id, BYTES.eos_id, BYTES.vocab_size
@@ -47,35 +44,6 @@ def _table() -> np.ndarray:
       x = _next(x)
       table[d, t, x] = 8.0
   return table
-
-
-@dataclasses.dataclass(frozen=True)
-class LookaheadLM:
-  """Token-shifted causal LM: at a real token t the logits are ``table[0, t]``; at a MASK
-  d positions after the last real token t, ``table[d, t]``, rolled by one (a wrong draft)
-  at positions divisible by ``wrong_every`` (0: never)."""
-
-  wrong_every: int = 0
-  kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
-
-  def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
-    real = tokens != MASK
-    kv = jnp.stack([tokens, real], -1).astype(jnp.float32)
-    keys, key_meta = kv, meta
-    if cache is not None:
-      keys = jnp.concatenate([cache["k"][0, :, :, 0], kv], 1)
-      key_meta = cache["meta"].concat(meta)
-    usable = masks.dense_mask(meta, key_meta) & (keys[..., 1] > 0)[:, None, :]
-    kpos = jnp.where(usable, key_meta.positions[:, None, :], -1)
-    last = jnp.take_along_axis(keys[..., 0], jnp.argmax(kpos, -1), 1).astype(jnp.int32)
-    d = jnp.clip(meta.positions - jnp.max(kpos, -1), 0, DEPTH - 1)
-    logits = params["table"][d, last]
-    if self.wrong_every:
-      off = (~real) & (meta.positions % self.wrong_every == 0)
-      logits = jnp.where(off[..., None], jnp.roll(logits, 1, axis=-1), logits)
-    if logits_slice is not None:
-      logits = logits[:, logits_slice[0]:logits_slice[0] + logits_slice[1]]
-    return logits, (kv[None, :, :, None], kv[None, :, :, None]), {}
 
 
 def _draft(table, wrong_every, t, d, position):
@@ -136,7 +104,7 @@ def test_isd_counters_and_trace_match_a_python_isd(stride, wrong_every, stop_at_
   """Before: ``accepted`` (and the trace's per-forward count) missed one draft whenever
   an EOS or the row's end fell inside the accepted drafts."""
   table = _table()
-  fn, params = LookaheadLM(wrong_every), {"table": jnp.asarray(table)}
+  fn, params = TableLM(wrong_every, mask_id=MASK), {"table": jnp.asarray(table)}
   opts = layout.DecodeOptions(block_size=1, mask_id=MASK, eos_id=EOS, token_shift=True,
                               stop_at_eos=stop_at_eos)
   ids = [layout.parse(BYTES, p).ids for p in PROMPTS]

@@ -36,14 +36,16 @@ class TableLM:
   """A causal LM with token shift whose MASK slots draft from a table (see module doc).
 
   ``wrong_every`` > 0 makes the MASK prediction at positions divisible by it wrong,
-  so drafts are partly accepted.
+  so drafts are partly accepted. ``params["table"]`` is [depth, vocab, vocab]; another
+  vocabulary (the byte one of test_hardening_isd2) passes its own ``mask_id``.
   """
 
   wrong_every: int = 0
+  mask_id: int = MASK
   kv_spec = kv_cache.KVSpec(num_layers=1, num_kv_heads=1, head_dim=2)
 
   def __call__(self, params, tokens, meta, cache=None, logits_slice=None):
-    real = tokens != MASK
+    real = tokens != self.mask_id
     kv = jnp.stack([tokens, real], -1).astype(jnp.float32)  # [B, T, 2]
     keys, key_meta = kv, meta
     if cache is not None:
@@ -53,7 +55,7 @@ class TableLM:
     kpos = jnp.where(usable, key_meta.positions[:, None, :], -1)
     idx = jnp.argmax(kpos, axis=-1)
     last = jnp.take_along_axis(keys[..., 0], idx, axis=1).astype(jnp.int32)
-    d = jnp.clip(meta.positions - jnp.max(kpos, axis=-1), 0, DEPTH - 1)
+    d = jnp.clip(meta.positions - jnp.max(kpos, axis=-1), 0, params["table"].shape[0] - 1)
     logits = params["table"][d, last]
     if self.wrong_every:
       off = (~real) & (meta.positions % self.wrong_every == 0)
