@@ -130,3 +130,15 @@ def test_an_edit_threshold_of_one_decodes_as_editing_off():
     for key in ("tokens", "nfe", "steps", "edits"):
       np.testing.assert_array_equal(outs[1][key], outs[0][key], err_msg=key)
   assert (outs[0]["tokens"] == EOS).any()  # The EOS table did stop a row.
+
+
+def test_a_byte_order_mark_does_not_start_the_first_prompt_or_question(tmp_path):
+  """Windows editors save UTF-8 with a BOM; it reached the model as U+FEFF."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import distill  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.sampling import sample  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "prompts.txt"
+  path.write_bytes("\ufeffFirst question?\nSecond one\n".encode("utf-8"))
+  s = ml_collections.ConfigDict({"prompts_file": str(path), "prompts": ""})
+  assert sample.read_prompts(s) == ["First question?", "Second one"]
+  assert distill.questions(str(path), 5) == ["First question?", "Second one"]

@@ -79,7 +79,8 @@ def _one_source(source: str, limit: int) -> list[str]:
     pairs = itertools.islice(sft.docstring_pairs(), 0, None, 5)
     return [prompt for prompt, _ in itertools.islice(pairs, limit)]
   path = GENERAL if source == "general" else source
-  with open(path, encoding="utf-8") as f:
+  # utf-8-sig: an editor's byte-order mark must not start the first question.
+  with open(path, encoding="utf-8-sig") as f:
     return [line.strip() for line in f if line.strip()][:limit]
 
 

@@ -166,7 +166,7 @@ def read_prompts(s: ml_collections.ConfigDict) -> list[str]:
     with open(s.prompts_file, "rb") as f:
       raw = f.read()
     try:
-      text = raw.decode("utf-8")
+      text = raw.decode("utf-8-sig")  # A byte-order mark is not part of the first prompt.
     except UnicodeDecodeError as e:
       line = raw.count(b"\n", 0, e.start) + 1
       raise ValueError(f"prompts file {s.prompts_file} is not UTF-8: byte offset {e.start} "
