@@ -231,3 +231,24 @@ def test_server_flags_outside_serve_mode_are_refused(tmp_path):
   assert out.returncode != 0
   assert "--port applies to --mode=serve only, not --mode=plan" in out.stdout + out.stderr
   assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_activations_count_the_dense_layers_of_an_moe_model_as_dense(remat):
+  """``first_dense_layers`` / ``moe_every`` layers run the plain MLP; the plan sized every
+  layer as an MoE layer."""
+  mesh = mesh_lib.abstract_mesh(mesh_lib.single_device_mesh_config(), 1)
+
+  def acts(moe=True, first_dense=0):
+    c = _config(moe=moe)
+    c.model.num_layers, c.model.remat = 2, remat
+    c.model.moe.first_dense_layers = first_dense
+    return plan.activation_bytes(model_config.model_config(c), c, mesh, ())
+
+  dense, all_moe = acts(moe=False), acts()
+  assert all_moe != dense  # The two kinds differ, so the checks below can fail.
+  assert acts(first_dense=2) == dense  # An MoE config whose every layer is dense.
+  half = acts(first_dense=1)
+  assert 2 * half["saved"] == dense["saved"] + all_moe["saved"]
+  assert half["layer"] == max(dense["layer"], all_moe["layer"])
+  assert half["logits"] == dense["logits"]

@@ -147,9 +147,20 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
   vocab = _div(cfg.vocab_size, mesh, spec("vocab"))
 
   def one_pass(rows_per_seq: int, seq: int, keys: int) -> tuple[int, int]:
-    """(saved, layer working set) bytes of one pass of ``rows_per_seq * b`` rows."""
+    """(saved, layer working set) bytes of one pass of ``rows_per_seq * b`` rows: the
+    MoE layers with their expert activations, the dense ones (``first_dense_layers``,
+    ``moe_every``) with the plain MLP's."""
+    moe_layers = cfg.num_moe_layers
+    kinds = [(moe, n) for moe, n in ((True, moe_layers), (False, cfg.num_layers - moe_layers))
+             if n]
+    sizes = [one_layer(rows_per_seq, seq, keys, moe) for moe, _ in kinds]
+    saved = sum(n * s for (_, n), (s, _) in zip(kinds, sizes))
+    return saved, max(w for _, w in sizes)
+
+  def one_layer(rows_per_seq: int, seq: int, keys: int, moe: bool) -> tuple[int, int]:
+    """(saved, working set) bytes of one layer of a pass."""
     rows_b = rows_per_seq * b
-    if cfg.moe is not None:
+    if moe:
       # Token copies in and out of the experts, and their hidden activations.
       rows = rows_b * seq * cfg.moe.top_k
       buffers = 0
@@ -171,7 +182,7 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
     qkv = rows_b * seq * (heads + 2 * kv_heads) * cfg.head_dim * act
     residual = rows_b * seq * cfg.d_model * act
     per_layer = residual * 4 + qkv + mlp + scores // 2  # Norm outputs, attention out, probs.
-    saved = cfg.num_layers * (residual if cfg.remat else per_layer)
+    saved = residual if cfg.remat else per_layer
     layer = scores + 2 * (qkv + mlp)  # Forward values and their gradients.
     return saved, layer
 
