@@ -99,7 +99,6 @@ import dataclasses
 import functools
 import glob
 import json
-import math
 import os
 import re
 import secrets
@@ -169,8 +168,7 @@ class SandboxLimits:
   python: str = sys.executable
 
   def __post_init__(self):
-    # int(inf) in the CPU rlimit would score every program "error" (pass@k 0).
-    if not 0 < self.timeout_s < math.inf:  # Also refuses NaN.
+    if not 0 < self.timeout_s < float("inf"):  # NaN too; inf breaks the CPU rlimit.
       raise ValueError(f"timeout_s must be a finite number > 0, got {self.timeout_s}")
     for name in ("memory_mb", "max_processes", "max_file_mb", "max_open_files",
                  "scratch_mb"):
