@@ -249,3 +249,15 @@ def test_long_context_notebook_cost_cells_run_with_one_length(monkeypatch, capsy
   assert namespace["slopes"] == {"full": None, "summary": None}
   assert "fitted exponent of n: {'full': None, 'summary': None}" in capsys.readouterr().out
   matplotlib.pyplot.close("all")
+
+
+# ------------------------------------------------------------------ committed results
+
+
+def test_every_committed_result_file_is_strict_json():
+  """Readers other than Python (jq, JSON.parse) refuse NaN; committed results must parse."""
+  results = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
+  paths = sorted(p for p in os.listdir(results) if p.endswith(".json"))
+  assert len(paths) > 50, paths
+  for name in paths:
+    _strict_json(os.path.join(results, name))
