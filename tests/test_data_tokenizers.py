@@ -155,9 +155,12 @@ def test_get_tokenizer(tmp_path):
   tok = tokenizers.get_tokenizer(cfg, str(workdir))
   saved = workdir / tokenizers.TOKENIZER_FILENAME
   assert saved.is_file() and tok.vocab_size == 300
-  # A second call reuses the saved file even if the config changed.
-  cfg.bpe_vocab_size = 350
+  # A second call reuses the saved file; a changed request is refused, not served stale.
   assert tokenizers.get_tokenizer(cfg, str(workdir)).vocab_size == 300
+  cfg.bpe_vocab_size = 350
+  with pytest.raises(ValueError, match=r"data\.bpe_vocab_size=300 \(config: 350\)"):
+    tokenizers.get_tokenizer(cfg, str(workdir))
+  cfg.bpe_vocab_size = 300
   assert json.loads(saved.read_text())["model"]["type"] == "BPE"
 
   cfg.tokenizer = str(saved)

@@ -28,8 +28,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.paths = ""
   # Field holding the text in each line of a .jsonl file.
   c.text_field = "text"
-  # "byte", "bpe" (trained on the train split, cached in workdir) or the path
-  # of a tokenizer.json.
+  # "byte", "bpe" (trained on the train split, cached in workdir; a cached one trained
+  # with another bpe_vocab_size or corpus is refused) or the path of a tokenizer.json.
   c.tokenizer = "byte"
   # Vocabulary size (specials included) when tokenizer="bpe".
   c.bpe_vocab_size = 4096
@@ -94,8 +94,16 @@ def alignment_unit(config: ml_collections.ConfigDict) -> tuple[int, str] | None:
   return d.block_size, "diffusion.block_size"
 
 
+def _check_int(d: ml_collections.ConfigDict, name: str, low: int, note: str = "") -> None:
+  """Refuses ``data.<name>`` unless it is an int >= ``low`` (a bool is not a number)."""
+  v = d[name]
+  if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    raise ValueError(f"data.{name} must be an integer >= {low}{note}, got {v!r}")
+
+
 def _check_tokenizer(config: ml_collections.ConfigDict) -> None:
   d = config.data
+  _check_int(d, "bpe_vocab_size", 1)
   min_size = 256 + len(tokenizers.SPECIAL_TOKEN_NAMES)
   if d.bpe_vocab_size < min_size:
     raise ValueError(f"data.bpe_vocab_size must be >= {min_size} (256 bytes + "
@@ -119,11 +127,10 @@ def _check_tokenizer(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid ``data`` field."""
-  if config.data.batch_size < 1:
-    raise ValueError(f"data.batch_size must be >= 1, got {config.data.batch_size}")
   d = config.data
-  if d.seq_len < 2:
-    raise ValueError(f"data.seq_len must be >= 2, got {d.seq_len}")
+  # ml_collections lets a bool into an int field (True passes as 1).
+  _check_int(d, "batch_size", 1)
+  _check_int(d, "seq_len", 2)
   if d.corpus not in CORPORA:
     raise ValueError(f"data.corpus must be one of {CORPORA}, got {d.corpus!r}")
   _check_tokenizer(config)
@@ -132,22 +139,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if isinstance(d.seed, bool) or not isinstance(d.seed, int) or d.seed < 0:
     raise ValueError(f"data.seed must be an integer >= 0, got {d.seed!r}")
   if not (isinstance(d.validation_fraction, (int, float))
+          and not isinstance(d.validation_fraction, bool)
           and 0.0 <= d.validation_fraction <= 1.0):  # Also refuses NaN.
     raise ValueError(f"data.validation_fraction must be in [0, 1], "
                      f"got {d.validation_fraction}")
   # 0 means "no cap" / "all" for these.
   for name in ("max_bytes", "sft_max_examples", "long_context_min_length"):
-    if d[name] < 0:
-      raise ValueError(f"data.{name} must be >= 0 (0 = no limit), got {d[name]}")
+    _check_int(d, name, 0, " (0 = no limit)")
   for name in ("long_context_num_pairs", "sft_block_multiple"):
-    if d[name] < 1:
-      raise ValueError(f"data.{name} must be >= 1, got {d[name]}")
+    _check_int(d, name, 1)
   # Read by corpus=synthetic, sft_source=synthetic and --mode=eval, whatever the corpus.
   try:
     synthetic.parse_tasks(d.synthetic_tasks)
   except ValueError as e:
     raise ValueError(f"data.synthetic_tasks={d.synthetic_tasks!r}: {e}") from None
-  if (not isinstance(d.synthetic_digits, int)
+  if (isinstance(d.synthetic_digits, bool) or not isinstance(d.synthetic_digits, int)
       or not 1 <= d.synthetic_digits <= synthetic.MAX_DIGITS):
     raise ValueError(f"data.synthetic_digits must be in [1, {synthetic.MAX_DIGITS}], "
                      f"got {d.synthetic_digits}")

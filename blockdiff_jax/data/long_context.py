@@ -236,9 +236,11 @@ def make_example(task: str, tokenizer: Any, haystack: np.ndarray, *, length: int
                      f"length={length}; load a longer one")
   start = int(rng.integers(0, len(haystack) - budget + 1))
   hay = haystack[start:start + budget]
-  # Insert each needle at its depth; ties keep the queried needle (index 0) first.
+  # Insert each needle at its depth; ties keep the queried needle (index 0) first, but
+  # at the very end it goes last: depth 1 puts it right before the question.
   cuts = [int(round(d * budget)) for d in depths]
-  order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
+  order = sorted(range(len(needles)),
+                 key=lambda i: (cuts[i], i == 0 and cuts[i] == budget, i))
   parts, pos, needle_start = [prefix], 0, -1
   offset = len(prefix)
   for i in order:

@@ -10,6 +10,7 @@ pipeline.
 """
 
 import abc
+import json
 import logging
 import os
 from typing import Any, Iterable, Sequence
@@ -34,6 +35,8 @@ SPECIAL_TOKEN_NAMES = (PAD, BOS, EOS, MASK, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX,
                        SEP)
 
 TOKENIZER_FILENAME = "tokenizer.json"
+# Beside a workdir's trained tokenizer.json: the data fields it was trained with.
+TOKENIZER_REQUEST_FILENAME = "tokenizer_request.json"
 
 
 class Tokenizer(abc.ABC):
@@ -325,6 +328,57 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
   return result
 
 
+def bpe_request(data_config: Any) -> dict[str, Any]:
+  """The ``data`` fields that decide what ``tokenizer="bpe"`` trains.
+
+  The vocabulary size and the fields ``corpora.load_documents`` reads for the train
+  split of the corpus (long_context reads the stdlib corpus).
+  """
+  d = data_config
+  corpus = "stdlib" if d.corpus == "long_context" else d.corpus
+  fields = ["bpe_vocab_size", "validation_fraction", "max_bytes"]
+  if corpus == "files":
+    fields += ["paths", "text_field"]
+  elif corpus == "synthetic":
+    fields += ["synthetic_tasks", "seed", "synthetic_digits"]
+  request = {"corpus": corpus, **{f: d[f] for f in fields}}
+  return json.loads(json.dumps(request))  # As read back from the file.
+
+
+def _check_reuse(path: str, request: dict[str, Any], vocab_size: int) -> None:
+  """Refuses a workdir tokenizer trained with other ``data`` fields than ``request``.
+
+  Retraining instead would replace the tokenizer that the workdir's checkpoints were
+  trained with. A file from before requests were recorded has no record: it is reused,
+  unless its vocabulary is larger than asked for (it cannot come from this request).
+  """
+  record = os.path.join(os.path.dirname(path), TOKENIZER_REQUEST_FILENAME)
+  if not os.path.isfile(record):
+    want = request["bpe_vocab_size"]
+    if vocab_size > want:
+      raise ValueError(
+          f"{path} has {vocab_size} tokens but data.bpe_vocab_size={want}: it was "
+          f"trained with another size. Set data.bpe_vocab_size={vocab_size} to reuse "
+          "it, or use a new workdir to train a new one")
+    if vocab_size < want:
+      logging.warning("Reusing %s (%d tokens, no record of its training request) for "
+                      "data.bpe_vocab_size=%d.", path, vocab_size, want)
+    return
+  try:
+    with open(record, encoding="utf-8") as f:
+      got = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"Cannot read {record}: {e}") from None
+  diff = [f"data.{k}={got.get(k)!r} (config: {v!r})" for k, v in request.items()
+          if got.get(k) != v]
+  if diff:
+    raise ValueError(
+        f"{path} was trained with {', '.join(diff)}. Set those fields back to reuse it "
+        "(the checkpoints of this workdir use it), point data.tokenizer at the file to "
+        f"use it as is, or use a new workdir (or delete it and {record}) to train a "
+        "new one")
+
+
 def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
   """Builds the tokenizer named by ``data_config.tokenizer``.
 
@@ -332,7 +386,8 @@ def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
     data_config: the ``data`` ConfigDict. ``tokenizer`` is ``"byte"``,
       ``"bpe"`` (trained on the training split with ``bpe_vocab_size`` and
       saved to ``workdir/tokenizer.json``, or reused from there if that file
-      exists) or the path of a ``tokenizer.json``.
+      exists and was trained with the same ``bpe_request`` fields) or the path of a
+      ``tokenizer.json``.
     workdir: run folder; without it a ``"bpe"`` tokenizer is trained but not
       saved.
 
@@ -340,7 +395,8 @@ def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
     The tokenizer.
 
   Raises:
-    ValueError: if ``data_config.tokenizer`` is empty or names no file.
+    ValueError: if ``data_config.tokenizer`` is empty or names no file, or the
+      workdir's tokenizer was trained with other ``data`` fields.
   """
   name = data_config.tokenizer
   if not name:
@@ -349,12 +405,21 @@ def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
     return ByteTokenizer()
   if name == "bpe":
     path = os.path.join(workdir, TOKENIZER_FILENAME) if workdir else None
+    request = bpe_request(data_config)
     if path and os.path.isfile(path):
       logging.info("Reusing BPE tokenizer %s.", path)
-      return BPETokenizer.from_file(path)
+      tok = BPETokenizer.from_file(path)
+      _check_reuse(path, request, tok.vocab_size)
+      return tok
     texts = corpora.load_documents(data_config, "train")
     logging.info("Training BPE (vocab %d) on %d documents.",
                  data_config.bpe_vocab_size, len(texts))
+    if path:
+      # The record first: a crash before the tokenizer is written only retrains.
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, TOKENIZER_REQUEST_FILENAME), "w",
+                encoding="utf-8") as f:
+        json.dump(request, f, indent=1, sort_keys=True)
     return train_bpe(texts, data_config.bpe_vocab_size, path)
   if os.path.exists(name):
     return BPETokenizer.from_file(name)
