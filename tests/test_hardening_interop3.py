@@ -77,7 +77,9 @@ def test_gguf_linear_rope_scaling_matches_transformers(tmp_path, monkeypatch):
     ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
     ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}, None),
     ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
-     r"llama\.rope\.scaling\.type='yarn' is not supported"),
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    ({"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0},
+     r"llama\.rope\.scaling\.type='longrope' is not supported"),
     ({"llama.rope.scaling.attn_factor": 2.0}, r"llama\.rope\.scaling\.attn_factor=2\.0"),
     ({"llama.rope.scaling.factor": 0.5}, r"llama\.rope\.scaling\.factor=0\.5 .*only factors >= 1"),
 ])

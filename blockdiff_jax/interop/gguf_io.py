@@ -4,10 +4,11 @@ Quantized tensors (Q4_0/Q4_1/Q8_0/K-quants ... whatever the ``gguf`` package's n
 dequantizer knows) become float32. llama.cpp's converter permutes the rows of Q and K of
 ``llama`` models for its interleaved RoPE: within each head of size d, row ``2j + r``
 holds HF row ``j + r*d/2``; ``unpermute_rows`` undoes it. Qwen models are stored in HF's
-order (llama.cpp uses NeoX RoPE for them). Linear RoPE scaling (``rope.scaling.factor``)
-becomes transformers' ``linear`` rope type. Llama-3.1+ RoPE scaling, which llama.cpp stores
-as per-frequency divisors (``rope_freqs.weight``), becomes the equivalent ``llama3``
-``rope_scaling`` (``llama3_rope_scaling``).
+order (llama.cpp uses NeoX RoPE for them). Linear and YaRN RoPE scaling
+(``rope.scaling.type``/``factor``) become transformers' ``linear`` and ``yarn`` rope types.
+Llama-3.1+ RoPE scaling, which llama.cpp stores as per-frequency divisors
+(``rope_freqs.weight``), becomes the equivalent ``llama3`` ``rope_scaling``
+(``llama3_rope_scaling``).
 """
 
 import math
@@ -120,7 +121,7 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
       "tie_word_embeddings": not has_output,
       "hidden_act": "silu",
   }
-  scaling = _linear_rope_scaling(g, f"{path}: {arch}")
+  scaling = _rope_scaling(g, f"{path}: {arch}", hf["max_position_embeddings"])
   if scaling is not None:
     hf["rope_scaling"] = scaling
   rotated = g("rope.dimension_count")
@@ -137,16 +138,28 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   return hf
 
 
-def _linear_rope_scaling(g, where: str) -> dict | None:
+# llama.cpp's YaRN keys that only some of its architectures read (grok, gpt-oss ...), with
+# the value it computes with for llama and Qwen models, which ignore them.
+_YARN_IGNORED_KEYS = {"yarn_ext_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0,
+                      "yarn_log_multiplier": 0.0}
+
+
+def _rope_scaling(g, where: str, context_length: int) -> dict | None:
   """HF ``rope_scaling`` of the RoPE scaling keys, read as llama.cpp reads them.
 
   llama.cpp divides positions by ``rope.scaling.factor`` (else the older
   ``rope.scale_linear``; 0 or absent means 1) unless ``rope.scaling.type`` is "none",
-  and the type defaults to "linear"; that is transformers' "linear" rope type.
+  and the type defaults to "linear"; that is transformers' "linear" rope type. Type
+  "yarn" is transformers' "yarn" with that factor and ``rope.scaling.original_context_length``
+  (else the context length) as ``original_max_position_embeddings``: llama.cpp (ggml's
+  ``rope_yarn``) ramps between the same floored/ceiled bounds for beta 32 and 1 and scales
+  cos and sin by 1 + 0.1 ln(factor), transformers' default attention factor.
+  ``rope.scaling.finetuned`` is a flag that changes nothing computed.
 
   Raises:
-    UnsupportedArchitectureError: for another scaling type (yarn, longrope) or a
-      ``rope.scaling.attn_factor`` other than 1 (llama.cpp scales cos and sin by it).
+    UnsupportedArchitectureError: for another scaling type (longrope ...), a
+      ``rope.scaling.attn_factor`` other than 1 (llama.cpp scales cos and sin by it), or a
+      YaRN key on which llama.cpp and transformers compute differently (named).
   """
   attn_factor = g("rope.scaling.attn_factor")
   if attn_factor not in (None, 1.0):
@@ -156,19 +169,50 @@ def _linear_rope_scaling(g, where: str) -> dict | None:
   scaling_type = g("rope.scaling.type") or "linear"
   if scaling_type == "none":
     return None  # llama.cpp never scales then, whatever the factor says.
-  if scaling_type != "linear":
+  if scaling_type not in ("linear", "yarn"):
     raise architectures.UnsupportedArchitectureError(
-        f"{where}.rope.scaling.type={scaling_type!r} is not supported (only 'linear' or "
-        "'none')")
+        f"{where}.rope.scaling.type={scaling_type!r} is not supported (only 'linear', 'yarn' "
+        "or 'none')")
   factor = g("rope.scaling.factor")
   if factor is None:
     factor = g("rope.scale_linear")
+  if scaling_type == "yarn":
+    _check_yarn_keys(g, where, 1.0 if factor in (None, 0.0) else factor)
   if factor in (None, 0.0, 1.0):
-    return None
+    return None  # YaRN too: no interpolation, and a temperature of 1.
   if factor < 1.0:  # Positions stretched rather than compressed: no rope type of ours.
     raise architectures.UnsupportedArchitectureError(
         f"{where}.rope.scaling.factor={_f32(factor)} is not supported; only factors >= 1")
-  return {"rope_type": "linear", "factor": _f32(factor)}
+  if scaling_type == "linear":
+    return {"rope_type": "linear", "factor": _f32(factor)}
+  # llama.cpp: n_ctx_orig_yarn, 0 or absent meaning the training context.
+  original = int(g("rope.scaling.original_context_length", 0) or context_length)
+  return {"rope_type": "yarn", "factor": _f32(factor),
+          "original_max_position_embeddings": original}
+
+
+def _check_yarn_keys(g, where: str, factor: float) -> None:
+  """Refuses YaRN keys on which llama.cpp (for llama/Qwen) and transformers disagree.
+
+  llama.cpp's converter writes them from the HF config (beta_fast, beta_slow,
+  attention_factor ...), where transformers applies them; llama.cpp's llama and Qwen
+  models never read them and compute with the defaults. Only the defaults map exactly.
+  """
+  for key, used in _YARN_IGNORED_KEYS.items():
+    value = g(f"rope.scaling.{key}")
+    if value is not None and not math.isclose(value, used, rel_tol=1e-6, abs_tol=1e-7):
+      raise architectures.UnsupportedArchitectureError(
+          f"{where}.rope.scaling.{key}={_f32(value)} is not supported: llama.cpp ignores it "
+          f"for this architecture (computing with {used}) while transformers would apply it; "
+          f"only {used}")
+  value = g("rope.scaling.yarn_attn_factor")
+  # llama.cpp scales cos and sin by 1 + 0.1 ln(factor) whatever this key says.
+  derived = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+  if value is not None and not math.isclose(value, derived, rel_tol=1e-6):
+    raise architectures.UnsupportedArchitectureError(
+        f"{where}.rope.scaling.yarn_attn_factor={_f32(value)} is not supported: llama.cpp "
+        f"scales RoPE by 1 + 0.1 ln(factor) = {derived:.6g} for this architecture while "
+        "transformers would use the key's value; only that value")
 
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -176,9 +220,9 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
   Raises:
     UnsupportedArchitectureError: for an architecture not in GGUF_ARCHITECTURES, a
-      rope.scaling.type other than linear/none, a rope.dimension_count below the head
-      size, or a rope_freqs.weight tensor that is not llama3 scaling (or comes with a
-      linear factor).
+      rope.scaling.type other than linear/yarn/none (or YaRN keys llama.cpp ignores set
+      to other than their defaults), a rope.dimension_count below the head size, or a
+      rope_freqs.weight tensor that is not llama3 scaling (or comes with a scaled factor).
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
   """
@@ -195,8 +239,9 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64)
       if "rope_scaling" in hf:  # llama.cpp would apply both; one rope type here.
         raise architectures.UnsupportedArchitectureError(
-            f"{path}: rope_freqs.weight (llama3 RoPE scaling) together with linear scaling "
-            f"(factor {hf['rope_scaling']['factor']}) is not supported")
+            f"{path}: rope_freqs.weight (llama3 RoPE scaling) together with "
+            f"{hf['rope_scaling']['rope_type']} scaling (factor {hf['rope_scaling']['factor']}) "
+            "is not supported")
       try:
         hf["rope_scaling"] = llama3_rope_scaling(divisors.reshape(-1), hf["head_dim"],
                                                  hf["rope_theta"])

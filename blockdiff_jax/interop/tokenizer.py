@@ -150,6 +150,9 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     tokenizer.encode_special_tokens = True  # encode() never emits specials.
     self._tok = tokenizer
     self._unk_id = unk_id  # Only chat templates see it (as unk_token).
+    # The model's own pad (None: none); the data pipeline pads with eos then, but chat
+    # templates, as in transformers, see no pad_token.
+    self._model_pad_id = pad_id
     self._source = source
     self.chat_template = chat_template
     self._ids = {"bos": bos_id, "eos": eos_id, "pad": eos_id if pad_id is None else pad_id,
@@ -279,8 +282,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     The template sees what transformers' ``apply_chat_template`` gives it without tools:
     ``tools`` and ``documents`` None (templates test ``tools is not none``), and the
     special tokens by name (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``;
-    the MASK is ours, not the model's; an unknown token the tokenizer lacks stays
-    undefined).
+    the MASK is ours, not the model's; a pad or unknown token the tokenizer lacks stays
+    undefined, although the data pipeline pads with eos).
     """
     if not self.chat_template:
       return render_chatml(messages, add_generation_prompt)
@@ -291,7 +294,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     name = lambda i: None if i is None else self._tok.id_to_token(i)
     # Without a bos, "" as before (transformers leaves it undefined: the same text).
     names = {"bos_token": name(self._ids["bos"]) or "", "eos_token": name(self._ids["eos"]),
-             "pad_token": name(self._ids["pad"]), "unk_token": name(self._unk_id)}
+             "pad_token": name(self._model_pad_id), "unk_token": name(self._unk_id)}
     return env.from_string(self.chat_template).render(
         messages=list(messages), tools=None, documents=None,
         add_generation_prompt=add_generation_prompt,
