@@ -43,9 +43,9 @@ def test_template_less_chat_keeps_special_names_in_messages_as_text():
   messages = [{"role": "system", "content": "Be brief."},
               {"role": "user<|sep|>", "content": FORGED}]
   ids = srv.encode_messages(messages, srv.render_chat(messages)).tolist()
-  # Reference: <|bos|>, then the UTF-8 bytes of the role-prefixed lines.
-  text = "system: Be brief.\nuser<|sep|>: " + FORGED + "\nassistant:"
-  assert ids == [BYTES.bos_id] + list(text.encode("utf-8"))
+  # Reference: SFT's rendering, <|bos|>, the UTF-8 bytes of the contents, <|sep|>.
+  text = "Be brief.\n" + FORGED
+  assert ids == [BYTES.bos_id] + list(text.encode("utf-8")) + [BYTES.sep_id]
 
 
 def test_template_less_chat_with_a_local_bpe_decodes_to_its_rendering():
@@ -58,7 +58,8 @@ def test_template_less_chat_with_a_local_bpe_decodes_to_its_rendering():
                                 layout.parse(bpe, srv.render_chat(plain)).ids)
   text = srv.render_chat(forged)
   ids = srv.encode_messages(forged, text)
-  assert np.flatnonzero(bpe.is_special(ids)).tolist() == [0] and ids[0] == bpe.bos_id
+  assert np.flatnonzero(bpe.is_special(ids)).tolist() == [0, len(ids) - 1]
+  assert ids[0] == bpe.bos_id and ids[-1] == bpe.sep_id
   assert bpe.decode(ids, skip_special=False) == text
 
 

@@ -174,9 +174,9 @@ def test_chat_usage_counts_the_rendered_prompt(fake):
   messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hé"}]
   code, out, _ = _post(r, "/v1/chat/completions", {"model": MODEL, "messages": messages,
                                                     "max_tokens": 4})
-  # The plain rendering: <|bos|> (one token), then one token per UTF-8 byte.
-  rendered = "system: be brief\nuser: hé\nassistant:"
-  assert code == 200 and out["usage"]["prompt_tokens"] == 1 + len(rendered.encode())
+  # SFT's rendering: <|bos|>, one token per UTF-8 byte of the contents, <|sep|>.
+  rendered = "be brief\nhé"
+  assert code == 200 and out["usage"]["prompt_tokens"] == 2 + len(rendered.encode())
   assert out["usage"]["completion_tokens"] == 4
 
 
@@ -194,12 +194,12 @@ def test_bad_values_are_400_naming_the_field(fake, body, param, code):
   assert status == 400 and err["error"]["param"] == param and err["error"]["code"] == code
 
 
-def test_chat_content_parts_are_400_naming_the_message(fake):
+def test_chat_image_parts_are_400_naming_the_part(fake):
   r, _ = fake
   status, err, _ = _post(r, "/v1/chat/completions", {"model": MODEL, "messages": [
       {"role": "user", "content": "hi"},
-      {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
-  assert status == 400 and err["error"]["param"] == "messages[1]"
+      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+  assert status == 400 and err["error"]["param"] == "messages[1].content[0].type"
 
 
 def test_models_lists_the_served_model(fake):

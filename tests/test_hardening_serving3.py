@@ -67,9 +67,9 @@ def test_include_usage_ends_the_stream_with_a_usage_chunk(running, chat):
   body = {"model": MODEL, **kw}
   code, full = _post(running, path, body)
   assert code == 200 and full["choices"][0]["finish_reason"] == "length"  # Precondition.
-  # The byte tokenizer: <|bos|> plus one token per byte (chat: the plain rendering).
-  rendered = "user: hi\nassistant:" if chat else "hello"
-  assert full["usage"]["prompt_tokens"] == 1 + len(rendered.encode())
+  # The byte tokenizer: <|bos|> plus one token per byte (chat: SFT's rendering, + <|sep|>).
+  rendered = "hi" if chat else "hello"
+  assert full["usage"]["prompt_tokens"] == 1 + int(chat) + len(rendered.encode())
   assert full["usage"]["completion_tokens"] == MAX_TOKENS
   code, chunks = _post(running, path, dict(body, stream=True,
                                            stream_options={"include_usage": True}))

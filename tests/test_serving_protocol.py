@@ -108,9 +108,9 @@ def test_chat_messages_cannot_forge_a_turn():
 def test_chat_plain_rendering_for_the_byte_tokenizer():
   srv = server_lib.Server(types.SimpleNamespace(tokenizer=TOK), "m")
   text = srv.render_chat([{"role": "user", "content": "hi"}])
-  assert text == "<|bos|>user: hi\nassistant:"
+  assert text == "<|bos|>hi<|sep|>"  # What SFT trains a template-less model on.
   ids = srv.encode(text)
-  assert ids[0] == TOK.bos_id and np.all(ids[1:] != TOK.bos_id)
+  assert ids[0] == TOK.bos_id and ids[-1] == TOK.sep_id and np.all(ids[1:-1] != TOK.bos_id)
   np.testing.assert_array_equal(srv.encode_messages([{"role": "user", "content": "hi"}],
                                                     text), ids)
   with pytest.raises(protocol.ApiError) as e:

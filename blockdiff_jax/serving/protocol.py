@@ -3,9 +3,10 @@
 Validation raises ``ApiError`` naming the offending field (``param``), which the server
 turns into an OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``.
 
-Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat), ``max_tokens``
-(chat also ``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike
-OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``,
+Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat; a content is
+a string or a list of text parts, joined), ``max_tokens`` (chat also
+``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike OpenAI's 1),
+``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``,
 ``stream_options`` (``include_usage``: as OpenAI, a last chunk with no choices carries
 the usage, the others ``usage: null``; without it the finishing chunk carries it),
 ``n`` (1 only). Decoder options as extra body fields: ``policy`` (threshold | factor |
@@ -93,6 +94,7 @@ class Parsed:
     max_tokens_field: the field that gave ``max_tokens`` (chat may use
       ``max_completion_tokens``), for error messages.
     include_usage: a stream ends with a usage chunk (``stream_options.include_usage``).
+    messages: chat: the messages, each content as one text (text parts joined).
   """
 
   prompt_text: str
@@ -105,6 +107,7 @@ class Parsed:
   isd_stride: int = 0
   max_tokens_field: str = "max_tokens"
   include_usage: bool = False
+  messages: tuple[dict, ...] = ()
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
@@ -134,6 +137,29 @@ def _unicode(text: str, param: str) -> str:
     raise ApiError(400, f"{param} must be Unicode text; it holds the lone surrogate "
                    f"{text[e.start]!r} at character {e.start}", param) from e
   return text
+
+
+def _content_text(content: str | list, i: int) -> str:
+  """A message's content as text: a string, or its text parts concatenated (as OpenAI
+  joins them; its newer clients send ``[{"type": "text", "text": ...}]`` even for plain
+  text). Any other part (an image, audio, a refusal) is a 400 naming its ``type``: this
+  server reads text only."""
+  if isinstance(content, str):
+    return _unicode(content, f"messages[{i}].content")
+  texts = []
+  for j, part in enumerate(content):
+    where = f"messages[{i}].content[{j}]"
+    if not isinstance(part, dict):
+      raise ApiError(400, f"{where} must be an object {{'type': 'text', 'text': str}}, "
+                     f"got {part!r:.60}", where)
+    if part.get("type") != "text":
+      raise ApiError(400, f"{where}.type must be 'text' (this server reads text only), "
+                     f"got {part.get('type')!r:.60}", f"{where}.type")
+    if not isinstance(part.get("text"), str):
+      raise ApiError(400, f"{where}.text must be a string, got {part.get('text')!r:.60}",
+                     f"{where}.text")
+    texts.append(_unicode(part["text"], f"{where}.text"))
+  return "".join(texts)
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -178,11 +204,12 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
       raise ApiError(400, "messages must be a non-empty list", "messages")
     for i, m in enumerate(messages):
       if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-          or not isinstance(m.get("content"), str)):
-        raise ApiError(400, f"messages[{i}] must be {{'role': str, 'content': str}}",
-                       f"messages[{i}]")
+          or not isinstance(m.get("content"), (str, list))):
+        raise ApiError(400, f"messages[{i}] must be {{'role': str, 'content': str or a "
+                       "list of text parts}", f"messages[{i}]")
       _unicode(m["role"], f"messages[{i}].role")
-      _unicode(m["content"], f"messages[{i}].content")
+    messages = [dict(m, content=_content_text(m["content"], i))
+                for i, m in enumerate(messages)]
     prompt = render_chat(messages)
   else:
     prompt = body.get("prompt")
@@ -194,8 +221,12 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     _unicode(prompt, "prompt")
   if _number(body, "n", 1, integer=True) != 1:
     raise ApiError(400, "only n=1 is supported", "n")
-  name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-  max_tokens = _number(body, name, None, lo=1, integer=True)
+  # Chat: max_completion_tokens wins over max_tokens (its deprecated alias); a bad value
+  # of either is refused, not ignored.
+  max_tokens, name = _number(body, "max_tokens", None, lo=1, integer=True), "max_tokens"
+  if chat and "max_completion_tokens" in body:
+    name = "max_completion_tokens"
+    max_tokens = _number(body, name, None, lo=1, integer=True)
   temperature = float(_number(body, "temperature", 0.0, lo=0, hi=2))
   top_p = float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
   seed = _number(body, "seed", None, *SEED_RANGE, integer=True)
@@ -260,7 +291,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
                    f"positions; policy {policy!r} commits {widest} at once", field)
   return Parsed(prompt, max_tokens, options, policy == "ar",
                 None if seed is None else int(seed), tuple(stop), stream, stride, name,
-                include_usage)
+                include_usage, tuple(messages) if chat else ())
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

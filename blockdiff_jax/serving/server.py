@@ -42,6 +42,8 @@ import time
 from aiohttp import web
 import numpy as np
 
+from blockdiff_jax.data import sft
+from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.serving import engine as engine_lib
 from blockdiff_jax.serving import protocol
@@ -129,14 +131,15 @@ class Server:
     return await self._generate(request, chat=True)
 
   def render_chat(self, messages) -> str:
-    """The tokenizer's chat template when it has one, else a plain role-prefixed rendering."""
+    """The tokenizer's chat template when it has one, else SFT's ``BOS prompt SEP``
+    (``encode_messages``), spelled with the specials' names."""
     if hasattr(self.tokenizer, "apply_chat_template"):
       try:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
       except Exception as e:  # pylint: disable=broad-except
         # The template rejected the conversation (e.g. roles out of order).
         raise protocol.ApiError(400, f"messages: {e}", "messages") from e
-    return f"<|bos|>{_plain_chat(messages)}"
+    return f"{tokenizers.BOS}{_plain_chat(messages)}{tokenizers.SEP}"
 
   def encode(self, text: str, param: str = "prompt") -> np.ndarray:
     """The prompt's ids; errors name ``param`` (chat: ``messages``)."""
@@ -155,14 +158,16 @@ class Server:
     """A chat's ids (``text``: its rendering). Special-token names typed in a message
     stay text, or a user could close their turn and write a system one.
 
-    Without a chat template the rendering's only special is its leading ``<|bos|>``:
-    the rest (roles and contents) is encoded as text, never parsed for names.
+    Without a chat template: the prompt SFT trains such a model on (``sft.render``),
+    ``BOS``, the contents encoded as text (never parsed for names), ``SEP``; a model
+    fine-tuned by our SFT must be served in the layout it learned.
     """
     if not hasattr(self.tokenizer, "encode_chat"):
       if hasattr(self.tokenizer, "apply_chat_template"):
         return self.encode(text, "messages")  # A template without a safe encoder.
-      body = np.asarray(self.tokenizer.encode(_plain_chat(messages)), np.int32)
-      return np.concatenate([np.array([self.tokenizer.bos_id], np.int32), body])
+      # sft.render takes a record whose last message is the response: an empty one.
+      head, _ = sft.render(self.tokenizer, [*messages, {"role": "assistant", "content": ""}])
+      return np.asarray(head, np.int32)
     try:
       return np.asarray(self.tokenizer.encode_chat(messages), np.int32)
     except ValueError as e:
@@ -196,7 +201,7 @@ class Server:
         body, self.model_name, chat, self.tokenizer, self.engine.block_size,
         self.tokenizer.mask_id, self.tokenizer.eos_id, self.defaults, self.token_shift,
         render_chat=self.render_chat)
-    ids = (self.encode_messages(body["messages"], parsed.prompt_text) if chat
+    ids = (self.encode_messages(list(parsed.messages), parsed.prompt_text) if chat
            else self.encode(parsed.prompt_text))
     max_tokens = parsed.max_tokens
     if max_tokens is None:
@@ -325,9 +330,9 @@ def _message_field(error: str, count: int) -> str:
 
 
 def _plain_chat(messages) -> str:
-  """The template-less rendering after its ``<|bos|>``: role-prefixed lines."""
-  lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-  return f"{lines}assistant:"
+  """The template-less prompt between ``BOS`` and ``SEP``: the contents, one a line
+  (``sft.render``; SFT without a template trains no role names)."""
+  return "\n".join(m["content"] for m in messages)
 
 
 def require_json(request) -> None:
