@@ -18,15 +18,21 @@ the standard library does, as ``data/sft.py`` builds them), both (``general,docs
 or a text file with one question per line. Prompts are
 rendered exactly as the SFT pipeline renders them (the model's chat template), so the
 training rows hold the very contexts the answers were generated from.
+
+A run resumes: each batch's answers are appended to ``answers.jsonl.partial`` (its first
+line records the settings: model, checkpoint step, questions, decoding), and a rerun
+with the same settings decodes only the batches not yet there, in the same batches, so
+the file equals an uninterrupted run's. Different settings are refused rather than mixed.
 """
 
+import hashlib
 import itertools
 import json
 import numbers
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -37,6 +43,8 @@ from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import layout
 
 ANSWERS = os.path.join("distill", "answers.jsonl")
+# Not *.jsonl: the SFT pipeline reads every .jsonl file of distill/ (sft.distilled_files).
+PARTIAL = ANSWERS + ".partial"
 GENERAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                        "prompts", "general_questions.txt")
 
@@ -96,13 +104,18 @@ def questions(source: str, limit: int) -> list[str]:
 
 def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
                    max_new_tokens: int, max_len: int, batch_size: int,
-                   token_shift: bool = True, log=sys.stdout,
-                   block_size: int = 1) -> list[tuple[str, str, bool]]:
+                   token_shift: bool = True, log=sys.stdout, block_size: int = 1,
+                   skip: int = 0, on_batch: Callable[[list], None] | None = None
+                   ) -> list[tuple[str, str, bool]]:
   """(question, greedy answer, it ended with EOS) for every question that fits ``max_len``.
 
   ``block_size`` is the model's diffusion block size: without ``token_shift`` the AR
   decoder gives the prompt its trained block-causal attention with it (with the shift
   every token is its own block and it is not used).
+
+  ``skip`` (a multiple of ``batch_size - 1``, or all): the answers of that many fitting
+  questions are already known; they are neither decoded nor returned, and the rest are
+  decoded in the batches a whole run would use. ``on_batch`` gets each batch's answers.
 
   Every batch has the same shape and the same longest prompt (its last row is always
   the longest question, and short batches are padded with repeats), so the AR decoder
@@ -121,27 +134,89 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
                                  eos_id=tokenizer.eos_id, token_shift=token_shift)
   pairs, t0, done = [], time.time(), 0
   per_batch = batch_size - 1
-  for start in range(0, len(keep), per_batch):
+  if not 0 <= skip <= len(keep) or (skip % per_batch and skip != len(keep)):
+    raise ValueError(f"skip={skip} must be a multiple of distill.batch_size - 1 = "
+                     f"{per_batch} in [0, {len(keep)}], or {len(keep)}")
+  for start in range(skip, len(keep), per_batch):
     idx = keep[start:start + per_batch]
     ids = [heads[i] for i in idx] + [heads[idx[0]]] * (per_batch - len(idx)) + [longest]
     canvas = layout.generation_canvas(ids, max_new_tokens, 1, tokenizer.mask_id, max_len,
                                       width=max_len)
     out = ar_lib.decode_ar(model, params, canvas, options)
     tokens = np.asarray(out["tokens"])
+    batch = []
     for row, i in enumerate(idx):
       gen = tokens[row, np.flatnonzero(canvas.maskable[row])]
       eos = np.flatnonzero(gen == tokenizer.eos_id)
-      pairs.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)]),
+      batch.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)]),
                     bool(eos.size)))
+    pairs += batch
+    if on_batch is not None:
+      on_batch(batch)
     done += len(idx)
     rate = done / (time.time() - t0)
-    print(f"[distill {done}/{len(keep)}] {rate:.2f} answers/s ETA "
-          f"{(len(keep) - done) / rate:.0f} s", file=log, flush=True)
+    print(f"[distill {skip + done}/{len(keep)}] {rate:.2f} answers/s ETA "
+          f"{(len(keep) - skip - done) / rate:.0f} s", file=log, flush=True)
   return pairs
 
 
+def _line(q: str, a: str, ended: bool) -> str:
+  return json.dumps({"prompt": q, "response": a, "finished": ended}) + "\n"
+
+
+def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str]) -> dict:
+  """What an answers file depends on: the model, its step, the questions, the decoding."""
+  d = config.distill
+  digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True, default=str)
+                                    .encode()).hexdigest()[:16]
+  return {"model": digest(config.model.to_dict()), "step": step,
+          "questions": digest(list(prompts)), "num_questions": len(prompts),
+          "max_new_tokens": d.max_new_tokens, "max_len": d.max_len,
+          "batch_size": d.batch_size,
+          "token_shift": bool(config.diffusion.get("token_shift", False)),
+          "block_size": config.diffusion.block_size}
+
+
+def read_partial(path: str, want: dict, per_batch: int, total: int) -> list[tuple]:
+  """The answers of whole batches in a partial file written with settings ``want``.
+
+  A torn last line (a run killed mid-write) and a batch cut short are dropped, so the
+  resumed run decodes whole batches, as an uninterrupted run does.
+
+  Raises:
+    ValueError: the file holds answers written with other settings (naming each one
+      that differs); a file without answers is not worth refusing over.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  try:
+    have = json.loads(lines[0])["distill_settings"]
+  except (ValueError, KeyError, TypeError):
+    raise ValueError(f"{path} is not a distill partial file (no settings line); delete "
+                     "it to start over") from None
+  if have != want:
+    if len(lines) <= 2:  # No whole answer line: nothing would be mixed.
+      return []
+    diff = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now"
+                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+    raise ValueError(f"{path} was written with other settings ({diff}); delete it to start "
+                     "over, or restore the settings to resume it")
+  pairs = []
+  for line in lines[1:-1]:  # The last piece follows the final newline (or is torn).
+    try:
+      r = json.loads(line)
+      pairs.append((r["prompt"], r["response"], r["finished"]))
+    except (ValueError, KeyError, TypeError):
+      break
+  return pairs if len(pairs) == total else pairs[:len(pairs) - len(pairs) % per_batch]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """``--mode=distill``: writes ``<workdir>/distill/answers.jsonl``; returns its path."""
+  """``--mode=distill``: writes ``<workdir>/distill/answers.jsonl``; returns its path.
+
+  Resumes from ``answers.jsonl.partial`` when an earlier run with the same settings left
+  one (see the module docstring).
+  """
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   validate(config)
   d = config.distill
@@ -151,19 +226,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   if not prompts:
     raise ValueError(f"distill.source={d.source!r} holds no questions (blank lines are "
                      "skipped)")
-  config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  config, model, tokenizer, params, step = inference.load_for_inference(
+      workdir, config, return_step=True)
+  path = os.path.join(workdir, ANSWERS)
+  partial = os.path.join(workdir, PARTIAL)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  want = settings(config, step, prompts)
+  heads = [sft.render(tokenizer, (q, ""))[0] for q in prompts]
+  total = sum(len(h) + d.max_new_tokens <= d.max_len for h in heads)
+  done = (read_partial(partial, want, d.batch_size - 1, total)
+          if os.path.exists(partial) else [])
+  with open(partial + ".tmp", "w", encoding="utf-8") as f:  # Header and whole batches only.
+    f.write(json.dumps({"distill_settings": want}) + "\n")
+    f.writelines(_line(*p) for p in done)
+  os.replace(partial + ".tmp", partial)
+  if done:
+    print(f"resuming {partial}: {len(done)} of {total} answers there", flush=True)
+
+  def append(batch):
+    with open(partial, "a", encoding="utf-8") as f:
+      f.write("".join(_line(*p) for p in batch))
+      f.flush()
+      os.fsync(f.fileno())
+
   t0 = time.time()
   with inference.inference_context(config):
-    pairs = greedy_answers(model, params, tokenizer, prompts, d.max_new_tokens, d.max_len,
-                           d.batch_size, config.diffusion.get("token_shift", False),
-                           block_size=config.diffusion.block_size)
-  path = os.path.join(workdir, ANSWERS)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+    pairs = done + greedy_answers(model, params, tokenizer, prompts, d.max_new_tokens,
+                                  d.max_len, d.batch_size,
+                                  config.diffusion.get("token_shift", False),
+                                  block_size=config.diffusion.block_size, skip=len(done),
+                                  on_batch=append)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    for q, a, ended in pairs:
-      f.write(json.dumps({"prompt": q, "response": a, "finished": ended}) + "\n")
+    f.writelines(_line(*p) for p in pairs)
   os.replace(tmp, path)  # A crash never leaves a half-written file behind.
+  os.remove(partial)
   cut = sum(not ended for _, _, ended in pairs)
   print(f"wrote {len(pairs)} answers ({cut} cut at distill.max_new_tokens, "
         f"{len(prompts) - len(pairs)} questions too long) to {path} in "

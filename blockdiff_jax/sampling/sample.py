@@ -7,7 +7,9 @@ The library calls (``generate``, ``infill``, ``answer``) and the metrics they re
 in ``sampling/generation.py``; they are re-exported here.
 """
 
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -226,13 +228,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def _write_samples(workdir: str, record: dict) -> None:
+def _finite(x):
+  """``x`` with every NaN or infinite float as None: ``json.dump`` would write ``NaN``,
+  which strict JSON readers (``jq``, ``JSON.parse``) refuse."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  return x
+
+
+def _write_samples(workdir: str, record: dict) -> str:
+  """Writes ``record`` to a new ``samples/samples_<time>[_<n>].json``; returns its path.
+
+  The file is created exclusively: two runs in the same second get two files, never one
+  overwriting the other.
+  """
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"samples_{time.strftime('%Y%m%d_%H%M%S')}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
+  stem = os.path.join(out_dir, f"samples_{time.strftime('%Y%m%d_%H%M%S')}")
+  for n in itertools.count():
+    path = f"{stem}_{n}.json" if n else f"{stem}.json"
+    try:
+      f = open(path, "x", encoding="utf-8")
+    except FileExistsError:
+      continue
+    with f:
+      json.dump(_finite(record), f, indent=2, allow_nan=False)
+    break
   print(f"wrote {path}", flush=True)
+  return path
 
 
 def _run_compare(config, s, model, params, tokenizer, prompts, options, max_len,

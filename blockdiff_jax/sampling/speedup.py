@@ -70,6 +70,19 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
   if options.sampling.temperature > 0:
     raise ValueError("compare_with_ar compares greedy texts; options.sampling.temperature "
                      f"must be 0, got {options.sampling.temperature}")
+  if not prompts:
+    raise ValueError("compare_with_ar needs at least one prompt, got none")
+  # Every prompt is checked before any is decoded: each is decoded alone, so a bad one
+  # met late would waste the warm runs before it (and generate would call it prompt 0).
+  for i, prompt in enumerate(prompts):
+    try:
+      parsed = layout.parse(tokenizer, prompt)
+      if parsed.maskable.any():
+        raise ValueError("it has <|mask:N|> spans (infilling is not compared with AR)")
+      layout.generation_canvas([parsed.ids], max_new_tokens, options.block_size,
+                               tokenizer.mask_id, max_len)
+    except ValueError as e:
+      raise ValueError(f"prompt {i} ({prompt[:40]!r}): {e}") from None
   rows = []
   for i, prompt in enumerate(prompts):
     common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],

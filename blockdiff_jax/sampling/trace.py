@@ -5,7 +5,7 @@ records which positions each forward filled or (with editing) rewrote, with thei
 confidence; ``isd_trace`` runs ISD one forward at a time and records the drafts each
 forward verified, how many it accepted and what it emitted. Both drive the decoders'
 own public steps (the jitted decoders loop the very same functions), so a trace shows
-what ``generate`` does.
+what ``generate`` does; sampled, with the same ``rng`` key, it draws the same tokens.
 
 Both compile like their decoders: the prefill width is bucketed
 (``decoder.bucketed_prefill_width``; ISD: ``jit_cache.bucket``, as ``isd.decode_isd``)
@@ -15,6 +15,7 @@ and the programs are kept in ``JIT_CACHE``, so tracing many prompts (at a fixed
 
 import dataclasses
 from typing import Any
+import warnings
 
 import jax
 import numpy as np
@@ -47,9 +48,10 @@ def _build(key: _Key):
   if key.prefill_len is None:
     return jax.jit(lambda p, s: step_lib.denoise_step(key.logits_fn, p, s, key.options))
 
-  def init(params, tokens, maskable, length, start_block):
+  def init(params, tokens, maskable, length, start_block, rng):
     canvas = layout.Canvas(tokens, maskable, length, start_block)
-    return state_lib.init_state(key.logits_fn, params, canvas, key.options, key.prefill_len)
+    return state_lib.init_state(key.logits_fn, params, canvas, key.options, key.prefill_len,
+                                rng)
 
   return jax.jit(init)
 
@@ -69,17 +71,28 @@ def _build_isd(key: _ISDKey):
   fn, opt, n = key.logits_fn, key.options, key.stride
   if key.prompt_max is None:
     return jax.jit(lambda p, s: isd_lib.step(fn, opt, n, p, s))
-  return jax.jit(lambda p, t, pl, ln: isd_lib.init(fn, opt, n, key.prompt_max, p, t, pl, ln,
-                                                   jax.random.key(0)))
+  return jax.jit(lambda p, t, pl, ln, rng: isd_lib.init(fn, opt, n, key.prompt_max, p, t, pl,
+                                                        ln, rng))
 
 
 def _canvas(tokenizer, prompt: str, options: layout.DecodeOptions, max_new_tokens: int,
             max_len: int, width: int | None = None) -> tuple[np.ndarray, layout.Canvas]:
+  """The prompt's ids and its generation canvas; says so when ``max_new_tokens`` is cut.
+
+  ``generation.generate`` refuses a request past ``max_len``; a trace is a look at one
+  prompt, so it traces the room there is, with a warning naming both numbers (cut
+  silently, the shorter trace would read as the model stopping early).
+  """
   ids = layout.parse(tokenizer, prompt).ids
   if len(ids) + 1 > max_len:
     raise ValueError(f"prompt: {len(ids)} tokens leave no room in max_len={max_len}")
-  canvas = layout.generation_canvas([ids], min(max_new_tokens, max_len - len(ids)),
-                                    options.block_size, options.mask_id, max_len, width)
+  room = max_len - len(ids)
+  if max_new_tokens > room:
+    warnings.warn(f"max_new_tokens={max_new_tokens} with a {len(ids)}-token prompt exceeds "
+                  f"max_len={max_len} (generation.generate refuses this request); tracing "
+                  f"{room} new tokens", stacklevel=3)
+  canvas = layout.generation_canvas([ids], min(max_new_tokens, room), options.block_size,
+                                    options.mask_id, max_len, width)
   return ids, canvas
 
 
@@ -89,7 +102,8 @@ def _text(tokenizer: tokenizers.Tokenizer, ids) -> str:
 
 def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
                 options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
-                max_forwards: int = 10_000, width: int | None = None) -> dict:
+                max_forwards: int = 10_000, width: int | None = None,
+                rng: Any = None) -> dict:
   """The block decoder on one prompt, forward by forward.
 
   Args:
@@ -100,6 +114,8 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     max_forwards: stop after this many forwards (a guard; the decoder always ends).
     width: fixed canvas width, as for ``generation.generate`` (default: the smallest
       that fits); fix it to trace many prompts with one step program.
+    rng: sampling key, as for ``generation.generate`` (default key 0): a sampled trace
+      with key k draws what ``generate`` draws with key k.
 
   Returns:
     ``{"fills": [{forward, block, position, token, text, confidence, kind}], "forwards",
@@ -115,7 +131,8 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
       state_lib.prefill_width(canvas, bk), bk, canvas.tokens.shape[1])
   init = JIT_CACHE.get(_Key(fn, options, prefill_len), _build)
   step = JIT_CACHE.get(_Key(fn, options, None), _build)
-  st = init(params, canvas.tokens, canvas.maskable, canvas.length, canvas.start_block)
+  st = init(params, canvas.tokens, canvas.maskable, canvas.length, canvas.start_block,
+            jax.random.key(0) if rng is None else rng)
   start = len(ids)
   fills, forward = [], 0
   while not bool(jax.device_get(st.done)[0]) and forward < max_forwards:
@@ -137,7 +154,8 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
 
 def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
               options: layout.DecodeOptions, stride: int, max_new_tokens: int, max_len: int,
-              max_forwards: int = 10_000, width: int | None = None) -> dict:
+              max_forwards: int = 10_000, width: int | None = None,
+              rng: Any = None) -> dict:
   """ISD on one prompt, forward by forward (the prefill forward first).
 
   Args:
@@ -148,6 +166,7 @@ def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
     max_new_tokens, max_len: limits.
     max_forwards: a guard, as for ``block_trace``.
     width: fixed canvas width, as for ``block_trace``.
+    rng: sampling key, as for ``block_trace``.
 
   Returns:
     ``{"forwards": [{forward, verified, accepted, emitted, drafts_next}], "completion"}``:
@@ -166,7 +185,8 @@ def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
   prompt_max = jit_cache.bucket(len(ids), canvas.tokens.shape[1])
   init = JIT_CACHE.get(_ISDKey(fn, options, stride, prompt_max), _build_isd)
   step = JIT_CACHE.get(_ISDKey(fn, options, stride, None), _build_isd)
-  st = jax.device_get(init(params, tokens, prompt_len, length))
+  st = jax.device_get(init(params, tokens, prompt_len, length,
+                           jax.random.key(0) if rng is None else rng))
   first = [int(st.tokens[0, len(ids)])]
   records = [{"forward": 1, "verified": [], "accepted": 0,
               "emitted": [_text(tokenizer, [t]) for t in first],
