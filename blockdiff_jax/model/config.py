@@ -8,6 +8,7 @@ from blockdiff_jax import masks
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import rope
 from blockdiff_jax.model import transformer
+from blockdiff_jax.model import upcycle
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -146,8 +147,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.moe.{name} must be >= 1, got {m.moe[name]}")
   for name in ("shared_expert_dim", "first_dense_layers", "capacity_factor",
                "load_balance_weight", "z_loss_weight"):
-    if not m.moe[name] >= 0:
-      raise ValueError(f"model.moe.{name} must be >= 0, got {m.moe[name]}")
+    # inf too: an infinite capacity overflows math.ceil, an infinite weight the loss.
+    if not (m.moe[name] >= 0 and math.isfinite(m.moe[name])):
+      raise ValueError(f"model.moe.{name} must be >= 0 and finite, got {m.moe[name]}")
   # theta <= 0 makes the RoPE frequencies NaN and eps <= 0 lets RMSNorm divide by zero:
   # both train to NaN at step 1.
   for name in ("rope_theta", "norm_eps"):
@@ -186,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("model.moe.upcycle_from_dense=True needs init.pretrained (the dense "
                      "checkpoint whose MLPs become the experts), got init.pretrained="
                      f"{(init or {}).get('pretrained', '')!r}")
+  if m.moe.get("upcycle_from_dense", False):
+    upcycle.check_layout(m.moe)
   # The dataclasses check the rest (top_k <= num_experts, head counts, dtype, impls).
   cfg = model_config(config, vocab_size=m.vocab_size or 1)
   lora = cfg.lora

@@ -22,6 +22,7 @@ inside that set.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -83,8 +84,10 @@ class MoEConfig:
     if self.expert_parallel not in expert_parallel.EXPERT_PARALLEL_MODES:
       raise ValueError(f"model.moe.expert_parallel must be one of "
                        f"{expert_parallel.EXPERT_PARALLEL_MODES}, got {self.expert_parallel!r}")
-    if self.capacity_factor < 0:
-      raise ValueError(f"model.moe.capacity_factor must be >= 0 (0 = dropless), "
+    # NaN would pass a plain < 0 test and mean dropless; inf overflows math.ceil of the
+    # expert-parallel capacity.
+    if not (self.capacity_factor >= 0 and math.isfinite(self.capacity_factor)):
+      raise ValueError(f"model.moe.capacity_factor must be >= 0 and finite (0 = dropless), "
                        f"got {self.capacity_factor}")
     if self.tile_size < 1:
       raise ValueError(f"model.moe.tile_size must be >= 1, got {self.tile_size}")

@@ -25,12 +25,34 @@ Array = Any
 MLP_TARGETS = ("gate", "up", "down")
 
 
+# MoE layout fields upcycling cannot honour, with the only value it accepts: every dense
+# MLP becomes the experts of its layer, and a new shared expert would change the function.
+FIXED_FIELDS = (("moe_every", 1), ("first_dense_layers", 0), ("shared_expert_dim", 0),
+                ("shared_expert_gate", False))
+
+
+def check_layout(moe_section: ml_collections.ConfigDict) -> None:
+  """Refuses a ``config.model.moe`` layout that upcycling would silently replace.
+
+  Raises:
+    ValueError: naming the first field of ``FIXED_FIELDS`` off its accepted value.
+  """
+  for name, value in FIXED_FIELDS:
+    got = moe_section.get(name, value)
+    if got != value:
+      raise ValueError(f"model.moe.{name}={got!r} cannot be kept by "
+                       "model.moe.upcycle_from_dense=True: every dense MLP becomes an MoE "
+                       f"layer and no shared expert is added; set it to {value!r}")
+
+
 def upcycle_model_config(model: ml_collections.ConfigDict, num_experts: int) -> None:
   """Turns a dense ``config.model`` into its upcycled MoE twin, in place.
 
   Every layer becomes MoE (no leading dense layers, no shared expert) with experts as
-  wide as the dense MLP; ``top_k`` and the routing options stay as configured.
+  wide as the dense MLP; ``top_k`` and the routing options stay as configured. A layout
+  asking otherwise is refused (``check_layout``) rather than overwritten.
   """
+  check_layout(model.moe)
   if num_experts < 1:
     raise ValueError(f"model.moe.num_experts must be >= 1 to upcycle, got {num_experts}")
   if model.moe.top_k > num_experts:
@@ -40,10 +62,6 @@ def upcycle_model_config(model: ml_collections.ConfigDict, num_experts: int) -> 
   with model.unlocked():
     model.moe.num_experts = num_experts
     model.moe.expert_dim = model.mlp_dim
-    model.moe.moe_every = 1
-    model.moe.first_dense_layers = 0
-    model.moe.shared_expert_dim = 0
-    model.moe.shared_expert_gate = False
 
 
 def _moe_of_mlp(mlp: dict, num_experts: int, rng: Array, router_std: float) -> dict:

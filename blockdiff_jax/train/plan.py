@@ -127,8 +127,8 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
 
   * ``saved``: what the backward pass keeps. With remat, each layer's input
     [b, T, D]; without, also q/k/v, the attention probabilities (XLA path) and
-    the MLP/expert hidden activations of every layer. Summed over the passes (the
-    backward needs all of them).
+    the MLP/expert (and shared-expert) hidden activations of every layer. Summed over
+    the passes (the backward needs all of them).
   * ``layer``: the working set of the one layer being (re)computed: attention
     logits and probabilities in fp32 ([b, H, T, keys] x 2, XLA path; the Pallas
     kernel keeps per-tile state only) and the dispatched expert activations
@@ -170,11 +170,16 @@ def activation_bytes(cfg: transformer.TransformerConfig, config: ml_collections.
         # (copies out, results back) are as large (model/expert_parallel.py).
         cap = rows_b * seq * min(cfg.moe.top_k, cfg.moe.num_experts // ep)
         if cfg.moe.capacity_factor > 0:
-          cap = min(cap, max(1, math.ceil(cfg.moe.capacity_factor * rows / ep)))
+          # make_plan's float expression, term for term: cf * (n * k) can round across
+          # an integer where (cf * n) * k does not (1.1 * 360 / 2 -> 199, not 198).
+          cap = min(cap, max(1, math.ceil(cfg.moe.capacity_factor * (rows_b * seq)
+                                          * cfg.moe.top_k / ep)))
         rows = ep * cap
         buffers = 2 * rows * cfg.d_model
       mlp = rows * (3 * _div(cfg.moe.expert_dim, mesh, spec("expert_mlp")) + 2 * cfg.d_model)
       mlp += buffers
+      # The shared expert is a plain SwiGLU over every token, beside the routed copies.
+      mlp += rows_b * seq * 3 * _div(cfg.moe.shared_expert_dim, mesh, spec("mlp"))
     else:
       mlp = rows_b * seq * 3 * _div(cfg.mlp_dim, mesh, spec("mlp"))
     mlp *= act

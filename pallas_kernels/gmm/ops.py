@@ -60,9 +60,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
   Args:
     lhs: [M, K] float32 or bfloat16.
     rhs: [G, K, N], same dtype as lhs.
-    group_sizes: [G] integer rows per group; ``sum(group_sizes) <= M`` (larger
-      sums are clipped to M). Concrete negative sizes raise; traced ones count as 0
-      (``ragged_dot`` leaves them undefined).
+    group_sizes: [G] integer rows per group (an array, or a list/tuple of ints);
+      ``sum(group_sizes) <= M`` (larger sums are clipped to M). Concrete negative
+      sizes raise; traced ones count as 0 (``ragged_dot`` leaves them undefined).
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
@@ -70,6 +70,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
   Returns:
     [M, N] in ``preferred_element_type``. Differentiable in lhs and rhs.
   """
+  group_sizes = jnp.asarray(group_sizes)
   _validate(lhs, rhs, group_sizes)
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if 0 in lhs.shape or 0 in rhs.shape:
@@ -119,7 +120,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   Args:
     lhs: [M, K] float32 or bfloat16.
     dout: [M, N], same dtype as lhs.
-    group_sizes: [G] integer rows per group (negative: as in ``gmm``).
+    group_sizes: [G] integer rows per group, array or list/tuple (negative: as in ``gmm``).
     block_sizes: kernel tile sizes.
     preferred_element_type: output dtype (default: lhs dtype).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
@@ -127,6 +128,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
   Returns:
     [G, K, N].
   """
+  group_sizes = jnp.asarray(group_sizes)
   if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
     raise ValueError(f"tgmm: need lhs [M, K] and dout [M, N], got {lhs.shape}, {dout.shape}")
   if lhs.dtype != dout.dtype or lhs.dtype not in _SUPPORTED_DTYPES:

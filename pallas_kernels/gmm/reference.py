@@ -12,17 +12,21 @@ def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array,
                   preferred_element_type: Any = None) -> Array:
   """``jax.lax.ragged_dot``: the XLA grouped matmul with the same semantics.
 
-  Negative sizes count as empty groups, as in the kernel (ragged_dot leaves them undefined).
+  Negative sizes count as empty groups, as in the kernel (ragged_dot leaves them undefined);
+  ``group_sizes`` may be a list or tuple of ints, as for ``gmm``.
   """
-  return jax.lax.ragged_dot(lhs, rhs, jnp.maximum(group_sizes.astype(jnp.int32), 0),
+  return jax.lax.ragged_dot(lhs, rhs, jnp.maximum(jnp.asarray(group_sizes, jnp.int32), 0),
                             preferred_element_type=preferred_element_type)
 
 
 def tgmm_reference(lhs: Array, dout: Array, group_sizes: Array,
                    preferred_element_type: Any = None) -> Array:
-  """[G, K, N] per-group ``lhs_g^T @ dout_g`` via a one-hot group mask (O(G·M·K·N))."""
+  """[G, K, N] per-group ``lhs_g^T @ dout_g`` via a one-hot group mask (O(G·M·K·N)).
+
+  ``group_sizes``: [G] integer rows per group, array or list/tuple (as for ``tgmm``).
+  """
   m = lhs.shape[0]
-  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  sizes = jnp.maximum(jnp.asarray(group_sizes, jnp.int32), 0)
   ends = jnp.cumsum(sizes)
   starts = ends - sizes
   rows = jnp.arange(m)
