@@ -261,3 +261,15 @@ def test_plan_refuses_a_negative_device_count_or_memory(tmp_path, field, value, 
   with pytest.raises(ValueError, match=message):
     plan.run(c, str(tmp_path / "plan"))
   assert not os.path.exists(tmp_path / "plan")
+
+
+def test_ar_objective_needs_no_block_multiple_but_blocks_and_slots_do():
+  c = config_lib.base_config()
+  c.data.seq_len, c.diffusion.block_size = 10, 8
+  with pytest.raises(ValueError, match=r"data\.seq_len=10 is not a multiple"):
+    config_lib.validate(c)
+  c.diffusion.objective, c.diffusion.token_shift = "ar", True
+  config_lib.validate(c)  # The AR loss never reads block_size.
+  c.model.summary.num_slots = 2  # Summary slots sit one bank per block.
+  with pytest.raises(ValueError, match=r"data\.seq_len=10 is not a multiple"):
+    config_lib.validate(c)
