@@ -38,6 +38,8 @@ def _tiny_config():
     ({"policy": "isd"}, r"sample\.policy='isd' needs a token-shifted model"),
     ({"policy": "ar", "kv_cache": "hierarchical", "kv_form": "summary", "kv_chunk": 8},
      r"sample\.kv_form='summary' works with the block decoder"),
+    # Before: accepted, and --mode=sample silently sampled without the comparison.
+    ({"policy": "ar", "compare_ar": True}, r"sample\.compare_ar=True compares a diffusion"),
 ])
 def test_a_bad_sample_field_is_named_by_its_config_path(fields, match):
   config = _tiny_config()

@@ -9,7 +9,6 @@ in ``sampling/generation.py``; they are re-exported here.
 
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.model import kv_memory
 from blockdiff_jax.sampling import generation
@@ -153,6 +153,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
   if "kv_chunk" in s:
     kv_memory.hierarchy_from_config(s)
+  if s.get("compare_ar", False) and s.policy == "ar":
+    raise ValueError("sample.compare_ar=True compares a diffusion decoder with AR; "
+                     "sample.policy='ar' is AR itself")
   diffusion = config.get("diffusion") or {}
   options_from_config(s, diffusion.get("block_size", 1), tokenizers.ByteTokenizer(),
                       diffusion.get("token_shift", False))
@@ -203,7 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer,
                                 config.diffusion.get("token_shift", False))
-  if s.get("compare_ar", False) and s.policy != "ar":
+  if s.get("compare_ar", False):
     return _run_compare(config, s, model, params, tokenizer, prompts, options, max_len,
                         workdir)
   on_block = (_console_streamer(tokenizer) if s.stream and s.policy not in ("ar", "isd")
@@ -228,18 +231,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def _finite(x):
-  """``x`` with every NaN or infinite float as None: ``json.dump`` would write ``NaN``,
-  which strict JSON readers (``jq``, ``JSON.parse``) refuse."""
-  if isinstance(x, float):
-    return x if math.isfinite(x) else None
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  return x
-
-
 def _write_samples(workdir: str, record: dict) -> str:
   """Writes ``record`` to a new ``samples/samples_<time>[_<n>].json``; returns its path.
 
@@ -256,7 +247,7 @@ def _write_samples(workdir: str, record: dict) -> str:
     except FileExistsError:
       continue
     with f:
-      json.dump(_finite(record), f, indent=2, allow_nan=False)
+      json.dump(metrics_writer.finite_or_none(record), f, indent=2, allow_nan=False)
     break
   print(f"wrote {path}", flush=True)
   return path
