@@ -84,6 +84,21 @@ class JaxEventCounter:
       self.count += 1
 
 
+def one_layer_hf_folder(tmp_path) -> str:
+  """test_init_pretrained's tiny HF llama folder, cut to its first layer.
+
+  For end-to-end runs (train, checkpoints, decoders) whose checks no layer count
+  changes: each of their many compiles costs about half.
+  """
+  import test_interop_pretrained as tiny  # pylint: disable=g-import-not-at-top
+  folder = str(tmp_path / "hf")
+  model = tiny._tiny_llama(tiny._folder_with_unmasked_tokenizer(folder))  # pylint: disable=protected-access
+  model.model.layers = model.model.layers[:1]
+  model.config.num_hidden_layers = 1
+  model.save_pretrained(folder)
+  return folder
+
+
 def small_model_config(**model):
   """The base config shrunk to a 32-wide model (2 heads, 1 KV head of 16) for decoders."""
   from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from conftest import load_experiment
+from conftest import one_layer_hf_folder
 from blockdiff_jax.data import synthetic
 
 
@@ -59,12 +60,12 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
   """Two tiny runs (block diffusion and AR-SFT, 4 steps, checkpoints at 2 and 4) end to
   end: the rows, the step-0 decodes against the base model's, and EM against the task
   checker."""
-  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from test_init_pretrained import _shifted_config  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.sampling import generation  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  folder = _tiny_folder(tmp_path)
+  folder = one_layer_hf_folder(tmp_path)
   runs = {}
   for objective in ("fastdllm", "ar"):
     c = _shifted_config(folder, objective, block_size=16, lora_rank=4)
@@ -115,7 +116,7 @@ def test_tiny_runs_give_one_row_per_step_and_decoder(tmp_path, monkeypatch):
   cfg_path = os.path.join(runs["ar"], "config.json")
   with open(cfg_path) as f:
     saved = json.load(f)
-  saved["init"]["pretrained"] = _tiny_folder(other)
+  saved["init"]["pretrained"] = one_layer_hf_folder(other)
   with open(cfg_path, "w") as f:
     json.dump(saved, f)
   with pytest.raises(SystemExit, match="start from different weights"):
@@ -137,9 +138,9 @@ def test_isd_rows_follow_each_checkpoints_own_ar_decoding_without_an_ar_run(tmp_
   """A tiny causal-block run with ``--isd_strides`` and no AR-SFT run: at every step, the
   adapted AR row comes first, ISD gives its answers in no more forwards, and the
   ``= adapted AR`` column is the share of identical answers."""
-  from test_init_pretrained import _shifted_config, _tiny_folder  # pylint: disable=g-import-not-at-top
+  from test_init_pretrained import _shifted_config  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  c = _shifted_config(_tiny_folder(tmp_path), "fastdllm", block_size=16, lora_rank=4)
+  c = _shifted_config(one_layer_hf_folder(tmp_path), "fastdllm", block_size=16, lora_rank=4)
   c.diffusion.block_attention = "causal"
   c.train.learning_rate, c.train.steps, c.train.checkpoint_every = 3e-2, 4, 2
   c.train.keep_checkpoints = 3

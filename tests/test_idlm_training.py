@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from test_init_pretrained import _config, _tiny_folder
+from conftest import one_layer_hf_folder
+from test_init_pretrained import _config
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import sft
 from blockdiff_jax.diffusion import introspective
@@ -32,7 +33,7 @@ QUESTIONS = ["what is a list", "sort three numbers", "why is the sky blue", "nam
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return _tiny_folder(tmp_path_factory.mktemp("hf"))
+  return one_layer_hf_folder(tmp_path_factory.mktemp("hf"))
 
 
 def _idlm_config(folder, mask_id, steps=4):
@@ -95,12 +96,13 @@ def test_distill_train_then_isd_is_lossless(folder, tmp_path):
   assert max(float(np.abs(np.asarray(v)).max()) for k, v in flat.items()
              if "lora_b" in k) > 1e-3  # The adapters trained.
 
+  # At the stride the adapters trained for; other strides take the same path
+  # (test_sampling_isd.py: strides 2, 3 and 8 against AR).
   prompts = ["<|bos|>" + q for q in QUESTIONS[:4]]
-  for stride in (2, 4):
-    rows, summary = speedup.compare_with_ar(model, params, tok, prompts, opts, 12, 160,
-                                            speedup.Decoder("isd", stride))
-    assert summary["identical"], [(r["completion"], r["ar_completion"]) for r in rows]
-    assert summary["tpf"] >= 1.0 and summary["prompts"] == 4
+  rows, summary = speedup.compare_with_ar(model, params, tok, prompts, opts, 12, 160,
+                                          speedup.Decoder("isd", c.diffusion.isd_stride))
+  assert summary["identical"], [(r["completion"], r["ar_completion"]) for r in rows]
+  assert summary["tpf"] >= 1.0 and summary["prompts"] == 4
 
 
 def test_distilled_source_without_distill_names_the_fix(tmp_path):

@@ -60,6 +60,9 @@ def _worker(out_path: str, tmp: str) -> None:
   check = report.check
 
   config = tiny.get_config()
+  # One block: the checks compare sharded programs with one device, and a second block
+  # repeats the first's rules and collectives at twice the compile time (most of a check).
+  config.model.num_layers = 1
   config.model.vocab_size = VOCAB
   config.mesh = mesh_lib.default_mesh_config()
   model = transformer.Transformer(config_lib.model_config(config))
@@ -81,10 +84,11 @@ def _worker(out_path: str, tmp: str) -> None:
     for axis, size in zip(mesh_lib.MESH_AXES, sizes):
       config.mesh[axis] = size
 
-  # A decoder model with a byte tokenizer, 2 heads and 1 KV head.
+  # A one-block decoder model with a byte tokenizer, 2 heads and 1 KV head.
   dec_config = config_lib.base_config()
   dec_config.model.update(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16)
   dec_config.model.moe.expert_dim = 32
+  dec_config.model.num_layers = 1
   dec_model, dec_tok = build.build_model(dec_config)
   dec_params = build.init_params(dec_model, 0)
 
@@ -188,6 +192,7 @@ def _worker(out_path: str, tmp: str) -> None:
     # train.run on an explicit 2x2x2 mesh, then sample.run: params-only restore onto
     # the mesh, sharded decoding; the same samples as one device reading the same run.
     run_config = tiny.get_config()
+    run_config.model.num_layers = 1
     run_config.data.max_bytes = 40_000
     run_config.train.update(steps=2, log_every=1, eval_every=0, checkpoint_every=2,
                             async_checkpoints=False, tensorboard=False)
