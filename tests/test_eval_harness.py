@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from blockdiff_jax.evaluation import evaluate
@@ -114,7 +115,7 @@ def test_bad_eval_fields_are_named_before_the_model_loads(field, value, monkeypa
 def test_infilling_task_scores_what_the_infiller_returns(workdir, monkeypatch):
   calls = []
 
-  def oracle(model, params, tokenizer, texts, options, max_len, width=None):
+  def oracle(model, params, tokenizer, texts, options, max_len, width=None, **unused):
     calls.extend(texts)
     return [{"spans": [""]} for _ in texts]
 
@@ -135,7 +136,8 @@ def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
   from blockdiff_jax.evaluation import long_context  # pylint: disable=g-import-not-at-top
   calls = []
 
-  def oracle(model, params, tok, examples, options, max_new_tokens, decoder, wrap, batch_size):
+  def oracle(model, params, tok, examples, options, max_new_tokens, decoder, wrap, batch_size,
+             **unused):
     calls.append((decoder, wrap, options.kv_hierarchy))
     # Reads the passkey off the prompt; gets half of every key-value answer wrong.
     completion = lambda e: lc.solve(e) if e.task == "passkey" else e.answer[:4] + "zzzz"
@@ -159,6 +161,43 @@ def test_long_context_task_scores_what_retrieval_returns(workdir, monkeypatch):
     assert r["by_length"] == {"600": 0.5, "1200": 0.5}
     assert r["char_accuracy"] == pytest.approx(0.75)  # Passkeys whole, half of each value.
     assert [x["task"] for x in r["samples"]] == ["passkey"] * 4
+
+
+def test_infilling_and_long_context_draw_under_sample_seed_and_report_progress(
+    workdir, monkeypatch, capsys):
+  """Both tasks get their keys from ``sample.seed`` (another seed, other samples; one
+  seed, the same keys), and long_context prints a progress line per decoder."""
+  from blockdiff_jax.evaluation import long_context  # pylint: disable=g-import-not-at-top
+  keys = []
+
+  def infill(model, params, tokenizer, texts, options, max_len, width=None, rng=None):
+    keys.append(("infill", np.asarray(jax.random.key_data(rng)).tolist()))
+    return [{"spans": [""]} for _ in texts]
+
+  def retrieval(model, params, tok, examples, options, max_new_tokens, decoder, wrap,
+                batch_size, rng=None, on_example=None):
+    keys.append(("lc", np.asarray(jax.random.key_data(rng)).tolist()))
+    rows = [{"task": e.task, "length": e.length, "depth": e.depth, "answer": e.answer,
+             "completion": "", "hit": False} for e in examples]
+    for i, r in enumerate(rows):
+      on_example(i, r)
+    return rows
+
+  monkeypatch.setattr(sample_lib, "infill", infill)
+  monkeypatch.setattr(long_context, "retrieval", retrieval)
+  drawn = {}
+  for seed in (0, 1, 1):
+    keys.clear()
+    c = _config("humaneval_infilling,long_context", decoders="ar",
+                long_context_lengths="600", long_context_per_cell=1,
+                long_context_depths="0.5")
+    c.sample.seed = seed
+    evaluate.run(c, workdir)
+    drawn.setdefault(seed, []).append(list(keys))
+  assert drawn[1][0] == drawn[1][1]  # One seed, the same keys.
+  assert {k for k, _ in drawn[0][0]} == {"infill", "lc"}
+  assert all(a != b for a, b in zip(drawn[0][0], drawn[1][0]))  # Another, other keys.
+  assert "[long_context ar 2/2 100.0%]" in capsys.readouterr().out
 
 
 def test_synthetic_prompts_longer_than_the_rows_allow_still_decode(workdir):

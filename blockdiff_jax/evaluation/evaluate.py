@@ -21,12 +21,14 @@ Decoders (``eval.decoders``): ``policy:value`` items such as ``threshold:0.9``,
 ``topk:2`` or ``entropy:0.5``, and ``ar`` for the autoregressive baseline. Results go
 to ``WORKDIR/eval/eval_<time>.json`` and ``.md`` (``_1``, ``_2``, ... rather than
 overwrite an earlier run's) and into ``metrics.jsonl``. A task that raises is recorded
-as ``{"error": ...}``, the others still run, and the command fails after writing.
+as ``{"error": ...}`` next to what it measured before (earlier decoders), the others
+still run, and the command fails after writing. ``sample.seed`` sets the sampling keys.
 """
 
 import dataclasses
 import json
 import os
+import sys
 import time
 import traceback
 from typing import Any, Sequence
@@ -97,6 +99,7 @@ class Evaluator:
   tokenizer: Any
   params: Any
   workdir: str | None = None  # The run's folder (sft_source="distilled" reads it).
+  partial: dict | None = None  # The running task's results so far (``_track``).
 
   def options(self, policy: str, value: float | None):
     s = ml_collections.ConfigDict(self.config.sample.to_dict())
@@ -105,6 +108,13 @@ class Evaluator:
     # one position off.
     return sample_lib.options_from_config(s, self.config.diffusion.block_size, self.tokenizer,
                                           self.config.diffusion.get("token_shift", False))
+
+  def key(self, index: int):
+    """The sampling key of the batch starting at prompt ``index``, under ``sample.seed``.
+
+    Another seed draws other samples (a second pass@k estimate); one seed, the same ones.
+    """
+    return jax.random.fold_in(jax.random.key(self.config.sample.get("seed", 0)), index)
 
   def generate(self, prompts: Sequence[str], policy: str, value: float | None,
                max_new_tokens: int, max_len: int, batch_size: int, model=None,
@@ -117,7 +127,7 @@ class Evaluator:
     Args:
       first_index: the index of ``prompts[0]`` among all the prompts of a task decoded
         in several calls. Each batch's sampling key is its first prompt's index, so
-        calls never reuse a key, and only the first call warms up.
+        calls never reuse a key (``key``), and only the first call warms up.
     """
     rows: list[dict | None] = [None] * len(prompts)
     fits = []
@@ -139,7 +149,7 @@ class Evaluator:
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
       out, summary = sample_lib.generate(
           model or self.model, self.params, self.tokenizer, padded, options, max_new_tokens,
-          max_len, width=width, ar=policy == "ar", rng=jax.random.key(first_index + idx[0]),
+          max_len, width=width, ar=policy == "ar", rng=self.key(first_index + idx[0]),
           warmup=warmup and first_index == 0 and start == 0)
       for i, r in zip(idx, out):
         rows[i] = r
@@ -160,6 +170,16 @@ class Evaluator:
         "unique_experts_per_layer": (float(np.mean(unique))
                                      if unique and np.isfinite(unique).all() else float("nan")),
     }
+
+
+def _track(ev, out: dict) -> dict:
+  """Registers ``out`` as the running task's results (``ev.partial``) and returns it.
+
+  A task fills it as each decoder finishes: if a later decoder raises, ``run`` writes
+  what was measured next to the error instead of discarding it.
+  """
+  ev.partial = out
+  return out
 
 
 def synthetic_prompts(config, tokenizer, n: int) -> tuple[list[str], list[str], list[str]]:
@@ -189,7 +209,8 @@ def task_likelihood(ev: Evaluator) -> dict:
   apply_fn = build.make_apply(ev.model)
   obj = diffusion_config.objective(c, ev.tokenizer.mask_id)
   res = likelihood.evaluate(apply_fn, ev.params, ds, obj, c.eval.likelihood_batches,
-                            c.eval.noise_samples, c.seed)
+                            c.eval.noise_samples, c.seed, progress=sys.stdout,
+                            special_ids=[int(i) for i in ev.tokenizer.special_tokens.values()])
   res["unigram_entropy_bits_per_token"] = ds.unigram_entropy_bits
   return res
 
@@ -210,12 +231,14 @@ def _synthetic_context(ev: Evaluator, prompts: Sequence[str]) -> int:
 def task_synthetic(ev: Evaluator) -> dict:
   c = ev.config
   tasks, raw, prompts = synthetic_prompts(c, ev.tokenizer, c.eval.num_examples)
-  out = {}
+  out = _track(ev, {})
   for policy, value in _parse_decoders(c.eval.decoders):
     rows, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens,
                                 _synthetic_context(ev, prompts), c.eval.batch_size)
     ok = [synthetic.check(t, p, r["completion"]) for t, p, r in zip(tasks, raw, rows)]
-    by_task = {t: float(np.mean([o for tt, o in zip(tasks, ok) if tt == t])) for t in set(tasks)}
+    # Sorted: a set of strings iterates in an order that changes with the hash seed.
+    by_task = {t: float(np.mean([o for tt, o in zip(tasks, ok) if tt == t]))
+               for t in sorted(set(tasks))}
     out[summary["decoder"]] = {"exact_match": float(np.mean(ok)), "by_task": by_task,
                                "tpf": summary["tpf"], "tokens_per_s": summary["tokens_per_s"]}
   return out
@@ -229,7 +252,7 @@ def task_humaneval(ev: Evaluator) -> dict:
   c = ev.config
   problems = dict(list(humaneval.load_problems().items())[:c.eval.humaneval_problems])
   ks = eval_config.int_list(c.eval, "ks")  # As validated: blank items are skipped.
-  out = {}
+  out = _track(ev, {})
   for policy, value in _parse_decoders(c.eval.decoders):
     done, too_long = [0], []
 
@@ -276,12 +299,15 @@ def task_humaneval_infilling(ev: Evaluator) -> dict:
       except ValueError as e:  # Too long for eval.max_len: scored as a failure.
         print(f"eval: humaneval_infilling: task {i} not decoded: {e}", flush=True)
     middles = [""] * len(tasks)
+    # Spans are decoded with their specials: the EOS padding of a short fill is the
+    # tokenizer's own EOS text ("<|endoftext|>" for a pretrained one), not "<|eos|>".
+    eos = ev.tokenizer.decode([ev.tokenizer.eos_id], skip_special=False)
     for start in range(0, len(fits), c.eval.batch_size):
       idx = fits[start:start + c.eval.batch_size]
       res = sample_lib.infill(ev.model, ev.params, ev.tokenizer, [texts[i] for i in idx],
-                              options, c.eval.max_len, width=width)
+                              options, c.eval.max_len, width=width, rng=ev.key(idx[0]))
       for i, r in zip(idx, res):
-        middles[i] = r["spans"][0].replace("<|eos|>", "")
+        middles[i] = r["spans"][0].replace(eos, "")
   elif c.eval.infilling_mode == "fim":
     prompts = ["<|bos|>" + infilling.build_fim_prompt(t.prefix, t.suffix) for t in tasks]
     rows, _ = ev.generate(prompts, policy, value, c.eval.max_new_tokens, c.eval.max_len,
@@ -307,7 +333,7 @@ def task_throughput(ev: Evaluator) -> dict:
     half = c.data.seq_len // 2
     prompts = ["<|bos|>" + ev.tokenizer.decode(row[1:half]).replace("<|", "< |")
                for row in ds.get_batch(0)["tokens"]]
-  out = {"decoders": {}}
+  out = _track(ev, {"decoders": {}})
   for policy, value in _parse_decoders(c.eval.decoders):
     _, summary = ev.generate(prompts, policy, value, c.sample.max_new_tokens, max_len,
                              c.eval.batch_size)
@@ -334,18 +360,22 @@ def task_long_context(ev: Evaluator) -> dict:
       num_pairs=e.long_context_num_pairs, seed=e.long_context_seed)
   # A model trained on corpus="long_context" read its prompts as BOS prompt SEP.
   wrap = c.data.corpus == "long_context"
-  out = {"lengths": lengths, "decoders": {}}
+  out = _track(ev, {"lengths": lengths, "decoders": {}})
   for policy, value in _parse_decoders(e.decoders):
     options = ev.options(policy, value)
+    meter = metrics_writer.Progress(len(suite), unit="prompts", stream=sys.stdout,
+                                    label=f"long_context {_decoder_name(policy, value)}",
+                                    interval_s=30.0)
     rows = long_context_eval.retrieval(
         ev.model, ev.params, ev.tokenizer, suite, options, e.long_context_max_new_tokens,
-        decoder="ar" if policy == "ar" else "block", wrap=wrap, batch_size=e.batch_size)
+        decoder="ar" if policy == "ar" else "block", wrap=wrap, batch_size=e.batch_size,
+        rng=ev.key(0), on_example=lambda i, row: meter.update())
     rate = lambda **w: long_context_eval.accuracy(rows, **w)[0]
     name = _decoder_name(policy, value)
     out["decoders"][name] = {
         "exact_match": rate(),
         "by_length": {str(n): rate(length=n) for n in lengths},
-        "by_task": {t: rate(task=t) for t in {r["task"] for r in rows}},
+        "by_task": {t: rate(task=t) for t in sorted({r["task"] for r in rows})},
         "by_depth": {str(d): rate(depth=d) for d in sorted({r["depth"] for r in rows})},
         "char_accuracy": long_context_eval.char_rate(rows),
         # A few answers as decoded, to read what the model does with the rest.
@@ -385,12 +415,25 @@ def _cell(value: Any) -> str:
   return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _leaves(prefix: str, tree: Any, out: dict) -> dict:
+  """Every leaf of ``tree`` by slash-joined key, as the JSON file holds it: numbers, text
+  (a decoder, an infilling mode, an error) and lists (written as compact JSON)."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      _leaves(f"{prefix}/{k}" if prefix else str(k), v, out)
+  elif isinstance(tree, (bool, np.bool_)):
+    out[prefix] = json.dumps(bool(tree))
+  elif isinstance(tree, (list, tuple)) or tree is None:
+    out[prefix] = json.dumps(metrics_writer.finite_or_none(tree), default=str)
+  else:
+    flat = _flatten(prefix, tree, {})
+    out[prefix] = flat[prefix] if flat else tree
+  return out
+
+
 def markdown(results: dict) -> str:
-  """One table of every scalar result (task / metric / value); a failed task's error is a row."""
-  flat = _flatten("", results, {})
-  for name, res in results.items():
-    if isinstance(res, dict) and isinstance(res.get("error"), str):
-      flat[f"{name}/error"] = res["error"]
+  """One table of every result leaf (task / metric / value), a failed task's error too."""
+  flat = _leaves("", results, {})
   lines = ["| metric | value |", "|---|---|"]
   lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in flat.items()]
   return "\n".join(lines)
@@ -419,8 +462,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     ValueError: on an invalid ``eval`` field (before the model loads).
-    RuntimeError: after writing the results, if a task raised; its entry is
-      ``{"error": "<type>: <message>"}`` and the other tasks are scored.
+    RuntimeError: after writing the results, if a task raised; its entry is its
+      partial results plus ``{"error": "<type>: <message>"}`` and the other tasks are
+      scored.
   """
   e = eval_config.default_eval_config()
   if config.get("eval") is not None:  # Runs saved before a field existed get its default.
@@ -446,6 +490,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with inference.inference_context(config):
     for name in tasks:
       t0 = time.time()
+      ev.partial = None
       print(f"eval: {name} ...", flush=True)
       try:
         results[name] = TASK_FNS[name](ev)
@@ -453,7 +498,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # One broken task must not discard the others' results: it is recorded, the
         # rest run, and run() raises once everything is written.
         traceback.print_exc()
-        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        # What the task measured before it raised (earlier decoders) is kept.
+        results[name] = {**(ev.partial or {}), "error": f"{type(e).__name__}: {e}"}
         failed.append(name)
         print(f"eval: {name} FAILED after {time.time() - t0:.1f}s: "
               f"{results[name]['error']}", flush=True)

@@ -157,7 +157,13 @@ def make_tasks_for_problem(problem: Mapping[str, str],
                            ) -> list[InfillTask]:
   """Infilling tasks of one HumanEval problem (see module docstring)."""
   body = problem["canonical_solution"]
-  lines = body.splitlines(keepends=True)
+  # Lines end at "\n" only: str.splitlines also breaks at "\r", "\x0c", "\u2028", ...
+  # inside a string literal, making a hole of half a line that join_infill then ends
+  # with a "\n" the reference never had.
+  lines = [line + "\n" for line in body.split("\n")]
+  lines[-1] = lines[-1][:-1]
+  if not lines[-1]:
+    lines.pop()
   tasks = []
   for kind in options.kinds:
     chosen = _candidates(lines, kind, options.max_span_lines)

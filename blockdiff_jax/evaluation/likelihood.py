@@ -4,10 +4,11 @@ Every sequence gets ``num_samples`` independent noise draws over the full interv
 t in [eps, 1] (training may clip t; evaluation must not, or it is no bound). Draws are
 antithetic across the blocks and sequences of a batch. A sequence's estimate is the
 mean over its draws of its summed NELBO (nats) and its scored-token count. The reported
-NELBO is per scored token of the whole split, sum(nats) / sum(scored tokens): the
-quantity that bits/byte converts (bytes/token is a split-wide ratio too) and the one
-the training loop's validation NELBO reports. Sequences with no scored token (padding
-rows) are left out. Its standard error is the ratio estimator's (delta method) over
+NELBO is per scored token of the whole split, sum(nats) / sum(scored tokens), the one
+the training loop's validation NELBO reports. Bits/byte is sum(nats) over the bytes of
+the scored text: scored specials (EOS, SFT padding) cost bits but hold no byte, and
+bytes/token is a split-wide ratio over text tokens. Sequences with no scored token
+(padding rows) are left out. Its standard error is the ratio estimator's (delta method) over
 sequences, which for sequences of equal scored length is their per-token NELBOs'
 standard deviation / sqrt(number of sequences).
 
@@ -17,7 +18,7 @@ so the NELBO's expectation is exactly the autoregressive NLL (tested).
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import numpy as np
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 from blockdiff_jax import masks
+from blockdiff_jax import metrics_writer
 
 Array = Any
 
@@ -71,49 +73,72 @@ def evaluation_objective(obj: losses.BlockDiffusionObjective) -> losses.BlockDif
 
 def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusionObjective,
              num_batches: int, num_samples: int, seed: int = 0,
-             bytes_per_token: float | None = None) -> dict:
+             bytes_per_token: float | None = None, progress: TextIO | None = None,
+             special_ids: Sequence[int] | None = None) -> dict:
   """NELBO (nats/token), its standard error and bits/byte over ``num_batches`` batches.
+
+  Args:
+    bytes_per_token: UTF-8 bytes per text (non-special) token; default the dataset's.
+    progress: a stream for lines with rate and ETA (None: silent).
+    special_ids: the tokenizer's special ids. Scored specials (EOS, SFT padding) are
+      text of no bytes: bits/byte divides all the scored bits by the bytes of the
+      scored text tokens only (``bytes_per_token`` is per text token). None: every
+      scored token is text.
 
   Returns:
     ``nelbo`` (nats per scored token, token-weighted over the split), ``nelbo_stderr``,
     ``sequences`` (rows with at least one scored token), ``scored_tokens``,
-    ``noise_samples`` and, when bytes per token is known, ``bits_per_byte`` and its
-    standard error.
+    ``text_tokens`` (scored, not special), ``noise_samples`` and, when bytes per token
+    is known, ``bits_per_byte`` and its standard error.
 
   Raises:
     ValueError: if no row of the batches has a scored token.
   """
   obj = evaluation_objective(obj)
   fn = jax.jit(lambda p, batch, rng: per_sequence_sums(apply_fn, p, batch, rng, obj))
-  nats, scored = [], []
+  nats, scored, text = [], [], []
+  meter = metrics_writer.Progress(num_batches, unit="batches", stream=progress,
+                                  label="likelihood", interval_s=30.0)
   for i in range(num_batches):
     batch = dataset.get_batch(i)
     draws = [fn(params, batch, jax.random.fold_in(jax.random.key(seed), i * num_samples + s))
              for s in range(num_samples)]
     nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0))
     scored.append(np.asarray(draws[0][1], np.float64))  # The same for every draw.
-  nats, scored = np.concatenate(nats), np.concatenate(scored)
+    special = np.isin(np.asarray(batch["tokens"]), np.asarray(
+        [] if special_ids is None else special_ids, np.int64))
+    text.append(np.sum((np.asarray(batch["loss_mask"]) > 0) & ~special, -1, dtype=np.float64))
+    meter.update()
+  nats, scored, text = np.concatenate(nats), np.concatenate(scored), np.concatenate(text)
   # Padding rows score nothing: counting them as sequences with 0 nats would pull the
   # NELBO towards 0 and shrink its standard error.
   keep = scored > 0
   if not np.any(keep):
     raise ValueError("likelihood.evaluate: no scored token in the evaluated batches "
                      "(every loss_mask is 0)")
-  nats, scored = nats[keep], scored[keep]
-  m = len(nats)
-  nelbo = float(nats.sum() / scored.sum())
-  # Ratio estimator: residuals of each sequence's nats against nelbo x its tokens.
-  resid = nats - nelbo * scored
-  stderr = (float(math.sqrt(np.sum(resid ** 2) / (m - 1) / m) / scored.mean())
-            if m > 1 else 0.0)
-  out = {"nelbo": nelbo, "nelbo_stderr": stderr, "sequences": m,
-         "scored_tokens": int(scored.sum()), "noise_samples": num_samples}
+  nats, scored, text = nats[keep], scored[keep], text[keep]
+  nelbo, stderr = _ratio(nats, scored)
+  out = {"nelbo": nelbo, "nelbo_stderr": stderr, "sequences": len(nats),
+         "scored_tokens": int(scored.sum()), "text_tokens": int(text.sum()),
+         "noise_samples": num_samples}
   bpt = bytes_per_token if bytes_per_token is not None else getattr(dataset, "bytes_per_token",
                                                                     None)
-  if bpt:
-    out["bits_per_byte"] = nelbo / math.log(2) / bpt
-    out["bits_per_byte_stderr"] = stderr / math.log(2) / bpt
+  if bpt and text.sum() > 0:
+    per_text, per_text_stderr = _ratio(nats, text)
+    out["bits_per_byte"] = per_text / math.log(2) / bpt
+    out["bits_per_byte_stderr"] = per_text_stderr / math.log(2) / bpt
   return out
+
+
+def _ratio(nats: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
+  """sum(nats) / sum(tokens) over sequences, and its ratio-estimator standard error."""
+  m = len(nats)
+  ratio = float(nats.sum() / tokens.sum())
+  # Delta method: residuals of each sequence's nats against ratio x its tokens.
+  resid = nats - ratio * tokens
+  stderr = (float(math.sqrt(np.sum(resid ** 2) / (m - 1) / m) / tokens.mean())
+            if m > 1 else 0.0)
+  return ratio, stderr
 
 
 def autoregressive_nll(apply_fn: Callable, params: Any, tokens: Array, mask_id: int) -> Array:

@@ -171,7 +171,7 @@ def prompt_ids(tokenizer, example: long_context.LongContextExample, wrap: bool) 
 def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongContextExample],
               options: layout.DecodeOptions, max_new_tokens: int = 8,
               on_example: Callable[[int, dict], None] | None = None, decoder: str = "ar",
-              wrap: bool = False, batch_size: int = 1) -> list[dict]:
+              wrap: bool = False, batch_size: int = 1, rng: Array | None = None) -> list[dict]:
   """Answers to long-context prompts decoded with ``options``' cache; one dict each.
 
   Examples of equal prompt length decode together, ``batch_size`` rows at a time (a
@@ -189,6 +189,8 @@ def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongCont
       decoder with ``options.policy``; summary-token models need it).
     wrap: read ``BOS prompt SEP`` instead of the raw prompt (see ``prompt_ids``).
     batch_size: rows per decode call.
+    rng: sampling key (default key 0; read only when ``options`` samples). A batch
+      draws with it folded with its first example's index, so batches never share noise.
 
   Returns:
     ``[{"task", "length", "depth", "answer", "completion", "hit", "seconds"}]`` in the
@@ -209,11 +211,12 @@ def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongCont
       width = -(-(n + max_new_tokens) // options.block_size) * options.block_size
       cv = layout.generation_canvas([ids[i] for i in batch], max_new_tokens,
                                     options.block_size, tokenizer.mask_id, width)
+      key = jax.random.fold_in(jax.random.key(0) if rng is None else rng, batch[0])
       t0 = time.perf_counter()
       if decoder == "ar":
-        out = ar.decode_ar(model, params, cv, options)
+        out = ar.decode_ar(model, params, cv, options, key)
       else:
-        out = decoder_lib.decode(model, params, cv, options)
+        out = decoder_lib.decode(model, params, cv, options, key)
       seconds = (time.perf_counter() - t0) / len(batch)
       for r, i in enumerate(batch):
         ex = examples[i]
