@@ -280,16 +280,21 @@ def _reader(checkpoint_dir: str) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def has_checkpoint(checkpoint_dir: str) -> bool:
-  """Whether ``checkpoint_dir`` holds at least one finished checkpoint."""
+def saved_steps(checkpoint_dir: str) -> list[int]:
+  """The finished checkpoint steps in ``checkpoint_dir``, oldest first ([] if none)."""
   if not os.path.isdir(checkpoint_dir):
-    return False
+    return []
   manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    return manager.latest_step() is not None
+    return sorted(manager.all_steps())
   finally:
     manager.close()
+
+
+def has_checkpoint(checkpoint_dir: str) -> bool:
+  """Whether ``checkpoint_dir`` holds at least one finished checkpoint."""
+  return bool(saved_steps(checkpoint_dir))
 
 
 def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None,

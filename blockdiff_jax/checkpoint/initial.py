@@ -177,13 +177,17 @@ def _without_adapters(tree: Any) -> Any:
 
 
 def _saved_adapters(directory: str, step: int | None) -> bool | None:
-  """Whether the checkpoint's params hold LoRA adapters; None when its metadata is unreadable
-  (the restore then falls back to an older step, or says why none restores)."""
-  try:
-    names = checkpoints.param_names(directory, step)
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return any(lora_lib.is_lora_path(name.split("/")) for name in names)
+  """Whether the checkpoint's params hold LoRA adapters; None when no metadata reads (the
+  restore then says why). Every step of a run holds the same parameters, so with ``step``
+  None the newest step whose metadata reads answers: the restore falls back past a corrupt
+  newest step, and asking only that one made a plain run look like one with adapters."""
+  for s in ([step] if step is not None else checkpoints.saved_steps(directory)[::-1]):
+    try:
+      names = checkpoints.param_names(directory, s)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    return any(lora_lib.is_lora_path(name.split("/")) for name in names)
+  return None
 
 
 def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,

@@ -66,6 +66,11 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     raise ValueError("train.trainable='lora' needs model.lora.rank > 0")
   if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails "> 0".
     raise ValueError(f"train.learning_rate must be > 0 and finite, got {t.learning_rate}")
+  # The last update is at the floor of the decay: a one-step run would train nothing.
+  if t.steps == 1 and t.min_lr_ratio == 0:
+    raise ValueError("train.steps=1 with train.min_lr_ratio=0.0: the only update would "
+                     "have learning rate 0 (the schedule ends at the floor); set "
+                     "train.min_lr_ratio > 0 or train.steps > 1")
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the data stream
@@ -75,6 +80,9 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
 # evaluation and checkpoint cadence, the mesh, and the sample/eval/serve sections.
 FIXED_ON_RESUME = ("seed", "model", "diffusion", "data", "train.trainable",
                    "train.ema_decay")
+# Fields that may change on a resume but not be turned on or off (0): that adds or removes
+# a part of the optimizer state (clip_by_global_norm), so the checkpoint would not restore.
+SWITCHES_FIXED_ON_RESUME = ("train.grad_clip",)
 # Model fields that pick how the same function is computed (e.g. remat or bfloat16 to fit
 # a new device; params stay fp32 whatever model.dtype is).
 RESUMABLE_MODEL_FIELDS = ("model.remat", "model.attention_impl", "model.interpret",
@@ -100,8 +108,9 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict
   """(refused, allowed): the fields of ``config`` that differ from a saved config.json.
 
   Each entry reads ``"field: old -> new"``; ``refused`` are those under
-  ``FIXED_ON_RESUME``. A field missing from either side is not compared: it was added
-  (or removed) by a code change, not by the user.
+  ``FIXED_ON_RESUME`` and those of ``SWITCHES_FIXED_ON_RESUME`` turned on or off (0 is
+  off). A field missing from either side is not compared: it was added (or removed) by
+  a code change, not by the user.
   """
   new = json.loads(config.to_json_best_effort())  # The form save_config writes.
   old_flat, new_flat = _flat(dict(saved)), _flat(new)
@@ -110,6 +119,9 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict
     if old_flat[key] != new_flat[key]:
       line = f"{key}: {old_flat[key]!r} -> {new_flat[key]!r}"
       fixed = _under(key, FIXED_ON_RESUME) and not _under(key, RESUMABLE_MODEL_FIELDS)
+      if key in SWITCHES_FIXED_ON_RESUME and bool(old_flat[key]) != bool(new_flat[key]):
+        fixed = True
+        line += " (turned on or off: the saved optimizer state has another structure)"
       (refused if fixed else allowed).append(line)
   return refused, allowed
 

@@ -168,8 +168,9 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: 
   if refused:
     raise ValueError(
         f"cannot resume {workdir} (checkpoint step {step}) with a config that changes its "
-        "data stream, model or objective:\n  " + "\n  ".join(refused) + "\nRestore these "
-        "values, or train in a new workdir (init_from.workdir starts from its weights).")
+        "data stream, model, objective or optimizer state:\n  " + "\n  ".join(refused) +
+        "\nRestore these values, or train in a new workdir (init_from.workdir starts from "
+        "its weights).")
   if jax.process_index() != 0:
     return  # The first process keeps the old config.
   kept = os.path.join(workdir, f"config.step{step}.json")
@@ -178,6 +179,16 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: 
   if allowed:
     print(f"resume with changed settings (previous config in {os.path.basename(kept)}): "
           + "; ".join(allowed), flush=True)
+
+
+def _refused_fields(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The fields of ``config`` a resume of ``workdir`` refuses (none without a readable
+  ``config.json``): what to name when its checkpoint does not fit the model."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return train_config.resume_changes(json.load(f), config)[0]
+  except (OSError, ValueError, TypeError, AttributeError):
+    return []
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -233,7 +244,16 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   t.async_checkpoints, remove_unfinished=True)
   try:
     # A resume with another architecture fails here, before compiling or writing anything.
-    ckpt.check_params(nn.unbox(build.abstract_params(model)))
+    try:
+      ckpt.check_params(nn.unbox(build.abstract_params(model)))
+    except checkpoints.IncompatibleCheckpointError as e:
+      fields = _refused_fields(config, workdir)
+      if not fields:
+        raise
+      raise checkpoints.IncompatibleCheckpointError(
+          f"{e}\nThe config changes these fields of {os.path.join(workdir, 'config.json')}:"
+          "\n  " + "\n  ".join(fields) + "\nRestore them, or train in a new workdir "
+          "(init_from.workdir starts from its weights).") from None
     if ckpt.latest_step() is not None:  # Every process refuses, or none does.
       _check_resume_config(config, workdir, ckpt.latest_step())
   except Exception:
