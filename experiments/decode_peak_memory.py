@@ -71,7 +71,7 @@ def measure(model, hierarchy: hc.Hierarchy, length: int, query: int) -> list[dic
 def write(result: dict, out: str) -> None:
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+    json.dump(result, f, indent=2, allow_nan=False)  # Integers and times: never NaN.
   hy = result["hierarchy"]
   mib = lambda b: f"{b / 2**20:,.1f}"
   lines = [f"# Decode peak memory: full against hierarchical cache ({result['config']}, "
@@ -86,6 +86,9 @@ def write(result: dict, out: str) -> None:
            "|---|---|---|---|---|---|"]
   for n in sorted({r["length"] for r in result["rows"]}):
     cells = [r for r in result["rows"] if r["length"] == n]
+    if "error" in cells[0]:
+      lines.append(f"| {n} | not run: {cells[0]['error']} |")
+      continue
     full = next(r for r in cells if r["cache"] == "full")["peak_bytes"]
     for r in cells:
       lines.append(f"| {n} | {r['cache']} | {mib(r['held_bytes'])} | {mib(r['temp_bytes'])} "
@@ -95,7 +98,30 @@ def write(result: dict, out: str) -> None:
   print("\n".join(lines))
 
 
-def main():
+def parse_flags(ap: argparse.ArgumentParser, argv=None):
+  """(args, lengths, hierarchy), refused by name before the model is built or compiled."""
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.lengths = "2048,4096"
+    if args.out == ap.get_default("out"):
+      args.out = "/tmp/decode_peak_memory_quick"
+  try:
+    lengths = [int(x) for x in args.lengths.split(",")]
+  except ValueError:
+    ap.error(f"--lengths={args.lengths!r}: comma-separated integers expected")
+  if min(lengths) < 1 or len(set(lengths)) != len(lengths):
+    ap.error(f"--lengths={args.lengths!r}: integers >= 1, each once")
+  if args.query < 1:
+    ap.error(f"--query={args.query} must be >= 1")
+  try:
+    window, chunk, rank, sinks = (int(x) for x in args.hierarchy.split(":"))
+    hierarchy = hc.Hierarchy(window=window, chunk=chunk, rank=rank, sinks=sinks)
+  except (ValueError, TypeError) as e:
+    ap.error(f"--hierarchy={args.hierarchy!r}: window:chunk:rank:sinks expected ({e})")
+  return args, lengths, hierarchy
+
+
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(ROOT, "configs", "smollm2.py"))
   ap.add_argument("--lengths", default="8192,32768,131072")
@@ -103,24 +129,25 @@ def main():
   ap.add_argument("--query", type=int, default=32, help="tokens per forward (a block)")
   ap.add_argument("--quick", action="store_true", help="2 short lengths (smoke test)")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_peak_memory"))
-  args = ap.parse_args()
-  if args.quick:
-    args.lengths = "2048,4096"
-    if args.out == ap.get_default("out"):
-      args.out = "/tmp/decode_peak_memory_quick"
-  window, chunk, rank, sinks = (int(x) for x in args.hierarchy.split(":"))
-  hierarchy = hc.Hierarchy(window=window, chunk=chunk, rank=rank, sinks=sinks)
+  args, lengths, hierarchy = parse_flags(ap, argv)
   config = config_lib.from_file(args.config)
   model, _ = build.build_model(config)
   t0 = time.time()
-  rows = []
-  for n in (int(x) for x in args.lengths.split(",")):
-    rows += measure(model, hierarchy, n, args.query)
-  write({"config": os.path.relpath(args.config, ROOT), "device": jax.devices()[0].device_kind,
-         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "jax": jax.__version__,
-         "command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-         "query": args.query, "hierarchy": hierarchy.__dict__, "rows": rows,
-         "seconds": time.time() - t0}, args.out)
+  result = {"config": os.path.relpath(args.config, ROOT),
+            "device": jax.devices()[0].device_kind,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "jax": jax.__version__,
+            "command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "query": args.query, "hierarchy": hierarchy.__dict__, "rows": []}
+  for n in lengths:
+    try:  # A length that fails to compile (out of memory) is a row; the others still run.
+      result["rows"] += measure(model, hierarchy, n, args.query)
+    except Exception as e:  # pylint: disable=broad-except
+      result["rows"].append({"length": n, "error": f"{type(e).__name__}: {e}"})
+      print(f"  {n:>7} failed: {result['rows'][-1]['error']}", flush=True)
+    result["seconds"] = time.time() - t0
+    write(result, args.out)  # After every length: a killed run keeps what it measured.
+  if any("error" in r for r in result["rows"]):
+    sys.exit("some lengths failed (error rows in the results)")
 
 
 if __name__ == "__main__":

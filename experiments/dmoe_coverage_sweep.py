@@ -85,6 +85,9 @@ QUICK = {  # Tiny runs: a smoke test of the whole pipeline, not a measurement.
                   "train.log_every=3", "data.batch_size=8"],
 }
 
+# Row fields that are numbers, NaN where nothing was scored (no masked token: accuracy).
+METRICS = ("nelbo", "masked_ce", "masked_accuracy", "quality_pct", "accuracy_pct")
+
 # A model trained with block routing -> the same config trained with token routing, whose
 # token-routing loss and expert count its rows are also compared with (same held-out
 # batches and noise draws: same config, data and seed).
@@ -430,6 +433,8 @@ def markdown(result: dict) -> str:
     lines += reference_lines(name, m, result)
   if result.get("findings"):  # Written into the JSON by hand after reading a run.
     lines += ["## Findings of this run", ""] + [f"- {n}" for n in result["findings"]] + [""]
+  if result.get("errors"):
+    lines += ["## Not run", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()] + [""]
   lines += ["## Notes", ""] + [f"- {n}" for n in NOTES]
   return "\n".join(lines) + "\n"
 
@@ -473,8 +478,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def write(result: dict, out: str) -> None:
-  with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  with open(out + ".json", "w", encoding="utf-8") as f:  # Strict JSON: NaN as null.
+    json.dump(metrics_writer.finite_or_none(result), f, indent=1, allow_nan=False)
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(result))
   try:
@@ -509,6 +515,21 @@ def main():
   ap.add_argument("--rerender", action="store_true", help="Markdown + PNG from the JSON")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "dmoe_coverage_sweep"))
   args = ap.parse_args()
+  unknown = [m for m in args.models.split(",") if m not in MODELS]
+  if unknown:  # Refused before training the models listed first (minutes each).
+    ap.error(f"--models={args.models!r}: unknown {unknown}; known: {list(MODELS)}")
+  for flag in ("batches", "noise_samples", "upcycled_batches", "upcycled_batch_size"):
+    if getattr(args, flag) < 1:
+      ap.error(f"--{flag}={getattr(args, flag)} must be >= 1")
+  try:
+    coverages = [float(p) for p in args.coverages.split(",")]
+  except ValueError:
+    ap.error(f"--coverages={args.coverages!r}: comma-separated numbers expected")
+  if not all(0.0 < p <= 1.0 for p in coverages):
+    ap.error(f"--coverages={args.coverages!r}: each in (0, 1]")
+  if not all(m in ("k", "2k", "E/2") or m.isdigit() and int(m) >= 1
+             for m in args.min_sizes.split(",")):
+    ap.error(f"--min_sizes={args.min_sizes!r}: k, 2k, E/2 or integers >= 1")
   if args.quick:
     if args.out == os.path.join(HERE, "results", "dmoe_coverage_sweep"):
       args.out = "/tmp/dmoe_coverage_sweep_quick"  # A smoke test, not a result.
@@ -518,7 +539,10 @@ def main():
     args.decode_prompts, args.decode_models = min(args.decode_prompts, 1), "quickstart"
   if args.rerender:
     with open(args.out + ".json", encoding="utf-8") as f:
-      write(json.load(f), args.out)
+      result = json.load(f)
+    for row in (r for m in result["models"].values() for r in m["rows"]):  # null: NaN again.
+      row.update({k: float("nan") for k in METRICS if k in row and row[k] is None})
+    write(result, args.out)
     return
   t0 = time.time()
   result = {"quick": args.quick, "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
@@ -532,37 +556,49 @@ def main():
     result["training"], result["models"] = old["training"], old["models"]
     result["command"] = old["command"] + " ; " + result["command"]
   for name in args.models.split(","):
-    config, overrides = MODELS[name]
-    if args.quick:
-      overrides = overrides + QUICK[name]
-    workdir = os.path.join(args.runs, name)
-    if name == "upcycled":
-      if args.upcycled_steps:
-        overrides = overrides + [f"train.steps={args.upcycled_steps}"]
-      saved_bs, args.batch_size = args.batch_size, args.upcycled_batch_size
-      if args.init_control:
-        loaded0 = upcycled_setup(config, overrides, workdir)
-        result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
-        result["seconds"] = time.time() - t0
-        write(result, args.out)
-        del loaded0
-      if args.upcycled_steps:
-        overrides = [o for o in overrides if not o.startswith("train.checkpoint_every=")]
-        overrides.append(f"train.checkpoint_every={args.upcycled_steps}")
-      result["training"][name] = train(name, config, workdir, overrides)
-      from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
-      params_loaded = inference.load_for_inference(workdir)
-      batches = args.batches
-      args.batches = min(args.batches, args.upcycled_batches)
-      result["models"][name] = sweep_model(name, workdir, args, params_loaded)
-      args.batches, args.batch_size = batches, saved_bs
-    else:
-      result["training"][name] = train(name, config, workdir, overrides)
-      result["models"][name] = sweep_model(name, workdir, args)
+    try:  # A model that fails to train or sweep is recorded; the next still runs.
+      sweep_one(name, args, result, t0)
+    except Exception as e:  # pylint: disable=broad-except
+      result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+      log(f"{name} failed: {result['errors'][name]}")
     result["seconds"] = time.time() - t0
     write(result, args.out)  # After every model: a long run keeps what it has.
-  result["seconds"] = time.time() - t0
-  write(result, args.out)
+  if result.get("errors"):
+    sys.exit(f"models failed: {sorted(result['errors'])} (listed under errors)")
+
+
+def sweep_one(name: str, args, result: dict, t0: float) -> None:
+  """Trains model ``name`` (when its workdir has no checkpoint) and sweeps it into
+  ``result``; ``args`` is left as it was, whether or not this raises."""
+  config, overrides = MODELS[name]
+  if args.quick:
+    overrides = overrides + QUICK[name]
+  workdir = os.path.join(args.runs, name)
+  if name != "upcycled":
+    result["training"][name] = train(name, config, workdir, overrides)
+    result["models"][name] = sweep_model(name, workdir, args)
+    return
+  if args.upcycled_steps:
+    overrides = overrides + [f"train.steps={args.upcycled_steps}"]
+  saved = args.batch_size, args.batches
+  args.batch_size = args.upcycled_batch_size
+  try:
+    if args.init_control:
+      loaded0 = upcycled_setup(config, overrides, workdir)
+      result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
+      result["seconds"] = time.time() - t0
+      write(result, args.out)
+      del loaded0
+    if args.upcycled_steps:
+      overrides = [o for o in overrides if not o.startswith("train.checkpoint_every=")]
+      overrides.append(f"train.checkpoint_every={args.upcycled_steps}")
+    result["training"][name] = train(name, config, workdir, overrides)
+    from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+    params_loaded = inference.load_for_inference(workdir)
+    args.batches = min(args.batches, args.upcycled_batches)
+    result["models"][name] = sweep_model(name, workdir, args, params_loaded)
+  finally:
+    args.batch_size, args.batches = saved
 
 
 if __name__ == "__main__":

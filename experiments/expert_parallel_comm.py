@@ -44,7 +44,16 @@ def _parse_args(argv=None):
   p.add_argument("--time_dim", type=int, default=128, help="d_model when timing")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--out", default=str(RESULTS_DIR / "expert_parallel_comm"))
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  # Refused before minutes of compiling: one device has no collectives (every ratio 0/0),
+  # and no timed iteration leaves statistics.median([]) to fail at the end.
+  for flag, least in (("devices", 2), ("seqs_per_device", 1), ("time_tokens", 1),
+                      ("time_dim", 1), ("iters", 1)):
+    if getattr(args, flag) < least:
+      raise ValueError(f"--{flag}={getattr(args, flag)} must be >= {least}")
+  if not args.capacity > 0:
+    raise ValueError(f"--capacity={args.capacity} must be > 0")
+  return args
 
 
 def _group_size(line: str, default: int) -> int:
@@ -159,8 +168,8 @@ def main(argv=None):
           f"(compiled in {time.time() - t0:.0f}s)", flush=True)
 
   base = rows["gather"]["total"]
-  for r in rows.values():
-    r["ratio_vs_gather"] = r["total"] / base if base else float("nan")
+  for r in rows.values():  # None (null in the JSON) where gather moves nothing.
+    r["ratio_vs_gather"] = r["total"] / base if base else None
 
   # Wall time at a small shape (simulated devices share the host's cores).
   timing = {}
@@ -185,38 +194,53 @@ def main(argv=None):
 
   result = {
       "date": datetime.date.today().isoformat(), "machine": f"{n_dev} simulated CPU devices "
-      f"on {os.cpu_count()} cores", "command": " ".join(["python"] + sys.argv),
+      f"on {os.cpu_count()} cores", "jax": jax.__version__,
+      "command": " ".join(["python"] + sys.argv),
       "shapes": {"config": args.config, "tokens_per_device": seq_tokens * args.seqs_per_device,
                  "d_model": m.d_model, "experts": m.moe.num_experts, "top_k": m.moe.top_k,
                  "expert_dim": m.moe.expert_dim, "dtype": m.dtype,
                  "mesh": dict(mesh.shape)},
-      "timing_shapes": {"tokens_per_device": args.time_tokens, "d_model": args.time_dim},
+      "timing_shapes": {"tokens_per_device": args.time_tokens, "d_model": args.time_dim,
+                        "iters": args.iters},
       "modes": rows}
+  write(result, args.out)
+  return result
+
+
+def markdown(result: dict) -> str:
+  """The table of ``result``: every collective kind the total sums, and the ratios."""
+  mib = lambda b: f"{b / 2**20:.1f}"
+  ratio = lambda x: "-" if x is None else f"{x:.2f}x"
+  timing = result["timing_shapes"]
   lines = [f"# Expert-parallel collective traffic, one MoE layer fwd+bwd ({result['date']})", "",
-           f"{result['machine']}; `{result['command']}`", "",
+           f"{result['machine']}, jax {result.get('jax', '?')}; `{result['command']}`", "",
            f"Shapes: {result['shapes']}", "",
-           "| mode | all-to-all MiB | all-gather MiB | reduce-scatter MiB | all-reduce MiB "
-           "| total MiB | vs gather | small-shape time | vs gather |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for name, r in rows.items():
-    b = r["bytes"]
-    lines.append(
-        f"| {name} | {b['all-to-all'] / 2**20:.1f} | {b['all-gather'] / 2**20:.1f} | "
-        f"{b['reduce-scatter'] / 2**20:.1f} | {b['all-reduce'] / 2**20:.1f} | "
-        f"{r['total'] / 2**20:.1f} | {r['ratio_vs_gather']:.2f}x | "
-        f"{1e3 * r['small_shape_time_s']:.1f} ms | {r['time_ratio_vs_gather']:.2f}x |")
+           "| mode | " + " | ".join(f"{k} MiB" for k in KINDS) + " | total MiB | vs gather "
+           "| small-shape time | vs gather |", "|---|" + "---|" * (len(KINDS) + 4)]
+  for name, r in result["modes"].items():
+    lines.append(f"| {name} | " + " | ".join(mib(r["bytes"][k]) for k in KINDS) +
+                 f" | {mib(r['total'])} | {ratio(r['ratio_vs_gather'])} | "
+                 f"{1e3 * r['small_shape_time_s']:.1f} ms | "
+                 f"{ratio(r['time_ratio_vs_gather'])} |")
   lines += ["", "Received bytes per device, from the compiled HLO's collectives (XLA:CPU "
             "moves bf16 data as f32, so a GPU moves half of the data bytes). Small-shape "
-            f"times: {args.time_tokens} tokens/device, d_model {args.time_dim}, median of "
-            f"{args.iters}; simulated devices share the host cores."]
-  table = "\n".join(lines)
+            f"times: {timing['tokens_per_device']} tokens/device, d_model {timing['d_model']}, "
+            f"median of {timing.get('iters', '?')} warm runs; simulated devices share the "
+            "host cores."]
+  return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: str) -> None:
+  """``out``.json (strict) and ``out``.md."""
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  table = markdown(result)
   print(table)
-  out = pathlib.Path(args.out)
+  out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-  out.with_suffix(".md").write_text(table + "\n")
+  out.with_suffix(".json").write_text(json.dumps(metrics_writer.finite_or_none(result),
+                                                 indent=2, allow_nan=False))
+  out.with_suffix(".md").write_text(table)
   print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-  return result
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax import masks
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import pipeline
@@ -392,13 +393,19 @@ def write(results, args, meta, env):
   repo = os.path.dirname(_HERE)
   if os.path.abspath(recorded["config"]).startswith(repo + os.sep):
     recorded["config"] = os.path.relpath(os.path.abspath(recorded["config"]), repo)
-  with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump({"env": env, "args": recorded, "meta": meta, "results": results}, f, indent=2)
+  with open(base + ".json", "w", encoding="utf-8") as f:  # Strict: no minutes logged is NaN.
+    json.dump(metrics_writer.finite_or_none({"env": env, "args": recorded, "meta": meta,
+                                             "results": results}), f, indent=2, allow_nan=False)
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(results, args, meta, env))
   plot(results, base)
   print(markdown(results, args, meta, env))
   print(f"wrote {base}.{{json,md,png}}")
+
+
+def _number(value, spec: str) -> str:
+  """``value`` formatted, or "-" when unknown (NaN, or None as the JSON holds it)."""
+  return "-" if value is None or value != value else format(value, spec)
 
 
 def markdown(results, args, m, env) -> str:
@@ -412,7 +419,7 @@ def markdown(results, args, m, env) -> str:
       f"Fine-tuning run: `data.sft_source={m['sft_source']}`, {run['steps_logged']} steps "
       f"of {m['batch_size']} packed rows of {m['seq_len']} tokens "
       f"({run['steps_logged'] * run['tokens_per_step']:,} tokens) at "
-      f"{run['mean_step_s']:.0f} s/step, of a {run['schedule_steps']}-step schedule (warmup "
+      f"{_number(run['mean_step_s'], '.0f')} s/step, of a {run['schedule_steps']}-step schedule (warmup "
       f"{run['warmup_steps']}, peak LR {run['peak_lr']:g}; LR at the picked steps: "
       + ", ".join(f"{k}: {v:.3g}" for k, v in run["lr_at_picked"].items() if v is not None)
       + "). Minutes are the run's own step times (the first step "
@@ -438,7 +445,7 @@ def markdown(results, args, m, env) -> str:
   for r in results:
     he = (f"{r['humaneval_pass_at_1']:.3f}" if "humaneval_pass_at_1" in r else "not run")
     lines.append(
-        f"| {r['name']} | {r['minutes']:.1f} | {r['step']} | {r['decoder']} | "
+        f"| {r['name']} | {_number(r['minutes'], '.1f')} | {r['step']} | {r['decoder']} | "
         f"{r['masked_ce']:.3f} | {r['ar_nll']:.3f} | {r['token_agreement']:.3f} | "
         f"{r['exact_match']:.3f} | {r['synthetic_exact_match']:.3f} | {he} | "
         f"{r['speed_tpf']:.2f} | {r['speed_tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x |")
@@ -470,6 +477,8 @@ def plot(results, base):
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
+  # Unknown values (NaN, None in a re-read JSON) as NaN: gaps in the curves.
+  results = [{k: float("nan") if v is None else v for k, v in r.items()} for r in results]
   ar, rs = results[0], results[1:]
   x = [r["minutes"] for r in rs]
   panels = [("held-out loss (nats/token)", [("masked_ce", "masked CE"), ("ar_nll", "AR NLL")]),
@@ -489,6 +498,7 @@ def plot(results, base):
   fig.suptitle("Fast-dLLM v2 SmolLM2 (dotted: AR base)", fontsize=10)
   fig.tight_layout()
   fig.savefig(base + ".png", dpi=80)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,31 @@ def pick_steps(available: list[int], minutes: dict[int, float], want: list[float
   return picks
 
 
+def parse_flags(args) -> tuple[list[int], list[float]]:
+  """(strides, minutes) of the flags, refused by name before any model is loaded.
+
+  Raises:
+    ValueError: an entry that is no number, a stride below 2 (ISD's least), a repeat.
+  """
+  def numbers(flag, text, cast):
+    try:
+      values = [cast(x) for x in text.split(",")]
+    except ValueError:
+      raise ValueError(f"--{flag}={text!r}: comma-separated numbers expected") from None
+    if len(set(values)) != len(values):
+      raise ValueError(f"--{flag}={text!r} repeats a value")
+    return values
+  strides = numbers("strides", args.strides, int)
+  if min(strides) < 2:
+    raise ValueError(f"--strides={args.strides!r}: ISD needs strides >= 2")
+  minutes = numbers("minutes", args.minutes, float)
+  if not all(m >= 0 and m == m for m in minutes):
+    raise ValueError(f"--minutes={args.minutes!r}: minutes must be >= 0")
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
+  return strides, minutes
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_idlm.py"))
@@ -116,12 +141,15 @@ def main():
                   "the first questions the drafter was trained on (<workdir>/distill)")
   ap.add_argument("--num_prompts", type=int, default=3, help="with --prompts_from=distilled")
   args = ap.parse_args()
+  try:
+    strides, wanted = parse_flags(args)
+  except ValueError as e:
+    ap.error(str(e))
   config = _load_config(args.config)
   s = config.sample
   prompts = sample.read_prompts(s)
   if args.prompts_from == "distilled":
     prompts = distilled_prompts(args.workdir, config, args.num_prompts)
-  strides = [int(x) for x in args.strides.split(",")]
   max_new = args.max_new_tokens
   if args.quick:
     prompts, strides, max_new = prompts[:1], [2, 4], 8
@@ -129,29 +157,48 @@ def main():
   ckpt_dir = os.path.join(args.workdir, "checkpoints")
   available = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
                if n.isdigit()]
-  picks = pick_steps(sorted(available), minutes, [float(m) for m in args.minutes.split(",")])
+  picks = pick_steps(sorted(available), minutes, wanted)
   if not args.no_base:
     picks = [(None, 0.0)] + picks
-  results, t_start = [], time.time()
+  results, t_start, failed = [], time.time(), 0
   for step, mins in picks:
-    if step is None:  # No checkpoint: init.pretrained weights + fresh (zero) adapters.
-      cfg, model, tok, params = inference.load_for_inference(tempfile.mkdtemp(), config)
+    try:
+      if step is None:  # No checkpoint: init.pretrained weights + fresh (zero) adapters.
+        cfg, model, tok, params = inference.load_for_inference(tempfile.mkdtemp(), config)
+      else:
+        cfg, model, tok, params = inference.load_for_inference(args.workdir, config, step=step)
+      opts = sample.options_from_config(s, cfg.diffusion.block_size, tok, True)
+    except Exception as e:  # pylint: disable=broad-except
+      loaded = None
+      error = f"{type(e).__name__}: {e}"
     else:
-      cfg, model, tok, params = inference.load_for_inference(args.workdir, config, step=step)
-    opts = sample.options_from_config(s, cfg.diffusion.block_size, tok, True)
-    max_len = s.max_len or cfg.data.seq_len
+      loaded = (model, params, tok, opts, s.max_len or cfg.data.seq_len)
     for n in strides:
-      rows, summ = speedup.compare_with_ar(model, params, tok, prompts, opts, max_new, max_len,
-                                           speedup.Decoder("isd", n))
-      results.append({"step": step or 0, "minutes": mins, "stride": n, **summ,
-                      "rows": rows})
-      print(f"step {step or 0} ({mins:.1f} min) N={n}: TPF {summ['tpf']:.2f}, "
-            f"{summ['speedup']:.2f}x AR, identical {summ['identical']} "
-            f"[{time.time() - t_start:.0f} s]", flush=True)
+      # One failing cell (out of memory, an XLA error) is an error row; the others run.
+      try:
+        if loaded is None:
+          raise RuntimeError(f"loading failed: {error}")
+        model, params, tok, opts, max_len = loaded
+        rows, summ = speedup.compare_with_ar(model, params, tok, prompts, opts, max_new,
+                                             max_len, speedup.Decoder("isd", n))
+        row = {"step": step or 0, "minutes": mins, "stride": n, **summ, "rows": rows}
+        print(f"step {step or 0} ({mins:.1f} min) N={n}: TPF {summ['tpf']:.2f}, "
+              f"{summ['speedup']:.2f}x AR, identical {summ['identical']} "
+              f"[{time.time() - t_start:.0f} s]", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        failed += 1
+        row = {"step": step or 0, "minutes": mins, "stride": n,
+               "error": e.args[0] if loaded is None else f"{type(e).__name__}: {e}"}
+        print(f"step {step or 0} N={n}: {row['error']}", flush=True)
+      results.append(row)
+      # A killed run keeps what it measured.
+      write(results, args, prompts, max_new, final=False)
   write(results, args, prompts, max_new)
+  if failed:
+    sys.exit(f"{failed} of {len(results)} cells failed (error rows in the results)")
 
 
-def write(results, args, prompts, max_new):
+def write(results, args, prompts, max_new, final=True):
   out_dir = os.path.join(_HERE, "results")
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, "idlm_smollm2" + (f"_{args.tag}" if args.tag else ""))
@@ -159,9 +206,10 @@ def write(results, args, prompts, max_new):
          "machine": platform.machine(), "load_avg": os.getloadavg(),
          "command": " ".join(["experiments/idlm_smollm2.py"] + sys.argv[1:]),
          "prompts_from": args.prompts_from}
-  with open(base + ".json", "w") as f:
-    json.dump({"env": env, "prompts": prompts, "max_new_tokens": max_new,
-               "results": results}, f, indent=2)
+  with open(base + ".json", "w", encoding="utf-8") as f:  # Strict: minutes may be NaN.
+    json.dump(metrics_writer.finite_or_none({"env": env, "prompts": prompts,
+                                             "max_new_tokens": max_new, "results": results}),
+              f, indent=2, allow_nan=False)
   lines = ["# I-DLM on SmolLM2-135M-Instruct: ISD against AR by fine-tuning time\n",
            f"`{env['command']}` on {env['backend']} ({env['cpus']} CPUs), jax {env['jax']}, "
            f"load average {env['load_avg'][0]:.1f}; {len(prompts)} prompts "
@@ -170,30 +218,43 @@ def write(results, args, prompts, max_new):
            "| fine-tuning (min) | step | N | TPF | ISD tok/s | AR tok/s | speed-up | identical to AR |",
            "|---|---|---|---|---|---|---|---|"]
   for r in results:
-    lines.append(f"| {r['minutes']:.1f} | {r['step']} | {r['stride']} | {r['tpf']:.2f} | "
+    mins = "-" if r["minutes"] != r["minutes"] else f"{r['minutes']:.1f}"  # NaN: no log.
+    if "error" in r:
+      lines.append(f"| {mins} | {r['step']} | {r['stride']} | not run: {r['error']} |")
+      continue
+    lines.append(f"| {mins} | {r['step']} | {r['stride']} | {r['tpf']:.2f} | "
                  f"{r['tokens_per_s']:.1f} | {r['ar_tokens_per_s']:.1f} | "
                  f"{r['speedup']:.2f}x | {r['identical']} |")
   with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for step in sorted({r["step"] for r in results}):
-      rs = [r for r in results if r["step"] == step]
-      label = f"{rs[0]['minutes']:.0f} min" if step else "untrained"
-      axes[0].plot([r["stride"] for r in rs], [r["tpf"] for r in rs], "o-", label=label)
-      axes[1].plot([r["stride"] for r in rs], [r["speedup"] for r in rs], "o-", label=label)
-    axes[0].set(xlabel="stride N", ylabel="tokens per forward")
-    axes[1].set(xlabel="stride N", ylabel="speed-up vs AR (tokens/s)")
-    axes[1].axhline(1.0, color="gray", lw=0.5)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(base + ".png", dpi=80)
-  except ImportError:
-    pass
-  print(f"wrote {base}.{{json,md,png}}")
+  if final:  # The figure once, at the end; the JSON and table after every cell.
+    try:
+      plot(results, base + ".png")
+    except ImportError:
+      pass
+  print(f"wrote {base}.json/.md" + (".png" if final else ""))
+
+
+def plot(results: list[dict], path: str) -> None:
+  """TPF and speed-up against the stride, one curve per checkpoint (error rows left out)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for step in sorted({r["step"] for r in results}):
+    rs = [r for r in results if r["step"] == step and "error" not in r]
+    if not rs:
+      continue
+    label = f"{rs[0]['minutes']:.0f} min" if step else "untrained"
+    axes[0].plot([r["stride"] for r in rs], [r["tpf"] for r in rs], "o-", label=label)
+    axes[1].plot([r["stride"] for r in rs], [r["speedup"] for r in rs], "o-", label=label)
+  axes[0].set(xlabel="stride N", ylabel="tokens per forward")
+  axes[1].set(xlabel="stride N", ylabel="speed-up vs AR (tokens/s)")
+  axes[1].axhline(1.0, color="gray", lw=0.5)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

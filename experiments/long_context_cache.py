@@ -25,6 +25,7 @@ import time
 import jax
 
 from blockdiff_jax import config as config_lib
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import long_context as tasks_lib
 from blockdiff_jax.evaluation import long_context
@@ -59,7 +60,12 @@ def memory_rows(cfg, hierarchies, lengths):
   return rows
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, every list parsed and refused by name before the model loads.
+
+  Adds ``hierarchy_list``, ``length_list``, ``depth_list``, ``task_list``,
+  ``fidelity_list`` and ``memory_list`` to the namespace.
+  """
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(HERE, "..", "configs", "smollm2.py"))
   ap.add_argument("--hierarchies", default="2:256:6,2:64:4,2:64:16,2:64:16:0",
@@ -73,44 +79,84 @@ def main():
   ap.add_argument("--memory_lengths", default="4096,8192,16384,32768,65536,131072")
   ap.add_argument("--quick", action="store_true", help="small grid (smoke test)")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "long_context_cache"))
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.quick:
     args.lengths, args.depths, args.per_cell = "512,1024", "0.5", 1
     args.fidelity_lengths, args.tasks = "1024", "passkey"
-  hierarchies = [parse_hierarchy(h) for h in args.hierarchies.split(",")]
+
+  def numbers(flag, cast, ok, want):
+    text = getattr(args, flag)
+    try:
+      values = [cast(x) for x in text.split(",")]
+    except ValueError:
+      ap.error(f"--{flag}={text!r}: comma-separated numbers expected")
+    if not all(ok(v) for v in values) or len(set(values)) != len(values):
+      ap.error(f"--{flag}={text!r}: {want}, each once")
+    return values
+
+  try:
+    args.hierarchy_list = [parse_hierarchy(h) for h in args.hierarchies.split(",")]
+  except (ValueError, TypeError) as e:
+    ap.error(f"--hierarchies={args.hierarchies!r}: {e}")
+  try:
+    args.task_list = [tasks_lib.validate_task(t) for t in args.tasks.split(",")]
+  except ValueError as e:
+    ap.error(f"--tasks={args.tasks!r}: {e}")
+  if args.per_cell < 1 or args.query < 1:
+    ap.error(f"--per_cell={args.per_cell} and --query={args.query} must be >= 1")
+  args.length_list = numbers("lengths", int, lambda n: n >= 1, "integers >= 1")
+  args.depth_list = numbers("depths", float, lambda d: 0.0 <= d <= 1.0, "fractions in [0, 1]")
+  # The KL needs cached positions before the ``query`` teacher-forced ones.
+  args.fidelity_list = numbers("fidelity_lengths", int, lambda n: n > args.query,
+                               f"integers > --query ({args.query})")
+  args.memory_list = numbers("memory_lengths", int, lambda n: n >= 1, "integers >= 1")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  hierarchies, lengths = args.hierarchy_list, args.length_list
   config = config_lib.from_file(args.config)
-  lengths = [int(x) for x in args.lengths.split(",")]
   config.sample.max_len = max(lengths) + 16
   _, model, tok, params = inference.load_for_inference(tempfile.mkdtemp(), config)
   cfg = model.cfg
   result = {"config": os.path.relpath(args.config, os.path.join(HERE, "..")),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "hierarchies": [name(h) for h in hierarchies], "command": " ".join(sys.argv)}
-  result["memory"] = memory_rows(cfg, hierarchies,
-                                 [int(x) for x in args.memory_lengths.split(",")])
+            "hierarchies": [name(h) for h in hierarchies], "command": " ".join(sys.argv),
+            "fidelity": [], "retrieval": [], "errors": []}
+  result["memory"] = memory_rows(cfg, hierarchies, args.memory_list)
 
   t0 = time.time()
-  with inference.inference_context(config):
-    fidelity = []
-    haystack = tasks_lib.load_haystack(tok, 2 * max(int(x) for x in
-                                                    args.fidelity_lengths.split(",")))
-    for n in (int(x) for x in args.fidelity_lengths.split(",")):
-      print(f"fidelity at {n} tokens ...", flush=True)
-      for hy, f in zip(hierarchies, long_context.cache_fidelity(
-          model, params, haystack[:n], n - args.query, hierarchies)):
-        fidelity.append({"length": n, "cache": name(hy), "kl": f.kl, "kl_max": f.kl_max,
-                         "top1_agreement": f.top1_agreement,
-                         "compressed_fraction": f.compressed_fraction})
-        print(f"  {name(hy)}: KL {f.kl:.4f} top-1 {f.top1_agreement:.3f} "
-              f"({f.compressed_fraction:.0%} of the context factorised)", flush=True)
-    result["fidelity"] = fidelity
 
-    examples = tasks_lib.make_suite(tok, lengths=lengths,
-                                    depths=[float(x) for x in args.depths.split(",")],
-                                    per_cell=args.per_cell, tasks=args.tasks.split(","))
+  def save(final=False):  # After every phase: a killed run keeps what it measured.
+    result["seconds"] = time.time() - t0
+    write(result, args.out, final)
+
+  def failed(phase, e):  # One failing cell is recorded; the others still run.
+    result["errors"].append({"phase": phase, "error": f"{type(e).__name__}: {e}"})
+    print(f"{phase} failed: {result['errors'][-1]['error']}", flush=True)
+
+  save()
+  with inference.inference_context(config):
+    haystack = tasks_lib.load_haystack(tok, 2 * max(args.fidelity_list))
+    for n in args.fidelity_list:
+      print(f"fidelity at {n} tokens ...", flush=True)
+      try:
+        for hy, f in zip(hierarchies, long_context.cache_fidelity(
+            model, params, haystack[:n], n - args.query, hierarchies)):
+          result["fidelity"].append({
+              "length": n, "cache": name(hy), "kl": f.kl, "kl_max": f.kl_max,
+              "top1_agreement": f.top1_agreement, "compressed_fraction": f.compressed_fraction})
+          print(f"  {name(hy)}: KL {f.kl:.4f} top-1 {f.top1_agreement:.3f} "
+                f"({f.compressed_fraction:.0%} of the context factorised)", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        failed(f"fidelity at {n} tokens", e)
+      save()
+
+    examples = tasks_lib.make_suite(tok, lengths=lengths, depths=args.depth_list,
+                                    per_cell=args.per_cell, tasks=args.task_list)
     base = layout.DecodeOptions(block_size=1, mask_id=tok.mask_id, eos_id=tok.eos_id,
                                 token_shift=True)
-    retrieval = []
     total = len(examples) * (1 + len(hierarchies))
     done = [0]
     start = time.time()
@@ -125,18 +171,24 @@ def main():
     for hy in [None] + hierarchies:
       print(f"retrieval, cache {name(hy)} ...", flush=True)
       opt = base.__class__(**{**base.__dict__, "kv_hierarchy": hy})
-      for row in long_context.retrieval(model, params, tok, examples, opt,
-                                        on_example=progress):
-        retrieval.append({"cache": name(hy), **row})
-    result["retrieval"] = retrieval
-  result["seconds"] = time.time() - t0
-  write(result, args.out)
+      try:
+        rows = [{"cache": name(hy), **row} for row in long_context.retrieval(
+            model, params, tok, examples, opt, on_example=progress)]
+      except Exception as e:  # pylint: disable=broad-except
+        failed(f"retrieval with cache {name(hy)}", e)
+      else:
+        result["retrieval"] += rows
+      save()
+  save(final=True)
+  if result["errors"]:
+    sys.exit(f"{len(result['errors'])} cells failed (listed under errors in the results)")
 
 
-def write(result, out):
+def write(result, out, final=True):
+  """``out``.json (strict), .md and, when ``final``, .png of what ``result`` holds so far."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+    json.dump(metrics_writer.finite_or_none(result), f, indent=2, allow_nan=False)
   caches = ["full"] + result["hierarchies"]
   lines = [f"# Hierarchical KV cache on {result['config']} ({result['device']}, "
            f"jax {result['jax']})", "",
@@ -164,20 +216,30 @@ def write(result, out):
   for task in sorted({r["task"] for r in ret}):
     for n in sorted({r["length"] for r in ret}):
       cells = [long_context.accuracy(ret, task=task, length=n, cache=c) for c in caches]
-      lines.append(f"| {task} | {n} | " + " | ".join(f"{a:.2f} (n={k})" for a, k in cells)
+      lines.append(f"| {task} | {n} | " + " | ".join(
+          f"{a:.2f} (n={k})" if k else "-" for a, k in cells)
                    + " |")
   lines += ["", "By depth (all tasks and lengths):", "",
             "| depth | " + " | ".join(caches) + " |", "|---|" + "---|" * len(caches)]
   for d in sorted({r["depth"] for r in ret}):
     lines.append(f"| {d} | " + " | ".join(
-        f"{long_context.accuracy(ret, depth=d, cache=c)[0]:.2f}" for c in caches) + " |")
+        _rate(long_context.accuracy(ret, depth=d, cache=c)) for c in caches) + " |")
+  if result.get("errors"):
+    lines += ["", "## Not run", ""] + [f"- {e['phase']}: {e['error']}" for e in result["errors"]]
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
+  if not final:
+    return
   print("\n".join(lines))
   try:
     plot(result, caches, out + ".png")
   except ImportError:
     print("matplotlib missing: no plot")
+
+
+def _rate(accuracy: tuple[float, int]) -> str:
+  """An ``accuracy`` cell: "-" where no row matched (a cache whose retrieval failed)."""
+  return f"{accuracy[0]:.2f}" if accuracy[1] else "-"
 
 
 def plot(result, caches, path):
@@ -205,6 +267,7 @@ def plot(result, caches, path):
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Writes experiments/results/pretrained_smollm2.{json,md}.
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -131,8 +132,9 @@ def write_results(result: dict, path_base: str) -> None:
   with open(path_base + ".json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   lines = ["# SmolLM2-135M-Instruct: import and AR decode speed", "",
-           f"CPU: {result['cpu']}; load average at start {result['load_average']:.1f} (the "
-           "machine is shared: figures move with the load).", "",
+           f"CPU: {result['cpu']} ({result.get('machine', '?')}), jax {result.get('jax', '?')}; "
+           f"load average at start {result['load_average']:.1f} (the machine is shared: "
+           "figures move with the load).", "", f"Command: `{result.get('command', '?')}`.", "",
            "| import | wall s | tracemalloc peak MB | max RSS MB | RSS after imports MB |",
            "|---|---|---|---|---|"]
   for r in result["import"]:
@@ -167,7 +169,11 @@ def main():
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "pretrained_smollm2"))
   args = parser.parse_args()
   cache = tempfile.mkdtemp(prefix="smollm2_cache_")
+  import jax  # pylint: disable=g-import-not-at-top
   result = {"cpu": f"{len(os.sched_getaffinity(0))} cores", "load_average": os.getloadavg()[0],
+            "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}",
+            "jax": jax.__version__,
+            "command": " ".join(["python", "experiments/pretrained_smollm2.py"] + sys.argv[1:]),
             "import": [measure_import(cache, "cold (GGUF -> cache -> params)"),
                        measure_import(cache, "warm (cached HF folder -> params)")]}
   result["decode"] = measure_decode(cache, args.new_tokens,

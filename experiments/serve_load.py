@@ -110,7 +110,19 @@ def _pct(xs, q):
   return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def main():
+def _ints(p, flag: str, text: str) -> list[int]:
+  """Comma-separated integers >= 1 of ``flag``, or the parser's error naming it."""
+  try:
+    values = [int(x) for x in text.split(",")]
+  except ValueError:
+    p.error(f"--{flag}={text!r}: comma-separated integers expected")
+  if min(values) < 1 or len(set(values)) != len(values):
+    p.error(f"--{flag}={text!r}: integers >= 1, each once")
+  return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, refused by name before the model is built and the decoders compile."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small settings for a CPU")
   p.add_argument("--concurrency", default="1,4,16,64")
@@ -125,95 +137,154 @@ def main():
   p.add_argument("--max_len", type=int, default=0, help="context limit; 0 = data.seq_len")
   p.add_argument("--config", default="configs/synthetic.py")
   p.add_argument("--tag", default="")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   if args.quick:
     args.concurrency, args.requests, args.max_tokens, args.slots = "1,4,16", 16, 24, 4
-  levels = [int(x) for x in args.concurrency.split(",")]
+  args.levels = _ints(p, "concurrency", args.concurrency)
+  args.fpcs = _ints(p, "forwards_per_call", args.forwards_per_call)
+  for flag in ("requests", "max_tokens", "slots"):
+    if getattr(args, flag) < 1:
+      p.error(f"--{flag}={getattr(args, flag)} must be >= 1")
+  if args.max_len < 0:
+    p.error(f"--max_len={args.max_len} must be >= 0")
+  args.decoder_list = args.decoders.split(",")
+  unknown = [d for d in args.decoder_list if d not in protocol.POLICIES]
+  if unknown or len(set(args.decoder_list)) != len(args.decoder_list):
+    p.error(f"--decoders={args.decoders!r}: each once, of {list(protocol.POLICIES)}")
+  return args
+
+
+def _level(client, args, dec: str, fpc: int, conc: int) -> dict:
+  """One concurrency level: ``args.requests`` streaming requests from ``conc`` threads."""
+  extra = {"policy": dec, "threshold": args.threshold}
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(conc) as pool:
+    res = list(pool.map(lambda i: _one(client, "bench", PROMPTS[i % len(PROMPTS)],
+                                       args.max_tokens, extra), range(args.requests)))
+  wall = time.perf_counter() - t0
+  lat = [r["latency_s"] for r in res]
+  return {"decoder": dec, "forwards_per_call": fpc, "concurrency": conc,
+          "requests": len(res), "tokens_per_s": sum(r["completion_tokens"] for r in res) / wall,
+          "p50_latency_s": _pct(lat, 0.5), "p99_latency_s": _pct(lat, 0.99),
+          "p50_first_chunk_s": _pct([r["ttfb_s"] for r in res], 0.5),
+          "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  levels = args.levels
   model, tok, params, block, max_len, token_shift = _model(args)
-  compile_s, rows = {}, []
-  for fpc in [int(x) for x in args.forwards_per_call.split(",")]:
-    eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
-                            queue_size=max(levels) * 2, forwards_per_call=fpc)
-    srv = server_lib.Server(eng, "bench", token_shift=token_shift)
-    for dec in args.decoders.split(","):
-      parsed = protocol.parse_request(
-          {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
-          "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults(),
-          token_shift)
-      compile_s[f"{dec} k={fpc}"] = eng.warmup([(parsed.options, parsed.ar)])
-    eng.start()
-    run = _Running(srv)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="x",
-                           max_retries=0, timeout=None)
-    try:
-      for dec in args.decoders.split(","):
-        extra = {"policy": dec, "threshold": args.threshold}
-        for conc in levels:
-          t0 = time.perf_counter()
-          with concurrent.futures.ThreadPoolExecutor(conc) as pool:
-            res = list(pool.map(lambda i: _one(client, "bench", PROMPTS[i % len(PROMPTS)],
-                                               args.max_tokens, extra),
-                                range(args.requests)))
-          wall = time.perf_counter() - t0
-          toks = sum(r["completion_tokens"] for r in res)
-          lat = [r["latency_s"] for r in res]
-          row = {"decoder": dec, "forwards_per_call": fpc, "concurrency": conc,
-                 "requests": len(res), "tokens_per_s": toks / wall,
-                 "p50_latency_s": _pct(lat, 0.5), "p99_latency_s": _pct(lat, 0.99),
-                 "p50_first_chunk_s": _pct([r["ttfb_s"] for r in res], 0.5),
-                 "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
-          rows.append(row)
-          print(f"{dec:>10} k={fpc} c={conc:<3} {row['tokens_per_s']:8.1f} tok/s  p50 "
-                f"{row['p50_latency_s']:.3f}s  p99 {row['p99_latency_s']:.3f}s  first chunk "
-                f"{row['p50_first_chunk_s']:.3f}s", flush=True)
-    finally:
-      run.stop()
   import jax  # pylint: disable=g-import-not-at-top
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "device": str(jax.devices()[0].device_kind), "slots": args.slots,
-          "max_tokens": args.max_tokens, "threshold": args.threshold,
-          "model": args.workdir or "tiny random (d_model 32)", "compile_s": compile_s,
+          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+          "command": " ".join(["python", "experiments/serve_load.py"] + sys.argv[1:]),
+          "slots": args.slots, "max_tokens": args.max_tokens, "threshold": args.threshold,
+          "model": args.workdir or "tiny random (d_model 32)", "compile_s": {},
           "engine": "continuous batching (a request joins at the next forward with k=1, "
                     "within k forwards otherwise)"}
   RESULTS.mkdir(exist_ok=True)
   stem = RESULTS / f"serve_load{('_' + args.tag) if args.tag else ''}"
-  stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-  lines = [f"# Serving load ({meta['model']}, {meta['device']}, {args.slots} slots, "
-           f"max_tokens {args.max_tokens})", "",
-           f"Compile time at start-up (s): {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}",
+  rows = []
+
+  def failed(dec, fpc, conc, e):
+    rows.append({"decoder": dec, "forwards_per_call": fpc, "concurrency": conc,
+                 "error": f"{type(e).__name__}: {e}"})
+    print(f"{dec:>10} k={fpc} c={conc:<3} failed: {rows[-1]['error']}", flush=True)
+
+  for fpc in args.fpcs:
+    try:  # An engine that fails to build or compile: error rows, the next k still runs.
+      eng = engine_lib.Engine(model, params, tok, block, max_len, slots=args.slots,
+                              queue_size=max(levels) * 2, forwards_per_call=fpc)
+      srv = server_lib.Server(eng, "bench", token_shift=token_shift)
+      for dec in args.decoder_list:
+        parsed = protocol.parse_request(
+            {"model": "bench", "prompt": "x", "policy": dec, "threshold": args.threshold},
+            "bench", False, tok, block, tok.mask_id, tok.eos_id, protocol.Defaults(),
+            token_shift)
+        meta["compile_s"][f"{dec} k={fpc}"] = eng.warmup([(parsed.options, parsed.ar)])
+      eng.start()
+      run = _Running(srv)
+    except Exception as e:  # pylint: disable=broad-except
+      for dec in args.decoder_list:
+        for conc in levels:
+          failed(dec, fpc, conc, e)
+      write(meta, rows, stem)
+      continue
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.port}/v1", api_key="x",
+                           max_retries=0, timeout=None)
+    try:
+      for dec in args.decoder_list:
+        for conc in levels:
+          try:  # One failing level is an error row; the sweep goes on.
+            row = _level(client, args, dec, fpc, conc)
+          except Exception as e:  # pylint: disable=broad-except
+            failed(dec, fpc, conc, e)
+          else:
+            rows.append(row)
+            print(f"{dec:>10} k={fpc} c={conc:<3} {row['tokens_per_s']:8.1f} tok/s  p50 "
+                  f"{row['p50_latency_s']:.3f}s  p99 {row['p99_latency_s']:.3f}s  first "
+                  f"chunk {row['p50_first_chunk_s']:.3f}s", flush=True)
+          write(meta, rows, stem)  # A killed sweep keeps what it measured.
+    finally:
+      run.stop()
+  write(meta, rows, stem)
+  try:
+    plot(rows, stem.with_suffix(".png"))
+  except ImportError:
+    pass
+  print(f"wrote {stem}.json/.md/.png")
+  if any("error" in r for r in rows):
+    sys.exit(f"{sum('error' in r for r in rows)} of {len(rows)} levels failed (error rows)")
+
+
+def write(meta: dict, rows: list[dict], stem: pathlib.Path) -> None:
+  """``stem``.json (strict) and ``stem``.md of the levels measured so far."""
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  stem.with_suffix(".json").write_text(json.dumps(metrics_writer.finite_or_none(
+      {"meta": meta, "rows": rows}), indent=2, allow_nan=False))
+  compile_s = {k: round(v, 1) for k, v in meta["compile_s"].items()}
+  lines = [f"# Serving load ({meta['model']}, {meta['device']}, jax {meta['jax']}, "
+           f"{meta['slots']} slots, max_tokens {meta['max_tokens']})", "",
+           f"Command: `{meta['command']}`.", "",
+           f"Compile time at start-up (s): {json.dumps(compile_s)}",
            "", "k = forwards per host round trip (1: a request joins at the next forward).",
            "", "| decoder | k | concurrency | tokens/s | p50 latency (s) | p99 latency (s) | "
            "p50 first chunk (s) | mean NFE |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['decoder']} | {r['forwards_per_call']} | {r['concurrency']} | "
-                 f"{r['tokens_per_s']:.1f} | "
+    head = f"| {r['decoder']} | {r['forwards_per_call']} | {r['concurrency']} | "
+    if "error" in r:
+      lines.append(head + f"not run: {r['error']} |")
+      continue
+    lines.append(head + f"{r['tokens_per_s']:.1f} | "
                  f"{r['p50_latency_s']:.3f} | {r['p99_latency_s']:.3f} | "
                  f"{r['p50_first_chunk_s']:.3f} | {r['mean_nfe']:.1f} |")
   stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for dec, fpc in sorted({(r["decoder"], r["forwards_per_call"]) for r in rows}):
-      rs = [r for r in rows if r["decoder"] == dec and r["forwards_per_call"] == fpc]
-      name = f"{dec} k={fpc}"
-      axes[0].plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], "o-",
-                   label=name)
-      axes[1].plot([r["concurrency"] for r in rs], [r["p50_latency_s"] for r in rs], "o-",
-                   label=f"{name} p50")
-      axes[1].plot([r["concurrency"] for r in rs], [r["p99_latency_s"] for r in rs], "x--",
-                   label=f"{name} p99")
-    for ax, title in zip(axes, ("generated tokens/s", "latency (s)")):
-      ax.set_xscale("log", base=2)
-      ax.set_xlabel("concurrent clients")
-      ax.set_title(title)
-      ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=100)
-  except ImportError:
-    pass
-  print(f"wrote {stem}.json/.md/.png")
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+  """Tokens/s and latency against concurrency, one curve per (decoder, k)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in rows if "error" not in r]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for dec, fpc in sorted({(r["decoder"], r["forwards_per_call"]) for r in rows}):
+    rs = [r for r in rows if r["decoder"] == dec and r["forwards_per_call"] == fpc]
+    name = f"{dec} k={fpc}"
+    axes[0].plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], "o-",
+                 label=name)
+    axes[1].plot([r["concurrency"] for r in rs], [r["p50_latency_s"] for r in rs], "o-",
+                 label=f"{name} p50")
+    axes[1].plot([r["concurrency"] for r in rs], [r["p99_latency_s"] for r in rs], "x--",
+                 label=f"{name} p99")
+  for ax, title in zip(axes, ("generated tokens/s", "latency (s)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ A behaviour check for refactors: run it before and after, then compare.
   python experiments/tiny_run_metrics.py --out /tmp/after.json --compare /tmp/before.json
 
 Timing fields (tokens/s, step time, MFU) are dropped; everything else in
-``metrics.jsonl`` (losses, NELBO, grad norm, MoE statistics, validation) is kept.
+``metrics.jsonl`` (losses, NELBO, grad norm, MoE statistics, validation) is kept. A NaN
+or infinite value is written as null (strict JSON), so it compares equal to itself.
 """
 
 import argparse
@@ -66,12 +67,16 @@ def main():
   ap.add_argument("--compare", default="", help="A previous output to compare with.")
   ap.add_argument("--steps", type=int, default=6)
   args = ap.parse_args()
-  result = run(args.steps)
+  if args.steps < 1:
+    ap.error(f"--steps={args.steps} must be >= 1")
+  from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  # NaN != NaN: a diverged loss in both runs would be reported as a difference.
+  result = metrics_writer.finite_or_none(run(args.steps))
   with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
+    json.dump(result, f, indent=1, sort_keys=True, allow_nan=False)
   if args.compare:
-    with open(args.compare, encoding="utf-8") as f:
-      diffs = compare(json.load(f), result)
+    with open(args.compare, encoding="utf-8") as f:  # Older files may hold bare NaN.
+      diffs = compare(metrics_writer.finite_or_none(json.load(f)), result)
     values = sum(len(r) for rows in result.values() for r in rows)
     print(f"{len(diffs)} of {values} logged values differ")
     print("\n".join(diffs))
