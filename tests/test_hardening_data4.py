@@ -125,3 +125,32 @@ def test_long_context_bpe_exact_length_needle_and_answer():
       assert long_context.exact_match(f" {ex.answer}<|eos|>tail", ex.answer)
     with pytest.raises(long_context.PromptTooShortError, match="too short"):
       long_context.make_example(task, tok, hay, length=20, depth=0.5, num_pairs=3)
+
+
+def test_inference_reuses_the_runs_tokenizer_whatever_the_data_fields_now_say(
+    tmp_path, monkeypatch, caplog):
+  """Eval reads data.synthetic_digits / max_bytes on purpose; the trained run's tokenizer
+  is still the one to use (training alone refuses a stale one)."""
+  workdir = str(tmp_path / "run")
+  d = _bpe_config(300)
+  want = tokenizers.get_tokenizer(d, workdir)
+  d.synthetic_digits, d.max_bytes = 8, 10_000
+  with pytest.raises(ValueError, match=r"data\.synthetic_digits=5 \(config: 8\)"):
+    tokenizers.get_tokenizer(d, workdir)
+  with caplog.at_level("WARNING"):
+    got = tokenizers.get_tokenizer(d, workdir, strict=False)
+  np.testing.assert_array_equal(got.encode("sort: 3 1 2"), want.encode("sort: 3 1 2"))
+  assert "synthetic_digits=5 (config: 8)" in caplog.text
+  # load_for_inference builds its model that way (no checkpoint needed to see it).
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  def build_model(config, workdir, **kwargs):
+    seen.update(kwargs)
+    raise StopIteration  # Enough: the flag is what is checked.
+
+  monkeypatch.setattr(inference.initial, "build_model", build_model)
+  with pytest.raises(StopIteration):
+    inference.load_for_inference(workdir, base_config())
+  assert seen == {"strict_tokenizer": False}

@@ -141,7 +141,9 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
     config.model.moe.capacity_factor = 0.0
     print("model.moe.capacity_factor set to 0 for inference (dropless expert dispatch)",
           flush=True)
-  config, model, tokenizer = initial.build_model(config, workdir)
+  # The workdir's tokenizer is the one its checkpoints were trained with, whatever data
+  # fields an eval or sampling config now sets.
+  config, model, tokenizer = initial.build_model(config, workdir, strict_tokenizer=False)
   if config.get("mesh") is not None:
     try:
       mesh_lib.make_mesh(config.mesh)

@@ -93,15 +93,19 @@ def _upcycles(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.moe.get("upcycle_from_dense", False))
 
 
-def build_model(config: ml_collections.ConfigDict, workdir: str | None = None):
+def build_model(config: ml_collections.ConfigDict, workdir: str | None = None,
+                strict_tokenizer: bool = True):
   """(config, model, tokenizer): ``model.build.build_model`` after ``resolve_config``.
+
+  ``strict_tokenizer``: as ``build.build_model``'s (False for inference on a run).
 
   Raises:
     ValueError: gated LoRA adapters whose ``model.lora.mask_id`` is not the tokenizer's
       MASK id.
   """
   config, tokenizer = resolve_config(config, workdir)
-  model, tokenizer = build.build_model(config, workdir, tokenizer=tokenizer)
+  model, tokenizer = build.build_model(config, workdir, tokenizer=tokenizer,
+                                       strict_tokenizer=strict_tokenizer)
   if model.cfg.lora is not None and model.cfg.lora.gated:
     source = f"init.pretrained={_spec(config)!r}" if _spec(config) else "the tokenizer"
     lora_lib.check_mask_id(model.cfg.lora, tokenizer.mask_id, source)

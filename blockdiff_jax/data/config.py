@@ -28,8 +28,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.paths = ""
   # Field holding the text in each line of a .jsonl file.
   c.text_field = "text"
-  # "byte", "bpe" (trained on the train split, cached in workdir; a cached one trained
-  # with another bpe_vocab_size or corpus is refused) or the path of a tokenizer.json.
+  # "byte", "bpe" (trained on the train split, cached in workdir; training refuses a
+  # cached one trained with other data fields: tokenizers.bpe_request) or the path of
+  # a tokenizer.json.
   c.tokenizer = "byte"
   # Vocabulary size (specials included) when tokenizer="bpe".
   c.bpe_vocab_size = 4096

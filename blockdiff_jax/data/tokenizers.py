@@ -345,17 +345,20 @@ def bpe_request(data_config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(request))  # As read back from the file.
 
 
-def _check_reuse(path: str, request: dict[str, Any], vocab_size: int) -> None:
+def _check_reuse(path: str, request: dict[str, Any], vocab_size: int,
+                 strict: bool = True) -> None:
   """Refuses a workdir tokenizer trained with other ``data`` fields than ``request``.
 
   Retraining instead would replace the tokenizer that the workdir's checkpoints were
   trained with. A file from before requests were recorded has no record: it is reused,
   unless its vocabulary is larger than asked for (it cannot come from this request).
+  Not ``strict`` (evaluating, sampling or serving a trained run), the file is the run's
+  tokenizer whatever the config now says of its data: a difference is only logged.
   """
   record = os.path.join(os.path.dirname(path), TOKENIZER_REQUEST_FILENAME)
   if not os.path.isfile(record):
     want = request["bpe_vocab_size"]
-    if vocab_size > want:
+    if vocab_size > want and strict:
       raise ValueError(
           f"{path} has {vocab_size} tokens but data.bpe_vocab_size={want}: it was "
           f"trained with another size. Set data.bpe_vocab_size={vocab_size} to reuse "
@@ -371,7 +374,9 @@ def _check_reuse(path: str, request: dict[str, Any], vocab_size: int) -> None:
     raise ValueError(f"Cannot read {record}: {e}") from None
   diff = [f"data.{k}={got.get(k)!r} (config: {v!r})" for k, v in request.items()
           if got.get(k) != v]
-  if diff:
+  if diff and not strict:
+    logging.warning("Using %s, the run's tokenizer, trained with %s.", path, ", ".join(diff))
+  elif diff:
     raise ValueError(
         f"{path} was trained with {', '.join(diff)}. Set those fields back to reuse it "
         "(the checkpoints of this workdir use it), point data.tokenizer at the file to "
@@ -379,7 +384,8 @@ def _check_reuse(path: str, request: dict[str, Any], vocab_size: int) -> None:
         "new one")
 
 
-def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
+def get_tokenizer(data_config: Any, workdir: str | None = None,
+                  strict: bool = True) -> Tokenizer:
   """Builds the tokenizer named by ``data_config.tokenizer``.
 
   Args:
@@ -390,6 +396,8 @@ def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
       ``tokenizer.json``.
     workdir: run folder; without it a ``"bpe"`` tokenizer is trained but not
       saved.
+    strict: refuse a workdir tokenizer trained with other ``data`` fields (training);
+      False reuses it with a warning (inference on a trained run: it is the run's).
 
   Returns:
     The tokenizer.
@@ -409,7 +417,7 @@ def get_tokenizer(data_config: Any, workdir: str | None = None) -> Tokenizer:
     if path and os.path.isfile(path):
       logging.info("Reusing BPE tokenizer %s.", path)
       tok = BPETokenizer.from_file(path)
-      _check_reuse(path, request, tok.vocab_size)
+      _check_reuse(path, request, tok.vocab_size, strict)
       return tok
     texts = corpora.load_documents(data_config, "train")
     logging.info("Training BPE (vocab %d) on %d documents.",

@@ -210,7 +210,7 @@ def task_likelihood(ev: Evaluator) -> dict:
   obj = diffusion_config.objective(c, ev.tokenizer.mask_id)
   res = likelihood.evaluate(apply_fn, ev.params, ds, obj, c.eval.likelihood_batches,
                             c.eval.noise_samples, c.seed, progress=sys.stdout,
-                            special_ids=[int(i) for i in ev.tokenizer.special_tokens.values()])
+                            special_ids=ev.tokenizer.special_ids)
   res["unigram_entropy_bits_per_token"] = ds.unigram_entropy_bits
   return res
 

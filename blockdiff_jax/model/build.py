@@ -23,17 +23,19 @@ Array = Any
 
 
 def build_model(config: ml_collections.ConfigDict, workdir: str | None = None,
-                tokenizer: tokenizers.Tokenizer | None = None):
+                tokenizer: tokenizers.Tokenizer | None = None, strict_tokenizer: bool = True):
   """(model, tokenizer) of a config.
 
   Args:
     config: the experiment config.
     workdir: where a trained BPE tokenizer is kept (``data.tokenizer=bpe``).
     tokenizer: use this one (a pretrained model's) instead of ``config.data``'s.
+    strict_tokenizer: refuse a workdir's BPE tokenizer trained with other ``data``
+      fields (``tokenizers.get_tokenizer``'s ``strict``); inference passes False.
   """
   model_config_lib.validate(config)
   if tokenizer is None:
-    tokenizer = tokenizers.get_tokenizer(config.data, workdir)
+    tokenizer = tokenizers.get_tokenizer(config.data, workdir, strict=strict_tokenizer)
   # Ids past the embedding table would turn the loss NaN at step 1.
   if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
