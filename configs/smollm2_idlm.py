@@ -1,4 +1,4 @@
-"""I-DLM on SmolLM2-135M-Instruct: introspective strided decoding, lossless against AR.
+r"""I-DLM on SmolLM2-135M-Instruct: introspective strided decoding, lossless against AR.
 
 Recipe (I-DLM): keep SmolLM2's weights frozen and its token shift (the logits at i predict
 token i+1), add gated LoRA adapters that are active only on MASK tokens, and train them with
