@@ -1,5 +1,6 @@
 """Masked grouped-query attention in plain jnp: the model's XLA attention path."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -8,6 +9,40 @@ import jax.numpy as jnp
 from blockdiff_jax import masks
 
 Array = Any
+
+
+def validate_qkv(op: str, q: Array, k: Array, v: Array, q_meta: masks.TokenMeta | None,
+                 kv_meta: masks.TokenMeta | None) -> None:
+  """Raises a ValueError naming the mismatch when q/k/v or metadata shapes disagree.
+
+  Args:
+    op: the calling op's name, for the message.
+    q: [batch, Tq, heads, head_dim].
+    k: [batch, Tk, kv_heads, head_dim].
+    v: same shape as k.
+    q_meta: fields broadcastable to [batch, Tq]; None skips the check.
+    kv_meta: fields broadcastable to [batch, Tk]; None skips the check.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"{op}: q, k, v must be [batch, T, heads, head_dim], got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"{op}: k and v shapes differ: {k.shape} vs {v.shape}")
+  if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"{op}: k {k.shape} does not match q {q.shape} in batch or head_dim")
+  if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+    raise ValueError(f"{op}: heads={q.shape[2]} is not a multiple of "
+                     f"kv_heads={k.shape[2]}")
+  for name, meta, want in (("q_meta", q_meta, q.shape[:2]), ("kv_meta", kv_meta, k.shape[:2])):
+    if meta is None:
+      continue
+    shapes = [jnp.shape(x) for x in dataclasses.astuple(meta)]
+    try:
+      shape = jnp.broadcast_shapes(want, *shapes)
+    except ValueError:
+      shape = None
+    if shape != tuple(want):
+      raise ValueError(f"{op}: {name} field shapes {shapes} do not broadcast to {want}")
 
 
 def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
@@ -30,10 +65,9 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   Returns:
     [batch, Tq, heads, head_dim] in q's dtype.
   """
+  validate_qkv("masked_attention", q, k, v, q_meta, kv_meta)
   b, tq, h, d = q.shape
   kv_heads = k.shape[2]
-  if h % kv_heads:
-    raise ValueError(f"heads={h} is not a multiple of kv_heads={kv_heads}")
   groups = h // kv_heads
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, tq, kv_heads, groups, d)

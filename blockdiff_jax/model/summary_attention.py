@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdiff_jax import masks
+from blockdiff_jax.model import attention_ops
 
 Array = Any
 
@@ -118,10 +119,17 @@ def structured_attention(q: Array, k: Array, v: Array, meta: masks.TokenMeta,
   Returns:
     [batch, T, heads, head_dim] in q's dtype.
   """
+  # Self-attention: keys are the queries' own positions, with the same metadata.
+  attention_ops.validate_qkv("structured_attention", q, k, v, None, None)
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(f"structured_attention: k {k.shape} and q {q.shape} differ in length "
+                     "(self-attention over one layout)")
+  # The layout views reshape the metadata rows: no broadcasting here.
+  shapes = [jnp.shape(x) for x in dataclasses.astuple(meta)]
+  if any(shape != q.shape[:2] for shape in shapes):
+    raise ValueError(f"structured_attention: meta field shapes {shapes} != {q.shape[:2]}")
   b, total, h, d = q.shape
   hk = k.shape[2]
-  if h % hk:
-    raise ValueError(f"heads={h} is not a multiple of kv_heads={hk}")
   if spec.window_blocks < 1:
     raise ValueError("structured_attention needs MaskSpec.window_blocks >= 1, got "
                      f"{spec.window_blocks}")

@@ -39,6 +39,13 @@ def _validate(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"block_attention: unsupported dtype {q.dtype}")
   for name, meta, want in (("q_meta", q_meta, q.shape[:2]), ("kv_meta", kv_meta, k.shape[:2])):
+    # The kernel packs the fields as int32: a fractional segment id (-0.5, padding
+    # to the reference) would become 0, a visible token.
+    for field in dataclasses.fields(meta):
+      dtype = jnp.result_type(getattr(meta, field.name))
+      if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
+        raise ValueError(f"block_attention: {name}.{field.name} must be integer or bool, "
+                         f"got {dtype}")
     shapes = [jnp.shape(x) for x in dataclasses.astuple(meta)]
     try:
       shape = jnp.broadcast_shapes(*shapes)

@@ -52,14 +52,14 @@ def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> Non
     raise ValueError(f"decode_attention: unsupported dtype {q.dtype}")
   if (q_positions is None) != (kv_positions is None):
     raise ValueError("decode_attention: give both q_positions and kv_positions, or neither")
-  if q_positions is not None and tuple(q_positions.shape) != q.shape[:2]:
-    raise ValueError(f"decode_attention: q_positions shape {q_positions.shape} != "
+  if q_positions is not None and jnp.shape(q_positions) != q.shape[:2]:
+    raise ValueError(f"decode_attention: q_positions shape {jnp.shape(q_positions)} != "
                      f"{q.shape[:2]}")
-  if kv_positions is not None and tuple(kv_positions.shape) != k.shape[:2]:
-    raise ValueError(f"decode_attention: kv_positions shape {kv_positions.shape} != "
+  if kv_positions is not None and jnp.shape(kv_positions) != k.shape[:2]:
+    raise ValueError(f"decode_attention: kv_positions shape {jnp.shape(kv_positions)} != "
                      f"{k.shape[:2]}")
-  if kv_lengths is not None and tuple(kv_lengths.shape) != (b,):
-    raise ValueError(f"decode_attention: kv_lengths shape {kv_lengths.shape} != ({b},)")
+  if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
+    raise ValueError(f"decode_attention: kv_lengths shape {jnp.shape(kv_lengths)} != ({b},)")
   # The kernel reads these as int32: a fractional position (e.g. -0.5, an empty
   # slot to the reference) would silently become another value (0, a used slot).
   for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions),
@@ -125,6 +125,9 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   Returns:
     [B, Tq, H, D] in q's dtype. Forward only (no VJP).
   """
+  # Nested lists are accepted (as by the reference); their dtype is checked too.
+  q_positions, kv_positions, kv_lengths = (
+      None if x is None else jnp.asarray(x) for x in (q_positions, kv_positions, kv_lengths))
   _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size)
   b, tq, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
