@@ -91,7 +91,8 @@ def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOption
     params: its parameters.
     canvas: the input.
     options: decoding options (block size, ids, sampling, ``stop_at_eos``).
-    rng: sampling key (default key 0).
+    rng: sampling key, or [B] keys (one per row: a row's draws then do not depend on
+      its batch mates); typed or raw ``PRNGKey`` data (``keys.normalize``); default key 0.
 
   Returns:
     dict with ``tokens`` [B, S], ``nfe`` [B] (forwards while the row was active, the
@@ -114,7 +115,7 @@ def decode_ar(model, params, canvas: layout.Canvas, options: layout.DecodeOption
              jit_cache.bucket(int(prompt_len.max()), tokens.shape[1]))
   fn = JIT_CACHE.get(key, lambda k: jax.jit(
       lambda *a: _decode_ar(k.logits_fn, k.options, k.prompt_max, *a)))
-  rng = jax.random.key(0) if rng is None else rng
+  rng = keys.normalize(rng, tokens.shape[0])
   out = fn(params, jnp.asarray(tokens), jnp.asarray(prompt_len),
            jnp.asarray(canvas.length, jnp.int32), rng)
   out = jax.device_get(out)

@@ -36,6 +36,7 @@ import numpy as np
 
 from blockdiff_jax.model import sharding
 from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import state as state_lib
@@ -164,7 +165,8 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
     params: its parameters.
     canvas: the host-side input (see ``layout.Canvas``).
     options: static decoding options.
-    rng: PRNG key for sampling (default key 0).
+    rng: sampling key, or [B] keys (one per row: a row's draws then do not depend on
+      its batch mates); typed or raw ``PRNGKey`` data (``keys.normalize``); default key 0.
     on_block: optional host callback ``on_block(block_index [B], tokens [B, block],
       active [B])`` invoked when decoded blocks finish; each row's blocks arrive once
       each, in order, on calls where that row is ``active``.
@@ -196,7 +198,7 @@ def decode(model, params, canvas: layout.Canvas, options: layout.DecodeOptions,
   compiled = JIT_CACHE.get(key, _build)
   args = (params, jnp.asarray(canvas.tokens, jnp.int32), jnp.asarray(canvas.maskable, bool),
           jnp.asarray(canvas.length, jnp.int32), jnp.asarray(canvas.start_block, jnp.int32),
-          jax.random.key(0) if rng is None else rng)
+          keys.normalize(rng, canvas.tokens.shape[0]))
   if on_block is None and on_step is None:
     out = jax.device_get(compiled(*args))
   else:

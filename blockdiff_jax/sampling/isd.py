@@ -125,7 +125,8 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
     options: decoding options (ids, ``sampling``: greedy, or temperature/top-k/top-p,
       ``stop_at_eos``); block size and policy are not used.
     stride: N >= 2: a forward verifies up to N-1 drafts and proposes N-1 new ones.
-    rng: sampling key (default key 0).
+    rng: sampling key, or [B] keys (one per row: a row's draws then do not depend on
+      its batch mates); typed or raw ``PRNGKey`` data (``keys.normalize``); default key 0.
 
   Returns:
     dict with ``tokens`` [B, S], ``nfe`` [B] (forwards while the row was active, the
@@ -155,7 +156,7 @@ def decode_isd(model, params, canvas: layout.Canvas, options: layout.DecodeOptio
              jit_cache.bucket(int(prompt_len.max()), s), width)
   fn = JIT_CACHE.get(key, lambda k: jax.jit(
       lambda *a: _decode(k.logits_fn, k.options, k.stride, k.prompt_max, *a)))
-  rng = jax.random.key(0) if rng is None else rng
+  rng = keys.normalize(rng, b)
   out = jax.device_get(fn(params, jnp.asarray(padded), jnp.asarray(prompt_len),
                           jnp.asarray(canvas.length, jnp.int32), rng))
   out["tokens"] = out["tokens"][:, :s]

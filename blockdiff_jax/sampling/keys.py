@@ -4,7 +4,8 @@ A decoder state's ``rng`` is either a scalar key (the batch decoders: a step's k
 folded with the batch's forward count) or a [B] array of keys, one per row (the serving
 pool: a row's key is folded with its own forward count, so its draws depend only on its
 seed and its own progress, never on its batch mates or on when it joined). The helpers
-below take either and draw accordingly.
+below take either and draw accordingly; ``normalize`` turns what a caller passed (typed
+keys or raw ``jax.random.PRNGKey`` data) into one of the two.
 """
 
 from typing import Any, Callable
@@ -12,6 +13,27 @@ from typing import Any, Callable
 import jax
 
 Array = Any
+
+
+def normalize(rng: Array | None, batch: int) -> Array:
+  """The decoders' key: a scalar typed key or [batch] typed keys (default key 0).
+
+  Raw key data (``jax.random.PRNGKey(s)``: uint32 [2], or [batch, 2] per row) is wrapped
+  as typed keys: by its rank alone a raw scalar key looks like a [2] array of keys.
+
+  Args:
+    rng: None, a typed key array of shape () or [batch], or raw key data.
+    batch: rows of the canvas.
+  """
+  if rng is None:
+    return jax.random.key(0)
+  dtype = getattr(rng, "dtype", None)
+  if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  if rng.shape not in ((), (batch,)):
+    raise ValueError(f"rng must be one key or one key per row ({batch} rows), got a key "
+                     f"array of shape {rng.shape}")
+  return rng
 
 
 def step_key(rng: Array, batch_count: Array, row_count: Array) -> Array:

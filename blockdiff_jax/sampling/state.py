@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from blockdiff_jax import masks
 from blockdiff_jax.sampling import hierarchical_cache
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import kv_cache
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import summary_bank
@@ -159,7 +160,8 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
     options: decoding options.
     prefill_len: static width of the prefill pass (default ``prefill_width(canvas)``,
       which needs a host canvas; under ``jit`` pass it).
-    rng: sampling key (default key 0).
+    rng: sampling key, or [B] keys (one per row: a row's draws then do not depend on
+      its batch mates); typed or raw ``PRNGKey`` data (``keys.normalize``); default key 0.
   """
   if prefill_len is None:
     prefill_len = prefill_width(canvas, options.block_size)
@@ -217,7 +219,7 @@ def init_state(logits_fn, params, canvas: layout.Canvas, options: layout.DecodeO
                       forwards=jnp.int32(0), unique_experts=jnp.float32(0.0))
   return DecodeState(tokens=tokens, maskable=maskable, length=length, cache=cache,
                      rows=rows, counters=counters,
-                     rng=jax.random.key(0) if rng is None else rng, head=head,
+                     rng=keys.normalize(rng, b), head=head,
                      summaries=summaries)
 
 

@@ -24,6 +24,7 @@ from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import isd as isd_lib
 from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import keys as keys_lib
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import state as state_lib
@@ -132,7 +133,7 @@ def block_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
   init = JIT_CACHE.get(_Key(fn, options, prefill_len), _build)
   step = JIT_CACHE.get(_Key(fn, options, None), _build)
   st = init(params, canvas.tokens, canvas.maskable, canvas.length, canvas.start_block,
-            jax.random.key(0) if rng is None else rng)
+            keys_lib.normalize(rng, 1))
   start = len(ids)
   fills, forward = [], 0
   while not bool(jax.device_get(st.done)[0]) and forward < max_forwards:
@@ -185,8 +186,7 @@ def isd_trace(model, params, tokenizer: tokenizers.Tokenizer, prompt: str,
   prompt_max = jit_cache.bucket(len(ids), canvas.tokens.shape[1])
   init = JIT_CACHE.get(_ISDKey(fn, options, stride, prompt_max), _build_isd)
   step = JIT_CACHE.get(_ISDKey(fn, options, stride, None), _build_isd)
-  st = jax.device_get(init(params, tokens, prompt_len, length,
-                           jax.random.key(0) if rng is None else rng))
+  st = jax.device_get(init(params, tokens, prompt_len, length, keys_lib.normalize(rng, 1)))
   first = [int(st.tokens[0, len(ids)])]
   records = [{"forward": 1, "verified": [], "accepted": 0,
               "emitted": [_text(tokenizer, [t]) for t in first],
