@@ -117,8 +117,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.block_size < 1:
     raise ValueError(f"diffusion.block_size must be >= 1, got {d.block_size}")
   # The AR objective has no blocks (its loss never reads block_size); summary slots do.
-  ar_only = (d.get("objective", "bd3") == "ar"
-             and not config.model.get("summary", {}).get("num_slots", 0))
+  summary = (config.get("model") or {}).get("summary") or {}
+  ar_only = d.get("objective", "bd3") == "ar" and not summary.get("num_slots", 0)
   if config.data.seq_len % d.block_size and not ar_only:
     raise ValueError(f"data.seq_len={config.data.seq_len} is not a multiple of "
                      f"diffusion.block_size={d.block_size}")
