@@ -23,7 +23,7 @@ digits right and of keys right, against training steps. Writes JSON, Markdown an
 
   PYTHONPATH=. python experiments/summary_copy_probe.py --slots 0,1,2,4 --blocks 4 \
       --out experiments/results/summary_copy_probe
-  PYTHONPATH=. python experiments/summary_copy_probe.py --quick   # a 1-minute smoke run
+  PYTHONPATH=. python experiments/summary_copy_probe.py --quick   # smoke run, to /tmp
 """
 
 import argparse
@@ -243,6 +243,8 @@ def parse(argv):
   args = p.parse_args(argv)
   if args.quick:
     args.slots, args.steps, args.eval_every, args.eval_rows = "0,2", 60, 30, 32
+    if args.out == p.get_default("out"):
+      args.out = "/tmp/summary_copy_probe_quick"  # A smoke run, not a result.
   try:
     args.slot_list = [int(s) for s in args.slots.split(",")]
     args.seed_list = [int(s) for s in args.seeds.split(",")]

@@ -65,3 +65,8 @@ def test_a_short_run_writes_json_and_a_table(tmp_path):
   assert saved["runs"][0]["final"] == run["final"]
   table = open(out + ".md").read()
   assert "| 2 slots/block | 0 |" in table and "Chance: 0.1 of digits" in table
+
+
+def test_quick_never_writes_into_the_results_folder():
+  assert probe.parse(["--quick"]).out == "/tmp/summary_copy_probe_quick"
+  assert probe.parse(["--quick", "--out", "x"]).out == "x"
