@@ -31,6 +31,8 @@ from blockdiff_jax.model import build
 from blockdiff_jax.sampling import layout
 from conftest import load_config_file
 from conftest import small_model_config
+from test_hardening_eval2 import _json_leaves
+from test_hardening_eval2 import _markdown_rows
 
 ROW = {"task": "passkey", "length": 128, "depth": 0.5, "answer": "12345",
        "completion": "12345.", "hit": True}
@@ -56,24 +58,6 @@ def fake_long_context(monkeypatch, tmp_path):
   c.eval.long_context_lengths = "128"
   c.eval.decoders = "threshold:0.9,ar"
   return c, str(tmp_path)
-
-
-def _markdown_rows(path):
-  rows = {}
-  for line in open(path, encoding="utf-8"):
-    if line.startswith("| ") and not line.startswith("| metric"):
-      key, value = (cell.strip() for cell in line.strip().strip("|").split(" | ", 1))
-      rows[key] = value
-  return rows
-
-
-def _json_leaves(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_json_leaves(v, f"{prefix}/{k}" if prefix else k))
-    return out
-  return {prefix: tree}
 
 
 def test_a_task_failing_after_a_decoder_finished_keeps_what_it_measured(fake_long_context):

@@ -72,6 +72,12 @@ def test_trace_with_key_k_draws_what_generate_draws_with_key_k(decoder, temperat
   assert all(len(c) == 28 for c in got)
   # Sampled, the seeds draw different texts (so the key reached the draws); greedy, one.
   assert len(set(got)) == (2 if temperature else 1)
+  # A raw jax.random.PRNGKey(1) is the typed key(1) (its rank read it as two row keys).
+  raw = jax.random.PRNGKey(1)
+  t = (trace.block_trace(fn, params, BYTES, PROMPT, opt, 28, 32, rng=raw)
+       if decoder == "block" else trace.isd_trace(fn, params, BYTES, PROMPT, opt, 3, 28, 32,
+                                                  rng=raw))
+  assert t["completion"] == got[1]
 
 
 @pytest.mark.parametrize("decoder", ["block", "isd"])

@@ -9,8 +9,6 @@ records the prompt ids it receives and answers at once: no model is needed.
 """
 
 import concurrent.futures
-import http.client
-import json
 
 import numpy as np
 import openai
@@ -22,6 +20,7 @@ from blockdiff_jax.interop import tokenizer as tokenizer_lib
 from blockdiff_jax.serving import engine as engine_lib
 from blockdiff_jax.serving import server as server_lib
 from conftest import RunningServer
+from test_hardening_serving3 import _post as post
 
 MODEL = "m"
 BYTES = tokenizers.ByteTokenizer()
@@ -79,16 +78,7 @@ def served(request):
 
 def _post(r, body):
   """(status, parsed body or the SSE chunks) of a chat request."""
-  conn = http.client.HTTPConnection("127.0.0.1", r.port)
-  conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
-               {"Content-Type": "application/json"})
-  resp = conn.getresponse()
-  raw = resp.read().decode()
-  conn.close()
-  if resp.getheader("Content-Type", "").startswith("text/event-stream"):
-    return resp.status, [json.loads(line[6:]) for line in raw.split("\n")
-                         if line.startswith("data: {")]
-  return resp.status, json.loads(raw)
+  return post(r, "/v1/chat/completions", body)
 
 
 def _parts(*texts):
