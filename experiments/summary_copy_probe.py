@@ -18,6 +18,11 @@ rows train a full-attention twin (``--slots 0``), the upper bound. ``--key_block
 puts the key in a random block outside the window at a random offset, so the answer must
 also find which bank holds it.
 
+``--curriculum_steps=N`` eases that search in the first N training steps (the held-out
+rows always use ``--key_block``): ``--curriculum=switch`` trains on the key in block 0
+first, then on any block; ``--curriculum=widen`` lets the key's block range grow from
+block 0 to all of them over the N steps.
+
 Scored on held-out rows with the whole answer masked (one forward, argmax): the share of
 digits right and of keys right, against training steps. Writes JSON, Markdown and a PNG.
 
@@ -79,17 +84,27 @@ class Task:
       raise ValueError(f"--key_block must be 'first' or 'any', got {self.key_block!r}")
 
 
-def make_rows(task: Task, ids: dict, rng: np.random.Generator, n: int) -> dict:
-  """``n`` rows: ``tokens`` [n, L] int32 and ``loss_mask`` [n, L] (1 on the answer)."""
+def last_key_block(task: Task) -> int:
+  """The newest block the key may sit in: the answer block's window stays clear of it."""
+  return task.num_blocks - task.window - 2
+
+
+def make_rows(task: Task, ids: dict, rng: np.random.Generator, n: int,
+              max_block: int | None = None) -> dict:
+  """``n`` rows: ``tokens`` [n, L] int32 and ``loss_mask`` [n, L] (1 on the answer).
+
+  ``max_block`` (with ``key_block="any"``) caps the key's block below the last allowed,
+  for a curriculum.
+  """
   b, length = task.block_size, task.num_blocks * task.block_size
   tokens = ids["filler"][rng.integers(0, len(ids["filler"]), (n, length))]
   keys = ids["digits"][rng.integers(0, 10, (n, task.key_len))]
-  last_key_block = task.num_blocks - task.window - 2  # Outside the answer's window.
+  last = last_key_block(task) if max_block is None else min(max_block, last_key_block(task))
   for i in range(n):
     if task.key_block == "first":
       start = 0
     else:
-      blk = int(rng.integers(0, last_key_block + 1))
+      blk = int(rng.integers(0, last + 1))
       start = blk * b + int(rng.integers(0, b - task.key_len))
     tokens[i, start] = ids["k"]
     tokens[i, start + 1:start + 1 + task.key_len] = keys[i]
@@ -100,6 +115,16 @@ def make_rows(task: Task, ids: dict, rng: np.random.Generator, n: int) -> dict:
   loss_mask = np.zeros((n, length), np.float32)
   loss_mask[:, ans + 1:ans + 1 + task.key_len] = 1.0
   return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask}
+
+
+def training_rows_at(task: Task, step: int, curriculum: str, curriculum_steps: int):
+  """The task and the cap on the key's block for training step ``step`` (1-based)."""
+  if step > curriculum_steps or task.key_block == "first":
+    return task, None
+  if curriculum == "switch":
+    return dataclasses.replace(task, key_block="first"), None
+  # widen: blocks 0..k, k growing evenly to the last allowed block over the N steps.
+  return task, (step - 1) * (last_key_block(task) + 1) // curriculum_steps
 
 
 def build_model(args, slots: int, window: int):
@@ -162,7 +187,9 @@ def run_one(args, slots: int, seed: int) -> dict:
   key = jax.random.key(seed)
   curve, losses_seen, t0 = [], [], time.time()
   for step in range(1, args.steps + 1):
-    batch = make_rows(task, ids, rng, args.batch)
+    train_task, max_block = training_rows_at(task, step, args.curriculum,
+                                             args.curriculum_steps)
+    batch = make_rows(train_task, ids, rng, args.batch, max_block)
     key, sub = jax.random.split(key)
     params, opt_state, loss = train_step(params, opt_state, batch, sub)
     losses_seen.append(float(loss))
@@ -186,7 +213,10 @@ def write(results: dict, out: str) -> None:
            f"{a['blocks']} blocks of {a['block_size']}, window {a['window']}, "
            f"{a['key_len']}-digit key in {'block 0' if a['key_block'] == 'first' else 'any block outside the window'}; "
            f"d {a['d_model']}, {a['layers']} layers, batch {a['batch']}, {a['steps']} steps, "
-           f"lr {a['lr']}; {a['eval_rows']} held-out rows, answer fully masked, one forward. "
+           f"lr {a['lr']}; "
+           + (f"curriculum '{a['curriculum']}' over the first {a['curriculum_steps']} steps; "
+              if a.get("curriculum_steps") else "")
+           + f"{a['eval_rows']} held-out rows, answer fully masked, one forward. "
            f"Chance: 0.1 of digits, {10.0 ** -a['key_len']:.0e} of keys. "
            f"{results['machine']}.\n",
            f"Command: `{results['command']}`\n",
@@ -213,6 +243,9 @@ def write(results: dict, out: str) -> None:
     ax.plot([p["step"] for p in r["curve"]], [p["digit_acc"] for p in r["curve"]],
             label=f"{name} seed {r['seed']}")
   ax.axhline(0.1, color="gray", ls=":", label="chance")
+  if results["args"].get("curriculum_steps"):
+    ax.axvline(results["args"]["curriculum_steps"], color="gray", ls="--",
+               label="curriculum ends")
   ax.set_xlabel("training step")
   ax.set_ylabel("answer digits right")
   ax.set_ylim(0, 1.02)
@@ -231,6 +264,10 @@ def parse(argv):
   p.add_argument("--window", type=int, default=1, help="model.summary.window_blocks")
   p.add_argument("--key_len", type=int, default=4, help="digits in the key")
   p.add_argument("--key_block", default="first", help="'first' or 'any'")
+  p.add_argument("--curriculum", default="switch", choices=("switch", "widen"),
+                 help="with --key_block=any: block 0 first, or a growing block range")
+  p.add_argument("--curriculum_steps", type=int, default=0,
+                 help="training steps under the curriculum (0: none)")
   p.add_argument("--d_model", type=int, default=64)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--batch", type=int, default=32)
@@ -256,6 +293,11 @@ def parse(argv):
   for name in ("steps", "eval_every", "eval_rows", "batch", "d_model", "layers"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if not 0 <= args.curriculum_steps < args.steps:
+    p.error(f"--curriculum_steps must be in [0, --steps={args.steps}), got "
+            f"{args.curriculum_steps}")
+  if args.curriculum_steps and args.key_block != "any":
+    p.error("--curriculum_steps needs --key_block=any (the held-out task it eases into)")
   if args.d_model % 4:
     p.error(f"--d_model must be a multiple of 4 (4 heads), got {args.d_model}")
   try:

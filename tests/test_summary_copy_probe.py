@@ -44,6 +44,10 @@ def test_rows_hide_the_key_outside_the_window_and_score_only_its_copy(key_block,
     (["--slots", "-1"], r"--slots must be >= 0"),
     (["--steps", "0"], r"--steps must be >= 1"),
     (["--d_model", "30"], r"multiple of 4"),
+    (["--key_block", "any", "--blocks", "8", "--curriculum_steps", "1500"],
+     r"--curriculum_steps must be in \[0, --steps=1500\)"),
+    (["--curriculum_steps", "10"], r"needs --key_block=any"),
+    (["--key_block", "any", "--blocks", "8", "--curriculum", "random"], r"invalid choice"),
 ])
 def test_bad_flags_are_refused_before_any_work(argv, match, capsys):
   with pytest.raises(SystemExit):
@@ -65,6 +69,26 @@ def test_a_short_run_writes_json_and_a_table(tmp_path):
   assert saved["runs"][0]["final"] == run["final"]
   table = open(out + ".md").read()
   assert "| 2 slots/block | 0 |" in table and "Chance: 0.1 of digits" in table
+
+
+def test_curriculum_switch_trains_on_block_0_then_on_any_block():
+  task = probe.Task(8, 8, 4, "any", 1)
+  for step, expect in [(1, "first"), (100, "first"), (101, "any"), (500, "any")]:
+    train_task, cap = probe.training_rows_at(task, step, "switch", 100)
+    assert (train_task.key_block, cap) == (expect, None)
+
+
+def test_curriculum_widen_grows_the_key_range_to_every_block_outside_the_window():
+  task = probe.Task(8, 8, 4, "any", 1)  # Key blocks 0..5.
+  caps = [probe.training_rows_at(task, s, "widen", 60)[1] for s in range(1, 62)]
+  assert caps[0] == 0 and caps[59] == 5 and caps[60] is None
+  assert all(a <= b for a, b in zip(caps[:60], caps[1:60]))  # Never shrinks.
+  assert sorted(set(caps[:60])) == [0, 1, 2, 3, 4, 5]  # Every stage is visited.
+  rng = np.random.default_rng(0)
+  for cap in (0, 2):
+    rows = probe.make_rows(task, IDS, rng, 128, max_block=cap)["tokens"]
+    blocks = {int(np.flatnonzero(r == IDS["k"])[0]) // 8 for r in rows}
+    assert blocks == set(range(cap + 1))  # Within the cap, and all of it is used.
 
 
 def test_quick_never_writes_into_the_results_folder():
