@@ -239,11 +239,20 @@ class PackedLMDataset(Dataset):
 
   def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and segment ids of window ``w`` (in stream order)."""
+    tokens, seg, _ = self._window(w)
+    return tokens, seg
+
+  def _window(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens, segment ids and loss mask of window ``w``."""
     if not 0 <= w < self.num_windows:
       raise ValueError(f"Window {w} out of range [0, {self.num_windows}).")
     pos = w * self.seq_len + np.arange(self.seq_len)
     doc = np.searchsorted(self._doc_starts, pos, side="right") - 1
-    return self._stream[pos].astype(np.int32), (doc - doc[0]).astype(np.int32)
+    # BOS is always given: it marks where a document starts. Found by position, not by
+    # id: a tokenizer whose bos is its eos (SmolLM2's base <|endoftext|>) would otherwise
+    # leave every document's EOS unscored, and the model would never learn to end one.
+    loss_mask = (pos != self._doc_starts[doc]).astype(np.float32)
+    return self._stream[pos].astype(np.int32), (doc - doc[0]).astype(np.int32), loss_mask
 
   def window_index(self, row: int) -> int:
     """The window read by global row ``row`` (= index * batch_size + b)."""
@@ -254,14 +263,12 @@ class PackedLMDataset(Dataset):
 
   def get_batch(self, index: int) -> Batch:
     index = _check_index(index)
-    rows = [self.window(self.window_index(index * self.batch_size + b))
+    rows = [self._window(self.window_index(index * self.batch_size + b))
             for b in range(self.batch_size)]
-    tokens = np.stack([r[0] for r in rows])
     return {
-        "tokens": tokens,
+        "tokens": np.stack([r[0] for r in rows]),
         "segment_ids": np.stack([r[1] for r in rows]),
-        # BOS is always given: it marks where a document starts.
-        "loss_mask": (tokens != self.tokenizer.bos_id).astype(np.float32),
+        "loss_mask": np.stack([r[2] for r in rows]),
     }
 
 
@@ -392,6 +399,16 @@ class SyntheticDataset(SFTDataset):
                                      digits=digits)[1:]
 
     super().__init__(example_fn, tokenizer, seq_len, batch_size, seed=seed)
+    # The first examples checked by SFTDataset may all be short; a rare full-length one
+    # (add with two full operands) would then stop training steps into the run.
+    for task in self.tasks:
+      prompt, answer = synthetic.longest_example(task, digits)
+      need = len(self.prompt_tokens(prompt)) + len(tokenizer.encode(answer)) + 1
+      if need > self.seq_len:
+        raise ValueError(f"Synthetic task {task!r} with digits={digits} has examples of "
+                         f"{need} tokens (e.g. {prompt!r} -> {answer!r}, with BOS, SEP "
+                         f"and EOS) but seq_len={self.seq_len}; raise data.seq_len or "
+                         f"lower data.synthetic_digits.")
 
   def task(self, j: int) -> str:
     """Task of example ``j``, to pass to ``synthetic.check``."""

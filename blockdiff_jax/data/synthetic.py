@@ -164,6 +164,22 @@ def make_example(task: str, seed: int, index: int, *, split: str = "train",
                    f"digits={digits} in {_MAX_DRAWS} draws; raise digits.")
 
 
+def longest_example(task: str, digits: int = DEFAULT_DIGITS) -> tuple[str, str]:
+  """A ``(prompt, answer)`` of ``task`` as long (in characters) as any it generates.
+
+  Not necessarily of either split: it bounds the row length a dataset must hold, so a
+  ``seq_len`` too short for a rare long example is refused before training starts.
+  """
+  validate_task(task)
+  if task == "sort":
+    prompt = "sort: " + " ".join(["9"] * digits)
+  elif task == "add":  # Both operands at full length, and a carry into one more digit.
+    prompt = f"add: {'9' * digits}+{'9' * digits}"
+  else:  # The last position has the most digits.
+    prompt = f"copy_edit: {'a' * digits}; set {digits - 1} to b"
+  return prompt, solve(task, prompt)
+
+
 def mixed_example(tasks: Sequence[str], seed: int, index: int, *,
                   split: str = "train",
                   digits: int = DEFAULT_DIGITS) -> tuple[str, str, str]:

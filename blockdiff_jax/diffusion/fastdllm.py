@@ -88,6 +88,22 @@ def shifted_logits(logits: Array, block_size: int) -> Array:
   return jnp.where(first, prev_clean, prev_noisy)
 
 
+def scorable(batch: dict) -> Array:
+  """[B, L] bool: positions that may be masked and scored (each copy scores a share).
+
+  ``loss_mask`` > 0, except a token without a predecessor of its own to predict it
+  from: position 0, and a packed example's first token (the output before it is
+  another example's).
+  """
+  mask = batch["loss_mask"] > 0
+  mask = mask & (jnp.arange(mask.shape[1]) > 0)[None]
+  seg = batch.get("segment_ids")
+  if seg is not None:
+    seg = jnp.asarray(seg, jnp.int32)
+    mask = mask & (seg == jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1))
+  return mask
+
+
 def per_token_terms(apply_fn: Callable, params: Any, batch: dict, rng: Array,
                     obj: FastDLLMObjective, corrupted: Array | None = None):
   """Runs both copies and returns (nll [2B, L], is_masked [2B, L], correct, aux).
@@ -95,16 +111,11 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   Rows [0, B) carry mask m, rows [B, 2B) its complement (when ``obj.complementary``).
   """
   x0 = batch["tokens"]
-  b, length = x0.shape
+  length = x0.shape[1]
   m = corrupt(rng, batch, obj) if corrupted is None else corrupted
-  maskable = batch["loss_mask"] > 0
-  # Position 0 has no predecessor to predict it from.
-  maskable = maskable & (jnp.arange(length) > 0)[None]
+  maskable = scorable(batch)
   seg = batch.get("segment_ids")
-  if seg is not None:
-    # Nor has a packed example's first token: the output before it is another example's.
-    seg = jnp.asarray(seg, jnp.int32)
-    maskable = maskable & (seg == jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1))
+  seg = None if seg is None else jnp.asarray(seg, jnp.int32)
   m = m & maskable
   if obj.complementary:
     m = jnp.concatenate([m, maskable & ~m], axis=0)
@@ -135,7 +146,9 @@ def fastdllm_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   n_masked = jnp.maximum(jnp.sum(is_masked), 1)
   # A select, not a product: an unscored position may hold a literal MASK id (nll = inf).
   ce = jnp.sum(jnp.where(is_masked, nll, 0.0)) / n_masked
-  n_scorable = jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)  # Positions, not weights.
+  # Positions, not weights; and only those a copy can score (not a document's first
+  # token), so complementary masks give exactly 1.
+  n_scorable = jnp.maximum(jnp.sum(scorable(batch)), 1)
   metrics = {
       "nelbo": ce,
       "masked_ce": ce,
