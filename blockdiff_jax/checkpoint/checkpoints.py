@@ -82,13 +82,37 @@ def verify_fingerprints(tree: Any, data_state: dict | None, prefix: str = "") ->
                                    f"(fingerprint {got} != {want})")
 
 
+# Failures of the machine, not of a checkpoint's files: another step would fail alike.
+_ENVIRONMENT_ERRORS = (MemoryError, ImportError, PermissionError, TimeoutError,
+                       ConnectionError, InterruptedError)
+# The same as the status codes TensorStore and XLA begin their messages with (a
+# TensorStore read refused by the filesystem, a device out of memory).
+_ENVIRONMENT_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                      "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
+
+
+def is_environment_error(error: BaseException) -> bool:
+  """Whether ``error`` (or an error it was raised from) is the machine's, not the files'."""
+  seen = 0
+  while error is not None and seen < 8:
+    if isinstance(error, _ENVIRONMENT_ERRORS):
+      return True
+    if str(error).lstrip().startswith(_ENVIRONMENT_CODES):
+      return True
+    error, seen = error.__cause__, seen + 1
+  return False
+
+
 def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[int], Any],
                     explicit: bool) -> tuple[int, Any]:
   """Restores the newest of ``steps`` that restores; says which were skipped and why.
 
-  ``IncompatibleCheckpointError`` is raised at once (every step shares the config); any
-  other failure counts as corruption. With ``explicit`` (the caller asked for one step)
-  nothing falls back.
+  ``IncompatibleCheckpointError`` is raised at once (every step shares the config), and so
+  is an error of the machine rather than of the files (``is_environment_error``: no
+  permission, out of memory, a missing module, a storage timeout): an older step would
+  fail alike or, worse, restore, and the healthy newer steps would be set aside as
+  corrupt and overwritten. Any other failure counts as corruption. With ``explicit``
+  (the caller asked for one step) nothing falls back.
   """
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -99,6 +123,10 @@ def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[in
     except IncompatibleCheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
+      if is_environment_error(e):
+        e.add_note(f"restoring checkpoint step {step} in {directory}: an error of the "
+                   "machine, not of the checkpoint, so no older step was tried")
+        raise
       reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
       failures.append((step, reason))
       if explicit:
@@ -135,6 +163,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 1, use_async: bool = True,
                remove_unfinished: bool = False):
     self.directory = os.path.abspath(directory)
+    self._closed = False
     if remove_unfinished and jax.process_index() == 0:
       # Before the manager starts: the primary process makes every step folder.
       self._remove_unfinished()
@@ -239,6 +268,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for the writes in progress and closes the manager (again: nothing to do)."""
+    if self._closed:
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
 

@@ -151,13 +151,17 @@ def objective_step_flops(config: ml_collections.ConfigDict, mcfg, obj) -> float:
   return flops.train_step_flops(mcfg, d.batch_size, d.seq_len, frozen)
 
 
-def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str,
+                         step: int) -> str | None:
   """Refuses a resume whose config changes the data, model or objective of ``workdir``.
 
   The checkpoint's data position indexes the saved config's dataset, so a resume with
   another corpus, batch or sequence length would silently train on other data. Allowed
   changes (``train_config.FIXED_ON_RESUME``) are kept: the previous ``config.json`` is
   moved to ``config.step<step>.json`` (unless that exists) before the new one is written.
+
+  Returns:
+    Where the previous ``config.json`` was moved (None when it stayed).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -172,13 +176,41 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: 
         "\nRestore these values, or train in a new workdir (init_from.workdir starts from "
         "its weights).")
   if jax.process_index() != 0:
-    return  # The first process keeps the old config.
+    return None  # The first process keeps the old config.
   kept = os.path.join(workdir, f"config.step{step}.json")
+  moved = None
   if allowed and not os.path.exists(kept):
     os.replace(path, kept)
+    moved = kept
   if allowed:
     print(f"resume with changed settings (previous config in {os.path.basename(kept)}): "
           + "; ".join(allowed), flush=True)
+  return moved
+
+
+def _read_config_json(workdir: str) -> bytes | None:
+  """The bytes of ``workdir/config.json`` (None without one): what a failed resume puts back."""
+  try:
+    with open(os.path.join(workdir, "config.json"), "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def _put_back_config(workdir: str, previous: bytes | None, moved: str | None) -> None:
+  """Undoes the config writes of a resume whose checkpoint did not restore, so that
+  ``config.json`` (read by sampling, evaluation and the next resume) still describes the
+  workdir's checkpoints, and no ``config.step<N>.json`` claims a config change that never
+  trained."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  if moved is not None:
+    os.replace(moved, path)
+  elif previous is not None:
+    with open(path + ".tmp", "wb") as f:
+      f.write(previous)
+    os.replace(path + ".tmp", path)
 
 
 def _refused_fields(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -238,27 +270,35 @@ def _say(*args, **kwargs):
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A pretrained start fixes the architecture and tokenizer before config.json is written.
   config, model, tokenizer = initial.build_model(config, workdir)
-  t, d = config.train, config.data
+  t = config.train
   # This run holds the workdir: no other save can be in progress.
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
                                   t.async_checkpoints, remove_unfinished=True)
   try:
-    # A resume with another architecture fails here, before compiling or writing anything.
-    try:
-      ckpt.check_params(nn.unbox(build.abstract_params(model)))
-    except checkpoints.IncompatibleCheckpointError as e:
-      fields = _refused_fields(config, workdir)
-      if not fields:
-        raise
-      raise checkpoints.IncompatibleCheckpointError(
-          f"{e}\nThe config changes these fields of {os.path.join(workdir, 'config.json')}:"
-          "\n  " + "\n  ".join(fields) + "\nRestore them, or train in a new workdir "
-          "(init_from.workdir starts from its weights).") from None
-    if ckpt.latest_step() is not None:  # Every process refuses, or none does.
-      _check_resume_config(config, workdir, ckpt.latest_step())
-  except Exception:
-    ckpt.close()
-    raise
+    return _train(config, workdir, model, tokenizer, ckpt)
+  finally:
+    ckpt.close()  # Also when the run fails before its loop (a no-op after the loop's).
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, tokenizer,
+           ckpt: checkpoints.Checkpointer) -> dict:
+  """``_run_locked`` once the workdir's checkpoints are open (``ckpt``, closed by the caller)."""
+  t, d = config.train, config.data
+  previous_config, moved_config = None, None
+  # A resume with another architecture fails here, before compiling or writing anything.
+  try:
+    ckpt.check_params(nn.unbox(build.abstract_params(model)))
+  except checkpoints.IncompatibleCheckpointError as e:
+    fields = _refused_fields(config, workdir)
+    if not fields:
+      raise
+    raise checkpoints.IncompatibleCheckpointError(
+        f"{e}\nThe config changes these fields of {os.path.join(workdir, 'config.json')}:"
+        "\n  " + "\n  ".join(fields) + "\nRestore them, or train in a new workdir "
+        "(init_from.workdir starts from its weights).") from None
+  if ckpt.latest_step() is not None:  # Every process refuses, or none does.
+    previous_config = _read_config_json(workdir)
+    moved_config = _check_resume_config(config, workdir, ckpt.latest_step())
   if jax.process_index() == 0:
     checkpoints.save_config(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed,
@@ -298,7 +338,11 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_it = train_ds.iterator(0)
   if resuming:
     # The newest checkpoint that restores (corrupt newer ones are named and set aside).
-    state, data_state = ckpt.restore(sharded.abstract_state)
+    try:
+      state, data_state = ckpt.restore(sharded.abstract_state)
+    except Exception:
+      _put_back_config(workdir, previous_config, moved_config)
+      raise
     data_it.set_state(data_state)
     _say(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
     if int(state.step) >= t.steps:
