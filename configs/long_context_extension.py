@@ -21,7 +21,11 @@ then passkey / key-value recall against length and depth (and the NELBO):
       --config.init_from.workdir=runs/quickstart --workdir=runs/quickstart_x8 --mode=eval
 The base must train without RoPE scaling (``configs/chatdlm_7b.py`` describes the
 already-extended model, YaRN x32 over 4,096, and is refused): for ChatDLM's 32x,
-pre-train from an unscaled copy of it and pass ``:<that config>,32``.
+pre-train from an unscaled copy of it and pass ``:<that config>,32``. Nor may it set
+``init.pretrained`` (the smollm2 configs): YaRN's ``original_max_position`` here is the
+base config's ``seq_len``, the length a from-scratch base trained at, not a pretrained
+model's native context (SmolLM2's is 8,192); scale such a model with
+``--config.model.rope_scaling.*`` on its own config instead.
 
 Trainer contract (``init_from``): when ``--workdir`` has no checkpoint yet and
 ``init_from.workdir`` is set, the trainer builds the model from this config,
@@ -64,9 +68,25 @@ def _parse(arg: str | None) -> tuple[str, int]:
   return base, factor
 
 
+def _check_not_pretrained(spec: str, where: str) -> None:
+  """Refuses ``init.pretrained``: the YaRN scaling would start from the wrong length.
+
+  ``original_max_position`` is set to the base config's ``seq_len`` (what a from-scratch
+  base trained at); a pretrained model's native context is longer, and YaRN from the
+  shorter one would squeeze frequencies it already handles.
+  """
+  if spec:
+    raise ValueError(f"long_context_extension: {where} sets init.pretrained={spec!r}; "
+                     "this recipe scales from the base config's seq_len, not a pretrained "
+                     "model's native context, so the base must train from scratch "
+                     "(init.pretrained=''); scale a pretrained model with "
+                     "--config.model.rope_scaling.* on its own config")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   base, factor = _parse(arg)
   c = _base_config(base)
+  _check_not_pretrained(c.init.get("pretrained", ""), f"base config {base!r}")
   if c.model.rope_scaling.type != "none":
     raise ValueError(f"long_context_extension: base config {base!r} already scales RoPE "
                      f"({c.model.rope_scaling.type}); extend the unscaled source model")
@@ -122,6 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"init_from.step must be -1 (latest) or a step >= 0, got {init.step}")
   if rs.type == "none":
     raise ValueError("model.rope_scaling.type is 'none': an extension scales RoPE")
+  _check_not_pretrained(config.init.get("pretrained", ""), "the config")
   want = config.data.seq_len / rs.original_max_position
   if not math.isclose(rs.factor, want):
     raise ValueError(f"model.rope_scaling.factor={rs.factor} but data.seq_len / "

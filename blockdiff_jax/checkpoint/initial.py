@@ -76,6 +76,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
     return config, None
   overrides, tokenizer = pretrained.describe(spec, workdir)
   config = config.copy_and_resolve_references()
+  overrides = _keep_own_rope_scaling(config, spec, overrides)
   num_experts = config.model.moe.num_experts
   pretrained.apply_overrides(config.model, overrides)
   if _upcycles(config):
@@ -87,6 +88,26 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None
   if lora is not None and lora.get("rank") and lora.get("gated") and lora.mask_id < 0:
     lora.mask_id = tokenizer.mask_id
   return config, tokenizer
+
+
+def _keep_own_rope_scaling(config: ml_collections.ConfigDict, spec: str,
+                           overrides: dict) -> dict:
+  """The checkpoint's overrides, less its RoPE scaling where the config extends it.
+
+  A config that scales RoPE over a checkpoint trained without scaling fine-tunes it to a
+  longer context: its scaling is kept (it was dropped silently before). Two different
+  scalings are refused; the checkpoint's own scaling, or none in the config, is taken.
+  """
+  rs = config.model.get("rope_scaling")
+  own = rs.get("type", "none") if rs is not None else "none"
+  theirs = overrides.get("rope_scaling.type", "none")
+  if own == "none" or own == theirs:
+    return overrides
+  if theirs != "none":
+    raise ValueError(f"model.rope_scaling.type={own!r} but pretrained={spec!r} already "
+                     f"scales RoPE with {theirs!r}; set model.rope_scaling.type='none' "
+                     "(or the checkpoint's) to keep it")
+  return {k: v for k, v in overrides.items() if not k.startswith("rope_scaling.")}
 
 
 def _upcycles(config: ml_collections.ConfigDict) -> bool:

@@ -69,17 +69,13 @@ def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
   return 2.0 * matmul + attn
 
 
-def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
-                     frozen_base: bool = False) -> float:
-  """Model FLOPs of one BD3-LM train step (forward + backward = 3x forward).
+def _two_stream_pass(cfg: transformer.TransformerConfig, seq_len: int) -> tuple[int, int]:
+  """(trunk positions, keys per position) of one ``[x_t ; x_0]`` pass of ``seq_len``.
 
-  With ``frozen_base`` (LoRA: the base weights enter through stop_gradient) the
-  backward forms activation gradients only: 2x forward in all.
-
-  The vectorized pass runs 2L tokens through the trunk with dense 2L-key attention
-  (what the XLA path computes) and the head only on the L noisy tokens. With
-  summary tokens the trunk also runs the (L/B)·S slots, and the structured path
-  scores each query against its window and the summary bank only.
+  2L tokens with dense 2L-key attention (what the XLA path computes). With summary
+  tokens the trunk also runs the clean stream's (L/B)·S slots (``build.make_apply``
+  passes ``summary="bd3"`` to every objective on this layout), and the structured
+  path scores each query against its window and the summary bank only.
   """
   positions = keys = 2 * seq_len
   if cfg.summary is not None:
@@ -88,6 +84,20 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: in
     positions = keys = 2 * seq_len + bank
     if cfg.attention_impl == "structured":
       keys = (su.window_blocks + 1) * su.block_size + bank
+  return positions, keys
+
+
+def train_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len: int,
+                     frozen_base: bool = False) -> float:
+  """Model FLOPs of one BD3-LM train step (forward + backward = 3x forward).
+
+  With ``frozen_base`` (LoRA: the base weights enter through stop_gradient) the
+  backward forms activation gradients only: 2x forward in all.
+
+  The vectorized pass runs 2L tokens through the trunk (plus the summary slots,
+  ``_two_stream_pass``) and the head only on the L noisy tokens.
+  """
+  positions, keys = _two_stream_pass(cfg, seq_len)
   trunk = forward_flops_per_token(cfg, keys, with_head=False) * positions
   head = 2.0 * cfg.vocab_size * cfg.d_model * seq_len
   return (2.0 if frozen_base else 3.0) * batch * (trunk + head)
@@ -97,12 +107,17 @@ def fastdllm_step_flops(cfg: transformer.TransformerConfig, batch: int, seq_len:
                         complementary: bool, frozen_base: bool) -> float:
   """FLOPs of one Fast-dLLM v2 train step, forward and backward.
 
-  Each row runs twice with complementary masks (2B rows of ``[x_t ; x_0]``), and the
-  token shift reads the head's output on both streams (2L positions, not L). The
+  Each row runs twice with complementary masks (2B rows of ``[x_t ; x_0]``, with the
+  summary slots of a summary-token model: ``_two_stream_pass``), and the token shift
+  reads the head's output on both streams (2L positions, not L). The
   backward costs one forward with a frozen base and two otherwise.
   """
   rows = 2 * batch if complementary else batch
-  per_row = forward_flops_per_token(cfg, 2 * seq_len, with_head=True) * 2 * seq_len
+  # The same [x_t ; x_0] layout as BD3-LM: a summary-token model runs its slots too
+  # (they carry no loss, so the head still reads the 2L token positions only).
+  positions, keys = _two_stream_pass(cfg, seq_len)
+  per_row = (forward_flops_per_token(cfg, keys, with_head=False) * positions
+             + 2.0 * cfg.vocab_size * cfg.d_model * 2 * seq_len)
   return rows * (2.0 if frozen_base else 3.0) * per_row
 
 

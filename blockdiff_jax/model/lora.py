@@ -50,6 +50,10 @@ class LoraConfig:
       raise ValueError(f"model.lora.rank must be an integer, got {self.rank!r}")
     if self.rank < 1:
       raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+    # B starts at zero, but 0 * NaN (or inf) is NaN: a non-finite alpha gives NaN
+    # outputs at step 0, and alpha = 0 silences every adapter (nothing would train).
+    if not (math.isfinite(self.alpha) and self.alpha != 0):
+      raise ValueError(f"model.lora.alpha must be finite and nonzero, got {self.alpha}")
     bad = [t for t in self.targets if t not in TARGETS]
     if bad or not self.targets:
       raise ValueError(f"model.lora.targets must be a non-empty subset of {TARGETS}, "

@@ -69,6 +69,15 @@ class RopeScaling:
   def __post_init__(self):
     if self.type not in SCALING_TYPES:
       raise ValueError(f"model.rope_scaling.type must be one of {SCALING_TYPES}, got {self.type!r}")
+    # NaN passes every comparison below and inf most of them; either one turns the
+    # frequencies or the attention temperature NaN / inf / 0 (training NaNs at step 1)
+    # or fails later inside math.log without naming the field.
+    for name in ("factor", "original_max_position", "beta_fast", "beta_slow",
+                 "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor",
+                 "high_freq_factor"):
+      value = getattr(self, name)
+      if value is not None and not math.isfinite(value):
+        raise ValueError(f"model.rope_scaling.{name} must be finite, got {value}")
     if self.factor < 1.0:
       raise ValueError(f"model.rope_scaling.factor must be >= 1, got {self.factor}")
     if self.original_max_position < 1:

@@ -62,8 +62,10 @@ class TransformerConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    # rope.inverse_frequencies needs d >= 4 too (NTK divides by d - 2): refused here,
+    # where validate sees it, rather than inside the first traced forward.
+    if self.head_dim % 2 or self.head_dim < 4:
+      raise ValueError(f"model.head_dim must be even and >= 4 for RoPE, got {self.head_dim}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.attention_impl not in attention.ATTENTION_IMPLS:
