@@ -206,6 +206,18 @@ class BPETokenizer(Tokenizer):
               f"Cannot add {name!r} to tokenizer {source or '<in-memory>'}: "
               f"id {tokenizer.token_to_id(name)} is taken (non-contiguous "
               "ids); add the special tokens to the file instead.")
+    # A required name the file holds as a plain token (an added token with
+    # "special": false, e.g. made with add_tokens, or a vocabulary entry) is
+    # re-registered as special under the same id: the library matches a
+    # non-special added token whole in text whatever encode_special_tokens
+    # says (so "<|eos|>" in a document became the EOS id) and keeps it in
+    # decode(skip_special_tokens=True).
+    flagged = {a.content for a in tokenizer.get_added_tokens_decoder().values()
+               if a.special}
+    plain = [n for n in SPECIAL_TOKEN_NAMES if n in vocab and n not in flagged]
+    if plain:
+      tokenizer.add_special_tokens([
+          hf_tokenizers.AddedToken(n, special=True, normalized=False) for n in plain])
     # Not stored in tokenizer.json; without it literal "<|eos|>" text in a
     # document would become the EOS id.
     tokenizer.encode_special_tokens = True

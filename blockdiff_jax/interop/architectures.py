@@ -256,6 +256,15 @@ def model_overrides(hf: dict) -> dict[str, Any]:
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch[0]!r} (model_type={model_type!r}); supported "
         f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  quant = hf.get("quantization_config")
+  if quant:
+    # Its tensors are packed or scaled (GPTQ/AWQ qweight+scales, FP8 weight_scale_inv, ...):
+    # without this the import failed on a "missing tensor" or a "corrupt" file.
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    raise UnsupportedArchitectureError(
+        f"quantization_config (quant_method={method!r}) is not supported: quantized "
+        "weights cannot be imported; use the unquantized (bf16/fp16/fp32) checkpoint or a "
+        "GGUF file")
   hf = with_transformers_defaults(hf)
   # transformers' ACT2FN maps both names to x * sigmoid(x).
   if hf.get("hidden_act", "silu") not in ("silu", "swish"):

@@ -52,6 +52,11 @@ class SafetensorsFile:
     self._data_start = 8 + n
     self.tensors = {}
     for name, info in header.items():
+      if isinstance(info, dict) and isinstance(info.get("dtype"), str) and (
+          info["dtype"] not in DTYPES):
+        # A valid file of another dtype (FP8 ...), not a corrupt one.
+        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not "
+                         f"supported (only {', '.join(DTYPES)})")
       try:
         dtype = np.dtype(DTYPES[info["dtype"]])
         shape = tuple(int(s) for s in info["shape"])
@@ -84,7 +89,8 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = Non
   """Writes a safetensors file (atomically: a temporary file renamed into place)."""
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
+    # Not ascontiguousarray: it makes a 0-d tensor 1-d (saved as shape [1]).
+    a = np.require(np.asarray(tensors[name]), requirements="C")
     if a.dtype not in _NAMES:
       raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors name")
     header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),

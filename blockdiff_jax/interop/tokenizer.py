@@ -25,6 +25,9 @@ MASK_TOKEN = data_tokenizers.MASK
 # Qwen2/2.5/3 pre-tokenization split (the same regex as their tokenizer.json).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5's (llama.cpp's "qwen35"): combining marks (\p{M}) stay with the letters before them.
+QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # encode_with_specials flips the HF tokenizer's encode_special_tokens flag for one call;
 # the lock keeps an encode() on another thread (the server's) from seeing it flipped.
 _SPECIALS_FLAG = threading.Lock()
@@ -38,7 +41,8 @@ def _pre_tokenizer(pre: str):
     return pt.Sequence([pt.Digits(individual_digits=True),
                         pt.ByteLevel(add_prefix_space=False, use_regex=True)])
   if pre in ("qwen2", "qwen35"):
-    return pt.Sequence([pt.Split(hf_tokenizers.Regex(QWEN_SPLIT), "isolated"),
+    split = QWEN35_SPLIT if pre == "qwen35" else QWEN_SPLIT
+    return pt.Sequence([pt.Split(hf_tokenizers.Regex(split), "isolated"),
                         pt.ByteLevel(add_prefix_space=False, use_regex=False)])
   if pre in ("default", "gpt2", "gpt-2"):
     return pt.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -148,6 +152,10 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
                pad_id: int | None = None, mask_id: int | None = None,
                chat_template: str | None = None, source: str = "", unk_id: int | None = None):
     tokenizer.encode_special_tokens = True  # encode() never emits specials.
+    # transformers registers the named tokens as special in the library tokenizer; one
+    # the file holds as a plain added token (a ChatML fine-tune's add_tokens) would be
+    # matched whole by encode() and kept by decode(skip_special=True) otherwise.
+    _flag_special(tokenizer, (bos_id, eos_id, pad_id, mask_id, unk_id))
     self._tok = tokenizer
     self._unk_id = unk_id  # Only chat templates see it (as unk_token).
     # The model's own pad (None: none); the data pipeline pads with eos then, but chat
@@ -215,6 +223,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       if mask_id is not None and got != mask_id:
         raise ValueError(f"<|mask|> got id {got}, expected {mask_id}")
       mask_id = got
+    _flag_special(self._tok, (mask_id,))
     self._ids["mask"] = int(mask_id)
     return self._ids["mask"]
 
@@ -394,6 +403,20 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
   def __repr__(self) -> str:
     return f"PretrainedTokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
+
+
+def _flag_special(tokenizer: hf_tokenizers.Tokenizer, ids: Sequence[int | None]) -> None:
+  """Flags the tokens of ``ids`` special (same ids), as transformers does named tokens."""
+  decoder = tokenizer.get_added_tokens_decoder()
+  for i in ids:
+    content = None if i is None else tokenizer.id_to_token(int(i))
+    # Skipped: already special, no such id, or another id spells it (re-adding would
+    # flag that one instead).
+    if (content is None or (int(i) in decoder and decoder[int(i)].special)
+        or tokenizer.token_to_id(content) != int(i)):
+      continue
+    tokenizer.add_special_tokens([hf_tokenizers.AddedToken(content, special=True,
+                                                           normalized=False)])
 
 
 def _read_json(path: str) -> dict:
