@@ -45,8 +45,11 @@ class DecodeOptions:
     policy: which MASK positions to fill per step.
     sampling: greedy or temperature / top-k / top-p proposals.
     sub_block_size: 0 or block_size = whole-block steps; else the sub-block size.
-    max_steps_per_block: step cap per block (split evenly over sub-blocks); 0 = one step
-      per token (plus ``patience`` with editing), enough for any policy.
+    max_steps_per_block: step cap per block, split over its sub-blocks as evenly as
+      whole steps allow (the later sub-blocks take the remainder), so a block of
+      sub-blocks that all have work takes at most this many steps; at least one per
+      sub-block. 0 = one step per token (plus ``patience`` with editing), enough for any
+      policy.
     edit_threshold: tau_edit of token editing; 0 = editing off. 1 is off too: a token
       is rewritten when its probability exceeds the threshold, which none ever does,
       so the block would only wait ``patience`` idle steps.
@@ -93,6 +96,12 @@ class DecodeOptions:
                        f"block_size={self.block_size} (or be 0)")
     if self.max_steps_per_block < 0:
       raise ValueError(f"max_steps_per_block must be >= 0, got {self.max_steps_per_block}")
+    if 0 < self.max_steps_per_block < self.num_sub:
+      # Every sub-block takes at least one step: a smaller cap cannot be kept.
+      raise ValueError(f"max_steps_per_block={self.max_steps_per_block} is fewer than the "
+                       f"{self.num_sub} sub-blocks of a block (block_size={self.block_size} "
+                       f"/ sub_block_size={self.sub_block_size}), each of which takes at "
+                       "least one step; use 0 (no cap) or >= the sub-block count")
     if not 0.0 <= self.edit_threshold <= 1.0:
       raise ValueError(f"edit_threshold must be in [0, 1], got {self.edit_threshold}")
     if self.patience < 1:
@@ -112,9 +121,18 @@ class DecodeOptions:
 
   @property
   def step_cap(self) -> int:
-    """Steps allowed per sub-block."""
+    """Steps allowed per sub-block (the first ones; see ``sub_step_cap``)."""
+    return self.sub_step_cap(0)
+
+  def sub_step_cap(self, sub):
+    """Steps allowed in sub-block ``sub`` (an int or an int array).
+
+    ``max_steps_per_block`` is split into whole steps; the last ``max_steps_per_block %
+    num_sub`` sub-blocks take one more, so the caps add up to it exactly.
+    """
     if self.max_steps_per_block:
-      return max(1, self.max_steps_per_block // self.num_sub)
+      base, extra = divmod(self.max_steps_per_block, self.num_sub)
+      return base + (sub >= self.num_sub - extra) * 1
     return self.sub + (self.patience if self.editing else 0)
 
 

@@ -156,6 +156,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.get("compare_ar", False) and s.policy == "ar":
     raise ValueError("sample.compare_ar=True compares a diffusion decoder with AR; "
                      "sample.policy='ar' is AR itself")
+  if s.get("compare_ar", False) and s.temperature > 0:
+    # As _run_compare refuses it, but before the checkpoint loads.
+    raise ValueError(f"sample.compare_ar=True compares greedy texts; set "
+                     f"sample.temperature=0, got {s.temperature}")
   diffusion = config.get("diffusion") or {}
   options_from_config(s, diffusion.get("block_size", 1), tokenizers.ByteTokenizer(),
                       diffusion.get("token_shift", False))
@@ -176,7 +180,9 @@ def read_prompts(s: ml_collections.ConfigDict) -> list[str]:
       line = raw.count(b"\n", 0, e.start) + 1
       raise ValueError(f"prompts file {s.prompts_file} is not UTF-8: byte offset {e.start} "
                        f"(line {line}) holds {raw[e.start:e.end]!r} ({e.reason})") from None
-    prompts = [line for line in text.split("\n") if line.strip()]
+    # A CRLF file (a Windows editor's) ends lines with "\r\n": the "\r" is the line end,
+    # not the last character of the prompt the model should continue.
+    prompts = [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
   else:
     prompts = [p for p in s.prompts.split(";") if p]
   if not prompts:

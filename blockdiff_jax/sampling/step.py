@@ -107,7 +107,7 @@ def _unique(stats: dict) -> Array:
 
 def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Array,
                   rng: Array, step: Array, active: Array,
-                  block_region: Array | None = None) -> Selection:
+                  block_region: Array | None = None, sub: Array = 0) -> Selection:
   """Proposes tokens and lets the policy (and editing) choose what to write.
 
   Args:
@@ -122,6 +122,8 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
     block_region: [B, n] bool, the fillable positions of the whole block when ``region``
       is one of its sub-blocks (default ``region``): ``TopK`` sizes its steps by the
       block, so ``steps`` stays a per-block budget with sub-blocks.
+    sub: scalar or [B], the sub-block being filled (its step cap is
+      ``opt.sub_step_cap(sub)``).
   """
   b = x.shape[0]
   logits = logits.at[..., opt.mask_id].set(_NEG)
@@ -132,7 +134,7 @@ def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Ar
   sized_by = region if block_region is None else block_region
   slots = jnp.sum(sized_by, axis=-1, keepdims=True)
   accept = opt.policy.select(conf, entropy, margin, cand, slots)
-  last = jnp.reshape(jnp.asarray(step) + 1 >= opt.step_cap, (-1, 1))
+  last = jnp.reshape(jnp.asarray(step) + 1 >= opt.sub_step_cap(jnp.asarray(sub)), (-1, 1))
   accept = jnp.where(last, cand, accept)
   new = jnp.where(accept, toks, x)
   edits = jnp.zeros((b,), jnp.int32)
@@ -172,13 +174,15 @@ def first_sub_with_work(opt: layout.DecodeOptions, x: Array, region: Array,
 
 
 def block_done(opt: layout.DecodeOptions, new: Array, region: Array, still: Array,
-               step: Array) -> Array:
-  """[B] the (sub-)block is finished: nothing masked (and settled), or the cap is hit."""
+               step: Array, sub: Array = 0) -> Array:
+  """[B] the (sub-)block ``sub`` is finished: nothing masked (and settled), or its cap is
+  hit."""
   is_mask = region & (new == opt.mask_id)
   settled = ~jnp.any(is_mask, axis=-1)
   if opt.editing:
     settled = settled & (still >= opt.patience)
-  return settled | (step >= opt.step_cap) | eos_settled(opt, new, region)
+  return (settled | (step >= opt.sub_step_cap(jnp.asarray(sub)))
+          | eos_settled(opt, new, region))
 
 
 def eos_settled(opt: layout.DecodeOptions, new: Array, region: Array) -> Array:
@@ -340,12 +344,12 @@ def denoise_step(logits_fn, params, st: state_lib.DecodeState,
   forwards = c.forwards + 1
   stepping = active & ~idle
   sel = select_tokens(opt, x, logits, region, keys.step_key(st.rng, forwards, c.nfe),
-                      r.step, stepping, blk_region)
+                      r.step, stepping, blk_region, sub)
   new = sel.tokens
   step = r.step + stepping.astype(jnp.int32)
   block_steps = r.block_steps + stepping.astype(jnp.int32)
   still = jnp.where(sel.changed, 0, r.still + 1)
-  sub_done = active & (block_done(opt, new, region, still, step) | idle)
+  sub_done = active & (block_done(opt, new, region, still, step, sub) | idle)
   if buffered:
     nxt = first_sub_with_work(opt, new, blk_region, sub + 1)
     to_next = sub_done & (nxt < opt.num_sub) & ~eos_settled(opt, new, region)
