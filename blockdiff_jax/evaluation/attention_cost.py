@@ -93,6 +93,8 @@ def measure(n: int, kind: str, shape: AttentionShape = AttentionShape(), timed: 
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if n & (n - 1) or n < 8:
     raise ValueError(f"n must be a power of two >= 8 (blocks divide it), got {n}")
+  if timed and iters < 1:  # Checked before the compile: no timing has no median.
+    raise ValueError(f"iters must be >= 1 when timed, got {iters}")
   block = best_block(n, shape.slots, shape.window)  # Full attention: same blocks, all seen.
   if kind == "full":
     meta, shapes = _problem(n, shape, 0, block)
@@ -121,9 +123,22 @@ def measure(n: int, kind: str, shape: AttentionShape = AttentionShape(), timed: 
 
 
 def fit_exponent(rows, key: str) -> float | None:
-  """Least-squares slope of log(row[key]) against log(row["n"]); None with < 2 distinct n."""
-  pts = [(r["n"], r[key]) for r in rows if r.get(key)]
+  """Least-squares slope of log(row[key]) against log(row["n"]); None with < 2 distinct n.
+
+  Rows without a finite positive ``key`` (not timed, None, NaN, inf, <= 0) are left
+  out: the log of such a value is NaN or infinite, and one such point would turn
+  the whole slope into NaN instead of the fit over the measured lengths.
+  """
+  pts = [(r["n"], r[key]) for r in rows if _positive(r.get(key))]
   if len({n for n, _ in pts}) < 2:  # One length repeated has no slope.
     return None
   x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
   return float(np.polyfit(x, y, 1)[0])
+
+
+def _positive(value) -> bool:
+  """Whether ``value`` is a finite number > 0 (a point a log-log fit can use)."""
+  try:
+    return bool(np.isfinite(value) and value > 0)
+  except TypeError:  # None, or not a number.
+    return False

@@ -56,6 +56,16 @@ from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import policies
 from blockdiff_jax.sampling import sample as sample_lib
 
+
+def _split(spec: str) -> list[str]:
+  """The items of a comma-separated config field, stripped, blank ones skipped.
+
+  Every list field reads alike: ``"passkey, kv_recall"`` names two tasks, as
+  ``"likelihood, throughput"`` does in ``eval.tasks``.
+  """
+  return [s.strip() for s in spec.split(",") if s.strip()]
+
+
 def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
   """``eval.decoders`` as (policy, value) pairs, each checked as the decoder will build it.
 
@@ -356,7 +366,7 @@ def task_long_context(ev: Evaluator) -> dict:
   lengths = eval_config.long_context_lengths(c)
   suite = long_context_data.make_suite(
       ev.tokenizer, lengths=lengths, depths=[float(d) for d in e.long_context_depths.split(",")],
-      per_cell=e.long_context_per_cell, tasks=e.long_context_tasks.split(","),
+      per_cell=e.long_context_per_cell, tasks=_split(e.long_context_tasks),
       num_pairs=e.long_context_num_pairs, seed=e.long_context_seed)
   # A model trained on corpus="long_context" read its prompts as BOS prompt SEP.
   wrap = c.data.corpus == "long_context"
@@ -469,21 +479,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   e = eval_config.default_eval_config()
   if config.get("eval") is not None:  # Runs saved before a field existed get its default.
     e.update(config.eval.to_dict())
-  tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
+  tasks = _split(e.tasks)
+  if not tasks:
+    # Nothing to run: loading the model only to write an empty results file would read
+    # as an evaluation that measured nothing.
+    raise ValueError(f"eval.tasks is empty ({e.tasks!r}); choose from {eval_config.TASKS}")
   unknown = [t for t in tasks if t not in eval_config.TASKS]
   if unknown:
     raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {eval_config.TASKS}")
+  # A task named twice would run twice and keep only its second result.
+  tasks = list(dict.fromkeys(tasks))
   _parse_decoders(e.decoders)
   eval_config.validate(e)
-  bad = [t for t in e.long_context_tasks.split(",") if t not in long_context_data.TASKS]
+  lc_tasks = _split(e.long_context_tasks)
+  bad = [t for t in lc_tasks if t not in long_context_data.TASKS]
   if "long_context" in tasks and bad:
     raise ValueError(f"eval.long_context_tasks has unknown task(s) {bad}; choose from "
                      f"{long_context_data.TASKS}")
+  if "long_context" in tasks and not lc_tasks:
+    raise ValueError(f"eval.long_context_tasks is empty ({e.long_context_tasks!r}); choose "
+                     f"from {long_context_data.TASKS}")
   kinds = [k.strip() for k in e.infilling_kinds.split(",") if k.strip()]
   if "humaneval_infilling" in tasks and (not kinds or set(kinds) - set(infilling.KINDS)):
     raise ValueError(f"eval.infilling_kinds must name kinds from {infilling.KINDS}, "
                      f"got {e.infilling_kinds!r}")
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
+  # Before the tasks: an output folder that cannot be made (a file in its place, a
+  # read-only workdir) must fail now, not after hours of tasks whose results it loses.
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params, workdir)
   results, failed = {}, []
@@ -505,8 +529,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{results[name]['error']}", flush=True)
         continue
       print(f"eval: {name} done in {time.time() - t0:.1f}s", flush=True)
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(out_dir, exist_ok=True)  # Again, in case it was removed meanwhile.
   stem = _new_output_stem(out_dir)
   with open(stem + ".json", "w", encoding="utf-8") as f:
     json.dump(metrics_writer.finite_or_none(results), f, indent=2,

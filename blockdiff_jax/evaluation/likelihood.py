@@ -10,7 +10,7 @@ the scored text: scored specials (EOS, SFT padding) cost bits but hold no byte, 
 bytes/token is a split-wide ratio over text tokens. Sequences with no scored token
 (padding rows) are left out. Its standard error is the ratio estimator's (delta method) over
 sequences, which for sequences of equal scored length is their per-token NELBOs'
-standard deviation / sqrt(number of sequences).
+standard deviation / sqrt(number of sequences); NaN with a single sequence.
 
 With block_size = 1 every block is one token whose prediction does not depend on t,
 so the NELBO's expectation is exactly the autoregressive NLL (tested).
@@ -18,6 +18,7 @@ so the NELBO's expectation is exactly the autoregressive NLL (tested).
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Sequence, TextIO
 
 import jax
@@ -92,8 +93,14 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     is known, ``bits_per_byte`` and its standard error.
 
   Raises:
-    ValueError: if no row of the batches has a scored token.
+    ValueError: if ``num_batches`` or ``num_samples`` is < 1, or no row of the
+      batches has a scored token.
   """
+  # Before any batch is read: with none, numpy would fail later with "need at least
+  # one array", naming neither argument.
+  for name, value in (("num_batches", num_batches), ("num_samples", num_samples)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"likelihood.evaluate: {name} must be an integer >= 1, got {value!r}")
   obj = evaluation_objective(obj)
   fn = jax.jit(lambda p, batch, rng: per_sequence_sums(apply_fn, p, batch, rng, obj))
   nats, scored, text = [], [], []
@@ -136,8 +143,10 @@ def _ratio(nats: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
   ratio = float(nats.sum() / tokens.sum())
   # Delta method: residuals of each sequence's nats against ratio x its tokens.
   resid = nats - ratio * tokens
+  # One sequence has no spread to estimate it from: the error is unknown (NaN, null in
+  # the JSON), not 0, which would read as an exact NELBO.
   stderr = (float(math.sqrt(np.sum(resid ** 2) / (m - 1) / m) / tokens.mean())
-            if m > 1 else 0.0)
+            if m > 1 else float("nan"))
   return ratio, stderr
 
 

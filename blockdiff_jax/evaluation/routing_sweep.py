@@ -21,6 +21,7 @@ is untouched.
 """
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -192,8 +193,16 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
     model's own statistic: the union over the forward).
 
   Raises:
-    ValueError: if no batch scores a token.
+    ValueError: if ``batches`` is empty, ``noise_samples`` < 1, or no batch scores a
+      token.
   """
+  # Without a forward the totals stay 0, which would read as "every loss_mask is 0".
+  if not batches:
+    raise ValueError("routing_sweep: batches is empty; give at least one held-out batch")
+  if (isinstance(noise_samples, bool) or not isinstance(noise_samples, numbers.Integral)
+      or noise_samples < 1):
+    raise ValueError(f"routing_sweep: noise_samples must be an integer >= 1, got "
+                     f"{noise_samples!r}")
   routed = transformer.Transformer(with_routing(model.cfg, setting))
   apply_fn = make_apply_with_block_stats(routed)
   obj = quality_objective(obj)
