@@ -31,3 +31,18 @@ def call(kernel_fn: Callable, interpret: bool | None, *args, **kwargs):
   return jax.lax.platform_dependent(
       *args, cuda=compiled, rocm=compiled,
       default=functools.partial(kernel_fn, **kwargs, interpret=True))
+
+
+def static_scale(op: str, scale, head_dim: int) -> float:
+  """The logit scale as a Python float (``head_dim ** -0.5`` when None).
+
+  The kernels compile the scale in, so a traced one (e.g. a jitted argument) is
+  refused by name, where ``float`` raised a ConcretizationTypeError.
+  """
+  if scale is None:
+    return head_dim ** -0.5
+  if isinstance(scale, jax.core.Tracer):
+    raise ValueError(f"{op}: scale must be a static number (the kernel compiles it in), "
+                     f"got a traced {scale.aval.str_short()}; pass a Python float, or "
+                     "multiply q by it and pass scale=1.0")
+  return float(scale)

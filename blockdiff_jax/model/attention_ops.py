@@ -45,6 +45,12 @@ def validate_qkv(op: str, q: Array, k: Array, v: Array, q_meta: masks.TokenMeta 
       raise ValueError(f"{op}: {name} field shapes {shapes} do not broadcast to {want}")
 
 
+def broadcast_meta(meta: masks.TokenMeta, shape: tuple[int, ...]) -> masks.TokenMeta:
+  """``meta`` with every field broadcast to ``shape`` ([batch, T])."""
+  return masks.TokenMeta(*(jnp.broadcast_to(jnp.asarray(x), shape)
+                           for x in dataclasses.astuple(meta)))
+
+
 def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                      kv_meta: masks.TokenMeta, spec: masks.MaskSpec = masks.MaskSpec(),
                      scale: float | None = None) -> Array:
@@ -57,8 +63,8 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     q: [batch, Tq, heads, head_dim].
     k: [batch, Tk, kv_heads, head_dim]; heads must be a multiple of kv_heads.
     v: [batch, Tk, kv_heads, head_dim].
-    q_meta: metadata of the queries, fields [batch, Tq].
-    kv_meta: metadata of the keys, fields [batch, Tk].
+    q_meta: metadata of the queries, fields broadcastable to [batch, Tq].
+    kv_meta: metadata of the keys, fields broadcastable to [batch, Tk].
     spec: static mask options.
     scale: logit scale; defaults to head_dim ** -0.5.
 
@@ -67,6 +73,11 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   """
   validate_qkv("masked_attention", q, k, v, q_meta, kv_meta)
   b, tq, h, d = q.shape
+  # Fields are accepted when they broadcast to [batch, T]; at full rank here, or a
+  # field of shape [T] would put the query axis where the mask's batch axis goes
+  # (a broadcasting error, or the wrong mask when Tq happens to equal kv_heads).
+  q_meta = broadcast_meta(q_meta, q.shape[:2])
+  kv_meta = broadcast_meta(kv_meta, k.shape[:2])
   kv_heads = k.shape[2]
   groups = h // kv_heads
   scale = d ** -0.5 if scale is None else scale
@@ -75,7 +86,9 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                       preferred_element_type=jnp.float32) * scale
   mask = masks.dense_mask(q_meta, kv_meta, spec)[:, None, None]
   logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  # ``initial``: with no key at all (Tk = 0) there is no maximum; every query then
+  # outputs zeros, as with the Pallas kernel and its reference.
+  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
   denom = jnp.sum(p, axis=-1, keepdims=True)

@@ -51,8 +51,20 @@ def _validate(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
       shape = jnp.broadcast_shapes(*shapes)
     except ValueError:
       raise ValueError(f"block_attention: {name} fields do not broadcast: {shapes}") from None
-    if shape != want:
-      raise ValueError(f"block_attention: {name} shape {shape} != {want}")
+    # Fields that broadcast to [B, T] (one row for the whole batch) are accepted,
+    # as by the reference and the model's XLA path (attention_ops.validate_qkv).
+    try:
+      full = jnp.broadcast_shapes(want, shape)
+    except ValueError:
+      full = None
+    if full != tuple(want):
+      raise ValueError(f"block_attention: {name} shape {shape} does not broadcast to {want}")
+
+
+def _broadcast_meta(meta: masks.TokenMeta, shape: tuple[int, ...]) -> masks.TokenMeta:
+  """``meta`` with every field broadcast to ``shape`` ([B, T])."""
+  return masks.TokenMeta(*(jnp.broadcast_to(jnp.asarray(x), shape)
+                           for x in dataclasses.astuple(meta)))
 
 
 def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
@@ -72,8 +84,8 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     k: [B, Tk, Hkv, D]; H must be a multiple of Hkv; Tk may differ from Tq
       (decoding against a KV cache).
     v: [B, Tk, Hkv, D].
-    q_meta: query metadata, fields [B, Tq].
-    kv_meta: key metadata, fields [B, Tk].
+    q_meta: query metadata, fields broadcastable to [B, Tq].
+    kv_meta: key metadata, fields broadcastable to [B, Tk].
     spec: static mask options.
     scale: logit scale; defaults to D ** -0.5.
     block_sizes: kernel tile sizes.
@@ -83,11 +95,15 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
     [B, Tq, H, D] in q's dtype. Differentiable in q, k, v.
   """
   _validate(q, k, v, q_meta, kv_meta)
+  # At full rank: the kernel reads one metadata row per batch row, and the
+  # reference would misplace the query axis of a field of shape [T].
+  q_meta = _broadcast_meta(q_meta, q.shape[:2])
+  kv_meta = _broadcast_meta(kv_meta, k.shape[:2])
   if 0 in q.shape or 0 in k.shape:
     # Nothing to tile (a query with no key outputs zeros); the plain reference
     # is exact here and differentiable, where the tiling would not start.
     return reference.masked_attention(q, k, v, q_meta, kv_meta, spec, scale)
-  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  scale = backend.static_scale("block_attention", scale, q.shape[-1])
   qm = kernel.pack_meta(q_meta, q.shape[1])
   km = kernel.pack_meta(kv_meta, k.shape[1])
   # Inside shard_map: one set of varying mesh axes, cast outside the custom VJP.

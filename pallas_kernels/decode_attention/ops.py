@@ -137,7 +137,7 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
     # would divide by 0 (an empty batch or head axis failed in the tiling).
     return jnp.zeros(q.shape, q.dtype)
   groups = h // hkv
-  scale = d ** -0.5 if scale is None else float(scale)
+  scale = backend.static_scale("decode_attention", scale, d)
   if q_positions is None:
     # Length-only masking: every query "is after" every slot.
     q_positions = jnp.full((b, tq), jnp.iinfo(jnp.int32).max, jnp.int32)
