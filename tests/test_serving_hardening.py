@@ -98,7 +98,7 @@ def test_unsupported_openai_fields_are_refused(field, value):
 
 
 def test_unsupported_openai_fields_at_their_defaults_are_accepted():
-  _parse({"prompt": "a", "echo": False, "logprobs": 0, "top_logprobs": 0, "best_of": 1,
+  _parse({"prompt": "a", "echo": False, "top_logprobs": 0, "best_of": 1,
           "suffix": "", "logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0})
   _parse({"messages": [{"role": "user", "content": "x"}], "logprobs": False}, chat=True)
 

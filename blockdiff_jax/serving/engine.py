@@ -299,6 +299,19 @@ class Engine:
 
   def _make_room(self) -> bool:
     """Drops an idle pool if max_pools are made or compiling; False if none is idle."""
+    # Builds that ended but that no request collected (its client left or timed out
+    # while it compiled) would hold their place for good: a made pool joins the others,
+    # idle, so it may be dropped like them.
+    for dec, job in list(self._building.items()):
+      if job.done() and not job.cancelled() and job.exception() is None:
+        del self._building[dec]
+        self._pools[dec], self._rows[dec] = job.result(), {}
+    if len(self._pools) + len(self._building) < self.max_pools:
+      return True
+    # Still full: failed builds go too (a request still asking builds again).
+    for dec, job in list(self._building.items()):
+      if job.done():
+        del self._building[dec]
     if len(self._pools) + len(self._building) < self.max_pools:
       return True
     idle = [d for d, p in self._pools.items() if not p.busy]

@@ -6,9 +6,10 @@ turns into an OpenAI-style error body ``{"error": {"message", "type", "param", "
 Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat; a content is
 a string or a list of text parts, joined), ``max_tokens`` (chat also
 ``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike OpenAI's 1),
-``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``,
-``stream_options`` (``include_usage``: as OpenAI, a last chunk with no choices carries
-the usage, the others ``usage: null``; without it the finishing chunk carries it),
+``top_p``, ``top_k`` (vLLM's extension; 0 or -1 = all), ``stop`` (a string or up to 4),
+``seed``, ``stream``, ``stream_options`` (``include_usage``: as OpenAI, a last chunk
+with no choices carries the usage, the others ``usage: null``; without it the finishing
+chunk carries it),
 ``n`` (1 only). Decoder options as extra body fields: ``policy`` (threshold | factor |
 topk | entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
 ``sub_block_size``, ``edit_threshold``, ``max_steps_per_block``, ``isd_stride`` (policy
@@ -19,10 +20,13 @@ A JSON ``null`` is the field left out. Numbers must be finite (Python's json rea
 surrogate, which no tokenizer encodes). Without ``seed`` a sampled request draws a fresh
 one (as OpenAI's API does); OpenAI fields this server does not implement
 (``UNSUPPORTED``: tool calls and ``response_format`` among them) are refused unless they
-hold their default.
+hold their default; completions' ``logprobs: 0`` too (it asks for the sampled tokens'
+log probabilities). A field the endpoint does not read at all is refused (as OpenAI's
+API does), so a typo in a decoder option is a 400, not a silent default.
 """
 
 import dataclasses
+import difflib
 import math
 import time
 import uuid
@@ -45,7 +49,21 @@ UNSUPPORTED = {"echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
                "presence_penalty": (0,), "frequency_penalty": (0,),
                # Tool calls and structured output: the reply is always plain text.
                "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
-               "function_call": ("none", "auto"), "response_format": ({"type": "text"},)}
+               "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+               # Audio, predicted outputs, web search, reasoning: null only.
+               "modalities": (["text"],), "audio": (), "prediction": (),
+               "web_search_options": (), "reasoning_effort": (), "verbosity": ()}
+# The fields each endpoint reads; any other is refused (as OpenAI's API does), so a typo
+# (``threshhold``, ``max_token``) is a 400 naming it, not a silent default. ``IGNORED``:
+# bookkeeping fields that change nothing in the answer.
+IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key",
+           "safety_identifier", "parallel_tool_calls")
+DECODER_FIELDS = ("policy", "policy_value", "threshold", "sub_block_size", "edit_threshold",
+                  "max_steps_per_block", "isd_stride")
+_COMMON = ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+           "stream_options", "n", "top_k") + IGNORED + DECODER_FIELDS
+COMPLETION_FIELDS = frozenset(_COMMON + ("prompt",))
+CHAT_FIELDS = frozenset(_COMMON + ("messages", "max_completion_tokens"))
 
 
 class ApiError(Exception):
@@ -180,6 +198,29 @@ def _stream_options(body: dict, stream: bool) -> bool:
   return bool(include)
 
 
+def _check_fields(body: dict, chat: bool) -> None:
+  """Refuses fields the endpoint does not read, and fields that would be silently ignored
+  or ask for what this server does not return."""
+  # An unimplemented OpenAI field is answered "not supported" on either endpoint.
+  known = (CHAT_FIELDS if chat else COMPLETION_FIELDS) | set(UNSUPPORTED)
+  unknown = sorted(k for k in body if k not in known)
+  if unknown:
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ApiError(400, f"unrecognized request field {name!r} for "
+                   f"{'chat completions' if chat else 'completions'}{hint}", name)
+  # Completions' logprobs is a count of alternatives beside the sampled token's own
+  # log probability: 0 still asks for the latter (chat's logprobs is a boolean).
+  v = body.get("logprobs")
+  if not chat and isinstance(v, int) and not isinstance(v, bool):
+    raise ApiError(400, f"logprobs is not supported by this server, got {v!r} (any count, "
+                   "0 too, returns the sampled tokens' log probabilities)", "logprobs")
+  if "threshold" in body and "policy_value" in body:
+    raise ApiError(400, "give threshold or its alias policy_value, not both (got "
+                   f"{body['threshold']!r} and {body['policy_value']!r})", "policy_value")
+
+
 def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size: int,
                   mask_id: int, eos_id: int, defaults: Defaults,
                   token_shift: bool = False, render_chat=None) -> Parsed:
@@ -187,6 +228,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   if not isinstance(body, dict):
     raise ApiError(400, "the request body must be a JSON object", None)
   body = {k: v for k, v in body.items() if v is not None}  # null = left out.
+  _check_fields(body, chat)
   for name, defaults_ok in UNSUPPORTED.items():
     v = body.get(name)
     if v is not None and not any(v == d and isinstance(v, bool) == isinstance(d, bool)
@@ -229,6 +271,8 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
     max_tokens = _number(body, name, None, lo=1, integer=True)
   temperature = float(_number(body, "temperature", 0.0, lo=0, hi=2))
   top_p = float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
+  # vLLM's extension: -1 (its "off") or 0 = every token.
+  top_k = max(0, _number(body, "top_k", 0, lo=-1, integer=True))
   seed = _number(body, "seed", None, *SEED_RANGE, integer=True)
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
@@ -271,7 +315,7 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   except (ValueError, TypeError, OverflowError) as e:
     raise ApiError(400, f"{value_field}: {e}", value_field) from e
   try:
-    sampling = policies.Sampling(temperature, 0, top_p)
+    sampling = policies.Sampling(temperature, top_k, top_p)
   except ValueError as e:
     raise ApiError(400, str(e), "top_p" if "top_p" in str(e) else "temperature") from e
   try:
@@ -281,7 +325,9 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
         edit_threshold=float(edit), token_shift=token_shift,
         kv_hierarchy=defaults.kv_hierarchy)
   except ValueError as e:
-    field = "sub_block_size" if "sub_block" in str(e) else "edit_threshold"
+    # The message starts with the field it is about (DecodeOptions' checks).
+    field = next((f for f in ("max_steps_per_block", "sub_block_size")
+                  if str(e).startswith(f)), "edit_threshold")
     raise ApiError(400, str(e), field) from e
   hy = defaults.kv_hierarchy
   widest = 1 if policy == "ar" else (stride if policy == "isd" else block_size)
