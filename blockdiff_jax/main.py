@@ -4,6 +4,7 @@ r"""Command-line entry point: train, sample, evaluate, serve, plan (memory per d
       --mode=train --config.train.steps=100
 """
 
+import os
 from typing import NamedTuple
 
 from absl import app
@@ -52,7 +53,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
 
 
 def check_flags(f: Flags, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses flag combinations that would be dropped silently (runs nothing)."""
+  """Refuses a --workdir that is empty or a file, and flags that would be dropped silently.
+
+  Runs nothing and writes nothing (a --workdir that does not exist yet is fine).
+  """
+  workdir = f.workdir.value
+  # An empty --workdir (an unset $WORKDIR) joins to relative paths: training wrote its
+  # lock, config.json and checkpoints/ into the current directory, then failed.
+  if not workdir or not workdir.strip():
+    raise app.UsageError(f"--workdir must name a directory, got {workdir!r}")
+  # A file there failed as "File exists" (train) or "no checkpoint in <file>/checkpoints".
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise app.UsageError(f"--workdir={workdir} is a file, not a directory")
   # --host/--port configure the server only; elsewhere they would be dropped silently.
   stray = [f"--{name}" for name in ("host", "port") if flag_values[name].present]
   if stray and f.mode.value != "serve":

@@ -26,7 +26,13 @@ def finite_or_none(tree: Any) -> Any:
     return {k: finite_or_none(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
     return [finite_or_none(v) for v in tree]
-  if isinstance(tree, (float, np.floating)) and not np.isfinite(tree):
+  # json refuses numpy scalars other than float64 (float32, int64, bool_), numpy arrays
+  # and jax arrays: a result holding one was lost at the final json.dump.
+  if isinstance(tree, np.generic):
+    tree = tree.item()
+  elif hasattr(tree, "__array__") and not isinstance(tree, (str, bytes)):
+    return finite_or_none(np.asarray(tree).tolist())
+  if isinstance(tree, float) and not np.isfinite(tree):
     return None
   return tree
 
@@ -61,9 +67,22 @@ def decode_row(line: str) -> dict:
 
 
 def read_rows(path: str) -> list[dict]:
-  """The rows of a metrics JSONL file (``decode_row`` each; blank lines skipped)."""
+  """The rows of a metrics JSONL file (``decode_row`` each; blank lines skipped).
+
+  A torn last line (no newline, not JSON: a kill mid-write, or a row being written
+  while a live run is read) is skipped; a bad line before it still raises.
+  """
   with open(path, encoding="utf-8") as f:
-    return [decode_row(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(decode_row(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1 and not line.endswith("\n"):
+        break
+      raise
+  return rows
 
 
 def truncate_rows(path: str, last_step: int) -> int:
@@ -89,6 +108,40 @@ def truncate_rows(path: str, last_step: int) -> int:
       f.writelines(kept)
     os.replace(tmp, path)
   return dropped
+
+
+def _end_last_line(path: str) -> None:
+  """Ends ``path``'s last line when it has no newline: appending would glue onto it.
+
+  A torn row (a kill mid-write; not JSON) is cut off, since the next row glued onto it
+  would make one unreadable line and both would be lost; a whole row just gets its
+  newline.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return
+    start = size
+    while start > 0:  # Back to the newline before the last line (rows are short).
+      start = max(0, start - 4096)
+      f.seek(start)
+      nl = f.read(size - start).rfind(b"\n")
+      if nl >= 0:
+        start += nl + 1
+        break
+    f.seek(start)
+    try:
+      json.loads(f.read(size - start).decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both.
+      f.truncate(start)
+      return
+    f.seek(size)
+    f.write(b"\n")
 
 
 class MetricsWriter:
@@ -119,6 +172,8 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     if keep_through_step is not None:
       truncate_rows(self.path, keep_through_step)
+    else:
+      _end_last_line(self.path)
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,7 @@
 """The ``diffusion`` config section, its validation and the objective it gives."""
 
+import math
+import numbers
 from typing import Any, Callable
 
 import ml_collections
@@ -96,7 +98,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.diffusion
   if d.get("objective", "bd3") not in OBJECTIVES:
     raise ValueError(f"diffusion.objective must be one of {OBJECTIVES}, got {d.objective!r}")
+  # None failed below in a bare TypeError naming no field, and True (ml_collections lets
+  # a bool into an int field) passed as block_size=1, silently an AR model.
+  if isinstance(d.block_size, bool) or not isinstance(d.block_size, numbers.Integral):
+    raise ValueError(f"diffusion.block_size must be an integer, got {d.block_size!r}")
+  for name in ("eps", "beta", "omega"):
+    if isinstance(d[name], bool) or not isinstance(d[name], numbers.Real):
+      raise ValueError(f"diffusion.{name} must be a number, got {d[name]!r}")
   if d.get("objective", "bd3") == "introspective":
+    # An infinite weight made the loss inf: the run stopped on "loss or gradient is
+    # NaN/Inf", naming no field (NaN and negatives are refused by the objective).
+    if (isinstance(d.clean_weight, bool) or not isinstance(d.clean_weight, numbers.Real)
+        or math.isinf(d.clean_weight)):
+      raise ValueError(f"diffusion.clean_weight must be a finite number, "
+                       f"got {d.clean_weight!r}")
     if not d.get("token_shift", False):
       raise ValueError("diffusion.objective='introspective' needs diffusion.token_shift=True")
     introspective.IntrospectiveObjective(stride=d.isd_stride, mask_id=0,
@@ -119,6 +134,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # The AR objective has no blocks (its loss never reads block_size); summary slots do.
   summary = (config.get("model") or {}).get("summary") or {}
   ar_only = d.get("objective", "bd3") == "ar" and not summary.get("num_slots", 0)
+  seq_len = config.data.seq_len  # Checked here too: this section is validated first.
+  if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+    raise ValueError(f"data.seq_len must be an integer, got {seq_len!r}")
   if config.data.seq_len % d.block_size and not ar_only:
     raise ValueError(f"data.seq_len={config.data.seq_len} is not a multiple of "
                      f"diffusion.block_size={d.block_size}")

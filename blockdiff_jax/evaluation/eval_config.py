@@ -77,7 +77,8 @@ def validate(e: ml_collections.ConfigDict) -> None:
   if max(ks) > e.samples_per_problem:
     raise ValueError(f"eval.ks={e.ks!r} asks for pass@{max(ks)} from "
                      f"eval.samples_per_problem={e.samples_per_problem} samples")
-  if not 0 < e.timeout_s < math.inf:  # Also refuses NaN.
+  # None raised a bare TypeError naming no field.
+  if not isinstance(e.timeout_s, (int, float)) or not 0 < e.timeout_s < math.inf:  # And NaN.
     raise ValueError(f"eval.timeout_s must be a finite number > 0, got {e.timeout_s}")
   if e.infilling_mode not in INFILLING_MODES:
     raise ValueError(f"eval.infilling_mode must be one of {INFILLING_MODES}, "
@@ -94,7 +95,7 @@ def validate(e: ml_collections.ConfigDict) -> None:
     raise ValueError(f"eval.long_context_seed must be an integer in [0, {base}), "
                      f"got {seed!r}")
   try:
-    depths = [float(d) for d in e.long_context_depths.split(",")]
+    depths = [float(d) for d in str(e.long_context_depths).split(",")]  # None: no split.
   except ValueError:
     raise ValueError(f"eval.long_context_depths must be comma-separated numbers, "
                      f"got {e.long_context_depths!r}") from None

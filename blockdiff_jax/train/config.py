@@ -2,6 +2,7 @@
 
 import json
 import math
+import numbers
 from typing import Any
 
 import ml_collections
@@ -37,9 +38,28 @@ def default_train_config() -> ml_collections.ConfigDict:
   return t
 
 
+def _is_int(v: Any) -> bool:
+  # numbers.Integral also takes numpy's ints (a sweep's values); True is one in python.
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def validate_train(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid ``train`` field."""
   t = config.train
+  # Types first: None failed below with a bare TypeError naming no field, and a bool
+  # passed as a count (ml_collections lets True into an int field: train.steps=1).
+  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches",
+               "grad_accum_steps", "warmup_steps", "eval_every"):
+    if not _is_int(t[name]):
+      raise ValueError(f"train.{name} must be an integer, got {t[name]!r}")
+  for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "b1", "b2",
+               "ema_decay"):
+    if not _is_number(t[name]):
+      raise ValueError(f"train.{name} must be a number, got {t[name]!r}")
   if t.grad_accum_steps < 1 or config.data.batch_size % t.grad_accum_steps:
     raise ValueError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
                      f"data.batch_size={config.data.batch_size}")
@@ -50,6 +70,10 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
   for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
     if not t[name] >= 0:  # Also refuses NaN.
       raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
+  # An infinite decay sends every decayed weight to -inf * sign(w) at the first update:
+  # the run then stopped on "loss or gradient is NaN/Inf", naming no field.
+  if not math.isfinite(t.weight_decay):
+    raise ValueError(f"train.weight_decay must be finite, got {t.weight_decay}")
   # Above 1 the cosine "decay" would raise the LR past its peak.
   if not 0.0 <= t.min_lr_ratio <= 1.0:
     raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
