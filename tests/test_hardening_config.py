@@ -113,6 +113,20 @@ def test_validate_refuses_bad_run_fields_naming_them(field, value):
 def test_zero_and_the_range_ends_are_accepted(field, value):
   c = load_config_file("tiny")
   _set(c, field, value)
+  if (field, value) == ("data.validation_fraction", 0.0):
+    c.train.eval_every = 0  # No validation split to evaluate on (next test).
+  config_lib.validate(c)
+
+
+@pytest.mark.parametrize("corpus", ["stdlib", "files", "long_context"])
+def test_evaluating_on_an_empty_validation_split_is_refused(corpus):
+  c = load_config_file("tiny")
+  c.data.corpus, c.data.validation_fraction, c.train.eval_every = corpus, 0.0, 10
+  if corpus == "files":
+    c.data.paths = "/tmp/x.txt"
+  with pytest.raises(ValueError, match=r"train\.eval_every=10 .*data\.validation_fraction=0"):
+    config_lib.validate(c)
+  c.train.eval_every = 0
   config_lib.validate(c)
 
 

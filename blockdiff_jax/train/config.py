@@ -90,6 +90,13 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     raise ValueError("train.trainable='lora' needs model.lora.rank > 0")
   if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):  # NaN fails "> 0".
     raise ValueError(f"train.learning_rate must be > 0 and finite, got {t.learning_rate}")
+  # These corpora split documents by validation_fraction: at 0 the validation split is
+  # empty, and the first evaluation failed after config.json and checkpoints/ existed.
+  corpus, fraction = config.data.get("corpus"), config.data.get("validation_fraction")
+  if t.eval_every > 0 and corpus in ("stdlib", "files", "long_context") and fraction == 0:
+    raise ValueError(f"train.eval_every={t.eval_every} evaluates on the validation split, "
+                     f"but data.validation_fraction=0 leaves corpus {corpus!r} none; set "
+                     "data.validation_fraction > 0 or train.eval_every=0")
   # The last update is at the floor of the decay: a one-step run would train nothing.
   if t.steps == 1 and t.min_lr_ratio == 0:
     raise ValueError("train.steps=1 with train.min_lr_ratio=0.0: the only update would "
