@@ -28,6 +28,7 @@ from conftest import FakeSlotPool
 from conftest import RunningServer
 from test_hardening_serving3 import _post as post
 from test_hardening_serving5 import _RecordingEngine
+import test_serving_hardening as serving_tests
 
 TOK = tokenizers.ByteTokenizer()
 BLOCK, MAX_LEN = 8, 64
@@ -105,10 +106,8 @@ def test_a_compile_whose_client_left_does_not_block_new_decoders(monkeypatch, bu
 # --- fields the server would ignore --------------------------------------------------------
 
 def _parse(body, chat=False):
-  base = {"model": "m", **({"messages": MESSAGES} if chat else {"prompt": "a"})}
-  return protocol.parse_request(dict(base, **body), "m", chat, TOK, BLOCK, TOK.mask_id,
-                                TOK.eos_id, protocol.Defaults(),
-                                render_chat=lambda ms: "".join(m["content"] for m in ms))
+  base = {"messages": MESSAGES} if chat else {"prompt": "a"}
+  return serving_tests._parse(dict(base, **body), chat)  # pylint: disable=protected-access
 
 
 def _error(body, chat=False) -> protocol.ApiError:

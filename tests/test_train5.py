@@ -10,40 +10,13 @@ from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
-from conftest import load_config_file
+import test_hardening_checkpoints as checkpoint_tests
 
 
-def _config(steps=4):
-  cfg = load_config_file("tiny")
-  cfg.data.max_bytes = 40_000
-  cfg.data.seq_len = 32
-  cfg.data.batch_size = 4
-  cfg.model.d_model = 32
-  cfg.model.moe.expert_dim = 32
-  cfg.train.steps = steps
-  cfg.train.warmup_steps = 1
-  cfg.train.log_every = 2
-  cfg.train.eval_every = 0
-  cfg.train.checkpoint_every = 2
-  cfg.train.keep_checkpoints = 3
-  cfg.train.async_checkpoints = False
-  cfg.train.tensorboard = False
-  return cfg
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """One tiny run of 4 steps with checkpoints at steps 2 and 4."""
-  workdir = str(tmp_path_factory.mktemp("train5") / "run")
-  trainer.run(_config(), workdir)
-  return workdir
-
-
-@pytest.fixture
-def workdir(trained, tmp_path):
-  copy = str(tmp_path / "run")
-  shutil.copytree(trained, copy)
-  return copy
+# The tiny run and its per-test copy, as the checkpoint hardening tests make them.
+_config = checkpoint_tests._config  # pylint: disable=protected-access
+trained = checkpoint_tests.trained  # Module fixture: one 4-step run, checkpoints at 2, 4.
+workdir = checkpoint_tests.workdir  # A copy of it for each test.
 
 
 def _steps(workdir):
