@@ -32,6 +32,7 @@ from blockdiff_jax.data import config as data_config
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.evaluation import eval_config
 from blockdiff_jax.model import config as model_config_lib
+from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.sampling import distill as distill_lib
 from blockdiff_jax.sampling import sample as sample_lib
 from blockdiff_jax.serving import config as serve_config
@@ -82,6 +83,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
   train_config.validate(config)
+  if config.get("mesh") is not None:  # Before any device is asked for: a typo'd axis.
+    mesh_lib.validate(config.mesh)
   sample_lib.validate(config)
   distill_lib.validate(config)
   # Over the defaults, as evaluate.run and server.run read them: a config saved before

@@ -40,6 +40,7 @@ losses, outputs and gradients match a single device.
 
 import contextlib
 import math
+import numbers
 from typing import Any, Sequence
 
 from absl import logging
@@ -117,15 +118,51 @@ def logical_rules(mesh_config: ml_collections.ConfigDict | None) -> Rules:
   return tuple(out)
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves the axis sizes (one may be -1 = the rest) for ``num_devices`` devices."""
-  sizes = [int(mesh_config[a]) for a in MESH_AXES]
-  rest = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+def _axis_sizes(mesh_config: ml_collections.ConfigDict) -> list[int]:
+  """The four axis sizes of a mesh section, checked field by field.
+
+  A misspelt field (``mesh.experts = 4``) would otherwise be ignored, running with
+  ``expert = 1``; a missing axis failed with a bare KeyError; and ``int()`` turned a
+  size of 2.5 into 2 and ``True`` into 1 without a word.
+  """
+  known = set(default_mesh_config().keys())
+  unknown = sorted(set(mesh_config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown mesh fields {['mesh.' + k for k in unknown]}; the mesh "
+                     f"fields are {sorted(known)}")
+  missing = [a for a in MESH_AXES if a not in mesh_config]
+  if missing:
+    raise ValueError(f"the mesh section lacks {['mesh.' + a for a in missing]}: give every "
+                     f"axis of {MESH_AXES} a size (model.mesh.default_mesh_config() has them)")
+  sizes = []
+  for a in MESH_AXES:
+    s = mesh_config[a]
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+      raise ValueError(f"mesh.{a} must be an integer (>= 1, or -1 = the rest), got {s!r}")
+    sizes.append(int(s))
+  return sizes
+
+
+def validate(mesh_config: ml_collections.ConfigDict) -> list[int]:
+  """The axis sizes of a mesh section (-1 kept), checked without knowing the devices."""
+  sizes = _axis_sizes(mesh_config)
   bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
   if bad:
     raise ValueError(f"mesh axis sizes must be >= 1 or -1, got {', '.join(bad)}")
+  rest = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(rest) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {rest}")
+  return sizes
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the axis sizes (one may be -1 = the rest) for ``num_devices`` devices."""
+  if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral) or (
+      num_devices < 1):
+    # 0 devices gave the -1 axis size 0, a negative count a negative size.
+    raise ValueError(f"a mesh needs at least one device, got {num_devices!r}")
+  sizes = validate(mesh_config)
+  rest = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   known = math.prod(s for s in sizes if s != -1)
   if rest:
     if num_devices % known:

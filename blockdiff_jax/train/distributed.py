@@ -55,9 +55,26 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
   if n > 1 and not coordinator:
     raise ValueError(f"num_processes={n} needs a coordinator address (host:port): pass "
                      f"coordinator_address or set {ENV_COORDINATOR}")
-  if coordinator and ":" not in coordinator:
-    raise ValueError(f"coordinator address {coordinator!r} must be host:port")
+  if coordinator:
+    _check_address(coordinator)
   return coordinator, n, pid
+
+
+def _check_address(address: str) -> None:
+  """Refuses a coordinator address that is not ``host:port`` with a port in [1, 65535].
+
+  JAX does not check it: process 0 crashed (segfault) on a non-numeric port, and
+  with an empty, out-of-range or missing port every process waited the whole
+  initialization timeout (5 minutes) and then aborted saying "another task died".
+  """
+  host, sep, port = address.rpartition(":")
+  # An IPv6 host is bracketed ("[::1]:1234"): "::1" alone would read as host ":" and
+  # port "1".
+  bad_host = not host or (":" in host and not (host.startswith("[") and host.endswith("]")))
+  if not sep or bad_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise ValueError(f"coordinator address {address!r} must be host:port with a port in "
+                     f"[1, 65535] (an IPv6 host in brackets: [::1]:1234); set by "
+                     f"coordinator_address or ${ENV_COORDINATOR}")
 
 
 _initialized = False
