@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -194,6 +195,9 @@ def main():
   ap.add_argument("--quick", action="store_true", help="two prompts, 16 tokens, strides 2,4")
   ap.add_argument("--out", default=os.path.join(_HERE, "results", "compare_decoders"))
   args = ap.parse_args()
+  if args.quick and args.out == ap.get_default("out"):
+    # A smoke run is not a result: under the default name it would replace the real one.
+    args.out = os.path.join(tempfile.gettempdir(), "compare_decoders_quick")
   try:
     strides = [int(x) for x in args.strides.split(",")]
   except ValueError:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -113,6 +114,9 @@ def main():
   ap.add_argument("--policies", default="",
                   help="comma-separated name:value list replacing the sweep, e.g. threshold:0.9")
   args = ap.parse_args()
+  if args.quick and args.out == ap.get_default("out"):
+    # A smoke run is not a result: under the default name it would replace the real one.
+    args.out = os.path.join(tempfile.gettempdir(), "decode_speed_quick")
   for flag, value, low in (("--n", args.n, 1), ("--max_new_tokens", args.max_new_tokens, 1),
                            ("--steps", args.steps, 0)):
     if value < low:

@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -294,7 +295,7 @@ def main():
           "repeats": args.repeats,
           "max_new_tokens": args.max_new_tokens, "width": args.width,
           "policy": f"{config.sample.policy}:{config.sample.policy_value:g}"}
-  write(rows, meta, env, args.tag)
+  write(rows, meta, env, args.tag, args.quick)
   bad = [r["decoder"] for r in rows if r["same_tokens_as_wide"] is False]
   if bad:
     raise SystemExit(f"narrow and wide windows decoded differently: {bad}")
@@ -334,9 +335,9 @@ def markdown(rows, meta, env) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write(rows, meta, env, tag):
-  base = write_outputs("decode_window_speed", tag, {"env": env, "meta": meta, "rows": rows},
-                       markdown(rows, meta, env))
+def write(rows, meta, env, tag, quick=False):
+  base = write_outputs(quick_stem("decode_window_speed", quick), tag,
+                       {"env": env, "meta": meta, "rows": rows}, markdown(rows, meta, env))
   print(f"wrote {base}.{{json,md}}")
 
 
@@ -361,12 +362,21 @@ def environment(script: str, t_start: float) -> dict:
           "command": " ".join([f"experiments/{script}"] + sys.argv[1:])}
 
 
+def quick_stem(stem: str, quick: bool) -> str:
+  """``stem`` for ``write_outputs``; for a ``--quick`` smoke run an absolute prefix in the
+  temporary folder instead: a smoke run is not a result, and under its plain name it
+  would overwrite the real one in experiments/results/."""
+  return os.path.join(tempfile.gettempdir(), f"{stem}_quick") if quick else stem
+
+
 def write_outputs(stem: str, tag: str, payload: dict, text: str) -> str:
   """Writes experiments/results/{stem}{_tag}.{json,md}; prints the Markdown; the base path.
 
-  NaN and infinities (a base NLL with nothing to score, say) are written as null.
+  An absolute ``stem`` (``quick_stem``'s for a smoke run) is the prefix itself. NaN and
+  infinities (a base NLL with nothing to score, say) are written as null.
   """
-  base = os.path.join(_HERE, "results", stem + (f"_{tag}" if tag else ""))
+  name = stem + (f"_{tag}" if tag else "")
+  base = name if os.path.isabs(stem) else os.path.join(_HERE, "results", name)
   os.makedirs(os.path.dirname(base), exist_ok=True)
   with open(base + ".json", "w", encoding="utf-8") as f:
     json.dump(metrics_writer.finite_or_none(payload), f, indent=2, allow_nan=False)

@@ -263,7 +263,8 @@ def main():
           "sub_block_size": inf_config.sample.sub_block_size,
           "block_attention": fastdllm_threshold_sweep.block_attention(model)}
   base_path = decode_window_speed.write_outputs(
-      "fastdllm_learning_curve", args.tag, {"env": env, "meta": meta, "rows": rows},
+      decode_window_speed.quick_stem("fastdllm_learning_curve", args.quick), args.tag,
+      {"env": env, "meta": meta, "rows": rows},
       markdown(rows, meta, env))
   try:
     plot(rows, base_path + ".png")

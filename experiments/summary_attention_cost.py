@@ -25,6 +25,7 @@ import datetime
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -56,6 +57,8 @@ def _parse_args(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.lengths = [1024, 2048, 4096]
+    if args.out == p.get_default("out"):  # A smoke run is not a result.
+      args.out = str(pathlib.Path(tempfile.gettempdir()) / "summary_attention_cost_quick")
   for n in args.lengths:
     if n < 8 or n & (n - 1):
       raise ValueError(f"--lengths: {n} is not a power of two >= 8 (blocks must divide it)")

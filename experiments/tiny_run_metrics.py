@@ -50,7 +50,7 @@ def run(steps: int = 6) -> dict:
 
 def compare(a: dict, b: dict) -> list[str]:
   """Human-readable differences (run, step, field, old, new)."""
-  diffs = []
+  diffs = [f"{run_name}: only in the new run" for run_name in b if run_name not in a]
   for run_name in a:
     if len(a[run_name]) != len(b.get(run_name, [])):
       diffs.append(f"{run_name}: {len(a[run_name])} rows vs {len(b.get(run_name, []))}")
@@ -70,13 +70,21 @@ def main():
   if args.steps < 1:
     ap.error(f"--steps={args.steps} must be >= 1")
   from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  before = None
+  if args.compare:
+    # Read before the run: a missing file fails now, not after it, and --out naming the
+    # same file (rerun in place) no longer compares the new run with itself.
+    try:
+      with open(args.compare, encoding="utf-8") as f:  # Older files may hold bare NaN.
+        before = metrics_writer.finite_or_none(json.load(f))
+    except (OSError, ValueError) as e:
+      ap.error(f"--compare={args.compare!r}: {e}")
   # NaN != NaN: a diverged loss in both runs would be reported as a difference.
   result = metrics_writer.finite_or_none(run(args.steps))
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1, sort_keys=True, allow_nan=False)
-  if args.compare:
-    with open(args.compare, encoding="utf-8") as f:  # Older files may hold bare NaN.
-      diffs = compare(metrics_writer.finite_or_none(json.load(f)), result)
+  if before is not None:
+    diffs = compare(before, result)
     values = sum(len(r) for rows in result.values() for r in rows)
     print(f"{len(diffs)} of {values} logged values differ")
     print("\n".join(diffs))

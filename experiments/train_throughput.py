@@ -46,7 +46,13 @@ _MESH = flags.DEFINE_enum("mesh", "", ["", "auto", "explicit"],
 
 
 def measure(config, steps: int) -> dict:
-  """Times ``steps`` train steps of ``config`` on random tokens; returns the figures."""
+  """Times ``steps`` train steps of ``config`` on random tokens; returns the figures.
+
+  Raises:
+    ValueError: ``steps`` < 1 (``--steps``), before the model is built and compiled.
+  """
+  if steps < 1:  # No timed step: the median below indexed an empty list after the compile.
+    raise ValueError(f"--steps={steps} must be >= 1")
   train_config.validate(config)
   d = config.data
   model, tokenizer = build.build_model(config)
@@ -96,6 +102,8 @@ def measure(config, steps: int) -> dict:
 
 def main(argv):
   del argv
+  if _STEPS.value < 1:
+    raise app.UsageError(f"--steps={_STEPS.value} must be >= 1")
   config = _CONFIG.value
   if _MESH.value:
     if config.get("mesh") is None:

@@ -180,7 +180,7 @@ def main():
   rows = summarize(samples)
   env = decode_window_speed.environment("xla_compile_flags.py", t_start)
   decode_window_speed.write_outputs(
-      "xla_compile_flags", args.tag,
+      decode_window_speed.quick_stem("xla_compile_flags", args.quick), args.tag,
       {"env": env, "repeats": repeats, "rows": rows, "samples": samples},
       markdown(rows, env, repeats))
 

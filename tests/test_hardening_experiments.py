@@ -136,9 +136,10 @@ def test_summary_attention_cost_records_no_machine_path(tmp_path, monkeypatch):
   monkeypatch.setattr(mod, "measure", lambda n, kind, args: {
       "n": n, "kind": kind, "block_size": 32, "logits_per_head": float(n) * n,
       "hlo_flops": float(n) ** (2 if kind == "full" else 1.5), "forward_ms": 1e-3 * n})
-  mod.main(["--quick"])
-  _assert_no_path(tmp_path / "summary_attention_cost.json", tmp_path)
-  _assert_no_path(tmp_path / "summary_attention_cost.md", tmp_path)
+  # A --quick run with the default --out writes to the temporary folder, not a result.
+  mod.main(["--quick", "--out", str(tmp_path / "cost")])
+  _assert_no_path(tmp_path / "cost.json", tmp_path)
+  _assert_no_path(tmp_path / "cost.md", tmp_path)
 
 
 def test_bench_decode_attention_records_no_machine_path(tmp_path, monkeypatch):
