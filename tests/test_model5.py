@@ -188,6 +188,7 @@ def test_head_dim_rope_cannot_rotate_is_refused_at_validate():
     ("yarn", "none", "yarn"),  # A context extension of an unscaled checkpoint: kept.
     ("none", "llama3", "llama3"),  # The checkpoint's own scaling.
     ("llama3", "llama3", "llama3"),  # A saved config.json read back: the checkpoint's.
+    ("yarn", "yarn", None),  # The same type with another factor (2 against 8): refused.
     ("yarn", "llama3", None),  # Two scalings: refused.
 ])
 def test_pretrained_resolution_keeps_a_configs_rope_scaling_over_an_unscaled_checkpoint(
@@ -202,9 +203,14 @@ def test_pretrained_resolution_keeps_a_configs_rope_scaling_over_an_unscaled_che
     overrides.update({"rope_scaling.factor": 8.0,
                       "rope_scaling.original_max_position": 8192})
   monkeypatch.setattr(initial.pretrained, "describe", lambda spec, workdir: (overrides, None))
+  if own == theirs:  # As written into config.json by an earlier resolve.
+    c.model.rope_scaling.factor, c.model.rope_scaling.original_max_position = 8.0, 8192
   if want is None:
-    with pytest.raises(ValueError, match=r"model.rope_scaling.type='yarn' but "
-                                         r"pretrained='some-checkpoint' already scales"):
+    message = (r"model.rope_scaling.factor=2.0 \(checkpoint: 8.0\)" if own == theirs else
+               r"model.rope_scaling.type='yarn' but pretrained='some-checkpoint' already")
+    if own == theirs:
+      c.model.rope_scaling.factor = 2.0
+    with pytest.raises(ValueError, match=message):
       initial.resolve_config(c, None)
     return
   resolved, _ = initial.resolve_config(c, None)

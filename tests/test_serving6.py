@@ -206,3 +206,29 @@ def test_over_http_a_typo_is_a_400_and_the_sdk_request_is_served():
 ])
 def test_a_decoder_option_error_names_its_own_field(body, field):
   assert _error(body).param == field
+
+
+def test_a_server_step_cap_below_the_requested_sub_blocks_is_raised_not_a_400():
+  """The request never sent max_steps_per_block: the server's 4 cannot be kept over 8
+  sub-blocks of 1, so the nearest cap that can (8) is used; a cap it sends is its own."""
+  parse = lambda body: protocol.parse_request(
+      dict({"model": "m", "prompt": "a"}, **body), "m", False, TOK, BLOCK, TOK.mask_id,
+      TOK.eos_id, protocol.Defaults(max_steps_per_block=4))
+  assert parse({"sub_block_size": 1}).options.max_steps_per_block == BLOCK
+  assert parse({"sub_block_size": 2}).options.max_steps_per_block == 4  # Kept: 4 subs.
+  assert parse({}).options.max_steps_per_block == 4
+  with pytest.raises(protocol.ApiError) as e:
+    parse({"sub_block_size": 1, "max_steps_per_block": 4})
+  assert e.value.param == "max_steps_per_block"
+
+
+@pytest.mark.parametrize("body,ok", [
+    ({"prompt_cache_retention": "24h"}, True), ({"prompt_cache_options": {}}, True),
+    ({"min_p": 0.0}, True), ({"repetition_penalty": 1.0}, True),
+    ({"min_p": 0.1}, False), ({"repetition_penalty": 1.2}, False),
+    ({"moderation": {"x": 1}}, False)])
+def test_sdk_and_vllm_fields_pass_at_their_no_op_values(body, ok):
+  if ok:
+    _parse(body)
+  else:
+    assert _error(body).param == next(iter(body))

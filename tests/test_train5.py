@@ -40,8 +40,22 @@ TRANSIENT = [
     ModuleNotFoundError("No module named 'optional_dep'"),
     ValueError("PERMISSION_DENIED: Error reading local file state/d/0"),
     RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB"),
+    ValueError("Failed to restore item 'state': UNAVAILABLE: storage is not reachable"),
 ]
-IDS = ["permission", "memory", "import", "ts_permission", "device_oom"]
+IDS = ["permission", "memory", "import", "ts_permission", "device_oom", "wrapped_code"]
+
+
+def test_a_machine_error_raised_while_handling_another_is_found():
+  """An Orbax wrapper raised inside an ``except`` (no ``from``): the cause is its context."""
+  try:
+    try:
+      raise MemoryError("cannot allocate")
+    except MemoryError:
+      raise ValueError("Failed to restore item 'state'")  # pylint: disable=raise-missing-from
+  except ValueError as e:
+    assert checkpoints.is_environment_error(e)
+  assert not checkpoints.is_environment_error(ValueError("DATA_LOSS: truncated file"))
+  assert not checkpoints.is_environment_error(KeyError("params/missing"))
 
 
 @pytest.mark.parametrize("error", TRANSIENT, ids=IDS)

@@ -97,9 +97,13 @@ def is_environment_error(error: BaseException) -> bool:
   while error is not None and seen < 8:
     if isinstance(error, _ENVIRONMENT_ERRORS):
       return True
-    if str(error).lstrip().startswith(_ENVIRONMENT_CODES):
+    # The code may follow a wrapper's words ("Failed to restore ...: RESOURCE_EXHAUSTED:").
+    first = str(error).lstrip().split("\n", 1)[0]
+    if first.startswith(_ENVIRONMENT_CODES) or any(f"{c}:" in first
+                                                   for c in _ENVIRONMENT_CODES):
       return True
-    error, seen = error.__cause__, seen + 1
+    # Raised from it, or while handling it (an Orbax wrapper without ``from``).
+    error, seen = error.__cause__ or error.__context__, seen + 1
   return False
 
 
@@ -272,8 +276,10 @@ class Checkpointer:
     if self._closed:
       return
     self._closed = True
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+    finally:  # A failed write still releases the manager.
+      self.manager.close()
 
 
 def _path_str(path) -> str:

@@ -101,7 +101,16 @@ def _keep_own_rope_scaling(config: ml_collections.ConfigDict, spec: str,
   rs = config.model.get("rope_scaling")
   own = rs.get("type", "none") if rs is not None else "none"
   theirs = overrides.get("rope_scaling.type", "none")
-  if own == "none" or own == theirs:
+  if own == "none":
+    return overrides
+  if own == theirs:  # A saved config.json read back agrees; another factor is refused.
+    differ = [f"model.{k}={rs.get(k[len('rope_scaling.'):])!r} (checkpoint: {v!r})"
+              for k, v in overrides.items() if k.startswith("rope_scaling.")
+              and rs.get(k[len("rope_scaling."):]) != v]
+    if differ:
+      raise ValueError(f"pretrained={spec!r} scales RoPE with {theirs!r} too, with other "
+                       f"values: {', '.join(differ)}; set them to the checkpoint's, or "
+                       "model.rope_scaling.type='none' to take its scaling")
     return overrides
   if theirs != "none":
     raise ValueError(f"model.rope_scaling.type={own!r} but pretrained={spec!r} already "

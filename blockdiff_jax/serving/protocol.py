@@ -52,12 +52,16 @@ UNSUPPORTED = {"echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
                "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
                # Audio, predicted outputs, web search, reasoning: null only.
                "modalities": (["text"],), "audio": (), "prediction": (),
-               "web_search_options": (), "reasoning_effort": (), "verbosity": ()}
+               "web_search_options": (), "reasoning_effort": (), "verbosity": (),
+               "moderation": (),
+               # vLLM-style sampling extras, accepted at their no-op values.
+               "min_p": (0,), "repetition_penalty": (1,)}
 # The fields each endpoint reads; any other is refused (as OpenAI's API does), so a typo
 # (``threshhold``, ``max_token``) is a 400 naming it, not a silent default. ``IGNORED``:
 # bookkeeping fields that change nothing in the answer.
 IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key",
-           "safety_identifier", "parallel_tool_calls")
+           "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
+           "parallel_tool_calls")
 DECODER_FIELDS = ("policy", "policy_value", "threshold", "sub_block_size", "edit_threshold",
                   "max_steps_per_block", "isd_stride")
 _COMMON = ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
@@ -301,6 +305,10 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   edit = _number(body, "edit_threshold", defaults.edit_threshold, lo=0, hi=1)
   steps = _number(body, "max_steps_per_block", defaults.max_steps_per_block, lo=0,
                   hi=MAX_STEPS, integer=True)
+  if "max_steps_per_block" not in body and sub and steps and steps < block_size // sub:
+    # The server's cap, below the sub-blocks this request asks for: each takes one step
+    # at least, so the nearest cap that can be kept (a 400 for a field never sent).
+    steps = block_size // sub if block_size % sub == 0 else steps
   stride = 0
   if policy == "isd":
     if not token_shift:
