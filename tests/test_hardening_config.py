@@ -231,11 +231,13 @@ def test_resume_with_a_longer_schedule_keeps_the_previous_config(run_copy, no_co
   c.train.learning_rate, c.sample.max_new_tokens, c.model.remat = 1e-3, 8, True
   with pytest.raises(AssertionError, match="reached compilation"):
     trainer.run(c, run_copy)
-  old = json.load(open(os.path.join(run_copy, "config.step2.json")))
-  new = json.load(open(os.path.join(run_copy, "config.json")))
-  assert (old["train"]["steps"], new["train"]["steps"]) == (2, 4)
-  assert (old["train"]["learning_rate"], new["train"]["learning_rate"]) == (3e-3, 1e-3)
   assert "train.steps: 2 -> 4" in capsys.readouterr().out
+  # It failed before its checkpoint restored: the run's own config is put back, and no
+  # config.step2.json claims a change that never trained (tests/test_train5.py checks
+  # that a resume that restores records it).
+  saved = json.load(open(os.path.join(run_copy, "config.json")))
+  assert (saved["train"]["steps"], saved["train"]["learning_rate"]) == (2, 3e-3)
+  assert not [n for n in os.listdir(run_copy) if n.startswith("config.step")]
 
 
 def test_resume_with_the_same_config_keeps_no_copy(run_copy, no_compile):

@@ -163,3 +163,19 @@ def test_a_run_that_fails_before_its_loop_closes_its_checkpointer(workdir, monke
   with pytest.raises(RuntimeError, match="compile failed"):
     trainer.run(_config(steps=6), workdir)
   assert len(made) == 1 and made[0].closes >= 1 and made[0]._closed
+
+
+def test_a_resume_that_fails_while_compiling_leaves_config_json(workdir, monkeypatch):
+  """Before the restore, too: a device out of memory while building the step."""
+  path = os.path.join(workdir, "config.json")
+  before, listing = open(path, "rb").read(), sorted(os.listdir(workdir))
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+  monkeypatch.setattr(step_lib, "make_sharded_train", out_of_memory)
+  c = _config(steps=6)
+  c.train.learning_rate = 1e-3  # An allowed change on a resume.
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    trainer.run(c, workdir)
+  assert open(path, "rb").read() == before
+  assert sorted(os.listdir(workdir)) == listing

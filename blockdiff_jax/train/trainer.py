@@ -1,5 +1,6 @@
 """The training loop: data → model → BD3-LM objective → optimizer → checkpoints → metrics."""
 
+import dataclasses
 import json
 import math
 import os
@@ -274,17 +275,32 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # This run holds the workdir: no other save can be in progress.
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
                                   t.async_checkpoints, remove_unfinished=True)
+  resume = _ResumeWrites()
   try:
-    return _train(config, workdir, model, tokenizer, ckpt)
+    return _train(config, workdir, model, tokenizer, ckpt, resume)
+  except BaseException:
+    # A resume that failed before its checkpoint restored (building data, compiling,
+    # restoring) trained nothing under the new config: config.json goes back.
+    if resume.written and not resume.restored:
+      _put_back_config(workdir, resume.previous, resume.moved)
+    raise
   finally:
     ckpt.close()  # Also when the run fails before its loop (a no-op after the loop's).
 
 
+@dataclasses.dataclass
+class _ResumeWrites:
+  """The config writes of a resume, undone when it fails before its restore."""
+  written: bool = False  # config.json was rewritten for a resume.
+  previous: bytes | None = None  # Its bytes before.
+  moved: str | None = None  # Where the previous one was moved (config.step<N>.json).
+  restored: bool = False  # The checkpoint restored: the new config is the run's now.
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, tokenizer,
-           ckpt: checkpoints.Checkpointer) -> dict:
+           ckpt: checkpoints.Checkpointer, resume: _ResumeWrites) -> dict:
   """``_run_locked`` once the workdir's checkpoints are open (``ckpt``, closed by the caller)."""
   t, d = config.train, config.data
-  previous_config, moved_config = None, None
   # A resume with another architecture fails here, before compiling or writing anything.
   try:
     ckpt.check_params(nn.unbox(build.abstract_params(model)))
@@ -297,8 +313,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
         "\n  " + "\n  ".join(fields) + "\nRestore them, or train in a new workdir "
         "(init_from.workdir starts from its weights).") from None
   if ckpt.latest_step() is not None:  # Every process refuses, or none does.
-    previous_config = _read_config_json(workdir)
-    moved_config = _check_resume_config(config, workdir, ckpt.latest_step())
+    resume.previous = _read_config_json(workdir)
+    resume.moved = _check_resume_config(config, workdir, ckpt.latest_step())
+    resume.written = True
   if jax.process_index() == 0:
     checkpoints.save_config(config, workdir)
   train_ds = pipeline.build_dataset(d, tokenizer, "train", d.seq_len, d.batch_size, config.seed,
@@ -338,11 +355,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
   data_it = train_ds.iterator(0)
   if resuming:
     # The newest checkpoint that restores (corrupt newer ones are named and set aside).
-    try:
-      state, data_state = ckpt.restore(sharded.abstract_state)
-    except Exception:
-      _put_back_config(workdir, previous_config, moved_config)
-      raise
+    state, data_state = ckpt.restore(sharded.abstract_state)
+    resume.restored = True
     data_it.set_state(data_state)
     _say(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
     if int(state.step) >= t.steps:
