@@ -34,6 +34,8 @@ from blockdiff_jax.sampling import hierarchical_cache as hc
 from blockdiff_jax.sampling import layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import long_context_retrieval as retrieval  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_hierarchy(text: str) -> hc.Hierarchy:
@@ -86,15 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out == ap.get_default("out"):  # A smoke run is not a result.
       args.out = os.path.join(tempfile.gettempdir(), "long_context_cache_quick")
 
-  def numbers(flag, cast, ok, want):
-    text = getattr(args, flag)
-    try:
-      values = [cast(x) for x in text.split(",")]
-    except ValueError:
-      ap.error(f"--{flag}={text!r}: comma-separated numbers expected")
-    if not all(ok(v) for v in values) or len(set(values)) != len(values):
-      ap.error(f"--{flag}={text!r}: {want}, each once")
-    return values
+  numbers = lambda flag, cast, ok, want: retrieval.numbers(ap, args, flag, cast, ok, want)
 
   try:
     args.hierarchy_list = [parse_hierarchy(h) for h in args.hierarchies.split(",")]

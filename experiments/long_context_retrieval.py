@@ -194,7 +194,7 @@ def evaluate(runs: str, variant: Variant, examples, args) -> list[dict]:
   return [{"variant": variant.name, **r} for r in rows]
 
 
-def _numbers(ap, args, flag: str, cast, ok, want: str) -> list:
+def numbers(ap, args, flag: str, cast, ok, want: str) -> list:
   """``--flag``'s comma-separated values, or the parser's error naming the flag and value."""
   text = getattr(args, flag)
   try:
@@ -256,8 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     ("slots", 0)):
     if getattr(args, flag) < low:
       ap.error(f"--{flag}={getattr(args, flag)} must be >= {low}")
-  args.length_list = _numbers(ap, args, "lengths", int, lambda n: n >= 1, "integers >= 1")
-  args.depth_list = _numbers(ap, args, "depths", float, lambda d: 0.0 <= d <= 1.0,
+  args.length_list = numbers(ap, args, "lengths", int, lambda n: n >= 1, "integers >= 1")
+  args.depth_list = numbers(ap, args, "depths", float, lambda d: 0.0 <= d <= 1.0,
                              "numbers in [0, 1]")
   args.task_list = args.tasks.split(",")
   if not set(args.task_list) <= set(tasks_lib.TASKS) or len(set(args.task_list)) != len(
