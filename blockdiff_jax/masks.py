@@ -62,6 +62,12 @@ class TokenMeta:
   def shape(self):
     return self.positions.shape
 
+  def broadcast_to(self, shape: tuple[int, ...]) -> "TokenMeta":
+    """Every field broadcast to ``shape`` ([batch, length]): a [T] field or one row for
+    the whole batch at full rank, so no axis is taken for another."""
+    return TokenMeta(*(jnp.broadcast_to(jnp.asarray(x), shape)
+                       for x in dataclasses.astuple(self)))
+
   def slice(self, start: int, length: int) -> "TokenMeta":
     """Static slice along the last (length) axis."""
     return TokenMeta(*(x[..., start:start + length] for x in dataclasses.astuple(self)))

@@ -45,12 +45,6 @@ def validate_qkv(op: str, q: Array, k: Array, v: Array, q_meta: masks.TokenMeta 
       raise ValueError(f"{op}: {name} field shapes {shapes} do not broadcast to {want}")
 
 
-def broadcast_meta(meta: masks.TokenMeta, shape: tuple[int, ...]) -> masks.TokenMeta:
-  """``meta`` with every field broadcast to ``shape`` ([batch, T])."""
-  return masks.TokenMeta(*(jnp.broadcast_to(jnp.asarray(x), shape)
-                           for x in dataclasses.astuple(meta)))
-
-
 def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                      kv_meta: masks.TokenMeta, spec: masks.MaskSpec = masks.MaskSpec(),
                      scale: float | None = None) -> Array:
@@ -76,8 +70,8 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   # Fields are accepted when they broadcast to [batch, T]; at full rank here, or a
   # field of shape [T] would put the query axis where the mask's batch axis goes
   # (a broadcasting error, or the wrong mask when Tq happens to equal kv_heads).
-  q_meta = broadcast_meta(q_meta, q.shape[:2])
-  kv_meta = broadcast_meta(kv_meta, k.shape[:2])
+  q_meta = q_meta.broadcast_to(q.shape[:2])
+  kv_meta = kv_meta.broadcast_to(k.shape[:2])
   kv_heads = k.shape[2]
   groups = h // kv_heads
   scale = d ** -0.5 if scale is None else scale

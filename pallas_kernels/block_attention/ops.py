@@ -61,12 +61,6 @@ def _validate(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
       raise ValueError(f"block_attention: {name} shape {shape} does not broadcast to {want}")
 
 
-def _broadcast_meta(meta: masks.TokenMeta, shape: tuple[int, ...]) -> masks.TokenMeta:
-  """``meta`` with every field broadcast to ``shape`` ([B, T])."""
-  return masks.TokenMeta(*(jnp.broadcast_to(jnp.asarray(x), shape)
-                           for x in dataclasses.astuple(meta)))
-
-
 def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
                     kv_meta: masks.TokenMeta, *, spec: masks.MaskSpec = masks.MaskSpec(),
                     scale: float | None = None,
@@ -97,8 +91,8 @@ def block_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
   _validate(q, k, v, q_meta, kv_meta)
   # At full rank: the kernel reads one metadata row per batch row, and the
   # reference would misplace the query axis of a field of shape [T].
-  q_meta = _broadcast_meta(q_meta, q.shape[:2])
-  kv_meta = _broadcast_meta(kv_meta, k.shape[:2])
+  q_meta = q_meta.broadcast_to(q.shape[:2])
+  kv_meta = kv_meta.broadcast_to(k.shape[:2])
   if 0 in q.shape or 0 in k.shape:
     # Nothing to tile (a query with no key outputs zeros); the plain reference
     # is exact here and differentiable, where the tiling would not start.

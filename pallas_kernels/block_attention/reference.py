@@ -5,7 +5,6 @@ heads, the mask is ``masks.dense_mask`` of the metadata, the softmax is
 ``jax.nn.softmax`` in fp32, and a query that sees no key outputs zeros.
 """
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -23,9 +22,7 @@ def masked_attention(q: Array, k: Array, v: Array, q_meta: masks.TokenMeta,
 
   Metadata fields broadcast to [B, Tq] / [B, Tk] (a field of shape [T] included).
   """
-  full = lambda meta, shape: masks.TokenMeta(
-      *(jnp.broadcast_to(jnp.asarray(x), shape) for x in dataclasses.astuple(meta)))
-  q_meta, kv_meta = full(q_meta, q.shape[:2]), full(kv_meta, k.shape[:2])
+  q_meta, kv_meta = q_meta.broadcast_to(q.shape[:2]), kv_meta.broadcast_to(k.shape[:2])
   h, d = q.shape[2], q.shape[3]
   groups = h // k.shape[2]
   scale = d ** -0.5 if scale is None else scale
