@@ -112,4 +112,7 @@ def test_distilled_answers_of_a_block_model_keep_its_prompt_blocks():
     head = sft.render(tok, (q, ""))[0]
     want = slow_block_ar(model, params, head, max_new, block, tok.mask_id, max_len,
                          eos_id=tok.eos_id)
-    assert answer == tok.decode(want[want != tok.eos_id]), q
+    text = tok.decode(want[want != tok.eos_id])
+    if (want != tok.eos_id).all() and text.endswith("\ufffd"):
+      text = text[:-1]  # A cut answer drops the split character's U+FFFD (distill docs).
+    assert answer == text, q

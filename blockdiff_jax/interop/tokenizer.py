@@ -198,9 +198,11 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       value = mcfg.get(f"{key}_token_id")
       return value[0] if isinstance(value, list) else value
 
-    template = tcfg.get("chat_template")
+    # As in transformers, a chat_template.jinja file takes priority over the config's entry
+    # (a folder may hold both when its template was updated as a file).
+    template = _default_template(tcfg.get("chat_template"))
     jinja = os.path.join(folder, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja):
+    if os.path.isfile(jinja):
       with open(jinja, encoding="utf-8") as f:
         template = f.read()
     eos = token_id("eos")
@@ -315,6 +317,10 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     """
     if not self.chat_template:
       return render_chatml(messages, add_generation_prompt)
+    if not isinstance(self.chat_template, str):  # Named templates, none of them "default".
+      names = [t.get("name") for t in self.chat_template if isinstance(t, dict)]
+      raise ValueError(f"{self._source}: chat_template holds the named templates {names}, "
+                       "none of them 'default'; set chat_template to the one to use")
     try:
       env = _chat_environment()
     except ImportError:
@@ -400,6 +406,14 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       json.dump(tcfg, f, indent=2, ensure_ascii=False)
     with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
       json.dump(names, f, indent=2, ensure_ascii=False)
+    # A chat_template.jinja already there would take priority over the template just
+    # written (from_folder, transformers): it gets this tokenizer's template, or goes.
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja) and isinstance(self.chat_template, str):
+      with open(jinja, "w", encoding="utf-8") as f:
+        f.write(self.chat_template)
+    elif os.path.isfile(jinja):
+      os.remove(jinja)
 
   def __repr__(self) -> str:
     return f"PretrainedTokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
@@ -417,6 +431,21 @@ def _flag_special(tokenizer: hf_tokenizers.Tokenizer, ids: Sequence[int | None])
       continue
     tokenizer.add_special_tokens([hf_tokenizers.AddedToken(content, special=True,
                                                            normalized=False)])
+
+
+def _default_template(template: Any) -> Any:
+  """The template text of a ``tokenizer_config.json`` ``chat_template`` entry.
+
+  The entry is a string, or (transformers' named templates: Command-R, Hermes) a list of
+  ``{"name", "template"}``, of which transformers renders "default". Without a default the
+  list is kept: ``apply_chat_template`` refuses it naming the templates, and
+  ``save_pretrained`` writes it back as it was.
+  """
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(named.get("default"), str):
+      return named["default"]
+  return template
 
 
 def _read_json(path: str) -> dict:

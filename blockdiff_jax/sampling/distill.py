@@ -109,6 +109,9 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
                    ) -> list[tuple[str, str, bool]]:
   """(question, greedy answer, it ended with EOS) for every question that fits ``max_len``.
 
+  An answer cut at ``max_new_tokens`` (no EOS) loses one trailing U+FFFD: the decoded
+  bytes of a character the cut split (the model wrote no such character).
+
   ``block_size`` is the model's diffusion block size: without ``token_shift`` the AR
   decoder gives the prompt its trained block-causal attention with it (with the shift
   every token is its own block and it is not used).
@@ -148,8 +151,13 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
     for row, i in enumerate(idx):
       gen = tokens[row, np.flatnonzero(canvas.maskable[row])]
       eos = np.flatnonzero(gen == tokenizer.eos_id)
-      batch.append((prompts[i], tokenizer.decode(gen[:eos[0] if eos.size else len(gen)]),
-                    bool(eos.size)))
+      text = tokenizer.decode(gen[:eos[0] if eos.size else len(gen)])
+      if not eos.size:
+        # Cut at max_new_tokens inside a multi-byte character: decode renders its bytes
+        # as one U+FFFD, which SFT would encode and train as text the model never wrote.
+        # Only one: earlier invalid bytes are the model's own output.
+        text = text[:-1] if text.endswith("\ufffd") else text
+      batch.append((prompts[i], text, bool(eos.size)))
     pairs += batch
     if on_batch is not None:
       on_batch(batch)
