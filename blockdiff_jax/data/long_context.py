@@ -29,6 +29,7 @@ the haystack: ``numpy.random.default_rng([seed, task, length, depth * 1e6, index
 import ast
 import dataclasses
 import functools
+import numbers
 import os
 import re
 from typing import Any, Iterable, Sequence
@@ -200,6 +201,11 @@ def make_example(task: str, tokenizer: Any, haystack: np.ndarray, *, length: int
     ValueError: naming any other bad argument.
   """
   validate_task(task)
+  # All three seed the generator: numpy would refuse a negative or float one as a bad
+  # "seed", naming neither the argument nor its value.
+  for name, value, low in (("length", length, 1), ("seed", seed, 0), ("index", index, 0)):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"depth must be in [0, 1], got {depth}")
   if not 1 <= passkey_digits <= 18:

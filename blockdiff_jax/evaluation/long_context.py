@@ -75,6 +75,13 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     raise ValueError(f"cache_fidelity needs 0 < prefix < len(tokens), got prefix={prefix} "
                      f"of {len(tokens)}")
   fn = logits_lib.as_logits_fn(model)
+  if getattr(getattr(fn, "summary", None), "num_slots", 0):
+    # The causal metadata gives every token its own block, so a summary model would read
+    # only its last window_blocks *tokens* through either cache (and no slots): both
+    # caches agree and the KL reads 0 whatever the compression costs.
+    raise ValueError("cache_fidelity runs a causal (one block per token) forward, which a "
+                     "model with summary tokens (model.summary.num_slots > 0) cannot read "
+                     "its context through; measure it with retrieval(decoder='block')")
   spec = fn.kv_spec
   ids = jnp.asarray(tokens)[None]
   prefill = jax.jit(lambda p, t: fn(p, t, _causal_meta(0, prefix), None, None)[1])
@@ -96,7 +103,10 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     got = logp(params, cache)
     kl = jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
     agree = jnp.argmax(ref, -1) == jnp.argmax(got, -1)
-    chunks = int(cache.compressed[0])
+    # A ring that holds the whole prefix compresses nothing: empty_cache then returns
+    # the full KVCache, which has no ``compressed``.
+    chunks = (int(cache.compressed[0])
+              if isinstance(cache, hierarchical_cache.HierarchicalKVCache) else 0)
     factorised = (chunks - min(chunks, hy.sinks)) * hy.chunk if hy.form == "rank" else 0
     out.append(Fidelity(kl=max(float(jnp.mean(kl)), 0.0), kl_max=float(jnp.max(kl)),
                         top1_agreement=float(jnp.mean(agree)),
