@@ -107,6 +107,51 @@ def _check_mask_kept(workdir: str, model: nn.Module) -> None:
         f"--config.diffusion.block_attention={saved.get('block_attention', 'auto')}")
 
 
+# Model fields that change the function the weights compute without changing any
+# parameter's shape, so a restore under another value raises nothing. Fields meant to be
+# varied at inference (attention_impl, dtype, rope_scaling for a longer context, the MoE
+# routing mode and coverage that routing_sweep varies, capacity_factor) are not listed.
+_FUNCTION_FIELDS = ("rope_theta", "norm_eps", "moe.top_k", "moe.router_func",
+                    "moe.normalize_topk")
+
+
+def _field(section: Any, dotted: str) -> tuple[bool, Any]:
+  """(present, value) of a dotted field in a config section (ConfigDict or dict)."""
+  for name in dotted.split("."):
+    if section is None or name not in section:
+      return False, None
+    section = section[name]
+  return True, section
+
+
+def _check_function_kept(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises when ``config`` (as built) gives the run's weights another function.
+
+  E.g. a run trained with ``--config.model.moe.top_k=1`` and evaluated with its config
+  file's default ``top_k=2`` would restore without error and route every token to an
+  expert it never trained with. Both configs are compared after the pretrained
+  architecture (if any) is applied; a field the saved config lacks is not checked.
+  """
+  saved = _saved_config(workdir)
+  if saved is None:
+    return
+  try:
+    saved = initial.resolve_config(saved, workdir)[0]
+  except Exception:  # pylint: disable=broad-except
+    return  # A saved config that no longer resolves: the caller's config is all there is.
+  moe_on = [bool(_field(c.get("model"), "moe.num_experts")[1]) for c in (saved, config)]
+  for dotted in _FUNCTION_FIELDS:
+    if dotted.startswith("moe.") and not all(moe_on):
+      continue  # The MoE fields mean nothing for a dense model (shapes differ otherwise).
+    has_saved, trained = _field(saved.get("model"), dotted)
+    has_given, given = _field(config.get("model"), dotted)
+    if has_saved and has_given and trained != given:
+      raise ValueError(
+          f"the run in {workdir!r} was trained with model.{dotted}={trained!r} but the "
+          f"config given has model.{dotted}={given!r}, which makes its weights compute "
+          f"another function; pass --config.model.{dotted}={trained}")
+
+
 def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = None,
                        step: int | None = None, use_ema: bool = True,
                        merge_lora: bool = True, return_step: bool = False):
@@ -132,6 +177,7 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
     return_step: append the checkpoint step the params come from (the newest that
       restores when ``step`` is None; None for starting weights) to the tuple.
   """
+  own_config = config is None  # The run's own config needs no _check_function_kept.
   config = checkpoints.load_config(workdir) if config is None else config
   moe = config.model.get("moe")
   if moe is not None and moe.get("num_experts") and moe.get("capacity_factor", 0.0):
@@ -170,6 +216,8 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
       return (config, model, tokenizer, params) + ((None,) if return_step else ())
   _check_adapters_kept(workdir, model)
   _check_mask_kept(workdir, model)
+  if not own_config:
+    _check_function_kept(workdir, config)
   restored, params = checkpoints.restore_params(
       checkpoint_dir, abstract, step,
       subtree="ema_params" if use_ema else "params", fallback_subtree="params",
