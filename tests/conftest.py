@@ -119,6 +119,36 @@ def tiny_decoder():
   return model, tok, build.init_params(model, 0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> str:
+  """A cache_dir holding the bundled SmolLM2 converted from its GGUF, for tests that
+  use the model rather than test its conversion (test_interop_smollm2 converts its own).
+
+  A conversion costs seconds and half a gigabyte written; it runs once per session: the
+  xdist workers share the folder under a file lock (as ``run_multidevice_worker``).
+  ``link_smollm2`` puts it into a test's workdir.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # Shared by the session's workers.
+  cache = root / "smollm2_cache"
+  cache.mkdir(exist_ok=True)
+  with open(cache / "lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    pretrained.prepare("smollm2", str(cache))
+  return str(cache)
+
+
+def link_smollm2(cache: str, workdir) -> None:
+  """Gives ``workdir`` the converted SmolLM2 of ``smollm2_cache`` (a symlink: the runs
+  only read it), so ``pretrained.load("smollm2", workdir)`` skips the conversion."""
+  os.makedirs(os.path.join(workdir, "pretrained"), exist_ok=True)
+  os.symlink(os.path.join(cache, "pretrained", "smollm2"),
+             os.path.join(workdir, "pretrained", "smollm2"))
+
+
 XLA_CACHE_OPTIONS = {  # The persistent compilation cache, for every entry however small.
     "jax_persistent_cache_min_compile_time_secs": 0,
     "jax_persistent_cache_min_entry_size_bytes": 0,

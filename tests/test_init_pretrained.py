@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 
+from conftest import link_smollm2
 from conftest import load_config_file
 import test_interop_pretrained as tiny
 from blockdiff_jax import config as config_lib
@@ -95,11 +96,12 @@ def test_resume_keeps_the_checkpoint_not_the_pretrained_weights(tmp_path):
   assert moved(trained) > 1e-3 and abs(moved(resumed) - moved(trained)) < 1e-4
 
 
-def test_sampling_smollm2_without_a_checkpoint_is_its_own_ar_model(tmp_path):
+def test_sampling_smollm2_without_a_checkpoint_is_its_own_ar_model(tmp_path, smollm2_cache):
   # The README's AR baseline: no training, the bundled model's greedy chat answer.
   c = load_config_file("smollm2")
   c.sample.prompts = c.sample.prompts.split(";")[0]  # "What is the capital of France?"
   c.sample.max_new_tokens = 8
+  link_smollm2(smollm2_cache, tmp_path)
   rows = sample.run(c, str(tmp_path))
   assert "Paris" in rows[0]["completion"], rows[0]["completion"]
   assert rows[0]["tpf"] == 1.0  # One token per forward: plain AR decoding.

@@ -43,6 +43,9 @@ def _worker(out_path: str, workdir: str) -> None:
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config()
+  # One block: the checks are about processes, collectives and checkpoints, which a
+  # second block only repeats at twice the compile time (most of the run).
+  config.model.num_layers = 1
   config.model.vocab_size = VOCAB
   config.train.warmup_steps = 0
   config.mesh = mesh_lib.default_mesh_config()
@@ -73,6 +76,7 @@ def _worker(out_path: str, workdir: str) -> None:
   # The trainer, as `--mode=train` runs it on each host, in one shared workdir.
   from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
   run = tiny.get_config()
+  run.model.num_layers = 1
   run.mesh = config.mesh
   run.data.max_bytes = 20_000
   run.train.steps, run.train.log_every, run.train.eval_every = 2, 1, 0

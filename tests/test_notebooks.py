@@ -11,6 +11,7 @@ import nbclient
 import nbformat
 import pytest
 
+from conftest import link_smollm2
 from conftest import XLA_CACHE_OPTIONS
 
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
@@ -18,17 +19,19 @@ NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "n
 # Notebook -> (environment giving small settings, strings its outputs must contain).
 NOTEBOOKS = {
     "quickstart.ipynb": ({"QUICKSTART_STEPS": "6"}, ["NFE", "step 1:"]),
-    # An empty workdir and no adaptation: SmolLM2 with zero adapters (ISD stays lossless).
+    # A workdir without a checkpoint and no adaptation: SmolLM2 with zero adapters (ISD
+    # stays lossless).
     "decoding.ipynb": ({"DECODING_ADAPT_STEPS": "0", "DECODING_MAX_NEW": "12",
                         "DECODING_WORKDIR": "{tmp}",
                         # SmolLM2's forwards: faster at XLA's default LLVM level than
                         # at the -O0 the rest of the suite compiles with (conftest).
                         "XLA_FLAGS": ""}, [
         "ISD identical to AR: True", "same text as AR: True", "forwards for"]),
-    # FLOPs up to 4k (three lengths to fit), a 320-token pass key with chunks of 32 (two
+    # FLOPs up to 2k (two lengths to fit), a 320-token pass key with chunks of 32 (two
     # thirds compressed); rank 4 leaves three caches to compare (ranks 4 and 8, no sink).
-    "long_context.ipynb": ({"LONG_CONTEXT_MAX_N": "4096", "LONG_CONTEXT_PASSKEY_LENGTH": "320",
-                            "LONG_CONTEXT_CHUNK": "32", "LONG_CONTEXT_RANK": "4"}, [
+    "long_context.ipynb": ({"LONG_CONTEXT_MAX_N": "2048", "LONG_CONTEXT_PASSKEY_LENGTH": "320",
+                            "LONG_CONTEXT_CHUNK": "32", "LONG_CONTEXT_RANK": "4",
+                            "LONG_CONTEXT_WORKDIR": "{tmp}"}, [
         "fitted exponent of n", "of full", "full-cache answer equals the pass key: True",
         "compressed"]),
     "checkpoints.ipynb": ({"CHECKPOINTS_STEPS": "3"}, [
@@ -70,11 +73,17 @@ def outputs_text(nb: nbformat.NotebookNode) -> str:
                  for o in c.get("outputs", []))
 
 
+# Notebooks whose workdir ("{tmp}") gets the session's converted SmolLM2 (conftest).
+USE_SMOLLM2 = ("decoding.ipynb", "long_context.ipynb")
+
+
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_runs(name, monkeypatch, tmp_path):
+def test_notebook_runs(name, monkeypatch, tmp_path, request):
   env, expected = NOTEBOOKS[name]
+  if name in USE_SMOLLM2:
+    link_smollm2(request.getfixturevalue("smollm2_cache"), tmp_path)
   for key, value in env.items():
-    # The kernel inherits the environment; "{tmp}" is this test's empty folder.
+    # The kernel inherits the environment; "{tmp}" is this test's folder.
     monkeypatch.setenv(key, value.format(tmp=tmp_path))
   # The kernel's own persistent compilation cache (as conftest gives this process).
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))

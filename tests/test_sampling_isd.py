@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import link_smollm2
 from conftest import load_config_file
 from blockdiff_jax import config as config_lib
 from blockdiff_jax import masks
@@ -262,13 +263,14 @@ def test_isd_refuses_a_model_without_token_shift():
     isd.decode_isd(TableLM(), chain_table(), _canvas([(1,)], 4), _options(), 1)
 
 
-def test_smollm2_isd_is_lossless(tmp_path):
+def test_smollm2_isd_is_lossless(tmp_path, smollm2_cache):
   # The bundled model before any adaptation: its MASK slots draft poorly, but the text
   # is SmolLM2's own greedy answer, token for token.
   c = load_config_file("smollm2")
   c.sample.prompts = c.sample.prompts.split(";")[0]
   c.sample.max_new_tokens = 10
   c.sample.stream = False
+  link_smollm2(smollm2_cache, tmp_path)
   want = sample.run(c, str(tmp_path))[0]
   c.sample.policy = "isd"
   got = sample.run(c, str(tmp_path))[0]
