@@ -23,7 +23,8 @@ with ``detach_clean`` the model runs twice: the clean stream once without gradie
 (its K/V become the noisy pass's cache), then the K*N noisy tokens with gradient. That
 is exact when no trainable weight touches a clean token -- gated LoRA adapters with a
 frozen base (``train.trainable=lora``) -- and then CE_clean is a constant (reported,
-adds no gradient). The backward then runs over K*N tokens instead of 2L.
+adds no gradient). The backward then runs over K*N tokens instead of 2L. An MoE
+model's aux loss and routing metrics cover both passes, weighted by their tokens.
 """
 
 import dataclasses
@@ -181,7 +182,26 @@ def anchored_ce(apply_fn: Callable, params: Any, batch: dict, anchors: Array,
   target = jnp.take_along_axis(x0, safe + 1, axis=1)
   noisy_weight = (jnp.take_along_axis(weight, safe, axis=1) * in_row * jnp.repeat(has, n, 1)
                   * (jnp.take_along_axis(seg, safe + 1, axis=1) == anchor_seg))
+  aux = _merged_aux(clean_aux, jnp.sum(seg >= 0), aux, jnp.sum(anchor_seg >= 0))
   return noisy_logits, target, noisy_weight, clean_logits[:, :-1], weight, aux
+
+
+def _merged_aux(clean_aux: dict, n_clean: Array, noisy_aux: dict, n_noisy: Array) -> dict:
+  """The MoE aux loss and metrics of both anchored passes, weighted by their tokens.
+
+  The full layout routes the clean and noisy streams in one forward, so its load-balance
+  and z-losses cover both; the anchored layout's two forwards must too, or the clean
+  stream (most of the tokens) trains its routers with no balancing pressure and the
+  logged routing metrics describe the MASK slots alone.
+  """
+  if "aux_loss" not in noisy_aux:
+    return noisy_aux
+  n_clean = n_clean.astype(jnp.float32)
+  n_noisy = n_noisy.astype(jnp.float32)
+  total = jnp.maximum(n_clean + n_noisy, 1.0)
+  mix = lambda c, n: (n_clean * c + n_noisy * n) / total
+  return {"aux_loss": mix(clean_aux["aux_loss"], noisy_aux["aux_loss"]),
+          "metrics": jax.tree.map(mix, clean_aux["metrics"], noisy_aux["metrics"])}
 
 
 def introspective_loss(apply_fn: Callable, params: Any, batch: dict, rng: Array,

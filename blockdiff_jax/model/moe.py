@@ -91,6 +91,12 @@ class MoEConfig:
                        f"got {self.capacity_factor}")
     if self.tile_size < 1:
       raise ValueError(f"model.moe.tile_size must be >= 1, got {self.tile_size}")
+    # The gate scales the shared expert; without one there is nothing to gate and the
+    # flag was dropped silently (the model built no gate weight).
+    if self.shared_expert_gate and not self.shared_expert_dim:
+      raise ValueError("model.moe.shared_expert_gate=True needs a shared expert "
+                       f"(model.moe.shared_expert_dim > 0), got shared_expert_dim="
+                       f"{self.shared_expert_dim}")
     # The coreset options mean nothing to token routing: checking them there would
     # reject valid token-routed layers (a single expert, top_k = E or top_k > 2 with
     # the default block_min_experts of 2).
@@ -167,7 +173,13 @@ def route(logits: Array, meta: masks.TokenMeta, cfg: MoEConfig):
     allowed = jnp.ones(probs.shape, bool)
   weights, experts = jax.lax.top_k(jnp.where(allowed, probs, -1.0), cfg.top_k)
   if cfg.normalize_topk:
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    if cfg.top_k == 1:
+      # p / p is the constant 1: its gradient is zero and the router would learn from
+      # the aux losses alone. The normaliser's gradient is stopped instead: still 1 in
+      # the forward (an upcycled top-1 model equals the dense one), d/dp = 1 / p.
+      total = jax.lax.stop_gradient(total)
+    weights = weights / jnp.maximum(total, 1e-9)
   return probs, weights, experts.astype(jnp.int32), allowed
 
 

@@ -9,6 +9,7 @@ dropless dispatch: with ``model.moe.capacity_factor`` > 0 under expert paralleli
 copies beyond an expert's capacity are dropped, and their share of the MLP with them.
 """
 
+import collections.abc
 import dataclasses
 from typing import Any
 
@@ -94,7 +95,9 @@ def upcycle_params(params: dict, num_experts: int, seed: int = 0,
   out, n = {}, 0
   rng = jax.random.key(seed)
   for name, sub in params.items():
-    if isinstance(sub, dict) and "mlp" in sub:
+    # Any mapping: params frozen by flax (FrozenDict) are not dicts, and skipping their
+    # layers ended in "no dense 'mlp' layer (already MoE?)".
+    if isinstance(sub, collections.abc.Mapping) and "mlp" in sub:
       sub = dict(sub)
       mlp = sub.pop("mlp")
       if any(lora_lib.is_lora_path(path)
@@ -131,7 +134,8 @@ def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
       raise ValueError(f"upcycle: gated LoRA adapters on the MLP (model.lora.targets="
                        f"{lora_cfg.targets!r}) cannot be folded into the experts")
     params = {name: ({**sub, "mlp": lora_lib.merge_adapters(sub["mlp"], lora_cfg)}
-                     if isinstance(sub, dict) and "mlp" in sub else sub)
+                     if isinstance(sub, collections.abc.Mapping) and "mlp" in sub
+                     else sub)
               for name, sub in params.items()}
     kept = tuple(t for t in lora_cfg.targets if t not in MLP_TARGETS)
     lora_cfg = dataclasses.replace(lora_cfg, targets=kept) if kept else None
