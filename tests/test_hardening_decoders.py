@@ -113,6 +113,5 @@ def test_distilled_answers_of_a_block_model_keep_its_prompt_blocks():
     want = slow_block_ar(model, params, head, max_new, block, tok.mask_id, max_len,
                          eos_id=tok.eos_id)
     text = tok.decode(want[want != tok.eos_id])
-    if (want != tok.eos_id).all() and text.endswith("\ufffd"):
-      text = text[:-1]  # A cut answer drops the split character's U+FFFD (distill docs).
-    assert answer == text, q
+    # A cut answer may drop trailing U+FFFD (a split character; tests/test_distill2.py).
+    assert answer.rstrip("\ufffd") == text.rstrip("\ufffd") and text.startswith(answer), q

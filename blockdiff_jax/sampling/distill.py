@@ -102,6 +102,24 @@ def questions(source: str, limit: int) -> list[str]:
   return out
 
 
+def _drop_split_character(tokenizer: tokenizers.Tokenizer, tokens: np.ndarray,
+                          text: str) -> str:
+  """``text`` (the decode of ``tokens``) without the U+FFFD of a character cut short.
+
+  A cut inside a multi-byte character decodes to U+FFFD: one for a byte-level BPE
+  (SmolLM2, Qwen) or the byte tokenizer, one per byte for SentencePiece byte fallback.
+  SFT would encode that as EF BF BD and train text the model never wrote. The last
+  tokens (a character has at most 4 bytes, so at most 3 are left dangling) are dropped
+  for as long as what they decoded to is U+FFFD alone.
+  """
+  for j in range(1, min(3, len(tokens)) + 1):
+    head = tokenizer.decode(tokens[:len(tokens) - j])
+    if not text.startswith(head) or text[len(head):].strip("\ufffd"):
+      break
+    text = head
+  return text
+
+
 def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
                    max_new_tokens: int, max_len: int, batch_size: int,
                    token_shift: bool = True, log=sys.stdout, block_size: int = 1,
@@ -109,8 +127,8 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
                    ) -> list[tuple[str, str, bool]]:
   """(question, greedy answer, it ended with EOS) for every question that fits ``max_len``.
 
-  An answer cut at ``max_new_tokens`` (no EOS) loses one trailing U+FFFD: the decoded
-  bytes of a character the cut split (the model wrote no such character).
+  An answer cut at ``max_new_tokens`` (no EOS) loses the U+FFFD its decode gives for a
+  character the cut split (``_drop_split_character``).
 
   ``block_size`` is the model's diffusion block size: without ``token_shift`` the AR
   decoder gives the prompt its trained block-causal attention with it (with the shift
@@ -153,10 +171,7 @@ def greedy_answers(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequ
       eos = np.flatnonzero(gen == tokenizer.eos_id)
       text = tokenizer.decode(gen[:eos[0] if eos.size else len(gen)])
       if not eos.size:
-        # Cut at max_new_tokens inside a multi-byte character: decode renders its bytes
-        # as one U+FFFD, which SFT would encode and train as text the model never wrote.
-        # Only one: earlier invalid bytes are the model's own output.
-        text = text[:-1] if text.endswith("\ufffd") else text
+        text = _drop_split_character(tokenizer, gen, text)
       batch.append((prompts[i], text, bool(eos.size)))
     pairs += batch
     if on_batch is not None:
