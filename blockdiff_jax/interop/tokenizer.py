@@ -199,8 +199,9 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       return value[0] if isinstance(value, list) else value
 
     # As in transformers, a chat_template.jinja file takes priority over the config's entry
-    # (a folder may hold both when its template was updated as a file).
-    template = _default_template(tcfg.get("chat_template"))
+    # (a folder may hold both when its template was updated as a file). A list of named
+    # templates is kept whole (save_pretrained writes it back); rendering picks "default".
+    template = tcfg.get("chat_template")
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja):
       with open(jinja, encoding="utf-8") as f:
@@ -315,10 +316,11 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     the MASK is ours, not the model's; a pad or unknown token the tokenizer lacks stays
     undefined, although the data pipeline pads with eos).
     """
-    if not self.chat_template:
+    template = _default_template(self.chat_template)
+    if not template:
       return render_chatml(messages, add_generation_prompt)
-    if not isinstance(self.chat_template, str):  # Named templates, none of them "default".
-      names = [t.get("name") for t in self.chat_template if isinstance(t, dict)]
+    if not isinstance(template, str):  # Named templates, none of them "default".
+      names = [t.get("name") for t in template if isinstance(t, dict)]
       raise ValueError(f"{self._source}: chat_template holds the named templates {names}, "
                        "none of them 'default'; set chat_template to the one to use")
     try:
@@ -329,7 +331,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     # Without a bos, "" as before (transformers leaves it undefined: the same text).
     names = {"bos_token": name(self._ids["bos"]) or "", "eos_token": name(self._ids["eos"]),
              "pad_token": name(self._model_pad_id), "unk_token": name(self._unk_id)}
-    return env.from_string(self.chat_template).render(
+    return env.from_string(template).render(
         messages=list(messages), tools=None, documents=None,
         add_generation_prompt=add_generation_prompt,
         **{k: v for k, v in names.items() if v is not None})
@@ -438,8 +440,8 @@ def _default_template(template: Any) -> Any:
 
   The entry is a string, or (transformers' named templates: Command-R, Hermes) a list of
   ``{"name", "template"}``, of which transformers renders "default". Without a default the
-  list is kept: ``apply_chat_template`` refuses it naming the templates, and
-  ``save_pretrained`` writes it back as it was.
+  list is returned: ``apply_chat_template`` refuses it naming the templates. The
+  tokenizer keeps the entry itself, so ``save_pretrained`` writes every template back.
   """
   if isinstance(template, list):
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
