@@ -174,3 +174,19 @@ def test_inference_refuses_a_config_that_changes_the_function_but_no_shape(
     assert jnp.array_equal(a, b)
   with pytest.raises(ValueError, match=rf"model\.{field}=.*pass --config\.model\.{field}="):
     inference.load_for_inference(workdir, config, use_ema=False)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("attention_impl", "pallas"), ("moe.router_mode", "block"),
+    ("moe.capacity_factor", 0.0), ("rope_scaling", {"type": "linear", "factor": 2.0})])
+def test_inference_time_settings_still_load_over_the_run(top1_run, field, value):
+  """What evaluation varies on purpose (attention kernel, routing mode for a sweep,
+  capacity, RoPE scaling for a longer context) is not refused."""
+  workdir, params = top1_run
+  c = _config(top_k=1, rope_theta=500.0)
+  section, name = ((c.model.moe, field[4:]) if field.startswith("moe.") else (c.model, field))
+  assert name in section, field
+  section[name] = value
+  got = inference.load_for_inference(workdir, c, use_ema=False)[3]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    assert jnp.array_equal(a, b)

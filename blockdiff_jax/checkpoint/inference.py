@@ -133,7 +133,9 @@ def _check_function_kept(workdir: str, config: ml_collections.ConfigDict) -> Non
   architecture (if any) is applied; a field the saved config lacks is not checked.
   """
   saved = _saved_config(workdir)
-  if saved is None:
+  # Another pretrained base is another model (its restore fails on shapes or is meant);
+  # resolving the saved one here would convert a second checkpoint into the workdir.
+  if saved is None or initial._spec(saved) != initial._spec(config):  # pylint: disable=protected-access
     return
   try:
     saved = initial.resolve_config(saved, workdir)[0]
@@ -169,7 +171,9 @@ def load_for_inference(workdir: str, config: ml_collections.ConfigDict | None = 
   Args:
     workdir: a directory written by the trainer (or any folder, with a pretrained config).
     config: overrides the saved config (e.g. to switch the attention implementation
-      or the mesh); architecture fields must match the checkpoint.
+      or the mesh); architecture fields must match the checkpoint, and so must the
+      fields that change the function without a shape (block attention, LoRA,
+      ``_FUNCTION_FIELDS``): each is checked against the run's ``config.json``.
     step: checkpoint step; None = the latest.
     use_ema: return the EMA parameters when the run kept them.
     merge_lora: fold plain (ungated) LoRA adapters into the base weights

@@ -575,7 +575,8 @@ def run_program(source: str | Sequence[str], *,
     source: the program text, or its parts: each compiles as a module of its own
       and they run in order in one globals, so that a part cannot change how the
       next parses (a completion's dangling ``@decorator`` wrapping the tests'
-      ``check``). It runs as ``__main__`` with a private scratch directory as cwd.
+      ``check``; a ``from __future__`` import then holds for its own part only). It
+      runs as ``__main__`` with a private scratch directory as cwd.
     limits: resource limits and isolation options.
     call: an expression evaluated in the program's globals after it ran (e.g.
       ``"check(candidate)"``). The run then passes only if this call returned
