@@ -65,17 +65,49 @@ sys.path.insert(0, _HERE)
 import idlm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def _override_value(item: str, old, value: str):
+  """``value`` as the type of the field's current value ``old``.
+
+  Raises:
+    ValueError: ``value`` does not parse as that type; the message names ``item``.
+  """
+  if isinstance(old, bool):
+    # Not ``value == "True"``: "true" or "1" silently turned a flag off.
+    if value.lower() not in ("true", "false"):
+      raise ValueError(f"--config_overrides: {item!r}: true or false expected")
+    return value.lower() == "true"
+  if old is None:  # No type to cast to (``type(None)(value)`` raised a TypeError).
+    raise ValueError(f"--config_overrides: {item!r}: the field is None in the config, "
+                     "so its type is unknown")
+  try:
+    return type(old)(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"--config_overrides: {item!r}: {type(old).__name__} expected "
+                     f"(the config has {old!r})") from None
+
+
 def load_config(path: str, overrides: str = ""):
-  """The config file's ``get_config()`` with ``a.b=value`` overrides (comma-separated)."""
+  """The config file's ``get_config()`` with ``a.b=value`` overrides (comma-separated).
+
+  Raises:
+    ValueError: an override without ``=``, naming no field of the config, or with a value
+      that does not parse as the field's type; the message names the override.
+  """
   config = idlm_smollm2._load_config(path)  # pylint: disable=protected-access
   for item in filter(None, (x.strip() for x in overrides.split(","))):
-    key, value = item.split("=", 1)
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"--config_overrides: {item!r} is not a.b=value")
     *parents, leaf = key.split(".")
     node = config
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = type(old)(value) if not isinstance(old, bool) else value == "True"
+    try:
+      for p in parents:
+        node = node[p]
+      old = node[leaf]
+    except (KeyError, AttributeError, TypeError):
+      raise ValueError(f"--config_overrides: {item!r}: the config has no field "
+                       f"{key!r}") from None
+    node[leaf] = _override_value(item, old, value)
   return config
 
 
@@ -263,6 +295,34 @@ def evaluate(name, model, params, tok, config, data: dict, args, ar: bool,
   return out
 
 
+_AT_LEAST_ONE = ("prompts", "speed_prompts", "max_new_tokens", "batch", "width", "ce_batches",
+                 "synthetic", "synthetic_max_new_tokens", "humaneval_max_new_tokens",
+                 "humaneval_width")
+
+
+def check_flags(args) -> list[float]:
+  """The wanted fine-tuning minutes of ``--minutes``, the numeric flags checked first.
+
+  A bad value otherwise failed only after the base model was loaded and evaluated
+  (``--batch=0``: ``range`` with step 0; ``--speed_prompts=0``: a division by zero).
+
+  Raises:
+    ValueError: naming the flag and its value.
+  """
+  for flag in _AT_LEAST_ONE:
+    if getattr(args, flag) < 1:
+      raise ValueError(f"--{flag}={getattr(args, flag)} must be >= 1")
+  if args.humaneval_problems < 0:
+    raise ValueError(f"--humaneval_problems={args.humaneval_problems} must be >= 0")
+  try:
+    minutes = [float(m) for m in args.minutes.split(",")]
+  except ValueError:
+    raise ValueError(f"--minutes={args.minutes!r}: comma-separated numbers expected") from None
+  if not all(m >= 0 for m in minutes):  # Also refuses NaN.
+    raise ValueError(f"--minutes={args.minutes!r}: minutes must be >= 0")
+  return minutes
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(_HERE, "..", "configs", "smollm2_fastdllm.py"))
@@ -308,7 +368,11 @@ def main():
     args.ce_batches, args.synthetic, args.synthetic_max_new_tokens = 1, 2, 16
     args.humaneval_problems, args.humaneval_max_new_tokens = 2, 32
     args.humaneval_width, args.width, args.minutes = 192, 160, "1e9"
-  config = load_config(args.config, args.config_overrides)
+  try:  # Before the base model loads and the AR base is evaluated (minutes on a CPU).
+    wanted = check_flags(args)
+    config = load_config(args.config, args.config_overrides)
+  except ValueError as e:
+    ap.error(str(e))
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
 
@@ -326,7 +390,7 @@ def main():
   minutes = idlm_smollm2.minutes_per_step(args.workdir)
   ckpt_dir = os.path.join(args.workdir, "checkpoints")
   available = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
-  picks = idlm_smollm2.pick_steps(available, minutes, [float(m) for m in args.minutes.split(",")])
+  picks = idlm_smollm2.pick_steps(available, minutes, wanted)
   log(f"checkpoints {available}; picked {picks}")
   results = []
   with inference.inference_context(config):

