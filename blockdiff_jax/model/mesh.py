@@ -76,6 +76,9 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
 )
 
+# Every logical axis name the model gives its weights and activations.
+LOGICAL_AXES = tuple(logical for logical, _ in DEFAULT_RULES)
+
 
 def default_mesh_config() -> ml_collections.ConfigDict:
   """The ``config.mesh`` section: axis sizes and the logical-axis rules table."""
@@ -101,6 +104,11 @@ def logical_rules(mesh_config: ml_collections.ConfigDict | None) -> Rules:
     if len(rule) != 2:
       raise ValueError(f"mesh.rules[{i}]={rule!r} must be a (logical, mesh axes) pair")
     logical, axes = rule
+    # A misspelt logical name ("experts") matches no array: the rule did nothing and
+    # the weights kept the default layout without a word.
+    if logical not in LOGICAL_AXES:
+      raise ValueError(f"mesh.rules[{i}] maps unknown logical axis {logical!r}; the model's "
+                       f"logical axes are {LOGICAL_AXES}")
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
       bad = [a for a in axes if a not in MESH_AXES]
@@ -114,7 +122,7 @@ def logical_rules(mesh_config: ml_collections.ConfigDict | None) -> Rules:
     if isinstance(axes, tuple) and len(set(axes)) != len(axes):
       raise ValueError(f"mesh.rules[{i}] maps {logical!r} to {axes}, which names a mesh "
                        f"axis more than once")
-    out.append((str(logical), axes))
+    out.append((logical, axes))
   return tuple(out)
 
 
@@ -235,6 +243,37 @@ def param_specs(abstract_boxed_params: Any, rules: Rules) -> Any:
   return jax.tree.map(spec, abstract_boxed_params, is_leaf=_is_boxed)
 
 
+def lost_rules(names: Sequence[str | None], rules: Rules) -> list[str]:
+  """Why rules asked to shard an axis of an array with logical ``names`` go unused.
+
+  Flax gives each rule's mesh axes to its logical axis only while no earlier rule
+  has used them in the same array (a mesh axis splits one dimension). A rule such
+  as ``("expert", ("expert", "fsdp"))`` listed after ``("embed", "fsdp")`` then
+  leaves the experts of every expert weight unsplit, not even over ``expert``:
+  expert parallelism and the memory it saves vanish without an error. An axis
+  counts as lost when every rule for it names mesh axes and it gets none (a
+  fallback rule, ``(name, None)`` included, states that the result is intended).
+  """
+  spec = nn.logical_to_mesh_axes(tuple(names), rules)
+  out = []
+  for pos, name in enumerate(names):
+    if not isinstance(name, str) or spec[pos] is not None:
+      continue
+    matching = [(i, axes) for i, (logical, axes) in enumerate(rules) if logical == name]
+    if not matching or any(axes is None for _, axes in matching):
+      continue
+    i, axes = matching[0]
+    wanted = set(sharding_lib.axes_of(axes))
+    takers = [f"{names[j]!r} -> {spec[j]}" for j in range(len(names))
+              if j != pos and wanted & set(sharding_lib.axes_of(spec[j]))]
+    out.append(f"mesh.rules[{i}] ({name!r} -> {axes}) does not shard the {name!r} axis "
+               f"of arrays with logical axes {tuple(names)}: earlier rules gave its mesh axes "
+               f"to {', '.join(takers)} (a mesh axis splits one dimension), so it is "
+               f"replicated. List the rule before those, or add a fallback rule "
+               f"for {name!r}")
+  return out
+
+
 def param_shardings(abstract_boxed_params: Any, mesh, rules: Rules) -> Any:
   """NamedShardings of the (unboxed) params from their logical names and the rules.
 
@@ -246,6 +285,15 @@ def param_shardings(abstract_boxed_params: Any, mesh, rules: Rules) -> Any:
   """
   specs = param_specs(abstract_boxed_params, rules)
   shapes = nn.unbox(abstract_boxed_params)
+  # Told once per rule and array kind: otherwise a rule that loses to an earlier one
+  # (flax's first-match-wins) leaves weights unsharded without a word.
+  lost = {}
+  for x in jax.tree.leaves(abstract_boxed_params, is_leaf=_is_boxed):
+    if _is_boxed(x):
+      for message in lost_rules(tuple(x.names), rules):
+        lost.setdefault(message)
+  for message in lost:
+    logging.warning("%s", message)
   def one(spec, x):
     fitted = sharding_lib.fit_spec(spec, x.shape, mesh)
     if fitted != P(*spec) and any(s is not None for s in spec):
