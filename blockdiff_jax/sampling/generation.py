@@ -10,6 +10,7 @@ jitted call (after a warm-up compile when ``warmup``).
 """
 
 import dataclasses
+import re
 import time
 from typing import Any, Sequence
 
@@ -21,6 +22,21 @@ from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import layout
+
+# A one-prompt check (``layout.generation_canvas([ids])``, ``layout.infill_canvas``) calls
+# its only prompt "prompt 0" / "text 0", whatever its place in the caller's list.
+_ONE_PROMPT = re.compile(r"^(?:prompt|text) 0\b")
+
+
+def one_prompt_error(message: str, name: str) -> str:
+  """The message of a one-prompt check with its "prompt 0" spelled ``name``.
+
+  Args:
+    message: the check's message.
+    name: what to call the prompt instead, e.g. ``"prompt 3"``.
+  """
+  return _ONE_PROMPT.sub(name, message, count=1)
+
 
 def _first_eos(row: np.ndarray, eos_id: int) -> int:
   hits = np.flatnonzero(row == eos_id)
@@ -162,6 +178,25 @@ def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
   return results
 
 
+def _renumbered(on_block, index: Sequence[int], n: int):
+  """``on_block`` seeing the continued prompts' rows at their places among all ``n``.
+
+  The batch holds only the continued prompts; without this, a stream after a refused
+  prompt would label prompt 3's blocks "row 2". Rows of other prompts are inactive.
+  """
+  index = np.asarray(index)
+
+  def stream(block_index, tokens, active):
+    block_index, tokens, active = (np.asarray(x) for x in (block_index, tokens, active))
+    full_block = np.zeros((n,), block_index.dtype)
+    full_tokens = np.zeros((n,) + tokens.shape[1:], tokens.dtype)
+    full_active = np.zeros((n,), bool)
+    full_block[index], full_tokens[index], full_active[index] = block_index, tokens, active
+    on_block(full_block, full_tokens, full_active)
+
+  return stream
+
+
 def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
            options: layout.DecodeOptions, max_new_tokens: int, max_len: int,
            ar: bool = False, rng: Any = None, on_block=None,
@@ -172,6 +207,8 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
   (``generate``). A prompt that does not parse or fit gets ``{"prompt", "error"}``
   instead of a result, and the others are answered. ``rng`` seeds both kinds (the
   infilled prompts with a key folded from it, so their draws are not the continued ones').
+  ``on_block`` streams the continued prompts (see ``decoder.decode``), its rows numbered
+  as in ``prompts``.
 
   Returns:
     (one dict per prompt, in order, each with ``prompt`` and either results or
@@ -197,9 +234,12 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
                                  tokenizer.mask_id, max_len)
         continue_idx.append(i)
     except (ValueError, TypeError) as e:
-      rows[i] = {"prompt": p, "error": str(e)}
+      # Checked alone, the prompt is "prompt 0" to the check: name its own index.
+      rows[i] = {"prompt": p, "error": one_prompt_error(str(e), f"prompt {i}")}
   summary = {}
   if continue_idx:
+    if on_block is not None and len(continue_idx) < len(prompts):
+      on_block = _renumbered(on_block, continue_idx, len(prompts))
     out, summary = generate(model, params, tokenizer, [prompts[i] for i in continue_idx],
                             options, max_new_tokens, max_len, ar=ar, rng=rng,
                             on_block=on_block, isd_stride=isd_stride)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import generation
+from blockdiff_jax.sampling import policies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Decoder:
   """Which decoder to compare with AR.
 
   Attributes:
-    policy: ``isd`` or a block policy name (the block decoder); for the report.
+    policy: ``isd`` or the block policy name of the options compared (the block
+      decoder runs ``options.policy``; this names it in the report, so they must agree).
     isd_stride: N when ``policy == "isd"``, else 0.
   """
 
@@ -34,6 +36,10 @@ class Decoder:
     # compare_with_ar picks ISD by the stride alone: "isd" without one would time the
     # block decoder under ISD's name, and a stride with a block policy would time ISD.
     stride = self.isd_stride
+    if self.policy != "isd" and self.policy not in policies.POLICIES:
+      # "ar" (the baseline itself) or a typo would time the block decoder under that name.
+      raise ValueError(f"policy must be 'isd' or a block policy {sorted(policies.POLICIES)}, "
+                       f"got {self.policy!r}")
     if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
       raise ValueError(f"isd_stride must be an integer, got {stride!r}")
     if self.policy == "isd" and stride < 2:
@@ -72,6 +78,11 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
                      f"must be 0, got {options.sampling.temperature}")
   if not prompts:
     raise ValueError("compare_with_ar needs at least one prompt, got none")
+  if not dec.isd_stride and not isinstance(options.policy, policies.POLICIES[dec.policy]):
+    # The block decoder runs options.policy; the report names dec.policy.
+    raise ValueError(f"dec.policy={dec.policy!r} but options.policy is "
+                     f"{type(options.policy).__name__}: the report would name a decoder "
+                     "other than the one timed")
   # Every prompt is checked before any is decoded: each is decoded alone, so a bad one
   # met late would waste the warm runs before it (and generate would call it prompt 0).
   for i, prompt in enumerate(prompts):
@@ -82,7 +93,9 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
       layout.generation_canvas([parsed.ids], max_new_tokens, options.block_size,
                                tokenizer.mask_id, max_len)
     except ValueError as e:
-      raise ValueError(f"prompt {i} ({prompt[:40]!r}): {e}") from None
+      # The check saw the prompt alone and called it "prompt 0"; it is prompt i here.
+      raise ValueError(f"prompt {i} ({prompt[:40]!r}): "
+                       f"{generation.one_prompt_error(str(e), 'it')}") from None
   rows = []
   for i, prompt in enumerate(prompts):
     common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],
