@@ -122,3 +122,18 @@ def test_anchored_introspective_loss_balances_the_clean_stream_too():
   want_loss = (float(metrics["ce_noisy"]) + obj.clean_weight * float(metrics["ce_clean"])
                + mix(clean["aux_loss"], noisy["aux_loss"]))
   np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [0, 24])
+def test_qwen2_moe_gates_its_shared_expert_only_when_it_has_one(shared):
+  """The gate refusal above must not reject a Qwen2-MoE checkpoint without a shared
+  expert: its config.json implies no gate then (transformers builds none at size 0)."""
+  from blockdiff_jax.interop import architectures  # pylint: disable=g-import-not-at-top
+  o = architectures.model_overrides({
+      "model_type": "qwen2_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+      "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+      "shared_expert_intermediate_size": shared})
+  assert o["moe.shared_expert_gate"] == bool(shared)
+  moe.MoEConfig(num_experts=4, top_k=2, expert_dim=16, shared_expert_dim=o[
+      "moe.shared_expert_dim"], shared_expert_gate=o["moe.shared_expert_gate"])  # Valid.

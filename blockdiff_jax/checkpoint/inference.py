@@ -1,6 +1,7 @@
 """A trained workdir as (config, model, tokenizer, params), and the context to run it in."""
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -135,7 +136,13 @@ def _check_function_kept(workdir: str, config: ml_collections.ConfigDict) -> Non
   saved = _saved_config(workdir)
   # Another pretrained base is another model (its restore fails on shapes or is meant);
   # resolving the saved one here would convert a second checkpoint into the workdir.
-  if saved is None or initial._spec(saved) != initial._spec(config):  # pylint: disable=protected-access
+  if saved is None:
+    return
+  specs = [initial._spec(c) for c in (saved, config)]  # pylint: disable=protected-access
+  if specs[0] != specs[1]:  # Also the same model spelt two ways: say the check is skipped.
+    logging.warning("%s was trained from init.pretrained=%r, the config given names %r: "
+                    "its rope_theta, norm_eps and MoE routing fields are not checked against "
+                    "the run's", workdir, specs[0], specs[1])
     return
   try:
     saved = initial.resolve_config(saved, workdir)[0]

@@ -310,7 +310,9 @@ def model_overrides(hf: dict) -> dict[str, Any]:
         "moe.top_k": hf["num_experts_per_tok"],
         "moe.expert_dim": hf["moe_intermediate_size"],
         "moe.shared_expert_dim": hf.get("shared_expert_intermediate_size", 0) or 0,
-        "moe.shared_expert_gate": model_type == "qwen2_moe",
+        # Qwen2-MoE gates its shared expert; a checkpoint without one has nothing to gate.
+        "moe.shared_expert_gate": (model_type == "qwen2_moe"
+                                   and bool(hf.get("shared_expert_intermediate_size", 0))),
         "moe.router_func": "softmax",
         "moe.router_mode": "token",
         "moe.normalize_topk": bool(hf.get("norm_topk_prob", False)),
