@@ -65,12 +65,21 @@ sys.path.insert(0, _HERE)
 import idlm_smollm2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _override_value(item: str, old, value: str):
+def _override_value(item: str, old, value: str, field_type=None):
   """``value`` as the type of the field's current value ``old``.
+
+  A tuple or list field takes its items joined by ``+`` (``model.lora.targets=q+v``: the
+  overrides themselves are comma-separated). A field that is None takes the type
+  ml_collections recorded for it (``field_type``).
 
   Raises:
     ValueError: ``value`` does not parse as that type; the message names ``item``.
   """
+  if old is None and field_type not in (None, type(None)):
+    old = field_type(True) if field_type is bool else field_type()
+  if isinstance(old, (tuple, list)):
+    cast = type(old[0]) if old else str
+    return type(old)(_override_value(item, cast(), v) for v in value.split("+") if v)
   if isinstance(old, bool):
     # Not ``value == "True"``: "true" or "1" silently turned a flag off.
     if value.lower() not in ("true", "false"):
@@ -107,7 +116,11 @@ def load_config(path: str, overrides: str = ""):
     except (KeyError, AttributeError, TypeError):
       raise ValueError(f"--config_overrides: {item!r}: the config has no field "
                        f"{key!r}") from None
-    node[leaf] = _override_value(item, old, value)
+    try:
+      field_type = node.get_ref(leaf).get_type()
+    except (AttributeError, KeyError, TypeError, ValueError):  # A plain dict, a section.
+      field_type = None
+    node[leaf] = _override_value(item, old, value, field_type)
   return config
 
 

