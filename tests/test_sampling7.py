@@ -63,14 +63,22 @@ def test_compare_with_ar_does_not_call_a_later_prompt_prompt_0(monkeypatch):
   assert not calls
 
 
-def test_one_prompt_error_renames_only_a_leading_prompt_0():
-  rename = generation.one_prompt_error
-  assert rename("prompt 0 is empty; give ...", "prompt 7") == "prompt 7 is empty; give ..."
-  assert rename("text 0 has 9 tokens", "prompt 3") == "prompt 3 has 9 tokens"
-  # Other messages (and a "prompt 0" not at the start, or prompt 10) are kept as they are.
-  for message in ("unknown special token '<|x|>' in prompt", "see prompt 0",
-                  "prompt 10 has 3 tokens"):
-    assert rename(message, "prompt 5") == message
+def test_one_prompt_checks_name_the_prompt_as_the_caller_says():
+  # The per-prompt checks behind generation_canvas / infill_canvas, which answer and
+  # compare_with_ar call one prompt at a time with the prompt's own name.
+  check = lambda ids, name: layout.check_prompt(np.asarray(ids), 4, 9, 8, name)
+  with pytest.raises(ValueError, match=r"^prompt 7 is empty"):
+    check([], "prompt 7")
+  with pytest.raises(ValueError, match=r"^prompt 3 has 5 tokens; .* context of 8"):
+    check([1, 2, 3, 4, 5], "prompt 3")
+  with pytest.raises(ValueError, match=r"^it contains MASK"):
+    check([1, 9], "it")
+  check([1, 2, 3, 4], "prompt 0")  # Fits exactly: 4 + 4 = 8.
+  with pytest.raises(ValueError, match=r"^prompt 5 has 9 tokens, more than"):
+    layout.check_infill_text(layout.Parsed(np.arange(9), np.ones(9, bool), ()), 8, "prompt 5")
+  # The batched canvases keep their own "prompt i" / "text i".
+  with pytest.raises(ValueError, match=r"^prompt 1 is empty"):
+    layout.generation_canvas([np.asarray([1]), np.asarray([], np.int32)], 4, 4, 9, 8)
 
 
 # --- compare_with_ar reports the decoder it timed. ---

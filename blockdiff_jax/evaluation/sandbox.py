@@ -554,8 +554,7 @@ def _layers(limits: SandboxLimits) -> frozenset[str]:
   layers = _wanted(limits) & available_isolation(limits.python)
   if ("uid" in layers and "private_fs" not in layers and
       not _uid_without_private_fs(limits.python)):
-    # E.g. a pyenv interpreter in /root (0700): only reachable by the sandbox
-    # uid through the private root.
+    # E.g. a pyenv interpreter in /root (0700): the sandbox uid gets to it only via the chroot.
     layers -= {"uid"}
   return layers
 
@@ -572,21 +571,20 @@ def run_program(source: str | Sequence[str], *,
   """Runs a Python program in the sandbox and reports how it ended.
 
   Args:
-    source: the program text, or its parts: each compiles as a module of its own
-      and they run in order in one globals, so that a part cannot change how the
-      next parses (a completion's dangling ``@decorator`` wrapping the tests'
-      ``check``; a ``from __future__`` import then holds for its own part only). It
-      runs as ``__main__`` with a private scratch directory as cwd.
+    source: the program text, or its parts: each compiles as a module of its own and
+      they run in order in one globals, so a part cannot change how the next parses
+      (a completion's dangling ``@decorator`` wrapping the tests' ``check``; a ``from
+      __future__`` import holds for its own part only). It runs as ``__main__`` with a
+      private scratch directory as cwd.
     limits: resource limits and isolation options.
     call: an expression evaluated in the program's globals after it ran (e.g.
-      ``"check(candidate)"``). The run then passes only if this call returned
-      normally, proven to this process as the module doc describes; any
-      earlier exit, even with code 0, is "failed". None: exit code 0 passes.
+      ``"check(candidate)"``). The run then passes only if this call returned normally,
+      proven to this process as the module doc describes; any earlier exit, even with
+      code 0, is "failed". None: exit code 0 passes.
 
   Returns:
-    A `Result`; never raises for anything the program does. A program not
-    encodable as UTF-8 (a lone surrogate, e.g. JSON's "\\ud800") is "failed"
-    without running, as compile() refuses it too.
+    A `Result`; never raises for anything the program does. A program not encodable
+    as UTF-8 (a lone surrogate, e.g. JSON's "\\ud800") is "failed" without running.
   """
   parts = (source,) if isinstance(source, str) else tuple(source)
   source = "".join(parts)

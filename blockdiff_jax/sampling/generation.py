@@ -10,7 +10,6 @@ jitted call (after a warm-up compile when ``warmup``).
 """
 
 import dataclasses
-import re
 import time
 from typing import Any, Sequence
 
@@ -22,21 +21,6 @@ from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import layout
-
-# A one-prompt check (``layout.generation_canvas([ids])``, ``layout.infill_canvas``) calls
-# its only prompt "prompt 0" / "text 0", whatever its place in the caller's list.
-_ONE_PROMPT = re.compile(r"^(?:prompt|text) 0\b")
-
-
-def one_prompt_error(message: str, name: str) -> str:
-  """The message of a one-prompt check with its "prompt 0" spelled ``name``.
-
-  Args:
-    message: the check's message.
-    name: what to call the prompt instead, e.g. ``"prompt 3"``.
-  """
-  return _ONE_PROMPT.sub(name, message, count=1)
-
 
 def _first_eos(row: np.ndarray, eos_id: int) -> int:
   hits = np.flatnonzero(row == eos_id)
@@ -227,15 +211,14 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
         if ar or isd_stride or options.token_shift:
           raise ValueError("<|mask:N|> infilling needs the block decoder (a diffusion "
                            "policy on a model without token_shift)")
-        layout.infill_canvas([parsed], options.block_size, max_len)
+        layout.check_infill_text(parsed, max_len, f"prompt {i}")
         infill_idx.append(i)
       else:
-        layout.generation_canvas([parsed.ids], max_new_tokens, options.block_size,
-                                 tokenizer.mask_id, max_len)
+        layout.check_prompt(parsed.ids, max_new_tokens, tokenizer.mask_id, max_len,
+                            f"prompt {i}")
         continue_idx.append(i)
     except (ValueError, TypeError) as e:
-      # Checked alone, the prompt is "prompt 0" to the check: name its own index.
-      rows[i] = {"prompt": p, "error": one_prompt_error(str(e), f"prompt {i}")}
+      rows[i] = {"prompt": p, "error": str(e)}
   summary = {}
   if continue_idx:
     if on_block is not None and len(continue_idx) < len(prompts):

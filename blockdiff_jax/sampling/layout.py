@@ -263,6 +263,33 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
+def check_prompt(ids: np.ndarray, max_new_tokens: int, mask_id: int, max_len: int,
+                 name: str = "the prompt") -> None:
+  """Raises what ``generation_canvas`` would for this prompt, calling it ``name``.
+
+  Callers that check prompts one by one (to answer the others) name each by its own
+  place in their list.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if len(ids) == 0:
+    raise ValueError(f"{name} is empty; give at least one token (e.g. <|bos|>)")
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(f"{name} has {len(ids)} tokens; with max_new_tokens="
+                     f"{max_new_tokens} it exceeds the context of {max_len} tokens")
+  if np.any(np.asarray(ids) == mask_id):
+    raise ValueError(f"{name} contains MASK tokens; use infill() for spans")
+
+
+def check_infill_text(parsed: Parsed, max_len: int, name: str = "the text") -> None:
+  """Raises what ``infill_canvas`` would for this text, calling it ``name``."""
+  if not parsed.maskable.any():
+    raise ValueError(f"{name} has no <|mask:N|> span to fill")
+  if len(parsed.ids) > max_len:
+    raise ValueError(f"{name} has {len(parsed.ids)} tokens, more than the context of "
+                     f"{max_len} tokens")
+
+
 def generation_canvas(prompts: Sequence[np.ndarray], max_new_tokens: int, block_size: int,
                       mask_id: int, max_len: int, width: int | None = None) -> Canvas:
   """Canvas for continuing each prompt by up to ``max_new_tokens`` tokens.
@@ -281,13 +308,7 @@ def generation_canvas(prompts: Sequence[np.ndarray], max_new_tokens: int, block_
   if not prompts:
     raise ValueError("no prompts given")
   for i, p in enumerate(prompts):
-    if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|bos|>)")
-    if len(p) + max_new_tokens > max_len:
-      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens="
-                       f"{max_new_tokens} it exceeds the context of {max_len} tokens")
-    if np.any(np.asarray(p) == mask_id):
-      raise ValueError(f"prompt {i} contains MASK tokens; use infill() for spans")
+    check_prompt(p, max_new_tokens, mask_id, max_len, f"prompt {i}")
   need = _round_up(max(len(p) for p in prompts) + max_new_tokens, block_size)
   width = need if width is None else width
   if width % block_size or width < need:
@@ -312,11 +333,7 @@ def infill_canvas(parsed: Sequence[Parsed], block_size: int, max_len: int,
   if not parsed:
     raise ValueError("no texts given")
   for i, p in enumerate(parsed):
-    if not p.maskable.any():
-      raise ValueError(f"text {i} has no <|mask:N|> span to fill")
-    if len(p.ids) > max_len:
-      raise ValueError(f"text {i} has {len(p.ids)} tokens, more than the context of "
-                       f"{max_len} tokens")
+    check_infill_text(p, max_len, f"text {i}")
   need = _round_up(max(len(p.ids) for p in parsed), block_size)
   width = need if width is None else width
   if width % block_size or width < need:

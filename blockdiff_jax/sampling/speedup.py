@@ -90,12 +90,9 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
       parsed = layout.parse(tokenizer, prompt)
       if parsed.maskable.any():
         raise ValueError("it has <|mask:N|> spans (infilling is not compared with AR)")
-      layout.generation_canvas([parsed.ids], max_new_tokens, options.block_size,
-                               tokenizer.mask_id, max_len)
+      layout.check_prompt(parsed.ids, max_new_tokens, tokenizer.mask_id, max_len, "it")
     except ValueError as e:
-      # The check saw the prompt alone and called it "prompt 0"; it is prompt i here.
-      raise ValueError(f"prompt {i} ({prompt[:40]!r}): "
-                       f"{generation.one_prompt_error(str(e), 'it')}") from None
+      raise ValueError(f"prompt {i} ({prompt[:40]!r}): {e}") from None
   rows = []
   for i, prompt in enumerate(prompts):
     common = dict(model=model, params=params, tokenizer=tokenizer, prompts=[prompt],
