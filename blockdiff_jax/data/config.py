@@ -67,6 +67,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.long_context_num_pairs = 4  # Key-value pairs per kv_recall prompt.
   # Also mask and score the prompt (language modelling on haystack and needles).
   c.long_context_score_prompt = False
+  # Needle-depth curriculum: the first N training batches put the queried needle at
+  # depths in long_context_curriculum_depths, so a copy can form at one place before it
+  # must search the whole prompt (data/long_context.py DepthCurriculum); 0 = none.
+  c.long_context_curriculum_steps = 0
+  c.long_context_curriculum_depths = "0,0.05"  # "low,high" fractions of the haystack.
+  # "switch": that band, then [0, 1]; "widen": the band grows to [0, 1] over N batches.
+  c.long_context_curriculum = "switch"
   c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
   c.batch_size = 8  # Sequences per step (global, across all devices).
   return c
@@ -165,6 +172,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if task not in long_context.TASKS:
         raise ValueError(f"data.long_context_tasks: unknown task {task!r}; "
                          f"known: {long_context.TASKS}")
+    _check_int(d, "long_context_curriculum_steps", 0, " (0 = no curriculum)")
+    try:
+      long_context.DepthCurriculum.parse(d.long_context_curriculum_steps,
+                                         d.long_context_curriculum_depths,
+                                         d.long_context_curriculum)
+    except ValueError as e:
+      raise ValueError(f"data.long_context_curriculum_depths="
+                       f"{d.long_context_curriculum_depths!r}, data.long_context_curriculum="
+                       f"{d.long_context_curriculum!r}: {e}") from None
   if d.corpus in ("sft", "long_context"):
     m = d.sft_block_multiple
     if d.seq_len % m:

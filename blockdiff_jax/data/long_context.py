@@ -298,11 +298,13 @@ def min_prompt_length(task: str, tokenizer: Any, num_pairs: int = 4,
 
 def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray, *,
                      index: int, split: str, seed: int, min_length: int, max_length: int,
-                     num_pairs: int = 4) -> LongContextExample:
+                     num_pairs: int = 4,
+                     depth_range: tuple[float, float] = (0.0, 1.0)) -> LongContextExample:
   """Example ``index`` of a training (or validation) stream of retrieval prompts.
 
   The task cycles through ``tasks``; the prompt length is uniform in
-  ``[min_length, max_length]`` and the needle depth uniform in [0, 1], both drawn from
+  ``[min_length, max_length]`` and the needle depth uniform in ``depth_range`` (a
+  curriculum narrows it early in training), both drawn from
   ``default_rng([seed, split, index])``. A BPE tokenizer splits each example's random
   keys into a different number of tokens, so a prompt's fixed parts can outgrow the
   drawn length (``min_prompt_length`` only probes one example): such an example takes
@@ -322,16 +324,21 @@ def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray,
     min_length: shortest prompt, in tokens.
     max_length: longest prompt, in tokens.
     num_pairs: key-value pairs per kv_recall prompt.
+    depth_range: (lowest, highest) depth of the queried needle, within [0, 1].
   """
   corpora.validate_split(split)
   if not tasks:
     raise ValueError("training_example needs at least one task")
   if not 1 <= min_length <= max_length:
     raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
+  low, high = depth_range
+  if not 0.0 <= low <= high <= 1.0:
+    raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
   code = int(split == "validation")
   rng = np.random.default_rng([seed, code, index])
   length = int(rng.integers(min_length, max_length + 1))
-  depth = float(rng.uniform(0.0, 1.0))
+  # (0, 1) draws what the stream drew before depth ranges existed: the same examples.
+  depth = float(rng.uniform(low, high))
   task = validate_task(tasks[index % len(tasks)])
   # The keys are drawn from (length, index): each retried length gives other keys.
   for n in [*range(length, max_length + 1), *range(min_length, length)]:
@@ -346,6 +353,54 @@ def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray,
       f"[min_length={min_length}, max_length={max_length}] holds its instruction, needles "
       f"and question; raise data.long_context_min_length or data.seq_len, or lower "
       f"data.long_context_num_pairs")
+
+
+CURRICULA = ("switch", "widen")
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthCurriculum:
+  """Where training needles sit in the first ``steps`` batches of a run.
+
+  A needle anywhere in a long prompt is a search; a model that has not yet learnt to
+  copy may never find one. Training first on needles at a narrow band of depths (a
+  fixed place relative to the prompt's start) lets the copy form, then the band opens:
+  ``"switch"`` holds ``[low, high]`` for ``steps`` batches, then draws from [0, 1];
+  ``"widen"`` grows the band linearly from ``[low, high]`` to [0, 1] over them.
+  Validation streams and evaluation suites never use it.
+  """
+
+  steps: int = 0  # Batches under the curriculum; 0: none.
+  low: float = 0.0  # Band of queried-needle depths at the start.
+  high: float = 1.0
+  kind: str = "switch"  # One of CURRICULA.
+
+  def __post_init__(self):
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+      raise ValueError(f"curriculum steps must be an integer >= 0, got {self.steps!r}")
+    if not 0.0 <= self.low <= self.high <= 1.0:
+      raise ValueError(f"curriculum depths must satisfy 0 <= low <= high <= 1, got "
+                       f"({self.low}, {self.high})")
+    if self.kind not in CURRICULA:
+      raise ValueError(f"curriculum must be one of {CURRICULA}, got {self.kind!r}")
+
+  @classmethod
+  def parse(cls, steps: int, depths: str, kind: str = "switch") -> "DepthCurriculum":
+    """From config strings: ``depths`` is ``"low,high"`` (e.g. ``"0,0.05"``)."""
+    try:
+      low, high = (float(x) for x in str(depths).split(","))
+    except ValueError:
+      raise ValueError(f"curriculum depths must be 'low,high', got {depths!r}") from None
+    return cls(steps, low, high, kind)
+
+  def depth_range(self, batch: int) -> tuple[float, float]:
+    """The depth band of training batch ``batch`` (0-based: step ``batch + 1``)."""
+    if batch >= self.steps:
+      return 0.0, 1.0
+    if self.kind == "switch":
+      return self.low, self.high
+    f = batch / self.steps
+    return self.low * (1.0 - f), self.high + (1.0 - self.high) * f
 
 
 # -------------------------------------------------------------------- scoring

@@ -41,22 +41,13 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class TokenStats:
-  """Statistics for bits-per-byte.
-
-  Attributes:
-    num_documents: documents (or examples) measured.
-    num_bytes: UTF-8 bytes of their text.
-    num_tokens: their non-special tokens.
-    bytes_per_token: ``num_bytes / num_tokens``.
-    unigram_entropy_bits: entropy in bits/token of their token unigram
-      distribution; ``unigram_entropy_bits / bytes_per_token`` is the
-      bits-per-byte of the best context-free model.
-  """
-  num_documents: int
-  num_bytes: int
-  num_tokens: int
-  bytes_per_token: float
-  unigram_entropy_bits: float
+  """Statistics for bits-per-byte (``unigram_entropy_bits / bytes_per_token`` is the
+  bits-per-byte of the best context-free model)."""
+  num_documents: int  # Documents (or examples) measured.
+  num_bytes: int  # UTF-8 bytes of their text.
+  num_tokens: int  # Their non-special tokens.
+  bytes_per_token: float  # num_bytes / num_tokens.
+  unigram_entropy_bits: float  # Entropy in bits/token of their token unigram distribution.
 
   @property
   def unigram_bits_per_byte(self) -> float:
@@ -430,7 +421,8 @@ class LongContextDataset(SFTDataset):
 
   def __init__(self, tasks: Sequence[str], tokenizer: tokenizers.Tokenizer, seq_len: int,
                batch_size: int, block: int, split: str = "train", seed: int = 0,
-               min_length: int = 0, num_pairs: int = 4, score_prompt: bool = False):
+               min_length: int = 0, num_pairs: int = 4, score_prompt: bool = False,
+               curriculum: long_context.DepthCurriculum = long_context.DepthCurriculum()):
     """Creates the dataset (an infinite stream).
 
     Args:
@@ -449,7 +441,7 @@ class LongContextDataset(SFTDataset):
         row, with copies inside it (the needle repeats its key; "The pass key is"
         recurs).
     """
-    self.score_prompt = bool(score_prompt)
+    self.score_prompt, self.curriculum = bool(score_prompt), curriculum
     seed = _check_seed(seed)
     self.tasks = tuple(long_context.validate_task(t) for t in tasks)
     self.split = corpora.validate_split(split)
@@ -469,10 +461,13 @@ class LongContextDataset(SFTDataset):
                      seq_len, batch_size)
 
   def long_context_example(self, j: int) -> long_context.LongContextExample:
+    j = _check_index(j)
+    train = self.split == "train"
     return long_context.training_example(
-        self.tasks, self.tokenizer, self.haystack, index=_check_index(j), split=self.split,
+        self.tasks, self.tokenizer, self.haystack, index=j, split=self.split,
         seed=self.stream_seed, min_length=self.min_length, max_length=self.max_length,
-        num_pairs=self.num_pairs)
+        num_pairs=self.num_pairs,
+        depth_range=self.curriculum.depth_range(j // self.batch_size) if train else (0, 1))
 
   @staticmethod
   def _text_pair(ex: long_context.LongContextExample) -> tuple[str, str]:
@@ -587,7 +582,11 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
     return LongContextDataset(
         d.long_context_tasks.split(","), tokenizer, seq_len, batch_size,
         d.sft_block_multiple, split=split, seed=d.seed, min_length=d.long_context_min_length,
-        num_pairs=d.long_context_num_pairs, score_prompt=d.long_context_score_prompt)
+        num_pairs=d.long_context_num_pairs, score_prompt=d.long_context_score_prompt,
+        curriculum=long_context.DepthCurriculum.parse(  # .get: for older saved configs.
+            d.get("long_context_curriculum_steps", 0),
+            d.get("long_context_curriculum_depths", "0,1"),
+            d.get("long_context_curriculum", "switch")))
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,

@@ -1,0 +1,114 @@
+"""Needle-depth curriculum of the long-context training stream (data.long_context_curriculum*)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from blockdiff_jax import config as config_lib
+from blockdiff_jax.data import config as data_config
+from blockdiff_jax.data import long_context as lc
+from blockdiff_jax.data import pipeline
+from blockdiff_jax.data import tokenizers
+
+SEQ_LEN, BATCH, BLOCK = 256, 4, 16
+# The needle and the blank lines around it, as data/long_context.py lays them out.
+NEEDLE = re.compile(r"\n\nThe pass key is (\d+)\. Remember it\. \1 is the pass key\.\n\n")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizers.ByteTokenizer()
+
+
+def dataset(tok, split="train", **curriculum):
+  cur = lc.DepthCurriculum(**curriculum) if curriculum else lc.DepthCurriculum()
+  return pipeline.LongContextDataset(["passkey"], tok, SEQ_LEN, BATCH, BLOCK, split=split,
+                                     curriculum=cur)
+
+
+def in_band(ex, low, high) -> bool:
+  """Whether the needle sits at a haystack depth in [low, high], read off the text (byte
+  tokens: characters), give or take the rounding to a whole token."""
+  m = NEEDLE.search(ex.prompt)
+  assert m and m.group(1) == ex.answer, ex.prompt
+  before = m.start() - (ex.prompt.index("\n\n") + 2)  # The haystack follows the instruction.
+  total = before + ex.prompt.rindex("\n\nWhat is the pass key?") - m.end()
+  slack = 0.5 / max(total, 1)
+  return low - slack <= before / max(total, 1) <= high + slack
+
+
+@pytest.mark.parametrize("kind,batch,want", [
+    ("switch", 0, (0.2, 0.3)), ("switch", 9, (0.2, 0.3)), ("switch", 10, (0.0, 1.0)),
+    ("switch", 500, (0.0, 1.0)), ("widen", 0, (0.2, 0.3)), ("widen", 5, (0.1, 0.65)),
+    ("widen", 10, (0.0, 1.0))])
+def test_depth_range_by_batch(kind, batch, want):
+  cur = lc.DepthCurriculum(steps=10, low=0.2, high=0.3, kind=kind)
+  np.testing.assert_allclose(cur.depth_range(batch), want)
+
+
+def test_no_curriculum_is_the_full_range_from_the_first_batch():
+  assert lc.DepthCurriculum().depth_range(0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["switch", "widen"])
+def test_curriculum_batches_put_the_needle_in_the_band_then_the_stream_is_unchanged(tok, kind):
+  steps = 3
+  cur = dataset(tok, steps=steps, low=0.0, high=0.05, kind=kind)
+  plain = dataset(tok)
+  for j in range(steps * BATCH):
+    ex = cur.long_context_example(j)
+    low, high = cur.curriculum.depth_range(j // BATCH)
+    assert low <= ex.depth <= high and in_band(ex, low, high), (j, ex.prompt)
+  # Without a curriculum the same rows spread over the whole prompt.
+  assert not all(in_band(plain.long_context_example(j), 0.0, 0.05)
+                 for j in range(steps * BATCH))
+  # After the curriculum: exactly the rows of the stream without one.
+  for index in (steps, steps + 1, 40):
+    got, want = cur.get_batch(index), plain.get_batch(index)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_validation_ignores_the_curriculum(tok):
+  cur = dataset(tok, "validation", steps=100, low=0.0, high=0.01)
+  plain = dataset(tok, "validation")
+  for index in range(3):
+    np.testing.assert_array_equal(cur.get_batch(index)["tokens"],
+                                  plain.get_batch(index)["tokens"])
+
+
+def test_build_dataset_reads_the_config_fields(tok):
+  config = config_lib.base_config()
+  d = config.data
+  d.corpus, d.long_context_tasks, d.seq_len = "long_context", "passkey", SEQ_LEN
+  d.batch_size, d.sft_block_multiple, config.diffusion.block_size = BATCH, BLOCK, BLOCK
+  d.long_context_curriculum_steps, d.long_context_curriculum_depths = 2, "0.9,1"
+  data_config.validate(config)
+  ds = pipeline.build_dataset(d, tok, "train", SEQ_LEN, BATCH, seed=0)
+  assert ds.curriculum == lc.DepthCurriculum(2, 0.9, 1.0, "switch")
+  assert all(in_band(ds.long_context_example(j), 0.9, 1.0) for j in range(2 * BATCH))
+  assert not all(in_band(ds.long_context_example(j), 0.9, 1.0) for j in range(40, 48))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("long_context_curriculum_depths", "0.5,0.1", "long_context_curriculum_depths"),
+    ("long_context_curriculum_depths", "0.1", "low,high"),
+    ("long_context_curriculum_depths", "0,1.5", "0 <= low <= high <= 1"),
+    ("long_context_curriculum", "linear", "switch"),
+    ("long_context_curriculum_steps", -1, "long_context_curriculum_steps"),
+])
+def test_validate_names_a_bad_curriculum_field(field, value, match):
+  config = config_lib.base_config()
+  config.data.corpus, config.data.seq_len = "long_context", SEQ_LEN
+  config.data.sft_block_multiple = config.diffusion.block_size
+  config.data[field] = value
+  with pytest.raises(ValueError, match=match):
+    data_config.validate(config)
+
+
+def test_training_example_refuses_a_depth_range_outside_0_1(tok):
+  hay = lc.load_haystack(tok, 512)
+  with pytest.raises(ValueError, match="depth_range"):
+    lc.training_example(["passkey"], tok, hay, index=0, split="train", seed=0,
+                        min_length=120, max_length=200, depth_range=(0.5, 0.2))
