@@ -26,6 +26,10 @@ summary-token model does not, after the same recipe); point --runs at a folder w
       --tasks passkey --train_tasks passkey \
       --train_overrides data.long_context_score_prompt=False
   python experiments/long_context_retrieval.py --rerender # tables/plot from the JSON
+A needle-depth curriculum (needles near the prompt's start for the first steps, then
+anywhere: a copy forms at one place before it must search; it taught a small summary-slot
+model to retrieve in experiments/summary_copy_probe.py) for the source models:
+  python experiments/long_context_retrieval.py --steps 5000 --curriculum_steps 1500
 Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
 Writes experiments/results/long_context_retrieval.{json,md,png} after each variant (a
 failed one is listed under errors; --quick: long_context_retrieval_quick.* in the
@@ -127,8 +131,12 @@ def lineage(workdir: str, step: int = -1) -> str:
 
 def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
           models: Sequence[str], train_tasks: str = "",
-          overrides: Sequence[str] = ()) -> dict:
-  """Trains (or resumes) the source models and their extensions; returns wall times."""
+          overrides: Sequence[str] = (), source_overrides: Sequence[str] = ()) -> dict:
+  """Trains (or resumes) the source models and their extensions; returns wall times.
+
+  ``overrides`` (``field=value``) apply to every training run, ``source_overrides``
+  (the needle-depth curriculum) to the source models only.
+  """
   seconds = {}
   for model in models:
     extra = [f"--config.model.summary.num_slots={slots if model == 'summary' else 0}"]
@@ -141,7 +149,8 @@ def train(runs: str, steps: int, ext_factor: int, ext_steps: int, slots: int,
       _run([sys.executable, "-m", "blockdiff_jax.main", f"--config={CONFIG}",
             f"--workdir={src}", "--mode=train", f"--config.train.steps={steps}",
             f"--config.train.checkpoint_every={steps}", f"--config.train.eval_every={steps}",
-            *extra], os.path.join(runs, f"{model}.log"))
+            *extra, *[f"--config.{o}" for o in source_overrides]],
+           os.path.join(runs, f"{model}.log"))
       seconds[model] = time.time() - t0
     ext = os.path.join(runs, f"{model}_x{ext_factor}")
     if ext_steps and _last_step(ext) < ext_steps:
@@ -227,6 +236,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--train_overrides", default="",
                   help="comma-separated config overrides for every training run, e.g. "
                        "data.long_context_score_prompt=False")
+  ap.add_argument("--curriculum_steps", type=int, default=0,
+                  help="source training steps whose needles sit at --curriculum_depths "
+                       "(data.long_context_curriculum_steps; 0 = none)")
+  ap.add_argument("--curriculum_depths", default="0,0.05",
+                  help="'low,high' needle depths under the curriculum")
+  ap.add_argument("--curriculum", default="switch", choices=tasks_lib.CURRICULA,
+                  help="switch: that band, then [0, 1]; widen: it grows to [0, 1]")
   ap.add_argument("--num_pairs", type=int, default=2, help="as the model was trained")
   ap.add_argument("--max_new_tokens", type=int, default=16)
   ap.add_argument("--batch_size", type=int, default=8)
@@ -259,6 +275,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.length_list = numbers(ap, args, "lengths", int, lambda n: n >= 1, "integers >= 1")
   args.depth_list = numbers(ap, args, "depths", float, lambda d: 0.0 <= d <= 1.0,
                              "numbers in [0, 1]")
+  if not 0 <= args.curriculum_steps < args.steps:
+    ap.error(f"--curriculum_steps={args.curriculum_steps} must be in [0, --steps={args.steps})")
+  try:
+    tasks_lib.DepthCurriculum.parse(args.curriculum_steps, args.curriculum_depths,
+                                    args.curriculum)
+  except ValueError as e:
+    ap.error(f"--curriculum_depths={args.curriculum_depths!r}: {e}")
   args.task_list = args.tasks.split(",")
   if not set(args.task_list) <= set(tasks_lib.TASKS) or len(set(args.task_list)) != len(
       args.task_list):
@@ -286,7 +309,8 @@ def main(argv=None):
   models = args.model_list
   train_seconds = train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
                         models, args.train_tasks,
-                        [o for o in args.train_overrides.split(",") if o])
+                        [o for o in args.train_overrides.split(",") if o],
+                        curriculum_overrides(args))
   evaluated = variants(args.ext_factor, args.eval_factor, models, args.ext_steps > 0)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "command": " ".join(["python", "experiments/long_context_retrieval.py"]
@@ -317,6 +341,15 @@ def main(argv=None):
   if result["errors"]:
     sys.exit(f"{len(result['errors'])} of {len(evaluated)} variants failed (listed under "
              "errors in the results)")
+
+
+def curriculum_overrides(args) -> list[str]:
+  """The source models' ``data.long_context_curriculum*`` fields (none without one)."""
+  if not args.curriculum_steps:
+    return []
+  return [f"data.long_context_curriculum_steps={args.curriculum_steps}",
+          f"data.long_context_curriculum_depths={args.curriculum_depths}",
+          f"data.long_context_curriculum={args.curriculum}"]
 
 
 def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:
@@ -377,6 +410,11 @@ def write(result, out):
            "model always decodes with the summary-form cache (exact for it). Block "
            "decoder, one token per step, prompts `BOS prompt SEP`; "
            f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}."]
+  if st.get("curriculum_steps"):
+    band = ("then [0, 1]" if st["curriculum"] == "switch" else "widening to [0, 1] over them")
+    lines[-1] += (f" Source models trained with needles at depths {st['curriculum_depths']} "
+                  f"for their first {st['curriculum_steps']} steps, {band} "
+                  f"(curriculum '{st['curriculum']}').")
 
   def table(title, columns, cell):
     """A Markdown table: one row per variant, ``cell(variant, column)`` in each column."""

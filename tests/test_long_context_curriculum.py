@@ -112,3 +112,51 @@ def test_training_example_refuses_a_depth_range_outside_0_1(tok):
   with pytest.raises(ValueError, match="depth_range"):
     lc.training_example(["passkey"], tok, hay, index=0, split="train", seed=0,
                         min_length=120, max_length=200, depth_range=(0.5, 0.2))
+
+
+def test_experiment_passes_the_curriculum_to_the_source_runs_only(tmp_path, monkeypatch):
+  """experiments/long_context_retrieval.py --curriculum_*: the source model's training
+  command carries the fields, the extension fine-tune's does not, and the config it
+  builds from them validates and yields that curriculum."""
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  mod = load_experiment("long_context_retrieval")
+  args = mod.parse_args(["--runs", str(tmp_path), "--models", "summary", "--steps", "50",
+                         "--ext_steps", "5", "--curriculum_steps", "20",
+                         "--curriculum_depths", "0,0.1", "--curriculum", "widen"])
+  commands = []
+  monkeypatch.setattr(mod, "_run", lambda cmd, log: commands.append(cmd))
+  mod.train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
+            args.model_list, overrides=["data.long_context_score_prompt=False"],
+            source_overrides=mod.curriculum_overrides(args))
+  source, extension = commands
+  fields = [a for a in source if "curriculum" in a]
+  assert fields == ["--config.data.long_context_curriculum_steps=20",
+                    "--config.data.long_context_curriculum_depths=0,0.1",
+                    "--config.data.long_context_curriculum=widen"]
+  assert not [a for a in extension if "curriculum" in a]
+  assert all("--config.data.long_context_score_prompt=False" in c for c in commands)
+  # The source config with those fields (as absl would set them) is the curriculum asked for.
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  d = config.data
+  d.corpus, d.seq_len, d.sft_block_multiple = "long_context", SEQ_LEN, BLOCK
+  config.diffusion.block_size, d.long_context_tasks = BLOCK, "passkey"
+  for a in fields:
+    key, value = a.removeprefix("--config.data.").split("=")
+    d[key] = type(d[key])(value)
+  data_config.validate(config)
+  assert pipeline.build_dataset(d, tokenizers.ByteTokenizer(), "train", SEQ_LEN, BATCH,
+                                seed=0).curriculum == lc.DepthCurriculum(20, 0.0, 0.1, "widen")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "10", "--curriculum_steps", "10"], "--curriculum_steps=10"),
+    (["--curriculum_steps", "5", "--curriculum_depths", "0.3,0.2"], "--curriculum_depths"),
+    (["--curriculum_steps", "5", "--curriculum_depths", "x"], "low,high"),
+])
+def test_experiment_refuses_a_bad_curriculum_before_training(argv, match, capsys):
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  mod = load_experiment("long_context_retrieval")
+  with pytest.raises(SystemExit):
+    mod.parse_args(argv)
+  assert match in capsys.readouterr().err
