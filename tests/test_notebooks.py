@@ -73,6 +73,9 @@ def outputs_text(nb: nbformat.NotebookNode) -> str:
                  for o in c.get("outputs", []))
 
 
+# Notebooks that make their workdir with tempfile.mkdtemp(prefix=...).
+TEMP_WORKDIRS = {"checkpoints.ipynb": "checkpoints_", "quickstart.ipynb": "quickstart_"}
+
 # Notebooks whose workdir ("{tmp}") gets the session's converted SmolLM2 (conftest).
 USE_SMOLLM2 = ("decoding.ipynb", "long_context.ipynb")
 
@@ -85,6 +88,8 @@ def test_notebook_runs(name, monkeypatch, tmp_path, request):
   for key, value in env.items():
     # The kernel inherits the environment; "{tmp}" is this test's folder.
     monkeypatch.setenv(key, value.format(tmp=tmp_path))
+  # What a notebook puts in tempfile's folder (its workdir) goes with this test's folder.
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   # The kernel's own persistent compilation cache (as conftest gives this process).
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
   for key, value in XLA_CACHE_OPTIONS.items():
@@ -92,6 +97,9 @@ def test_notebook_runs(name, monkeypatch, tmp_path, request):
   text = outputs_text(execute(os.path.join(NOTEBOOK_DIR, name)))
   missing = [s for s in expected if s not in text]
   assert not missing, f"{name}: outputs lack {missing}"
+  # Its tempfile workdir landed here (removed with tmp_path), not in the system's /tmp.
+  prefix = TEMP_WORKDIRS.get(name)
+  assert prefix is None or [p for p in os.listdir(tmp_path) if p.startswith(prefix)], name
 
 
 def test_every_notebook_is_tested_and_committed_clean():
