@@ -180,14 +180,18 @@ def main():
       print(f"{progress} {name}={value}: acc {r['accuracy']:.3f} TPF {r['tpf']:.2f} "
             f"forwards {r['forwards']} (row NFE mean {r['mean_row_nfe']:.1f}) "
             f"{r['tokens_per_s']:.0f} tok/s ({x_ar}x AR)", flush=True)
+    # A killed or interrupted sweep (which may have trained for an hour first) keeps the
+    # cells measured so far.
+    _write(results, args.out, final=False)
   _write(results, args.out)
   if "error" in ar:
     raise SystemExit(f"the AR baseline failed ({ar['error']}); the table has no speed-up or "
                      "accuracy drop against AR")
 
 
-def _write(results, out):
-  """JSON (strict: NaN becomes null), a Markdown table and the accuracy-vs-TPF plot."""
+def _write(results, out, final=True):
+  """JSON (strict: NaN becomes null), a Markdown table and, when ``final``, the
+  accuracy-vs-TPF plot."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(metrics_writer.finite_or_none(results), f, indent=2, allow_nan=False)
@@ -216,6 +220,8 @@ def _write(results, out):
                  f"{'0.0' if is_ar else fmt(r['accuracy_drop_points'], '.1f')} |")
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
+  if not final:
+    return
   plot([r for r in results["runs"] if "error" not in r], out + ".png")
   print(f"wrote {out}.json/.md/.png", flush=True)
 

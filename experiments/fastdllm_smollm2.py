@@ -384,6 +384,7 @@ def main():
   try:  # Before the base model loads and the AR base is evaluated (minutes on a CPU).
     wanted = check_flags(args)
     config = load_config(args.config, args.config_overrides)
+    available = idlm_smollm2.checkpoint_steps(args.workdir)  # Was: after the base loaded.
   except ValueError as e:
     ap.error(str(e))
   t_start = time.time()
@@ -401,8 +402,6 @@ def main():
           "problems": dict(list(humaneval.load_problems().items())[:args.humaneval_problems]),
           "likelihood_fns": likelihood_fns(config, model, tok.mask_id)}
   minutes = idlm_smollm2.minutes_per_step(args.workdir)
-  ckpt_dir = os.path.join(args.workdir, "checkpoints")
-  available = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   picks = idlm_smollm2.pick_steps(available, minutes, wanted)
   log(f"checkpoints {available}; picked {picks}")
   results = []
@@ -469,9 +468,10 @@ def results_base(tag: str, quick: bool) -> str:
 def write(results, args, meta, env):
   base = results_base(args.tag, getattr(args, "quick", False))  # Older JSON: no quick.
   os.makedirs(os.path.dirname(base), exist_ok=True)
-  ar = results[0]
-  for r in results:
-    r["speedup_vs_ar"] = r["speed_tokens_per_s"] / ar["speed_tokens_per_s"]
+  ar = results[0]["speed_tokens_per_s"]  # 0 (nothing decoded), or null in a re-read JSON.
+  for r in results:  # Unknown (not a ZeroDivisionError that lost every model) without it.
+    ok = ar and ar == ar and ar > 0 and r["speed_tokens_per_s"] is not None
+    r["speedup_vs_ar"] = r["speed_tokens_per_s"] / ar if ok else float("nan")
   recorded = dict(vars(args))
   # Paths inside the repository are recorded relative to it (the file travels with it).
   repo = os.path.dirname(_HERE)
@@ -528,11 +528,13 @@ def markdown(results, args, m, env) -> str:
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     he = (f"{r['humaneval_pass_at_1']:.3f}" if "humaneval_pass_at_1" in r else "not run")
+    x_ar = _number(r["speedup_vs_ar"], ".2f")  # "-": AR measured no speed.
     lines.append(
         f"| {r['name']} | {_number(r['minutes'], '.1f')} | {r['step']} | {r['decoder']} | "
         f"{r['masked_ce']:.3f} | {r['ar_nll']:.3f} | {r['token_agreement']:.3f} | "
         f"{r['exact_match']:.3f} | {r['synthetic_exact_match']:.3f} | {he} | "
-        f"{r['speed_tpf']:.2f} | {r['speed_tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f}x |")
+        f"{r['speed_tpf']:.2f} | {r['speed_tokens_per_s']:.2f} | "
+        f"{x_ar}{'' if x_ar == '-' else 'x'} |")
   ratio = last["speed_ms_per_forward"] / ar["speed_ms_per_forward"]
   lines += ["", f"Speed-up = TPF / (cost of a block forward / cost of an AR forward): here a "
             f"block-decoder forward takes {last['speed_ms_per_forward']:.0f} ms against "
@@ -542,9 +544,10 @@ def markdown(results, args, m, env) -> str:
                f"against 1" if m.get("narrow_window") else
                f"the block decoder's window is the previous block plus the current one, "
                f"{2 * m['block_size']} token slots, against 1") + "), so at TPF "
-            f"{last['speed_tpf']:.2f} it runs at {last['speedup_vs_ar']:.2f}x AR. On a GPU at "
-            "batch 1 both forwards are bound by reading the weights and cost about the same, "
-            "which is where Fast-dLLM v2's speed-up (TPF > 1 at equal forward cost) comes from."]
+            f"{last['speed_tpf']:.2f} it runs at {_number(last['speedup_vs_ar'], '.2f')}x AR. "
+            "On a GPU at batch 1 both forwards are bound by reading the weights and cost "
+            "about the same, which is where Fast-dLLM v2's speed-up (TPF > 1 at equal "
+            "forward cost) comes from."]
   if args.notes and os.path.exists(args.notes):
     with open(args.notes, encoding="utf-8") as f:
       lines += ["", f.read().strip()]

