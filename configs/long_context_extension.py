@@ -121,10 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (evaluation/evaluate.py, task long_context; data/long_context.py builds the prompts).
   e = c.eval
   e.tasks = "likelihood,long_context"  # What --mode=eval runs by default here.
-  # Prompt lengths: from the training length (or 512 tokens, the shortest that fits
-  # both tasks with a byte tokenizer) up to twice the extended length.
-  e.long_context_lengths = ",".join(str(original * 2**i) for i in range(8)
-                                    if 2**i <= 2 * factor and original * 2**i >= 512)
+  # Prompt lengths: the training length times 1, 2, 4, ... up to twice the extended
+  # length, each raised to at least 512 tokens (about the shortest that holds both tasks
+  # with a byte tokenizer). A short base at a small factor (tiny,2: 64 -> 128 tokens)
+  # has none as long: an empty list would fall back to eval_config's seq_len * 2**i,
+  # prompts too short to hold a task, so it evaluates at 512.
+  e.long_context_lengths = ",".join(str(n) for n in sorted(
+      {max(original * 2**i, 512) for i in range(8) if 2**i <= 2 * factor}))
   e.long_context_depths = "0.0,0.25,0.5,0.75,1.0"  # Needle depths (fraction of the haystack).
   e.long_context_per_cell = 4  # Prompts per (task, length, depth).
   # Key-value pairs per kv_recall prompt: as the source trained on, if it did.

@@ -121,7 +121,7 @@ def test_long_context_bpe_exact_length_needle_and_answer():
       assert len(ex.prompt_ids) == shortest + 40
       assert tok.decode(ex.answer_ids) == ex.answer == long_context.solve(ex)
       assert ex.answer in tok.decode(ex.prompt_ids[ex.needle_start:ex.needle_end])
-      assert abs(ex.measured_depth - depth) <= 0.5 / ex.haystack_tokens
+      assert abs(ex.measured_depth - depth) <= 0.5 / ex.haystack_tokens + 1e-12  # Ties round.
       assert long_context.exact_match(f" {ex.answer}<|eos|>tail", ex.answer)
     with pytest.raises(long_context.PromptTooShortError, match="too short"):
       long_context.make_example(task, tok, hay, length=20, depth=0.5, num_pairs=3)

@@ -289,11 +289,13 @@ def min_prompt_length(task: str, tokenizer: Any, num_pairs: int = 4,
                       margin: int = 16) -> int:
   """Shortest prompt length that fits ``task``'s fixed parts, plus ``margin`` tokens.
 
-  The margin absorbs keys whose encoding is longer than the probe's (BPE tokenizers).
+  A prompt holds at least one haystack token (``make_example`` refuses an empty
+  haystack), so with ``margin=0`` this is the fixed parts plus one. The margin absorbs
+  keys whose encoding is longer than the probe's (BPE tokenizers).
   """
   probe = make_example(task, tokenizer, np.zeros(4096, np.int32), length=4096, depth=0.0,
                        num_pairs=num_pairs)
-  return probe.length - probe.haystack_tokens + margin
+  return probe.length - probe.haystack_tokens + 1 + margin
 
 
 def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray, *,
@@ -412,8 +414,16 @@ def clean_completion(completion: str) -> str:
 
 
 def exact_match(completion: str, answer: str) -> bool:
-  """True iff the cleaned completion is exactly the answer."""
-  return clean_completion(completion) == answer
+  """True iff the cleaned completion opens with the whole answer and nothing more of it.
+
+  Quotes round it and what follows a non-alphanumeric character are ignored: the prompt
+  says ``The pass key is 48213. Remember it.``, so ``" 48213."`` (or ``"b7d2e915".`` for
+  a key's value) is the model copying the needle, a hit; ``482130`` or ``4821`` is not.
+  The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
+  with the ``hit`` of ``retrieval``'s rows.
+  """
+  text = clean_completion(completion).strip(" \"'")
+  return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
 
 
 def solve(example_or_prompt: Any) -> str:

@@ -64,10 +64,14 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     params: its parameters.
     tokens: int [T] token ids; positions [0, prefix) are cached, the rest are queries.
     prefix: cached positions.
-    hierarchies: caches to compare with the full one.
+    hierarchies: caches (form "rank") to compare with the full one.
 
   Returns:
     One ``Fidelity`` per hierarchy.
+
+  Raises:
+    ValueError: for a summary-token model or a hierarchy of form "summary" (neither is
+      read through a causal forward; measure them with ``retrieval(decoder="block")``).
   """
   tokens = np.asarray(tokens, np.int32)
   query = len(tokens) - prefix
@@ -82,6 +86,11 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     raise ValueError("cache_fidelity runs a causal (one block per token) forward, which a "
                      "model with summary tokens (model.summary.num_slots > 0) cannot read "
                      "its context through; measure it with retrieval(decoder='block')")
+  for hy in hierarchies:
+    # The summary form keeps no bank: a model without summary slots (the only kind
+    # measured here) reads nothing older than the ring, so the KL would price dropped
+    # context while compressed_fraction (factorised positions) read 0.
+    hierarchical_cache.check_one_token_decoder(hy, "cache_fidelity's causal forward")
   spec = fn.kv_spec
   ids = jnp.asarray(tokens)[None]
   prefill = jax.jit(lambda p, t: fn(p, t, _causal_meta(0, prefix), None, None)[1])
@@ -115,9 +124,11 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
 
 
 def answer_matches(completion: str, answer: str) -> bool:
-  """The completion starts with the answer, not followed by more of a number or hex key."""
-  text = long_context.clean_completion(completion).strip(" \"'")
-  return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+  """The completion starts with the answer, not followed by more of a number or hex key.
+
+  ``data.long_context.exact_match``: one rule for ``retrieval`` and ``score``.
+  """
+  return long_context.exact_match(completion, answer)
 
 
 def char_accuracy(completion: str, answer: str) -> float:
