@@ -105,6 +105,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("eps", "beta", "omega"):
     if isinstance(d[name], bool) or not isinstance(d[name], numbers.Real):
       raise ValueError(f"diffusion.{name} must be a number, got {d[name]!r}")
+  # ml_collections lets None into a bool field: antithetic=None silently turned the
+  # stratified noise off, and token_shift=None read as False.
+  for name, default in (("antithetic", True), ("token_shift", False)):
+    if not isinstance(d.get(name, default), bool):
+      raise ValueError(f"diffusion.{name} must be True or False, got {d.get(name)!r}")
+  seq_len = config.data.seq_len  # Checked here too: this section is validated first.
+  # Before its first use: the introspective checks below read seq_len - 1.
+  if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+    raise ValueError(f"data.seq_len must be an integer, got {seq_len!r}")
   if d.get("objective", "bd3") == "introspective":
     # An infinite weight made the loss inf: the run stopped on "loss or gradient is
     # NaN/Inf", naming no field (NaN and negatives are refused by the objective).
@@ -114,6 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"got {d.clean_weight!r}")
     if not d.get("token_shift", False):
       raise ValueError("diffusion.objective='introspective' needs diffusion.token_shift=True")
+    # Refuses a stride or anchor count that is not an integer (None, True), naming it.
     introspective.IntrospectiveObjective(stride=d.isd_stride, mask_id=0,
                                          clean_weight=d.clean_weight,
                                          anchors=d.get("isd_anchors", 0))
@@ -134,9 +144,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # The AR objective has no blocks (its loss never reads block_size); summary slots do.
   summary = (config.get("model") or {}).get("summary") or {}
   ar_only = d.get("objective", "bd3") == "ar" and not summary.get("num_slots", 0)
-  seq_len = config.data.seq_len  # Checked here too: this section is validated first.
-  if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
-    raise ValueError(f"data.seq_len must be an integer, got {seq_len!r}")
   if config.data.seq_len % d.block_size and not ar_only:
     raise ValueError(f"data.seq_len={config.data.seq_len} is not a multiple of "
                      f"diffusion.block_size={d.block_size}")

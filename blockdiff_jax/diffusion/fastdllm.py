@@ -53,6 +53,9 @@ class FastDLLMObjective:
   antithetic: bool = True
   complementary: bool = True
 
+  def __post_init__(self):
+    losses.check_block_size(self.block_size)
+
 
 def corrupt(rng: Array, batch: dict, obj: FastDLLMObjective) -> Array:
   """Draws the primary mask m [B, L] (bool; only where ``loss_mask`` > 0).

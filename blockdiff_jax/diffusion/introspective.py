@@ -28,6 +28,8 @@ model's aux loss and routing metrics cover both passes, weighted by their tokens
 """
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -59,12 +61,20 @@ class IntrospectiveObjective:
   detach_clean: bool = False
 
   def __post_init__(self):
-    if self.stride < 1:
-      raise ValueError(f"diffusion.isd_stride must be >= 1, got {self.stride}")
+    # Integers only: a stride of 2.5 gave float block ids (noisy blocks at 0, 2.5, 5...
+    # seeing clean tokens < 2.5) and trained silently; None failed in a bare TypeError
+    # naming no field; True passed as 1.
+    for name, value, low in (("isd_stride", self.stride, 1), ("isd_anchors", self.anchors, 0)):
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"diffusion.{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(self.clean_weight, bool) or not isinstance(self.clean_weight, numbers.Real):
+      raise ValueError(f"diffusion.clean_weight must be a number, got {self.clean_weight!r}")
     if not self.clean_weight >= 0:  # Also refuses NaN.
       raise ValueError(f"diffusion.clean_weight must be >= 0, got {self.clean_weight}")
-    if self.anchors < 0:
-      raise ValueError(f"diffusion.isd_anchors must be >= 0, got {self.anchors}")
+    # An infinite alpha made every loss inf (NaN with no clean target to score).
+    if math.isinf(self.clean_weight):
+      raise ValueError(f"diffusion.clean_weight must be a finite number, "
+                       f"got {self.clean_weight!r}")
     if self.detach_clean and not self.anchors:
       raise ValueError("detach_clean needs anchored blocks (diffusion.isd_anchors > 0)")
 

@@ -1,6 +1,7 @@
 """Training objectives. BD3-LM: the block-diffusion NELBO with the vectorized [x_t ; x_0] pass."""
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import flax.struct
@@ -17,6 +18,18 @@ Array = Any
 # masked tokens): gradient accumulation weighs each micro-batch's gradient by it, so k
 # micro-batches make the update of one batch even when they score different counts.
 LOSS_TOKENS = "loss_tokens"
+
+
+def check_block_size(block_size: Any) -> None:
+  """Refuses a ``diffusion.block_size`` that is not an integer >= 1.
+
+  Objectives built outside the config (notebooks, experiment scripts) skip its
+  validation: 0 failed in ``corrupt`` as a bare ZeroDivisionError, a negative size (it
+  divides the length) as an MLIR "invalid tensor dimension size", and True passed as 1.
+  """
+  if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
+      or block_size < 1):
+    raise ValueError(f"diffusion.block_size must be an integer >= 1, got {block_size!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +49,9 @@ class BlockDiffusionObjective:
   schedule: schedules.LogLinearSchedule = schedules.LogLinearSchedule()
   noise: schedules.NoiseRange = schedules.NoiseRange()
   antithetic: bool = True
+
+  def __post_init__(self):
+    check_block_size(self.block_size)
 
 
 def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):
