@@ -1,8 +1,10 @@
 """Peak FLOP/s of the devices a train step runs on, for MFU.
 
 On a CPU there is no datasheet figure we can trust, so the peak is measured in the same
-run by timing a large matmul (the best of a few repeats). On GPUs the datasheet dense
-peak is used for known devices and the measured matmul otherwise.
+run by timing a large matmul (the best of a few repeats). On GPUs and TPUs the datasheet
+dense peak is used for known devices and the measured matmul otherwise (4096^3 there:
+a 1024^3 matmul is a few microseconds of an accelerator, mostly dispatch, so its rate was
+a fraction of the peak and the MFU several times too high).
 
 A float32 model on an NVIDIA GPU does not run at the float32 (CUDA core) rate: under
 JAX's default matmul precision XLA computes float32 dots on the tensor cores with TF32
@@ -33,6 +35,22 @@ _GPU_PEAKS = (
 
 # ``jax_default_matmul_precision`` values that keep float32 dots in full float32.
 _FULL_FLOAT32 = ("highest", "float32", "F32_F32_F32")
+
+# Dense bfloat16 peak FLOP/s of one JAX device (Google Cloud's per-chip figures), keyed
+# by its exact ``device_kind`` ("TPU v5" is v5p, "TPU v5 lite" v5e, "TPU v6 lite" v6e).
+# A v2/v3 chip has two TensorCores and JAX makes a device of each: half the chip's.
+_TPU_PEAKS = {
+    "TPU v2": 45e12 / 2,
+    "TPU v3": 123e12 / 2,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+# ``jax_default_matmul_precision`` values under which a TPU runs a float32 dot as one
+# bfloat16 pass of its MXUs (None is JAX's default): the bfloat16 peak applies.
+_TPU_ONE_PASS = (None, "default", "fastest", "bfloat16", "DEFAULT", "BF16_BF16_F32")
 
 
 def float32_matmul_rate() -> str:
@@ -86,10 +104,20 @@ def _one_device_peak(dev, dtype_name: str) -> tuple[float, str]:
   """One device's peak: its datasheet figure where known, else a timed matmul."""
   if dev.platform == "gpu":
     rate = float32_matmul_rate() if dtype_name == "float32" else dtype_name
+    how = dtype_name if rate == dtype_name else f"{dtype_name} ({rate} matmuls)"
+    # The tensor cores of these parts run float16 at the bfloat16 rate (datasheets).
+    rate = "bfloat16" if rate == "float16" else rate
     for name, peaks in _GPU_PEAKS:
       if name in dev.device_kind and rate in peaks:
-        how = dtype_name if rate == dtype_name else f"{dtype_name} ({rate} matmuls)"
         return peaks[rate], f"datasheet {dev.device_kind} {how}"
-  n = 4096 if dev.platform == "gpu" else 1024
-  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  if dev.platform == "tpu" and dev.device_kind in _TPU_PEAKS:
+    # Other precisions run a float32 dot as 3 or 6 bfloat16 passes: timed below.
+    precision = jax.config.jax_default_matmul_precision
+    if dtype_name == "bfloat16" or (dtype_name == "float32" and precision in _TPU_ONE_PASS):
+      how = dtype_name if dtype_name == "bfloat16" else f"{dtype_name} (bfloat16 matmuls)"
+      return _TPU_PEAKS[dev.device_kind], f"datasheet {dev.device_kind} {how}"
+  n = 1024 if dev.platform == "cpu" else 4096
+  # The model's own dtype: a float16 model timed a float32 (on GPUs TF32) matmul, half
+  # its rate, and reported twice its MFU.
+  dtype = jnp.dtype(dtype_name)
   return measure_matmul_peak(dtype, n), f"measured {n}^3 {dtype_name} matmul on {dev.device_kind}"
