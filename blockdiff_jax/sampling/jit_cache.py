@@ -6,6 +6,7 @@ does not compile anew and the cache cannot grow without bound.
 """
 
 import collections
+import operator
 import threading
 from typing import Any, Callable, Hashable
 
@@ -58,6 +59,8 @@ def bucket(n: int, limit: int) -> int:
     n: the width needed (e.g. the longest prompt of a batch), >= 0.
     limit: the largest usable width, >= n.
   """
+  # A numpy width (``lengths.max()``) has no ``bit_length``; a float is no width at all.
+  n, limit = operator.index(n), operator.index(limit)
   if not 0 <= n <= limit:
     raise ValueError(f"bucket: n={n} must be in [0, limit={limit}]")
   n = max(n, _MIN_BUCKET)

@@ -29,7 +29,12 @@ def normalize(rng: Array | None, batch: int) -> Array:
     return jax.random.key(0)
   dtype = getattr(rng, "dtype", None)
   if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    rng = jax.random.wrap_key_data(rng)
+    try:
+      rng = jax.random.wrap_key_data(rng)
+    except (TypeError, ValueError) as e:
+      # JAX's own message names no argument; a seed passed as rng=42 lands here.
+      raise ValueError(f"rng must be a key (jax.random.key(seed)), [batch] keys or raw "
+                       f"PRNGKey data (uint32), got {rng!r:.80}: {e}") from e
   if rng.shape not in ((), (batch,)):
     raise ValueError(f"rng must be one key or one key per row ({batch} rows), got a key "
                      f"array of shape {rng.shape}")

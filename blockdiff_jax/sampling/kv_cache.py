@@ -47,7 +47,11 @@ class KVSpec:
 
 
 def row_write(c: Array, update: Array, start: Array) -> Array:
-  """Writes update [L, B, T, ...] into c [L, B, W, ...] at slot ``start[b]`` per row."""
+  """Writes update [L, B, T, ...] into c [L, B, W, ...] at slot ``start[b]`` per row.
+
+  Like ``dynamic_update_slice`` it clamps ``start`` to ``W - T``: where a write may run
+  past the end, use ``row_put``.
+  """
   fn = lambda row, u, s: jax.lax.dynamic_update_slice_in_dim(row, u, s, axis=1)
   return jax.vmap(fn, in_axes=(1, 1, 0), out_axes=1)(c, update, start)
 
@@ -56,6 +60,34 @@ def row_read(c: Array, start: Array, size: int) -> Array:
   """Reads [L, B, size, ...] from c [L, B, W, ...] at slot ``start[b]`` per row."""
   fn = lambda row, st: jax.lax.dynamic_slice_in_dim(row, st, size, axis=1)
   return jax.vmap(fn, in_axes=(1, 0), out_axes=1)(c, start)
+
+
+def row_put(c: Array, update: Array, start: Array, rows: Array, limit: int,
+            batch_axis: int = 1) -> Array:
+  """Writes ``update`` at slot ``start[b]`` of the ``rows`` [B] of ``c``, within [0, limit).
+
+  ``row_write`` is a bare ``dynamic_update_slice``, which clamps ``start`` so that the
+  whole update fits: a write running past the end lands on the slots before ``start``
+  (slot ``i`` then holds the K/V of another position). Here entries for slots outside
+  ``[0, limit)`` are dropped, every written slot holds its own position's entry, and rows
+  not in ``rows`` keep what they hold (one scatter; no read of the old slots).
+
+  Args:
+    c: [..., B, W, ...] with the batch axis at ``batch_axis`` and slots right after it.
+    update: like ``c`` with T slots.
+    start: [B] int32, slot of ``update``'s first entry (may run past ``limit``).
+    rows: [B] bool, rows that write.
+    limit: slots that may be written (static, <= W): the cache's capacity.
+    batch_axis: the batch axis of ``c`` and ``update`` (0 or 1).
+  """
+  t = update.shape[batch_axis + 1]
+  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+  ok = rows[:, None] & (pos >= 0) & (pos < limit)
+  # Slot W is out of bounds, so mode="drop" skips it (a negative index would wrap).
+  slot = jnp.where(ok, pos, c.shape[batch_axis + 1])
+  row = jnp.arange(c.shape[batch_axis], dtype=jnp.int32)[:, None]
+  at = (slice(None),) * batch_axis + (row, slot)
+  return c.at[at].set(update.astype(c.dtype), mode="drop")
 
 
 @flax.struct.dataclass
@@ -98,6 +130,9 @@ class KVCache:
   def prefill(self, k: Array, v: Array, valid: Array) -> "KVCache":
     """Writes the K/V [L, B, n, H, D] of positions 0..n-1; ``valid`` [B, n] marks real ones."""
     n = k.shape[2]
+    if n > self.capacity:  # Else the K/V spill into the block buffer (or fail obscurely).
+      raise ValueError(f"prefill of {n} positions exceeds the cache capacity "
+                       f"{self.capacity}")
     return self.replace(k=self.k.at[:, :, :n].set(k.astype(self.k.dtype)),
                         v=self.v.at[:, :, :n].set(v.astype(self.v.dtype)),
                         valid=self.valid.at[:, :n].set(valid))
@@ -108,22 +143,24 @@ class KVCache:
 
     Rows not in ``rows`` keep their slots (they rewrite what they hold). ``exists`` [B,
     capacity] optionally limits which slots become valid (slots past a row's length).
+    Positions at or past ``capacity`` are dropped (``row_put``).
     """
     t = k.shape[2]
-    keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
-                                    row_read(c, start, t))
+    put = lambda c, new: row_put(c, new, start, rows, self.capacity)
     slot = jnp.arange(self.capacity, dtype=jnp.int32)[None]
     written = (slot >= start[:, None]) & (slot < (start + t)[:, None]) & rows[:, None]
     if exists is not None:
       written = written & exists
-    return self.replace(k=row_write(self.k, keep(self.k, k), start),
-                        v=row_write(self.v, keep(self.v, v), start),
-                        valid=self.valid | written)
+    return self.replace(k=put(self.k, k), v=put(self.v, v), valid=self.valid | written)
 
   def write_buffer(self, k: Array, v: Array, start: Array, rows: Array) -> "KVCache":
     """Stores the noisy K/V [L, B, buffer_size, H, D] of the block at ``start`` for ``rows``."""
     if not self.buffer_size:
       raise ValueError("this cache has no block buffer (buffer_size=0)")
+    if k.shape[2] != self.buffer_size or v.shape[2] != self.buffer_size:
+      # jnp.where would broadcast a 1-slot write over the whole buffer.
+      raise ValueError(f"write_buffer takes K/V of buffer_size={self.buffer_size} slots, "
+                       f"got {k.shape[2]} and {v.shape[2]}")
     at = jnp.full(start.shape, self.capacity, jnp.int32)
     keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
                                     c[:, :, self.capacity:])

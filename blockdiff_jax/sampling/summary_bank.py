@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from blockdiff_jax import masks
@@ -62,22 +61,19 @@ class SummaryBank:
     ``meta`` is the slots' metadata (``summary_slots_meta``); a slot is valid where its
     segment is (its block's last token was real) and its row is in ``rows``.
     """
-    start = first_block * self.num_slots
     n = k.shape[2]
-    put5 = lambda c, u: kv_cache.row_write(c, u, start)
-    put2 = lambda c, u: jax.vmap(
-        lambda row, x, s: jax.lax.dynamic_update_slice_in_dim(row, x, s, axis=0))(c, u, start)
-    take5 = lambda c: kv_cache.row_read(c, start, n)
-    take2 = lambda c: jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, n, 0))(
-        c, start)
-    r5 = rows[None, :, None, None, None]
-    r2 = rows[:, None]
-    keep5 = lambda c, u: put5(c, jnp.where(r5, u.astype(c.dtype), take5(c)))
-    keep2 = lambda c, u: put2(c, jnp.where(r2, u.astype(c.dtype), take2(c)))
-    return self.replace(k=keep5(self.k, k), v=keep5(self.v, v),
-                        positions=keep2(self.positions, meta.positions),
-                        block_ids=keep2(self.block_ids, meta.block_ids),
-                        valid=keep2(self.valid, meta.segment_ids >= 0))
+    if n % self.num_slots:
+      raise ValueError(f"summary bank write of {n} slots is not whole blocks of "
+                       f"num_slots={self.num_slots}")
+    start = first_block * self.num_slots
+    # Slots past the bank's blocks are dropped, never shifted onto earlier blocks' slots.
+    limit = self.valid.shape[1]
+    put5 = lambda c, u: kv_cache.row_put(c, u, start, rows, limit)
+    put2 = lambda c, u: kv_cache.row_put(c, u, start, rows, limit, batch_axis=0)
+    return self.replace(k=put5(self.k, k), v=put5(self.v, v),
+                        positions=put2(self.positions, meta.positions),
+                        block_ids=put2(self.block_ids, meta.block_ids),
+                        valid=put2(self.valid, meta.segment_ids >= 0))
 
   def extend(self, view: dict) -> dict:
     """The cache's attention view with the bank's slots in front."""
