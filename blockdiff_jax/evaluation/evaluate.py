@@ -27,6 +27,7 @@ still run, and the command fails after writing. ``sample.seed`` sets the samplin
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +84,11 @@ def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
     except ValueError:
       raise ValueError(f"eval.decoders: {item!r} needs a number after ':' "
                        f"(policy:value), in {spec!r}") from None
+    # A NaN passes a range check written as "not value < low" (entropy:nan and
+    # factor:nan were accepted); inf is a real setting (entropy:inf: no budget).
+    if value is not None and math.isnan(value):
+      raise ValueError(f"eval.decoders: {item!r} needs a number after ':', not NaN, "
+                       f"in {spec!r}")
     if name not in policies.POLICIES:
       raise ValueError(f"eval.decoders: unknown policy {name!r} in {spec!r}; choose from "
                        f"{sorted(policies.POLICIES)} or 'ar'")
@@ -93,7 +99,9 @@ def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
     out.append((name, value))
   if not out:
     raise ValueError(f"eval.decoders is empty: {spec!r}")
-  return out
+  # A decoder named twice ("threshold:0.9,threshold:0.90") would decode every task twice
+  # and keep only its second result under the one name.
+  return list(dict.fromkeys(out))
 
 
 def _decoder_name(policy: str, value: float | None) -> str:
@@ -475,6 +483,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: after writing the results, if a task raised; its entry is its
       partial results plus ``{"error": "<type>: <message>"}`` and the other tasks are
       scored.
+    KeyboardInterrupt: after writing the results of the tasks finished before it (and
+      the interrupted task's partial ones); the later tasks do not run.
   """
   e = eval_config.default_eval_config()
   if config.get("eval") is not None:  # Runs saved before a field existed get its default.
@@ -510,7 +520,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   config.eval = e
   ev = Evaluator(config, model, tokenizer, params, workdir)
-  results, failed = {}, []
+  results, failed, interrupted = {}, [], False
   with inference.inference_context(config):
     for name in tasks:
       t0 = time.time()
@@ -518,6 +528,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"eval: {name} ...", flush=True)
       try:
         results[name] = TASK_FNS[name](ev)
+      except KeyboardInterrupt:
+        # Ctrl-C stops the run, but the finished tasks (hours of decoding) are written
+        # first, with what this one measured; the interrupt is raised after writing.
+        results[name] = {**(ev.partial or {}), "error": "KeyboardInterrupt: interrupted"}
+        interrupted = True
+        print(f"eval: {name} interrupted after {time.time() - t0:.1f}s; writing the "
+              f"results so far", flush=True)
+        break
       except Exception as e:  # pylint: disable=broad-except
         # One broken task must not discard the others' results: it is recorded, the
         # rest run, and run() raises once everything is written.
@@ -545,6 +563,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   print(table)
   print(f"wrote {stem}.json and {stem}.md", flush=True)
+  if interrupted:
+    raise KeyboardInterrupt(f"eval: interrupted during {list(results)[-1]}; the finished "
+                            f"tasks' results are in {stem}.json")
   if failed:
     raise RuntimeError(f"eval: task(s) {failed} failed ("
                        + "; ".join(f"{n}: {results[n]['error']}" for n in failed)

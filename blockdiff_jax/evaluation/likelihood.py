@@ -8,9 +8,11 @@ NELBO is per scored token of the whole split, sum(nats) / sum(scored tokens), th
 the training loop's validation NELBO reports. Bits/byte is sum(nats) over the bytes of
 the scored text: scored specials (EOS, SFT padding) cost bits but hold no byte, and
 bytes/token is a split-wide ratio over text tokens. Sequences with no scored token
-(padding rows) are left out. Its standard error is the ratio estimator's (delta method) over
-sequences, which for sequences of equal scored length is their per-token NELBOs'
-standard deviation / sqrt(number of sequences); NaN with a single sequence.
+(padding rows) are left out, and so are rows past the end of a finite split (repeats of
+its rows, which would count as more sequences). Its standard error is the ratio
+estimator's (delta method) over sequences, which for sequences of equal scored length is
+their per-token NELBOs' standard deviation / sqrt(number of sequences); NaN with a single
+sequence.
 
 With block_size = 1 every block is one token whose prediction does not depend on t,
 so the NELBO's expectation is exactly the autoregressive NLL (tested).
@@ -79,6 +81,9 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
   """NELBO (nats/token), its standard error and bits/byte over ``num_batches`` batches.
 
   Args:
+    num_batches: batches to read at most. A finite split (``distinct_rows``) is read
+      up to its last row only: rows past it repeat earlier ones, and counting a row
+      twice as two sequences understates the standard error.
     bytes_per_token: UTF-8 bytes per text (non-special) token; default the dataset's.
     progress: a stream for lines with rate and ETA (None: silent).
     special_ids: the tokenizer's special ids. Scored specials (EOS, SFT padding) are
@@ -104,17 +109,29 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
   obj = evaluation_objective(obj)
   fn = jax.jit(lambda p, batch, rng: per_sequence_sums(apply_fn, p, batch, rng, obj))
   nats, scored, text = [], [], []
+  distinct = distinct_rows(dataset)
   meter = metrics_writer.Progress(num_batches, unit="batches", stream=progress,
                                   label="likelihood", interval_s=30.0)
+  row = 0  # Global index of the batch's first row.
   for i in range(num_batches):
+    if distinct is not None and row >= distinct:
+      # Every row of the split is measured: the rest would be repeats, counted as more
+      # sequences (a smaller standard error than the split supports).
+      if progress is not None:
+        print(f"likelihood: the split has {distinct} rows, all measured after {i} of "
+              f"{num_batches} batches; the rest would repeat them", file=progress)
+      break
     batch = dataset.get_batch(i)
     draws = [fn(params, batch, jax.random.fold_in(jax.random.key(seed), i * num_samples + s))
              for s in range(num_samples)]
-    nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0))
-    scored.append(np.asarray(draws[0][1], np.float64))  # The same for every draw.
     special = np.isin(np.asarray(batch["tokens"]), np.asarray(
         [] if special_ids is None else special_ids, np.int64))
-    text.append(np.sum((np.asarray(batch["loss_mask"]) > 0) & ~special, -1, dtype=np.float64))
+    rows = len(special) if distinct is None else min(len(special), distinct - row)
+    row += len(special)
+    nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0)[:rows])
+    scored.append(np.asarray(draws[0][1], np.float64)[:rows])  # The same for every draw.
+    text.append(np.sum((np.asarray(batch["loss_mask"]) > 0) & ~special, -1,
+                       dtype=np.float64)[:rows])
     meter.update()
   nats, scored, text = np.concatenate(nats), np.concatenate(scored), np.concatenate(text)
   # Padding rows score nothing: counting them as sequences with 0 nats would pull the
@@ -135,6 +152,19 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     out["bits_per_byte"] = per_text / math.log(2) / bpt
     out["bits_per_byte_stderr"] = per_text_stderr / math.log(2) / bpt
   return out
+
+
+def distinct_rows(dataset: Any) -> int | None:
+  """Rows of a finite split (None: an endless stream such as the synthetic tasks).
+
+  A finite split's rows ``[0, n)`` hold each of its ``n`` rows once (every epoch is a
+  permutation of them); later rows repeat them.
+  """
+  for name in ("num_windows", "num_rows", "num_examples"):
+    n = getattr(dataset, name, None)
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0:
+      return int(n)
+  return None
 
 
 def _ratio(nats: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:

@@ -168,6 +168,40 @@ def quality_objective(obj: Any) -> Any:
   return obj
 
 
+# Each objective's metric for a QUALITY_KEYS entry: the AR baseline and I-DLM log no
+# masked_* metrics (their CE and accuracy are over the tokens they score).
+_QUALITY_METRICS = {
+    "nelbo": ("nelbo",),
+    "masked_ce": ("masked_ce", "ce_noisy", "ar_ce"),
+    "masked_accuracy": ("masked_accuracy", "noisy_accuracy", "token_accuracy"),
+}
+
+
+def _quality_terms(obj: Any, batch: dict, metrics: dict) -> dict:
+  """{key: (mean, tokens it is a mean over)} for QUALITY_KEYS, for any objective.
+
+  BD3-LM's NELBO is per scored token and its masked metrics per masked token. Every
+  other objective's metrics are means over the tokens its ``LOSS_TOKENS`` counts
+  (Fast-dLLM v2: the masked tokens; its ``masked_fraction`` is of the scorable ones,
+  not of the scored ones, so it cannot give the count).
+  """
+  loss_tokens = metrics[losses.LOSS_TOKENS]
+  if isinstance(obj, losses.BlockDiffusionObjective):
+    # The fraction is of the clamped scored count, so this is the masked count.
+    masked = metrics["masked_fraction"] * jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)
+    weights = {"nelbo": loss_tokens, "masked_ce": masked, "masked_accuracy": masked}
+  else:
+    weights = dict.fromkeys(QUALITY_KEYS, loss_tokens)
+  out = {}
+  for key in QUALITY_KEYS:
+    name = next((m for m in _QUALITY_METRICS[key] if m in metrics), None)
+    if name is None:
+      raise ValueError(f"routing_sweep: the {type(obj).__name__} objective logs none of "
+                       f"{_QUALITY_METRICS[key]} for {key!r}")
+    out[key] = (metrics[name], weights[key])
+  return out
+
+
 def evaluate_setting(model: transformer.Transformer, params: Any, batches: Sequence[dict],
                      obj: Any, setting: RoutingSetting, seed: int = 0,
                      noise_samples: int = 1) -> dict:
@@ -186,9 +220,11 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
   Returns:
     ``nelbo`` (the objective's reported loss: NELBO nats per scored token for BD3-LM,
     the split-wide ratio ``likelihood.evaluate`` reports under the same seed; masked CE
-    for Fast-dLLM v2), ``masked_ce`` and ``masked_accuracy`` (per masked token),
+    for Fast-dLLM v2), ``masked_ce`` and ``masked_accuracy`` (per masked token; the
+    drafts' CE and accuracy for I-DLM, the next-token ones for AR),
     per-block means ``unique_experts_noisy_block`` / ``unique_experts_clean_block`` /
-    ``coreset_noisy_block`` (over blocks and MoE layers),
+    ``coreset_noisy_block`` (over blocks and MoE layers; NaN for a stream the
+    objective's forward lacks, as the AR objective's noisy one),
     ``unique_experts_noisy_block_per_layer`` and ``unique_experts_per_forward`` (the
     model's own statistic: the union over the forward).
 
@@ -218,12 +254,7 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
       return logits, aux
     _, metrics = loss_fn(capturing, p, batch, rng, obj)
     moe = box["moe"]
-    # The tokens each mean is over: the loss's (scored or masked tokens) and the masked
-    # ones (the fraction is of the clamped scored count, so this is the masked count).
-    masked = metrics["masked_fraction"] * jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)
-    weights = {"nelbo": metrics[losses.LOSS_TOKENS], "masked_ce": masked,
-               "masked_accuracy": masked}
-    return ({k: (metrics[k], weights[k]) for k in QUALITY_KEYS},
+    return (_quality_terms(obj, batch, metrics),
             {k: moe[k] for k in BLOCK_STAT_KEYS + ("unique_experts",)})
 
   # Token-weighted over every batch and draw (sum of nats / sum of tokens), as
@@ -244,14 +275,16 @@ def evaluate_setting(model: transformer.Transformer, params: Any, batches: Seque
   if not totals["nelbo"][1]:
     raise ValueError("routing_sweep: no scored token in the batches (every loss_mask is 0)")
   out = {k: t[0] / t[1] if t[1] else float("nan") for k, t in totals.items()}
+  # A stream with no block (the AR objective's forward has no noisy stream) has no
+  # per-block mean: NaN, not 0, which would read as "no expert used".
+  mean = lambda total, groups: total / groups if groups else float("nan")
   for stream in ("noisy", "clean"):
-    groups = np.maximum(sums[f"{stream}_groups"], 1.0)
-    out[f"unique_experts_{stream}_block"] = float(np.sum(sums[f"{stream}_unique_sum"])
-                                                  / np.sum(groups))
-    out[f"coreset_{stream}_block"] = float(np.sum(sums[f"{stream}_coreset_sum"])
-                                           / np.sum(groups))
+    groups = float(np.sum(sums[f"{stream}_groups"]))
+    out[f"unique_experts_{stream}_block"] = mean(
+        float(np.sum(sums[f"{stream}_unique_sum"])), groups)
+    out[f"coreset_{stream}_block"] = mean(float(np.sum(sums[f"{stream}_coreset_sum"])), groups)
   out["unique_experts_noisy_block_per_layer"] = [
-      float(v) for v in sums["noisy_unique_sum"] / np.maximum(sums["noisy_groups"], 1.0)]
+      mean(float(u), float(g)) for u, g in zip(sums["noisy_unique_sum"], sums["noisy_groups"])]
   out["unique_experts_per_forward"] = float(np.mean(sums["unique_experts"]) / n)
   out["forwards"] = n
   return out
