@@ -177,6 +177,9 @@ class HierarchicalKVCache:
     """Writes the K/V [L, B, n, H, D] of positions 0..n-1; ``valid`` [B, n] is a prefix per row."""
     hy = self.hierarchy
     l, b, n = k.shape[:3]
+    if n > self.capacity:  # As KVCache.prefill (else a broadcasting error on ``valid``).
+      raise ValueError(f"prefill of {n} positions exceeds the cache capacity "
+                       f"{self.capacity}")
     frontier = jnp.max(jnp.where(valid, jnp.arange(n)[None] + 1, 0), axis=1).astype(jnp.int32)
     new = self.replace(valid=self.valid.at[:, :n].set(valid), frontier=frontier)
     if hy.form == "rank":
@@ -284,6 +287,10 @@ class HierarchicalKVCache:
     """Stores the noisy K/V [L, B, buffer_size, H, D] of the block at ``start`` for ``rows``."""
     if not self.buffer_size:
       raise ValueError("this cache has no block buffer (buffer_size=0)")
+    if k.shape[2] != self.buffer_size or v.shape[2] != self.buffer_size:
+      # jnp.where would broadcast a 1-slot write over the whole buffer.
+      raise ValueError(f"write_buffer takes K/V of buffer_size={self.buffer_size} slots, "
+                       f"got {k.shape[2]} and {v.shape[2]}")
     at = self.hierarchy.ring
     keep = lambda c, new: jnp.where(rows[None, :, None, None, None], new.astype(c.dtype),
                                     c[:, :, at:])

@@ -40,14 +40,21 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
+    # NaN passes "< 0" and decodes token 0 with NaN confidence; inf turns a -inf logit
+    # into NaN (-inf / inf) and draws that impossible token.
+    if not 0 <= self.temperature < float("inf"):
+      raise ValueError(f"sample.temperature must be a finite number >= 0, "
+                       f"got {self.temperature}")
     if 0 < self.temperature < _MIN_TEMPERATURE:
       # XLA flushes float32 subnormals to zero: the logits would be divided by 0.
       raise ValueError(f"sample.temperature must be 0 (greedy) or >= {_MIN_TEMPERATURE:.4g} "
                        f"(the smallest normal float32), got {self.temperature}")
+    if not (isinstance(self.top_k, (int, np.integer)) or float(self.top_k).is_integer()):
+      # A float k (even 2.0) failed only inside the first sampled decode, as a shape error.
+      raise ValueError(f"sample.top_k must be a whole number of tokens, got {self.top_k}")
     if self.top_k < 0:
       raise ValueError(f"sample.top_k must be >= 0, got {self.top_k}")
+    object.__setattr__(self, "top_k", int(self.top_k))  # 2.0 -> 2: lax.top_k needs an int.
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
 
@@ -183,7 +190,9 @@ class Factor:
   f: float = 1.0
 
   def __post_init__(self):
-    if self.f < 0:
+    # "not >=" also refuses NaN, which no rule holds for: one token per step under the
+    # label factor:nan. f = inf is a real setting (every candidate at once).
+    if not self.f >= 0:
       raise ValueError(f"Factor.f must be >= 0, got {self.f}")
 
   def select(self, conf, entropy, margin, candidates, slots):
@@ -227,7 +236,9 @@ class EntropyBounded:
   gamma: float = 0.5
 
   def __post_init__(self):
-    if self.gamma < 0:
+    # "not >=" also refuses NaN (no cumulative entropy is <= NaN: one token per step
+    # under the label entropy:nan). gamma = inf is a real setting (no budget).
+    if not self.gamma >= 0:
       raise ValueError(f"EntropyBounded.gamma must be >= 0, got {self.gamma}")
 
   def select(self, conf, entropy, margin, candidates, slots):
