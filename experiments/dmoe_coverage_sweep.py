@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import runpy
 import subprocess
 import sys
 import time
@@ -44,20 +45,16 @@ ROOT = os.path.dirname(HERE)
 DMOE_REDUCTION, DMOE_QUALITY = 69.5 / 14.6, 99.1  # dMoE: 69.5 -> 14.6 experts at 99.1%.
 
 # name -> (config, trained-with overrides). Steps are sized for a shared 2-core CPU.
+_MOE16 = ["model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2"]
+_QS_TRAIN = ["train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
+             "train.checkpoint_every=250", "train.log_every=25"]
 MODELS = {
-    "quickstart": ("configs/quickstart.py", [
-        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
-        "train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
-        "train.checkpoint_every=250", "train.log_every=25"]),
+    "quickstart": ("configs/quickstart.py", _MOE16 + _QS_TRAIN),
     # dMoE as deployed: block routing in the training loop too (p=0.5, min=top_k), so
     # the experts and router adapt to the coreset; compared with ``quickstart`` (REFERENCE).
-    "quickstart_block": ("configs/quickstart.py", [
-        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
-        "model.moe.router_mode=block", "model.moe.block_coverage=0.5",
-        "train.steps=250", "train.warmup_steps=25", "train.eval_every=250",
-        "train.checkpoint_every=250", "train.log_every=25"]),
-    "synthetic": ("configs/synthetic.py", [
-        "model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.block_min_experts=2",
+    "quickstart_block": ("configs/quickstart.py", _MOE16 + [
+        "model.moe.router_mode=block", "model.moe.block_coverage=0.5"] + _QS_TRAIN),
+    "synthetic": ("configs/synthetic.py", _MOE16 + [
         "train.steps=200", "train.warmup_steps=20", "train.eval_every=0",
         "train.checkpoint_every=200", "train.log_every=25"]),
     # Fast-dLLM v2 recipe (objective, complementary masks, block 32, SFT data) in the
@@ -74,13 +71,11 @@ MODELS = {
         "train.learning_rate=1e-4", "train.trainable=moe", "train.eval_every=0",
         "train.checkpoint_every=12", "train.log_every=1"]),
 }
+_QUICK_QS = ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
+             "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
+             "data.batch_size=8"]
 QUICK = {  # Tiny runs: a smoke test of the whole pipeline, not a measurement.
-    "quickstart": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
-                   "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
-                   "data.batch_size=8"],
-    "quickstart_block": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
-                         "train.eval_every=0", "train.log_every=3", "data.max_bytes=200000",
-                         "data.batch_size=8"],
+    "quickstart": _QUICK_QS, "quickstart_block": _QUICK_QS,
     "synthetic": ["model.moe.num_experts=8", "train.steps=6", "train.checkpoint_every=6",
                   "train.log_every=3", "data.batch_size=8"],
 }
@@ -171,12 +166,8 @@ def apply_overrides(config, overrides: list[str]) -> None:
 def upcycled_setup(config_path: str, overrides: list[str], workdir: str):
   """(config, model, tokenizer, params) of the upcycled SmolLM2 at initialisation
   (``workdir`` caches the converted GGUF)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.checkpoint import initial  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, config_path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = runpy.run_path(os.path.join(ROOT, config_path))["get_config"]()
   apply_overrides(config, overrides)
   os.makedirs(workdir, exist_ok=True)
   config, model, tokenizer = initial.build_model(config, workdir)
@@ -236,6 +227,22 @@ def best_within(rows: list[dict], pct: float, key: str = "quality_pct") -> dict 
   return min(ok, key=lambda r: (r["unique_experts_noisy_block"], -r[key])) if ok else None
 
 
+def heldout_batches(ds, num_batches: int) -> list[dict]:
+  """The first ``num_batches`` batches of ``ds``, cut at a finite split's last row
+  (``likelihood.distinct_rows``): rows past it repeat earlier ones and would weigh double."""
+  from blockdiff_jax.evaluation import likelihood  # pylint: disable=g-import-not-at-top
+  distinct, batches, first = likelihood.distinct_rows(ds), [], 0
+  for i in range(num_batches):
+    if distinct is not None and first >= distinct:
+      break
+    b = {kk: jnp.asarray(v) for kk, v in ds.get_batch(i).items()
+         if kk in ("tokens", "loss_mask", "segment_ids")}
+    keep = len(b["tokens"]) if distinct is None else min(len(b["tokens"]), distinct - first)
+    first += len(b["tokens"])
+    batches.append({kk: v[:keep] for kk, v in b.items()})
+  return batches
+
+
 def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
   """Runs the routing grid on held-out batches of a trained workdir (or of ``loaded``:
   (config, model, tokenizer, params))."""
@@ -256,12 +263,11 @@ def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
   batch_size = args.batch_size or config.data.batch_size
   ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len,
                               batch_size, config.seed, workdir)
-  keys = ("tokens", "loss_mask", "segment_ids")
-  batches = [{kk: jnp.asarray(v) for kk, v in ds.get_batch(i).items() if kk in keys}
-             for i in range(args.batches)]
+  batches = heldout_batches(ds, args.batches)
   obj = diffusion_config.objective(config, tokenizer.mask_id)
-  log(f"{name}: E={e} top_k={k}, trained with {moe.router_mode} routing; "
-      f"{len(settings)} settings x {args.batches} batches of {batch_size}x{config.data.seq_len}")
+  rows_read = sum(len(b["tokens"]) for b in batches)
+  log(f"{name}: E={e} top_k={k}, trained with {moe.router_mode} routing; {len(settings)} "
+      f"settings x {len(batches)} batches ({rows_read} rows of {config.data.seq_len})")
   t0 = time.time()
 
   def progress(msg):
@@ -302,7 +308,8 @@ def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
       "objective", "bd3lm") == "fastdllm" else "NELBO (nats/token, t over [eps, 1])"
   return {"num_experts": e, "top_k": k, "trained_routing": moe.router_mode,
           "trained_coverage": moe.block_coverage, "trained_min_experts": moe.block_min_experts,
-          "quality_metric": quality, "batches": args.batches, "batch_size": batch_size,
+          "quality_metric": quality, "batches": len(batches), "heldout_rows": rows_read,
+          "batch_size": batch_size,
           "seq_len": config.data.seq_len, "block_size": config.diffusion.block_size,
           "noise_samples": args.noise_samples, "decode_prompts": len(decode) and args.decode_prompts,
           "expert_divergence_per_layer": expert_divergence(params),
@@ -311,35 +318,26 @@ def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
 
 def init_control(loaded, workdir: str, args) -> dict:
   """The upcycled model before fine-tuning (identical experts) on a small routing grid."""
-  saved = (args.coverages, args.min_sizes, args.batches, args.decode_prompts)
-  args.coverages, args.min_sizes = "0.5,0.9", "k"
-  args.batches, args.decode_prompts = 1, 0
-  try:
-    return sweep_model("upcycled_at_init", workdir, args, loaded)
-  finally:
-    args.coverages, args.min_sizes, args.batches, args.decode_prompts = saved
+  small = argparse.Namespace(**{**vars(args), "coverages": "0.5,0.9", "min_sizes": "k",
+                                "batches": 1, "decode_prompts": 0})  # ``args`` unchanged.
+  return sweep_model("upcycled_at_init", workdir, small, loaded)
 
 
 def summarize(m: dict) -> dict:
   rows = m["rows"]
-  tok = rows[0]
-  k = m["top_k"]
-  p09 = next((r for r in rows if r["coverage"] == 0.9 and r["min_experts"] == k), None)
-  out = {"token_unique_per_block": tok["unique_experts_noisy_block"]}
+  p09 = next((r for r in rows if r["coverage"] == 0.9 and r["min_experts"] == m["top_k"]), None)
+  brief = lambda r, *keys: {"unique_per_block": r["unique_experts_noisy_block"],
+                            "reduction": r["expert_reduction"], **{f: r[f] for f in keys}}
+  out = {"token_unique_per_block": rows[0]["unique_experts_noisy_block"]}
   for pct in (99.0, DMOE_QUALITY):
     b = best_within(rows, pct)
     out[f"best_within_{pct:g}"] = None if b is None else {
-        "setting": b["setting"], "unique_per_block": b["unique_experts_noisy_block"],
-        "reduction": b["expert_reduction"], "quality_pct": b["quality_pct"]}
+        "setting": b["setting"], **brief(b, "quality_pct")}
   b = best_within(rows, 99.0, "accuracy_pct")
   out["best_within_99_accuracy"] = None if b is None else {
-      "setting": b["setting"], "unique_per_block": b["unique_experts_noisy_block"],
-      "reduction": b["expert_reduction"], "accuracy_pct": b["accuracy_pct"],
-      "quality_pct": b["quality_pct"]}
+      "setting": b["setting"], **brief(b, "accuracy_pct", "quality_pct")}
   if p09:
-    out["p0.9_min_k"] = {"unique_per_block": p09["unique_experts_noisy_block"],
-                         "reduction": p09["expert_reduction"],
-                         "quality_pct": p09["quality_pct"], "accuracy_pct": p09["accuracy_pct"]}
+    out["p0.9_min_k"] = brief(p09, "quality_pct", "accuracy_pct")
   return out
 
 
@@ -400,8 +398,9 @@ def markdown(result: dict) -> str:
                  else "") + (f", train loss {tr['train_nelbo_first_last'][0]:.3f} -> "
                              f"{tr['train_nelbo_first_last'][1]:.3f}"
                              if "train_nelbo_first_last" in tr else "") + ".",
-              f"Quality: held-out {m['quality_metric']}, {m['batches']} batches of "
-              f"{m['batch_size']}x{m['seq_len']} tokens, {m['noise_samples']} noise draw(s) "
+              f"Quality: held-out {m['quality_metric']}, "
+              f"{m.get('heldout_rows', m['batches'] * m['batch_size'])} rows of {m['seq_len']} "
+              f"tokens ({m['batches']} batches), {m['noise_samples']} noise draw(s) "
               f"each; block size {m['block_size']}. Expert divergence (mean pairwise "
               f"||W_i-W_j|| / ||W||, per layer): min {min(div):.3g}, mean {np.mean(div):.3g}, "
               f"max {max(div):.3g} (0 = identical experts).", "",
@@ -580,26 +579,21 @@ def sweep_one(name: str, args, result: dict, t0: float) -> None:
     return
   if args.upcycled_steps:
     overrides = overrides + [f"train.steps={args.upcycled_steps}"]
-  saved = args.batch_size, args.batches
-  args.batch_size = args.upcycled_batch_size
-  try:
-    if args.init_control:
-      loaded0 = upcycled_setup(config, overrides, workdir)
-      result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
-      result["seconds"] = time.time() - t0
-      write(result, args.out)
-      del loaded0
-    if args.upcycled_steps:
-      overrides = [o for o in overrides if not o.startswith("train.checkpoint_every=")]
-      overrides.append(f"train.checkpoint_every={args.upcycled_steps}")
-    result["training"][name] = train(name, config, workdir, overrides)
-    from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
-    params_loaded = inference.load_for_inference(workdir)
-    args.batches = min(args.batches, args.upcycled_batches)
-    result["models"][name] = sweep_model(name, workdir, args, params_loaded)
-  finally:
-    args.batch_size, args.batches = saved
-
+  args = argparse.Namespace(**{**vars(args), "batch_size": args.upcycled_batch_size})
+  if args.init_control:
+    loaded0 = upcycled_setup(config, overrides, workdir)
+    result["models"]["upcycled_at_init"] = init_control(loaded0, workdir, args)
+    result["seconds"] = time.time() - t0
+    write(result, args.out)
+    del loaded0
+  if args.upcycled_steps:
+    overrides = [o for o in overrides if not o.startswith("train.checkpoint_every=")]
+    overrides.append(f"train.checkpoint_every={args.upcycled_steps}")
+  result["training"][name] = train(name, config, workdir, overrides)
+  from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
+  params_loaded = inference.load_for_inference(workdir)
+  args.batches = min(args.batches, args.upcycled_batches)
+  result["models"][name] = sweep_model(name, workdir, args, params_loaded)
 
 if __name__ == "__main__":
   main()

@@ -111,8 +111,16 @@ def test_fastdllm_step_flops_count_the_summary_slots(impl):
                                    frozen_base=False) / 3  # Forward only.
   ratio = ours / _xla_forward_flops(cfg, seq_len)
   assert 0.85 < ratio < 1.02, ratio
-  # Complementary masks double the rows; a frozen base drops one backward pass.
-  assert flops.fastdllm_step_flops(cfg, 1, seq_len, True, True) == pytest.approx(4 * ours)
+  # Complementary masks double the rows; a frozen base forms no weight gradients: one
+  # per forward matmul of the weights (by hand: q, k, v 64 x 12 x 16, out 64 x 64,
+  # SwiGLU 3 x 64 x 256, two layers; the head 64 x 64 on the 2L token positions; nor
+  # the first layer's input gradient, the embedding being frozen).
+  positions = flops._two_stream_pass(cfg, seq_len)[0]  # pylint: disable=protected-access
+  weight_grads = 2 * 2.0 * (positions * 2 * (64 * 12 * 16 + 64 * 64 + 3 * 64 * 256)
+                            + 2 * seq_len * 64 * 64
+                            + positions * 64 * 12 * 16)  # Layer 0's q, k, v input gradient.
+  assert flops.fastdllm_step_flops(cfg, 1, seq_len, True, True) == pytest.approx(
+      6 * ours - weight_grads)
 
 
 def _extension():

@@ -11,6 +11,21 @@ def _cfg(vocab=64, d=32):
                                        num_kv_heads=2, head_dim=8, mlp_dim=48)
 
 
+# _cfg's matmul weights by hand: q, k, v = 32 x (4 + 2 + 2) x 8, out = 32 x 32, SwiGLU
+# 3 x 32 x 48, two layers; the head 64 x 32.
+TRUNK_WEIGHTS, HEAD_WEIGHTS = 2 * (32 * 8 * 8 + 32 * 32 + 3 * 32 * 48), 64 * 32
+
+
+def _weight_gradients(rows, trunk_positions, head_positions):
+  """FLOPs a frozen base does not compute: the weight gradients, one per forward matmul
+  of a weight (the attention scores multiply two activations: their backward runs
+  either way), and the first layer's q, k, v input gradient (its input, the frozen
+  embedding's output, needs none)."""
+  first_qkv = 32 * 8 * 8
+  return rows * 2.0 * (trunk_positions * (TRUNK_WEIGHTS + first_qkv)
+                       + head_positions * HEAD_WEIGHTS)
+
+
 @pytest.mark.parametrize("batch,seq_len", [(1, 16), (4, 64)])
 def test_fastdllm_counts_both_copies_and_the_head_on_both_streams(batch, seq_len):
   cfg = _cfg()
@@ -22,7 +37,7 @@ def test_fastdllm_counts_both_copies_and_the_head_on_both_streams(batch, seq_len
   both = flops.fastdllm_step_flops(cfg, batch, seq_len, complementary=True, frozen_base=False)
   assert both == pytest.approx(2 * one_copy)
   frozen = flops.fastdllm_step_flops(cfg, batch, seq_len, complementary=True, frozen_base=True)
-  assert frozen == pytest.approx(both * 2 / 3)
+  assert both - frozen == pytest.approx(_weight_gradients(2 * batch, 2 * seq_len, 2 * seq_len))
 
 
 @pytest.mark.parametrize("batch,seq_len", [(1, 16), (4, 64)])
@@ -32,16 +47,17 @@ def test_ar_step_is_one_causal_pass_of_l_tokens(batch, seq_len):
   assert flops.autoregressive_step_flops(cfg, batch, seq_len, False) == pytest.approx(
       3 * batch * forward)
   assert flops.autoregressive_step_flops(cfg, batch, seq_len, True) == pytest.approx(
-      2 * batch * forward)
+      3 * batch * forward - _weight_gradients(batch, seq_len, seq_len))
 
 
 @pytest.mark.parametrize("batch,seq_len", [(1, 16), (4, 64)])
-def test_bd3_step_with_a_frozen_base_is_two_forwards_not_three(batch, seq_len):
-  """LoRA freezes the base through stop_gradient: no weight gradients are formed."""
+def test_bd3_step_with_a_frozen_base_forms_no_weight_gradients(batch, seq_len):
+  """LoRA freezes the base through stop_gradient: no weight gradients are formed (the
+  trunk runs [x_t ; x_0], 2L positions, the head the L noisy ones)."""
   cfg = _cfg()
   full = flops.train_step_flops(cfg, batch, seq_len)
-  assert flops.train_step_flops(cfg, batch, seq_len, frozen_base=True) == pytest.approx(
-      full * 2 / 3)
+  assert full - flops.train_step_flops(cfg, batch, seq_len, frozen_base=True) == (
+      pytest.approx(_weight_gradients(batch, 2 * seq_len, seq_len)))
 
 
 @pytest.mark.parametrize("objective", ["bd3", "fastdllm", "ar", "introspective"])

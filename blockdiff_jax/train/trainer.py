@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from absl import logging
 import jax
 import flax.linen as nn
 import ml_collections
+import numpy as np
 
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import initial
@@ -105,6 +107,26 @@ class _StopRequest:
     self._previous = {}
 
 
+def distinct_rows(dataset) -> int | None:
+  """Rows of a finite split (None: an endless stream), as ``likelihood.distinct_rows``.
+
+  A finite split's rows ``[0, n)`` hold each of its rows once; later rows repeat them.
+  (The trainer sits below ``evaluation`` in the import order, so it keeps its own copy.)
+  """
+  for name in ("num_windows", "num_rows", "num_examples"):
+    n = getattr(dataset, name, None)
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0:
+      return int(n)
+  return None
+
+
+def _unscore_rows_from(batch: dict, first: int) -> dict:
+  """``batch`` with rows ``first:`` scoring nothing (their ``loss_mask`` zeroed)."""
+  mask = np.array(batch["loss_mask"], copy=True)
+  mask[first:] = 0
+  return {**batch, "loss_mask": mask}
+
+
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
                    put_batch=lambda b: b) -> dict:
   """Validation: the training metrics over the first ``num_batches`` batches.
@@ -113,10 +135,22 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
   gradient accumulation weighs micro-batches: SFT batches score different numbers of
   tokens, and a plain mean of their means would weigh a token of a sparse batch more.
   Objectives that do not report the count get equal weights. The noise of batch i is
-  fixed (``seed + i``), so every evaluation scores the same draws.
+  fixed (``seed + i``), so every evaluation scores the same draws. A finite split
+  (``distinct_rows``) smaller than ``num_batches`` batches is scored once: reading
+  stops after its last row, and the rows of the last batch past it (repeats of
+  earlier rows) score nothing, so no row weighs double.
   """
-  rows = [jax.device_get(eval_step(params, put_batch(dataset.get_batch(i)),
-                                   jax.random.key(seed + i))) for i in range(num_batches)]
+  distinct = distinct_rows(dataset)
+  rows, first_row = [], 0
+  for i in range(num_batches):
+    if distinct is not None and first_row >= distinct:
+      break
+    batch = dataset.get_batch(i)
+    if distinct is not None:
+      if first_row + len(batch["loss_mask"]) > distinct:
+        batch = _unscore_rows_from(batch, distinct - first_row)
+      first_row += len(batch["loss_mask"])
+    rows.append(jax.device_get(eval_step(params, put_batch(batch), jax.random.key(seed + i))))
   weights = [float(m.get(losses.LOSS_TOKENS, 1.0)) for m in rows]
   total = sum(weights)
   if total <= 0:  # Nothing scored anywhere: equal weights rather than 0/0.
@@ -131,8 +165,9 @@ def objective_step_flops(config: ml_collections.ConfigDict, mcfg, obj) -> float:
   """Model FLOPs of one train step of ``config``: the count MFU divides by.
 
   The objective decides how many tokens run forward (complementary masks, the I-DLM
-  noisy tokens, one causal stream), and a frozen base (``train.trainable=lora``) skips
-  the weight gradients.
+  noisy tokens, one causal stream), and ``train.trainable`` which weight gradients the
+  backward forms: with "lora" or "moe" the frozen weights enter through stop_gradient,
+  so they form none (``flops.pass_flops``).
 
   Args:
     config: the run's config.
@@ -140,16 +175,18 @@ def objective_step_flops(config: ml_collections.ConfigDict, mcfg, obj) -> float:
     obj: the objective built for ``config`` (``diffusion_config.objective``).
   """
   d = config.data
-  frozen = config.train.get("trainable", "all") == "lora"
+  mode = config.train.get("trainable", "all")
   if isinstance(obj, introspective.IntrospectiveObjective):
     return flops.introspective_step_flops(
-        mcfg, d.batch_size, d.seq_len, obj.anchors * obj.stride, obj.detach_clean, frozen,
-        anchored=bool(obj.anchors))
+        mcfg, d.batch_size, d.seq_len, obj.anchors * obj.stride, obj.detach_clean, False,
+        anchored=bool(obj.anchors), trainable=mode)
   if isinstance(obj, fastdllm.FastDLLMObjective):
-    return flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary, frozen)
+    return flops.fastdllm_step_flops(mcfg, d.batch_size, d.seq_len, obj.complementary, False,
+                                     trainable=mode)
   if isinstance(obj, autoregressive.AutoregressiveObjective):
-    return flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len, frozen)
-  return flops.train_step_flops(mcfg, d.batch_size, d.seq_len, frozen)
+    return flops.autoregressive_step_flops(mcfg, d.batch_size, d.seq_len, False,
+                                           trainable=mode)
+  return flops.train_step_flops(mcfg, d.batch_size, d.seq_len, trainable=mode)
 
 
 def _check_resume_config(config: ml_collections.ConfigDict, workdir: str,
@@ -324,6 +361,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
   if t.eval_every:
     val_ds = pipeline.build_dataset(d, tokenizer, "validation", d.seq_len, d.batch_size,
                                     config.seed, workdir)
+    val_rows = distinct_rows(val_ds)
+    if val_rows is not None and val_rows < t.eval_batches * d.batch_size:
+      _say(f"validation: the split has {val_rows} rows, fewer than train.eval_batches x "
+           f"data.batch_size = {t.eval_batches * d.batch_size}: each evaluation scores "
+           "them once", flush=True)
 
   mcfg = model.cfg
   obj = diffusion_config.objective(config, tokenizer.mask_id)
