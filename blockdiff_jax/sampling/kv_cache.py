@@ -70,7 +70,7 @@ def row_put(c: Array, update: Array, start: Array, rows: Array, limit: int,
   whole update fits: a write running past the end lands on the slots before ``start``
   (slot ``i`` then holds the K/V of another position). Here entries for slots outside
   ``[0, limit)`` are dropped, every written slot holds its own position's entry, and rows
-  not in ``rows`` keep what they hold (one scatter; no read of the old slots).
+  not in ``rows`` keep what they hold (a scatter per row; no read of the old slots).
 
   Args:
     c: [..., B, W, ...] with the batch axis at ``batch_axis`` and slots right after it.
@@ -80,14 +80,19 @@ def row_put(c: Array, update: Array, start: Array, rows: Array, limit: int,
     limit: slots that may be written (static, <= W): the cache's capacity.
     batch_axis: the batch axis of ``c`` and ``update`` (0 or 1).
   """
-  t = update.shape[batch_axis + 1]
-  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
-  ok = rows[:, None] & (pos >= 0) & (pos < limit)
-  # Slot W is out of bounds, so mode="drop" skips it (a negative index would wrap).
-  slot = jnp.where(ok, pos, c.shape[batch_axis + 1])
-  row = jnp.arange(c.shape[batch_axis], dtype=jnp.int32)[:, None]
-  at = (slice(None),) * batch_axis + (row, slot)
-  return c.at[at].set(update.astype(c.dtype), mode="drop")
+  t, width = update.shape[batch_axis + 1], c.shape[batch_axis + 1]
+
+  def one_row(c_row, update_row, start_row, write):
+    pos = start_row + jnp.arange(t, dtype=jnp.int32)
+    # Slot W is out of bounds, so mode="drop" skips it (a negative index would wrap).
+    slot = jnp.where(write & (pos >= 0) & (pos < limit), pos, width)
+    at = (slice(None),) * batch_axis + (slot,)
+    return c_row.at[at].set(update_row.astype(c_row.dtype), mode="drop")
+
+  # vmap over rows (not one scatter with an explicit row index): the batch stays a
+  # parallel dimension, so a batch-sharded cache commits without gathering the update.
+  return jax.vmap(one_row, in_axes=(batch_axis, batch_axis, 0, 0),
+                  out_axes=batch_axis)(c, update, start, rows)
 
 
 @flax.struct.dataclass
