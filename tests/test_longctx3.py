@@ -46,11 +46,12 @@ def byte_tok_and_haystack():
 def test_min_prompt_length_is_the_shortest_prompt_that_fits(byte_tok_and_haystack, task,
                                                             num_pairs):
   """A prompt needs one haystack token beyond its fixed parts; ``margin=0`` used to
-  return the fixed parts alone, a length ``make_example`` refuses for every example."""
+  return the fixed parts alone, a length ``make_example`` refuses for every example.
+  The default margin of 16 is 16 haystack tokens, as before."""
   tok, hay = byte_tok_and_haystack
   shortest = _fixed_bytes(task, num_pairs) + 1
   assert tasks.min_prompt_length(task, tok, num_pairs, margin=0) == shortest
-  assert tasks.min_prompt_length(task, tok, num_pairs) == shortest + 16
+  assert tasks.min_prompt_length(task, tok, num_pairs) == shortest - 1 + 16
   for index, depth in [(0, 0.0), (1, 0.5), (2, 1.0)]:
     ex = tasks.make_example(task, tok, hay, length=shortest, depth=depth, index=index,
                             num_pairs=num_pairs)
@@ -99,7 +100,8 @@ def test_fidelity_refuses_a_summary_form_hierarchy():
 @pytest.mark.parametrize("completion,hit", [
     (" {a}. Remember it.", True),  # The needle's own words after the question.
     (' "{a}".', True), ("{a}<|eos|>7", True), ("\n{a}\n", True), ("{a}", True),
-    ("{a}0", False), ("{p}", False), ("The pass key is {a}.", False), ("", False)])
+    ("{a}0", False), ("{p}", False), ("The pass key is {a}.", False), ("", False),
+    ("{a}.5", False), ("{a} 7", False), ("{a}-99", False)])  # Another number goes on.
 def test_score_agrees_with_retrieval_hits(byte_tok_and_haystack, completion, hit):
   """``score`` demanded the bare answer, so a completion copying the needle sentence
   (" 48213. Remember it.") was a miss there and a hit in ``retrieval``'s rows."""

@@ -289,13 +289,13 @@ def min_prompt_length(task: str, tokenizer: Any, num_pairs: int = 4,
                       margin: int = 16) -> int:
   """Shortest prompt length that fits ``task``'s fixed parts, plus ``margin`` tokens.
 
-  A prompt holds at least one haystack token (``make_example`` refuses an empty
-  haystack), so with ``margin=0`` this is the fixed parts plus one. The margin absorbs
-  keys whose encoding is longer than the probe's (BPE tokenizers).
+  The margin is haystack tokens, at least one (``make_example`` refuses an empty
+  haystack, so ``margin=0`` gives the fixed parts plus one); it also absorbs keys whose
+  encoding is longer than the probe's (BPE tokenizers).
   """
   probe = make_example(task, tokenizer, np.zeros(4096, np.int32), length=4096, depth=0.0,
                        num_pairs=num_pairs)
-  return probe.length - probe.haystack_tokens + 1 + margin
+  return probe.length - probe.haystack_tokens + max(margin, 1)
 
 
 def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray, *,
@@ -418,12 +418,16 @@ def exact_match(completion: str, answer: str) -> bool:
 
   Quotes round it and what follows a non-alphanumeric character are ignored: the prompt
   says ``The pass key is 48213. Remember it.``, so ``" 48213."`` (or ``"b7d2e915".`` for
-  a key's value) is the model copying the needle, a hit; ``482130`` or ``4821`` is not.
+  a key's value) is the model copying the needle, a hit; ``482130``, ``4821`` or
+  ``48213.5`` (a separator, then more digits) is not.
   The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
   with the ``hit`` of ``retrieval``'s rows.
   """
   text = clean_completion(completion).strip(" \"'")
-  return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+  rest = text[len(answer):]
+  # "48213.5", "48213 7" or "48213-99" go on with another number: not the key.
+  return (text.startswith(answer) and not rest[:1].isalnum()
+          and not rest[1:2].isdigit())
 
 
 def solve(example_or_prompt: Any) -> str:
