@@ -323,6 +323,8 @@ def main(argv=None):
                         for m in models},
             "windows": {m: checkpoints.load_config(os.path.join(args.runs, m))
                         .model.summary.window_blocks for m in models},
+            # From each run's config, not the flags: a run trained before is not retrained.
+            "curricula": {m: trained_curriculum(os.path.join(args.runs, m)) for m in models},
             "train_lengths": train_lengths(args.runs, models, args.ext_factor,
                                            args.ext_steps),
             "variants": [dataclasses.asdict(v) for v in evaluated],
@@ -350,6 +352,15 @@ def curriculum_overrides(args) -> list[str]:
   return [f"data.long_context_curriculum_steps={args.curriculum_steps}",
           f"data.long_context_curriculum_depths={args.curriculum_depths}",
           f"data.long_context_curriculum={args.curriculum}"]
+
+
+def trained_curriculum(workdir: str) -> dict | None:
+  """The needle-depth curriculum ``workdir`` was trained with (None: none, or a run
+  from before the fields existed)."""
+  d = checkpoints.load_config(workdir).data
+  steps = d.get("long_context_curriculum_steps", 0)
+  return ({"steps": steps, "depths": d.long_context_curriculum_depths,
+           "kind": d.long_context_curriculum} if steps else None)
 
 
 def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:
@@ -410,11 +421,11 @@ def write(result, out):
            "model always decodes with the summary-form cache (exact for it). Block "
            "decoder, one token per step, prompts `BOS prompt SEP`; "
            f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}."]
-  if st.get("curriculum_steps"):
-    band = ("then [0, 1]" if st["curriculum"] == "switch" else "widening to [0, 1] over them")
-    lines[-1] += (f" Source models trained with needles at depths {st['curriculum_depths']} "
-                  f"for their first {st['curriculum_steps']} steps, {band} "
-                  f"(curriculum '{st['curriculum']}').")
+  for model, cur in result.get("curricula", {}).items():
+    if cur:
+      band = "then [0, 1]" if cur["kind"] == "switch" else "widening to [0, 1] over them"
+      lines[-1] += (f" `{model}` was trained with needles at depths {cur['depths']} for "
+                    f"its first {cur['steps']} steps, {band} (curriculum '{cur['kind']}').")
 
   def table(title, columns, cell):
     """A Markdown table: one row per variant, ``cell(variant, column)`` in each column."""

@@ -160,3 +160,34 @@ def test_experiment_refuses_a_bad_curriculum_before_training(argv, match, capsys
   with pytest.raises(SystemExit):
     mod.parse_args(argv)
   assert match in capsys.readouterr().err
+
+
+def test_experiment_states_the_curriculum_each_run_was_trained_with(tmp_path):
+  """The results say what each run's saved config holds, not what the flags ask for (a
+  run already trained is not retrained with them)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  mod = load_experiment("long_context_retrieval")
+  for name, steps in (("full", 0), ("summary", 30)):
+    c = config_lib.base_config()
+    c.data.long_context_curriculum_steps, c.data.long_context_curriculum = steps, "widen"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(c.to_dict()))
+  old = config_lib.base_config().to_dict()
+  del old["data"]["long_context_curriculum_steps"]  # A run from before the fields.
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  curricula = {m: mod.trained_curriculum(str(tmp_path / m)) for m in ("full", "summary", "old")}
+  assert curricula == {"full": None, "old": None,
+                       "summary": {"steps": 30, "depths": "0,0.05", "kind": "widen"}}
+  args = mod.parse_args(["--models", "full,summary", "--curriculum_steps", "5"])
+  row = {"variant": "summary", "task": "passkey", "length": 256, "depth": 0.5,
+         "answer": "12345", "completion": "12345", "hit": True, "seconds": 0.1}
+  result = {"device": "cpu", "jax": "x", "command": "c", "seconds": 1.0, "train_seconds": {},
+            "settings": vars(args), "curricula": curricula, "rows": [row],
+            "variants": [{"name": "summary"}], "errors": {}}
+  out = str(tmp_path / "res")
+  mod.write(result, out)
+  text = open(out + ".md", encoding="utf-8").read()
+  assert "`summary` was trained with needles at depths 0,0.05 for its first 30 steps" in text
+  assert "`full` was trained" not in text
