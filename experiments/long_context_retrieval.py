@@ -359,8 +359,8 @@ def trained_curriculum(workdir: str) -> dict | None:
   from before the fields existed)."""
   d = checkpoints.load_config(workdir).data
   steps = d.get("long_context_curriculum_steps", 0)
-  return ({"steps": steps, "depths": d.long_context_curriculum_depths,
-           "kind": d.long_context_curriculum} if steps else None)
+  return ({"steps": steps, "depths": d.get("long_context_curriculum_depths", "0,0.05"),
+           "kind": d.get("long_context_curriculum", "switch")} if steps else None)
 
 
 def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:

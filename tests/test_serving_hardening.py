@@ -334,3 +334,16 @@ def test_a_new_decoder_compiles_while_the_other_requests_decode(fake, monkeypatc
   assert not new.done()
   release.set()
   assert TOK.decode(new.result(timeout=20).token_ids) == ANSWER[:4]
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 40), ("max_tokens", 8), ("seed", 3)])
+def test_a_whole_float_integer_field_is_that_integer(field, value):
+  """A client that writes every number as a float (40.0) means the integer."""
+  body = {"prompt": "a", "temperature": 1.0, field: value}
+  assert _parse(dict(body, **{field: float(value)})) == _parse(body)
+
+
+def test_a_fractional_top_k_is_refused_naming_top_k():
+  with pytest.raises(protocol.ApiError) as e:
+    _parse({"prompt": "a", "top_k": 2.5})
+  assert e.value.param == "top_k" and "integer" in str(e.value)

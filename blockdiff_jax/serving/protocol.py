@@ -137,6 +137,8 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False,
   v = body.get(name, default)
   if v is None:
     return default
+  if integer and isinstance(v, float) and v.is_integer():
+    v = int(v)  # 40.0: what a client that writes every number as a float sends.
   ok = isinstance(v, int) if integer else isinstance(v, (int, float))
   if isinstance(v, bool) or not ok:
     raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, "
@@ -325,7 +327,8 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
   try:
     sampling = policies.Sampling(temperature, top_k, top_p)
   except ValueError as e:
-    raise ApiError(400, str(e), "top_p" if "top_p" in str(e) else "temperature") from e
+    param = next((p for p in ("top_p", "top_k") if p in str(e)), "temperature")
+    raise ApiError(400, str(e), param) from e
   try:
     options = layout.DecodeOptions(
         block_size=block_size, mask_id=mask_id, eos_id=eos_id, policy=policy_obj,
