@@ -5,7 +5,9 @@ kind, options and ISD stride: requests with equal setups share a compiled progra
 most ``max_pools`` setups are live, idle ones are dropped first). Each iteration it
 
 1. admits waiting requests, in arrival order, into free slots of their setup's pool (one
-   bucketed prefill each), so a new request starts at the next forward;
+   bucketed prefill each), so a new request starts at the next forward; one that must
+   wait (no free slot, its pool compiling, a retry running alone) holds back the later
+   requests of its setup, which never overtake it;
 2. runs one forward of every busy pool;
 3. streams each row's newly final tokens (a committed block; an AR or ISD token as soon
    as it is emitted), and resolves and frees every row that is done, so its slot takes
@@ -151,6 +153,10 @@ class Engine:
       raise ValueError(f"max_len must be >= 2, got {max_len}")
     if max_pools < 1:
       raise ValueError(f"max_pools must be >= 1, got {max_pools}")
+    if forwards_per_call < 1:  # Else every request would fail, when its pool builds.
+      raise ValueError(f"serve.forwards_per_call must be >= 1, got {forwards_per_call}")
+    if block_size < 1:
+      raise ValueError(f"block_size must be >= 1, got {block_size}")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.block_size, self.max_len = block_size, max_len
     self.slots, self.queue_size, self.max_pools = slots, queue_size, max_pools
@@ -159,6 +165,11 @@ class Engine:
     self.forwards_per_call = forwards_per_call
     self.width = -(-max_len // block_size) * block_size
     self._queue: collections.deque[_Pending] = collections.deque()
+    # Requests the worker took off the queue and has not admitted yet (it admits them
+    # one prefill at a time; those without a slot go back): they still wait, so they
+    # count against queue_size, and fail with the queue should the worker die.
+    self._held: list[_Pending] = []
+    self._admitting: _Pending | None = None  # The one in its prefill (fails if it dies).
     self._cv = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
@@ -214,8 +225,8 @@ class Engine:
         raise WorkerDied(f"the decoding worker stopped: {self._error!r}")
       if self._stopping:
         raise ShuttingDown("the server is shutting down")
-      if len(self._queue) >= self.queue_size:
-        waves = len(self._queue) / self.slots
+      if self.queued >= self.queue_size:
+        waves = self.queued / self.slots
         raise QueueFull(max(1.0, waves * self._request_s))
       self._queue.append(_Pending(request, future, on_tokens))
       self._cv.notify()
@@ -223,7 +234,8 @@ class Engine:
 
   @property
   def queued(self) -> int:
-    return len(self._queue)
+    """Requests waiting for a slot (those the worker took to admit included)."""
+    return len(self._queue) + len(self._held)
 
   @property
   def running(self) -> int:
@@ -246,8 +258,9 @@ class Engine:
     with self._cv:
       self._stopping = True
       if not drain:
-        while self._queue:
-          self._queue.popleft().future.cancel()
+        for p in list(self._queue) + self._held:
+          p.future.cancel()
+        self._queue.clear()
       self._cv.notify_all()
     if self._thread is None and drain and self._queue:
       self.start()  # Never started: the worker drains the queue, then exits.
@@ -347,6 +360,7 @@ class Engine:
           _resolve(p.future, exc=TimeoutError("request timed out in the queue"))
           continue
         take.append(p)
+      self._held = list(take)
     return take
 
   def _loop(self) -> None:
@@ -365,9 +379,11 @@ class Engine:
       # No request may wait on a worker that is gone: fail them all, refuse new ones.
       with self._cv:
         self._error = e
-        gone = list(self._queue) + [p for rows in self._rows.values()
-                                    for p in rows.values()]
+        gone = list(self._queue) + self._held
+        gone += [self._admitting] if self._admitting is not None else []
+        gone += [p for rows in self._rows.values() for p in rows.values()]
         self._queue.clear()
+        self._held, self._admitting = [], None
       for p in gone:
         _resolve(p.future, exc=RuntimeError(f"the decoding worker stopped: {e!r}"))
       traceback.print_exc()
@@ -378,15 +394,29 @@ class Engine:
     An unexpected error fails only the requests it concerns (the request being
     admitted, or the rows of the pool being advanced) and the worker goes on.
     """
-    waiting = []
+    waiting, blocked = [], set()
     for p in take:
+      dec = p.request.decoder
+      if dec in blocked:  # One of its decoder waits before it: first come, first served.
+        waiting.append(p)
+        continue
+      with self._cv:  # In its prefill: no longer waiting (back below if no slot).
+        self._held = [q for q in self._held if q is not p]
+        self._admitting = p
       try:
-        if not self._admit(p):
-          waiting.append(p)
+        admitted = self._admit(p)
       except Exception:  # pylint: disable=broad-except
         self._fail([p])  # E.g. its pool failed to build.
+        admitted = True
+      with self._cv:
+        self._admitting = None
+        if not admitted:  # No slot now: it waits on, and so do the later ones of `dec`.
+          self._held.append(p)
+          waiting.append(p)
+          blocked.add(dec)
     with self._cv:  # Back to the front, in arrival order.
       self._queue.extendleft(reversed(waiting))
+      self._held = []
     for dec in [d for d, rows in self._rows.items() if rows]:
       try:
         self._advance(dec)
@@ -398,6 +428,8 @@ class Engine:
 
   def _admit(self, p: _Pending) -> bool:
     """Prefills ``p`` into a free slot of its pool; False = no slot now (it waits)."""
+    if p.future.cancelled():
+      return True  # Its client left while the worker admitted the ones before it.
     dec = p.request.decoder
     rows = self._rows.get(dec, {})
     if any(r.solo for r in rows.values()) or (p.solo and rows):

@@ -260,6 +260,10 @@ class SlotPool:
       raise ValueError(f"slots must be >= 1, got {slots}")
     if forwards_per_call < 1:
       raise ValueError(f"forwards_per_call must be >= 1, got {forwards_per_call}")
+    if not 1 <= max_prompt < width:
+      # A prompt needs a canvas slot for at least one new token; below 1 no prompt fits.
+      raise ValueError(f"max_prompt must be in [1, width - 1] = [1, {width - 1}], got "
+                       f"{max_prompt}")
     self.logits_fn = logits_lib.as_logits_fn(model)
     self.params, self.decoder, self.slots, self.width = params, decoder, slots, width
     bk = decoder.options.block_size
@@ -318,7 +322,15 @@ class SlotPool:
     return any(self.occupied)
 
   def admit(self, prompt: np.ndarray, max_tokens: int, seed: int = 0) -> int:
-    """Prefills a request into a free slot; returns the slot (raises if none is free)."""
+    """Prefills a request into a free slot; returns the slot.
+
+    Raises:
+      RuntimeError: no slot is free (``release`` or ``retire`` one first).
+      ValueError: the prompt or ``max_tokens`` does not fit the pool.
+    """
+    if not self.free:
+      raise RuntimeError(f"no free slot: all {self.slots} slots hold a request; release or "
+                         "retire one first")
     slot = self.occupied.index(False)
     prompt = np.asarray(prompt, np.int32)
     self._state = self._run("admit", self.params, self._state,
@@ -339,12 +351,19 @@ class SlotPool:
 
   def retire(self, slot: int) -> None:
     """Stops a slot's row now (it computes nothing more that anyone reads) and frees it."""
+    self._check_slot(slot)
     self._state = self._run("retire", self._state, jnp.int32(slot))
     self.occupied[slot] = False
 
   def release(self, slot: int) -> None:
     """Frees the slot of a row that is done."""
+    self._check_slot(slot)
     self.occupied[slot] = False
+
+  def _check_slot(self, slot: int) -> None:
+    # A negative index would free (and stop) another row: Python and JAX both wrap it.
+    if not 0 <= slot < self.slots:
+      raise ValueError(f"slot must be in [0, {self.slots - 1}], got {slot}")
 
   def warmup(self) -> None:
     """Compiles every program (an admit per prefill bucket), leaving the pool idle."""
