@@ -406,16 +406,19 @@ def write(result, out):
                 or [train_len * st["ext_factor"]])
   lines = [f"# Passkey / KV recall, trained at {train_len} tokens, evaluated to {max(lengths)} "
            f"({result['device']}, jax {result['jax']})", "",
-           f"Command: `{result['command']}` ({result['seconds'] / 60:.1f} min in all; "
-           f"training runs in minutes: "
-           + ", ".join(f"{k} {v / 60:.1f}" for k, v in result["train_seconds"].items())
+           f"Command: `{result['command']}` ({result['seconds'] / 60:.1f} min in all"
+           + ("; training runs in minutes: " + ", ".join(
+               f"{k} {v / 60:.1f}" for k, v in result["train_seconds"].items())
+              if result["train_seconds"] else "; no training: the runs existed")
            + ").", "",
            f"Models: configs/long_context_retrieval.py at {train_len} tokens ("
            + "; ".join(result.get("lineage", {"steps": f"{st['steps']} steps"}).values())
            + f"); `summary` has {st['slots']} summary slots per 16-token block and reads the "
-           f"last {result.get('windows', {}).get('summary', 2)} blocks in full. `ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and "
-           f"{st['ext_steps']} fine-tuning steps at {ext_len} tokens "
-           f"(configs/long_context_extension.py). `yarn{st['eval_factor']}`: YaRN "
+           f"last {result.get('windows', {}).get('summary', 2)} blocks in full. "
+           + (f"`ext{st['ext_factor']}`: YaRN x{st['ext_factor']} and {st['ext_steps']} "
+              f"fine-tuning steps at {ext_len} tokens (configs/long_context_extension.py). "
+              if st["ext_steps"] else "")
+           + f"`yarn{st['eval_factor']}`: YaRN "
            f"x{st['eval_factor']} at evaluation only. `hier`: the hierarchical cache, "
            f"window {st.get('hier_window', 2)}, chunk {st['chunk']}, rank {st['rank']}, 1 sink chunk; the summary "
            "model always decodes with the summary-form cache (exact for it). Block "
