@@ -220,6 +220,46 @@ def release_compiled_programs_now() -> None:
   gc.collect()
 
 
+@pytest.fixture(scope="module")
+def tiny_moe():
+  """(model, params) of a one-layer MoE (4 experts, top 2, dense dispatch) on 16 tokens."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax import masks  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import moe  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
+  cfg = transformer.TransformerConfig(
+      vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+      mlp_dim=16, moe=moe.MoEConfig(num_experts=4, top_k=2, expert_dim=16, impl="dense",
+                                    block_min_experts=2))
+  model = transformer.Transformer(cfg)
+  meta = masks.make_meta(jnp.arange(8)[None], 1, masks.CLEAN)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), meta)
+  return model, nn.unbox(params["params"])
+
+
+def xla_and_counted_step_flops(config) -> tuple[float, float]:
+  """(XLA's FLOP count of the compiled train step of ``config``, at batch 1 and
+  ``data.seq_len``; ``trainer.objective_step_flops``, the count MFU divides by)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import transformer  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  mesh, _ = mesh_lib.mesh_of(config)
+  mcfg = model_config.model_config(config)
+  obj = diffusion_config.objective(config, mcfg.vocab_size - 1)
+  st = step_lib.make_sharded_train(config, mesh, transformer.Transformer(mcfg), obj)
+  sd = lambda dt: jax.ShapeDtypeStruct((1, config.data.seq_len), dt)
+  batch = {"tokens": sd(jnp.int32), "segment_ids": sd(jnp.int32), "loss_mask": sd(jnp.float32)}
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  cost = st.train_step.__wrapped__.lower(st.abstract_state, batch, rng).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  return xla, trainer.objective_step_flops(config, mcfg, obj)
+
+
 @pytest.fixture
 def tiny_config():
   return load_config_file("tiny")

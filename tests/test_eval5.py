@@ -3,20 +3,15 @@
 import contextlib
 import math
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdiff_jax import masks
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.evaluation import attention_cost
 from blockdiff_jax.evaluation import evaluate
 from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import routing_sweep
-from blockdiff_jax.model import moe as moe_lib
-from blockdiff_jax.model import transformer
 from conftest import load_config_file
 
 
@@ -120,18 +115,6 @@ def test_likelihood_refuses_no_batches_or_no_noise_draws(num_batches, num_sample
   obj = losses.BlockDiffusionObjective(block_size=4, mask_id=9)
   with pytest.raises(ValueError, match=name):
     likelihood.evaluate(lambda *a, **k: None, {}, _Unread(), obj, num_batches, num_samples)
-
-
-@pytest.fixture(scope="module")
-def tiny_moe():
-  cfg = transformer.TransformerConfig(
-      vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
-      mlp_dim=16, moe=moe_lib.MoEConfig(num_experts=4, top_k=2, expert_dim=16, impl="dense",
-                                        block_min_experts=2))
-  model = transformer.Transformer(cfg)
-  meta = masks.make_meta(jnp.arange(8)[None], 1, masks.CLEAN)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), meta)
-  return model, nn.unbox(params["params"])
 
 
 @pytest.mark.parametrize("batches,noise_samples,match", [

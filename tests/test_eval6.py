@@ -24,23 +24,10 @@ from blockdiff_jax.evaluation import evaluate
 from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import routing_sweep
 from blockdiff_jax.model import build
-from blockdiff_jax.model import moe as moe_lib
 from blockdiff_jax.model import transformer
 from conftest import load_config_file
 
 MASK = 15
-
-
-@pytest.fixture(scope="module")
-def tiny_moe():
-  cfg = transformer.TransformerConfig(
-      vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
-      mlp_dim=16, moe=moe_lib.MoEConfig(num_experts=4, top_k=2, expert_dim=16, impl="dense",
-                                        block_min_experts=2))
-  model = transformer.Transformer(cfg)
-  meta = masks.make_meta(jnp.arange(8)[None], 1, masks.CLEAN)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), meta)
-  return model, nn.unbox(params["params"])
 
 
 def _batches():

@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from blockdiff_jax.model import flops
 from blockdiff_jax.model import moe
 from blockdiff_jax.model import transformer
 from blockdiff_jax.train import trainer
+from conftest import xla_and_counted_step_flops
 
 
 def _moe_cfg(**kw):
@@ -73,10 +73,6 @@ def _xla_and_ours(trainable):
   """XLA's count of the compiled train step and ``objective_step_flops``: 3 layers,
   layer 0 dense, one expert (top 1) so every dispatch computes the active FLOPs."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers, m.mlp_dim = 64, 64, 3, 256
@@ -87,16 +83,7 @@ def _xla_and_ours(trainable):
   c.train.trainable = trainable
   if trainable == "lora":
     m.lora.rank, m.lora.gated = 2, False
-  mesh, _ = mesh_lib.mesh_of(c)
-  mcfg = model_config.model_config(c)
-  obj = diffusion_config.objective(c, 63)
-  st = step_lib.make_sharded_train(c, mesh, transformer.Transformer(mcfg), obj)
-  sd = lambda dt: jax.ShapeDtypeStruct((1, 256), dt)
-  batch = {"tokens": sd(jnp.int32), "segment_ids": sd(jnp.int32), "loss_mask": sd(jnp.float32)}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  cost = st.train_step.__wrapped__.lower(st.abstract_state, batch, rng).compile().cost_analysis()
-  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
-  return xla, trainer.objective_step_flops(c, mcfg, obj)
+  return xla_and_counted_step_flops(c)
 
 
 @pytest.mark.parametrize("trainable", ["moe", "lora"])

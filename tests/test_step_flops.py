@@ -4,6 +4,7 @@ import pytest
 
 from blockdiff_jax.model import flops
 from blockdiff_jax.model import transformer
+from conftest import xla_and_counted_step_flops
 
 
 def _cfg(vocab=64, d=32):
@@ -65,14 +66,7 @@ def test_objective_step_flops_is_close_to_xlas_count(objective):
   """Against XLA's own count of the compiled train step, on an attention-heavy shape
   (L=256, d=64) where a miscounted attention pass shows: ours leaves out element-wise
   work and the optimizer, so it sits a little below XLA's, never far."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.diffusion import config as diffusion_config  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.model import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from blockdiff_jax.train import trainer  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.model.vocab_size, c.model.d_model, c.model.num_layers = 64, 64, 2
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim, c.model.mlp_dim = 4, 4, 16, 256
@@ -81,14 +75,6 @@ def test_objective_step_flops_is_close_to_xlas_count(objective):
   c.diffusion.objective, c.diffusion.token_shift = objective, objective != "bd3"
   if objective == "introspective":  # No anchors: one dense [noisy ; x_0] pass.
     c.diffusion.block_size = c.diffusion.isd_stride
-  mesh, _ = mesh_lib.mesh_of(c)
-  mcfg = model_config.model_config(c)
-  obj = diffusion_config.objective(c, 63)
-  st = step_lib.make_sharded_train(c, mesh, transformer.Transformer(mcfg), obj)
-  sd = lambda dt: jax.ShapeDtypeStruct((1, 256), dt)
-  batch = {"tokens": sd(jnp.int32), "segment_ids": sd(jnp.int32), "loss_mask": sd(jnp.float32)}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  cost = st.train_step.__wrapped__.lower(st.abstract_state, batch, rng).compile().cost_analysis()
-  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
-  ratio = trainer.objective_step_flops(c, mcfg, obj) / xla
+  xla, ours = xla_and_counted_step_flops(c)
+  ratio = ours / xla
   assert 0.85 < ratio < 1.02, ratio
