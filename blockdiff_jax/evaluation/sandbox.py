@@ -299,13 +299,13 @@ def _launch(config: dict, stdout, stderr, python: str,
 
 
 def _reap_uid(uid: int, python: str) -> None:
-  """SIGKILLs every remaining process of the sandbox uid."""
-  for _ in range(5):
-    if not _uid_processes(uid):
-      return
-    proc = _launch({"mode": "reap", "uid": uid}, subprocess.DEVNULL,
-                   subprocess.DEVNULL, python)
-    proc.wait()
+  """SIGKILLs the sandbox uid's processes until none is listed: a killed one stays
+  listed until the kernel has torn it down (on a busy machine, after the reaper has
+  exited). Gives up after 10 s, for a process stuck in the kernel."""
+  deadline = time.monotonic() + 10.0
+  while _uid_processes(uid) and time.monotonic() < deadline:
+    _launch({"mode": "reap", "uid": uid}, subprocess.DEVNULL, subprocess.DEVNULL,
+            python).wait()
 
 
 def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
