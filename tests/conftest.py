@@ -238,6 +238,17 @@ def tiny_moe():
   return model, nn.unbox(params["params"])
 
 
+def evaluate_without_a_model(monkeypatch) -> None:
+  """``evaluate.run`` loads no weights: the tasks (monkeypatched by the test) get the
+  config and ``None`` for model, tokenizer and params."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(evaluate.inference, "load_for_inference",
+                      lambda workdir, config: (config, None, None, None))
+  monkeypatch.setattr(evaluate.inference, "inference_context",
+                      lambda config: contextlib.nullcontext())
+
+
 def xla_and_counted_step_flops(config) -> tuple[float, float]:
   """(XLA's FLOP count of the compiled train step of ``config``, at batch 1 and
   ``data.seq_len``; ``trainer.objective_step_flops``, the count MFU divides by)."""

@@ -1,6 +1,5 @@
 """Hardening of the evaluation package (eval5): task lists, exponent fits, sample counts."""
 
-import contextlib
 import math
 
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from blockdiff_jax.evaluation import attention_cost
 from blockdiff_jax.evaluation import evaluate
 from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import routing_sweep
+from conftest import evaluate_without_a_model
 from conftest import load_config_file
 
 
@@ -61,11 +61,7 @@ def test_long_context_tasks_still_refuse_unknown_and_empty(monkeypatch):
 
 def test_a_task_named_twice_runs_once(monkeypatch, tmp_path):
   calls = []
-
-  monkeypatch.setattr(evaluate.inference, "load_for_inference",
-                      lambda workdir, config: (config, None, None, None))
-  monkeypatch.setattr(evaluate.inference, "inference_context",
-                      lambda config: contextlib.nullcontext())
+  evaluate_without_a_model(monkeypatch)
   monkeypatch.setitem(evaluate.TASK_FNS, "likelihood",
                       lambda ev: calls.append("likelihood") or {"nelbo": 1.0})
   res = evaluate.run(_config(tasks="likelihood, likelihood"), str(tmp_path))

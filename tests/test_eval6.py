@@ -1,7 +1,6 @@
 """Hardening of the evaluation package (eval6): routing sweeps of every objective, finite
 likelihood splits, eval.decoders, interrupted runs."""
 
-import contextlib
 import json
 import math
 
@@ -25,6 +24,7 @@ from blockdiff_jax.evaluation import likelihood
 from blockdiff_jax.evaluation import routing_sweep
 from blockdiff_jax.model import build
 from blockdiff_jax.model import transformer
+from conftest import evaluate_without_a_model
 from conftest import load_config_file
 
 MASK = 15
@@ -150,10 +150,7 @@ def test_ctrl_c_writes_the_finished_tasks_before_stopping(monkeypatch, tmp_path)
   """HEAD: KeyboardInterrupt in the second task went straight up; the first task's
   results (and the second's partial ones) were never written."""
   calls = []
-  monkeypatch.setattr(evaluate.inference, "load_for_inference",
-                      lambda workdir, config: (config, None, None, None))
-  monkeypatch.setattr(evaluate.inference, "inference_context",
-                      lambda config: contextlib.nullcontext())
+  evaluate_without_a_model(monkeypatch)
   monkeypatch.setitem(evaluate.TASK_FNS, "likelihood",
                       lambda ev: calls.append("likelihood") or {"nelbo": 1.5})
 
