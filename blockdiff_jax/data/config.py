@@ -24,7 +24,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # long_context_* fields; the answer's blocks are scored, sized by sft_block_multiple).
   c.corpus = "stdlib"
   # corpus="files": comma-separated files, folders (recursive .py .txt .md
-  # .jsonl .json) or globs.
+  # .jsonl .json; hidden .name folders and files are skipped, as globs skip them) or globs.
   c.paths = ""
   # Field holding the text in each line of a .jsonl file.
   c.text_field = "text"

@@ -18,11 +18,14 @@ until their UTF-8 size reaches ``max_bytes`` (the last one may cross it), so
 small runs load fast and always see the same prefix.
 
 User files (``corpus="files"``): ``paths`` is a comma-separated list of files,
-folders (searched recursively for ``.py .txt .md .jsonl .json``) and globs.
+folders (searched recursively for ``.py .txt .md .jsonl .json``, skipping hidden
+``.name`` folders and files as globs do) and globs.
 Keys are paths relative to a listed folder, or the path as listed/matched for
 files and globs. Each line of a ``.jsonl`` file is one document taken from its
 ``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
-file is split by line; other files are read whole as UTF-8.
+file is split by line; other files are read whole as UTF-8. An empty file or an
+empty ``text_field`` holds no document: a split with none left is refused naming
+``data.paths``.
 
 Non-text user files are refused, never trained on: a file (or ``.jsonl`` line)
 that is not valid UTF-8 or contains a NUL byte raises ``ValueError`` naming the
@@ -79,7 +82,9 @@ def split_of(key: str, validation_fraction: float) -> str:
   if not 0.0 <= validation_fraction <= 1.0:
     raise ValueError("validation_fraction must be in [0, 1], got "
                      f"{validation_fraction!r}.")
-  h = int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16)
+  # surrogateescape: a file name that is not UTF-8 ('caf\udce9.txt' from os.walk) hashes
+  # as its bytes; every other key hashes exactly as plain UTF-8 does.
+  h = int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest(), 16)
   return "validation" if h % 1000 < 1000 * validation_fraction else "train"
 
 
@@ -136,12 +141,19 @@ def _take(docs: Iterable[Document], max_bytes: int) -> list[Document]:
 
 
 def _walk(root: str, extensions: tuple[str, ...]) -> list[str]:
-  """Relative POSIX paths of files under root with the given extensions."""
+  """Relative POSIX paths of files under root with the given extensions.
+
+  Hidden (dot) folders and files under root are skipped, as ``glob`` skips them: they
+  hold tool copies and caches (``.ipynb_checkpoints/notes-checkpoint.md`` would put a
+  train document's text in validation under another key, ``.mypy_cache/*.json``) and
+  editor or OS debris (``.#notes.md`` lock links, macOS ``._notes.md``).
+  """
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+    dirnames[:] = [d for d in dirnames
+                   if d not in _EXCLUDED_DIRS and not d.startswith(".")]
     for name in filenames:
-      if name.endswith(extensions):
+      if name.endswith(extensions) and not name.startswith("."):
         rel = os.path.relpath(os.path.join(dirpath, name), root)
         found.append(rel.replace(os.sep, "/"))
   return sorted(found)
@@ -243,7 +255,8 @@ def _jsonl_documents(key: str, path: str,
     if not isinstance(text, str):
       raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
                        f"{type(text).__name__}, not a string.")
-    yield Document(f"{key}:{line_no}", text)
+    if text:  # An empty text holds no document, as an empty file holds none.
+      yield Document(f"{key}:{line_no}", text)
 
 
 def file_documents(paths: str, split: str, validation_fraction: float = 0.02,

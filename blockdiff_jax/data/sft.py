@@ -14,7 +14,7 @@ Sources (``data.sft_source``):
   ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
   whose last message is the assistant's response (earlier ones form the prompt);
   roles are system, user, assistant or tool, and every content is a string. A bad
-  line is refused naming ``path:line``.
+  line is refused naming ``path:line``, and so is a file listed twice.
   Either may carry ``"finished": false`` (a chat also on its response message): the
   response was cut (e.g. at a generation limit, as ``--mode=distill`` marks its answers)
   and did not end there. Earlier assistant turns of a chat are prompt: never scored.
@@ -98,7 +98,8 @@ def docstring_pairs(root: str | None = None) -> Iterator[Pair]:
   root = root or corpora.stdlib_root()
   for rel in corpora.stdlib_files(root):
     path = os.path.join(root, rel)
-    module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    # stdlib_files gives POSIX paths on every OS (os.sep is "\\" on Windows).
+    module = rel[:-3].replace("/", ".").removesuffix(".__init__")
     if any(part.startswith("_") for part in module.split(".")):
       continue  # Private modules (_pyio, __future__) are not the documented API.
     try:
@@ -195,12 +196,18 @@ def jsonl_records(paths: str) -> list[Pair | list[dict]]:
 
   Raises:
     ValueError: naming ``path:line`` for a line that is not UTF-8, not JSON or not a
-      valid record.
+      valid record; or naming a file listed twice (``a.jsonl,./a.jsonl``), which would
+      train on each of its records twice.
   """
-  out = []
+  out, seen = [], {}
   for path in [p.strip() for p in paths.split(",") if p.strip()]:
     if not os.path.isfile(path):
       raise ValueError(f"data.sft_source: no such JSONL file {path!r}")
+    real = os.path.realpath(path)
+    if real in seen:
+      raise ValueError(f"data.sft_source lists the JSONL file {path!r} twice (also as "
+                       f"{seen[real]!r}): its records would all be read twice; list it once")
+    seen[real] = path
     for n, rec in corpora.read_jsonl(path, "data.sft_source"):
       out.append(_pair_of_record(rec, f"{path}:{n}"))
   return out

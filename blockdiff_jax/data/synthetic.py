@@ -51,12 +51,23 @@ def validate_task(task: str) -> str:
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
-  """Parses a comma-separated task list such as ``"sort,add"``."""
+  """Parses a comma-separated task list such as ``"sort,add"``.
+
+  Raises:
+    ValueError: naming no task, an unknown one, or one twice. ``mixed_example`` gives
+      task ``tasks[i % n]`` its example ``i // n``, so a repeated task would repeat each
+      of its examples (``"sort,sort,add"``: every sort example twice), not weight it.
+  """
   tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
   if not tasks:
     raise ValueError(f"No synthetic task named in {spec!r}.")
   for t in tasks:
     validate_task(t)
+  repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+  if repeated:
+    raise ValueError(f"Synthetic task(s) {', '.join(map(repr, repeated))} named more than "
+                     f"once in {spec!r}: tasks are mixed uniformly and a repeat would "
+                     "only repeat its examples; name each task once.")
   return tasks
 
 
