@@ -80,7 +80,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def metadata(path: str) -> dict[str, Any]:
-  """All scalar/str metadata of a GGUF file (arrays omitted)."""
+  """All metadata of a GGUF file but the vocabulary arrays (tokens, merges, types, scores)."""
   reader = _reader(path)
   out = {}
   for key, f in reader.fields.items():
@@ -96,6 +96,32 @@ def _f32(x) -> float:
   return float(str(np.float32(x)))
 
 
+_REQUIRED = object()
+
+
+def _int_key(g, where: str, key: str, default: Any = _REQUIRED) -> int:
+  """An integer hyperparameter, as llama.cpp reads it.
+
+  llama.cpp also accepts one value per layer (an array) for the head counts and the
+  feed-forward length; the same value for every layer is the plain model.
+
+  Raises:
+    CorruptCheckpointError: a required key is missing (llama.cpp refuses the file too).
+    UnsupportedArchitectureError: per-layer values that differ.
+  """
+  value = g(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise safetensors_io.CorruptCheckpointError(f"{where}.{key} is missing (required)")
+    return int(default)
+  if isinstance(value, list):
+    if not value or any(v != value[0] for v in value):
+      raise architectures.UnsupportedArchitectureError(
+          f"{where}.{key}={value}: a different value per layer is not supported")
+    value = value[0]
+  return int(value)
+
+
 def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   arch = _field(reader, "general.architecture")
   if arch not in GGUF_ARCHITECTURES:
@@ -103,17 +129,18 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
         f"{path}: unsupported GGUF architecture {arch!r}; supported: "
         f"{', '.join(GGUF_ARCHITECTURES)}")
   g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
-  heads = int(g("attention.head_count"))
-  d_model = int(g("embedding_length"))
+  n = lambda k, d=_REQUIRED: _int_key(g, f"{path}: {arch}", k, d)
+  heads = n("attention.head_count")
+  d_model = n("embedding_length")
   tokens = _field(reader, "tokenizer.ggml.tokens") or []
   hf = {
       "model_type": GGUF_ARCHITECTURES[arch],
-      "vocab_size": int(g("vocab_size", len(tokens))),
+      "vocab_size": n("vocab_size", len(tokens)),
       "hidden_size": d_model,
-      "intermediate_size": int(g("feed_forward_length", 0)),
-      "num_hidden_layers": int(g("block_count")),
+      "intermediate_size": n("feed_forward_length", 0),
+      "num_hidden_layers": n("block_count"),
       "num_attention_heads": heads,
-      "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+      "num_key_value_heads": n("attention.head_count_kv", heads),
       "head_dim": int(g("attention.key_length", d_model // heads)),
       "rms_norm_eps": _f32(g("attention.layer_norm_rms_epsilon", 1e-6)),
       "rope_theta": _f32(g("rope.freq_base", 10000.0)),
@@ -130,9 +157,9 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
         f"{path}: {arch}.rope.dimension_count={int(rotated)} (RoPE on only part of each head "
         f"of {hf['head_dim']}) is not supported")
   if arch == "qwen3moe":
-    hf.update({"num_experts": int(g("expert_count")),
-               "num_experts_per_tok": int(g("expert_used_count")),
-               "moe_intermediate_size": int(g("expert_feed_forward_length")),
+    hf.update({"num_experts": n("expert_count"),
+               "num_experts_per_tok": n("expert_used_count"),
+               "moe_intermediate_size": n("expert_feed_forward_length"),
                # llama.cpp's qwen3moe always renormalizes the top-k weights.
                "norm_topk_prob": bool(g("expert_weights_norm", True))})
   return hf
@@ -223,8 +250,11 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       rope.scaling.type other than linear/yarn/none (or YaRN keys llama.cpp ignores set
       to other than their defaults), a rope.dimension_count below the head size, or a
       rope_freqs.weight tensor that is not llama3 scaling (or comes with a scaled factor).
+    UnsupportedArchitectureError: also for a tensor of a GGML type we cannot read (I32 ...)
+      or per-layer head counts / feed-forward lengths that differ, naming them.
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
-    CorruptCheckpointError: naming the file when it cannot be parsed or dequantized.
+    CorruptCheckpointError: naming the file when it cannot be parsed or dequantized, or
+      lacks a required key.
   """
   import gguf  # pylint: disable=g-import-not-at-top
   reader = _reader(path)
@@ -262,8 +292,15 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
     shape = tuple(int(s) for s in reversed(t.shape))
     try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
+      if t.tensor_type == gguf.GGMLQuantizationType.F64:  # The gguf package has no case.
+        w = t.data.view(np.float64)
+      else:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
       w = np.asarray(w, np.float32).reshape(shape)
+    except NotImplementedError as e:  # A valid file of a type we cannot read (I32 ...).
+      raise architectures.UnsupportedArchitectureError(
+          f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which is not "
+          f"supported ({e})") from e
     except Exception as e:
       raise safetensors_io.CorruptCheckpointError(
           f"{path}: cannot read tensor {t.name!r} ({t.tensor_type.name}, shape {shape}): "

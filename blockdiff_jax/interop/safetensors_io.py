@@ -9,6 +9,7 @@ reads only those bytes; bfloat16 comes through ``ml_dtypes`` (numpy has none).
 
 import json
 import os
+import re
 import struct
 from typing import Any, Iterable
 
@@ -19,12 +20,24 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+SINGLE_FILENAME = "model.safetensors"
 INDEX_FILENAME = "model.safetensors.index.json"
+_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class CorruptCheckpointError(ValueError):
   """A checkpoint file is unreadable, truncated or inconsistent; names the file."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """json object hook: a name listed twice would otherwise keep only its last entry."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"{key!r} is listed twice")
+    out[key] = value
+  return out
 
 
 class SafetensorsFile:
@@ -43,11 +56,14 @@ class SafetensorsFile:
           raise CorruptCheckpointError(
               f"{path}: header length {n} exceeds the file ({size} bytes); truncated or "
               "not a safetensors file")
-        header = json.loads(f.read(n))
+        header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
     except CorruptCheckpointError:
       raise
     except (OSError, ValueError, UnicodeDecodeError) as e:
       raise CorruptCheckpointError(f"{path}: cannot read the safetensors header: {e}") from e
+    if not isinstance(header, dict):
+      raise CorruptCheckpointError(
+          f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
     self.metadata = header.pop("__metadata__", None) or {}
     self._data_start = 8 + n
     self.tensors = {}
@@ -63,14 +79,38 @@ class SafetensorsFile:
         begin, end = (int(x) for x in info["data_offsets"])
       except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: bad header entry for tensor {name!r}: {e}") from e
-      if end - begin != dtype.itemsize * int(np.prod(shape)):
+      if min(shape, default=0) < 0 or begin < 0 or (
+          end - begin != dtype.itemsize * int(np.prod(shape))):
         raise CorruptCheckpointError(
-            f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) "
+            f"for shape {shape} {dtype}")
       if self._data_start + end > size:
         raise CorruptCheckpointError(
             f"{path}: truncated: tensor {name!r} ends at byte {self._data_start + end} "
             f"but the file has {size}")
       self.tensors[name] = (dtype, shape, begin)
+    self._check_layout(size)
+
+  def _check_layout(self, size: int) -> None:
+    """Tensors must tile the data exactly, as the reference reader demands.
+
+    Overlapping ranges would silently read one tensor's bytes as another's; a gap or
+    bytes past the last tensor mean a header that does not describe its file.
+    """
+    spans = sorted((begin, begin + dtype.itemsize * int(np.prod(shape)), name)
+                   for name, (dtype, shape, begin) in self.tensors.items())
+    pos = 0
+    for begin, end, name in spans:
+      if begin != pos:
+        raise CorruptCheckpointError(
+            f"{self.path}: tensor {name!r} starts at data offset {begin} but the tensors "
+            f"before it end at {pos} ({'overlapping' if begin < pos else 'a gap'}); "
+            "corrupt header")
+      pos = end
+    if self._data_start + pos != size:
+      raise CorruptCheckpointError(
+          f"{self.path}: the tensors end at byte {self._data_start + pos} but the file has "
+          f"{size}; corrupt header or trailing data")
 
   def shape(self, name: str) -> tuple[int, ...]:
     return self.tensors[name][1]
@@ -113,6 +153,10 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = Non
 class Checkpoint:
   """All tensors of an HF model folder (one file, several, or sharded with an index).
 
+  Files are chosen as transformers chooses them: ``model.safetensors`` if there is one,
+  else the shards the index names (each tensor from its named shard), else every
+  ``*.safetensors`` file, where a tensor in two files is refused as ambiguous.
+
   Also answers per-expert names (``mlp.experts.{j}.gate_proj.weight``) from the fused
   expert tensors that transformers >= 5 may write (``mlp.experts.gate_up_proj`` [E, 2F, D],
   ``mlp.experts.down_proj`` [E, D, F]).
@@ -121,7 +165,11 @@ class Checkpoint:
   def __init__(self, folder: str):
     self.folder = folder
     index_path = os.path.join(folder, INDEX_FILENAME)
-    if os.path.isfile(index_path):
+    # transformers' order: model.safetensors wins over an index next to it (a leftover of
+    # an earlier sharded save), so both read the same weights.
+    if os.path.isfile(os.path.join(folder, SINGLE_FILENAME)):
+      files, weight_map = [SINGLE_FILENAME], None
+    elif os.path.isfile(index_path):
       try:
         with open(index_path, encoding="utf-8") as f:
           weight_map = json.load(f)["weight_map"]
@@ -140,13 +188,19 @@ class Checkpoint:
         raise CorruptCheckpointError(f"{index_path}: shard {fname} is missing")
       self.files[fname] = SafetensorsFile(path)
     self._where = {}
+    if weight_map is not None:  # Each tensor from the shard the index names.
+      for name, fname in weight_map.items():
+        if name not in self.files[fname].tensors:
+          raise CorruptCheckpointError(f"{index_path}: tensor {name!r} is not in {fname}")
+        self._where[name] = self.files[fname]
     for fname, sf in self.files.items():
       for name in sf.tensors:
-        self._where[name] = sf
-    if weight_map is not None:
-      for name, fname in weight_map.items():
-        if name not in self._where:
-          raise CorruptCheckpointError(f"{index_path}: tensor {name!r} is not in {fname}")
+        other = self._where.setdefault(name, sf)
+        if weight_map is None and other is not sf:
+          # Which copy is meant is unknowable (a stale file next to a newer export?).
+          raise CorruptCheckpointError(
+              f"{folder}: tensor {name!r} is in both {os.path.basename(other.path)} and "
+              f"{fname}; remove the stale file or add a {INDEX_FILENAME}")
 
   @property
   def names(self) -> set[str]:
@@ -200,13 +254,20 @@ class Checkpoint:
 
 def write_folder(folder: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 0,
                  metadata: Iterable[tuple[str, Any]] = ()) -> list[str]:
-  """Writes ``model.safetensors`` (or shards plus an index when over max_shard_bytes)."""
+  """Writes ``model.safetensors`` (or shards plus an index when over max_shard_bytes).
+
+  The weight files of an earlier save into ``folder`` that this one does not replace
+  (``model.safetensors``, the index, ``model-*-of-*`` shards) are removed: a loader
+  would otherwise read the old weights (transformers prefers a stale model.safetensors
+  to a new index; an index left next to a new model.safetensors names the old shards).
+  """
   os.makedirs(folder, exist_ok=True)
   meta = dict(metadata) or {"format": "pt"}
   total = sum(np.asarray(a).nbytes for a in tensors.values())
   if not max_shard_bytes or total <= max_shard_bytes:
-    write(os.path.join(folder, "model.safetensors"), tensors, meta)
-    return ["model.safetensors"]
+    write(os.path.join(folder, SINGLE_FILENAME), tensors, meta)
+    _remove_stale(folder, [SINGLE_FILENAME])
+    return [SINGLE_FILENAME]
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
     nbytes = np.asarray(tensors[name]).nbytes
@@ -224,4 +285,13 @@ def write_folder(folder: str, tensors: dict[str, np.ndarray], max_shard_bytes: i
     weight_map.update({name: fname for name in shard})
   with open(os.path.join(folder, INDEX_FILENAME), "w", encoding="utf-8") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  _remove_stale(folder, files + [INDEX_FILENAME])
   return files
+
+
+def _remove_stale(folder: str, keep: list[str]) -> None:
+  """Removes the weight files of an earlier save that are not in ``keep``."""
+  for fname in os.listdir(folder):
+    stale = fname in (SINGLE_FILENAME, INDEX_FILENAME) or _SHARD_PATTERN.fullmatch(fname)
+    if stale and fname not in keep and os.path.isfile(os.path.join(folder, fname)):
+      os.remove(os.path.join(folder, fname))
