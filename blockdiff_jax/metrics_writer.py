@@ -9,7 +9,8 @@ import numpy as np
 
 
 def _scalar(v: Any) -> float:
-  return float(np.asarray(v))
+  # reshape: numpy 2 refuses float() of an array of size 1 that is not 0-d ([x], [[x]]).
+  return float(np.asarray(v).reshape(()))
 
 
 # The row key that names a row's non-finite values; they are written as null.
@@ -23,7 +24,9 @@ def finite_or_none(tree: Any) -> Any:
   For result files: ``json.dump(finite_or_none(x), f, allow_nan=False)`` is strict JSON.
   """
   if isinstance(tree, dict):
-    return {k: finite_or_none(v) for k, v in tree.items()}
+    # json refuses numpy keys too (np.int64 from np.unique, a length bucket).
+    return {k.item() if isinstance(k, np.generic) else k: finite_or_none(v)
+            for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
     return [finite_or_none(v) for v in tree]
   # json refuses numpy scalars other than float64 (float32, int64, bool_), numpy arrays
@@ -88,11 +91,12 @@ def read_rows(path: str) -> list[dict]:
 def truncate_rows(path: str, last_step: int) -> int:
   """Drops the rows of ``path`` (JSONL) whose step is after ``last_step``; returns how many.
 
-  A torn last line (a kill mid-write) is dropped too.
+  A torn last line (a kill mid-write) is dropped too; a whole last row without its
+  newline gets one, since the next row appended would glue onto it.
   """
   if not os.path.exists(path):
     return 0
-  kept, dropped = [], 0
+  kept, dropped, unended = [], 0, False
   with open(path, encoding="utf-8") as f:
     for line in f:
       try:
@@ -100,9 +104,10 @@ def truncate_rows(path: str, last_step: int) -> int:
         keep = int(row["step"]) <= last_step
       except (ValueError, KeyError, TypeError):
         keep = False
+      unended |= keep and not line.endswith("\n")
       kept += [line if line.endswith("\n") else line + "\n"] if keep else []
       dropped += not keep
-  if dropped:
+  if dropped or unended:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)

@@ -43,6 +43,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  if x.dtype == jnp.bool_:  # bitcast_convert_type refuses bool (a flag in an optax state).
+    x = x.astype(jnp.uint8)
   bits = jax.lax.bitcast_convert_type(
       x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
   # Odd weights are invertible mod 2**32: any change of one element changes the sum.
@@ -232,6 +234,10 @@ class Checkpointer:
     Args:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore onto.
       step: which checkpoint; None = latest.
+
+    Raises:
+      FileNotFoundError: listing the saved steps, when ``step`` is not one of them.
+      CorruptCheckpointError: no step (or the ``step`` asked for) restores.
     """
     explicit = step is not None
 
@@ -246,6 +252,10 @@ class Checkpointer:
       data_state = {k: v for k, v in data_state.items() if k != FINGERPRINT}
       return restored[STATE], data_state
 
+    if explicit and step not in self.manager.all_steps():
+      # Not a corrupt checkpoint (as the failed restore would have called it): none.
+      raise FileNotFoundError(f"no step {step} in {self.directory} (it has "
+                              f"{sorted(self.manager.all_steps())})")
     steps = [step] if explicit else list(self.manager.all_steps())
     restored_step, result = _restore_newest(self.directory, steps, restore_step, explicit)
     # Only a fallback proves the newer steps corrupt: an explicit step never tried them,
@@ -300,7 +310,8 @@ def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> No
   want_flat = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
   for path, want in want_flat.items():
     if path not in saved_flat:
-      raise ValueError(f"parameter {path} (shape {tuple(want.shape)}) is missing from {where}")
+      raise ValueError(f"parameter {path} (shape {tuple(want.shape)}) is missing from "
+                       f"{where}{_layout_hint(saved_flat, want_flat)}")
     got = tuple(saved_flat[path].shape)
     if got != tuple(want.shape):
       raise ValueError(f"parameter {path} has shape {got} in {where} but the config expects "
@@ -308,6 +319,26 @@ def check_params_fit(saved: Any, abstract: Any, where: str = "checkpoint") -> No
   extra = sorted(set(saved_flat) - set(want_flat))
   if extra:
     raise ValueError(f"{where} has parameters the config lacks: {extra[:5]}")
+
+
+def _stacked(flat: dict) -> bool | None:
+  """Whether ``flat``'s layers are stacked (``stack_<seg>``, model.scan_layers=True),
+  one module per layer (``layer_<i>``), or None (neither: no layers)."""
+  tops = {path.split("/", 1)[0] for path in flat}
+  if any(t.startswith("stack_") for t in tops):
+    return True
+  return False if any(t.startswith("layer_") for t in tops) else None
+
+
+def _layout_hint(saved_flat: dict, want_flat: dict) -> str:
+  """Names ``model.scan_layers`` when it alone makes the two trees differ in names: the
+  missing parameter (``layer_0/...`` vs ``stack_0/...``) did not say why."""
+  saved, want = _stacked(saved_flat), _stacked(want_flat)
+  if saved is None or want is None or saved == want:
+    return ""
+  return (f" (its layers are {'stacked' if saved else 'one module each'}: it was saved with "
+          f"model.scan_layers={saved}, the config has model.scan_layers={want}; pass "
+          f"--config.model.scan_layers={saved})")
 
 
 def _reader(checkpoint_dir: str) -> ocp.CheckpointManager:
