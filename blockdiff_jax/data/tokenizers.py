@@ -70,7 +70,7 @@ class Tokenizer(abc.ABC):
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Encodes several texts; subclasses may parallelize."""
-    return [self.encode(t) for t in texts]
+    return [self.encode(t) for t in check_texts(texts)]
 
   def token_id(self, name: str) -> int:
     """Returns the id of a special token, e.g. ``"<|eos|>"`` or ``"eos"``.
@@ -130,6 +130,83 @@ class Tokenizer(abc.ABC):
     return self.token_id(SEP)
 
 
+def library_vocab_size(tokenizer: hf_tokenizers.Tokenizer, cache: dict) -> int:
+  """One past the largest id of a ``tokenizers.Tokenizer``: the ``vocab_size`` it needs.
+
+  The library's ``get_vocab_size`` counts tokens, which is less when the ids skip values
+  (a tokenizer.json with holes); the model built with that size would get ids past its
+  embedding (a gather JAX clamps without an error). The largest id is looked up once per
+  token count (copying a 150k vocabulary takes a fraction of a second).
+
+  Args:
+    tokenizer: the library tokenizer.
+    cache: the caller's dict, kept between calls.
+  """
+  count = tokenizer.get_vocab_size(with_added_tokens=True)
+  if cache.get("count") != count:
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    cache["count"], cache["size"] = count, max(count, max(ids, default=-1) + 1)
+  return cache["size"]
+
+
+def check_texts(texts: Any) -> list[str]:
+  """``texts`` as a list of str, or a TypeError naming what is not one.
+
+  The library reads a str as a sequence of one-character texts and a (str, str) pair as
+  a pair to encode together, so a wrong argument would encode without an error.
+  """
+  if isinstance(texts, (str, bytes)):
+    raise TypeError(f"encode_batch expects a sequence of str, got {type(texts).__name__}; "
+                    "use encode for one text.")
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"encode_batch: texts[{i}] is {type(t).__name__}, not str.")
+  return texts
+
+
+def unencodable_error(text: str, where: str = "text") -> ValueError | None:
+  """A ValueError naming the lone surrogate of ``text`` (no UTF-8 form), else None.
+
+  ``json.loads`` accepts an escaped ``"\\ud83d"`` (half an emoji), and the library
+  then fails with ``TypeError: TextInputSequence must be str``.
+  """
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return ValueError(f"{where} holds the lone surrogate {text[e.start]!r} at character "
+                      f"{e.start}; it has no UTF-8 form to encode.")
+  return None
+
+
+def library_encode(tokenizer: hf_tokenizers.Tokenizer, text: str) -> list[int]:
+  """``tokenizer.encode(text)`` ids without added specials; ValueError on a lone surrogate."""
+  if not isinstance(text, str):
+    raise TypeError(f"encode expects str, got {type(text).__name__}.")
+  try:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+  except TypeError:
+    error = unencodable_error(text)
+    if error is None:
+      raise
+    raise error from None
+
+
+def library_encode_batch(tokenizer: hf_tokenizers.Tokenizer,
+                         texts: Any) -> list[np.ndarray]:
+  """``encode_batch`` of ``tokenizer`` as int32 arrays; errors name the text at fault."""
+  texts = check_texts(texts)
+  try:
+    encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+  except TypeError:
+    for i, t in enumerate(texts):
+      error = unencodable_error(t, f"texts[{i}]")
+      if error is not None:
+        raise error from None
+    raise
+  return [np.asarray(e.ids, np.int32) for e in encs]
+
+
 def _as_id_array(ids: Any) -> np.ndarray:
   arr = np.asarray(ids)
   if arr.ndim != 1:
@@ -155,7 +232,11 @@ class ByteTokenizer(Tokenizer):
   def encode(self, text: str) -> np.ndarray:
     if not isinstance(text, str):
       raise TypeError(f"encode expects str, got {type(text).__name__}.")
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    try:
+      data = text.encode("utf-8")
+    except UnicodeEncodeError:
+      raise unencodable_error(text) from None
+    return np.frombuffer(data, np.uint8).astype(np.int32)
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
     arr = _as_id_array(ids)
@@ -223,6 +304,7 @@ class BPETokenizer(Tokenizer):
     tokenizer.encode_special_tokens = True
     self._tok = tokenizer
     self._source = source
+    self._size_cache = {}
     self._specials = {}
     for token_id, added in tokenizer.get_added_tokens_decoder().items():
       if added.special:
@@ -271,21 +353,17 @@ class BPETokenizer(Tokenizer):
 
   @property
   def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
+    return library_vocab_size(self._tok, self._size_cache)
 
   @property
   def special_tokens(self) -> dict[str, int]:
     return dict(self._specials)
 
   def encode(self, text: str) -> np.ndarray:
-    if not isinstance(text, str):
-      raise TypeError(f"encode expects str, got {type(text).__name__}.")
-    ids = self._tok.encode(text, add_special_tokens=False).ids
-    return np.asarray(ids, np.int32)
+    return np.asarray(library_encode(self._tok, text), np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encs]
+    return library_encode_batch(self._tok, texts)
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
     arr = _as_id_array(ids)

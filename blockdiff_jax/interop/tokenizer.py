@@ -55,7 +55,17 @@ def hf_tokenizer_from_gguf(meta: dict) -> hf_tokenizers.Tokenizer:
   if meta["model"] != "gpt2":
     raise ValueError(f"GGUF tokenizer model {meta['model']!r} is not supported (only "
                      "byte-level BPE, 'gpt2')")
-  tokens, types = list(meta["tokens"]), list(meta["token_type"])
+  if not meta.get("tokens"):
+    raise ValueError("GGUF tokenizer has no tokenizer.ggml.tokens (no vocabulary)")
+  if meta.get("merges") is None:
+    raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+  tokens = list(meta["tokens"])
+  # token_type is optional in GGUF: without it every token is normal, as llama.cpp and
+  # transformers read it (bos/eos/pad/unk still become special: PretrainedTokenizer).
+  types = [1] * len(tokens) if meta.get("token_type") is None else list(meta["token_type"])
+  if len(types) != len(tokens):
+    raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for "
+                     f"{len(tokens)} tokens")
   vocab = {tok: i for i, tok in enumerate(tokens)}
   merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
   tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE(
@@ -157,6 +167,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     # matched whole by encode() and kept by decode(skip_special=True) otherwise.
     _flag_special(tokenizer, (bos_id, eos_id, pad_id, mask_id, unk_id))
     self._tok = tokenizer
+    self._size_cache = {}  # data_tokenizers.library_vocab_size's.
     self._unk_id = unk_id  # Only chat templates see it (as unk_token).
     # The model's own pad (None: none); the data pipeline pads with eos then, but chat
     # templates, as in transformers, see no pad_token.
@@ -216,14 +227,30 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
                unk_id=token_id("unk"))
 
   def add_mask_token(self, mask_id: int | None = None) -> int:
-    """Makes ``<|mask|>`` the MASK token: a new id (next free) or an existing ``mask_id``."""
+    """Makes ``<|mask|>`` the MASK token: a new id (next free) or an existing ``mask_id``.
+
+    A new token gets the id the library gives, its token count: ``vocab_size`` (the
+    ``mask_id`` asked for then) when the ids have no holes, else a free id below it.
+
+    Raises:
+      ValueError: the library's id is another token's (ids with holes) or not
+        ``mask_id``.
+    """
     if self._ids["mask"] is not None:
       return self._ids["mask"]
-    if mask_id is None or mask_id >= self._tok.get_vocab_size(with_added_tokens=True):
+    if mask_id is None or self._tok.id_to_token(mask_id) is None:
+      bound = self.vocab_size
+      free = self._tok.get_vocab_size(with_added_tokens=True)
+      taken = self._tok.id_to_token(free)
+      if taken is not None:
+        # The library would give <|mask|> that id too: two tokens, one id.
+        raise ValueError(f"cannot add <|mask|>: the tokenizer's ids have holes and the id "
+                         f"a new token gets, {free}, is {taken!r}'s; add <|mask|> to its "
+                         "tokenizer.json")
       self._tok.add_special_tokens([hf_tokenizers.AddedToken(MASK_TOKEN, special=True,
                                                               normalized=False)])
       got = self._tok.token_to_id(MASK_TOKEN)
-      if mask_id is not None and got != mask_id:
+      if mask_id is not None and got != mask_id and not (mask_id == bound and got < bound):
         raise ValueError(f"<|mask|> got id {got}, expected {mask_id}")
       mask_id = got
     _flag_special(self._tok, (mask_id,))
@@ -238,7 +265,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
 
   @property
   def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
+    """One past the largest id (more than the token count when the ids have holes)."""
+    return data_tokenizers.library_vocab_size(self._tok, self._size_cache)
 
   @property
   def special_tokens(self) -> dict[str, int]:
@@ -278,22 +306,19 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     return np.array(sorted(ids), np.int32)
 
   def encode(self, text: str) -> np.ndarray:
-    if not isinstance(text, str):
-      raise TypeError(f"encode expects str, got {type(text).__name__}.")
     with _SPECIALS_FLAG:
-      return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+      return np.asarray(data_tokenizers.library_encode(self._tok, text), np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     with _SPECIALS_FLAG:
-      encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encs]
+      return data_tokenizers.library_encode_batch(self._tok, texts)
 
   def encode_with_specials(self, text: str) -> np.ndarray:
     """Encodes text in which special tokens (``<|im_start|>`` ...) are spelled out."""
     with _SPECIALS_FLAG:
       self._tok.encode_special_tokens = False
       try:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+        return np.asarray(data_tokenizers.library_encode(self._tok, text), np.int32)
       finally:
         self._tok.encode_special_tokens = True
 
@@ -362,11 +387,16 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
               if isinstance(m.get("content"), str) and any(t in m["content"] for t in specials)]
     if not unsafe:
       return self.encode_with_specials(text)
-    # Render again with a marker in place of each unsafe content to find its span.
-    marked = [dict(m, content=f"\ue000{i}\ue001") if i in unsafe else m
+    # Render again with a marker in place of each unsafe content to find its span; its
+    # two private-use characters are ones the conversation does not hold (a message
+    # spelling the marker would be taken for one and the conversation refused).
+    seen = text + "".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+    lo, hi = next((chr(c), chr(c + 1)) for c in range(0xE000, 0xF8FF, 2)
+                  if chr(c) not in seen and chr(c + 1) not in seen)
+    marked = [dict(m, content=f"{lo}{i}{hi}") if i in unsafe else m
               for i, m in enumerate(messages)]
     rendering = self.apply_chat_template(marked, add_generation_prompt)
-    pieces = re.split("\ue000(\\d+)\ue001", rendering)
+    pieces = re.split(f"{lo}(\\d+){hi}", rendering)
     order = [int(k) for k in pieces[1::2]]
     rebuilt = "".join(p if j % 2 == 0 else messages[int(p)]["content"]
                       for j, p in enumerate(pieces))
