@@ -54,6 +54,10 @@ _PAIR_NEEDLE = '\n\nKey "{key}" has value "{value}".\n\n'
 _PAIR_QUESTION = '\n\nWhat is the value of key "{key}"? The value is'
 _PASSKEY_RE = re.compile(r"The pass key is (\d+)\. Remember it\.")
 _QUESTION_KEY_RE = re.compile(r'What is the value of key "([0-9a-f]+)"\?')
+# What may follow an answer (``exact_match``): the end, or closing punctuation then the
+# end or whitespace; whitespace must not lead to another number ("48213 7"). Whitespace
+# in the lookahead: "\s+" cannot then stop short of a run's last space.
+_ANSWER_END_RE = re.compile(r"""[.,;:!?"')\]]*(?:$|\s+(?![\s\d]))""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,18 +420,17 @@ def clean_completion(completion: str) -> str:
 def exact_match(completion: str, answer: str) -> bool:
   """True iff the cleaned completion opens with the whole answer and nothing more of it.
 
-  Quotes round it and what follows a non-alphanumeric character are ignored: the prompt
-  says ``The pass key is 48213. Remember it.``, so ``" 48213."`` (or ``"b7d2e915".`` for
-  a key's value) is the model copying the needle, a hit; ``482130``, ``4821`` or
-  ``48213.5`` (a separator, then more digits) is not.
-  The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
+  The prompts end the answer as the needle does: ``The pass key is 48213. Remember it.``
+  and ``has value "b7d2e915".``. So after the answer the completion may stop, or go on
+  with closing punctuation (``.,;:!?"')]``) that is then followed by whitespace or the
+  end, or with whitespace before a word: ``" 48213."``, ``48213. Remember it.`` and
+  ``"b7d2e915".`` are hits. ``482130``, ``4821``, ``48213.5`` or ``48213 7`` (another
+  number goes on), and ``b7d2e915_x`` or ``48213-ab`` (the key glued to more text) are
+  not. The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
   with the ``hit`` of ``retrieval``'s rows.
   """
   text = clean_completion(completion).strip(" \"'")
-  rest = text[len(answer):]
-  # "48213.5", "48213 7" or "48213-99" go on with another number: not the key.
-  return (text.startswith(answer) and not rest[:1].isalnum()
-          and not rest[1:2].isdigit())
+  return text.startswith(answer) and bool(_ANSWER_END_RE.match(text[len(answer):]))
 
 
 def solve(example_or_prompt: Any) -> str:

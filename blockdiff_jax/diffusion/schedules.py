@@ -1,6 +1,7 @@
 """Noise schedules and per-block noise-level sampling (BD3-LM)."""
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -24,9 +25,11 @@ class LogLinearSchedule:
   eps: float = 1e-3
 
   def __post_init__(self):
-    # eps <= 0 gives an unbounded 1/t weight, and eps >= 1 weights every t alike.
-    if not 0.0 < self.eps < 1.0:  # Also refuses NaN.
-      raise ValueError(f"diffusion.eps must be in (0, 1), got {self.eps}")
+    # eps <= 0 gives an unbounded 1/t weight, and eps >= 1 weights every t alike. A
+    # non-number (None, "1e-3") failed the comparison in a TypeError naming no field.
+    if (isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real)
+        or not 0.0 < self.eps < 1.0):  # Also refuses NaN.
+      raise ValueError(f"diffusion.eps must be in (0, 1), got {self.eps!r}")
 
   def mask_prob(self, t: Array) -> Array:
     return t
@@ -52,6 +55,10 @@ class NoiseRange:
   omega: float = 1.0
 
   def __post_init__(self):
+    for name in ("beta", "omega"):  # None failed the comparison below in a bare TypeError.
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"diffusion.{name} must be a number, got {value!r}")
     if not 0.0 <= self.beta < self.omega <= 1.0:
       raise ValueError(f"need 0 <= diffusion.beta < diffusion.omega <= 1, got "
                        f"beta={self.beta}, omega={self.omega}")

@@ -104,9 +104,10 @@ def validate(e: ml_collections.ConfigDict) -> None:
 
 
 def long_context_lengths(config: ml_collections.ConfigDict) -> list[int]:
-  """The prompt lengths of the long_context task (``eval.long_context_lengths``)."""
+  """The prompt lengths of the long_context task (``eval.long_context_lengths``), each
+  once (a repeated length would weigh its prompts double in the overall exact match)."""
   e = config.eval
-  lengths = int_list(e, "long_context_lengths")
+  lengths = list(dict.fromkeys(int_list(e, "long_context_lengths")))
   if lengths:
     return lengths
   return [config.data.seq_len * 2**i for i in range(5)]

@@ -67,11 +67,14 @@ def _split(spec: str) -> list[str]:
   return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
+def _parse_decoders(spec: str, warn: bool = False) -> list[tuple[str, float | None]]:
   """``eval.decoders`` as (policy, value) pairs, each checked as the decoder will build it.
 
   Checked here, before the model loads: a typo'd policy or an out-of-range value would
-  otherwise fail every decoding task only once each one runs.
+  otherwise fail every decoding task only once each one runs. A decoder named twice
+  ("threshold:0.9,threshold:0.90") decodes once, as a task named twice in ``eval.tasks``
+  runs once (``warn``: say so, once per run); two different values that report under one
+  name are refused.
   """
   out = []
   for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -101,7 +104,21 @@ def _parse_decoders(spec: str) -> list[tuple[str, float | None]]:
     raise ValueError(f"eval.decoders is empty: {spec!r}")
   # A decoder named twice ("threshold:0.9,threshold:0.90") would decode every task twice
   # and keep only its second result under the one name.
-  return list(dict.fromkeys(out))
+  unique = list(dict.fromkeys(out))
+  if warn and len(unique) < len(out):
+    twice = next(d for i, d in enumerate(out) if d in out[:i])
+    print(f"eval: eval.decoders names {_decoder_name(*twice)} more than once ({spec!r}); "
+          f"each decoder runs once", flush=True)
+  # Results are keyed by the name, which keeps 6 digits: threshold:0.9000001 decoded
+  # after threshold:0.9 overwrote its results under "threshold:0.9".
+  names: dict[str, tuple[str, float | None]] = {}
+  for d in unique:
+    other = names.setdefault(_decoder_name(*d), d)
+    if other != d:
+      raise ValueError(f"eval.decoders: {d[0]}:{d[1]!r} and {other[0]}:{other[1]!r} both "
+                       f"report as {_decoder_name(*d)!r}, in {spec!r}; give values that "
+                       f"differ in their first 6 digits")
+  return unique
 
 
 def _decoder_name(policy: str, value: float | None) -> str:
@@ -372,9 +389,12 @@ def task_throughput(ev: Evaluator) -> dict:
 def task_long_context(ev: Evaluator) -> dict:
   c, e = ev.config, ev.config.eval
   lengths = eval_config.long_context_lengths(c)
+  # Each cell once: a repeated length, depth or task ("0.5,0.50") built its prompts twice
+  # and weighed that cell double in the overall exact match.
+  depths = list(dict.fromkeys(float(d) for d in e.long_context_depths.split(",")))
   suite = long_context_data.make_suite(
-      ev.tokenizer, lengths=lengths, depths=[float(d) for d in e.long_context_depths.split(",")],
-      per_cell=e.long_context_per_cell, tasks=_split(e.long_context_tasks),
+      ev.tokenizer, lengths=lengths, depths=depths, per_cell=e.long_context_per_cell,
+      tasks=list(dict.fromkeys(_split(e.long_context_tasks))),
       num_pairs=e.long_context_num_pairs, seed=e.long_context_seed)
   # A model trained on corpus="long_context" read its prompts as BOS prompt SEP.
   wrap = c.data.corpus == "long_context"
@@ -498,8 +518,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {eval_config.TASKS}")
   # A task named twice would run twice and keep only its second result.
+  if len(set(tasks)) < len(tasks):
+    twice = next(t for i, t in enumerate(tasks) if t in tasks[:i])
+    print(f"eval: eval.tasks names {twice!r} more than once ({e.tasks!r}); "
+          f"each task runs once", flush=True)
   tasks = list(dict.fromkeys(tasks))
-  _parse_decoders(e.decoders)
+  _parse_decoders(e.decoders, warn=True)
   eval_config.validate(e)
   lc_tasks = _split(e.long_context_tasks)
   bad = [t for t in lc_tasks if t not in long_context_data.TASKS]

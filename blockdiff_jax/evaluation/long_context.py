@@ -124,7 +124,8 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
 
 
 def answer_matches(completion: str, answer: str) -> bool:
-  """The completion starts with the answer, not followed by more of a number or hex key.
+  """The completion starts with the answer, then ends, or ends the answer as the prompts
+  do (closing punctuation, whitespace), with no more of a key or number after it.
 
   ``data.long_context.exact_match``: one rule for ``retrieval`` and ``score``.
   """

@@ -121,10 +121,18 @@ def distinct_rows(dataset) -> int | None:
 
 
 def _unscore_rows_from(batch: dict, first: int) -> dict:
-  """``batch`` with rows ``first:`` scoring nothing (their ``loss_mask`` zeroed)."""
+  """``batch`` with rows ``first:`` counting nothing: ``loss_mask`` zeroed, and marked as
+  padding (``segment_ids`` -1), which the MoE router statistics skip.
+
+  A zeroed ``loss_mask`` alone kept the repeats out of the NELBO, but the load-balance
+  and z-losses (so ``loss``, which adds them) still averaged over their tokens.
+  """
   mask = np.array(batch["loss_mask"], copy=True)
   mask[first:] = 0
-  return {**batch, "loss_mask": mask}
+  seg = batch.get("segment_ids")
+  seg = np.zeros(mask.shape, np.int32) if seg is None else np.array(seg, copy=True)
+  seg[first:] = -1
+  return {**batch, "loss_mask": mask, "segment_ids": seg}
 
 
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
