@@ -259,7 +259,10 @@ class MoEFeedForward(nn.Module):
   """Top-k MoE SwiGLU layer with an optional shared expert.
 
   Returns ``(y, stats)`` where stats holds the load-balance loss, the router z-loss,
-  tokens per expert and the number of experts used in this forward.
+  tokens per expert and the number of experts used in this forward. Every statistic
+  counts the tokens with a segment id >= 0: padding marked by a negative segment id is
+  left out, while tokens that are merely unscored (loss mask 0: prompts, the clean
+  stream, SFT's EOS tail, which has a segment of its own) are routed and counted.
   """
 
   cfg: MoEConfig
@@ -270,6 +273,10 @@ class MoEFeedForward(nn.Module):
     cfg = self.cfg
     b, t, d = x.shape
     e, f = cfg.num_experts, cfg.expert_dim
+    # One metadata row for the whole batch (masks.TokenMeta.broadcast_to's form) routes
+    # the same, but the statistics below then divided B rows' counts by one row's token
+    # count: the load-balance loss came out B^2 times too large, the z-loss B times.
+    meta = meta.broadcast_to((b, t))
     router = self.param("router", layers.logical_init(
         nn.initializers.normal(stddev=d ** -0.5), ("embed", "expert")), (d, e), jnp.float32)
     init = lambda axes: layers.logical_init(
@@ -321,7 +328,14 @@ class MoEFeedForward(nn.Module):
     counts = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * valid[..., None, None],
                      axis=(0, 1, 2))
     fraction = counts / (n_valid * cfg.top_k)
-    mean_prob = jnp.sum(probs * valid[..., None], axis=(0, 1)) / n_valid
+    # Switch/GShard's P_e is the mean of a distribution over the experts. Sigmoid scores
+    # are not one: unnormalised, E * sum_e f_e P_e was E/2 at perfect balance and fell
+    # whenever every logit fell, so the router could lower it without balancing. They
+    # are normalised per token first, as DeepSeek-V3's balance loss does.
+    balance_probs = probs
+    if cfg.router_func == "sigmoid":
+      balance_probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
+    mean_prob = jnp.sum(balance_probs * valid[..., None], axis=(0, 1)) / n_valid
     z = jax.nn.logsumexp(logits, axis=-1)
     stats = {
         "load_balance_loss": e * jnp.sum(fraction * mean_prob),

@@ -8,7 +8,8 @@ Settings come from the arguments, else from the environment:
 
 * ``JAX_COORDINATOR_ADDRESS``: ``host:port`` of process 0's coordinator service;
 * ``JAX_NUM_PROCESSES``: how many processes take part;
-* ``JAX_PROCESS_ID``: this process's index in ``[0, num_processes)``.
+* ``JAX_PROCESS_ID``: this process's index in ``[0, num_processes)``, each
+  process its own (required with more than one process, unless ``auto=True``).
 
 With one process (or none of the settings) it does nothing, so single-host
 runs need no flags. On clusters that JAX detects by itself (SLURM, Open MPI,
@@ -35,29 +36,48 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
 
 
+def _given(coordinator_address: str | None, num_processes: int | None,
+           process_id: int | None) -> tuple[str | None, int | None, int | None]:
+  """The settings the arguments or the environment give, None where neither does."""
+  coordinator = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  n = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+  pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+  return coordinator, n, pid
+
+
+def _check(coordinator: str | None, n: int | None, pid: int | None,
+           need_id: bool) -> tuple[str | None, int, int | None]:
+  """Checks given settings; (coordinator, num_processes, process_id or None)."""
+  n = 1 if n is None else n
+  if n < 1:
+    raise ValueError(f"num_processes must be >= 1, got {n}")
+  if pid is not None and not 0 <= pid < n:
+    raise ValueError(f"process_id={pid} must be in [0, num_processes={n})")
+  if n > 1 and not coordinator:
+    raise ValueError(f"num_processes={n} needs a coordinator address (host:port): pass "
+                     f"coordinator_address or set {ENV_COORDINATOR}")
+  # Defaulting to 0 made every process of the job process 0: each then waited for the
+  # others to join (the whole initialization timeout) and died saying a task failed.
+  if n > 1 and pid is None and need_id:
+    raise ValueError(f"num_processes={n} needs this process's id in [0, {n}): pass "
+                     f"process_id or set {ENV_PROCESS_ID} (each process its own), or use "
+                     f"auto=True where JAX detects the cluster (SLURM, Open MPI)")
+  if coordinator:
+    _check_address(coordinator)
+  return coordinator, n, pid
+
+
 def settings(coordinator_address: str | None = None, num_processes: int | None = None,
              process_id: int | None = None) -> tuple[str | None, int, int]:
   """(coordinator, num_processes, process_id) from the arguments, else the environment.
 
   Raises:
-    ValueError: naming the inconsistent setting (e.g. process_id out of range or a
-      multi-process run without a coordinator).
+    ValueError: naming the inconsistent setting (e.g. process_id out of range, or a
+      multi-process run without a coordinator or without this process's id).
   """
-  coordinator = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-  n = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
-  pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
-  n = 1 if n is None else n
-  pid = 0 if pid is None else pid
-  if n < 1:
-    raise ValueError(f"num_processes must be >= 1, got {n}")
-  if not 0 <= pid < n:
-    raise ValueError(f"process_id={pid} must be in [0, num_processes={n})")
-  if n > 1 and not coordinator:
-    raise ValueError(f"num_processes={n} needs a coordinator address (host:port): pass "
-                     f"coordinator_address or set {ENV_COORDINATOR}")
-  if coordinator:
-    _check_address(coordinator)
-  return coordinator, n, pid
+  coordinator, n, pid = _check(*_given(coordinator_address, num_processes, process_id),
+                               need_id=True)
+  return coordinator, n, 0 if pid is None else pid
 
 
 def _check_address(address: str) -> None:
@@ -88,8 +108,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Args:
     coordinator_address: ``host:port`` of process 0 (default ``$JAX_COORDINATOR_ADDRESS``).
     num_processes: processes in the job (default ``$JAX_NUM_PROCESSES``, else 1).
-    process_id: this process (default ``$JAX_PROCESS_ID``, else 0).
-    auto: let JAX detect the cluster (SLURM, MPI, TPU) when nothing is given.
+    process_id: this process (default ``$JAX_PROCESS_ID``; needed with more than one
+      process unless ``auto``).
+    auto: let JAX detect the cluster (SLURM, MPI, TPU) and whatever is not given.
     timeout_s: how long to wait for all processes to join.
 
   Returns:
@@ -98,14 +119,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   global _initialized
   if _initialized:
     return True
-  coordinator, n, pid = settings(coordinator_address, num_processes, process_id)
+  given = _given(coordinator_address, num_processes, process_id)
+  # With auto, what is not given is JAX's to detect (a process id from SLURM_PROCID).
+  coordinator, n, pid = _check(*given, need_id=not auto)
   if n == 1 and not auto:
     return False
-  if n == 1:
-    jax.distributed.initialize(initialization_timeout=timeout_s)
-  else:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=n,
-                               process_id=pid, initialization_timeout=timeout_s)
+  jax.distributed.initialize(coordinator_address=coordinator,
+                             num_processes=given[1] if auto else n, process_id=pid,
+                             initialization_timeout=timeout_s)
   _initialized = True
   logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
