@@ -56,9 +56,11 @@ class SummaryConfig:
   def __post_init__(self):
     layers.require_ints(self, "model.summary", ("num_slots", "window_blocks"))
     layers.require_ints(self, "diffusion", ("block_size",))
-    for name in ("num_slots", "window_blocks", "block_size"):
+    # block_size is diffusion.block_size in the config: no model.summary field holds it.
+    for section, name in (("model.summary", "num_slots"), ("model.summary", "window_blocks"),
+                          ("diffusion", "block_size")):
       if getattr(self, name) < 1:
-        raise ValueError(f"model.summary.{name} must be >= 1 with summary tokens on, "
+        raise ValueError(f"{section}.{name} must be >= 1 with summary tokens on, "
                          f"got {getattr(self, name)}")
 
   def layout(self, mode: str) -> masks.SummaryLayout | None:

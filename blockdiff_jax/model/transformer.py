@@ -226,7 +226,10 @@ class Transformer(nn.Module):
     # The lookup names its output layout: under Explicit mesh axes a gather of a
     # [vocab@tensor, embed@fsdp] table by batch-split ids has no unique one.
     # mode="fill": an out-of-range id gives NaNs (as nn.Embed's take), not a clamped row.
-    x = embed.embedding.astype(dtype).at[tokens].get(
+    # A negative id (a -1 pad, a -100 ignore label) would wrap around to one of the last
+    # rows like a Python index and give finite, wrong logits: sent past the end instead.
+    ids = jnp.where(tokens < 0, cfg.vocab_size, tokens)
+    x = embed.embedding.astype(dtype).at[ids].get(
         mode="fill", fill_value=jnp.nan,
         out_sharding=sharding.out_spec(sharding.TOKEN_AXES, tokens.shape + (cfg.d_model,)))
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -234,6 +237,15 @@ class Transformer(nn.Module):
     # Computed once from the token ids and passed down to every adapter.
     lora_gate = lora_lib.lora_gate(tokens, cfg.lora)
     num_tokens = tokens.shape[1]
+    if logits_slice is not None:
+      start, length = logits_slice
+      # A negative start counts from the end in the slice below (start -1 gives no row
+      # at all) and a slice past the input is cut short: both silently change the
+      # number of logits the caller lines up with its tokens.
+      if not (0 <= start and 0 <= length and start + length <= num_tokens):
+        raise ValueError(f"logits_slice=(start={start}, length={length}) must lie inside "
+                         f"the {num_tokens} input tokens (0 <= start, start + length <= "
+                         f"{num_tokens})")
     layout = None
     if cfg.summary is not None:
       # Created in every mode, so an init without slots has the parameter too.
