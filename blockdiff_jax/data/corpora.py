@@ -255,6 +255,11 @@ def _jsonl_documents(key: str, path: str,
     if not isinstance(text, str):
       raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
                        f"{type(text).__name__}, not a string.")
+    try:  # JSON may escape half a surrogate pair ("\ud83d"): not text any tokenizer takes.
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"{path}:{line_no}: field {text_field!r} holds a lone surrogate "
+                       f"U+{ord(text[e.start]):04X} at character {e.start}.") from None
     if text:  # An empty text holds no document, as an empty file holds none.
       yield Document(f"{key}:{line_no}", text)
 
