@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import numbers
 from typing import Mapping, Sequence
 
 from blockdiff_jax.evaluation import humaneval
@@ -37,6 +38,10 @@ from blockdiff_jax.evaluation import sandbox
 SINGLE_LINE = "single-line"
 MULTI_LINE = "multi-line"
 KINDS = (SINGLE_LINE, MULTI_LINE)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +66,17 @@ class InfillOptions:
     if unknown:
       raise ValueError(f"unknown infilling kinds {sorted(unknown)}; "
                        f"choose from {KINDS}")
-    if self.per_problem is not None and self.per_problem < 1:
-      raise ValueError(f"per_problem must be >= 1 or None, got "
-                       f"{self.per_problem}")
-    if self.max_span_lines < 2:
-      raise ValueError(f"max_span_lines must be >= 2, got "
-                       f"{self.max_span_lines}")
+    if not self.kinds:  # No task at all: scoring would only say "no tasks to score".
+      raise ValueError(f"kinds must name at least one of {KINDS}, got {self.kinds!r}")
+    # Integers only: 1.5 or 2.0 would pass the range checks and fail later as a slice
+    # or range index, naming neither option.
+    if self.per_problem is not None and (not _is_int(self.per_problem)
+                                         or self.per_problem < 1):
+      raise ValueError(f"per_problem must be an integer >= 1 or None, got "
+                       f"{self.per_problem!r}")
+    if not _is_int(self.max_span_lines) or self.max_span_lines < 2:
+      raise ValueError(f"max_span_lines must be an integer >= 2, got "
+                       f"{self.max_span_lines!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,8 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     num_batches: batches to read at most. A finite split (``distinct_rows``) is read
       up to its last row only: rows past it repeat earlier ones, and counting a row
       twice as two sequences understates the standard error.
-    bytes_per_token: UTF-8 bytes per text (non-special) token; default the dataset's.
+    bytes_per_token: UTF-8 bytes per text (non-special) token, a finite number > 0;
+      default the dataset's (no bits/byte where it is not such a number).
     progress: a stream for lines with rate and ETA (None: silent).
     special_ids: the tokenizer's special ids. Scored specials (EOS, SFT padding) are
       text of no bytes: bits/byte divides all the scored bits by the bytes of the
@@ -98,14 +99,19 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     is known, ``bits_per_byte`` and its standard error.
 
   Raises:
-    ValueError: if ``num_batches`` or ``num_samples`` is < 1, or no row of the
-      batches has a scored token.
+    ValueError: if ``num_batches`` or ``num_samples`` is < 1, ``bytes_per_token`` is
+      given but not a finite number > 0, or no row of the batches has a scored token.
   """
   # Before any batch is read: with none, numpy would fail later with "need at least
   # one array", naming neither argument.
   for name, value in (("num_batches", num_batches), ("num_samples", num_samples)):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
       raise ValueError(f"likelihood.evaluate: {name} must be an integer >= 1, got {value!r}")
+  # Before the forwards: 0 would silently drop bits/byte, a negative or NaN value
+  # would report a negative or NaN one.
+  if bytes_per_token is not None and not _positive_number(bytes_per_token):
+    raise ValueError("likelihood.evaluate: bytes_per_token must be a finite number > 0 "
+                     f"(None: the dataset's), got {bytes_per_token!r}")
   obj = evaluation_objective(obj)
   fn = jax.jit(lambda p, batch, rng: per_sequence_sums(apply_fn, p, batch, rng, obj))
   nats, scored, text = [], [], []
@@ -147,11 +153,18 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
          "noise_samples": num_samples}
   bpt = bytes_per_token if bytes_per_token is not None else getattr(dataset, "bytes_per_token",
                                                                     None)
-  if bpt and text.sum() > 0:
+  # A dataset without a usable ratio (no bytes measured: 0 or NaN) gives no bits/byte.
+  if _positive_number(bpt) and text.sum() > 0:
     per_text, per_text_stderr = _ratio(nats, text)
     out["bits_per_byte"] = per_text / math.log(2) / bpt
     out["bits_per_byte_stderr"] = per_text_stderr / math.log(2) / bpt
   return out
+
+
+def _positive_number(value: Any) -> bool:
+  """Whether ``value`` is a finite real number > 0 (not a bool)."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
 
 
 def distinct_rows(dataset: Any) -> int | None:

@@ -41,6 +41,7 @@ Array = Any
 
 # Extra per-layer statistics the interceptor adds (scalars per layer).
 # Quality metrics of the objective, each averaged over the tokens it is a mean over.
+MODES = ("token", "block")
 QUALITY_KEYS = ("nelbo", "masked_ce", "masked_accuracy")
 BLOCK_STAT_KEYS = ("noisy_unique_sum", "noisy_coreset_sum", "noisy_groups",
                    "clean_unique_sum", "clean_coreset_sum", "clean_groups")
@@ -60,6 +61,15 @@ class RoutingSetting:
   coverage: float = 1.0
   min_experts: int = 0
 
+  def __post_init__(self):
+    # Any mode but "token" would route by block (``with_routing``) while ``sweep`` labels
+    # the row with no coverage / minimum; a coverage outside (0, 1] would only fail in
+    # ``MoEConfig`` once the token baseline has already been evaluated.
+    if self.mode not in MODES:
+      raise ValueError(f"RoutingSetting: mode must be one of {MODES}, got {self.mode!r}")
+    if self.mode == "block":
+      _check_coverage(self.coverage)
+
   @property
   def name(self) -> str:
     if self.mode == "token":
@@ -71,17 +81,31 @@ def settings_grid(num_experts: int, top_k: int, coverages: Sequence[float],
                   min_sizes: Sequence[int], keep_full: bool = False) -> list[RoutingSetting]:
   """Token routing, then block routing over coverages x minimum sizes.
 
-  Minimum sizes are clipped to [top_k, num_experts] (``MoEConfig``'s valid range) and
-  deduplicated, so e.g. {top_k, 2·top_k, E/2} with E = 4, k = 2 gives {2, 4}. A minimum
+  Coverages must lie in (0, 1] (checked here, before any evaluation) and repeats are
+  dropped. Minimum sizes are clipped to [top_k, num_experts] (``MoEConfig``'s valid
+  range) and deduplicated, so e.g. {top_k, 2·top_k, E/2} with E = 4, k = 2 gives {2, 4}. A minimum
   of E keeps every expert in every block, which is token routing exactly (tested), so it
   is dropped unless ``keep_full``.
   """
+  # Checked before any setting is built: a bad p would otherwise fail only when the
+  # sweep reaches it, after the token baseline (and earlier settings) ran.
+  for p in coverages:
+    _check_coverage(p)
+  coverages = list(dict.fromkeys(float(p) for p in coverages))  # As the minimum sizes.
   mins = sorted({min(max(int(m), top_k), num_experts) for m in min_sizes})
   if not keep_full:
     mins = [m for m in mins if m < num_experts]
   out = [RoutingSetting("token")]
   out += [RoutingSetting("block", float(p), m) for m in mins for p in coverages]
   return out
+
+
+def _check_coverage(p: Any) -> None:
+  """Raises ValueError unless ``p`` is a real number in (0, 1] (``MoEConfig``'s range)."""
+  if (isinstance(p, bool) or not isinstance(p, numbers.Real)
+      or not 0.0 < float(p) <= 1.0):
+    raise ValueError(f"routing_sweep: block coverage p must be a number in (0, 1], "
+                     f"got {p!r}")
 
 
 def with_routing(cfg: transformer.TransformerConfig,
