@@ -28,6 +28,10 @@ from conftest import small_model_config
     ("b7d2e915_x", False), ("b7d2e915-ab", False), ("b7d2e915.x", False),
     ("b7d2e915~", False), ("b7d2e915/2", False), ("b7d2e915  7", False),
     ("b7d2e915. 7", False), ("b7d2e915.5", False), ("b7d2e915f", False),
+    # A line break ends the answer whatever follows; curly and CJK closers end it too.
+    ("b7d2e915\n\n1. ", True), ("b7d2e915.\n2", True), ("b7d2e915 \r\n7", True),
+    ("b7d2e915.\u201d", True), ("b7d2e915\u3002", True), ("b7d2e915*", True),
+    ("b7d2e915, 7", False), ("b7d2e915-", False), ("b7d2e915\t7", False),
 ])
 def test_answer_must_end_as_the_prompt_ends_it(completion, hit):
   """HEAD: anything after a non-alphanumeric character passed, so "b7d2e915_x" and

@@ -54,10 +54,11 @@ _PAIR_NEEDLE = '\n\nKey "{key}" has value "{value}".\n\n'
 _PAIR_QUESTION = '\n\nWhat is the value of key "{key}"? The value is'
 _PASSKEY_RE = re.compile(r"The pass key is (\d+)\. Remember it\.")
 _QUESTION_KEY_RE = re.compile(r'What is the value of key "([0-9a-f]+)"\?')
-# What may follow an answer (``exact_match``): the end, or closing punctuation then the
-# end or whitespace; whitespace must not lead to another number ("48213 7"). Whitespace
-# in the lookahead: "\s+" cannot then stop short of a run's last space.
-_ANSWER_END_RE = re.compile(r"""[.,;:!?"')\]]*(?:$|\s+(?![\s\d]))""")
+# What may follow an answer (``exact_match``): closing punctuation (ASCII, curly quotes,
+# CJK full stop), then the end, a line break (a list or the next line may start with a
+# digit), or blanks before a word, never before another number on the line ("48213 7").
+_ANSWER_END_RE = re.compile(
+    r"""[.,;:!?"')\]*\u201d\u2019\u300d\u3002]*(?:$|[ \t]*\r?\n|[ \t]+(?![ \t\d]))""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,11 +423,12 @@ def exact_match(completion: str, answer: str) -> bool:
 
   The prompts end the answer as the needle does: ``The pass key is 48213. Remember it.``
   and ``has value "b7d2e915".``. So after the answer the completion may stop, or go on
-  with closing punctuation (``.,;:!?"')]``) that is then followed by whitespace or the
-  end, or with whitespace before a word: ``" 48213."``, ``48213. Remember it.`` and
-  ``"b7d2e915".`` are hits. ``482130``, ``4821``, ``48213.5`` or ``48213 7`` (another
-  number goes on), and ``b7d2e915_x`` or ``48213-ab`` (the key glued to more text) are
-  not. The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
+  with closing punctuation (``.,;:!?"')]*``, curly quotes, ``\u3002``) that is then
+  followed by the end, a line break, or blanks before a word: ``" 48213."``,
+  ``48213. Remember it.``, ``48213.\n2. next`` and ``"b7d2e915".`` are hits.
+  ``482130``, ``4821``, ``48213.5``, ``48213 7`` or ``48213, 7`` (another number goes on
+  on the same line), and ``b7d2e915_x`` or ``48213-ab`` (the key glued to more text)
+  are not. The same rule as ``evaluation.long_context.answer_matches``, so ``score`` agrees
   with the ``hit`` of ``retrieval``'s rows.
   """
   text = clean_completion(completion).strip(" \"'")
