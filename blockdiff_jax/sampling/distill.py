@@ -187,13 +187,20 @@ def _line(q: str, a: str, ended: bool) -> str:
   return json.dumps({"prompt": q, "response": a, "finished": ended}) + "\n"
 
 
-def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str]) -> dict:
-  """What an answers file depends on: the model, its step, the questions, the decoding."""
+def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str],
+             contexts: Sequence[np.ndarray] = ()) -> dict:
+  """What an answers file depends on: the model, its step, the questions, the decoding.
+
+  ``contexts`` are the questions as rendered for the model (``sft.render``'s prompt ids):
+  the tokenizer and its chat template live in the workdir, not in ``config.model``, so an
+  edited template would otherwise resume a file answered from other contexts.
+  """
   d = config.distill
   digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True, default=str)
                                     .encode()).hexdigest()[:16]
   return {"model": digest(config.model.to_dict()), "step": step,
           "questions": digest(list(prompts)), "num_questions": len(prompts),
+          "contexts": digest([[int(t) for t in c] for c in contexts]),
           "max_new_tokens": d.max_new_tokens, "max_len": d.max_len,
           "batch_size": d.batch_size,
           "token_shift": bool(config.diffusion.get("token_shift", False)),
@@ -254,8 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   path = os.path.join(workdir, ANSWERS)
   partial = os.path.join(workdir, PARTIAL)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  want = settings(config, step, prompts)
   heads = [sft.render(tokenizer, (q, ""))[0] for q in prompts]
+  want = settings(config, step, prompts, heads)
   total = sum(len(h) + d.max_new_tokens <= d.max_len for h in heads)
   done = (read_partial(partial, want, d.batch_size - 1, total)
           if os.path.exists(partial) else [])

@@ -27,14 +27,19 @@ def _first_eos(row: np.ndarray, eos_id: int) -> int:
   return int(hits[0]) if hits.size else len(row)
 
 
-def _results(tokenizer, canvas, out, wall_s, block_size) -> list[dict]:
-  """Per-row results: text, generated tokens, NFE, TPF, steps per block."""
+def _results(tokenizer, canvas, out, wall_s, block_size, eos_id) -> list[dict]:
+  """Per-row results: text, generated tokens, NFE, TPF, steps per block.
+
+  ``eos_id`` is the decoders' stop token (``options.eos_id``), which may differ from the
+  tokenizer's (a chat model stopping at its end-of-turn token): the slots after it stay
+  MASK, so a cut at the tokenizer's EOS would count them as generated and inflate TPF.
+  """
   rows = []
   total = 0
   for i in range(canvas.tokens.shape[0]):
     gen_slots = np.flatnonzero(canvas.maskable[i])
     gen = out["tokens"][i, gen_slots]
-    cut = _first_eos(gen, tokenizer.eos_id)
+    cut = _first_eos(gen, eos_id)
     n_gen = min(cut + 1, len(gen))
     total += n_gen
     nfe = int(out["nfe"][i])
@@ -55,6 +60,17 @@ def _results(tokenizer, canvas, out, wall_s, block_size) -> list[dict]:
   for r in rows:
     r["tokens_per_s"] = total / wall_s if wall_s > 0 else float("nan")
   return rows
+
+
+def _check_mask_id(options: layout.DecodeOptions, tokenizer: tokenizers.Tokenizer) -> None:
+  """Refuses options whose MASK is not the tokenizer's.
+
+  The canvas is built with the tokenizer's MASK and the decoders fill ``options.mask_id``
+  slots: the block decoder would fill nothing and return the canvas's MASK slots as text.
+  """
+  if options.mask_id != tokenizer.mask_id:
+    raise ValueError(f"options.mask_id={options.mask_id} is not the tokenizer's mask_id="
+                     f"{tokenizer.mask_id}; build the options with the tokenizer's MASK")
 
 
 def _check_decoder_choice(ar: bool, isd_stride: int) -> None:
@@ -90,9 +106,11 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
     (per-row result dicts, batch summary with forwards, tokens/s, mean TPF...).
 
   Raises:
-    ValueError: both ``ar`` and ``isd_stride`` are set, or a prompt has mask spans.
+    ValueError: both ``ar`` and ``isd_stride`` are set, ``options.mask_id`` is not the
+      tokenizer's, or a prompt has mask spans.
   """
   _check_decoder_choice(ar, isd_stride)
+  _check_mask_id(options, tokenizer)
   ids = []
   for i, p in enumerate(prompts):
     parsed = layout.parse(tokenizer, p)
@@ -114,7 +132,7 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
   t0 = time.perf_counter()
   out = run(on_block)
   wall = time.perf_counter() - t0
-  rows = _results(tokenizer, canvas, out, wall, options.block_size)
+  rows = _results(tokenizer, canvas, out, wall, options.block_size, options.eos_id)
   n_gen = sum(r["generated_tokens"] for r in rows)
   nfe = sum(r["nfe"] for r in rows)
   row_nfe = [r["nfe"] for r in rows]
@@ -140,6 +158,7 @@ def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
   texts], "nfe": ...}``. Text outside the spans is copied from the input string, never
   re-decoded, so it is byte-identical.
   """
+  _check_mask_id(options, tokenizer)
   parsed = [layout.parse(tokenizer, t) for t in texts]
   canvas = layout.infill_canvas(parsed, options.block_size, max_len, width)
   opts = dataclasses.replace(options, stop_at_eos=False)
@@ -199,9 +218,11 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
     ``error``; the summary of the continued prompts, empty when there were none).
 
   Raises:
-    ValueError: both ``ar`` and ``isd_stride`` are set (before any prompt runs).
+    ValueError: both ``ar`` and ``isd_stride`` are set, or ``options.mask_id`` is not
+      the tokenizer's (before any prompt runs).
   """
   _check_decoder_choice(ar, isd_stride)
+  _check_mask_id(options, tokenizer)  # A batch-wide setting, not one prompt's error.
   rows: list[dict | None] = [None] * len(prompts)
   continue_idx, infill_idx = [], []
   for i, p in enumerate(prompts):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import generation
+from blockdiff_jax.sampling import isd
 from blockdiff_jax.sampling import policies
 
 
@@ -78,7 +79,11 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
                      f"must be 0, got {options.sampling.temperature}")
   if not prompts:
     raise ValueError("compare_with_ar needs at least one prompt, got none")
-  if not dec.isd_stride and not isinstance(options.policy, policies.POLICIES[dec.policy]):
+  if dec.isd_stride:
+    # ISD refuses a model without token_shift only when it first runs: after the first
+    # prompt's warm AR decodes (a compile and two decodes of a real model) were spent.
+    isd.check_setup(options, dec.isd_stride)
+  elif not isinstance(options.policy, policies.POLICIES[dec.policy]):
     # The block decoder runs options.policy; the report names dec.policy.
     raise ValueError(f"dec.policy={dec.policy!r} but options.policy is "
                      f"{type(options.policy).__name__}: the report would name a decoder "
