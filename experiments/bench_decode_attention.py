@@ -25,6 +25,7 @@ XLA at small shapes and checks the kernel's output once, untimed.
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -68,7 +69,30 @@ def _parse_args(argv=None):
     args.cache_lens, args.batches = [1024, 4096], [1]
     args.heads, args.kv_heads, args.head_dim = 8, 2, 64
     args.warmup, args.iters = 1, 5
+  _check_args(p, args)
   return args
+
+
+def _check_args(p, args):
+  """Refuses bad sizes by flag name before anything compiles (a bad one used to fail
+  inside the kernel or in ``statistics.median`` after the first config had run)."""
+  for name in ("cache_lens", "batches"):
+    bad = [x for x in getattr(args, name) if x < 1]
+    if bad:
+      p.error(f"--{name}={getattr(args, name)}: every value must be >= 1 (got {bad})")
+  for name in ("block", "heads", "kv_heads", "head_dim", "block_k", "iters"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  for name in ("num_splits", "num_warps", "warmup"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name}={getattr(args, name)} must be >= 0")
+  if args.heads % args.kv_heads:
+    p.error(f"--heads={args.heads} must be a multiple of --kv_heads={args.kv_heads}")
+  # The queries' own block is the cache's last block: a cache shorter than it would give
+  # negative query positions.
+  if args.block > min(args.cache_lens):
+    p.error(f"--block={args.block} must be <= every --cache_lens "
+            f"(min {min(args.cache_lens)})")
 
 
 def _time(fn, *args, warmup, iters):
@@ -124,58 +148,83 @@ def _block_attention_fn(args, batch, cache):
 
 
 def bench(args, on_gpu):
+  """Yields one row per (batch, cache length) as it is measured.
+
+  A config that raises (out of memory at a long cache) is yielded as an error row and
+  the others still run.
+  """
   dtype = jnp.dtype(args.dtype)
   warps = args.num_warps or None
   splitk = da.DecodeBlockSizes(block_k=args.block_k, num_splits=args.num_splits or None,
                                num_warps=warps)
   one = da.DecodeBlockSizes(block_k=args.block_k, num_splits=1, num_warps=warps)
-  rows = []
   configs = [(b, s) for b in args.batches for s in args.cache_lens]
   started = time.perf_counter()
   for n, (batch, cache) in enumerate(configs):
-    q, k, v, q_pos, kv_pos, lens = _problem(batch, cache, args, dtype)
-    blk = args.block
-    kw = dict(q_positions=q_pos, kv_positions=kv_pos, kv_lengths=lens, block_size=blk)
-    xla = jax.jit(lambda q, k, v: xla_attention(q, k, v, q_pos, kv_pos, lens, blk))
-
-    def kernel_fn(bs, interpret):
-      return jax.jit(lambda q, k, v: da.decode_attention(q, k, v, block_sizes=bs,
-                                                         interpret=interpret, **kw))
-
-    layout = da.split_plan(q.shape, k.shape, splitk)
-    kv_bytes = 2 * batch * cache * args.kv_heads * args.head_dim * dtype.itemsize
-    row = dict(batch=batch, cache=cache, block=blk, heads=args.heads,
-               kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
-               num_splits=layout.num_splits, chunk=layout.chunk,
-               kv_mbytes=kv_bytes / 2**20)
-    t = dict(xla=_time(xla, q, k, v, warmup=args.warmup, iters=args.iters))
-    ref = xla(q, k, v).astype(jnp.float32)
-    if on_gpu:
-      t["pallas_splitk"] = _time(kernel_fn(splitk, False), q, k, v, warmup=args.warmup,
-                                 iters=args.iters)
-      t["pallas_1split"] = _time(kernel_fn(one, False), q, k, v, warmup=args.warmup,
-                                 iters=args.iters)
-      out = kernel_fn(splitk, False)(q, k, v)
-      if args.vs_block_attention:
-        t["block_attention"] = _time(_block_attention_fn(args, batch, cache), q, k, v,
-                                     warmup=args.warmup, iters=args.iters)
-    elif n == 0:
-      out = kernel_fn(splitk, True)(q, k, v)  # Interpreter: a correctness check only.
-    else:
-      out = None
-    if out is not None:
-      row["max_abs_err_vs_xla"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
-    for name, sec in t.items():
-      row[f"ms_{name}"] = sec * 1e3
-      row[f"gbps_{name}"] = kv_bytes / sec / 1e9
-      if name != "xla":
-        row[f"speedup_{name}_vs_xla"] = t["xla"] / sec
-    rows.append(row)
+    try:
+      row = _bench_one(args, on_gpu, batch, cache, dtype, splitk, one, n == 0)
+    except Exception as e:  # pylint: disable=broad-except
+      row = dict(batch=batch, cache=cache, error=f"{type(e).__name__}: {e}"[:500])
     elapsed = time.perf_counter() - started
     eta = elapsed / (n + 1) * (len(configs) - n - 1)
     print(f"[{n + 1}/{len(configs)}, {elapsed:.0f}s, ETA {eta:.0f}s] {json.dumps(row)}",
           flush=True)
-  return rows
+    yield row
+
+
+def _bench_one(args, on_gpu, batch, cache, dtype, splitk, one, first):
+  """The row of one (batch, cache length)."""
+  q, k, v, q_pos, kv_pos, lens = _problem(batch, cache, args, dtype)
+  blk = args.block
+  kw = dict(q_positions=q_pos, kv_positions=kv_pos, kv_lengths=lens, block_size=blk)
+  xla = jax.jit(lambda q, k, v: xla_attention(q, k, v, q_pos, kv_pos, lens, blk))
+
+  def kernel_fn(bs, interpret):
+    return jax.jit(lambda q, k, v: da.decode_attention(q, k, v, block_sizes=bs,
+                                                       interpret=interpret, **kw))
+
+  layout = da.split_plan(q.shape, k.shape, splitk)
+  kv_bytes = 2 * batch * cache * args.kv_heads * args.head_dim * dtype.itemsize
+  row = dict(batch=batch, cache=cache, block=blk, heads=args.heads,
+             kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+             num_splits=layout.num_splits, chunk=layout.chunk,
+             kv_mbytes=kv_bytes / 2**20)
+  t = dict(xla=_time(xla, q, k, v, warmup=args.warmup, iters=args.iters))
+  ref = xla(q, k, v).astype(jnp.float32)
+  if on_gpu:
+    t["pallas_splitk"] = _time(kernel_fn(splitk, False), q, k, v, warmup=args.warmup,
+                               iters=args.iters)
+    t["pallas_1split"] = _time(kernel_fn(one, False), q, k, v, warmup=args.warmup,
+                               iters=args.iters)
+    out = kernel_fn(splitk, False)(q, k, v)
+    if args.vs_block_attention:
+      t["block_attention"] = _time(_block_attention_fn(args, batch, cache), q, k, v,
+                                   warmup=args.warmup, iters=args.iters)
+  elif first:
+    out = kernel_fn(splitk, True)(q, k, v)  # Interpreter: a correctness check only.
+  else:
+    out = None
+  if out is not None:
+    row["max_abs_err_vs_xla"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+  for name, sec in t.items():
+    row[f"ms_{name}"] = sec * 1e3
+    # A timer that read 0 (a coarse clock) gives no rate rather than a ZeroDivisionError.
+    row[f"gbps_{name}"] = kv_bytes / sec / 1e9 if sec > 0 else None
+    if name != "xla":
+      row[f"speedup_{name}_vs_xla"] = t["xla"] / sec if sec > 0 else None
+  return row
+
+
+def _strict(x):
+  """``x`` with NaN/inf floats as None: strict JSON (a NaN kernel error used to be
+  written as the non-JSON token NaN, which other readers refuse)."""
+  if isinstance(x, dict):
+    return {k: _strict(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_strict(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
 
 
 def _fmt(x):
@@ -183,16 +232,20 @@ def _fmt(x):
     return "-"
   if isinstance(x, float):
     return f"{x:.3g}"
-  return str(x)
+  return str(x).replace("|", "\\|")  # An error message must not split the table row.
 
 
-def _write(rows, meta, out):
+def _write_tables(rows, meta, out):
+  """JSON and Markdown of the rows so far (after every row: a run killed by its time
+  limit keeps what it measured); returns the Markdown lines."""
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  rows = _strict(rows)  # The table too shows "-", not nan.
+  out.with_suffix(".json").write_text(
+      json.dumps(_strict(dict(meta=meta, rows=rows)), indent=1, allow_nan=False))
   cols = ["batch", "cache", "num_splits", "kv_mbytes", "ms_xla", "ms_pallas_splitk",
           "ms_pallas_1split", "ms_block_attention", "speedup_pallas_splitk_vs_xla",
           "speedup_pallas_1split_vs_xla", "speedup_block_attention_vs_xla",
-          "gbps_xla", "gbps_pallas_splitk", "max_abs_err_vs_xla"]
+          "gbps_xla", "gbps_pallas_splitk", "max_abs_err_vs_xla", "error"]
   cols = [c for c in cols if any(c in r for r in rows)]
   lines = [f"# Split-K decode attention ({meta['device']}, jax {meta['jax']})", "",
            meta["note"], "",
@@ -202,14 +255,25 @@ def _write(rows, meta, out):
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  return lines
+
+
+def _write(rows, meta, out):
+  """Tables, then the plot (skipped, and said so, where matplotlib is not installed)."""
+  lines = _write_tables(rows, meta, out)
+  print("\n".join(lines))
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print(f"wrote {out}.json/.md (no matplotlib: no plot)", flush=True)
+    return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for batch in dict.fromkeys(r["batch"] for r in rows):
-    rs = [r for r in rows if r["batch"] == batch]
+    rs = [r for r in rows if r["batch"] == batch and "ms_xla" in r]  # Not error rows.
     for name in ("xla", "pallas_splitk", "pallas_1split", "block_attention"):
-      if f"ms_{name}" in rs[0]:
+      if rs and f"ms_{name}" in rs[0]:
         ax.plot([r["cache"] for r in rs], [r[f"ms_{name}"] for r in rs], "o-",
                 label=f"{name} (batch {batch})")
   ax.set_xscale("log", base=2)
@@ -220,8 +284,21 @@ def _write(rows, meta, out):
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out.with_suffix(".png"), dpi=120)
-  print("\n".join(lines))
   print(f"wrote {out}.json/.md/.png", flush=True)
+
+
+def _command(script, argv):
+  """The command line, its --out value left out (a machine path, like args' --out)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  kept, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--out":
+      skip = True
+    elif not a.startswith("--out="):
+      kept.append(a)
+  return " ".join(["python", script] + kept)
 
 
 def main(argv=None):
@@ -234,13 +311,19 @@ def main(argv=None):
           "interpreter as a correctness check (interpret mode is not a timing).")
   print(note, flush=True)
   device = str(jax.devices()[0].device_kind)
-  rows = bench(args, on_gpu)
   meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
               backend=jax.default_backend(), jax=jax.__version__, note=note,
+              command=_command("experiments/bench_decode_attention.py", argv),
               # Not --out: a machine path; the files themselves say where they are.
               args={k: v for k, v in vars(args).items() if k != "out"})
   out = pathlib.Path(args.out or RESULTS_DIR / f"bench_decode_attention_{jax.default_backend()}")
+  rows = []
+  for row in bench(args, on_gpu):
+    rows.append(row)
+    _write_tables(rows, meta, out)
   _write(rows, meta, out)
+  if any("error" in r for r in rows):
+    sys.exit("some configs failed (error rows in the results)")
 
 
 if __name__ == "__main__":

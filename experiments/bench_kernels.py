@@ -16,6 +16,7 @@ CPU this script times the XLA references at small shapes only and says so.
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -65,7 +66,27 @@ def _parse_args(argv=None):
     args.tokens, args.seq_lens, args.diff_blocks = [256], [256], [32]
     args.heads, args.kv_heads, args.head_dim = 4, 2, 64
     args.warmup, args.iters = 1, 3
+  _check_args(p, args)
   return args
+
+
+def _check_args(p, args):
+  """Refuses bad sizes by flag name before anything compiles (a zero used to surface as
+  a shape error or a ``statistics.median`` of no times, after earlier cases had run)."""
+  for name in ("tokens", "seq_lens", "diff_blocks"):
+    bad = [x for x in getattr(args, name) if x < 1]
+    if bad:
+      p.error(f"--{name}={getattr(args, name)}: every value must be >= 1 (got {bad})")
+  for name in ("d_model", "experts", "top_k", "ffn_dim", "heads", "kv_heads", "head_dim",
+               "iters"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  if args.warmup < 0:
+    p.error(f"--warmup={args.warmup} must be >= 0")
+  if args.experts < 2:  # Expert 0 is left unused (router imbalance): one must remain.
+    p.error(f"--experts={args.experts} must be >= 2")
+  if args.heads % args.kv_heads:
+    p.error(f"--heads={args.heads} must be a multiple of --kv_heads={args.kv_heads}")
 
 
 def _time(fn, *args, warmup, iters):
@@ -89,7 +110,7 @@ def _max_err(a, b):
 
 
 def bench_gmm(args, on_gpu):
-  rows = []
+  """Yields one row per --tokens value as it is measured."""
   rng = np.random.default_rng(0)
   for tokens in args.tokens:
     m, k, n, g = tokens * args.top_k, args.d_model, args.ffn_dim, args.experts
@@ -138,9 +159,8 @@ def bench_gmm(args, on_gpu):
       row["speedup_vs_ragged_fwd"] = t["ragged_fwd"] / t["pallas_fwd"]
       row["ratio_to_dense_fwd"] = t["pallas_fwd"] / t["dense_fwd"]
       row["speedup_vs_ragged_fwd_bwd"] = t["ragged_fwd_bwd"] / t["pallas_fwd_bwd"]
-    rows.append(row)
     print("gmm", json.dumps(row), flush=True)
-  return rows
+    yield row
 
 
 def _visible_pairs(q_meta, kv_meta, spec):
@@ -169,7 +189,7 @@ def _attention_layouts(args):
 
 
 def bench_attention(args, on_gpu):
-  rows = []
+  """Yields one row per attention layout as it is measured."""
   spec = masks.MaskSpec()
   h, hkv, d = args.heads, args.kv_heads, args.head_dim
   for info, q_meta, kv_meta in _attention_layouts(args):
@@ -224,9 +244,8 @@ def bench_attention(args, on_gpu):
       row["speedup_vs_xla_fwd"] = t["xla_fwd"] / t["pallas_fwd"]
     if t["pallas_fwd_bwd"] and t["xla_fwd_bwd"]:
       row["speedup_vs_xla_fwd_bwd"] = t["xla_fwd_bwd"] / t["pallas_fwd_bwd"]
-    rows.append(row)
     print("attention", json.dumps(row), flush=True)
-  return rows
+    yield row
 
 
 def _fmt(x):
@@ -243,28 +262,27 @@ def _table(rows, cols):
   return "\n".join(lines)
 
 
-def main(argv=None):
-  args = _parse_args(argv)
-  on_gpu = jax.default_backend() == "gpu"
-  if args.gpu and not on_gpu:
-    raise SystemExit(f"--gpu given but the JAX backend is {jax.default_backend()!r}")
-  note = ("GPU: Pallas kernels (Triton) and XLA references timed." if on_gpu else
-          "No GPU: only the XLA references are timed (small shapes); the Pallas "
-          "kernels need a GPU (interpret mode is not a timing).")
-  print(note, flush=True)
-  device = str(jax.devices()[0].device_kind)
-  gmm_rows = bench_gmm(args, on_gpu)
-  att_rows = bench_attention(args, on_gpu)
-  out = pathlib.Path(args.out)
+def _strict(x):
+  """``x`` with NaN/inf floats as None: strict JSON (a NaN kernel error used to be
+  written as the non-JSON token NaN)."""
+  if isinstance(x, dict):
+    return {k: _strict(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_strict(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def _write(out, meta, gmm_rows, att_rows):
+  """Writes the JSON and Markdown of the rows so far; returns the Markdown."""
   out.parent.mkdir(parents=True, exist_ok=True)
-  meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
-              backend=jax.default_backend(), jax=jax.__version__, note=note,
-              # Not --out: its default is this checkout's absolute path, and the files
-              # themselves say where they are.
-              args={k: v for k, v in vars(args).items() if k != "out"})
-  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, gmm=gmm_rows,
-                                                      attention=att_rows), indent=1))
-  md = [f"# Kernel benchmark ({device}, jax {jax.__version__})", "", note, "",
+  gmm_rows, att_rows = _strict(gmm_rows), _strict(att_rows)  # The tables show "-", not nan.
+  out.with_suffix(".json").write_text(json.dumps(
+      _strict(dict(meta=meta, gmm=gmm_rows, attention=att_rows)), indent=1, allow_nan=False))
+  device, note = meta["device"], meta["note"]
+  md = [f"# Kernel benchmark ({device}, jax {meta['jax']})", "", note, "",
+        f"Command: `{meta['command']}`.", "",
         "## Grouped matmul (bf16 in, fp32 accumulation)", "",
         _table(gmm_rows, ["tokens", "m", "k", "n", "experts", "ms_pallas_fwd",
                           "ms_ragged_fwd", "ms_dense_fwd", "speedup_vs_ragged_fwd",
@@ -279,7 +297,49 @@ def main(argv=None):
                           "ms_pallas_fwd_bwd", "ms_xla_fwd_bwd", "speedup_vs_xla_fwd_bwd",
                           "eff_tflops_pallas_fwd_bwd"]), ""]
   out.with_suffix(".md").write_text("\n".join(md))
-  print("\n".join(md))
+  return "\n".join(md)
+
+
+def _command(script, argv):
+  """The command line, its --out value left out (a machine path, like args' --out)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  kept, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--out":
+      skip = True
+    elif not a.startswith("--out="):
+      kept.append(a)
+  return " ".join(["python", script] + kept)
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  if args.gpu and not on_gpu:
+    raise SystemExit(f"--gpu given but the JAX backend is {jax.default_backend()!r}")
+  note = ("GPU: Pallas kernels (Triton) and XLA references timed." if on_gpu else
+          "No GPU: only the XLA references are timed (small shapes); the Pallas "
+          "kernels need a GPU (interpret mode is not a timing).")
+  print(note, flush=True)
+  device = str(jax.devices()[0].device_kind)
+  out = pathlib.Path(args.out)
+  meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
+              backend=jax.default_backend(), jax=jax.__version__, note=note,
+              command=_command("experiments/bench_kernels.py", argv),
+              # Not --out: its default is this checkout's absolute path, and the files
+              # themselves say where they are.
+              args={k: v for k, v in vars(args).items() if k != "out"})
+  gmm_rows, att_rows = [], []
+  md = _write(out, meta, gmm_rows, att_rows)  # Written after every row: a run cut short
+  for row in bench_gmm(args, on_gpu):        # keeps what it measured.
+    gmm_rows.append(row)
+    md = _write(out, meta, gmm_rows, att_rows)
+  for row in bench_attention(args, on_gpu):
+    att_rows.append(row)
+    md = _write(out, meta, gmm_rows, att_rows)
+  print(md)
   print(f"wrote {out}.json and {out}.md")
 
 

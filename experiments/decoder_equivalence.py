@@ -138,16 +138,22 @@ def _compare(base: dict, new: dict) -> list[dict]:
     if b is None:
       table.append({"case": name, "missing_in_baseline": True})
       continue
-    tok_same = all(x["tokens"] == y["tokens"] for x, y in zip(b["rows"], n["rows"]))
-    nfe_same = all(x["nfe"] == y["nfe"] for x, y in zip(b["rows"], n["rows"]))
-    steps_same = all(x["steps"] == y["steps"] for x, y in zip(b["rows"], n["rows"]))
+    # zip() stops at the shorter list: a baseline with fewer rows (or none) would pass.
+    same_rows = len(b["rows"]) == len(n["rows"])
+    tok_same = same_rows and all(x["tokens"] == y["tokens"]
+                                 for x, y in zip(b["rows"], n["rows"]))
+    nfe_same = same_rows and all(x["nfe"] == y["nfe"] for x, y in zip(b["rows"], n["rows"]))
+    steps_same = same_rows and all(x["steps"] == y["steps"]
+                                   for x, y in zip(b["rows"], n["rows"]))
     table.append({
         "case": name, "sub_block": name.startswith(("sub", "infill_sub")),
         "tokens_identical": tok_same, "nfe_identical": nfe_same,
         "steps_identical": steps_same,
         "nfe_before": sum(x["nfe"] for x in b["rows"]),
         "nfe_after": sum(x["nfe"] for x in n["rows"]),
-        "nfe_never_higher": all(y["nfe"] <= x["nfe"] for x, y in zip(b["rows"], n["rows"])),
+        "rows_before": len(b["rows"]), "rows_after": len(n["rows"]),
+        "nfe_never_higher": same_rows and all(y["nfe"] <= x["nfe"]
+                                              for x, y in zip(b["rows"], n["rows"])),
         "forwards_before": b["forwards"], "forwards_after": n["forwards"],
         "wall_s_before": b.get("wall_s"), "wall_s_after": n.get("wall_s")})
   return table
@@ -221,6 +227,12 @@ def main():
                   help="save this run as the baseline instead of comparing")
   ap.add_argument("--out", default=_OUT)
   args = ap.parse_args()
+  if not args.write_baseline and not os.path.isfile(args.baseline):
+    # Found only after training and decoding every case, it used to cost the whole run.
+    ap.error(f"--baseline={args.baseline!r} does not exist: write one first with "
+             "--write_baseline (on the code before the change)")
+  if args.steps < 1:
+    ap.error(f"--steps={args.steps} must be >= 1")
 
   trained_here = not os.path.exists(os.path.join(args.workdir, "checkpoints"))
   if trained_here:

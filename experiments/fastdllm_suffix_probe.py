@@ -72,6 +72,24 @@ def build_rows(tok, pairs, keeps, span: int, width: int, block: int):
   return rows, meta
 
 
+def check_flags(ap: argparse.ArgumentParser, args) -> list[int]:
+  """The committed lengths k; bad flags refused by name before the checkpoint loads.
+
+  k = 0 read answer token -1 as "token k-1" and probed the prompt's last position; a
+  --span of 0 masked nothing, so the probed position fell back to 0.
+  """
+  try:
+    keeps = [int(k) for k in args.keeps.split(",")]
+  except ValueError:
+    ap.error(f"--keeps={args.keeps!r}: comma-separated integers expected")
+  if min(keeps) < 1:
+    ap.error(f"--keeps={args.keeps!r}: every k must be >= 1 (token k-1 is compared)")
+  for name in ("span", "batch", "prompts"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name}={getattr(args, name)} must be >= 1")
+  return keeps
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="a configs/smollm2_fastdllm.py run")
@@ -83,6 +101,7 @@ def main():
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--tag", default="")
   args = ap.parse_args()
+  keeps = check_flags(ap, args)
   t0 = time.time()
   config = checkpoints.load_config(args.workdir)
   config, model, tok, params, step = inference.load_for_inference(
@@ -90,8 +109,11 @@ def main():
   block = config.diffusion.block_size
   width = config.data.seq_len
   pairs = heldout_answers(config, args.workdir, args.prompts)
-  rows, meta = build_rows(tok, pairs, [int(k) for k in args.keeps.split(",")], args.span,
-                          width, block)
+  rows, meta = build_rows(tok, pairs, keeps, args.span, width, block)
+  if not rows:
+    print(f"warning: no probe rows: none of the {len(pairs)} held-out answers is longer "
+          f"than k + --span={args.span} for any --keeps={args.keeps!r} and fits seq_len "
+          f"{width}; the rates are empty", file=sys.stderr, flush=True)
   apply_fn = build.make_apply(model)
 
   @jax.jit
@@ -124,11 +146,12 @@ def main():
   summary = {}
   for ctx in ("suffix", "span"):
     rs = [r for r in meta if r["context"] == ctx]
+    # No rows: None, not the mean of nothing (NaN, which is not JSON).
+    rate = lambda hits: float(np.mean(hits)) if hits else None
     summary[ctx] = {"rows": len(rs),
-                    "reference": float(np.mean([r["predicted"] == r["reference"] for r in rs])),
-                    "repeats_previous": float(np.mean([r["predicted"] == r["previous"]
-                                                       for r in rs])),
-                    "ar_reference": float(np.mean([r["ar"] == r["reference"] for r in rs]))}
+                    "reference": rate([r["predicted"] == r["reference"] for r in rs]),
+                    "repeats_previous": rate([r["predicted"] == r["previous"] for r in rs]),
+                    "ar_reference": rate([r["ar"] == r["reference"] for r in rs])}
   result = {"command": " ".join(["python", "experiments/fastdllm_suffix_probe.py"] + sys.argv[1:]),
             "device": f"{jax.devices()[0].platform} ({os.cpu_count()} CPUs, {platform.machine()})",
             "jax": jax.__version__, "seconds": time.time() - t0, "args": vars(args),
@@ -136,7 +159,7 @@ def main():
             "summary": summary, "rows": meta}
   out = os.path.join(_HERE, "results", "fastdllm_suffix_probe" + (f"_{args.tag}" if args.tag else ""))
   with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+    json.dump(result, f, indent=1, allow_nan=False)
   step_text = (f"checkpoint step {step}" if step is not None
                else "no checkpoint (the config's starting weights)")
   lines = ["# Next-token prediction with the block tail MASK vs a short masked span",
@@ -145,9 +168,10 @@ def main():
            f"questions, committed lengths k = {args.keeps}, span {args.span}.", "",
            "| context | rows | = reference | repeats token k-1 | causal (AR) = reference |",
            "|---|---|---|---|---|"]
+  fmt = lambda x: "-" if x is None else f"{x:.2f}"
   for ctx, s in summary.items():
-    lines.append(f"| {ctx} | {s['rows']} | {s['reference']:.2f} | {s['repeats_previous']:.2f} "
-                 f"| {s['ar_reference']:.2f} |")
+    lines.append(f"| {ctx} | {s['rows']} | {fmt(s['reference'])} | "
+                 f"{fmt(s['repeats_previous'])} | {fmt(s['ar_reference'])} |")
   with open(out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

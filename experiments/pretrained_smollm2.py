@@ -85,9 +85,12 @@ def measure_decode(cache: str, new_tokens: int, thread_counts: list[int],
 
   pre = pretrained.load("smollm2", cache, scan_layers=scan_layers)
   cfg = hf.transformer_config(pre.model_overrides, scan_layers=scan_layers)
-  export_dir = tempfile.mkdtemp(prefix="smollm2_export_")
-  hf.export(export_dir, pre.params, cfg, pre.model_overrides, tokenizer=pre.tokenizer)
-  ref = transformers.LlamaForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+  # The exported fp32 model (~0.5 GB) used to stay behind in the temporary folder after
+  # every run; it is only needed to load the reference.
+  with tempfile.TemporaryDirectory(prefix="smollm2_export_") as export_dir:
+    hf.export(export_dir, pre.params, cfg, pre.model_overrides, tokenizer=pre.tokenizer)
+    ref = transformers.LlamaForCausalLM.from_pretrained(export_dir,
+                                                        dtype=torch.float32).eval()
   tok = pre.tokenizer
   prompts = [tok.encode_with_specials(p) for p in _config_module().get_config()
              .sample.prompts.split(";")]
@@ -168,7 +171,28 @@ def main():
   parser.add_argument("--scan_layers", action="store_true", help="decode with nn.scan layers")
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "pretrained_smollm2"))
   args = parser.parse_args()
-  cache = tempfile.mkdtemp(prefix="smollm2_cache_")
+  threads = check_flags(parser, args)
+  # The converted HF cache (~0.5 GB) is removed with the run; it used to pile up in /tmp.
+  with tempfile.TemporaryDirectory(prefix="smollm2_cache_") as cache:
+    run(args, threads, cache)
+
+
+def check_flags(parser: argparse.ArgumentParser, args) -> list[int]:
+  """The torch thread counts; bad flags refused by name before the minutes of imports
+  (--threads=0 used to fail in torch.set_num_threads, --new_tokens=0 divided by zero)."""
+  try:
+    threads = [int(t) for t in args.threads.split(",")]
+  except ValueError:
+    parser.error(f"--threads={args.threads!r}: comma-separated integers expected")
+  if min(threads) < 1:
+    parser.error(f"--threads={args.threads!r}: every count must be >= 1")
+  if args.new_tokens < 1:
+    parser.error(f"--new_tokens={args.new_tokens} must be >= 1")
+  return threads
+
+
+def run(args, threads: list[int], cache: str) -> None:
+  """Both measurements into ``cache`` (the converted model's folder), then the results."""
   import jax  # pylint: disable=g-import-not-at-top
   result = {"cpu": f"{len(os.sched_getaffinity(0))} cores", "load_average": os.getloadavg()[0],
             "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}",
@@ -176,9 +200,7 @@ def main():
             "command": " ".join(["python", "experiments/pretrained_smollm2.py"] + sys.argv[1:]),
             "import": [measure_import(cache, "cold (GGUF -> cache -> params)"),
                        measure_import(cache, "warm (cached HF folder -> params)")]}
-  result["decode"] = measure_decode(cache, args.new_tokens,
-                                    [int(t) for t in args.threads.split(",")],
-                                    args.scan_layers)
+  result["decode"] = measure_decode(cache, args.new_tokens, threads, args.scan_layers)
   write_results(result, args.out)
 
 
