@@ -43,6 +43,24 @@ def test_negative_token_ids_give_nan_not_a_wrapped_row(bad_id):
   assert bool(jnp.isfinite(ok).all())
 
 
+@pytest.mark.parametrize("pad_id", [-1, -100, VOCAB + 3])
+def test_a_bad_id_at_a_padded_position_leaves_the_real_positions_alone(pad_id):
+  # Attention drops padded keys with weight 0, and 0 * NaN is NaN: a NaN embedding at a
+  # pad turned every position's logits into NaN (review of the negative-id change).
+  model, params, _ = _tiny()
+  seg = jnp.asarray([[0, 0, 0, 0, 0, -1, -1, -1]], jnp.int32)
+  meta = masks.make_meta(jnp.arange(8)[None], 2, masks.CLEAN, seg)
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 0, 0, 0]], jnp.int32)
+  want, _ = model.apply({"params": params}, tokens, meta)
+  got, _ = model.apply({"params": params}, tokens.at[0, 5:].set(pad_id), meta)
+  assert bool(jnp.isfinite(got[0, :5]).all())
+  np.testing.assert_allclose(np.asarray(got[0, :5]), np.asarray(want[0, :5]), rtol=1e-6,
+                             atol=1e-6)
+  # The same id at a real position is still loud.
+  loud, _ = model.apply({"params": params}, tokens.at[0, 4].set(pad_id), meta)
+  assert bool(jnp.isnan(loud[0, 4]).all())
+
+
 def test_valid_ids_still_read_their_embedding_rows():
   model, params, _ = _tiny()
   meta = masks.make_meta(jnp.arange(4)[None], 2, masks.CLEAN)

@@ -232,6 +232,11 @@ class Transformer(nn.Module):
     x = embed.embedding.astype(dtype).at[ids].get(
         mode="fill", fill_value=jnp.nan,
         out_sharding=sharding.out_spec(sharding.TOKEN_AXES, tokens.shape + (cfg.d_model,)))
+    if meta.segment_ids.shape[-1] == tokens.shape[-1]:
+      # Padding (segment < 0) is masked out of attention, which still multiplies its
+      # zero weights by the padded keys' values: a NaN from a bad id there (a -1 pad)
+      # would reach every real position. Padding reads zeros whatever its id.
+      x = jnp.where((meta.segment_ids < 0)[..., None], jnp.zeros((), x.dtype), x)
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cache_meta = None if cache is None else cache["meta"]
     # Computed once from the token ids and passed down to every adapter.
