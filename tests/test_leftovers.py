@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from blockdiff_jax.data import long_context as lc_data
+from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.diffusion import schedules
 from blockdiff_jax.evaluation import evaluate
@@ -166,3 +167,25 @@ def test_unscored_rows_are_padding_with_or_without_segment_ids(seg):
   np.testing.assert_array_equal(out["segment_ids"][1:], -np.ones((2, 4)))
   np.testing.assert_array_equal(out["segment_ids"][0], [0, 0, 1, 1] if seg else [0] * 4)
   assert b["loss_mask"].min() == 1  # The caller's batch is left as it was.
+
+
+def test_a_small_split_compiles_the_eval_step_once():
+  """The padding rows of the last batch added segment_ids to it alone: a batch of a new
+  structure, so eval_step compiled twice (minutes on a large model)."""
+  c = small_model_config(num_layers=1)
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 0)
+  obj = diffusion_config.objective(c, tok.mask_id)
+  eval_step = jax.jit(step.make_eval_step(build.make_apply(model), obj))
+  rows = np.random.default_rng(0).integers(10, 200, (3, 16)).astype(np.int32)
+
+  class Split:
+    num_rows = 3
+
+    def get_batch(self, i):
+      r = rows[[(2 * i) % 3, (2 * i + 1) % 3]]
+      return {"tokens": r, "loss_mask": np.ones_like(r)}
+
+  out = trainer.evaluate_nelbo(eval_step, params, Split(), 5, seed=0)
+  assert eval_step._cache_size() == 1  # pylint: disable=protected-access
+  assert np.isfinite(out["nelbo"])

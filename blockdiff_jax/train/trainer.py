@@ -155,6 +155,8 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
       break
     batch = dataset.get_batch(i)
     if distinct is not None:
+      if "segment_ids" not in batch:  # Every batch as the last one's: one compile.
+        batch = {**batch, "segment_ids": np.zeros(np.shape(batch["loss_mask"]), np.int32)}
       if first_row + len(batch["loss_mask"]) > distinct:
         batch = _unscore_rows_from(batch, distinct - first_row)
       first_row += len(batch["loss_mask"])
