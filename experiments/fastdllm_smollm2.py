@@ -414,7 +414,7 @@ def main():
     ref = evaluate("AR base", model, base, tok, config, data, args, True, None, log)
     ref.update(step=0, minutes=0.0)
     results.append(ref)
-    write(results, args, meta, env(), echo=False)  # Each model's row kept as it lands.
+    write(results, args, meta, env(), final=False)  # Each model's row kept as it lands.
     runs = [(0, 0.0, base)] + [(s, m, None) for s, m in picks]
     for step, mins, params in runs:
       if params is None:  # The same model object: every decoder's compile is reused.
@@ -425,7 +425,7 @@ def main():
                    args.humaneval_at == "all" or last)
       r.update(step=step, minutes=mins)
       results.append(r)
-      write(results, args, meta, env(), echo=last)
+      write(results, args, meta, env(), final=last)
 
 
 def run_facts(workdir: str, config, picks) -> dict:
@@ -466,9 +466,14 @@ def results_base(tag: str, quick: bool) -> str:
           else os.path.join(_HERE, "results", name))
 
 
-def write(results, args, meta, env, echo: bool = True):
-  """Writes the .json/.md/.png of the rows so far; `echo` also prints the table."""
+def write(results, args, meta, env, final: bool = True):
+  """Writes .json/.md/.png and prints the table; rows of a run still going (not
+  ``final``) go to ``*_partial.*``, so a crash never replaces an earlier complete result."""
   base = results_base(args.tag, getattr(args, "quick", False))  # Older JSON: no quick.
+  for ext in (".json", ".md", ".png") if final else ():
+    if os.path.exists(base + "_partial" + ext):
+      os.remove(base + "_partial" + ext)
+  base += "" if final else "_partial"
   os.makedirs(os.path.dirname(base), exist_ok=True)
   ar = results[0]["speed_tokens_per_s"]  # 0 (nothing decoded), or null in a re-read JSON.
   for r in results:  # Unknown (not a ZeroDivisionError that lost every model) without it.
@@ -485,7 +490,7 @@ def write(results, args, meta, env, echo: bool = True):
   with open(base + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(results, args, meta, env))
   plot(results, base)
-  if echo:
+  if final:
     print(markdown(results, args, meta, env))
   print(f"wrote {base}.{{json,md,png}} ({len(results)} rows)")
 

