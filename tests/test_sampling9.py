@@ -166,3 +166,12 @@ def test_distill_refuses_to_resume_answers_of_another_chat_template(monkeypatch,
   with open(distill.run(c, workdir), encoding="utf-8") as f:
     assert len(f.readlines()) == 6
   assert len(calls) == 2
+
+
+@pytest.mark.parametrize("decoder", [{}, {"ar": True}, {"isd_stride": 3}])
+def test_a_dense_model_reports_unknown_experts_with_every_decoder(decoder):
+  # Before: the block decoder said 0.0 ("0 experts") where AR and ISD said NaN.
+  fn, params = _bigram()
+  _, summary = generation.generate(fn, params, BYTES, ["<|bos|>ab"], _options(), 6, 40,
+                                   **decoder)
+  assert np.isnan(summary["unique_experts"])

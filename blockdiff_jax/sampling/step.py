@@ -90,7 +90,7 @@ class _Forward:
       where a row commits), then the current block's noisy K/V (buffered where a row
       refreshes its buffer); zeros where the forward did not run those slots.
     summaries: the updated summary bank (a summary-token model).
-    unique_experts: () mean distinct experts per MoE layer (0 without MoE).
+    unique_experts: () mean distinct experts per MoE layer (NaN without MoE).
   """
 
   logits: Array
@@ -102,7 +102,8 @@ class _Forward:
 
 
 def _unique(stats: dict) -> Array:
-  return jnp.asarray(stats.get("unique_experts", 0.0), jnp.float32)
+  # NaN without MoE (unknown, as the AR and ISD decoders report it), not "0 experts".
+  return jnp.asarray(stats.get("unique_experts", jnp.nan), jnp.float32)
 
 
 def select_tokens(opt: layout.DecodeOptions, x: Array, logits: Array, region: Array,
