@@ -124,6 +124,8 @@ def test_likelihood_split_smaller_than_a_batch_and_dataset_without_bytes():
   res = likelihood.evaluate(_uniform_apply, {}, _split(), _OBJ, 3, 2)
   # Three distinct rows in a batch of four, one scoring nothing: two sequences.
   assert res["sequences"] == 2 and res["scored_tokens"] == 16
+  # Bits per byte: the NELBO in bits over the split's 2 bytes per token.
+  assert res["bits_per_byte"] == pytest.approx(res["nelbo"] / math.log(2) / 2.0, rel=1e-9)
   assert res["bits_per_byte"] > 0
   # A dataset whose bytes/token is unknown (NaN) gives no bits/byte, not a NaN one.
   res = likelihood.evaluate(_uniform_apply, {}, _split(float("nan")), _OBJ, 1, 1)

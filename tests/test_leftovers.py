@@ -33,6 +33,10 @@ from conftest import small_model_config
     ("b7d2e915\n\n1. ", True), ("b7d2e915.\n2", True), ("b7d2e915 \r\n7", True),
     ("b7d2e915.\u201d", True), ("b7d2e915\u3002", True), ("b7d2e915*", True),
     ("b7d2e915, 7", False), ("b7d2e915-", False), ("b7d2e915\t7", False),
+    # Unicode blanks and line breaks as ASCII ones (review): NBSP, ideographic space,
+    # vertical tab, a lone CR, U+2028.
+    ("b7d2e915\xa0Remember", True), ("b7d2e915\u3000ok", True), ("b7d2e915\x0bx", True),
+    ("b7d2e915\rok", True), ("b7d2e915\u20287", True), ("b7d2e915\xa07", False),
 ])
 def test_answer_must_end_as_the_prompt_ends_it(completion, hit):
   """HEAD: anything after a non-alphanumeric character passed, so "b7d2e915_x" and

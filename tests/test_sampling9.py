@@ -8,6 +8,7 @@ resumed answers rendered with another chat template. References: hand-derived co
 an uninterrupted run.
 """
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -175,3 +176,18 @@ def test_a_dense_model_reports_unknown_experts_with_every_decoder(decoder):
   _, summary = generation.generate(fn, params, BYTES, ["<|bos|>ab"], _options(), 6, 40,
                                    **decoder)
   assert np.isnan(summary["unique_experts"])
+
+
+def test_a_partial_file_from_before_the_context_check_resumes_with_a_warning(tmp_path,
+                                                                              capsys):
+  # Review: every in-progress file written before "contexts" joined the settings was
+  # refused with "restore the settings", which a user cannot do: hours of answers lost.
+  path = str(tmp_path / "answers.jsonl.partial")
+  answer = {"prompt": "p", "response": "r", "finished": True}
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(json.dumps({"distill_settings": {"model": "m"}}) + "\n")
+    f.write(json.dumps(answer) + "\n")
+  assert distill.read_partial(path, {"model": "m", "contexts": "c"}, 1, 4) == [("p", "r", True)]
+  assert "predates the prompt-context check" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="model: 'm' there, 'n' now"):
+    distill.read_partial(path, {"model": "n", "contexts": "c"}, 1, 4)

@@ -58,7 +58,8 @@ _QUESTION_KEY_RE = re.compile(r'What is the value of key "([0-9a-f]+)"\?')
 # CJK full stop), then the end, a line break (a list or the next line may start with a
 # digit), or blanks before a word, never before another number on the line ("48213 7").
 _ANSWER_END_RE = re.compile(
-    r"""[.,;:!?"')\]*\u201d\u2019\u300d\u3002]*(?:$|[ \t]*\r?\n|[ \t]+(?![ \t\d]))""")
+    r"""[.,;:!?"')\]*\u201d\u2019\u300d\u3002]*"""
+    r"""(?:$|[^\S\n]*?[\r\n\u2028\u2029]|[^\S\r\n\u2028\u2029]+(?![\s\d]))""")
 
 
 @dataclasses.dataclass(frozen=True)

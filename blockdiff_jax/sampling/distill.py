@@ -224,6 +224,12 @@ def read_partial(path: str, want: dict, per_batch: int, total: int) -> list[tupl
   except (ValueError, KeyError, TypeError):
     raise ValueError(f"{path} is not a distill partial file (no settings line); delete "
                      "it to start over") from None
+  if "contexts" not in have and have == {k: v for k, v in want.items() if k != "contexts"}:
+    # Written before the rendered prompts were digested: resumable only if the chat
+    # template did not change since, which nothing recorded can tell.
+    print(f"warning: {path} predates the prompt-context check; resuming it as the "
+          "other settings match (delete it if the chat template changed)", file=sys.stderr)
+    have = want
   if have != want:
     if len(lines) <= 2:  # No whole answer line: nothing would be mixed.
       return []
