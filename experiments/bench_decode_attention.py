@@ -25,7 +25,6 @@ XLA at small shapes and checks the kernel's output once, untimed.
 import argparse
 import datetime
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -39,6 +38,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels.decode_attention import reference as da_reference
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -215,18 +217,6 @@ def _bench_one(args, on_gpu, batch, cache, dtype, splitk, one, first):
   return row
 
 
-def _strict(x):
-  """``x`` with NaN/inf floats as None: strict JSON (a NaN kernel error used to be
-  written as the non-JSON token NaN, which other readers refuse)."""
-  if isinstance(x, dict):
-    return {k: _strict(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_strict(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def _fmt(x):
   if x is None:
     return "-"
@@ -239,9 +229,10 @@ def _write_tables(rows, meta, out):
   """JSON and Markdown of the rows so far (after every row: a run killed by its time
   limit keeps what it measured); returns the Markdown lines."""
   out.parent.mkdir(parents=True, exist_ok=True)
-  rows = _strict(rows)  # The table too shows "-", not nan.
+  rows = bench_kernels.strict_json(rows)  # The table too shows "-", not nan.
   out.with_suffix(".json").write_text(
-      json.dumps(_strict(dict(meta=meta, rows=rows)), indent=1, allow_nan=False))
+      json.dumps(bench_kernels.strict_json(dict(meta=meta, rows=rows)), indent=1,
+                 allow_nan=False))
   cols = ["batch", "cache", "num_splits", "kv_mbytes", "ms_xla", "ms_pallas_splitk",
           "ms_pallas_1split", "ms_block_attention", "speedup_pallas_splitk_vs_xla",
           "speedup_pallas_1split_vs_xla", "speedup_block_attention_vs_xla",
@@ -287,20 +278,6 @@ def _write(rows, meta, out):
   print(f"wrote {out}.json/.md/.png", flush=True)
 
 
-def _command(script, argv):
-  """The command line, its --out value left out (a machine path, like args' --out)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  kept, skip = [], False
-  for a in argv:
-    if skip:
-      skip = False
-    elif a == "--out":
-      skip = True
-    elif not a.startswith("--out="):
-      kept.append(a)
-  return " ".join(["python", script] + kept)
-
-
 def main(argv=None):
   args = _parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
@@ -313,7 +290,7 @@ def main(argv=None):
   device = str(jax.devices()[0].device_kind)
   meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
               backend=jax.default_backend(), jax=jax.__version__, note=note,
-              command=_command("experiments/bench_decode_attention.py", argv),
+              command=bench_kernels.command_line("experiments/bench_decode_attention.py", argv),
               # Not --out: a machine path; the files themselves say where they are.
               args={k: v for k, v in vars(args).items() if k != "out"})
   out = pathlib.Path(args.out or RESULTS_DIR / f"bench_decode_attention_{jax.default_backend()}")

@@ -262,13 +262,13 @@ def _table(rows, cols):
   return "\n".join(lines)
 
 
-def _strict(x):
+def strict_json(x):
   """``x`` with NaN/inf floats as None: strict JSON (a NaN kernel error used to be
   written as the non-JSON token NaN)."""
   if isinstance(x, dict):
-    return {k: _strict(v) for k, v in x.items()}
+    return {k: strict_json(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_strict(v) for v in x]
+    return [strict_json(v) for v in x]
   if isinstance(x, float) and not math.isfinite(x):
     return None
   return x
@@ -277,9 +277,9 @@ def _strict(x):
 def _write(out, meta, gmm_rows, att_rows):
   """Writes the JSON and Markdown of the rows so far; returns the Markdown."""
   out.parent.mkdir(parents=True, exist_ok=True)
-  gmm_rows, att_rows = _strict(gmm_rows), _strict(att_rows)  # The tables show "-", not nan.
+  gmm_rows, att_rows = strict_json(gmm_rows), strict_json(att_rows)  # The tables show "-", not nan.
   out.with_suffix(".json").write_text(json.dumps(
-      _strict(dict(meta=meta, gmm=gmm_rows, attention=att_rows)), indent=1, allow_nan=False))
+      strict_json(dict(meta=meta, gmm=gmm_rows, attention=att_rows)), indent=1, allow_nan=False))
   device, note = meta["device"], meta["note"]
   md = [f"# Kernel benchmark ({device}, jax {meta['jax']})", "", note, "",
         f"Command: `{meta['command']}`.", "",
@@ -300,7 +300,7 @@ def _write(out, meta, gmm_rows, att_rows):
   return "\n".join(md)
 
 
-def _command(script, argv):
+def command_line(script, argv):
   """The command line, its --out value left out (a machine path, like args' --out)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   kept, skip = [], False
@@ -327,7 +327,7 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   meta = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), device=device,
               backend=jax.default_backend(), jax=jax.__version__, note=note,
-              command=_command("experiments/bench_kernels.py", argv),
+              command=command_line("experiments/bench_kernels.py", argv),
               # Not --out: its default is this checkout's absolute path, and the files
               # themselves say where they are.
               args={k: v for k, v in vars(args).items() if k != "out"})
