@@ -357,10 +357,12 @@ def curriculum_overrides(args) -> list[str]:
 def trained_curriculum(workdir: str) -> dict | None:
   """The needle-depth curriculum ``workdir`` was trained with (None: none, or a run
   from before the fields existed)."""
-  d = checkpoints.load_config(workdir).data
+  config = checkpoints.load_config(workdir)
+  d = config.data
   steps = d.get("long_context_curriculum_steps", 0)
   return ({"steps": steps, "depths": d.get("long_context_curriculum_depths", "0,0.05"),
-           "kind": d.get("long_context_curriculum", "switch")} if steps else None)
+           "kind": d.get("long_context_curriculum", "switch"),
+           "run_steps": config.train.steps} if steps else None)
 
 
 def train_lengths(runs: str, models: Sequence[str], ext_factor: int, ext_steps: int) -> dict:
@@ -427,8 +429,13 @@ def write(result, out):
   for model, cur in result.get("curricula", {}).items():
     if cur:
       band = "then [0, 1]" if cur["kind"] == "switch" else "widening to [0, 1] over them"
+      if cur["steps"] >= cur.get("run_steps", cur["steps"] + 1):  # Never past the band.
+        span = f"all its {cur['run_steps']} steps" + (", widening" if cur["kind"] == "widen"
+                                                      else "")
+      else:
+        span = f"its first {cur['steps']} steps, {band}"
       lines[-1] += (f" `{model}` was trained with needles at depths {cur['depths']} for "
-                    f"its first {cur['steps']} steps, {band} (curriculum '{cur['kind']}').")
+                    f"{span} (curriculum '{cur['kind']}').")
 
   def table(title, columns, cell):
     """A Markdown table: one row per variant, ``cell(variant, column)`` in each column."""

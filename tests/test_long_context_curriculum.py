@@ -168,18 +168,22 @@ def test_experiment_states_the_curriculum_each_run_was_trained_with(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   from conftest import load_experiment  # pylint: disable=g-import-not-at-top
   mod = load_experiment("long_context_retrieval")
-  for name, steps in (("full", 0), ("summary", 30)):
+  for name, steps in (("full", 0), ("summary", 30), ("fixed", 40)):
     c = config_lib.base_config()
     c.data.long_context_curriculum_steps, c.data.long_context_curriculum = steps, "widen"
+    c.train.steps = 40 if name == "fixed" else 100  # "fixed": the band for every step.
     (tmp_path / name).mkdir()
     (tmp_path / name / "config.json").write_text(json.dumps(c.to_dict()))
   old = config_lib.base_config().to_dict()
   del old["data"]["long_context_curriculum_steps"]  # A run from before the fields.
   (tmp_path / "old").mkdir()
   (tmp_path / "old" / "config.json").write_text(json.dumps(old))
-  curricula = {m: mod.trained_curriculum(str(tmp_path / m)) for m in ("full", "summary", "old")}
-  assert curricula == {"full": None, "old": None,
-                       "summary": {"steps": 30, "depths": "0,0.05", "kind": "widen"}}
+  curricula = {m: mod.trained_curriculum(str(tmp_path / m))
+               for m in ("full", "summary", "old", "fixed")}
+  assert curricula == {
+      "full": None, "old": None,
+      "summary": {"steps": 30, "depths": "0,0.05", "kind": "widen", "run_steps": 100},
+      "fixed": {"steps": 40, "depths": "0,0.05", "kind": "widen", "run_steps": 40}}
   args = mod.parse_args(["--models", "full,summary", "--curriculum_steps", "5"])
   row = {"variant": "summary", "task": "passkey", "length": 256, "depth": 0.5,
          "answer": "12345", "completion": "12345", "hit": True, "seconds": 0.1}
@@ -188,6 +192,13 @@ def test_experiment_states_the_curriculum_each_run_was_trained_with(tmp_path):
             "variants": [{"name": "summary"}], "errors": {}}
   out = str(tmp_path / "res")
   mod.write(result, out)
+  text = open(out + ".md", encoding="utf-8").read()
+  assert "`summary` was trained with needles at depths 0,0.05 for its first 30 steps" in text
+  # A run that never left the band is not said to have gone on to [0, 1].
+  assert "`fixed` was trained with needles at depths 0,0.05 for all its 40 steps" in text
+  # Results from before run_steps was recorded read as before.
+  del curricula["summary"]["run_steps"]
+  mod.write({**result, "curricula": curricula}, out)
   text = open(out + ".md", encoding="utf-8").read()
   assert "`summary` was trained with needles at depths 0,0.05 for its first 30 steps" in text
   assert "`full` was trained" not in text
