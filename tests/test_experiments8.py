@@ -13,6 +13,7 @@ import types
 import pytest
 
 from conftest import load_experiment
+from test_hardening_experiments3 import fake_smollm2_decode
 
 
 def _strict_json(path) -> dict:
@@ -188,11 +189,7 @@ def test_pretrained_smollm2_removes_its_converted_model(tmp_path, monkeypatch):
             "rss_before_load_mb": 1.0}
 
   monkeypatch.setattr(mod, "measure_import", measure_import)
-  monkeypatch.setattr(mod, "measure_decode", lambda cache, n, threads, scan: {
-      "rows": [{"prompt": 0, "prompt_tokens": 5, "new_tokens": n, "ours_tokens_per_s": 30.0,
-                "transformers_tokens_per_s": 20.0, "transformers_threads": 2,
-                "identical": True, "first_difference": None, "answer": "hi"}],
-      "torch_thread_counts": threads, "scan_layers": scan})
+  monkeypatch.setattr(mod, "measure_decode", fake_smollm2_decode)
   monkeypatch.setattr(sys, "argv", ["pretrained_smollm2.py", "--new_tokens=4",
                                     "--threads=1,2", f"--out={tmp_path / 'p'}"])
   mod.main()

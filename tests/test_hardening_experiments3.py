@@ -513,17 +513,23 @@ def test_dmoe_sweep_goes_past_a_failing_model_with_strict_json(tmp_path, monkeyp
 # ------------------------------------------------------------------ pretrained_smollm2
 
 
+def fake_smollm2_decode(cache, n, threads, scan):
+  """pretrained_smollm2.measure_decode's result for one identical prompt, without SmolLM2."""
+  del cache
+  return {
+      "rows": [{"prompt": 0, "prompt_tokens": 5, "new_tokens": n, "ours_tokens_per_s": 30.0,
+                "transformers_tokens_per_s": 20.0, "transformers_threads": 2,
+                "identical": True, "first_difference": None, "answer": "hi"}],
+      "torch_thread_counts": threads, "scan_layers": scan}
+
+
 def test_pretrained_smollm2_records_jax_version_and_command(tmp_path, monkeypatch):
   """The old result named neither the JAX version nor the command that produced it."""
   mod = load_experiment("pretrained_smollm2")
   monkeypatch.setattr(mod, "measure_import", lambda cache, label: {
       "phase": label, "wall_s": 1.0, "tracemalloc_peak_mb": 2.0, "max_rss_mb": 3.0,
       "rss_before_load_mb": 1.0})
-  monkeypatch.setattr(mod, "measure_decode", lambda cache, n, threads, scan: {
-      "rows": [{"prompt": 0, "prompt_tokens": 5, "new_tokens": n, "ours_tokens_per_s": 30.0,
-                "transformers_tokens_per_s": 20.0, "transformers_threads": 2,
-                "identical": True, "first_difference": None, "answer": "hi"}],
-      "torch_thread_counts": threads, "scan_layers": scan})
+  monkeypatch.setattr(mod, "measure_decode", fake_smollm2_decode)
   monkeypatch.setattr(sys, "argv", ["pretrained_smollm2.py", "--new_tokens=4",
                                     f"--out={tmp_path / 'p'}"])
   mod.main()

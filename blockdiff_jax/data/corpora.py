@@ -127,6 +127,21 @@ def _read_user_text(path: str) -> str:
     return _decode_strict(f.read(), path)
 
 
+def check_unicode(text: str, where: str) -> None:
+  """Refuses text with no UTF-8 form: a lone surrogate, which ``json.loads`` accepts from
+  an escaped half of a pair ("\\ud83d") and which no tokenizer takes.
+
+  Raises:
+    ValueError: ``where`` holds a lone surrogate, with its code point and position.
+  """
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where} holds a lone surrogate U+{ord(text[e.start]):04X} "
+                     f"({text[e.start]!r}) at character {e.start} (not encodable as "
+                     "UTF-8)") from None
+
+
 def _take(docs: Iterable[Document], max_bytes: int) -> list[Document]:
   """Takes docs in order until their UTF-8 size reaches max_bytes (0: all)."""
   if max_bytes < 0:
@@ -255,11 +270,7 @@ def _jsonl_documents(key: str, path: str,
     if not isinstance(text, str):
       raise ValueError(f"{path}:{line_no}: field {text_field!r} is "
                        f"{type(text).__name__}, not a string.")
-    try:  # JSON may escape half a surrogate pair ("\ud83d"): not text any tokenizer takes.
-      text.encode("utf-8")
-    except UnicodeEncodeError as e:
-      raise ValueError(f"{path}:{line_no}: field {text_field!r} holds a lone surrogate "
-                       f"U+{ord(text[e.start]):04X} at character {e.start}.") from None
+    check_unicode(text, f"{path}:{line_no}: field {text_field!r}")
     if text:  # An empty text holds no document, as an empty file holds none.
       yield Document(f"{key}:{line_no}", text)
 

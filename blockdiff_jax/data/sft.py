@@ -136,12 +136,7 @@ def _text(value: Any, where: str, what: str) -> str:
   if not isinstance(value, str):
     raise ValueError(f"{where}: {what} must be a string, got {type(value).__name__} "
                      f"{value!r:.60}")
-  try:
-    value.encode("utf-8")
-  except UnicodeEncodeError as e:
-    # json.loads accepts "\ud800"; the tokenizer would fail on it much later.
-    raise ValueError(f"{where}: {what} holds a lone surrogate {value[e.start]!r} at "
-                     f"character {e.start} (not encodable as UTF-8)") from None
+  corpora.check_unicode(value, f"{where}: {what}")  # Else the tokenizer fails much later.
   return value
 
 
