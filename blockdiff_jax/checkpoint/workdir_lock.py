@@ -37,9 +37,20 @@ class WorkdirLock:
           f"workdir {os.path.dirname(self.path)} is in use by {holder}; wait for that run "
           f"to finish or stop it (a training run stopped by SIGTERM or Ctrl-C saves a "
           f"checkpoint first; lock file {self.path})") from None
-    os.ftruncate(fd, 0)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {now}\n".encode(), 0)
+    except OSError:  # No locks on this filesystem (ENOLCK): the descriptor is still ours.
+      os.close(fd)
+      raise
+    try:
+      os.ftruncate(fd, 0)
+      now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+      os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {now}\n".encode(),
+                0)
+    except BaseException:
+      # A failed write (full disk, quota) left the lock held by a descriptor nothing
+      # could release: every later run in this process was refused as "in use" by itself.
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+      raise
     self._fd = fd
     return self
 

@@ -284,6 +284,7 @@ def score_samples(samples: Sequence[Mapping],
     raise ValueError(f"workers must be >= 1, got {workers}")
   # Before any sandbox runs: with no usable k there would be nothing to report.
   per_task = collections.Counter(s["task_id"] for s in samples)
+  ks = tuple(ks)  # Read twice (checked, then used): a generator would be used up.
   pass_at_k_lib.check_ks(ks, min(per_task.values()))
 
   meter = metrics_writer.Progress(len(samples), unit="programs", stream=progress,
@@ -359,6 +360,7 @@ def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
     problems = load_problems()
   if num_samples < 1 or batch_size < 1:
     raise ValueError("num_samples and batch_size must be >= 1")
+  ks = tuple(ks)  # Checked here and used again in score_samples.
   pass_at_k_lib.check_ks(ks, num_samples)  # Before any completion is drawn.
   jobs = [task_id for task_id in problems for _ in range(num_samples)]
   meter = metrics_writer.Progress(len(jobs), unit="prompts", stream=progress,

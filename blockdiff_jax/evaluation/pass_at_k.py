@@ -66,6 +66,9 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]],
     ValueError: if `counts` is empty, or no k in `ks` is <= the smallest n.
   """
   counts = list(counts)
+  # A one-shot iterable (a generator) was used up by the check below: the error then
+  # said "no k in ks=[]" whatever ks held.
+  ks = tuple(ks)
   if not counts:
     raise ValueError("no problems to average over")
   min_n = min(n for n, _ in counts)
@@ -82,6 +85,7 @@ def check_ks(ks: Sequence[int], min_samples: int) -> None:
   Callers run it before drawing or executing samples, so that a request no
   sample count can answer fails first rather than after the work.
   """
+  ks = tuple(ks)  # Iterated twice below, and named in the errors.
   for k in ks:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
       raise ValueError(f"pass@k: every k must be an integer >= 1, got ks={list(ks)}")

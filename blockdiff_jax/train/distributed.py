@@ -39,7 +39,10 @@ def _env_int(name: str) -> int | None:
 def _given(coordinator_address: str | None, num_processes: int | None,
            process_id: int | None) -> tuple[str | None, int | None, int | None]:
   """The settings the arguments or the environment give, None where neither does."""
-  coordinator = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  # Stripped as the integers are: " host:1234" (a launcher's stray space) reached gRPC,
+  # which could not resolve " host", and every process waited out the timeout.
+  coordinator = ((coordinator_address or os.environ.get(ENV_COORDINATOR) or "").strip()
+                 or None)
   n = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
   pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
   return coordinator, n, pid
@@ -47,12 +50,24 @@ def _given(coordinator_address: str | None, num_processes: int | None,
 
 def _check(coordinator: str | None, n: int | None, pid: int | None,
            need_id: bool) -> tuple[str | None, int, int | None]:
-  """Checks given settings; (coordinator, num_processes, process_id or None)."""
+  """Checks given settings; (coordinator, num_processes, process_id or None).
+
+  ``need_id`` is False under ``auto``: what is not given is then JAX's to detect,
+  the process count included, so a given id is only checked against a given count.
+  """
+  if n is not None and n < 1:
+    raise ValueError(f"num_processes must be >= 1, got {n} (from num_processes or "
+                     f"${ENV_NUM_PROCESSES})")
+  if pid is not None and pid < 0:
+    raise ValueError(f"process_id must be >= 0, got {pid} (from process_id or "
+                     f"${ENV_PROCESS_ID})")
+  # Under auto a count left to JAX (SLURM_NTASKS) is unknown here: checking the id
+  # against the default of 1 refused every process but the first.
+  if pid is not None and (n is not None or need_id) and pid >= (n or 1):
+    raise ValueError(f"process_id={pid} must be in [0, num_processes={n or 1}) (from "
+                     f"process_id or ${ENV_PROCESS_ID}, num_processes or "
+                     f"${ENV_NUM_PROCESSES})")
   n = 1 if n is None else n
-  if n < 1:
-    raise ValueError(f"num_processes must be >= 1, got {n}")
-  if pid is not None and not 0 <= pid < n:
-    raise ValueError(f"process_id={pid} must be in [0, num_processes={n})")
   if n > 1 and not coordinator:
     raise ValueError(f"num_processes={n} needs a coordinator address (host:port): pass "
                      f"coordinator_address or set {ENV_COORDINATOR}")
@@ -90,7 +105,8 @@ def _check_address(address: str) -> None:
   host, sep, port = address.rpartition(":")
   # An IPv6 host is bracketed ("[::1]:1234"): "::1" alone would read as host ":" and
   # port "1".
-  bad_host = not host or (":" in host and not (host.startswith("[") and host.endswith("]")))
+  bad_host = (not host or any(c.isspace() for c in host)
+              or (":" in host and not (host.startswith("[") and host.endswith("]"))))
   if not sep or bad_host or not port.isdigit() or not 1 <= int(port) <= 65535:
     raise ValueError(f"coordinator address {address!r} must be host:port with a port in "
                      f"[1, 65535] (an IPv6 host in brackets: [::1]:1234); set by "
