@@ -10,7 +10,8 @@ The input is the clean sequence alone (L tokens, not ``[x_t ; x_0]``), every tok
 block of the clean stream, so the block-causal clean rule of ``masks`` is causal attention,
 and packed rows stay apart by their segment ids. With the token shift the output at
 position i-1 predicts token i; token i is scored where ``loss_mask`` > 0 and i-1 is in the
-same segment (the first token of a packed example has no predecessor of its own).
+same segment (the first token of a packed example has no predecessor of its own), and never
+in padding (a negative segment id).
 """
 
 import dataclasses
@@ -57,7 +58,9 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, obj: Autoregre
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
   prev_seg = jnp.concatenate([seg[:, :1] - 1, seg[:, :-1]], axis=1)
-  scored = (batch["loss_mask"] > 0) & (prev_seg == seg)
+  # A negative segment is padding (``masks``: its keys are never seen, so its output
+  # reads nothing): never scored, even where a loss mask of ones covers it.
+  scored = (batch["loss_mask"] > 0) & (prev_seg == seg) & (seg >= 0)
   return nll, scored, jnp.argmax(logits, -1) == x0, aux
 
 

@@ -113,7 +113,9 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, rng: Array,
 
   Rows [0, B) carry mask m, rows [B, 2B) its complement (when ``obj.complementary``).
   """
-  x0 = batch["tokens"]
+  # int32: uint16 token files cannot hold a MASK id appended after a 2^16 vocabulary,
+  # and jnp.where would wrap it into a real token.
+  x0 = jnp.asarray(batch["tokens"], jnp.int32)
   length = x0.shape[1]
   m = corrupt(rng, batch, obj) if corrupted is None else corrupted
   maskable = scorable(batch)
