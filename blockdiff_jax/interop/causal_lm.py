@@ -45,6 +45,12 @@ def greedy(cfg: transformer.TransformerConfig, params: Any, prompt: Any, steps: 
   The slow reference decoder: every step re-runs the whole sequence.
   """
   prompt = [int(t) for t in prompt]
+  # With no prompt the first "next token" would be read off a padding position: a token
+  # the model never predicted, returned as if it had.
+  if not prompt:
+    raise ValueError("greedy: prompt is empty; give at least one token")
+  if steps < 0:
+    raise ValueError(f"greedy: steps must be >= 0, got {steps}")
   width = len(prompt) + steps
   tokens = np.zeros((1, width), np.int32)
   tokens[0, :len(prompt)] = prompt
@@ -61,7 +67,12 @@ def greedy(cfg: transformer.TransformerConfig, params: Any, prompt: Any, steps: 
 
 def perplexity(cfg: transformer.TransformerConfig, params: Any, ids: Any) -> float:
   """exp(mean NLL) of ids[1:] given their prefixes (one sequence)."""
-  ids = np.asarray(ids, np.int32)[None]
+  ids = np.asarray(ids, np.int32)
+  # One token has no next token to score: the mean over none was a silent NaN.
+  if ids.ndim != 1 or ids.size < 2:
+    raise ValueError(f"perplexity: ids must be one sequence of >= 2 tokens, got shape "
+                     f"{ids.shape}")
+  ids = ids[None]
   lp = jax.nn.log_softmax(jnp.asarray(logits(cfg, params, ids)[0, :-1]), axis=-1)
   nll = -jnp.take_along_axis(lp, jnp.asarray(ids[0, 1:, None]), axis=-1)
   return float(math.exp(float(jnp.mean(nll))))

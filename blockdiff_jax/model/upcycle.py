@@ -112,6 +112,25 @@ def upcycle_params(params: dict, num_experts: int, seed: int = 0,
   return out
 
 
+def _check_mlp_dims(params: dict, cfg: Any) -> None:
+  """Refuses dense MLPs that are not [d_model, mlp_dim] / [mlp_dim, d_model].
+
+  The experts' width comes from ``cfg.mlp_dim``: params of another model were upcycled
+  silently and the MoE model failed only at its first forward, on a parameter shape.
+  """
+  want = {"gate": (cfg.d_model, cfg.mlp_dim), "up": (cfg.d_model, cfg.mlp_dim),
+          "down": (cfg.mlp_dim, cfg.d_model)}
+  for name, sub in params.items():
+    if not (isinstance(sub, collections.abc.Mapping) and "mlp" in sub):
+      continue
+    for target, shape in want.items():
+      got = tuple(jnp.shape(sub["mlp"][target]["DenseGeneral_0"]["kernel"])[-2:])
+      if got != shape:
+        raise ValueError(f"upcycle: the {target} kernel of {name!r} is {got}, but the "
+                         f"config gives (model.d_model={cfg.d_model}, model.mlp_dim="
+                         f"{cfg.mlp_dim}) -> {shape}; pass the config of these params")
+
+
 def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
             router_std: float = 0.02) -> tuple[dict, Any]:
   """(params, TransformerConfig) of the upcycled model of a dense ``cfg``.
@@ -123,11 +142,14 @@ def upcycle(params: dict, cfg: Any, num_experts: int, top_k: int, seed: int = 0,
   MLP targets leave ``cfg.lora``; attention adapters are kept as they are.
 
   Raises:
-    ValueError: for a MoE ``cfg``, or gated LoRA adapters on the MLP (they act only on
+    ValueError: for a MoE ``cfg``, dense MLP kernels of other dims than ``cfg``'s
+      (``d_model``, ``mlp_dim``), or gated LoRA adapters on the MLP (they act only on
       MASK tokens, so no expert kernel reproduces them).
   """
   if cfg.moe is not None:
-    raise ValueError("upcycle: the model is already MoE")
+    raise ValueError(f"upcycle: the model is already MoE (model.moe.num_experts="
+                     f"{cfg.moe.num_experts}); upcycling takes a dense model")
+  _check_mlp_dims(params, cfg)
   lora_cfg = cfg.lora
   if lora_cfg is not None and any(lora_cfg.has(t) for t in MLP_TARGETS):
     if lora_cfg.gated:

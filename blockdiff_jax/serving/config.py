@@ -27,6 +27,10 @@ def validate(s: ml_collections.ConfigDict) -> None:
                    ("port", 0), ("forwards_per_call", 1)):
     if int(s[name]) < lo:
       raise ValueError(f"serve.{name} must be >= {lo}, got {s[name]}")
+  # The engine needs a prompt token and a new one; 1 passed here and failed only after
+  # the model had loaded, naming no serve field.
+  if s.max_len == 1:
+    raise ValueError(f"serve.max_len must be 0 (data.seq_len) or >= 2, got {s.max_len}")
   if s.port > 65535:
     raise ValueError(f"serve.port must be <= 65535, got {s.port}")
   if not s.request_timeout_s > 0:
