@@ -69,7 +69,8 @@ def measure(model, hierarchy: hc.Hierarchy, length: int, query: int) -> list[dic
 
 
 def write(result: dict, out: str) -> None:
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  # ``or "."``: a bare ``--out name`` has no folder, and os.makedirs("") raises.
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, allow_nan=False)  # Integers and times: never NaN.
   hy = result["hierarchy"]

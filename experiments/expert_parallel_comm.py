@@ -43,7 +43,8 @@ def _parse_args(argv=None):
   p.add_argument("--time_tokens", type=int, default=512, help="tokens per device when timing")
   p.add_argument("--time_dim", type=int, default=128, help="d_model when timing")
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--out", default=str(RESULTS_DIR / "expert_parallel_comm"))
+  p.add_argument("--out", default=str(RESULTS_DIR / "expert_parallel_comm"),
+                 help="output path prefix (.json and .md are appended)")
   args = p.parse_args(argv)
   # Refused before minutes of compiling: one device has no collectives (every ratio 0/0),
   # and no timed iteration leaves statistics.median([]) to fail at the end.
@@ -87,7 +88,10 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     shape, kind = m.group(1), m.group(2)
     arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
     if m.group(3) and shape.startswith("("):
-      arrays = arrays[-1:]  # Async start: (operand..., result); count the result.
+      # Async start: (operand..., result[, context...]); count the result. A
+      # collective-permute-start ends in two u32[] scalars (its sync context): taking the
+      # last array counted 4 bytes for the whole permute.
+      arrays = [a for a in arrays if a != ("u32", "")][-1:]
     size = 0
     for dtype, dims in arrays:
       n = 1
@@ -235,12 +239,14 @@ def write(result: dict, out: str) -> None:
   from blockdiff_jax import metrics_writer  # pylint: disable=g-import-not-at-top
   table = markdown(result)
   print(table)
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(metrics_writer.finite_or_none(result),
-                                                 indent=2, allow_nan=False))
-  out.with_suffix(".md").write_text(table)
-  print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  # Appended, not Path.with_suffix: that replaced a dotted tail, so --out=r/cap1.25 wrote
+  # r/cap1.json and a run at --out=r/cap1.5 overwrote it.
+  json_path, md_path = pathlib.Path(f"{out}.json"), pathlib.Path(f"{out}.md")
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  json_path.write_text(json.dumps(metrics_writer.finite_or_none(result), indent=2,
+                                  allow_nan=False))
+  md_path.write_text(table)
+  print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def main(argv=None):
 
 def write(result, out, final=True):
   """``out``.json (strict), .md and, when ``final``, .png of what ``result`` holds so far."""
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  # ``or "."``: a bare ``--out name`` has no folder, and os.makedirs("") raises.
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(metrics_writer.finite_or_none(result), f, indent=2, allow_nan=False)
   caches = ["full"] + result["hierarchies"]

@@ -83,11 +83,30 @@ def measure(n, kind, args):
 fit_exponent = attention_cost.fit_exponent
 
 
-def _write(rows, fits, meta, prefix):
-  prefix = pathlib.Path(prefix)
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  prefix.with_suffix(".json").write_text(json.dumps(dict(meta=meta, fits=fits, rows=rows),
-                                                    indent=1))
+def _fits(rows, args):
+  """Fitted exponents of n per kind and cost, over the rows measured so far."""
+  fits = {kind: {key: fit_exponent([r for r in rows if r["kind"] == kind], key)
+                 for key in ("hlo_flops", "forward_ms")} for kind in ("full", "summary")}
+  # Power-of-two blocks balance the window and bank terms exactly only at every
+  # other n (B² = n·S/(W+1)); in between the count zigzags. A fit over the
+  # balanced lengths alone shows the asymptotic slope without that rounding.
+  balanced = [r for r in rows if r["kind"] == "summary" and
+              (args.window + 1) * r["block_size"] ** 2 == r["n"] * args.slots]
+  fits["summary"]["hlo_flops_balanced_n"] = fit_exponent(balanced, "hlo_flops")
+  return fits
+
+
+def _path(prefix, ext):
+  """``prefix`` + ``ext``, appended: Path.with_suffix replaced a dotted tail, so
+  ``--out=r/s1.5`` wrote r/s1.json and a run at ``--out=r/s1.25`` overwrote it."""
+  return pathlib.Path(f"{prefix}{ext}")
+
+
+def _write(rows, fits, meta, prefix, plot=True):
+  """JSON and Markdown of the rows so far and, with ``plot``, the PNG."""
+  _path(prefix, ".json").parent.mkdir(parents=True, exist_ok=True)
+  _path(prefix, ".json").write_text(json.dumps(dict(meta=meta, fits=fits, rows=rows),
+                                               indent=1, allow_nan=False))
   lines = [f"# Attention cost against context length ({meta['device']}, jax {meta['jax']})",
            "", meta["note"], "",
            "| n | kind | block | logits/head | HLO GFLOP | forward ms |",
@@ -104,7 +123,9 @@ def _write(rows, fits, meta, prefix):
   lines += ["", "Summary HLO FLOPs fitted over the lengths where the power-of-two block "
             "balances the window and bank terms exactly ((W+1)·B² = n·S): "
             f"{fmt(fits['summary']['hlo_flops_balanced_n'])}."]
-  prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  _path(prefix, ".md").write_text("\n".join(lines) + "\n")
+  if not plot:
+    return
 
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -126,28 +147,12 @@ def _write(rows, fits, meta, prefix):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(prefix.with_suffix(".png"), dpi=110)
+  fig.savefig(_path(prefix, ".png"), dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
   args = _parse_args(argv)
-  rows = []
-  todo = [(n, kind) for n in args.lengths for kind in ("full", "summary")]
-  started = time.perf_counter()
-  for i, (n, kind) in enumerate(todo):
-    rows.append(measure(n, kind, args))
-    elapsed = time.perf_counter() - started
-    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f}s, ETA "
-          f"{elapsed / (i + 1) * (len(todo) - i - 1):.0f}s] {json.dumps(rows[-1])}",
-          flush=True)
-  fits = {kind: {key: fit_exponent([r for r in rows if r["kind"] == kind], key)
-                 for key in ("hlo_flops", "forward_ms")} for kind in ("full", "summary")}
-  # Power-of-two blocks balance the window and bank terms exactly only at every
-  # other n (B² = n·S/(W+1)); in between the count zigzags. A fit over the
-  # balanced lengths alone shows the asymptotic slope without that rounding.
-  balanced = [r for r in rows if r["kind"] == "summary" and
-              (args.window + 1) * r["block_size"] ** 2 == r["n"] * args.slots]
-  fits["summary"]["hlo_flops_balanced_n"] = fit_exponent(balanced, "hlo_flops")
   meta = dict(
       device=jax.devices()[0].device_kind, jax=jax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -161,8 +166,19 @@ def main(argv=None):
             "times are medians of a few runs on a 2-core CPU shared with other jobs (noisy; "
             "small n are dominated by fixed overheads). Full attention is timed only where "
             "its n x n logits fit in memory."))
-  _write(rows, fits, meta, args.out)
-  print(json.dumps(fits, indent=1))
+  rows = []
+  todo = [(n, kind) for n in args.lengths for kind in ("full", "summary")]
+  started = time.perf_counter()
+  for i, (n, kind) in enumerate(todo):
+    rows.append(measure(n, kind, args))
+    elapsed = time.perf_counter() - started
+    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f}s, ETA "
+          f"{elapsed / (i + 1) * (len(todo) - i - 1):.0f}s] {json.dumps(rows[-1])}",
+          flush=True)
+    # After every row (the plot at the end): the 131k rows take minutes, and a run
+    # killed or out of memory there used to leave no file at all.
+    _write(rows, _fits(rows, args), meta, args.out, plot=i == len(todo) - 1)
+  print(json.dumps(_fits(rows, args), indent=1))
 
 
 if __name__ == "__main__":

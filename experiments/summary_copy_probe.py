@@ -206,6 +206,8 @@ def run_one(args, slots: int, seed: int) -> dict:
 
 
 def write(results: dict, out: str) -> None:
+  # A new folder in --out used to fail here, after the first model had trained.
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json", "w") as f:
     json.dump(metrics_writer.finite_or_none(results), f, indent=2, allow_nan=False)
   a = results["args"]
@@ -275,7 +277,10 @@ def parse(argv):
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--eval_rows", type=int, default=256)
-  p.add_argument("--out", default="experiments/results/summary_copy_probe")
+  # Anchored at this file: relative to the working directory, a run started outside the
+  # checkout failed its first write, after the first model had trained.
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results", "summary_copy_probe"))
   p.add_argument("--quick", action="store_true", help="2 models, 60 steps: a smoke run")
   args = p.parse_args(argv)
   if args.quick:
@@ -290,7 +295,11 @@ def parse(argv):
             f"{args.seeds!r}")
   if any(s < 0 for s in args.slot_list):
     p.error(f"--slots must be >= 0, got {args.slots!r}")
-  for name in ("steps", "eval_every", "eval_rows", "batch", "d_model", "layers"):
+  # key_len 0 scored no digit: digit accuracy NaN and every (empty) key "right". A
+  # window of 0 passed here and failed in the first slot model's build, after the
+  # full-attention twin had trained.
+  for name in ("steps", "eval_every", "eval_rows", "batch", "d_model", "layers", "key_len",
+               "window"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   if not 0 <= args.curriculum_steps < args.steps:
@@ -309,6 +318,7 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # Before any training.
   results = {"args": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
              "command": "python experiments/summary_copy_probe.py " + " ".join(
                  sys.argv[1:] if argv is None else argv),

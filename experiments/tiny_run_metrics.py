@@ -79,6 +79,8 @@ def main():
         before = metrics_writer.finite_or_none(json.load(f))
     except (OSError, ValueError) as e:
       ap.error(f"--compare={args.compare!r}: {e}")
+  # Before the run: a new folder in --out used to fail the write after both runs.
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   # NaN != NaN: a diverged loss in both runs would be reported as a difference.
   result = metrics_writer.finite_or_none(run(args.steps))
   with open(args.out, "w", encoding="utf-8") as f:

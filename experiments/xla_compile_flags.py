@@ -153,13 +153,13 @@ def markdown(rows: list[dict], env: dict, repeats: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each set")
   ap.add_argument("--quick", action="store_true", help="1 repeat, decoders only")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--tag", default="")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.worker:
     print(json.dumps(worker(smollm2=not args.quick)))
     return
@@ -177,12 +177,14 @@ def main():
       print(f"[repeat {r + 1}/{repeats}] {name}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in samples[name][-1].items())
             + f" ({time.time() - t:.0f} s)", flush=True)
-  rows = summarize(samples)
-  env = decode_window_speed.environment("xla_compile_flags.py", t_start)
-  decode_window_speed.write_outputs(
-      decode_window_speed.quick_stem("xla_compile_flags", args.quick), args.tag,
-      {"env": env, "repeats": repeats, "rows": rows, "samples": samples},
-      markdown(rows, env, repeats))
+    # After every whole repeat (each flag set with as many samples): a worker that fails
+    # late (SystemExit) or a killed run used to lose the finished repeats' minutes.
+    rows = summarize(samples)
+    env = decode_window_speed.environment("xla_compile_flags.py", t_start)
+    decode_window_speed.write_outputs(
+        decode_window_speed.quick_stem("xla_compile_flags", args.quick), args.tag,
+        {"env": env, "repeats": r + 1, "rows": rows, "samples": samples},
+        markdown(rows, env, r + 1))
 
 
 if __name__ == "__main__":
