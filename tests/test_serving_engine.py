@@ -28,10 +28,24 @@ def _options(tok, **kw):
   return layout.DecodeOptions(block_size=BLOCK, mask_id=tok.mask_id, eos_id=tok.eos_id, **kw)
 
 
+_ALONE: dict = {}  # (prompt, max_tokens, options, ar) -> its reference row.
+
+
 def _alone(model, params, tok, prompt, max_tokens, options, ar):
-  """The reference: the request decoded alone by sampling.sample at its own shapes."""
-  rows, _ = sample.generate(model, params, tok, [prompt], options, max_tokens, MAX_LEN, ar=ar)
-  return rows[0]
+  """The reference: the request decoded alone (batch 1) by sampling.sample.
+
+  Memoized (the tests share ``tiny_decoder``): the engine cases differ in slots and
+  forwards per call, not in their references. The canvas is MAX_LEN wide (the pool's
+  width), so the references share compiled programs; a decoder's row does not depend on
+  the canvas slots past its end (test_sampling_decoder's and test_sampling_isd's rows of
+  mixed lengths equal each row alone).
+  """
+  key = (prompt, max_tokens, options, ar)
+  if key not in _ALONE:
+    rows, _ = sample.generate(model, params, tok, [prompt], options, max_tokens, MAX_LEN,
+                              width=MAX_LEN, ar=ar)
+    _ALONE[key] = rows[0]
+  return _ALONE[key]
 
 
 @pytest.mark.parametrize("ar", [False, True])
@@ -142,7 +156,9 @@ def _alone_decoder(model, params, tok, prompt, max_tokens, options, kind, stride
   from blockdiff_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
   from blockdiff_jax.sampling import isd  # pylint: disable=g-import-not-at-top
   ids = layout.parse(tok, prompt).ids
-  canvas = layout.generation_canvas([ids], max_tokens, BLOCK, tok.mask_id, MAX_LEN)
+  # MAX_LEN wide: the five prompts share two compiled programs (their prefill buckets)
+  # instead of one each; the slots past a row's end change none of its outputs.
+  canvas = layout.generation_canvas([ids], max_tokens, BLOCK, tok.mask_id, MAX_LEN, MAX_LEN)
   rng = jax.random.key(seed)[None]  # One key per row, as the pool draws.
   if kind == "isd":
     out = isd.decode_isd(model, params, canvas, options, stride, rng)
@@ -280,8 +296,11 @@ def test_summary_token_model_with_the_summary_form_cache_served_equals_alone():
   results = [f.result() for f in futures]
   eng.shutdown()
   for p, got in zip(prompts, results):
-    cv = layout.generation_canvas([p], 24, BLOCK, tok.mask_id, MAX_LEN)
-    out = decoder.decode(model, params, cv, opts, jax.random.key(0)[None])
+    # One shape for the four references (one compile): MAX_LEN wide, prefilled 32 wide
+    # (the longest prompt's start block); a row is prefilled only below its own start
+    # block and never sees the slots past its end, so neither width changes its output.
+    cv = layout.generation_canvas([p], 24, BLOCK, tok.mask_id, MAX_LEN, MAX_LEN)
+    out = decoder.decode(model, params, cv, opts, jax.random.key(0)[None], prefill_width=32)
     want = out["tokens"][0, len(p):len(p) + 24]
     assert [int(t) for t in got.token_ids] == [int(t) for t in want]
     assert got.nfe == int(out["nfe"][0])
