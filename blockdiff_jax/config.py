@@ -61,15 +61,54 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def from_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file (as ``--config=path`` loads it), for notebooks."""
+def _load_file(path: str):
+  """The module of a config file (``path`` without a ``:arg``), loaded by path."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location(
       "config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (as ``--config=path`` loads it), for notebooks.
+
+  ``path[:arg]``: as config_flags does, everything after the first colon is passed to
+  ``get_config`` (``configs/long_context_extension.py:quickstart,8``).
+  """
+  # Without the split, a documented "file.py:arg" was reported as a missing file.
+  file, sep, arg = path.partition(":")
+  module = _load_file(file)
+  return module.get_config(arg) if sep else module.get_config()
+
+
+def validate_file(config: ml_collections.ConfigDict, path: str) -> None:
+  """The checks of the config file ``path[:arg]`` itself: its ``validate(config)``, if any.
+
+  A recipe file may require fields the base checks cannot know about
+  (``configs/long_context_extension.py`` needs ``init_from.workdir``, or its fine-tune
+  would train YaRN from random weights without a word).
+  """
+  check = getattr(_load_file(path.partition(":")[0]), "validate", None)
+  if check is not None:
+    check(config)
+
+
+def _validate_init_from(config: ml_collections.ConfigDict) -> None:
+  """``init_from.step`` is read only when the trainer restores the source run: after
+  config.json is written and the data is built. Checked here before that."""
+  source = config.get("init_from")
+  if source is None:
+    return
+  step = source.get("step", -1)
+  if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+    raise ValueError(f"init_from.step must be -1 (latest) or a step >= 0, got {step!r}")
+  # Without a source run the step is dropped and the run starts from random weights.
+  if step != -1 and not source.get("workdir"):
+    raise ValueError(f"init_from.step={step} picks a checkpoint of init_from.workdir, "
+                     "which is empty; give the source run with --config.init_from.workdir")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -82,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # numpy's generators (the data order) refuse negative seeds, after the model is built.
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+  _validate_init_from(config)
   train_config.validate(config)
   if config.get("mesh") is not None:  # Before any device is asked for: a typo'd axis.
     mesh_lib.validate(config.mesh)

@@ -5,6 +5,8 @@ r"""Command-line entry point: train, sample, evaluate, serve, plan (memory per d
 """
 
 import os
+import re
+import sys
 from typing import NamedTuple
 
 from absl import app
@@ -73,6 +75,61 @@ def check_flags(f: Flags, flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          f"--mode={f.mode.value}")
 
 
+def validate_config(f: Flags, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Every section of the config (whatever the mode), then the config file's own checks.
+
+  The modes check only what they read, some of it after writing to the workdir or
+  compiling (a negative seed failed in numpy there). A recipe file's ``validate``
+  (``configs/long_context_extension.py``) was skipped here before: without
+  ``--config.init_from.workdir`` its fine-tune trained from random weights.
+  """
+  config = f.config.value
+  config_lib.validate(config)
+  config_lib.validate_file(config, config_flags.get_config_filename(flag_values[f.config.name]))
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """``flag_values(argv)``, with an override of a field the config lacks as a flag error.
+
+  config_flags raises a bare KeyError or AttributeError there, which absl printed as a
+  traceback ending in ``KeyError: "'mesh'"`` (``--config.mesh.fsdp=2`` on a config
+  without a mesh section), naming neither the flag nor the field it lacks.
+  """
+  try:
+    return flag_values(argv)
+  except (KeyError, AttributeError) as e:
+    detail = e.args[0] if e.args else ""
+    if isinstance(detail, BaseException):  # AttributeError(KeyError(message)).
+      detail = detail.args[0] if detail.args else ""
+    # The first name config_flags quotes ("'mesh'", "'stepz'\nDid you mean ...").
+    quoted = re.search(r"'([^']+)'", str(detail))
+    key = quoted.group(1) if quoted else None
+    for word in argv[1:]:
+      if not word.startswith("--config."):
+        continue
+      name = word[len("--config."):].partition("=")[0]
+      parts = name.split(".")
+      if key in parts:
+        field = ".".join(parts[:parts.index(key) + 1])
+        hint = str(detail).partition("\n")[2].strip()
+        raise flags.IllegalFlagValueError(
+            f"--config.{name}: the config has no field {field!r}"
+            + (f" ({hint})" if hint else "")
+            + ("; only configs with a mesh section (chatdlm_7b) take --config.mesh.*"
+               if parts[0] == "mesh" else "")) from None
+    raise
+
+
+def _parse_flags_with_usage(argv: list[str]) -> list[str]:
+  """absl's ``parse_flags_with_usage`` over ``parse_flags``: one line, exit status 1."""
+  try:
+    return parse_flags(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
 # Defined only when run as a program: importing this module (tests) defines no global
 # flags, which would clash with a script's own --config (experiments/train_throughput.py).
 _FLAGS: Flags | None = None
@@ -88,9 +145,7 @@ def main(argv):
   config, workdir, mode = _FLAGS.config.value, _FLAGS.workdir.value, _FLAGS.mode.value
   from blockdiff_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()  # From $JAX_COORDINATOR_ADDRESS etc.; no-op for one process.
-  # Every section, whatever the mode: the modes check only what they read, some of it
-  # after writing to the workdir or compiling (a negative seed failed in numpy there).
-  config_lib.validate(config)
+  validate_config(_FLAGS)
   if mode == "plan":
     from blockdiff_jax.train import plan  # pylint: disable=g-import-not-at-top
     plan.run(config, workdir)
@@ -113,4 +168,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags_with_usage)

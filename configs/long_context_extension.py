@@ -34,6 +34,8 @@ restores only the parameters of that workdir's checkpoint (``init_from.step``,
 and starts a fresh TrainState from them: step 0, a new optimizer state and this
 config's data order. A checkpoint in ``--workdir`` itself always wins (resume).
 The RoPE scaling has no parameters, so the source checkpoint loads unchanged.
+``blockdiff_jax.main`` runs this file's ``validate`` on every mode, so each command on the
+extended workdir repeats ``--config.init_from.workdir`` (as those above do).
 """
 
 import importlib.util
@@ -60,9 +62,18 @@ def _base_config(name: str) -> ml_collections.ConfigDict:
 
 
 def _parse(arg: str | None) -> tuple[str, int]:
+  """(base config name, factor) of ``"<base>[,<factor>]"``; names a bad part."""
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  # A third part ("quickstart,8,4") was dropped silently, extending by 8, not 4 or 32.
+  if len(parts) > 2:
+    raise ValueError(f"long_context_extension: the argument is '<base config>[,<factor>]', "
+                     f"got {arg!r}")
   base = parts[0] if parts else DEFAULT_BASE
-  factor = int(parts[1]) if len(parts) > 1 else DEFAULT_FACTOR
+  try:
+    factor = int(parts[1]) if len(parts) > 1 else DEFAULT_FACTOR
+  except ValueError:  # int()'s own message named neither the argument nor the factor.
+    raise ValueError(f"long_context_extension: factor must be an integer >= 2 (new length / "
+                     f"training length), got {parts[1]!r} in {arg!r}") from None
   if factor < 2:
     raise ValueError(f"long_context_extension: factor must be >= 2, got {factor}")
   return base, factor
