@@ -138,3 +138,13 @@ def test_the_program_prints_one_line_for_a_missing_field(tmp_path, monkeypatch, 
   assert e.value.code == 1
   assert capsys.readouterr().err.startswith(
       "FATAL Flags parsing error: --config.mesh.fsdp: the config has no field 'mesh'")
+
+
+def test_long_context_min_length_past_the_rows_is_refused_before_the_run():
+  c = config_lib.from_file(os.path.join(ROOT, "configs", "long_context_retrieval.py"))
+  room = c.data.seq_len - 24  # LongContextDataset.ANSWER_ROOM.
+  c.data.long_context_min_length = room + 1
+  with pytest.raises(ValueError, match=rf"long_context_min_length={room + 1} must be <= "):
+    config_lib.validate(c)
+  c.data.long_context_min_length = room  # The longest prompt is still a valid shortest.
+  config_lib.validate(c)

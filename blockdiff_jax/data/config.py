@@ -6,6 +6,7 @@ import ml_collections
 
 from blockdiff_jax.data import corpora
 from blockdiff_jax.data import long_context
+from blockdiff_jax.data import pipeline
 from blockdiff_jax.data import sft
 from blockdiff_jax.data import synthetic
 from blockdiff_jax.data import tokenizers
@@ -173,6 +174,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.long_context_tasks: unknown task {task!r}; "
                          f"known: {long_context.TASKS}")
     _check_int(d, "long_context_curriculum_steps", 0, " (0 = no curriculum)")
+    # The lower bound (the tasks' fixed parts) needs the tokenizer and is checked when
+    # the data is built; this one is known now, before config.json is written.
+    room = pipeline.LongContextDataset.ANSWER_ROOM
+    if d.long_context_min_length > d.seq_len - room:
+      raise ValueError(f"data.long_context_min_length={d.long_context_min_length} must be "
+                       f"<= data.seq_len - {room} = {d.seq_len - room} (0 = half of that)")
     try:
       long_context.DepthCurriculum.parse(d.long_context_curriculum_steps,
                                          d.long_context_curriculum_depths,
