@@ -29,6 +29,8 @@ import dataclasses
 from typing import Any
 
 import flax.struct
+import jax
+import numpy as np
 
 from blockdiff_jax import masks
 from blockdiff_jax.model import layers
@@ -73,11 +75,54 @@ class SummaryConfig:
                                block_size=self.block_size, num_slots=self.num_slots)
 
   def slot_meta(self, meta: masks.TokenMeta, mode: str) -> masks.TokenMeta:
-    """Metadata of the slots a forward in ``mode`` appends to an input with ``meta``."""
+    """Metadata of the slots a forward in ``mode`` appends to an input with ``meta``.
+
+    The slots of token group ``c*B .. c*B+B-1`` take the group's last token's block
+    id and position, so the clean tokens must be block-aligned (each group one block).
+    Concrete metadata that is not raises a ValueError; traced metadata is not checked.
+    """
     if mode == "first_block":
-      return masks.summary_slots_meta(meta.slice(0, self.block_size), self.block_size,
-                                      self.num_slots)
-    return summary_meta_for(meta, self.layout(mode))
+      clean = meta.slice(0, self.block_size)
+    else:
+      layout = self.layout(mode)
+      if layout is None:
+        raise ValueError("summary='none' appends no slots")
+      clean = meta.slice(meta.shape[-1] - meta.shape[-1] // layout.streams,
+                         meta.shape[-1] // layout.streams)
+    if clean.shape[-1] % self.block_size == 0:
+      _check_block_aligned(clean.block_ids, clean.segment_ids, self.block_size)
+    if mode == "first_block":
+      return masks.summary_slots_meta(clean, self.block_size, self.num_slots)
+    return summary_meta_for(meta, layout)
+
+
+def _check_block_aligned(block_ids: Array, segment_ids: Array, block_size: int) -> None:
+  """Raises when concrete ``block_ids`` [..., L] are not one block per group of B tokens.
+
+  Padding (a negative segment id) is left out: a row's tail of pads may carry any
+  block id.
+
+  An input starting inside a block (positions 2..9 with B = 4) would otherwise give
+  the slots of its group 0 the block id and position of block 1's third token: block 0
+  gets no summary and block 1's is rotated to the wrong position, silently (the
+  structured attention path refuses such rows, the dense path does not).
+  """
+  if isinstance(block_ids, jax.core.Tracer) or isinstance(segment_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(block_ids)
+  groups = ids.reshape(ids.shape[:-1] + (-1, block_size))
+  real = (np.asarray(segment_ids) >= 0).reshape(groups.shape)
+  # Every real token of a group must carry the group's smallest real block id.
+  low = np.where(real, groups, np.iinfo(groups.dtype).max).min(-1, keepdims=True)
+  bad = np.argwhere(real & (groups != low))
+  if bad.size:
+    at = tuple(bad[0][:-1])
+    first = at[-1] * block_size
+    row = ", ".join(map(str, at[:-1]))
+    raise ValueError(
+        f"summary tokens need block-aligned clean tokens (diffusion.block_size="
+        f"{block_size}): tokens {first}..{first + block_size - 1} of row {row} have "
+        f"block_ids {groups[at].tolist()}; start the input at a block boundary")
 
 
 def from_config(summary, block_size: int | None) -> SummaryConfig | None:
