@@ -13,13 +13,13 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from blockdiff_jax.data import tokenizers
 from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import decoder
 from blockdiff_jax.sampling import isd
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import layout
 
 def _first_eos(row: np.ndarray, eos_id: int) -> int:
@@ -73,6 +73,26 @@ def _check_mask_id(options: layout.DecodeOptions, tokenizer: tokenizers.Tokenize
                      f"{tokenizer.mask_id}; build the options with the tokenizer's MASK")
 
 
+def check_prompt_list(prompts: Any, name: str = "prompts") -> None:
+  """Refuses a bare string where a list of prompts is expected.
+
+  A ``str`` is a sequence of one-character strings: iterated as prompts, each character
+  would be decoded as a prompt of its own (9 rows for ``"<|bos|>hi"``), silently.
+  """
+  if isinstance(prompts, (str, bytes)):
+    raise TypeError(f"{name} must be a list of prompt strings, got a single "
+                    f"{type(prompts).__name__} {prompts[:40]!r}; pass [{name[:-1]}]")
+
+
+def _rows_rng(rng: Any, n: int, index: Sequence[int]) -> Any:
+  """The key of the prompts at ``index`` among ``n``: one key as given, per-prompt keys
+  (``n`` of them, as the decoders take) cut down to those prompts' own."""
+  if rng is None:
+    return None
+  rng = keys.normalize(rng, n)
+  return rng if rng.ndim == 0 else rng[np.asarray(index, np.int32)]
+
+
 def _check_decoder_choice(ar: bool, isd_stride: int) -> None:
   """Refuses ``ar`` with ``isd_stride``: one of the two would be silently ignored."""
   if ar and isd_stride:
@@ -106,9 +126,11 @@ def generate(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[s
     (per-row result dicts, batch summary with forwards, tokens/s, mean TPF...).
 
   Raises:
+    TypeError: ``prompts`` is a single string.
     ValueError: both ``ar`` and ``isd_stride`` are set, ``options.mask_id`` is not the
       tokenizer's, or a prompt has mask spans.
   """
+  check_prompt_list(prompts)
   _check_decoder_choice(ar, isd_stride)
   _check_mask_id(options, tokenizer)
   ids = []
@@ -158,6 +180,7 @@ def infill(model, params, tokenizer: tokenizers.Tokenizer, texts: Sequence[str],
   texts], "nfe": ...}``. Text outside the spans is copied from the input string, never
   re-decoded, so it is byte-identical.
   """
+  check_prompt_list(texts, "texts")
   _check_mask_id(options, tokenizer)
   parsed = [layout.parse(tokenizer, t) for t in texts]
   canvas = layout.infill_canvas(parsed, options.block_size, max_len, width)
@@ -208,8 +231,10 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
 
   Prompts with ``<|mask:N|>`` spans are infilled (``infill``), the others continued
   (``generate``). A prompt that does not parse or fit gets ``{"prompt", "error"}``
-  instead of a result, and the others are answered. ``rng`` seeds both kinds (the
-  infilled prompts with a key folded from it, so their draws are not the continued ones').
+  instead of a result, and the others are answered. ``rng`` (one key, or one key per
+  prompt as the decoders take) seeds both kinds (the infilled prompts with a key folded
+  from it, so their draws are not the continued ones'); a prompt's own key goes with it
+  into whichever batch it joins.
   ``on_block`` streams the continued prompts (see ``decoder.decode``), its rows numbered
   as in ``prompts``.
 
@@ -218,9 +243,11 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
     ``error``; the summary of the continued prompts, empty when there were none).
 
   Raises:
+    TypeError: ``prompts`` is a single string.
     ValueError: both ``ar`` and ``isd_stride`` are set, or ``options.mask_id`` is not
       the tokenizer's (before any prompt runs).
   """
+  check_prompt_list(prompts)
   _check_decoder_choice(ar, isd_stride)
   _check_mask_id(options, tokenizer)  # A batch-wide setting, not one prompt's error.
   rows: list[dict | None] = [None] * len(prompts)
@@ -245,13 +272,15 @@ def answer(model, params, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str
     if on_block is not None and len(continue_idx) < len(prompts):
       on_block = _renumbered(on_block, continue_idx, len(prompts))
     out, summary = generate(model, params, tokenizer, [prompts[i] for i in continue_idx],
-                            options, max_new_tokens, max_len, ar=ar, rng=rng,
+                            options, max_new_tokens, max_len, ar=ar,
+                            rng=_rows_rng(rng, len(prompts), continue_idx),
                             on_block=on_block, isd_stride=isd_stride)
     for i, r in zip(continue_idx, out):
       rows[i] = {"prompt": prompts[i], **r}
   if infill_idx:
     out = infill(model, params, tokenizer, [prompts[i] for i in infill_idx], options,
-                 max_len, rng=None if rng is None else jax.random.fold_in(rng, 1))
+                 max_len, rng=None if rng is None else keys.fold(
+                     _rows_rng(rng, len(prompts), infill_idx), 1))
     for i, r in zip(infill_idx, out):
       rows[i] = {"prompt": prompts[i], "completion": r["text"], "spans": r["spans"],
                  "nfe": r["nfe"], "tokens": [int(t) for t in r["tokens"]]}

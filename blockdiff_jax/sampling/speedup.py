@@ -74,6 +74,7 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     generated_tokens, ar_generated_tokens, nfe, tpf, tokens_per_s, ar_tokens_per_s,
     speedup}``).
   """
+  generation.check_prompt_list(prompts)
   if options.sampling.temperature > 0:
     raise ValueError("compare_with_ar compares greedy texts; options.sampling.temperature "
                      f"must be 0, got {options.sampling.temperature}")
