@@ -98,6 +98,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   try:
     return flag_values(argv)
   except (KeyError, AttributeError) as e:
+    if not _raised_by_override(e):  # A config file's own bug: its traceback.
+      raise
     detail = e.args[0] if e.args else ""
     if isinstance(detail, BaseException):  # AttributeError(KeyError(message)).
       detail = detail.args[0] if detail.args else ""
@@ -118,6 +120,17 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
             + ("; only configs with a mesh section (chatdlm_7b) take --config.mesh.*"
                if parts[0] == "mesh" else "")) from None
     raise
+
+
+def _raised_by_override(error: BaseException) -> bool:
+  """Whether ``error`` came from applying an override, not from the config file's
+  ``get_config`` (a bug there must keep its own traceback)."""
+  tb = error.__traceback__
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "get_config":
+      return False
+    tb = tb.tb_next
+  return True
 
 
 def _parse_flags_with_usage(argv: list[str]) -> list[str]:

@@ -148,3 +148,13 @@ def test_long_context_min_length_past_the_rows_is_refused_before_the_run():
     config_lib.validate(c)
   c.data.long_context_min_length = room  # The longest prompt is still a valid shortest.
   config_lib.validate(c)
+
+
+def test_a_config_files_own_error_is_not_blamed_on_an_override(tmp_path):
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("from blockdiff_jax import config as c\n\n"
+                 "def get_config():\n  cfg = c.base_config()\n  cfg.train.warmup\n"
+                 "  return cfg\n")
+  with pytest.raises(AttributeError, match="warmup") as e:
+    _parsed(f"--config={bad}", f"--workdir={tmp_path}", "--config.train.warmup=5")
+  assert not isinstance(e.value, flags.IllegalFlagValueError)

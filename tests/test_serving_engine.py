@@ -40,7 +40,7 @@ def _alone(model, params, tok, prompt, max_tokens, options, ar):
   the canvas slots past its end (test_sampling_decoder's and test_sampling_isd's rows of
   mixed lengths equal each row alone).
   """
-  key = (prompt, max_tokens, options, ar)
+  key = (id(model), id(params), prompt, max_tokens, options, ar)
   if key not in _ALONE:
     rows, _ = sample.generate(model, params, tok, [prompt], options, max_tokens, MAX_LEN,
                               width=MAX_LEN, ar=ar)
