@@ -25,6 +25,7 @@ BlockSpecs pick one head); metadata is packed as int32 [B, 5, T] (fields in
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 from jax import lax
@@ -45,8 +46,14 @@ LOG2_E = math.log2(math.e)
 NUM_META_FIELDS = 5
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
+  # A non-integer tile (64.0, None) is False here, refused naming its field: ``&``
+  # raised a TypeError that named neither.
+  return _is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)

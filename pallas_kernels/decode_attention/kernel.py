@@ -28,6 +28,7 @@ k/v in the caller's [B, S, Hkv, D] layout, positions int32, partial outputs
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 from jax import lax
@@ -45,8 +46,14 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LOG2_E = math.log2(math.e)
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
+  # A non-integer tile (64.0, None) is False here, refused naming its field: ``&``
+  # raised a TypeError that named neither.
+  return _is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +84,11 @@ class DecodeBlockSizes:
       value = getattr(self, name)
       if not _is_pow2(value) or value < 16:
         raise ValueError(f"DecodeBlockSizes.{name} must be a power of two >= 16, got {value}")
-    if self.num_splits is not None and self.num_splits < 1:
-      raise ValueError(f"DecodeBlockSizes.num_splits must be >= 1, got {self.num_splits}")
+    # Integers: a float count (2.0) made the chunk length a float, which failed
+    # deep in the BlockSpecs.
+    if self.num_splits is not None and (not _is_int(self.num_splits) or self.num_splits < 1):
+      raise ValueError(f"DecodeBlockSizes.num_splits must be an integer >= 1, got "
+                       f"{self.num_splits!r}")
     if self.target_programs < 1:
       raise ValueError(f"DecodeBlockSizes.target_programs must be >= 1, got "
                        f"{self.target_programs}")
@@ -106,6 +116,10 @@ def split_layout(length: int, programs_per_split: int, bs: DecodeBlockSizes) -> 
   """Chooses the split count (explicit or GPU-filling) and the chunk size."""
   block_k = max(16, min(bs.block_k, pl.next_power_of_2(length)))
   tiles = -(-length // block_k)
+  if not tiles:
+    # An empty cache (decode_attention runs no kernel for it): no split, where
+    # the chunk arithmetic below divided by zero.
+    return SplitLayout(0, block_k, block_k)
   if bs.num_splits is None:
     splits = -(-bs.target_programs // max(programs_per_split, 1))
   else:

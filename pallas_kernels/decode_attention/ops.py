@@ -10,7 +10,9 @@ arrays (positions, cache lengths) and a static block size.
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import backend
 from pallas_kernels.decode_attention import kernel
@@ -30,7 +32,7 @@ def default_interpret() -> bool:
   return backend.resolve_interpret(None)
 
 
-def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> None:
+def _validate(q, k, v, q_positions, kv_positions, kv_lengths) -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"decode_attention: q, k, v must be [B, T, H, D], got "
                      f"{q.shape}, {k.shape}, {v.shape}")
@@ -67,8 +69,26 @@ def _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size) -> Non
     if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
       raise ValueError(f"decode_attention: {name} must be integer, got "
                        f"{jnp.result_type(x)}")
-  if block_size < 1:
-    raise ValueError(f"decode_attention: block_size must be >= 1, got {block_size}")
+
+
+def _static_block_size(block_size) -> int:
+  """``block_size`` as a Python int >= 1, refused by name otherwise.
+
+  The kernel compiles it in (a Python ``> 1`` and ``//``): a jax scalar, even a
+  concrete one, failed inside the kernel trace with a TracerBoolConversionError,
+  and a fractional one (e.g. from ``/``) cut positions into uneven blocks.
+  """
+  if isinstance(block_size, jax.core.Tracer):
+    raise ValueError("decode_attention: block_size must be a static integer (the kernel "
+                     f"compiles it in), got a traced {block_size.aval.str_short()}")
+  value = np.asarray(block_size)
+  if value.shape or not (np.issubdtype(value.dtype, np.integer)
+                         or (np.issubdtype(value.dtype, np.floating)
+                             and np.isfinite(value) and value == np.floor(value))):
+    raise ValueError(f"decode_attention: block_size must be an integer, got {block_size!r}")
+  if value < 1:
+    raise ValueError(f"decode_attention: block_size must be >= 1, got {block_size!r}")
+  return int(value)
 
 
 def _pad_to(x: Array, length: int, axis: int, value=0) -> Array:
@@ -89,7 +109,7 @@ def split_plan(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
   """The split layout ``decode_attention`` uses for q [B, Tq, H, D] and k [B, S, Hkv, D]."""
   b, tq, h, _ = q_shape
   s, hkv = k_shape[1], k_shape[2]
-  rows = tq * (h // hkv)
+  rows = tq * (h // hkv) if hkv else 0  # No kv head: no program (h // 0 raised).
   row_tiles = -(-rows // _row_tile(rows, block_sizes))
   return kernel.split_layout(s, b * hkv * row_tiles, block_sizes)
 
@@ -116,7 +136,8 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
     q_positions: int [B, Tq] positions of the queries.
     kv_positions: int [B, S] positions of the cache slots; negative = empty slot.
     kv_lengths: int [B] slots in use per row (a prefix of S); default S.
-    block_size: positions per visibility block (static).
+    block_size: positions per visibility block (a static integer; a concrete jax
+      scalar is read as one).
     scale: logit scale; defaults to D ** -0.5.
     block_sizes: tiles, number of splits and launch options.
     interpret: run the Pallas interpreter; None = on every platform but a GPU,
@@ -128,7 +149,8 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   # Nested lists are accepted (as by the reference); their dtype is checked too.
   q_positions, kv_positions, kv_lengths = (
       None if x is None else jnp.asarray(x) for x in (q_positions, kv_positions, kv_lengths))
-  _validate(q, k, v, q_positions, kv_positions, kv_lengths, block_size)
+  _validate(q, k, v, q_positions, kv_positions, kv_lengths)
+  block_size = _static_block_size(block_size)
   b, tq, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   if 0 in q.shape or 0 in k.shape:

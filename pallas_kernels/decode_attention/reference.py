@@ -27,6 +27,10 @@ def decode_attention(q: Array, k: Array, v: Array, *, q_positions: Array | None 
   scale = d ** -0.5 if scale is None else scale
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
+  if (q_positions is None) != (kv_positions is None):
+    # As the op: kv_positions alone were replaced by zeros below, so its empty
+    # slots (negative positions) silently became visible.
+    raise ValueError("decode_attention: give both q_positions and kv_positions, or neither")
   if q_positions is None:
     q_positions = jnp.full((b, tq), jnp.iinfo(jnp.int32).max, jnp.int32)
     kv_positions = jnp.zeros((b, s), jnp.int32)

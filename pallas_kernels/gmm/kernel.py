@@ -18,6 +18,7 @@ step run next to each other and share the lhs tile in L2.
 
 import dataclasses
 import functools
+import numbers
 from typing import Any
 
 from jax import lax
@@ -30,8 +31,14 @@ from pallas_kernels import manual_axes
 Array = Any
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
+  # A non-integer tile (64.0, None) is False here, refused naming its field: ``&``
+  # raised a TypeError that named neither.
+  return _is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
