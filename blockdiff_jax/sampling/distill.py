@@ -187,6 +187,15 @@ def _line(q: str, a: str, ended: bool) -> str:
   return json.dumps({"prompt": q, "response": a, "finished": ended}) + "\n"
 
 
+def _starting_weights(config: ml_collections.ConfigDict) -> str:
+  """Where ``load_for_inference`` takes the weights of a workdir without a checkpoint."""
+  source = config.get("init_from")
+  if source is not None and source.get("workdir"):  # Wins over init.pretrained.
+    return f"init_from.workdir={source.workdir!r} step {source.get('step', -1)}"
+  init = config.get("init")
+  return f"init.pretrained={(init.get('pretrained') or '') if init is not None else ''!r}"
+
+
 def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str],
              contexts: Sequence[np.ndarray] = ()) -> dict:
   """What an answers file depends on: the model, its step, the questions, the decoding.
@@ -194,6 +203,8 @@ def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str],
   ``contexts`` are the questions as rendered for the model (``sft.render``'s prompt ids):
   the tokenizer and its chat template live in the workdir, not in ``config.model``, so an
   edited template would otherwise resume a file answered from other contexts.
+  ``weights`` names the starting weights when there is no checkpoint (``step`` None):
+  a base and an instruct model of one architecture have the same ``config.model``.
   """
   d = config.distill
   digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True, default=str)
@@ -201,10 +212,16 @@ def settings(config: ml_collections.ConfigDict, step, prompts: Sequence[str],
   return {"model": digest(config.model.to_dict()), "step": step,
           "questions": digest(list(prompts)), "num_questions": len(prompts),
           "contexts": digest([[int(t) for t in c] for c in contexts]),
+          "weights": None if step is not None else _starting_weights(config),
           "max_new_tokens": d.max_new_tokens, "max_len": d.max_len,
           "batch_size": d.batch_size,
           "token_shift": bool(config.diffusion.get("token_shift", False)),
           "block_size": config.diffusion.block_size}
+
+
+# Settings that older partial files lack: (the check's name, what may have changed unseen).
+_NEWER_SETTINGS = {"contexts": ("prompt-context", "chat template"),
+                   "weights": ("starting-weights", "starting weights")}
 
 
 def read_partial(path: str, want: dict, per_batch: int, total: int) -> list[tuple]:
@@ -224,11 +241,15 @@ def read_partial(path: str, want: dict, per_batch: int, total: int) -> list[tupl
   except (ValueError, KeyError, TypeError):
     raise ValueError(f"{path} is not a distill partial file (no settings line); delete "
                      "it to start over") from None
-  if "contexts" not in have and have == {k: v for k, v in want.items() if k != "contexts"}:
-    # Written before the rendered prompts were digested: resumable only if the chat
-    # template did not change since, which nothing recorded can tell.
-    print(f"warning: {path} predates the prompt-context check; resuming it as the "
-          "other settings match (delete it if the chat template changed)", file=sys.stderr)
+  newer = [k for k in _NEWER_SETTINGS if k in want and k not in have]
+  if newer and have == {k: v for k, v in want.items() if k not in newer}:
+    # Written before these settings were recorded: resumable only if they did not change
+    # since, which nothing recorded can tell (weights None: a checkpoint's, nothing to tell).
+    for k in newer:
+      if want[k] is not None:
+        check, what = _NEWER_SETTINGS[k]
+        print(f"warning: {path} predates the {check} check; resuming it as the other "
+              f"settings match (delete it if the {what} changed)", file=sys.stderr)
     have = want
   if have != want:
     if len(lines) <= 2:  # No whole answer line: nothing would be mixed.

@@ -68,6 +68,9 @@ class Sampling:
     """
     if self.temperature == 0:
       return logits
+    # At least fp32: a bf16 softmax and cumsum put the top-p cut in the wrong place
+    # (over a thousand tokens off in a 40k vocabulary) and give a mass that is not 1.
+    logits = _at_least_fp32(logits)
     # Shifted so the largest finite logit is 0 (softmax and sampling are shift-invariant):
     # a tiny temperature then sends the others towards -inf instead of the top towards
     # +inf, where inf - inf would make the softmax NaN and the draw arbitrary.
@@ -92,13 +95,15 @@ class Sampling:
     greedy: under the model's own softmax).
 
     Args:
-      logits: [..., V] fp32 logits.
+      logits: [..., V] logits (bf16/fp16 are computed in fp32).
       rng: PRNG key (unused when greedy).
 
     Returns:
       (tokens [...] int32, confidence [...] fp32, filtered probabilities [..., V]).
     """
-    logits = self.filter_logits(logits)
+    # fp32 confidences also for greedy: a bf16 probability rounds to steps of 1/256 near
+    # 1, so a threshold policy would compare rounded values.
+    logits = self.filter_logits(_at_least_fp32(logits))
     probs = jax.nn.softmax(logits, axis=-1)
     if self.temperature > 0:
       tokens = jax.random.categorical(rng, logits, axis=-1)
@@ -107,6 +112,11 @@ class Sampling:
     tokens = tokens.astype(jnp.int32)
     conf = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
     return tokens, conf, probs
+
+
+def _at_least_fp32(x: Array) -> Array:
+  """``x`` in fp32 when its dtype is narrower (bf16/fp16 logits); fp64 stays fp64."""
+  return jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
 
 
 def top_k_values(x: Array, k: int) -> Array:

@@ -80,6 +80,10 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
   ``token_shift`` is the model's (``config.diffusion.token_shift``), not a decoding choice.
   """
   one_token = s.policy in ("ar", "isd")  # Decoders without a block policy.
+  if not one_token and s.policy not in policies.POLICIES:
+    # make_policy's own message lists only the block policies, not ar and isd.
+    raise ValueError(f"sample.policy must be one of {sorted(policies.POLICIES) + ['ar', 'isd']}"
+                     f", got {s.policy!r}")
   if s.policy == "isd" and not token_shift:  # As isd.check_setup, before a checkpoint loads.
     raise ValueError("sample.policy='isd' needs a token-shifted model "
                      "(diffusion.token_shift=True): its verifier is the logits of the "
@@ -97,14 +101,14 @@ def options_from_config(s: ml_collections.ConfigDict, block_size: int,
     if one_token and hierarchy.form == "summary":  # AR and ISD keep no summary slots.
       raise ValueError(f"sample.kv_form='summary' works with the block decoder of a "
                        f"summary-token model, not sample.policy={s.policy!r}; use 'rank'")
-  if not one_token and s.policy in policies.POLICIES:
+  if not one_token:
     try:
       policy = policies.make_policy(s.policy, s.policy_value)
     except ValueError as e:
       raise ValueError(f"sample.policy_value={s.policy_value} is out of range for "
                        f"sample.policy={s.policy!r}: {e}") from None
   else:
-    policy = policies.make_policy("threshold" if one_token else s.policy)
+    policy = policies.make_policy("threshold")  # Unused by the AR and ISD decoders.
   try:
     return layout.DecodeOptions(
         block_size=block_size, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
@@ -205,11 +209,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """``--mode=sample``: loads the checkpoint, samples, streams, writes JSON to samples/."""
   from blockdiff_jax.checkpoint import inference  # pylint: disable=g-import-not-at-top
   s = config.get("sample", None) or default_sample_config()
+  # Before the checkpoint loads (minutes for a real model): a missing, empty or non-UTF-8
+  # prompts file is then reported at once.
+  prompts = read_prompts(s)
   config, model, tokenizer, params = inference.load_for_inference(workdir, config)
   validate(config)  # With the run's own diffusion settings; before anything compiles.
   block_size = config.diffusion.block_size
   max_len = s.max_len or config.data.seq_len
-  prompts = read_prompts(s)
   options = options_from_config(s, block_size, tokenizer,
                                 config.diffusion.get("token_shift", False))
   if s.get("compare_ar", False):
