@@ -1,7 +1,7 @@
 r"""A small block-diffusion model trained on passkey / key-value retrieval at 256 tokens.
 
 The source model of the long-context experiment (experiments/long_context_retrieval.py):
-it is trained short, then evaluated at 8-16x its training length, as it is, with YaRN,
+it is trained short, then evaluated at up to 16x its training length, as it is, with YaRN,
 and after the extension fine-tune (configs/long_context_extension.py). Rows are
 ``BOS prompt SEP answer EOS`` from data/long_context.py; the answer's blocks and the
 prompt are masked and scored. Byte tokens, a dense model (the question here is context,

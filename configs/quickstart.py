@@ -1,10 +1,12 @@
-"""The README's main job: a small MoE block-diffusion model on the Python stdlib corpus.
+"""The README's from-scratch quickstart: a small MoE block-diffusion model on the stdlib corpus.
 
-Trains in under 10 minutes on a 2-core CPU and learns far below the unigram entropy
-of the validation bytes (the run prints both at every evaluation).
+Trains in under 10 minutes on a 2-core CPU and learns below the unigram entropy of the
+validation bytes (about 3.6 against 4.81 bits/byte; the run prints both at every
+evaluation).
 
 Run:
   python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=train
+  python -m blockdiff_jax.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=sample
 """
 
 from blockdiff_jax import config as config_lib
