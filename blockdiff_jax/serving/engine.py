@@ -7,7 +7,9 @@ most ``max_pools`` setups are live, idle ones are dropped first). Each iteration
 1. admits waiting requests, in arrival order, into free slots of their setup's pool (one
    bucketed prefill each), so a new request starts at the next forward; one that must
    wait (no free slot, its pool compiling, a retry running alone) holds back the later
-   requests of its setup, which never overtake it;
+   requests of its setup, which never overtake it; one whose setup has no pool and no
+   room for one (``max_pools`` pools, all busy) holds back every later request, so the
+   busy pools drain and one makes room, rather than later requests keeping them busy;
 2. runs one forward of every busy pool;
 3. streams each row's newly final tokens (a committed block; an AR or ISD token as soon
    as it is emitted), and resolves and frees every row that is done, so its slot takes
@@ -394,10 +396,13 @@ class Engine:
     An unexpected error fails only the requests it concerns (the request being
     admitted, or the rows of the pool being advanced) and the worker goes on.
     """
-    waiting, blocked = [], set()
+    # starved: a request waits for room for its pool (every pool busy). The later ones
+    # wait behind it, whatever their setup: admitted into the busy pools, they would keep
+    # them busy, and it would wait until its time limit while they overtake it.
+    waiting, blocked, starved = [], set(), False
     for p in take:
       dec = p.request.decoder
-      if dec in blocked:  # One of its decoder waits before it: first come, first served.
+      if starved or dec in blocked:  # One waits before it: first come, first served.
         waiting.append(p)
         continue
       with self._cv:  # In its prefill: no longer waiting (back below if no slot).
@@ -414,6 +419,8 @@ class Engine:
           self._held.append(p)
           waiting.append(p)
           blocked.add(dec)
+          # Neither made nor compiling: _make_room found no idle pool to drop.
+          starved = dec not in self._pools and dec not in self._building
     with self._cv:  # Back to the front, in arrival order.
       self._queue.extendleft(reversed(waiting))
       self._held = []

@@ -4,12 +4,12 @@ Validation raises ``ApiError`` naming the offending field (``param``), which the
 turns into an OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``.
 
 Request fields: ``model``, ``prompt`` (completions) or ``messages`` (chat; a content is
-a string or a list of text parts, joined), ``max_tokens`` (chat also
-``max_completion_tokens``), ``temperature`` (default 0 = greedy, unlike OpenAI's 1),
-``top_p``, ``top_k`` (vLLM's extension; 0 or -1 = all), ``stop`` (a string or up to 4),
-``seed``, ``stream``, ``stream_options`` (``include_usage``: as OpenAI, a last chunk
-with no choices carries the usage, the others ``usage: null``; without it the finishing
-chunk carries it),
+a string or a list of text parts, joined; a role is one of OpenAI's ``ROLES``),
+``max_tokens`` (chat also ``max_completion_tokens``), ``temperature`` (default 0 =
+greedy, unlike OpenAI's 1), ``top_p``, ``top_k`` (vLLM's extension; 0 or -1 = all),
+``stop`` (a string or up to 4), ``seed``, ``stream``, ``stream_options``
+(``include_usage``: as OpenAI, a last chunk with no choices carries the usage, the
+others ``usage: null``; without it the finishing chunk carries it),
 ``n`` (1 only). Decoder options as extra body fields: ``policy`` (threshold | factor |
 topk | entropy | margin | l2r | ar | isd), ``policy_value`` (alias ``threshold``),
 ``sub_block_size``, ``edit_threshold``, ``max_steps_per_block``, ``isd_stride`` (policy
@@ -68,6 +68,8 @@ _COMMON = ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "strea
            "stream_options", "n", "top_k") + IGNORED + DECODER_FIELDS
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt",))
 CHAT_FIELDS = frozenset(_COMMON + ("messages", "max_completion_tokens"))
+# The message roles of OpenAI's chat API.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ApiError(Exception):
@@ -256,6 +258,11 @@ def parse_request(body: Any, model_name: str, chat: bool, tokenizer, block_size:
         raise ApiError(400, f"messages[{i}] must be {{'role': str, 'content': str or a "
                        "list of text parts}", f"messages[{i}]")
       _unicode(m["role"], f"messages[{i}].role")
+      if m["role"] not in ROLES:
+        # A template renders any role it is given ("User", "usr"): the model would
+        # answer a prompt it was never trained on; OpenAI's API refuses it too.
+        raise ApiError(400, f"messages[{i}].role must be one of {list(ROLES)}, got "
+                       f"{m['role']!r:.60}", f"messages[{i}].role")
     messages = [dict(m, content=_content_text(m["content"], i))
                 for i, m in enumerate(messages)]
     prompt = render_chat(messages)

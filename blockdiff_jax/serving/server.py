@@ -86,7 +86,10 @@ class Server:
     except protocol.ApiError as e:
       return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
-      err = protocol.ApiError(e.status, e.reason, None)
+      # aiohttp's own text when it says more than the status line: a 413's names the
+      # body size limit, which "Request Entity Too Large" alone leaves the client to guess.
+      text = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
+      err = protocol.ApiError(e.status, text, None)
       # Keep e.g. a 405's Allow; the body is ours, so not its type or length.
       headers = {k: v for k, v in e.headers.items()
                  if k.lower() not in ("content-type", "content-length")}
@@ -284,9 +287,13 @@ class Server:
         ids.extend(int(t) for t in item)
         text = self.tokenizer.decode(np.asarray(ids, np.int32))
         text, stopped = protocol.apply_stop(text, parsed.stop)
-        end = len(text) if stopped else len(text) - holdback
+        end = len(text)
         while end > sent and text[end - 1] == "\ufffd":
           end -= 1  # An incomplete UTF-8 sequence: wait for its next bytes.
+        if not stopped:
+          # Held back after the trim: a U+FFFD is no character of the text yet, and
+          # counted in the holdback it let out the start of a stop string it completes.
+          end -= holdback
         if end > sent:
           await send(chunk(text[sent:end]))
           sent = end
