@@ -193,8 +193,17 @@ class MetricsWriter:
     """
     row = {"step": int(step)}
     for k, v in metrics.items():
+      # np.size of a str, None or dict is 1: float() then failed without naming the
+      # metric, or read a digit string ("3") as a number.
+      if isinstance(v, (str, bytes, dict)) or v is None:
+        raise TypeError(f"metric {prefix + k!r} must be a number or an array of size 1, "
+                        f"got {type(v).__name__} {v!r}")
       if np.size(v) == 1:
-        row[prefix + k] = _scalar(v)
+        try:
+          row[prefix + k] = _scalar(v)
+        except (TypeError, ValueError) as e:
+          raise TypeError(f"metric {prefix + k!r} must be a real number, got "
+                          f"{type(v).__name__} {v!r}") from e
     if self._file is None:
       return row
     self._file.write(encode_row(row) + "\n")
@@ -234,11 +243,16 @@ class Progress:
     self.stream = stream  # None = silent.
 
   def rate(self, done: int) -> float:
-    return (done - self.start) / max(time.time() - self.t0, 1e-9)
+    """Items per second since the start; 0 (unknown) before any time has passed."""
+    elapsed = time.time() - self.t0
+    # A 1e-9 floor reported billions of steps/s on a coarse clock (elapsed 0).
+    return (done - self.start) / elapsed if elapsed > 0 else 0.0
 
   def line(self, done: int, extra: str = "") -> str:
     rate = self.rate(done)
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    left = max(self.total - done, 0)
+    # Nothing left is 0 seconds away even when no rate is known (a resumed, finished run).
+    eta = 0.0 if not left else left / rate if rate > 0 else float("inf")
     pct = 100.0 * done / max(self.total, 1)
     eta_s = _duration(eta) if np.isfinite(eta) else "?"
     label = f"{self.label} " if self.label else ""

@@ -10,6 +10,7 @@ it without the sampling layer.
 """
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -37,6 +38,12 @@ class Hierarchy:
   form: str = "rank"
 
   def __post_init__(self):
+    for field in ("window", "chunk", "rank", "sinks"):
+      value = getattr(self, field)
+      # A float window or chunk made a float ring and byte counts (1.5 -> 640.0
+      # slots) and failed later as an array shape; True passed as 1.
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"kv hierarchy {field} must be an integer, got {value!r}")
     if self.window < 1:
       raise ValueError(f"kv hierarchy window must be >= 1 chunk, got {self.window}")
     if self.chunk < 1:

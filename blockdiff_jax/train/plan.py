@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockdiff_jax.data import tokenizers
 from blockdiff_jax.diffusion import autoregressive
 from blockdiff_jax.diffusion import config as diffusion_config
 from blockdiff_jax.diffusion import fastdllm
@@ -34,6 +35,7 @@ from blockdiff_jax.model import kv_memory
 from blockdiff_jax.model import mesh as mesh_lib
 from blockdiff_jax.model import sharding
 from blockdiff_jax.model import transformer
+from blockdiff_jax.model import upcycle
 from blockdiff_jax.train import config as train_config
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import step as step_lib
@@ -225,18 +227,25 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
 
   Args:
     config: experiment config; ``config.mesh`` gives the axis sizes and rules (without
-      one, the one-device mesh training uses); ``model.vocab_size`` must be set.
+      one, the one-device mesh training uses); ``model.vocab_size`` must be set unless
+      the tokenizer is the byte one.
     num_devices: devices of the mesh; default ``config.mesh.plan_devices``, else the
       product of the fixed axis sizes, else ``jax.device_count()`` (1 for a config
       without a mesh section; more asks about ``mesh.default_mesh_config()`` there).
     memory_gib: memory per device; default ``config.mesh.plan_memory_gib``.
 
   Returns:
-    {"mesh": axis sizes, "bytes": {part: bytes per device}, "total_bytes",
-     "memory_bytes", "fits", "params": parameter count}.
+    {"mesh": axis sizes, "bytes": {part: bytes per device}, "warnings": why training
+     would refuse the mesh (empty when it would not), "total_bytes", "memory_bytes",
+     "fits", "params": parameter count}.
   """
   if not config.model.vocab_size:
-    raise ValueError("model.vocab_size is 0: set it (the plan does not load a tokenizer)")
+    config = _with_byte_vocab(config)
+  if config.model.moe.get("upcycle_from_dense", False):
+    # As the trainer builds it (checkpoint/initial.py): experts as wide as the dense MLP,
+    # not moe.expert_dim's default (the plan under-counted a 373M model as 68M).
+    config = config.copy_and_resolve_references()
+    upcycle.upcycle_model_config(config.model, config.model.moe.num_experts)
   train_config.validate(config)
   if config.get("sample") is not None and "kv_chunk" in config.sample:
     kv_memory.hierarchy_from_config(config.sample)  # Sizes the hierarchical cache.
@@ -286,10 +295,41 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None,
   }
   total = sum(parts.values())
   return {"mesh": dict(mesh.shape), "num_devices": num_devices, "bytes": parts,
+          "warnings": _mesh_warnings(config, mesh, rules),
           "decode_cache": decode_cache_bytes(cfg, config),
           "total_bytes": total, "memory_bytes": int(memory_gib * GIB),
           "fits": total <= memory_gib * GIB,
           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+
+
+def _with_byte_vocab(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with ``model.vocab_size`` of its byte tokenizer, which needs no files; any
+  other tokenizer (BPE, a tokenizer.json, a pretrained model's) is not loaded here."""
+  if (config.get("init") or {}).get("pretrained") or config.data.tokenizer != "byte":
+    raise ValueError("model.vocab_size is 0: set it (the plan loads no tokenizer but the "
+                     f"byte one; data.tokenizer={config.data.tokenizer!r})")
+  config = config.copy_and_resolve_references()
+  config.model.vocab_size = tokenizers.ByteTokenizer().vocab_size
+  return config
+
+
+def _mesh_warnings(config: ml_collections.ConfigDict, mesh: jax.sharding.AbstractMesh,
+                   rules: mesh_lib.Rules) -> list[str]:
+  """Why training would refuse this mesh, which the byte counts alone do not show.
+
+  ``step.make_sharded_train`` refuses a micro-batch that the batch shards do not
+  divide; the plan then counted every device holding the whole micro-batch and said
+  it fit.
+  """
+  spec = mesh_lib.batch_spec(rules)
+  n_batch = math.prod(mesh.shape[a] for a in sharding.axes_of(spec[0] if len(spec) else None))
+  d, t = config.data, config.train
+  micro = d.batch_size // t.grad_accum_steps
+  if micro % n_batch:
+    return [f"data.batch_size={d.batch_size} / train.grad_accum_steps={t.grad_accum_steps} "
+            f"= {micro} sequences per micro-batch is not divisible by the {n_batch} batch "
+            f"shards of mesh {dict(mesh.shape)}: training refuses this mesh"]
+  return []
 
 
 def decode_cache_bytes(cfg: transformer.TransformerConfig,
@@ -336,6 +376,7 @@ def format_table(result: dict) -> str:
   lines.append(f"  {'total':<36}{result['total_bytes'] / GIB:>10.2f}")
   verdict = "fits" if result["fits"] else "does NOT fit"
   lines.append(f"{verdict} in {result['memory_bytes'] / GIB:.1f} GiB per device")
+  lines += [f"WARNING: {w}" for w in result.get("warnings", ())]
   dc = result.get("decode_cache")
   if dc:
     lines.append(f"decode KV cache, {dc['rows']} rows x {dc['length']} tokens (unsharded):")

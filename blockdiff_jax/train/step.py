@@ -32,6 +32,27 @@ def step_rng(base_rng: Array, step: Array) -> Array:
   return jax.random.fold_in(base_rng, step)
 
 
+# BD3-LM's metrics that are means over its masked tokens, not over its scored ones.
+_PER_MASKED_TOKEN = ("masked_ce", "masked_accuracy")
+
+
+def metric_counts(obj: Any, metrics: dict) -> dict:
+  """Per metric of one micro-batch, the count it is a mean over (its accumulation weight).
+
+  ``losses.LOSS_TOKENS`` for most; BD3-LM's ``masked_ce`` and ``masked_accuracy`` are
+  means over the masked tokens, a different share of each micro-batch's scored ones:
+  weighed by the scored count, the accumulated ``masked_accuracy`` missed the full
+  batch's by a tenth. Its ``masked_fraction`` is of the clamped scored count, so it
+  gives the masked count, as in ``evaluation/routing_sweep.py``.
+  """
+  tokens = metrics[losses.LOSS_TOKENS].astype(jnp.float32)
+  counts = dict.fromkeys(metrics, tokens)
+  if isinstance(obj, losses.BlockDiffusionObjective) and "masked_fraction" in metrics:
+    masked = metrics["masked_fraction"].astype(jnp.float32) * jnp.maximum(tokens, 1.0)
+    counts.update({k: masked for k in _PER_MASKED_TOKEN if k in metrics})
+  return counts
+
+
 def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     grad_accum_steps: int = 1, ema_decay: float = 0.0,
@@ -41,8 +62,9 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   Gradients are averaged over ``grad_accum_steps`` micro-batches with a scan, each
   weighed by the count its loss is a mean over (``losses.LOSS_TOKENS``): micro-batches
   of SFT rows score different numbers of tokens, and a plain mean of their means would
-  weigh a token of a sparse micro-batch more. MoE routing statistics are per forward,
-  so a step with MoE layers matches the full batch exactly only when dropless
+  weigh a token of a sparse micro-batch more. Each metric is weighed by the count it is
+  a mean over (``metric_counts``). MoE routing statistics are per forward, so a step
+  with MoE layers matches the full batch exactly only when dropless
   (``moe.capacity_factor = 0``) with ``moe.load_balance_weight = 0`` and, when
   micro-batches score different token counts, ``moe.z_loss_weight = 0``: the
   load-balance loss is a product of two batch means (not a mean over tokens), an
@@ -92,19 +114,22 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
           raise KeyError(f"grad_accum_steps > 1 needs the objective's metrics to report "
                          f"{losses.LOSS_TOKENS!r} (the count its loss is a mean over)")
         w = m[losses.LOSS_TOKENS].astype(jnp.float32)
-        g, m = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[:2],
-                            (pick(g), m))
-        return (g, m, carry[2] + w), None
+        mw = metric_counts(obj, m)
+        grad_sum = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[0], pick(g))
+        metric_sum = {k: (carry[1][k] + mw[k] * m[k]).astype(carry[1][k].dtype) for k in m}
+        count_sum = {k: carry[2][k] + mw[k] for k in m}
+        return (grad_sum, metric_sum, count_sum, carry[3] + w), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       metric_shapes = jax.eval_shape(loss_fn, state.params, first[0], rng, first[1])[1]
       zeros = ([jnp.zeros_like(p) for p in pick(state.params)],
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+               {k: jnp.zeros((), jnp.float32) for k in metric_shapes},
                jnp.zeros((), jnp.float32))
-      (accumulated, metrics, total), _ = jax.lax.scan(body, zeros, micro)
+      (accumulated, metrics, counts, total), _ = jax.lax.scan(body, zeros, micro)
       # An objective reporting its true count may report 0 for a batch scoring nothing.
-      accumulated, metrics = jax.tree.map(lambda x: x / jnp.maximum(total, 1.0),
-                                          (accumulated, metrics))
+      accumulated = [x / jnp.maximum(total, 1.0) for x in accumulated]
+      metrics = {k: v / jnp.maximum(counts[k], 1.0) for k, v in metrics.items()}
       sums = iter(accumulated)
       grads = treedef.unflatten([next(sums) if t else jnp.zeros_like(p)
                                  for p, t in zip(leaves, trains)])
