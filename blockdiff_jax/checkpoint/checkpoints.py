@@ -152,6 +152,16 @@ def _restore_newest(directory: str, steps: list[int], restore_step: Callable[[in
       "; ".join(f"step {s}: {r}" for s, r in failures))
 
 
+def _no_step(directory: str, step: int, steps: Any) -> FileNotFoundError:
+  """The error for a ``step`` that is not among the finished ``steps``, naming the folder of
+  an unfinished save of it (a save cut short, or one still being written) if there is one."""
+  unfinished = sorted(glob.glob(os.path.join(glob.escape(directory),
+                                             f"{step}{ocp.utils.TMP_DIR_SUFFIX}*")))
+  why = (f"; its save never finished: {unfinished[0]} is a save cut short or still being "
+         "written" if unfinished else "")
+  return FileNotFoundError(f"no step {step} in {directory} (it has {sorted(steps)}){why}")
+
+
 class Checkpointer:
   """Saves on demand (the trainer decides when), keeps K, optionally in the background.
 
@@ -187,7 +197,16 @@ class Checkpointer:
     for path in unfinished:
       shutil.rmtree(path, ignore_errors=True)
 
+  def _reload(self) -> None:
+    """Re-reads the steps on disk: the manager caches its listing, so a step another
+    process (or Checkpointer) saved, or one deleted by hand, went unseen. Skipped while
+    a save of this one is in flight: the listing would drop that unfinished step."""
+    if not self.manager.is_saving_in_progress():
+      self.manager.reload()
+
   def latest_step(self) -> int | None:
+    """The newest finished step on disk (None: none)."""
+    self._reload()
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict) -> bool:
@@ -240,6 +259,8 @@ class Checkpointer:
       CorruptCheckpointError: no step (or the ``step`` asked for) restores.
     """
     explicit = step is not None
+    self.manager.wait_until_finished()
+    self._reload()
 
     def restore_step(s):
       restored = self.manager.restore(
@@ -254,8 +275,7 @@ class Checkpointer:
 
     if explicit and step not in self.manager.all_steps():
       # Not a corrupt checkpoint (as the failed restore would have called it): none.
-      raise FileNotFoundError(f"no step {step} in {self.directory} (it has "
-                              f"{sorted(self.manager.all_steps())})")
+      raise _no_step(self.directory, step, self.manager.all_steps())
     steps = [step] if explicit else list(self.manager.all_steps())
     restored_step, result = _restore_newest(self.directory, steps, restore_step, explicit)
     # Only a fallback proves the newer steps corrupt: an explicit step never tried them,
@@ -266,8 +286,12 @@ class Checkpointer:
 
   def _set_aside_newer(self, step: int) -> None:
     """Moves steps newer than ``step`` (corrupt) out of the way, so they get rewritten."""
-    newer = [s for s in self.manager.all_steps() if s > step]
+    # A step whose folder is gone (deleted by hand since the listing) has nothing to
+    # move: moving it raised after the older step had restored.
+    newer = [s for s in self.manager.all_steps()
+             if s > step and os.path.isdir(os.path.join(self.directory, str(s)))]
     if not newer:
+      self.manager.reload()
       return
     self.manager.wait_until_finished()
     aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
@@ -419,8 +443,7 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
 
   try:
     if explicit and step not in manager.all_steps():
-      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
-                              f"{list(manager.all_steps())})")
+      raise _no_step(checkpoint_dir, step, manager.all_steps())
     steps = [step] if explicit else list(manager.all_steps())
     restored, params = _restore_newest(checkpoint_dir, steps, restore_step, explicit)
   finally:
@@ -440,8 +463,7 @@ def _state_tree(checkpoint_dir: str, step: int | None) -> tuple[str, dict]:
   try:
     step = manager.latest_step() if step is None else step
     if step not in manager.all_steps():
-      raise FileNotFoundError(f"no step {step} in {checkpoint_dir} (it has "
-                              f"{list(manager.all_steps())})")
+      raise _no_step(checkpoint_dir, step, manager.all_steps())
     tree = manager.item_metadata(step)[STATE].tree
   finally:
     manager.close()
@@ -524,8 +546,26 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 REQUIRED_SECTIONS = ("model", "data")  # What a model and its tokenizer are built from.
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def _fill_missing(saved: dict, defaults: dict, prefix: str, filled: list[str]) -> None:
+  """Adds to ``saved`` (in place) every field of ``defaults`` it lacks, at any depth."""
+  for key, value in defaults.items():
+    if key not in saved:
+      saved[key] = value
+      filled.append(prefix + key)
+    elif isinstance(value, dict) and isinstance(saved[key], dict):
+      _fill_missing(saved[key], value, f"{prefix}{key}.", filled)
+
+
+def load_config(workdir: str, fill_defaults: bool = True) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (written by ``save_config``).
+
+  Args:
+    workdir: the run's directory.
+    fill_defaults: give a ``model`` field the saved config lacks its default. A
+      config.json written before the field existed (e.g. ``model.moe.expert_parallel``)
+      otherwise failed the model build with a bare ``AttributeError: 'expert_parallel'``;
+      a field added later defaults to what the code did before it. The fields filled
+      are printed. False: the config exactly as saved (to compare what it recorded).
 
   Raises:
     FileNotFoundError: the workdir has no ``config.json``.
@@ -548,4 +588,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{path} has no {' or '.join(repr(m) for m in missing)} section "
                      f"(it has {sorted(saved)}); restore it, or pass the run's config "
                      "explicitly")
+  if fill_defaults:
+    defaults = model_config_lib.default_model_config().to_dict()
+    for name in model_config_lib.BACKEND_FIELDS:  # Never saved: the backend decides.
+      defaults.pop(name, None)
+    filled = []
+    _fill_missing(saved["model"], defaults, "model.", filled)
+    if filled:
+      print(f"{path} predates field(s) {filled}: using their defaults", flush=True)
   return ml_collections.ConfigDict(saved)

@@ -51,7 +51,8 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The workdir's saved config for the checks below; None when the caller's config is all
   there is (no ``config.json``, or one that does not load)."""
   try:
-    return checkpoints.load_config(workdir)
+    # As saved: a field it lacks is not checked (it is not known what the run used).
+    return checkpoints.load_config(workdir, fill_defaults=False)
   except (FileNotFoundError, ValueError):
     return None
 

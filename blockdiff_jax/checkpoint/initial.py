@@ -187,7 +187,7 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
   spec = _spec(config)
   source = _init_from(config)
   if source is not None:
-    return _params_of_run(source, model, mesh, rules, config.get("seed", 0))
+    return _params_of_run(source, model, mesh, rules, config.get("seed", 0), config)
   if not spec:
     return None
   pre = pretrained.load(spec, workdir, scan_layers=model.cfg.scan_layers)
@@ -224,8 +224,38 @@ def _saved_adapters(directory: str, step: int | None) -> bool | None:
   return None
 
 
+# Model fields that fix parameter shapes (model.scan_layers has its own hint; a LoRA rank
+# the source run lacks starts fresh adapters), compared to name why init_from does not fit.
+_SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "qkv_bias", "qk_norm", "tie_embeddings",
+                 "moe.num_experts", "moe.expert_dim", "moe.shared_expert_dim",
+                 "moe.shared_expert_gate", "moe.moe_every", "moe.first_dense_layers")
+
+
+def _shape_fields_differing(workdir: str, config: ml_collections.ConfigDict | None) -> str:
+  """``"; its config.json has model.d_model=32 (the config has 64)"``: the shape fields in
+  which ``workdir``'s saved config and ``config`` differ ("" when none or unknown)."""
+  if config is None:
+    return ""
+  try:
+    saved = checkpoints.load_config(workdir, fill_defaults=False)
+  except (FileNotFoundError, ValueError):
+    return ""
+  differ = []
+  for dotted in _SHAPE_FIELDS:
+    values = []
+    for section in (saved.get("model"), config.get("model")):
+      for name in dotted.split("."):
+        section = section.get(name, KeyError) if hasattr(section, "get") else KeyError
+      values.append(section)
+    if KeyError not in values and values[0] != values[1]:
+      differ.append(f"model.{dotted}={values[0]!r} (the config has {values[1]!r})")
+  return f"; its config.json has {', '.join(differ)}" if differ else ""
+
+
 def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
-                   rules: mesh_lib.Rules, seed: int = 0) -> Any:
+                   rules: mesh_lib.Rules, seed: int = 0,
+                   config: ml_collections.ConfigDict | None = None) -> Any:
   """The parameters of ``source.workdir``'s checkpoint (``init_from``), on ``mesh``.
 
   A model with LoRA adapters started from a run without them (LoRA on top of a full
@@ -255,7 +285,7 @@ def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
   except checkpoints.IncompatibleCheckpointError as e:
     raise checkpoints.IncompatibleCheckpointError(
         f"init_from.workdir={source.workdir!r} holds another architecture than the config "
-        f"asks for: {e}") from None
+        f"asks for: {e}{_shape_fields_differing(source.workdir, config)}") from None
   if fresh_adapters:
     params = jax.device_put(_with_fresh_adapters(params, model, seed),
                             jax.tree.map(lambda t: t.sharding, target))
