@@ -580,9 +580,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(f"# Evaluation of {workdir}\n\n{table}\n")
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
-  step = ckpt.latest_step() or 0
-  ckpt.close()
+  # Read-only: a writable manager on a workdir a trainer may hold is not ours to open.
+  step = (checkpoints.saved_steps(os.path.join(workdir, "checkpoints")) or [0])[-1]
   writer.write(step, _flatten("", results, {}), prefix="eval/")
   writer.close()
   print(table)

@@ -275,7 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the model described by ``config`` in ``workdir``.
 
   One run at a time holds ``workdir`` (``workdir_lock``); a second one fails naming the
-  holder. Returns the last logged metrics (and the last validation metrics, prefixed ``val_``).
+  holder. Returns the last logged metrics (and the last validation metrics, prefixed ``val_``);
+  a run resumed at ``train.steps``, which trains nothing, returns those ``metrics.jsonl``
+  holds (the run that got there logged them).
   In a multi-host run every process runs this with the same workdir: the first holds the
   lock and writes ``config.json`` and the metrics; Orbax writes the checkpoints together.
 
@@ -434,7 +436,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
         f"{unigram:.3f} bits/token; peak {peak / 1e9:.1f} GFLOP/s ({peak_how})", flush=True)
 
   last, last_val = {}, {}
-  window_t0, window_steps = time.time(), 0
+  # Durations come from the monotonic clock: a wall-clock step (NTP) gave negative times.
+  window_t0, window_steps = time.perf_counter(), 0
 
   def check_finite(step_done, metrics):
     if float(metrics["finite"]) == 0.0:
@@ -460,9 +463,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
       if step == start:
         # The first step compiles: keep it out of the throughput figures and the ETA.
         jax.block_until_ready(metrics)
-        first_step_s = time.time() - window_t0
+        first_step_s = time.perf_counter() - window_t0
         _say(f"first step (compile included): {first_step_s:.1f}s", flush=True)
-        window_t0, window_steps = time.time(), 0
+        window_t0, window_steps = time.perf_counter(), 0
       if pending is not None:
         check_finite(*pending)
       done = step + 1
@@ -476,17 +479,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
         check_finite(done, metrics)
       if log_due:
         # A window holding only the first step has nothing but that (compiling) step.
-        step_time = ((time.time() - window_t0) / window_steps if window_steps
+        step_time = ((time.perf_counter() - window_t0) / window_steps if window_steps
                      else first_step_s)
         row = dict(metrics)
         row.update({
             "nelbo_bits_per_byte": float(metrics["nelbo"]) * bits / train_ds.bytes_per_token,
-            "tokens_per_s": d.batch_size * d.seq_len / step_time,
             "step_time_s": step_time,
-            "mfu": step_flops / step_time / peak,
+            **_throughput(d.batch_size * d.seq_len, step_flops, step_time, peak),
         })
         last = writer.write(done, row)
-        window_t0, window_steps = time.time(), 0
+        window_t0, window_steps = time.perf_counter(), 0
         progress.print(done, f"loss {last['loss']:.4f} {loss_name} {last['nelbo']:.4f} "
                        f"({last['nelbo_bits_per_byte']:.3f} bits/byte) "
                        f"{last['tokens_per_s']:.0f} tok/s mfu {100 * last['mfu']:.1f}%")
@@ -504,7 +506,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
       if eval_due or save_due:
         # Keep evaluation and checkpoint time out of the throughput figures.
         jax.block_until_ready(state)
-        window_t0, window_steps = time.time(), 0
+        window_t0, window_steps = time.perf_counter(), 0
       if step == start:  # The ETA counts from the end of the compiling first step.
         progress = metrics_writer.Progress(t.steps, done, stream=_console())
       if multi_process and done < t.steps and ckpt.reached_preemption(done):
@@ -532,4 +534,34 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
       what = "before a step finished: no checkpoint yet in"
     raise TrainingInterrupted(stop.signum, done, f"interrupted by {name} {what} "
                               f"{ckpt.directory}; run the same command to resume")
+  if done == start:
+    # Nothing trained now (resumed at train.steps): the rows of the run that got there.
+    last, last_val = _logged_metrics(writer.path)
   return {**last, **last_val}
+
+
+def _throughput(tokens: int, step_flops: float, step_time: float, peak: float) -> dict:
+  """``tokens_per_s`` and ``mfu`` of a step of ``step_time`` seconds.
+
+  NaN (unknown; a null in metrics.jsonl) where no time was measured: a coarse clock
+  reads 0 seconds for a fast step, which raised ZeroDivisionError and ended the run.
+  """
+  if not step_time > 0:
+    return {"tokens_per_s": float("nan"), "mfu": float("nan")}
+  return {"tokens_per_s": tokens / step_time,
+          "mfu": step_flops / step_time / peak if peak > 0 else float("nan")}
+
+
+def _logged_metrics(path: str) -> tuple[dict, dict]:
+  """(last training row, last validation row) of a metrics file; empty without one."""
+  try:
+    rows = metrics_writer.read_rows(path)
+  except (OSError, ValueError):
+    return {}, {}
+  last, last_val = {}, {}
+  for row in rows:  # evaluate.py appends its "eval/" rows to the same file: skipped.
+    if any(k.startswith("val_") for k in row):
+      last_val = row
+    elif "step_time_s" in row:
+      last = row
+  return last, last_val
