@@ -6,6 +6,7 @@ import math
 import os
 import types
 
+import jax.numpy as jnp
 import pytest
 
 from blockdiff_jax import metrics_writer
@@ -89,3 +90,26 @@ def test_rerunning_a_finished_run_returns_its_final_metrics_and_adds_no_row(tmp_
   again = trainer.run(c, workdir)
   assert _strict_rows(workdir) == rows
   assert again == first
+
+
+def test_validation_weighs_masked_metrics_by_the_masked_tokens():
+  """BD3-LM's masked_ce is a mean over masked tokens: batch 0 masks 2 of 10 scored tokens
+  (ce 1.0), batch 1 masks 30 of 30 (ce 3.0): (2*1 + 30*3) / 32, not the scored-token mean."""
+  from blockdiff_jax.diffusion import losses  # pylint: disable=g-import-not-at-top
+  rows = {0: (1.0, 10.0, 0.2), 1: (3.0, 30.0, 1.0)}
+
+  class Batches:
+    def get_batch(self, i):
+      return {"i": i}
+
+  def eval_step(params, batch, rng):
+    del params, rng
+    ce, n, frac = rows[batch["i"]]
+    return {"nelbo": jnp.float32(ce), "masked_ce": jnp.float32(ce),
+            "masked_fraction": jnp.float32(frac), "loss_tokens": jnp.float32(n)}
+
+  obj = losses.BlockDiffusionObjective(block_size=4, mask_id=0)
+  val = trainer.evaluate_nelbo(eval_step, None, Batches(), 2, seed=0, obj=obj)
+  assert val["masked_ce"] == pytest.approx((2 * 1.0 + 30 * 3.0) / 32)
+  assert val["nelbo"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)  # Per scored token.
+  assert val["loss_tokens"] == 40.0

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -136,7 +137,7 @@ def _unscore_rows_from(batch: dict, first: int) -> dict:
 
 
 def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
-                   put_batch=lambda b: b) -> dict:
+                   put_batch=lambda b: b, obj: Any = None) -> dict:
   """Validation: the training metrics over the first ``num_batches`` batches.
 
   Batches are weighed by the count their loss is a mean over (``losses.LOSS_TOKENS``), as
@@ -146,7 +147,9 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
   fixed (``seed + i``), so every evaluation scores the same draws. A finite split
   (``distinct_rows``) smaller than ``num_batches`` batches is scored once: reading
   stops after its last row, and the rows of the last batch past it (repeats of
-  earlier rows) score nothing, so no row weighs double.
+  earlier rows) score nothing, so no row weighs double. Given the objective ``obj``, each
+  metric is weighed by its own count (``step.metric_counts``: BD3-LM's masked metrics
+  by the masked tokens), as accumulation weighs them.
   """
   distinct = distinct_rows(dataset)
   rows, first_row = [], 0
@@ -162,10 +165,14 @@ def evaluate_nelbo(eval_step, params, dataset, num_batches: int, seed: int,
       first_row += len(batch["loss_mask"])
     rows.append(jax.device_get(eval_step(params, put_batch(batch), jax.random.key(seed + i))))
   weights = [float(m.get(losses.LOSS_TOKENS, 1.0)) for m in rows]
-  total = sum(weights)
-  if total <= 0:  # Nothing scored anywhere: equal weights rather than 0/0.
-    weights, total = [1.0] * len(rows), float(len(rows))
-  out = {k: sum(w * float(m[k]) for w, m in zip(weights, rows)) / total for k in rows[0]}
+  counts = ([step_lib.metric_counts(obj, m) for m in rows]
+            if obj is not None and all(losses.LOSS_TOKENS in m for m in rows) else None)
+  out = {}
+  for k in rows[0]:
+    w = weights if counts is None else [float(c[k]) for c in counts]
+    if sum(w) <= 0:  # Nothing scored anywhere: equal weights rather than 0/0.
+      w = [1.0] * len(rows)
+    out[k] = sum(wi * float(m[k]) for wi, m in zip(w, rows)) / sum(w)
   if losses.LOSS_TOKENS in out:  # The count scored, not a weighed mean of it.
     out[losses.LOSS_TOKENS] = sum(float(m[losses.LOSS_TOKENS]) for m in rows)
   return out
@@ -494,7 +501,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
                        f"{last['tokens_per_s']:.0f} tok/s mfu {100 * last['mfu']:.1f}%")
       if eval_due:
         params = state.ema_params if state.ema_params is not None else state.params
-        val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed, put_batch)
+        val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed, put_batch,
+                             obj)
         val["nelbo_bits_per_byte"] = val["nelbo"] * bits / val_ds.bytes_per_token
         val["unigram_entropy_bits_per_byte"] = val_ds.unigram_entropy_bits / val_ds.bytes_per_token
         last_val = writer.write(done, val, prefix="val_")
