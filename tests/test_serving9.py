@@ -12,6 +12,7 @@ runs over a fake pool, the server over a recording engine.
 
 import concurrent.futures
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -66,6 +67,61 @@ def test_a_request_waiting_for_room_for_its_pool_is_not_overtaken(monkeypatch):
   finally:
     eng.shutdown(drain=False)
   assert log == list(range(len(setups)))
+
+
+class _CountingPool(_XPool):
+  """``_XPool`` that counts forwards over all pools and logs per seed the count at its
+  admission. A forward runs only while ``gate`` is set; the engine clears it itself at
+  the third admission, so the test queues requests with no forward in between."""
+
+  forwards: list
+  admitted_at: dict
+  gate: threading.Event
+
+  def advance(self):
+    assert self.gate.wait(timeout=60)
+    self.forwards[0] += 1
+    return super().advance()
+
+  def admit(self, prompt, max_tokens, seed=0):
+    self.admitted_at[seed] = self.forwards[0]
+    if len(self.admitted_at) == 3:
+      self.gate.clear()
+    return super().admit(prompt, max_tokens, seed)
+
+
+def test_a_request_waiting_for_room_closes_one_pool_only(monkeypatch):
+  """Two pools at most, four slots: pool A runs one long row, pool B two. A request for a
+  third setup waits for room: A (fewest rows) takes no new rows and drains; B, with free
+  slots, goes on admitting at once (all pools stopped admitting before)."""
+  forwards, admitted_at, gate = [0], {}, threading.Event()
+  gate.set()
+  for name, value in (("forwards", forwards), ("admitted_at", admitted_at), ("gate", gate)):
+    monkeypatch.setattr(_CountingPool, name, value, raising=False)
+  monkeypatch.setattr(pool_lib, "SlotPool", _CountingPool)
+  eng = engine_lib.Engine(None, None, TOK, BLOCK, MAX_LEN, slots=4, max_pools=2).start()
+  long_tokens = 60
+  try:
+    first = [eng.submit(engine_lib.Request(PROMPT, long_tokens, _options(tau), ar=True,
+                                           seed=seed))
+             for seed, tau in ((0, 0.9), (1, 0.8), (2, 0.8))]  # A: one row; B: two.
+    while len(admitted_at) < 3 and not any(f.done() for f in first):
+      threading.Event().wait(0.001)
+    assert len(admitted_at) == 3, admitted_at  # And no forward since: the gate is shut.
+    waiting = eng.submit(engine_lib.Request(PROMPT, 1, _options(0.5), ar=True, seed=3))
+    more_b = [eng.submit(engine_lib.Request(PROMPT, 1, _options(0.8), ar=True, seed=s))
+              for s in (4, 5)]
+    released_at = forwards[0]
+    gate.set()
+    for f in first + [waiting] + more_b:
+      assert len(f.result(timeout=60).token_ids)
+  finally:
+    gate.set()
+    eng.shutdown(drain=False)
+  # B's new rows start within an iteration or two (two pools: two forwards each), not
+  # after A's long row; the waiting request gets its pool once A drained.
+  assert all(admitted_at[s] - released_at <= 4 for s in (4, 5)), (released_at, admitted_at)
+  assert admitted_at[3] >= admitted_at[0] + long_tokens, admitted_at
 
 
 # --- chat roles -------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ most ``max_pools`` setups are live, idle ones are dropped first). Each iteration
    bucketed prefill each), so a new request starts at the next forward; one that must
    wait (no free slot, its pool compiling, a retry running alone) holds back the later
    requests of its setup, which never overtake it; one whose setup has no pool and no
-   room for one (``max_pools`` pools, all busy) holds back every later request, so the
-   busy pools drain and one makes room, rather than later requests keeping them busy;
+   room for one (``max_pools`` pools, all busy) also closes the busy pool with the fewest
+   rows to later requests, so that pool drains and makes room (later requests kept it
+   busy before), while the other pools go on admitting;
 2. runs one forward of every busy pool;
 3. streams each row's newly final tokens (a committed block; an AR or ISD token as soon
    as it is emitted), and resolves and frees every row that is done, so its slot takes
@@ -396,13 +397,10 @@ class Engine:
     An unexpected error fails only the requests it concerns (the request being
     admitted, or the rows of the pool being advanced) and the worker goes on.
     """
-    # starved: a request waits for room for its pool (every pool busy). The later ones
-    # wait behind it, whatever their setup: admitted into the busy pools, they would keep
-    # them busy, and it would wait until its time limit while they overtake it.
-    waiting, blocked, starved = [], set(), False
+    waiting, blocked = [], set()
     for p in take:
       dec = p.request.decoder
-      if starved or dec in blocked:  # One waits before it: first come, first served.
+      if dec in blocked:  # One waits before it: first come, first served.
         waiting.append(p)
         continue
       with self._cv:  # In its prefill: no longer waiting (back below if no slot).
@@ -419,8 +417,8 @@ class Engine:
           self._held.append(p)
           waiting.append(p)
           blocked.add(dec)
-          # Neither made nor compiling: _make_room found no idle pool to drop.
-          starved = dec not in self._pools and dec not in self._building
+          if dec not in self._pools and dec not in self._building:
+            blocked.add(self._drain_for_room())
     with self._cv:  # Back to the front, in arrival order.
       self._queue.extendleft(reversed(waiting))
       self._held = []
@@ -429,6 +427,17 @@ class Engine:
         self._advance(dec)
       except Exception:  # pylint: disable=broad-except
         self._drop(dec)
+
+  def _drain_for_room(self) -> pool_lib.Decoder | None:
+    """The pool that takes no new rows while a request waits for room for its own.
+
+    Neither made nor compiling, that request found no idle pool to drop: admitted into
+    the busy pools, later requests kept them busy and it waited until its time limit
+    while they overtook it. The pool with the fewest rows drains first (the choice is
+    stable: a closed pool only loses rows) and is then dropped for it.
+    """
+    busy = [d for d in self._pools if self._rows.get(d)]
+    return min(busy, key=lambda d: len(self._rows[d])) if busy else None
 
   def _recount(self) -> None:
     self._running = sum(len(rows) for rows in self._rows.values())
