@@ -496,9 +496,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, to
         })
         last = writer.write(done, row)
         window_t0, window_steps = time.perf_counter(), 0
+        tps, mfu = last["tokens_per_s"], 100 * last["mfu"]  # NaN: no time measured.
         progress.print(done, f"loss {last['loss']:.4f} {loss_name} {last['nelbo']:.4f} "
                        f"({last['nelbo_bits_per_byte']:.3f} bits/byte) "
-                       f"{last['tokens_per_s']:.0f} tok/s mfu {100 * last['mfu']:.1f}%")
+                       f"{f'{tps:.0f}' if math.isfinite(tps) else '?'} tok/s mfu "
+                       f"{f'{mfu:.1f}' if math.isfinite(mfu) else '?'}%")
       if eval_due:
         params = state.ema_params if state.ema_params is not None else state.params
         val = evaluate_nelbo(eval_step, params, val_ds, t.eval_batches, config.seed, put_batch,
