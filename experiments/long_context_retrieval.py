@@ -243,6 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="'low,high' needle depths under the curriculum")
   ap.add_argument("--curriculum", default="switch", choices=tasks_lib.CURRICULA,
                   help="switch: that band, then [0, 1]; widen: it grows to [0, 1]")
+  ap.add_argument("--curriculum_hold", type=int, default=0,
+                  help="widen: the first N curriculum steps hold the band before it grows "
+                       "(data.long_context_curriculum_hold)")
   ap.add_argument("--num_pairs", type=int, default=2, help="as the model was trained")
   ap.add_argument("--max_new_tokens", type=int, default=16)
   ap.add_argument("--batch_size", type=int, default=8)
@@ -279,9 +282,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.error(f"--curriculum_steps={args.curriculum_steps} must be in [0, --steps={args.steps})")
   try:
     tasks_lib.DepthCurriculum.parse(args.curriculum_steps, args.curriculum_depths,
-                                    args.curriculum)
+                                    args.curriculum, args.curriculum_hold)
   except ValueError as e:
-    ap.error(f"--curriculum_depths={args.curriculum_depths!r}: {e}")
+    ap.error(f"--curriculum_depths={args.curriculum_depths!r}, --curriculum={args.curriculum}, "
+             f"--curriculum_hold={args.curriculum_hold}: {e}")
   args.task_list = args.tasks.split(",")
   if not set(args.task_list) <= set(tasks_lib.TASKS) or len(set(args.task_list)) != len(
       args.task_list):
@@ -351,7 +355,8 @@ def curriculum_overrides(args) -> list[str]:
     return []
   return [f"data.long_context_curriculum_steps={args.curriculum_steps}",
           f"data.long_context_curriculum_depths={args.curriculum_depths}",
-          f"data.long_context_curriculum={args.curriculum}"]
+          f"data.long_context_curriculum={args.curriculum}",
+          f"data.long_context_curriculum_hold={args.curriculum_hold}"]
 
 
 def trained_curriculum(workdir: str) -> dict | None:
@@ -362,6 +367,7 @@ def trained_curriculum(workdir: str) -> dict | None:
   steps = d.get("long_context_curriculum_steps", 0)
   return ({"steps": steps, "depths": d.get("long_context_curriculum_depths", "0,0.05"),
            "kind": d.get("long_context_curriculum", "switch"),
+           "hold": d.get("long_context_curriculum_hold", 0),
            "run_steps": config.train.steps} if steps else None)
 
 
@@ -428,7 +434,9 @@ def write(result, out):
            f"{st['per_cell']} prompts per (task, length, depth), depths {st['depths']}."]
   for model, cur in result.get("curricula", {}).items():
     if cur:
-      band = "then [0, 1]" if cur["kind"] == "switch" else "widening to [0, 1] over them"
+      band = ("then [0, 1]" if cur["kind"] == "switch" else
+              f"holding them for {cur['hold']}, then widening to [0, 1]" if cur.get("hold")
+              else "widening to [0, 1] over them")
       if cur["steps"] >= cur.get("run_steps", cur["steps"] + 1):  # Never past the band.
         span = f"all its {cur['run_steps']} steps" + (", widening" if cur["kind"] == "widen"
                                                       else "")

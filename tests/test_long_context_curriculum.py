@@ -47,6 +47,24 @@ def test_depth_range_by_batch(kind, batch, want):
   np.testing.assert_allclose(cur.depth_range(batch), want)
 
 
+@pytest.mark.parametrize("batch,want", [
+    (0, (0.2, 0.3)), (3, (0.2, 0.3)), (4, (0.2, 0.3)), (7, (0.1, 0.65)),
+    (9, (0.2 / 6, 0.3 + 0.7 * 5 / 6)), (10, (0.0, 1.0))])
+def test_widen_after_a_hold(batch, want):
+  """hold=4 of 10: the band [0.2, 0.3] for batches 0-3, then it grows over the last 6
+  (by a hand count: f = (batch - 4) / 6)."""
+  cur = lc.DepthCurriculum(steps=10, low=0.2, high=0.3, kind="widen", hold=4)
+  np.testing.assert_allclose(cur.depth_range(batch), want)
+
+
+@pytest.mark.parametrize("kind,hold,match", [
+    ("widen", 11, r"hold must be an integer in \[0, steps=10\]"), ("widen", -1, "hold"),
+    ("widen", True, "hold"), ("switch", 3, "applies to 'widen'")])
+def test_a_bad_hold_is_refused(kind, hold, match):
+  with pytest.raises(ValueError, match=match):
+    lc.DepthCurriculum(steps=10, low=0.0, high=0.05, kind=kind, hold=hold)
+
+
 def test_no_curriculum_is_the_full_range_from_the_first_batch():
   assert lc.DepthCurriculum().depth_range(0) == (0.0, 1.0)
 
@@ -97,6 +115,7 @@ def test_build_dataset_reads_the_config_fields(tok):
     ("long_context_curriculum_depths", "0,1.5", "0 <= low <= high <= 1"),
     ("long_context_curriculum", "linear", "switch"),
     ("long_context_curriculum_steps", -1, "long_context_curriculum_steps"),
+    ("long_context_curriculum_hold", 3, "long_context_curriculum_hold=3"),
 ])
 def test_validate_names_a_bad_curriculum_field(field, value, match):
   config = config_lib.base_config()
@@ -122,7 +141,8 @@ def test_experiment_passes_the_curriculum_to_the_source_runs_only(tmp_path, monk
   mod = load_experiment("long_context_retrieval")
   args = mod.parse_args(["--runs", str(tmp_path), "--models", "summary", "--steps", "50",
                          "--ext_steps", "5", "--curriculum_steps", "20",
-                         "--curriculum_depths", "0,0.1", "--curriculum", "widen"])
+                         "--curriculum_depths", "0,0.1", "--curriculum", "widen",
+                         "--curriculum_hold", "8"])
   commands = []
   monkeypatch.setattr(mod, "_run", lambda cmd, log: commands.append(cmd))
   mod.train(args.runs, args.steps, args.ext_factor, args.ext_steps, args.slots,
@@ -132,7 +152,8 @@ def test_experiment_passes_the_curriculum_to_the_source_runs_only(tmp_path, monk
   fields = [a for a in source if "curriculum" in a]
   assert fields == ["--config.data.long_context_curriculum_steps=20",
                     "--config.data.long_context_curriculum_depths=0,0.1",
-                    "--config.data.long_context_curriculum=widen"]
+                    "--config.data.long_context_curriculum=widen",
+                    "--config.data.long_context_curriculum_hold=8"]
   assert not [a for a in extension if "curriculum" in a]
   assert all("--config.data.long_context_score_prompt=False" in c for c in commands)
   # The source config with those fields (as absl would set them) is the curriculum asked for.
@@ -146,7 +167,7 @@ def test_experiment_passes_the_curriculum_to_the_source_runs_only(tmp_path, monk
     d[key] = type(d[key])(value)
   data_config.validate(config)
   assert pipeline.build_dataset(d, tokenizers.ByteTokenizer(), "train", SEQ_LEN, BATCH,
-                                seed=0).curriculum == lc.DepthCurriculum(20, 0.0, 0.1, "widen")
+                                seed=0).curriculum == lc.DepthCurriculum(20, 0.0, 0.1, "widen", 8)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -182,8 +203,9 @@ def test_experiment_states_the_curriculum_each_run_was_trained_with(tmp_path):
                for m in ("full", "summary", "old", "fixed")}
   assert curricula == {
       "full": None, "old": None,
-      "summary": {"steps": 30, "depths": "0,0.05", "kind": "widen", "run_steps": 100},
-      "fixed": {"steps": 40, "depths": "0,0.05", "kind": "widen", "run_steps": 40}}
+      "summary": {"steps": 30, "depths": "0,0.05", "kind": "widen", "hold": 0,
+                  "run_steps": 100},
+      "fixed": {"steps": 40, "depths": "0,0.05", "kind": "widen", "hold": 0, "run_steps": 40}}
   args = mod.parse_args(["--models", "full,summary", "--curriculum_steps", "5"])
   row = {"variant": "summary", "task": "passkey", "length": 256, "depth": 0.5,
          "answer": "12345", "completion": "12345", "hit": True, "seconds": 0.1}

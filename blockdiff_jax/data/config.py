@@ -75,6 +75,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.long_context_curriculum_depths = "0,0.05"  # "low,high" fractions of the haystack.
   # "switch": that band, then [0, 1]; "widen": the band grows to [0, 1] over N batches.
   c.long_context_curriculum = "switch"
+  # "widen" only: the first N of its batches hold the band before it grows (0 = none).
+  c.long_context_curriculum_hold = 0
   c.seq_len = 64  # Tokens per training sequence (multiple of diffusion.block_size).
   c.batch_size = 8  # Sequences per step (global, across all devices).
   return c
@@ -183,11 +185,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
       long_context.DepthCurriculum.parse(d.long_context_curriculum_steps,
                                          d.long_context_curriculum_depths,
-                                         d.long_context_curriculum)
+                                         d.long_context_curriculum,
+                                         d.long_context_curriculum_hold)
     except ValueError as e:
       raise ValueError(f"data.long_context_curriculum_depths="
                        f"{d.long_context_curriculum_depths!r}, data.long_context_curriculum="
-                       f"{d.long_context_curriculum!r}: {e}") from None
+                       f"{d.long_context_curriculum!r}, data.long_context_curriculum_hold="
+                       f"{d.long_context_curriculum_hold!r}: {e}") from None
   if d.corpus in ("sft", "long_context"):
     m = d.sft_block_multiple
     if d.seq_len % m:

@@ -374,7 +374,8 @@ class DepthCurriculum:
   copy may never find one. Training first on needles at a narrow band of depths (a
   fixed place relative to the prompt's start) lets the copy form, then the band opens:
   ``"switch"`` holds ``[low, high]`` for ``steps`` batches, then draws from [0, 1];
-  ``"widen"`` grows the band linearly from ``[low, high]`` to [0, 1] over them.
+  ``"widen"`` grows the band linearly from ``[low, high]`` to [0, 1] over them, after
+  holding it for the first ``hold`` (a fixed phase then a widening one, in one run).
   Validation streams and evaluation suites never use it.
   """
 
@@ -382,6 +383,7 @@ class DepthCurriculum:
   low: float = 0.0  # Band of queried-needle depths at the start.
   high: float = 1.0
   kind: str = "switch"  # One of CURRICULA.
+  hold: int = 0  # "widen": batches at [low, high] before the band grows.
 
   def __post_init__(self):
     if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -391,23 +393,30 @@ class DepthCurriculum:
                        f"({self.low}, {self.high})")
     if self.kind not in CURRICULA:
       raise ValueError(f"curriculum must be one of {CURRICULA}, got {self.kind!r}")
+    if (isinstance(self.hold, bool) or not isinstance(self.hold, int)
+        or not 0 <= self.hold <= self.steps):
+      raise ValueError(f"curriculum hold must be an integer in [0, steps={self.steps}], "
+                       f"got {self.hold!r}")
+    if self.hold and self.kind != "widen":  # "switch" holds the band for all its steps.
+      raise ValueError(f"curriculum hold={self.hold} applies to 'widen', not {self.kind!r}")
 
   @classmethod
-  def parse(cls, steps: int, depths: str, kind: str = "switch") -> "DepthCurriculum":
+  def parse(cls, steps: int, depths: str, kind: str = "switch",
+            hold: int = 0) -> "DepthCurriculum":
     """From config strings: ``depths`` is ``"low,high"`` (e.g. ``"0,0.05"``)."""
     try:
       low, high = (float(x) for x in str(depths).split(","))
     except ValueError:
       raise ValueError(f"curriculum depths must be 'low,high', got {depths!r}") from None
-    return cls(steps, low, high, kind)
+    return cls(steps, low, high, kind, hold)
 
   def depth_range(self, batch: int) -> tuple[float, float]:
     """The depth band of training batch ``batch`` (0-based: step ``batch + 1``)."""
     if batch >= self.steps:
       return 0.0, 1.0
-    if self.kind == "switch":
+    if self.kind == "switch" or batch < self.hold:
       return self.low, self.high
-    f = batch / self.steps
+    f = (batch - self.hold) / (self.steps - self.hold)
     return self.low * (1.0 - f), self.high + (1.0 - self.high) * f
 
 

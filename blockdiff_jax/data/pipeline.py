@@ -586,7 +586,8 @@ def build_dataset(data_config: Any, tokenizer: tokenizers.Tokenizer,
         curriculum=long_context.DepthCurriculum.parse(  # .get: for older saved configs.
             d.get("long_context_curriculum_steps", 0),
             d.get("long_context_curriculum_depths", "0,1"),
-            d.get("long_context_curriculum", "switch")))
+            d.get("long_context_curriculum", "switch"),
+            d.get("long_context_curriculum_hold", 0)))
   if data_config.corpus == "synthetic":
     return SyntheticDataset(
         synthetic.parse_tasks(data_config.synthetic_tasks), tokenizer,
