@@ -30,6 +30,10 @@ A needle-depth curriculum (needles near the prompt's start for the first steps, 
 anywhere: a copy forms at one place before it must search; it taught a small summary-slot
 model to retrieve in experiments/summary_copy_probe.py) for the source models:
   python experiments/long_context_retrieval.py --steps 5000 --curriculum_steps 1500
+or a fixed band that then widens to [0, 1] (the 4-slot model's first whole keys on a CPU,
+results/long_context_retrieval_cpu.md "Stop 51"):
+  python experiments/long_context_retrieval.py --steps 5000 --curriculum_steps 3000 \
+      --curriculum widen --curriculum_hold 1500
 Training runs go to --runs (default /tmp/long_context_retrieval) and resume there.
 Writes experiments/results/long_context_retrieval.{json,md,png} after each variant (a
 failed one is listed under errors; --quick: long_context_retrieval_quick.* in the
