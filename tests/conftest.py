@@ -62,6 +62,19 @@ def load_config_file(name):
   return load_repo_module("configs", name).get_config()
 
 
+def small_run_config(steps: int, checkpoint_every: int, warmup_steps: int = 1):
+  """configs/tiny.py as a run of ``steps`` steps in seconds: one dense layer of width 32
+  on 40 kB, batches of 4 x 32 tokens, a row logged every step, no validation, no
+  TensorBoard, synchronous checkpoints every ``checkpoint_every`` steps."""
+  c = load_config_file("tiny")
+  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 40_000, 32, 4
+  c.model.d_model, c.model.num_layers, c.model.moe.num_experts = 32, 1, 0
+  c.train.steps, c.train.warmup_steps, c.train.log_every = steps, warmup_steps, 1
+  c.train.eval_every, c.train.checkpoint_every = 0, checkpoint_every
+  c.train.async_checkpoints, c.train.tensorboard = False, False
+  return c
+
+
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # A program traced to MLIR.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # XLA compiled one.
 

@@ -18,27 +18,14 @@ from blockdiff_jax.train import config as train_config
 from blockdiff_jax.train import optimizer
 from blockdiff_jax.train import step as step_lib
 from blockdiff_jax.train import trainer
-from conftest import load_config_file
+from conftest import small_run_config
 
 STEPS, EVERY = 5, 2  # Checkpoints at 2, 4 and 5: the interval does not divide the run.
 
 
 def _config(steps=STEPS):
-  c = load_config_file("tiny")
-  c.data.max_bytes = 40_000
-  c.data.seq_len = 32
-  c.data.batch_size = 4
-  c.model.d_model = 32
-  c.model.num_layers = 1
-  c.model.moe.num_experts = 0
-  c.train.steps = steps
-  c.train.warmup_steps = 2
-  c.train.log_every = 1
-  c.train.eval_every = 0
-  c.train.checkpoint_every = EVERY
+  c = small_run_config(steps, checkpoint_every=EVERY, warmup_steps=2)
   c.train.keep_checkpoints = 5
-  c.train.async_checkpoints = False
-  c.train.tensorboard = False
   c.train.grad_accum_steps = 2
   c.train.ema_decay = 0.9
   return c

@@ -11,25 +11,11 @@ import pytest
 
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.train import trainer
-from conftest import load_config_file
+from conftest import small_run_config
 
 
 def _config(steps):
-  c = load_config_file("tiny")
-  c.data.max_bytes = 40_000
-  c.data.seq_len = 32
-  c.data.batch_size = 4
-  c.model.d_model = 32
-  c.model.num_layers = 1
-  c.model.moe.num_experts = 0
-  c.train.steps = steps
-  c.train.warmup_steps = 1
-  c.train.log_every = 1
-  c.train.eval_every = 0
-  c.train.checkpoint_every = steps
-  c.train.async_checkpoints = False
-  c.train.tensorboard = False
-  return c
+  return small_run_config(steps, checkpoint_every=steps)
 
 
 def _strict_rows(workdir):
