@@ -71,15 +71,21 @@ def test_a_request_waiting_for_room_for_its_pool_is_not_overtaken(monkeypatch):
 
 class _CountingPool(_XPool):
   """``_XPool`` that counts forwards over all pools and logs per seed the count at its
-  admission. A forward runs only while ``gate`` is set; the engine clears it itself at
-  the third admission, so the test queues requests with no forward in between."""
+  admission. A forward runs only while ``gate`` is set (the engine clears it itself at
+  the third admission, so the test queues requests with no forward in between) and no
+  pool of ``engine`` is compiling (a long row must not end while another pool builds,
+  however the threads are scheduled)."""
 
   forwards: list
   admitted_at: dict
   gate: threading.Event
+  engine: list
 
   def advance(self):
     assert self.gate.wait(timeout=60)
+    building = self.engine[0]._building  # pylint: disable=protected-access
+    while any(not job.done() for job in list(building.values())):
+      threading.Event().wait(0.001)
     self.forwards[0] += 1
     return super().advance()
 
@@ -94,12 +100,15 @@ def test_a_request_waiting_for_room_closes_one_pool_only(monkeypatch):
   """Two pools at most, four slots: pool A runs one long row, pool B two. A request for a
   third setup waits for room: A (fewest rows) takes no new rows and drains; B, with free
   slots, goes on admitting at once (all pools stopped admitting before)."""
-  forwards, admitted_at, gate = [0], {}, threading.Event()
+  forwards, admitted_at, gate, engine = [0], {}, threading.Event(), []
   gate.set()
-  for name, value in (("forwards", forwards), ("admitted_at", admitted_at), ("gate", gate)):
+  for name, value in (("forwards", forwards), ("admitted_at", admitted_at), ("gate", gate),
+                      ("engine", engine)):
     monkeypatch.setattr(_CountingPool, name, value, raising=False)
   monkeypatch.setattr(pool_lib, "SlotPool", _CountingPool)
-  eng = engine_lib.Engine(None, None, TOK, BLOCK, MAX_LEN, slots=4, max_pools=2).start()
+  eng = engine_lib.Engine(None, None, TOK, BLOCK, MAX_LEN, slots=4, max_pools=2)
+  engine.append(eng)
+  eng.start()
   long_tokens = 60
   try:
     first = [eng.submit(engine_lib.Request(PROMPT, long_tokens, _options(tau), ar=True,
