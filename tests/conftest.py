@@ -62,6 +62,16 @@ def load_config_file(name):
   return load_repo_module("configs", name).get_config()
 
 
+def small_moe_config(num_layers: int = 1):
+  """configs/tiny.py's MoE at width 32 (experts 32 wide) and ``num_layers`` layers, on
+  40 kB in batches of 2 x 32 tokens, without TensorBoard: for building and saving one."""
+  c = load_config_file("tiny")
+  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 40_000, 32, 2
+  c.model.d_model, c.model.num_layers, c.model.moe.expert_dim = 32, num_layers, 32
+  c.train.tensorboard = False
+  return c
+
+
 def small_run_config(steps: int, checkpoint_every: int, warmup_steps: int = 1):
   """configs/tiny.py as a run of ``steps`` steps in seconds: one dense layer of width 32
   on 40 kB, batches of 4 x 32 tokens, a row logged every step, no validation, no

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config_file
+from conftest import small_moe_config
 from blockdiff_jax import metrics_writer
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
@@ -21,15 +21,8 @@ from blockdiff_jax.train import state as state_lib
 
 
 def _config(scan_layers: bool):
-  c = load_config_file("tiny")
-  c.data.max_bytes = 40_000
-  c.data.seq_len = 32
-  c.data.batch_size = 2
-  c.model.d_model = 32
-  c.model.num_layers = 2
-  c.model.moe.expert_dim = 32
+  c = small_moe_config(num_layers=2)
   c.model.scan_layers = scan_layers
-  c.train.tensorboard = False
   return c
 
 
@@ -77,7 +70,8 @@ def test_finite_or_none_makes_numpy_keys_json_keys():
   assert json.loads(text) == {"3": {"1": 0.25}, "nan": None, "true": 1}
 
 
-def _save_run(workdir: str, config) -> None:
+def _save_run(workdir: str, config) -> dict:
+  """Saves step 5 of a fresh run of ``config`` and its config.json; the params saved."""
   config, model, _ = initial.build_model(config, workdir)
   params = build.init_params(model, seed=3)
   state = state_lib.create(params, optimizer.make_optimizer(config.train), use_ema=False)
@@ -85,6 +79,7 @@ def _save_run(workdir: str, config) -> None:
   ckpt.save(5, state, {})
   ckpt.close()
   checkpoints.save_config(config, workdir)
+  return params
 
 
 def test_loading_a_scanned_run_unscanned_names_model_scan_layers(tmp_path):

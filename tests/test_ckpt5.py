@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config_file
+from conftest import small_moe_config
+from test_checkpoint4 import _save_run as save_run
 from blockdiff_jax.checkpoint import checkpoints
 from blockdiff_jax.checkpoint import inference
 from blockdiff_jax.checkpoint import initial
@@ -97,28 +98,14 @@ def test_a_step_with_only_an_unfinished_save_is_named_so(tmp_path):
 
 
 def _config():
-  c = load_config_file("tiny")
-  c.data.max_bytes = 40_000
-  c.data.seq_len = 32
-  c.data.batch_size = 2
-  c.model.d_model = 32
-  c.model.num_layers = 1
-  c.model.moe.expert_dim = 32
-  c.train.tensorboard = False
-  return c
+  return small_moe_config(num_layers=1)
 
 
 @pytest.mark.parametrize("dropped", [("moe", "expert_parallel"), ("moe", "block_coverage"),
                                      ("qk_norm",), ("rope_scaling",)])
 def test_a_config_json_older_than_a_model_field_loads(tmp_path, dropped, capsys):
   workdir = str(tmp_path)
-  config, model, _ = initial.build_model(_config(), workdir)
-  params = build.init_params(model, seed=3)
-  state = state_lib.create(params, optimizer.make_optimizer(config.train), use_ema=False)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
-  ckpt.save(5, state, {})
-  ckpt.close()
-  checkpoints.save_config(config, workdir)
+  params = save_run(workdir, _config())
   path = os.path.join(workdir, "config.json")
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
