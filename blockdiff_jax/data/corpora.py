@@ -23,7 +23,8 @@ folders (searched recursively for ``.py .txt .md .jsonl .json``, skipping hidden
 Keys are paths relative to a listed folder, or the path as listed/matched for
 files and globs. Each line of a ``.jsonl`` file is one document taken from its
 ``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
-file is split by line; other files are read whole as UTF-8. An empty file or an
+file is split by line; other files are read whole as UTF-8 (a leading byte order
+mark dropped, as ``read_jsonl`` drops it). An empty file or an
 empty ``text_field`` holds no document: a split with none left is refused naming
 ``data.paths``.
 
@@ -123,8 +124,13 @@ def _decode_strict(data: bytes, where: str, offset: int = 0,
 
 
 def _read_user_text(path: str) -> str:
+  """A user file's text, without the byte order mark Windows editors write first.
+
+  The mark is no text: kept, it reached the model as a leading U+FEFF (and a file of
+  only a mark became a document), while the same text in a .jsonl line loses it.
+  """
   with open(path, "rb") as f:
-    return _decode_strict(f.read(), path)
+    return _decode_strict(f.read(), path).removeprefix("\ufeff")
 
 
 def check_unicode(text: str, where: str) -> None:

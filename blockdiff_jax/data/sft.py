@@ -70,6 +70,8 @@ MAX_DOC_CHARS = 600
 
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# A blank line may keep spaces: inspect.cleandoc strips only the common indent from it.
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def _first_paragraph(doc: str) -> str:
@@ -79,7 +81,7 @@ def _first_paragraph(doc: str) -> str:
   answer is trained with EOS after it, and a cut mid-word would teach the model to stop
   there.
   """
-  para = doc.strip().split("\n\n")[0]
+  para = _PARAGRAPH_BREAK.split(doc.strip())[0]
   text = " ".join(line.strip() for line in para.splitlines()).strip()
   if len(text) <= MAX_DOC_CHARS:
     return text
@@ -247,8 +249,11 @@ def prompt_text(record: Pair | list[dict]) -> str:
 def distilled_files(workdir: str | None) -> str:
   """The comma-separated JSONL files of ``sft_source="distilled"`` in ``workdir``."""
   folder = os.path.join(workdir or "", "distill")
+  # Hidden names are editor or OS debris (emacs's ".#answers.jsonl" lock link, macOS's
+  # "._answers.jsonl"), never answers: skipped as corpora._walk skips them.
   files = sorted(os.path.join(folder, n) for n in (os.listdir(folder) if os.path.isdir(folder)
-                                                   else []) if n.endswith(".jsonl"))
+                                                   else [])
+                 if n.endswith(".jsonl") and not n.startswith("."))
   if workdir is None or not files:
     raise ValueError(f"data.sft_source='distilled' but {folder!r} holds no .jsonl file; "
                      "run --mode=distill with this workdir first")
@@ -346,7 +351,15 @@ def pack_kept(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, m
   (``done[i]`` False) is cut back to one instead. An example longer than ``seq_len``,
   or unfinished with no response token before its last block boundary, is dropped:
   ``kept`` lists the indices of the others, in order (N = 0 rows when it is empty).
+
+  Raises:
+    ValueError: ``seq_len`` or ``multiple`` is not a positive int (0 divided by zero,
+      a negative one made negative padding), or ``multiple`` does not divide
+      ``seq_len``.
   """
+  for name, value in (("seq_len", seq_len), ("sft_block_multiple", multiple)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"pack: {name} must be a positive int, got {value!r}")
   if seq_len % multiple:
     raise ValueError(f"seq_len={seq_len} is not a multiple of sft_block_multiple={multiple}")
   rows, cur, kept = [], [], []

@@ -38,9 +38,11 @@ _VALIDATION_BUCKETS = 10  # 1 in 10 prompts is reserved for validation.
 _MAX_DRAWS = 10_000
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
-_SORT_RE = re.compile(r"sort: (\d(?: \d)*)")
-_ADD_RE = re.compile(r"add: (\d+)\+(\d+)")
-_COPY_EDIT_RE = re.compile(r"copy_edit: ([a-z]+); set (\d+) to ([a-z])")
+# re.ASCII: a plain \d also matches other scripts' digits ("add: \u0663+1" would solve
+# to "4" through int()), accepting prompts no generator writes.
+_SORT_RE = re.compile(r"sort: (\d(?: \d)*)", re.ASCII)
+_ADD_RE = re.compile(r"add: (\d+)\+(\d+)", re.ASCII)
+_COPY_EDIT_RE = re.compile(r"copy_edit: ([a-z]+); set (\d+) to ([a-z])", re.ASCII)
 
 
 def validate_task(task: str) -> str:
@@ -137,6 +139,18 @@ def solve(task: str, prompt: str) -> str:
   raise ValueError(f"Prompt {prompt!r} is not a valid {task!r} prompt.")
 
 
+def _check_digits(digits: int) -> int:
+  """Returns ``digits`` if it is an int in [1, MAX_DIGITS], else raises ValueError.
+
+  A bool is refused as ``data.synthetic_digits`` refuses it (True would mean 1 digit).
+  """
+  if (isinstance(digits, bool) or not isinstance(digits, (int, np.integer))
+      or not 1 <= digits <= MAX_DIGITS):
+    raise ValueError(f"digits must be an int in [1, {MAX_DIGITS}], got "
+                     f"{digits!r}.")
+  return digits
+
+
 def make_example(task: str, seed: int, index: int, *, split: str = "train",
                  digits: int = DEFAULT_DIGITS) -> tuple[str, str]:
   """Generates example ``index`` of ``task`` for ``split``.
@@ -161,9 +175,7 @@ def make_example(task: str, seed: int, index: int, *, split: str = "train",
     raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
   if not isinstance(index, (int, np.integer)) or index < 0:
     raise ValueError(f"index must be a non-negative int, got {index!r}.")
-  if not isinstance(digits, (int, np.integer)) or not 1 <= digits <= MAX_DIGITS:
-    raise ValueError(f"digits must be an int in [1, {MAX_DIGITS}], got "
-                     f"{digits!r}.")
+  _check_digits(digits)
   rng = np.random.default_rng(
       [int(seed), SPLITS.index(split), TASKS.index(task), int(index)])
   gen = _GENERATORS[task]
@@ -180,8 +192,13 @@ def longest_example(task: str, digits: int = DEFAULT_DIGITS) -> tuple[str, str]:
 
   Not necessarily of either split: it bounds the row length a dataset must hold, so a
   ``seq_len`` too short for a rare long example is refused before training starts.
+
+  Raises:
+    ValueError: on an unknown task, or ``digits`` outside [1, MAX_DIGITS] (which
+      ``make_example`` refuses too, so no bound is given for examples never made).
   """
   validate_task(task)
+  _check_digits(digits)
   if task == "sort":
     prompt = "sort: " + " ".join(["9"] * digits)
   elif task == "add":  # Both operands at full length, and a carry into one more digit.
