@@ -123,6 +123,14 @@ def load_problems(path: str | None = None) -> dict[str, dict]:
     if missing:
       raise ValueError(f"{path}: problem {i} lacks {missing} (each needs "
                        f"{list(PROBLEM_KEYS)})")
+    # A null "test" (or an int task_id) passed here, then every sample of the problem
+    # scored "error" (or --problems ended in an AttributeError traceback).
+    wrong = [k for k in PROBLEM_KEYS if not isinstance(problem[k], str)]
+    if wrong:
+      raise ValueError(f"{path}: problem {i}: {wrong} must be strings")
+    if not problem["entry_point"].isidentifier():  # check(<it>) would not even parse.
+      raise ValueError(f"{path}: problem {i}: entry_point {problem['entry_point']!r} is "
+                       "not a Python identifier")
     if problem["task_id"] in problems:
       raise ValueError(f"{path}: task_id {problem['task_id']!r} appears twice")
     problems[problem["task_id"]] = problem
@@ -195,7 +203,9 @@ def select_problems(problems: Mapping[str, Problem],
       lo, hi = int(match[1]), int(match[2] or match[1])
       if hi < lo:
         raise ValueError(f"--problems: empty range {item!r}")
-      ids = [f"{prefix}/{i}" for i in range(lo, hi + 1)]
+      # At most len(problems) + 1 ids: more cannot all be known, and "0-10**12" built
+      # every id (hanging) before it was refused.
+      ids = [f"{prefix}/{i}" for i in range(lo, min(hi, lo + len(problems)) + 1)]
     else:
       ids = [item]
     unknown = [t for t in ids if t not in problems]
@@ -218,13 +228,33 @@ def _compact(task_ids: Sequence[str], limit: int = 200) -> str:
 def truncate_completion(text: str,
                         stop_sequences: Sequence[str] = DEFAULT_STOP_SEQUENCES
                         ) -> str:
-  """Cuts a raw generation at the first stop sequence."""
+  """Cuts a raw generation at the first stop sequence.
+
+  Raises:
+    ValueError: if `stop_sequences` is a string or holds a non-string or empty one.
+  """
+  check_stop_sequences(stop_sequences)
   cut = len(text)
   for stop in stop_sequences:
     index = text.find(stop)
     if index != -1:
       cut = min(cut, index)
   return text[:cut]
+
+
+def check_stop_sequences(stop_sequences: Sequence[str]) -> None:
+  """Raises ValueError for stop sequences that would cut every completion to "".
+
+  A string is iterated character by character (its first character, often a newline,
+  would become a stop), and an empty stop sequence matches at position 0.
+  """
+  if isinstance(stop_sequences, str):
+    raise ValueError(f"stop_sequences must be a sequence of strings, not the string "
+                     f"{stop_sequences!r}: wrap it in a list")
+  for stop in stop_sequences:
+    if not isinstance(stop, str) or not stop:
+      raise ValueError(f"every stop sequence must be a non-empty string, got {stop!r} "
+                       f"in {list(stop_sequences)}")
 
 
 def score_samples(samples: Sequence[Mapping],
@@ -267,9 +297,19 @@ def score_samples(samples: Sequence[Mapping],
   if not samples:
     raise ValueError("no samples to score")
   for i, sample in enumerate(samples):
+    # A JSONL line such as `null` or `5` raised TypeError (a traceback from the CLI).
+    if not isinstance(sample, Mapping):
+      raise ValueError(f"sample {i} is no object: {sample!r:.100}")
     if "task_id" not in sample or "completion" not in sample:
       raise ValueError(f"sample {i} lacks 'task_id' or 'completion': "
                        f"{sorted(sample)}")
+    if not isinstance(sample["task_id"], str):  # A list raised "unhashable type".
+      raise ValueError(f"sample {i}: task_id must be a string, got "
+                       f"{sample['task_id']!r:.100}")
+    if not isinstance(sample["completion"], str):
+      # Otherwise every such sample scored "error" in a run that reported a pass@k.
+      raise ValueError(f"sample {i}: completion must be a string, got "
+                       f"{sample['completion']!r:.100}")
     if sample["task_id"] not in problems:
       raise ValueError(f"sample {i}: task_id {sample['task_id']!r} is not "
                        "among the problems being scored")
@@ -290,7 +330,8 @@ def score_samples(samples: Sequence[Mapping],
   meter = metrics_writer.Progress(len(samples), unit="programs", stream=progress,
                                  label="execute")
   results: list[sandbox.Result | None] = [None] * len(samples)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+  try:
     futures = {
         pool.submit(run_check, check_completion, problems[s["task_id"]],
                     s["completion"], limits=limits): i
@@ -298,6 +339,9 @@ def score_samples(samples: Sequence[Mapping],
     for future in concurrent.futures.as_completed(futures):
       results[futures[future]] = future.result()
       meter.update()
+  finally:
+    # On Ctrl-C (or any error) drop the queued samples: `with` waited for every one.
+    pool.shutdown(wait=True, cancel_futures=True)
 
   per_problem: dict[str, dict] = {}
   scored = []
@@ -360,6 +404,8 @@ def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
     problems = load_problems()
   if num_samples < 1 or batch_size < 1:
     raise ValueError("num_samples and batch_size must be >= 1")
+  if stop_sequences is not None:
+    check_stop_sequences(stop_sequences)  # Before any completion is drawn.
   ks = tuple(ks)  # Checked here and used again in score_samples.
   pass_at_k_lib.check_ks(ks, num_samples)  # Before any completion is drawn.
   jobs = [task_id for task_id in problems for _ in range(num_samples)]
@@ -373,6 +419,9 @@ def generate_and_score(generate_fn: Callable[[list[str]], list[str]],
       raise ValueError(f"generate_fn returned {len(outputs)} completions for "
                        f"{len(batch)} prompts")
     for task_id, raw in zip(batch, outputs):
+      if not isinstance(raw, str):  # None.find raised AttributeError mid-run.
+        raise ValueError(f"generate_fn returned {raw!r:.100} for a {task_id} prompt, "
+                         "not a string")
       completion = (truncate_completion(raw, stop_sequences)
                     if stop_sequences else raw)
       samples.append({"task_id": task_id, "completion": completion,
@@ -432,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    site_packages=args.site_packages)
   except ValueError as e:
     parser.error(str(e))
+  summary_path = args.output or args.samples + "_summary.json"
+  # Checked before scoring: writing the summary raised after every sample had run.
+  if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+    parser.error(f"--output {args.output}: its directory does not exist")
   try:
     samples = read_jsonl(args.samples)
   except (OSError, ValueError) as e:  # The message names the file (and line).
@@ -460,7 +513,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   results_path = args.samples + "_results.jsonl"
   write_jsonl(results_path, summary["samples"])
-  summary_path = args.output or args.samples + "_summary.json"
   with open(summary_path, "w", encoding="utf-8") as f:
     json.dump({k: v for k, v in summary.items() if k != "samples"}, f,
               indent=2)

@@ -116,6 +116,7 @@ _UID_BASE = 1_500_000_000
 _UID_SPAN = 500_000_000
 
 _NONCE_BYTES = 32
+_RLIMIT_MAX = 2**63 - 1  # setrlimit's C long; past it every run "failed" (OverflowError).
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
             "/dev/urandom")
 
@@ -328,7 +329,7 @@ def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
       left = deadline - time.monotonic()
-      if left <= 0 or poller.poll(left * 1000):
+      if left <= 0 or poller.poll(min(left, 86400.0) * 1000):  # poll: < 2**31 ms.
         break
   finally:
     os.close(pidfd)
@@ -418,6 +419,7 @@ def _run(source: str, limits: SandboxLimits, features: frozenset[str],
     }
     if uid is not None:
       rlimits["RLIMIT_NPROC"] = limits.max_processes
+    rlimits = {name: min(value, _RLIMIT_MAX) for name, value in rlimits.items()}
     nonce = secrets.token_bytes(_NONCE_BYTES)
     nonce_read, nonce_write = os.pipe()
     proof_read, proof_write = os.pipe()
@@ -446,16 +448,18 @@ def _run(source: str, limits: SandboxLimits, features: frozenset[str],
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
       proc = _launch(config, out, err, limits.python,
                      pass_fds=(nonce_read, proof_write))
-      for fd in (nonce_read, proof_write):
-        os.close(fd)
-        fds.remove(fd)
-      timed_out = not _wait_exit(proc, limits.timeout_s)
-      # Also kills children left behind by a program that exited normally.
-      _kill_group(proc)
-      proc.wait()
-      wall = time.monotonic() - start
-      if uid is not None:
-        _reap_uid(uid, limits.python)
+      try:
+        for fd in (nonce_read, proof_write):
+          os.close(fd)
+          fds.remove(fd)
+        timed_out = not _wait_exit(proc, limits.timeout_s)
+      finally:
+        # Kills children a finished program left, or the program if the wait raised (^C).
+        _kill_group(proc)
+        proc.wait()
+        wall = time.monotonic() - start
+        if uid is not None:
+          _reap_uid(uid, limits.python)
       proof = _read_available(proof_read, _NONCE_BYTES)
       stdout = _tail(out, limits.output_tail_chars)
       stderr = _tail(err, limits.output_tail_chars)
@@ -481,8 +485,9 @@ def _run(source: str, limits: SandboxLimits, features: frozenset[str],
               else "exit code 0 with a forged completion proof")
   elif rc == -signal.SIGXCPU:
     status, detail = "timeout", "CPU-time limit (SIGXCPU)"
-  elif rc < 0:
-    status, detail = "killed", signal.Signals(-rc).name
+  elif rc < 0:  # A real-time signal (raise_signal(40)) has no Signals member: it raised.
+    status = "killed"
+    detail = next((s.name for s in signal.Signals if s == -rc), f"signal {-rc}")
   elif proof == nonce:
     status, detail = "failed", f"proof that {call} returned, but exit code {rc}"
   else:
@@ -539,14 +544,8 @@ def missing_isolation(limits: SandboxLimits) -> tuple[str, ...]:
 
 
 def _wanted(limits: SandboxLimits) -> frozenset[str]:
-  wanted = set()
-  if limits.network_namespace:
-    wanted.add("netns")
-  if limits.private_filesystem:
-    wanted.add("private_fs")
-  if limits.drop_privileges:
-    wanted.add("uid")
-  return frozenset(wanted)
+  asked = (limits.network_namespace, limits.private_filesystem, limits.drop_privileges)
+  return frozenset(f for f, on in zip(ISOLATION_FEATURES, asked) if on)
 
 
 def _layers(limits: SandboxLimits) -> frozenset[str]:

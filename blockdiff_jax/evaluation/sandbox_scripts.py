@@ -252,6 +252,24 @@ def _run_main(path, splits, call, prove, exit_, eval_, print_exception, stdout,
     codes.append(compile("\n" * lines + text[start:end], path, "exec"))
     start = end
   call_code = compile(call, "<check>", "eval") if call is not None else None
+
+  def shorten(error, keep=100):
+    # traceback.print_exception formats every frame: for a runaway recursion under a
+    # raised recursion limit (10**6) that took minutes, and the run read as a timeout.
+    seen = set()
+    while error is not None and id(error) not in seen:
+      seen.add(id(error))
+      depth, tb = 0, error.__traceback__
+      while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+      if depth > keep:
+        tb = error.__traceback__
+        for _ in range(depth - keep):
+          tb = tb.tb_next
+        error.__traceback__ = tb
+        stderr.write("sandbox: %d outer frames of the %s traceback omitted\n"
+                     % (depth - keep, type(error).__name__))
+      error = error.__cause__ or error.__context__
   sys.argv = [path]
   program_globals = {"__name__": "__main__", "__builtins__": builtins}
   if call_code is None:
@@ -272,6 +290,7 @@ def _run_main(path, splits, call, prove, exit_, eval_, print_exception, stdout,
       pass
   except BaseException as e:
     try:
+      shorten(e)
       print_exception(e, file=stderr)
     except BaseException:
       pass
