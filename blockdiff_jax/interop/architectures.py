@@ -277,6 +277,10 @@ def model_overrides(hf: dict) -> dict[str, Any]:
         f"attention_bias=True ({model_type}: bias on the output projection too) is not supported")
   _check_full_attention(hf, model_type)
   heads = hf["num_attention_heads"]
+  if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+    # Divided by below (head size, KV heads): 0 raised a bare ZeroDivisionError.
+    raise UnsupportedArchitectureError(
+        f"num_attention_heads={heads!r}; a model needs a positive number of heads")
   o = {
       "vocab_size": hf["vocab_size"],
       "d_model": hf["hidden_size"],
@@ -296,6 +300,11 @@ def model_overrides(hf: dict) -> dict[str, Any]:
   if model_type in MOE_MODEL_TYPES:
     num_experts = hf["num_experts"]
     step = hf.get("decoder_sparse_step", 1)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+      # transformers divides by it ((i + 1) % step); ours became moe_every=0 and
+      # first_dense_layers=-1, refused later under our own field names.
+      raise UnsupportedArchitectureError(
+          f"decoder_sparse_step={step!r}; only a positive integer")
     dense = sorted(hf.get("mlp_only_layers") or [])
     if dense != list(range(len(dense))):
       raise UnsupportedArchitectureError(

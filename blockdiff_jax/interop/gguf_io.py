@@ -13,6 +13,7 @@ Llama-3.1+ RoPE scaling, which llama.cpp stores as per-frequency divisors
 
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -122,15 +123,61 @@ def _int_key(g, where: str, key: str, default: Any = _REQUIRED) -> int:
   return int(value)
 
 
+# Types of the ``<arch>.*`` keys read here (others: a number). llama.cpp refuses a key of
+# the wrong type; int()/float() would take the string "4" as 4 and the float 5.5 as 5.
+_INT_KEYS = frozenset({
+    "vocab_size", "embedding_length", "feed_forward_length", "block_count", "context_length",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+    "rope.dimension_count", "rope.scaling.original_context_length", "expert_count",
+    "expert_used_count", "expert_feed_forward_length"})
+_PER_LAYER_KEYS = frozenset({"attention.head_count", "attention.head_count_kv",
+                             "feed_forward_length"})
+_STR_KEYS = frozenset({"rope.scaling.type"})
+_BOOL_KEYS = frozenset({"expert_weights_norm"})
+
+
+def _typed(value: Any, where: str, key: str) -> Any:
+  """``value`` of key ``where.key`` if it has the type llama.cpp reads it as.
+
+  Raises:
+    CorruptCheckpointError: naming the key, its value and the type wanted.
+  """
+  if value is None:
+    return None
+  if key in _STR_KEYS:
+    ok, want = isinstance(value, str), "a string"
+  elif key in _BOOL_KEYS:
+    ok, want = isinstance(value, bool), "a bool"
+  else:
+    items = value if isinstance(value, list) and key in _PER_LAYER_KEYS else [value]
+    kinds, want = ((int,), "an integer") if key in _INT_KEYS else ((int, float), "a number")
+    if key in _PER_LAYER_KEYS:
+      want += " (or one per layer)"
+    ok = all(isinstance(v, kinds) and not isinstance(v, bool) for v in items)
+  if not ok:
+    raise safetensors_io.CorruptCheckpointError(
+        f"{where}.{key}={value!r} has the wrong type; llama.cpp reads {want}")
+  return value
+
+
 def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
   arch = _field(reader, "general.architecture")
-  if arch not in GGUF_ARCHITECTURES:
+  if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
     raise architectures.UnsupportedArchitectureError(
         f"{path}: unsupported GGUF architecture {arch!r}; supported: "
         f"{', '.join(GGUF_ARCHITECTURES)}")
-  g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
+
+  def g(key: str, default: Any = None) -> Any:
+    value = _typed(_field(reader, f"{arch}.{key}"), f"{path}: {arch}", key)
+    return default if value is None else value
+
   n = lambda k, d=_REQUIRED: _int_key(g, f"{path}: {arch}", k, d)
   heads = n("attention.head_count")
+  kv_heads = n("attention.head_count_kv", heads)
+  for key, value in (("attention.head_count", heads), ("attention.head_count_kv", kv_heads)):
+    if value < 1:  # The head size below divides by it; llama.cpp cannot run it either.
+      raise safetensors_io.CorruptCheckpointError(
+          f"{path}: {arch}.{key}={value}; a model needs at least one head")
   d_model = n("embedding_length")
   tokens = _field(reader, "tokenizer.ggml.tokens") or []
   hf = {
@@ -140,7 +187,7 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
       "intermediate_size": n("feed_forward_length", 0),
       "num_hidden_layers": n("block_count"),
       "num_attention_heads": heads,
-      "num_key_value_heads": n("attention.head_count_kv", heads),
+      "num_key_value_heads": kv_heads,
       "head_dim": int(g("attention.key_length", d_model // heads)),
       "rms_norm_eps": _f32(g("attention.layer_norm_rms_epsilon", 1e-6)),
       "rope_theta": _f32(g("rope.freq_base", 10000.0)),
@@ -250,13 +297,14 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       rope.scaling.type other than linear/yarn/none (or YaRN keys llama.cpp ignores set
       to other than their defaults), a rope.dimension_count below the head size, or a
       rope_freqs.weight tensor that is not llama3 scaling (or comes with a scaled factor).
-    UnsupportedArchitectureError: also for a tensor of a GGML type we cannot read (I32 ...)
-      or per-layer head counts / feed-forward lengths that differ, naming them.
+    UnsupportedArchitectureError: also for a tensor of a GGML type we cannot read (I32 ...),
+      a quantized tensor of a big-endian file, or per-layer head counts / feed-forward
+      lengths that differ, naming them.
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
-    CorruptCheckpointError: naming the file when it cannot be parsed or dequantized, or
-      lacks a required key.
+    CorruptCheckpointError: naming the file when it cannot be parsed or dequantized, lacks
+      a required key, has a key of the wrong type or no heads, or a llama Q/K tensor whose
+      rows are not its heads times the head size.
   """
-  import gguf  # pylint: disable=g-import-not-at-top
   reader = _reader(path)
   names = {t.name for t in reader.tensors}
   hf = hf_config_from_metadata(reader, path, "output.weight" in names)
@@ -266,7 +314,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     if t.name == "rope_freqs.weight":
       # llama.cpp's form of Llama-3.1+ RoPE scaling (no rope.scaling.type key): ignoring
       # it would silently compute another model.
-      divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64)
+      divisors = np.asarray(_dequantize(reader, t, path), np.float64)
       if "rope_scaling" in hf:  # llama.cpp would apply both; one rope type here.
         raise architectures.UnsupportedArchitectureError(
             f"{path}: rope_freqs.weight (llama3 RoPE scaling) together with "
@@ -278,25 +326,22 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       except ValueError as e:
         raise architectures.UnsupportedArchitectureError(f"{path}: {e}") from e
       continue
+    # Only "blk.<digits>.<tensor>": "blk.0" or "blk.x.attn_q.weight" have no HF name.
+    block = _BLOCK_NAME.fullmatch(t.name)
+    rest = block.group(2) if block else t.name
     if t.name in _GLOBAL_TENSORS:
       hf_name = _GLOBAL_TENSORS[t.name]
-    elif t.name.startswith("blk."):
-      _, layer, rest = t.name.split(".", 2)
-      if rest in _LAYER_TENSORS:
-        hf_name = f"model.layers.{layer}.{_LAYER_TENSORS[rest]}"
-      elif rest in _EXPERT_TENSORS:
-        hf_name = f"model.layers.{layer}.mlp.experts.*.{_EXPERT_TENSORS[rest]}.weight"
-      else:
-        raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
+    elif block and rest in _LAYER_TENSORS:
+      hf_name = f"model.layers.{int(block.group(1))}.{_LAYER_TENSORS[rest]}"
+    elif block and rest in _EXPERT_TENSORS:
+      hf_name = f"model.layers.{int(block.group(1))}.mlp.experts.*.{_EXPERT_TENSORS[rest]}.weight"
     else:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} (no HF equivalent)")
     shape = tuple(int(s) for s in reversed(t.shape))
     try:
-      if t.tensor_type == gguf.GGMLQuantizationType.F64:  # The gguf package has no case.
-        w = t.data.view(np.float64)
-      else:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-      w = np.asarray(w, np.float32).reshape(shape)
+      w = np.asarray(_dequantize(reader, t, path), np.float32).reshape(shape)
+    except architectures.UnsupportedArchitectureError:
+      raise
     except NotImplementedError as e:  # A valid file of a type we cannot read (I32 ...).
       raise architectures.UnsupportedArchitectureError(
           f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which is not "
@@ -305,9 +350,16 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       raise safetensors_io.CorruptCheckpointError(
           f"{path}: cannot read tensor {t.name!r} ({t.tensor_type.name}, shape {shape}): "
           f"{type(e).__name__}: {e}") from e
-    if arch == "llama" and rest_of(t.name) in ("attn_q.weight", "attn_k.weight"):
-      heads = hf["num_attention_heads"] if t.name.endswith("attn_q.weight") else (
-          hf["num_key_value_heads"])
+    if arch == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
+      key = "head_count" if rest == "attn_q.weight" else "head_count_kv"
+      heads = hf["num_attention_heads" if key == "head_count" else "num_key_value_heads"]
+      if w.ndim != 2 or w.shape[0] != heads * hf["head_dim"] or hf["head_dim"] % 2:
+        # Unpermuting rows the metadata does not describe fails deep in numpy or, when
+        # the count happens to divide, silently scrambles them.
+        raise safetensors_io.CorruptCheckpointError(
+            f"{path}: tensor {t.name!r} has shape {shape} but llama.attention.{key}={heads} "
+            f"heads of size {hf['head_dim']} need {heads * hf['head_dim']} rows (of an even "
+            "head size)")
       w = unpermute_rows(w, heads)
     if "*" in hf_name:
       for j in range(w.shape[0]):
@@ -317,6 +369,33 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   if hf["intermediate_size"] == 0 and "model.layers.0.mlp.gate_proj.weight" in tensors:
     hf["intermediate_size"] = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
   return hf, tensors
+
+
+_BLOCK_NAME = re.compile(r"blk\.([0-9]+)\.(.+)")
+_FLOAT_TYPES = {"F16", "F32", "F64"}  # Typed arrays in the reader, in the file's byte order.
+
+
+def _dequantize(reader, t, path: str) -> np.ndarray:
+  """A tensor's values as float32 (or float64 for F64), in this machine's byte order.
+
+  The reader gives F16/F32/F64 tensors of a big-endian file as byte-swapped arrays, which
+  ``astype`` converts; the gguf package's dequantizer reinterprets the bytes in the host's
+  order (``view``), reading such a tensor as garbage. Quantized blocks carry their scales
+  in the file's byte order, which the dequantizer cannot read either: refused.
+
+  Raises:
+    UnsupportedArchitectureError: a quantized tensor of a file of the other byte order.
+    NotImplementedError: a GGML type without dequantizer (I32 ...).
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  if t.tensor_type.name in _FLOAT_TYPES:
+    return t.data.astype(np.float64 if t.tensor_type.name == "F64" else np.float32)
+  if reader.byte_order == "S":
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: tensor {t.name!r} is {t.tensor_type.name}-quantized in a file of the "
+        "other byte order (big-endian), which is not supported; only its F16/F32/F64 "
+        "tensors can be read")
+  return gguf.quants.dequantize(t.data, t.tensor_type)
 
 
 def llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> dict:

@@ -41,9 +41,13 @@ def read_hf_config(folder: str) -> dict:
     raise FileNotFoundError(f"no {CONFIG_FILENAME} in {folder}")
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      config = json.load(f)
   except ValueError as e:
     raise safetensors_io.CorruptCheckpointError(f"{path}: not valid JSON: {e}") from e
+  if not isinstance(config, dict):  # Every reader of it calls .get on it.
+    raise safetensors_io.CorruptCheckpointError(
+        f"{path}: a JSON {type(config).__name__}, not an object of config keys")
+  return config
 
 
 def read_overrides(folder: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import numpy as np
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-          "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+          "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+          "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILENAME = "model.safetensors"
 INDEX_FILENAME = "model.safetensors.index.json"
@@ -38,6 +39,20 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
       raise ValueError(f"{key!r} is listed twice")
     out[key] = value
   return out
+
+
+def _ints(value, what: str, length: int | None = None) -> tuple[int, ...]:
+  """A header's list of integers, checked as the reference reader checks it.
+
+  ``int()`` alone would take a shape of ``[1.5]`` as ``(1,)``, ``[true]`` as ``(1,)`` and
+  the string ``"12"`` as ``(1, 2)``, reading a header the reference refuses.
+  """
+  if not isinstance(value, list) or any(
+      isinstance(v, bool) or not isinstance(v, int) for v in value):
+    raise ValueError(f"{what} {value!r} is not a list of integers")
+  if length is not None and len(value) != length:
+    raise ValueError(f"{what} {value!r} does not have {length} entries")
+  return tuple(value)
 
 
 class SafetensorsFile:
@@ -65,6 +80,11 @@ class SafetensorsFile:
       raise CorruptCheckpointError(
           f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
     self.metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(self.metadata, dict) or not all(
+        isinstance(v, str) for v in self.metadata.values()):
+      # The reference reader demands a map of strings.
+      raise CorruptCheckpointError(
+          f"{path}: __metadata__ {self.metadata!r} is not a JSON object of strings")
     self._data_start = 8 + n
     self.tensors = {}
     for name, info in header.items():
@@ -75,8 +95,8 @@ class SafetensorsFile:
                          f"supported (only {', '.join(DTYPES)})")
       try:
         dtype = np.dtype(DTYPES[info["dtype"]])
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
+        shape = _ints(info["shape"], "shape")
+        begin, end = _ints(info["data_offsets"], "data_offsets", 2)
       except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: bad header entry for tensor {name!r}: {e}") from e
       if min(shape, default=0) < 0 or begin < 0 or (
@@ -118,9 +138,11 @@ class SafetensorsFile:
   def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor, or a basic-slice view of it copied out (only its pages are read)."""
     dtype, shape, begin = self.tensors[name]
-    if not shape or 0 in shape:
-      return np.zeros(shape, dtype) if 0 in shape else np.fromfile(
-          self.path, dtype, 1, offset=self._data_start + begin).reshape(())
+    if 0 in shape:  # No bytes to map; the slice still decides the shape.
+      empty = np.zeros(shape, dtype)
+      return empty if index is None else np.array(empty[index])
+    if not shape:
+      return np.fromfile(self.path, dtype, 1, offset=self._data_start + begin).reshape(())
     mm = np.memmap(self.path, dtype, "r", offset=self._data_start + begin, shape=shape)
     return np.array(mm if index is None else mm[index])
 
@@ -131,6 +153,10 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = Non
   for name in sorted(tensors):
     # Not ascontiguousarray: it makes a 0-d tensor 1-d (saved as shape [1]).
     a = np.require(np.asarray(tensors[name]), requirements="C")
+    if name == "__metadata__":  # Its entry would be read back as the metadata.
+      raise ValueError("a tensor cannot be named '__metadata__' (the header's metadata key)")
+    if not a.dtype.isnative:  # Big-endian data: the format stores little-endian bytes.
+      a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype not in _NAMES:
       raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors name")
     header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
@@ -170,11 +196,7 @@ class Checkpoint:
     if os.path.isfile(os.path.join(folder, SINGLE_FILENAME)):
       files, weight_map = [SINGLE_FILENAME], None
     elif os.path.isfile(index_path):
-      try:
-        with open(index_path, encoding="utf-8") as f:
-          weight_map = json.load(f)["weight_map"]
-      except (OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpointError(f"{index_path}: unreadable shard index: {e}") from e
+      weight_map = _read_weight_map(index_path)
       files = sorted(set(weight_map.values()))
     else:
       files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -250,6 +272,30 @@ class Checkpoint:
       return self._where[real].read(real, tuple(lead) + tuple(index))
     except (OSError, ValueError) as e:
       raise CorruptCheckpointError(f"{self._where[real].path}: cannot read {real!r}: {e}") from e
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+  """The ``weight_map`` of a shard index: tensor name -> shard file in the same folder.
+
+  Raises:
+    CorruptCheckpointError: naming the index when it is unreadable, names no tensor, or
+      maps a name to anything but a plain file name (a list, a number, ``../x``).
+  """
+  try:
+    with open(index_path, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CorruptCheckpointError(f"{index_path}: unreadable shard index: {e!r}") from e
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise CorruptCheckpointError(
+        f"{index_path}: weight_map {str(weight_map)[:80]} is not a non-empty object of "
+        "tensor name -> shard file")
+  for name, fname in weight_map.items():
+    if not isinstance(fname, str) or not fname or os.path.basename(fname) != fname or (
+        fname in (".", "..")):
+      raise CorruptCheckpointError(
+          f"{index_path}: tensor {name!r} maps to {fname!r}, not a file name in the folder")
+  return weight_map
 
 
 def write_folder(folder: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 0,
