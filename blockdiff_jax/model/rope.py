@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -76,7 +77,13 @@ class RopeScaling:
                  "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor",
                  "high_freq_factor"):
       value = getattr(self, name)
-      if value is not None and not math.isfinite(value):
+      # None (a null in a config file) or a string failed the comparisons below with
+      # a TypeError naming no field; only the three YaRN temperature fields may be None.
+      if value is None and name in ("attention_factor", "mscale", "mscale_all_dim"):
+        continue
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"model.rope_scaling.{name} must be a number, got {value!r}")
+      if not math.isfinite(value):
         raise ValueError(f"model.rope_scaling.{name} must be finite, got {value}")
     if self.factor < 1.0:
       raise ValueError(f"model.rope_scaling.factor must be >= 1, got {self.factor}")
@@ -86,6 +93,12 @@ class RopeScaling:
     for name in ("beta_fast", "beta_slow"):
       if not getattr(self, name) > 0:
         raise ValueError(f"model.rope_scaling.{name} must be > 0, got {getattr(self, name)}")
+    # YaRN's ramp runs from beta_fast (more turns) down to beta_slow: reversed, it
+    # silently interpolates the fast dimensions and keeps the slow ones, the opposite
+    # of YaRN (transformers only warns).
+    if self.type == "yarn" and self.beta_fast < self.beta_slow:
+      raise ValueError(f"model.rope_scaling.beta_fast must be >= beta_slow for yarn, got "
+                       f"beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
     if self.attention_factor is not None and self.attention_factor <= 0:
       raise ValueError(f"model.rope_scaling.attention_factor must be > 0, got "
                        f"{self.attention_factor}")
@@ -195,6 +208,15 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   Uses the half-split (GPT-NeoX / HF Llama) layout: the first and second halves of
   the head dimension form the rotated pairs.
   """
+  # Checked here because the shapes would otherwise broadcast: a single frequency
+  # silently rotates every pair of a wider head alike, and 1-D positions fail deep in
+  # indexing with no mention of the layout.
+  if jnp.ndim(x) != 4 or jnp.ndim(positions) != 2:
+    raise ValueError(f"apply_rope takes x [batch, length, heads, head_dim] and positions "
+                     f"[batch, length], got {jnp.shape(x)} and {jnp.shape(positions)}")
+  if x.shape[-1] != 2 * jnp.shape(inv_freq)[-1]:
+    raise ValueError(f"apply_rope: head_dim {x.shape[-1]} needs {x.shape[-1] / 2:g} inverse "
+                     f"frequencies (head_dim / 2), got {jnp.shape(inv_freq)[-1]}")
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]

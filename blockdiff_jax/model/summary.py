@@ -91,6 +91,7 @@ class SummaryConfig:
                          meta.shape[-1] // layout.streams)
     if clean.shape[-1] % self.block_size == 0:
       _check_block_aligned(clean.block_ids, clean.segment_ids, self.block_size)
+    _check_clean(clean, mode)
     if mode == "first_block":
       return masks.summary_slots_meta(clean, self.block_size, self.num_slots)
     return summary_meta_for(meta, layout)
@@ -123,6 +124,28 @@ def _check_block_aligned(block_ids: Array, segment_ids: Array, block_size: int) 
         f"summary tokens need block-aligned clean tokens (diffusion.block_size="
         f"{block_size}): tokens {first}..{first + block_size - 1} of row {row} have "
         f"block_ids {groups[at].tolist()}; start the input at a block boundary")
+
+
+def _check_clean(clean: masks.TokenMeta, mode: str) -> None:
+  """Raises when the real tokens the slots summarize are not concrete clean tokens.
+
+  A slot reads only clean, non-summary tokens of its block (``masks.mask_fn``): given
+  NOISY metadata (or swapped BD3 streams), the slots would silently summarize nothing
+  but each other. Traced metadata is not checked.
+  """
+  fields = (clean.stream, clean.is_summary, clean.segment_ids)
+  if any(isinstance(x, jax.core.Tracer) for x in fields):
+    return
+  stream, is_summary, segment_ids = np.broadcast_arrays(*map(np.asarray, fields))
+  real = segment_ids >= 0
+  bad = np.argwhere(real & ((stream != masks.CLEAN) | is_summary))
+  if bad.size:
+    at = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"summary={mode!r}: the tokens the slots summarize must be clean (stream CLEAN, "
+        f"not summary slots), got stream {int(stream[at])} and is_summary "
+        f"{bool(is_summary[at])} at index {at} of the "
+        f"{'first block' if mode == 'first_block' else 'clean stream'}")
 
 
 def from_config(summary, block_size: int | None) -> SummaryConfig | None:
