@@ -75,6 +75,10 @@ def compare_with_ar(model, params, tokenizer: tokenizers.Tokenizer, prompts: Seq
     speedup}``).
   """
   generation.check_prompt_list(prompts)
+  # Read twice (checked, then decoded): a one-pass iterable (a generator, a ``map``)
+  # would be used up by the checks and then decode nothing (a ZeroDivisionError). None
+  # stays "no prompts" for the check below.
+  prompts = [] if prompts is None else list(prompts)
   if options.sampling.temperature > 0:
     raise ValueError("compare_with_ar compares greedy texts; options.sampling.temperature "
                      f"must be 0, got {options.sampling.temperature}")

@@ -80,10 +80,18 @@ def _canvas(tokenizer, prompt: str, options: layout.DecodeOptions, max_new_token
             max_len: int, width: int | None = None) -> tuple[np.ndarray, layout.Canvas]:
   """The prompt's ids and its generation canvas; says so when ``max_new_tokens`` is cut.
 
+  Raises ValueError where ``generation.generate`` would (a MASK other than the
+  tokenizer's, an empty prompt, MASK tokens in the prompt).
+
   ``generation.generate`` refuses a request past ``max_len``; a trace is a look at one
   prompt, so it traces the room there is, with a warning naming both numbers (cut
   silently, the shorter trace would read as the model stopping early).
   """
+  if options.mask_id != tokenizer.mask_id:
+    # As ``generation.generate`` refuses: the canvas's MASK slots would be a plain token
+    # to the model, so the trace would show a decode that ``generate`` never runs.
+    raise ValueError(f"options.mask_id={options.mask_id} is not the tokenizer's mask_id="
+                     f"{tokenizer.mask_id}; build the options with the tokenizer's MASK")
   ids = layout.parse(tokenizer, prompt).ids
   if len(ids) + 1 > max_len:
     raise ValueError(f"prompt: {len(ids)} tokens leave no room in max_len={max_len}")
