@@ -261,8 +261,16 @@ def score_infills(tasks: Sequence[InfillTask], middles: Sequence[str],
     order.
 
   Raises:
-    ValueError: if the lengths differ or there are no tasks.
+    ValueError: if ``middles`` is one string rather than a sequence of them, the
+      lengths differ, there are no tasks, or ``workers`` is not an integer >= 1.
   """
+  if isinstance(middles, (str, bytes)):
+    # A string is a sequence of characters: with as many characters as tasks, each
+    # task would be scored against one character and fail, reading as a 0% model.
+    raise ValueError(f"middles must be a sequence of strings, one per task, got the "
+                     f"{type(middles).__name__} {middles[:40]!r}")
+  if not _is_int(workers) or workers < 1:
+    raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
   if len(tasks) != len(middles):
     raise ValueError(f"{len(tasks)} tasks but {len(middles)} middles")
   if not tasks:

@@ -14,6 +14,7 @@ Two measurements, for any model and any ``hierarchical_cache.Hierarchy``:
 """
 
 import dataclasses
+import numbers
 import time
 from typing import Any, Callable, Sequence
 
@@ -74,6 +75,12 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
       read through a causal forward; measure them with ``retrieval(decoder="block")``).
   """
   tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 1:  # A [1, T] batch would read as one token: "prefix=.. of 1".
+    raise ValueError(f"cache_fidelity needs one sequence of token ids [T], got shape "
+                     f"{tokens.shape}")
+  if isinstance(prefix, bool) or not isinstance(prefix, numbers.Integral):
+    # 32.0 passes the range check, then fails as a slice index inside jit.
+    raise ValueError(f"cache_fidelity: prefix must be an integer, got {prefix!r}")
   query = len(tokens) - prefix
   if prefix < 1 or query < 1:
     raise ValueError(f"cache_fidelity needs 0 < prefix < len(tokens), got prefix={prefix} "
@@ -110,7 +117,9 @@ def cache_fidelity(model, params, tokens: np.ndarray, prefix: int,
     cache = hierarchical_cache.empty_cache(spec, 1, prefix, 1, hierarchy=hy)
     cache = jax.jit(lambda c, k, v: c.prefill(k, v, valid))(cache, k, v)
     got = logp(params, cache)
-    kl = jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
+    # p log(p / q) is 0 where p = 0: a token the model rules out (-inf logit) would
+    # else give exp(-inf) * (-inf - -inf) = NaN. Where only q = 0 it stays +inf.
+    kl = jnp.sum(jnp.where(ref > -jnp.inf, jnp.exp(ref) * (ref - got), 0.0), axis=-1)
     agree = jnp.argmax(ref, -1) == jnp.argmax(got, -1)
     # A ring that holds the whole prefix compresses nothing: empty_cache then returns
     # the full KVCache, which has no ``compressed``.
@@ -137,7 +146,13 @@ def char_accuracy(completion: str, answer: str) -> float:
 
   Partial credit for a retrieval learned in part (3 of 5 digits of a pass key):
   progress that exact match shows only once whole answers come out right.
+
+  Raises:
+    ValueError: for an empty answer (it has no character to get right).
   """
+  if not answer:  # Else a bare ZeroDivisionError, ending char_rate over all the rows.
+    raise ValueError(f"char_accuracy: the answer is empty (completion {completion!r}); "
+                     "there is no character to score")
   text = long_context.clean_completion(completion).strip(" \"'")
   return sum(a == b for a, b in zip(text, answer)) / len(answer)
 
@@ -220,8 +235,10 @@ def retrieval(model, params, tokenizer, examples: Sequence[long_context.LongCont
   """
   if decoder not in DECODERS:
     raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  # An integer: 2.5 passes ">= 1", then fails as range()'s step naming no argument.
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
+      batch_size < 1):
+    raise ValueError(f"batch_size must be >= 1 (an integer), got {batch_size!r}")
   ids = [prompt_ids(tokenizer, ex, wrap) for ex in examples]
   groups: dict[int, list[int]] = {}
   for i, p in enumerate(ids):
