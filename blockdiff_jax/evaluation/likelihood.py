@@ -130,8 +130,9 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     batch = dataset.get_batch(i)
     draws = [fn(params, batch, jax.random.fold_in(jax.random.key(seed), i * num_samples + s))
              for s in range(num_samples)]
+    # list(): a set (or any iterable) of ids, where np.asarray made a 0-d object array.
     special = np.isin(np.asarray(batch["tokens"]), np.asarray(
-        [] if special_ids is None else special_ids, np.int64))
+        [] if special_ids is None else list(special_ids), np.int64))
     rows = len(special) if distinct is None else min(len(special), distinct - row)
     row += len(special)
     nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0)[:rows])

@@ -128,6 +128,7 @@ def _int_key(g, where: str, key: str, default: Any = _REQUIRED) -> int:
 _INT_KEYS = frozenset({
     "vocab_size", "embedding_length", "feed_forward_length", "block_count", "context_length",
     "attention.head_count", "attention.head_count_kv", "attention.key_length",
+    "attention.value_length",
     "rope.dimension_count", "rope.scaling.original_context_length", "expert_count",
     "expert_used_count", "expert_feed_forward_length"})
 _PER_LAYER_KEYS = frozenset({"attention.head_count", "attention.head_count_kv",
@@ -195,6 +196,13 @@ def hf_config_from_metadata(reader, path: str, has_output: bool) -> dict:
       "tie_word_embeddings": not has_output,
       "hidden_act": "silu",
   }
+  value_length = g("attention.value_length")
+  if value_length is not None and int(value_length) != hf["head_dim"]:
+    # One head size for Q, K and V here (and in llama.cpp's llama): converted, the V
+    # projection failed only later, in hf.check, as a bare shape mismatch.
+    raise architectures.UnsupportedArchitectureError(
+        f"{path}: {arch}.attention.value_length={value_length} differs from the key "
+        f"length {hf['head_dim']}; only equal K and V head sizes are supported")
   scaling = _rope_scaling(g, f"{path}: {arch}", hf["max_position_embeddings"])
   if scaling is not None:
     hf["rope_scaling"] = scaling

@@ -1,0 +1,75 @@
+"""Leads from the session-16 hardening wave: special ids given as a set to the likelihood
+evaluation, and a GGUF whose V head size differs from K's."""
+
+import flax.linen as nn
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdiff_jax import masks
+from blockdiff_jax.diffusion import losses
+from blockdiff_jax.evaluation import likelihood
+from blockdiff_jax.interop import architectures
+from blockdiff_jax.interop import gguf_io
+from blockdiff_jax.model import build
+from blockdiff_jax.model import transformer
+
+
+class _Rows:
+  """One batch of two rows; token 3 is a special (EOS-like) scored token."""
+
+  def get_batch(self, i):
+    del i
+    return {"tokens": jnp.array([[5, 6, 3, 7], [3, 3, 5, 6]], jnp.int32),
+            "loss_mask": jnp.ones((2, 4), jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = transformer.TransformerConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2,
+                                      num_kv_heads=1, head_dim=8, mlp_dim=16)
+  model = transformer.Transformer(cfg)
+  meta = masks.make_meta(jnp.arange(4)[None], 2, masks.CLEAN)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                        meta)["params"])
+  return build.make_apply(model), params
+
+
+@pytest.mark.parametrize("special", [{3}, frozenset({3}), (i for i in [3])])
+def test_special_ids_of_any_iterable_count_as_a_list_of_them(tiny, special):
+  """A set failed inside np.asarray (a 0-d object array), far from the argument."""
+  _apply, params = tiny
+  obj = losses.BlockDiffusionObjective(block_size=2, mask_id=4)
+  want = likelihood.evaluate(_apply, params, _Rows(), obj, 1, 1, bytes_per_token=1.0,
+                             special_ids=[3])
+  got = likelihood.evaluate(_apply, params, _Rows(), obj, 1, 1, bytes_per_token=1.0,
+                            special_ids=special)
+  assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"])
+  # 8 scored tokens, 3 of them special: bits/byte is over the 5 text tokens.
+  assert got["bits_per_byte"] != pytest.approx(
+      likelihood.evaluate(_apply, params, _Rows(), obj, 1, 1, bytes_per_token=1.0)["bits_per_byte"])
+
+
+def _gguf(path, value_length):
+  w = gguf.GGUFWriter(path, "llama")
+  for key, value in {"block_count": 1, "context_length": 64, "embedding_length": 8,
+                     "feed_forward_length": 16, "attention.head_count": 2,
+                     "attention.head_count_kv": 1, "vocab_size": 32,
+                     "attention.key_length": 4, "attention.value_length": value_length}.items():
+    w.add_uint32(f"llama.{key}", value)
+  w.add_tensor("token_embd.weight", np.ones((32, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def test_gguf_value_length_other_than_the_key_length_is_refused(tmp_path):
+  with pytest.raises(architectures.UnsupportedArchitectureError,
+                     match=r"v\.gguf: llama\.attention\.value_length=8 differs from the key"):
+    gguf_io.read(_gguf(str(tmp_path / "v.gguf"), 8))
+  hf_config, _ = gguf_io.read(_gguf(str(tmp_path / "same.gguf"), 4))  # Equal: read.
+  assert hf_config["head_dim"] == 4
