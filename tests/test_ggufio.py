@@ -59,7 +59,7 @@ def test_big_endian_gguf_quantized_tensor_is_refused_by_name(tmp_path):
                [("token_embd.weight", q, gguf.GGMLQuantizationType.Q8_0)],
                keys={"embedding_length": 32}, endian=gguf.GGUFEndian.BIG)
   with pytest.raises(architectures.UnsupportedArchitectureError,
-                     match=r"be\.gguf: tensor 'token_embd\.weight' is Q8_0-quantized .*big"):
+                     match=r"be\.gguf: tensor 'token_embd\.weight' has GGML type Q8_0 .*big"):
     gguf_io.read(path)
 
 

@@ -306,8 +306,8 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       to other than their defaults), a rope.dimension_count below the head size, or a
       rope_freqs.weight tensor that is not llama3 scaling (or comes with a scaled factor).
     UnsupportedArchitectureError: also for a tensor of a GGML type we cannot read (I32 ...),
-      a quantized tensor of a big-endian file, or per-layer head counts / feed-forward
-      lengths that differ, naming them.
+      a big-endian file's tensor other than F16/F32/F64, or per-layer head counts /
+      feed-forward lengths that differ, naming them.
     CheckpointMismatchError-like ValueError: for a tensor name without HF equivalent.
     CorruptCheckpointError: naming the file when it cannot be parsed or dequantized, lacks
       a required key, has a key of the wrong type or no heads, or a llama Q/K tensor whose
@@ -389,10 +389,11 @@ def _dequantize(reader, t, path: str) -> np.ndarray:
   The reader gives F16/F32/F64 tensors of a big-endian file as byte-swapped arrays, which
   ``astype`` converts; the gguf package's dequantizer reinterprets the bytes in the host's
   order (``view``), reading such a tensor as garbage. Quantized blocks carry their scales
-  in the file's byte order, which the dequantizer cannot read either: refused.
+  in the file's byte order, which the dequantizer cannot read either: refused, as are the
+  other types of such a file (BF16, integers), which it would read in the host's order.
 
   Raises:
-    UnsupportedArchitectureError: a quantized tensor of a file of the other byte order.
+    UnsupportedArchitectureError: a tensor other than F16/F32/F64 of a big-endian file.
     NotImplementedError: a GGML type without dequantizer (I32 ...).
   """
   import gguf  # pylint: disable=g-import-not-at-top
@@ -400,7 +401,7 @@ def _dequantize(reader, t, path: str) -> np.ndarray:
     return t.data.astype(np.float64 if t.tensor_type.name == "F64" else np.float32)
   if reader.byte_order == "S":
     raise architectures.UnsupportedArchitectureError(
-        f"{path}: tensor {t.name!r} is {t.tensor_type.name}-quantized in a file of the "
+        f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name} in a file of the "
         "other byte order (big-endian), which is not supported; only its F16/F32/F64 "
         "tensors can be read")
   return gguf.quants.dequantize(t.data, t.tensor_type)
