@@ -15,6 +15,7 @@ log(n). Used by ``experiments/summary_attention_cost.py`` and the long-context n
 
 import dataclasses
 import math
+import numbers
 import statistics
 import time
 
@@ -46,6 +47,18 @@ class AttentionShape:
   head_dim: int = 32
   slots: int = 2
   window: int = 1
+
+  def __post_init__(self):
+    # Unchecked, heads=0 failed as a KeyError of XLA's cost analysis, head_dim=0 as a
+    # ZeroDivisionError, and the "full" kind accepted slots / window the summary
+    # layout refuses, so a full-vs-summary table mixed shapes.
+    for name in ("heads", "kv_heads", "head_dim", "slots", "window"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"AttentionShape.{name} must be an integer >= 1, got {value!r}")
+    if self.heads % self.kv_heads:
+      raise ValueError(f"AttentionShape.heads={self.heads} is not a multiple of "
+                       f"kv_heads={self.kv_heads}")
 
 
 def best_block(n: int, slots: int, window: int) -> int:

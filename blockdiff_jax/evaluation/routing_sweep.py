@@ -86,7 +86,15 @@ def settings_grid(num_experts: int, top_k: int, coverages: Sequence[float],
   range) and deduplicated, so e.g. {top_k, 2·top_k, E/2} with E = 4, k = 2 gives {2, 4}. A minimum
   of E keeps every expert in every block, which is token routing exactly (tested), so it
   is dropped unless ``keep_full``.
+
+  Raises:
+    ValueError: if ``coverages`` or ``min_sizes`` is empty (the grid would hold the
+      token baseline alone), or a coverage is outside (0, 1].
   """
+  # An empty axis silently left a "sweep" of the baseline alone.
+  for name, values in (("coverages", coverages), ("min_sizes", min_sizes)):
+    if not len(values):
+      raise ValueError(f"routing_sweep: {name} is empty; give at least one value")
   # Checked before any setting is built: a bad p would otherwise fail only when the
   # sweep reaches it, after the token baseline (and earlier settings) ran.
   for p in coverages:
@@ -137,6 +145,9 @@ def per_block_counts(experts: Array, allowed: Array, meta: masks.TokenMeta,
     set's size) and ``{noisy,clean}_groups`` (blocks with at least one valid token).
   """
   b, t, _ = experts.shape
+  # One metadata row for the whole batch (as MoEFeedForward accepts) cannot be
+  # reshaped to the b*t tokens below.
+  meta = meta.broadcast_to((b, t))
   valid = meta.segment_ids >= 0
   used = jnp.any(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) > 0, axis=-2)
   used = (used & valid[..., None]).astype(jnp.int32)
@@ -166,6 +177,8 @@ def _interceptor(next_fun, args, kwargs, context):
   y, stats = next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["x"]
   meta = args[1] if len(args) > 1 else kwargs["meta"]
+  # As MoEFeedForward does: the model accepts one metadata row for the whole batch.
+  meta = meta.broadcast_to(x.shape[:2])
   cfg = context.module.cfg
   router = nn.unbox(context.module.get_variable("params", "router"))
   # The layer's own router on the layer's own input: the same decisions it just made.
@@ -326,7 +339,8 @@ def sweep(model: transformer.Transformer, params: Any, batches: Sequence[dict], 
   ``accuracy_pct`` (100 · this masked-token accuracy / token routing's).
 
   Raises:
-    ValueError: if ``settings`` does not start with token routing (the baseline).
+    ValueError: if ``settings`` does not start with token routing (the baseline), or a
+      setting is invalid for the model (e.g. a minimum outside [top_k, num_experts]).
   """
   # Every ratio is labelled "of token routing": a grid without it first would silently
   # measure against a block routing instead.
@@ -334,6 +348,10 @@ def sweep(model: transformer.Transformer, params: Any, batches: Sequence[dict], 
     raise ValueError("sweep: settings must start with RoutingSetting('token'), the "
                      "baseline of expert_reduction / quality_pct / accuracy_pct "
                      "(settings_grid puts it first)")
+  # MoEConfig checks each setting (minimum in [top_k, E], an integer) when it is built:
+  # built here, a bad setting fails before the token baseline and earlier settings ran.
+  for s in settings:
+    with_routing(model.cfg, s)
   rows = []
   for i, s in enumerate(settings):
     r = evaluate_setting(model, params, batches, obj, s, seed, noise_samples)

@@ -70,13 +70,16 @@ def forward_flops_per_token(cfg: transformer.TransformerConfig, kv_length: int,
   return 2.0 * matmul + attn
 
 
-def _two_stream_pass(cfg: transformer.TransformerConfig, seq_len: int) -> tuple[int, int]:
+def _two_stream_pass(cfg: transformer.TransformerConfig, seq_len: int) -> tuple[int, float]:
   """(trunk positions, keys per position) of one ``[x_t ; x_0]`` pass of ``seq_len``.
 
   2L tokens with dense 2L-key attention (what the XLA path computes). With summary
   tokens the trunk also runs the clean stream's (L/B)·S slots (``build.make_apply``
   passes ``summary="bd3"`` to every objective on this layout), and the structured
-  path scores each query against its window and the summary bank only.
+  path scores each token against its own block, its window and the summary bank, and
+  each slot against its clean block and sibling slots only
+  (``summary_attention.structured_attention``): ``keys`` is then the mean over
+  positions, so ``positions * keys`` is the number of logits.
   """
   positions = keys = 2 * seq_len
   if cfg.summary is not None:
@@ -84,7 +87,10 @@ def _two_stream_pass(cfg: transformer.TransformerConfig, seq_len: int) -> tuple[
     bank = seq_len // su.block_size * su.num_slots
     positions = keys = 2 * seq_len + bank
     if cfg.attention_impl == "structured":
-      keys = (su.window_blocks + 1) * su.block_size + bank
+      # Charging the slots the tokens' (W+1)·B + bank keys overcounted their B + S.
+      logits = (2 * seq_len * ((su.window_blocks + 1) * su.block_size + bank)
+                + bank * (su.block_size + su.num_slots))
+      keys = logits / positions
   return positions, keys
 
 

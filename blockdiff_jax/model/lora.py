@@ -52,12 +52,25 @@ class LoraConfig:
       raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
     # B starts at zero, but 0 * NaN (or inf) is NaN: a non-finite alpha gives NaN
     # outputs at step 0, and alpha = 0 silences every adapter (nothing would train).
-    if not (math.isfinite(self.alpha) and self.alpha != 0):
-      raise ValueError(f"model.lora.alpha must be finite and nonzero, got {self.alpha}")
+    # None or a string raised a bare TypeError from math.isfinite naming no field, and
+    # True passed as alpha = 1.
+    if (isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real)
+        or not (math.isfinite(self.alpha) and self.alpha != 0)):
+      raise ValueError(f"model.lora.alpha must be finite and nonzero, got {self.alpha!r}")
+    # A string iterates as characters: "qv" passed as ("q", "v") (and ``has`` matched
+    # substrings), "up" was refused as if it were no target.
+    if isinstance(self.targets, str):
+      raise ValueError(f"model.lora.targets must be a tuple of names from {TARGETS}, not "
+                       f"the string {self.targets!r}, which would be read as its characters")
     bad = [t for t in self.targets if t not in TARGETS]
     if bad or not self.targets:
       raise ValueError(f"model.lora.targets must be a non-empty subset of {TARGETS}, "
                        f"got {self.targets!r}")
+    # A fractional id was accepted and the gate (tokens == mask_id) never opened; None
+    # raised a bare TypeError.
+    if self.gated and (isinstance(self.mask_id, bool)
+                       or not isinstance(self.mask_id, numbers.Integral)):
+      raise ValueError(f"model.lora.mask_id must be an integer token id, got {self.mask_id!r}")
     if self.gated and self.mask_id < 0:
       raise ValueError("model.lora.gated needs model.lora.mask_id >= 0 (the MASK token id), "
                        f"got {self.mask_id}")
