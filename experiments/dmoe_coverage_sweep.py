@@ -257,8 +257,9 @@ def sweep_model(name: str, workdir: str, args, loaded=None) -> dict:
   moe = model.cfg.moe
   e, k = moe.num_experts, moe.top_k
   coverages = [float(p) for p in args.coverages.split(",")]
-  mins = [{"k": k, "2k": 2 * k, "E/2": e // 2}.get(m, None) or int(m)
-          for m in args.min_sizes.split(",")]
+  named = {"k": k, "2k": 2 * k, "E/2": e // 2}
+  # A lookup, not `get(m) or int(m)`: E/2 = 0 (one expert) fell through to int("E/2").
+  mins = [named[m] if m in named else int(m) for m in args.min_sizes.split(",")]
   settings = routing_sweep.settings_grid(e, k, coverages, mins)
   batch_size = args.batch_size or config.data.batch_size
   ds = pipeline.build_dataset(config.data, tokenizer, "validation", config.data.seq_len,

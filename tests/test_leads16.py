@@ -11,6 +11,7 @@ import pytest
 from blockdiff_jax import masks
 from blockdiff_jax.diffusion import losses
 from blockdiff_jax.evaluation import likelihood
+from blockdiff_jax.evaluation import routing_sweep
 from blockdiff_jax.interop import architectures
 from blockdiff_jax.interop import gguf_io
 from blockdiff_jax.model import build
@@ -73,3 +74,26 @@ def test_gguf_value_length_other_than_the_key_length_is_refused(tmp_path):
     gguf_io.read(_gguf(str(tmp_path / "v.gguf"), 8))
   hf_config, _ = gguf_io.read(_gguf(str(tmp_path / "same.gguf"), 4))  # Equal: read.
   assert hf_config["head_dim"] == 4
+
+
+def test_dmoe_sweep_reads_e_over_2_of_one_expert_as_zero(monkeypatch):
+  """``get(m) or int(m)`` fell through to int("E/2") when E/2 is 0 (one expert)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  mod = load_experiment("dmoe_coverage_sweep")
+  seen = {}
+
+  class _Stop(Exception):
+    pass
+
+  def settings_grid(e, k, coverages, mins):
+    seen.update(e=e, k=k, mins=list(mins))
+    raise _Stop
+
+  monkeypatch.setattr(routing_sweep, "settings_grid", settings_grid)
+  moe = types.SimpleNamespace(num_experts=1, top_k=1)
+  loaded = (None, types.SimpleNamespace(cfg=types.SimpleNamespace(moe=moe)), None, None)
+  args = types.SimpleNamespace(coverages="0.5", min_sizes="k,E/2,2k,3")
+  with pytest.raises(_Stop):
+    mod.sweep_model("m", "/nonexistent", args, loaded=loaded)
+  assert seen == {"e": 1, "k": 1, "mins": [1, 0, 2, 3]}
