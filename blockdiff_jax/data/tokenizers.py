@@ -207,12 +207,37 @@ def library_encode_batch(tokenizer: hf_tokenizers.Tokenizer,
   return [np.asarray(e.ids, np.int32) for e in encs]
 
 
-def _as_id_array(ids: Any) -> np.ndarray:
+def checked_ids(ids: Any, vocab_size: int) -> np.ndarray:
+  """``ids`` as a 1-D int64 array, or a ValueError naming what is wrong with them.
+
+  The range is checked before the cast: a uint64 id of 2**63 or more cast first became
+  a negative id in the message, and a Python int past 64 bits (an object array) was
+  reported as a wrong dtype rather than as the id out of range it is.
+
+  Args:
+    ids: a sequence or 1-D array of token ids.
+    vocab_size: every id must be in ``[0, vocab_size)``.
+
+  Raises:
+    ValueError: not 1-D, not integers, or an id out of range.
+  """
   arr = np.asarray(ids)
   if arr.ndim != 1:
     raise ValueError(f"Expected a 1-D sequence of ids, got shape {arr.shape}.")
-  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+  if not arr.size:
+    return arr.astype(np.int64)
+  values = arr.tolist() if arr.dtype == object else None
+  if values is not None and all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+    # Ints numpy cannot hold in one integer dtype (past 64 bits): one is out of range.
+    bad = [i for i in values if not 0 <= i < vocab_size]
+    if bad:
+      raise ValueError(f"Token id {bad[0]} out of range [0, {vocab_size}).")
+    arr = np.asarray(values, np.int64)
+  if not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"Expected integer token ids, got dtype {arr.dtype}.")
+  bad = (arr < 0) | (arr >= vocab_size)
+  if bad.any():
+    raise ValueError(f"Token id {int(arr[bad][0])} out of range [0, {vocab_size}).")
   return arr.astype(np.int64)
 
 
@@ -239,11 +264,7 @@ class ByteTokenizer(Tokenizer):
     return np.frombuffer(data, np.uint8).astype(np.int32)
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
-    arr = _as_id_array(ids)
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-      raise ValueError(f"Token id {int(arr[bad][0])} out of range "
-                       f"[0, {self.vocab_size}).")
+    arr = checked_ids(ids, self.vocab_size)
     names = {v: k for k, v in self._SPECIALS.items()}
     # Decode runs of bytes together so multi-byte characters survive.
     pieces, run = [], []
@@ -366,11 +387,7 @@ class BPETokenizer(Tokenizer):
     return library_encode_batch(self._tok, texts)
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
-    arr = _as_id_array(ids)
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-      raise ValueError(f"Token id {int(arr[bad][0])} out of range "
-                       f"[0, {self.vocab_size}).")
+    arr = checked_ids(ids, self.vocab_size)
     return self._tok.decode(arr.tolist(), skip_special_tokens=skip_special)
 
   def __repr__(self) -> str:
@@ -396,7 +413,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
 
   Raises:
     ValueError: if ``vocab_size`` cannot hold the byte alphabet and specials.
+    TypeError: if ``texts`` is one str, or a document is not a str.
   """
+  if isinstance(texts, (str, bytes)):
+    # Iterated, one str is a corpus of one-character documents: no merge is learned.
+    raise TypeError(f"train_bpe expects an iterable of str documents, got one "
+                    f"{type(texts).__name__}.")
+
+  def documents():  # Lazily, as given; the library's own error names no document.
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise TypeError(f"train_bpe: document {i} is {type(t).__name__}, not str.")
+      yield t
+
   min_size = 256 + len(SPECIAL_TOKEN_NAMES)
   if vocab_size < min_size:
     raise ValueError(f"bpe vocab_size={vocab_size} is below the minimum "
@@ -411,7 +440,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
       special_tokens=list(SPECIAL_TOKEN_NAMES),
       initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
+  tok.train_from_iterator(documents(), trainer=trainer)
   result = BPETokenizer(tok, source=path or "")
   if path:
     result.save(path)
@@ -462,6 +491,9 @@ def _check_reuse(path: str, request: dict[str, Any], vocab_size: int,
       got = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f"Cannot read {record}: {e}") from None
+  if not isinstance(got, dict):  # got.get below would raise AttributeError.
+    raise ValueError(f"Cannot read {record}: it holds a JSON {type(got).__name__}, not "
+                     "the object of data fields the tokenizer was trained with.")
   diff = [f"data.{k}={got.get(k)!r} (config: {v!r})" for k, v in request.items()
           if got.get(k) != v]
   if diff and not strict:

@@ -161,6 +161,14 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
   def __init__(self, tokenizer: hf_tokenizers.Tokenizer, bos_id: int | None, eos_id: int,
                pad_id: int | None = None, mask_id: int | None = None,
                chat_template: str | None = None, source: str = "", unk_id: int | None = None):
+    # A GGUF without an eos id failed later at eos_id (KeyError), an id past the vocabulary
+    # at decode, a negative one (pad_token_id: -1) with OverflowError in _flag_special.
+    size = data_tokenizers.library_vocab_size(tokenizer, {})
+    for key, i in dict(eos=eos_id, bos=bos_id, pad=pad_id, mask=mask_id, unk=unk_id).items():
+      if (key == "eos" or i is not None) and not (
+          isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < size):
+        raise ValueError(f"{source or '<in-memory>'}: {key} token id {i!r} is not an id of "
+                         f"the tokenizer's vocabulary [0, {size})")
     tokenizer.encode_special_tokens = True  # encode() never emits specials.
     # transformers registers the named tokens as special in the library tokenizer; one
     # the file holds as a plain added token (a ChatML fine-tune's add_tokens) would be
@@ -323,10 +331,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
         self._tok.encode_special_tokens = True
 
   def decode(self, ids: Any, skip_special: bool = True) -> str:
-    arr = data_tokenizers._as_id_array(ids)  # pylint: disable=protected-access
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-      raise ValueError(f"Token id {int(arr[bad][0])} out of range [0, {self.vocab_size}).")
+    arr = data_tokenizers.checked_ids(ids, self.vocab_size)
     return self._tok.decode(arr.tolist(), skip_special_tokens=skip_special)
 
   # --- chat ----------------------------------------------------------------------------------
@@ -375,14 +380,22 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       ValueError: a content holds a special token's text and the template does not
         insert that content verbatim, once (so it cannot be located in the rendering);
         or a role holds one (templates compare roles, so a role cannot be swapped for a
-        marker to keep it as text).
+        marker to keep it as text); or another field does (only a str content is spliced).
     """
+    messages = list(messages)  # An iterator, used up by the rendering, went unchecked.
     text = self.apply_chat_template(messages, add_generation_prompt)
     specials = [a.content for a in self._tok.get_added_tokens_decoder().values() if a.special]
     for i, m in enumerate(messages):
       role = m.get("role")
       if isinstance(role, str) and any(t in role for t in specials):
         raise ValueError(f"message {i}: the role {role!r} holds special-token text")
+      # Only a str content is kept as text (spliced); a list of parts, reasoning_content...
+      for key, value in m.items():
+        shown = "" if key == "role" or isinstance(value, str) and key == "content" else (
+            json.dumps(value, ensure_ascii=False, default=str, skipkeys=True))  # Its strs.
+        if any(t in shown for t in specials):
+          raise ValueError(f"message {i}: the {key} holds special-token text, and only a "
+                           "str content can be kept as text")
     unsafe = [i for i, m in enumerate(messages)
               if isinstance(m.get("content"), str) and any(t in m["content"] for t in specials)]
     if not unsafe:
@@ -485,9 +498,12 @@ def _read_json(path: str) -> dict:
     return {}
   with open(path, encoding="utf-8") as f:
     try:
-      return json.load(f)
+      got = json.load(f)
     except ValueError as e:  # json's message has no file name.
       raise ValueError(f"{path}: not valid JSON: {e}") from e
+  if not isinstance(got, dict):  # Its .get calls would raise AttributeError.
+    raise ValueError(f"{path}: holds a JSON {type(got).__name__}, not an object")
+  return got
 
 
 # Added tokens of Qwen2/2.5 (first 22) and Qwen3 (all 26), from id 151,643 on, in id order.
@@ -511,16 +527,9 @@ def _byte_level(token: bytes, table: dict[int, str]) -> str:
 
 def _bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable character table (byte-level BPE symbols)."""
-  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
-  table, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      table[b] = chr(b)
-    else:
-      table[b] = chr(256 + extra)
-      extra += 1
-  return table
+  keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(174, 256)}
+  others = [b for b in range(256) if b not in keep]  # Mapped to 256, 257, ... in order.
+  return {b: chr(b) if b in keep else chr(256 + others.index(b)) for b in range(256)}
 
 
 def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
