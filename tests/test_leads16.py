@@ -97,3 +97,19 @@ def test_dmoe_sweep_reads_e_over_2_of_one_expert_as_zero(monkeypatch):
   with pytest.raises(_Stop):
     mod.sweep_model("m", "/nonexistent", args, loaded=loaded)
   assert seen == {"e": 1, "k": 1, "mins": [1, 0, 2, 3]}
+
+
+@pytest.mark.parametrize("error,param", [
+    ("message 1: the role 'x<|eos|>' holds special-token text", "messages[1].role"),
+    ("message 0: the reasoning_content holds special-token text, and only a str content",
+     "messages[0].reasoning_content"),
+    ("message 0: the content holds special-token text, and only a str content",
+     "messages[0].content"),
+    ("message 1 holds special-token text and the chat template does not", "messages[1].content"),
+    ("message 5 holds special-token text", "messages"),  # Past the request's messages.
+    ("the template failed", "messages"),
+])
+def test_a_chat_encoding_error_names_the_field_it_is_about(error, param):
+  """A reasoning_content refusal was attributed to messages[i].content."""
+  from blockdiff_jax.serving import server  # pylint: disable=g-import-not-at-top
+  assert server._message_field(error, 2) == param  # pylint: disable=protected-access

@@ -327,13 +327,13 @@ class Server:
 
 
 def _message_field(error: str, count: int) -> str:
-  """The field an ``encode_chat`` error names: ``messages[i].role`` or
-  ``messages[i].content`` from its "message i..." text, else ``messages``."""
-  match = re.match(r"message (\d+)\b", error)
+  """The field an ``encode_chat`` error names: ``messages[i].<field>`` from its
+  "message i: the <field> ..." text (``content`` when it names none), else ``messages``."""
+  match = re.match(r"message (\d+)\b(?:: the (\w+)\b)?", error)
   if match is None or int(match.group(1)) >= count:
     return "messages"
-  part = "role" if "the role" in error else "content"
-  return f"messages[{match.group(1)}].{part}"
+  # A field other than role or content (a list of parts is content too): reasoning_content.
+  return f"messages[{match.group(1)}].{match.group(2) or 'content'}"
 
 
 def _plain_chat(messages) -> str:
