@@ -113,3 +113,14 @@ def test_a_chat_encoding_error_names_the_field_it_is_about(error, param):
   """A reasoning_content refusal was attributed to messages[i].content."""
   from blockdiff_jax.serving import server  # pylint: disable=g-import-not-at-top
   assert server._message_field(error, 2) == param  # pylint: disable=protected-access
+
+
+def test_byte_decode_joins_a_character_split_by_a_dropped_special():
+  """Bytes 0xC3 MASK 0xA9 decoded as two U+FFFD; the library tokenizers give the 'é'."""
+  from blockdiff_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.ByteTokenizer()
+  ids = [ord("a"), 0xC3, tok.mask_id, 0xA9, tok.eos_id, ord("b")]
+  assert tok.decode(ids) == "aéb"
+  # Kept, a special still splits the bytes: its name sits between them.
+  kept = tok.decode(ids, skip_special=False)
+  assert kept.startswith("a\ufffd") and kept.endswith("b") and "\ufffd" in kept[2:]

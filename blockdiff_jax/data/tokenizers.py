@@ -272,10 +272,11 @@ class ByteTokenizer(Tokenizer):
       if i < 256:
         run.append(i)
         continue
+      if skip_special:  # Dropped specials keep the bytes around them one run, as the
+        continue  # library tokenizers do: a character split by one is not two U+FFFD.
       pieces.append(bytes(run).decode("utf-8", errors="replace"))
       run = []
-      if not skip_special:
-        pieces.append(names[i])
+      pieces.append(names[i])
     pieces.append(bytes(run).decode("utf-8", errors="replace"))
     return "".join(pieces)
 
