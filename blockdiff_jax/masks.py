@@ -37,6 +37,17 @@ CLEAN = 1
 Array = Any
 
 
+def _check_integer(where: str, name: str, value: Any, minimum: int) -> None:
+  """Refuses a static size that is not an integer >= ``minimum``.
+
+  A float gave float block ids (and then a silently different window or tiling), 0 an
+  XLA integer division by zero (block ids -1, -2, ... with no error), and True passed
+  as 1.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
 @flax.struct.dataclass
 class TokenMeta:
   """Per-token metadata from which attention masks are derived.
@@ -79,7 +90,12 @@ class TokenMeta:
 
 
 def make_meta(positions, block_size: int, stream, segment_ids=None, is_summary=None) -> TokenMeta:
-  """Builds metadata from positions; block ids are ``positions // block_size``."""
+  """Builds metadata from positions; block ids are ``positions // block_size``.
+
+  Raises:
+    ValueError: if ``block_size`` is not an integer >= 1.
+  """
+  _check_integer("make_meta", "block_size", block_size, 1)
   positions = jnp.asarray(positions, jnp.int32)
   stream = jnp.broadcast_to(jnp.asarray(stream, jnp.int32), positions.shape)
   if segment_ids is None:
@@ -119,8 +135,8 @@ class MaskSpec:
   window_blocks: int = 0
 
   def __post_init__(self):
-    if self.window_blocks < 0:
-      raise ValueError(f"MaskSpec.window_blocks must be >= 0, got {self.window_blocks}")
+    # 1.5 acted as 1 (block ids are integers), and a string failed in a bare TypeError.
+    _check_integer("MaskSpec", "window_blocks", self.window_blocks, 0)
 
 
 def mask_fn(q: TokenMeta, k: TokenMeta, spec: MaskSpec = MaskSpec()) -> Array:
@@ -190,9 +206,9 @@ def summary_slots_meta(clean: TokenMeta, block_size: int, num_slots: int) -> Tok
     TokenMeta [batch, (L // block_size) * num_slots], stream CLEAN, is_summary True.
   """
   length = clean.shape[-1]
-  if block_size < 1 or num_slots < 1:
-    raise ValueError(f"summary_slots_meta: block_size={block_size} and "
-                     f"num_slots={num_slots} must be >= 1")
+  # A float failed deep in slicing or jnp.repeat, and True passed as 1.
+  _check_integer("summary_slots_meta", "block_size", block_size, 1)
+  _check_integer("summary_slots_meta", "num_slots", num_slots, 1)
   if length % block_size:
     raise ValueError(f"summary_slots_meta: length {length} is not a multiple of "
                      f"block_size={block_size}")

@@ -53,8 +53,8 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, obj: Autoregre
   logits, aux = apply_fn(params, x0, masks.make_meta(pos, 1, masks.CLEAN, seg))
   # Entry i predicts token i from the output at i-1; entry 0 has no predecessor.
   logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+  logits = losses.subs_logits(logits, obj.mask_id)  # float32 at least, MASK never predicted
   vocab = jnp.arange(logits.shape[-1])
-  logits = jnp.where(vocab == obj.mask_id, -jnp.inf, logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
   prev_seg = jnp.concatenate([seg[:, :1] - 1, seg[:, :-1]], axis=1)

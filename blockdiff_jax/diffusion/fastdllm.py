@@ -94,11 +94,13 @@ def shifted_logits(logits: Array, block_size: int) -> Array:
 def scorable(batch: dict) -> Array:
   """[B, L] bool: positions that may be masked and scored (each copy scores a share).
 
-  ``loss_mask`` > 0, except a token without a predecessor of its own to predict it
-  from: position 0, and a packed example's first token (the output before it is
-  another example's).
+  ``losses.maskable`` (``loss_mask`` > 0, not padding), except a token without a
+  predecessor of its own to predict it from: position 0, and a packed example's first
+  token (the output before it is another example's).
   """
-  mask = batch["loss_mask"] > 0
+  # Not padding: two adjacent padding tokens share segment -1, yet neither attends to
+  # anything.
+  mask = losses.maskable(batch)
   mask = mask & (jnp.arange(mask.shape[1]) > 0)[None]
   seg = batch.get("segment_ids")
   if seg is not None:
@@ -129,9 +131,8 @@ def per_token_terms(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   xt = jnp.where(m, obj.mask_id, x0)
   meta = masks.training_meta(length, obj.block_size, x0.shape[0], seg)
   logits, aux = apply_fn(params, jnp.concatenate([xt, x0], axis=1), meta)
-  logits = shifted_logits(logits, obj.block_size)
+  logits = losses.subs_logits(shifted_logits(logits, obj.block_size), obj.mask_id)
   vocab = jnp.arange(logits.shape[-1])
-  logits = jnp.where(vocab == obj.mask_id, -jnp.inf, logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
   return nll, m, jnp.argmax(logits, -1) == x0, aux

@@ -32,6 +32,38 @@ def check_block_size(block_size: Any) -> None:
     raise ValueError(f"diffusion.block_size must be an integer >= 1, got {block_size!r}")
 
 
+def subs_logits(logits: Array, mask_id: int) -> Array:
+  """Logits ready for the log-softmax of a loss: at least float32, MASK never predicted.
+
+  Half-precision logits were normalized in their own dtype: in float16 the softmax sum
+  of a vocabulary over 65,504 tokens overflows (every NLL inf), and in bfloat16 each NLL
+  was rounded to 8 significant bits (0.03 nats off at 10 nats).
+
+  Args:
+    logits: [..., V] logits of any float dtype.
+    mask_id: the MASK token (SUBS parameterization: the denoiser never predicts it).
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  # (A where, not a scatter: the vocabulary may be split over ``tensor``.)
+  vocab = jnp.arange(logits.shape[-1])
+  return jnp.where(vocab == mask_id, -jnp.inf, logits)
+
+
+def maskable(batch: dict) -> Array:
+  """[B, L] bool: positions that may be masked and scored.
+
+  ``loss_mask`` > 0, except padding (a negative segment id): no query attends to a
+  padding key (``masks``), so a masked padding token would be predicted from nothing
+  and count in the NELBO's token count, even where a loss mask of ones covers it (as
+  the autoregressive objective already refuses to score it).
+  """
+  mask = batch["loss_mask"] > 0
+  seg = batch.get("segment_ids")
+  if seg is not None:
+    mask = mask & (jnp.asarray(seg, jnp.int32) >= 0)
+  return mask
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusionObjective:
   """Static options of the BD3-LM objective.
@@ -63,9 +95,8 @@ def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):
   rng_t, rng_m = jax.random.split(rng)
   t = schedules.sample_block_t(rng_t, b, length // obj.block_size, obj.noise, obj.antithetic)
   t_tok = corruption.block_values(t, length, obj.block_size)
-  maskable = batch["loss_mask"] > 0
   xt, is_masked = corruption.mask_tokens(rng_m, x0, obj.schedule.mask_prob(t_tok), obj.mask_id,
-                                         maskable)
+                                         maskable(batch))
   return xt, is_masked, t_tok
 
 
@@ -115,9 +146,8 @@ def per_token_nelbo(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   logits, aux = apply_fn(params, jnp.concatenate([xt, x0], axis=1), meta,
                          logits_slice=(0, length))
   # SUBS parameterization: the denoiser never predicts MASK.
-  # (A where, not a scatter: the vocabulary may be split over ``tensor``.)
+  logits = subs_logits(logits, obj.mask_id)
   vocab = jnp.arange(logits.shape[-1])
-  logits = jnp.where(vocab == obj.mask_id, -jnp.inf, logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.sum(jnp.where(vocab == x0[..., None], logp, 0.0), axis=-1)
   return TokenNelbo(nll=nll, weight=is_masked * obj.schedule.loss_weight(t_tok),
@@ -136,9 +166,9 @@ def block_diffusion_loss(apply_fn: Callable, params: Any, batch: dict, rng: Arra
   """
   terms = per_token_nelbo(apply_fn, params, batch, rng, obj, corrupted)
   nll, is_masked = terms.nll, terms.is_masked
-  # A position is scored where loss_mask > 0 (as corrupt() selects it); the mask's value
-  # is not a weight, so a 0.5 or 2.0 mask must not rescale the per-token NELBO.
-  scored_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+  # A position is scored where corrupt() may mask it (loss_mask > 0, not padding); the
+  # mask's value is not a weight, so a 0.5 or 2.0 mask must not rescale the NELBO.
+  scored_tokens = jnp.sum(maskable(batch)).astype(jnp.float32)
   n_scored = jnp.maximum(scored_tokens, 1.0)
   # Selects, not products: a position that is not scored may hold a token the model
   # cannot predict (a literal MASK id in a prompt: nll = inf), and inf * 0 is NaN.
