@@ -124,3 +124,71 @@ def test_byte_decode_joins_a_character_split_by_a_dropped_special():
   # Kept, a special still splits the bytes: its name sits between them.
   kept = tok.decode(ids, skip_special=False)
   assert kept.startswith("a\ufffd") and kept.endswith("b") and "\ufffd" in kept[2:]
+
+
+# --- Padding and half precision in the scorers the diffmask wave left (its leads). ---
+
+_VOCAB = 70_000  # Past float16's largest finite value (65,504): its softmax sum overflows.
+
+
+def _flat_apply(dtype):
+  row = ((jnp.arange(_VOCAB) % 89) / 2000.0).astype(dtype)
+
+  def apply_fn(params, tokens, meta, logits_slice=None):
+    del params, meta, logits_slice
+    return jnp.broadcast_to(row, tokens.shape + (_VOCAB,)), {}
+  return apply_fn, np.asarray(row.astype(jnp.float32), np.float64)
+
+
+def test_introspective_ce_of_float16_logits_is_the_float64_one():
+  """The introspective CE normalized float16 logits in float16: every NLL was inf."""
+  from blockdiff_jax.diffusion import introspective  # pylint: disable=g-import-not-at-top
+  apply_fn, row = _flat_apply(jnp.float16)
+  tokens = jnp.array([[3, 500, 12_345, 69_000]], jnp.int32)
+  obj = introspective.IntrospectiveObjective(stride=2, mask_id=_VOCAB - 1)
+  got = introspective.per_token_ce(apply_fn, None, {"tokens": tokens,
+                                                    "loss_mask": jnp.ones((1, 4))}, obj)
+  ref = row[:_VOCAB - 1]  # MASK is never predicted.
+  want = ref.max() + np.log(np.sum(np.exp(ref - ref.max()))) - ref[np.asarray(tokens[0, 1:])]
+  for key in ("clean_nll", "noisy_nll"):
+    np.testing.assert_allclose(np.asarray(got[key][0], np.float64), want, rtol=1e-5)
+
+
+def test_introspective_never_targets_padding():
+  """Two padding tokens share segment -1, so the second was a scored target."""
+  from blockdiff_jax.diffusion import introspective  # pylint: disable=g-import-not-at-top
+  seg = jnp.array([[0, 0, 1, 1, -1, -1, -1]], jnp.int32)
+  weight = introspective._target_weight(  # pylint: disable=protected-access
+      {"loss_mask": jnp.ones((1, 7)), "segment_ids": seg})
+  np.testing.assert_array_equal(np.asarray(weight), [[1, 0, 1, 0, 0, 0]])
+
+
+def test_likelihood_counts_the_tokens_corrupt_may_mask(tiny):
+  """Padding under a loss mask of ones was counted as scored but never masked."""
+  apply_fn, params = tiny
+  tokens = jnp.array([[5, 6, 3, 7], [5, 6, 0, 0]], jnp.int32)
+  seg = jnp.array([[0, 0, 0, 0], [0, 0, -1, -1]], jnp.int32)
+  obj = likelihood.evaluation_objective(losses.BlockDiffusionObjective(block_size=2,
+                                                                       mask_id=4))
+  nats, scored = likelihood.per_sequence_sums(
+      apply_fn, params, {"tokens": tokens, "loss_mask": jnp.ones((2, 4)),
+                         "segment_ids": seg}, jax.random.key(0), obj)
+  np.testing.assert_array_equal(np.asarray(scored), [4, 2])
+  _, scored_zeroed = likelihood.per_sequence_sums(
+      apply_fn, params, {"tokens": tokens, "loss_mask": (seg >= 0).astype(jnp.float32),
+                         "segment_ids": seg}, jax.random.key(0), obj)
+  np.testing.assert_array_equal(np.asarray(scored_zeroed), [4, 2])
+  assert np.all(np.isfinite(np.asarray(nats)))
+
+
+def test_routing_sweep_weighs_masked_metrics_by_the_maskable_tokens():
+  """The masked count rebuilt from masked_fraction used loss_mask > 0, padding included,
+  where the fraction is of the maskable tokens (losses.maskable)."""
+  batch = {"loss_mask": jnp.ones((1, 8)),
+           "segment_ids": jnp.array([[0, 0, 0, 0, 0, 0, -1, -1]], jnp.int32)}
+  metrics = {losses.LOSS_TOKENS: jnp.float32(6.0), "masked_fraction": jnp.float32(0.5),
+             "nelbo": jnp.float32(1.0), "masked_ce": jnp.float32(2.0),
+             "masked_accuracy": jnp.float32(0.25)}
+  obj = losses.BlockDiffusionObjective(block_size=2, mask_id=4)
+  terms = routing_sweep._quality_terms(obj, batch, metrics)  # pylint: disable=protected-access
+  assert float(terms["masked_ce"][1]) == 3.0 and float(terms["nelbo"][1]) == 6.0

@@ -115,7 +115,7 @@ def per_token_ce(apply_fn: Callable, params: Any, batch: dict, obj: Introspectiv
     noisy_target, noisy_weight = x0[:, 1:], weight
 
   def ce(lg, target):
-    lg = jnp.where(jnp.arange(lg.shape[-1]) == obj.mask_id, -jnp.inf, lg)
+    lg = losses.subs_logits(lg, obj.mask_id)  # float32 at least: f16 sums overflowed.
     logp = jax.nn.log_softmax(lg, axis=-1)
     nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     return nll, jnp.argmax(lg, -1) == target
@@ -132,12 +132,13 @@ def _target_weight(batch: dict) -> Array:
 
   Scored means ``loss_mask`` > 0, as in the other objectives: the mask's value selects
   a token, it does not weigh it (a 2.0 would count the token twice in both CEs and in
-  the accumulation count).
+  the accumulation count). Padding (segment < 0) is never a target: two padding tokens
+  share segment -1 but attend to nothing.
   """
   weight = (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)
   if batch.get("segment_ids") is not None:
     seg = batch["segment_ids"]
-    weight = weight * (seg[:, 1:] == seg[:, :-1])
+    weight = weight * ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0))
   return weight
 
 

@@ -47,7 +47,7 @@ def per_sequence_sums(apply_fn: Callable, params: Any, batch: dict, rng: Array,
   terms = losses.per_token_nelbo(apply_fn, params, batch, rng, obj)
   # A select, not a product: an unscored position may hold nll = inf.
   weighted = jnp.where(terms.is_masked, terms.nll * terms.weight, 0.0)
-  scored = jnp.sum((batch["loss_mask"] > 0).astype(jnp.float32), -1)
+  scored = jnp.sum(losses.maskable(batch).astype(jnp.float32), -1)  # As corrupt() counts.
   return jnp.sum(weighted, -1), scored
 
 

@@ -225,7 +225,7 @@ def _quality_terms(obj: Any, batch: dict, metrics: dict) -> dict:
   loss_tokens = metrics[losses.LOSS_TOKENS]
   if isinstance(obj, losses.BlockDiffusionObjective):
     # The fraction is of the clamped scored count, so this is the masked count.
-    masked = metrics["masked_fraction"] * jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1)
+    masked = metrics["masked_fraction"] * jnp.maximum(jnp.sum(losses.maskable(batch)), 1)
     weights = {"nelbo": loss_tokens, "masked_ce": masked, "masked_accuracy": masked}
   else:
     weights = dict.fromkeys(QUALITY_KEYS, loss_tokens)
