@@ -72,6 +72,10 @@ class Attention(nn.Module):
     Returns:
       (output [B, T, D], (k, v) of x's tokens after RoPE, to be cached by the caller).
     """
+    # TransformerConfig checks its attention_impl, but a module built directly with a
+    # misspelt impl ("palas") silently ran the XLA path below.
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"Attention.impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
     h, hk, dh = self.num_heads, self.num_kv_heads, self.head_dim
     lo = self.lora
     rank = lambda t: lo.rank if lo is not None and lo.has(t) else 0

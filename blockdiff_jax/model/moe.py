@@ -91,6 +91,20 @@ class MoEConfig:
                        f"got {self.capacity_factor}")
     if self.tile_size < 1:
       raise ValueError(f"model.moe.tile_size must be >= 1, got {self.tile_size}")
+    # A zero or negative width failed deep in flax (a ZeroDivisionError from the fan-in
+    # init, a negative shape) naming no field; ``config.validate`` checks only configs,
+    # not a MoEConfig built directly (interop, upcycling, tests).
+    if self.expert_dim < 1:
+      raise ValueError(f"model.moe.expert_dim must be >= 1, got {self.expert_dim}")
+    if self.shared_expert_dim < 0:
+      raise ValueError(f"model.moe.shared_expert_dim must be >= 0 (0 = none), "
+                       f"got {self.shared_expert_dim}")
+    # A NaN or infinite weight turns the auxiliary loss (and every gradient) NaN; a
+    # negative one rewards imbalance and large router logits.
+    for name in ("load_balance_weight", "z_loss_weight"):
+      value = getattr(self, name)
+      if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"model.moe.{name} must be >= 0 and finite, got {value}")
     # The gate scales the shared expert; without one there is nothing to gate and the
     # flag was dropped silently (the model built no gate weight).
     if self.shared_expert_gate and not self.shared_expert_dim:
@@ -242,9 +256,16 @@ def _tiled_ffn(xs: Array, ids: Array, wg: Array, wu: Array, wd: Array, tile: int
 
 
 def combine(ys: Array, weights: Array) -> Array:
-  """Copies [N*k, D] (token-major) weighted by the router: -> [N, D]."""
+  """Copies [N*k, D] (token-major) weighted by the router: -> [N, D] in ys' dtype.
+
+  The weighted sum runs in fp32: rounding the fp32 router weights to a bf16 ``ys``
+  dtype made k >= 3 of them miss a sum of 1 (by up to ~2^-9), so k identical copies
+  (an upcycled model at init) did not give the copy back.
+  """
   n, k = weights.shape
-  return jnp.einsum("nkd,nk->nd", ys.reshape(n, k, -1), weights.astype(ys.dtype))
+  return jnp.einsum("nkd,nk->nd", ys.reshape(n, k, -1).astype(jnp.float32),
+                    weights.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST).astype(ys.dtype)
 
 
 def local_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
@@ -286,8 +307,11 @@ class MoEFeedForward(nn.Module):
     wu = self.param("wi_up", init(("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
     wd = self.param("wo", init(("expert", "expert_mlp", "embed")), (e, f, d), jnp.float32)
 
+    # HIGHEST: under JAX's default precision an fp32 dot runs as TF32 on NVIDIA GPUs and
+    # as one bf16 pass on TPUs, so the "fp32" router's logits (and the top-k choice near
+    # a tie) carried ~3 significant digits. The router is D x E: full precision is cheap.
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
-                        sharding.replicate_for_use(router))
+                        sharding.replicate_for_use(router), precision=jax.lax.Precision.HIGHEST)
     probs, weights, experts, _ = route(logits, meta, cfg)
     wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
     plan = None
@@ -317,8 +341,8 @@ class MoEFeedForward(nn.Module):
         w = self.param("shared_gate", layers.logical_init(
             nn.initializers.normal(stddev=d ** -0.5), ("embed", None)), (d, 1), jnp.float32)
         shared = shared * jax.nn.sigmoid(jnp.einsum(
-            "btd,do->bto", x.astype(jnp.float32), sharding.replicate_for_use(w))).astype(
-                shared.dtype)
+            "btd,do->bto", x.astype(jnp.float32), sharding.replicate_for_use(w),
+            precision=jax.lax.Precision.HIGHEST)).astype(shared.dtype)
       y = y + shared
 
     valid = (meta.segment_ids >= 0).astype(jnp.float32)

@@ -11,6 +11,8 @@ copies beyond an expert's capacity are dropped, and their share of the MLP with 
 
 import collections.abc
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -90,8 +92,17 @@ def upcycle_params(params: dict, num_experts: int, seed: int = 0,
 
   Raises:
     ValueError: when the params hold no dense MLP, or an MLP holds LoRA adapters (the
-      experts would silently lose them; ``upcycle`` folds plain ones first).
+      experts would silently lose them; ``upcycle`` folds plain ones first), for
+      ``num_experts`` not an integer >= 1, or ``router_std`` not finite and >= 0.
   """
+  # Zero experts gave empty expert weights silently, 2.5 a broadcasting error naming no
+  # argument; a NaN or infinite std gave NaN router logits and a NaN model.
+  if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or (
+      num_experts < 1):
+    raise ValueError(f"upcycle_params: num_experts must be an integer >= 1, got {num_experts!r}")
+  if not (isinstance(router_std, numbers.Real) and math.isfinite(router_std)
+          and router_std >= 0):
+    raise ValueError(f"upcycle_params: router_std must be finite and >= 0, got {router_std!r}")
   out, n = {}, 0
   rng = jax.random.key(seed)
   for name, sub in params.items():
