@@ -211,8 +211,11 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
       y_copies = ffn(x.reshape(n, d)[jnp.arange(n * k) // k], ids, wg, wu, wd)
       dropped = jnp.zeros((), jnp.int32)
       reduce_axes = reduce_axes + axes
-    y = jnp.einsum("nkd,nk->nd", y_copies.reshape(n, k, d),
-                   weights.reshape(n, k).astype(y_copies.dtype))
+    # In fp32 as moe.combine: bf16-rounded router weights of k >= 3 miss a sum of 1.
+    # Cast back before the psum, so the reduction moves the activations' bytes.
+    y = jnp.einsum("nkd,nk->nd", y_copies.reshape(n, k, d).astype(jnp.float32),
+                   weights.reshape(n, k).astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST).astype(y_copies.dtype)
     if reduce_axes:
       y = jax.lax.psum(y, reduce_axes)
     return y.reshape(b, t, d), dropped.astype(jnp.float32).reshape(1, 1)
