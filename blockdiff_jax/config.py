@@ -121,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # numpy's generators (the data order) refuse negative seeds, after the model is built.
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+  if seed >= 2**32:  # jax.random.key keeps its low 32 bits: 2**32 + 5 would be seed 5.
+    raise ValueError(f"seed must be below 2**32, got {seed!r}")
   _validate_init_from(config)
   train_config.validate(config)
   if config.get("mesh") is not None:  # Before any device is asked for: a typo'd axis.

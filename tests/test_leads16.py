@@ -192,3 +192,16 @@ def test_routing_sweep_weighs_masked_metrics_by_the_maskable_tokens():
   obj = losses.BlockDiffusionObjective(block_size=2, mask_id=4)
   terms = routing_sweep._quality_terms(obj, batch, metrics)  # pylint: disable=protected-access
   assert float(terms["masked_ce"][1]) == 3.0 and float(terms["nelbo"][1]) == 6.0
+
+
+def test_a_seed_past_32_bits_is_refused():
+  """jax.random.key keeps a seed's low 32 bits: 2**32 + 5 trained seed 5's model."""
+  from blockdiff_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert np.array_equal(jax.random.key_data(jax.random.key(2**32 + 5)),
+                        jax.random.key_data(jax.random.key(5)))
+  c = config_lib.base_config()
+  c.seed = 2**32 + 5
+  with pytest.raises(ValueError, match=r"seed must be below 2\*\*32, got 4294967301"):
+    config_lib.validate(c)
+  c.seed = 2**32 - 1
+  config_lib.validate(c)
