@@ -205,3 +205,95 @@ def test_a_seed_past_32_bits_is_refused():
     config_lib.validate(c)
   c.seed = 2**32 - 1
   config_lib.validate(c)
+
+
+# --- Optional special ids past the vocabulary: none, as llama.cpp (reviewer11). ---
+
+
+def _tokens():
+  from blockdiff_jax.interop import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  table = tokenizer_lib._bytes_to_unicode()  # pylint: disable=protected-access
+  return [table[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>"]
+
+
+def test_gguf_padding_id_past_the_vocabulary_loads_as_none(tmp_path, caplog):
+  """padding_token_id 2**32 - 1 (uint32 -1) is found in the wild; llama.cpp warns and
+  loads. The tokenizer's id check refused the whole file."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.interop import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tok.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_tokenizer_model("gpt2")
+  w.add_token_list(_tokens() + ["ab"])
+  w.add_token_types([1] * 256 + [3, 3, 1])
+  w.add_token_merges(["a b"])
+  w.add_eos_token_id(257)
+  w.add_pad_token_id(2**32 - 1)
+  w.add_bos_token_id(256)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with caplog.at_level(logging.WARNING):
+    tok = tokenizer_lib.PretrainedTokenizer.from_gguf(path)
+  assert tok.eos_id == 257 and tok.bos_id == 256
+  assert tok.pad_id == 257  # No pad of its own: the pipeline pads with eos.
+  assert any("padding_token_id=4294967295" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_config_pad_id_of_minus_one_loads_as_none(tmp_path):
+  """Llama-style config.json files carry pad_token_id: -1 (no pad)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.interop import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  hf = tokenizer_lib.hf_tokenizer_from_gguf({"model": "gpt2", "pre": "gpt2", "merges": [],
+                                             "tokens": _tokens(),
+                                             "token_type": [1] * 256 + [3, 3]})
+  hf.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 257, "pad_token_id": -1,
+                                                    "bos_token_id": 256}))
+  tok = tokenizer_lib.PretrainedTokenizer.from_folder(str(tmp_path))
+  assert (tok.eos_id, tok.bos_id, tok.pad_id) == (257, 256, 257)
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 300}))
+  with pytest.raises(ValueError, match="eos token id 300 is not an id"):
+    tokenizer_lib.PretrainedTokenizer.from_folder(str(tmp_path))
+
+
+def test_lora_config_section_with_a_string_of_targets_is_refused():
+  """from_config turned "qv" into ("q", "v") before LoraConfig could refuse the str."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import lora  # pylint: disable=g-import-not-at-top
+  section = ml_collections.ConfigDict({"rank": 2, "alpha": 4.0, "targets": "qv",
+                                       "gated": False, "mask_id": -1})
+  with pytest.raises(ValueError, match="not the string 'qv'"):
+    lora.from_config(section)
+
+
+def test_moe_combine_keeps_the_bf16_copies_for_the_backward(capsys):
+  """Summed in fp32, the backward saved an fp32 copy of [N*k, D]; rematerialized, the
+  bf16 copies (and the router weights) are what it keeps."""
+  from jax import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  from blockdiff_jax.model import moe  # pylint: disable=g-import-not-at-top
+  ys, w = jnp.ones((64 * 4, 32), jnp.bfloat16), jnp.full((64, 4), 0.25)
+  capsys.readouterr()
+  ad_checkpoint.print_saved_residuals(
+      lambda y, w: moe.combine(y, w).astype(jnp.float32).sum(), ys, w)
+  saved = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())
+  assert saved == ["bf16[64,4,32]", "f32[64,4]"], saved
+
+
+def test_bits_per_byte_counts_only_the_maskable_text(tiny):
+  """Padding under a loss mask of ones counted as text tokens (bits/byte too low)."""
+  apply_fn, params = tiny
+
+  class _Padded:
+    def get_batch(self, i):
+      del i
+      return {"tokens": jnp.array([[5, 6, 3, 7], [5, 6, 0, 0]], jnp.int32),
+              "loss_mask": jnp.ones((2, 4)),
+              "segment_ids": jnp.array([[0, 0, 0, 0], [0, 0, -1, -1]], jnp.int32)}
+
+  obj = losses.BlockDiffusionObjective(block_size=2, mask_id=4)
+  res = likelihood.evaluate(apply_fn, params, _Padded(), obj, 1, 1, bytes_per_token=1.0,
+                            special_ids=[3])
+  # Text: 3 + 2 tokens (token 3 is special, the padding is not scored).
+  assert res["scored_tokens"] == 6 and res["text_tokens"] == 5, res

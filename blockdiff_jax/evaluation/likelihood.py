@@ -137,7 +137,7 @@ def evaluate(apply_fn: Callable, params: Any, dataset, obj: losses.BlockDiffusio
     row += len(special)
     nats.append(np.mean(np.stack([np.asarray(d[0], np.float64) for d in draws]), axis=0)[:rows])
     scored.append(np.asarray(draws[0][1], np.float64)[:rows])  # The same for every draw.
-    text.append(np.sum((np.asarray(batch["loss_mask"]) > 0) & ~special, -1,
+    text.append(np.sum(np.asarray(losses.maskable(batch)) & ~special, -1,
                        dtype=np.float64)[:rows])
     meter.update()
   nats, scored, text = np.concatenate(nats), np.concatenate(scored), np.concatenate(text)

@@ -11,6 +11,7 @@ Llama-3.1+ RoPE scaling, which llama.cpp stores as per-frequency divisors
 (``llama3_rope_scaling``).
 """
 
+import logging
 import math
 import os
 import re
@@ -466,7 +467,7 @@ def tokenizer_metadata(path: str) -> dict[str, Any]:
   """Tokenizer fields: model, pre, tokens, token_type, merges, special ids, chat_template."""
   reader = _reader(path)
   t = lambda k, d=None: _field(reader, f"tokenizer.ggml.{k}", d)
-  return {
+  meta = {
       "model": t("model"), "pre": t("pre", "default"), "tokens": t("tokens"),
       "token_type": t("token_type"), "merges": t("merges"),
       "bos_token_id": t("bos_token_id"), "eos_token_id": t("eos_token_id"),
@@ -474,3 +475,12 @@ def tokenizer_metadata(path: str) -> dict[str, Any]:
       "add_bos_token": t("add_bos_token", False),
       "chat_template": _field(reader, "tokenizer.chat_template"),
   }
+  # An optional id past the vocabulary (padding_token_id 2**32 - 1, uint32 -1, is found in
+  # the wild): llama.cpp warns and uses none, so does this reader. The eos id stays as is
+  # (the tokenizer refuses a bad one).
+  for key in ("bos_token_id", "padding_token_id", "unknown_token_id"):
+    if meta[key] is not None and not 0 <= meta[key] < len(meta["tokens"] or ()):
+      logging.warning("%s: tokenizer.ggml.%s=%s is no id of its %d tokens; using none",
+                      path, key, meta[key], len(meta["tokens"] or ()))
+      meta[key] = None
+  return meta

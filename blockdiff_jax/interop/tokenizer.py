@@ -161,9 +161,9 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
   def __init__(self, tokenizer: hf_tokenizers.Tokenizer, bos_id: int | None, eos_id: int,
                pad_id: int | None = None, mask_id: int | None = None,
                chat_template: str | None = None, source: str = "", unk_id: int | None = None):
-    # A GGUF without an eos id failed later at eos_id (KeyError), an id past the vocabulary
-    # at decode, a negative one (pad_token_id: -1) with OverflowError in _flag_special.
-    size = data_tokenizers.library_vocab_size(tokenizer, {})
+    # Unchecked: no eos failed at eos_id (KeyError), an id past the vocabulary at decode.
+    self._size_cache = {}  # data_tokenizers.library_vocab_size's.
+    size = data_tokenizers.library_vocab_size(tokenizer, self._size_cache)
     for key, i in dict(eos=eos_id, bos=bos_id, pad=pad_id, mask=mask_id, unk=unk_id).items():
       if (key == "eos" or i is not None) and not (
           isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < size):
@@ -175,7 +175,6 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     # matched whole by encode() and kept by decode(skip_special=True) otherwise.
     _flag_special(tokenizer, (bos_id, eos_id, pad_id, mask_id, unk_id))
     self._tok = tokenizer
-    self._size_cache = {}  # data_tokenizers.library_vocab_size's.
     self._unk_id = unk_id  # Only chat templates see it (as unk_token).
     # The model's own pad (None: none); the data pipeline pads with eos then, but chat
     # templates, as in transformers, see no pad_token.
@@ -215,7 +214,9 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
       if name is not None and tok.token_to_id(name) is not None:
         return tok.token_to_id(name)
       value = mcfg.get(f"{key}_token_id")
-      return value[0] if isinstance(value, list) else value
+      value = value[0] if isinstance(value, list) else value
+      # An optional id past the vocabulary (pad_token_id: -1) is none, not a failed load.
+      return value if key == "eos" or value in range(tok.get_vocab_size(True)) else None
 
     # As in transformers, a chat_template.jinja file takes priority over the config's entry
     # (a folder may hold both when its template was updated as a file). A list of named

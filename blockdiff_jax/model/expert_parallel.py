@@ -140,6 +140,19 @@ def make_plan(x_shape: tuple[int, ...], num_experts: int, top_k: int, expert_dim
       capacity=capacity)
 
 
+@jax.checkpoint
+def weighted_copies(copies: Array, weights: Array) -> Array:
+  """sum_k weights[n, k] * copies[n, k, :] -> [N, D] in the copies' dtype, summed in fp32.
+
+  Rounded to bf16 copies' dtype, the fp32 router weights of k >= 3 experts miss a sum of
+  1 (by up to ~2^-9), so k identical copies (an upcycled model at init) did not give the
+  copy back. Rematerialized: the backward keeps the bf16 copies, not an fp32 twice their
+  size.
+  """
+  return jnp.einsum("nkd,nk->nd", copies.astype(jnp.float32), weights.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST).astype(copies.dtype)
+
+
 def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weights: Array,
                        wg: Array, wu: Array, wd: Array, ffn: Callable[..., Array],
                        valid: Array | None = None) -> tuple[Array, Array]:
@@ -211,11 +224,8 @@ def all_to_all_experts(plan: ExpertParallelPlan, x: Array, experts: Array, weigh
       y_copies = ffn(x.reshape(n, d)[jnp.arange(n * k) // k], ids, wg, wu, wd)
       dropped = jnp.zeros((), jnp.int32)
       reduce_axes = reduce_axes + axes
-    # In fp32 as moe.combine: bf16-rounded router weights of k >= 3 miss a sum of 1.
-    # Cast back before the psum, so the reduction moves the activations' bytes.
-    y = jnp.einsum("nkd,nk->nd", y_copies.reshape(n, k, d).astype(jnp.float32),
-                   weights.reshape(n, k).astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST).astype(y_copies.dtype)
+    # Cast back (weighted_copies) before the psum: it moves the activations' bytes.
+    y = weighted_copies(y_copies.reshape(n, k, d), weights.reshape(n, k))
     if reduce_axes:
       y = jax.lax.psum(y, reduce_axes)
     return y.reshape(b, t, d), dropped.astype(jnp.float32).reshape(1, 1)

@@ -109,7 +109,9 @@ def from_config(lora) -> LoraConfig | None:
   """LoraConfig from ``config.model.lora`` (None when rank is 0 = no adapters)."""
   if lora is None or not lora.rank:
     return None
-  return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets),
+  targets = lora.targets if isinstance(lora.targets, str) else tuple(lora.targets)
+  # A str is passed on as is, for LoraConfig to refuse ("qv" is not ("q", "v")).
+  return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=targets,
                     gated=lora.gated, mask_id=lora.mask_id)
 
 

@@ -263,9 +263,7 @@ def combine(ys: Array, weights: Array) -> Array:
   (an upcycled model at init) did not give the copy back.
   """
   n, k = weights.shape
-  return jnp.einsum("nkd,nk->nd", ys.reshape(n, k, -1).astype(jnp.float32),
-                    weights.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST).astype(ys.dtype)
+  return expert_parallel.weighted_copies(ys.reshape(n, k, -1), weights)
 
 
 def local_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array, wd: Array,
