@@ -36,6 +36,9 @@ class AutoregressiveObjective:
 
   mask_id: int
 
+  def __post_init__(self):
+    losses.check_mask_id(self.mask_id)
+
 
 def corrupt(rng: Array, batch: dict, obj: AutoregressiveObjective) -> Array:
   """No noise: an all-False [B, L] placeholder, so gradient accumulation splits it by rows."""

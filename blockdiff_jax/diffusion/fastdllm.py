@@ -55,6 +55,7 @@ class FastDLLMObjective:
 
   def __post_init__(self):
     losses.check_block_size(self.block_size)
+    losses.check_mask_id(self.mask_id)
 
 
 def corrupt(rng: Array, batch: dict, obj: FastDLLMObjective) -> Array:

@@ -75,6 +75,7 @@ class IntrospectiveObjective:
     if math.isinf(self.clean_weight):
       raise ValueError(f"diffusion.clean_weight must be a finite number, "
                        f"got {self.clean_weight!r}")
+    losses.check_mask_id(self.mask_id)
     if self.detach_clean and not self.anchors:
       raise ValueError("detach_clean needs anchored blocks (diffusion.isd_anchors > 0)")
 

@@ -32,6 +32,16 @@ def check_block_size(block_size: Any) -> None:
     raise ValueError(f"diffusion.block_size must be an integer >= 1, got {block_size!r}")
 
 
+def check_mask_id(mask_id: Any) -> None:
+  """Refuses a MASK id that is not an integer >= 0 (objectives built outside the config).
+
+  A negative id indexed the vocabulary from its end (``subs_logits`` ruled out another
+  token), and a float or None reached the jitted loss as a tracer error naming nothing.
+  """
+  if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or mask_id < 0:
+    raise ValueError(f"the objective's mask_id must be an integer >= 0, got {mask_id!r}")
+
+
 def subs_logits(logits: Array, mask_id: int) -> Array:
   """Logits ready for the log-softmax of a loss: at least float32, MASK never predicted.
 
@@ -84,6 +94,7 @@ class BlockDiffusionObjective:
 
   def __post_init__(self):
     check_block_size(self.block_size)
+    check_mask_id(self.mask_id)
 
 
 def corrupt(rng: Array, batch: dict, obj: BlockDiffusionObjective):

