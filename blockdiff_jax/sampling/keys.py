@@ -41,6 +41,19 @@ def normalize(rng: Array | None, batch: int) -> Array:
   return rng
 
 
+def seed_key(seed: int) -> Array:
+  """A typed key of every bit of a 64-bit ``seed`` (an OpenAI request's, say).
+
+  ``jax.random.key`` keeps only a seed's low 32 bits without x64: seeds 5 and 2**32 + 5
+  drew the same samples. The high bits are folded in; a seed in [0, 2**32) keeps the
+  key ``jax.random.key(seed)``.
+  """
+  seed = int(seed)
+  low, high = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+  key = jax.random.key(low)
+  return jax.random.fold_in(key, high) if high else key
+
+
 def step_key(rng: Array, batch_count: Array, row_count: Array) -> Array:
   """The key of a step: folded with ``batch_count`` (scalar key) or ``row_count`` [B]."""
   if rng.ndim == 0:

@@ -522,13 +522,20 @@ class Engine:
 
   def _stop_shows(self, p: _Pending, gen: np.ndarray, final: int) -> bool:
     """Whether the text of the row's first ``final`` tokens holds a stop string (searched
-    again only when more tokens are final)."""
+    again only when more tokens are final).
+
+    Only a tail is decoded: a new match ends in the new tokens, so it starts at most a
+    stop string's length before them, and a character spans at most 4 tokens (byte
+    fallback). Decoding all final tokens each forward cost the worker, which drives
+    every pool, time quadratic in the length.
+    """
     if not p.request.stop or final <= p.checked:
       return False
+    start = max(0, p.checked - 4 * max(len(s) for s in p.request.stop) - 8)
     p.checked = final
     ids = gen[:final]
     hits = np.flatnonzero(ids == self.tokenizer.eos_id)
-    text = self.tokenizer.decode(ids[:hits[0]] if hits.size else ids)
+    text = self.tokenizer.decode(ids[start:hits[0]] if hits.size else ids[start:])
     return any(s in text for s in p.request.stop)
 
   def _requeue_alone(self, dec: pool_lib.Decoder) -> None:
@@ -541,7 +548,7 @@ class Engine:
     del self._pools[dec]
     self._recount()
     self._fail([p for p in rows.values() if p.solo or p.sent])
-    retry = [dataclasses.replace(p, solo=True) for p in rows.values()
+    retry = [dataclasses.replace(p, solo=True, checked=0) for p in rows.values()
              if not (p.solo or p.sent)]
     with self._cv:
       self._queue.extendleft(reversed(retry))

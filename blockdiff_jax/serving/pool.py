@@ -42,6 +42,7 @@ from blockdiff_jax.model import sharding
 from blockdiff_jax.sampling import ar as ar_lib
 from blockdiff_jax.sampling import isd as isd_lib
 from blockdiff_jax.sampling import jit_cache
+from blockdiff_jax.sampling import keys
 from blockdiff_jax.sampling import layout
 from blockdiff_jax.sampling import logits as logits_lib
 from blockdiff_jax.sampling import state as state_lib
@@ -274,6 +275,9 @@ class SlotPool:
     explicit = sharding.explicit_mesh() is not None
     self._key = lambda program, n=0: _Key(self.logits_fn, decoder, program, n, explicit,
                                           forwards_per_call if program == "advance" else 1)
+    # The pool's own references to its programs: JIT_CACHE's LRU (other pools, other
+    # decoders) may drop one, and rebuilding it would compile on the engine's worker.
+    self._programs: dict[tuple[str, int], Any] = {}
     # Every slot starts as a stopped one-token row (the pool's shapes, nothing to do).
     idle = [jnp.repeat(x, slots, axis=0) for x in self._row(np.array([0], np.int32), 1)]
     shapes = jax.eval_shape(lambda *a: _prefill(self.logits_fn, decoder, self.buckets[0],
@@ -301,7 +305,10 @@ class SlotPool:
             jnp.asarray(c.length, jnp.int32), jnp.asarray(c.start_block, jnp.int32))
 
   def _run(self, program: str, *args, prefill_len: int = 0):
-    fn = JIT_CACHE.get(self._key(program, prefill_len), _build)
+    fn = self._programs.get((program, prefill_len))
+    if fn is None:
+      fn = self._programs[program, prefill_len] = JIT_CACHE.get(
+          self._key(program, prefill_len), _build)
     return fn(*args)
 
   def bucket(self, prompt_len: int) -> int:
@@ -334,7 +341,7 @@ class SlotPool:
     slot = self.occupied.index(False)
     prompt = np.asarray(prompt, np.int32)
     self._state = self._run("admit", self.params, self._state,
-                            *self._row(prompt, max_tokens), jax.random.key(seed)[None],
+                            *self._row(prompt, max_tokens), keys.seed_key(seed)[None],
                             jnp.int32(slot), prefill_len=self.bucket(len(prompt)))
     self.occupied[slot] = True
     return slot
