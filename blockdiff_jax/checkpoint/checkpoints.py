@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -84,11 +85,10 @@ def verify_fingerprints(tree: Any, data_state: dict | None, prefix: str = "") ->
                                    f"(fingerprint {got} != {want})")
 
 
-# Failures of the machine, not of a checkpoint's files: another step would fail alike.
+# Failures of the machine, not of a checkpoint's files: another step would fail alike;
+# then the same as the status codes TensorStore and XLA begin their messages with.
 _ENVIRONMENT_ERRORS = (MemoryError, ImportError, PermissionError, TimeoutError,
                        ConnectionError, InterruptedError)
-# The same as the status codes TensorStore and XLA begin their messages with (a
-# TensorStore read refused by the filesystem, a device out of memory).
 _ENVIRONMENT_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
                       "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
 
@@ -290,16 +290,17 @@ class Checkpointer:
     # move: moving it raised after the older step had restored.
     newer = [s for s in self.manager.all_steps()
              if s > step and os.path.isdir(os.path.join(self.directory, str(s)))]
-    if not newer:
-      self.manager.reload()
-      return
-    self.manager.wait_until_finished()
-    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-    os.makedirs(aside, exist_ok=True)
-    for s in newer:
-      target = os.path.join(aside, f"{s}_{time.strftime('%Y%m%d_%H%M%S')}")
-      shutil.move(os.path.join(self.directory, str(s)), target)
-      print(f"moved corrupt checkpoint step {s} to {target}", flush=True)
+    # By the primary alone: multi-host processes raced on the folders, the losers failed.
+    if newer and jax.process_index() == 0:
+      self.manager.wait_until_finished()
+      aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for s in newer:
+        target = os.path.join(aside, f"{s}_{time.strftime('%Y%m%d_%H%M%S')}")
+        shutil.move(os.path.join(self.directory, str(s)), target)
+        print(f"moved corrupt checkpoint step {s} to {target}", flush=True)
+    if jax.process_count() > 1:  # Each process's own listing may differ: always meet.
+      multihost_utils.sync_global_devices("blockdiff_jax_set_aside_newer")
     self.manager.reload()
 
   def wait(self):

@@ -530,7 +530,7 @@ class PackedSFTDataset(Dataset):
       idx.append(int(perm[pos]))
     return {k: v[idx] for k, v in self.rows.items()}
 
-  @property
+  @functools.cached_property
   def stats(self) -> TokenStats:
     # Only what is trained on: dropped examples would skew bytes/token and the entropy.
     kept = [self.records[i] for i in self.kept[:1000]]

@@ -94,12 +94,7 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
     else:
       # Noise is drawn for the full batch, so accumulation changes no random draw.
       corrupted = objective_corrupt(rng, batch, obj)
-      # Micro-batch j takes rows j, j + n, j + 2n... (n = grad_accum_steps): each
-      # device's rows of a batch-split array then split evenly, no data moves.
-      micro = jax.tree.map(
-          lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
-                              *x.shape[1:]).swapaxes(0, 1),
-          (batch, corrupted))
+      micro = split_micro_batches((batch, corrupted), grad_accum_steps)
 
       # The accumulator holds the trainable weights only: a frozen weight's gradient
       # is zero, and a zeros_like(params) carry cost a LoRA run a full copy of the base.
@@ -110,30 +105,20 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
 
       def body(carry, mb):
         (_, m), g = grad_fn(state.params, mb[0], rng, mb[1])
-        if losses.LOSS_TOKENS not in m:
-          raise KeyError(f"grad_accum_steps > 1 needs the objective's metrics to report "
-                         f"{losses.LOSS_TOKENS!r} (the count its loss is a mean over)")
-        w = m[losses.LOSS_TOKENS].astype(jnp.float32)
-        mw = metric_counts(obj, m)
+        w = _loss_tokens(m)
         grad_sum = jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry[0], pick(g))
-        metric_sum = {k: (carry[1][k] + mw[k] * m[k]).astype(carry[1][k].dtype) for k in m}
-        count_sum = {k: carry[2][k] + mw[k] for k in m}
-        return (grad_sum, metric_sum, count_sum, carry[3] + w), None
+        return (grad_sum, _add_metrics(carry[1], m, obj)), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       metric_shapes = jax.eval_shape(loss_fn, state.params, first[0], rng, first[1])[1]
-      zeros = ([jnp.zeros_like(p) for p in pick(state.params)],
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
-               {k: jnp.zeros((), jnp.float32) for k in metric_shapes},
-               jnp.zeros((), jnp.float32))
-      (accumulated, metrics, counts, total), _ = jax.lax.scan(body, zeros, micro)
+      zeros = ([jnp.zeros_like(p) for p in pick(state.params)], _no_metrics(metric_shapes))
+      (accumulated, sums), _ = jax.lax.scan(body, zeros, micro)
+      metrics = _mean_metrics(sums)
       # An objective reporting its true count may report 0 for a batch scoring nothing.
-      accumulated = [x / jnp.maximum(total, 1.0) for x in accumulated]
-      metrics = {k: v / jnp.maximum(counts[k], 1.0) for k, v in metrics.items()}
-      sums = iter(accumulated)
-      grads = treedef.unflatten([next(sums) if t else jnp.zeros_like(p)
+      total = jnp.maximum(metrics[losses.LOSS_TOKENS], 1.0)
+      accumulated = iter([x / total for x in accumulated])
+      grads = treedef.unflatten([next(accumulated) if t else jnp.zeros_like(p)
                                  for p, t in zip(leaves, trains)])
-      metrics[losses.LOSS_TOKENS] = total  # The batch's count, not a weighed mean of it.
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -155,15 +140,67 @@ def make_train_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
   return train_step
 
 
-def make_eval_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective):
-  """Builds ``eval_step(params, batch, rng) -> metrics`` (NELBO with fresh noise)."""
+def make_eval_step(apply_fn: Callable, obj: losses.BlockDiffusionObjective,
+                   micro_batches: int = 1):
+  """Builds ``eval_step(params, batch, rng) -> metrics`` (NELBO with fresh noise).
 
-  objective_loss, _ = diffusion_config.loss_functions(obj)
+  With ``micro_batches`` > 1 the batch runs as that many forwards, split and weighed as
+  the train step's gradient accumulation (the same noise, the same metrics): a
+  validation batch of a run that accumulates needs no more memory than its micro-batch
+  (in one forward, a 7B run's fp32 logits alone took 8 times a train forward's).
+  """
+
+  objective_loss, objective_corrupt = diffusion_config.loss_functions(obj)
 
   def eval_step(params, batch, rng):
-    return objective_loss(apply_fn, params, batch, rng, obj)[1]
+    if micro_batches == 1:
+      return objective_loss(apply_fn, params, batch, rng, obj)[1]
+    corrupted = objective_corrupt(rng, batch, obj)
+    micro = split_micro_batches((batch, corrupted), micro_batches)
+    metrics_of = lambda mb: objective_loss(apply_fn, params, mb[0], rng, obj, mb[1])[1]
+    shapes = jax.eval_shape(metrics_of, jax.tree.map(lambda x: x[0], micro))
+    sums, _ = jax.lax.scan(lambda c, mb: (_add_metrics(c, metrics_of(mb), obj), None),
+                           _no_metrics(shapes), micro)
+    return _mean_metrics(sums)
 
   return eval_step
+
+
+def split_micro_batches(tree: Any, n: int) -> Any:
+  """[n, B / n, ...] leaves of a tree of [B, ...] arrays, for a scan over micro-batches.
+
+  Micro-batch j takes rows j, j + n, j + 2n...: each device's rows of a batch-split
+  array then split evenly, no data moves.
+  """
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
+                      tree)
+
+
+def _loss_tokens(metrics: dict) -> Array:
+  if losses.LOSS_TOKENS not in metrics:
+    raise KeyError(f"grad_accum_steps > 1 needs the objective's metrics to report "
+                   f"{losses.LOSS_TOKENS!r} (the count its loss is a mean over)")
+  return metrics[losses.LOSS_TOKENS].astype(jnp.float32)
+
+
+def _no_metrics(shapes: dict) -> tuple[dict, dict, Array]:
+  """(weighed metric sums, their counts, scored tokens) before any micro-batch."""
+  return ({k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()},
+          {k: jnp.zeros((), jnp.float32) for k in shapes}, jnp.zeros((), jnp.float32))
+
+
+def _add_metrics(sums: tuple[dict, dict, Array], m: dict, obj: Any) -> tuple:
+  """``sums`` with micro-batch metrics ``m`` added, each weighed by ``metric_counts``."""
+  total = sums[2] + _loss_tokens(m)
+  mw = metric_counts(obj, m)
+  return ({k: (sums[0][k] + mw[k] * m[k]).astype(sums[0][k].dtype) for k in m},
+          {k: sums[1][k] + mw[k] for k in m}, total)
+
+
+def _mean_metrics(sums: tuple[dict, dict, Array]) -> dict:
+  metrics = {k: v / jnp.maximum(sums[1][k], 1.0) for k, v in sums[0].items()}
+  metrics[losses.LOSS_TOKENS] = sums[2]  # The batch's count, not a weighed mean of it.
+  return metrics
 
 
 def jit_train_step(train_step: Callable, state_sharding: Any, batch_sharding: Any):
@@ -292,7 +329,7 @@ def make_sharded_train(config: ml_collections.ConfigDict, mesh, model: nn.Module
                       optimizer.mask_fn(t.get("trainable", "all"))),
       s_sharding, b_sharding)
   rep = mesh_lib.replicated(mesh)
-  jitted_eval = jax.jit(make_eval_step(apply_fn, obj),
+  jitted_eval = jax.jit(make_eval_step(apply_fn, obj, t.grad_accum_steps),
                         in_shardings=(p_sharding, b_sharding, rep), out_shardings=rep)
   return ShardedTrain(
       mesh=mesh, rules=rules, param_sharding=p_sharding, state_sharding=s_sharding,
