@@ -399,8 +399,10 @@ def write(result, out):
   A cell no prompt was scored in (a failed variant, one not evaluated yet) is ``-``.
   """
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out + ".json", "w", encoding="utf-8") as f:
+  # Replaced whole: a kill while writing in place lost every variant evaluated before.
+  with open(out + ".json.tmp", "w", encoding="utf-8") as f:
     json.dump(metrics_writer.finite_or_none(result), f, indent=2, allow_nan=False)
+  os.replace(out + ".json.tmp", out + ".json")
   rows, st = result["rows"], result["settings"]
   errors = result.get("errors", {})
   scored = {r["variant"] for r in rows}

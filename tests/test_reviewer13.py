@@ -147,3 +147,30 @@ def test_packed_sft_stats_are_computed_once(monkeypatch):
   # Each read re-tokenized up to 1,000 answers: the trainer reads it at every log line.
   assert _CountingTokenizer.calls - before == 1
   assert len(set(first)) == 1 and first[0] > 0
+
+
+# --- long_context_retrieval's results, rewritten after each variant ----------------------------
+
+def test_a_failed_rewrite_keeps_the_variants_already_written(tmp_path, monkeypatch):
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import load_experiment  # pylint: disable=g-import-not-at-top
+  mod = load_experiment("long_context_retrieval")
+  args = mod.parse_args(["--models", "full"])
+  row = {"variant": "full", "task": "passkey", "length": 256, "depth": 0.5,
+         "answer": "12345", "completion": "12345", "hit": True, "seconds": 0.1}
+  result = {"device": "cpu", "jax": "x", "command": "c", "seconds": 1.0, "train_seconds": {},
+            "settings": vars(args), "curricula": {}, "rows": [row],
+            "variants": [{"name": "full"}], "errors": {}}
+  out = str(tmp_path / "res")
+  mod.write(result, out)
+  real_dump = json.dump
+
+  def killed_midway(obj, f, **kwargs):  # As a kill (or a full disk) during the dump.
+    f.write('{"rows": [')
+    raise KeyboardInterrupt
+  monkeypatch.setattr(mod.json, "dump", killed_midway)
+  with pytest.raises(KeyboardInterrupt):
+    mod.write({**result, "rows": [row, dict(row, depth=1.0)]}, out)
+  monkeypatch.setattr(mod.json, "dump", real_dump)
+  with open(out + ".json", encoding="utf-8") as f:
+    assert json.load(f)["rows"] == [row]  # Truncated to '{"rows": [' before.
