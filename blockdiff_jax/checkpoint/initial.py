@@ -142,19 +142,37 @@ def build_model(config: ml_collections.ConfigDict, workdir: str | None = None,
   return config, model, tokenizer
 
 
-def _with_fresh_adapters(params: Any, model: nn.Module, seed: int) -> Any:
+def _with_fresh_adapters(params: Any, model: nn.Module, seed: int, shardings: Any) -> Any:
   """The pretrained weights plus freshly initialised LoRA adapters (B = 0: the base model).
 
-  A pretrained checkpoint has no adapters; they come from the model's own init so their
-  shapes, scan layout and init scale are exactly ``build.init_params``'s.
+  A pretrained checkpoint has no adapters; they come from the model's own init (the key,
+  dummy input and trace of ``build.init_params``), so their shapes, scan layout, init
+  scale and values are exactly its. The jitted init outputs only the adapter leaves:
+  XLA drops the base weights' computation, which would otherwise hold a full fp32 copy
+  of the model on one device next to ``params`` (an 8B model: ~32 GB on device 0).
+
+  Args:
+    params: the weights without adapters.
+    model: the Transformer with LoRA.
+    seed: init PRNG seed.
+    shardings: the NamedShardings of all of the model's (unboxed) params; the adapters
+      are created in theirs.
   """
-  fresh = build.init_params(model, seed)
-  flat = flax.traverse_util.flatten_dict(params)
+  flat_shardings = flax.traverse_util.flatten_dict(shardings)
+  paths = [path for path in flat_shardings if lora_lib.is_lora_path(path)]
+  tokens, meta = build._dummy_inputs()  # pylint: disable=protected-access
+
+  def init():
+    fresh = flax.traverse_util.flatten_dict(
+        nn.unbox(model.init(jax.random.key(seed), tokens, meta)["params"]))
+    return [fresh[path] for path in paths]
+
+  # Traced outside mesh_context, as build.init_params does: out_shardings sets the layout.
+  adapters = jax.jit(init, out_shardings=[flat_shardings[p] for p in paths])()
   # Only adapter leaves are added: a base weight the checkpoint lacks stays missing, so
   # check_params_fit names it.
-  adapters = {path: value for path, value in flax.traverse_util.flatten_dict(fresh).items()
-              if lora_lib.is_lora_path(path)}
-  return flax.traverse_util.unflatten_dict({**flat, **adapters})
+  return flax.traverse_util.unflatten_dict(
+      {**flax.traverse_util.flatten_dict(params), **dict(zip(paths, adapters))})
 
 
 def restore_target(model: nn.Module, mesh, rules: mesh_lib.Rules) -> Any:
@@ -196,12 +214,13 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, workdir:
     params = upcycle_lib.upcycle_params(params, model.cfg.moe.num_experts,
                                         seed=config.get("seed", 0))
   boxed = build.abstract_params(model)
-  if model.cfg.lora is not None:
-    params = _with_fresh_adapters(params, model, config.get("seed", 0))
-  checkpoints.check_params_fit(params, nn.unbox(boxed), where=f"pretrained={spec!r}")
   if mesh is None:
     mesh = mesh_lib.make_mesh(mesh_lib.single_device_mesh_config(), jax.local_devices()[:1])
-  return jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules))
+  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+  if model.cfg.lora is not None:
+    params = _with_fresh_adapters(params, model, config.get("seed", 0), shardings)
+  checkpoints.check_params_fit(params, nn.unbox(boxed), where=f"pretrained={spec!r}")
+  return jax.device_put(params, shardings)
 
 
 def _without_adapters(tree: Any) -> Any:
@@ -287,8 +306,10 @@ def _params_of_run(source: ml_collections.ConfigDict, model: nn.Module, mesh,
         f"init_from.workdir={source.workdir!r} holds another architecture than the config "
         f"asks for: {e}{_shape_fields_differing(source.workdir, config)}") from None
   if fresh_adapters:
-    params = jax.device_put(_with_fresh_adapters(params, model, seed),
-                            jax.tree.map(lambda t: t.sharding, target))
+    # The restored weights are already in the target's shardings; the adapters are
+    # created in theirs.
+    params = _with_fresh_adapters(params, model, seed,
+                                  jax.tree.map(lambda t: t.sharding, target))
   print(f"init_from: parameters of {source.workdir} "
         f"(step {'latest' if step == -1 else step}{', EMA if kept' if use_ema else ''}"
         f"{'; fresh LoRA adapters' if fresh_adapters else ''})", flush=True)

@@ -363,6 +363,40 @@ def training_example(tasks: Sequence[str], tokenizer: Any, haystack: np.ndarray,
       f"data.long_context_num_pairs")
 
 
+def training_row(ex: LongContextExample, tokenizer: Any, seq_len: int, block: int,
+                 score_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Tokens and loss mask [seq_len] of ``BOS prompt SEP answer EOS...`` for ``ex``.
+
+  Built from the example's token ids (no re-encoding of its text). The answer, its EOS
+  and the rest of the block the EOS falls in are masked (the decoder's view of the
+  answer's block, all MASK, then matches training); the prompt after BOS too with
+  ``score_prompt``.
+  """
+  head = np.concatenate([[tokenizer.bos_id], ex.prompt_ids, [tokenizer.sep_id]])
+  end = len(head) + len(ex.answer_ids) + 1
+  if end > seq_len:
+    raise ValueError(f"Example {ex.index}: answer of {len(ex.answer_ids)} tokens does not "
+                     f"fit after a {len(head)}-token prompt in seq_len={seq_len}")
+  tokens = np.full(seq_len, tokenizer.eos_id, np.int32)
+  tokens[:len(head)], tokens[len(head):end - 1] = head, ex.answer_ids
+  mask = np.zeros(seq_len, np.float32)
+  mask[1 if score_prompt else len(head):min(-(-end // block) * block, seq_len)] = 1.0
+  return tokens, mask
+
+
+def scored_text(ex: LongContextExample, score_prompt: bool = False
+                ) -> tuple[str, np.ndarray]:
+  """(text, token ids) of what ``training_row`` scores, less its special tokens.
+
+  The answer; with ``score_prompt`` the prompt before it, whose haystack has its own
+  bytes per token (BPE: several bytes of prose per token, about one per digit of a key):
+  bits/byte over the scored tokens divides by theirs, not the answers'.
+  """
+  if not score_prompt:
+    return ex.answer, np.asarray(ex.answer_ids)
+  return ex.prompt + ex.answer, np.concatenate([ex.prompt_ids, ex.answer_ids])
+
+
 CURRICULA = ("switch", "widen")
 
 

@@ -474,19 +474,17 @@ class LongContextDataset(SFTDataset):
     return ex.prompt, ex.answer
 
   def row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-    ex = self.long_context_example(j)
-    tok = self.tokenizer
-    head = np.concatenate([[tok.bos_id], ex.prompt_ids, [tok.sep_id]])
-    end = len(head) + len(ex.answer_ids) + 1
-    if end > self.seq_len:
-      raise ValueError(f"Example {j}: answer of {len(ex.answer_ids)} tokens does not fit "
-                       f"after a {len(head)}-token prompt in seq_len={self.seq_len}")
-    tokens = np.full(self.seq_len, tok.eos_id, np.int32)
-    tokens[:len(head)], tokens[len(head):end - 1] = head, ex.answer_ids
-    mask = np.zeros(self.seq_len, np.float32)
-    mask[1 if self.score_prompt else len(head):
-         min(-(-end // self.block) * self.block, self.seq_len)] = 1.0
-    return tokens, mask
+    return long_context.training_row(self.long_context_example(j), self.tokenizer,
+                                     self.seq_len, self.block, self.score_prompt)
+
+  @functools.cached_property
+  def stats(self) -> TokenStats:
+    """Statistics of the scored text of the first examples: with ``score_prompt`` the
+    prompts (mostly haystack) as well as the answers (``long_context.scored_text``)."""
+    scored = [long_context.scored_text(self.long_context_example(j), self.score_prompt)
+              for j in range(self.STATS_EXAMPLES)]
+    return token_stats([t for t, _ in scored], _unigram_counts(
+        np.concatenate([ids for _, ids in scored]).astype(np.int64), self.tokenizer))
 
 
 class PackedSFTDataset(Dataset):
