@@ -219,6 +219,10 @@ class Transformer(nn.Module):
     tokens = jnp.asarray(tokens)
     meta = masks.TokenMeta(*(jnp.asarray(getattr(meta, f.name))
                              for f in dataclasses.fields(meta)))
+    if meta.positions.shape[-1] == tokens.shape[-1]:
+      # One metadata row for the batch: MoE and XLA attention broadcast it, the summary
+      # slots' LoRA gate and structured attention failed on it.
+      meta = meta.broadcast_to(tokens.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=dtype,
                      embedding_init=layers.logical_init(
                          nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
