@@ -208,11 +208,8 @@ class Evaluator:
 
 
 def _track(ev, out: dict) -> dict:
-  """Registers ``out`` as the running task's results (``ev.partial``) and returns it.
-
-  A task fills it as each decoder finishes: if a later decoder raises, ``run`` writes
-  what was measured next to the error instead of discarding it.
-  """
+  """Registers ``out`` as the running task's results (``ev.partial``) and returns it: if a
+  later decoder raises, ``run`` writes what earlier ones measured next to the error."""
   ev.partial = out
   return out
 
@@ -308,6 +305,7 @@ def task_humaneval(ev: Evaluator) -> dict:
             f"(raise eval.max_len)", flush=True)
     out[_decoder_name(policy, value)] = {
         "pass_at_k": res["pass_at_k"], "num_problems": res["num_problems"],
+        "temperature": c.sample.get("temperature", 0.0),
         "status_counts": res["status_counts"], "prompts_too_long": len(too_long)}
   return out
 
@@ -525,6 +523,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tasks = list(dict.fromkeys(tasks))
   _parse_decoders(e.decoders, warn=True)
   eval_config.validate(e)
+  # Every decoder is deterministic at temperature 0: pass@k (k > 1) was pass@1, n times.
+  temperature = config.get("sample", {}).get("temperature", 0.0)
+  if "humaneval" in tasks and e.samples_per_problem > 1 and not temperature:
+    raise ValueError(f"eval.samples_per_problem={e.samples_per_problem} with sample."
+                     f"temperature={temperature}: greedy samples of a problem are all the "
+                     "same; set sample.temperature > 0 (Codex: 0.2 for pass@1, 0.8 for "
+                     "pass@100) or samples_per_problem=1")
   lc_tasks = _split(e.long_context_tasks)
   bad = [t for t in lc_tasks if t not in long_context_data.TASKS]
   if "long_context" in tasks and bad:

@@ -182,8 +182,7 @@ def _interceptor(next_fun, args, kwargs, context):
   cfg = context.module.cfg
   router = nn.unbox(context.module.get_variable("params", "router"))
   # The layer's own router on the layer's own input: the same decisions it just made.
-  logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
-  _, _, experts, allowed = moe_lib.route(logits, meta, cfg)
+  _, _, experts, allowed = moe_lib.route(moe_lib.router_logits(x, router), meta, cfg)
   return y, {**stats, **per_block_counts(experts, allowed, meta, cfg.num_experts)}
 
 

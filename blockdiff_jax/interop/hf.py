@@ -204,8 +204,8 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
     folder: output folder (created).
     params: our params (unboxed).
     cfg: their TransformerConfig.
-    overrides: the model_overrides the params were imported with (keeps the model_type);
-      default: derived from cfg.
+    overrides: the model_overrides the params were imported with (their model_type,
+      where cfg still fits it, and context length are kept); config.json is cfg's.
     tokenizer: optional ``interop.tokenizer.PretrainedTokenizer``; its files are saved too
       and its special ids (bos/eos/pad/mask) go into config.json.
     extra_config: more config.json keys.
@@ -226,10 +226,17 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
     cfg = dataclasses.replace(cfg, lora=None)
   derived = config_overrides(cfg)  # Raises for what config.json cannot express.
   imported = dict(overrides or {})
-  overrides = dict(overrides or derived)
-  # cfg decides the RoPE it computes, whatever the import recorded.
-  overrides = {k: v for k, v in overrides.items() if not k.startswith("rope_scaling.")}
-  overrides.update({k: v for k, v in derived.items() if k.startswith("rope_")})
+  # cfg is the architecture (its RoPE, experts, tied head): the import's fields described
+  # the weights before an upcycle or a re-tie, and config.json got those while the
+  # tensors were cfg's (transformers loaded random MLPs, or tied a trained head away).
+  # The import only names the model_type, where cfg still fits it, and the context length.
+  overrides = dict(derived)
+  if imported.get("_model_type"):
+    try:
+      architectures.hf_config({**derived, "_model_type": imported["_model_type"]})
+      overrides["_model_type"] = imported["_model_type"]
+    except architectures.UnsupportedArchitectureError:
+      pass  # Inferred from cfg (raises below when no model_type fits).
   overrides["_max_position_embeddings"] = context_length(imported, derived)
   extra = dict(extra_config or {})
   if tokenizer is not None:
@@ -241,7 +248,8 @@ def export(folder: str, params: dict, cfg: transformer.TransformerConfig,
   with open(os.path.join(folder, CONFIG_FILENAME), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
   if tokenizer is not None:
-    tokenizer.save_pretrained(folder)
+    # transformers warns past (and truncation=True cuts at) the tokenizer's own length.
+    tokenizer.save_pretrained(folder, hf["max_position_embeddings"])
 
 
 def context_length(imported: dict[str, Any], derived: dict[str, Any]) -> int:

@@ -113,7 +113,7 @@ def convert_gguf(path: str, folder: str) -> str:
     safetensors_io.write_folder(tmp, tensors)
     with open(os.path.join(tmp, hf.CONFIG_FILENAME), "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2)
-    tok.save_pretrained(tmp)
+    tok.save_pretrained(tmp, config.get("max_position_embeddings") or 8192)
     with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as f:
       json.dump(stamp, f)
     folder = _install(tmp, folder, stamp)

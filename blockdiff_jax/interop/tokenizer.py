@@ -430,8 +430,8 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     """bos/eos/pad/mask ids as config.json keys."""
     return {f"{k}_token_id": v for k, v in self._ids.items() if v is not None}
 
-  def save_pretrained(self, folder: str) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (transformers)."""
+  def save_pretrained(self, folder: str, model_max_length: int = 8192) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json (the model's length)."""
     os.makedirs(folder, exist_ok=True)
     self._tok.save(os.path.join(folder, data_tokenizers.TOKENIZER_FILENAME))
     names = {f"{k}_token": self._tok.id_to_token(v)
@@ -443,7 +443,7 @@ class PretrainedTokenizer(data_tokenizers.Tokenizer):
     # all_special_ids), though decode drops every flagged one; see special_ids.
     extra = [a.content for _, a in sorted(self._tok.get_added_tokens_decoder().items())
              if a.special and a.content not in names.values()]
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": False, "add_bos_token": False,
             "added_tokens_decoder": decoder, "additional_special_tokens": extra, **names}
     if self.chat_template:

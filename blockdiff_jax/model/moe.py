@@ -274,6 +274,17 @@ def local_experts(x: Array, experts: Array, weights: Array, wg: Array, wu: Array
   return combine(expert_ffn(copies, experts.reshape(-1), wg, wu, wd, cfg), weights)
 
 
+def router_logits(x: Array, router: Array) -> Array:
+  """fp32 router logits [B, T, E] of tokens x [B, T, D] (the layer's, and its probes').
+
+  HIGHEST: under JAX's default precision an fp32 dot runs as TF32 on NVIDIA GPUs and as
+  one bf16 pass on TPUs, so the "fp32" router's logits (and the top-k choice near a tie)
+  carried ~3 significant digits. The router is D x E: full precision is cheap.
+  """
+  return jnp.einsum("btd,de->bte", x.astype(jnp.float32), sharding.replicate_for_use(router),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 class MoEFeedForward(nn.Module):
   """Top-k MoE SwiGLU layer with an optional shared expert.
 
@@ -305,11 +316,7 @@ class MoEFeedForward(nn.Module):
     wu = self.param("wi_up", init(("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
     wd = self.param("wo", init(("expert", "expert_mlp", "embed")), (e, f, d), jnp.float32)
 
-    # HIGHEST: under JAX's default precision an fp32 dot runs as TF32 on NVIDIA GPUs and
-    # as one bf16 pass on TPUs, so the "fp32" router's logits (and the top-k choice near
-    # a tie) carried ~3 significant digits. The router is D x E: full precision is cheap.
-    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
-                        sharding.replicate_for_use(router), precision=jax.lax.Precision.HIGHEST)
+    logits = router_logits(x, router)
     probs, weights, experts, _ = route(logits, meta, cfg)
     wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
     plan = None
