@@ -60,6 +60,8 @@ def _reference(model, params, x0, stride, alpha):
     for i in range(length - 1):
       nc.append(-clean[i, row[i + 1]])
       start = (i // stride) * stride
+      if not start:  # A block that sees nothing of the row: decoding never drafts there.
+        continue
       seq = np.concatenate([row[:start], np.full(i - start + 1, MASK)])
       noisy = _logsoftmax_no_mask(_causal_logits(model, params, jnp.asarray(seq)[None]))
       nn_.append(-noisy[i, row[i + 1]])

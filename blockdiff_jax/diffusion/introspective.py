@@ -113,7 +113,10 @@ def per_token_ce(apply_fn: Callable, params: Any, batch: dict, obj: Introspectiv
     logits, aux = apply_fn(params, jnp.concatenate([noisy, x0], axis=1), meta)
     weight = _target_weight(batch)
     noisy_lg, clean_lg = logits[:, :length - 1], logits[:, length:-1]
-    noisy_target, noisy_weight = x0[:, 1:], weight
+    start = jnp.arange(length - 1) // obj.stride * obj.stride  # Slot i's block start.
+    noisy_target = x0[:, 1:]
+    noisy_weight = weight * _sees_its_document(batch, jnp.broadcast_to(start, (b, length - 1)),
+                                               jnp.arange(length - 1))
 
   def ce(lg, target):
     lg = losses.subs_logits(lg, obj.mask_id)  # float32 at least: f16 sums overflowed.
@@ -143,6 +146,23 @@ def _target_weight(batch: dict) -> Array:
   return weight
 
 
+def _sees_its_document(batch: dict, start: Array, at: Array) -> Array:
+  """[B, n] of 0/1: a noisy block starting at ``start`` [B, n] (it sees the clean tokens
+  before it) sees some of the document of position ``at`` ([n] or [B, n]).
+
+  A block at a document's start (or starting before it: packed rows) sees nothing of
+  it, a case decoding never meets (a draft always sees the prompt): its slots are not
+  scored, or the drafter learned to guess from no context.
+  """
+  seg = batch.get("segment_ids")
+  if seg is None:
+    return (start > 0).astype(jnp.float32)
+  seg = jnp.asarray(seg, jnp.int32)
+  before = jnp.take_along_axis(seg, jnp.maximum(start - 1, 0), axis=1)
+  own = jnp.take_along_axis(seg, jnp.broadcast_to(at, start.shape), axis=1)
+  return ((start > 0) & (before == own)).astype(jnp.float32)
+
+
 def corrupt(rng: Array, batch: dict, obj: IntrospectiveObjective) -> Array:
   """The anchors [B, K] (int32; -1 = none left in the row), or a [B] placeholder.
 
@@ -153,7 +173,9 @@ def corrupt(rng: Array, batch: dict, obj: IntrospectiveObjective) -> Array:
   b = batch["tokens"].shape[0]
   if not obj.anchors:
     return jnp.zeros((b,), bool)
-  valid = _target_weight(batch) > 0  # [B, L-1]: anchor a valid when target a+1 scored.
+  valid = _target_weight(batch) > 0  # [B, L-1]: anchor a valid when target a+1 scored,
+  at = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+  valid &= _sees_its_document(batch, at, at) > 0  # and its block sees a's document.
   gumbel = jax.random.gumbel(rng, valid.shape)
   score, idx = jax.lax.top_k(jnp.where(valid, gumbel, -jnp.inf), obj.anchors)
   return jnp.where(jnp.isfinite(score), idx, -1).astype(jnp.int32)
@@ -193,7 +215,8 @@ def anchored_ce(apply_fn: Callable, params: Any, batch: dict, anchors: Array,
   weight = _target_weight(batch)
   target = jnp.take_along_axis(x0, safe + 1, axis=1)
   noisy_weight = (jnp.take_along_axis(weight, safe, axis=1) * in_row * jnp.repeat(has, n, 1)
-                  * (jnp.take_along_axis(seg, safe + 1, axis=1) == anchor_seg))
+                  * (jnp.take_along_axis(seg, safe + 1, axis=1) == anchor_seg)
+                  * jnp.repeat(_sees_its_document(batch, a, a), n, axis=1))
   aux = _merged_aux(clean_aux, jnp.sum(seg >= 0), aux, jnp.sum(anchor_seg >= 0))
   return noisy_logits, target, noisy_weight, clean_logits[:, :-1], weight, aux
 
