@@ -86,7 +86,7 @@ def _reference_sft_rows(examples, done, seq_len, multiple, eos, score_padding):
   out = []
   for row in rows:
     cells = [(t, m, s) for s, e in enumerate(row) for t, m in e]
-    cells += [(eos, 0.0, len(row))] * (seq_len - len(cells))
+    cells += [(eos, 0.0, -1)] * (seq_len - len(cells))  # The tail: padding.
     out.append(tuple(list(c) for c in zip(*cells)))
   return out, kept
 

@@ -199,6 +199,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
               else "")
       raise ValueError(f"data.sft_block_multiple={m} {what}must divide "
                        f"data.seq_len={d.seq_len}")
+    diffusion = config.get("diffusion") or {}
+    objective = diffusion.get("objective", "bd3")
+    attention = diffusion.get("block_attention", "auto")
+    if d.corpus == "sft" and not d.sft_score_padding and objective in ("bd3", "fastdllm") and (
+        attention != "causal"):
+      # Unscored padding is never masked: in the answer's last (bidirectional) block a
+      # clean EOS would show where the answer stops; decoding sees that block all MASK.
+      raise ValueError(f"data.sft_score_padding=False with diffusion.objective={objective!r} "
+                       f"(bidirectional blocks, block_attention={attention!r}): the answer's "
+                       "last block would see its clean EOS padding; set it True")
     unit = alignment_unit(config)
     if unit is not None and unit[0] >= 1 and m % unit[0]:
       raise ValueError(f"data.sft_block_multiple={m} must be a multiple of {unit[1]}="

@@ -23,7 +23,10 @@ folders (searched recursively for ``.py .txt .md .jsonl .json``, skipping hidden
 Keys are paths relative to a listed folder, or the path as listed/matched for
 files and globs. Each line of a ``.jsonl`` file is one document taken from its
 ``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
-file is split by line; other files are read whole as UTF-8 (a leading byte order
+file is split by line; its split hashes the document's text, not its key, so
+identical lines (of any file) share a split and inserting a line moves no other
+between the splits; the documents keep their file order. Other files are read whole
+as UTF-8 (a leading byte order
 mark dropped, as ``read_jsonl`` drops it). An empty file or an
 empty ``text_field`` holds no document: a split with none left is refused naming
 ``data.paths``.
@@ -65,7 +68,8 @@ class Document:
   """One text document.
 
   Attributes:
-    key: stable name used for the split hash (a relative path).
+    key: stable name (a relative path), hashed for the split; a JSONL line's
+      ``"<file>:<line>"`` names it only (its text decides its split).
     text: the document text.
   """
   key: str
@@ -289,8 +293,10 @@ def file_documents(paths: str, split: str, validation_fraction: float = 0.02,
   docs = []
   for key, path in _expand_paths(paths):
     if path.endswith(".jsonl"):
+      # By text: a line-number key put copies of a text in both splits (validation
+      # scored text trained on), and an inserted line moved every later one.
       docs.extend(d for d in _jsonl_documents(key, path, text_field)
-                  if split_of(d.key, validation_fraction) == split)
+                  if split_of(d.text, validation_fraction) == split)
     else:
       # Read (and so checked) whatever its split: a bad file is refused the
       # same way whichever split is loaded first.

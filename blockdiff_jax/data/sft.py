@@ -43,14 +43,18 @@ The dataset (``pipeline.PackedSFTDataset``, ``data.corpus="sft"``) packs these r
 Layout: each example is padded with EOS to a multiple of ``data.sft_block_multiple``
 (the diffusion block size, so every example starts on a block boundary); examples
 are packed greedily, in order, into rows of ``seq_len`` with their own segment ids,
-and a row's tail is EOS padding in a segment of its own with loss mask 0. The loss
-mask is 1 on response tokens and on the EOS padding of the example (so the model
-learns to end; ``sft_score_padding=False`` scores only the response and its first
-EOS); prompt tokens are never scored. An unfinished response gets no EOS (it did not
-end) and no padding: it is cut back to the last block boundary instead, so the model
-is never taught to stop mid-sentence, and is dropped if nothing of it is left. An
-example longer than ``seq_len`` is dropped too; the dataset prints how many of each
-split were dropped, and refuses a split that keeps none.
+and a row's tail is EOS padding with loss mask 0 and segment id -1 (padding: attention
+and the MoE router statistics skip it, as they skip the trainer's unscored rows). The
+loss mask is 1 on response tokens and on the EOS padding of the example (so the model
+learns to end). ``sft_score_padding=False`` scores the response and its EOS (and with
+``pack_kept``'s ``block`` > 1 the rest of the block that EOS falls in): the data config
+refuses it where noisy blocks are bidirectional (BD3-LM, Fast-dLLM v2), since a clean
+(never masked) EOS in the answer's last block would show where the answer stops, while
+the decoder sees that block all MASK. Prompt tokens are never scored. An unfinished
+response gets no EOS (it did not end) and no padding: it is cut back to the last block
+boundary instead, so the model is never taught to stop mid-sentence, and is dropped if
+nothing of it is left. An example longer than ``seq_len`` is dropped too; the dataset
+prints how many of each split were dropped, and refuses a split that keeps none.
 """
 
 import ast
@@ -330,12 +334,13 @@ def load_records(source: str, split: str, validation_fraction: float, max_exampl
 
 def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multiple: int,
          eos_id: int, score_padding: bool = True,
-         done: Sequence[bool] | None = None) -> tuple[dict, int]:
+         done: Sequence[bool] | None = None,
+         block: int | None = None) -> tuple[dict, int]:
   """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], dropped).
 
   ``pack_kept`` with the count of dropped examples; raises ValueError if none is kept.
   """
-  rows, kept = pack_kept(examples, seq_len, multiple, eos_id, score_padding, done)
+  rows, kept = pack_kept(examples, seq_len, multiple, eos_id, score_padding, done, block)
   dropped = len(examples) - len(kept)
   if not kept:
     raise ValueError(f"no SFT example fits in seq_len={seq_len} ({dropped} dropped)")
@@ -344,24 +349,33 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multip
 
 def pack_kept(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, multiple: int,
               eos_id: int, score_padding: bool = True,
-              done: Sequence[bool] | None = None) -> tuple[dict, list[int]]:
+              done: Sequence[bool] | None = None,
+              block: int | None = None) -> tuple[dict, list[int]]:
   """Packs (prompt ids, response ids) into rows; returns (arrays [N, seq_len], kept).
 
   Each example is padded with EOS to a multiple of ``multiple``; an unfinished one
   (``done[i]`` False) is cut back to one instead. An example longer than ``seq_len``,
   or unfinished with no response token before its last block boundary, is dropped:
   ``kept`` lists the indices of the others, in order (N = 0 rows when it is empty).
+  Not ``score_padding``, the padding is scored up to the end of the ``block``-token
+  block the response's EOS falls in (module docstring); ``block`` (default 1: the
+  response and its EOS only, right where attention inside a block is causal: the AR
+  objective, I-DLM's noisy blocks) must divide ``multiple``.
 
   Raises:
-    ValueError: ``seq_len`` or ``multiple`` is not a positive int (0 divided by zero,
-      a negative one made negative padding), or ``multiple`` does not divide
-      ``seq_len``.
+    ValueError: ``seq_len``, ``multiple`` or ``block`` is not a positive int (0
+      divided by zero, a negative one made negative padding), ``multiple`` does not
+      divide ``seq_len`` or ``block`` does not divide ``multiple``.
   """
-  for name, value in (("seq_len", seq_len), ("sft_block_multiple", multiple)):
+  block = 1 if block is None else block
+  for name, value in (("seq_len", seq_len), ("sft_block_multiple", multiple),
+                      ("block", block)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"pack: {name} must be a positive int, got {value!r}")
   if seq_len % multiple:
     raise ValueError(f"seq_len={seq_len} is not a multiple of sft_block_multiple={multiple}")
+  if multiple % block:
+    raise ValueError(f"pack: block={block} does not divide sft_block_multiple={multiple}")
   rows, cur, kept = [], [], []
 
   def flush():
@@ -372,7 +386,7 @@ def pack_kept(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, m
     for s, (t, m) in enumerate(cur):
       toks[at:at + len(t)], loss[at:at + len(t)], seg[at:at + len(t)] = t, m, s
       at += len(t)
-    seg[at:] = len(cur)
+    seg[at:] = -1  # Padding, as trainer._unscore_rows_from marks it: no router statistic.
     rows.append((toks, loss, seg))
 
   used = 0
@@ -383,7 +397,8 @@ def pack_kept(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, m
     if done is None or done[i]:
       padded = -(-n // multiple) * multiple
       toks = np.concatenate([head, body, np.full(padded - n, eos_id, np.int32)])
-      scored = padded if score_padding else n
+      # Not the padding past the EOS's block: the answer's blocks never see it.
+      scored = padded if score_padding else -(-n // block) * block
     else:
       padded = scored = n // multiple * multiple
       toks = np.concatenate([head, body])[:padded]

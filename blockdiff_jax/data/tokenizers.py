@@ -13,7 +13,8 @@ import abc
 import json
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+import uuid
 
 import numpy as np
 import tokenizers as hf_tokenizers
@@ -396,6 +397,26 @@ class BPETokenizer(Tokenizer):
             f"source={self._source!r})")
 
 
+def write_atomically(path: str, write: Callable[[str], Any]) -> None:
+  """``write(tmp)`` to a new file beside ``path``, then renamed onto ``path``.
+
+  A process killed mid-write leaves no truncated ``path`` (the next run retrains
+  instead of failing to read it), and a reader on another host sees the old file or
+  the whole new one, never a half-written one. ``os.replace`` is atomic within a
+  folder; the name is unique per call, so hosts writing the same file never share it.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int,
               path: str | None = None) -> BPETokenizer:
   """Trains a byte-level BPE tokenizer locally with the ``tokenizers`` library.
@@ -444,7 +465,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
   tok.train_from_iterator(documents(), trainer=trainer)
   result = BPETokenizer(tok, source=path or "")
   if path:
-    result.save(path)
+    write_atomically(path, result.save)
   return result
 
 
@@ -547,10 +568,10 @@ def get_tokenizer(data_config: Any, workdir: str | None = None,
                  data_config.bpe_vocab_size, len(texts))
     if path:
       # The record first: a crash before the tokenizer is written only retrains.
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, TOKENIZER_REQUEST_FILENAME), "w",
-                encoding="utf-8") as f:
-        json.dump(request, f, indent=1, sort_keys=True)
+      def write_request(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+          json.dump(request, f, indent=1, sort_keys=True)
+      write_atomically(os.path.join(workdir, TOKENIZER_REQUEST_FILENAME), write_request)
     return train_bpe(texts, data_config.bpe_vocab_size, path)
   if os.path.exists(name):
     return BPETokenizer.from_file(name)
