@@ -75,3 +75,28 @@ def test_no_anchor_at_a_documents_start():
   # Anchors 4 and 7 see positions 3 and 6 of their documents (slot 5's target, token 6,
   # is the next document's).
   assert w[0, 1].tolist() == [1, 0] and w[1, 1].tolist() == [1, 1]
+
+
+def test_unused_anchors_are_no_tokens_of_the_moe_statistics():
+  """A row with one scored target and 4 anchors: 3 are placeholders. Their MASK slots
+  counted as noisy tokens in the aux mix and were routed into the load-balance loss;
+  the reference is the same batch with a single anchor (the same draw: Gumbel top-1)."""
+  from blockdiff_jax.model import build  # pylint: disable=g-import-not-at-top
+  from conftest import small_model_config  # pylint: disable=g-import-not-at-top
+  c = small_model_config(num_layers=1)
+  model, tok = build.build_model(c)
+  params = build.init_params(model, 0)
+  apply_fn = build.make_apply(model)
+  x0 = np.random.default_rng(0).integers(10, 200, (1, 16)).astype(np.int32)
+  loss = np.zeros((1, 16), np.float32)
+  loss[0, 9] = 1.0  # Only target 9 (anchor 8) is scored.
+  batch = {"tokens": x0, "loss_mask": loss, "segment_ids": np.zeros_like(x0)}
+  out = {}
+  for k in (1, 4):
+    obj = introspective.IntrospectiveObjective(stride=2, mask_id=tok.mask_id, anchors=k)
+    _, out[k] = introspective.introspective_loss(apply_fn, params, batch, jax.random.key(0),
+                                                 obj)
+  for name in ("load_balance_loss", "router_z_loss"):
+    key = next(m for m in out[1] if m.endswith(name))
+    np.testing.assert_allclose(out[4][key], out[1][key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(out[4]["ce_noisy"], out[1]["ce_noisy"], rtol=1e-5)

@@ -207,6 +207,8 @@ def anchored_ce(apply_fn: Callable, params: Any, batch: dict, anchors: Array,
   in_row = slot_pos < length - 1  # The slot's target (slot_pos + 1) exists.
   safe = jnp.minimum(slot_pos, length - 2)
   anchor_seg = jnp.take_along_axis(seg, jnp.repeat(a, n, axis=1), axis=1)
+  # Unused anchors' slots are padding: no router statistic, no token of the aux mix.
+  anchor_seg = jnp.where(jnp.repeat(has, n, axis=1), anchor_seg, -1)
   noisy_meta = masks.TokenMeta(slot_pos, block_id, jnp.full_like(slot_pos, masks.NOISY),
                                anchor_seg, jnp.zeros(slot_pos.shape, bool))
   noisy = jnp.full((b, k * n), obj.mask_id, jnp.int32)
