@@ -60,6 +60,13 @@ def test_yarn_refuses_temperatures_at_or_below_zero(name, scale):
     rope.RopeScaling(type="yarn", factor=4.0, **fields)
 
 
+def test_yarn_ignores_the_temperatures_under_an_explicit_attention_factor():
+  # As yarn_attention_factor and transformers do: the factor replaces the two fields.
+  scaling = rope.RopeScaling(type="yarn", factor=4.0, attention_factor=1.0, mscale=-10.0,
+                             mscale_all_dim=1.0)
+  assert rope.yarn_attention_factor(scaling) == 1.0
+
+
 def test_yarn_keeps_deepseek_temperatures():
   scaling = rope.RopeScaling(type="yarn", factor=40.0, mscale=0.707, mscale_all_dim=0.707)
   assert rope.yarn_attention_factor(scaling) == pytest.approx(1.0)

@@ -24,8 +24,9 @@ Keys are paths relative to a listed folder, or the path as listed/matched for
 files and globs. Each line of a ``.jsonl`` file is one document taken from its
 ``text_field``, keyed ``"<file key>:<line number>"``, so a single large JSONL
 file is split by line; its split hashes the document's text, not its key, so
-identical lines (of any file) share a split and inserting a line moves no other
-between the splits; the documents keep their file order. Other files are read whole
+identical lines (of any JSONL file; whole files split by key) share a split and
+inserting a line moves no other between the splits; the documents keep their file
+order. Other files are read whole
 as UTF-8 (a leading byte order
 mark dropped, as ``read_jsonl`` drops it). An empty file or an
 empty ``text_field`` holds no document: a split with none left is refused naming

@@ -46,8 +46,8 @@ are packed greedily, in order, into rows of ``seq_len`` with their own segment i
 and a row's tail is EOS padding with loss mask 0 and segment id -1 (padding: attention
 and the MoE router statistics skip it, as they skip the trainer's unscored rows). The
 loss mask is 1 on response tokens and on the EOS padding of the example (so the model
-learns to end). ``sft_score_padding=False`` scores the response and its EOS (and with
-``pack_kept``'s ``block`` > 1 the rest of the block that EOS falls in): the data config
+learns to end). ``sft_score_padding=False`` scores the response and its EOS (a direct
+call of ``pack_kept`` with ``block`` > 1 also the rest of that EOS's block): the data config
 refuses it where noisy blocks are bidirectional (BD3-LM, Fast-dLLM v2), since a clean
 (never masked) EOS in the answer's last block would show where the answer stops, while
 the decoder sees that block all MASK. Prompt tokens are never scored. An unfinished

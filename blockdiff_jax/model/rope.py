@@ -104,7 +104,8 @@ class RopeScaling:
                        f"{self.attention_factor}")
     # Each temperature 0.1 * m * ln(factor) + 1 must be > 0: a zero denominator divides by
     # zero, a zero or negative one gives NaN / zero / flipped attention logits.
-    if self.type == "yarn" and self.mscale and self.mscale_all_dim:
+    if (self.type == "yarn" and self.mscale and self.mscale_all_dim
+        and self.attention_factor is None):  # An explicit factor replaces the two.
       for name in ("mscale", "mscale_all_dim"):
         if not _yarn_temperature(self.factor, getattr(self, name)) > 0:
           raise ValueError(
