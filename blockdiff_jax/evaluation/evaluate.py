@@ -526,10 +526,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Every decoder is deterministic at temperature 0: pass@k (k > 1) was pass@1, n times.
   temperature = config.get("sample", {}).get("temperature", 0.0)
   if "humaneval" in tasks and e.samples_per_problem > 1 and not temperature:
-    raise ValueError(f"eval.samples_per_problem={e.samples_per_problem} with sample."
-                     f"temperature={temperature}: greedy samples of a problem are all the "
-                     "same; set sample.temperature > 0 (Codex: 0.2 for pass@1, 0.8 for "
-                     "pass@100) or samples_per_problem=1")
+    raise ValueError(f"eval.samples_per_problem={e.samples_per_problem} with sample.temperature"
+                     f"={temperature}: greedy samples are all the same; set sample.temperature"
+                     " > 0 (Codex: 0.2 for pass@1, 0.8 for pass@100) or samples_per_problem=1")
   lc_tasks = _split(e.long_context_tasks)
   bad = [t for t in lc_tasks if t not in long_context_data.TASKS]
   if "long_context" in tasks and bad:
